@@ -1,0 +1,5 @@
+//! The runtime that lives inside the target.
+pub mod allocator;
+pub mod emitter;
+pub mod maps;
+pub mod relocator;

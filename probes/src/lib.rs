@@ -1,0 +1,1 @@
+//! The ABI shared by tracer, agent and probe packs.

@@ -1,0 +1,1 @@
+//! tracer: everything done from outside the target.
