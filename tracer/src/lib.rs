@@ -1,1 +1,8 @@
 //! tracer: everything done from outside the target.
+pub mod agent_blob;
+pub mod inject;
+pub mod launch;
+pub mod remote_call;
+pub mod spec;
+pub mod symbols;
+pub mod threads;
