@@ -1,1 +1,813 @@
+//! Near-code allocator: executable memory within `rel32` reach of given addresses.
+//!
+//! A trampoline is entered by a 5-byte `jmp rel32` written over a probe site, and it
+//! re-encodes RIP-relative operands of the instructions it steals, so it must lie within
+//! +-2 GiB of the site. It may also want to reach its handler with `call rel32`. Those
+//! addresses are the *targets* of an allocation: every byte of the block handed out
+//! reaches every target with a 32-bit displacement.
+//!
+//! Strategy, in the spirit of LuaJIT's `lj_mcode.c`:
+//! 1. Compute the window of start addresses that keep every byte of the block in reach
+//!    of every target, clamped to `[vm.mmap_min_addr, 47-bit user limit)`.
+//! 2. Reuse a chunk we already own when it lies wholly inside that window and has room.
+//! 3. Else grow: map a new chunk directly above or below an owned chunk that is in the
+//!    window, so our code stays dense and the address space unfragmented.
+//! 4. Else search: read `/proc/self/maps`, intersect the free gaps with the window, try
+//!    page-aligned candidates at the gap edges, nearest to the targets first.
+//! 5. Map candidates with `MAP_FIXED_NOREPLACE`. `EEXIST` means another thread mapped
+//!    there since we read the listing: try the next candidate. Kernels before 4.17 treat
+//!    the flag as a mere hint, so a mapping that lands elsewhere is unmapped and skipped.
+//! 6. No candidate in range: a typed [`AllocError::OutOfRange`] (counted), so callers can
+//!    place code elsewhere and reach the targets with far encodings.
+//!
+//! W^X: each chunk is one memfd range mapped twice, `r-x` near the targets and `rw-`
+//! wherever the kernel likes. No page is ever writable and executable through the same
+//! mapping. The alternative, writing through `rw-` and flipping to `r-x` with
+//! `mprotect`, would fault any other thread executing an older trampoline on the same
+//! page at the moment a new one is written; with two views, new code is written while old
+//! code runs. x86 keeps instruction fetch coherent with stores to the same physical page.
+//!
+//! Layout of a chunk: code grows up from its start in 16-byte aligned blocks; literal
+//! slots (8-byte addresses read by `call qword [rip+slot]`) are carved from the top down in
+//! whole 64-byte lines, so a slot never shares a cache line with code.
 
+use crate::maps::{self, MapEntry};
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// Page size on x86-64 Linux.
+pub const PAGE: u64 = 4096;
+/// Exclusive upper bound of user space with 4-level paging (`TASK_SIZE`): the kernel never
+/// maps user memory above it without an explicit hint for 5-level paging.
+pub const USER_TOP: u64 = 0x7fff_ffff_f000;
+/// Maximum distance between any byte of a block and a target. A `rel32` operand counts
+/// from the end of its instruction, so keep a page of slack below 2 GiB.
+pub const REACH: u64 = (1 << 31) - PAGE;
+/// Default size of a chunk: many trampolines are carved from one.
+pub const CHUNK_SIZE: u64 = 64 * 1024;
+/// Alignment of code blocks: one decode window, cheap and keeps loops aligned.
+pub const CODE_ALIGN: u64 = 16;
+/// A literal pool line.
+pub const LINE: u64 = 64;
+/// Room left free below a `[stack]` mapping so the main stack can still grow into it.
+const STACK_ROOM: u64 = 8 << 20;
+/// Room left free above `[heap]` so `brk` can still grow.
+const HEAP_ROOM: u64 = 256 << 20;
+
+/// Bounds of the address space an allocation may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Lowest address user mappings may start at (`vm.mmap_min_addr`).
+    pub min_addr: u64,
+    /// Exclusive upper bound.
+    pub max_addr: u64,
+}
+
+impl Limits {
+    /// The limits of this machine: `vm.mmap_min_addr` (64 KiB when unreadable) and the
+    /// 47-bit user limit.
+    pub fn current() -> Self {
+        let min = std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(65536);
+        Limits {
+            min_addr: align_up(min.max(PAGE), PAGE),
+            max_addr: USER_TOP,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::current()
+    }
+}
+
+/// Why an allocation failed.
+#[derive(Debug)]
+pub enum AllocError {
+    /// No free gap of the address space lies within reach of every target. Callers fall
+    /// back to placing code anywhere and reaching targets with far encodings.
+    OutOfRange { targets: Vec<u64>, size: u64 },
+    /// The targets are further apart than a block can bridge (more than ~4 GiB).
+    TargetsTooFarApart { targets: Vec<u64> },
+    /// The kernel refused memory (memfd, mmap, ftruncate): the target is out of memory or
+    /// forbids these calls (seccomp).
+    Os {
+        call: &'static str,
+        error: io::Error,
+    },
+}
+
+impl fmt::Display for AllocError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AllocError::OutOfRange { targets, size } => write!(
+                f,
+                "no free address range of {size} bytes within +-2 GiB of {}",
+                hex_list(targets)
+            ),
+            AllocError::TargetsTooFarApart { targets } => write!(
+                f,
+                "addresses {} are too far apart for one block to reach all of them with rel32",
+                hex_list(targets)
+            ),
+            AllocError::Os { call, error } => write!(f, "{call} failed: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for AllocError {}
+
+fn hex_list(v: &[u64]) -> String {
+    v.iter()
+        .map(|a| format!("{a:#x}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn align_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+pub fn align_down(x: u64, a: u64) -> u64 {
+    x / a * a
+}
+
+/// The half-open range `[lo, hi)` a block of `size` bytes must lie in so that every one of
+/// its bytes is within [`REACH`] of every target. `None` when empty.
+pub fn window(targets: &[u64], size: u64, limits: &Limits) -> Option<(u64, u64)> {
+    let (lo, hi) = match (targets.iter().max(), targets.iter().min()) {
+        (Some(&max_t), Some(&min_t)) => (
+            max_t.saturating_sub(REACH),
+            min_t.saturating_add(REACH).saturating_add(1),
+        ),
+        _ => (limits.min_addr, limits.max_addr),
+    };
+    let lo = lo.max(limits.min_addr);
+    let hi = hi.min(limits.max_addr);
+    (hi > lo && hi - lo >= size).then_some((lo, hi))
+}
+
+/// Free gaps of a maps listing within `limits`, with room kept for the main stack and the
+/// heap to grow. Returned sorted by address.
+pub fn free_gaps(maps: &[MapEntry], limits: &Limits) -> Vec<(u64, u64)> {
+    let mut taken: Vec<(u64, u64)> = maps
+        .iter()
+        .map(|e| match e.path.as_str() {
+            "[stack]" => (e.start.saturating_sub(STACK_ROOM), e.end),
+            "[heap]" => (e.start, e.end.saturating_add(HEAP_ROOM)),
+            _ => (e.start, e.end),
+        })
+        .collect();
+    taken.sort_unstable();
+    let mut gaps = Vec::new();
+    let mut cursor = limits.min_addr;
+    for (start, end) in taken {
+        if start >= limits.max_addr {
+            break;
+        }
+        if start > cursor {
+            gaps.push((cursor, start));
+        }
+        cursor = cursor.max(end);
+    }
+    if cursor < limits.max_addr {
+        gaps.push((cursor, limits.max_addr));
+    }
+    gaps
+}
+
+/// Page-aligned start addresses for a block of `size` bytes (a multiple of [`PAGE`]) that
+/// reach every target, nearest first: the two edges of each free gap clipped to the
+/// window. Gap edges keep the address space dense; nearest first keeps later, larger
+/// windows (say, a handler's) satisfiable from the same chunk.
+pub fn candidates(maps: &[MapEntry], targets: &[u64], size: u64, limits: &Limits) -> Vec<u64> {
+    let Some((lo, hi)) = window(targets, size, limits) else {
+        return Vec::new();
+    };
+    let center = match targets {
+        [] => lo + (hi - lo) / 2,
+        _ => {
+            let (min_t, max_t) = (
+                *targets.iter().min().unwrap(),
+                *targets.iter().max().unwrap(),
+            );
+            min_t + (max_t - min_t) / 2
+        }
+    };
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (g0, g1) in free_gaps(maps, limits) {
+        let c0 = align_up(g0.max(lo), PAGE);
+        let c1 = g1.min(hi);
+        if c1 < c0 || c1 - c0 < size {
+            continue;
+        }
+        let low = c0;
+        let high = align_down(c1 - size, PAGE);
+        // A target inside the gap itself (an unmapped address given as a hint).
+        let inside = align_down(center.saturating_sub(size / 2), PAGE).clamp(low, high);
+        for a in [low, high, inside] {
+            if a >= c0 && a + size <= c1 && !out.iter().any(|&(x, _)| x == a) {
+                let mid = a + size / 2;
+                out.push((a, mid.abs_diff(center)));
+            }
+        }
+    }
+    out.sort_by_key(|&(a, d)| (d, a));
+    out.into_iter().map(|(a, _)| a).collect()
+}
+
+/// Which encoding-independent facts the allocator counted, for users and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocStats {
+    /// Chunks mapped after a maps search.
+    pub searched: u64,
+    /// Chunks mapped adjacent to an owned chunk.
+    pub grown: u64,
+    /// Candidates lost to a concurrent mapping (`EEXIST`) or a kernel that ignored the
+    /// placement (hint-only `MAP_FIXED_NOREPLACE`).
+    pub collisions: u64,
+    /// Requests that found no range in reach: callers fell back to far encodings.
+    pub out_of_range: u64,
+    /// Blocks handed out.
+    pub blocks: u64,
+    /// Bytes of code committed.
+    pub code_bytes: u64,
+}
+
+/// A reserved block of code, to be filled with [`NearAllocator::commit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    /// Address the code will execute at.
+    pub addr: u64,
+    /// Bytes reserved.
+    pub capacity: u64,
+    chunk: usize,
+}
+
+impl Block {
+    /// Whether every byte of the block is within rel32 reach of `target`.
+    pub fn reaches(&self, target: u64) -> bool {
+        target.abs_diff(self.addr) <= REACH
+            && target.abs_diff(self.addr + self.capacity.max(1) - 1) <= REACH
+    }
+}
+
+struct Chunk {
+    /// Executable view.
+    rx: u64,
+    /// Writable view of the same pages.
+    rw: *mut u8,
+    size: u64,
+    /// Offset of the first free code byte.
+    code_end: u64,
+    /// Offset of the lowest literal line.
+    lines_start: u64,
+    /// Free 8-byte slots left in the lowest literal line.
+    line_free: u64,
+    /// Slot already holding a value, for sharing.
+    shared: HashMap<u64, u64>,
+    /// End offset of a block reserved and not yet committed: no other code block is carved
+    /// meanwhile, and literal lines stay above it.
+    reserved: Option<u64>,
+}
+
+impl Chunk {
+    fn code_room(&self) -> u64 {
+        self.lines_start
+            .saturating_sub(align_up(self.code_end, CODE_ALIGN))
+    }
+
+    /// Lowest offset literal lines may not go below.
+    fn code_floor(&self) -> u64 {
+        self.reserved
+            .unwrap_or(0)
+            .max(align_up(self.code_end, CODE_ALIGN))
+    }
+
+    fn within(&self, lo: u64, hi: u64) -> bool {
+        self.rx >= lo && self.rx + self.size <= hi
+    }
+}
+
+/// Hands out executable blocks near given addresses, and literal slots in the same chunks.
+pub struct NearAllocator {
+    memfd: OwnedFd,
+    file_len: u64,
+    chunks: Vec<Chunk>,
+    limits: Limits,
+    stats: AllocStats,
+}
+
+// SAFETY: the raw pointers are views of mappings the allocator owns exclusively; moving the
+// allocator between threads moves that ownership with it.
+unsafe impl Send for NearAllocator {}
+
+impl NearAllocator {
+    /// An allocator for this process with the machine's limits.
+    pub fn new() -> Result<Self, AllocError> {
+        Self::with_limits(Limits::current())
+    }
+
+    /// An allocator confined to `limits` (tests use this to force placements).
+    pub fn with_limits(limits: Limits) -> Result<Self, AllocError> {
+        // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new fd.
+        let fd = unsafe { libc::memfd_create(c"tracer-code".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(os("memfd_create"));
+        }
+        Ok(NearAllocator {
+            // SAFETY: fd was just created and is owned by nobody else.
+            memfd: unsafe { OwnedFd::from_raw_fd(fd) },
+            file_len: 0,
+            chunks: Vec::new(),
+            limits,
+            stats: AllocStats::default(),
+        })
+    }
+
+    pub fn stats(&self) -> AllocStats {
+        self.stats
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Executable ranges owned, as `(start, end)`.
+    pub fn chunks(&self) -> Vec<(u64, u64)> {
+        self.chunks.iter().map(|c| (c.rx, c.rx + c.size)).collect()
+    }
+
+    /// Reserve `size` bytes of code that reach every address in `near`. An empty `near`
+    /// means anywhere. Commit the code with [`commit`](Self::commit); until then the
+    /// chunk hands out literal slots but no other code block.
+    pub fn reserve(&mut self, near: &[u64], size: u64) -> Result<Block, AllocError> {
+        let size = align_up(size.max(1), CODE_ALIGN);
+        let need = align_up(size + LINE, PAGE).max(CHUNK_SIZE);
+        let Some((lo, hi)) = window(near, need, &self.limits) else {
+            self.stats.out_of_range += 1;
+            let unlimited = Limits {
+                min_addr: 0,
+                max_addr: u64::MAX,
+            };
+            return Err(if window(near, need, &unlimited).is_none() {
+                AllocError::TargetsTooFarApart {
+                    targets: near.to_vec(),
+                }
+            } else {
+                AllocError::OutOfRange {
+                    targets: near.to_vec(),
+                    size,
+                }
+            });
+        };
+        let fits = |c: &Chunk| c.reserved.is_none() && c.within(lo, hi) && c.code_room() >= size;
+        let index = match self.chunks.iter().position(fits) {
+            Some(i) => i,
+            None => self.map_chunk(near, need, lo, hi)?,
+        };
+        let c = &mut self.chunks[index];
+        let off = align_up(c.code_end, CODE_ALIGN);
+        c.reserved = Some(off + size);
+        Ok(Block {
+            addr: c.rx + off,
+            capacity: size,
+            chunk: index,
+        })
+    }
+
+    /// Write `code` into a reserved block and release the rest of the reservation.
+    /// Panics if `code` exceeds the capacity: the emitter checks that first.
+    pub fn commit(&mut self, block: Block, code: &[u8]) {
+        let c = &mut self.chunks[block.chunk];
+        let off = block.addr - c.rx;
+        assert_eq!(
+            c.reserved,
+            Some(off + block.capacity),
+            "commit without a reservation"
+        );
+        assert!(
+            code.len() as u64 <= block.capacity,
+            "code exceeds its reservation"
+        );
+        // SAFETY: [off, off + len) lies inside the chunk's writable view (checked above)
+        // and no other Rust reference to it exists.
+        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), c.rw.add(off as usize), code.len()) };
+        c.code_end = off + code.len() as u64;
+        c.reserved = None;
+        self.stats.blocks += 1;
+        self.stats.code_bytes += code.len() as u64;
+    }
+
+    /// Give a reservation back unused.
+    pub fn cancel(&mut self, block: Block) {
+        self.chunks[block.chunk].reserved = None;
+    }
+
+    /// Rewrite bytes of committed code through the writable view (used for the few bytes
+    /// of a trampoline that change after commit, never for code being executed).
+    pub fn rewrite(&mut self, addr: u64, bytes: &[u8]) -> bool {
+        let Some(c) = self
+            .chunks
+            .iter()
+            .find(|c| c.rx <= addr && addr + bytes.len() as u64 <= c.rx + c.size)
+        else {
+            return false;
+        };
+        // SAFETY: the range lies inside this chunk's writable view.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                c.rw.add((addr - c.rx) as usize),
+                bytes.len(),
+            )
+        };
+        true
+    }
+
+    /// An 8-byte literal slot holding `value`, in the chunk of `block`. Slots are shared
+    /// between blocks when `shared`; a dedicated slot can be rewritten later (hot swap)
+    /// with [`set_slot`](Self::set_slot). `None` when the chunk has no room left.
+    pub fn slot(&mut self, block: &Block, value: u64, shared: bool) -> Option<u64> {
+        let c = &mut self.chunks[block.chunk];
+        if shared {
+            if let Some(&a) = c.shared.get(&value) {
+                return Some(a);
+            }
+        }
+        if c.line_free == 0 {
+            if c.lines_start < LINE || c.lines_start - LINE < c.code_floor() {
+                return None;
+            }
+            c.lines_start -= LINE;
+            c.line_free = LINE / 8;
+        }
+        c.line_free -= 1;
+        let off = c.lines_start + c.line_free * 8;
+        // SAFETY: off is 8-aligned and inside the chunk's writable view; aligned 8-byte
+        // stores are atomic on x86-64, so a concurrent reader sees the old or new value.
+        unsafe { (c.rw.add(off as usize) as *mut u64).write_volatile(value) };
+        let addr = c.rx + off;
+        if shared {
+            c.shared.insert(value, addr);
+        }
+        Some(addr)
+    }
+
+    /// Store a new value in a dedicated slot: callers through it jump to the new target
+    /// from their next call on.
+    pub fn set_slot(&mut self, slot: u64, value: u64) -> bool {
+        let Some(c) = self
+            .chunks
+            .iter()
+            .find(|c| c.rx <= slot && slot + 8 <= c.rx + c.size && slot % 8 == 0)
+        else {
+            return false;
+        };
+        // SAFETY: an aligned slot inside the writable view; the store is atomic.
+        unsafe { (c.rw.add((slot - c.rx) as usize) as *mut u64).write_volatile(value) };
+        true
+    }
+
+    fn map_chunk(
+        &mut self,
+        near: &[u64],
+        size: u64,
+        lo: u64,
+        hi: u64,
+    ) -> Result<usize, AllocError> {
+        // Grow next to a chunk we own: above first, then below.
+        let adjacent: Vec<u64> = self
+            .chunks
+            .iter()
+            .flat_map(|c| [c.rx + c.size, c.rx.wrapping_sub(size)])
+            .filter(|&a| a >= lo && a.checked_add(size).is_some_and(|e| e <= hi))
+            .collect();
+        for a in adjacent {
+            if let Some(i) = self.try_map(a, size)? {
+                self.stats.grown += 1;
+                return Ok(i);
+            }
+        }
+        let maps = maps::read_self().map_err(|error| AllocError::Os {
+            call: "read /proc/self/maps",
+            error,
+        })?;
+        for a in candidates(&maps, near, size, &self.limits) {
+            if let Some(i) = self.try_map(a, size)? {
+                self.stats.searched += 1;
+                return Ok(i);
+            }
+        }
+        self.stats.out_of_range += 1;
+        Err(AllocError::OutOfRange {
+            targets: near.to_vec(),
+            size,
+        })
+    }
+
+    /// Map `size` bytes at exactly `addr`. `Ok(None)`: the range is not available.
+    fn try_map(&mut self, addr: u64, size: u64) -> Result<Option<usize>, AllocError> {
+        let offset = self.file_len;
+        // SAFETY: ftruncate on our own memfd.
+        if unsafe { libc::ftruncate(self.memfd.as_raw_fd(), (offset + size) as libc::off_t) } != 0 {
+            return Err(os("ftruncate"));
+        }
+        let fd = self.memfd.as_raw_fd();
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; the result is
+        // checked below.
+        let rx = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                size as usize,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if rx == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EEXIST) | Some(libc::ENOMEM) | Some(libc::EPERM) => {
+                    self.stats.collisions += 1;
+                    Ok(None)
+                }
+                _ => Err(AllocError::Os {
+                    call: "mmap",
+                    error: e,
+                }),
+            };
+        }
+        if rx as u64 != addr {
+            // A kernel before 4.17 took the flag as a hint and put the mapping elsewhere.
+            // SAFETY: unmapping the mapping just created, which nothing references.
+            unsafe { libc::munmap(rx, size as usize) };
+            self.stats.collisions += 1;
+            return Ok(None);
+        }
+        // SAFETY: a fresh shared mapping of the same file range, anywhere.
+        let rw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if rw == libc::MAP_FAILED {
+            let error = io::Error::last_os_error();
+            // SAFETY: undo the executable view created above.
+            unsafe { libc::munmap(rx, size as usize) };
+            return Err(AllocError::Os {
+                call: "mmap",
+                error,
+            });
+        }
+        self.file_len += size;
+        self.chunks.push(Chunk {
+            rx: addr,
+            rw: rw as *mut u8,
+            size,
+            code_end: 0,
+            lines_start: size,
+            line_free: 0,
+            shared: HashMap::new(),
+            reserved: None,
+        });
+        Ok(Some(self.chunks.len() - 1))
+    }
+}
+
+fn os(call: &'static str) -> AllocError {
+    AllocError::Os {
+        call,
+        error: io::Error::last_os_error(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::parse;
+
+    const LIM: Limits = Limits {
+        min_addr: 0x10000,
+        max_addr: USER_TOP,
+    };
+    const GIB: u64 = 1 << 30;
+
+    fn reaches_all(a: u64, size: u64, targets: &[u64]) -> bool {
+        targets
+            .iter()
+            .all(|&t| t.abs_diff(a) <= REACH && t.abs_diff(a + size - 1) <= REACH)
+    }
+
+    #[test]
+    fn empty_listing_places_next_to_target() {
+        let t = 0x5555_5555_4000;
+        let c = candidates(&[], &[t], CHUNK_SIZE, &LIM);
+        assert!(!c.is_empty());
+        assert!(reaches_all(c[0], CHUNK_SIZE, &[t]));
+        // Nearest first: the first candidate is within a chunk of the target.
+        assert!(c[0].abs_diff(t) <= CHUNK_SIZE);
+    }
+
+    #[test]
+    fn fragmented_listing_picks_nearest_gap_edge() {
+        let maps = parse(
+            "\
+555555554000-555555556000 r--p 00000000 fd:01 1 /bin/prog
+555555556000-555555558000 r-xp 00002000 fd:01 1 /bin/prog
+555555558000-555555560000 rw-p 00000000 00:00 0
+555555561000-555555562000 rw-p 00000000 00:00 0
+555555600000-555555700000 rw-p 00000000 00:00 0
+7ffff7d00000-7ffff7f00000 r-xp 00000000 fd:01 2 /lib/libc.so.6
+",
+        )
+        .unwrap();
+        let site = 0x555555556100;
+        let c = candidates(&maps, &[site], CHUNK_SIZE, &LIM);
+        assert!(!c.is_empty());
+        for &a in &c {
+            assert!(reaches_all(a, CHUNK_SIZE, &[site]), "{a:#x}");
+            assert_eq!(a % PAGE, 0);
+            assert!(
+                maps.iter().all(|e| a + CHUNK_SIZE <= e.start || a >= e.end),
+                "{a:#x} overlaps"
+            );
+        }
+        // The 4 KiB hole at 0x555555560000 is too small; the nearest fitting edge is right
+        // below the executable.
+        assert_eq!(c[0], 0x555555554000 - CHUNK_SIZE);
+    }
+
+    #[test]
+    fn no_gap_in_range() {
+        // One mapping covering +-3 GiB around the target.
+        let t = 0x4000_0000_0000u64;
+        let text = format!(
+            "{:x}-{:x} rw-p 00000000 00:00 0\n",
+            t - 3 * GIB,
+            t + 3 * GIB
+        );
+        let maps = parse(&text).unwrap();
+        assert!(candidates(&maps, &[t], CHUNK_SIZE, &LIM).is_empty());
+    }
+
+    #[test]
+    fn targets_too_far_apart_have_no_window() {
+        assert!(window(&[0x1000_0000, 0x1000_0000 + 5 * GIB], PAGE, &LIM).is_none());
+        // Two targets 3 GiB apart: the window lies between them.
+        let (lo, hi) = window(&[0x10_0000_0000, 0x10_0000_0000 + 3 * GIB], PAGE, &LIM).unwrap();
+        assert!(lo >= 0x10_0000_0000 + 3 * GIB - REACH);
+        assert!(hi <= 0x10_0000_0000 + REACH + 1);
+    }
+
+    #[test]
+    fn near_the_47_bit_top() {
+        let t = USER_TOP - 0x2000;
+        let c = candidates(&[], &[t], CHUNK_SIZE, &LIM);
+        assert!(!c.is_empty());
+        for a in c {
+            assert!(a + CHUNK_SIZE <= USER_TOP, "{a:#x} crosses the user limit");
+            assert!(reaches_all(a, CHUNK_SIZE, &[t]));
+        }
+    }
+
+    #[test]
+    fn near_mmap_min_addr() {
+        let lim = Limits {
+            min_addr: 0x10000,
+            max_addr: USER_TOP,
+        };
+        let maps = parse("400000-401000 r-xp 00000000 fd:01 3 /bin/nopie\n").unwrap();
+        let c = candidates(&maps, &[0x400100], CHUNK_SIZE, &lim);
+        assert!(!c.is_empty());
+        for a in &c {
+            assert!(*a >= 0x10000, "{a:#x} below mmap_min_addr");
+        }
+        // A target below mmap_min_addr itself leaves only addresses above the floor.
+        let c = candidates(&[], &[0x1000], CHUNK_SIZE, &lim);
+        assert_eq!(c[0], 0x10000);
+    }
+
+    #[test]
+    fn keeps_room_for_stack_and_heap_growth() {
+        let maps = parse(
+            "\
+555555554000-555555556000 r-xp 00000000 fd:01 1 /bin/prog
+555555560000-555555581000 rw-p 00000000 00:00 0 [heap]
+7ffffffde000-7ffffffff000 rw-p 00000000 00:00 0 [stack]
+",
+        )
+        .unwrap();
+        let heap_end = 0x555555581000u64;
+        for a in candidates(&maps, &[heap_end], CHUNK_SIZE, &LIM) {
+            assert!(!(heap_end..heap_end + HEAP_ROOM).contains(&a));
+        }
+        let stack = 0x7ffffffde000u64;
+        for a in candidates(&maps, &[stack], CHUNK_SIZE, &LIM) {
+            assert!(a + CHUNK_SIZE <= stack - STACK_ROOM || a >= 0x7ffffffff000);
+        }
+    }
+
+    fn probe_fn() -> u64 {
+        probe_fn as *const () as u64
+    }
+
+    fn assert_mapped_rx(block: &Block) {
+        let maps = maps::read_self().unwrap();
+        let e = maps.iter().find(|e| e.contains(block.addr)).unwrap();
+        assert!(e.perms.exec && !e.perms.write, "{}", e.perms);
+    }
+
+    #[test]
+    fn real_allocation_near_own_function_and_malloc() {
+        let mut a = NearAllocator::new().unwrap();
+        for target in [probe_fn(), libc::malloc as *const () as u64] {
+            let b = a.reserve(&[target], 256).unwrap();
+            assert!(b.reaches(target), "{:#x} vs {target:#x}", b.addr);
+            assert_mapped_rx(&b);
+            a.commit(b, &[0xc3]);
+        }
+        // Both targets at once: the window between them when they are close enough.
+        let (f, m) = (probe_fn(), libc::malloc as *const () as u64);
+        match a.reserve(&[f, m], 256) {
+            Ok(b) => assert!(b.reaches(f) && b.reaches(m)),
+            Err(AllocError::TargetsTooFarApart { .. }) => assert!(f.abs_diff(m) > 2 * REACH),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn many_blocks_share_a_chunk_and_slots_stay_in_their_own_lines() {
+        let mut a = NearAllocator::new().unwrap();
+        let t = probe_fn();
+        let mut blocks = Vec::new();
+        for i in 0..100u64 {
+            let b = a.reserve(&[t], 200).unwrap();
+            let s = a.slot(&b, 0x1000 + i, true).unwrap();
+            assert_eq!(a.slot(&b, 0x1000 + i, true), Some(s), "shared slots dedupe");
+            a.commit(b, &[0x90; 200]);
+            blocks.push((b, s));
+        }
+        assert_eq!(a.chunks().len(), 1, "{:?}", a.chunks());
+        let code_lines: Vec<u64> = blocks
+            .iter()
+            .flat_map(|(b, _)| (b.addr / LINE)..=((b.addr + 199) / LINE))
+            .collect();
+        for (_, s) in &blocks {
+            assert_eq!(s % 8, 0);
+            assert!(
+                !code_lines.contains(&(s / LINE)),
+                "slot {s:#x} in a code line"
+            );
+            // SAFETY: the slot lies in an r-x mapping we own.
+            let v = unsafe { (*s as *const u64).read_volatile() };
+            assert!((0x1000..0x1000 + 100).contains(&v));
+        }
+    }
+
+    #[test]
+    fn a_full_chunk_grows_contiguously() {
+        let mut a = NearAllocator::new().unwrap();
+        let t = probe_fn();
+        let big = CHUNK_SIZE - 2 * LINE;
+        for _ in 0..3 {
+            let b = a.reserve(&[t], big).unwrap();
+            a.commit(b, &vec![0xcc; big as usize]);
+        }
+        let chunks = a.chunks();
+        assert_eq!(chunks.len(), 3, "{chunks:x?}");
+        let s = a.stats();
+        assert_eq!(s.grown, 2, "{s:?}");
+        // Every chunk touches another one: the region is contiguous.
+        for &(start, end) in &chunks {
+            assert!(chunks.iter().any(|&(s2, e2)| s2 == end || e2 == start));
+        }
+    }
+
+    #[test]
+    fn out_of_range_is_typed_and_counted() {
+        // Limits that exclude everything within 2 GiB of the target.
+        let t = probe_fn();
+        let lim = Limits {
+            min_addr: align_up(t + 3 * GIB, PAGE),
+            max_addr: USER_TOP,
+        };
+        let mut a = NearAllocator::with_limits(lim).unwrap();
+        match a.reserve(&[t], 64) {
+            Err(AllocError::OutOfRange { .. }) | Err(AllocError::TargetsTooFarApart { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(a.stats().out_of_range, 1);
+    }
+}

@@ -193,7 +193,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
     #[test]
     fn reads_own_maps_and_finds_own_code() {
         let maps = read_self().unwrap();
-        let here = reads_own_maps_and_finds_own_code as usize as u64;
+        let here = reads_own_maps_and_finds_own_code as *const () as u64;
         let e = maps.iter().find(|e| e.contains(here)).unwrap();
         assert!(e.perms.exec);
     }
