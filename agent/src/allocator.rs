@@ -465,7 +465,7 @@ impl NearAllocator {
         let Some(c) = self
             .chunks
             .iter()
-            .find(|c| c.rx <= slot && slot + 8 <= c.rx + c.size && slot % 8 == 0)
+            .find(|c| c.rx <= slot && slot + 8 <= c.rx + c.size && slot.is_multiple_of(8))
         else {
             return false;
         };

@@ -236,7 +236,7 @@ impl<'p> Emitter<'p> {
 
     /// Pad with single-byte `int3` until the address is a multiple of `align`.
     pub fn align(&mut self, align: u64, fill: u8) {
-        while self.ip() % align != 0 {
+        while !self.ip().is_multiple_of(align) {
             self.code.push(fill);
         }
     }
