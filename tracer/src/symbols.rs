@@ -1,0 +1,923 @@
+//! Modules of a process (or of one ELF file on disk) and their function symbols.
+//!
+//! A module is one ELF file mapped into the target. Its symbols are read from the file
+//! itself (through `/proc/PID/map_files` or `/proc/PID/root`, so that deleted files and
+//! other mount namespaces work), from `.dynsym`, `.symtab` and the xz-compressed
+//! `.gnu_debugdata` section (MiniDebugInfo) that distributions embed in stripped files.
+//! Runtime addresses are file addresses plus the module's load bias, which is derived
+//! from the mappings and the PT_LOAD program headers rather than assumed from the first
+//! mapping. Parsed files are cached per (device, inode, path).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use agent::maps::MapEntry;
+use object::elf;
+use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym};
+use object::Endianness;
+
+/// x86-64 mappings are made of 4 KiB pages; the kernel maps segments from page-aligned
+/// file offsets to page-aligned addresses.
+const PAGE: u64 = 4096;
+
+fn page_down(x: u64) -> u64 {
+    x & !(PAGE - 1)
+}
+
+/// Which symbol table a function came from. The order is the order of preference when
+/// several tables name the same address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SymbolSource {
+    /// `.dynsym`: exported symbols, present even in stripped files.
+    Dynsym,
+    /// `.symtab`: full table, present in unstripped files.
+    Symtab,
+    /// `.symtab` of the ELF embedded in `.gnu_debugdata` (MiniDebugInfo).
+    DebugData,
+}
+
+impl fmt::Display for SymbolSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SymbolSource::Dynsym => "dynsym",
+            SymbolSource::Symtab => "symtab",
+            SymbolSource::DebugData => "gnu_debugdata",
+        })
+    }
+}
+
+/// ELF symbol binding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Binding {
+    Global,
+    Weak,
+    /// `STB_GNU_UNIQUE`.
+    Unique,
+    Local,
+}
+
+impl Binding {
+    fn from_st_bind(b: elf::SymbolBind) -> Binding {
+        match b {
+            elf::STB_GLOBAL => Binding::Global,
+            elf::STB_WEAK => Binding::Weak,
+            elf::STB_GNU_UNIQUE => Binding::Unique,
+            _ => Binding::Local,
+        }
+    }
+
+    fn is_local(self) -> bool {
+        self == Binding::Local
+    }
+}
+
+impl fmt::Display for Binding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Binding::Global => "global",
+            Binding::Weak => "weak",
+            Binding::Unique => "unique",
+            Binding::Local => "local",
+        })
+    }
+}
+
+/// Why symbols could not be obtained.
+#[derive(Debug)]
+pub enum SymbolError {
+    /// `/proc/PID/maps` could not be read.
+    Maps { pid: i32, source: std::io::Error },
+    /// The ELF file could not be read.
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is not a 64-bit ELF file.
+    NotElf64 { path: PathBuf },
+    /// The ELF headers or tables are malformed.
+    Malformed { path: PathBuf, reason: String },
+    /// None of the file's mappings lines up with its PT_LOAD segments.
+    NoLoadBias { path: PathBuf },
+}
+
+impl fmt::Display for SymbolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SymbolError::Maps { pid, source } => write!(
+                f,
+                "cannot read /proc/{pid}/maps: {source} (check that process {pid} exists and that you may trace it)"
+            ),
+            SymbolError::Read { path, source } => {
+                write!(f, "cannot read {}: {source}", path.display())
+            }
+            SymbolError::NotElf64 { path } => {
+                write!(f, "{} is not a 64-bit ELF file", path.display())
+            }
+            SymbolError::Malformed { path, reason } => {
+                write!(f, "{} is a malformed ELF file: {reason}", path.display())
+            }
+            SymbolError::NoLoadBias { path } => write!(
+                f,
+                "the mappings of {} do not match its PT_LOAD program headers (was the file replaced after it was mapped?)",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SymbolError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SymbolError::Maps { source, .. } | SymbolError::Read { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// A PT_LOAD program header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadSegment {
+    pub vaddr: u64,
+    pub memsz: u64,
+    pub offset: u64,
+    pub filesz: u64,
+    /// `PF_R | PF_W | PF_X` bits.
+    pub flags: u32,
+}
+
+/// One function of a file, at its link-time address, with all the names (aliases) that
+/// denote that address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileFunction {
+    /// Names, best first: global before local, `.dynsym` before `.symtab`, fewer leading
+    /// underscores, shorter. Non-default symbol versions carry their `@VERSION` suffix
+    /// (`memcpy@GLIBC_2.2.5`), as `nm -D` shows them, so that a plain `memcpy` names the
+    /// version `dlsym` would return.
+    pub names: Vec<String>,
+    /// Link-time address (`st_value`).
+    pub value: u64,
+    /// Size in bytes, 0 when no table knows it.
+    pub size: u64,
+    pub binding: Binding,
+    /// The address is a GNU IFUNC resolver, not the code that runs.
+    pub is_ifunc: bool,
+    /// Table of the best name.
+    pub source: SymbolSource,
+}
+
+/// Function symbols of one ELF file, independent of where it is loaded.
+#[derive(Debug)]
+pub struct ElfSymbols {
+    /// The file that was read (for messages).
+    pub path: PathBuf,
+    /// `ET_DYN` (PIE or shared library) rather than `ET_EXEC`.
+    pub is_dyn: bool,
+    pub segments: Vec<LoadSegment>,
+    pub has_symtab: bool,
+    pub has_debugdata: bool,
+    /// Problems that lost some symbols but not the file (e.g. a corrupt `.gnu_debugdata`).
+    pub warnings: Vec<String>,
+    /// Sorted by `value`, one entry per address.
+    functions: Vec<FileFunction>,
+    /// Every name to the indices of the functions it denotes (a local name may exist
+    /// at several addresses, e.g. two `static int helper()` in two files).
+    by_name: HashMap<String, Vec<usize>>,
+}
+
+/// A raw function symbol before aliases are merged.
+struct RawFunction {
+    name: String,
+    value: u64,
+    size: u64,
+    binding: Binding,
+    is_ifunc: bool,
+    source: SymbolSource,
+}
+
+impl ElfSymbols {
+    /// Parse an ELF file image. `path` is only used in messages.
+    pub fn parse(data: &[u8], path: &Path) -> Result<ElfSymbols, SymbolError> {
+        let malformed = |e: object::read::Error| SymbolError::Malformed {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        if data.len() < 5 || &data[..4] != b"\x7fELF" || data[4] != elf::ELFCLASS64.0 {
+            return Err(SymbolError::NotElf64 {
+                path: path.to_path_buf(),
+            });
+        }
+        let header = elf::FileHeader64::<Endianness>::parse(data).map_err(malformed)?;
+        let endian = header.endian().map_err(malformed)?;
+        let segments = header
+            .program_headers(endian, data)
+            .map_err(malformed)?
+            .iter()
+            .filter(|p| p.p_type(endian) == elf::PT_LOAD)
+            .map(|p| LoadSegment {
+                vaddr: p.p_vaddr(endian),
+                memsz: p.p_memsz(endian),
+                offset: p.p_offset(endian),
+                filesz: p.p_filesz(endian),
+                flags: p.p_flags(endian).0,
+            })
+            .collect();
+        let is_dyn = header.e_type(endian) == elf::ET_DYN;
+        let sections = header.sections(endian, data).map_err(malformed)?;
+
+        let mut raw = Vec::new();
+        let mut warnings = Vec::new();
+        read_table(data, &sections, elf::SHT_DYNSYM, SymbolSource::Dynsym, &mut raw)
+            .map_err(malformed)?;
+        let symtab_before = raw.len();
+        read_table(data, &sections, elf::SHT_SYMTAB, SymbolSource::Symtab, &mut raw)
+            .map_err(malformed)?;
+        let has_symtab = sections
+            .iter()
+            .any(|s| s.sh_type(endian) == elf::SHT_SYMTAB);
+        let _ = symtab_before;
+
+        let mut has_debugdata = false;
+        if let Some((_, section)) = sections.section_by_name(endian, b".gnu_debugdata") {
+            has_debugdata = true;
+            match section.data(endian, data) {
+                Ok(compressed) => {
+                    if let Err(w) = read_debugdata(compressed, &mut raw) {
+                        warnings.push(format!(".gnu_debugdata of {}: {w}", path.display()));
+                    }
+                }
+                Err(e) => warnings.push(format!(".gnu_debugdata of {}: {e}", path.display())),
+            }
+        }
+
+        let functions = merge_aliases(raw);
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, f) in functions.iter().enumerate() {
+            for n in &f.names {
+                by_name.entry(n.clone()).or_default().push(i);
+            }
+        }
+        Ok(ElfSymbols {
+            path: path.to_path_buf(),
+            is_dyn,
+            segments,
+            has_symtab,
+            has_debugdata,
+            warnings,
+            functions,
+            by_name,
+        })
+    }
+
+    /// Read and parse an ELF file.
+    pub fn read(path: &Path) -> Result<ElfSymbols, SymbolError> {
+        let data = std::fs::read(path).map_err(|source| SymbolError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        ElfSymbols::parse(&data, path)
+    }
+
+    /// All functions, sorted by link-time address, one per address.
+    pub fn functions(&self) -> &[FileFunction] {
+        &self.functions
+    }
+
+    /// Functions one of whose names is exactly `name`.
+    pub fn functions_named<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a FileFunction> {
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(move |&i| &self.functions[i])
+    }
+
+    /// The function whose `[value, value + size)` covers the link-time address `value`
+    /// (or that starts exactly there when its size is unknown).
+    pub fn function_containing(&self, value: u64) -> Option<&FileFunction> {
+        let end = self.functions.partition_point(|f| f.value <= value);
+        // Functions rarely overlap, but a few preceding entries may be labels inside a
+        // bigger function (size 0 or small), so look back a little for a cover.
+        self.functions[..end]
+            .iter()
+            .rev()
+            .take(16)
+            .find(|f| f.value == value || (value - f.value) < f.size)
+    }
+}
+
+/// Append the function symbols of one table (`.dynsym` or `.symtab`).
+fn read_table<'a>(
+    data: &'a [u8],
+    sections: &object::read::elf::SectionTable<'a, elf::FileHeader64<Endianness>, &'a [u8]>,
+    sh_type: elf::SectionType,
+    source: SymbolSource,
+    out: &mut Vec<RawFunction>,
+) -> object::read::Result<()> {
+    let endian = Endianness::Little;
+    let table = sections.symbols(endian, data, sh_type)?;
+    let versions = if sh_type == elf::SHT_DYNSYM {
+        sections.versions(endian, data)?
+    } else {
+        None
+    };
+    for (index, sym) in table.enumerate() {
+        let st_type = sym.st_type();
+        if st_type != elf::STT_FUNC && st_type != elf::STT_GNU_IFUNC {
+            continue;
+        }
+        if sym.st_shndx(endian) == elf::SHN_UNDEF || sym.st_value(endian) == 0 {
+            continue;
+        }
+        let Ok(name) = table.symbol_name(endian, sym) else {
+            continue;
+        };
+        if name.is_empty() {
+            continue;
+        }
+        let mut name = String::from_utf8_lossy(name).into_owned();
+        if let Some(versions) = &versions {
+            let vi = versions.version_index(endian, index);
+            // A hidden (non-default) version is not what `dlsym` or a new link binds
+            // to: keep it reachable under its explicit `name@VERSION`.
+            if vi.is_hidden() {
+                if let Ok(Some(v)) = versions.version(vi.index()) {
+                    name = format!("{name}@{}", String::from_utf8_lossy(v.name()));
+                }
+            }
+        }
+        out.push(RawFunction {
+            name,
+            value: sym.st_value(endian),
+            size: sym.st_size(endian),
+            binding: Binding::from_st_bind(sym.st_bind()),
+            is_ifunc: st_type == elf::STT_GNU_IFUNC,
+            source,
+        });
+    }
+    Ok(())
+}
+
+/// Decompress MiniDebugInfo and append the functions of the embedded `.symtab`.
+fn read_debugdata(compressed: &[u8], out: &mut Vec<RawFunction>) -> Result<(), String> {
+    let mut elf_image = Vec::new();
+    lzma_rs::xz_decompress(&mut std::io::BufReader::new(compressed), &mut elf_image)
+        .map_err(|e| format!("xz decompression failed: {e}"))?;
+    let header =
+        elf::FileHeader64::<Endianness>::parse(&elf_image[..]).map_err(|e| e.to_string())?;
+    let endian = header.endian().map_err(|e| e.to_string())?;
+    let sections = header
+        .sections(endian, &elf_image[..])
+        .map_err(|e| e.to_string())?;
+    read_table(
+        &elf_image,
+        &sections,
+        elf::SHT_SYMTAB,
+        SymbolSource::DebugData,
+        out,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Preference of a name among aliases of one address; smaller is better.
+fn name_rank(r: &RawFunction) -> (bool, SymbolSource, bool, usize, usize) {
+    let underscores = r.name.bytes().take_while(|&b| b == b'_').count();
+    (
+        r.binding.is_local(),
+        r.source,
+        r.name.contains('@'),
+        underscores,
+        r.name.len(),
+    )
+}
+
+/// Merge symbols of the same address into one function carrying every name.
+fn merge_aliases(mut raw: Vec<RawFunction>) -> Vec<FileFunction> {
+    raw.sort_by(|a, b| {
+        a.value
+            .cmp(&b.value)
+            .then_with(|| name_rank(a).cmp(&name_rank(b)))
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    let mut out: Vec<FileFunction> = Vec::new();
+    for r in raw {
+        match out.last_mut() {
+            Some(f) if f.value == r.value => {
+                f.size = f.size.max(r.size);
+                f.is_ifunc |= r.is_ifunc;
+                if !f.names.contains(&r.name) {
+                    f.names.push(r.name);
+                }
+            }
+            _ => out.push(FileFunction {
+                names: vec![r.name],
+                value: r.value,
+                size: r.size,
+                binding: r.binding,
+                is_ifunc: r.is_ifunc,
+                source: r.source,
+            }),
+        }
+    }
+    out
+}
+
+/// The load bias (runtime address minus link-time address) of a file from its
+/// mappings: each mapping is matched with the PT_LOAD segment whose file range holds
+/// the mapping's offset, and the bias every mapping agrees on wins. Mappings split by
+/// `mprotect` (RELRO), merged by the kernel, or not starting at offset 0 all work.
+pub fn load_bias(segments: &[LoadSegment], mappings: &[&MapEntry]) -> Option<u64> {
+    let mut votes: Vec<(u64, u32)> = Vec::new();
+    for m in mappings {
+        for s in segments {
+            let first = page_down(s.offset);
+            let file_end = s.offset.saturating_add(s.filesz);
+            if m.offset < first || m.offset >= file_end.max(first + 1) {
+                continue;
+            }
+            let link = page_down(s.vaddr).wrapping_add(m.offset - first);
+            let bias = m.start.wrapping_sub(link);
+            if bias % PAGE != 0 {
+                continue;
+            }
+            // A matching execute bit is the strongest hint; RELRO turns `rw` into `r`,
+            // so the write bit is only a weak one.
+            let mut weight = 1;
+            if m.perms.exec == (s.flags & elf::PF_X.0 != 0) {
+                weight += 2;
+            }
+            if m.perms.write == (s.flags & elf::PF_W.0 != 0) {
+                weight += 1;
+            }
+            match votes.iter_mut().find(|(b, _)| *b == bias) {
+                Some((_, w)) => *w += weight,
+                None => votes.push((bias, weight)),
+            }
+        }
+    }
+    votes.into_iter().max_by_key(|&(_, w)| w).map(|(b, _)| b)
+}
+
+/// A function at its runtime address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Function<'a> {
+    pub address: u64,
+    pub size: u64,
+    /// Best name first; see [`FileFunction::names`].
+    pub names: &'a [String],
+    pub binding: Binding,
+    pub is_ifunc: bool,
+    pub source: SymbolSource,
+}
+
+impl<'a> Function<'a> {
+    /// The preferred name.
+    pub fn name(&self) -> &'a str {
+        &self.names[0]
+    }
+}
+
+/// One ELF file mapped into a process (or a file on disk for `tracer list PATH`).
+#[derive(Clone, Debug)]
+pub struct Module {
+    /// Path as the process sees it (from maps, without ` (deleted)`), or the given path.
+    pub path: String,
+    /// Basename of `path`, e.g. `libc.so.6`.
+    pub name: String,
+    /// Lowest and one-past-highest mapped address (file-backed mappings only).
+    pub start: u64,
+    pub end: u64,
+    /// Runtime address = link-time address + bias (wrapping).
+    pub bias: u64,
+    /// The process's executable (`/proc/PID/exe`), what `main:` denotes.
+    pub is_main: bool,
+    pub dev: u64,
+    pub inode: u64,
+    /// Whether the file was deleted or replaced since it was mapped.
+    pub deleted: bool,
+    pub elf: Arc<ElfSymbols>,
+}
+
+impl Module {
+    fn at_runtime<'a>(&self, f: &'a FileFunction) -> Function<'a> {
+        Function {
+            address: f.value.wrapping_add(self.bias),
+            size: f.size,
+            names: &f.names,
+            binding: f.binding,
+            is_ifunc: f.is_ifunc,
+            source: f.source,
+        }
+    }
+
+    /// Every function, by ascending address.
+    pub fn functions(&self) -> impl Iterator<Item = Function<'_>> {
+        self.elf.functions().iter().map(|f| self.at_runtime(f))
+    }
+
+    /// Functions one of whose names is exactly `name`.
+    pub fn functions_named<'a>(&'a self, name: &str) -> impl Iterator<Item = Function<'a>> {
+        self.elf
+            .functions_named(name)
+            .map(move |f| self.at_runtime(f))
+    }
+
+    /// The function covering the runtime address `addr`.
+    pub fn symbol_containing(&self, addr: u64) -> Option<Function<'_>> {
+        if !self.contains(addr) {
+            return None;
+        }
+        self.elf
+            .function_containing(addr.wrapping_sub(self.bias))
+            .map(|f| self.at_runtime(f))
+    }
+
+    /// Whether `addr` lies within the module's mapped range.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.start <= addr && addr < self.end
+    }
+}
+
+/// A mapped file whose symbols could not be read; the rest of the process still works.
+#[derive(Debug)]
+pub struct SkippedModule {
+    pub path: String,
+    pub error: SymbolError,
+}
+
+/// The modules of a process, or the single module of a file on disk.
+#[derive(Debug)]
+pub struct ProcessModules {
+    /// `None` for a file on disk.
+    pub pid: Option<i32>,
+    /// By ascending start address.
+    pub modules: Vec<Module>,
+    pub skipped: Vec<SkippedModule>,
+}
+
+impl ProcessModules {
+    /// The main executable.
+    pub fn main(&self) -> Option<&Module> {
+        self.modules.iter().find(|m| m.is_main)
+    }
+
+    /// Basename of the main executable (`main:` is an alias for it).
+    pub fn main_name(&self) -> Option<&str> {
+        self.main().map(|m| m.name.as_str())
+    }
+
+    pub fn module_containing(&self, addr: u64) -> Option<&Module> {
+        self.modules.iter().find(|m| m.contains(addr))
+    }
+
+    /// The function covering a runtime address, e.g. the implementation an IFUNC
+    /// resolved to (`__strlen_avx2`), with its module.
+    pub fn symbol_containing(&self, addr: u64) -> Option<(&Module, Function<'_>)> {
+        let m = self.module_containing(addr)?;
+        m.symbol_containing(addr).map(|f| (m, f))
+    }
+}
+
+/// Identity of a parsed file: same device, inode and path means same contents.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    inode: u64,
+    path: String,
+}
+
+/// Parsed files shared across attaches and resolutions.
+#[derive(Debug, Default)]
+pub struct SymbolCache {
+    files: Mutex<HashMap<FileKey, Arc<ElfSymbols>>>,
+}
+
+impl SymbolCache {
+    pub fn new() -> SymbolCache {
+        SymbolCache::default()
+    }
+
+    /// The process-wide cache.
+    pub fn global() -> &'static SymbolCache {
+        static CACHE: OnceLock<SymbolCache> = OnceLock::new();
+        CACHE.get_or_init(SymbolCache::new)
+    }
+
+    /// Number of files parsed and kept.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FileKey, Arc<ElfSymbols>>> {
+        // A panic while parsing leaves no half-inserted entry, so a poisoned map is
+        // still consistent.
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Parse (or fetch from the cache) the file known by `key`, trying `sources` in
+    /// order until one can be read.
+    fn load(&self, key: FileKey, sources: &[PathBuf]) -> Result<Arc<ElfSymbols>, SymbolError> {
+        if let Some(e) = self.lock().get(&key) {
+            return Ok(e.clone());
+        }
+        let mut last = None;
+        for src in sources {
+            match std::fs::read(src) {
+                Ok(data) => {
+                    let parsed = Arc::new(ElfSymbols::parse(&data, Path::new(&key.path))?);
+                    self.lock().insert(key, parsed.clone());
+                    return Ok(parsed);
+                }
+                Err(e) => last = Some((src.clone(), e)),
+            }
+        }
+        let (path, source) = last.unwrap_or_else(|| {
+            (
+                PathBuf::from(&key.path),
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            )
+        });
+        Err(SymbolError::Read { path, source })
+    }
+
+    /// The modules of a running process.
+    pub fn process(&self, pid: i32) -> Result<ProcessModules, SymbolError> {
+        let maps = agent::maps::read_pid(pid).map_err(|source| SymbolError::Maps { pid, source })?;
+        Ok(self.process_from_maps(pid, &maps))
+    }
+
+    /// The modules of a process whose maps were already read.
+    pub fn process_from_maps(&self, pid: i32, maps: &[MapEntry]) -> ProcessModules {
+        let exe = std::fs::metadata(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+
+        // Group file-backed mappings per file, keeping the order of first appearance.
+        let mut groups: Vec<(FileKey, Vec<&MapEntry>)> = Vec::new();
+        for e in maps {
+            if e.inode == 0 || !e.path.starts_with('/') {
+                continue;
+            }
+            let key = FileKey {
+                dev: parse_dev(&e.dev),
+                inode: e.inode,
+                path: e.path.clone(),
+            };
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(e),
+                None => groups.push((key, vec![e])),
+            }
+        }
+
+        let mut modules = Vec::new();
+        let mut skipped = Vec::new();
+        for (key, entries) in groups {
+            // Data files (locale archive, caches) are never executable: skip them
+            // without reading them.
+            if !entries.iter().any(|e| e.perms.exec) {
+                continue;
+            }
+            let (path, deleted) = match key.path.strip_suffix(" (deleted)") {
+                Some(p) => (p.to_string(), true),
+                None => (key.path.clone(), false),
+            };
+            let first = entries[0];
+            // map_files names exactly the mapped inode, even deleted or in another
+            // mount namespace; /proc/PID/root is the fallback when it is not readable.
+            let sources = [
+                PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end)),
+                PathBuf::from(format!("/proc/{pid}/root{path}")),
+            ];
+            let elf = match self.load(key.clone(), &sources) {
+                Ok(e) => e,
+                Err(error) => {
+                    skipped.push(SkippedModule { path, error });
+                    continue;
+                }
+            };
+            let Some(bias) = load_bias(&elf.segments, &entries) else {
+                skipped.push(SkippedModule {
+                    error: SymbolError::NoLoadBias {
+                        path: PathBuf::from(&path),
+                    },
+                    path,
+                });
+                continue;
+            };
+            let start = entries.iter().map(|e| e.start).min().unwrap_or(0);
+            let end = entries.iter().map(|e| e.end).max().unwrap_or(0);
+            let is_main = exe == Some((key.dev, key.inode));
+            modules.push(Module {
+                name: basename(&path).to_string(),
+                path,
+                start,
+                end,
+                bias,
+                is_main,
+                dev: key.dev,
+                inode: key.inode,
+                deleted,
+                elf,
+            });
+        }
+        modules.sort_by_key(|m| m.start);
+        ProcessModules {
+            pid: Some(pid),
+            modules,
+            skipped,
+        }
+    }
+
+    /// An ELF file on disk, as one module at bias 0 (link-time addresses), marked as
+    /// the main module so that `main:` works on it too.
+    pub fn file(&self, path: &Path) -> Result<ProcessModules, SymbolError> {
+        let meta = std::fs::metadata(path).map_err(|source| SymbolError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let shown = path.to_string_lossy().into_owned();
+        let key = FileKey {
+            dev: meta.dev(),
+            inode: meta.ino(),
+            path: shown.clone(),
+        };
+        let elf = self.load(key, &[path.to_path_buf()])?;
+        let start = elf.segments.iter().map(|s| s.vaddr).min().unwrap_or(0);
+        let end = elf
+            .segments
+            .iter()
+            .map(|s| s.vaddr.saturating_add(s.memsz))
+            .max()
+            .unwrap_or(0);
+        Ok(ProcessModules {
+            pid: None,
+            modules: vec![Module {
+                name: basename(&shown).to_string(),
+                path: shown,
+                start,
+                end,
+                bias: 0,
+                is_main: true,
+                dev: meta.dev(),
+                inode: meta.ino(),
+                deleted: false,
+                elf,
+            }],
+            skipped: Vec::new(),
+        })
+    }
+}
+
+/// The modules of a running process, through the global cache.
+pub fn process_modules(pid: i32) -> Result<ProcessModules, SymbolError> {
+    SymbolCache::global().process(pid)
+}
+
+/// An ELF file on disk, through the global cache.
+pub fn file_modules(path: &Path) -> Result<ProcessModules, SymbolError> {
+    SymbolCache::global().file(path)
+}
+
+fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// `major:minor` in hex, as in maps, to the `st_dev` encoding of stat.
+fn parse_dev(dev: &str) -> u64 {
+    let Some((maj, min)) = dev.split_once(':') else {
+        return 0;
+    };
+    let (Ok(maj), Ok(min)) = (u32::from_str_radix(maj, 16), u32::from_str_radix(min, 16)) else {
+        return 0;
+    };
+    libc::makedev(maj, min)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(start: u64, end: u64, perms: &str, offset: u64) -> MapEntry {
+        let line = format!("{start:x}-{end:x} {perms} {offset:x} fd:01 7 /lib/x.so");
+        agent::maps::parse_line(&line).unwrap()
+    }
+
+    fn seg(vaddr: u64, offset: u64, filesz: u64, flags: u32) -> LoadSegment {
+        LoadSegment {
+            vaddr,
+            memsz: filesz,
+            offset,
+            filesz,
+            flags,
+        }
+    }
+
+    #[test]
+    fn bias_from_libc_like_layout_with_relro_split() {
+        // The layout of Debian's libc.so.6, its data segment split by RELRO.
+        let segs = [
+            seg(0, 0, 0x25388, elf::PF_R.0),
+            seg(0x26000, 0x26000, 0x1550fc, elf::PF_R.0 | elf::PF_X.0),
+            seg(0x17c000, 0x17c000, 0x52c31, elf::PF_R.0),
+            seg(0x1cf8d0, 0x1cf8d0, 0x4f98, elf::PF_R.0 | elf::PF_W.0),
+        ];
+        let b = 0x7f00_0000_0000;
+        let maps = [
+            map(b, b + 0x26000, "r--p", 0),
+            map(b + 0x26000, b + 0x17c000, "r-xp", 0x26000),
+            map(b + 0x17c000, b + 0x1cf000, "r--p", 0x17c000),
+            map(b + 0x1cf000, b + 0x1d3000, "r--p", 0x1cf000),
+            map(b + 0x1d3000, b + 0x1d5000, "rw-p", 0x1d3000),
+        ];
+        let refs: Vec<&MapEntry> = maps.iter().collect();
+        assert_eq!(load_bias(&segs, &refs), Some(b));
+        // Without the first mapping (e.g. it was unmapped) the answer is the same.
+        assert_eq!(load_bias(&segs, &refs[1..]), Some(b));
+    }
+
+    #[test]
+    fn bias_when_vaddr_and_offset_differ_and_non_pie() {
+        // Data segment at vaddr = offset + 0x1000, the usual ld layout; ET_EXEC at 0x400000.
+        let segs = [
+            seg(0x400000, 0, 0x600, elf::PF_R.0),
+            seg(0x401000, 0x1000, 0x200, elf::PF_R.0 | elf::PF_X.0),
+            seg(0x403df0, 0x2df0, 0x230, elf::PF_R.0 | elf::PF_W.0),
+        ];
+        let maps = [
+            map(0x401000, 0x402000, "r-xp", 0x1000),
+            map(0x403000, 0x404000, "r--p", 0x2000),
+            map(0x404000, 0x405000, "rw-p", 0x3000),
+        ];
+        let refs: Vec<&MapEntry> = maps.iter().collect();
+        assert_eq!(load_bias(&segs, &refs), Some(0));
+    }
+
+    #[test]
+    fn no_bias_when_nothing_lines_up() {
+        let segs = [seg(0x1000, 0x1000, 0x100, elf::PF_R.0 | elf::PF_X.0)];
+        let maps = [map(0x7000, 0x8000, "r-xp", 0x9000)];
+        let refs: Vec<&MapEntry> = maps.iter().collect();
+        assert_eq!(load_bias(&segs, &refs), None);
+    }
+
+    #[test]
+    fn aliases_merge_and_keep_every_name() {
+        let raw = |name: &str, value, size, binding, source| RawFunction {
+            name: name.to_string(),
+            value,
+            size,
+            binding,
+            is_ifunc: false,
+            source,
+        };
+        let merged = merge_aliases(vec![
+            raw("__libc_malloc", 0x100, 0, Binding::Global, SymbolSource::Symtab),
+            raw("malloc", 0x100, 0x40, Binding::Global, SymbolSource::Dynsym),
+            raw("__malloc", 0x100, 0x40, Binding::Local, SymbolSource::Symtab),
+            raw("free", 0x200, 0x10, Binding::Weak, SymbolSource::Dynsym),
+        ]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].names, ["malloc", "__libc_malloc", "__malloc"]);
+        assert_eq!(merged[0].size, 0x40);
+        assert_eq!(merged[0].source, SymbolSource::Dynsym);
+        assert_eq!(merged[1].names, ["free"]);
+    }
+
+    #[test]
+    fn rejects_non_elf_and_short_input() {
+        assert!(matches!(
+            ElfSymbols::parse(b"#!/bin/sh\n", Path::new("x")),
+            Err(SymbolError::NotElf64 { .. })
+        ));
+        assert!(matches!(
+            ElfSymbols::parse(b"\x7fELF\x02\x01", Path::new("x")),
+            Err(SymbolError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn own_process_functions_resolve_to_real_addresses() {
+        let pid = std::process::id() as i32;
+        let cache = SymbolCache::new();
+        let pm = cache.process(pid).unwrap();
+        let main = pm.main().expect("main module");
+        assert!(main.path.ends_with(&main.name));
+        // libc's malloc, as the dynamic linker resolved it for this process.
+        let libc_malloc = libc::malloc as *const () as usize as u64;
+        let (m, f) = pm.symbol_containing(libc_malloc).expect("malloc covered");
+        assert!(m.name.starts_with("libc"), "{}", m.name);
+        assert_eq!(f.address, libc_malloc);
+        assert!(f.names.iter().any(|n| n == "malloc"), "{:?}", f.names);
+        assert!(f.size > 0);
+        let again = cache.process(pid).unwrap();
+        let m2 = again.modules.iter().find(|x| x.path == m.path).unwrap();
+        assert!(Arc::ptr_eq(&m.elf, &m2.elf), "libc was parsed twice");
+    }
+}
