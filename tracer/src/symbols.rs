@@ -91,7 +91,10 @@ pub enum SymbolError {
     /// `/proc/PID/maps` could not be read.
     Maps { pid: i32, source: std::io::Error },
     /// The ELF file could not be read.
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The file is not a 64-bit ELF file.
     NotElf64 { path: PathBuf },
     /// The ELF headers or tables are malformed.
@@ -226,11 +229,23 @@ impl ElfSymbols {
 
         let mut raw = Vec::new();
         let mut warnings = Vec::new();
-        read_table(data, &sections, elf::SHT_DYNSYM, SymbolSource::Dynsym, &mut raw)
-            .map_err(malformed)?;
+        read_table(
+            data,
+            &sections,
+            elf::SHT_DYNSYM,
+            SymbolSource::Dynsym,
+            &mut raw,
+        )
+        .map_err(malformed)?;
         let symtab_before = raw.len();
-        read_table(data, &sections, elf::SHT_SYMTAB, SymbolSource::Symtab, &mut raw)
-            .map_err(malformed)?;
+        read_table(
+            data,
+            &sections,
+            elf::SHT_SYMTAB,
+            SymbolSource::Symtab,
+            &mut raw,
+        )
+        .map_err(malformed)?;
         let has_symtab = sections
             .iter()
             .any(|s| s.sh_type(endian) == elf::SHT_SYMTAB);
@@ -649,7 +664,8 @@ impl SymbolCache {
 
     /// The modules of a running process.
     pub fn process(&self, pid: i32) -> Result<ProcessModules, SymbolError> {
-        let maps = agent::maps::read_pid(pid).map_err(|source| SymbolError::Maps { pid, source })?;
+        let maps =
+            agent::maps::read_pid(pid).map_err(|source| SymbolError::Maps { pid, source })?;
         Ok(self.process_from_maps(pid, &maps))
     }
 
@@ -692,7 +708,10 @@ impl SymbolCache {
             // map_files names exactly the mapped inode, even deleted or in another
             // mount namespace; /proc/PID/root is the fallback when it is not readable.
             let sources = [
-                PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end)),
+                PathBuf::from(format!(
+                    "/proc/{pid}/map_files/{:x}-{:x}",
+                    first.start, first.end
+                )),
                 PathBuf::from(format!("/proc/{pid}/root{path}")),
             ];
             let elf = match self.load(key.clone(), &sources) {
@@ -878,9 +897,21 @@ mod tests {
             source,
         };
         let merged = merge_aliases(vec![
-            raw("__libc_malloc", 0x100, 0, Binding::Global, SymbolSource::Symtab),
+            raw(
+                "__libc_malloc",
+                0x100,
+                0,
+                Binding::Global,
+                SymbolSource::Symtab,
+            ),
             raw("malloc", 0x100, 0x40, Binding::Global, SymbolSource::Dynsym),
-            raw("__malloc", 0x100, 0x40, Binding::Local, SymbolSource::Symtab),
+            raw(
+                "__malloc",
+                0x100,
+                0x40,
+                Binding::Local,
+                SymbolSource::Symtab,
+            ),
             raw("free", 0x200, 0x10, Binding::Weak, SymbolSource::Dynsym),
         ]);
         assert_eq!(merged.len(), 2);
