@@ -1,0 +1,370 @@
+//! Loading a shared library into the target with the target's own `dlopen`.
+//!
+//! 1. `dlopen`/`dlsym`/`dlerror` are resolved from the target's libc symbol table, read
+//!    from the file through `/proc/PID/root/<path>` (works across mount namespaces), plus the
+//!    load bias from `/proc/PID/maps`. Older glibc without an exported `dlopen` falls back
+//!    to `__libc_dlopen_mode`/`__libc_dlsym`.
+//! 2. The library bytes go into a memfd created *inside the target* (remote
+//!    `memfd_create`), filled through `/proc/PID/fd/N` (or remote `write`s from the scratch
+//!    page if that open is refused), then `dlopen("/proc/self/fd/N", RTLD_NOW)` and the fd is
+//!    closed. Nothing is needed in the target's file system, so other uids and mount
+//!    namespaces work.
+//! 3. `dlopen` takes the loader lock and may call `malloc`, so it runs only on a *safe*
+//!    thread (see [`is_safe`]) while the other threads run, so that a lock another thread
+//!    holds gets released. Without a safe thread the process runs a few ms and we retry.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+use agent::maps::{self, MapEntry};
+use object::{Object, ObjectSegment, ObjectSymbol};
+
+use crate::remote_call::{self, RemoteCallError};
+use crate::threads::{AttachError, Process};
+
+/// Time allowed for finding a safe thread plus the `dlopen` call itself.
+pub const DLOPEN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Blocking syscalls that glibc never issues while holding the malloc or loader lock.
+const SAFE_SYSCALLS: &[i64] = &[
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_read,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_select,
+    libc::SYS_pselect6,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_pause,
+    libc::SYS_wait4,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+];
+
+/// Why an injection or remote symbol lookup failed.
+#[derive(Debug)]
+pub enum InjectError {
+    /// Stopping or controlling the process failed.
+    Remote(RemoteCallError),
+    /// The target has no libc / dynamic loader mapped: statically linked.
+    StaticTarget { pid: i32 },
+    /// libc is mapped but exports neither `dlopen` nor `__libc_dlopen_mode`.
+    NoDlopen { pid: i32, libc: String },
+    /// Reading the target's libc file failed.
+    LibcFile { path: String, error: String },
+    /// Reading `/proc/PID/maps` failed.
+    Maps { pid: i32, error: std::io::Error },
+    /// No thread was outside libc/ld.so or in a safe blocking syscall in time.
+    NoSafeThread { pid: i32, waited: Duration },
+    /// Filling the memfd failed.
+    Transfer { error: std::io::Error },
+    /// `dlopen` returned NULL; `message` is `dlerror()`.
+    DlopenFailed { message: String },
+    /// `dlsym` returned NULL.
+    SymbolNotFound { name: String, message: String },
+    /// The library was loaded but its mapping was not found in `/proc/PID/maps`.
+    NotMapped { pid: i32 },
+}
+
+impl fmt::Display for InjectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InjectError::Remote(e) => e.fmt(f),
+            InjectError::StaticTarget { pid } => write!(
+                f,
+                "PID {pid} is statically linked (no libc.so / ld.so mapped): it cannot load the agent; trace a dynamically linked program"
+            ),
+            InjectError::NoDlopen { pid, libc } => write!(
+                f,
+                "the libc of PID {pid} ({libc}) exports neither dlopen nor __libc_dlopen_mode: unsupported C library"
+            ),
+            InjectError::LibcFile { path, error } => {
+                write!(f, "cannot read the target's libc {path}: {error}")
+            }
+            InjectError::Maps { pid, error } => write!(f, "cannot read /proc/{pid}/maps: {error}"),
+            InjectError::NoSafeThread { pid, waited } => write!(
+                f,
+                "no thread of PID {pid} was outside libc/ld.so or in a blocking syscall during {waited:?}, so dlopen could deadlock; retry later"
+            ),
+            InjectError::Transfer { error } => {
+                write!(f, "cannot copy the library into the target's memfd: {error}")
+            }
+            InjectError::DlopenFailed { message } => write!(f, "dlopen in the target failed: {message}"),
+            InjectError::SymbolNotFound { name, message } => {
+                write!(f, "symbol {name:?} not found in the injected library: {message}")
+            }
+            InjectError::NotMapped { pid } => write!(
+                f,
+                "dlopen succeeded but the library does not appear in /proc/{pid}/maps"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for InjectError {}
+
+impl From<RemoteCallError> for InjectError {
+    fn from(e: RemoteCallError) -> Self {
+        InjectError::Remote(e)
+    }
+}
+
+impl From<AttachError> for InjectError {
+    fn from(e: AttachError) -> Self {
+        InjectError::Remote(e.into())
+    }
+}
+
+/// A library loaded into the target.
+#[derive(Clone, Debug)]
+pub struct Injected {
+    /// The `dlopen` handle (valid in the target).
+    pub handle: u64,
+    /// The library's name in `/proc/PID/maps` (`/memfd:NAME (deleted)`).
+    pub path_in_target: String,
+    /// Lowest mapped address of the library (its load base for a 0-based ELF file).
+    pub base: u64,
+    /// Inode of the memfd, identifying the library's mappings.
+    pub inode: u64,
+}
+
+/// Addresses of the target's dynamic-loading functions.
+#[derive(Clone, Debug)]
+pub struct LibcFunctions {
+    pub dlopen: u64,
+    pub dlsym: u64,
+    /// `None` with old glibc (`__libc_dlopen_mode` has no `dlerror`).
+    pub dlerror: Option<u64>,
+    /// Extra mode bits for `dlopen` (`__RTLD_DLOPEN` for `__libc_dlopen_mode`).
+    pub mode_extra: u64,
+    /// Where libc and ld.so code lies: threads stopped there may hold their locks.
+    pub unsafe_ranges: Vec<(u64, u64)>,
+}
+
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+fn is_libc(path: &str) -> bool {
+    let n = file_name(path);
+    n.starts_with("libc.so") || (n.starts_with("libc-") && n.ends_with(".so"))
+}
+
+fn is_ld_so(path: &str) -> bool {
+    let n = file_name(path);
+    n.starts_with("ld-linux") || n.starts_with("ld-") && n.contains(".so")
+}
+
+/// Resolves the dynamic-loading functions of the target's libc.
+pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
+    let entries = maps::read_pid(pid).map_err(|error| InjectError::Maps { pid, error })?;
+    let unsafe_ranges: Vec<(u64, u64)> = entries
+        .iter()
+        .filter(|e| e.perms.exec && (is_libc(&e.path) || is_ld_so(&e.path)))
+        .map(|e| (e.start, e.end))
+        .collect();
+    let Some(libc_path) = entries.iter().find(|e| is_libc(&e.path)).map(|e| e.path.clone()) else {
+        if entries.iter().any(|e| is_ld_so(&e.path)) {
+            return Err(InjectError::NoDlopen { pid, libc: "none mapped".into() });
+        }
+        return Err(InjectError::StaticTarget { pid });
+    };
+    let map_base = entries
+        .iter()
+        .filter(|e| e.path == libc_path)
+        .map(|e| e.start)
+        .min()
+        .expect("libc is mapped");
+    let file_path = format!("/proc/{pid}/root{libc_path}");
+    let data = fs::read(&file_path)
+        .map_err(|e| InjectError::LibcFile { path: file_path.clone(), error: e.to_string() })?;
+    let file = object::File::parse(&*data)
+        .map_err(|e| InjectError::LibcFile { path: file_path.clone(), error: e.to_string() })?;
+    let first_vaddr = file.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff;
+    let bias = map_base.wrapping_sub(first_vaddr);
+    let find = |name: &str| {
+        file.dynamic_symbols()
+            .find(|s| s.is_definition() && s.name() == Ok(name))
+            .map(|s| s.address().wrapping_add(bias))
+    };
+    let (dlopen, dlsym, dlerror, mode_extra) = match (find("dlopen"), find("dlsym")) {
+        (Some(o), Some(s)) => (o, s, find("dlerror"), 0),
+        _ => match (find("__libc_dlopen_mode"), find("__libc_dlsym")) {
+            (Some(o), Some(s)) => (o, s, None, 0x8000_0000),
+            _ => return Err(InjectError::NoDlopen { pid, libc: libc_path }),
+        },
+    };
+    Ok(LibcFunctions { dlopen, dlsym, dlerror, mode_extra, unsafe_ranges })
+}
+
+/// Whether a stopped thread can run `dlopen`/`malloc` without deadlocking: its `rip` is
+/// outside libc and ld.so, or it sits in one of the blocking syscalls that glibc never
+/// issues while holding the malloc or loader lock.
+pub fn is_safe(proc: &Process, tid: i32, unsafe_ranges: &[(u64, u64)]) -> Result<bool, AttachError> {
+    let r = proc.regs(tid)?;
+    if !unsafe_ranges.iter().any(|&(s, e)| (s..e).contains(&r.rip)) {
+        return Ok(true);
+    }
+    let nr = r.orig_rax as i64;
+    if nr < 0 || !SAFE_SYSCALLS.contains(&nr) {
+        return Ok(false);
+    }
+    // orig_rax also holds exception error codes: make sure a `syscall` just ran.
+    let mut insn = [0u8; 2];
+    Ok(proc.read_memory(r.rip.wrapping_sub(2), &mut insn).is_ok() && insn == [0x0f, 0x05])
+}
+
+/// Calls `function(args)` on a safe thread while the other threads run, then stops
+/// everything again. Retries (letting the process run a few ms) until `timeout`.
+pub fn call_safely(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    function: u64,
+    args: &[u64],
+    timeout: Duration,
+) -> Result<u64, InjectError> {
+    let start = Instant::now();
+    loop {
+        if !proc.all_stopped() {
+            proc.stop_all()?;
+        }
+        let mut safe = None;
+        for tid in proc.threads() {
+            if is_safe(proc, tid, &fns.unsafe_ranges)? {
+                safe = Some(tid);
+                break;
+            }
+        }
+        if let Some(tid) = safe {
+            remote_call::ensure_scratch(proc, tid)?;
+            for t in proc.threads() {
+                if t != tid {
+                    proc.resume_thread(t)?;
+                }
+            }
+            let remaining = timeout.saturating_sub(start.elapsed()).max(Duration::from_secs(1));
+            let r = remote_call::call(proc, tid, function, args, remaining);
+            let stopped = proc.stop_all();
+            let v = r?;
+            stopped?;
+            return Ok(v);
+        }
+        if start.elapsed() >= timeout {
+            return Err(InjectError::NoSafeThread { pid: proc.pid(), waited: timeout });
+        }
+        proc.resume_all()?;
+        proc.service(Duration::from_millis(5))?;
+    }
+}
+
+fn dlerror_text(proc: &mut Process, fns: &LibcFunctions) -> String {
+    let Some(f) = fns.dlerror else { return "no dlerror in this libc".into() };
+    match call_safely(proc, fns, f, &[], Duration::from_secs(5)) {
+        Ok(0) => "(dlerror returned NULL)".into(),
+        Ok(p) => proc.read_c_string(p, 4096).unwrap_or_else(|e| format!("(unreadable dlerror text: {e})")),
+        Err(e) => format!("(dlerror failed: {e})"),
+    }
+}
+
+/// [`inject_named`] with the memfd name `tracer-lib`.
+pub fn inject(proc: &mut Process, library: &[u8]) -> Result<Injected, InjectError> {
+    inject_named(proc, library, "tracer-lib")
+}
+
+/// Loads `library` (the bytes of a shared object) into the target; `name` is the memfd name
+/// shown in the target's maps. Leaves every thread stopped.
+pub fn inject_named(proc: &mut Process, library: &[u8], name: &str) -> Result<Injected, InjectError> {
+    let pid = proc.pid();
+    if !proc.all_stopped() {
+        proc.stop_all()?;
+    }
+    let fns = libc_functions(pid)?;
+    let tid = proc.threads().first().copied().ok_or(AttachError::Exited { pid, status: None })?;
+    remote_call::ensure_scratch(proc, tid)?;
+    let name_addr = remote_call::put_c_string(proc, 0, name)?;
+    let fd = remote_call::syscall_ok(
+        proc,
+        tid,
+        "memfd_create",
+        libc::SYS_memfd_create,
+        &[name_addr, libc::MFD_CLOEXEC as u64],
+    )?;
+    let result = load_from_fd(proc, &fns, tid, fd, library);
+    // The mapping keeps the file alive; the descriptor is not needed any more.
+    let _ = remote_call::syscall(proc, tid, libc::SYS_close, &[fd]);
+    let (handle, inode) = result?;
+    let entries = maps::read_pid(pid).map_err(|error| InjectError::Maps { pid, error })?;
+    let mine: Vec<&MapEntry> = entries.iter().filter(|e| e.inode == inode && e.path.contains("memfd:")).collect();
+    let base = mine.iter().map(|e| e.start).min().ok_or(InjectError::NotMapped { pid })?;
+    Ok(Injected { handle, path_in_target: mine[0].path.clone(), base, inode })
+}
+
+fn load_from_fd(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    tid: i32,
+    fd: u64,
+    library: &[u8],
+) -> Result<(u64, u64), InjectError> {
+    let pid = proc.pid();
+    let fd_path = format!("/proc/{pid}/fd/{fd}");
+    let inode = match fs::OpenOptions::new().write(true).open(&fd_path) {
+        Ok(mut f) => {
+            f.write_all(library).map_err(|error| InjectError::Transfer { error })?;
+            f.metadata().map_err(|error| InjectError::Transfer { error })?.ino()
+        }
+        Err(_) => {
+            // Opening another process's fd can be refused (e.g. by an LSM): let the target
+            // write the bytes itself, one scratch-sized chunk at a time.
+            let chunk_len = proc.scratch().map(|s| s.data_len as usize).unwrap_or(4096);
+            for chunk in library.chunks(chunk_len) {
+                let addr = remote_call::put_data(proc, 0, chunk)?;
+                let mut done = 0u64;
+                while done < chunk.len() as u64 {
+                    done += remote_call::syscall_ok(
+                        proc,
+                        tid,
+                        "write",
+                        libc::SYS_write,
+                        &[fd, addr + done, chunk.len() as u64 - done],
+                    )?;
+                }
+            }
+            fs::metadata(&fd_path).map_err(|error| InjectError::Transfer { error })?.ino()
+        }
+    };
+    let path_addr = remote_call::put_c_string(proc, 0, &format!("/proc/self/fd/{fd}"))?;
+    let mode = libc::RTLD_NOW as u64 | fns.mode_extra;
+    let handle = call_safely(proc, fns, fns.dlopen, &[path_addr, mode], DLOPEN_TIMEOUT)?;
+    if handle == 0 {
+        return Err(InjectError::DlopenFailed { message: dlerror_text(proc, fns) });
+    }
+    Ok((handle, inode))
+}
+
+/// Looks `name` up in an injected library with the target's `dlsym`.
+pub fn dlsym(proc: &mut Process, handle: u64, name: &str) -> Result<u64, InjectError> {
+    let fns = libc_functions(proc.pid())?;
+    dlsym_with(proc, &fns, handle, name)
+}
+
+/// [`dlsym`] with already resolved libc functions.
+pub fn dlsym_with(proc: &mut Process, fns: &LibcFunctions, handle: u64, name: &str) -> Result<u64, InjectError> {
+    if !proc.all_stopped() {
+        proc.stop_all()?;
+    }
+    let tid = proc.threads().first().copied().ok_or(AttachError::Exited { pid: proc.pid(), status: None })?;
+    remote_call::ensure_scratch(proc, tid)?;
+    let addr = remote_call::put_c_string(proc, 0, name)?;
+    let v = call_safely(proc, fns, fns.dlsym, &[handle, addr], DLOPEN_TIMEOUT)?;
+    if v == 0 {
+        return Err(InjectError::SymbolNotFound { name: name.into(), message: dlerror_text(proc, fns) });
+    }
+    Ok(v)
+}

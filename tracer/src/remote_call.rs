@@ -1,0 +1,518 @@
+//! Calling functions and making system calls inside a stopped thread of the target.
+//!
+//! A call saves the thread's complete state (general registers, the `NT_X86_XSTATE`
+//! FP/vector state, the signal mask), builds a System V call frame below the red zone,
+//! returns into an `int3` in our scratch page, checks that the stop is there, and restores
+//! everything. `orig_rax = -1` during the call keeps the kernel from "restarting" an
+//! interrupted syscall into the middle of our call; restoring the saved `orig_rax`/`rax`
+//! afterwards restarts it correctly (e.g. a `clock_nanosleep` continues its sleep).
+//!
+//! The scratch page is one private mapping per [`Process`], created by the first call with
+//! a remote `mmap` (executed by writing `syscall; int3` over the thread's `rip` while every
+//! thread is stopped, then restoring those bytes). It holds `syscall; int3` and an `int3`
+//! return pad (r-x page) and a data area for strings and buffers (rw- pages).
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+use crate::threads::{wait_tid, AttachError, Handled, Process, Regs, Scratch, Stop};
+
+/// Size of the data area of the scratch mapping.
+pub const SCRATCH_DATA_LEN: u64 = 64 * 1024;
+const PAGE: u64 = 4096;
+/// Offset of `syscall; int3` in the scratch code page.
+const SYSCALL_PAD: u64 = 0;
+/// Offset of the `int3` that called functions return into.
+const RETURN_PAD: u64 = 8;
+/// `NT_X86_XSTATE` (not exported by libc for every target).
+const NT_X86_XSTATE: libc::c_int = 0x202;
+/// Enough for the largest XSAVE area of current CPUs (AVX-512 + AMX is about 11 KiB).
+const XSTATE_MAX: usize = 16 * 1024;
+/// Timeout for remote syscalls (they never block in our use).
+const SYSCALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a remote call or syscall failed. The thread's state has been restored in every case
+/// except `Lost`.
+#[derive(Debug)]
+pub enum RemoteCallError {
+    /// Attaching/stopping/waiting failed underneath.
+    Attach(AttachError),
+    /// The function did not return within the time limit; the thread was interrupted and
+    /// its state restored (locks the function took may still be held).
+    Timeout { tid: i32, function: u64, timeout: Duration },
+    /// The function crashed (SIGSEGV, SIGBUS, ...) at `rip`; state restored, signal dropped.
+    Crashed { tid: i32, function: u64, signal: Signal, rip: u64 },
+    /// The thread stopped somewhere else than our return pad.
+    UnexpectedStop { tid: i32, rip: u64, expected: u64 },
+    /// More than six integer arguments (only register arguments are supported).
+    TooManyArgs(usize),
+    /// The process exited during the call.
+    Exited { pid: i32 },
+    /// Reading or writing target memory failed.
+    Memory { addr: u64, error: std::io::Error },
+    /// A remote syscall returned an error.
+    Syscall { name: &'static str, errno: Errno },
+    /// The thread's state could not be restored; the target is probably broken.
+    Lost { tid: i32, cause: String },
+}
+
+impl fmt::Display for RemoteCallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RemoteCallError::Attach(e) => e.fmt(f),
+            RemoteCallError::Timeout { tid, function, timeout } => write!(
+                f,
+                "remote call of {function:#x} on thread {tid} did not return within {timeout:?} (deadlock in the target?); thread state restored"
+            ),
+            RemoteCallError::Crashed { tid, function, signal, rip } => write!(
+                f,
+                "remote call of {function:#x} on thread {tid} crashed with {signal} at {rip:#x}; thread state restored"
+            ),
+            RemoteCallError::UnexpectedStop { tid, rip, expected } => write!(
+                f,
+                "thread {tid} stopped at {rip:#x} instead of the return pad {expected:#x}; thread state restored"
+            ),
+            RemoteCallError::TooManyArgs(n) => {
+                write!(f, "remote call with {n} arguments: at most 6 are supported")
+            }
+            RemoteCallError::Exited { pid } => write!(f, "PID {pid} exited during a remote call"),
+            RemoteCallError::Memory { addr, error } => {
+                write!(f, "cannot access target memory at {addr:#x}: {error}")
+            }
+            RemoteCallError::Syscall { name, errno } => {
+                write!(f, "remote {name} failed in the target: {errno}")
+            }
+            RemoteCallError::Lost { tid, cause } => write!(
+                f,
+                "could not restore thread {tid} after a remote call ({cause}); the target may be broken"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RemoteCallError {}
+
+impl From<AttachError> for RemoteCallError {
+    fn from(e: AttachError) -> Self {
+        match e {
+            AttachError::Exited { pid, .. } => RemoteCallError::Exited { pid },
+            e => RemoteCallError::Attach(e),
+        }
+    }
+}
+
+fn mem_err(addr: u64) -> impl Fn(std::io::Error) -> RemoteCallError {
+    move |error| RemoteCallError::Memory { addr, error }
+}
+
+/// The full user-visible state of a stopped thread.
+pub struct SavedState {
+    pub regs: Regs,
+    xstate: Vec<u8>,
+    sigmask: u64,
+    /// How the thread was stopped: a group-stopped thread is put back into group-stop.
+    stop: Option<Stop>,
+}
+
+fn getregset_xstate(tid: i32) -> Result<Vec<u8>, Errno> {
+    let mut buf = vec![0u8; XSTATE_MAX];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: iov describes `buf`, which outlives the call; the kernel shrinks iov_len.
+    let rc = unsafe {
+        libc::ptrace(libc::PTRACE_GETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec)
+    };
+    if rc == -1 {
+        return Err(Errno::last());
+    }
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+fn setregset_xstate(tid: i32, xstate: &mut [u8]) -> Result<(), Errno> {
+    let mut iov = libc::iovec { iov_base: xstate.as_mut_ptr().cast(), iov_len: xstate.len() };
+    // SAFETY: iov describes `xstate`, which outlives the call.
+    let rc = unsafe {
+        libc::ptrace(libc::PTRACE_SETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec)
+    };
+    if rc == -1 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+fn get_sigmask(tid: i32) -> Result<u64, Errno> {
+    let mut mask: u64 = 0;
+    // SAFETY: the kernel writes 8 bytes (addr = size) to `mask`.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_GETSIGMASK, tid, 8usize, &mut mask as *mut u64) };
+    if rc == -1 {
+        return Err(Errno::last());
+    }
+    Ok(mask)
+}
+
+fn set_sigmask(tid: i32, mask: u64) -> Result<(), Errno> {
+    // SAFETY: the kernel reads 8 bytes (addr = size) from `mask`.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_SETSIGMASK, tid, 8usize, &mask as *const u64) };
+    if rc == -1 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Saves registers, vector state and signal mask of a stopped thread.
+pub fn save_state(proc: &Process, tid: i32) -> Result<SavedState, RemoteCallError> {
+    proc.require_stopped(tid)?;
+    let pe = |op| move |errno| RemoteCallError::Attach(AttachError::Ptrace { tid, op, errno });
+    Ok(SavedState {
+        regs: proc.regs(tid)?,
+        xstate: getregset_xstate(tid).map_err(pe("PTRACE_GETREGSET(NT_X86_XSTATE)"))?,
+        sigmask: get_sigmask(tid).map_err(pe("PTRACE_GETSIGMASK"))?,
+        stop: proc.threads.get(&tid).and_then(|t| t.stop),
+    })
+}
+
+/// Restores what [`save_state`] saved. A thread that was group-stopped is brought back
+/// into a group-stop (`PTRACE_EVENT_STOP`) so that it stays stopped when resumed.
+pub fn restore_state(proc: &mut Process, tid: i32, saved: &mut SavedState) -> Result<(), RemoteCallError> {
+    let lost = |cause: String| RemoteCallError::Lost { tid, cause };
+    if saved.stop == Some(Stop::Group) && proc.threads.get(&tid).and_then(|t| t.stop) != Some(Stop::Group) {
+        // Run the thread into a job-control trap: with the group stopped, the kernel reports
+        // it as a group-stop again. Registers are restored afterwards (the trap happens
+        // before any user instruction runs).
+        ptrace::interrupt(Pid::from_raw(tid)).map_err(|e| lost(format!("PTRACE_INTERRUPT: {e}")))?;
+        ptrace::cont(Pid::from_raw(tid), None).map_err(|e| lost(format!("PTRACE_CONT: {e}")))?;
+        mark_running(proc, tid);
+        wait_stop(proc, tid, Some(Instant::now() + SYSCALL_TIMEOUT)).map_err(|e| lost(e.to_string()))?;
+    }
+    proc.set_regs(tid, &saved.regs).map_err(|e| lost(e.to_string()))?;
+    setregset_xstate(tid, &mut saved.xstate).map_err(|e| lost(format!("PTRACE_SETREGSET: {e}")))?;
+    set_sigmask(tid, saved.sigmask).map_err(|e| lost(format!("PTRACE_SETSIGMASK: {e}")))?;
+    Ok(())
+}
+
+fn mark_running(proc: &mut Process, tid: i32) {
+    if let Some(t) = proc.threads.get_mut(&tid) {
+        t.stop = None;
+    }
+}
+
+/// Waits for the next stop of `tid`, servicing the other (running) threads meanwhile.
+/// Returns the stop's status, or None on timeout.
+fn wait_stop(
+    proc: &mut Process,
+    tid: i32,
+    deadline: Option<Instant>,
+) -> Result<Option<WaitStatus>, RemoteCallError> {
+    loop {
+        let short = Some(Instant::now() + Duration::from_millis(2));
+        let until = match deadline {
+            Some(d) => Some(d.min(short.expect("set"))),
+            None => short,
+        };
+        match wait_tid(tid, until) {
+            Ok(Some(st)) => {
+                if proc.handle(tid, st)? == Handled::Gone {
+                    return Err(RemoteCallError::Exited { pid: proc.pid() });
+                }
+                return Ok(Some(st));
+            }
+            Ok(None) => {}
+            Err(Errno::ECHILD) => return Err(RemoteCallError::Exited { pid: proc.pid() }),
+            Err(e) => {
+                return Err(AttachError::Ptrace { tid, op: "waitpid", errno: e }.into());
+            }
+        }
+        // Keep the other threads going: deliver their signals, start their new threads.
+        let others_running = proc.threads.iter().any(|(&t, th)| t != tid && th.stop.is_none());
+        if others_running {
+            proc.service_except(Duration::ZERO, Some(tid))?;
+            if proc.exit_status().is_some() {
+                return Err(RemoteCallError::Exited { pid: proc.pid() });
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(None);
+        }
+    }
+}
+
+/// Options of [`call_with`].
+#[derive(Clone, Copy, Debug)]
+pub struct CallOptions {
+    /// Give up (interrupt the thread and restore it) after this long.
+    pub timeout: Duration,
+    /// Block every signal in the thread during the call (they are delivered afterwards).
+    pub block_signals: bool,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        CallOptions { timeout: Duration::from_secs(10), block_signals: true }
+    }
+}
+
+/// Calls `function(args...)` (System V ABI, up to 6 integer arguments) in the stopped
+/// thread `tid` and returns `rax`. Other threads keep whatever state they are in: if some
+/// are running they keep running (and are serviced) during the call.
+pub fn call(
+    proc: &mut Process,
+    tid: i32,
+    function: u64,
+    args: &[u64],
+    timeout: Duration,
+) -> Result<u64, RemoteCallError> {
+    call_with(proc, tid, function, args, CallOptions { timeout, ..CallOptions::default() })
+}
+
+/// [`call`] with options.
+pub fn call_with(
+    proc: &mut Process,
+    tid: i32,
+    function: u64,
+    args: &[u64],
+    opts: CallOptions,
+) -> Result<u64, RemoteCallError> {
+    if args.len() > 6 {
+        return Err(RemoteCallError::TooManyArgs(args.len()));
+    }
+    let scratch = ensure_scratch(proc, tid)?;
+    let mut saved = save_state(proc, tid)?;
+    let ret_addr = scratch.base + RETURN_PAD;
+
+    let mut r = saved.regs;
+    r.orig_rax = u64::MAX; // -1: not in a syscall, nothing to restart
+    // Skip the red zone, align, then push the return address: (rsp + 8) % 16 == 0 at entry.
+    let mut sp = (saved.regs.rsp - 128) & !0xf;
+    sp -= 8;
+    proc.write_memory(sp, &ret_addr.to_le_bytes()).map_err(mem_err(sp))?;
+    r.rsp = sp;
+    r.rip = function;
+    r.rax = 0; // no vector registers used by a variadic callee
+    r.eflags &= !(0x400 | 0x100); // DF = 0 per ABI, no trap flag
+    let slots = [&mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.rcx, &mut r.r8, &mut r.r9];
+    for (slot, &a) in slots.into_iter().zip(args) {
+        *slot = a;
+    }
+    let outcome = run_until_pad(proc, tid, &r, ret_addr, function, opts);
+    let restored = restore_state(proc, tid, &mut saved);
+    let value = outcome?;
+    restored?;
+    Ok(value)
+}
+
+/// Sets `regs` (and a blocked signal mask), runs the thread until it traps at `pad + 1`.
+fn run_until_pad(
+    proc: &mut Process,
+    tid: i32,
+    regs: &Regs,
+    pad: u64,
+    function: u64,
+    opts: CallOptions,
+) -> Result<u64, RemoteCallError> {
+    proc.set_regs(tid, regs)?;
+    if opts.block_signals {
+        set_sigmask(tid, !0).map_err(|errno| AttachError::Ptrace { tid, op: "PTRACE_SETSIGMASK", errno })?;
+    }
+    let deadline = Instant::now() + opts.timeout;
+    ptrace::cont(Pid::from_raw(tid), None)
+        .map_err(|errno| AttachError::Ptrace { tid, op: "PTRACE_CONT", errno })?;
+    mark_running(proc, tid);
+    loop {
+        let Some(st) = wait_stop(proc, tid, Some(deadline))? else {
+            // Time-out: bring the thread back to a stop so that its state can be restored.
+            ptrace::interrupt(Pid::from_raw(tid))
+                .map_err(|errno| AttachError::Ptrace { tid, op: "PTRACE_INTERRUPT", errno })?;
+            if wait_stop(proc, tid, Some(Instant::now() + SYSCALL_TIMEOUT))?.is_none() {
+                return Err(RemoteCallError::Lost { tid, cause: "no stop after PTRACE_INTERRUPT".into() });
+            }
+            take_pending_if(proc, tid, |_| false);
+            return Err(RemoteCallError::Timeout { tid, function, timeout: opts.timeout });
+        };
+        let rip = proc.regs(tid)?.rip;
+        match st {
+            WaitStatus::Stopped(_, Signal::SIGTRAP) if rip == pad + 1 => {
+                take_pending_if(proc, tid, |s| s == Signal::SIGTRAP);
+                return Ok(proc.regs(tid)?.rax);
+            }
+            WaitStatus::Stopped(_, sig)
+                if matches!(
+                    sig,
+                    Signal::SIGSEGV | Signal::SIGBUS | Signal::SIGILL | Signal::SIGFPE | Signal::SIGTRAP
+                ) =>
+            {
+                take_pending_if(proc, tid, |s| s == sig);
+                if sig == Signal::SIGTRAP {
+                    return Err(RemoteCallError::UnexpectedStop { tid, rip, expected: pad + 1 });
+                }
+                return Err(RemoteCallError::Crashed { tid, function, signal: sig, rip });
+            }
+            _ => {
+                // A signal (kept pending for later), a spurious job-control trap, a clone or
+                // a group-stop: carry on with the call.
+                ptrace::cont(Pid::from_raw(tid), None)
+                    .map_err(|errno| AttachError::Ptrace { tid, op: "PTRACE_CONT", errno })?;
+                mark_running(proc, tid);
+            }
+        }
+    }
+}
+
+/// Drops the thread's pending signal if `pred` says it was caused by us.
+fn take_pending_if(proc: &mut Process, tid: i32, pred: impl Fn(Signal) -> bool) {
+    if let Some(t) = proc.threads.get_mut(&tid) {
+        if t.pending.is_some_and(&pred) {
+            t.pending = None;
+        }
+    }
+}
+
+/// Executes `syscall` with `nr` and up to 6 arguments in the stopped thread `tid`.
+/// Returns the raw result (negative errno on failure). Needs the scratch page, or every
+/// thread stopped (the instruction is then written over `rip` temporarily).
+pub fn syscall(proc: &mut Process, tid: i32, nr: i64, args: &[u64]) -> Result<i64, RemoteCallError> {
+    let at = match proc.scratch() {
+        Some(s) => Some(s.base + SYSCALL_PAD),
+        None => None,
+    };
+    syscall_at(proc, tid, nr, args, at)
+}
+
+/// Like [`syscall`], returning `Err(Syscall)` for a negative result.
+pub fn syscall_ok(
+    proc: &mut Process,
+    tid: i32,
+    name: &'static str,
+    nr: i64,
+    args: &[u64],
+) -> Result<u64, RemoteCallError> {
+    let r = syscall(proc, tid, nr, args)?;
+    if (-4095..0).contains(&r) {
+        return Err(RemoteCallError::Syscall { name, errno: Errno::from_raw(-r as i32) });
+    }
+    Ok(r as u64)
+}
+
+/// `at`: address of a `syscall; int3` sequence; None writes one over the thread's rip.
+fn syscall_at(
+    proc: &mut Process,
+    tid: i32,
+    nr: i64,
+    args: &[u64],
+    at: Option<u64>,
+) -> Result<i64, RemoteCallError> {
+    if args.len() > 6 {
+        return Err(RemoteCallError::TooManyArgs(args.len()));
+    }
+    let mut saved = save_state(proc, tid)?;
+    let (addr, original) = match at {
+        Some(a) => (a, None),
+        None => {
+            if !proc.all_stopped() {
+                return Err(AttachError::Ptrace {
+                    tid,
+                    op: "remote syscall without scratch page while threads run",
+                    errno: Errno::EBUSY,
+                }
+                .into());
+            }
+            let a = saved.regs.rip;
+            let mut orig = [0u8; 3];
+            proc.read_memory(a, &mut orig).map_err(mem_err(a))?;
+            proc.write_memory(a, &[0x0f, 0x05, 0xcc]).map_err(mem_err(a))?;
+            (a, Some(orig))
+        }
+    };
+    let mut r = saved.regs;
+    r.orig_rax = u64::MAX;
+    r.rip = addr;
+    r.rax = nr as u64;
+    r.eflags &= !0x100;
+    let slots = [&mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.r10, &mut r.r8, &mut r.r9];
+    for (slot, &a) in slots.into_iter().zip(args) {
+        *slot = a;
+    }
+    // The int3 after `syscall` is at addr + 2; the trap reports rip = addr + 3.
+    let opts = CallOptions { timeout: SYSCALL_TIMEOUT, block_signals: true };
+    let outcome = run_until_pad(proc, tid, &r, addr + 2, addr, opts);
+    let mut restore_err = None;
+    if let Some(orig) = original {
+        if let Err(e) = proc.write_memory(addr, &orig) {
+            restore_err = Some(RemoteCallError::Lost { tid, cause: format!("restoring code bytes: {e}") });
+        }
+    }
+    let restored = restore_state(proc, tid, &mut saved);
+    let value = outcome?;
+    restored?;
+    if let Some(e) = restore_err {
+        return Err(e);
+    }
+    Ok(value as i64)
+}
+
+/// Creates the scratch mapping on first use (needs every thread stopped then).
+pub fn ensure_scratch(proc: &mut Process, tid: i32) -> Result<Scratch, RemoteCallError> {
+    if let Some(s) = proc.scratch() {
+        return Ok(s);
+    }
+    let len = PAGE + SCRATCH_DATA_LEN;
+    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    let r = syscall_at(proc, tid, libc::SYS_mmap, &[0, len, prot, flags, u64::MAX, 0], None)?;
+    if (-4095..0).contains(&r) {
+        return Err(RemoteCallError::Syscall { name: "mmap", errno: Errno::from_raw(-r as i32) });
+    }
+    let base = r as u64;
+    let mut code = [0xccu8; 16];
+    code[SYSCALL_PAD as usize..SYSCALL_PAD as usize + 2].copy_from_slice(&[0x0f, 0x05]);
+    let setup = (|| {
+        proc.write_memory(base, &code).map_err(mem_err(base))?;
+        let prot = (libc::PROT_READ | libc::PROT_EXEC) as u64;
+        let r = syscall_at(proc, tid, libc::SYS_mprotect, &[base, PAGE, prot], Some(base + SYSCALL_PAD))?;
+        if r != 0 {
+            return Err(RemoteCallError::Syscall { name: "mprotect", errno: Errno::from_raw(-r as i32) });
+        }
+        Ok(())
+    })();
+    if let Err(e) = setup {
+        let _ = syscall_at(proc, tid, libc::SYS_munmap, &[base, len], None);
+        return Err(e);
+    }
+    let s = Scratch { base, data: base + PAGE, data_len: SCRATCH_DATA_LEN, len };
+    proc.scratch = Some(s);
+    Ok(s)
+}
+
+/// Removes the scratch mapping (best effort; needs every thread stopped).
+pub fn release_scratch(proc: &mut Process) {
+    let Some(s) = proc.scratch.take() else { return };
+    // munmap must not run from inside the page it removes: use the thread's rip.
+    let Some(tid) = proc.threads().into_iter().find(|&t| proc.is_stopped(t)) else { return };
+    let _ = syscall_at(proc, tid, libc::SYS_munmap, &[s.base, s.len], None);
+}
+
+/// Copies `data` into the scratch data area at `offset` and returns its target address.
+pub fn put_data(proc: &mut Process, offset: u64, data: &[u8]) -> Result<u64, RemoteCallError> {
+    let s = proc.scratch().ok_or(RemoteCallError::Lost { tid: proc.pid(), cause: "no scratch page".into() })?;
+    if offset + data.len() as u64 > s.data_len {
+        return Err(RemoteCallError::Memory {
+            addr: s.data + offset,
+            error: std::io::Error::new(std::io::ErrorKind::InvalidInput, "data larger than the scratch area"),
+        });
+    }
+    let addr = s.data + offset;
+    proc.write_memory(addr, data).map_err(mem_err(addr))?;
+    Ok(addr)
+}
+
+/// Copies a NUL-terminated `s` into the scratch data area at `offset`.
+pub fn put_c_string(proc: &mut Process, offset: u64, s: &str) -> Result<u64, RemoteCallError> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    put_data(proc, offset, &v)
+}

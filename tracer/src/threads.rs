@@ -1,0 +1,836 @@
+//! A traced process: every thread seized with `PTRACE_SEIZE`, stopped and resumed as a whole.
+//!
+//! Model:
+//! - Every thread is seized (not `PTRACE_ATTACH`ed) so that `PTRACE_INTERRUPT` stops it
+//!   uniformly and group-stops are reported as `PTRACE_EVENT_STOP` (and can be kept with
+//!   `PTRACE_LISTEN`). `TRACECLONE` makes threads created later traced automatically.
+//! - Waiting is per thread (`waitpid(tid, __WALL | WNOHANG)` polled), never `waitpid(-1)`,
+//!   so that several [`Process`]es in one tracer (tests run in parallel) never steal each
+//!   other's events.
+//! - ptrace requests are only accepted from the tracer thread that seized the tracee: a
+//!   [`Process`] is deliberately not `Send`; use it from the thread that created it.
+//! - A signal that arrives while we hold a thread stopped is reported to us as a
+//!   signal-delivery-stop; it is kept in the thread's `pending` slot and delivered by
+//!   [`Process::resume_all`] or [`Process::detach`], so it is never lost.
+//! - While the process runs attached, signal deliveries, new threads and group-stops still
+//!   need the tracer: call [`Process::service`] (or [`Process::wait_exit`]) regularly, or
+//!   detach.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::marker::PhantomData;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::ptrace::{self, Event, Options};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+pub use libc::user_regs_struct as Regs;
+
+/// Capability number of CAP_SYS_PTRACE (linux/capability.h).
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// How long [`Process::stop_all`] waits for every thread to report its stop.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why attaching to, stopping, resuming or detaching from a process failed.
+#[derive(Debug)]
+pub enum AttachError {
+    /// `/proc/PID` does not exist.
+    NoSuchProcess { pid: i32 },
+    /// The kernel refused `PTRACE_SEIZE`; `reason` says which rule refused it.
+    PermissionDenied { pid: i32, reason: String },
+    /// Another tracer (debugger, strace, ...) already traces the process.
+    AlreadyTraced { pid: i32, tracer: i32 },
+    /// The process exited while we were attaching or working on it.
+    Exited { pid: i32, status: Option<ExitStatus> },
+    /// The executable is not an x86-64 ELF file.
+    NotX86_64 { pid: i32, machine: String },
+    /// Some thread did not report a stop in time.
+    Timeout { pid: i32, tid: i32, what: &'static str },
+    /// A ptrace or wait request failed unexpectedly.
+    Ptrace { tid: i32, op: &'static str, errno: Errno },
+    /// Reading a /proc file failed.
+    Io { pid: i32, what: String, error: io::Error },
+}
+
+impl fmt::Display for AttachError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttachError::NoSuchProcess { pid } => {
+                write!(f, "no process with PID {pid}: check the PID (see `ps`)")
+            }
+            AttachError::PermissionDenied { pid, reason } => {
+                write!(f, "not allowed to trace PID {pid}: {reason}")
+            }
+            AttachError::AlreadyTraced { pid, tracer } => write!(
+                f,
+                "PID {pid} is already traced by PID {tracer}: detach that debugger/tracer first"
+            ),
+            AttachError::Exited { pid, status } => match status {
+                Some(s) => write!(f, "PID {pid} exited during the operation ({s})"),
+                None => write!(f, "PID {pid} exited during the operation"),
+            },
+            AttachError::NotX86_64 { pid, machine } => write!(
+                f,
+                "PID {pid} runs a {machine} executable; tracer only supports x86-64 targets"
+            ),
+            AttachError::Timeout { pid, tid, what } => write!(
+                f,
+                "thread {tid} of PID {pid} did not {what} within the time limit (stuck in an uninterruptible sleep?); retry"
+            ),
+            AttachError::Ptrace { tid, op, errno } => {
+                write!(f, "{op} on thread {tid} failed: {errno}")
+            }
+            AttachError::Io { pid, what, error } => {
+                write!(f, "cannot read {what} of PID {pid}: {error}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for AttachError {}
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// `exit(code)`.
+    Code(i32),
+    /// Killed by this signal number.
+    Signal(i32),
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
+/// What a stopped thread is stopped in; decides how it must be resumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// `PTRACE_EVENT_STOP` with SIGTRAP: our interrupt or a new thread's first stop.
+    Interrupt,
+    /// `PTRACE_EVENT_STOP` with a stop signal: the process is group-stopped (SIGSTOP etc.).
+    Group,
+    /// Signal-delivery-stop or another ptrace event stop.
+    Other,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Thread {
+    /// `None` while running.
+    pub(crate) stop: Option<Stop>,
+    /// A signal that arrived while we held the thread; delivered when it is resumed.
+    pub(crate) pending: Option<Signal>,
+    /// The process was group-stopped when we last saw this thread stop: resume with LISTEN.
+    pub(crate) group_stopped: bool,
+    /// The thread reports a stop by itself (new clone child, seized while group-stopped):
+    /// an extra `PTRACE_INTERRUPT` would leave a stale trap for after the next resume.
+    pub(crate) self_trap: bool,
+}
+
+/// The private scratch mapping used by remote calls (see `remote_call`).
+#[derive(Clone, Copy, Debug)]
+pub struct Scratch {
+    /// Start of the mapping (code page, r-x): `syscall; int3` at +0, `int3` at +3.
+    pub base: u64,
+    /// Start of the data area (rw-).
+    pub data: u64,
+    /// Size of the data area in bytes.
+    pub data_len: u64,
+    /// Total size of the mapping.
+    pub len: u64,
+}
+
+/// A seized process. Every known thread is traced; see the module documentation.
+pub struct Process {
+    pid: i32,
+    pub(crate) threads: BTreeMap<i32, Thread>,
+    mem: fs::File,
+    exit: Option<ExitStatus>,
+    pub(crate) scratch: Option<Scratch>,
+    /// Process launched by us (kill it if setup fails) rather than attached to.
+    pub(crate) launched: bool,
+    /// ptrace requests must come from the seizing thread.
+    _not_send: PhantomData<*const ()>,
+}
+
+fn options() -> Options {
+    Options::PTRACE_O_TRACECLONE | Options::PTRACE_O_TRACEEXEC
+}
+
+fn pt_err(tid: i32, op: &'static str) -> impl Fn(Errno) -> AttachError {
+    move |errno| AttachError::Ptrace { tid, op, errno }
+}
+
+/// Thread ids listed in `/proc/PID/task`.
+pub fn list_tasks(pid: i32) -> io::Result<Vec<i32>> {
+    let mut v: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// The state letter of `/proc/PID/task/TID/stat` (`R`, `S`, `t`, `T`, ...).
+pub fn thread_state(pid: i32, tid: i32) -> io::Result<char> {
+    let s = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))?;
+    // The command name is in parentheses and may contain spaces: the state follows the last ')'.
+    let rest = s
+        .rfind(')')
+        .map(|i| &s[i + 1..])
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat"))?;
+    rest.trim_start()
+        .chars()
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat"))
+}
+
+/// `TracerPid` of `/proc/PID/status` (0 when untraced).
+pub fn tracer_pid(pid: i32) -> io::Result<i32> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(s.lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// Explains an EPERM from `PTRACE_SEIZE`: Yama, another uid, or a missing capability.
+fn permission_reason(pid: i32) -> String {
+    let yama = fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    let cap_eff = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    });
+    let has_cap = cap_eff.is_some_and(|c| c & (1 << CAP_SYS_PTRACE) != 0);
+    let target_uid = fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1)?.parse::<u32>().ok())
+        });
+    // SAFETY: geteuid has no preconditions.
+    let my_uid = unsafe { libc::geteuid() };
+    match yama {
+        Some(3) => return "Yama ptrace_scope is 3 (ptrace disabled until reboot)".into(),
+        Some(2) if !has_cap => {
+            return "Yama ptrace_scope is 2 (admin-only attach): run as root or with CAP_SYS_PTRACE".into()
+        }
+        Some(1) if !has_cap => {
+            return "Yama ptrace_scope is 1 (only descendants can be traced): run as root, use `tracer run`, or `sysctl kernel.yama.ptrace_scope=0`".into()
+        }
+        _ => {}
+    }
+    match target_uid {
+        Some(u) if u != my_uid && !has_cap => format!(
+            "it runs as uid {u} and we run as uid {my_uid} without CAP_SYS_PTRACE: run as that user or as root"
+        ),
+        _ if !has_cap => "the process is not dumpable or is set-uid: run as root (CAP_SYS_PTRACE)".into(),
+        _ => "the kernel refused PTRACE_SEIZE (LSM policy such as SELinux/AppArmor?)".into(),
+    }
+}
+
+/// ELF machine of `/proc/PID/exe`: Ok(None) when it is x86-64, Ok(Some(name)) otherwise.
+fn foreign_machine(pid: i32) -> io::Result<Option<String>> {
+    let f = fs::File::open(format!("/proc/{pid}/exe"))?;
+    let mut hdr = [0u8; 20];
+    f.read_exact_at(&mut hdr, 0)?;
+    if &hdr[..4] != b"\x7fELF" {
+        return Ok(Some("non-ELF".into()));
+    }
+    let machine = u16::from_le_bytes([hdr[18], hdr[19]]);
+    Ok(match (hdr[4], machine) {
+        (2, 62) => None,
+        (1, 3) => Some("32-bit x86 (i386)".into()),
+        (1, 62) => Some("x32".into()),
+        (_, 183) => Some("AArch64".into()),
+        (_, m) => Some(format!("ELF machine {m}")),
+    })
+}
+
+/// Polls `waitpid(tid)` until it reports something or `deadline` passes (`None`: forever).
+pub(crate) fn wait_tid(tid: i32, deadline: Option<Instant>) -> Result<Option<WaitStatus>, Errno> {
+    let mut nap = Duration::from_micros(20);
+    loop {
+        match waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(s) => return Ok(Some(s)),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(None);
+        }
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(2));
+    }
+}
+
+/// What [`Process::handle`] made of a wait status.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Handled {
+    /// The thread is now stopped (our interrupt, a group-stop, a signal or an event).
+    Stopped,
+    /// The thread is gone.
+    Gone,
+}
+
+impl Process {
+    fn new(pid: i32, launched: bool) -> Result<Process, AttachError> {
+        let mem = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .map_err(|error| match error.raw_os_error() {
+                Some(libc::ENOENT) | Some(libc::ESRCH) => AttachError::NoSuchProcess { pid },
+                Some(libc::EACCES) | Some(libc::EPERM) => AttachError::PermissionDenied {
+                    pid,
+                    reason: permission_reason(pid),
+                },
+                _ => AttachError::Io { pid, what: "memory".into(), error },
+            })?;
+        Ok(Process {
+            pid,
+            threads: BTreeMap::new(),
+            mem,
+            exit: None,
+            scratch: None,
+            launched,
+            _not_send: PhantomData,
+        })
+    }
+
+    /// Wraps a freshly forked child that is already seized and stopped (used by `launch`).
+    pub(crate) fn from_seized_child(pid: i32) -> Result<Process, AttachError> {
+        let mut p = Process::new(pid, true)?;
+        p.threads.insert(
+            pid,
+            Thread { stop: Some(Stop::Other), pending: None, group_stopped: false, self_trap: false },
+        );
+        Ok(p)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Whether we started the process (`launch`) rather than attached to it.
+    pub fn is_launched(&self) -> bool {
+        self.launched
+    }
+
+    /// Known thread ids, ascending.
+    pub fn threads(&self) -> Vec<i32> {
+        self.threads.keys().copied().collect()
+    }
+
+    /// How the process ended, once it has.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.exit
+    }
+
+    /// Whether every known thread is stopped.
+    pub fn all_stopped(&self) -> bool {
+        self.threads.values().all(|t| t.stop.is_some())
+    }
+
+    /// Whether `tid` is known and stopped.
+    pub fn is_stopped(&self, tid: i32) -> bool {
+        self.threads.get(&tid).is_some_and(|t| t.stop.is_some())
+    }
+
+    /// The scratch mapping, once a remote call has created it.
+    pub fn scratch(&self) -> Option<Scratch> {
+        self.scratch
+    }
+
+    /// Reads target memory through `/proc/PID/mem` (works whatever the page protection).
+    pub fn read_memory(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.mem.read_exact_at(buf, addr)
+    }
+
+    /// Writes target memory through `/proc/PID/mem`; the kernel forces writes to read-only
+    /// and executable pages (copy-on-write for private file mappings).
+    pub fn write_memory(&self, addr: u64, data: &[u8]) -> io::Result<()> {
+        self.mem.write_all_at(data, addr)
+    }
+
+    /// Reads a NUL-terminated string of at most `max` bytes.
+    pub fn read_c_string(&self, addr: u64, max: usize) -> io::Result<String> {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 256];
+        while out.len() < max {
+            // Never read across a page boundary in one go: the next page may be unmapped.
+            let room = (4096 - (addr as usize + out.len()) % 4096).min(chunk.len());
+            self.read_memory(addr + out.len() as u64, &mut chunk[..room])?;
+            if let Some(n) = chunk[..room].iter().position(|&b| b == 0) {
+                out.extend_from_slice(&chunk[..n]);
+                return Ok(String::from_utf8_lossy(&out).into_owned());
+            }
+            out.extend_from_slice(&chunk[..room]);
+        }
+        out.truncate(max);
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// General registers of a stopped thread.
+    pub fn regs(&self, tid: i32) -> Result<Regs, AttachError> {
+        ptrace::getregs(Pid::from_raw(tid)).map_err(pt_err(tid, "PTRACE_GETREGS"))
+    }
+
+    /// Sets the general registers of a stopped thread.
+    pub fn set_regs(&self, tid: i32, regs: &Regs) -> Result<(), AttachError> {
+        ptrace::setregs(Pid::from_raw(tid), *regs).map_err(pt_err(tid, "PTRACE_SETREGS"))
+    }
+
+    /// `rip` of every stopped thread.
+    pub fn thread_rips(&self) -> Result<Vec<(i32, u64)>, AttachError> {
+        self.threads
+            .iter()
+            .filter(|(_, t)| t.stop.is_some())
+            .map(|(&tid, _)| Ok((tid, self.regs(tid)?.rip)))
+            .collect()
+    }
+
+    /// Executes one instruction of a stopped thread and returns its new `rip`. A signal
+    /// that arrives meanwhile is kept pending (delivered at resume).
+    pub fn single_step(&mut self, tid: i32) -> Result<u64, AttachError> {
+        let before = self.regs(tid)?.rip;
+        self.require_stopped(tid)?;
+        ptrace::step(Pid::from_raw(tid), None).map_err(pt_err(tid, "PTRACE_SINGLESTEP"))?;
+        self.threads.get_mut(&tid).expect("checked").stop = None;
+        loop {
+            let deadline = Some(Instant::now() + STOP_TIMEOUT);
+            let st = wait_tid(tid, deadline).map_err(pt_err(tid, "waitpid"))?.ok_or(
+                AttachError::Timeout { pid: self.pid, tid, what: "finish a single step" },
+            )?;
+            let trap = matches!(st, WaitStatus::Stopped(_, Signal::SIGTRAP));
+            if self.handle(tid, st)? == Handled::Gone {
+                return Err(AttachError::Exited { pid: self.pid, status: self.exit });
+            }
+            if trap {
+                // The step's SIGTRAP is ours: do not deliver it.
+                self.threads.get_mut(&tid).expect("stopped").pending = None;
+                return Ok(self.regs(tid)?.rip);
+            }
+            let rip = self.regs(tid)?.rip;
+            if rip != before {
+                return Ok(rip);
+            }
+            // Stopped for another reason before the step ran: step again.
+            ptrace::step(Pid::from_raw(tid), None).map_err(pt_err(tid, "PTRACE_SINGLESTEP"))?;
+            self.threads.get_mut(&tid).expect("checked").stop = None;
+        }
+    }
+
+    /// Single-steps `tid` until its `rip` is outside `[start, end)`, at most `max_steps`
+    /// steps. Returns the final `rip`.
+    pub fn step_out_of(
+        &mut self,
+        tid: i32,
+        start: u64,
+        end: u64,
+        max_steps: usize,
+    ) -> Result<u64, AttachError> {
+        let mut rip = self.regs(tid)?.rip;
+        let mut n = 0;
+        while (start..end).contains(&rip) {
+            if n == max_steps {
+                return Err(AttachError::Timeout {
+                    pid: self.pid,
+                    tid,
+                    what: "leave the address range by single-stepping",
+                });
+            }
+            rip = self.single_step(tid)?;
+            n += 1;
+        }
+        Ok(rip)
+    }
+
+    pub(crate) fn require_stopped(&self, tid: i32) -> Result<(), AttachError> {
+        match self.threads.get(&tid) {
+            Some(t) if t.stop.is_some() => Ok(()),
+            Some(_) => Err(AttachError::Ptrace { tid, op: "use of a running thread", errno: Errno::ESRCH }),
+            None => Err(AttachError::Ptrace { tid, op: "use of an unknown thread", errno: Errno::ESRCH }),
+        }
+    }
+
+    /// Applies one wait status of `tid` to our bookkeeping. New threads reported by clone
+    /// events are registered as running (their first stop is collected by `stop_all`).
+    pub(crate) fn handle(&mut self, tid: i32, st: WaitStatus) -> Result<Handled, AttachError> {
+        match st {
+            WaitStatus::Exited(_, code) => {
+                self.thread_gone(tid, Some(ExitStatus::Code(code)));
+                Ok(Handled::Gone)
+            }
+            WaitStatus::Signaled(_, sig, _) => {
+                self.thread_gone(tid, Some(ExitStatus::Signal(sig as i32)));
+                Ok(Handled::Gone)
+            }
+            WaitStatus::Stopped(_, sig) => {
+                let t = self.thread_mut(tid);
+                t.stop = Some(Stop::Other);
+                if let Some(prev) = t.pending.replace(sig) {
+                    // Only one signal can be pending per stop; the older one was already
+                    // dequeued by the kernel, so re-queue it rather than lose it.
+                    // SAFETY: tgkill with valid ids and a valid signal number.
+                    unsafe { libc::syscall(libc::SYS_tgkill, self.pid, tid, prev as i32) };
+                }
+                Ok(Handled::Stopped)
+            }
+            WaitStatus::PtraceEvent(_, sig, ev) if ev == Event::PTRACE_EVENT_STOP as i32 => {
+                let group = sig != Signal::SIGTRAP;
+                let t = self.thread_mut(tid);
+                t.stop = Some(if group { Stop::Group } else { Stop::Interrupt });
+                t.group_stopped = group;
+                Ok(Handled::Stopped)
+            }
+            WaitStatus::PtraceEvent(_, _, ev) if ev == Event::PTRACE_EVENT_CLONE as i32 => {
+                self.thread_mut(tid).stop = Some(Stop::Other);
+                if let Ok(new) = ptrace::getevent(Pid::from_raw(tid)) {
+                    self.threads.entry(new as i32).or_insert(Thread {
+                        stop: None,
+                        pending: None,
+                        group_stopped: false,
+                        self_trap: true,
+                    });
+                }
+                Ok(Handled::Stopped)
+            }
+            WaitStatus::PtraceEvent(_, _, ev) if ev == Event::PTRACE_EVENT_EXEC as i32 => {
+                // After exec only the leader (which now has the exec'ing thread's body) is left.
+                let pid = self.pid;
+                self.threads.retain(|&t, _| t == pid);
+                self.scratch = None;
+                self.thread_mut(pid).stop = Some(Stop::Other);
+                Ok(Handled::Stopped)
+            }
+            WaitStatus::PtraceEvent(..) | WaitStatus::PtraceSyscall(_) => {
+                self.thread_mut(tid).stop = Some(Stop::Other);
+                Ok(Handled::Stopped)
+            }
+            WaitStatus::Continued(_) | WaitStatus::StillAlive => Ok(Handled::Stopped),
+        }
+    }
+
+    fn thread_mut(&mut self, tid: i32) -> &mut Thread {
+        self.threads.entry(tid).or_insert(Thread {
+            stop: None,
+            pending: None,
+            group_stopped: false,
+            self_trap: false,
+        })
+    }
+
+    fn thread_gone(&mut self, tid: i32, status: Option<ExitStatus>) {
+        self.threads.remove(&tid);
+        if tid == self.pid {
+            // The leader's status is reported last, for the whole thread group.
+            self.exit = status;
+            self.threads.clear();
+        }
+    }
+
+    /// Seizes `tid` (one thread of our process). Ok(false) if it vanished meanwhile.
+    fn seize_thread(&mut self, tid: i32) -> Result<bool, AttachError> {
+        if self.threads.contains_key(&tid) {
+            return Ok(true);
+        }
+        match ptrace::seize(Pid::from_raw(tid), options()) {
+            Ok(()) => {
+                self.threads.insert(
+                    tid,
+                    Thread { stop: None, pending: None, group_stopped: false, self_trap: false },
+                );
+                Ok(true)
+            }
+            Err(Errno::ESRCH) => Ok(false),
+            Err(Errno::EPERM) => {
+                if tid != self.pid {
+                    // The thread may be exiting; the leader's seize decides about permission.
+                    return Ok(false);
+                }
+                match tracer_pid(self.pid) {
+                    // SAFETY: getpid has no preconditions.
+                    Ok(t) if t != 0 && t != unsafe { libc::getpid() } => {
+                        Err(AttachError::AlreadyTraced { pid: self.pid, tracer: t })
+                    }
+                    _ => Err(AttachError::PermissionDenied {
+                        pid: self.pid,
+                        reason: permission_reason(self.pid),
+                    }),
+                }
+            }
+            Err(e) => Err(pt_err(tid, "PTRACE_SEIZE")(e)),
+        }
+    }
+
+    /// Stops every thread: `PTRACE_INTERRUPT` then wait for each stop. Threads that appear
+    /// meanwhile (clone events, or in attach mode threads listed in `/proc/PID/task` that
+    /// are not seized yet) are seized and stopped too. Signals reported instead of our
+    /// interrupt are kept pending.
+    pub fn stop_all(&mut self) -> Result<(), AttachError> {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if self.exit.is_some() || self.threads.is_empty() {
+                return Err(AttachError::Exited { pid: self.pid, status: self.exit });
+            }
+            // Threads created by a thread before it was seized are not reported by clone events.
+            if let Ok(tasks) = list_tasks(self.pid) {
+                for tid in tasks {
+                    if !self.threads.contains_key(&tid) && self.seize_thread(tid)? {
+                        // A thread already in group-stop re-traps by itself after the seize;
+                        // interrupting it as well would leave a stale trap for later.
+                        if thread_state(self.pid, tid).is_ok_and(|s| s == 'T') {
+                            self.threads.get_mut(&tid).expect("seized").self_trap = true;
+                        }
+                    }
+                }
+            }
+            let running: Vec<(i32, bool)> = self
+                .threads
+                .iter()
+                .filter(|(_, t)| t.stop.is_none())
+                .map(|(&tid, t)| (tid, t.self_trap))
+                .collect();
+            if running.is_empty() {
+                return Ok(());
+            }
+            for &(tid, seized_in_group_stop) in &running {
+                if !seized_in_group_stop {
+                    match ptrace::interrupt(Pid::from_raw(tid)) {
+                        Ok(()) | Err(Errno::ESRCH) => {}
+                        Err(e) => return Err(pt_err(tid, "PTRACE_INTERRUPT")(e)),
+                    }
+                }
+            }
+            for (tid, _) in running {
+                if !self.threads.contains_key(&tid) {
+                    continue;
+                }
+                match wait_tid(tid, Some(deadline)) {
+                    Ok(Some(st)) => {
+                        if self.handle(tid, st)? == Handled::Stopped {
+                            if let Some(t) = self.threads.get_mut(&tid) {
+                                t.self_trap = false;
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        return Err(AttachError::Timeout { pid: self.pid, tid, what: "stop" })
+                    }
+                    Err(Errno::ECHILD) => self.thread_gone(tid, None),
+                    Err(e) => return Err(pt_err(tid, "waitpid")(e)),
+                }
+            }
+        }
+    }
+
+    /// Resumes one stopped thread: group-stopped threads stay stopped (`PTRACE_LISTEN`),
+    /// others continue with their pending signal, if any.
+    pub(crate) fn resume_thread(&mut self, tid: i32) -> Result<(), AttachError> {
+        let Some(t) = self.threads.get_mut(&tid) else { return Ok(()) };
+        let Some(stop) = t.stop else { return Ok(()) };
+        let pid = Pid::from_raw(tid);
+        let r = if stop == Stop::Group && t.pending.is_none() {
+            // SAFETY: PTRACE_LISTEN takes no pointers.
+            let rc = unsafe { libc::ptrace(libc::PTRACE_LISTEN, tid, 0usize, 0usize) };
+            if rc == -1 { Err(Errno::last()) } else { Ok(()) }
+        } else {
+            ptrace::cont(pid, t.pending)
+        };
+        match r {
+            Ok(()) => {
+                t.stop = None;
+                t.pending = None;
+                Ok(())
+            }
+            Err(Errno::ESRCH) => {
+                // Killed meanwhile (SIGKILL): its exit is collected by the next wait.
+                t.stop = None;
+                Ok(())
+            }
+            Err(e) => Err(pt_err(tid, "PTRACE_CONT")(e)),
+        }
+    }
+
+    /// Resumes every thread, delivering the signals that arrived while they were stopped.
+    /// A process that was group-stopped (SIGSTOP) stays stopped.
+    pub fn resume_all(&mut self) -> Result<(), AttachError> {
+        for tid in self.threads() {
+            self.resume_thread(tid)?;
+        }
+        Ok(())
+    }
+
+    /// Handles whatever the running threads report for up to `timeout`: re-delivers
+    /// signals, registers and starts new threads, keeps group-stops. Returns the exit
+    /// status once the process has ended.
+    pub fn service(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, AttachError> {
+        self.service_except(timeout, None)
+    }
+
+    /// [`Process::service`] leaving the thread `skip` alone (its events are someone else's).
+    pub(crate) fn service_except(
+        &mut self,
+        timeout: Duration,
+        skip: Option<i32>,
+    ) -> Result<Option<ExitStatus>, AttachError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut any = false;
+            for tid in self.threads() {
+                if Some(tid) == skip {
+                    continue;
+                }
+                let st = match wait_tid(tid, Some(Instant::now())) {
+                    Ok(Some(st)) => st,
+                    Ok(None) => continue,
+                    Err(Errno::ECHILD) => {
+                        self.thread_gone(tid, None);
+                        continue;
+                    }
+                    Err(e) => return Err(pt_err(tid, "waitpid")(e)),
+                };
+                any = true;
+                if self.handle(tid, st)? == Handled::Stopped {
+                    self.resume_thread(tid)?;
+                }
+            }
+            if self.exit.is_some() || self.threads.is_empty() {
+                return Ok(self.exit);
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            if !any {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Lets the process run (servicing its events) until it exits.
+    pub fn wait_exit(&mut self) -> Result<ExitStatus, AttachError> {
+        self.resume_all()?;
+        loop {
+            if let Some(s) = self.service(Duration::from_millis(100))? {
+                return Ok(s);
+            }
+            if self.threads.is_empty() {
+                return Err(AttachError::Exited { pid: self.pid, status: None });
+            }
+        }
+    }
+
+    /// Detaches from every thread (stopping them first), delivering pending signals.
+    /// A group-stopped process stays stopped. The scratch mapping is removed.
+    pub fn detach(mut self) -> Result<(), AttachError> {
+        self.detach_inner()
+    }
+
+    fn detach_inner(&mut self) -> Result<(), AttachError> {
+        if self.threads.is_empty() {
+            return Ok(());
+        }
+        if !self.all_stopped() {
+            self.stop_all()?;
+        }
+        crate::remote_call::release_scratch(self);
+        let mut first_err = None;
+        for (tid, t) in std::mem::take(&mut self.threads) {
+            match ptrace::detach(Pid::from_raw(tid), t.pending) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => {
+                    first_err.get_or_insert(pt_err(tid, "PTRACE_DETACH")(e));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Kills the process (SIGKILL) and reaps it; for launched processes on error paths.
+    pub fn kill(mut self) {
+        // SAFETY: kill with our own child's pid.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        let _ = self.service(Duration::from_secs(2));
+        self.threads.clear();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Never leave a target stuck in a trace-stop because a caller forgot to detach.
+        let _ = self.detach_inner();
+    }
+}
+
+/// Seizes every thread of `pid` and stops them all.
+///
+/// Checks first that the process exists, is not traced by someone else and is x86-64.
+/// On error the target is left as it was (every seized thread detached).
+pub fn attach(pid: i32) -> Result<Process, AttachError> {
+    if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(AttachError::NoSuchProcess { pid });
+    }
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    if pid == me {
+        return Err(AttachError::PermissionDenied {
+            pid,
+            reason: "a process cannot trace itself".into(),
+        });
+    }
+    match tracer_pid(pid) {
+        Ok(t) if t != 0 => return Err(AttachError::AlreadyTraced { pid, tracer: t }),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(AttachError::NoSuchProcess { pid }),
+        Err(error) => return Err(AttachError::Io { pid, what: "status".into(), error }),
+    }
+    match foreign_machine(pid) {
+        Ok(None) => {}
+        Ok(Some(machine)) => return Err(AttachError::NotX86_64 { pid, machine }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(AttachError::NoSuchProcess { pid }),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            return Err(AttachError::PermissionDenied { pid, reason: permission_reason(pid) })
+        }
+        Err(error) => return Err(AttachError::Io { pid, what: "executable".into(), error }),
+    }
+    let mut p = Process::new(pid, false)?;
+    if !p.seize_thread(pid)? {
+        return Err(AttachError::Exited { pid, status: None });
+    }
+    if thread_state(pid, pid).is_ok_and(|s| s == 'T') {
+        p.threads.get_mut(&pid).expect("seized").self_trap = true;
+    }
+    match p.stop_all() {
+        Ok(()) => Ok(p),
+        Err(e) => {
+            let e = match e {
+                AttachError::Exited { .. } | AttachError::Ptrace { errno: Errno::ESRCH, .. }
+                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() =>
+                {
+                    AttachError::Exited { pid, status: p.exit }
+                }
+                e => e,
+            };
+            // Drop detaches whatever was seized.
+            drop(p);
+            Err(e)
+        }
+    }
+}
