@@ -1,6 +1,12 @@
-//! The runtime that lives inside the target.
+//! The runtime that lives inside the target: near-code allocation, call emission,
+//! prologue relocation, trampolines and the hot path they call.
 pub mod allocator;
+pub mod dispatch;
 pub mod emitter;
+pub mod interceptor;
 pub mod jit;
 pub mod maps;
 pub mod relocator;
+pub mod shared;
+pub mod thread_state;
+pub mod trampoline;

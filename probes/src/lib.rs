@@ -1,1 +1,18 @@
-//! The ABI shared by tracer, agent and probe packs.
+//! The ABI shared by the tracer, the agent and probe packs, and the API probes are written
+//! with.
+//!
+//! Everything here is `#[repr(C)]`: the trampolines the agent JITs lay registers out in
+//! memory exactly as these structs say, and the tracer reads the shared counters from
+//! outside the target with the same layout. A probe pack needs only this crate.
+
+pub mod context;
+pub mod shared;
+
+pub use context::{EntryContext, ExitContext, Xmm};
+pub use shared::{ProbeCounters, ProbeKind};
+
+/// A handler run at a function entry (or an instruction, for offset probes).
+pub type EntryHandler = fn(&mut EntryContext);
+
+/// A handler run when a probed function returns.
+pub type ExitHandler = fn(&mut ExitContext);

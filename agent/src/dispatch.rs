@@ -1,0 +1,162 @@
+//! The hot path: what a trampoline calls on every hit.
+//!
+//! Trampolines save registers and call [`on_entry`] (entry and offset probes) or
+//! [`on_exit`] (the shared exit trampoline). These take the per-thread re-entrancy guard,
+//! count, run the handler with panics caught, and for exit probes swap the return address
+//! for the exit trampoline's. Nothing here allocates, locks, or calls into libc or the
+//! dynamic loader: any of those may be probed themselves.
+
+use crate::thread_state::{self, ShadowEntry};
+use probes::shared::{flags, ProbeCounters};
+use probes::{EntryContext, EntryHandler, ExitContext, ExitHandler};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::OnceLock;
+
+/// One installed probe, as the trampoline sees it. Boxed by the interceptor so its
+/// address is stable; never freed, since a thread may be inside a trampoline referring
+/// to it at any time.
+#[repr(C)]
+pub struct Probe {
+    /// Counters in the shared region.
+    pub counters: &'static ProbeCounters,
+    pub on_entry: Option<EntryHandler>,
+    pub on_exit: Option<ExitHandler>,
+    /// Address of the exit trampoline when returns are probed, else 0.
+    pub exit_trampoline: u64,
+    /// Index of the probe (its counter slot).
+    pub id: u32,
+}
+
+impl Probe {
+    #[inline]
+    fn enabled(&self) -> bool {
+        self.counters.flags.load(Relaxed) & flags::ENABLED != 0
+    }
+
+    #[cold]
+    fn panicked(&self) {
+        self.counters.panics.fetch_add(1, Relaxed);
+        self.counters
+            .flags
+            .fetch_and(!flags::ENABLED, std::sync::atomic::Ordering::Release);
+        self.counters
+            .flags
+            .fetch_or(flags::DISABLED_BY_PANIC, Relaxed);
+    }
+}
+
+/// Called by entry and offset trampolines with the probe and the saved registers.
+///
+/// # Safety
+/// `probe` and `ctx` come from a trampoline: valid and exclusive for the call.
+pub unsafe extern "C" fn on_entry(probe: *const Probe, ctx: *mut EntryContext) {
+    // SAFETY: see the function's contract.
+    let (probe, ctx) = unsafe { (&*probe, &mut *ctx) };
+    let t = thread_state::current();
+    if t.busy != 0 {
+        probe.counters.skipped.fetch_add(1, Relaxed);
+        return;
+    }
+    if !probe.enabled() {
+        return;
+    }
+    t.busy = 1;
+    probe.counters.hits.fetch_add(1, Relaxed);
+    if let Some(h) = probe.on_entry {
+        if catch_unwind(AssertUnwindSafe(|| h(ctx))).is_err() {
+            probe.panicked();
+        }
+    }
+    if probe.exit_trampoline != 0 {
+        let entry = ShadowEntry {
+            return_address: ctx.return_address(),
+            entry_rsp: ctx.rsp,
+            probe: probe as *const Probe as u64,
+            tsc: tsc(),
+        };
+        if t.push(entry) {
+            // SAFETY: at an entry probe ctx.rsp points at the return address slot.
+            unsafe { *(ctx.rsp as *mut u64) = probe.exit_trampoline };
+        } else {
+            probe.counters.lost_exits.fetch_add(1, Relaxed);
+        }
+    }
+    t.busy = 0;
+}
+
+/// Called by the exit trampoline when a redirected function returns. Returns the real
+/// return address, which the trampoline jumps to.
+///
+/// # Safety
+/// `ctx` comes from the exit trampoline, which sits right below the popped return slot.
+pub unsafe extern "C" fn on_exit(ctx: *mut ExitContext) -> u64 {
+    // SAFETY: see the function's contract.
+    let ctx = unsafe { &mut *ctx };
+    let t = thread_state::current();
+    // The slot the `ret` popped: the exit trampoline's frame starts right below it.
+    let slot = ctx as *mut ExitContext as u64 + EXIT_FRAME - 8;
+    loop {
+        let Some(e) = t.pop() else {
+            // Every redirect pushed an entry first, so this cannot happen; there is no
+            // address to return to, and no safe way on.
+            std::process::abort();
+        };
+        // SAFETY: entries hold pointers to probes, which are never freed.
+        let probe = unsafe { &*(e.probe as *const Probe) };
+        if e.entry_rsp < slot {
+            // A frame the stack was unwound past (longjmp, exception): it never returned.
+            probe.counters.lost_exits.fetch_add(1, Relaxed);
+            continue;
+        }
+        ctx.return_address = e.return_address;
+        ctx.entry_rsp = e.entry_rsp;
+        ctx.probe = probe.id;
+        if t.busy == 0 && probe.enabled() {
+            t.busy = 1;
+            probe.counters.exits.fetch_add(1, Relaxed);
+            if let Some(h) = probe.on_exit {
+                ctx.duration_ns = ticks_to_ns(tsc().wrapping_sub(e.tsc));
+                if catch_unwind(AssertUnwindSafe(|| h(ctx))).is_err() {
+                    probe.panicked();
+                }
+            }
+            t.busy = 0;
+        }
+        return ctx.return_address;
+    }
+}
+
+/// Bytes the exit trampoline reserves below the popped return slot: the context, then
+/// the slot its final `ret` pops the real return address from.
+pub const EXIT_FRAME: u64 = 96;
+const _: () = assert!(probes::context::exit_layout::SIZE as u64 + 8 <= EXIT_FRAME);
+
+#[inline(always)]
+fn tsc() -> u64 {
+    // SAFETY: rdtsc is available on every x86-64 CPU and has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+static TSC_NS_PER_TICK_X2_32: OnceLock<u64> = OnceLock::new();
+
+/// Measure the timestamp counter against the monotonic clock once, before any probe is
+/// live (the hot path only reads the result).
+pub fn calibrate_tsc() {
+    TSC_NS_PER_TICK_X2_32.get_or_init(|| {
+        let t0 = std::time::Instant::now();
+        let c0 = tsc();
+        while t0.elapsed() < std::time::Duration::from_millis(2) {
+            std::hint::spin_loop();
+        }
+        let ns = t0.elapsed().as_nanos() as u64;
+        let ticks = tsc().wrapping_sub(c0).max(1);
+        ((ns as u128) << 32).div_ceil(ticks as u128) as u64
+    });
+}
+
+#[inline]
+fn ticks_to_ns(ticks: u64) -> u64 {
+    let scale = TSC_NS_PER_TICK_X2_32.get().copied().unwrap_or(1 << 32);
+    ((ticks as u128 * scale as u128) >> 32) as u64
+}

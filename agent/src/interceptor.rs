@@ -1,0 +1,282 @@
+//! Probes in two phases: *prepare* (decode, relocate, JIT the trampoline, compute the
+//! patch) and *commit* (write the 5-byte `jmp` at the site).
+//!
+//! Preparing touches nothing the target executes, so it can run while the target runs.
+//! Committing is the only step that changes executing code: in-process callers (tests)
+//! commit themselves; the tracer commits from outside with every thread stopped and no
+//! instruction pointer inside a patched range.
+
+use crate::allocator::{AllocError, NearAllocator};
+use crate::dispatch::{self, Probe};
+use crate::emitter::{CallEncoding, Policy};
+use crate::jit::{self, JitError};
+use crate::relocator::{self, Function, Refusal, SelfMemory};
+use crate::shared::SharedRegion;
+use crate::trampoline;
+use probes::shared::{flags, ProbeCounters, ProbeKind};
+use probes::{EntryHandler, ExitHandler};
+use std::fmt;
+use std::io;
+use std::sync::atomic::Ordering;
+
+/// What to probe and what to run.
+#[derive(Clone, Debug)]
+pub struct ProbeRequest {
+    /// The function the site belongs to.
+    pub function: Function,
+    pub kind: ProbeKind,
+    /// For offset probes: the instruction's offset from the function start.
+    pub offset: u64,
+    pub on_entry: Option<EntryHandler>,
+    pub on_exit: Option<ExitHandler>,
+}
+
+impl ProbeRequest {
+    /// Count calls of the function at `address`.
+    pub fn entry(address: u64, size: Option<u64>) -> Self {
+        ProbeRequest {
+            function: Function { address, size },
+            kind: ProbeKind::Entry,
+            offset: 0,
+            on_entry: None,
+            on_exit: None,
+        }
+    }
+
+    pub fn on_entry(mut self, h: EntryHandler) -> Self {
+        self.on_entry = Some(h);
+        self
+    }
+
+    /// Probe returns too, running `h` at each.
+    pub fn on_exit(mut self, h: ExitHandler) -> Self {
+        self.kind = ProbeKind::Exit;
+        self.on_exit = Some(h);
+        self
+    }
+
+    /// Probe returns, counting them, with no handler.
+    pub fn with_exit(mut self) -> Self {
+        self.kind = ProbeKind::Exit;
+        self
+    }
+}
+
+/// Why a probe was not prepared.
+#[derive(Debug)]
+pub enum PrepareError {
+    /// The site cannot be patched safely.
+    Refused(Refusal),
+    /// No memory within reach of the site, or the kernel refused memory.
+    NoTrampolineMemory(AllocError),
+    /// Code generation failed (a bug, reported as such).
+    Codegen(String),
+    /// All counter slots are in use.
+    TooManyProbes(usize),
+}
+
+impl fmt::Display for PrepareError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PrepareError::Refused(r) => r.fmt(f),
+            PrepareError::NoTrampolineMemory(e) => {
+                write!(f, "no memory for a trampoline within reach: {e}")
+            }
+            PrepareError::Codegen(e) => write!(f, "trampoline generation failed: {e}"),
+            PrepareError::TooManyProbes(n) => write!(f, "more than {n} probes"),
+        }
+    }
+}
+
+impl std::error::Error for PrepareError {}
+
+/// A probe ready to be committed.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub id: u32,
+    /// Where the patch goes.
+    pub site: u64,
+    /// The `jmp rel32` to write at `site`.
+    pub patch: [u8; 5],
+    /// The bytes the patch replaces.
+    pub original: [u8; 5],
+    /// Bytes of whole instructions taken over (>= 5): no thread may be strictly inside
+    /// `site..site + stolen_len` when the patch is written.
+    pub stolen_len: usize,
+    pub trampoline: u64,
+    /// How the trampoline reaches the agent.
+    pub encoding: CallEncoding,
+}
+
+/// Owns trampolines, probes and their counters.
+pub struct Interceptor {
+    alloc: NearAllocator,
+    shared: SharedRegion,
+    probes: Vec<&'static Probe>,
+    prepared: Vec<Prepared>,
+    exit_trampoline: Option<u64>,
+    policy: Policy,
+}
+
+impl Interceptor {
+    /// An interceptor with room for `capacity` probes.
+    pub fn new(capacity: usize) -> io::Result<Self> {
+        dispatch::calibrate_tsc();
+        Ok(Interceptor {
+            alloc: NearAllocator::new().map_err(io::Error::other)?,
+            shared: SharedRegion::create(capacity)?,
+            probes: Vec::new(),
+            prepared: Vec::new(),
+            exit_trampoline: None,
+            policy: Policy::Best,
+        })
+    }
+
+    /// Force how trampolines reach the agent (benchmarks and tests).
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    pub fn shared(&self) -> &SharedRegion {
+        &self.shared
+    }
+
+    pub fn allocator(&self) -> &NearAllocator {
+        &self.alloc
+    }
+
+    pub fn counters(&self, id: u32) -> &ProbeCounters {
+        self.shared.counters(id as usize)
+    }
+
+    pub fn prepared(&self) -> &[Prepared] {
+        &self.prepared
+    }
+
+    /// Decode, relocate and JIT the trampoline for `req`; nothing the target runs changes.
+    pub fn prepare(&mut self, req: &ProbeRequest) -> Result<Prepared, PrepareError> {
+        let (rkind, site) = match req.kind {
+            ProbeKind::Entry | ProbeKind::Exit => {
+                (relocator::ProbeKind::Entry, req.function.address)
+            }
+            ProbeKind::Offset => (
+                relocator::ProbeKind::Offset,
+                req.function.address + req.offset,
+            ),
+        };
+        let stolen = relocator::analyze(&req.function, site, rkind, &SelfMemory)
+            .map_err(PrepareError::Refused)?;
+        let exit_trampoline = match req.kind {
+            ProbeKind::Exit => self.exit_trampoline()?,
+            _ => 0,
+        };
+        let id = self
+            .shared
+            .claim()
+            .ok_or(PrepareError::TooManyProbes(self.shared.capacity()))?;
+        let counters = self.shared.counters_static(id);
+        let probe: &'static Probe = Box::leak(Box::new(Probe {
+            counters,
+            on_entry: req.on_entry,
+            on_exit: req.on_exit,
+            exit_trampoline,
+            id: id as u32,
+        }));
+        let on_entry = dispatch::on_entry as *const () as u64;
+        // Near the site and the agent when one block can reach both; else near the site.
+        let mut placed = None;
+        for near in [&[stolen.site, on_entry][..], &[stolen.site][..]] {
+            match jit::place(&mut self.alloc, near, self.policy, |e| {
+                trampoline::emit_entry(e, probe, &stolen)
+            }) {
+                Ok(p) => {
+                    placed = Some(p);
+                    break;
+                }
+                Err(JitError::Alloc(AllocError::TargetsTooFarApart { .. }))
+                | Err(JitError::Alloc(AllocError::OutOfRange { .. }))
+                    if near.len() > 1 => {}
+                Err(JitError::Alloc(e)) => return Err(PrepareError::NoTrampolineMemory(e)),
+                Err(JitError::Emit(e)) => return Err(PrepareError::Codegen(e.to_string())),
+            }
+        }
+        let placed = placed.expect("the loop returns or places");
+        let tramp = placed.value.map_err(PrepareError::Refused)?;
+        let patch = trampoline::patch_bytes(stolen.site, placed.addr)
+            .ok_or_else(|| PrepareError::Codegen("trampoline out of rel32 reach".into()))?;
+        let mut original = [0u8; 5];
+        original.copy_from_slice(&stolen.original[..5]);
+        counters
+            .encoding
+            .store(tramp.encoding as u32, Ordering::Relaxed);
+        self.probes.push(probe);
+        let prepared = Prepared {
+            id: id as u32,
+            site: stolen.site,
+            patch,
+            original,
+            stolen_len: stolen.len,
+            trampoline: placed.addr,
+            encoding: tramp.encoding,
+        };
+        self.prepared.push(prepared.clone());
+        Ok(prepared)
+    }
+
+    fn exit_trampoline(&mut self) -> Result<u64, PrepareError> {
+        if let Some(a) = self.exit_trampoline {
+            return Ok(a);
+        }
+        let on_exit = dispatch::on_exit as *const () as u64;
+        let placed = jit::place(&mut self.alloc, &[on_exit], self.policy, |e| {
+            trampoline::emit_exit(e)
+        })
+        .or_else(|_| {
+            jit::place(&mut self.alloc, &[], self.policy, |e| {
+                trampoline::emit_exit(e)
+            })
+        })
+        .map_err(|e| match e {
+            JitError::Alloc(a) => PrepareError::NoTrampolineMemory(a),
+            JitError::Emit(e) => PrepareError::Codegen(e.to_string()),
+        })?;
+        self.exit_trampoline = Some(placed.addr);
+        Ok(placed.addr)
+    }
+
+    /// Enable the probe's counters and handlers. The tracer calls this before it writes
+    /// the patch; in-process callers use [`commit_in_process`](Self::commit_in_process).
+    pub fn enable(&self, id: u32) {
+        self.counters(id)
+            .flags
+            .fetch_or(flags::ENABLED, Ordering::Release);
+    }
+
+    /// Enable and write the patch of a prepared probe into this process.
+    pub fn commit_in_process(&self, p: &Prepared) -> io::Result<()> {
+        self.enable(p.id);
+        write_self_code(p.site, &p.patch)
+    }
+
+    /// Restore the original bytes. The trampoline stays mapped: a thread may still be in
+    /// it, or return through the exit trampoline later.
+    pub fn revert_in_process(&self, p: &Prepared) -> io::Result<()> {
+        write_self_code(p.site, &p.original)?;
+        self.counters(p.id)
+            .flags
+            .fetch_and(!flags::ENABLED, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Write code of this process through `/proc/self/mem`, which the kernel lets through on
+/// read-only and executable pages (copy-on-write for file mappings), so no page is ever
+/// made writable and executable.
+pub fn write_self_code(addr: u64, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/self/mem")?;
+    f.write_all_at(bytes, addr)
+}

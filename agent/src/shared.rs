@@ -1,0 +1,117 @@
+//! The region shared with the tracer: a header and one [`ProbeCounters`] per probe.
+//!
+//! It is a memfd so that the tracer can map the same pages through `/proc/PID/fd/N` and
+//! read counters while the target runs and after it exits.
+
+use probes::shared::{ProbeCounters, SharedHeader, MAGIC};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+
+pub struct SharedRegion {
+    fd: OwnedFd,
+    base: *mut u8,
+    len: usize,
+    capacity: usize,
+}
+
+// SAFETY: the region holds only atomics and a header written once before sharing.
+unsafe impl Send for SharedRegion {}
+// SAFETY: as above; all mutation after creation goes through atomics.
+unsafe impl Sync for SharedRegion {}
+
+impl SharedRegion {
+    /// A zeroed region with room for `capacity` probes.
+    pub fn create(capacity: usize) -> io::Result<Self> {
+        // SAFETY: memfd_create with a NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"tracer-shared".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let len = SharedHeader::region_size(capacity);
+        // SAFETY: ftruncate on our own memfd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new shared mapping of the whole file.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let region = SharedRegion {
+            fd,
+            base: base as *mut u8,
+            len,
+            capacity,
+        };
+        let h = region.base as *mut SharedHeader;
+        // SAFETY: the mapping starts with a header; nobody else sees it yet.
+        unsafe {
+            (*h).magic = MAGIC;
+            (*h).capacity = capacity as u32;
+        }
+        Ok(region)
+    }
+
+    /// The memfd, for the tracer to find as `/proc/PID/fd/N`.
+    pub fn fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn header(&self) -> &SharedHeader {
+        // SAFETY: the mapping starts with a header and lives as long as self.
+        unsafe { &*(self.base as *const SharedHeader) }
+    }
+
+    /// Take the next free counter slot.
+    pub fn claim(&self) -> Option<usize> {
+        let used = &self.header().used;
+        let id = used.fetch_add(1, Ordering::AcqRel) as usize;
+        if id >= self.capacity {
+            used.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(id)
+    }
+
+    pub fn counters(&self, id: usize) -> &ProbeCounters {
+        self.counters_static(id)
+    }
+
+    /// Counters that live as long as the process: the region is never unmapped while
+    /// probes may run, since trampolines stay mapped too.
+    pub fn counters_static(&self, id: usize) -> &'static ProbeCounters {
+        assert!(id < self.capacity);
+        // SAFETY: in bounds (checked), aligned (64-byte header, 64-byte aligned
+        // counters), zero-initialised atomics are valid.
+        unsafe {
+            &*(self
+                .base
+                .add(SharedHeader::COUNTERS_OFFSET + id * std::mem::size_of::<ProbeCounters>())
+                as *const ProbeCounters)
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Per-thread state of the hot path: the re-entrancy guard and the shadow stack of
+//! return addresses taken by exit probes.
+//!
+//! It lives in *static* TLS. A `thread_local!` in a library loaded by `dlopen` uses the
+//! general-dynamic model: the first access from each thread goes through
+//! `__tls_get_addr`, which allocates the thread's block with `malloc`. With `malloc`
+//! probed that recurses into the probe before any guard exists. The initial-exec model
+//! (`@gottpoff`) instead reserves the block in every thread's static TLS at `dlopen`
+//! time, threads that already exist included (glibc keeps a surplus for this), so an
+//! access is two instructions that never call anything. Stable Rust cannot choose the
+//! TLS model, so the variable is declared in assembly.
+//!
+//! The shadow stack is mapped with a raw `mmap` system call, not through libc, which may
+//! itself be probed.
+
+use std::arch::{asm, global_asm};
+
+global_asm!(
+    ".pushsection .tbss,\"awT\",@nobits",
+    ".p2align 6",
+    ".globl tracer_agent_thread_state",
+    ".type tracer_agent_thread_state,@object",
+    ".size tracer_agent_thread_state, 64",
+    "tracer_agent_thread_state:",
+    ".zero 64",
+    ".popsection",
+);
+
+/// What a thread keeps. Zero-initialised by the loader for every thread.
+#[repr(C)]
+pub struct ThreadState {
+    /// Non-zero while the thread runs agent code for a probe hit.
+    pub busy: u64,
+    /// Shadow stack storage, mapped on first use.
+    pub shadow: *mut ShadowEntry,
+    /// Entries in use.
+    pub depth: u64,
+    /// Capacity in entries (0 before the first use; `u64::MAX` after a failed map).
+    pub capacity: u64,
+    _reserved: [u64; 4],
+}
+
+const _: () = assert!(std::mem::size_of::<ThreadState>() == 64);
+
+/// A return redirected to the exit trampoline.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ShadowEntry {
+    /// The real return address.
+    pub return_address: u64,
+    /// `rsp` at the function entry: the slot holding the return address.
+    pub entry_rsp: u64,
+    /// The probe (a `*const dispatch::Probe`).
+    pub probe: u64,
+    /// Timestamp counter at the entry.
+    pub tsc: u64,
+}
+
+/// Entries per thread: deeper recursion than this loses exits (counted), never returns.
+pub const SHADOW_CAPACITY: u64 = 2048;
+
+/// This thread's state.
+#[inline(always)]
+pub fn current() -> &'static mut ThreadState {
+    let p: *mut ThreadState;
+    // SAFETY: `fs:0` is the thread pointer on x86-64 Linux; adding the variable's
+    // TLS offset (from the GOT, resolved by the loader) gives this thread's copy.
+    unsafe {
+        asm!(
+            "mov {p}, qword ptr fs:[0]",
+            "add {p}, qword ptr [rip + tracer_agent_thread_state@GOTTPOFF]",
+            p = out(reg) p,
+            options(nostack, readonly, preserves_flags),
+        );
+        &mut *p
+    }
+}
+
+impl ThreadState {
+    /// Push a redirected return; false when the stack is full or cannot be mapped.
+    #[inline]
+    pub fn push(&mut self, e: ShadowEntry) -> bool {
+        if self.depth >= self.capacity && !self.grow() {
+            return false;
+        }
+        // SAFETY: depth < capacity entries are mapped.
+        unsafe { self.shadow.add(self.depth as usize).write(e) };
+        self.depth += 1;
+        true
+    }
+
+    #[inline]
+    pub fn pop(&mut self) -> Option<ShadowEntry> {
+        if self.depth == 0 {
+            return None;
+        }
+        self.depth -= 1;
+        // SAFETY: the entry was written by `push`.
+        Some(unsafe { self.shadow.add(self.depth as usize).read() })
+    }
+
+    /// Entries from the bottom.
+    pub fn entries(&self) -> &[ShadowEntry] {
+        if self.shadow.is_null() {
+            return &[];
+        }
+        // SAFETY: `depth` entries are initialised.
+        unsafe { std::slice::from_raw_parts(self.shadow, self.depth as usize) }
+    }
+
+    #[cold]
+    fn grow(&mut self) -> bool {
+        if self.capacity != 0 {
+            return false;
+        }
+        let bytes = SHADOW_CAPACITY as usize * std::mem::size_of::<ShadowEntry>();
+        let p = raw_mmap(bytes);
+        if p.is_null() {
+            self.capacity = u64::MAX;
+            return false;
+        }
+        self.shadow = p as *mut ShadowEntry;
+        self.capacity = SHADOW_CAPACITY;
+        true
+    }
+}
+
+/// Anonymous read-write memory from the kernel directly.
+fn raw_mmap(len: usize) -> *mut u8 {
+    let ret: i64;
+    // SAFETY: the mmap system call with a null hint creates a new private mapping and
+    // touches no existing memory; rcx and r11 are clobbered by `syscall`.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") libc::SYS_mmap => ret,
+            in("rdi") 0u64,
+            in("rsi") len,
+            in("rdx") (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            in("r10") (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            in("r8") u64::MAX,
+            in("r9") 0u64,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    if (-4095..0).contains(&ret) {
+        std::ptr::null_mut()
+    } else {
+        ret as *mut u8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_is_per_thread_and_zeroed() {
+        let a = current() as *mut ThreadState as usize;
+        current().busy = 7;
+        let (b, busy) = std::thread::spawn(|| {
+            let s = current();
+            (s as *mut ThreadState as usize, s.busy)
+        })
+        .join()
+        .unwrap();
+        assert_ne!(a, b);
+        assert_eq!(busy, 0);
+        assert_eq!(current().busy, 7);
+        current().busy = 0;
+    }
+
+    #[test]
+    fn shadow_stack_pushes_pops_and_bounds() {
+        std::thread::spawn(|| {
+            let s = current();
+            for i in 0..SHADOW_CAPACITY {
+                assert!(s.push(ShadowEntry {
+                    return_address: i,
+                    entry_rsp: i,
+                    probe: 0,
+                    tsc: 0
+                }));
+            }
+            assert!(!s.push(ShadowEntry {
+                return_address: 0,
+                entry_rsp: 0,
+                probe: 0,
+                tsc: 0
+            }));
+            assert_eq!(s.pop().unwrap().return_address, SHADOW_CAPACITY - 1);
+            assert_eq!(s.entries().len() as u64, SHADOW_CAPACITY - 1);
+        })
+        .join()
+        .unwrap();
+    }
+}
