@@ -156,7 +156,8 @@ pub struct Relocated {
     pub bytes: Vec<u8>,
     /// `site + len`: where the trampoline continues in the original code.
     pub resume: u64,
-    /// Offset in `bytes` of each stolen instruction, in order.
+    /// Offset in `bytes` of each stolen instruction, in order; `u32::MAX` for an
+    /// instruction rewritten into several (`jrcxz`/`loop` with a far target).
     pub instruction_offsets: Vec<u32>,
     /// False when the last stolen instruction never falls through (`jmp`, `ret`, ...):
     /// the jump back is then unreachable, though harmless.
@@ -880,6 +881,19 @@ fn check_pic_switch(
             continue;
         };
         let load = &all[load_idx];
+        if load.code() == Code::Movsxd_r64_rm32 && load.is_ip_rel_memory_operand() {
+            // A switch on a constant (`movsxd rY,[rip+T]`): entry 0 is the target.
+            // Reading the following entries too can only add refusals.
+            let table = load.ip_rel_memory_address();
+            return Some(check_offset_table(
+                all[jmp_idx].ip(),
+                table,
+                base,
+                range,
+                body,
+                mem,
+            ));
+        }
         if load.code() != Code::Movsxd_r64_rm32
             || load.op1_kind() != OpKind::Memory
             || load.memory_index_scale() != 4
@@ -1036,10 +1050,11 @@ pub fn relocate(stolen: &Stolen, new_ip: u64) -> Result<Relocated, Refusal> {
             },
         )
     };
-    // A branch the encoder could not reach is split into a long form (offset u32::MAX)
-    // using an absolute 8-byte slot (a reloc info): both mean "too far".
+    // A branch or call the encoder could not reach goes through an absolute 8-byte
+    // slot after the code, which it reports as a reloc info. (An offset of u32::MAX
+    // alone is not a sign of that: `jrcxz`/`loop` expanded into a short hop over a
+    // `jmp rel32` also get it.)
     if !result.reloc_infos.is_empty()
-        || result.new_instruction_offsets.contains(&u32::MAX)
         || result.new_instruction_offsets.len() != stolen.instructions.len()
     {
         return Err(first_external());
@@ -1597,6 +1612,34 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn constant_switch_is_read() {
+        // movsxd rax,[rip+T]; lea rsi,[rip+T]; add rax,rsi; jmp rax; T: dd entry
+        let table = BASE + 0x40;
+        let build = |entry: u64| {
+            let mut code = assemble(BASE, |a| {
+                a.push(rbx).unwrap();
+                a.pop(rbx).unwrap();
+                rip_rel(a, Code::Movsxd_r64_rm32, Some(Register::RAX), table);
+                rip_rel(a, Code::Lea_r64_m, Some(Register::RSI), table);
+                a.add(rax, rsi).unwrap();
+                a.jmp(rax).unwrap();
+                a.ret().unwrap();
+            });
+            code.resize(0x40, 0xcc);
+            code.extend_from_slice(&(entry.wrapping_sub(table) as i32).to_le_bytes());
+            code
+        };
+        let ret = BASE + 0x40 - 1;
+        let ok = build(ret);
+        assert_eq!(decode_all(&ok, BASE)[5].mnemonic(), Mnemonic::Jmp);
+        assert!(sized(&ok).is_ok(), "{:?}", sized(&ok));
+        assert!(matches!(
+            sized(&build(BASE + 2)),
+            Err(Refusal::JumpTableIntoStolen { table: t, index: 0, .. }) if t == table
+        ));
     }
 
     #[test]
