@@ -32,6 +32,10 @@ pub const UNKNOWN_SIZE_WINDOW: u64 = 4096;
 /// the walk for tables followed by data that happens to look like more entries.
 const MAX_TABLE_ENTRIES: u64 = 4096;
 
+/// How much code before and after the function is scanned for branches into the
+/// stolen bytes (see `check_neighbours`).
+pub const NEIGHBOUR_WINDOW: u64 = 4096;
+
 /// How many instructions back from an indirect `jmp` the register definitions are traced.
 const DEF_SEARCH_DEPTH: usize = 24;
 
@@ -329,43 +333,68 @@ fn read_code(func: &Function, mem: &dyn Memory) -> Result<Vec<u8>, Refusal> {
             }
             Ok(buf)
         }
-        None => {
-            const PAGE: u64 = 4096;
-            let mut buf = Vec::new();
-            let end = func.address.saturating_add(UNKNOWN_SIZE_WINDOW);
-            let mut addr = func.address;
-            while addr < end {
-                let chunk_end = ((addr / PAGE) + 1).saturating_mul(PAGE).min(end);
-                let mut chunk = vec![0u8; (chunk_end - addr) as usize];
-                if mem.read(addr, &mut chunk) {
-                    buf.extend_from_slice(&chunk);
-                    addr = chunk_end;
-                    continue;
-                }
-                // Keep the longest readable prefix: a [`Memory`] need not fail by pages.
-                let (mut lo, mut hi) = (0usize, chunk.len());
-                while lo + 1 < hi {
-                    let mid = (lo + hi) / 2;
-                    if mem.read(addr, &mut chunk[..mid]) {
-                        lo = mid;
-                    } else {
-                        hi = mid;
-                    }
-                }
-                if lo > 0 && mem.read(addr, &mut chunk[..lo]) {
-                    buf.extend_from_slice(&chunk[..lo]);
-                }
-                break;
+        None => read_window(func, func.address.saturating_add(UNKNOWN_SIZE_WINDOW), mem),
+    }
+}
+
+/// Reads from `func.address` up to `end`, keeping the longest readable prefix.
+fn read_window(func: &Function, end: u64, mem: &dyn Memory) -> Result<Vec<u8>, Refusal> {
+    const PAGE: u64 = 4096;
+    let mut buf = Vec::new();
+    let mut addr = func.address;
+    while addr < end {
+        let chunk_end = ((addr / PAGE) + 1).saturating_mul(PAGE).min(end);
+        let mut chunk = vec![0u8; (chunk_end - addr) as usize];
+        if mem.read(addr, &mut chunk) {
+            buf.extend_from_slice(&chunk);
+            addr = chunk_end;
+            continue;
+        }
+        // Keep the longest readable prefix: a [`Memory`] need not fail by pages.
+        let (mut lo, mut hi) = (0usize, chunk.len());
+        while lo + 1 < hi {
+            let mid = (lo + hi) / 2;
+            if mem.read(addr, &mut chunk[..mid]) {
+                lo = mid;
+            } else {
+                hi = mid;
             }
-            if buf.is_empty() {
-                return Err(Refusal::Unreadable {
-                    address: func.address,
-                    len: 1,
-                });
-            }
-            Ok(buf)
+        }
+        if lo > 0 && mem.read(addr, &mut chunk[..lo]) {
+            buf.extend_from_slice(&chunk[..lo]);
+        }
+        break;
+    }
+    if buf.is_empty() {
+        return Err(Refusal::Unreadable {
+            address: func.address,
+            len: 1,
+        });
+    }
+    Ok(buf)
+}
+
+/// The longest readable run of at most `max` bytes ending at `end`, with its address.
+fn read_back(end: u64, max: u64, mem: &dyn Memory) -> Option<(u64, Vec<u8>)> {
+    let max = max.min(end);
+    let mut buf = vec![0u8; max as usize];
+    if mem.read(end - max, &mut buf) {
+        return Some((end - max, buf));
+    }
+    let (mut lo, mut hi) = (0u64, max);
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if mem.read(end - mid, &mut buf[..mid as usize]) {
+            lo = mid;
+        } else {
+            hi = mid;
         }
     }
+    if lo == 0 || !mem.read(end - lo, &mut buf[..lo as usize]) {
+        return None;
+    }
+    buf.truncate(lo as usize);
+    Some((end - lo, buf))
 }
 
 /// Whether control never continues to the next instruction after `ins`.
@@ -532,6 +561,7 @@ pub fn analyze(
 
     check_stolen(&stolen, range, &stolen_ips)?;
     check_function(func, &all, range, code_end, mem)?;
+    check_neighbours(func.address, code_end, range, mem)?;
 
     let off = (site - func.address) as usize;
     Ok(Stolen {
@@ -672,6 +702,46 @@ fn check_function(
         }
         if ins.flow_control() == FlowControl::IndirectBranch {
             check_indirect_jump(all, idx, range, body, mem, &mut info)?;
+        }
+    }
+    Ok(())
+}
+
+/// Best-effort scan of the code around the function for direct branches into the
+/// stolen bytes.
+///
+/// Hand-written functions can have several entry points, and their neighbours jump
+/// into them: in glibc 2.36 `__mempcpy_sse2_unaligned` ends with `jmp memcpy+3`, right
+/// into the bytes an entry probe on `memcpy@GLIBC_2.2.5` steals. Compiler-split cold
+/// parts (`foo.cold`) jump back into their function the same way. Neither shows up
+/// inside the symbol's bounds. A linear sweep from an arbitrary address can decode a
+/// few instructions out of step before it synchronises, so this can miss a branch; it
+/// refuses more, never less, than the in-function checks alone.
+fn check_neighbours(start: u64, end: u64, range: Range, mem: &dyn Memory) -> Result<(), Refusal> {
+    let after = Function {
+        address: end,
+        size: None,
+    };
+    let areas = [
+        read_back(start, NEIGHBOUR_WINDOW, mem),
+        read_window(&after, end.saturating_add(NEIGHBOUR_WINDOW), mem)
+            .ok()
+            .map(|c| (end, c)),
+    ];
+    for (address, code) in areas.into_iter().flatten() {
+        let decoder = Decoder::with_ip(64, &code, address, DecoderOptions::NONE);
+        for ins in decoder {
+            if let Some(target) = direct_target(&ins) {
+                if range.strictly_inside(target) {
+                    return Err(Refusal::BranchIntoStolen {
+                        from: ins.ip(),
+                        mnemonic: ins.mnemonic(),
+                        target,
+                        stolen_start: range.start,
+                        stolen_end: range.end,
+                    });
+                }
+            }
         }
     }
     Ok(())
@@ -1380,6 +1450,37 @@ mod tests {
             entry(&code, None),
             Err(Refusal::BranchIntoStolen { .. })
         ));
+    }
+
+    #[test]
+    fn neighbour_entering_the_stolen_bytes_is_refused() {
+        // Like glibc's `mempcpy: mov rax,rdi; add rax,rdx; jmp memcpy+3` right before
+        // `memcpy: mov rax,rdi; cmp rdx,0x10; ...`.
+        let memcpy = BASE + 0x10;
+        let code = assemble(BASE, |a| {
+            a.mov(rax, rdi).unwrap();
+            a.add(rax, rdx).unwrap();
+            a.jmp(memcpy + 3).unwrap();
+            a.nops_with_size(0x10 - 8).unwrap();
+            a.mov(rax, rdi).unwrap();
+            a.cmp(rdx, 0x10).unwrap();
+            a.ret().unwrap();
+        });
+        assert_eq!(decode_all(&code, BASE)[2].len(), 2);
+        let mem = SliceMemory {
+            base: BASE,
+            bytes: &code,
+        };
+        let f = Function {
+            address: memcpy,
+            size: Some(code.len() as u64 - 0x10),
+        };
+        match analyze(&f, memcpy, ProbeKind::Entry, &mem) {
+            Err(Refusal::BranchIntoStolen { from, target, .. }) => {
+                assert_eq!((from, target), (BASE + 6, memcpy + 3));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
