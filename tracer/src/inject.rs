@@ -291,7 +291,6 @@ pub fn inject_named(proc: &mut Process, library: &[u8], name: &str) -> Result<In
     let fd = remote_call::syscall_ok(
         proc,
         tid,
-        "memfd_create",
         libc::SYS_memfd_create,
         &[name_addr, libc::MFD_CLOEXEC as u64],
     )?;
@@ -330,7 +329,6 @@ fn load_from_fd(
                     done += remote_call::syscall_ok(
                         proc,
                         tid,
-                        "write",
                         libc::SYS_write,
                         &[fd, addr + done, chunk.len() as u64 - done],
                     )?;
@@ -339,13 +337,32 @@ fn load_from_fd(
             fs::metadata(&fd_path).map_err(|error| InjectError::Transfer { error })?.ino()
         }
     };
-    let path_addr = remote_call::put_c_string(proc, 0, &format!("/proc/self/fd/{fd}"))?;
+    let path_addr = remote_call::put_c_string(proc, 0, &unique_fd_path(fd, inode))?;
     let mode = libc::RTLD_NOW as u64 | fns.mode_extra;
     let handle = call_safely(proc, fns, fns.dlopen, &[path_addr, mode], DLOPEN_TIMEOUT)?;
     if handle == 0 {
         return Err(InjectError::DlopenFailed { message: dlerror_text(proc, fns) });
     }
     Ok((handle, inode))
+}
+
+/// `/proc/self/fd/FD` spelled uniquely for the memfd's inode.
+///
+/// glibc's dlopen first compares the *name* with the names of loaded objects: a second
+/// injection through a reused fd number would silently return the first library's handle.
+/// Inserting `./` and empty components that encode the inode (each decimal digit `d` as
+/// `d + 1` times `./`, digits separated by an empty component) makes the name unique while
+/// the kernel still resolves it to the same fd.
+pub fn unique_fd_path(fd: u64, inode: u64) -> String {
+    let mut p = String::from("/proc/self/fd/");
+    for d in inode.to_string().bytes() {
+        for _ in 0..=(d - b'0') {
+            p.push_str("./");
+        }
+        p.push('/');
+    }
+    p.push_str(&fd.to_string());
+    p
 }
 
 /// Looks `name` up in an injected library with the target's `dlsym`.

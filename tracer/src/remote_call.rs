@@ -383,19 +383,27 @@ pub fn syscall(proc: &mut Process, tid: i32, nr: i64, args: &[u64]) -> Result<i6
     syscall_at(proc, tid, nr, args, at)
 }
 
-/// Like [`syscall`], returning `Err(Syscall)` for a negative result.
-pub fn syscall_ok(
-    proc: &mut Process,
-    tid: i32,
-    name: &'static str,
-    nr: i64,
-    args: &[u64],
-) -> Result<u64, RemoteCallError> {
+/// Like [`syscall`], returning `Err(Syscall)` for a negative (errno) result.
+pub fn syscall_ok(proc: &mut Process, tid: i32, nr: i64, args: &[u64]) -> Result<u64, RemoteCallError> {
     let r = syscall(proc, tid, nr, args)?;
     if (-4095..0).contains(&r) {
-        return Err(RemoteCallError::Syscall { name, errno: Errno::from_raw(-r as i32) });
+        return Err(RemoteCallError::Syscall { name: syscall_name(nr), errno: Errno::from_raw(-r as i32) });
     }
     Ok(r as u64)
+}
+
+/// Name of the syscalls the tracer issues, for error messages.
+fn syscall_name(nr: i64) -> &'static str {
+    match nr {
+        libc::SYS_mmap => "mmap",
+        libc::SYS_munmap => "munmap",
+        libc::SYS_mprotect => "mprotect",
+        libc::SYS_memfd_create => "memfd_create",
+        libc::SYS_write => "write",
+        libc::SYS_close => "close",
+        libc::SYS_openat => "openat",
+        _ => "syscall",
+    }
 }
 
 /// `at`: address of a `syscall; int3` sequence; None writes one over the thread's rip.
@@ -473,7 +481,8 @@ pub fn ensure_scratch(proc: &mut Process, tid: i32) -> Result<Scratch, RemoteCal
     let setup = (|| {
         proc.write_memory(base, &code).map_err(mem_err(base))?;
         let prot = (libc::PROT_READ | libc::PROT_EXEC) as u64;
-        let r = syscall_at(proc, tid, libc::SYS_mprotect, &[base, PAGE, prot], Some(base + SYSCALL_PAD))?;
+        // Not from the scratch page itself: it is not executable yet.
+        let r = syscall_at(proc, tid, libc::SYS_mprotect, &[base, PAGE, prot], None)?;
         if r != 0 {
             return Err(RemoteCallError::Syscall { name: "mprotect", errno: Errno::from_raw(-r as i32) });
         }
