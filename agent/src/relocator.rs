@@ -32,6 +32,9 @@ pub const UNKNOWN_SIZE_WINDOW: u64 = 4096;
 /// the walk for tables followed by data that happens to look like more entries.
 const MAX_TABLE_ENTRIES: u64 = 4096;
 
+/// Largest symbol size accepted (glibc's largest function is under 64 KiB).
+const MAX_FUNCTION_SIZE: u64 = 64 << 20;
+
 /// How much code before and after the function is scanned for branches into the
 /// stolen bytes (see `check_neighbours`).
 pub const NEIGHBOUR_WINDOW: u64 = 4096;
@@ -320,10 +323,14 @@ impl std::error::Error for Refusal {}
 fn read_code(func: &Function, mem: &dyn Memory) -> Result<Vec<u8>, Refusal> {
     match func.size {
         Some(size) => {
-            let len = usize::try_from(size).map_err(|_| Refusal::Unreadable {
-                address: func.address,
-                len: size,
-            })?;
+            // A symbol size this large is corrupt; refuse instead of allocating it.
+            let len = usize::try_from(size)
+                .ok()
+                .filter(|&l| l as u64 <= MAX_FUNCTION_SIZE)
+                .ok_or(Refusal::Unreadable {
+                    address: func.address,
+                    len: size,
+                })?;
             let mut buf = vec![0u8; len];
             if !mem.read(func.address, &mut buf) {
                 return Err(Refusal::Unreadable {
@@ -1343,7 +1350,6 @@ mod tests {
 
     #[test]
     fn short_jcc_is_widened_with_the_same_target() {
-        let mut target_ip = 0;
         let code = assemble(BASE, |a| {
             let mut l = a.create_label();
             a.test(rdi, rdi).unwrap();
@@ -1356,7 +1362,7 @@ mod tests {
         });
         let ins = decode_all(&code, BASE);
         assert_eq!(ins[1].code(), Code::Je_rel8_64);
-        target_ip = target_ip.max(ins[1].near_branch_target());
+        let target_ip = ins[1].near_branch_target();
         let s = sized(&code).unwrap();
         assert_eq!(s.len, 5);
         let new_ip = BASE + GIB;
@@ -1420,7 +1426,6 @@ mod tests {
 
     #[test]
     fn back_jump_into_stolen_bytes_is_refused() {
-        let mut inner = 0;
         let code = assemble(BASE, |a| {
             let mut l = a.create_label();
             a.xor(eax, eax).unwrap();
@@ -1430,7 +1435,7 @@ mod tests {
             a.jne(l).unwrap();
             a.ret().unwrap();
         });
-        inner = inner.max(BASE + 2);
+        let inner = BASE + 2; // the `add` after the 2-byte `xor`
         match sized(&code) {
             Err(Refusal::BranchIntoStolen {
                 target,
@@ -1595,6 +1600,14 @@ mod tests {
             Err(Refusal::Unreadable { .. })
         ));
         let f = Function {
+            address: BASE,
+            size: Some(u64::MAX),
+        };
+        assert!(matches!(
+            analyze(&f, BASE, ProbeKind::Entry, &mem),
+            Err(Refusal::Unreadable { .. })
+        ));
+        let f = Function {
             address: BASE - 0x1000,
             size: None,
         };
@@ -1733,8 +1746,8 @@ mod tests {
             code.extend_from_slice(&(entry.wrapping_sub(table) as i32).to_le_bytes());
             code
         };
-        let ret = BASE + 0x40 - 1;
-        let ok = build(ret);
+        // An entry landing in the function but outside the stolen bytes (the padding).
+        let ok = build(BASE + 0x3f);
         assert_eq!(decode_all(&ok, BASE)[5].mnemonic(), Mnemonic::Jmp);
         assert!(sized(&ok).is_ok(), "{:?}", sized(&ok));
         assert!(matches!(
