@@ -32,7 +32,8 @@ pub const UNKNOWN_SIZE_WINDOW: u64 = 4096;
 /// the walk for tables followed by data that happens to look like more entries.
 const MAX_TABLE_ENTRIES: u64 = 4096;
 
-/// Largest symbol size accepted (glibc's largest function is under 64 KiB).
+/// Largest symbol size accepted: far above any real function, so a larger size is a
+/// corrupt symbol rather than code to read.
 const MAX_FUNCTION_SIZE: u64 = 64 << 20;
 
 /// How much code before and after the function is scanned for branches into the
