@@ -1,0 +1,134 @@
+//! The agent's exported entry points, called by the tracer through remote calls.
+//!
+//! Each runs with every thread of the target stopped except the calling one, and catches
+//! panics: nothing may unwind into the target.
+
+use crate::interceptor::{Interceptor, ProbeRequest};
+use crate::relocator::Function;
+use probes::remote::{status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC};
+use probes::ProbeKind;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Mutex;
+
+static INTERCEPTOR: Mutex<Option<Interceptor>> = Mutex::new(None);
+static mut INFO: AgentInfo = AgentInfo {
+    magic: 0,
+    shared_fd: -1,
+    _pad: 0,
+    shared_len: 0,
+    capacity: 0,
+};
+
+/// Create the interceptor with room for `capacity` probes; returns its description, or
+/// null when memory could not be had.
+#[no_mangle]
+pub extern "C" fn tracer_agent_init(capacity: u64) -> *const AgentInfo {
+    let r = catch_unwind(|| {
+        let mut g = INTERCEPTOR.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            // A panicking handler is counted and its probe disabled; the default hook
+            // would also print into the target's stderr.
+            std::panic::set_hook(Box::new(|_| {}));
+            let i = Interceptor::new(capacity.clamp(1, 1 << 20) as usize).ok()?;
+            let info = AgentInfo {
+                magic: AGENT_MAGIC,
+                shared_fd: i.shared().fd(),
+                _pad: 0,
+                shared_len: i.shared().len() as u64,
+                capacity: i.shared().capacity() as u64,
+            };
+            // SAFETY: written under the interceptor lock, read by the tracer only after
+            // this call returned.
+            unsafe { INFO = info };
+            *g = Some(i);
+        }
+        Some(())
+    });
+    match r {
+        Ok(Some(())) => &raw const INFO,
+        _ => std::ptr::null(),
+    }
+}
+
+/// Prepare `n` probes; results go to `out`. Returns how many were prepared.
+///
+/// # Safety
+/// `reqs` and `out` point at `n` records in this process's memory.
+#[no_mangle]
+pub unsafe extern "C" fn tracer_agent_prepare(
+    reqs: *const PrepareRequest,
+    n: u64,
+    out: *mut PrepareResult,
+) -> u64 {
+    // SAFETY: per the contract.
+    let (reqs, out) = unsafe {
+        (
+            std::slice::from_raw_parts(reqs, n as usize),
+            std::slice::from_raw_parts_mut(out, n as usize),
+        )
+    };
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        let mut g = INTERCEPTOR.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = g.as_mut() else {
+            for o in out.iter_mut() {
+                *o = PrepareResult::default();
+                o.set_message("agent not initialised");
+            }
+            return 0;
+        };
+        let mut ok = 0;
+        for (req, o) in reqs.iter().zip(out.iter_mut()) {
+            *o = prepare_one(i, req);
+            if o.status == status::PREPARED {
+                ok += 1;
+            }
+        }
+        ok
+    }));
+    r.unwrap_or(0)
+}
+
+fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
+    let mut o = PrepareResult::default();
+    let kind = match req.kind {
+        0 => ProbeKind::Entry,
+        1 => ProbeKind::Exit,
+        2 => ProbeKind::Offset,
+        k => {
+            o.set_message(&format!("unknown probe kind {k}"));
+            return o;
+        }
+    };
+    let r = ProbeRequest {
+        function: Function {
+            address: req.function,
+            size: (req.size != 0).then_some(req.size),
+        },
+        kind,
+        offset: req.offset,
+        on_entry: None,
+        on_exit: None,
+    };
+    match i.prepare(&r) {
+        Ok(p) => {
+            i.enable(p.id);
+            o.status = status::PREPARED;
+            o.id = p.id;
+            o.site = p.site;
+            o.trampoline = p.trampoline;
+            o.patch[..5].copy_from_slice(&p.patch);
+            o.original[..5].copy_from_slice(&p.original);
+            o.stolen_len = p.stolen_len as u32;
+            o.encoding = p.encoding as u32;
+        }
+        Err(crate::interceptor::PrepareError::Refused(r)) => {
+            o.status = status::REFUSED;
+            o.set_message(&r.to_string());
+        }
+        Err(e) => {
+            o.status = status::FAILED;
+            o.set_message(&e.to_string());
+        }
+    }
+    o
+}

@@ -1,0 +1,464 @@
+//! A probing session: inject the agent, prepare every probe in one remote call, patch the
+//! sites with every thread stopped, read the shared counters, and undo the patches.
+
+use crate::agent_blob::agent_so;
+use crate::inject::{self, Injected, LibcFunctions};
+use crate::remote_call;
+use crate::spec::ResolvedProbe;
+use crate::symbols::ProcessModules;
+use crate::threads::{AttachError, Process};
+use probes::remote::{
+    status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INIT_SYMBOL, PREPARE_SYMBOL,
+};
+use probes::shared::{ProbeCounters, SharedHeader, MAGIC};
+use probes::ProbeKind;
+use std::fmt;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+/// A probe whose patch is in place.
+#[derive(Clone, Debug)]
+pub struct Installed {
+    /// `module:symbol[+offset]`, as shown to users.
+    pub label: String,
+    pub module: String,
+    pub symbol: String,
+    /// The patched address (past a leading `endbr64`).
+    pub site: u64,
+    pub id: u32,
+    pub encoding: agent::emitter::CallEncoding,
+    patch: [u8; 5],
+    original: [u8; 5],
+    stolen_len: u64,
+}
+
+/// A probe that was not installed, with the reason users read.
+#[derive(Clone, Debug)]
+pub struct NotInstalled {
+    pub label: String,
+    pub address: u64,
+    pub reason: String,
+}
+
+/// Counters of one probe, read from shared memory.
+#[derive(Clone, Debug)]
+pub struct ProbeReport {
+    pub label: String,
+    pub module: String,
+    pub symbol: String,
+    pub address: u64,
+    pub hits: u64,
+    pub exits: u64,
+    pub skipped: u64,
+    pub panics: u64,
+    pub lost_exits: u64,
+    pub encoding: agent::emitter::CallEncoding,
+}
+
+#[derive(Debug)]
+pub enum SessionError {
+    Attach(AttachError),
+    Inject(inject::InjectError),
+    Remote(remote_call::RemoteCallError),
+    /// The agent answered with something unexpected.
+    Agent(String),
+    /// No probe could be installed; the reasons per probe.
+    NothingInstalled(Vec<NotInstalled>),
+    /// A patch did not read back as written.
+    PatchVerify {
+        site: u64,
+    },
+}
+
+impl fmt::Display for SessionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionError::Attach(e) => e.fmt(f),
+            SessionError::Inject(e) => e.fmt(f),
+            SessionError::Remote(e) => e.fmt(f),
+            SessionError::Agent(e) => write!(f, "agent: {e}"),
+            SessionError::NothingInstalled(v) => {
+                write!(f, "no probe could be installed:")?;
+                for n in v.iter().take(10) {
+                    write!(f, "\n  {} at {:#x}: {}", n.label, n.address, n.reason)?;
+                }
+                if v.len() > 10 {
+                    write!(f, "\n  ... and {} more", v.len() - 10)?;
+                }
+                Ok(())
+            }
+            SessionError::PatchVerify { site } => {
+                write!(f, "the patch at {site:#x} did not read back as written")
+            }
+        }
+    }
+}
+
+impl std::error::Error for SessionError {}
+
+impl From<AttachError> for SessionError {
+    fn from(e: AttachError) -> Self {
+        SessionError::Attach(e)
+    }
+}
+impl From<inject::InjectError> for SessionError {
+    fn from(e: inject::InjectError) -> Self {
+        SessionError::Inject(e)
+    }
+}
+impl From<remote_call::RemoteCallError> for SessionError {
+    fn from(e: remote_call::RemoteCallError) -> Self {
+        SessionError::Remote(e)
+    }
+}
+
+/// The shared counters, mapped read-only from the target's memfd. Stays valid after the
+/// target exits.
+struct Counters {
+    base: *const u8,
+    len: usize,
+}
+
+impl Counters {
+    fn map(pid: i32, info: &AgentInfo) -> Result<Counters, SessionError> {
+        let path = format!("/proc/{pid}/fd/{}", info.shared_fd);
+        let f = File::open(&path)
+            .map_err(|e| SessionError::Agent(format!("cannot open {path}: {e}")))?;
+        let len = info.shared_len as usize;
+        // SAFETY: a new read-only shared mapping of the agent's memfd.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(SessionError::Agent(format!(
+                "cannot map {path}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let c = Counters {
+            base: p as *const u8,
+            len,
+        };
+        // SAFETY: the mapping is at least a header long (the agent sized it).
+        let h = unsafe { &*(c.base as *const SharedHeader) };
+        if h.magic != MAGIC {
+            return Err(SessionError::Agent(
+                "shared region has a wrong magic".into(),
+            ));
+        }
+        Ok(c)
+    }
+
+    fn get(&self, id: u32) -> &ProbeCounters {
+        let off = SharedHeader::COUNTERS_OFFSET + id as usize * size_of::<ProbeCounters>();
+        assert!(off + size_of::<ProbeCounters>() <= self.len);
+        // SAFETY: in bounds, aligned, atomics written by the agent.
+        unsafe { &*(self.base.add(off) as *const ProbeCounters) }
+    }
+}
+
+impl Drop for Counters {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Probes live in a target.
+pub struct Session {
+    installed: Vec<Installed>,
+    refused: Vec<NotInstalled>,
+    counters: Counters,
+    /// Whether the patches are still in the target.
+    patched: bool,
+}
+
+/// A label such as `libc:malloc` for a resolved probe.
+pub fn label(p: &ResolvedProbe, modules: &ProcessModules) -> String {
+    let is_main = modules.main().is_some_and(|m| m.path == p.module_path);
+    let base = p.module_path.rsplit('/').next().unwrap_or(&p.module_path);
+    let short = if is_main {
+        "main"
+    } else {
+        base.split(['.', '-']).next().unwrap_or(base)
+    };
+    if p.offset != 0 {
+        format!("{short}:{}+{:#x}", p.symbol, p.offset)
+    } else {
+        format!("{short}:{}", p.symbol)
+    }
+}
+
+impl Session {
+    /// Inject the agent into a stopped process and install `probes`. Leaves every thread
+    /// stopped. On error nothing is patched.
+    pub fn install(
+        proc: &mut Process,
+        modules: &ProcessModules,
+        probes: &[ResolvedProbe],
+        exit: bool,
+    ) -> Result<Session, SessionError> {
+        let fns = inject::libc_functions(proc.pid())?;
+        let agent: Injected = inject::inject_named(proc, agent_so(), "tracer-agent")?;
+        let init = inject::dlsym_with(proc, &fns, agent.handle, INIT_SYMBOL)?;
+        let prepare = inject::dlsym_with(proc, &fns, agent.handle, PREPARE_SYMBOL)?;
+
+        let capacity = (probes.len() as u64 + 64).next_power_of_two().max(1024);
+        let info_addr = inject::call_safely(proc, &fns, init, &[capacity], TIMEOUT)?;
+        if info_addr == 0 {
+            return Err(SessionError::Agent("initialisation failed".into()));
+        }
+        let info: AgentInfo = read_struct(proc, info_addr)?;
+        if info.magic != AGENT_MAGIC {
+            return Err(SessionError::Agent(
+                "initialisation returned garbage".into(),
+            ));
+        }
+        let counters = Counters::map(proc.pid(), &info)?;
+
+        // IFUNC symbols name resolvers: ask the target's loader what they resolved to.
+        let mut requests = Vec::new();
+        let mut labels = Vec::new();
+        let mut refused = Vec::new();
+        for p in probes {
+            let l = label(p, modules);
+            let (function, size) = if p.is_ifunc {
+                match resolve_ifunc(proc, &fns, modules, p) {
+                    Ok(fs) => fs,
+                    Err(reason) => {
+                        refused.push(NotInstalled {
+                            label: l,
+                            address: p.address,
+                            reason,
+                        });
+                        continue;
+                    }
+                }
+            } else {
+                (p.address - p.offset, p.size)
+            };
+            let kind = if p.offset != 0 {
+                ProbeKind::Offset
+            } else if exit {
+                ProbeKind::Exit
+            } else {
+                ProbeKind::Entry
+            };
+            requests.push(PrepareRequest {
+                function,
+                size,
+                offset: p.offset,
+                kind: kind as u32,
+                _pad: 0,
+            });
+            labels.push((l, p));
+        }
+
+        let results = prepare_remote(proc, &fns, prepare, &requests)?;
+        let mut installed = Vec::new();
+        for ((r, (l, p)), req) in results.iter().zip(&labels).zip(&requests) {
+            if r.status != status::PREPARED {
+                refused.push(NotInstalled {
+                    label: l.clone(),
+                    address: req.function + req.offset,
+                    reason: r.message(),
+                });
+                continue;
+            }
+            let mut patch = [0u8; 5];
+            patch.copy_from_slice(&r.patch[..5]);
+            let mut original = [0u8; 5];
+            original.copy_from_slice(&r.original[..5]);
+            installed.push(Installed {
+                label: l.clone(),
+                module: p.module_path.clone(),
+                symbol: p.symbol.clone(),
+                site: r.site,
+                id: r.id,
+                encoding: agent::emitter::CallEncoding::from_u8(r.encoding as u8)
+                    .unwrap_or(agent::emitter::CallEncoding::Abs64),
+                patch,
+                original,
+                stolen_len: r.stolen_len as u64,
+            });
+        }
+        if installed.is_empty() {
+            return Err(SessionError::NothingInstalled(refused));
+        }
+        let mut s = Session {
+            installed,
+            refused,
+            counters,
+            patched: false,
+        };
+        s.write_patches(proc, true)?;
+        Ok(s)
+    }
+
+    /// Write the patches (or the original bytes) with every thread stopped and no thread
+    /// strictly inside a patched range.
+    fn write_patches(&mut self, proc: &mut Process, install: bool) -> Result<(), SessionError> {
+        if !proc.all_stopped() {
+            proc.stop_all()?;
+        }
+        if install {
+            for p in &self.installed {
+                for tid in proc.threads() {
+                    let rip = proc.regs(tid)?.rip;
+                    if rip > p.site && rip < p.site + p.stolen_len {
+                        proc.step_out_of(tid, p.site + 1, p.site + p.stolen_len, 64)?;
+                    }
+                }
+            }
+        }
+        for p in &self.installed {
+            let bytes = if install { &p.patch } else { &p.original };
+            proc.write_memory(p.site, bytes)
+                .map_err(|_| SessionError::PatchVerify { site: p.site })?;
+            let mut back = [0u8; 5];
+            proc.read_memory(p.site, &mut back)
+                .map_err(|_| SessionError::PatchVerify { site: p.site })?;
+            if &back != bytes {
+                return Err(SessionError::PatchVerify { site: p.site });
+            }
+        }
+        self.patched = install;
+        Ok(())
+    }
+
+    /// Stop every thread, restore every original byte (read back to check). Trampolines
+    /// stay mapped: threads may be inside them or return through them.
+    pub fn remove(&mut self, proc: &mut Process) -> Result<(), SessionError> {
+        if self.patched {
+            self.write_patches(proc, false)?;
+        }
+        Ok(())
+    }
+
+    pub fn installed(&self) -> &[Installed] {
+        &self.installed
+    }
+
+    pub fn refused(&self) -> &[NotInstalled] {
+        &self.refused
+    }
+
+    /// Current counters of every installed probe.
+    pub fn report(&self) -> Vec<ProbeReport> {
+        self.installed
+            .iter()
+            .map(|p| {
+                let c = self.counters.get(p.id);
+                ProbeReport {
+                    label: p.label.clone(),
+                    module: p.module.clone(),
+                    symbol: p.symbol.clone(),
+                    address: p.site,
+                    hits: c.hits.load(Relaxed),
+                    exits: c.exits.load(Relaxed),
+                    skipped: c.skipped.load(Relaxed),
+                    panics: c.panics.load(Relaxed),
+                    lost_exits: c.lost_exits.load(Relaxed),
+                    encoding: p.encoding,
+                }
+            })
+            .collect()
+    }
+}
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn read_struct<T: Copy + Default>(proc: &Process, addr: u64) -> Result<T, SessionError> {
+    let mut v = T::default();
+    // SAFETY: T is a plain-old-data repr(C) record; any bytes make a valid value of the
+    // integer fields it holds.
+    let buf =
+        unsafe { std::slice::from_raw_parts_mut(&mut v as *mut T as *mut u8, size_of::<T>()) };
+    proc.read_memory(addr, buf)
+        .map_err(|e| SessionError::Agent(format!("cannot read agent memory: {e}")))?;
+    Ok(v)
+}
+
+fn as_bytes<T>(v: &[T]) -> &[u8] {
+    // SAFETY: viewing plain-old-data records as bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// Send the requests to the agent in one remote call and read the results back.
+fn prepare_remote(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    prepare: u64,
+    requests: &[PrepareRequest],
+) -> Result<Vec<PrepareResult>, SessionError> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let req_bytes = as_bytes(requests);
+    let res_len = requests.len() * size_of::<PrepareResult>();
+    let len = (req_bytes.len() + res_len).next_multiple_of(4096);
+    let tid = proc.threads()[0];
+    let buf = remote_call::syscall_ok(
+        proc,
+        tid,
+        libc::SYS_mmap,
+        &[
+            0,
+            len as u64,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+    )? as u64;
+    let out = buf + req_bytes.len() as u64;
+    let result = (|| {
+        proc.write_memory(buf, req_bytes)
+            .map_err(|e| SessionError::Agent(format!("cannot write requests: {e}")))?;
+        inject::call_safely(
+            proc,
+            fns,
+            prepare,
+            &[buf, requests.len() as u64, out],
+            TIMEOUT,
+        )?;
+        let mut results = vec![PrepareResult::default(); requests.len()];
+        // SAFETY: viewing the result records as bytes to fill them.
+        let raw =
+            unsafe { std::slice::from_raw_parts_mut(results.as_mut_ptr() as *mut u8, res_len) };
+        proc.read_memory(out, raw)
+            .map_err(|e| SessionError::Agent(format!("cannot read results: {e}")))?;
+        Ok(results)
+    })();
+    let tid = proc.threads()[0];
+    let _ = remote_call::syscall(proc, tid, libc::SYS_munmap, &[buf, len as u64]);
+    result
+}
+
+/// The implementation an IFUNC resolved to in the target, and its size.
+fn resolve_ifunc(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    modules: &ProcessModules,
+    p: &ResolvedProbe,
+) -> Result<(u64, u64), String> {
+    let name = p.symbol.split('@').next().unwrap_or(&p.symbol);
+    // RTLD_DEFAULT: the global scope, as the program's own calls resolve.
+    let addr = inject::dlsym_with(proc, fns, 0, name)
+        .map_err(|e| format!("cannot resolve the IFUNC {name} in the target: {e}"))?;
+    let size = modules
+        .symbol_containing(addr)
+        .filter(|(_, f)| f.address == addr)
+        .map(|(_, f)| f.size)
+        .unwrap_or(0);
+    Ok((addr, size))
+}
