@@ -48,15 +48,30 @@ pub enum AttachError {
     /// Another tracer (debugger, strace, ...) already traces the process.
     AlreadyTraced { pid: i32, tracer: i32 },
     /// The process exited while we were attaching or working on it.
-    Exited { pid: i32, status: Option<ExitStatus> },
+    Exited {
+        pid: i32,
+        status: Option<ExitStatus>,
+    },
     /// The executable is not an x86-64 ELF file.
     NotX86_64 { pid: i32, machine: String },
     /// Some thread did not report a stop in time.
-    Timeout { pid: i32, tid: i32, what: &'static str },
+    Timeout {
+        pid: i32,
+        tid: i32,
+        what: &'static str,
+    },
     /// A ptrace or wait request failed unexpectedly.
-    Ptrace { tid: i32, op: &'static str, errno: Errno },
+    Ptrace {
+        tid: i32,
+        op: &'static str,
+        errno: Errno,
+    },
     /// Reading a /proc file failed.
-    Io { pid: i32, what: String, error: io::Error },
+    Io {
+        pid: i32,
+        what: String,
+        error: io::Error,
+    },
 }
 
 impl fmt::Display for AttachError {
@@ -265,7 +280,10 @@ fn foreign_machine(pid: i32) -> io::Result<Option<String>> {
 pub(crate) fn wait_tid(tid: i32, deadline: Option<Instant>) -> Result<Option<WaitStatus>, Errno> {
     let mut nap = Duration::from_micros(20);
     loop {
-        match waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+        match waitpid(
+            Pid::from_raw(tid),
+            Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+        ) {
             Ok(WaitStatus::StillAlive) => {}
             Ok(s) => return Ok(Some(s)),
             Err(Errno::EINTR) => continue,
@@ -300,7 +318,11 @@ impl Process {
                     pid,
                     reason: permission_reason(pid),
                 },
-                _ => AttachError::Io { pid, what: "memory".into(), error },
+                _ => AttachError::Io {
+                    pid,
+                    what: "memory".into(),
+                    error,
+                },
             })?;
         Ok(Process {
             pid,
@@ -318,7 +340,12 @@ impl Process {
         let mut p = Process::new(pid, true)?;
         p.threads.insert(
             pid,
-            Thread { stop: Some(Stop::Other), pending: None, group_stopped: false, self_trap: false },
+            Thread {
+                stop: Some(Stop::Other),
+                pending: None,
+                group_stopped: false,
+                self_trap: false,
+            },
         );
         Ok(p)
     }
@@ -415,12 +442,19 @@ impl Process {
         self.threads.get_mut(&tid).expect("checked").stop = None;
         loop {
             let deadline = Some(Instant::now() + STOP_TIMEOUT);
-            let st = wait_tid(tid, deadline).map_err(pt_err(tid, "waitpid"))?.ok_or(
-                AttachError::Timeout { pid: self.pid, tid, what: "finish a single step" },
-            )?;
+            let st = wait_tid(tid, deadline)
+                .map_err(pt_err(tid, "waitpid"))?
+                .ok_or(AttachError::Timeout {
+                    pid: self.pid,
+                    tid,
+                    what: "finish a single step",
+                })?;
             let trap = matches!(st, WaitStatus::Stopped(_, Signal::SIGTRAP));
             if self.handle(tid, st)? == Handled::Gone {
-                return Err(AttachError::Exited { pid: self.pid, status: self.exit });
+                return Err(AttachError::Exited {
+                    pid: self.pid,
+                    status: self.exit,
+                });
             }
             if trap {
                 // The step's SIGTRAP is ours: do not deliver it.
@@ -465,8 +499,16 @@ impl Process {
     pub(crate) fn require_stopped(&self, tid: i32) -> Result<(), AttachError> {
         match self.threads.get(&tid) {
             Some(t) if t.stop.is_some() => Ok(()),
-            Some(_) => Err(AttachError::Ptrace { tid, op: "use of a running thread", errno: Errno::ESRCH }),
-            None => Err(AttachError::Ptrace { tid, op: "use of an unknown thread", errno: Errno::ESRCH }),
+            Some(_) => Err(AttachError::Ptrace {
+                tid,
+                op: "use of a running thread",
+                errno: Errno::ESRCH,
+            }),
+            None => Err(AttachError::Ptrace {
+                tid,
+                op: "use of an unknown thread",
+                errno: Errno::ESRCH,
+            }),
         }
     }
 
@@ -555,7 +597,12 @@ impl Process {
             Ok(()) => {
                 self.threads.insert(
                     tid,
-                    Thread { stop: None, pending: None, group_stopped: false, self_trap: false },
+                    Thread {
+                        stop: None,
+                        pending: None,
+                        group_stopped: false,
+                        self_trap: false,
+                    },
                 );
                 Ok(true)
             }
@@ -568,7 +615,10 @@ impl Process {
                 match tracer_pid(self.pid) {
                     // SAFETY: getpid has no preconditions.
                     Ok(t) if t != 0 && t != unsafe { libc::getpid() } => {
-                        Err(AttachError::AlreadyTraced { pid: self.pid, tracer: t })
+                        Err(AttachError::AlreadyTraced {
+                            pid: self.pid,
+                            tracer: t,
+                        })
                     }
                     _ => Err(AttachError::PermissionDenied {
                         pid: self.pid,
@@ -588,7 +638,10 @@ impl Process {
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             if self.exit.is_some() || self.threads.is_empty() {
-                return Err(AttachError::Exited { pid: self.pid, status: self.exit });
+                return Err(AttachError::Exited {
+                    pid: self.pid,
+                    status: self.exit,
+                });
             }
             // Threads created by a thread before it was seized are not reported by clone events.
             if let Ok(tasks) = list_tasks(self.pid) {
@@ -632,7 +685,11 @@ impl Process {
                         }
                     }
                     Ok(None) => {
-                        return Err(AttachError::Timeout { pid: self.pid, tid, what: "stop" })
+                        return Err(AttachError::Timeout {
+                            pid: self.pid,
+                            tid,
+                            what: "stop",
+                        })
                     }
                     Err(Errno::ECHILD) => self.thread_gone(tid, None),
                     Err(e) => return Err(pt_err(tid, "waitpid")(e)),
@@ -644,13 +701,19 @@ impl Process {
     /// Resumes one stopped thread: group-stopped threads stay stopped (`PTRACE_LISTEN`),
     /// others continue with their pending signal, if any.
     pub(crate) fn resume_thread(&mut self, tid: i32) -> Result<(), AttachError> {
-        let Some(t) = self.threads.get_mut(&tid) else { return Ok(()) };
+        let Some(t) = self.threads.get_mut(&tid) else {
+            return Ok(());
+        };
         let Some(stop) = t.stop else { return Ok(()) };
         let pid = Pid::from_raw(tid);
         let r = if stop == Stop::Group && t.pending.is_none() {
             // SAFETY: PTRACE_LISTEN takes no pointers.
             let rc = unsafe { libc::ptrace(libc::PTRACE_LISTEN, tid, 0usize, 0usize) };
-            if rc == -1 { Err(Errno::last()) } else { Ok(()) }
+            if rc == -1 {
+                Err(Errno::last())
+            } else {
+                Ok(())
+            }
         } else {
             ptrace::cont(pid, t.pending)
         };
@@ -732,7 +795,10 @@ impl Process {
                 return Ok(s);
             }
             if self.threads.is_empty() {
-                return Err(AttachError::Exited { pid: self.pid, status: None });
+                return Err(AttachError::Exited {
+                    pid: self.pid,
+                    status: None,
+                });
             }
         }
     }
@@ -772,6 +838,18 @@ impl Process {
     }
 }
 
+impl fmt::Debug for Process {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Process")
+            .field("pid", &self.pid)
+            .field("threads", &self.threads)
+            .field("exit", &self.exit)
+            .field("scratch", &self.scratch)
+            .field("launched", &self.launched)
+            .finish()
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         // Never leave a target stuck in a trace-stop because a caller forgot to detach.
@@ -798,17 +876,36 @@ pub fn attach(pid: i32) -> Result<Process, AttachError> {
     match tracer_pid(pid) {
         Ok(t) if t != 0 => return Err(AttachError::AlreadyTraced { pid, tracer: t }),
         Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(AttachError::NoSuchProcess { pid }),
-        Err(error) => return Err(AttachError::Io { pid, what: "status".into(), error }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(AttachError::NoSuchProcess { pid })
+        }
+        Err(error) => {
+            return Err(AttachError::Io {
+                pid,
+                what: "status".into(),
+                error,
+            })
+        }
     }
     match foreign_machine(pid) {
         Ok(None) => {}
         Ok(Some(machine)) => return Err(AttachError::NotX86_64 { pid, machine }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(AttachError::NoSuchProcess { pid }),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            return Err(AttachError::PermissionDenied { pid, reason: permission_reason(pid) })
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(AttachError::NoSuchProcess { pid })
         }
-        Err(error) => return Err(AttachError::Io { pid, what: "executable".into(), error }),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            return Err(AttachError::PermissionDenied {
+                pid,
+                reason: permission_reason(pid),
+            })
+        }
+        Err(error) => {
+            return Err(AttachError::Io {
+                pid,
+                what: "executable".into(),
+                error,
+            })
+        }
     }
     let mut p = Process::new(pid, false)?;
     if !p.seize_thread(pid)? {
@@ -821,10 +918,15 @@ pub fn attach(pid: i32) -> Result<Process, AttachError> {
         Ok(()) => Ok(p),
         Err(e) => {
             let e = match e {
-                AttachError::Exited { .. } | AttachError::Ptrace { errno: Errno::ESRCH, .. }
-                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() =>
-                {
-                    AttachError::Exited { pid, status: p.exit }
+                AttachError::Exited { .. }
+                | AttachError::Ptrace {
+                    errno: Errno::ESRCH,
+                    ..
+                } if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+                    AttachError::Exited {
+                        pid,
+                        status: p.exit,
+                    }
                 }
                 e => e,
             };
