@@ -366,9 +366,35 @@ pub fn resolve(
         }
     }
     if found.is_empty() {
+        // The right name in the wrong module is the likeliest mistake: say where it is.
+        let mut suggestions = Vec::new();
+        if spec.module.is_some() {
+            for m in &modules.modules {
+                if selected.iter().any(|s| std::ptr::eq(*s, m)) {
+                    continue;
+                }
+                let hit = if glob {
+                    m.functions()
+                        .any(|f| matching_name(&spec.symbol, true, &f).is_some())
+                } else {
+                    m.functions_named(&spec.symbol).next().is_some()
+                };
+                let shown = if m.is_main { "main" } else { m.name.as_str() };
+                let s = format!("{shown}:{}", spec.symbol);
+                if hit && !suggestions.contains(&s) {
+                    suggestions.push(s);
+                }
+            }
+        }
+        for s in suggest(spec, &selected) {
+            if suggestions.len() < 5 && !suggestions.contains(&s) {
+                suggestions.push(s);
+            }
+        }
+        suggestions.truncate(5);
         return Err(ResolveError::NoFunction {
             spec: spec.text.clone(),
-            suggestions: suggest(spec, &selected),
+            suggestions,
         });
     }
 

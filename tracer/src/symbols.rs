@@ -436,40 +436,73 @@ fn merge_aliases(mut raw: Vec<RawFunction>) -> Vec<FileFunction> {
     out
 }
 
-/// The load bias (runtime address minus link-time address) of a file from its
-/// mappings: each mapping is matched with the PT_LOAD segment whose file range holds
-/// the mapping's offset, and the bias every mapping agrees on wins. Mappings split by
-/// `mprotect` (RELRO), merged by the kernel, or not starting at offset 0 all work.
-pub fn load_bias(segments: &[LoadSegment], mappings: &[&MapEntry]) -> Option<u64> {
-    let mut votes: Vec<(u64, u32)> = Vec::new();
-    for m in mappings {
-        for s in segments {
-            let first = page_down(s.offset);
-            let file_end = s.offset.saturating_add(s.filesz);
-            if m.offset < first || m.offset >= file_end.max(first + 1) {
-                continue;
-            }
-            let link = page_down(s.vaddr).wrapping_add(m.offset - first);
-            let bias = m.start.wrapping_sub(link);
-            if bias % PAGE != 0 {
-                continue;
-            }
-            // A matching execute bit is the strongest hint; RELRO turns `rw` into `r`,
-            // so the write bit is only a weak one.
-            let mut weight = 1;
-            if m.perms.exec == (s.flags & elf::PF_X.0 != 0) {
-                weight += 2;
-            }
-            if m.perms.write == (s.flags & elf::PF_W.0 != 0) {
-                weight += 1;
-            }
-            match votes.iter_mut().find(|(b, _)| *b == bias) {
-                Some((_, w)) => *w += weight,
-                None => votes.push((bias, weight)),
-            }
+/// Candidate biases for one mapping, each with a weight saying how well the mapping's
+/// permissions fit the segment.
+fn bias_candidates(segments: &[LoadSegment], m: &MapEntry) -> Vec<(u64, u32)> {
+    let mut out = Vec::new();
+    for s in segments {
+        let first = page_down(s.offset);
+        let file_end = s.offset.saturating_add(s.filesz);
+        if m.offset < first || m.offset >= file_end.max(first + 1) {
+            continue;
+        }
+        let link = page_down(s.vaddr).wrapping_add(m.offset - first);
+        let bias = m.start.wrapping_sub(link);
+        if bias % PAGE != 0 {
+            continue;
+        }
+        // A matching execute bit is the strongest hint; RELRO turns `rw` into `r`, so
+        // the write bit is only a weak one.
+        let mut weight = 1;
+        if m.perms.exec == (s.flags & elf::PF_X.0 != 0) {
+            weight += 2;
+        }
+        if m.perms.write == (s.flags & elf::PF_W.0 != 0) {
+            weight += 1;
+        }
+        out.push((bias, weight));
+    }
+    out
+}
+
+/// The load biases (runtime address minus link-time address) of a file from its
+/// mappings, with the mappings of each: every mapping is matched with the PT_LOAD
+/// segments whose file range holds its offset, the biases are voted on, and each
+/// mapping joins the best-supported bias it allows. Mappings split by `mprotect`
+/// (RELRO), merged by the kernel, or not starting at offset 0 all work, and a file
+/// loaded twice (`dlmopen`) gives two biases. Ordered by lowest mapping address.
+pub fn load_biases<'m>(
+    segments: &[LoadSegment],
+    mappings: &[&'m MapEntry],
+) -> Vec<(u64, Vec<&'m MapEntry>)> {
+    let per: Vec<Vec<(u64, u32)>> = mappings
+        .iter()
+        .map(|m| bias_candidates(segments, m))
+        .collect();
+    let mut votes: HashMap<u64, u32> = HashMap::new();
+    for (b, w) in per.iter().flatten() {
+        *votes.entry(*b).or_default() += w;
+    }
+    let mut out: Vec<(u64, Vec<&MapEntry>)> = Vec::new();
+    for (m, cands) in mappings.iter().zip(&per) {
+        let Some(&(bias, _)) = cands.iter().max_by_key(|(b, w)| (*w, votes[b])) else {
+            continue;
+        };
+        match out.iter_mut().find(|(b, _)| *b == bias) {
+            Some((_, v)) => v.push(m),
+            None => out.push((bias, vec![m])),
         }
     }
-    votes.into_iter().max_by_key(|&(_, w)| w).map(|(b, _)| b)
+    out.sort_by_key(|(_, v)| v.iter().map(|m| m.start).min());
+    out
+}
+
+/// The best-supported load bias of a file mapped once; see [`load_biases`].
+pub fn load_bias(segments: &[LoadSegment], mappings: &[&MapEntry]) -> Option<u64> {
+    load_biases(segments, mappings)
+        .into_iter()
+        .max_by_key(|(_, v)| v.len())
+        .map(|(b, _)| b)
 }
 
 /// A function at its runtime address.
@@ -592,12 +625,21 @@ impl ProcessModules {
     }
 }
 
-/// Identity of a parsed file: same device, inode and path means same contents.
+/// A mapped file as maps names it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct FileKey {
+struct FileId {
     dev: u64,
     inode: u64,
     path: String,
+}
+
+/// Identity of a parsed file: the same inode with the same size and modification time
+/// has the same contents (a `cp` over a file keeps its inode but not its mtime).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct FileKey {
+    id: FileId,
+    size: u64,
+    mtime_ns: i128,
 }
 
 /// Parsed files shared across attaches and resolutions.
@@ -636,17 +678,37 @@ impl SymbolCache {
         self.files.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Parse (or fetch from the cache) the file known by `key`, trying `sources` in
-    /// order until one can be read.
-    fn load(&self, key: FileKey, sources: &[PathBuf]) -> Result<Arc<ElfSymbols>, SymbolError> {
-        if let Some(e) = self.lock().get(&key) {
-            return Ok(e.clone());
-        }
+    /// Parse (or fetch from the cache) the file `id`, trying `sources` in order until
+    /// one is that same inode and can be read.
+    fn load(&self, id: &FileId, sources: &[PathBuf]) -> Result<Arc<ElfSymbols>, SymbolError> {
         let mut last = None;
         for src in sources {
+            let meta = match std::fs::metadata(src) {
+                Ok(m) => m,
+                Err(e) => {
+                    last = Some((src.clone(), e));
+                    continue;
+                }
+            };
+            if (meta.dev(), meta.ino()) != (id.dev, id.inode) {
+                // The path now names another file (replaced since it was mapped).
+                last = Some((
+                    src.clone(),
+                    std::io::Error::other("the file was replaced after it was mapped"),
+                ));
+                continue;
+            }
+            let key = FileKey {
+                id: id.clone(),
+                size: meta.len(),
+                mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            };
+            if let Some(e) = self.lock().get(&key) {
+                return Ok(e.clone());
+            }
             match std::fs::read(src) {
                 Ok(data) => {
-                    let parsed = Arc::new(ElfSymbols::parse(&data, Path::new(&key.path))?);
+                    let parsed = Arc::new(ElfSymbols::parse(&data, Path::new(&id.path))?);
                     self.lock().insert(key, parsed.clone());
                     return Ok(parsed);
                 }
@@ -655,7 +717,7 @@ impl SymbolCache {
         }
         let (path, source) = last.unwrap_or_else(|| {
             (
-                PathBuf::from(&key.path),
+                PathBuf::from(&id.path),
                 std::io::Error::from(std::io::ErrorKind::NotFound),
             )
         });
@@ -676,12 +738,12 @@ impl SymbolCache {
             .map(|m| (m.dev(), m.ino()));
 
         // Group file-backed mappings per file, keeping the order of first appearance.
-        let mut groups: Vec<(FileKey, Vec<&MapEntry>)> = Vec::new();
+        let mut groups: Vec<(FileId, Vec<&MapEntry>)> = Vec::new();
         for e in maps {
             if e.inode == 0 || !e.path.starts_with('/') {
                 continue;
             }
-            let key = FileKey {
+            let key = FileId {
                 dev: parse_dev(&e.dev),
                 inode: e.inode,
                 path: e.path.clone(),
@@ -714,14 +776,15 @@ impl SymbolCache {
                 )),
                 PathBuf::from(format!("/proc/{pid}/root{path}")),
             ];
-            let elf = match self.load(key.clone(), &sources) {
+            let elf = match self.load(&key, &sources) {
                 Ok(e) => e,
                 Err(error) => {
                     skipped.push(SkippedModule { path, error });
                     continue;
                 }
             };
-            let Some(bias) = load_bias(&elf.segments, &entries) else {
+            let instances = load_biases(&elf.segments, &entries);
+            if instances.is_empty() {
                 skipped.push(SkippedModule {
                     error: SymbolError::NoLoadBias {
                         path: PathBuf::from(&path),
@@ -729,22 +792,27 @@ impl SymbolCache {
                     path,
                 });
                 continue;
-            };
-            let start = entries.iter().map(|e| e.start).min().unwrap_or(0);
-            let end = entries.iter().map(|e| e.end).max().unwrap_or(0);
-            let is_main = exe == Some((key.dev, key.inode));
-            modules.push(Module {
-                name: basename(&path).to_string(),
-                path,
-                start,
-                end,
-                bias,
-                is_main,
-                dev: key.dev,
-                inode: key.inode,
-                deleted,
-                elf,
-            });
+            }
+            for (bias, mapped) in instances {
+                // A stray mapping that joined no executable instance is not a module.
+                if !mapped.iter().any(|e| e.perms.exec) {
+                    continue;
+                }
+                let start = mapped.iter().map(|e| e.start).min().unwrap_or(0);
+                let end = mapped.iter().map(|e| e.end).max().unwrap_or(0);
+                modules.push(Module {
+                    name: basename(&path).to_string(),
+                    path: path.clone(),
+                    start,
+                    end,
+                    bias,
+                    is_main: exe == Some((key.dev, key.inode)),
+                    dev: key.dev,
+                    inode: key.inode,
+                    deleted,
+                    elf: elf.clone(),
+                });
+            }
         }
         modules.sort_by_key(|m| m.start);
         ProcessModules {
@@ -762,12 +830,12 @@ impl SymbolCache {
             source,
         })?;
         let shown = path.to_string_lossy().into_owned();
-        let key = FileKey {
+        let id = FileId {
             dev: meta.dev(),
             inode: meta.ino(),
             path: shown.clone(),
         };
-        let elf = self.load(key, &[path.to_path_buf()])?;
+        let elf = self.load(&id, &[path.to_path_buf()])?;
         let start = elf.segments.iter().map(|s| s.vaddr).min().unwrap_or(0);
         let end = elf
             .segments
@@ -876,6 +944,31 @@ mod tests {
         ];
         let refs: Vec<&MapEntry> = maps.iter().collect();
         assert_eq!(load_bias(&segs, &refs), Some(0));
+    }
+
+    #[test]
+    fn a_file_loaded_twice_gives_two_biases() {
+        let segs = [
+            seg(0, 0, 0x500, elf::PF_R.0),
+            seg(0x1000, 0x1000, 0x300, elf::PF_R.0 | elf::PF_X.0),
+            seg(0x2e10, 0x1e10, 0x220, elf::PF_R.0 | elf::PF_W.0),
+        ];
+        let (a, b) = (0x7f00_0000_0000, 0x7f10_0000_0000);
+        let maps = [
+            map(a, a + 0x1000, "r--p", 0),
+            map(a + 0x1000, a + 0x2000, "r-xp", 0x1000),
+            map(a + 0x2000, a + 0x3000, "r--p", 0x1000),
+            map(a + 0x3000, a + 0x4000, "rw-p", 0x2000),
+            map(b, b + 0x1000, "r--p", 0),
+            map(b + 0x1000, b + 0x2000, "r-xp", 0x1000),
+            map(b + 0x2000, b + 0x3000, "r--p", 0x1000),
+            map(b + 0x3000, b + 0x4000, "rw-p", 0x2000),
+        ];
+        let refs: Vec<&MapEntry> = maps.iter().collect();
+        let got = load_biases(&segs, &refs);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!((got[0].0, got[0].1.len()), (a, 4));
+        assert_eq!((got[1].0, got[1].1.len()), (b, 4));
     }
 
     #[test]

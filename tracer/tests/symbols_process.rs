@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use tracer::spec::{resolve, ProbeSpec, ResolveError};
+use tracer::spec::{list, resolve, ProbeSpec, ResolveError};
 use tracer::symbols::{ElfSymbols, SymbolCache, SymbolSource};
 
 const LIB_C: &str = r#"
@@ -320,8 +320,23 @@ fn pie_program_and_shared_library() {
         }
         other => panic!("expected NoModule, got {other:?}"),
     }
-    // `libc` must not select libcrypto-like names; here it selects exactly libc.
-    assert!(r("libc:fn2").is_err());
+    // The right name in the wrong module: say which module has it.
+    match r("libc:fn2") {
+        Err(ResolveError::NoFunction { suggestions, .. }) => {
+            assert_eq!(
+                suggestions.first().map(String::as_str),
+                Some("libtarget.so:fn2")
+            );
+        }
+        other => panic!("expected NoFunction, got {other:?}"),
+    }
+
+    // `tracer list` with a pattern.
+    let listed = list(&pm, Some(&ProbeSpec::parse("libtarget:work_*").unwrap()));
+    let mut listed: Vec<u64> = listed.iter().map(|(_, f, _)| f.address).collect();
+    listed.sort();
+    assert_eq!(listed, expect);
+    assert!(list(&pm, None).len() > 2000);
 
     // The cache: a second attach re-uses every parsed file.
     let files = cache.len();
@@ -394,4 +409,129 @@ fn file_on_disk_uses_link_time_addresses() {
     let err = SymbolCache::new().file(&dir.0.join("prog.c")).unwrap_err();
     assert!(err.to_string().contains("not a 64-bit ELF"), "{err}");
     let _ = prog;
+}
+
+#[test]
+fn deleted_and_replaced_library_still_resolves() {
+    let dir = TempDir::new("deleted");
+    let prog = build_pie(&dir.0);
+    let (child, printed) = run(&prog);
+    let lib = dir.0.join("libtarget.so");
+    // Replace the library by something else at the same path: the mapped inode, not
+    // the path, must be read.
+    std::fs::remove_file(&lib).unwrap();
+    std::fs::write(&lib, b"not the library").unwrap();
+    let pm = SymbolCache::new().process(child.0.id() as i32).unwrap();
+    assert!(pm.skipped.is_empty(), "{:?}", pm.skipped);
+    let m = pm
+        .modules
+        .iter()
+        .find(|m| m.name == "libtarget.so")
+        .unwrap();
+    assert!(m.deleted);
+    let v = resolve(&ProbeSpec::parse("libtarget:fn2").unwrap(), &pm).unwrap();
+    assert_eq!(addrs_of(&v), vec![printed["fn2"]]);
+    drop(child);
+}
+
+const DLMOPEN_C: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    void *a = dlopen(argv[1], RTLD_NOW);
+    void *b = dlmopen(LM_ID_NEWLM, argv[1], RTLD_NOW);
+    if (!a || !b) { printf("error %s\n", dlerror()); return 1; }
+    printf("first %p\n", dlsym(a, "fn2"));
+    printf("second %p\n", dlsym(b, "fn2"));
+    printf("done 0\n");
+    fflush(stdout);
+    sleep(1000);
+    return 0;
+}
+"#;
+
+#[test]
+fn library_loaded_twice_with_dlmopen_gives_two_probes() {
+    let dir = TempDir::new("dlmopen");
+    build_pie(&dir.0);
+    let d = dir.0.display();
+    std::fs::write(dir.0.join("dlm.c"), DLMOPEN_C).unwrap();
+    cc(&[
+        "-O1",
+        "-o",
+        &format!("{d}/dlm"),
+        &format!("{d}/dlm.c"),
+        "-ldl",
+    ]);
+    let lib = dir.0.join("libtarget.so");
+    let mut child = Command::new(dir.0.join("dlm"))
+        .arg(&lib)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let child = Running(child);
+    let mut printed = HashMap::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        let (name, value) = line.split_once(' ').unwrap();
+        assert_ne!(name, "error", "{line}");
+        if name == "done" {
+            break;
+        }
+        let v = u64::from_str_radix(value.trim_start_matches("0x"), 16).unwrap();
+        printed.insert(name.to_string(), v);
+    }
+    let pm = SymbolCache::new().process(child.0.id() as i32).unwrap();
+    let v = resolve(&ProbeSpec::parse("libtarget:fn2").unwrap(), &pm).unwrap();
+    let mut expect = vec![printed["first"], printed["second"]];
+    expect.sort();
+    assert_ne!(expect[0], expect[1]);
+    assert_eq!(addrs_of(&v), expect);
+    drop(child);
+}
+
+#[test]
+fn thousand_specs_and_twenty_attaches() {
+    let dir = TempDir::new("scale");
+    let prog = build_pie(&dir.0);
+    let (child, _) = run(&prog);
+    let pid = child.0.id() as i32;
+    let cache = SymbolCache::new();
+    let t = std::time::Instant::now();
+    let pm = cache.process(pid).unwrap();
+    let first = t.elapsed();
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        let again = cache.process(pid).unwrap();
+        assert_eq!(again.modules.len(), pm.modules.len());
+    }
+    let twenty = t.elapsed();
+    let files = cache.len();
+    assert_eq!(files, pm.modules.len());
+
+    let libc = pm
+        .modules
+        .iter()
+        .find(|m| m.name.starts_with("libc."))
+        .unwrap();
+    let wanted: Vec<(String, u64)> = libc
+        .functions()
+        .filter(|f| !f.name().contains('@'))
+        .take(1000)
+        .map(|f| (format!("libc:{}", f.name()), f.address))
+        .collect();
+    assert_eq!(wanted.len(), 1000);
+    let t = std::time::Instant::now();
+    for (text, address) in &wanted {
+        let v = resolve(&ProbeSpec::parse(text).unwrap(), &pm).unwrap();
+        assert!(v.iter().any(|p| p.address == *address), "{text}");
+    }
+    let resolving = t.elapsed();
+    eprintln!(
+        "first attach {first:?}, 20 cached attaches {twenty:?}, 1000 specs resolved in {resolving:?}"
+    );
+    drop(child);
 }
