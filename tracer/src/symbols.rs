@@ -448,7 +448,7 @@ fn bias_candidates(segments: &[LoadSegment], m: &MapEntry) -> Vec<(u64, u32)> {
         }
         let link = page_down(s.vaddr).wrapping_add(m.offset - first);
         let bias = m.start.wrapping_sub(link);
-        if bias % PAGE != 0 {
+        if page_down(bias) != bias {
             continue;
         }
         // A matching execute bit is the strongest hint; RELRO turns `rw` into `r`, so
