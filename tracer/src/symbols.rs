@@ -230,6 +230,7 @@ impl ElfSymbols {
         let mut raw = Vec::new();
         let mut warnings = Vec::new();
         read_table(
+            endian,
             data,
             &sections,
             elf::SHT_DYNSYM,
@@ -237,19 +238,21 @@ impl ElfSymbols {
             &mut raw,
         )
         .map_err(malformed)?;
-        let symtab_before = raw.len();
-        read_table(
+        // The exported symbols are what a loaded file needs; a damaged full table
+        // only loses local names.
+        if let Err(e) = read_table(
+            endian,
             data,
             &sections,
             elf::SHT_SYMTAB,
             SymbolSource::Symtab,
             &mut raw,
-        )
-        .map_err(malformed)?;
+        ) {
+            warnings.push(format!(".symtab of {}: {e}", path.display()));
+        }
         let has_symtab = sections
             .iter()
             .any(|s| s.sh_type(endian) == elf::SHT_SYMTAB);
-        let _ = symtab_before;
 
         let mut has_debugdata = false;
         if let Some((_, section)) = sections.section_by_name(endian, b".gnu_debugdata") {
@@ -322,13 +325,13 @@ impl ElfSymbols {
 
 /// Append the function symbols of one table (`.dynsym` or `.symtab`).
 fn read_table<'a>(
+    endian: Endianness,
     data: &'a [u8],
     sections: &object::read::elf::SectionTable<'a, elf::FileHeader64<Endianness>, &'a [u8]>,
     sh_type: elf::SectionType,
     source: SymbolSource,
     out: &mut Vec<RawFunction>,
 ) -> object::read::Result<()> {
-    let endian = Endianness::Little;
     let table = sections.symbols(endian, data, sh_type)?;
     let versions = if sh_type == elf::SHT_DYNSYM {
         sections.versions(endian, data)?
@@ -384,6 +387,7 @@ fn read_debugdata(compressed: &[u8], out: &mut Vec<RawFunction>) -> Result<(), S
         .sections(endian, &elf_image[..])
         .map_err(|e| e.to_string())?;
     read_table(
+        endian,
         &elf_image,
         &sections,
         elf::SHT_SYMTAB,
