@@ -208,9 +208,22 @@ impl Session {
         exit: bool,
     ) -> Result<Session, SessionError> {
         let fns = inject::libc_functions(proc.pid())?;
-        let agent: Injected = inject::inject_named(proc, agent_so(), "tracer-agent")?;
-        let init = inject::dlsym_with(proc, &fns, agent.handle, INIT_SYMBOL)?;
-        let prepare = inject::dlsym_with(proc, &fns, agent.handle, PREPARE_SYMBOL)?;
+        // An agent left by an earlier session stays loaded (its trampolines may still be
+        // in use): reuse it rather than load another copy, each of which would take more
+        // of the target's static TLS.
+        let (init, prepare) = match loaded_agent(proc.pid()) {
+            Some(base) => (
+                base + agent_symbol(INIT_SYMBOL)?,
+                base + agent_symbol(PREPARE_SYMBOL)?,
+            ),
+            None => {
+                let agent: Injected = inject::inject_named(proc, agent_so(), AGENT_NAME)?;
+                (
+                    inject::dlsym_with(proc, &fns, agent.handle, INIT_SYMBOL)?,
+                    inject::dlsym_with(proc, &fns, agent.handle, PREPARE_SYMBOL)?,
+                )
+            }
+        };
 
         let capacity = (probes.len() as u64 + 64).next_power_of_two().max(1024);
         let info_addr = inject::call_safely(proc, &fns, init, &[capacity], TIMEOUT)?;
@@ -376,6 +389,30 @@ impl Session {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The memfd name the agent is loaded under, visible in the target's maps.
+const AGENT_NAME: &str = "tracer-agent";
+
+/// Load address of an agent an earlier session left in the target, if any.
+fn loaded_agent(pid: i32) -> Option<u64> {
+    let maps = agent::maps::read_pid(pid).ok()?;
+    let prefix = format!("/memfd:{AGENT_NAME}");
+    maps.iter()
+        .filter(|m| m.path.starts_with(&prefix) && m.offset == 0)
+        .map(|m| m.start)
+        .min()
+}
+
+/// Offset of an exported function in the embedded agent (linked at address 0).
+fn agent_symbol(name: &str) -> Result<u64, SessionError> {
+    use object::{Object, ObjectSymbol};
+    let file = object::File::parse(agent_so())
+        .map_err(|e| SessionError::Agent(format!("embedded agent unreadable: {e}")))?;
+    file.dynamic_symbols()
+        .find(|s| s.name() == Ok(name))
+        .map(|s| s.address())
+        .ok_or_else(|| SessionError::Agent(format!("embedded agent lacks {name}")))
+}
 
 fn read_struct<T: Copy + Default>(proc: &Process, addr: u64) -> Result<T, SessionError> {
     let mut v = T::default();
