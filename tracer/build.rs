@@ -11,9 +11,18 @@ use std::process::Command;
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let workspace = manifest_dir.parent().expect("tracer/ lives in the workspace").to_path_buf();
+    let workspace = manifest_dir
+        .parent()
+        .expect("tracer/ lives in the workspace")
+        .to_path_buf();
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
-    for p in ["agent/src", "agent/Cargo.toml", "probes/src", "probes/Cargo.toml", "Cargo.lock"] {
+    for p in [
+        "agent/src",
+        "agent/Cargo.toml",
+        "probes/src",
+        "probes/Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(p).display());
     }
     let release = env::var("PROFILE").as_deref() == Ok("release");
@@ -33,14 +42,23 @@ fn main() {
     }
     // Wrappers of the outer build (clippy-driver under `cargo clippy`) must not lint or
     // check-only the nested build; the nested build must produce real code.
-    for var in ["RUSTC_WORKSPACE_WRAPPER", "CLIPPY_ARGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"] {
+    for var in [
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CLIPPY_ARGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET_DIR",
+    ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run cargo to build the agent: {e}"));
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build the agent: {e}"));
     if !status.success() {
         panic!("building the agent cdylib failed ({status}); see the errors above");
     }
-    let built = target_dir.join(if release { "release" } else { "debug" }).join("libagent.so");
+    let built = target_dir
+        .join(if release { "release" } else { "debug" })
+        .join("libagent.so");
     let dest = out_dir.join("libagent.so");
     std::fs::copy(&built, &dest)
         .unwrap_or_else(|e| panic!("cannot copy {} to {}: {e}", built.display(), dest.display()));

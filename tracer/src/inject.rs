@@ -169,9 +169,16 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
         .filter(|e| e.perms.exec && (is_libc(&e.path) || is_ld_so(&e.path)))
         .map(|e| (e.start, e.end))
         .collect();
-    let Some(libc_path) = entries.iter().find(|e| is_libc(&e.path)).map(|e| e.path.clone()) else {
+    let Some(libc_path) = entries
+        .iter()
+        .find(|e| is_libc(&e.path))
+        .map(|e| e.path.clone())
+    else {
         if entries.iter().any(|e| is_ld_so(&e.path)) {
-            return Err(InjectError::NoDlopen { pid, libc: "none mapped".into() });
+            return Err(InjectError::NoDlopen {
+                pid,
+                libc: "none mapped".into(),
+            });
         }
         return Err(InjectError::StaticTarget { pid });
     };
@@ -182,10 +189,14 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
         .min()
         .expect("libc is mapped");
     let file_path = format!("/proc/{pid}/root{libc_path}");
-    let data = fs::read(&file_path)
-        .map_err(|e| InjectError::LibcFile { path: file_path.clone(), error: e.to_string() })?;
-    let file = object::File::parse(&*data)
-        .map_err(|e| InjectError::LibcFile { path: file_path.clone(), error: e.to_string() })?;
+    let data = fs::read(&file_path).map_err(|e| InjectError::LibcFile {
+        path: file_path.clone(),
+        error: e.to_string(),
+    })?;
+    let file = object::File::parse(&*data).map_err(|e| InjectError::LibcFile {
+        path: file_path.clone(),
+        error: e.to_string(),
+    })?;
     let first_vaddr = file.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff;
     let bias = map_base.wrapping_sub(first_vaddr);
     let find = |name: &str| {
@@ -197,16 +208,31 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
         (Some(o), Some(s)) => (o, s, find("dlerror"), 0),
         _ => match (find("__libc_dlopen_mode"), find("__libc_dlsym")) {
             (Some(o), Some(s)) => (o, s, None, 0x8000_0000),
-            _ => return Err(InjectError::NoDlopen { pid, libc: libc_path }),
+            _ => {
+                return Err(InjectError::NoDlopen {
+                    pid,
+                    libc: libc_path,
+                })
+            }
         },
     };
-    Ok(LibcFunctions { dlopen, dlsym, dlerror, mode_extra, unsafe_ranges })
+    Ok(LibcFunctions {
+        dlopen,
+        dlsym,
+        dlerror,
+        mode_extra,
+        unsafe_ranges,
+    })
 }
 
 /// Whether a stopped thread can run `dlopen`/`malloc` without deadlocking: its `rip` is
 /// outside libc and ld.so, or it sits in one of the blocking syscalls that glibc never
 /// issues while holding the malloc or loader lock.
-pub fn is_safe(proc: &Process, tid: i32, unsafe_ranges: &[(u64, u64)]) -> Result<bool, AttachError> {
+pub fn is_safe(
+    proc: &Process,
+    tid: i32,
+    unsafe_ranges: &[(u64, u64)],
+) -> Result<bool, AttachError> {
     let r = proc.regs(tid)?;
     if !unsafe_ranges.iter().any(|&(s, e)| (s..e).contains(&r.rip)) {
         return Ok(true);
@@ -248,7 +274,9 @@ pub fn call_safely(
                     proc.resume_thread(t)?;
                 }
             }
-            let remaining = timeout.saturating_sub(start.elapsed()).max(Duration::from_secs(1));
+            let remaining = timeout
+                .saturating_sub(start.elapsed())
+                .max(Duration::from_secs(1));
             let r = remote_call::call(proc, tid, function, args, remaining);
             let stopped = proc.stop_all();
             let v = r?;
@@ -256,7 +284,10 @@ pub fn call_safely(
             return Ok(v);
         }
         if start.elapsed() >= timeout {
-            return Err(InjectError::NoSafeThread { pid: proc.pid(), waited: timeout });
+            return Err(InjectError::NoSafeThread {
+                pid: proc.pid(),
+                waited: timeout,
+            });
         }
         proc.resume_all()?;
         proc.service(Duration::from_millis(5))?;
@@ -264,10 +295,14 @@ pub fn call_safely(
 }
 
 fn dlerror_text(proc: &mut Process, fns: &LibcFunctions) -> String {
-    let Some(f) = fns.dlerror else { return "no dlerror in this libc".into() };
+    let Some(f) = fns.dlerror else {
+        return "no dlerror in this libc".into();
+    };
     match call_safely(proc, fns, f, &[], Duration::from_secs(5)) {
         Ok(0) => "(dlerror returned NULL)".into(),
-        Ok(p) => proc.read_c_string(p, 4096).unwrap_or_else(|e| format!("(unreadable dlerror text: {e})")),
+        Ok(p) => proc
+            .read_c_string(p, 4096)
+            .unwrap_or_else(|e| format!("(unreadable dlerror text: {e})")),
         Err(e) => format!("(dlerror failed: {e})"),
     }
 }
@@ -279,13 +314,21 @@ pub fn inject(proc: &mut Process, library: &[u8]) -> Result<Injected, InjectErro
 
 /// Loads `library` (the bytes of a shared object) into the target; `name` is the memfd name
 /// shown in the target's maps. Leaves every thread stopped.
-pub fn inject_named(proc: &mut Process, library: &[u8], name: &str) -> Result<Injected, InjectError> {
+pub fn inject_named(
+    proc: &mut Process,
+    library: &[u8],
+    name: &str,
+) -> Result<Injected, InjectError> {
     let pid = proc.pid();
     if !proc.all_stopped() {
         proc.stop_all()?;
     }
     let fns = libc_functions(pid)?;
-    let tid = proc.threads().first().copied().ok_or(AttachError::Exited { pid, status: None })?;
+    let tid = proc
+        .threads()
+        .first()
+        .copied()
+        .ok_or(AttachError::Exited { pid, status: None })?;
     remote_call::ensure_scratch(proc, tid)?;
     let name_addr = remote_call::put_c_string(proc, 0, name)?;
     let fd = remote_call::syscall_ok(
@@ -299,9 +342,21 @@ pub fn inject_named(proc: &mut Process, library: &[u8], name: &str) -> Result<In
     let _ = remote_call::syscall(proc, tid, libc::SYS_close, &[fd]);
     let (handle, inode) = result?;
     let entries = maps::read_pid(pid).map_err(|error| InjectError::Maps { pid, error })?;
-    let mine: Vec<&MapEntry> = entries.iter().filter(|e| e.inode == inode && e.path.contains("memfd:")).collect();
-    let base = mine.iter().map(|e| e.start).min().ok_or(InjectError::NotMapped { pid })?;
-    Ok(Injected { handle, path_in_target: mine[0].path.clone(), base, inode })
+    let mine: Vec<&MapEntry> = entries
+        .iter()
+        .filter(|e| e.inode == inode && e.path.contains("memfd:"))
+        .collect();
+    let base = mine
+        .iter()
+        .map(|e| e.start)
+        .min()
+        .ok_or(InjectError::NotMapped { pid })?;
+    Ok(Injected {
+        handle,
+        path_in_target: mine[0].path.clone(),
+        base,
+        inode,
+    })
 }
 
 fn load_from_fd(
@@ -315,8 +370,11 @@ fn load_from_fd(
     let fd_path = format!("/proc/{pid}/fd/{fd}");
     let inode = match fs::OpenOptions::new().write(true).open(&fd_path) {
         Ok(mut f) => {
-            f.write_all(library).map_err(|error| InjectError::Transfer { error })?;
-            f.metadata().map_err(|error| InjectError::Transfer { error })?.ino()
+            f.write_all(library)
+                .map_err(|error| InjectError::Transfer { error })?;
+            f.metadata()
+                .map_err(|error| InjectError::Transfer { error })?
+                .ino()
         }
         Err(_) => {
             // Opening another process's fd can be refused (e.g. by an LSM): let the target
@@ -334,14 +392,18 @@ fn load_from_fd(
                     )?;
                 }
             }
-            fs::metadata(&fd_path).map_err(|error| InjectError::Transfer { error })?.ino()
+            fs::metadata(&fd_path)
+                .map_err(|error| InjectError::Transfer { error })?
+                .ino()
         }
     };
     let path_addr = remote_call::put_c_string(proc, 0, &unique_fd_path(fd, inode))?;
     let mode = libc::RTLD_NOW as u64 | fns.mode_extra;
     let handle = call_safely(proc, fns, fns.dlopen, &[path_addr, mode], DLOPEN_TIMEOUT)?;
     if handle == 0 {
-        return Err(InjectError::DlopenFailed { message: dlerror_text(proc, fns) });
+        return Err(InjectError::DlopenFailed {
+            message: dlerror_text(proc, fns),
+        });
     }
     Ok((handle, inode))
 }
@@ -372,16 +434,27 @@ pub fn dlsym(proc: &mut Process, handle: u64, name: &str) -> Result<u64, InjectE
 }
 
 /// [`dlsym`] with already resolved libc functions.
-pub fn dlsym_with(proc: &mut Process, fns: &LibcFunctions, handle: u64, name: &str) -> Result<u64, InjectError> {
+pub fn dlsym_with(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    handle: u64,
+    name: &str,
+) -> Result<u64, InjectError> {
     if !proc.all_stopped() {
         proc.stop_all()?;
     }
-    let tid = proc.threads().first().copied().ok_or(AttachError::Exited { pid: proc.pid(), status: None })?;
+    let tid = proc.threads().first().copied().ok_or(AttachError::Exited {
+        pid: proc.pid(),
+        status: None,
+    })?;
     remote_call::ensure_scratch(proc, tid)?;
     let addr = remote_call::put_c_string(proc, 0, name)?;
     let v = call_safely(proc, fns, fns.dlsym, &[handle, addr], DLOPEN_TIMEOUT)?;
     if v == 0 {
-        return Err(InjectError::SymbolNotFound { name: name.into(), message: dlerror_text(proc, fns) });
+        return Err(InjectError::SymbolNotFound {
+            name: name.into(),
+            message: dlerror_text(proc, fns),
+        });
     }
     Ok(v)
 }

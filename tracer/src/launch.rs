@@ -106,12 +106,16 @@ fn is_executable_file(p: &Path) -> bool {
 /// Resolves `program` like `execvp`: a name with a `/` is a path, otherwise search `$PATH`.
 pub fn resolve_program(program: &str) -> Result<PathBuf, LaunchError> {
     if program.is_empty() {
-        return Err(LaunchError::NotFound { program: program.into() });
+        return Err(LaunchError::NotFound {
+            program: program.into(),
+        });
     }
     if program.contains('/') {
         let p = PathBuf::from(program);
         if !p.exists() {
-            return Err(LaunchError::NotFound { program: program.into() });
+            return Err(LaunchError::NotFound {
+                program: program.into(),
+            });
         }
         if !is_executable_file(&p) {
             return Err(LaunchError::NotExecutable { path: p });
@@ -125,11 +129,15 @@ pub fn resolve_program(program: &str) -> Result<PathBuf, LaunchError> {
             return Ok(candidate);
         }
     }
-    Err(LaunchError::NotFound { program: program.into() })
+    Err(LaunchError::NotFound {
+        program: program.into(),
+    })
 }
 
 fn cstring(s: &OsStr) -> Result<CString, LaunchError> {
-    CString::new(s.as_bytes()).map_err(|_| LaunchError::BadArgument { arg: s.to_string_lossy().into_owned() })
+    CString::new(s.as_bytes()).map_err(|_| LaunchError::BadArgument {
+        arg: s.to_string_lossy().into_owned(),
+    })
 }
 
 /// `AT_ENTRY` of a process, from `/proc/PID/auxv`.
@@ -158,7 +166,10 @@ fn pipe() -> Result<(Fd, Fd), LaunchError> {
     let mut fds = [0i32; 2];
     // SAFETY: fds has room for the two descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
-        return Err(LaunchError::Spawn { what: "pipe2", errno: Errno::last() });
+        return Err(LaunchError::Spawn {
+            what: "pipe2",
+            errno: Errno::last(),
+        });
     }
     Ok((Fd(fds[0]), Fd(fds[1])))
 }
@@ -179,12 +190,20 @@ pub fn launch(program: &str, args: &[String]) -> Result<Process, LaunchError> {
         let mut kv = k.as_bytes().to_vec();
         kv.push(b'=');
         kv.extend_from_slice(v.as_bytes());
-        env_c.push(CString::new(kv).map_err(|_| LaunchError::BadArgument { arg: k.to_string_lossy().into_owned() })?);
+        env_c.push(CString::new(kv).map_err(|_| LaunchError::BadArgument {
+            arg: k.to_string_lossy().into_owned(),
+        })?);
     }
-    let argv: Vec<*const libc::c_char> =
-        argv_c.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-    let envp: Vec<*const libc::c_char> =
-        env_c.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let argv: Vec<*const libc::c_char> = argv_c
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = env_c
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
 
     let (go_r, go_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
@@ -193,7 +212,10 @@ pub fn launch(program: &str, args: &[String]) -> Result<Process, LaunchError> {
     // execve, write, _exit) on memory prepared before the fork.
     let child = unsafe { libc::fork() };
     if child == -1 {
-        return Err(LaunchError::Spawn { what: "fork", errno: Errno::last() });
+        return Err(LaunchError::Spawn {
+            what: "fork",
+            errno: Errno::last(),
+        });
     }
     if child == 0 {
         // SAFETY: see above; every pointer refers to memory owned by the parent's copy.
@@ -219,9 +241,15 @@ pub fn launch(program: &str, args: &[String]) -> Result<Process, LaunchError> {
         unsafe { libc::kill(child, libc::SIGKILL) };
         let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::__WALL));
     };
-    if let Err(errno) = ptrace::seize(pid, Options::PTRACE_O_TRACECLONE | Options::PTRACE_O_TRACEEXEC) {
+    if let Err(errno) = ptrace::seize(
+        pid,
+        Options::PTRACE_O_TRACECLONE | Options::PTRACE_O_TRACEEXEC,
+    ) {
         kill_child();
-        return Err(LaunchError::Spawn { what: "PTRACE_SEIZE of the child", errno });
+        return Err(LaunchError::Spawn {
+            what: "PTRACE_SEIZE of the child",
+            errno,
+        });
     }
     // SAFETY: writes one byte from a local to our pipe.
     unsafe { libc::write(go_w.0, [1u8].as_ptr().cast(), 1) };
@@ -230,18 +258,29 @@ pub fn launch(program: &str, args: &[String]) -> Result<Process, LaunchError> {
     // Wait for the exec event (or the child's failure).
     loop {
         match wait_tid(child, Some(Instant::now() + ENTRY_TIMEOUT)) {
-            Ok(Some(WaitStatus::PtraceEvent(_, _, ev))) if ev == Event::PTRACE_EVENT_EXEC as i32 => break,
+            Ok(Some(WaitStatus::PtraceEvent(_, _, ev)))
+                if ev == Event::PTRACE_EVENT_EXEC as i32 =>
+            {
+                break
+            }
             Ok(Some(WaitStatus::Exited(_, code))) => {
                 let mut e = 0i32;
                 // SAFETY: reads at most 4 bytes into a local.
                 let n = unsafe { libc::read(err_r.0, (&mut e as *mut i32).cast(), 4) };
                 if n == 4 {
-                    return Err(LaunchError::Exec { path, errno: Errno::from_raw(e) });
+                    return Err(LaunchError::Exec {
+                        path,
+                        errno: Errno::from_raw(e),
+                    });
                 }
-                return Err(LaunchError::ExitedEarly { status: ExitStatus::Code(code) });
+                return Err(LaunchError::ExitedEarly {
+                    status: ExitStatus::Code(code),
+                });
             }
             Ok(Some(WaitStatus::Signaled(_, sig, _))) => {
-                return Err(LaunchError::ExitedEarly { status: ExitStatus::Signal(sig as i32) })
+                return Err(LaunchError::ExitedEarly {
+                    status: ExitStatus::Signal(sig as i32),
+                })
             }
             Ok(Some(WaitStatus::Stopped(_, sig))) => {
                 // A signal before exec: deliver it.
@@ -256,7 +295,10 @@ pub fn launch(program: &str, args: &[String]) -> Result<Process, LaunchError> {
             }
             Err(errno) => {
                 kill_child();
-                return Err(LaunchError::Spawn { what: "waitpid", errno });
+                return Err(LaunchError::Spawn {
+                    what: "waitpid",
+                    errno,
+                });
             }
         }
     }
@@ -300,7 +342,14 @@ fn run_to_entry(proc: &mut Process) -> Result<(), LaunchError> {
                 proc.resume_thread(pid)?;
             }
             Ok(None) => {}
-            Err(errno) => return Err(AttachError::Ptrace { tid: pid, op: "waitpid", errno }.into()),
+            Err(errno) => {
+                return Err(AttachError::Ptrace {
+                    tid: pid,
+                    op: "waitpid",
+                    errno,
+                }
+                .into())
+            }
         }
         // Threads started by library constructors keep running until we reach the entry.
         proc.service_except(Duration::ZERO, Some(pid))?;

@@ -45,9 +45,18 @@ pub enum RemoteCallError {
     Attach(AttachError),
     /// The function did not return within the time limit; the thread was interrupted and
     /// its state restored (locks the function took may still be held).
-    Timeout { tid: i32, function: u64, timeout: Duration },
+    Timeout {
+        tid: i32,
+        function: u64,
+        timeout: Duration,
+    },
     /// The function crashed (SIGSEGV, SIGBUS, ...) at `rip`; state restored, signal dropped.
-    Crashed { tid: i32, function: u64, signal: Signal, rip: u64 },
+    Crashed {
+        tid: i32,
+        function: u64,
+        signal: Signal,
+        rip: u64,
+    },
     /// The thread stopped somewhere else than our return pad.
     UnexpectedStop { tid: i32, rip: u64, expected: u64 },
     /// More than six integer arguments (only register arguments are supported).
@@ -122,10 +131,18 @@ pub struct SavedState {
 
 fn getregset_xstate(tid: i32) -> Result<Vec<u8>, Errno> {
     let mut buf = vec![0u8; XSTATE_MAX];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     // SAFETY: iov describes `buf`, which outlives the call; the kernel shrinks iov_len.
     let rc = unsafe {
-        libc::ptrace(libc::PTRACE_GETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec)
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            tid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec,
+        )
     };
     if rc == -1 {
         return Err(Errno::last());
@@ -135,10 +152,18 @@ fn getregset_xstate(tid: i32) -> Result<Vec<u8>, Errno> {
 }
 
 fn setregset_xstate(tid: i32, xstate: &mut [u8]) -> Result<(), Errno> {
-    let mut iov = libc::iovec { iov_base: xstate.as_mut_ptr().cast(), iov_len: xstate.len() };
+    let mut iov = libc::iovec {
+        iov_base: xstate.as_mut_ptr().cast(),
+        iov_len: xstate.len(),
+    };
     // SAFETY: iov describes `xstate`, which outlives the call.
     let rc = unsafe {
-        libc::ptrace(libc::PTRACE_SETREGSET, tid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec)
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            tid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec,
+        )
     };
     if rc == -1 {
         return Err(Errno::last());
@@ -179,18 +204,27 @@ pub fn save_state(proc: &Process, tid: i32) -> Result<SavedState, RemoteCallErro
 
 /// Restores what [`save_state`] saved. A thread that was group-stopped is brought back
 /// into a group-stop (`PTRACE_EVENT_STOP`) so that it stays stopped when resumed.
-pub fn restore_state(proc: &mut Process, tid: i32, saved: &mut SavedState) -> Result<(), RemoteCallError> {
+pub fn restore_state(
+    proc: &mut Process,
+    tid: i32,
+    saved: &mut SavedState,
+) -> Result<(), RemoteCallError> {
     let lost = |cause: String| RemoteCallError::Lost { tid, cause };
-    if saved.stop == Some(Stop::Group) && proc.threads.get(&tid).and_then(|t| t.stop) != Some(Stop::Group) {
+    if saved.stop == Some(Stop::Group)
+        && proc.threads.get(&tid).and_then(|t| t.stop) != Some(Stop::Group)
+    {
         // Run the thread into a job-control trap: with the group stopped, the kernel reports
         // it as a group-stop again. Registers are restored afterwards (the trap happens
         // before any user instruction runs).
-        ptrace::interrupt(Pid::from_raw(tid)).map_err(|e| lost(format!("PTRACE_INTERRUPT: {e}")))?;
+        ptrace::interrupt(Pid::from_raw(tid))
+            .map_err(|e| lost(format!("PTRACE_INTERRUPT: {e}")))?;
         ptrace::cont(Pid::from_raw(tid), None).map_err(|e| lost(format!("PTRACE_CONT: {e}")))?;
         mark_running(proc, tid);
-        wait_stop(proc, tid, Some(Instant::now() + SYSCALL_TIMEOUT)).map_err(|e| lost(e.to_string()))?;
+        wait_stop(proc, tid, Some(Instant::now() + SYSCALL_TIMEOUT))
+            .map_err(|e| lost(e.to_string()))?;
     }
-    proc.set_regs(tid, &saved.regs).map_err(|e| lost(e.to_string()))?;
+    proc.set_regs(tid, &saved.regs)
+        .map_err(|e| lost(e.to_string()))?;
     setregset_xstate(tid, &mut saved.xstate).map_err(|e| lost(format!("PTRACE_SETREGSET: {e}")))?;
     set_sigmask(tid, saved.sigmask).map_err(|e| lost(format!("PTRACE_SETSIGMASK: {e}")))?;
     Ok(())
@@ -210,11 +244,8 @@ fn wait_stop(
     deadline: Option<Instant>,
 ) -> Result<Option<WaitStatus>, RemoteCallError> {
     loop {
-        let short = Some(Instant::now() + Duration::from_millis(2));
-        let until = match deadline {
-            Some(d) => Some(d.min(short.expect("set"))),
-            None => short,
-        };
+        let short = Instant::now() + Duration::from_millis(2);
+        let until = Some(deadline.map_or(short, |d| d.min(short)));
         match wait_tid(tid, until) {
             Ok(Some(st)) => {
                 if proc.handle(tid, st)? == Handled::Gone {
@@ -225,11 +256,19 @@ fn wait_stop(
             Ok(None) => {}
             Err(Errno::ECHILD) => return Err(RemoteCallError::Exited { pid: proc.pid() }),
             Err(e) => {
-                return Err(AttachError::Ptrace { tid, op: "waitpid", errno: e }.into());
+                return Err(AttachError::Ptrace {
+                    tid,
+                    op: "waitpid",
+                    errno: e,
+                }
+                .into());
             }
         }
         // Keep the other threads going: deliver their signals, start their new threads.
-        let others_running = proc.threads.iter().any(|(&t, th)| t != tid && th.stop.is_none());
+        let others_running = proc
+            .threads
+            .iter()
+            .any(|(&t, th)| t != tid && th.stop.is_none());
         if others_running {
             proc.service_except(Duration::ZERO, Some(tid))?;
             if proc.exit_status().is_some() {
@@ -253,7 +292,10 @@ pub struct CallOptions {
 
 impl Default for CallOptions {
     fn default() -> Self {
-        CallOptions { timeout: Duration::from_secs(10), block_signals: true }
+        CallOptions {
+            timeout: Duration::from_secs(10),
+            block_signals: true,
+        }
     }
 }
 
@@ -267,7 +309,16 @@ pub fn call(
     args: &[u64],
     timeout: Duration,
 ) -> Result<u64, RemoteCallError> {
-    call_with(proc, tid, function, args, CallOptions { timeout, ..CallOptions::default() })
+    call_with(
+        proc,
+        tid,
+        function,
+        args,
+        CallOptions {
+            timeout,
+            ..CallOptions::default()
+        },
+    )
 }
 
 /// [`call`] with options.
@@ -287,15 +338,18 @@ pub fn call_with(
 
     let mut r = saved.regs;
     r.orig_rax = u64::MAX; // -1: not in a syscall, nothing to restart
-    // Skip the red zone, align, then push the return address: (rsp + 8) % 16 == 0 at entry.
+                           // Skip the red zone, align, then push the return address: (rsp + 8) % 16 == 0 at entry.
     let mut sp = (saved.regs.rsp - 128) & !0xf;
     sp -= 8;
-    proc.write_memory(sp, &ret_addr.to_le_bytes()).map_err(mem_err(sp))?;
+    proc.write_memory(sp, &ret_addr.to_le_bytes())
+        .map_err(mem_err(sp))?;
     r.rsp = sp;
     r.rip = function;
     r.rax = 0; // no vector registers used by a variadic callee
     r.eflags &= !(0x400 | 0x100); // DF = 0 per ABI, no trap flag
-    let slots = [&mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.rcx, &mut r.r8, &mut r.r9];
+    let slots = [
+        &mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.rcx, &mut r.r8, &mut r.r9,
+    ];
     for (slot, &a) in slots.into_iter().zip(args) {
         *slot = a;
     }
@@ -317,22 +371,39 @@ fn run_until_pad(
 ) -> Result<u64, RemoteCallError> {
     proc.set_regs(tid, regs)?;
     if opts.block_signals {
-        set_sigmask(tid, !0).map_err(|errno| AttachError::Ptrace { tid, op: "PTRACE_SETSIGMASK", errno })?;
+        set_sigmask(tid, !0).map_err(|errno| AttachError::Ptrace {
+            tid,
+            op: "PTRACE_SETSIGMASK",
+            errno,
+        })?;
     }
     let deadline = Instant::now() + opts.timeout;
-    ptrace::cont(Pid::from_raw(tid), None)
-        .map_err(|errno| AttachError::Ptrace { tid, op: "PTRACE_CONT", errno })?;
+    ptrace::cont(Pid::from_raw(tid), None).map_err(|errno| AttachError::Ptrace {
+        tid,
+        op: "PTRACE_CONT",
+        errno,
+    })?;
     mark_running(proc, tid);
     loop {
         let Some(st) = wait_stop(proc, tid, Some(deadline))? else {
             // Time-out: bring the thread back to a stop so that its state can be restored.
-            ptrace::interrupt(Pid::from_raw(tid))
-                .map_err(|errno| AttachError::Ptrace { tid, op: "PTRACE_INTERRUPT", errno })?;
+            ptrace::interrupt(Pid::from_raw(tid)).map_err(|errno| AttachError::Ptrace {
+                tid,
+                op: "PTRACE_INTERRUPT",
+                errno,
+            })?;
             if wait_stop(proc, tid, Some(Instant::now() + SYSCALL_TIMEOUT))?.is_none() {
-                return Err(RemoteCallError::Lost { tid, cause: "no stop after PTRACE_INTERRUPT".into() });
+                return Err(RemoteCallError::Lost {
+                    tid,
+                    cause: "no stop after PTRACE_INTERRUPT".into(),
+                });
             }
             take_pending_if(proc, tid, |_| false);
-            return Err(RemoteCallError::Timeout { tid, function, timeout: opts.timeout });
+            return Err(RemoteCallError::Timeout {
+                tid,
+                function,
+                timeout: opts.timeout,
+            });
         };
         let rip = proc.regs(tid)?.rip;
         match st {
@@ -343,20 +414,36 @@ fn run_until_pad(
             WaitStatus::Stopped(_, sig)
                 if matches!(
                     sig,
-                    Signal::SIGSEGV | Signal::SIGBUS | Signal::SIGILL | Signal::SIGFPE | Signal::SIGTRAP
+                    Signal::SIGSEGV
+                        | Signal::SIGBUS
+                        | Signal::SIGILL
+                        | Signal::SIGFPE
+                        | Signal::SIGTRAP
                 ) =>
             {
                 take_pending_if(proc, tid, |s| s == sig);
                 if sig == Signal::SIGTRAP {
-                    return Err(RemoteCallError::UnexpectedStop { tid, rip, expected: pad + 1 });
+                    return Err(RemoteCallError::UnexpectedStop {
+                        tid,
+                        rip,
+                        expected: pad + 1,
+                    });
                 }
-                return Err(RemoteCallError::Crashed { tid, function, signal: sig, rip });
+                return Err(RemoteCallError::Crashed {
+                    tid,
+                    function,
+                    signal: sig,
+                    rip,
+                });
             }
             _ => {
                 // A signal (kept pending for later), a spurious job-control trap, a clone or
                 // a group-stop: carry on with the call.
-                ptrace::cont(Pid::from_raw(tid), None)
-                    .map_err(|errno| AttachError::Ptrace { tid, op: "PTRACE_CONT", errno })?;
+                ptrace::cont(Pid::from_raw(tid), None).map_err(|errno| AttachError::Ptrace {
+                    tid,
+                    op: "PTRACE_CONT",
+                    errno,
+                })?;
                 mark_running(proc, tid);
             }
         }
@@ -375,19 +462,29 @@ fn take_pending_if(proc: &mut Process, tid: i32, pred: impl Fn(Signal) -> bool) 
 /// Executes `syscall` with `nr` and up to 6 arguments in the stopped thread `tid`.
 /// Returns the raw result (negative errno on failure). Needs the scratch page, or every
 /// thread stopped (the instruction is then written over `rip` temporarily).
-pub fn syscall(proc: &mut Process, tid: i32, nr: i64, args: &[u64]) -> Result<i64, RemoteCallError> {
-    let at = match proc.scratch() {
-        Some(s) => Some(s.base + SYSCALL_PAD),
-        None => None,
-    };
+pub fn syscall(
+    proc: &mut Process,
+    tid: i32,
+    nr: i64,
+    args: &[u64],
+) -> Result<i64, RemoteCallError> {
+    let at = proc.scratch().map(|s| s.base + SYSCALL_PAD);
     syscall_at(proc, tid, nr, args, at)
 }
 
 /// Like [`syscall`], returning `Err(Syscall)` for a negative (errno) result.
-pub fn syscall_ok(proc: &mut Process, tid: i32, nr: i64, args: &[u64]) -> Result<u64, RemoteCallError> {
+pub fn syscall_ok(
+    proc: &mut Process,
+    tid: i32,
+    nr: i64,
+    args: &[u64],
+) -> Result<u64, RemoteCallError> {
     let r = syscall(proc, tid, nr, args)?;
     if (-4095..0).contains(&r) {
-        return Err(RemoteCallError::Syscall { name: syscall_name(nr), errno: Errno::from_raw(-r as i32) });
+        return Err(RemoteCallError::Syscall {
+            name: syscall_name(nr),
+            errno: Errno::from_raw(-r as i32),
+        });
     }
     Ok(r as u64)
 }
@@ -432,7 +529,8 @@ fn syscall_at(
             let a = saved.regs.rip;
             let mut orig = [0u8; 3];
             proc.read_memory(a, &mut orig).map_err(mem_err(a))?;
-            proc.write_memory(a, &[0x0f, 0x05, 0xcc]).map_err(mem_err(a))?;
+            proc.write_memory(a, &[0x0f, 0x05, 0xcc])
+                .map_err(mem_err(a))?;
             (a, Some(orig))
         }
     };
@@ -441,17 +539,25 @@ fn syscall_at(
     r.rip = addr;
     r.rax = nr as u64;
     r.eflags &= !0x100;
-    let slots = [&mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.r10, &mut r.r8, &mut r.r9];
+    let slots = [
+        &mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.r10, &mut r.r8, &mut r.r9,
+    ];
     for (slot, &a) in slots.into_iter().zip(args) {
         *slot = a;
     }
     // The int3 after `syscall` is at addr + 2; the trap reports rip = addr + 3.
-    let opts = CallOptions { timeout: SYSCALL_TIMEOUT, block_signals: true };
+    let opts = CallOptions {
+        timeout: SYSCALL_TIMEOUT,
+        block_signals: true,
+    };
     let outcome = run_until_pad(proc, tid, &r, addr + 2, addr, opts);
     let mut restore_err = None;
     if let Some(orig) = original {
         if let Err(e) = proc.write_memory(addr, &orig) {
-            restore_err = Some(RemoteCallError::Lost { tid, cause: format!("restoring code bytes: {e}") });
+            restore_err = Some(RemoteCallError::Lost {
+                tid,
+                cause: format!("restoring code bytes: {e}"),
+            });
         }
     }
     let restored = restore_state(proc, tid, &mut saved);
@@ -471,9 +577,18 @@ pub fn ensure_scratch(proc: &mut Process, tid: i32) -> Result<Scratch, RemoteCal
     let len = PAGE + SCRATCH_DATA_LEN;
     let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
-    let r = syscall_at(proc, tid, libc::SYS_mmap, &[0, len, prot, flags, u64::MAX, 0], None)?;
+    let r = syscall_at(
+        proc,
+        tid,
+        libc::SYS_mmap,
+        &[0, len, prot, flags, u64::MAX, 0],
+        None,
+    )?;
     if (-4095..0).contains(&r) {
-        return Err(RemoteCallError::Syscall { name: "mmap", errno: Errno::from_raw(-r as i32) });
+        return Err(RemoteCallError::Syscall {
+            name: "mmap",
+            errno: Errno::from_raw(-r as i32),
+        });
     }
     let base = r as u64;
     let mut code = [0xccu8; 16];
@@ -484,7 +599,10 @@ pub fn ensure_scratch(proc: &mut Process, tid: i32) -> Result<Scratch, RemoteCal
         // Not from the scratch page itself: it is not executable yet.
         let r = syscall_at(proc, tid, libc::SYS_mprotect, &[base, PAGE, prot], None)?;
         if r != 0 {
-            return Err(RemoteCallError::Syscall { name: "mprotect", errno: Errno::from_raw(-r as i32) });
+            return Err(RemoteCallError::Syscall {
+                name: "mprotect",
+                errno: Errno::from_raw(-r as i32),
+            });
         }
         Ok(())
     })();
@@ -492,7 +610,12 @@ pub fn ensure_scratch(proc: &mut Process, tid: i32) -> Result<Scratch, RemoteCal
         let _ = syscall_at(proc, tid, libc::SYS_munmap, &[base, len], None);
         return Err(e);
     }
-    let s = Scratch { base, data: base + PAGE, data_len: SCRATCH_DATA_LEN, len };
+    let s = Scratch {
+        base,
+        data: base + PAGE,
+        data_len: SCRATCH_DATA_LEN,
+        len,
+    };
     proc.scratch = Some(s);
     Ok(s)
 }
@@ -501,17 +624,25 @@ pub fn ensure_scratch(proc: &mut Process, tid: i32) -> Result<Scratch, RemoteCal
 pub fn release_scratch(proc: &mut Process) {
     let Some(s) = proc.scratch.take() else { return };
     // munmap must not run from inside the page it removes: use the thread's rip.
-    let Some(tid) = proc.threads().into_iter().find(|&t| proc.is_stopped(t)) else { return };
+    let Some(tid) = proc.threads().into_iter().find(|&t| proc.is_stopped(t)) else {
+        return;
+    };
     let _ = syscall_at(proc, tid, libc::SYS_munmap, &[s.base, s.len], None);
 }
 
 /// Copies `data` into the scratch data area at `offset` and returns its target address.
 pub fn put_data(proc: &mut Process, offset: u64, data: &[u8]) -> Result<u64, RemoteCallError> {
-    let s = proc.scratch().ok_or(RemoteCallError::Lost { tid: proc.pid(), cause: "no scratch page".into() })?;
+    let s = proc.scratch().ok_or(RemoteCallError::Lost {
+        tid: proc.pid(),
+        cause: "no scratch page".into(),
+    })?;
     if offset + data.len() as u64 > s.data_len {
         return Err(RemoteCallError::Memory {
             addr: s.data + offset,
-            error: std::io::Error::new(std::io::ErrorKind::InvalidInput, "data larger than the scratch area"),
+            error: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "data larger than the scratch area",
+            ),
         });
     }
     let addr = s.data + offset;

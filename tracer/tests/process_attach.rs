@@ -61,10 +61,18 @@ fn twenty_attach_detach_cycles_keep_the_checksum_and_signals() {
     for cycle in 0..20 {
         let mut p = attach(pid).unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
         let tids = p.threads();
-        assert_eq!(tids, list_tasks(pid).unwrap(), "cycle {cycle}: every thread seized");
+        assert_eq!(
+            tids,
+            list_tasks(pid).unwrap(),
+            "cycle {cycle}: every thread seized"
+        );
         assert_eq!(tids.len(), 5, "main + 4 workers");
         for &tid in &tids {
-            assert_eq!(thread_state(pid, tid).unwrap(), 't', "cycle {cycle}: thread {tid} stopped");
+            assert_eq!(
+                thread_state(pid, tid).unwrap(),
+                't',
+                "cycle {cycle}: thread {tid} stopped"
+            );
         }
         if cycle == 7 {
             // Signals arriving while every thread is held must be delivered afterwards.
@@ -86,7 +94,11 @@ fn twenty_attach_detach_cycles_keep_the_checksum_and_signals() {
         }
         p.detach().unwrap();
         for tid in list_tasks(pid).unwrap() {
-            assert_ne!(thread_state(pid, tid).unwrap(), 't', "cycle {cycle}: {tid} still traced");
+            assert_ne!(
+                thread_state(pid, tid).unwrap(),
+                't',
+                "cycle {cycle}: {tid} still traced"
+            );
         }
         assert_eq!(tracer::threads::tracer_pid(pid).unwrap(), 0);
     }
@@ -97,8 +109,15 @@ fn twenty_attach_detach_cycles_keep_the_checksum_and_signals() {
     assert!(reference.wait().unwrap().success());
     assert!(traced.starts_with("checksum "), "{traced}");
     let sum = |s: &str| s.split_whitespace().nth(1).unwrap().to_string();
-    assert_eq!(sum(&traced), sum(&untraced), "same computation traced and untraced");
-    assert!(traced.ends_with("usr1 1 usr2 1"), "signals sent while stopped were lost: {traced}");
+    assert_eq!(
+        sum(&traced),
+        sum(&untraced),
+        "same computation traced and untraced"
+    );
+    assert!(
+        traced.ends_with("usr1 1 usr2 1"),
+        "signals sent while stopped were lost: {traced}"
+    );
 }
 
 const STOPPED: &str = r#"
@@ -132,7 +151,11 @@ fn a_sigstopped_target_stays_stopped_after_detach() {
     std::thread::sleep(std::time::Duration::from_millis(50));
     p.detach().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(50));
-    assert_eq!(thread_state(pid, pid).unwrap(), 'T', "still stopped by SIGSTOP");
+    assert_eq!(
+        thread_state(pid, pid).unwrap(),
+        'T',
+        "still stopped by SIGSTOP"
+    );
     // SAFETY: plain kill() to our own child.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert_eq!(line(&mut out), "done");

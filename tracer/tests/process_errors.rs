@@ -9,9 +9,15 @@ use tracer::threads::{attach, thread_state, tracer_pid, AttachError};
 fn no_such_pid() {
     // PIDs above pid_max (at most 2^22) never exist.
     let e = attach(0x7fff_fff0).unwrap_err();
-    assert!(matches!(e, AttachError::NoSuchProcess { pid: 0x7fff_fff0 }), "{e}");
+    assert!(
+        matches!(e, AttachError::NoSuchProcess { pid: 0x7fff_fff0 }),
+        "{e}"
+    );
     assert!(e.to_string().contains("no process with PID"), "{e}");
-    assert!(matches!(attach(-5).unwrap_err(), AttachError::NoSuchProcess { .. }));
+    assert!(matches!(
+        attach(-5).unwrap_err(),
+        AttachError::NoSuchProcess { .. }
+    ));
 }
 
 /// The parent forks a child that makes the parent its tracer with PTRACE_TRACEME.
@@ -50,7 +56,8 @@ fn target_already_traced_by_another_process() {
     let dir = temp_dir("traced");
     let exe = cc(&dir, "traced", TRACED, &[]);
     let mut cmd = std::process::Command::new(&exe);
-    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
     let mut parent = cmd.spawn().unwrap();
     let mut out = std::io::BufReader::new(parent.stdout.take().unwrap());
     let child: i32 = line(&mut out).parse().unwrap();
@@ -97,7 +104,12 @@ fn statically_linked_target_cannot_be_injected_and_is_left_running() {
 #[test]
 fn target_exiting_is_reported_not_hung() {
     let dir = temp_dir("exit");
-    let exe = cc(&dir, "quick", "#include <unistd.h>\nint main(void){usleep(300000);return 3;}", &[]);
+    let exe = cc(
+        &dir,
+        "quick",
+        "#include <unistd.h>\nint main(void){usleep(300000);return 3;}",
+        &[],
+    );
     let (mut child, _out) = spawn(&exe, &[], &[]);
     let pid = child.id() as i32;
     let mut p = attach(pid).unwrap();
@@ -113,5 +125,7 @@ fn target_exiting_is_reported_not_hung() {
     assert!(matches!(e, AttachError::Exited { .. }), "{e}");
     drop(p);
     // We are both its parent and its tracer: our wait already reaped it.
-    assert!(child.try_wait().is_err_and(|e| e.raw_os_error() == Some(libc::ECHILD)));
+    assert!(child
+        .try_wait()
+        .is_err_and(|e| e.raw_os_error() == Some(libc::ECHILD)));
 }

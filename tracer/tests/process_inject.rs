@@ -52,7 +52,11 @@ fn inject_a_library_into_a_busy_program_then_call_it() {
     let lib = cc(&dir, "libtest.so", LIB, &["-shared", "-fPIC"]);
     let exe = cc(&dir, "busy", BUSY, &["-pthread"]);
     let marker = dir.join("marker");
-    let (mut child, mut out) = spawn(&exe, &["3"], &[("TRACER_TEST_MARKER", marker.to_str().unwrap())]);
+    let (mut child, mut out) = spawn(
+        &exe,
+        &["3"],
+        &[("TRACER_TEST_MARKER", marker.to_str().unwrap())],
+    );
     assert_eq!(line(&mut out), "ready");
     let pid = child.id() as i32;
 
@@ -60,15 +64,26 @@ fn inject_a_library_into_a_busy_program_then_call_it() {
     let bytes = std::fs::read(&lib).unwrap();
     let inj = inject::inject_named(&mut p, &bytes, "tracer-test-lib").unwrap();
     assert!(p.all_stopped(), "every thread stopped again after dlopen");
-    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "loaded", "constructor ran");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "loaded",
+        "constructor ran"
+    );
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    assert!(inj.path_in_target.contains("tracer-test-lib"), "{}", inj.path_in_target);
+    assert!(
+        inj.path_in_target.contains("tracer-test-lib"),
+        "{}",
+        inj.path_in_target
+    );
     assert!(maps.contains(&inj.path_in_target));
     assert!(maps.contains(&format!("{:x}-", inj.base)));
     // The memfd was closed again.
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
         let target = std::fs::read_link(fd.unwrap().path()).unwrap();
-        assert!(!target.to_string_lossy().contains("memfd"), "leaked fd {target:?}");
+        assert!(
+            !target.to_string_lossy().contains("memfd"),
+            "leaked fd {target:?}"
+        );
     }
 
     let f = inject::dlsym(&mut p, inj.handle, "triple_plus_flag").unwrap();
@@ -79,7 +94,10 @@ fn inject_a_library_into_a_busy_program_then_call_it() {
 
     let e = inject::dlsym(&mut p, inj.handle, "no_such_function").unwrap_err();
     assert!(matches!(e, InjectError::SymbolNotFound { .. }), "{e}");
-    assert!(e.to_string().contains("undefined symbol"), "dlerror text included: {e}");
+    assert!(
+        e.to_string().contains("undefined symbol"),
+        "dlerror text included: {e}"
+    );
 
     // Not an ELF file: dlopen fails and dlerror says why.
     let e = inject::inject(&mut p, &[b'x'; 4096]).unwrap_err();
@@ -104,7 +122,10 @@ fn inject_the_real_agent_repeatedly() {
         let mut p = attach(pid).unwrap();
         let inj = inject::inject_named(&mut p, agent, "tracer-agent").unwrap();
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-        let n = maps.lines().filter(|l| l.contains("/memfd:tracer-agent")).count();
+        let n = maps
+            .lines()
+            .filter(|l| l.contains("/memfd:tracer-agent"))
+            .count();
         assert!(n >= 1, "round {round}: agent mapped");
         assert!(inj.handle != 0);
         p.resume_all().unwrap();

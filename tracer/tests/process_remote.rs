@@ -57,7 +57,11 @@ fn remote_calls_restore_everything_and_the_sleep_resumes() {
 
     let mut p = attach(pid).unwrap();
     let before = p.regs(pid).unwrap();
-    assert_eq!(before.orig_rax as i64, libc::SYS_clock_nanosleep, "stopped in the sleep");
+    assert_eq!(
+        before.orig_rax as i64,
+        libc::SYS_clock_nanosleep,
+        "stopped in the sleep"
+    );
     let fp_before = ptrace::getregset::<NT_PRFPREG>(Pid::from_raw(pid)).unwrap();
 
     let args = [7u64, 3, 5, 2, 9, 4];
@@ -67,8 +71,15 @@ fn remote_calls_restore_everything_and_the_sleep_resumes() {
 
     let after = p.regs(pid).unwrap();
     let fp_after = ptrace::getregset::<NT_PRFPREG>(Pid::from_raw(pid)).unwrap();
-    assert_eq!(format!("{before:?}"), format!("{after:?}"), "general registers restored");
-    assert_eq!(fp_before.xmm_space, fp_after.xmm_space, "xmm registers restored");
+    assert_eq!(
+        format!("{before:?}"),
+        format!("{after:?}"),
+        "general registers restored"
+    );
+    assert_eq!(
+        fp_before.xmm_space, fp_after.xmm_space,
+        "xmm registers restored"
+    );
     assert_eq!(fp_before.mxcsr, fp_after.mxcsr);
 
     // stack_align is a leaf without a frame: it returns rsp as it was at its entry.
@@ -83,7 +94,11 @@ fn remote_calls_restore_everything_and_the_sleep_resumes() {
     assert!(e.to_string().contains("did not return"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(3));
     let after = p.regs(pid).unwrap();
-    assert_eq!(format!("{before:?}"), format!("{after:?}"), "registers restored after time-out");
+    assert_eq!(
+        format!("{before:?}"),
+        format!("{after:?}"),
+        "registers restored after time-out"
+    );
 
     // Remote syscalls.
     let r = remote_call::syscall(&mut p, pid, libc::SYS_getpid, &[]).unwrap();
@@ -96,9 +111,15 @@ fn remote_calls_restore_everything_and_the_sleep_resumes() {
     let res = line(&mut out);
     assert!(child.wait().unwrap().success());
     let parts: Vec<&str> = res.split_whitespace().collect();
-    assert_eq!(parts[1], "0", "clock_nanosleep returned 0, not EINTR: {res}");
+    assert_eq!(
+        parts[1], "0",
+        "clock_nanosleep returned 0, not EINTR: {res}"
+    );
     let ms: u64 = parts[3].parse().unwrap();
-    assert!((2000..4000).contains(&ms), "slept the full 2 s once restarted: {res}");
+    assert!(
+        (2000..4000).contains(&ms),
+        "slept the full 2 s once restarted: {res}"
+    );
 }
 
 #[test]

@@ -31,12 +31,20 @@ pub fn cc(dir: &Path, name: &str, source: &str, flags: &[&str]) -> PathBuf {
         .args(flags)
         .output()
         .expect("run cc");
-    assert!(o.status.success(), "cc failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "cc failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     out
 }
 
 /// Spawns `program` with piped stdout; returns the child and a line reader on its stdout.
-pub fn spawn(program: &Path, args: &[&str], env: &[(&str, &str)]) -> (Child, BufReader<ChildStdout>) {
+pub fn spawn(
+    program: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, BufReader<ChildStdout>) {
     let mut c = Command::new(program);
     c.args(args).stdout(Stdio::piped());
     for (k, v) in env {
