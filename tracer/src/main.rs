@@ -264,16 +264,34 @@ fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, String> {
             None => "no functions found".into(),
         });
     }
+    let pid = target.parse::<i32>().ok();
+    let proc_mem = pid.map(tracer::probeable::ProcMemory::open).transpose();
+    let proc_mem = proc_mem.map_err(|e| format!("cannot read the memory of {target}: {e}"))?;
+    let mut files: std::collections::HashMap<String, Vec<u8>> = Default::default();
     let mut out = std::io::stdout().lock();
     for (m, f, name) in found {
+        let verdict = if f.is_ifunc {
+            "ifunc: probes the implementation the loader picks".to_string()
+        } else {
+            let r = match &proc_mem {
+                Some(mem) => tracer::probeable::check(mem, f.address, f.size),
+                None => {
+                    let bytes = files
+                        .entry(m.path.clone())
+                        .or_insert_with(|| tracer::probeable::module_bytes(m).unwrap_or_default());
+                    let mem = tracer::probeable::FileMemory::new(bytes, &m.elf.segments, m.bias);
+                    tracer::probeable::check(&mem, f.address, f.size)
+                }
+            };
+            match r {
+                Ok(()) => "probeable".to_string(),
+                Err(why) => format!("refused: {why}"),
+            }
+        };
         let _ = writeln!(
             out,
-            "{}:{}  {:#x}  size {}{}",
-            m.name,
-            name,
-            f.address,
-            f.size,
-            if f.is_ifunc { "  ifunc" } else { "" }
+            "{}:{}  {:#x}  size {}  {verdict}",
+            m.name, name, f.address, f.size,
         );
     }
     Ok(ExitCode::SUCCESS)
