@@ -79,6 +79,12 @@ impl fmt::Display for SessionError {
             SessionError::Inject(e) => e.fmt(f),
             SessionError::Remote(e) => e.fmt(f),
             SessionError::Agent(e) => write!(f, "agent: {e}"),
+            // One refusal fits on one line, as every other error does.
+            SessionError::NothingInstalled(v) if v.len() == 1 => write!(
+                f,
+                "cannot probe {} at {:#x}: {}",
+                v[0].label, v[0].address, v[0].reason
+            ),
             SessionError::NothingInstalled(v) => {
                 write!(f, "no probe could be installed:")?;
                 for n in v.iter().take(10) {
