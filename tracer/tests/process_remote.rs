@@ -136,3 +136,40 @@ fn too_many_arguments_is_an_error() {
     assert!(line(&mut out).starts_with("rc 0"));
     assert!(child.wait().unwrap().success());
 }
+
+const SPINNER: &str = r#"
+#include <stdio.h>
+__attribute__((noinline)) void busy(void) { volatile long n = 0; for (;;) n++; }
+int main(void) { printf("%p\n", (void *)busy); fflush(stdout); busy(); }
+"#;
+
+#[test]
+fn single_step_leaves_an_instruction_but_not_a_loop() {
+    let dir = temp_dir("step");
+    let exe = cc(&dir, "spinner", SPINNER, &[]);
+    let (mut child, mut out) = spawn(&exe, &[], &[]);
+    let busy = hex(&line(&mut out));
+    let pid = child.id() as i32;
+    std::thread::sleep(Duration::from_millis(50));
+    let mut p = attach(pid).unwrap();
+    let rip = p.regs(pid).unwrap().rip;
+    assert!(
+        (busy..busy + 64).contains(&rip),
+        "spinning in busy(): {rip:#x}"
+    );
+    let next = p.step_out_of(pid, rip, rip + 1, 10).unwrap();
+    assert_ne!(next, rip);
+    assert!((busy..busy + 64).contains(&next));
+    let e = p.step_out_of(pid, busy, busy + 64, 200).unwrap_err();
+    assert!(e.to_string().contains("leave the address range"), "{e}");
+    assert!(p.is_stopped(pid));
+    p.detach().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        tracer::threads::thread_state(pid, pid).unwrap(),
+        'R',
+        "runs again"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
