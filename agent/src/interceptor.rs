@@ -116,6 +116,8 @@ pub struct Interceptor {
     prepared: Vec<Prepared>,
     exit_trampoline: Option<u64>,
     policy: Policy,
+    /// The thread state's offset from the thread pointer, for inline fast paths.
+    tls: Option<i32>,
 }
 
 impl Interceptor {
@@ -129,6 +131,7 @@ impl Interceptor {
             prepared: Vec::new(),
             exit_trampoline: None,
             policy: Policy::Best,
+            tls: crate::thread_state::offset_from_thread_pointer(),
         })
     }
 
@@ -182,12 +185,23 @@ impl Interceptor {
             exit_trampoline,
             id: id as u32,
         }));
+        // Counting-only probes take the inline path; a handler needs the full one.
+        let fast = match (req.on_entry, req.on_exit, req.kind, self.tls) {
+            (None, None, ProbeKind::Entry | ProbeKind::Exit, Some(tls)) => {
+                Some(trampoline::FastEntry {
+                    tls,
+                    counters,
+                    exit_trampoline,
+                })
+            }
+            _ => None,
+        };
         let on_entry = dispatch::on_entry as *const () as u64;
         // Near the site and the agent when one block can reach both; else near the site.
         let mut placed = None;
         for near in [&[stolen.site, on_entry][..], &[stolen.site][..]] {
             match jit::place(&mut self.alloc, near, self.policy, |e| {
-                trampoline::emit_entry(e, probe, &stolen)
+                trampoline::emit_entry(e, probe, &stolen, fast)
             }) {
                 Ok(p) => {
                     placed = Some(p);
@@ -229,11 +243,11 @@ impl Interceptor {
         }
         let on_exit = dispatch::on_exit as *const () as u64;
         let placed = jit::place(&mut self.alloc, &[on_exit], self.policy, |e| {
-            trampoline::emit_exit(e)
+            trampoline::emit_exit(e, self.tls)
         })
         .or_else(|_| {
             jit::place(&mut self.alloc, &[], self.policy, |e| {
-                trampoline::emit_exit(e)
+                trampoline::emit_exit(e, self.tls)
             })
         })
         .map_err(|e| match e {

@@ -76,6 +76,39 @@ pub fn current() -> &'static mut ThreadState {
     }
 }
 
+/// Offsets of [`ThreadState`] fields, for code generated at run time.
+pub mod layout {
+    pub const BUSY: i32 = 0;
+    pub const SHADOW: i32 = 8;
+    pub const DEPTH: i32 = 16;
+    pub const CAPACITY: i32 = 24;
+    /// log2 of `size_of::<ShadowEntry>()`.
+    pub const ENTRY_SHIFT: u32 = 5;
+    pub const E_RETURN_ADDRESS: i32 = 0;
+    pub const E_ENTRY_RSP: i32 = 8;
+    pub const E_PROBE: i32 = 16;
+    pub const E_TSC: i32 = 24;
+}
+
+const _: () = assert!(std::mem::offset_of!(ThreadState, depth) == layout::DEPTH as usize);
+const _: () = assert!(std::mem::offset_of!(ThreadState, shadow) == layout::SHADOW as usize);
+const _: () = assert!(std::mem::offset_of!(ThreadState, capacity) == layout::CAPACITY as usize);
+const _: () = assert!(std::mem::size_of::<ShadowEntry>() == 1 << layout::ENTRY_SHIFT);
+const _: () = assert!(std::mem::offset_of!(ShadowEntry, probe) == layout::E_PROBE as usize);
+const _: () = assert!(std::mem::offset_of!(ShadowEntry, tsc) == layout::E_TSC as usize);
+
+/// Where this thread's state is relative to the thread pointer (`fs:0`). With static
+/// TLS this is the same for every thread, so generated code can reach the state with
+/// `mov r, fs:[0]` and this displacement; None if it does not fit a disp32.
+pub fn offset_from_thread_pointer() -> Option<i32> {
+    let tp: u64;
+    // SAFETY: reads the thread pointer, as `current` does.
+    unsafe {
+        asm!("mov {tp}, qword ptr fs:[0]", tp = out(reg) tp, options(nostack, readonly, preserves_flags));
+    }
+    i32::try_from((current() as *mut ThreadState as u64).wrapping_sub(tp) as i64).ok()
+}
+
 impl ThreadState {
     /// Push a redirected return; false when the stack is full or cannot be mapped.
     #[inline]

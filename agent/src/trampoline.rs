@@ -21,13 +21,16 @@
 //!
 //! The exit trampoline is shared by all exit probes. A probed function returns into it
 //! with `rsp` 16-byte aligned; it saves the return registers `rax rdx xmm0 xmm1`, calls
-//! `on_exit`, which hands back the real return address, restores and returns there.
+//! `on_exit`, which hands back the real return address, restores and jumps there.
 
 use crate::dispatch::{self, Probe, EXIT_FRAME};
-use crate::emitter::{CallEncoding, EmitError, Emitter};
+use crate::emitter::{CallEncoding, EmitError, Emitter, Label};
 use crate::relocator::{self, Relocated, Stolen};
+use crate::thread_state::layout as tl;
 use iced_x86::code_asm::*;
 use probes::context::{entry_layout as el, exit_layout as xl};
+use probes::shared::{flags, ProbeCounters};
+use std::mem::offset_of;
 
 /// Why a trampoline could not be generated.
 #[derive(Debug)]
@@ -58,8 +61,13 @@ pub fn emit_entry(
     e: &mut Emitter,
     probe: *const Probe,
     stolen: &Stolen,
+    fast: Option<FastEntry>,
 ) -> Result<Result<EntryTrampoline, relocator::Refusal>, EmitError> {
     let size = el::SIZE as i32;
+    let tail = e.label();
+    if let Some(f) = fast {
+        emit_fast_entry(e, probe, f, tail)?;
+    }
     e.asm(|a| {
         a.sub(rsp, size)?;
         for (i, r) in GPRS.iter().enumerate() {
@@ -84,6 +92,7 @@ pub fn emit_entry(
         }
         a.lea(rsp, qword_ptr(rsp + size))
     })?;
+    e.bind(tail);
     let relocated = match relocator::relocate(stolen, e.ip()) {
         Ok(r) => r,
         Err(refusal) => return Ok(Err(refusal)),
@@ -101,8 +110,13 @@ pub fn emit_entry(
 const XMMS: [AsmRegisterXmm; 8] = [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7];
 
 /// Emit the shared exit trampoline; returns how it reaches `on_exit`.
-pub fn emit_exit(e: &mut Emitter) -> Result<CallEncoding, EmitError> {
+pub fn emit_exit(e: &mut Emitter, tls: Option<i32>) -> Result<CallEncoding, EmitError> {
     let frame = EXIT_FRAME as i32;
+    if let Some(tls) = tls {
+        let general = e.label();
+        emit_fast_exit(e, tls, general)?;
+        e.bind(general);
+    }
     e.asm(|a| {
         a.sub(rsp, frame)?;
         a.mov(qword_ptr(rsp + xl::RAX), rax)?;
@@ -119,8 +133,13 @@ pub fn emit_exit(e: &mut Emitter) -> Result<CallEncoding, EmitError> {
         a.mov(rdx, qword_ptr(rsp + xl::RDX))?;
         a.movaps(xmm0, xmmword_ptr(rsp + xl::XMM0))?;
         a.movaps(xmm1, xmmword_ptr(rsp + xl::XMM1))?;
-        a.lea(rsp, qword_ptr(rsp + frame - 8))?;
-        a.ret()
+        a.lea(rsp, qword_ptr(rsp + frame))?;
+        // An indirect jump rather than `ret`: the probed function's own `ret` already
+        // consumed the return-stack-buffer entry of its call, so a second `ret` would
+        // mispredict every time, while this jump's target is predicted from history.
+        // The slot is now 8 bytes below rsp, inside the red zone, which signal
+        // delivery skips.
+        a.jmp(qword_ptr(rsp - 8))
     })?;
     Ok(encoding)
 }
@@ -131,4 +150,159 @@ pub fn patch_bytes(site: u64, target: u64) -> Option<[u8; 5]> {
     let mut p = [0xe9, 0, 0, 0, 0];
     p[1..].copy_from_slice(&rel.to_le_bytes());
     Some(p)
+}
+
+/// What the inline fast path of a probe without handlers needs.
+#[derive(Clone, Copy, Debug)]
+pub struct FastEntry {
+    /// The thread state's offset from the thread pointer.
+    pub tls: i32,
+    pub counters: *const ProbeCounters,
+    /// The exit trampoline when returns are probed, else 0.
+    pub exit_trampoline: u64,
+}
+
+/// `mov r11, qword ptr fs:[0]`: the thread pointer.
+const MOV_R11_FS0: [u8; 9] = [0x64, 0x4c, 0x8b, 0x1c, 0x25, 0, 0, 0, 0];
+
+/// Condition nibbles for [`Emitter::jcc_label`].
+const CC_E: u8 = 0x4;
+const CC_NE: u8 = 0x5;
+const CC_AE: u8 = 0x3;
+
+const C_HITS: i32 = offset_of!(ProbeCounters, hits) as i32;
+const C_EXITS: i32 = offset_of!(ProbeCounters, exits) as i32;
+const C_SKIPPED: i32 = offset_of!(ProbeCounters, skipped) as i32;
+const C_FLAGS: i32 = offset_of!(ProbeCounters, flags) as i32;
+
+/// The counting-only hot path of a probe with no handler, done inline: what
+/// `dispatch::on_entry` does for such a probe, without saving the argument registers or
+/// calling anything. Counters use plain increments, as `dispatch::bump` explains.
+///
+/// At a function entry `r11` and the flags are dead (SysV: `r11` is a scratch register
+/// that passes nothing), and everything below `rsp` is free (the callee's red zone, not
+/// yet used), which holds `rax` and `rcx` while they serve as scratch. Cases the fast
+/// path does not handle (shadow stack not mapped yet or full) fall through to the general
+/// path, which calls `on_entry`; `tail` is where the relocated instructions start.
+fn emit_fast_entry(
+    e: &mut Emitter,
+    probe: *const Probe,
+    f: FastEntry,
+    tail: Label,
+) -> Result<(), EmitError> {
+    let general = e.label();
+    let skipped = e.label();
+    let done = e.label();
+    let counters = f.counters as u64;
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| {
+        a.lea(r11, qword_ptr(r11 + f.tls))?;
+        a.cmp(qword_ptr(r11 + tl::BUSY), 0)
+    })?;
+    e.jcc_label(CC_NE, skipped);
+    e.asm(|a| {
+        a.mov(qword_ptr(rsp - 8), rax)?;
+        a.mov(qword_ptr(rsp - 16), rcx)?;
+        a.mov(rcx, counters)?;
+        a.test(byte_ptr(rcx + C_FLAGS), flags::ENABLED)
+    })?;
+    e.jcc_label(CC_E, done);
+    if f.exit_trampoline == 0 {
+        e.asm(|a| a.inc(qword_ptr(rcx + C_HITS)))?;
+    } else {
+        e.asm(|a| {
+            a.mov(rax, qword_ptr(r11 + tl::DEPTH))?;
+            a.cmp(rax, qword_ptr(r11 + tl::CAPACITY))
+        })?;
+        // Not mapped yet or full: `on_entry` maps it or counts the lost exit.
+        let restore_to_general = e.label();
+        e.jcc_label(CC_AE, restore_to_general);
+        e.asm(|a| {
+            a.inc(qword_ptr(rcx + C_HITS))?;
+            a.shl(rax, tl::ENTRY_SHIFT)?;
+            a.add(rax, qword_ptr(r11 + tl::SHADOW))?;
+            a.mov(rcx, qword_ptr(rsp))?;
+            a.mov(qword_ptr(rax + tl::E_RETURN_ADDRESS), rcx)?;
+            a.mov(qword_ptr(rax + tl::E_ENTRY_RSP), rsp)?;
+            a.mov(rcx, probe as u64)?;
+            a.mov(qword_ptr(rax + tl::E_PROBE), rcx)?;
+            a.mov(qword_ptr(rax + tl::E_TSC), 0)?;
+            // The entry is complete before it counts: a signal handler hitting a probe
+            // in between pushes above it.
+            a.inc(qword_ptr(r11 + tl::DEPTH))?;
+            a.mov(rcx, f.exit_trampoline)?;
+            a.mov(qword_ptr(rsp), rcx)
+        })?;
+        e.jmp_label(done);
+        e.bind(restore_to_general);
+        e.asm(|a| {
+            a.mov(rax, qword_ptr(rsp - 8))?;
+            a.mov(rcx, qword_ptr(rsp - 16))
+        })?;
+        e.jmp_label(general);
+    }
+    e.bind(done);
+    e.asm(|a| {
+        a.mov(rax, qword_ptr(rsp - 8))?;
+        a.mov(rcx, qword_ptr(rsp - 16))
+    })?;
+    e.jmp_label(tail);
+    e.bind(skipped);
+    e.asm(|a| {
+        a.mov(r11, counters)?;
+        a.inc(qword_ptr(r11 + C_SKIPPED))
+    })?;
+    e.jmp_label(tail);
+    e.bind(general);
+    Ok(())
+}
+
+/// The fast path of the shared exit trampoline: when the top shadow entry is this very
+/// frame's and its probe has no exit handler, count and jump to the real return address
+/// without saving anything. At a return `rcx rsi rdi r8-r11` and the flags are dead
+/// (`rax rdx xmm0 xmm1` may hold the result and are left alone). Anything else (frames
+/// unwound past, a handler to run, re-entrancy) goes to `general`, the full path.
+fn emit_fast_exit(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitError> {
+    const P_COUNTERS: i32 = offset_of!(Probe, counters) as i32;
+    const P_ON_EXIT: i32 = offset_of!(Probe, on_exit) as i32;
+    let uncounted = e.label();
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| {
+        a.lea(r11, qword_ptr(r11 + tls))?;
+        a.cmp(qword_ptr(r11 + tl::BUSY), 0)
+    })?;
+    e.jcc_label(CC_NE, general);
+    e.asm(|a| {
+        a.mov(rcx, qword_ptr(r11 + tl::DEPTH))?;
+        a.test(rcx, rcx)
+    })?;
+    e.jcc_label(CC_E, general);
+    e.asm(|a| {
+        a.dec(rcx)?;
+        a.shl(rcx, tl::ENTRY_SHIFT)?;
+        a.add(rcx, qword_ptr(r11 + tl::SHADOW))?;
+        // The popped return slot.
+        a.lea(rsi, qword_ptr(rsp - 8))?;
+        a.cmp(qword_ptr(rcx + tl::E_ENTRY_RSP), rsi)
+    })?;
+    e.jcc_label(CC_NE, general);
+    e.asm(|a| {
+        a.mov(rdi, qword_ptr(rcx + tl::E_PROBE))?;
+        a.cmp(qword_ptr(rdi + P_ON_EXIT), 0)
+    })?;
+    e.jcc_label(CC_NE, general);
+    e.asm(|a| {
+        a.mov(rsi, qword_ptr(rdi + P_COUNTERS))?;
+        a.test(byte_ptr(rsi + C_FLAGS), flags::ENABLED)
+    })?;
+    e.jcc_label(CC_E, uncounted);
+    e.asm(|a| a.inc(qword_ptr(rsi + C_EXITS)))?;
+    e.bind(uncounted);
+    e.asm(|a| {
+        // Read the entry before releasing it: a signal handler may push over it.
+        a.mov(rcx, qword_ptr(rcx + tl::E_RETURN_ADDRESS))?;
+        a.dec(qword_ptr(r11 + tl::DEPTH))?;
+        a.jmp(rcx)
+    })?;
+    Ok(())
 }
