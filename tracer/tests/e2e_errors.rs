@@ -20,7 +20,11 @@ fn start_tiny(dir: &std::path::Path) -> (Target, u64, u64) {
 fn assert_untouched(mut t: Target, addrs: &[(u64, Vec<u8>)]) {
     let pid = t.pid();
     for (a, bytes) in addrs {
-        assert_eq!(&read_mem(pid, *a, bytes.len()), bytes, "code at {a:#x} changed");
+        assert_eq!(
+            &read_mem(pid, *a, bytes.len()),
+            bytes,
+            "code at {a:#x} changed"
+        );
     }
     assert_eq!(tracer_pid(pid), 0, "target still traced");
     let (last, ok) = t.finish();
@@ -92,7 +96,10 @@ fn relocator_refusal() {
     );
     let reports = json_lines(&std::fs::read_to_string(&json).unwrap());
     assert_eq!(reports.len(), 1, "{reports:?}");
-    assert!(num(report(&reports, "main:good"), "hits") > 0, "{reports:?} {err}");
+    assert!(
+        num(report(&reports, "main:good"), "hits") > 0,
+        "{reports:?} {err}"
+    );
     assert_untouched(t, &before);
 }
 
@@ -143,6 +150,10 @@ fn target_already_traced() {
     assert_one_line_error(&out, &[&pid.to_string(), "traced"]);
     assert_eq!(tracer_pid(pid), me, "the other tracer lost its tracee");
     for (a, bytes) in &before {
-        assert_eq!(&read_mem(pid, *a, bytes.len()), bytes, "code at {a:#x} changed");
+        assert_eq!(
+            &read_mem(pid, *a, bytes.len()),
+            bytes,
+            "code at {a:#x} changed"
+        );
     }
 }

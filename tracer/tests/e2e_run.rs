@@ -48,7 +48,10 @@ fn run_counts_hits_and_forwards_exit_code() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "stderr: {err}");
-    assert_eq!(out.stdout, plain.stdout, "traced stdout differs; stderr: {err}");
+    assert_eq!(
+        out.stdout, plain.stdout,
+        "traced stdout differs; stderr: {err}"
+    );
 
     let reports = json_lines(&std::fs::read_to_string(&json).expect("read -o file"));
     assert_eq!(reports.len(), 1, "{reports:?}");
