@@ -7,6 +7,7 @@
 //! dynamic loader: any of those may be probed themselves.
 
 use crate::thread_state::{self, ShadowEntry};
+use probes::context::{OffsetContext, OffsetHandler};
 use probes::shared::{flags, ProbeCounters};
 use probes::{EntryContext, EntryHandler, ExitContext, ExitHandler};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -27,6 +28,8 @@ pub struct Probe {
     pub exit_trampoline: u64,
     /// Index of the probe (its counter slot).
     pub id: u32,
+    /// Handler of an offset probe.
+    pub on_offset: Option<OffsetHandler>,
 }
 
 impl Probe {
@@ -102,6 +105,33 @@ pub unsafe extern "C" fn on_entry(probe: *const Probe, ctx: *mut EntryContext) {
         } else {
             bump(&probe.counters.lost_exits);
         }
+    }
+}
+
+/// Called by offset trampolines with the probe and the full register context.
+///
+/// # Safety
+/// `probe` and `ctx` come from a trampoline: valid and exclusive for the call.
+pub unsafe extern "C" fn on_offset(probe: *const Probe, ctx: *mut OffsetContext) {
+    // SAFETY: see the function's contract.
+    let probe = unsafe { &*probe };
+    let t = thread_state::current();
+    if t.busy != 0 {
+        bump(&probe.counters.skipped);
+        return;
+    }
+    if !probe.enabled() {
+        return;
+    }
+    bump(&probe.counters.hits);
+    if let Some(h) = probe.on_offset {
+        t.busy = 1;
+        // SAFETY: see the function's contract.
+        let ctx = unsafe { &mut *ctx };
+        if catch_unwind(AssertUnwindSafe(|| h(ctx))).is_err() {
+            probe.panicked();
+        }
+        t.busy = 0;
     }
 }
 

@@ -13,6 +13,7 @@ use crate::jit::{self, JitError};
 use crate::relocator::{self, Function, Refusal, SelfMemory};
 use crate::shared::SharedRegion;
 use crate::trampoline;
+use probes::context::OffsetHandler;
 use probes::shared::{flags, ProbeCounters, ProbeKind};
 use probes::{EntryHandler, ExitHandler};
 use std::fmt;
@@ -118,6 +119,7 @@ pub struct Interceptor {
     policy: Policy,
     /// The thread state's offset from the thread pointer, for inline fast paths.
     tls: Option<i32>,
+    xsave: Option<trampoline::XsaveInfo>,
 }
 
 impl Interceptor {
@@ -132,6 +134,7 @@ impl Interceptor {
             exit_trampoline: None,
             policy: Policy::Best,
             tls: crate::thread_state::offset_from_thread_pointer(),
+            xsave: trampoline::XsaveInfo::detect(),
         })
     }
 
@@ -158,6 +161,30 @@ impl Interceptor {
 
     /// Decode, relocate and JIT the trampoline for `req`; nothing the target runs changes.
     pub fn prepare(&mut self, req: &ProbeRequest) -> Result<Prepared, PrepareError> {
+        self.prepare_with(req, None)
+    }
+
+    /// Prepare an offset probe (`req.kind` must be [`ProbeKind::Offset`]) running `h`
+    /// with every register at the instruction `req.offset` bytes into the function.
+    pub fn prepare_offset(
+        &mut self,
+        req: &ProbeRequest,
+        h: Option<OffsetHandler>,
+    ) -> Result<Prepared, PrepareError> {
+        if req.kind != ProbeKind::Offset {
+            return Err(PrepareError::Codegen(format!(
+                "prepare_offset needs an offset probe request, not {:?}",
+                req.kind
+            )));
+        }
+        self.prepare_with(req, h)
+    }
+
+    fn prepare_with(
+        &mut self,
+        req: &ProbeRequest,
+        on_offset: Option<OffsetHandler>,
+    ) -> Result<Prepared, PrepareError> {
         let (rkind, site) = match req.kind {
             ProbeKind::Entry | ProbeKind::Exit => {
                 (relocator::ProbeKind::Entry, req.function.address)
@@ -184,7 +211,18 @@ impl Interceptor {
             on_exit: req.on_exit,
             exit_trampoline,
             id: id as u32,
+            on_offset,
         }));
+        let xsave = match req.kind {
+            ProbeKind::Offset => Some(self.xsave.ok_or_else(|| {
+                PrepareError::Codegen(
+                    "the OS has not enabled xsave (CPUID OSXSAVE): offset probes cannot save \
+                     the vector state"
+                        .into(),
+                )
+            })?),
+            _ => None,
+        };
         // Counting-only probes take the inline path; a handler needs the full one.
         let fast = match (req.on_entry, req.on_exit, req.kind, self.tls) {
             (None, None, ProbeKind::Entry | ProbeKind::Exit, Some(tls)) => {
@@ -200,8 +238,9 @@ impl Interceptor {
         // Near the site and the agent when one block can reach both; else near the site.
         let mut placed = None;
         for near in [&[stolen.site, on_entry][..], &[stolen.site][..]] {
-            match jit::place(&mut self.alloc, near, self.policy, |e| {
-                trampoline::emit_entry(e, probe, &stolen, fast)
+            match jit::place(&mut self.alloc, near, self.policy, |e| match xsave {
+                Some(xs) => trampoline::emit_offset(e, probe, &stolen, xs),
+                None => trampoline::emit_entry(e, probe, &stolen, fast),
             }) {
                 Ok(p) => {
                     placed = Some(p);

@@ -28,7 +28,7 @@ use crate::emitter::{CallEncoding, EmitError, Emitter, Label};
 use crate::relocator::{self, Relocated, Stolen};
 use crate::thread_state::layout as tl;
 use iced_x86::code_asm::*;
-use probes::context::{entry_layout as el, exit_layout as xl};
+use probes::context::{entry_layout as el, exit_layout as xl, offset_layout as ol};
 use probes::shared::{flags, ProbeCounters};
 use std::mem::offset_of;
 
@@ -305,4 +305,125 @@ fn emit_fast_exit(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitE
         a.jmp(rcx)
     })?;
     Ok(())
+}
+
+/// The vector state the offset trampoline saves: what `xsave` needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XsaveInfo {
+    /// XCR0: the state components the OS enabled, all of which are saved.
+    pub mask: u64,
+    /// Bytes of the standard-format area for those components (CPUID 0xD.0 EBX).
+    pub size: u32,
+}
+
+impl XsaveInfo {
+    /// What this CPU and kernel use; None when the OS did not enable `xsave`.
+    pub fn detect() -> Option<XsaveInfo> {
+        use core::arch::x86_64::__cpuid_count;
+        // CPUID.1:ECX bit 27 is OSXSAVE: xsave and xgetbv are usable.
+        let leaf1 = __cpuid_count(1, 0);
+        if leaf1.ecx & (1 << 27) == 0 {
+            return None;
+        }
+        let (lo, hi): (u32, u32);
+        // SAFETY: xgetbv with ecx = 0 reads XCR0, allowed at any privilege once OSXSAVE
+        // is set, and has no side effects.
+        unsafe {
+            std::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi,
+                options(nomem, nostack, preserves_flags));
+        }
+        let size = __cpuid_count(0xd, 0).ebx;
+        Some(XsaveInfo {
+            mask: (hi as u64) << 32 | lo as u64,
+            size,
+        })
+    }
+}
+
+/// Registers in the order they are pushed, so that they land in [`OffsetContext`] order
+/// (`rax` lowest). `rsp` is pushed as a placeholder and overwritten.
+const PUSH_ORDER: [AsmRegister64; 16] = [
+    r15, r14, r13, r12, r11, r10, r9, r8, rsp, rbp, rdi, rsi, rdx, rcx, rbx, rax,
+];
+
+/// Emit a full-context trampoline for an offset probe at the emitter's address.
+///
+/// ```text
+/// lea rsp, [rsp-128]            ; the red zone may be live mid-function
+/// push rax ; push rax           ; room for ctx.xsave and ctx.rip
+/// pushfq                        ; before anything touches the flags
+/// push r15 .. rax               ; OffsetContext, rax lowest
+/// mov rbx, rsp                  ; the context, kept across the call (callee-saved)
+/// fill ctx.rsp, ctx.rip
+/// lea rsp, [rsp-size] ; and rsp, -64 ; zero the xsave header ; xsave64 [rsp]
+/// call on_offset(probe, ctx)
+/// xrstor64 [rsp] ; mov rsp, rbx
+/// pop rax .. r15 (skipping rsp) ; popfq
+/// lea rsp, [rsp+16+128]
+/// <relocated instruction(s)> ; jmp back
+/// ```
+pub fn emit_offset(
+    e: &mut Emitter,
+    probe: *const Probe,
+    stolen: &Stolen,
+    xs: XsaveInfo,
+) -> Result<Result<EntryTrampoline, relocator::Refusal>, EmitError> {
+    let area = (xs.size as i32 + 63) & !63;
+    let (mask_lo, mask_hi) = (xs.mask as u32, (xs.mask >> 32) as u32);
+    e.asm(|a| {
+        a.lea(rsp, qword_ptr(rsp - 128))?;
+        a.push(rax)?;
+        a.push(rax)?;
+        a.pushfq()?;
+        for r in PUSH_ORDER {
+            a.push(r)?;
+        }
+        a.mov(rbx, rsp)?;
+        a.lea(rax, qword_ptr(rbx + (ol::SIZE as i32 + 128)))?;
+        a.mov(qword_ptr(rbx + ol::RSP as i32), rax)?;
+        a.mov(rax, stolen.site)?;
+        a.mov(qword_ptr(rbx + ol::RIP as i32), rax)?;
+        a.lea(rsp, qword_ptr(rsp - area))?;
+        a.and(rsp, -64)?;
+        a.mov(qword_ptr(rbx + ol::XSAVE as i32), rsp)?;
+        // xrstor faults on non-zero reserved header bytes, and xsave only writes
+        // XSTATE_BV: clear the 64-byte header first.
+        for i in 0..8 {
+            a.mov(qword_ptr(rsp + (ol::XSAVE_XSTATE_BV as i32 + 8 * i)), 0)?;
+        }
+        a.mov(eax, mask_lo)?;
+        a.mov(edx, mask_hi)?;
+        a.xsave64(iced_x86::code_asm::ptr(rsp))?;
+        a.mov(rdi, probe as u64)?;
+        a.mov(rsi, rbx)
+    })?;
+    let on_offset = dispatch::on_offset as *const () as u64;
+    let encoding = e.call(on_offset)?;
+    e.asm(|a| {
+        a.mov(eax, mask_lo)?;
+        a.mov(edx, mask_hi)?;
+        a.xrstor64(iced_x86::code_asm::ptr(rsp))?;
+        a.mov(rsp, rbx)?;
+        for r in PUSH_ORDER.iter().rev() {
+            if *r == rsp {
+                a.lea(rsp, qword_ptr(rsp + 8))?;
+            } else {
+                a.pop(*r)?;
+            }
+        }
+        a.popfq()?;
+        a.lea(rsp, qword_ptr(rsp + (16 + 128)))
+    })?;
+    let relocated = match relocator::relocate(stolen, e.ip()) {
+        Ok(r) => r,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    e.bytes(&relocated.bytes);
+    if relocated.falls_through {
+        e.branch_with(relocated.resume, false, CallEncoding::Rel32)?;
+    }
+    Ok(Ok(EntryTrampoline {
+        encoding,
+        relocated,
+    }))
 }

@@ -167,3 +167,85 @@ impl ExitContext {
         self.xmm0.set_f64(v)
     }
 }
+
+/// Every general-purpose register, the flags and the vector state at an arbitrary
+/// instruction, as saved by the offset (full-context) trampoline.
+///
+/// Writes to the general-purpose registers, `rflags` and the vector state take effect when
+/// the probed code resumes. `rsp` and `rip` are informational: the trampoline restores the
+/// stack pointer it found and resumes at the probed instruction.
+#[repr(C)]
+#[derive(Debug)]
+pub struct OffsetContext {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    /// `rsp` at the probed instruction.
+    pub rsp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rflags: u64,
+    /// Address of the probed instruction.
+    pub rip: u64,
+    /// The `xsave` area (standard format, 64-byte aligned) holding x87, SSE, AVX and any
+    /// other state the OS enabled in XCR0.
+    pub xsave: *mut u8,
+}
+
+/// Offsets the offset trampoline relies on.
+pub mod offset_layout {
+    /// `rax rbx rcx rdx rsi rdi rbp rsp r8 .. r15`, 8 bytes each.
+    pub const GPRS: usize = 0;
+    pub const RSP: usize = 56;
+    pub const RFLAGS: usize = 128;
+    pub const RIP: usize = 136;
+    pub const XSAVE: usize = 144;
+    pub const SIZE: usize = 152;
+    /// In the xsave area: the legacy region's xmm0 and the header's XSTATE_BV.
+    pub const XSAVE_XMM0: usize = 160;
+    pub const XSAVE_XSTATE_BV: usize = 512;
+}
+
+const _: () = assert!(std::mem::size_of::<OffsetContext>() == offset_layout::SIZE);
+const _: () = assert!(std::mem::offset_of!(OffsetContext, rsp) == offset_layout::RSP);
+const _: () = assert!(std::mem::offset_of!(OffsetContext, rflags) == offset_layout::RFLAGS);
+const _: () = assert!(std::mem::offset_of!(OffsetContext, rip) == offset_layout::RIP);
+const _: () = assert!(std::mem::offset_of!(OffsetContext, xsave) == offset_layout::XSAVE);
+
+/// A handler run at an offset probe.
+pub type OffsetHandler = fn(&mut OffsetContext);
+
+impl OffsetContext {
+    /// The low 128 bits of vector register `n` (0 to 15).
+    pub fn xmm(&self, n: usize) -> Xmm {
+        assert!(n < 16, "xmm{n} does not exist");
+        // SAFETY: the trampoline's xsave area holds the legacy region, xmm0-15 at 160.
+        unsafe {
+            (self.xsave.add(offset_layout::XSAVE_XMM0 + 16 * n) as *const Xmm).read_unaligned()
+        }
+    }
+
+    /// Overwrite the low 128 bits of vector register `n` (0 to 15); the upper bits of a
+    /// wider register are kept.
+    pub fn set_xmm(&mut self, n: usize, v: Xmm) {
+        assert!(n < 16, "xmm{n} does not exist");
+        // SAFETY: as in `xmm`. Setting the SSE bit of XSTATE_BV makes `xrstor` load the
+        // register from the area instead of resetting it, in case it was in its initial
+        // state when saved.
+        unsafe {
+            (self.xsave.add(offset_layout::XSAVE_XMM0 + 16 * n) as *mut Xmm).write_unaligned(v);
+            let bv = self.xsave.add(offset_layout::XSAVE_XSTATE_BV) as *mut u64;
+            bv.write(bv.read() | 2);
+        }
+    }
+}
