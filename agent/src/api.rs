@@ -132,3 +132,32 @@ fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
     }
     o
 }
+
+/// Resolve `n` NUL-terminated names, stored back to back at `names`, in the global scope.
+///
+/// # Safety
+/// `names` holds `n` NUL-terminated strings back to back; `out` has room for `n` values.
+#[no_mangle]
+pub unsafe extern "C" fn tracer_agent_resolve(
+    names: *const libc::c_char,
+    n: u64,
+    out: *mut u64,
+) -> u64 {
+    if !out.is_aligned() {
+        return 0;
+    }
+    let mut p = names;
+    let mut found = 0;
+    for i in 0..n as usize {
+        // SAFETY: per the contract, `p` points at the next NUL-terminated name.
+        let name = unsafe { std::ffi::CStr::from_ptr(p) };
+        // SAFETY: dlsym with RTLD_DEFAULT and a valid C string; IFUNCs come back resolved.
+        let addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as u64;
+        // SAFETY: `out` has room for `n` values.
+        unsafe { *out.add(i) = addr };
+        found += (addr != 0) as u64;
+        // SAFETY: the next name starts after this one's NUL.
+        p = unsafe { p.add(name.to_bytes().len() + 1) };
+    }
+    found
+}

@@ -7,6 +7,11 @@ pub const INIT_SYMBOL: &str = "tracer_agent_init";
 /// Exported by the agent: `extern "C" fn(*const PrepareRequest, n: u64, *mut
 /// PrepareResult) -> u64`, returning how many probes were prepared.
 pub const PREPARE_SYMBOL: &str = "tracer_agent_prepare";
+/// Exported by the agent: `extern "C" fn(names: *const c_char, n: u64, out: *mut u64)
+/// -> u64`: `n` NUL-terminated names back to back, each resolved in the global scope as
+/// the program's own calls are (IFUNCs to the implementation the loader picked); 0 for a
+/// name not found. Returns how many were found.
+pub const RESOLVE_SYMBOL: &str = "tracer_agent_resolve";
 
 pub const AGENT_MAGIC: u64 = u64::from_le_bytes(*b"TRAGENT1");
 

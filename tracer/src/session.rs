@@ -2,13 +2,14 @@
 //! sites with every thread stopped, read the shared counters, and undo the patches.
 
 use crate::agent_blob::agent_so;
-use crate::inject::{self, Injected, LibcFunctions};
+use crate::inject::{self, LibcFunctions};
 use crate::remote_call;
 use crate::spec::ResolvedProbe;
 use crate::symbols::ProcessModules;
 use crate::threads::{AttachError, Process};
 use probes::remote::{
     status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INIT_SYMBOL, PREPARE_SYMBOL,
+    RESOLVE_SYMBOL,
 };
 use probes::shared::{ProbeCounters, SharedHeader, MAGIC};
 use probes::ProbeKind;
@@ -217,19 +218,13 @@ impl Session {
         // An agent left by an earlier session stays loaded (its trampolines may still be
         // in use): reuse it rather than load another copy, each of which would take more
         // of the target's static TLS.
-        let (init, prepare) = match loaded_agent(proc.pid()) {
-            Some(base) => (
-                base + agent_symbol(INIT_SYMBOL)?,
-                base + agent_symbol(PREPARE_SYMBOL)?,
-            ),
-            None => {
-                let agent: Injected = inject::inject_named(proc, agent_so(), AGENT_NAME)?;
-                (
-                    inject::dlsym_with(proc, &fns, agent.handle, INIT_SYMBOL)?,
-                    inject::dlsym_with(proc, &fns, agent.handle, PREPARE_SYMBOL)?,
-                )
-            }
+        let base = match loaded_agent(proc.pid()) {
+            Some(base) => base,
+            None => inject::inject_named(proc, agent_so(), AGENT_NAME)?.base,
         };
+        let init = base + agent_symbol(INIT_SYMBOL)?;
+        let prepare = base + agent_symbol(PREPARE_SYMBOL)?;
+        let resolve = base + agent_symbol(RESOLVE_SYMBOL)?;
 
         let capacity = (probes.len() as u64 + 64).next_power_of_two().max(1024);
         let info_addr = inject::call_safely(proc, &fns, init, &[capacity], TIMEOUT)?;
@@ -244,22 +239,41 @@ impl Session {
         }
         let counters = Counters::map(proc.pid(), &info)?;
 
-        // IFUNC symbols name resolvers: ask the target's loader what they resolved to.
+        // IFUNC symbols name resolvers: ask the target's loader what they resolved to,
+        // all in one call.
+        let ifunc_names: Vec<&str> = probes
+            .iter()
+            .filter(|p| p.is_ifunc)
+            .map(|p| p.symbol.split('@').next().unwrap_or(&p.symbol))
+            .collect();
+        let mut ifuncs = resolve_ifuncs(proc, &fns, resolve, &ifunc_names)?.into_iter();
         let mut requests = Vec::new();
         let mut labels = Vec::new();
         let mut refused = Vec::new();
         for p in probes {
             let l = label(p, modules);
             let (function, size) = if p.is_ifunc {
-                match resolve_ifunc(proc, &fns, modules, p) {
-                    Ok(fs) => fs,
-                    Err(reason) => {
+                match ifuncs.next().unwrap_or(0) {
+                    0 => {
                         refused.push(NotInstalled {
                             label: l,
                             address: p.address,
-                            reason,
+                            reason: format!(
+                                "the target's loader does not resolve the IFUNC {}",
+                                p.symbol
+                            ),
                         });
                         continue;
+                    }
+                    addr => {
+                        // The implementation's own symbol, when a table has it, gives
+                        // its size; otherwise the relocator scans a bounded window.
+                        let size = modules
+                            .symbol_containing(addr)
+                            .filter(|(_, f)| f.address == addr)
+                            .map(|(_, f)| f.size)
+                            .unwrap_or(0);
+                        (addr, size)
                     }
                 }
             } else {
@@ -436,19 +450,19 @@ fn as_bytes<T>(v: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-/// Send the requests to the agent in one remote call and read the results back.
-fn prepare_remote(
+/// Run `function(input, n, output)` in the target, `input` copied into a fresh private
+/// mapping and `out_len` bytes of output read back from the same mapping.
+fn call_with_buffers(
     proc: &mut Process,
     fns: &LibcFunctions,
-    prepare: u64,
-    requests: &[PrepareRequest],
-) -> Result<Vec<PrepareResult>, SessionError> {
-    if requests.is_empty() {
-        return Ok(Vec::new());
-    }
-    let req_bytes = as_bytes(requests);
-    let res_len = requests.len() * size_of::<PrepareResult>();
-    let len = (req_bytes.len() + res_len).next_multiple_of(4096);
+    function: u64,
+    input: &[u8],
+    n: u64,
+    out_len: usize,
+) -> Result<Vec<u8>, SessionError> {
+    // Output records are read in place by the agent: keep them aligned.
+    let out_off = input.len().next_multiple_of(64);
+    let len = (out_off + out_len).max(1).next_multiple_of(4096);
     let tid = proc.threads()[0];
     let buf = remote_call::syscall_ok(
         proc,
@@ -463,45 +477,66 @@ fn prepare_remote(
             0,
         ],
     )? as u64;
-    let out = buf + req_bytes.len() as u64;
+    let out = buf + out_off as u64;
     let result = (|| {
-        proc.write_memory(buf, req_bytes)
-            .map_err(|e| SessionError::Agent(format!("cannot write requests: {e}")))?;
-        inject::call_safely(
-            proc,
-            fns,
-            prepare,
-            &[buf, requests.len() as u64, out],
-            TIMEOUT,
-        )?;
-        let mut results = vec![PrepareResult::default(); requests.len()];
-        // SAFETY: viewing the result records as bytes to fill them.
-        let raw =
-            unsafe { std::slice::from_raw_parts_mut(results.as_mut_ptr() as *mut u8, res_len) };
-        proc.read_memory(out, raw)
-            .map_err(|e| SessionError::Agent(format!("cannot read results: {e}")))?;
-        Ok(results)
+        proc.write_memory(buf, input)
+            .map_err(|e| SessionError::Agent(format!("cannot write to the target: {e}")))?;
+        inject::call_safely(proc, fns, function, &[buf, n, out], TIMEOUT)?;
+        let mut bytes = vec![0u8; out_len];
+        proc.read_memory(out, &mut bytes)
+            .map_err(|e| SessionError::Agent(format!("cannot read from the target: {e}")))?;
+        Ok(bytes)
     })();
     let tid = proc.threads()[0];
     let _ = remote_call::syscall(proc, tid, libc::SYS_munmap, &[buf, len as u64]);
     result
 }
 
-/// The implementation an IFUNC resolved to in the target, and its size.
-fn resolve_ifunc(
+/// Send the requests to the agent in one remote call and read the results back.
+fn prepare_remote(
     proc: &mut Process,
     fns: &LibcFunctions,
-    modules: &ProcessModules,
-    p: &ResolvedProbe,
-) -> Result<(u64, u64), String> {
-    let name = p.symbol.split('@').next().unwrap_or(&p.symbol);
-    // RTLD_DEFAULT: the global scope, as the program's own calls resolve.
-    let addr = inject::dlsym_with(proc, fns, 0, name)
-        .map_err(|e| format!("cannot resolve the IFUNC {name} in the target: {e}"))?;
-    let size = modules
-        .symbol_containing(addr)
-        .filter(|(_, f)| f.address == addr)
-        .map(|(_, f)| f.size)
-        .unwrap_or(0);
-    Ok((addr, size))
+    prepare: u64,
+    requests: &[PrepareRequest],
+) -> Result<Vec<PrepareResult>, SessionError> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let res_len = requests.len() * size_of::<PrepareResult>();
+    let bytes = call_with_buffers(
+        proc,
+        fns,
+        prepare,
+        as_bytes(requests),
+        requests.len() as u64,
+        res_len,
+    )?;
+    let mut results = vec![PrepareResult::default(); requests.len()];
+    // SAFETY: PrepareResult is plain old data; the agent wrote `res_len` bytes of them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), results.as_mut_ptr() as *mut u8, res_len)
+    };
+    Ok(results)
+}
+
+/// Where the target's loader resolved each IFUNC (0 when it did not), in one remote call.
+fn resolve_ifuncs(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    resolve: u64,
+    names: &[&str],
+) -> Result<Vec<u64>, SessionError> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut input = Vec::new();
+    for n in names {
+        input.extend_from_slice(n.as_bytes());
+        input.push(0);
+    }
+    let bytes = call_with_buffers(proc, fns, resolve, &input, names.len() as u64, names.len() * 8)?;
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
 }
