@@ -99,6 +99,7 @@ pub unsafe extern "C" fn on_entry(probe: *const Probe, ctx: *mut EntryContext) {
             // that receives the duration.
             tsc: if probe.on_exit.is_some() { tsc() } else { 0 },
         };
+        drop_stale(t, entry.entry_rsp);
         if t.push(entry) {
             // SAFETY: the return address slot, as above.
             unsafe { *slot = probe.exit_trampoline };
@@ -132,6 +133,54 @@ pub unsafe extern "C" fn on_offset(probe: *const Probe, ctx: *mut OffsetContext)
             probe.panicked();
         }
         t.busy = 0;
+    }
+}
+
+/// How far below a new entry's frame a shadow entry is still taken for a frame of the
+/// same stack that was abandoned (`longjmp`). Entries further away may belong to another
+/// stack (a signal handler on an alternate stack) and are left alone.
+const STALE_WINDOW: u64 = 1 << 20;
+
+/// Drop entries whose frames were abandoned without returning: a new frame whose return
+/// slot is at or above theirs means their slots are gone. Without this a `longjmp` out of
+/// probed frames would leave entries behind until the stack filled.
+#[inline]
+fn drop_stale(t: &mut thread_state::ThreadState, entry_rsp: u64) {
+    while let Some(top) = t.entries().last() {
+        if top.entry_rsp > entry_rsp || entry_rsp - top.entry_rsp >= STALE_WINDOW {
+            break;
+        }
+        // SAFETY: entries hold pointers to probes, which are never freed.
+        let probe = unsafe { &*(top.probe as *const Probe) };
+        bump(&probe.counters.lost_exits);
+        t.pop();
+    }
+}
+
+/// Entry handler of the internal probes on the unwinder's entry points
+/// (`_Unwind_RaiseException`, `_Unwind_ForcedUnwind`, `_Unwind_Resume_or_Rethrow`).
+///
+/// An unwinder walking the stack finds return addresses in the frames' slots; where an
+/// exit probe put the exit trampoline's address it would find no unwind information and
+/// terminate the program. Before it walks, every redirected slot of this thread gets its
+/// real return address back and the shadow stack is emptied. The frames the exception
+/// passes through never return; the others return directly to their callers: either way
+/// those exits are not reported, and each counts as a lost exit.
+pub fn unwind_hook(_ctx: &mut EntryContext) {
+    let t = thread_state::current();
+    while let Some(e) = t.pop() {
+        // SAFETY: entries hold pointers to probes, which are never freed.
+        let probe = unsafe { &*(e.probe as *const Probe) };
+        let slot = e.entry_rsp as *mut u64;
+        // SAFETY: the slot is in this thread's stack, which stays mapped. It is written
+        // only while it still holds the exit trampoline's address, i.e. while it is the
+        // redirected return slot and not memory a later frame reused.
+        unsafe {
+            if slot.read_volatile() == probe.exit_trampoline {
+                slot.write_volatile(e.return_address);
+            }
+        }
+        bump(&probe.counters.lost_exits);
     }
 }
 

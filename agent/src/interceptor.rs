@@ -120,6 +120,9 @@ pub struct Interceptor {
     /// The thread state's offset from the thread pointer, for inline fast paths.
     tls: Option<i32>,
     xsave: Option<trampoline::XsaveInfo>,
+    /// Unwinder hooks, and those of them not yet committed in process.
+    internal: Vec<Prepared>,
+    internal_pending: Vec<usize>,
 }
 
 impl Interceptor {
@@ -135,6 +138,8 @@ impl Interceptor {
             policy: Policy::Best,
             tls: crate::thread_state::offset_from_thread_pointer(),
             xsave: trampoline::XsaveInfo::detect(),
+            internal: Vec::new(),
+            internal_pending: Vec::new(),
         })
     }
 
@@ -294,7 +299,34 @@ impl Interceptor {
             JitError::Emit(e) => PrepareError::Codegen(e.to_string()),
         })?;
         self.exit_trampoline = Some(placed.addr);
+        self.hook_unwinder();
         Ok(placed.addr)
+    }
+
+    /// Prepare entry probes on the unwinder's entry points, when it is loaded, so that
+    /// exceptions thrown through exit-probed frames still find real return addresses
+    /// (see [`dispatch::unwind_hook`]). A function that cannot be probed is skipped: only
+    /// exceptions through exit-probed frames are then affected.
+    fn hook_unwinder(&mut self) {
+        for name in UNWINDER_ENTRIES {
+            // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name.
+            let addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as u64;
+            if addr == 0 {
+                continue;
+            }
+            let req = ProbeRequest::entry(addr, None).on_entry(dispatch::unwind_hook);
+            if let Ok(p) = self.prepare(&req) {
+                self.internal_pending.push(self.internal.len());
+                self.internal.push(p);
+            }
+        }
+    }
+
+    /// Internal probes (the unwinder hooks) prepared along with exit probes. They are in
+    /// [`prepared`](Self::prepared) too, and must be committed with the exit probes;
+    /// [`commit_in_process`](Self::commit_in_process) does so.
+    pub fn internal(&self) -> &[Prepared] {
+        &self.internal
     }
 
     /// Enable the probe's counters and handlers. The tracer calls this before it writes
@@ -306,7 +338,12 @@ impl Interceptor {
     }
 
     /// Enable and write the patch of a prepared probe into this process.
-    pub fn commit_in_process(&self, p: &Prepared) -> io::Result<()> {
+    pub fn commit_in_process(&mut self, p: &Prepared) -> io::Result<()> {
+        for i in std::mem::take(&mut self.internal_pending) {
+            let q = self.internal[i].clone();
+            self.enable(q.id);
+            write_self_code(q.site, &q.patch)?;
+        }
         self.enable(p.id);
         write_self_code(p.site, &p.patch)
     }
@@ -321,6 +358,13 @@ impl Interceptor {
         Ok(())
     }
 }
+
+/// Where exceptions start unwinding (libgcc_s, also used by Rust panics).
+const UNWINDER_ENTRIES: [&std::ffi::CStr; 3] = [
+    c"_Unwind_RaiseException",
+    c"_Unwind_ForcedUnwind",
+    c"_Unwind_Resume_or_Rethrow",
+];
 
 /// Write code of this process through `/proc/self/mem`, which the kernel lets through on
 /// read-only and executable pages (copy-on-write for file mappings), so no page is ever

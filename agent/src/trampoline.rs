@@ -93,14 +93,10 @@ pub fn emit_entry(
         a.lea(rsp, qword_ptr(rsp + size))
     })?;
     e.bind(tail);
-    let relocated = match relocator::relocate(stolen, e.ip()) {
+    let relocated = match emit_stolen(e, stolen)? {
         Ok(r) => r,
         Err(refusal) => return Ok(Err(refusal)),
     };
-    e.bytes(&relocated.bytes);
-    if relocated.falls_through {
-        e.branch_with(relocated.resume, false, CallEncoding::Rel32)?;
-    }
     Ok(Ok(EntryTrampoline {
         encoding,
         relocated,
@@ -169,6 +165,7 @@ const MOV_R11_FS0: [u8; 9] = [0x64, 0x4c, 0x8b, 0x1c, 0x25, 0, 0, 0, 0];
 const CC_E: u8 = 0x4;
 const CC_NE: u8 = 0x5;
 const CC_AE: u8 = 0x3;
+const CC_BE: u8 = 0x6;
 
 const C_HITS: i32 = offset_of!(ProbeCounters, hits) as i32;
 const C_EXITS: i32 = offset_of!(ProbeCounters, exits) as i32;
@@ -217,10 +214,20 @@ fn emit_fast_entry(
         // Not mapped yet or full: `on_entry` maps it or counts the lost exit.
         let restore_to_general = e.label();
         e.jcc_label(CC_AE, restore_to_general);
+        let push = e.label();
         e.asm(|a| {
-            a.inc(qword_ptr(rcx + C_HITS))?;
             a.shl(rax, tl::ENTRY_SHIFT)?;
             a.add(rax, qword_ptr(r11 + tl::SHADOW))?;
+            a.cmp(qword_ptr(r11 + tl::DEPTH), 0)
+        })?;
+        e.jcc_label(CC_E, push);
+        // A top entry at or below this frame's slot was abandoned (longjmp): `on_entry`
+        // drops it.
+        e.asm(|a| a.cmp(qword_ptr(rax - 32 + tl::E_ENTRY_RSP), rsp))?;
+        e.jcc_label(CC_BE, restore_to_general);
+        e.bind(push);
+        e.asm(|a| {
+            a.inc(qword_ptr(rcx + C_HITS))?;
             a.mov(rcx, qword_ptr(rsp))?;
             a.mov(qword_ptr(rax + tl::E_RETURN_ADDRESS), rcx)?;
             a.mov(qword_ptr(rax + tl::E_ENTRY_RSP), rsp)?;
@@ -414,16 +421,75 @@ pub fn emit_offset(
         a.popfq()?;
         a.lea(rsp, qword_ptr(rsp + (16 + 128)))
     })?;
-    let relocated = match relocator::relocate(stolen, e.ip()) {
+    let relocated = match emit_stolen(e, stolen)? {
         Ok(r) => r,
         Err(refusal) => return Ok(Err(refusal)),
     };
-    e.bytes(&relocated.bytes);
-    if relocated.falls_through {
-        e.branch_with(relocated.resume, false, CallEncoding::Rel32)?;
-    }
     Ok(Ok(EntryTrampoline {
         encoding,
         relocated,
     }))
+}
+
+/// Emit the stolen instructions and the jump back to the original code.
+///
+/// A direct `call` ending the stolen bytes (`sub rsp, 8; call f`, common at -O1) is not
+/// re-encoded as a call: that would push an address inside the trampoline, where
+/// unwinders (C++ exceptions, backtraces) find no unwind information and give up. It
+/// becomes `movabs r11, resume; push r11; jmp f`, so `f` returns straight into the
+/// original code right after the stolen bytes, as it would have unprobed. `r11` is free
+/// at a call: the callee may clobber it and nothing passes values in it.
+fn emit_stolen(
+    e: &mut Emitter,
+    stolen: &Stolen,
+) -> Result<Result<Relocated, relocator::Refusal>, EmitError> {
+    let last_is_call = stolen
+        .instructions
+        .last()
+        .is_some_and(|i| i.is_call_near() && i.op0_kind() == iced_x86::OpKind::NearBranch64);
+    if !last_is_call {
+        let relocated = match relocator::relocate(stolen, e.ip()) {
+            Ok(r) => r,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        e.bytes(&relocated.bytes);
+        if relocated.falls_through {
+            e.branch_with(relocated.resume, false, CallEncoding::Rel32)?;
+        }
+        return Ok(Ok(relocated));
+    }
+    let call = *stolen.instructions.last().expect("checked above");
+    let head_len = (call.ip() - stolen.site) as usize;
+    let new_ip = e.ip();
+    let mut relocated = if head_len == 0 {
+        Relocated {
+            new_ip,
+            bytes: Vec::new(),
+            resume: stolen.resume(),
+            instruction_offsets: Vec::new(),
+            falls_through: true,
+        }
+    } else {
+        let head = Stolen {
+            len: head_len,
+            original: stolen.original[..head_len].to_vec(),
+            instructions: stolen.instructions[..stolen.instructions.len() - 1].to_vec(),
+            ..stolen.clone()
+        };
+        match relocator::relocate(&head, new_ip) {
+            Ok(r) => r,
+            Err(refusal) => return Ok(Err(refusal)),
+        }
+    };
+    e.bytes(&relocated.bytes);
+    relocated.instruction_offsets.push((e.ip() - new_ip) as u32);
+    let resume = stolen.resume();
+    e.asm(|a| {
+        a.mov(r11, resume)?;
+        a.push(r11)
+    })?;
+    e.jmp(call.near_branch_target())?;
+    relocated.resume = resume;
+    relocated.falls_through = false;
+    Ok(Ok(relocated))
 }
