@@ -50,18 +50,16 @@ impl Probe {
     }
 }
 
-/// Add one to a counter without a locked instruction.
+/// Add one to a counter, exactly, whatever the number of threads hitting the probe.
 ///
-/// A `lock`ed read-modify-write drains the store buffer, which right after the
-/// trampoline saved a dozen registers costs more than everything else on the hot path
-/// (about 10 ns per hit here). A plain load and store is exact as long as one thread at
-/// a time hits the probe; when several threads hit the same probe at the very same
-/// moment an increment can be lost, so counts of concurrently hit probes are lower
-/// bounds. The tracer's counters are statistics, not synchronisation, and each probe's
-/// counters are on their own cache line.
+/// Users compare these counts with their program's own: a plain load and store would
+/// lose increments when threads hit one probe at once. The locked add costs most right
+/// after the trampoline saved its registers (the store buffer drains); probes without
+/// handlers count in the trampoline instead, before saving anything, where `lock inc`
+/// measured no slower than a plain one (`bench/probe_overhead.md`).
 #[inline(always)]
 fn bump(c: &AtomicU64) {
-    c.store(c.load(Relaxed).wrapping_add(1), Relaxed);
+    c.fetch_add(1, Relaxed);
 }
 
 /// Called by entry and offset trampolines with the probe and the saved registers.

@@ -174,7 +174,7 @@ const C_FLAGS: i32 = offset_of!(ProbeCounters, flags) as i32;
 
 /// The counting-only hot path of a probe with no handler, done inline: what
 /// `dispatch::on_entry` does for such a probe, without saving the argument registers or
-/// calling anything. Counters use plain increments, as `dispatch::bump` explains.
+/// calling anything. Counters use `lock inc`: exact with any number of threads (see `dispatch::bump`).
 ///
 /// At a function entry `r11` and the flags are dead (SysV: `r11` is a scratch register
 /// that passes nothing), and everything below `rsp` is free (the callee's red zone, not
@@ -205,7 +205,7 @@ fn emit_fast_entry(
     })?;
     e.jcc_label(CC_E, done);
     if f.exit_trampoline == 0 {
-        e.asm(|a| a.inc(qword_ptr(rcx + C_HITS)))?;
+        e.asm(|a| a.lock().inc(qword_ptr(rcx + C_HITS)))?;
     } else {
         e.asm(|a| {
             a.mov(rax, qword_ptr(r11 + tl::DEPTH))?;
@@ -227,7 +227,7 @@ fn emit_fast_entry(
         e.jcc_label(CC_BE, restore_to_general);
         e.bind(push);
         e.asm(|a| {
-            a.inc(qword_ptr(rcx + C_HITS))?;
+            a.lock().inc(qword_ptr(rcx + C_HITS))?;
             a.mov(rcx, qword_ptr(rsp))?;
             a.mov(qword_ptr(rax + tl::E_RETURN_ADDRESS), rcx)?;
             a.mov(qword_ptr(rax + tl::E_ENTRY_RSP), rsp)?;
@@ -257,7 +257,7 @@ fn emit_fast_entry(
     e.bind(skipped);
     e.asm(|a| {
         a.mov(r11, counters)?;
-        a.inc(qword_ptr(r11 + C_SKIPPED))
+        a.lock().inc(qword_ptr(r11 + C_SKIPPED))
     })?;
     e.jmp_label(tail);
     e.bind(general);
@@ -303,7 +303,7 @@ fn emit_fast_exit(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitE
         a.test(byte_ptr(rsi + C_FLAGS), flags::ENABLED)
     })?;
     e.jcc_label(CC_E, uncounted);
-    e.asm(|a| a.inc(qword_ptr(rsi + C_EXITS)))?;
+    e.asm(|a| a.lock().inc(qword_ptr(rsi + C_EXITS)))?;
     e.bind(uncounted);
     e.asm(|a| {
         // Read the entry before releasing it: a signal handler may push over it.

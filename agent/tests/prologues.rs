@@ -140,6 +140,21 @@ global_asm!(
     "add rax, rcx",
     "ret",
     "t_args_end:",
+    // Two copies of a + 1 for the multi-threaded counting test.
+    ".globl t_mt1",
+    "t_mt1:",
+    "lea rax, [rdi+1]",
+    "nop",
+    "nop",
+    "ret",
+    "t_mt1_end:",
+    ".globl t_mt2",
+    "t_mt2:",
+    "lea rax, [rdi+1]",
+    "nop",
+    "nop",
+    "ret",
+    "t_mt2_end:",
     // 5a + b.
     ".globl t_mod",
     "t_mod:",
@@ -191,6 +206,10 @@ extern "C" {
     ) -> u64;
     fn t_fret(a: u64) -> f64;
     fn t_mod(a: u64, b: u64) -> u64;
+    fn t_mt1(a: u64) -> u64;
+    fn t_mt2(a: u64) -> u64;
+    static t_mt1_end: u8;
+    static t_mt2_end: u8;
     static t_mod_end: u8;
     static t_leaf12_end: u8;
     static t_riprel_end: u8;
@@ -422,4 +441,36 @@ fn handler_sees_and_changes_arguments() {
     // SAFETY: as above.
     assert_eq!(unsafe { t_mod(3, 4) }, 24);
     assert_eq!(SEEN.load(SeqCst), 3);
+}
+
+fn nothing(_: &mut EntryContext) {}
+
+/// Counts stay exact when several threads hit one probe at once, on the inline path of
+/// handler-less probes (entry and exit) and on the path that calls a handler.
+#[test]
+fn counts_are_exact_across_threads() {
+    const THREADS: u64 = 4;
+    const CALLS: u64 = 200_000;
+    let (a1, s1) = addr!(t_mt1, t_mt1_end);
+    let (a2, s2) = addr!(t_mt2, t_mt2_end);
+    let inline = install(ProbeRequest::entry(a1, Some(s1)).with_exit()).unwrap();
+    let handler = install(ProbeRequest::entry(a2, Some(s2)).on_entry(nothing)).unwrap();
+    let threads: Vec<_> = (0..THREADS)
+        .map(|_| {
+            std::thread::spawn(|| {
+                let mut x = 0;
+                for _ in 0..CALLS {
+                    // SAFETY: calling the assembly functions with their signatures.
+                    x = unsafe { t_mt2(t_mt1(x)) };
+                }
+                x
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 2 * CALLS);
+    }
+    assert_eq!(hits(inline), THREADS * CALLS);
+    assert_eq!(exits(inline), THREADS * CALLS);
+    assert_eq!(hits(handler), THREADS * CALLS);
 }
