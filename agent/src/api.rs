@@ -88,6 +88,21 @@ pub unsafe extern "C" fn tracer_agent_prepare(
     r.unwrap_or(0)
 }
 
+fn prepared_result(p: &crate::interceptor::Prepared) -> PrepareResult {
+    let mut o = PrepareResult {
+        status: status::PREPARED,
+        id: p.id,
+        site: p.site,
+        trampoline: p.trampoline,
+        stolen_len: p.stolen_len as u32,
+        encoding: p.encoding as u32,
+        ..PrepareResult::default()
+    };
+    o.patch[..5].copy_from_slice(&p.patch);
+    o.original[..5].copy_from_slice(&p.original);
+    o
+}
+
 fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
     let mut o = PrepareResult::default();
     let kind = match req.kind {
@@ -112,14 +127,7 @@ fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
     match i.prepare(&r) {
         Ok(p) => {
             i.enable(p.id);
-            o.status = status::PREPARED;
-            o.id = p.id;
-            o.site = p.site;
-            o.trampoline = p.trampoline;
-            o.patch[..5].copy_from_slice(&p.patch);
-            o.original[..5].copy_from_slice(&p.original);
-            o.stolen_len = p.stolen_len as u32;
-            o.encoding = p.encoding as u32;
+            o = prepared_result(&p);
         }
         Err(crate::interceptor::PrepareError::Refused(r)) => {
             o.status = status::REFUSED;
@@ -160,4 +168,30 @@ pub unsafe extern "C" fn tracer_agent_resolve(
         p = unsafe { p.add(name.to_bytes().len() + 1) };
     }
     found
+}
+
+/// The agent's own probes (the unwinder hooks exit probes need), enabled, up to `cap` of
+/// them written to `out`. The tracer writes their patches with the others, every session
+/// that has exit probes, and restores them at detach. Returns how many there are.
+///
+/// # Safety
+/// `out` has room for `cap` records.
+#[no_mangle]
+pub unsafe extern "C" fn tracer_agent_internal(
+    _unused: *const u8,
+    cap: u64,
+    out: *mut PrepareResult,
+) -> u64 {
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        let g = INTERCEPTOR.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = g.as_ref() else { return 0 };
+        let internal = i.internal();
+        for (k, p) in internal.iter().take(cap as usize).enumerate() {
+            i.enable(p.id);
+            // SAFETY: k < cap, per the contract.
+            unsafe { out.add(k).write(prepared_result(p)) };
+        }
+        internal.len() as u64
+    }));
+    r.unwrap_or(0)
 }

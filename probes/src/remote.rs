@@ -12,6 +12,11 @@ pub const PREPARE_SYMBOL: &str = "tracer_agent_prepare";
 /// the program's own calls are (IFUNCs to the implementation the loader picked); 0 for a
 /// name not found. Returns how many were found.
 pub const RESOLVE_SYMBOL: &str = "tracer_agent_resolve";
+/// Exported by the agent: `extern "C" fn(_: *const u8, cap: u64, out: *mut PrepareResult)
+/// -> u64`: the
+/// agent's own probes (unwinder hooks that keep C++ exceptions working through
+/// exit-probed frames), to be patched along with the user's exit probes.
+pub const INTERNAL_SYMBOL: &str = "tracer_agent_internal";
 
 pub const AGENT_MAGIC: u64 = u64::from_le_bytes(*b"TRAGENT1");
 

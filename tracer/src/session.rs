@@ -8,8 +8,8 @@ use crate::spec::ResolvedProbe;
 use crate::symbols::ProcessModules;
 use crate::threads::{AttachError, Process};
 use probes::remote::{
-    status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INIT_SYMBOL, PREPARE_SYMBOL,
-    RESOLVE_SYMBOL,
+    status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INIT_SYMBOL, INTERNAL_SYMBOL,
+    PREPARE_SYMBOL, RESOLVE_SYMBOL,
 };
 use probes::shared::{ProbeCounters, SharedHeader, MAGIC};
 use probes::ProbeKind;
@@ -33,6 +33,30 @@ pub struct Installed {
     patch: [u8; 5],
     original: [u8; 5],
     stolen_len: u64,
+    /// The agent's own probe (an unwinder hook): patched and restored, not reported.
+    hidden: bool,
+}
+
+impl Installed {
+    fn from_result(r: &PrepareResult, label: String, module: String, symbol: String) -> Self {
+        let mut patch = [0u8; 5];
+        patch.copy_from_slice(&r.patch[..5]);
+        let mut original = [0u8; 5];
+        original.copy_from_slice(&r.original[..5]);
+        Installed {
+            label,
+            module,
+            symbol,
+            site: r.site,
+            id: r.id,
+            encoding: agent::emitter::CallEncoding::from_u8(r.encoding as u8)
+                .unwrap_or(agent::emitter::CallEncoding::Abs64),
+            patch,
+            original,
+            stolen_len: r.stolen_len as u64,
+            hidden: false,
+        }
+    }
 }
 
 /// A probe that was not installed, with the reason users read.
@@ -225,6 +249,7 @@ impl Session {
         let init = base + agent_symbol(INIT_SYMBOL)?;
         let prepare = base + agent_symbol(PREPARE_SYMBOL)?;
         let resolve = base + agent_symbol(RESOLVE_SYMBOL)?;
+        let internal = base + agent_symbol(INTERNAL_SYMBOL)?;
 
         let capacity = (probes.len() as u64 + 64).next_power_of_two().max(1024);
         let info_addr = inject::call_safely(proc, &fns, init, &[capacity], TIMEOUT)?;
@@ -307,25 +332,30 @@ impl Session {
                 });
                 continue;
             }
-            let mut patch = [0u8; 5];
-            patch.copy_from_slice(&r.patch[..5]);
-            let mut original = [0u8; 5];
-            original.copy_from_slice(&r.original[..5]);
-            installed.push(Installed {
-                label: l.clone(),
-                module: p.module_path.clone(),
-                symbol: p.symbol.clone(),
-                site: r.site,
-                id: r.id,
-                encoding: agent::emitter::CallEncoding::from_u8(r.encoding as u8)
-                    .unwrap_or(agent::emitter::CallEncoding::Abs64),
-                patch,
-                original,
-                stolen_len: r.stolen_len as u64,
-            });
+            installed.push(Installed::from_result(
+                r,
+                l.clone(),
+                p.module_path.clone(),
+                p.symbol.clone(),
+            ));
         }
         if installed.is_empty() {
             return Err(SessionError::NothingInstalled(refused));
+        }
+        // Exit probes need the agent's unwinder hooks patched too, so that C++
+        // exceptions thrown through probed frames find real return addresses.
+        if exit {
+            for r in internal_probes(proc, &fns, internal)? {
+                if !installed.iter().any(|p| p.site == r.site) {
+                    installed.push(Installed::from_result(
+                        &r,
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                    ));
+                    installed.last_mut().expect("pushed").hidden = true;
+                }
+            }
         }
         let mut s = Session {
             installed,
@@ -377,8 +407,9 @@ impl Session {
         Ok(())
     }
 
-    pub fn installed(&self) -> &[Installed] {
-        &self.installed
+    /// The user's probes that are installed.
+    pub fn installed(&self) -> Vec<&Installed> {
+        self.installed.iter().filter(|p| !p.hidden).collect()
     }
 
     pub fn refused(&self) -> &[NotInstalled] {
@@ -387,8 +418,8 @@ impl Session {
 
     /// Current counters of every installed probe.
     pub fn report(&self) -> Vec<ProbeReport> {
-        self.installed
-            .iter()
+        self.installed()
+            .into_iter()
             .map(|p| {
                 let c = self.counters.get(p.id);
                 ProbeReport {
@@ -459,7 +490,7 @@ fn call_with_buffers(
     input: &[u8],
     n: u64,
     out_len: usize,
-) -> Result<Vec<u8>, SessionError> {
+) -> Result<(u64, Vec<u8>), SessionError> {
     // Output records are read in place by the agent: keep them aligned.
     let out_off = input.len().next_multiple_of(64);
     let len = (out_off + out_len).max(1).next_multiple_of(4096);
@@ -481,11 +512,11 @@ fn call_with_buffers(
     let result = (|| {
         proc.write_memory(buf, input)
             .map_err(|e| SessionError::Agent(format!("cannot write to the target: {e}")))?;
-        inject::call_safely(proc, fns, function, &[buf, n, out], TIMEOUT)?;
+        let ret = inject::call_safely(proc, fns, function, &[buf, n, out], TIMEOUT)?;
         let mut bytes = vec![0u8; out_len];
         proc.read_memory(out, &mut bytes)
             .map_err(|e| SessionError::Agent(format!("cannot read from the target: {e}")))?;
-        Ok(bytes)
+        Ok((ret, bytes))
     })();
     let tid = proc.threads()[0];
     let _ = remote_call::syscall(proc, tid, libc::SYS_munmap, &[buf, len as u64]);
@@ -503,7 +534,7 @@ fn prepare_remote(
         return Ok(Vec::new());
     }
     let res_len = requests.len() * size_of::<PrepareResult>();
-    let bytes = call_with_buffers(
+    let (_, bytes) = call_with_buffers(
         proc,
         fns,
         prepare,
@@ -516,6 +547,30 @@ fn prepare_remote(
     unsafe {
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), results.as_mut_ptr() as *mut u8, res_len)
     };
+    Ok(results)
+}
+
+/// The agent's own probes, to patch along with exit probes.
+fn internal_probes(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    internal: u64,
+) -> Result<Vec<PrepareResult>, SessionError> {
+    const CAP: usize = 16;
+    let (count, bytes) = call_with_buffers(
+        proc,
+        fns,
+        internal,
+        &[],
+        CAP as u64,
+        CAP * size_of::<PrepareResult>(),
+    )?;
+    let mut results = vec![PrepareResult::default(); CAP];
+    // SAFETY: PrepareResult is plain old data; the agent wrote up to CAP of them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), results.as_mut_ptr() as *mut u8, bytes.len())
+    };
+    results.truncate((count as usize).min(CAP));
     Ok(results)
 }
 
@@ -534,7 +589,14 @@ fn resolve_ifuncs(
         input.extend_from_slice(n.as_bytes());
         input.push(0);
     }
-    let bytes = call_with_buffers(proc, fns, resolve, &input, names.len() as u64, names.len() * 8)?;
+    let (_, bytes) = call_with_buffers(
+        proc,
+        fns,
+        resolve,
+        &input,
+        names.len() as u64,
+        names.len() * 8,
+    )?;
     Ok(bytes
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))

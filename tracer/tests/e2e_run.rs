@@ -163,3 +163,53 @@ fn run_main_and_library_probes_with_exits() {
         "a far site needs a far call encoding: {m}"
     );
 }
+
+/// C++ exceptions thrown through exit-probed frames are still caught by their handlers
+/// upstream (the agent's unwinder hooks put real return addresses back before the
+/// unwinder walks the stack), the program's output is unchanged, and returns that did
+/// happen are all counted.
+#[test]
+fn cxx_exceptions_through_exit_probes() {
+    let dir = temp_dir("cxx");
+    let src = dir.join("exceptions.cc");
+    std::fs::write(&src, include_str!("../../tests/programs/exceptions.cc")).unwrap();
+    let prog = dir.join("exceptions");
+    let st = std::process::Command::new("c++")
+        .args(["-O1", "-o"])
+        .arg(&prog)
+        .arg(&src)
+        .status()
+        .expect("c++ runs");
+    assert!(st.success(), "c++ failed");
+    let plain = std::process::Command::new(&prog).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&plain.stdout),
+        "caught=1000 sum=6004000\n"
+    );
+    let json = dir.join("report.json");
+    let traced = tracer()
+        .args([
+            "run",
+            "-x",
+            "-p",
+            "main:middle",
+            "-p",
+            "main:thrower",
+            "--json",
+            "-o",
+        ])
+        .arg(&json)
+        .arg("--")
+        .arg(&prog)
+        .output()
+        .unwrap();
+    assert_eq!(traced.status.code(), Some(0), "{traced:?}");
+    assert_eq!(traced.stdout, plain.stdout);
+    let reports = json_lines(&std::fs::read_to_string(&json).unwrap());
+    for probe in ["main:middle", "main:thrower"] {
+        let r = report(&reports, probe);
+        assert_eq!(num(r, "hits"), 3000, "{r}");
+        // One call in three throws: those frames never return.
+        assert_eq!(num(r, "exits"), 2000, "{r}");
+    }
+}
