@@ -157,3 +157,36 @@ fn target_already_traced() {
         );
     }
 }
+
+/// Attaching without the right to trace the target (tracer running as another,
+/// unprivileged user): one line naming the permission problem, the target untouched.
+#[test]
+fn permission_denied() {
+    let dir = temp_dir("perm");
+    let (t, tiny, good) = start_tiny(&dir);
+    let before = [
+        (tiny, read_mem(t.pid(), tiny, 8)),
+        (good, read_mem(t.pid(), good, 8)),
+    ];
+    // The tracer binary must be reachable by `nobody`: copy it next to nothing private.
+    let exe = std::env::temp_dir().join(format!("tracer-perm-{}", std::process::id()));
+    std::fs::copy(env!("CARGO_BIN_EXE_tracer"), &exe).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&exe)
+        .args(["attach", &t.pid().to_string(), "-p", "main:good"])
+        .output()
+        .expect("setpriv runs");
+    let _ = std::fs::remove_file(&exe);
+    let line = assert_one_line_error(&out, &[&t.pid().to_string()]);
+    assert!(
+        line.contains("not allowed to trace") && line.contains("CAP_SYS_PTRACE"),
+        "not a permission error: {line}"
+    );
+    assert_untouched(t, &before);
+}
