@@ -319,6 +319,16 @@ pub fn inject_named(
     library: &[u8],
     name: &str,
 ) -> Result<Injected, InjectError> {
+    inject_with_timeout(proc, library, name, DLOPEN_TIMEOUT)
+}
+
+/// [`inject_named`] giving up after `timeout` when no thread is safe for `dlopen`.
+pub fn inject_with_timeout(
+    proc: &mut Process,
+    library: &[u8],
+    name: &str,
+    timeout: Duration,
+) -> Result<Injected, InjectError> {
     let pid = proc.pid();
     if !proc.all_stopped() {
         proc.stop_all()?;
@@ -337,7 +347,7 @@ pub fn inject_named(
         libc::SYS_memfd_create,
         &[name_addr, libc::MFD_CLOEXEC as u64],
     )?;
-    let result = load_from_fd(proc, &fns, tid, fd, library);
+    let result = load_from_fd(proc, &fns, tid, fd, library, timeout);
     // The mapping keeps the file alive; the descriptor is not needed any more.
     let _ = remote_call::syscall(proc, tid, libc::SYS_close, &[fd]);
     let (handle, inode) = result?;
@@ -365,6 +375,7 @@ fn load_from_fd(
     tid: i32,
     fd: u64,
     library: &[u8],
+    timeout: Duration,
 ) -> Result<(u64, u64), InjectError> {
     let pid = proc.pid();
     let fd_path = format!("/proc/{pid}/fd/{fd}");
@@ -399,7 +410,7 @@ fn load_from_fd(
     };
     let path_addr = remote_call::put_c_string(proc, 0, &unique_fd_path(fd, inode))?;
     let mode = libc::RTLD_NOW as u64 | fns.mode_extra;
-    let handle = call_safely(proc, fns, fns.dlopen, &[path_addr, mode], DLOPEN_TIMEOUT)?;
+    let handle = call_safely(proc, fns, fns.dlopen, &[path_addr, mode], timeout)?;
     if handle == 0 {
         return Err(InjectError::DlopenFailed {
             message: dlerror_text(proc, fns),

@@ -129,3 +129,71 @@ fn target_exiting_is_reported_not_hung() {
         .try_wait()
         .is_err_and(|e| e.raw_os_error() == Some(libc::ECHILD)));
 }
+
+/// The only thread blocks in futex inside libc: never safe for dlopen.
+const BLOCKED: &str = r#"
+#include <semaphore.h>
+#include <stdio.h>
+int main(void) { sem_t s; sem_init(&s, 0, 0); printf("ready\n"); fflush(stdout); sem_wait(&s); return 0; }
+"#;
+
+#[test]
+fn no_safe_thread_times_out_and_leaves_the_target_as_it_was() {
+    let dir = temp_dir("nosafe");
+    let exe = cc(&dir, "blocked", BLOCKED, &["-pthread"]);
+    let (child, mut out) = spawn(&exe, &[], &[]);
+    // The program never ends by itself: kill it even when an assertion fails.
+    let mut child = KillOnDrop(child);
+    assert_eq!(line(&mut out), "ready");
+    let pid = child.0.id() as i32;
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let maps_before = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let fds_before = fd_list(pid);
+    let mut p = attach(pid).unwrap();
+    let t = std::time::Instant::now();
+    let e = inject::inject_with_timeout(
+        &mut p,
+        tracer::agent_blob::agent_so(),
+        "tracer-agent",
+        std::time::Duration::from_millis(300),
+    )
+    .unwrap_err();
+    assert!(matches!(e, InjectError::NoSafeThread { .. }), "{e}");
+    assert!(e.to_string().contains("dlopen could deadlock"), "{e}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    p.detach().unwrap();
+    let maps_after = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert_eq!(
+        maps_before, maps_after,
+        "scratch page unmapped, nothing loaded"
+    );
+    assert_eq!(fds_before, fd_list(pid), "memfd closed again");
+    assert_eq!(tracer_pid(pid).unwrap(), 0);
+    let sleeping = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        thread_state(pid, pid).unwrap() == 'S'
+    });
+    assert!(sleeping, "back in its futex wait");
+    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap();
+    assert!(wchan.contains("futex"), "{wchan}");
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn fd_list(pid: i32) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
