@@ -161,3 +161,60 @@ fn a_sigstopped_target_stays_stopped_after_detach() {
     assert_eq!(line(&mut out), "done");
     assert!(child.wait().unwrap().success());
 }
+
+/// Threads are created and exit all the time, from several threads.
+const CHURN: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static void *leaf(void *a) { volatile long n = 0; for (int i = 0; i < 20000; i++) n += i; return a; }
+static void *spawner(void *a) {
+    long made = 0;
+    for (int i = 0; i < 1500; i++) {
+        pthread_t t;
+        if (pthread_create(&t, 0, leaf, 0) == 0) { pthread_join(t, 0); made++; }
+    }
+    return (void *)made;
+}
+int main(void) {
+    pthread_t s[3];
+    for (int i = 0; i < 3; i++) pthread_create(&s[i], 0, spawner, 0);
+    printf("ready\n"); fflush(stdout);
+    long total = 0;
+    for (int i = 0; i < 3; i++) { void *r; pthread_join(s[i], &r); total += (long)r; }
+    printf("made %ld\n", total);
+    return 0;
+}
+"#;
+
+#[test]
+fn threads_created_and_exiting_during_attach_are_all_handled() {
+    let dir = temp_dir("churn");
+    let exe = cc(&dir, "churn", CHURN, &["-pthread"]);
+    let (mut child, mut out) = spawn(&exe, &[], &[]);
+    assert_eq!(line(&mut out), "ready");
+    let pid = child.id() as i32;
+    let mut cycles = 0;
+    while cycles < 30 {
+        let Ok(mut p) = attach(pid) else {
+            // It may finish before 30 cycles on a fast machine.
+            break;
+        };
+        let known = p.threads();
+        for tid in list_tasks(pid).unwrap() {
+            // A thread that exited while stopped stays a zombie until reaped.
+            let st = thread_state(pid, tid).unwrap_or('X');
+            assert!(matches!(st, 't' | 'Z' | 'X'), "thread {tid} is {st}");
+            if st == 't' {
+                assert!(known.contains(&tid), "stopped thread {tid} is known");
+            }
+        }
+        p.resume_all().unwrap();
+        p.service(std::time::Duration::from_millis(3)).unwrap();
+        p.detach().unwrap();
+        cycles += 1;
+    }
+    assert!(cycles >= 5, "only {cycles} cycles");
+    assert_eq!(line(&mut out), "made 4500");
+    assert!(child.wait().unwrap().success());
+}
