@@ -507,7 +507,7 @@ fn call_with_buffers(
             u64::MAX,
             0,
         ],
-    )? as u64;
+    )?;
     let out = buf + out_off as u64;
     let result = (|| {
         proc.write_memory(buf, input)
