@@ -59,6 +59,8 @@ pub enum AttachError {
         pid: i32,
         tid: i32,
         what: &'static str,
+        /// The thread's state letter and kernel wait channel when we gave up.
+        state: String,
     },
     /// A ptrace or wait request failed unexpectedly.
     Ptrace {
@@ -95,9 +97,14 @@ impl fmt::Display for AttachError {
                 f,
                 "PID {pid} runs a {machine} executable; tracer only supports x86-64 targets"
             ),
-            AttachError::Timeout { pid, tid, what } => write!(
+            AttachError::Timeout {
+                pid,
+                tid,
+                what,
+                state,
+            } => write!(
                 f,
-                "thread {tid} of PID {pid} did not {what} within the time limit (stuck in an uninterruptible sleep?); retry"
+                "thread {tid} of PID {pid} did not {what} within the time limit (it is {state}); retry"
             ),
             AttachError::Ptrace { tid, op, errno } => {
                 write!(f, "{op} on thread {tid} failed: {errno}")
@@ -211,6 +218,29 @@ pub fn thread_state(pid: i32, tid: i32) -> io::Result<char> {
 }
 
 /// `TracerPid` of `/proc/PID/status` (0 when untraced).
+/// The state and wait channel of a thread, for messages: `S (sleeping) in do_nanosleep`.
+pub fn describe_thread(pid: i32, tid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"));
+    let field = |name: &str| {
+        status.as_ref().ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        })
+    };
+    let Some(mut state) = field("State:") else {
+        return "gone".into();
+    };
+    if let Some(t) = field("TracerPid:").filter(|t| t != "0") {
+        state = format!("{state}, traced by {t}");
+    } else {
+        state.push_str(", not traced");
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/wchan")) {
+        Ok(w) if !w.is_empty() && w != "0" => format!("{state} in {w}"),
+        _ => state,
+    }
+}
+
 pub fn tracer_pid(pid: i32) -> io::Result<i32> {
     let s = fs::read_to_string(format!("/proc/{pid}/status"))?;
     Ok(s.lines()
@@ -448,6 +478,7 @@ impl Process {
                     pid: self.pid,
                     tid,
                     what: "finish a single step",
+                    state: describe_thread(self.pid, tid),
                 })?;
             let trap = matches!(st, WaitStatus::Stopped(_, Signal::SIGTRAP));
             if self.handle(tid, st)? == Handled::Gone {
@@ -488,6 +519,7 @@ impl Process {
                     pid: self.pid,
                     tid,
                     what: "leave the address range by single-stepping",
+                    state: describe_thread(self.pid, tid),
                 });
             }
             rip = self.single_step(tid)?;
@@ -540,6 +572,10 @@ impl Process {
                 let t = self.thread_mut(tid);
                 t.stop = Some(if group { Stop::Group } else { Stop::Interrupt });
                 t.group_stopped = group;
+                // The stop a new or group-stopped thread reports by itself has come: from
+                // now on only an interrupt stops it. (A clone child whose first stop was
+                // handled by `service` and resumed would otherwise never be interrupted.)
+                t.self_trap = false;
                 Ok(Handled::Stopped)
             }
             WaitStatus::PtraceEvent(_, _, ev) if ev == Event::PTRACE_EVENT_CLONE as i32 => {
@@ -689,6 +725,7 @@ impl Process {
                             pid: self.pid,
                             tid,
                             what: "stop",
+                            state: describe_thread(self.pid, tid),
                         })
                     }
                     Err(Errno::ECHILD) => self.thread_gone(tid, None),

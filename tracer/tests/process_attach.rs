@@ -218,3 +218,50 @@ fn threads_created_and_exiting_during_attach_are_all_handled() {
     assert_eq!(line(&mut out), "made 4500");
     assert!(child.wait().unwrap().success());
 }
+
+const LATE_THREAD: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static void *sleeper(void *p) { (void)p; for (;;) usleep(1000); return 0; }
+int main(void) {
+    printf("ready\n"); fflush(stdout);
+    usleep(200000);
+    pthread_t t;
+    pthread_create(&t, 0, sleeper, 0);
+    for (;;) pause();
+}
+"#;
+
+/// A thread created while we are attached and the process runs (its clone event and its
+/// first stop handled by `service`) is stopped by the next `stop_all` like any other.
+#[test]
+fn thread_created_while_attached_is_stopped_later() {
+    let dir = temp_dir("late");
+    let exe = cc(&dir, "late", LATE_THREAD, &["-pthread"]);
+    /// Kills the program however the test ends, so it never outlives it.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let (child, mut out) = spawn(&exe, &[], &[]);
+    let child = KillOnDrop(child);
+    assert_eq!(line(&mut out), "ready");
+    let pid = child.0.id() as i32;
+    let mut p = attach(pid).unwrap();
+    p.resume_all().unwrap();
+    // The program creates its thread 200 ms after "ready": let the clone event and the
+    // new thread's own first stop be handled, and the thread resumed, by `service`.
+    p.service(std::time::Duration::from_millis(600)).unwrap();
+    assert_eq!(p.threads().len(), 2);
+    p.stop_all()
+        .expect("every thread stops, the late one included");
+    for tid in list_tasks(pid).unwrap() {
+        assert_eq!(thread_state(pid, tid).unwrap(), 't', "thread {tid}");
+    }
+    p.detach().unwrap();
+    drop(child);
+}
