@@ -419,6 +419,9 @@ fn run_until_pad(
                         | Signal::SIGILL
                         | Signal::SIGFPE
                         | Signal::SIGTRAP
+                        // The called function gave up (abort, a failed assertion): it is
+                        // our call that failed, not the target, which must not die of it.
+                        | Signal::SIGABRT
                 ) =>
             {
                 take_pending_if(proc, tid, |s| s == sig);

@@ -173,3 +173,48 @@ fn single_step_leaves_an_instruction_but_not_a_loop() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+const ABORTER: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+__attribute__((noinline)) void give_up(void) { abort(); }
+int main(void) {
+    printf("%p\n", (void *)give_up); fflush(stdout);
+    sleep(1);
+    printf("alive\n");
+    return 0;
+}
+"#;
+
+/// A remotely called function that aborts fails the call at once, with the signal
+/// named, and the target lives on as if the call had never been made.
+#[test]
+fn an_aborting_call_fails_fast_and_the_target_lives() {
+    let dir = temp_dir("abort");
+    let exe = cc(&dir, "aborter", ABORTER, &[]);
+    let (mut child, mut out) = spawn(&exe, &[], &[]);
+    let give_up = hex(&line(&mut out));
+    let pid = child.id() as i32;
+    let mut p = attach(pid).unwrap();
+    let t0 = Instant::now();
+    let e = remote_call::call(&mut p, pid, give_up, &[], Duration::from_secs(10)).unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        matches!(
+            e,
+            RemoteCallError::Crashed {
+                signal: nix::sys::signal::Signal::SIGABRT,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    p.detach().unwrap();
+    assert_eq!(line(&mut out), "alive");
+    assert!(child.wait().unwrap().success());
+}
