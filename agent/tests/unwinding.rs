@@ -6,7 +6,6 @@ use agent::interceptor::{Interceptor, ProbeRequest};
 use probes::ExitContext;
 use std::ffi::{CStr, CString};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Mutex, OnceLock};
 
@@ -74,27 +73,13 @@ struct Lib {
 fn lib() -> &'static Lib {
     static LIB: OnceLock<Lib> = OnceLock::new();
     LIB.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("tracer-unwinding-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let src = dir.join("unwind.cc");
-        let so: PathBuf = dir.join("libunwindtest.so");
-        std::fs::write(&src, SOURCE).unwrap();
-        let out = Command::new("c++")
-            .args([
-                "-O1",
-                "-fPIC",
-                "-shared",
-                "-fno-optimize-sibling-calls",
-                "-o",
-            ])
-            .arg(&so)
-            .arg(&src)
-            .output()
-            .expect("running c++ (install g++)");
-        assert!(
-            out.status.success(),
-            "c++ failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        // Loaded libraries stay mapped after their file is removed with the directory.
+        let dir = tests::temp_dir("unwinding");
+        let so: PathBuf = tests::cxx(
+            &dir,
+            "libunwindtest.so",
+            SOURCE,
+            &["-fPIC", "-shared", "-fno-optimize-sibling-calls"],
         );
         let path = CString::new(so.to_str().unwrap()).unwrap();
         // SAFETY: dlopen of the library just built, with a NUL-terminated path.

@@ -1,8 +1,8 @@
 //! `tracer attach` end to end: a running multi-threaded program, attached to and detached
 //! from again and again, must compute exactly what it computes untraced.
 
-mod e2e_util;
-use e2e_util::*;
+mod common;
+use common::*;
 use std::process::Stdio;
 use std::time::Duration;
 

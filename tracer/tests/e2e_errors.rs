@@ -1,8 +1,8 @@
 //! tracer's failures end to end: each is one `tracer: ...` line naming the cause, a
 //! non-zero exit, and a target left as it was.
 
-mod e2e_util;
-use e2e_util::*;
+mod common;
+use common::*;
 
 /// A running `tiny` program: its PID and the addresses of `tiny` and `good`.
 fn start_tiny(dir: &std::path::Path) -> (Target, u64, u64) {

@@ -1,8 +1,8 @@
 //! `tracer list` end to end: the functions of an ELF file or of a live process that match
 //! a pattern, with whether each can be probed.
 
-mod e2e_util;
-use e2e_util::*;
+mod common;
+use common::*;
 
 fn list(args: &[&str]) -> Vec<String> {
     let mut a = vec!["list"];

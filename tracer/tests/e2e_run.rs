@@ -1,7 +1,7 @@
 //! `tracer run` end to end: real programs launched with probes live before main.
 
-mod e2e_util;
-use e2e_util::*;
+mod common;
+use common::*;
 use std::os::unix::process::ExitStatusExt;
 
 /// Parses `calls=N main_calls=M result=R` printed by target.c.
@@ -171,16 +171,7 @@ fn run_main_and_library_probes_with_exits() {
 #[test]
 fn cxx_exceptions_through_exit_probes() {
     let dir = temp_dir("cxx");
-    let src = dir.join("exceptions.cc");
-    std::fs::write(&src, include_str!("../../tests/programs/exceptions.cc")).unwrap();
-    let prog = dir.join("exceptions");
-    let st = std::process::Command::new("c++")
-        .args(["-O1", "-o"])
-        .arg(&prog)
-        .arg(&src)
-        .status()
-        .expect("c++ runs");
-    assert!(st.success(), "c++ failed");
+    let prog = cxx(&dir, "exceptions", EXCEPTIONS_CC, &[]);
     let plain = std::process::Command::new(&prog).output().unwrap();
     assert_eq!(
         String::from_utf8_lossy(&plain.stdout),

@@ -1,7 +1,7 @@
 //! Attach/stop/resume/detach on a real 4-thread program; signals sent while stopped.
-mod process_util;
+mod common;
 
-use process_util::{cc, line, spawn, temp_dir};
+use common::{cc, line, spawn, temp_dir};
 use tracer::threads::{attach, list_tasks, thread_state};
 
 const WORKERS: &str = r#"

@@ -1,7 +1,7 @@
 //! Error paths: each is a typed error with a clear message, and the target is left as it was.
-mod process_util;
+mod common;
 
-use process_util::{cc, line, spawn, temp_dir};
+use common::{cc, line, spawn, temp_dir};
 use tracer::inject::{self, InjectError};
 use tracer::threads::{attach, thread_state, tracer_pid, AttachError};
 

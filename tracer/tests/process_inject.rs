@@ -1,9 +1,9 @@
 //! Injecting shared objects with the target's own dlopen, into busy multi-threaded programs.
-mod process_util;
+mod common;
 
 use std::time::Duration;
 
-use process_util::{cc, line, spawn, temp_dir};
+use common::{cc, line, spawn, temp_dir};
 use tracer::inject::{self, InjectError};
 use tracer::threads::attach;
 

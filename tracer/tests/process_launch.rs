@@ -1,7 +1,7 @@
 //! Launching programs stopped at their entry point; exit status and signals forwarded.
-mod process_util;
+mod common;
 
-use process_util::{cc, temp_dir};
+use common::{cc, temp_dir};
 use tracer::launch::{entry_point, launch, LaunchError};
 use tracer::threads::{thread_state, ExitStatus};
 

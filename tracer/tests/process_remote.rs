@@ -1,11 +1,11 @@
 //! Remote calls and syscalls in real threads: results, full state restored, restarts.
-mod process_util;
+mod common;
 
 use std::time::{Duration, Instant};
 
+use common::{cc, hex, line, spawn, temp_dir};
 use nix::sys::ptrace::{self, regset::NT_PRFPREG};
 use nix::unistd::Pid;
-use process_util::{cc, hex, line, spawn, temp_dir};
 use tracer::remote_call::{self, RemoteCallError};
 use tracer::threads::attach;
 

@@ -42,23 +42,6 @@ xz mini_debuginfo
 objcopy --add-section .gnu_debugdata=mini_debuginfo.xz "$f"
 "#;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("tracer-symbols-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Running(Child);
 
 impl Drop for Running {
@@ -109,8 +92,8 @@ fn build_minidebug(dir: &Path) -> PathBuf {
 
 #[test]
 fn static_function_only_in_gnu_debugdata_resolves() {
-    let dir = TempDir::new("minidebug");
-    let prog = build_minidebug(&dir.0);
+    let dir = tests::temp_dir("minidebug");
+    let prog = build_minidebug(dir.path());
 
     // The stripped file has no .symtab, and nm can no longer see the static function.
     let elf = ElfSymbols::read(&prog).unwrap();
@@ -157,12 +140,12 @@ fn static_function_only_in_gnu_debugdata_resolves() {
 
 #[test]
 fn corrupt_gnu_debugdata_is_a_warning_not_a_failure() {
-    let dir = TempDir::new("minidebug-bad");
-    let prog = build_minidebug(&dir.0);
+    let dir = tests::temp_dir("minidebug-bad");
+    let prog = build_minidebug(dir.path());
     // Replace the section with bytes that are not xz.
-    std::fs::write(dir.0.join("junk"), b"not xz at all").unwrap();
+    std::fs::write(dir.path().join("junk"), b"not xz at all").unwrap();
     sh(
-        &dir.0,
+        dir.path(),
         "objcopy --update-section .gnu_debugdata=junk prog",
         &[],
     );

@@ -67,24 +67,6 @@ int main(void) {
 }
 "#;
 
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("tracer-symbols-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A child killed on drop.
 struct Running(Child);
 
@@ -181,8 +163,8 @@ fn addrs_of(probes: &[tracer::spec::ResolvedProbe]) -> Vec<u64> {
 
 #[test]
 fn pie_program_and_shared_library() {
-    let dir = TempDir::new("pie");
-    let prog = build_pie(&dir.0);
+    let dir = tests::temp_dir("pie");
+    let prog = build_pie(dir.path());
     let (child, printed) = run(&prog);
     let pid = child.0.id() as i32;
 
@@ -201,7 +183,7 @@ fn pie_program_and_shared_library() {
     };
 
     let prog_sizes = nm_sizes(&prog);
-    let lib_sizes = nm_sizes(&dir.0.join("libtarget.so"));
+    let lib_sizes = nm_sizes(&dir.path().join("libtarget.so"));
 
     let p = one("main:fn");
     assert_eq!(p.address, printed["fn"]);
@@ -354,9 +336,9 @@ fn pie_program_and_shared_library() {
 
 #[test]
 fn non_pie_program() {
-    let dir = TempDir::new("nopie");
-    let d = dir.0.display();
-    std::fs::write(dir.0.join("np.c"), NOPIE_C).unwrap();
+    let dir = tests::temp_dir("nopie");
+    let d = dir.path().display();
+    std::fs::write(dir.path().join("np.c"), NOPIE_C).unwrap();
     cc(&[
         "-O1",
         "-fno-pie",
@@ -365,7 +347,7 @@ fn non_pie_program() {
         &format!("{d}/np"),
         &format!("{d}/np.c"),
     ]);
-    let prog = dir.0.join("np");
+    let prog = dir.path().join("np");
     let (child, printed) = run(&prog);
     let pm = SymbolCache::new().process(child.0.id() as i32).unwrap();
     let main = pm.main().unwrap();
@@ -386,9 +368,9 @@ fn non_pie_program() {
 
 #[test]
 fn file_on_disk_uses_link_time_addresses() {
-    let dir = TempDir::new("file");
-    let prog = build_pie(&dir.0);
-    let lib = dir.0.join("libtarget.so");
+    let dir = tests::temp_dir("file");
+    let prog = build_pie(dir.path());
+    let lib = dir.path().join("libtarget.so");
     let pm = SymbolCache::new().file(&lib).unwrap();
     assert_eq!(pm.modules[0].name, "libtarget.so");
     let v = resolve(&ProbeSpec::parse("libtarget:work_*").unwrap(), &pm).unwrap();
@@ -406,17 +388,19 @@ fn file_on_disk_uses_link_time_addresses() {
         assert!(elf.functions_named(&p.symbol).any(|f| f.value == value));
     }
     // A non-ELF file is refused with a clear error.
-    let err = SymbolCache::new().file(&dir.0.join("prog.c")).unwrap_err();
+    let err = SymbolCache::new()
+        .file(&dir.path().join("prog.c"))
+        .unwrap_err();
     assert!(err.to_string().contains("not a 64-bit ELF"), "{err}");
     let _ = prog;
 }
 
 #[test]
 fn deleted_and_replaced_library_still_resolves() {
-    let dir = TempDir::new("deleted");
-    let prog = build_pie(&dir.0);
+    let dir = tests::temp_dir("deleted");
+    let prog = build_pie(dir.path());
     let (child, printed) = run(&prog);
-    let lib = dir.0.join("libtarget.so");
+    let lib = dir.path().join("libtarget.so");
     // Replace the library by something else at the same path: the mapped inode, not
     // the path, must be read.
     std::fs::remove_file(&lib).unwrap();
@@ -454,10 +438,10 @@ int main(int argc, char **argv) {
 
 #[test]
 fn library_loaded_twice_with_dlmopen_gives_two_probes() {
-    let dir = TempDir::new("dlmopen");
-    build_pie(&dir.0);
-    let d = dir.0.display();
-    std::fs::write(dir.0.join("dlm.c"), DLMOPEN_C).unwrap();
+    let dir = tests::temp_dir("dlmopen");
+    build_pie(dir.path());
+    let d = dir.path().display();
+    std::fs::write(dir.path().join("dlm.c"), DLMOPEN_C).unwrap();
     cc(&[
         "-O1",
         "-o",
@@ -465,8 +449,8 @@ fn library_loaded_twice_with_dlmopen_gives_two_probes() {
         &format!("{d}/dlm.c"),
         "-ldl",
     ]);
-    let lib = dir.0.join("libtarget.so");
-    let mut child = Command::new(dir.0.join("dlm"))
+    let lib = dir.path().join("libtarget.so");
+    let mut child = Command::new(dir.path().join("dlm"))
         .arg(&lib)
         .stdout(Stdio::piped())
         .spawn()
@@ -495,8 +479,8 @@ fn library_loaded_twice_with_dlmopen_gives_two_probes() {
 
 #[test]
 fn thousand_specs_and_twenty_attaches() {
-    let dir = TempDir::new("scale");
-    let prog = build_pie(&dir.0);
+    let dir = tests::temp_dir("scale");
+    let prog = build_pie(dir.path());
     let (child, _) = run(&prog);
     let pid = child.0.id() as i32;
     let cache = SymbolCache::new();
