@@ -30,6 +30,10 @@ pub struct Probe {
     pub id: u32,
     /// Handler of an offset probe.
     pub on_offset: Option<OffsetHandler>,
+    /// Where the body of a handler-less exit probe returns to in its own trampoline
+    /// (which calls the body rather than redirecting through the exit trampoline); 0
+    /// until the trampoline is emitted, and for other probes.
+    pub return_point: AtomicU64,
 }
 
 impl Probe {
@@ -97,7 +101,7 @@ pub unsafe extern "C" fn on_entry(probe: *const Probe, ctx: *mut EntryContext) {
             // that receives the duration.
             tsc: if probe.on_exit.is_some() { tsc() } else { 0 },
         };
-        drop_stale(t, entry.entry_rsp);
+        drop_stale(t, entry.entry_rsp, return_address);
         if t.push(entry) {
             // SAFETY: the return address slot, as above.
             unsafe { *slot = probe.exit_trampoline };
@@ -142,14 +146,24 @@ const STALE_WINDOW: u64 = 1 << 20;
 /// Drop entries whose frames were abandoned without returning: a new frame whose return
 /// slot is at or above theirs means their slots are gone. Without this a `longjmp` out of
 /// probed frames would leave entries behind until the stack filled.
+///
+/// One exception: a probed function that tail-calls another probed function (`jmp` to
+/// it) hands over its frame, and the new entry lands on the very same slot, which still
+/// holds the address the first probe redirected it to. That frame is alive: the new entry
+/// keeps the redirect as its return address, and both returns are seen in turn.
 #[inline]
-fn drop_stale(t: &mut thread_state::ThreadState, entry_rsp: u64) {
+fn drop_stale(t: &mut thread_state::ThreadState, entry_rsp: u64, slot_value: u64) {
     while let Some(top) = t.entries().last() {
         if top.entry_rsp > entry_rsp || entry_rsp - top.entry_rsp >= STALE_WINDOW {
             break;
         }
         // SAFETY: entries hold pointers to probes, which are never freed.
         let probe = unsafe { &*(top.probe as *const Probe) };
+        let redirected =
+            slot_value == probe.exit_trampoline || slot_value == probe.return_point.load(Relaxed);
+        if top.entry_rsp == entry_rsp && redirected {
+            break;
+        }
         bump(&probe.counters.lost_exits);
         t.pop();
     }
@@ -171,10 +185,12 @@ pub fn unwind_hook(_ctx: &mut EntryContext) {
         let probe = unsafe { &*(e.probe as *const Probe) };
         let slot = e.entry_rsp as *mut u64;
         // SAFETY: the slot is in this thread's stack, which stays mapped. It is written
-        // only while it still holds the exit trampoline's address, i.e. while it is the
-        // redirected return slot and not memory a later frame reused.
+        // only while it still holds the address we put there (the exit trampoline's or
+        // the probe's own return point), i.e. while it is the redirected return slot and
+        // not memory a later frame reused.
         unsafe {
-            if slot.read_volatile() == probe.exit_trampoline {
+            let redirect = slot.read_volatile();
+            if redirect == probe.exit_trampoline || redirect == probe.return_point.load(Relaxed) {
                 slot.write_volatile(e.return_address);
             }
         }

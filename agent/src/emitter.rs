@@ -371,6 +371,13 @@ impl<'p> Emitter<'p> {
         self.fixups.push((end - 4, end, label));
     }
 
+    /// `call label` (rel32): a call within the emitted code.
+    pub fn call_label(&mut self, label: Label) {
+        self.code.extend_from_slice(&[0xe8, 0, 0, 0, 0]);
+        let end = self.code.len();
+        self.fixups.push((end - 4, end, label));
+    }
+
     /// `jcc label` (rel32), `cc` being the condition nibble (`0x4` = e/z, `0x5` = ne/nz,
     /// ...): the encoding is `0f 8cc rel32`.
     pub fn jcc_label(&mut self, cc: u8, label: Label) {

@@ -217,6 +217,7 @@ impl Interceptor {
             exit_trampoline,
             id: id as u32,
             on_offset,
+            return_point: Default::default(),
         }));
         let xsave = match req.kind {
             ProbeKind::Offset => Some(self.xsave.ok_or_else(|| {

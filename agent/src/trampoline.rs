@@ -190,6 +190,7 @@ fn emit_fast_entry(
     let general = e.label();
     let skipped = e.label();
     let done = e.label();
+    let done_exit = e.label();
     let counters = f.counters as u64;
     e.bytes(&MOV_R11_FS0);
     e.asm(|a| {
@@ -236,11 +237,9 @@ fn emit_fast_entry(
             a.mov(qword_ptr(rax + tl::E_TSC), 0)?;
             // The entry is complete before it counts: a signal handler hitting a probe
             // in between pushes above it.
-            a.inc(qword_ptr(r11 + tl::DEPTH))?;
-            a.mov(rcx, f.exit_trampoline)?;
-            a.mov(qword_ptr(rsp), rcx)
+            a.inc(qword_ptr(r11 + tl::DEPTH))
         })?;
-        e.jmp_label(done);
+        e.jmp_label(done_exit);
         e.bind(restore_to_general);
         e.asm(|a| {
             a.mov(rax, qword_ptr(rsp - 8))?;
@@ -254,6 +253,10 @@ fn emit_fast_entry(
         a.mov(rcx, qword_ptr(rsp - 16))
     })?;
     e.jmp_label(tail);
+    if f.exit_trampoline != 0 {
+        e.bind(done_exit);
+        emit_fast_call_and_return(e, probe, f, tail)?;
+    }
     e.bind(skipped);
     e.asm(|a| {
         a.mov(r11, counters)?;
@@ -261,6 +264,76 @@ fn emit_fast_entry(
     })?;
     e.jmp_label(tail);
     e.bind(general);
+    Ok(())
+}
+
+/// The rest of a handler-less exit probe's fast path, once its shadow entry is pushed:
+/// instead of overwriting the return address with the exit trampoline's (which the
+/// function's `ret` would then mispredict, since the return stack buffer holds the
+/// caller's address), drop it and *call* the function body. The body's `ret` comes back
+/// here, predicted; the real return address is then pushed and returned to, which pops
+/// the caller's own return-stack entry, predicted too. The stack the body sees is exactly
+/// the original one: its return slot holds our return point instead of the caller's
+/// address, as with the exit trampoline (unwinder hooks and `on_exit` treat both alike).
+fn emit_fast_call_and_return(
+    e: &mut Emitter,
+    probe: *const Probe,
+    f: FastEntry,
+    tail: Label,
+) -> Result<(), EmitError> {
+    let general = e.label();
+    let uncounted = e.label();
+    e.asm(|a| {
+        a.mov(rax, qword_ptr(rsp - 8))?;
+        a.mov(rcx, qword_ptr(rsp - 16))?;
+        a.lea(rsp, qword_ptr(rsp + 8))
+    })?;
+    e.call_label(tail);
+    // The unwinder hook recognises redirected slots by what they hold.
+    // SAFETY: the probe is alive forever and not yet reachable from any trampoline.
+    unsafe { &*probe }
+        .return_point
+        .store(e.ip(), std::sync::atomic::Ordering::Relaxed);
+    // The body returned: rsp is one above the return slot. `rcx rsi rdi r8-r11` and the
+    // flags are dead; `rax rdx xmm0 xmm1` may hold the result.
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| {
+        a.lea(r11, qword_ptr(r11 + f.tls))?;
+        a.cmp(qword_ptr(r11 + tl::BUSY), 0)
+    })?;
+    e.jcc_label(CC_NE, general);
+    e.asm(|a| {
+        a.mov(rcx, qword_ptr(r11 + tl::DEPTH))?;
+        a.test(rcx, rcx)
+    })?;
+    e.jcc_label(CC_E, general);
+    e.asm(|a| {
+        a.dec(rcx)?;
+        a.shl(rcx, tl::ENTRY_SHIFT)?;
+        a.add(rcx, qword_ptr(r11 + tl::SHADOW))?;
+        a.lea(rsi, qword_ptr(rsp - 8))?;
+        a.cmp(qword_ptr(rcx + tl::E_ENTRY_RSP), rsi)
+    })?;
+    // Not this frame's entry on top (frames unwound past, a signal handler's frames):
+    // the shared exit trampoline sorts it out, from the same state a `ret` into it
+    // would leave.
+    e.jcc_label(CC_NE, general);
+    e.asm(|a| {
+        a.mov(rsi, f.counters as u64)?;
+        a.test(byte_ptr(rsi + C_FLAGS), flags::ENABLED)
+    })?;
+    e.jcc_label(CC_E, uncounted);
+    e.asm(|a| a.lock().inc(qword_ptr(rsi + C_EXITS)))?;
+    e.bind(uncounted);
+    e.asm(|a| {
+        // Read the entry before releasing it: a signal handler may push over it.
+        a.mov(rcx, qword_ptr(rcx + tl::E_RETURN_ADDRESS))?;
+        a.dec(qword_ptr(r11 + tl::DEPTH))?;
+        a.push(rcx)?;
+        a.ret()
+    })?;
+    e.bind(general);
+    e.jmp(f.exit_trampoline)?;
     Ok(())
 }
 

@@ -140,6 +140,33 @@ global_asm!(
     "add rax, rcx",
     "ret",
     "t_args_end:",
+    // A tail call (the jmp after the stolen bytes) between two probed functions.
+    ".globl t_tail_outer",
+    "t_tail_outer:",
+    "lea rax, [rdi+rdi*2]",
+    "mov rdi, rax",
+    "jmp t_tail_inner",
+    "t_tail_outer_end:",
+    ".globl t_tail_inner",
+    "t_tail_inner:",
+    "lea rax, [rdi+1]",
+    "nop",
+    "nop",
+    "ret",
+    "t_tail_inner_end:",
+    // A tail call that is itself among the stolen bytes.
+    ".globl t_tail_outer2",
+    "t_tail_outer2:",
+    "add rdi, 2",
+    "jmp t_tail_inner2",
+    "t_tail_outer2_end:",
+    ".globl t_tail_inner2",
+    "t_tail_inner2:",
+    "lea rax, [rdi+rdi]",
+    "nop",
+    "nop",
+    "ret",
+    "t_tail_inner2_end:",
     // Two copies of a + 1 for the multi-threaded counting test.
     ".globl t_mt1",
     "t_mt1:",
@@ -207,6 +234,14 @@ extern "C" {
     fn t_fret(a: u64) -> f64;
     fn t_mod(a: u64, b: u64) -> u64;
     fn t_mt1(a: u64) -> u64;
+    fn t_tail_outer(a: u64) -> u64;
+    fn t_tail_outer2(a: u64) -> u64;
+    static t_tail_outer_end: u8;
+    static t_tail_inner_end: u8;
+    static t_tail_outer2_end: u8;
+    static t_tail_inner2_end: u8;
+    fn t_tail_inner(a: u64) -> u64;
+    fn t_tail_inner2(a: u64) -> u64;
     fn t_mt2(a: u64) -> u64;
     static t_mt1_end: u8;
     static t_mt2_end: u8;
@@ -473,4 +508,47 @@ fn counts_are_exact_across_threads() {
     assert_eq!(hits(inline), THREADS * CALLS);
     assert_eq!(exits(inline), THREADS * CALLS);
     assert_eq!(hits(handler), THREADS * CALLS);
+}
+
+static TAIL_EXITS: AtomicU64 = AtomicU64::new(0);
+
+fn tail_exit(ctx: &mut ExitContext) {
+    TAIL_EXITS.fetch_add(ctx.retval(), SeqCst);
+}
+
+/// A probed function that tail-calls another probed function: both returns are seen,
+/// in turn, and the results are unchanged; with the jmp after the stolen bytes and
+/// among them, with inline (handler-less) and handler paths mixed.
+#[test]
+fn tail_calls_between_exit_probed_functions() {
+    let (o, os) = addr!(t_tail_outer, t_tail_outer_end);
+    let (i, is) = addr!(t_tail_inner, t_tail_inner_end);
+    let outer = install(ProbeRequest::entry(o, Some(os)).with_exit()).unwrap();
+    let inner = install(ProbeRequest::entry(i, Some(is)).with_exit()).unwrap();
+    for x in 0..1000 {
+        // SAFETY: calling the assembly functions with their signatures.
+        assert_eq!(unsafe { t_tail_outer(x) }, 3 * x + 1);
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { t_tail_inner(5) }, 6);
+    assert_eq!((hits(outer), exits(outer)), (1000, 1000));
+    assert_eq!((hits(inner), exits(inner)), (1001, 1001));
+
+    let (o, os) = addr!(t_tail_outer2, t_tail_outer2_end);
+    let (i, is) = addr!(t_tail_inner2, t_tail_inner2_end);
+    let outer = install(ProbeRequest::entry(o, Some(os)).with_exit()).unwrap();
+    let inner = install(ProbeRequest::entry(i, Some(is)).on_exit(tail_exit)).unwrap();
+    let mut expected = 0;
+    for x in 0..1000 {
+        // SAFETY: as above.
+        assert_eq!(unsafe { t_tail_outer2(x) }, 2 * (x + 2));
+        expected += 2 * (x + 2);
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { t_tail_inner2(5) }, 10);
+    assert_eq!((hits(outer), exits(outer)), (1000, 1000));
+    assert_eq!((hits(inner), exits(inner)), (1001, 1001));
+    assert_eq!(TAIL_EXITS.load(SeqCst), expected + 10);
+    let lost = with(|i| i.counters(outer).lost_exits.load(SeqCst));
+    assert_eq!(lost, 0);
 }

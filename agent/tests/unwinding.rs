@@ -58,6 +58,36 @@ extern "C" __attribute__((noinline)) int catcher(int x) {
         return -1;
     }
 }
+
+// Twins probed without handlers, which take the trampolines' inline paths.
+extern "C" __attribute__((noinline)) int lj_middle2(int x) {
+    int r = jumper(x);
+    sink = r;
+    return r * 2;
+}
+
+extern "C" __attribute__((noinline)) int lj_top2(int x) {
+    if (setjmp(env)) return -100;
+    int r = lj_middle2(x);
+    sink = r;
+    return r;
+}
+
+extern "C" __attribute__((noinline)) int middle2(int x) {
+    int r = thrower(x);
+    sink = r;
+    return r * 2;
+}
+
+extern "C" __attribute__((noinline)) int catcher2(int x) {
+    try {
+        int r = middle2(x);
+        sink = r;
+        return r;
+    } catch (const std::exception &e) {
+        return -1;
+    }
+}
 "#;
 
 type F = unsafe extern "C" fn(i32) -> i32;
@@ -67,6 +97,10 @@ struct Lib {
     lj_middle: u64,
     catcher: F,
     middle: u64,
+    lj_top2: F,
+    lj_middle2: u64,
+    catcher2: F,
+    middle2: u64,
 }
 
 /// Build the library once per test process and load it.
@@ -103,6 +137,10 @@ fn lib() -> &'static Lib {
                 lj_middle: sym("lj_middle"),
                 catcher: std::mem::transmute::<u64, F>(sym("catcher")),
                 middle: sym("middle"),
+                lj_top2: std::mem::transmute::<u64, F>(sym("lj_top2")),
+                lj_middle2: sym("lj_middle2"),
+                catcher2: std::mem::transmute::<u64, F>(sym("catcher2")),
+                middle2: sym("middle2"),
             }
         }
     })
@@ -190,4 +228,41 @@ fn exception_through_an_exit_probed_frame_is_caught() {
     }
     assert_eq!(counts(id), (102, 51, 51));
     assert_eq!(MIDDLE_EXITS.load(SeqCst), 51);
+}
+
+/// `longjmp` out of a frame probed without handlers (inline entry and return paths):
+/// the same results and the same accounting of abandoned frames.
+#[test]
+fn longjmp_out_of_a_handlerless_exit_probed_frame() {
+    let l = lib();
+    // SAFETY: calling the library's functions with their signatures.
+    let call = |x| unsafe { (l.lj_top2)(x) };
+    let id = install(ProbeRequest::entry(l.lj_middle2, None).with_exit());
+    assert_eq!(call(5), 12);
+    assert_eq!(call(-1), -100);
+    assert_eq!(counts(id), (2, 1, 0));
+    assert_eq!(call(6), 14);
+    assert_eq!(counts(id), (3, 2, 1));
+    for i in 0..100 {
+        assert_eq!(call(-1), -100);
+        assert_eq!(call(i), 2 * (i + 1));
+    }
+    assert_eq!(counts(id), (203, 102, 101));
+}
+
+/// A C++ exception through a frame probed without handlers is caught upstream.
+#[test]
+fn exception_through_a_handlerless_exit_probed_frame_is_caught() {
+    let l = lib();
+    // SAFETY: calling the library's functions with their signatures.
+    let call = |x| unsafe { (l.catcher2)(x) };
+    let id = install(ProbeRequest::entry(l.middle2, None).with_exit());
+    assert_eq!(call(3), 8);
+    assert_eq!(call(-3), -1);
+    for i in 0..50 {
+        assert_eq!(call(i), 2 * (i + 1));
+        assert_eq!(call(-i - 1), -1);
+    }
+    let (hits, exits, _) = counts(id);
+    assert_eq!((hits, exits), (102, 51));
 }

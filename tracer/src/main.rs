@@ -104,6 +104,9 @@ fn install(proc: &mut Process, args: &ProbeArgs) -> Result<Session, String> {
     let probes = resolve(&args.probe, &modules)?;
     let session =
         Session::install(proc, &modules, &probes, args.exit).map_err(|e| e.to_string())?;
+    for n in session.notes() {
+        eprintln!("tracer: note: {n}");
+    }
     for r in session.refused() {
         eprintln!(
             "tracer: not probing {} at {:#x}: {}",

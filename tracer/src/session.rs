@@ -208,9 +208,48 @@ impl Drop for Counters {
 pub struct Session {
     installed: Vec<Installed>,
     refused: Vec<NotInstalled>,
+    notes: Vec<String>,
     counters: Counters,
     /// Whether the patches are still in the target.
     patched: bool,
+}
+
+/// Functions whose return cannot be redirected through a shadow stack: they return twice
+/// (the second return would find its shadow entry gone) or switch stacks.
+const RETURNS_TWICE: &[&str] = &[
+    "setjmp",
+    "_setjmp",
+    "__setjmp",
+    "sigsetjmp",
+    "__sigsetjmp",
+    "savectx",
+    "getcontext",
+    "__getcontext",
+    "swapcontext",
+    "__swapcontext",
+    "vfork",
+    "__vfork",
+    "clone",
+    "__clone",
+    "clone3",
+    "__clone3",
+    "__clone_internal",
+];
+
+fn returns_twice(modules: &ProcessModules, p: &ResolvedProbe) -> bool {
+    let base = |n: &str| n.split('@').next().unwrap_or(n).to_string();
+    if RETURNS_TWICE.contains(&base(&p.symbol).as_str()) {
+        return true;
+    }
+    // Any alias of the function counts.
+    modules
+        .symbol_containing(p.address)
+        .filter(|(_, f)| f.address == p.address)
+        .is_some_and(|(_, f)| {
+            f.names
+                .iter()
+                .any(|n| RETURNS_TWICE.contains(&base(n).as_str()))
+        })
 }
 
 /// A label such as `libc:malloc` for a resolved probe.
@@ -275,6 +314,7 @@ impl Session {
         let mut requests = Vec::new();
         let mut labels = Vec::new();
         let mut refused = Vec::new();
+        let mut notes = Vec::new();
         for p in probes {
             let l = label(p, modules);
             let (function, size) = if p.is_ifunc {
@@ -304,9 +344,16 @@ impl Session {
             } else {
                 (p.address - p.offset, p.size)
             };
+            let returns_twice = exit && p.offset == 0 && returns_twice(modules, p);
+            if returns_twice {
+                notes.push(format!(
+                    "{l}: only entries are probed: a function that returns twice \
+                     (setjmp, vfork) or on another stack cannot have its return redirected"
+                ));
+            }
             let kind = if p.offset != 0 {
                 ProbeKind::Offset
-            } else if exit {
+            } else if exit && !returns_twice {
                 ProbeKind::Exit
             } else {
                 ProbeKind::Entry
@@ -360,6 +407,7 @@ impl Session {
         let mut s = Session {
             installed,
             refused,
+            notes,
             counters,
             patched: false,
         };
@@ -414,6 +462,11 @@ impl Session {
 
     pub fn refused(&self) -> &[NotInstalled] {
         &self.refused
+    }
+
+    /// Things users should know about how their probes were installed.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// Current counters of every installed probe.
