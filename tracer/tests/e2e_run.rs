@@ -204,3 +204,51 @@ fn cxx_exceptions_through_exit_probes() {
         assert_eq!(num(r, "exits"), 2000, "{r}");
     }
 }
+
+/// Every exported libc function probed, entries and returns, under real programs that
+/// sort, search, compress and archive: their output and status are those of untraced
+/// runs. (qsort tail-calling qsort_r, setjmp returning twice and the like once broke it.)
+#[test]
+fn every_libc_function_probed_with_returns() {
+    let dir = temp_dir("alllibc");
+    let input = dir.join("input.txt");
+    let text: String = (0..2000)
+        .map(|i| format!("line {}\n", (i * 7919) % 2003))
+        .collect();
+    std::fs::write(&input, text).unwrap();
+    let inp = input.to_str().unwrap();
+    let cases: [&[&str]; 4] = [
+        &["sort", inp],
+        &["grep", "-c", "line 1", inp],
+        &["gzip", "-c", inp],
+        &["tar", "-cf", "-", "-C", dir.to_str().unwrap(), "input.txt"],
+    ];
+    for cmd in cases {
+        let plain = std::process::Command::new(cmd[0])
+            .args(&cmd[1..])
+            .output()
+            .unwrap();
+        let json = dir.join("report.json");
+        let traced = tracer()
+            .args(["run", "-x", "-p", "libc:*", "--json", "-o"])
+            .arg(&json)
+            .arg("--")
+            .args(cmd)
+            .output()
+            .unwrap();
+        assert_eq!(traced.status.code(), plain.status.code(), "{cmd:?}");
+        assert!(traced.stdout == plain.stdout, "{cmd:?}: output differs");
+        let reports = json_lines(&std::fs::read_to_string(&json).unwrap());
+        assert!(
+            reports.len() > 1500,
+            "{cmd:?}: only {} probes",
+            reports.len()
+        );
+        let total: u64 = reports.iter().map(|r| num(r, "hits")).sum();
+        assert!(total > 100, "{cmd:?}: {total} hits in all");
+        for f in ["libc:malloc", "libc:free", "libc:memchr", "libc:strlen"] {
+            let r = report(&reports, f);
+            assert_eq!(num(r, "exits"), num(r, "hits"), "{cmd:?}: {r}");
+        }
+    }
+}
