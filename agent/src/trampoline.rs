@@ -192,6 +192,29 @@ fn emit_fast_entry(
     let done = e.label();
     let done_exit = e.label();
     let counters = f.counters as u64;
+    if f.exit_trampoline == 0 {
+        // Entries only: r11 alone suffices, nothing to save.
+        e.bytes(&MOV_R11_FS0);
+        e.asm(|a| a.cmp(qword_ptr(r11 + f.tls + tl::BUSY), 0))?;
+        e.jcc_label(CC_NE, skipped);
+        e.asm(|a| {
+            a.mov(r11, counters)?;
+            a.test(byte_ptr(r11 + C_FLAGS), flags::ENABLED)
+        })?;
+        e.jcc_label(CC_E, tail);
+        e.asm(|a| a.lock().inc(qword_ptr(r11 + C_HITS)))?;
+        e.jmp_label(tail);
+        e.bind(skipped);
+        e.asm(|a| {
+            a.mov(r11, counters)?;
+            a.lock().inc(qword_ptr(r11 + C_SKIPPED))
+        })?;
+        e.jmp_label(tail);
+        e.bind(general);
+        e.bind(done);
+        e.bind(done_exit);
+        return Ok(());
+    }
     e.bytes(&MOV_R11_FS0);
     e.asm(|a| {
         a.lea(r11, qword_ptr(r11 + f.tls))?;
