@@ -319,28 +319,10 @@ fn emit_fast_call_and_return(
         .store(e.ip(), std::sync::atomic::Ordering::Relaxed);
     // The body returned: rsp is one above the return slot. `rcx rsi rdi r8-r11` and the
     // flags are dead; `rax rdx xmm0 xmm1` may hold the result.
-    e.bytes(&MOV_R11_FS0);
-    e.asm(|a| {
-        a.lea(r11, qword_ptr(r11 + f.tls))?;
-        a.cmp(qword_ptr(r11 + tl::BUSY), 0)
-    })?;
-    e.jcc_label(CC_NE, general);
-    e.asm(|a| {
-        a.mov(rcx, qword_ptr(r11 + tl::DEPTH))?;
-        a.test(rcx, rcx)
-    })?;
-    e.jcc_label(CC_E, general);
-    e.asm(|a| {
-        a.dec(rcx)?;
-        a.shl(rcx, tl::ENTRY_SHIFT)?;
-        a.add(rcx, qword_ptr(r11 + tl::SHADOW))?;
-        a.lea(rsi, qword_ptr(rsp - 8))?;
-        a.cmp(qword_ptr(rcx + tl::E_ENTRY_RSP), rsi)
-    })?;
     // Not this frame's entry on top (frames unwound past, a signal handler's frames):
     // the shared exit trampoline sorts it out, from the same state a `ret` into it
     // would leave.
-    e.jcc_label(CC_NE, general);
+    emit_own_top_entry(e, f.tls, general)?;
     e.asm(|a| {
         a.mov(rsi, f.counters as u64)?;
         a.test(byte_ptr(rsi + C_FLAGS), flags::ENABLED)
@@ -360,15 +342,11 @@ fn emit_fast_call_and_return(
     Ok(())
 }
 
-/// The fast path of the shared exit trampoline: when the top shadow entry is this very
-/// frame's and its probe has no exit handler, count and jump to the real return address
-/// without saving anything. At a return `rcx rsi rdi r8-r11` and the flags are dead
-/// (`rax rdx xmm0 xmm1` may hold the result and are left alone). Anything else (frames
-/// unwound past, a handler to run, re-entrancy) goes to `general`, the full path.
-fn emit_fast_exit(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitError> {
-    const P_COUNTERS: i32 = offset_of!(Probe, counters) as i32;
-    const P_ON_EXIT: i32 = offset_of!(Probe, on_exit) as i32;
-    let uncounted = e.label();
+/// Right after a probed function returned (`rsp` one above its return slot): `r11` = this
+/// thread's state and `rcx` = the top shadow entry, which must be this very frame's (its
+/// slot the one just popped) and the thread not inside a handler; else to `general`.
+/// Clobbers `rsi` and the flags, dead at a return.
+fn emit_own_top_entry(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitError> {
     e.bytes(&MOV_R11_FS0);
     e.asm(|a| {
         a.lea(r11, qword_ptr(r11 + tls))?;
@@ -389,6 +367,19 @@ fn emit_fast_exit(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitE
         a.cmp(qword_ptr(rcx + tl::E_ENTRY_RSP), rsi)
     })?;
     e.jcc_label(CC_NE, general);
+    Ok(())
+}
+
+/// The fast path of the shared exit trampoline: when the top shadow entry is this very
+/// frame's and its probe has no exit handler, count and jump to the real return address
+/// without saving anything. At a return `rcx rsi rdi r8-r11` and the flags are dead
+/// (`rax rdx xmm0 xmm1` may hold the result and are left alone). Anything else (frames
+/// unwound past, a handler to run, re-entrancy) goes to `general`, the full path.
+fn emit_fast_exit(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitError> {
+    const P_COUNTERS: i32 = offset_of!(Probe, counters) as i32;
+    const P_ON_EXIT: i32 = offset_of!(Probe, on_exit) as i32;
+    let uncounted = e.label();
+    emit_own_top_entry(e, tls, general)?;
     e.asm(|a| {
         a.mov(rdi, qword_ptr(rcx + tl::E_PROBE))?;
         a.cmp(qword_ptr(rdi + P_ON_EXIT), 0)
