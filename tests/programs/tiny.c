@@ -11,8 +11,18 @@ __asm__(".text\n"
         "tiny:\n"
         "  xorl %eax, %eax\n"
         "  ret\n"
-        ".size tiny, .-tiny\n");
+        ".size tiny, .-tiny\n"
+        /* Instruction boundaries at +2 and +5, inside the 5 bytes a patch takes. */
+        ".globl twoinsn\n"
+        ".type twoinsn, @function\n"
+        "twoinsn:\n"
+        "  xorl %eax, %eax\n"
+        "  addl $1, %eax\n"
+        "  addl $2, %eax\n"
+        "  ret\n"
+        ".size twoinsn, .-twoinsn\n");
 int tiny(void);
+int twoinsn(void);
 
 __attribute__((noipa)) int good(int x)
 {
@@ -26,7 +36,7 @@ static void *loop(void *p)
 {
     (void)p;
     while (!stop) {
-        total += tiny() + good(1);
+        total += tiny() + good(1) + twoinsn();
         usleep(1000);
     }
     return 0;

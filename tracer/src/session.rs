@@ -379,6 +379,28 @@ impl Session {
                 });
                 continue;
             }
+            // Two probes whose patched ranges overlap would write one jump into the
+            // other (an IFUNC named both ways, an offset inside another probe's stolen
+            // bytes): the first one stays, the other is refused.
+            let end = r.site + r.stolen_len as u64;
+            if let Some(other) = installed
+                .iter()
+                .find(|o: &&Installed| r.site < o.site + o.stolen_len && o.site < end)
+            {
+                refused.push(NotInstalled {
+                    label: l.clone(),
+                    address: r.site,
+                    reason: if other.site == r.site {
+                        format!("the same code as {} is already probed", other.label)
+                    } else {
+                        format!(
+                            "its patch would overlap that of {} at {:#x}",
+                            other.label, other.site
+                        )
+                    },
+                });
+                continue;
+            }
             installed.push(Installed::from_result(
                 r,
                 l.clone(),

@@ -190,3 +190,47 @@ fn permission_denied() {
     );
     assert_untouched(t, &before);
 }
+
+/// Two probes whose patches would overlap (an offset inside the bytes another probe
+/// takes over): the first is installed, the second refused with the reason, and the
+/// program runs as before.
+#[test]
+fn overlapping_probes_are_refused() {
+    let dir = temp_dir("overlap");
+    let exe = cc(&dir, "tiny", TINY_C, &["-pthread", "-pie", "-fPIE"]);
+    let out = tracer()
+        .args([
+            "run",
+            "-p",
+            "main:twoinsn",
+            "-p",
+            "main:twoinsn+2",
+            "--json",
+            "--",
+        ])
+        .arg(&exe)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.lines().any(|l| l.contains("main:twoinsn+0x2")
+            && l.contains("would overlap")
+            && l.contains("main:twoinsn")),
+        "{err}"
+    );
+    let reports: Vec<_> = json_lines(
+        &err.lines()
+            .filter(|l| l.starts_with('{'))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    assert_eq!(reports.len(), 1, "{err}");
+    report(&reports, "main:twoinsn");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().last().is_some_and(|l| l.starts_with("ok ")),
+        "{stdout}"
+    );
+}
