@@ -233,6 +233,11 @@ pub fn is_safe(
     tid: i32,
     unsafe_ranges: &[(u64, u64)],
 ) -> Result<bool, AttachError> {
+    // A thread created under our trace that has not run yet holds no lock at all (its
+    // instruction pointer is in libc's clone, where it will start).
+    if proc.is_fresh(tid) {
+        return Ok(true);
+    }
     let r = proc.regs(tid)?;
     if !unsafe_ranges.iter().any(|&(s, e)| (s..e).contains(&r.rip)) {
         return Ok(true);

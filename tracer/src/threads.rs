@@ -158,6 +158,9 @@ pub(crate) struct Thread {
     /// The thread reports a stop by itself (new clone child, seized while group-stopped):
     /// an extra `PTRACE_INTERRUPT` would leave a stale trap for after the next resume.
     pub(crate) self_trap: bool,
+    /// Created by a traced clone and never resumed since: it has run no instruction of
+    /// its own yet, so it holds no lock, and can run `dlopen` safely.
+    pub(crate) fresh: bool,
 }
 
 /// The private scratch mapping used by remote calls (see `remote_call`).
@@ -327,6 +330,12 @@ pub(crate) fn wait_tid(tid: i32, deadline: Option<Instant>) -> Result<Option<Wai
     }
 }
 
+/// A ptrace event reported from inside a system call (clone, fork, vfork, exec), as
+/// opposed to a stop at a clean point (our interrupt, a group-stop, a signal).
+fn in_syscall_event(st: WaitStatus) -> bool {
+    matches!(st, WaitStatus::PtraceEvent(_, _, ev) if ev != Event::PTRACE_EVENT_STOP as i32)
+}
+
 /// What [`Process::handle`] made of a wait status.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Handled {
@@ -375,6 +384,7 @@ impl Process {
                 pending: None,
                 group_stopped: false,
                 self_trap: false,
+                fresh: false,
             },
         );
         Ok(p)
@@ -403,6 +413,14 @@ impl Process {
     /// Whether every known thread is stopped.
     pub fn all_stopped(&self) -> bool {
         self.threads.values().all(|t| t.stop.is_some())
+    }
+
+    /// Whether `tid` was created by a traced clone and has not run since: it holds no
+    /// lock, whatever its instruction pointer says.
+    pub fn is_fresh(&self, tid: i32) -> bool {
+        self.threads
+            .get(&tid)
+            .is_some_and(|t| t.fresh && t.stop.is_some())
     }
 
     /// Whether `tid` is known and stopped.
@@ -586,6 +604,7 @@ impl Process {
                         pending: None,
                         group_stopped: false,
                         self_trap: true,
+                        fresh: true,
                     });
                 }
                 Ok(Handled::Stopped)
@@ -612,6 +631,7 @@ impl Process {
             pending: None,
             group_stopped: false,
             self_trap: false,
+            fresh: false,
         })
     }
 
@@ -638,6 +658,7 @@ impl Process {
                         pending: None,
                         group_stopped: false,
                         self_trap: false,
+                        fresh: false,
                     },
                 );
                 Ok(true)
@@ -718,6 +739,21 @@ impl Process {
                             if let Some(t) = self.threads.get_mut(&tid) {
                                 t.self_trap = false;
                             }
+                            if in_syscall_event(st) {
+                                // A clone, fork or exec event stops the thread halfway
+                                // through its system call: the kernel still writes the
+                                // call's result into rax when it resumes, which would
+                                // corrupt a remote call made from there (and a clone's
+                                // child resumes at the same address). Let the call
+                                // finish; the next round stops the thread at a clean
+                                // point.
+                                ptrace::cont(Pid::from_raw(tid), None)
+                                    .or_else(|e| if e == Errno::ESRCH { Ok(()) } else { Err(e) })
+                                    .map_err(pt_err(tid, "PTRACE_CONT"))?;
+                                if let Some(t) = self.threads.get_mut(&tid) {
+                                    t.stop = None;
+                                }
+                            }
                         }
                     }
                     Ok(None) => {
@@ -758,6 +794,7 @@ impl Process {
             Ok(()) => {
                 t.stop = None;
                 t.pending = None;
+                t.fresh = false;
                 Ok(())
             }
             Err(Errno::ESRCH) => {

@@ -6,14 +6,24 @@ use common::*;
 use std::process::Stdio;
 use std::time::Duration;
 
-/// Attach with `--duration`, return the JSON reports and tracer's stderr.
+/// Attach with `--duration` probing `main:step`, return the JSON reports.
 fn attach_json(pid: i32, dir: &std::path::Path, duration: &str) -> Vec<serde_json::Value> {
+    attach_probe_json(pid, dir, "main:step", duration)
+}
+
+/// Attach with `--duration` probing `spec`, return the JSON reports.
+fn attach_probe_json(
+    pid: i32,
+    dir: &std::path::Path,
+    spec: &str,
+    duration: &str,
+) -> Vec<serde_json::Value> {
     let json = dir.join(format!("attach-{pid}.json"));
     let out = tracer_output(&[
         "attach",
         &pid.to_string(),
         "-p",
-        "main:step",
+        spec,
         "--duration",
         duration,
         "--json",
@@ -53,10 +63,25 @@ fn attach_detach_20_times_keeps_checksum_and_code() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn tracer");
+    let mut died = false;
     let patched = wait_until(Duration::from_secs(10), || {
+        if std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z"))
+            .unwrap_or(true)
+        {
+            died = true;
+            return true;
+        }
         read_mem(pid, step, 16) != original
     });
     let out = child.wait_with_output().expect("wait tracer");
+    if died {
+        let st = t.child.wait();
+        panic!(
+            "DIED {st:?} tracer: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     assert!(
         out.status.success(),
         "{}",
@@ -100,5 +125,56 @@ fn attach_detach_20_times_keeps_checksum_and_code() {
         String::from_utf8_lossy(&replay.stdout).trim_end(),
         last,
         "traced checksum differs from the untraced replay"
+    );
+}
+
+const CHURN_C: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static volatile unsigned long total;
+__attribute__((noipa)) unsigned long work(unsigned long x) { return x * 3 + 1; }
+/* Each thread works a little outside libc, so that some thread is always at a point
+   where the agent can be loaded safely, while the main thread keeps cloning. */
+static void *one(void *p) {
+    unsigned long x = (unsigned long)p;
+    for (int k = 0; k < 20000; k++) x = work(x);
+    total += x;
+    return 0;
+}
+int main(void) {
+    printf("%d\n", getpid()); fflush(stdout);
+    /* Runs until killed (the test's Target does that). */
+    for (unsigned long i = 0;; i++) {
+        pthread_t t, t2;
+        if (pthread_create(&t, 0, one, (void *)i)) return 2;
+        if (pthread_create(&t2, 0, one, (void *)i)) return 2;
+        pthread_join(t, 0);
+        pthread_join(t2, 0);
+    }
+}
+"#;
+
+/// A program that creates a thread every few microseconds: attaching, injecting and
+/// patching catch threads halfway through `clone`, which must never corrupt them. Ten
+/// attach cycles, each counting hits; the program survives them all.
+#[test]
+fn attach_while_threads_are_created_and_exit() {
+    let dir = temp_dir("churn");
+    let exe = cc(&dir, "churn", CHURN_C, &["-pthread", "-pie", "-fPIE"]);
+    let mut t = Target::spawn(&exe, &[]);
+    let pid: i32 = t.line().parse().unwrap();
+    for cycle in 0..10 {
+        let reports = attach_probe_json(pid, &dir, "main:work", "0.1");
+        assert!(
+            num(report(&reports, "main:work"), "hits") > 0,
+            "cycle {cycle}: {reports:?}"
+        );
+        assert_eq!(tracer_pid(pid), 0, "cycle {cycle}");
+    }
+    assert!(
+        t.child.try_wait().unwrap().is_none(),
+        "the program died: {:?}",
+        t.child.try_wait()
     );
 }
