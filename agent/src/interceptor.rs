@@ -115,6 +115,10 @@ pub struct Interceptor {
     shared: SharedRegion,
     probes: Vec<&'static Probe>,
     prepared: Vec<Prepared>,
+    /// Patches written in this process, with the bytes they replaced: the relocator
+    /// reads code as it was before them, so that probing a function whose entry is
+    /// already patched still sees its real instructions.
+    committed: Vec<(u64, [u8; 5], u64)>,
     exit_trampoline: Option<u64>,
     policy: Policy,
     /// The thread state's offset from the thread pointer, for inline fast paths.
@@ -134,6 +138,7 @@ impl Interceptor {
             shared: SharedRegion::create(capacity)?,
             probes: Vec::new(),
             prepared: Vec::new(),
+            committed: Vec::new(),
             exit_trampoline: None,
             policy: Policy::Best,
             tls: crate::thread_state::offset_from_thread_pointer(),
@@ -199,8 +204,11 @@ impl Interceptor {
                 req.function.address + req.offset,
             ),
         };
-        let stolen = relocator::analyze(&req.function, site, rkind, &SelfMemory)
-            .map_err(PrepareError::Refused)?;
+        let mem = UnpatchedMemory {
+            patches: &self.committed,
+        };
+        let stolen =
+            relocator::analyze(&req.function, site, rkind, &mem).map_err(PrepareError::Refused)?;
         let exit_trampoline = match req.kind {
             ProbeKind::Exit => self.exit_trampoline()?,
             _ => 0,
@@ -344,19 +352,64 @@ impl Interceptor {
             let q = self.internal[i].clone();
             self.enable(q.id);
             write_self_code(q.site, &q.patch)?;
+            self.committed
+                .push((q.site, q.original, q.stolen_len as u64));
+        }
+        let end = p.site + p.stolen_len as u64;
+        // Neither patch may land in the other's stolen bytes: the first trampoline
+        // resumes after them, the second would relocate bytes the first changed.
+        if let Some(&(other, _, _)) = self
+            .committed
+            .iter()
+            .find(|&&(s, _, len)| s < end && p.site < s + len)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "the patch at {:#x} would overlap the probe at {other:#x}",
+                    p.site
+                ),
+            ));
         }
         self.enable(p.id);
-        write_self_code(p.site, &p.patch)
+        write_self_code(p.site, &p.patch)?;
+        self.committed
+            .push((p.site, p.original, p.stolen_len as u64));
+        Ok(())
     }
 
     /// Restore the original bytes. The trampoline stays mapped: a thread may still be in
     /// it, or return through the exit trampoline later.
-    pub fn revert_in_process(&self, p: &Prepared) -> io::Result<()> {
+    pub fn revert_in_process(&mut self, p: &Prepared) -> io::Result<()> {
         write_self_code(p.site, &p.original)?;
+        self.committed.retain(|&(site, _, _)| site != p.site);
         self.counters(p.id)
             .flags
             .fetch_and(!flags::ENABLED, Ordering::Release);
         Ok(())
+    }
+}
+
+/// This process's memory as it was before our patches.
+struct UnpatchedMemory<'a> {
+    patches: &'a [(u64, [u8; 5], u64)],
+}
+
+impl relocator::Memory for UnpatchedMemory<'_> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        if !SelfMemory.read(addr, buf) {
+            return false;
+        }
+        let end = addr + buf.len() as u64;
+        for &(site, original, _) in self.patches {
+            for (k, &b) in original.iter().enumerate() {
+                let a = site + k as u64;
+                if a >= addr && a < end {
+                    buf[(a - addr) as usize] = b;
+                }
+            }
+        }
+        true
     }
 }
 

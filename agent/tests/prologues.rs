@@ -6,7 +6,9 @@
 
 use agent::interceptor::{Interceptor, PrepareError, ProbeRequest};
 use agent::relocator::Refusal;
-use probes::{EntryContext, ExitContext};
+use probes::context::OffsetContext;
+use probes::shared::ProbeKind;
+use probes::{EntryContext, ExitContext, Xmm};
 use std::arch::global_asm;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Mutex;
@@ -108,6 +110,8 @@ global_asm!(
     "mov rax, 12",
     "ret",
     "43:",
+    ".globl t_switch_case3",
+    "t_switch_case3:",
     "mov rax, 13",
     "ret",
     "5:",
@@ -133,6 +137,8 @@ global_asm!(
     "add rax, r9",
     "add rax, qword ptr [rsp+8]",
     "add rax, qword ptr [rsp+16]",
+    ".globl t_args_floats",
+    "t_args_floats:",
     "addsd xmm0, xmm1",
     "addsd xmm0, xmm2",
     "addsd xmm0, xmm3",
@@ -234,6 +240,8 @@ extern "C" {
     fn t_fret(a: u64) -> f64;
     fn t_mod(a: u64, b: u64) -> u64;
     fn t_mt1(a: u64) -> u64;
+    static t_switch_case3: u8;
+    static t_args_floats: u8;
     fn t_tail_outer(a: u64) -> u64;
     fn t_tail_outer2(a: u64) -> u64;
     static t_tail_outer_end: u8;
@@ -277,6 +285,23 @@ fn func(start: *const (), end: *const u8) -> (u64, u64) {
 fn install(req: ProbeRequest) -> Result<u32, PrepareError> {
     with(|i| {
         let p = i.prepare(&req)?;
+        i.commit_in_process(&p).unwrap();
+        Ok(p.id)
+    })
+}
+
+/// Prepare and commit an offset probe `offset` bytes into the function at `address`.
+fn install_offset(
+    address: u64,
+    size: u64,
+    offset: u64,
+    h: Option<fn(&mut OffsetContext)>,
+) -> Result<u32, PrepareError> {
+    let mut req = ProbeRequest::entry(address, Some(size));
+    req.kind = ProbeKind::Offset;
+    req.offset = offset;
+    with(|i| {
+        let p = i.prepare_offset(&req, h)?;
         i.commit_in_process(&p).unwrap();
         Ok(p.id)
     })
@@ -406,6 +431,14 @@ fn jump_table_function() {
     assert_eq!(before, vec![10, 11, 12, 13, 99, 99]);
     assert_eq!(before, after);
     assert_eq!((hits(id), exits(id)), (6, 6));
+    // An offset probe on a case the jump table lands on.
+    let case3 = std::ptr::addr_of!(t_switch_case3) as u64;
+    let off = install_offset(a, size, case3 - a, None).unwrap();
+    // SAFETY: as above.
+    let again: Vec<u64> = (0..6).map(|i| unsafe { t_switch(i) }).collect();
+    assert_eq!(again, before);
+    assert_eq!(hits(off), 1);
+    assert_eq!((hits(id), exits(id)), (12, 12));
 }
 
 static ARGS_SEEN: Mutex<Vec<u64>> = Mutex::new(Vec::new());
@@ -451,6 +484,25 @@ fn eight_int_and_four_float_arguments() {
     assert_eq!(r, 1126 + 10004 + 1);
     assert!(DURATION.load(SeqCst) < 1_000_000_000);
     assert_eq!((hits(id), exits(id)), (1, 1));
+    // An offset probe in the middle, where the float arguments are summed: it sees the
+    // second one and replaces it.
+    let floats = std::ptr::addr_of!(t_args_floats) as u64;
+    let off = install_offset(a, size, floats - a, Some(floats_handler)).unwrap();
+    let r = call();
+    assert_eq!(XMM1_SEEN.load(SeqCst), 1.5f64.to_bits());
+    // trunc(0.5 + 100 + 2 + 10000) instead of trunc(0.5 + 1.5 + 2 + 10000).
+    assert_eq!(r, 1126 + 10102 + 1);
+    assert_eq!(hits(off), 1);
+    assert_eq!((hits(id), exits(id)), (2, 2));
+}
+
+static XMM1_SEEN: AtomicU64 = AtomicU64::new(0);
+
+fn floats_handler(ctx: &mut OffsetContext) {
+    XMM1_SEEN.store(ctx.xmm(1).0[0], SeqCst);
+    let mut x = Xmm::default();
+    x.set_f64(100.0);
+    ctx.set_xmm(1, x);
 }
 
 fn fret_exit(ctx: &mut ExitContext) {
