@@ -66,6 +66,21 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
 }
 
+/// Count a hit; false when the handlers must not run: the thread is inside one already
+/// (counted as skipped: only the original code runs) or the probe is disabled.
+#[inline(always)]
+fn count_hit(probe: &Probe, t: &thread_state::ThreadState) -> bool {
+    if t.busy != 0 {
+        bump(&probe.counters.skipped);
+        return false;
+    }
+    if !probe.enabled() {
+        return false;
+    }
+    bump(&probe.counters.hits);
+    true
+}
+
 /// Called by entry and offset trampolines with the probe and the saved registers.
 ///
 /// # Safety
@@ -74,14 +89,9 @@ pub unsafe extern "C" fn on_entry(probe: *const Probe, ctx: *mut EntryContext) {
     // SAFETY: see the function's contract.
     let probe = unsafe { &*probe };
     let t = thread_state::current();
-    if t.busy != 0 {
-        bump(&probe.counters.skipped);
+    if !count_hit(probe, t) {
         return;
     }
-    if !probe.enabled() {
-        return;
-    }
-    bump(&probe.counters.hits);
     if let Some(h) = probe.on_entry {
         t.busy = 1;
         // SAFETY: see the function's contract.
@@ -119,14 +129,9 @@ pub unsafe extern "C" fn on_offset(probe: *const Probe, ctx: *mut OffsetContext)
     // SAFETY: see the function's contract.
     let probe = unsafe { &*probe };
     let t = thread_state::current();
-    if t.busy != 0 {
-        bump(&probe.counters.skipped);
+    if !count_hit(probe, t) {
         return;
     }
-    if !probe.enabled() {
-        return;
-    }
-    bump(&probe.counters.hits);
     if let Some(h) = probe.on_offset {
         t.busy = 1;
         // SAFETY: see the function's contract.

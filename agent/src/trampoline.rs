@@ -305,7 +305,6 @@ fn emit_fast_call_and_return(
     tail: Label,
 ) -> Result<(), EmitError> {
     let general = e.label();
-    let uncounted = e.label();
     e.asm(|a| {
         a.mov(rax, qword_ptr(rsp - 8))?;
         a.mov(rcx, qword_ptr(rsp - 16))?;
@@ -323,23 +322,31 @@ fn emit_fast_call_and_return(
     // the shared exit trampoline sorts it out, from the same state a `ret` into it
     // would leave.
     emit_own_top_entry(e, f.tls, general)?;
+    e.asm(|a| a.mov(rsi, f.counters as u64))?;
+    emit_count_exit_and_pop(e)?;
     e.asm(|a| {
-        a.mov(rsi, f.counters as u64)?;
-        a.test(byte_ptr(rsi + C_FLAGS), flags::ENABLED)
-    })?;
-    e.jcc_label(CC_E, uncounted);
-    e.asm(|a| a.lock().inc(qword_ptr(rsi + C_EXITS)))?;
-    e.bind(uncounted);
-    e.asm(|a| {
-        // Read the entry before releasing it: a signal handler may push over it.
-        a.mov(rcx, qword_ptr(rcx + tl::E_RETURN_ADDRESS))?;
-        a.dec(qword_ptr(r11 + tl::DEPTH))?;
         a.push(rcx)?;
         a.ret()
     })?;
     e.bind(general);
     e.jmp(f.exit_trampoline)?;
     Ok(())
+}
+
+/// With `rsi` = the probe's counters, `rcx` = its shadow entry (the top one) and `r11` =
+/// the thread state: count the exit if the probe is enabled and pop the entry, leaving
+/// the real return address in `rcx`.
+fn emit_count_exit_and_pop(e: &mut Emitter) -> Result<(), EmitError> {
+    let uncounted = e.label();
+    e.asm(|a| a.test(byte_ptr(rsi + C_FLAGS), flags::ENABLED))?;
+    e.jcc_label(CC_E, uncounted);
+    e.asm(|a| a.lock().inc(qword_ptr(rsi + C_EXITS)))?;
+    e.bind(uncounted);
+    e.asm(|a| {
+        // Read the entry before releasing it: a signal handler may push over it.
+        a.mov(rcx, qword_ptr(rcx + tl::E_RETURN_ADDRESS))?;
+        a.dec(qword_ptr(r11 + tl::DEPTH))
+    })
 }
 
 /// Right after a probed function returned (`rsp` one above its return slot): `r11` = this
@@ -378,26 +385,15 @@ fn emit_own_top_entry(e: &mut Emitter, tls: i32, general: Label) -> Result<(), E
 fn emit_fast_exit(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitError> {
     const P_COUNTERS: i32 = offset_of!(Probe, counters) as i32;
     const P_ON_EXIT: i32 = offset_of!(Probe, on_exit) as i32;
-    let uncounted = e.label();
     emit_own_top_entry(e, tls, general)?;
     e.asm(|a| {
         a.mov(rdi, qword_ptr(rcx + tl::E_PROBE))?;
         a.cmp(qword_ptr(rdi + P_ON_EXIT), 0)
     })?;
     e.jcc_label(CC_NE, general);
-    e.asm(|a| {
-        a.mov(rsi, qword_ptr(rdi + P_COUNTERS))?;
-        a.test(byte_ptr(rsi + C_FLAGS), flags::ENABLED)
-    })?;
-    e.jcc_label(CC_E, uncounted);
-    e.asm(|a| a.lock().inc(qword_ptr(rsi + C_EXITS)))?;
-    e.bind(uncounted);
-    e.asm(|a| {
-        // Read the entry before releasing it: a signal handler may push over it.
-        a.mov(rcx, qword_ptr(rcx + tl::E_RETURN_ADDRESS))?;
-        a.dec(qword_ptr(r11 + tl::DEPTH))?;
-        a.jmp(rcx)
-    })?;
+    e.asm(|a| a.mov(rsi, qword_ptr(rdi + P_COUNTERS)))?;
+    emit_count_exit_and_pop(e)?;
+    e.asm(|a| a.jmp(rcx))?;
     Ok(())
 }
 
