@@ -178,3 +178,45 @@ fn attach_while_threads_are_created_and_exit() {
         t.child.try_wait()
     );
 }
+
+/// `tracer attach` without `--duration` runs until Ctrl-C (SIGINT): then it restores the
+/// code, detaches, prints the counts and exits 0; the program goes on untraced.
+#[test]
+fn ctrl_c_detaches_and_reports() {
+    let dir = temp_dir("ctrlc");
+    let spin = cc(&dir, "spin", SPIN_C, &["-pthread", "-pie", "-fPIE"]);
+    let mut t = Target::spawn(&spin, &[]);
+    let first = t.line();
+    let mut parts = first.split_whitespace();
+    let pid: i32 = parts.next().unwrap().parse().unwrap();
+    let step = hex(parts.next().unwrap());
+    let original = read_mem(pid, step, 16);
+    let child = tracer()
+        .args(["attach", &pid.to_string(), "-p", "main:step", "--json"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || read_mem(pid, step, 16)
+            != original),
+        "never patched"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: kill with the PID of our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let reports = json_lines(
+        &err.lines()
+            .filter(|l| l.starts_with('{'))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    assert!(num(report(&reports, "main:step"), "hits") > 0, "{err}");
+    assert_eq!(read_mem(pid, step, 16), original);
+    assert_eq!(tracer_pid(pid), 0);
+    let (last, ok) = t.finish();
+    assert!(ok && last.starts_with("n "), "{last}");
+}
