@@ -130,6 +130,14 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
     // SAFETY: ignoring a signal installs no handler code.
     unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
     let status = proc.wait_exit().map_err(|e| e.to_string())?;
+    if let Some(first) = proc.execs().first() {
+        // The probes were in the program image that exec replaced.
+        eprintln!(
+            "tracer: note: {} exec'd {first}; the counts cover the program before that \
+             (probes do not follow exec yet: run {first} directly)",
+            cmd[0]
+        );
+    }
     output(args, &session.report())?;
     Ok(match status {
         ExitStatus::Code(c) => ExitCode::from(c as u8),

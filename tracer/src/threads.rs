@@ -185,6 +185,9 @@ pub struct Process {
     pub(crate) scratch: Option<Scratch>,
     /// Process launched by us (kill it if setup fails) rather than attached to.
     pub(crate) launched: bool,
+    /// Programs the process has exec'd since we seized it (the code we patched is gone
+    /// with each).
+    execs: Vec<String>,
     /// ptrace requests must come from the seizing thread.
     _not_send: PhantomData<*const ()>,
 }
@@ -370,6 +373,7 @@ impl Process {
             exit: None,
             scratch: None,
             launched,
+            execs: Vec::new(),
             _not_send: PhantomData,
         })
     }
@@ -421,6 +425,11 @@ impl Process {
         self.threads
             .get(&tid)
             .is_some_and(|t| t.fresh && t.stop.is_some())
+    }
+
+    /// Programs the process exec'd while seized, in order.
+    pub fn execs(&self) -> &[String] {
+        &self.execs
     }
 
     /// Whether `tid` is known and stopped.
@@ -614,6 +623,10 @@ impl Process {
                 let pid = self.pid;
                 self.threads.retain(|&t, _| t == pid);
                 self.scratch = None;
+                let exe = fs::read_link(format!("/proc/{pid}/exe"))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "another program".into());
+                self.execs.push(exe);
                 self.thread_mut(pid).stop = Some(Stop::Other);
                 Ok(Handled::Stopped)
             }

@@ -252,3 +252,20 @@ fn every_libc_function_probed_with_returns() {
         }
     }
 }
+
+/// A command that execs another program (a wrapper script): the probes were in the first
+/// program image, and the user is told so, by name.
+#[test]
+fn exec_is_reported() {
+    let out = tracer()
+        .args(["run", "-p", "libc:malloc", "--", "sh", "-c", "exec true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("exec'd") && l.contains("true") && l.contains("do not follow")),
+        "{err}"
+    );
+}
