@@ -623,41 +623,49 @@ fn check_stolen(
                     ));
                 }
                 if range.strictly_inside(target) {
-                    return Err(Refusal::BranchIntoStolen {
-                        from: ins.ip(),
-                        mnemonic: ins.mnemonic(),
-                        target,
-                        stolen_start: range.start,
-                        stolen_end: range.end,
-                    });
+                    return Err(branch_into(ins, target, range));
                 }
             } else if range.contains(target) && !stolen_ips.contains(&target) {
                 // Internal branches are fine when they land on a stolen instruction:
                 // the block encoder keeps them internal. Anything else would land in the
                 // middle of a re-encoded instruction.
-                return Err(Refusal::BranchIntoStolen {
-                    from: ins.ip(),
-                    mnemonic: ins.mnemonic(),
-                    target,
-                    stolen_start: range.start,
-                    stolen_end: range.end,
-                });
+                return Err(branch_into(ins, target, range));
             }
         }
-        if is_rip_relative(ins) {
-            // Same rule as for the rest of the function: the address of the site itself
-            // is fine for `lea` (re-encoding keeps the absolute value), anything that
-            // reads the patched bytes or points strictly inside them is not.
-            let target = ins.ip_rel_memory_address();
-            let is_lea = ins.mnemonic() == Mnemonic::Lea;
-            if range.strictly_inside(target) || (target == range.start && !is_lea) {
-                return Err(Refusal::RipRelativeIntoStolen {
-                    address: ins.ip(),
-                    mnemonic: ins.mnemonic(),
-                    target,
-                });
-            }
-        }
+        check_rip_relative(ins, range)?;
+    }
+    Ok(())
+}
+
+/// The refusal for a direct branch or call from `ins` to `target`, inside the stolen
+/// bytes.
+fn branch_into(ins: &Instruction, target: u64, range: Range) -> Refusal {
+    Refusal::BranchIntoStolen {
+        from: ins.ip(),
+        mnemonic: ins.mnemonic(),
+        target,
+        stolen_start: range.start,
+        stolen_end: range.end,
+    }
+}
+
+/// The rule for RIP-relative operands, stolen or not: taking the address of the site
+/// itself (`lea reg, [rip+site]`, e.g. to pass the function as a callback) is fine,
+/// since calls through it reach the patch and re-encoding keeps the absolute value. Any
+/// other reference into the stolen bytes either reads code the patch changes or
+/// materialises an address inside it that could be jumped to.
+fn check_rip_relative(ins: &Instruction, range: Range) -> Result<(), Refusal> {
+    if !is_rip_relative(ins) {
+        return Ok(());
+    }
+    let target = ins.ip_rel_memory_address();
+    let is_lea = ins.mnemonic() == Mnemonic::Lea;
+    if range.strictly_inside(target) || (target == range.start && !is_lea) {
+        return Err(Refusal::RipRelativeIntoStolen {
+            address: ins.ip(),
+            mnemonic: ins.mnemonic(),
+            target,
+        });
     }
     Ok(())
 }
@@ -684,30 +692,10 @@ fn check_function(
         }
         if let Some(target) = direct_target(ins) {
             if range.strictly_inside(target) {
-                return Err(Refusal::BranchIntoStolen {
-                    from: ins.ip(),
-                    mnemonic: ins.mnemonic(),
-                    target,
-                    stolen_start: range.start,
-                    stolen_end: range.end,
-                });
+                return Err(branch_into(ins, target, range));
             }
         }
-        if is_rip_relative(ins) {
-            let target = ins.ip_rel_memory_address();
-            // Taking the address of the site itself (`lea reg, [rip+site]`, e.g. to pass
-            // the function as a callback) is fine: calls through it reach the patch.
-            // Any other reference into the stolen bytes either reads code the patch
-            // changes or materialises an address inside it that could be jumped to.
-            let is_lea = ins.mnemonic() == Mnemonic::Lea;
-            if range.strictly_inside(target) || (target == range.start && !is_lea) {
-                return Err(Refusal::RipRelativeIntoStolen {
-                    address: ins.ip(),
-                    mnemonic: ins.mnemonic(),
-                    target,
-                });
-            }
-        }
+        check_rip_relative(ins, range)?;
         if ins.flow_control() == FlowControl::IndirectBranch {
             check_indirect_jump(all, idx, range, body, mem, &mut info)?;
         }
@@ -741,13 +729,7 @@ fn check_neighbours(start: u64, end: u64, range: Range, mem: &dyn Memory) -> Res
         for ins in decoder {
             if let Some(target) = direct_target(&ins) {
                 if range.strictly_inside(target) {
-                    return Err(Refusal::BranchIntoStolen {
-                        from: ins.ip(),
-                        mnemonic: ins.mnemonic(),
-                        target,
-                        stolen_start: range.start,
-                        stolen_end: range.end,
-                    });
+                    return Err(branch_into(&ins, target, range));
                 }
             }
         }

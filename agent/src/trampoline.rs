@@ -189,12 +189,10 @@ fn emit_fast_entry(
 ) -> Result<(), EmitError> {
     let general = e.label();
     let skipped = e.label();
-    let done = e.label();
-    let done_exit = e.label();
     let counters = f.counters as u64;
+    e.bytes(&MOV_R11_FS0);
     if f.exit_trampoline == 0 {
         // Entries only: r11 alone suffices, nothing to save.
-        e.bytes(&MOV_R11_FS0);
         e.asm(|a| a.cmp(qword_ptr(r11 + f.tls + tl::BUSY), 0))?;
         e.jcc_label(CC_NE, skipped);
         e.asm(|a| {
@@ -204,81 +202,8 @@ fn emit_fast_entry(
         e.jcc_label(CC_E, tail);
         e.asm(|a| a.lock().inc(qword_ptr(r11 + C_HITS)))?;
         e.jmp_label(tail);
-        e.bind(skipped);
-        e.asm(|a| {
-            a.mov(r11, counters)?;
-            a.lock().inc(qword_ptr(r11 + C_SKIPPED))
-        })?;
-        e.jmp_label(tail);
-        e.bind(general);
-        e.bind(done);
-        e.bind(done_exit);
-        return Ok(());
-    }
-    e.bytes(&MOV_R11_FS0);
-    e.asm(|a| {
-        a.lea(r11, qword_ptr(r11 + f.tls))?;
-        a.cmp(qword_ptr(r11 + tl::BUSY), 0)
-    })?;
-    e.jcc_label(CC_NE, skipped);
-    e.asm(|a| {
-        a.mov(qword_ptr(rsp - 8), rax)?;
-        a.mov(qword_ptr(rsp - 16), rcx)?;
-        a.mov(rcx, counters)?;
-        a.test(byte_ptr(rcx + C_FLAGS), flags::ENABLED)
-    })?;
-    e.jcc_label(CC_E, done);
-    if f.exit_trampoline == 0 {
-        e.asm(|a| a.lock().inc(qword_ptr(rcx + C_HITS)))?;
     } else {
-        e.asm(|a| {
-            a.mov(rax, qword_ptr(r11 + tl::DEPTH))?;
-            a.cmp(rax, qword_ptr(r11 + tl::CAPACITY))
-        })?;
-        // Not mapped yet or full: `on_entry` maps it or counts the lost exit.
-        let restore_to_general = e.label();
-        e.jcc_label(CC_AE, restore_to_general);
-        let push = e.label();
-        e.asm(|a| {
-            a.shl(rax, tl::ENTRY_SHIFT)?;
-            a.add(rax, qword_ptr(r11 + tl::SHADOW))?;
-            a.cmp(qword_ptr(r11 + tl::DEPTH), 0)
-        })?;
-        e.jcc_label(CC_E, push);
-        // A top entry at or below this frame's slot was abandoned (longjmp): `on_entry`
-        // drops it.
-        e.asm(|a| a.cmp(qword_ptr(rax - 32 + tl::E_ENTRY_RSP), rsp))?;
-        e.jcc_label(CC_BE, restore_to_general);
-        e.bind(push);
-        e.asm(|a| {
-            a.lock().inc(qword_ptr(rcx + C_HITS))?;
-            a.mov(rcx, qword_ptr(rsp))?;
-            a.mov(qword_ptr(rax + tl::E_RETURN_ADDRESS), rcx)?;
-            a.mov(qword_ptr(rax + tl::E_ENTRY_RSP), rsp)?;
-            a.mov(rcx, probe as u64)?;
-            a.mov(qword_ptr(rax + tl::E_PROBE), rcx)?;
-            a.mov(qword_ptr(rax + tl::E_TSC), 0)?;
-            // The entry is complete before it counts: a signal handler hitting a probe
-            // in between pushes above it.
-            a.inc(qword_ptr(r11 + tl::DEPTH))
-        })?;
-        e.jmp_label(done_exit);
-        e.bind(restore_to_general);
-        e.asm(|a| {
-            a.mov(rax, qword_ptr(rsp - 8))?;
-            a.mov(rcx, qword_ptr(rsp - 16))
-        })?;
-        e.jmp_label(general);
-    }
-    e.bind(done);
-    e.asm(|a| {
-        a.mov(rax, qword_ptr(rsp - 8))?;
-        a.mov(rcx, qword_ptr(rsp - 16))
-    })?;
-    e.jmp_label(tail);
-    if f.exit_trampoline != 0 {
-        e.bind(done_exit);
-        emit_fast_call_and_return(e, probe, f, tail)?;
+        emit_fast_exit_entry(e, probe, f, tail, skipped, general)?;
     }
     e.bind(skipped);
     e.asm(|a| {
@@ -288,6 +213,80 @@ fn emit_fast_entry(
     e.jmp_label(tail);
     e.bind(general);
     Ok(())
+}
+
+/// The entry half of a handler-less exit probe's fast path: count, push the shadow
+/// entry, then call the body (see [`emit_fast_call_and_return`]). With `r11` = the thread
+/// pointer on entry; goes to `skipped` inside a handler, to `general` when the shadow
+/// stack needs the Rust path.
+fn emit_fast_exit_entry(
+    e: &mut Emitter,
+    probe: *const Probe,
+    f: FastEntry,
+    tail: Label,
+    skipped: Label,
+    general: Label,
+) -> Result<(), EmitError> {
+    let disabled = e.label();
+    let restore_to_general = e.label();
+    let push = e.label();
+    e.asm(|a| {
+        a.lea(r11, qword_ptr(r11 + f.tls))?;
+        a.cmp(qword_ptr(r11 + tl::BUSY), 0)
+    })?;
+    e.jcc_label(CC_NE, skipped);
+    e.asm(|a| {
+        a.mov(qword_ptr(rsp - 8), rax)?;
+        a.mov(qword_ptr(rsp - 16), rcx)?;
+        a.mov(rcx, f.counters as u64)?;
+        a.test(byte_ptr(rcx + C_FLAGS), flags::ENABLED)
+    })?;
+    e.jcc_label(CC_E, disabled);
+    e.asm(|a| {
+        a.mov(rax, qword_ptr(r11 + tl::DEPTH))?;
+        a.cmp(rax, qword_ptr(r11 + tl::CAPACITY))
+    })?;
+    // Not mapped yet or full: `on_entry` maps it or counts the lost exit.
+    e.jcc_label(CC_AE, restore_to_general);
+    e.asm(|a| {
+        a.shl(rax, tl::ENTRY_SHIFT)?;
+        a.add(rax, qword_ptr(r11 + tl::SHADOW))?;
+        a.cmp(qword_ptr(r11 + tl::DEPTH), 0)
+    })?;
+    e.jcc_label(CC_E, push);
+    // A top entry at or below this frame's slot was abandoned (longjmp), or this is a
+    // tail call from its function: `on_entry` decides.
+    e.asm(|a| a.cmp(qword_ptr(rax - 32 + tl::E_ENTRY_RSP), rsp))?;
+    e.jcc_label(CC_BE, restore_to_general);
+    e.bind(push);
+    e.asm(|a| {
+        a.lock().inc(qword_ptr(rcx + C_HITS))?;
+        a.mov(rcx, qword_ptr(rsp))?;
+        a.mov(qword_ptr(rax + tl::E_RETURN_ADDRESS), rcx)?;
+        a.mov(qword_ptr(rax + tl::E_ENTRY_RSP), rsp)?;
+        a.mov(rcx, probe as u64)?;
+        a.mov(qword_ptr(rax + tl::E_PROBE), rcx)?;
+        a.mov(qword_ptr(rax + tl::E_TSC), 0)?;
+        // The entry is complete before it counts: a signal handler hitting a probe
+        // in between pushes above it.
+        a.inc(qword_ptr(r11 + tl::DEPTH))
+    })?;
+    emit_fast_call_and_return(e, probe, f, tail)?;
+    e.bind(restore_to_general);
+    emit_restore_scratch(e)?;
+    e.jmp_label(general);
+    e.bind(disabled);
+    emit_restore_scratch(e)?;
+    e.jmp_label(tail);
+    Ok(())
+}
+
+/// Reload `rax` and `rcx`, kept below `rsp` (the red zone, free at a function entry).
+fn emit_restore_scratch(e: &mut Emitter) -> Result<(), EmitError> {
+    e.asm(|a| {
+        a.mov(rax, qword_ptr(rsp - 8))?;
+        a.mov(rcx, qword_ptr(rsp - 16))
+    })
 }
 
 /// The rest of a handler-less exit probe's fast path, once its shadow entry is pushed:
@@ -305,11 +304,8 @@ fn emit_fast_call_and_return(
     tail: Label,
 ) -> Result<(), EmitError> {
     let general = e.label();
-    e.asm(|a| {
-        a.mov(rax, qword_ptr(rsp - 8))?;
-        a.mov(rcx, qword_ptr(rsp - 16))?;
-        a.lea(rsp, qword_ptr(rsp + 8))
-    })?;
+    emit_restore_scratch(e)?;
+    e.asm(|a| a.lea(rsp, qword_ptr(rsp + 8)))?;
     e.call_label(tail);
     // The unwinder hook recognises redirected slots by what they hold.
     // SAFETY: the probe is alive forever and not yet reachable from any trampoline.
