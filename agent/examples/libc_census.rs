@@ -10,7 +10,7 @@ use agent::relocator::{analyze, relocate, Function, ProbeKind, Refusal, SelfMemo
 use object::read::elf::{ElfFile64, FileHeader, ProgramHeader, Sym};
 use object::{elf, Endianness, Object, ObjectSymbol};
 use std::collections::{BTreeMap, HashSet};
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 
 /// Distance from the site used as the trampoline address: inside the +-2 GiB any
 /// allocator near the code would give.
@@ -124,7 +124,18 @@ fn mapped_libc() -> Result<(String, u64), String> {
     Ok((path, info.dli_fbase as u64))
 }
 
-pub fn run() -> Result<Census, String> {
+/// The exported functions of the libc.so.6 mapped in this process.
+pub struct LibcFunctions {
+    pub path: String,
+    /// Exported STT_FUNC symbols with a size, aliases included.
+    pub symbols: usize,
+    /// (name, address, size), one per address, by address. IFUNCs (when asked for) are
+    /// resolved with `dlsym` to the implementation selected for this CPU, whose size is
+    /// unknown.
+    pub functions: Vec<(String, u64, Option<u64>)>,
+}
+
+pub fn libc_functions(ifuncs: bool) -> Result<LibcFunctions, String> {
     let (path, fbase) = mapped_libc()?;
     let data = std::fs::read(&path).map_err(|e| format!("reading {path}: {e}"))?;
     let file = ElfFile64::<Endianness>::parse(&*data).map_err(|e| format!("{path}: {e}"))?;
@@ -140,32 +151,56 @@ pub fn run() -> Result<Census, String> {
     let bias = fbase.wrapping_sub(first_vaddr);
     assert_eq!(file.elf_header().e_type(endian), elf::ET_DYN);
 
-    let mut census = Census {
-        path: path.clone(),
-        ..Census::default()
-    };
+    let mut symbols = 0;
     let mut seen = HashSet::new();
-    let mut funcs: Vec<(String, u64, u64)> = Vec::new();
+    let mut functions = Vec::new();
     for sym in file.dynamic_symbols() {
         let raw = sym.elf_symbol();
-        if raw.st_type() != elf::STT_FUNC || raw.st_size(endian) == 0 || sym.is_undefined() {
+        if sym.is_undefined() || raw.st_size(endian) == 0 {
             continue;
         }
-        census.symbols += 1;
-        let addr = bias.wrapping_add(raw.st_value(endian));
+        let name = sym.name().unwrap_or("?").to_string();
+        let (addr, size) = match raw.st_type() {
+            elf::STT_FUNC => {
+                symbols += 1;
+                (
+                    bias.wrapping_add(raw.st_value(endian)),
+                    Some(raw.st_size(endian)),
+                )
+            }
+            elf::STT_GNU_IFUNC if ifuncs => {
+                let c = CString::new(name.as_str()).map_err(|e| e.to_string())?;
+                // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name.
+                let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
+                if p.is_null() {
+                    continue;
+                }
+                (p as u64, None)
+            }
+            _ => continue,
+        };
         if seen.insert(addr) {
-            let name = sym.name().unwrap_or("?").to_string();
-            funcs.push((name, addr, raw.st_size(endian)));
+            functions.push((name, addr, size));
         }
     }
-    funcs.sort_by_key(|f| f.1);
-    census.functions = funcs.len();
+    functions.sort_by_key(|f| f.1);
+    Ok(LibcFunctions {
+        path,
+        symbols,
+        functions,
+    })
+}
 
-    for (name, address, size) in funcs {
-        let func = Function {
-            address,
-            size: Some(size),
-        };
+pub fn run() -> Result<Census, String> {
+    let libc = libc_functions(false)?;
+    let mut census = Census {
+        path: libc.path,
+        symbols: libc.symbols,
+        functions: libc.functions.len(),
+        ..Census::default()
+    };
+    for (name, address, size) in libc.functions {
+        let func = Function { address, size };
         let result = analyze(&func, address, ProbeKind::Entry, &SelfMemory)
             .and_then(|s| relocate(&s, s.site + TRAMPOLINE_DISTANCE).map(|r| (s, r)));
         match result {

@@ -7,79 +7,11 @@
 mod census;
 
 use agent::interceptor::{Interceptor, PrepareError, ProbeRequest};
-use object::read::elf::{ElfFile64, ProgramHeader, Sym};
-use object::{elf, Endianness, Object, ObjectSymbol};
-use std::collections::{BTreeMap, HashSet};
-use std::ffi::{CStr, CString};
-
-/// The libc.so.6 of this process: path and the address its lowest PT_LOAD is mapped at.
-fn mapped_libc() -> (String, u64) {
-    let mut info = libc::Dl_info {
-        dli_fname: std::ptr::null(),
-        dli_fbase: std::ptr::null_mut(),
-        dli_sname: std::ptr::null(),
-        dli_saddr: std::ptr::null_mut(),
-    };
-    // SAFETY: a code address in libc and a valid out-parameter.
-    let ok = unsafe { libc::dladdr(libc::getpid as *const libc::c_void, &mut info) };
-    assert!(ok != 0 && !info.dli_fname.is_null(), "dladdr failed");
-    // SAFETY: dladdr returned a NUL-terminated name that lives as long as the mapping.
-    let path = unsafe { CStr::from_ptr(info.dli_fname) }
-        .to_string_lossy()
-        .into_owned();
-    (path, info.dli_fbase as u64)
-}
-
-/// Every exported function: (name, address, size). IFUNC symbols are resolved with
-/// `dlsym`, which returns the implementation selected for this CPU, whose size is unknown.
-fn libc_functions() -> Vec<(String, u64, Option<u64>)> {
-    let (path, fbase) = mapped_libc();
-    let data = std::fs::read(&path).unwrap();
-    let file = ElfFile64::<Endianness>::parse(&*data).unwrap();
-    let endian = file.endian();
-    let first_vaddr = file
-        .elf_program_headers()
-        .iter()
-        .filter(|p| p.p_type(endian) == elf::PT_LOAD)
-        .map(|p| p.p_vaddr(endian) & !0xfff)
-        .min()
-        .unwrap();
-    let bias = fbase.wrapping_sub(first_vaddr);
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for sym in file.dynamic_symbols() {
-        let raw = sym.elf_symbol();
-        if sym.is_undefined() || raw.st_size(endian) == 0 {
-            continue;
-        }
-        let name = sym.name().unwrap_or("?").to_string();
-        let (addr, size) = match raw.st_type() {
-            elf::STT_FUNC => (
-                bias.wrapping_add(raw.st_value(endian)),
-                Some(raw.st_size(endian)),
-            ),
-            elf::STT_GNU_IFUNC => {
-                let c = CString::new(name.as_str()).unwrap();
-                // SAFETY: dlsym with a NUL-terminated name.
-                let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
-                if p.is_null() {
-                    continue;
-                }
-                (p as u64, None)
-            }
-            _ => continue,
-        };
-        if seen.insert(addr) {
-            out.push((name, addr, size));
-        }
-    }
-    out.sort_by_key(|f| f.1);
-    out
-}
+use std::collections::BTreeMap;
 
 #[test]
 fn prepare_an_entry_probe_on_every_libc_function() {
-    let funcs = libc_functions();
+    let funcs = census::libc_functions(true).unwrap().functions;
     assert!(funcs.len() > 1000, "only {} functions", funcs.len());
     let mut interceptor = Interceptor::new(funcs.len()).unwrap();
     let mut prepared = 0usize;
