@@ -244,8 +244,10 @@ fn every_libc_function_probed_with_returns() {
             "{cmd:?}: only {} probes",
             reports.len()
         );
+        // How many libc calls a system program makes is its own business (gzip made
+        // 72 on one machine, hundreds on another): only that it makes some is a fact.
         let total: u64 = reports.iter().map(|r| num(r, "hits")).sum();
-        assert!(total > 100, "{cmd:?}: {total} hits in all");
+        assert!(total > 0, "{cmd:?}: no hits at all");
         for f in ["libc:malloc", "libc:free", "libc:memchr", "libc:strlen"] {
             let r = report(&reports, f);
             assert_eq!(num(r, "exits"), num(r, "hits"), "{cmd:?}: {r}");
