@@ -4,11 +4,13 @@
 //!    from the file through `/proc/PID/root/<path>` (works across mount namespaces), plus the
 //!    load bias from `/proc/PID/maps`. Older glibc without an exported `dlopen` falls back
 //!    to `__libc_dlopen_mode`/`__libc_dlsym`.
-//! 2. The library bytes go into a memfd created *inside the target* (remote
-//!    `memfd_create`), filled through `/proc/PID/fd/N` (or remote `write`s from the scratch
-//!    page if that open is refused), then `dlopen("/proc/self/fd/N", RTLD_NOW)` and the fd is
-//!    closed. Nothing is needed in the target's file system, so other uids and mount
-//!    namespaces work.
+//! 2. The library bytes go into a file of the target's own file system (see
+//!    [`crate::library_file`]: the path given to `dlopen` stays the library's name for
+//!    debuggers, so it must keep naming that file) and `dlopen(PATH, RTLD_NOW)` loads it.
+//!    When that file cannot be made or loaded (a read-only or `noexec` `/tmp`), the bytes go
+//!    into a memfd created *inside the target* (remote `memfd_create`), filled through
+//!    `/proc/PID/fd/N` (or remote `write`s from the scratch page if that open is refused),
+//!    then `dlopen("/proc/self/fd/N", RTLD_NOW)` and the fd is closed.
 //! 3. `dlopen` takes the loader lock and may call `malloc`, so it runs only on a *safe*
 //!    thread (see [`is_safe`]) while the other threads run, so that a lock another thread
 //!    holds gets released. Without a safe thread the process runs a few ms and we retry.
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 use agent::maps::{self, MapEntry};
 use object::{Object, ObjectSegment, ObjectSymbol};
 
+use crate::library_file;
 use crate::remote_call::{self, RemoteCallError};
 use crate::threads::{AttachError, Process};
 
@@ -126,11 +129,12 @@ impl From<AttachError> for InjectError {
 pub struct Injected {
     /// The `dlopen` handle (valid in the target).
     pub handle: u64,
-    /// The library's name in `/proc/PID/maps` (`/memfd:NAME (deleted)`).
+    /// The library's name in `/proc/PID/maps`: its file (`/tmp/tracer-UID/NAME-HASH.so`)
+    /// or, when that could not be used, `/memfd:NAME (deleted)`.
     pub path_in_target: String,
     /// Lowest mapped address of the library (its load base for a 0-based ELF file).
     pub base: u64,
-    /// Inode of the memfd, identifying the library's mappings.
+    /// Inode of the library's file or memfd, identifying its mappings.
     pub inode: u64,
 }
 
@@ -317,8 +321,8 @@ pub fn inject(proc: &mut Process, library: &[u8]) -> Result<Injected, InjectErro
     inject_named(proc, library, "tracer-lib")
 }
 
-/// Loads `library` (the bytes of a shared object) into the target; `name` is the memfd name
-/// shown in the target's maps. Leaves every thread stopped.
+/// Loads `library` (the bytes of a shared object) into the target; `name` starts the name
+/// of its file (or memfd) shown in the target's maps. Leaves every thread stopped.
 pub fn inject_named(
     proc: &mut Process,
     library: &[u8],
@@ -345,6 +349,15 @@ pub fn inject_with_timeout(
         .copied()
         .ok_or(AttachError::Exited { pid, status: None })?;
     remote_call::ensure_scratch(proc, tid)?;
+    if let Ok(placed) = library_file::place(pid, library, name) {
+        let path_addr = remote_call::put_c_string(proc, 0, &placed.path_in_target)?;
+        let mode = libc::RTLD_NOW as u64 | fns.mode_extra;
+        match call_safely(proc, &fns, fns.dlopen, &[path_addr, mode], timeout)? {
+            // Not loadable from there (a `noexec` /tmp, say): try a memfd.
+            0 => library_file::discard(&placed),
+            handle => return find_loaded(pid, handle, |e| e.path == placed.path_in_target),
+        }
+    }
     let name_addr = remote_call::put_c_string(proc, 0, name)?;
     let fd = remote_call::syscall_ok(
         proc,
@@ -356,11 +369,19 @@ pub fn inject_with_timeout(
     // The mapping keeps the file alive; the descriptor is not needed any more.
     let _ = remote_call::syscall(proc, tid, libc::SYS_close, &[fd]);
     let (handle, inode) = result?;
+    find_loaded(pid, handle, |e| {
+        e.inode == inode && e.path.contains("memfd:")
+    })
+}
+
+/// The library just loaded with `handle`, found in the maps by `is_mine`.
+fn find_loaded(
+    pid: i32,
+    handle: u64,
+    is_mine: impl Fn(&MapEntry) -> bool,
+) -> Result<Injected, InjectError> {
     let entries = maps::read_pid(pid).map_err(|error| InjectError::Maps { pid, error })?;
-    let mine: Vec<&MapEntry> = entries
-        .iter()
-        .filter(|e| e.inode == inode && e.path.contains("memfd:"))
-        .collect();
+    let mine: Vec<&MapEntry> = entries.iter().filter(|e| is_mine(e)).collect();
     let base = mine
         .iter()
         .map(|e| e.start)
@@ -370,7 +391,7 @@ pub fn inject_with_timeout(
         handle,
         path_in_target: mine[0].path.clone(),
         base,
-        inode,
+        inode: mine[0].inode,
     })
 }
 
