@@ -11,9 +11,11 @@
 //! any time until then. That is one file per library build, reused by every session.
 //!
 //! The directory must belong to us and be writable by nobody else, and a file already
-//! there must be ours, closed to others and byte-identical to the library: otherwise
-//! [`place`] fails and the caller uses a memfd instead.
+//! there must be ours, closed to others and byte-identical to the library, and the file
+//! system must allow executable mappings: otherwise [`place`] fails and the caller uses a
+//! memfd instead.
 
+use nix::sys::statvfs::FsFlags;
 use std::fs::{self, DirBuilder, OpenOptions, Permissions};
 use std::hash::{DefaultHasher, Hasher};
 use std::io::{self, Write};
@@ -76,6 +78,12 @@ fn prepare_dir(dir: &Path) -> io::Result<()> {
         return Err(refuse(dir, "not a directory"));
     }
     check_owned(dir, &meta)?;
+    // The loader would map the file's first segment, fail on the executable one and
+    // leave that first mapping behind: find out before.
+    let mount = nix::sys::statvfs::statvfs(dir).map_err(io::Error::from)?;
+    if mount.flags().contains(FsFlags::ST_NOEXEC) {
+        return Err(refuse(dir, "on a noexec file system"));
+    }
     // The umask may have narrowed the mode at creation.
     fs::set_permissions(dir, Permissions::from_mode(0o755))
 }

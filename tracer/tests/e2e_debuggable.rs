@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -132,29 +132,24 @@ fn attach(pid: i32) {
     );
 }
 
-/// Attached twice (the second session reuses the agent), then `gdb -p` lists the agent
-/// with its symbols read and prints a backtrace through `main`; the names the program's
-/// own loader reports all open as ELF files; the program still works after gdb detached.
-#[test]
-fn gdb_attaches_after_tracer_detached() {
-    if !gdb_installed() {
-        eprintln!("SKIPPED gdb_attaches_after_tracer_detached: gdb is not installed (apt-get install gdb; .ci/run installs it)");
-        return;
-    }
-    let dir = temp_dir("gdb");
-    let exe = cc(&dir, "debuggee", DEBUGGEE_C, &["-pie", "-fPIE"]);
-    let mut t = Target::spawn(&exe, &[]);
+/// Attaches twice (the second session reuses the agent), runs `gdb -p`, and checks that
+/// gdb lists the agent under a name containing `agent_name(maps)` with its symbols read
+/// and prints a backtrace through `main`, that the names the program's own loader reports
+/// all open as ELF files, and that the program still works after gdb detached.
+fn check_debuggable(dir: &std::path::Path, t: &mut Target, agent_name: impl Fn(&str) -> String) {
     assert_eq!(t.line(), "ready");
     let pid = t.pid();
     attach(pid);
     attach(pid);
     assert_eq!(tracer_pid(pid), 0);
 
-    let text = gdb_batch(&dir, pid, &["info sharedlibrary", "bt", "detach"]);
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let name = agent_name(&maps);
+    let text = gdb_batch(dir, pid, &["info sharedlibrary", "bt", "detach"]);
     let agent = text
         .lines()
-        .find(|l| l.contains("tracer-agent"))
-        .unwrap_or_else(|| panic!("gdb does not list the agent:\n{text}"));
+        .find(|l| l.contains(&name))
+        .unwrap_or_else(|| panic!("gdb does not list the agent as {name}:\n{text}"));
     assert!(
         agent.contains(" Yes "),
         "gdb did not read the agent's symbols: {agent:?}\n{text}"
@@ -165,10 +160,10 @@ fn gdb_attaches_after_tracer_detached() {
     );
     assert_eq!(tracer_pid(pid), 0, "gdb detached");
 
-    let names = loaded_object_names(&mut t);
+    let names = loaded_object_names(t);
     assert!(
-        names.iter().any(|l| l.contains("tracer-agent")),
-        "the loader does not list the agent: {names:?}"
+        names.iter().any(|l| l.contains(&name)),
+        "the loader does not list the agent as {name}: {names:?}"
     );
     let bad: Vec<&String> = names.iter().filter(|l| !l.starts_with("elf ")).collect();
     assert!(bad.is_empty(), "names that are not their ELF file: {bad:?}");
@@ -178,6 +173,64 @@ fn gdb_attaches_after_tracer_detached() {
     assert!(t.line().starts_with("r="));
     let (last, ok) = t.finish();
     assert!(ok, "debuggee failed; last line {last:?}");
+}
+
+/// The agent loaded from its file in /tmp: gdb finds it by that name.
+#[test]
+fn gdb_attaches_after_tracer_detached() {
+    if !gdb_installed() {
+        eprintln!("SKIPPED gdb_attaches_after_tracer_detached: gdb is not installed (apt-get install gdb; .ci/run installs it)");
+        return;
+    }
+    let dir = temp_dir("gdb");
+    let exe = cc(&dir, "debuggee", DEBUGGEE_C, &["-pie", "-fPIE"]);
+    let mut t = Target::spawn(&exe, &[]);
+    check_debuggable(&dir, &mut t, |_| "tracer-agent".into());
+}
+
+/// The target's /tmp/tracer-UID is a `noexec` mount (its own mount namespace): the agent
+/// comes from a memfd, and gdb finds it as `/proc/PID/map_files/START-END` of its first
+/// mapping. Nothing of the refused file stays mapped.
+#[test]
+fn gdb_attaches_after_tracer_detached_memfd_fallback() {
+    if !gdb_installed() {
+        eprintln!("SKIPPED gdb_attaches_after_tracer_detached_memfd_fallback: gdb is not installed (apt-get install gdb; .ci/run installs it)");
+        return;
+    }
+    let dir = temp_dir("gdb-memfd");
+    let exe = cc(&dir, "debuggee", DEBUGGEE_C, &["-pie", "-fPIE"]);
+    let script = "d=/tmp/tracer-$(id -u) && mkdir -p $d && \
+        mount -t tmpfs -o noexec,mode=755 tracer-test-noexec $d && exec \"$0\"";
+    let exe = exe.to_str().unwrap();
+    let mut t = Target::spawn(
+        std::path::Path::new("unshare"),
+        &[
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            exe,
+        ],
+    );
+    if t.stdout.fill_buf().map_or(true, |b| b.is_empty()) {
+        eprintln!("SKIPPED gdb_attaches_after_tracer_detached_memfd_fallback: cannot mount a noexec /tmp/tracer-UID in a new mount namespace (unshare --mount as root)");
+        return;
+    }
+    let pid = t.pid();
+    check_debuggable(&dir, &mut t, |maps| {
+        assert!(
+            !maps.contains("/tracer-agent-"),
+            "refused file mapped:\n{maps}"
+        );
+        let first = maps
+            .lines()
+            .find(|l| l.ends_with("/memfd:tracer-agent (deleted)") && l.contains(" 00000000 "))
+            .unwrap_or_else(|| panic!("agent not loaded from a memfd:\n{maps}"));
+        let range = first.split_whitespace().next().unwrap();
+        format!("/proc/{pid}/map_files/{range}")
+    });
 }
 
 /// Under `tracer run`, the program's loader names the agent by a file that opens as the
