@@ -21,6 +21,7 @@ use std::hash::{DefaultHasher, Hasher};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Where the library file is, seen from the target and from here.
 #[derive(Clone, Debug)]
@@ -106,8 +107,10 @@ fn holds(path: &Path, library: &[u8]) -> io::Result<bool> {
 /// tracer, a loader) ever sees a partial file, and a file some process has mapped is
 /// replaced, never rewritten in place.
 fn write_atomically(path: &Path, library: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
+    // Unique per process and call: two threads may place the same library at once.
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp-{}-{call}", std::process::id()));
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -135,12 +138,48 @@ pub fn place(pid: i32, library: &[u8], name: &str) -> io::Result<Placed> {
     let created = !holds(Path::new(&path_here), library)?;
     if created {
         write_atomically(Path::new(&path_here), library)?;
+        prune_unused(&dir_here, &dir, name, &file);
     }
     Ok(Placed {
         path_in_target: format!("{dir}/{file}"),
         path_here,
         created,
     })
+}
+
+/// Removes the files of other builds of library `name` that no process has mapped, so
+/// that rebuilding the tracer does not pile copies up in /tmp (run when a new build is
+/// first placed). A file some process maps is kept: a debugger may still open it.
+fn prune_unused(dir_here: &str, dir: &str, name: &str, keep: &str) {
+    let Ok(entries) = fs::read_dir(dir_here) else {
+        return;
+    };
+    let old: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|f| f != keep && is_placed(&format!("{dir}/{f}"), name))
+        .collect();
+    if old.is_empty() {
+        return;
+    }
+    let mut in_use = vec![false; old.len()];
+    for proc_entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = proc_entry.file_name();
+        if !pid.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        // Unreadable maps (a process that just exited): nothing to learn from them.
+        let Ok(maps) = fs::read_to_string(proc_entry.path().join("maps")) else {
+            continue;
+        };
+        for (f, used) in old.iter().zip(in_use.iter_mut()) {
+            *used |= maps.contains(&format!("{dir}/{f}"));
+        }
+    }
+    for (f, used) in old.iter().zip(in_use) {
+        if !used {
+            let _ = fs::remove_file(format!("{dir_here}/{f}"));
+        }
+    }
 }
 
 /// Removes a file [`place`] just created that turned out unusable (the target could not
@@ -179,6 +218,54 @@ mod tests {
         assert!(!is_placed(&path, "tracer"));
         assert!(!is_placed("/memfd:tracer-agent (deleted)", "tracer-agent"));
         assert!(!is_placed("/usr/lib/tracer-agent-1.so", "tracer-agent"));
+    }
+
+    /// A new build's file replaces an old build's one nobody maps; a mapped one stays.
+    #[test]
+    fn placing_a_new_build_prunes_unmapped_old_ones() {
+        let pid = std::process::id() as i32;
+        let name = format!("tracer-prune-test-{pid}");
+        let mapped = place(pid, b"mapped build", &name).unwrap();
+        let f = fs::File::open(&mapped.path_in_target).unwrap();
+        // SAFETY: unmapped below, before the file is removed.
+        let map = unsafe { memmap_one_page(&f) };
+        let old = place(pid, b"old build", &name).unwrap();
+        assert!(
+            Path::new(&mapped.path_in_target).exists(),
+            "mapped build kept"
+        );
+        let new = place(pid, b"new build", &name).unwrap();
+        assert!(
+            !Path::new(&old.path_in_target).exists(),
+            "unmapped old build pruned"
+        );
+        assert!(
+            Path::new(&mapped.path_in_target).exists(),
+            "mapped build kept"
+        );
+        // SAFETY: unmapping the page mapped above.
+        unsafe { libc::munmap(map, 4096) };
+        for p in [&mapped, &new] {
+            fs::remove_file(&p.path_in_target).unwrap();
+        }
+    }
+
+    /// Maps the first page of `f` read-only, as the loader maps a library.
+    unsafe fn memmap_one_page(f: &fs::File) -> *mut libc::c_void {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the caller unmaps it; a file-backed private read-only mapping.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p
     }
 
     #[test]
