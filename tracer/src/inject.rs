@@ -4,24 +4,27 @@
 //!    from the file through `/proc/PID/root/<path>` (works across mount namespaces), plus the
 //!    load bias from `/proc/PID/maps`. Older glibc without an exported `dlopen` falls back
 //!    to `__libc_dlopen_mode`/`__libc_dlsym`.
-//! 2. The library bytes go into a memfd created *inside the target* (remote
-//!    `memfd_create`), filled through `/proc/PID/fd/N` (or remote `write`s from the scratch
-//!    page if that open is refused), then `dlopen("/proc/self/fd/N", RTLD_NOW)` and the fd is
-//!    closed. Nothing is needed in the target's file system, so other uids and mount
-//!    namespaces work.
+//! 2. The library bytes go into a file of the target's own file system (see
+//!    [`crate::library_file`]: the path given to `dlopen` stays the library's name for
+//!    debuggers, so it must keep naming that file) and `dlopen(PATH, RTLD_NOW)` loads it.
+//!    When that file cannot be made or loaded (a read-only or `noexec` `/tmp`), the bytes go
+//!    into a memfd created *inside the target* (remote `memfd_create`), filled through
+//!    `/proc/PID/fd/N` (or remote `write`s from the scratch page if that open is refused),
+//!    then `dlopen("/proc/self/fd/N", RTLD_NOW)` and the fd is closed.
 //! 3. `dlopen` takes the loader lock and may call `malloc`, so it runs only on a *safe*
 //!    thread (see [`is_safe`]) while the other threads run, so that a lock another thread
 //!    holds gets released. Without a safe thread the process runs a few ms and we retry.
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use agent::maps::{self, MapEntry};
 use object::{Object, ObjectSegment, ObjectSymbol};
 
+use crate::library_file;
 use crate::remote_call::{self, RemoteCallError};
 use crate::threads::{AttachError, Process};
 
@@ -64,6 +67,9 @@ pub enum InjectError {
     NoSafeThread { pid: i32, waited: Duration },
     /// Filling the memfd failed.
     Transfer { error: std::io::Error },
+    /// The library was loaded from a memfd but its loader name could not be made one that
+    /// debuggers can open.
+    Rename { error: std::io::Error },
     /// `dlopen` returned NULL; `message` is `dlerror()`.
     DlopenFailed { message: String },
     /// `dlsym` returned NULL.
@@ -95,6 +101,10 @@ impl fmt::Display for InjectError {
             InjectError::Transfer { error } => {
                 write!(f, "cannot copy the library into the target's memfd: {error}")
             }
+            InjectError::Rename { error } => write!(
+                f,
+                "the library was loaded from a memfd but its name for debuggers could not be fixed ({error}): gdb -p may hang on this process"
+            ),
             InjectError::DlopenFailed { message } => write!(f, "dlopen in the target failed: {message}"),
             InjectError::SymbolNotFound { name, message } => {
                 write!(f, "symbol {name:?} not found in the injected library: {message}")
@@ -126,11 +136,12 @@ impl From<AttachError> for InjectError {
 pub struct Injected {
     /// The `dlopen` handle (valid in the target).
     pub handle: u64,
-    /// The library's name in `/proc/PID/maps` (`/memfd:NAME (deleted)`).
+    /// The library's name in `/proc/PID/maps`: its file (`/tmp/tracer-UID/NAME-HASH.so`)
+    /// or, when that could not be used, `/memfd:NAME (deleted)`.
     pub path_in_target: String,
     /// Lowest mapped address of the library (its load base for a 0-based ELF file).
     pub base: u64,
-    /// Inode of the memfd, identifying the library's mappings.
+    /// Inode of the library's file or memfd, identifying its mappings.
     pub inode: u64,
 }
 
@@ -317,8 +328,8 @@ pub fn inject(proc: &mut Process, library: &[u8]) -> Result<Injected, InjectErro
     inject_named(proc, library, "tracer-lib")
 }
 
-/// Loads `library` (the bytes of a shared object) into the target; `name` is the memfd name
-/// shown in the target's maps. Leaves every thread stopped.
+/// Loads `library` (the bytes of a shared object) into the target; `name` starts the name
+/// of its file (or memfd) shown in the target's maps. Leaves every thread stopped.
 pub fn inject_named(
     proc: &mut Process,
     library: &[u8],
@@ -345,6 +356,15 @@ pub fn inject_with_timeout(
         .copied()
         .ok_or(AttachError::Exited { pid, status: None })?;
     remote_call::ensure_scratch(proc, tid)?;
+    if let Ok(placed) = library_file::place(pid, library, name) {
+        let path_addr = remote_call::put_c_string(proc, 0, &placed.path_in_target)?;
+        let mode = libc::RTLD_NOW as u64 | fns.mode_extra;
+        match call_safely(proc, &fns, fns.dlopen, &[path_addr, mode], timeout)? {
+            // Not loadable from there (a `noexec` /tmp, say): try a memfd.
+            0 => library_file::discard(&placed),
+            handle => return find_loaded(pid, handle, |e| e.path == placed.path_in_target),
+        }
+    }
     let name_addr = remote_call::put_c_string(proc, 0, name)?;
     let fd = remote_call::syscall_ok(
         proc,
@@ -356,11 +376,72 @@ pub fn inject_with_timeout(
     // The mapping keeps the file alive; the descriptor is not needed any more.
     let _ = remote_call::syscall(proc, tid, libc::SYS_close, &[fd]);
     let (handle, inode) = result?;
+    let injected = find_loaded(pid, handle, |e| {
+        e.inode == inode && e.path.contains("memfd:")
+    })?;
+    name_by_mapping(proc, &injected, &unique_fd_path(fd, inode))
+        .map_err(|error| InjectError::Rename { error })?;
+    Ok(injected)
+}
+
+/// Renames a library loaded from `/proc/self/fd/N` (`loaded_as`) to
+/// `/proc/PID/map_files/START-END` of its first mapping.
+///
+/// The loader keeps the path given to `dlopen` as the library's name, and debuggers and
+/// unwinders open it: `/proc/self/fd/N` means another file in every other process (gdb
+/// opened its own fd 3, a pipe, and hung) and in the target too once the fd is closed. The
+/// `map_files` entry is the memfd itself for as long as the library stays mapped, for
+/// whoever may open it (root); for others it opens nothing. `PID` is the target's own,
+/// as its PID namespace numbers it. The name is rewritten in place: [`unique_fd_path`]
+/// makes the original long enough.
+fn name_by_mapping(proc: &Process, injected: &Injected, loaded_as: &str) -> io::Result<()> {
+    let pid = proc.pid();
+    let first = maps::read_pid(pid)?
+        .into_iter()
+        .find(|e| e.start == injected.base)
+        .ok_or_else(|| io::Error::other("the library's first mapping vanished"))?;
+    let name = format!(
+        "/proc/{}/map_files/{:x}-{:x}\0",
+        own_namespace_pid(pid)?,
+        first.start,
+        first.end
+    );
+    // glibc's dlopen handle is its `struct link_map` (<link.h>, the layout debuggers
+    // read): `l_addr`, then `l_name`, the loader's own copy of the path.
+    let mut l_name = [0u8; 8];
+    proc.read_memory(injected.handle + 8, &mut l_name)?;
+    let l_name = u64::from_le_bytes(l_name);
+    if proc.read_c_string(l_name, loaded_as.len() + 1)? != loaded_as {
+        return Err(io::Error::other(format!(
+            "the loader's name for the library is not {loaded_as:?}: unknown link_map layout"
+        )));
+    }
+    if name.len() > loaded_as.len() + 1 {
+        return Err(io::Error::other(format!(
+            "{name:?} does not fit in place of {loaded_as:?}"
+        )));
+    }
+    proc.write_memory(l_name, name.as_bytes())
+}
+
+/// `pid` as the process's own (innermost) PID namespace numbers it: the last `NSpid`.
+fn own_namespace_pid(pid: i32) -> io::Result<String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|ids| ids.split_whitespace().last())
+        .map_or_else(|| pid.to_string(), str::to_string))
+}
+
+/// The library just loaded with `handle`, found in the maps by `is_mine`.
+fn find_loaded(
+    pid: i32,
+    handle: u64,
+    is_mine: impl Fn(&MapEntry) -> bool,
+) -> Result<Injected, InjectError> {
     let entries = maps::read_pid(pid).map_err(|error| InjectError::Maps { pid, error })?;
-    let mine: Vec<&MapEntry> = entries
-        .iter()
-        .filter(|e| e.inode == inode && e.path.contains("memfd:"))
-        .collect();
+    let mine: Vec<&MapEntry> = entries.iter().filter(|e| is_mine(e)).collect();
     let base = mine
         .iter()
         .map(|e| e.start)
@@ -370,7 +451,7 @@ pub fn inject_with_timeout(
         handle,
         path_in_target: mine[0].path.clone(),
         base,
-        inode,
+        inode: mine[0].inode,
     })
 }
 
@@ -424,22 +505,34 @@ fn load_from_fd(
     Ok((handle, inode))
 }
 
-/// `/proc/self/fd/FD` spelled uniquely for the memfd's inode.
+/// Shortest [`unique_fd_path`]: room for the longest name [`name_by_mapping`] writes
+/// over it (`/proc/` + 7-digit PID + `/map_files/` + two 16-digit addresses + NUL, 58 bytes).
+const FD_PATH_MIN_LEN: usize = 64;
+
+/// `/proc/self/fd/FD` spelled uniquely for the memfd's inode, at least
+/// [`FD_PATH_MIN_LEN`] bytes long.
 ///
 /// glibc's dlopen first compares the *name* with the names of loaded objects: a second
 /// injection through a reused fd number would silently return the first library's handle.
 /// Inserting `./` and empty components that encode the inode (each decimal digit `d` as
 /// `d + 1` times `./`, digits separated by an empty component) makes the name unique while
-/// the kernel still resolves it to the same fd.
+/// the kernel still resolves it to the same fd. `./` components before `fd` pad it to
+/// the minimum length without touching that code.
 pub fn unique_fd_path(fd: u64, inode: u64) -> String {
-    let mut p = String::from("/proc/self/fd/");
+    let mut code = String::new();
     for d in inode.to_string().bytes() {
         for _ in 0..=(d - b'0') {
-            p.push_str("./");
+            code.push_str("./");
         }
-        p.push('/');
+        code.push('/');
     }
-    p.push_str(&fd.to_string());
+    code.push_str(&fd.to_string());
+    let mut p = String::from("/proc/self/");
+    while p.len() + "fd/".len() + code.len() < FD_PATH_MIN_LEN {
+        p.push_str("./");
+    }
+    p.push_str("fd/");
+    p.push_str(&code);
     p
 }
 
@@ -473,4 +566,33 @@ pub fn dlsym_with(
         });
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_paths_are_unique_per_inode_and_long_enough() {
+        let paths = [
+            unique_fd_path(3, 7),
+            unique_fd_path(3, 70),
+            unique_fd_path(3, 16),
+            unique_fd_path(4, 7),
+            unique_fd_path(1023, u64::MAX),
+        ];
+        for (i, p) in paths.iter().enumerate() {
+            assert!(p.len() >= FD_PATH_MIN_LEN, "{p}");
+            assert!(!paths[..i].contains(p), "{p} twice");
+        }
+        // Still the same descriptor for the kernel, padded or not.
+        let f = fs::File::open("/proc/self/status").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f) as u64;
+        let direct = fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        for inode in [7, u64::MAX] {
+            assert_eq!(fs::read_link(unique_fd_path(fd, inode)).unwrap(), direct);
+        }
+        let longest = format!("/proc/4194304/map_files/{:x}-{:x}\0", u64::MAX, u64::MAX);
+        assert!(longest.len() <= FD_PATH_MIN_LEN);
+    }
 }

@@ -2,6 +2,7 @@
 pub mod agent_blob;
 pub mod inject;
 pub mod launch;
+pub mod library_file;
 pub mod probeable;
 pub mod remote_call;
 pub mod session;

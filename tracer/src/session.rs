@@ -3,6 +3,7 @@
 
 use crate::agent_blob::agent_so;
 use crate::inject::{self, LibcFunctions};
+use crate::library_file;
 use crate::remote_call;
 use crate::spec::ResolvedProbe;
 use crate::symbols::ProcessModules;
@@ -516,7 +517,7 @@ impl Session {
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The memfd name the agent is loaded under, visible in the target's maps.
+/// The name the agent is loaded under (its file's or memfd's), visible in the target's maps.
 const AGENT_NAME: &str = "tracer-agent";
 
 /// Load address of an agent an earlier session left in the target, if any.
@@ -524,7 +525,10 @@ fn loaded_agent(pid: i32) -> Option<u64> {
     let maps = agent::maps::read_pid(pid).ok()?;
     let prefix = format!("/memfd:{AGENT_NAME}");
     maps.iter()
-        .filter(|m| m.path.starts_with(&prefix) && m.offset == 0)
+        .filter(|m| {
+            (m.path.starts_with(&prefix) || library_file::is_placed(&m.path, AGENT_NAME))
+                && m.offset == 0
+        })
         .map(|m| m.start)
         .min()
 }

@@ -77,6 +77,8 @@ fn inject_a_library_into_a_busy_program_then_call_it() {
     );
     assert!(maps.contains(&inj.path_in_target));
     assert!(maps.contains(&format!("{:x}-", inj.base)));
+    // The name the loader keeps (what debuggers open) is a file holding the library.
+    assert_eq!(std::fs::read(&inj.path_in_target).unwrap(), bytes);
     // The memfd was closed again.
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
         let target = std::fs::read_link(fd.unwrap().path()).unwrap();
@@ -103,6 +105,18 @@ fn inject_a_library_into_a_busy_program_then_call_it() {
     let e = inject::inject(&mut p, &[b'x'; 4096]).unwrap_err();
     assert!(matches!(e, InjectError::DlopenFailed { .. }), "{e}");
     assert!(e.to_string().contains("ELF"), "{e}");
+    // ... and the file written for it is gone again.
+    let dir = std::path::Path::new(&inj.path_in_target).parent().unwrap();
+    for f in std::fs::read_dir(dir).unwrap() {
+        let f = f.unwrap().path();
+        if f.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("tracer-lib-")
+        {
+            assert_ne!(std::fs::read(&f).ok(), Some(vec![b'x'; 4096]), "{f:?} left");
+        }
+    }
 
     p.detach().unwrap();
     assert_eq!(line(&mut out), "done");
@@ -118,19 +132,23 @@ fn inject_the_real_agent_repeatedly() {
     let pid = child.id() as i32;
     let agent = tracer::agent_blob::agent_so();
     assert_eq!(&agent[..4], b"\x7fELF");
+    let mut handles = Vec::new();
     for round in 0..3 {
         let mut p = attach(pid).unwrap();
         let inj = inject::inject_named(&mut p, agent, "tracer-agent").unwrap();
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-        let n = maps
+        let starts = maps
             .lines()
-            .filter(|l| l.contains("/memfd:tracer-agent"))
+            .filter(|l| l.ends_with(&inj.path_in_target) && l.contains(" 00000000 "))
             .count();
-        assert!(n >= 1, "round {round}: agent mapped");
+        assert_eq!(starts, 1, "round {round}: agent mapped once:\n{maps}");
         assert!(inj.handle != 0);
+        handles.push(inj.handle);
         p.resume_all().unwrap();
         p.detach().unwrap();
     }
+    // The same bytes are the same file: the loader hands back the loaded copy.
+    assert!(handles.iter().all(|&h| h == handles[0]), "{handles:x?}");
     assert_eq!(line(&mut out), "done");
     assert!(child.wait().unwrap().success());
 }
