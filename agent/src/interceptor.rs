@@ -10,6 +10,7 @@ use crate::allocator::{AllocError, NearAllocator};
 use crate::dispatch::{self, Probe};
 use crate::emitter::{CallEncoding, Policy};
 use crate::jit::{self, JitError};
+use crate::maps::MapEntry;
 use crate::relocator::{self, Function, Memory, Refusal, SelfMemory};
 use crate::shared::SharedRegion;
 use crate::trampoline;
@@ -123,7 +124,9 @@ pub struct Interceptor {
     /// Handler-less probes by what was asked (function, offset, kind), as indices into
     /// `prepared`: asking again reuses the trampoline and counter slot, so repeated
     /// sessions do not grow the process.
-    reusable: HashMap<(u64, u64, u32), usize>,
+    reusable: HashMap<(u64, u64, u32), Reusable>,
+    /// This process's mappings as last read, to tell where code came from.
+    maps: Vec<MapEntry>,
     exit_trampoline: Option<u64>,
     policy: Policy,
     /// The thread state's offset from the thread pointer, for inline fast paths.
@@ -145,6 +148,7 @@ impl Interceptor {
             prepared: Vec::new(),
             committed: BTreeMap::new(),
             reusable: HashMap::new(),
+            maps: Vec::new(),
             exit_trampoline: None,
             policy: Policy::Best,
             tls: crate::thread_state::offset_from_thread_pointer(),
@@ -193,14 +197,42 @@ impl Interceptor {
             return self.prepare(req).map(|p| (p, false));
         }
         let key = (req.function.address, req.offset, req.kind as u32);
-        if let Some(&k) = self.reusable.get(&key) {
-            let p = self.prepared[k].clone();
-            self.shared.reset(p.id as usize);
-            return Ok((p, true));
+        if let Some(r) = self.reusable.remove(&key) {
+            let p = self.prepared[r.index].clone();
+            // The same code from the same file: a library unloaded and another loaded
+            // at the same address would otherwise run stale relocated instructions.
+            if r.code == self.code_at(&p) && r.origin == self.origin(p.site) {
+                self.reusable.insert(key, r);
+                self.shared.reset(p.id as usize);
+                return Ok((p, true));
+            }
         }
         let p = self.prepare(req)?;
-        self.reusable.insert(key, self.prepared.len() - 1);
+        let r = Reusable {
+            index: self.prepared.len() - 1,
+            code: self.code_at(&p),
+            origin: self.origin(p.site),
+        };
+        self.reusable.insert(key, r);
         Ok((p, false))
+    }
+
+    /// The code a probe took over, as it is now under any live patch.
+    fn code_at(&self, p: &Prepared) -> Option<Vec<u8>> {
+        let mem = UnpatchedMemory {
+            patches: &self.committed,
+        };
+        let mut code = vec![0u8; p.stolen_len];
+        mem.read(p.site, &mut code).then_some(code)
+    }
+
+    /// Device, inode and file offset of the code at `addr` (anonymous memory has inode 0).
+    fn origin(&mut self, addr: u64) -> Option<(String, u64, u64)> {
+        if !self.maps.iter().any(|m| m.contains(addr)) {
+            self.maps = crate::maps::read_self().unwrap_or_default();
+        }
+        let m = self.maps.iter().find(|m| m.contains(addr))?;
+        Some((m.dev.clone(), m.inode, m.offset + (addr - m.start)))
     }
 
     /// Re-read which prepared probes have their patch in memory now, as the tracer
@@ -208,6 +240,7 @@ impl Interceptor {
     /// in place). Call before preparing for a new session, so that code under a live
     /// patch is analysed as it was before it.
     pub fn refresh_live(&mut self) {
+        self.maps = crate::maps::read_self().unwrap_or_default();
         let mut live = BTreeMap::new();
         for p in &self.prepared {
             let mut now = [0u8; 5];
@@ -454,6 +487,15 @@ impl Interceptor {
             .fetch_and(!flags::ENABLED, Ordering::Release);
         Ok(())
     }
+}
+
+/// A handler-less probe kept for the next request of the same thing.
+struct Reusable {
+    /// Index in `Interceptor::prepared`.
+    index: usize,
+    /// The code taken over and where it came from, when the probe was prepared.
+    code: Option<Vec<u8>>,
+    origin: Option<(String, u64, u64)>,
 }
 
 /// This process's memory as it was before our patches.

@@ -49,7 +49,10 @@ fn the_region_grows_and_counters_stay_put() {
     assert_eq!(ids, [0, 1, 2, 3, 4]);
     assert!(r.capacity() >= 5);
     assert_eq!(r.header().capacity as usize, r.capacity());
-    assert_eq!(memfd_len(&r), SharedHeader::region_size(r.capacity()) as u64);
+    assert_eq!(
+        memfd_len(&r),
+        SharedHeader::region_size(r.capacity()) as u64
+    );
     assert_eq!(r.counters(0) as *const _ as usize, first, "slot 0 moved");
     // The grown part is backed: writing there does not fault, and reads back.
     r.counters(4).hits.store(42, SeqCst);
@@ -88,11 +91,18 @@ fn a_repeated_request_reuses_its_probe_with_zeroed_counters() {
     for (f, old) in fns.into_iter().zip(&first) {
         let (p, reused) = i.prepare_reusing(&req(f)).expect("prepare again");
         assert!(reused);
-        assert_eq!((p.id, p.trampoline, p.patch), (old.id, old.trampoline, old.patch));
+        assert_eq!(
+            (p.id, p.trampoline, p.patch),
+            (old.id, old.trampoline, old.patch)
+        );
         assert_eq!(i.counters(p.id).hits.load(SeqCst), 0, "counters not zeroed");
         i.commit_in_process(&p).expect("commit again");
     }
-    assert_eq!(i.prepared().len(), prepared, "a repeated request made a new probe");
+    assert_eq!(
+        i.prepared().len(),
+        prepared,
+        "a repeated request made a new probe"
+    );
     assert_eq!(i.shared().capacity(), capacity);
     // SAFETY: as above.
     assert_eq!(unsafe { slot_leaf_b(5) }, 16);
@@ -121,7 +131,10 @@ fn patches_written_from_outside_are_found_and_read_through() {
         .prepare_reusing(&req(slot_leaf_c).with_exit())
         .expect("prepare an exit probe at a patched site");
     assert!(!reused, "another kind is another probe");
-    assert_eq!(exit.original, entry.original, "analysed the jump, not the code");
+    assert_eq!(
+        exit.original, entry.original,
+        "analysed the jump, not the code"
+    );
     assert_ne!(exit.trampoline, entry.trampoline);
     // The exit probe takes the site over, then the code is restored.
     write_self_code(exit.site, &exit.patch).expect("take over");
@@ -135,4 +148,48 @@ fn patches_written_from_outside_are_found_and_read_through() {
     write_self_code(exit.site, &exit.original).expect("restore");
     i.refresh_live();
     assert!(i.live().is_empty());
+}
+
+/// Code replaced at the same address (a library unloaded and another loaded there) is
+/// prepared anew, never run through the trampoline made for the old code.
+#[test]
+fn new_code_at_a_known_address_is_not_reused() {
+    // lea rax, [rdi+rdi*2]; add rax, 1; ret  then  lea rax, [rdi+rdi*4]; add rax, 2; ret
+    const OLD: [u8; 9] = [0x48, 0x8d, 0x04, 0x7f, 0x48, 0x83, 0xc0, 0x01, 0xc3];
+    const NEW: [u8; 9] = [0x48, 0x8d, 0x04, 0xbf, 0x48, 0x83, 0xc0, 0x02, 0xc3];
+    // SAFETY: a fresh private anonymous mapping, ours alone.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(page, libc::MAP_FAILED);
+    let addr = page as u64;
+    write_self_code(addr, &OLD).expect("write code");
+    // SAFETY: `addr` holds a complete leaf function of this signature.
+    let f: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(page) };
+    let mut i = Interceptor::new(4).expect("interceptor");
+    let r = ProbeRequest::entry(addr, Some(OLD.len() as u64));
+    let (old, _) = i.prepare_reusing(&r).expect("prepare");
+    i.commit_in_process(&old).expect("commit");
+    assert_eq!(f(2), 7);
+    i.revert_in_process(&old).expect("revert");
+
+    write_self_code(addr, &NEW).expect("replace code");
+    let (new, reused) = i.prepare_reusing(&r).expect("prepare again");
+    assert!(!reused, "the probe of the old code was reused");
+    assert_ne!(new.trampoline, old.trampoline);
+    i.commit_in_process(&new).expect("commit");
+    assert_eq!(f(2), 12, "ran the old code");
+    assert_eq!(i.counters(new.id).hits.load(SeqCst), 1);
+    i.revert_in_process(&new).expect("revert");
+    // Same code again: reused.
+    let (again, reused) = i.prepare_reusing(&r).expect("prepare a third time");
+    assert!(reused);
+    assert_eq!(again.trampoline, new.trampoline);
 }
