@@ -680,10 +680,7 @@ fn internal_probes(
     fns: &LibcFunctions,
     internal: u64,
 ) -> Result<Vec<PrepareResult>, SessionError> {
-    const CAP: usize = 16;
-    let mut v = list_remote(proc, fns, internal, CAP)?;
-    v.truncate(CAP);
-    Ok(v)
+    Ok(list_remote(proc, fns, internal, 16)?.1)
 }
 
 /// The probes whose patches are in the code now: left by a tracer that was killed.
@@ -694,24 +691,23 @@ fn live_probes(
 ) -> Result<Vec<PrepareResult>, SessionError> {
     let mut cap = 256;
     loop {
-        let v = list_remote(proc, fns, live, cap)?;
-        if v.len() < cap {
+        let (count, v) = list_remote(proc, fns, live, cap)?;
+        if count <= cap {
             return Ok(v);
         }
-        // As many as fit: ask again with room for all (the count is in the result).
-        cap = v.len() * 2;
+        // Every thread is stopped: the count does not change before the next call.
+        cap = count;
     }
 }
 
 /// Call an agent function `f(_, cap, out) -> count` that writes up to `cap` results;
-/// returns them all when `count <= cap`, else `cap` of them, padded to `count`'s length
-/// so that the caller sees there are more.
+/// returns the count and the results written.
 fn list_remote(
     proc: &mut Process,
     fns: &LibcFunctions,
     function: u64,
     cap: usize,
-) -> Result<Vec<PrepareResult>, SessionError> {
+) -> Result<(usize, Vec<PrepareResult>), SessionError> {
     let (count, bytes) = call_with_buffers(
         proc,
         fns,
@@ -725,8 +721,8 @@ fn list_remote(
     unsafe {
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), results.as_mut_ptr() as *mut u8, bytes.len())
     };
-    results.resize(count as usize, PrepareResult::default());
-    Ok(results)
+    results.truncate((count as usize).min(cap));
+    Ok((count as usize, results))
 }
 
 /// Where the target's loader resolved each IFUNC (0 when it did not), in one remote call.

@@ -235,7 +235,8 @@ fn hundred_sessions_of_58_probes_reuse_their_slots() {
 }
 
 /// A process first probed at 10 sites, then 3 times at 10,000: the counter region grows
-/// past its first size, then the same 10,000 slots serve each later session.
+/// past its first size, then the same 10,000 slots serve each later session. Then a
+/// tracer is killed with the 10,000 live, and the next session adopts and restores them.
 #[test]
 fn three_sessions_of_10000_probes_on_a_generated_library() {
     const N: usize = 10_000;
@@ -257,6 +258,20 @@ fn three_sessions_of_10000_probes_on_a_generated_library() {
         assert_hits(&reports, N, k, false, &format!("session {cycle} of {N}"));
     }
     assert_text_as_in_file(pid, &dir.join("libmany.so"), "after 3 sessions");
+
+    // 10,000 patches left by a killed tracer are all adopted, and all restored.
+    let a = Attached::start(pid, &dir, "killed", &["-p", "libmany:m0*"]);
+    a.kill();
+    assert!(wait_until(Duration::from_secs(10), || tracer_pid(pid) == 0));
+    let a = Attached::start(pid, &dir, "adopting", &["-p", "libmany:m0000?"]);
+    assert!(
+        a.said.contains(&format!("adopted {N} probe(s)")),
+        "{}",
+        a.said
+    );
+    t.go(2);
+    assert_hits(&a.detach(), 10, 2, false, "after adopting 10,000");
+    assert_text_as_in_file(pid, &dir.join("libmany.so"), "after the adopting session");
     let (last, ok) = t.0.finish();
     assert!(ok, "{last}");
 }
