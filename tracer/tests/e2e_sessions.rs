@@ -2,9 +2,9 @@
 //! counter region grows when a session needs more, and patches left by a tracer that was
 //! SIGKILLed are adopted by the next session and restored when it detaches.
 //!
-//! The target is a generated library of N small functions and a driver that calls each
-//! of them K times per "go K" line on stdin, counting its own calls: every session's hits
-//! must equal what the program says it called while the probes were live.
+//! The target is a generated library of N small functions and a driver whose threads
+//! call each of them K times per "go K" line on stdin, counting their own calls: every
+//! session's hits must equal what the program says it called while the probes were live.
 
 mod common;
 use common::*;
@@ -43,20 +43,37 @@ int64_t many_run(int k) {{
     ));
     cc(dir, "libmany.so", &lib, &["-O2", "-shared", "-fPIC"]);
     let main = r#"
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <stdlib.h>
 extern uint64_t many_calls;
 int64_t many_run(int k);
-/* "go K": one round, printed as "done CALLS SUM"; "stop" (or EOF): "end TOTAL". */
+static int k;
+static int64_t sums[THREADS];
+static void *work(void *p) {
+    sums[(intptr_t)p] = many_run(k);
+    return 0;
+}
+/* "go K": THREADS threads each call every function K times, printed as
+ * "done CALLS SUM"; "stop" (or EOF): "end TOTAL". Between rounds only the main thread
+ * exists, blocked reading stdin. */
 int main(void) {
     char line[64];
     printf("ready\n");
     fflush(stdout);
     while (fgets(line, sizeof line, stdin) && strncmp(line, "go ", 3) == 0) {
         uint64_t before = many_calls;
-        int64_t s = many_run(atoi(line + 3));
+        pthread_t th[THREADS];
+        int64_t s = 0;
+        k = atoi(line + 3);
+        for (intptr_t i = 0; i < THREADS; i++)
+            pthread_create(&th[i], 0, work, (void *)i);
+        for (int i = 0; i < THREADS; i++) {
+            pthread_join(th[i], 0);
+            s = s * 7 + sums[i];
+        }
         printf("done %llu %lld\n", (unsigned long long)(many_calls - before), (long long)s);
         fflush(stdout);
     }
@@ -68,9 +85,19 @@ int main(void) {
         dir,
         "many",
         main,
-        &["-O2", "-L.", "-lmany", "-Wl,-rpath,$ORIGIN"],
+        &[
+            "-O2",
+            "-pthread",
+            &format!("-DTHREADS={THREADS}"),
+            "-L.",
+            "-lmany",
+            "-Wl,-rpath,$ORIGIN",
+        ],
     )
 }
+
+/// Threads `many` runs per round, each calling every function K times.
+const THREADS: u64 = 4;
 
 /// A running `many`.
 struct Many(Target);
@@ -225,10 +252,10 @@ fn hundred_sessions_of_58_probes_reuse_their_slots() {
         let k = 1 + cycle % 7;
         let a = Attached::start(pid, &dir, &format!("c{cycle}"), &["-p", "libmany:m0*"]);
         let done = t.go(k);
-        assert_eq!(Many::calls(&done), 58 * k);
+        assert_eq!(Many::calls(&done), 58 * THREADS * k);
         assert_eq!(done, reference.go(k), "cycle {cycle}: computed differently");
         let reports = a.detach();
-        assert_hits(&reports, 58, k, false, &format!("cycle {cycle}"));
+        assert_hits(&reports, 58, THREADS * k, false, &format!("cycle {cycle}"));
     }
     assert_text_as_in_file(pid, &dir.join("libmany.so"), "after 100 sessions");
     assert_eq!(t.0.finish(), reference.0.finish());
@@ -247,15 +274,21 @@ fn three_sessions_of_10000_probes_on_a_generated_library() {
 
     let a = Attached::start(pid, &dir, "small", &["-p", "libmany:m0000?"]);
     t.go(2);
-    assert_hits(&a.detach(), 10, 2, false, "10 probes");
+    assert_hits(&a.detach(), 10, THREADS * 2, false, "10 probes");
 
     for cycle in 0..3u64 {
         let k = cycle + 1;
         let a = Attached::start(pid, &dir, &format!("big{cycle}"), &["-p", "libmany:m0*"]);
         let done = t.go(k);
-        assert_eq!(Many::calls(&done), N as u64 * k);
+        assert_eq!(Many::calls(&done), N as u64 * THREADS * k);
         let reports = a.detach();
-        assert_hits(&reports, N, k, false, &format!("session {cycle} of {N}"));
+        assert_hits(
+            &reports,
+            N,
+            THREADS * k,
+            false,
+            &format!("session {cycle} of {N}"),
+        );
     }
     assert_text_as_in_file(pid, &dir.join("libmany.so"), "after 3 sessions");
 
@@ -270,7 +303,7 @@ fn three_sessions_of_10000_probes_on_a_generated_library() {
         a.said
     );
     t.go(2);
-    assert_hits(&a.detach(), 10, 2, false, "after adopting 10,000");
+    assert_hits(&a.detach(), 10, THREADS * 2, false, "after adopting 10,000");
     assert_text_as_in_file(pid, &dir.join("libmany.so"), "after the adopting session");
     let (last, ok) = t.0.finish();
     assert!(ok, "{last}");
@@ -317,7 +350,7 @@ fn patches_of_a_killed_tracer_are_adopted_and_restored() {
         a.said
     );
     assert_eq!(t.go(4), reference.go(4));
-    assert_hits(&a.detach(), 10, 4, false, "taken-over probes");
+    assert_hits(&a.detach(), 10, THREADS * 4, false, "taken-over probes");
     assert_text_as_in_file(pid, &lib, "after the adopting session");
     assert_eq!(tracer_pid(pid), 0);
 
@@ -326,7 +359,7 @@ fn patches_of_a_killed_tracer_are_adopted_and_restored() {
     let a = Attached::start(pid, &dir, "after", &["-x", "-p", "libmany:m0*"]);
     assert!(!a.said.contains("adopted"), "{}", a.said);
     assert_eq!(t.go(5), reference.go(5));
-    assert_hits(&a.detach(), 58, 5, true, "after adoption");
+    assert_hits(&a.detach(), 58, THREADS * 5, true, "after adoption");
     assert_text_as_in_file(pid, &lib, "at the end");
     if let Some(d) = text_difference(pid, "/libgcc_s.so.1") {
         panic!("at the end: {d}");
