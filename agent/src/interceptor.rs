@@ -76,6 +76,8 @@ pub enum PrepareError {
     Codegen(String),
     /// All counter slots are in use.
     TooManyProbes(usize),
+    /// The shared counters could not grow.
+    NoCounterMemory(io::Error),
 }
 
 impl fmt::Display for PrepareError {
@@ -87,6 +89,9 @@ impl fmt::Display for PrepareError {
             }
             PrepareError::Codegen(e) => write!(f, "trampoline generation failed: {e}"),
             PrepareError::TooManyProbes(n) => write!(f, "more than {n} probes"),
+            PrepareError::NoCounterMemory(e) => {
+                write!(f, "no memory for more probe counters: {e}")
+            }
         }
     }
 }
@@ -312,10 +317,13 @@ impl Interceptor {
             ProbeKind::Exit => self.exit_trampoline()?,
             _ => 0,
         };
-        let id = self
-            .shared
-            .claim()
-            .ok_or(PrepareError::TooManyProbes(crate::shared::MAX_CAPACITY))?;
+        let id = self.shared.claim().map_err(|e| {
+            if self.shared.capacity() >= crate::shared::MAX_CAPACITY {
+                PrepareError::TooManyProbes(crate::shared::MAX_CAPACITY)
+            } else {
+                PrepareError::NoCounterMemory(e)
+            }
+        })?;
         let counters = self.shared.counters_static(id);
         let probe: &'static Probe = Box::leak(Box::new(Probe {
             counters,

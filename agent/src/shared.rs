@@ -97,16 +97,16 @@ impl SharedRegion {
         unsafe { &*(self.base as *const SharedHeader) }
     }
 
-    /// Take the next free counter slot, growing the region when it is full; `None` past
-    /// [`MAX_CAPACITY`] or when the memfd cannot grow.
-    pub fn claim(&mut self) -> Option<usize> {
+    /// Take the next free counter slot, growing the region when it is full; an error
+    /// past [`MAX_CAPACITY`] or when the memfd cannot grow.
+    pub fn claim(&mut self) -> io::Result<usize> {
         let used = &self.header().used;
         let id = used.load(Ordering::Acquire) as usize;
         if id >= self.capacity {
-            self.grow().ok()?;
+            self.grow()?;
         }
         self.header().used.store(id as u32 + 1, Ordering::Release);
-        Some(id)
+        Ok(id)
     }
 
     /// Double the capacity (up to [`MAX_CAPACITY`]) by extending the memfd under the

@@ -3,7 +3,7 @@
 //! and patches written from outside (as the tracer does) are found and read through.
 
 use agent::interceptor::{write_self_code, Interceptor, ProbeRequest};
-use agent::shared::SharedRegion;
+use agent::shared::{SharedRegion, MAX_CAPACITY};
 use probes::shared::SharedHeader;
 use std::arch::global_asm;
 use std::sync::atomic::Ordering::SeqCst;
@@ -59,6 +59,20 @@ fn the_region_grows_and_counters_stay_put() {
     assert_eq!(r.counters(4).hits.load(SeqCst), 42);
     r.reset(4);
     assert_eq!(r.counters(4).hits.load(SeqCst), 0);
+}
+
+#[test]
+fn the_region_stops_at_its_maximum() {
+    let mut r = SharedRegion::create(MAX_CAPACITY / 2).expect("create");
+    for k in 0..MAX_CAPACITY {
+        assert_eq!(r.claim().expect("claim"), k);
+    }
+    assert!(r.claim().is_err(), "claimed more than MAX_CAPACITY slots");
+    assert_eq!(r.capacity(), MAX_CAPACITY);
+    assert_eq!(
+        memfd_len(&r),
+        SharedHeader::region_size(MAX_CAPACITY) as u64
+    );
 }
 
 fn req(f: unsafe extern "C" fn(u64) -> u64) -> ProbeRequest {

@@ -2,7 +2,9 @@
 //! stopped. Arguments and results are these `#[repr(C)]` records in target memory.
 
 /// Exported by the agent: `extern "C" fn(capacity: u64) -> *const AgentInfo` (null on
-/// failure). Creates the interceptor and the shared counters; idempotent.
+/// failure). Creates the interceptor and the shared counters, with room for `capacity`
+/// probes at first (the region grows when preparing needs more: map the memfd at its
+/// length after preparing); later calls describe the existing ones.
 pub const INIT_SYMBOL: &str = "tracer_agent_init";
 /// Exported by the agent: `extern "C" fn(*const PrepareRequest, n: u64, *mut
 /// PrepareResult) -> u64`, returning how many probes were prepared.
