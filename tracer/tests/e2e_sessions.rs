@@ -238,9 +238,30 @@ fn text_difference(pid: i32, name: &str) -> Option<String> {
     None
 }
 
+/// Bytes of the agent's code memfd (trampolines) and of its shared counters memfd in
+/// `pid`, found through its fd table.
+fn agent_memory(pid: i32) -> (u64, u64) {
+    let (mut code, mut shared) = (0, 0);
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("read fd table") {
+        let path = e.expect("fd entry").path();
+        let Ok(target) = std::fs::read_link(&path) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if target.starts_with("/memfd:tracer-code") {
+            code += len;
+        } else if target.starts_with("/memfd:tracer-shared") {
+            shared += len;
+        }
+    }
+    (code, shared)
+}
+
 /// 100 sessions of 58 probes on one process: each counts exactly the calls made while it
-/// was live (slots reused and zeroed, none exhausted), and the program computes what an
-/// untraced copy computes.
+/// was live (slots reused and zeroed, none exhausted), the agent's trampolines and
+/// counters take no more memory after the last session than after the first, and the
+/// program computes what an untraced copy computes.
 #[test]
 fn hundred_sessions_of_58_probes_reuse_their_slots() {
     let dir = temp_dir("sessions58");
@@ -248,6 +269,7 @@ fn hundred_sessions_of_58_probes_reuse_their_slots() {
     let mut t = Many::start(&exe);
     let mut reference = Many::start(&exe);
     let pid = t.0.pid();
+    let mut after_first = (0, 0);
     for cycle in 0..100u64 {
         let k = 1 + cycle % 7;
         let a = Attached::start(pid, &dir, &format!("c{cycle}"), &["-p", "libmany:m0*"]);
@@ -256,7 +278,16 @@ fn hundred_sessions_of_58_probes_reuse_their_slots() {
         assert_eq!(done, reference.go(k), "cycle {cycle}: computed differently");
         let reports = a.detach();
         assert_hits(&reports, 58, THREADS * k, false, &format!("cycle {cycle}"));
+        if cycle == 0 {
+            after_first = agent_memory(pid);
+            assert!(after_first.0 > 0 && after_first.1 > 0, "{after_first:?}");
+        }
     }
+    assert_eq!(
+        agent_memory(pid),
+        after_first,
+        "trampoline and counter memory (bytes) grew from the first session to the last"
+    );
     assert_text_as_in_file(pid, &dir.join("libmany.so"), "after 100 sessions");
     assert_eq!(t.0.finish(), reference.0.finish());
 }
