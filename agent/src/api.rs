@@ -5,7 +5,7 @@
 
 use crate::interceptor::{Interceptor, ProbeRequest};
 use crate::relocator::Function;
-use probes::remote::{status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC};
+use probes::remote::{result_flags, status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC};
 use probes::ProbeKind;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
@@ -30,18 +30,20 @@ pub extern "C" fn tracer_agent_init(capacity: u64) -> *const AgentInfo {
             // would also print into the target's stderr.
             std::panic::set_hook(Box::new(|_| {}));
             let i = Interceptor::new(capacity.clamp(1, 1 << 20) as usize).ok()?;
-            let info = AgentInfo {
-                magic: AGENT_MAGIC,
-                shared_fd: i.shared().fd(),
-                _pad: 0,
-                shared_len: i.shared().len() as u64,
-                capacity: i.shared().capacity() as u64,
-            };
-            // SAFETY: written under the interceptor lock, read by the tracer only after
-            // this call returned.
-            unsafe { INFO = info };
             *g = Some(i);
         }
+        // The region may have grown since the last session.
+        let i = g.as_ref()?;
+        let info = AgentInfo {
+            magic: AGENT_MAGIC,
+            shared_fd: i.shared().fd(),
+            _pad: 0,
+            shared_len: i.shared().len() as u64,
+            capacity: i.shared().capacity() as u64,
+        };
+        // SAFETY: written under the interceptor lock, read by the tracer only after
+        // this call returned.
+        unsafe { INFO = info };
         Some(())
     });
     match r {
@@ -50,7 +52,10 @@ pub extern "C" fn tracer_agent_init(capacity: u64) -> *const AgentInfo {
     }
 }
 
-/// Prepare `n` probes; results go to `out`. Returns how many were prepared.
+/// Prepare `n` probes; results go to `out`. Returns how many were prepared. A probe
+/// asked for in an earlier session comes back with the same trampoline, patch and
+/// counter slot, its counters zeroed. The shared region grows as needed: its current
+/// length is the memfd's.
 ///
 /// # Safety
 /// `reqs` and `out` point at `n` records in this process's memory.
@@ -76,6 +81,8 @@ pub unsafe extern "C" fn tracer_agent_prepare(
             }
             return 0;
         };
+        // Patches a killed tracer left must not be read as the code they replaced.
+        i.refresh_live();
         let mut ok = 0;
         for (req, o) in reqs.iter().zip(out.iter_mut()) {
             *o = prepare_one(i, req);
@@ -124,8 +131,8 @@ fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
         on_entry: None,
         on_exit: None,
     };
-    match i.prepare(&r) {
-        Ok(p) => {
+    match i.prepare_reusing(&r) {
+        Ok((p, _)) => {
             i.enable(p.id);
             o = prepared_result(&p);
         }
@@ -192,6 +199,37 @@ pub unsafe extern "C" fn tracer_agent_internal(
             unsafe { out.add(k).write(prepared_result(p)) };
         }
         internal.len() as u64
+    }));
+    r.unwrap_or(0)
+}
+
+/// The prepared probes whose patch is in the code now, one per site, up to `cap` of them
+/// written to `out`: at the start of a session, the patches an earlier tracer left
+/// behind (it was killed before it could restore them). The agent's own probes carry
+/// [`result_flags::INTERNAL`]. Returns how many there are.
+///
+/// # Safety
+/// `out` has room for `cap` records.
+#[no_mangle]
+pub unsafe extern "C" fn tracer_agent_live(
+    _unused: *const u8,
+    cap: u64,
+    out: *mut PrepareResult,
+) -> u64 {
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        let mut g = INTERCEPTOR.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = g.as_mut() else { return 0 };
+        i.refresh_live();
+        let live = i.live();
+        for (k, p) in live.iter().take(cap as usize).enumerate() {
+            let mut o = prepared_result(p);
+            if i.is_internal(p.id) {
+                o.flags |= result_flags::INTERNAL;
+            }
+            // SAFETY: k < cap, per the contract.
+            unsafe { out.add(k).write(o) };
+        }
+        live.len() as u64
     }));
     r.unwrap_or(0)
 }

@@ -10,12 +10,14 @@ use crate::allocator::{AllocError, NearAllocator};
 use crate::dispatch::{self, Probe};
 use crate::emitter::{CallEncoding, Policy};
 use crate::jit::{self, JitError};
-use crate::relocator::{self, Function, Refusal, SelfMemory};
+use crate::maps::MapEntry;
+use crate::relocator::{self, Function, Memory, Refusal, SelfMemory};
 use crate::shared::SharedRegion;
 use crate::trampoline;
 use probes::context::OffsetHandler;
 use probes::shared::{flags, ProbeCounters, ProbeKind};
 use probes::{EntryHandler, ExitHandler};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
 use std::sync::atomic::Ordering;
@@ -74,6 +76,8 @@ pub enum PrepareError {
     Codegen(String),
     /// All counter slots are in use.
     TooManyProbes(usize),
+    /// The shared counters could not grow.
+    NoCounterMemory(io::Error),
 }
 
 impl fmt::Display for PrepareError {
@@ -85,6 +89,9 @@ impl fmt::Display for PrepareError {
             }
             PrepareError::Codegen(e) => write!(f, "trampoline generation failed: {e}"),
             PrepareError::TooManyProbes(n) => write!(f, "more than {n} probes"),
+            PrepareError::NoCounterMemory(e) => {
+                write!(f, "no memory for more probe counters: {e}")
+            }
         }
     }
 }
@@ -115,10 +122,16 @@ pub struct Interceptor {
     shared: SharedRegion,
     probes: Vec<&'static Probe>,
     prepared: Vec<Prepared>,
-    /// Patches written in this process, with the bytes they replaced: the relocator
-    /// reads code as it was before them, so that probing a function whose entry is
-    /// already patched still sees its real instructions.
-    committed: Vec<(u64, [u8; 5], u64)>,
+    /// Patches written in this process, by site, with the bytes they replaced and the
+    /// stolen length: the relocator reads code as it was before them, so that probing a
+    /// function whose entry is already patched still sees its real instructions.
+    committed: BTreeMap<u64, ([u8; 5], u64)>,
+    /// Handler-less probes by what was asked (function, offset, kind), as indices into
+    /// `prepared`: asking again reuses the trampoline and counter slot, so repeated
+    /// sessions do not grow the process.
+    reusable: HashMap<(u64, u64, u32), Reusable>,
+    /// This process's mappings as last read, to tell where code came from.
+    maps: Vec<MapEntry>,
     exit_trampoline: Option<u64>,
     policy: Policy,
     /// The thread state's offset from the thread pointer, for inline fast paths.
@@ -138,7 +151,9 @@ impl Interceptor {
             shared: SharedRegion::create(capacity)?,
             probes: Vec::new(),
             prepared: Vec::new(),
-            committed: Vec::new(),
+            committed: BTreeMap::new(),
+            reusable: HashMap::new(),
+            maps: Vec::new(),
             exit_trampoline: None,
             policy: Policy::Best,
             tls: crate::thread_state::offset_from_thread_pointer(),
@@ -172,6 +187,95 @@ impl Interceptor {
     /// Decode, relocate and JIT the trampoline for `req`; nothing the target runs changes.
     pub fn prepare(&mut self, req: &ProbeRequest) -> Result<Prepared, PrepareError> {
         self.prepare_with(req, None)
+    }
+
+    /// Like [`prepare`](Self::prepare), but a handler-less request made before gets the
+    /// probe prepared then: same trampoline, same patch, same counter slot, its counters
+    /// zeroed so that the new session counts its own hits. Trampolines are never freed
+    /// (a thread may still run in one after its patch is gone), so reuse is what keeps
+    /// repeated sessions from growing the process. Returns whether it was reused.
+    pub fn prepare_reusing(
+        &mut self,
+        req: &ProbeRequest,
+    ) -> Result<(Prepared, bool), PrepareError> {
+        if req.on_entry.is_some() || req.on_exit.is_some() {
+            return self.prepare(req).map(|p| (p, false));
+        }
+        let key = (req.function.address, req.offset, req.kind as u32);
+        if let Some(r) = self.reusable.remove(&key) {
+            let p = self.prepared[r.index].clone();
+            // The same code from the same file: a library unloaded and another loaded
+            // at the same address would otherwise run stale relocated instructions.
+            if r.code == self.code_at(&p) && r.origin == self.origin(p.site) {
+                self.reusable.insert(key, r);
+                self.shared.reset(p.id as usize);
+                return Ok((p, true));
+            }
+        }
+        let p = self.prepare(req)?;
+        let r = Reusable {
+            index: self.prepared.len() - 1,
+            code: self.code_at(&p),
+            origin: self.origin(p.site),
+        };
+        self.reusable.insert(key, r);
+        Ok((p, false))
+    }
+
+    /// The code a probe took over, as it is now under any live patch.
+    fn code_at(&self, p: &Prepared) -> Option<Vec<u8>> {
+        let mem = UnpatchedMemory {
+            patches: &self.committed,
+        };
+        let mut code = vec![0u8; p.stolen_len];
+        mem.read(p.site, &mut code).then_some(code)
+    }
+
+    /// Device, inode and file offset of the code at `addr` (anonymous memory has inode 0).
+    fn origin(&mut self, addr: u64) -> Option<(String, u64, u64)> {
+        if !self.maps.iter().any(|m| m.contains(addr)) {
+            self.maps = crate::maps::read_self().unwrap_or_default();
+        }
+        let m = self.maps.iter().find(|m| m.contains(addr))?;
+        Some((m.dev.clone(), m.inode, m.offset + (addr - m.start)))
+    }
+
+    /// Re-read which prepared probes have their patch in memory now, as the tracer
+    /// writes and removes patches from outside (and a tracer that was killed leaves them
+    /// in place). Call before preparing for a new session, so that code under a live
+    /// patch is analysed as it was before it.
+    pub fn refresh_live(&mut self) {
+        self.maps = crate::maps::read_self().unwrap_or_default();
+        let mut live = BTreeMap::new();
+        for p in &self.prepared {
+            let mut now = [0u8; 5];
+            if SelfMemory.read(p.site, &mut now) && now == p.patch {
+                live.insert(p.site, (p.original, p.stolen_len as u64));
+            }
+        }
+        self.committed = live;
+    }
+
+    /// Prepared probes whose patch is in memory (as of the last
+    /// [`refresh_live`](Self::refresh_live) or in-process commit), one per site.
+    pub fn live(&self) -> Vec<Prepared> {
+        let mut out: Vec<Prepared> = Vec::new();
+        for p in &self.prepared {
+            let mut now = [0u8; 5];
+            if self.committed.contains_key(&p.site)
+                && !out.iter().any(|q| q.site == p.site)
+                && SelfMemory.read(p.site, &mut now)
+                && now == p.patch
+            {
+                out.push(p.clone());
+            }
+        }
+        out
+    }
+
+    /// Whether `id` is one of the agent's own probes (an unwinder hook).
+    pub fn is_internal(&self, id: u32) -> bool {
+        self.internal.iter().any(|p| p.id == id)
     }
 
     /// Prepare an offset probe (`req.kind` must be [`ProbeKind::Offset`]) running `h`
@@ -213,10 +317,13 @@ impl Interceptor {
             ProbeKind::Exit => self.exit_trampoline()?,
             _ => 0,
         };
-        let id = self
-            .shared
-            .claim()
-            .ok_or(PrepareError::TooManyProbes(self.shared.capacity()))?;
+        let id = self.shared.claim().map_err(|e| {
+            if self.shared.capacity() >= crate::shared::MAX_CAPACITY {
+                PrepareError::TooManyProbes(crate::shared::MAX_CAPACITY)
+            } else {
+                PrepareError::NoCounterMemory(e)
+            }
+        })?;
         let counters = self.shared.counters_static(id);
         let probe: &'static Probe = Box::leak(Box::new(Probe {
             counters,
@@ -353,15 +460,15 @@ impl Interceptor {
             self.enable(q.id);
             write_self_code(q.site, &q.patch)?;
             self.committed
-                .push((q.site, q.original, q.stolen_len as u64));
+                .insert(q.site, (q.original, q.stolen_len as u64));
         }
         let end = p.site + p.stolen_len as u64;
         // Neither patch may land in the other's stolen bytes: the first trampoline
         // resumes after them, the second would relocate bytes the first changed.
-        if let Some(&(other, _, _)) = self
+        if let Some((&other, _)) = self
             .committed
-            .iter()
-            .find(|&&(s, _, len)| s < end && p.site < s + len)
+            .range(..end)
+            .find(|&(&s, &(_, len))| p.site < s + len)
         {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -374,7 +481,7 @@ impl Interceptor {
         self.enable(p.id);
         write_self_code(p.site, &p.patch)?;
         self.committed
-            .push((p.site, p.original, p.stolen_len as u64));
+            .insert(p.site, (p.original, p.stolen_len as u64));
         Ok(())
     }
 
@@ -382,7 +489,7 @@ impl Interceptor {
     /// it, or return through the exit trampoline later.
     pub fn revert_in_process(&mut self, p: &Prepared) -> io::Result<()> {
         write_self_code(p.site, &p.original)?;
-        self.committed.retain(|&(site, _, _)| site != p.site);
+        self.committed.remove(&p.site);
         self.counters(p.id)
             .flags
             .fetch_and(!flags::ENABLED, Ordering::Release);
@@ -390,18 +497,27 @@ impl Interceptor {
     }
 }
 
-/// This process's memory as it was before our patches.
-struct UnpatchedMemory<'a> {
-    patches: &'a [(u64, [u8; 5], u64)],
+/// A handler-less probe kept for the next request of the same thing.
+struct Reusable {
+    /// Index in `Interceptor::prepared`.
+    index: usize,
+    /// The code taken over and where it came from, when the probe was prepared.
+    code: Option<Vec<u8>>,
+    origin: Option<(String, u64, u64)>,
 }
 
-impl relocator::Memory for UnpatchedMemory<'_> {
+/// This process's memory as it was before our patches.
+struct UnpatchedMemory<'a> {
+    patches: &'a BTreeMap<u64, ([u8; 5], u64)>,
+}
+
+impl Memory for UnpatchedMemory<'_> {
     fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
         if !SelfMemory.read(addr, buf) {
             return false;
         }
         let end = addr + buf.len() as u64;
-        for &(site, original, _) in self.patches {
+        for (&site, &(original, _)) in self.patches.range(addr.saturating_sub(4)..end) {
             for (k, &b) in original.iter().enumerate() {
                 let a = site + k as u64;
                 if a >= addr && a < end {

@@ -2,11 +2,19 @@
 //!
 //! It is a memfd so that the tracer can map the same pages through `/proc/PID/fd/N` and
 //! read counters while the target runs and after it exits.
+//!
+//! Trampolines hold the addresses of their counters, so counters never move: the region
+//! reserves address space for [`MAX_CAPACITY`] slots up front (a shared mapping longer
+//! than the file, which costs nothing until touched) and grows by extending the memfd.
+//! The tracer maps the file at its current length.
 
 use probes::shared::{ProbeCounters, SharedHeader, MAGIC};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
+
+/// Most counter slots one process can have.
+pub const MAX_CAPACITY: usize = 1 << 20;
 
 pub struct SharedRegion {
     fd: OwnedFd,
@@ -21,8 +29,10 @@ unsafe impl Send for SharedRegion {}
 unsafe impl Sync for SharedRegion {}
 
 impl SharedRegion {
-    /// A zeroed region with room for `capacity` probes.
+    /// A zeroed region with room for `capacity` probes (at most [`MAX_CAPACITY`]), able
+    /// to grow to [`MAX_CAPACITY`].
     pub fn create(capacity: usize) -> io::Result<Self> {
+        let capacity = capacity.clamp(1, MAX_CAPACITY);
         // SAFETY: memfd_create with a NUL-terminated name.
         let fd = unsafe { libc::memfd_create(c"tracer-shared".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -35,11 +45,12 @@ impl SharedRegion {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: a new shared mapping of the whole file.
+        // SAFETY: a new shared mapping of the file and of the room it may grow into; the
+        // part past the end of the file is never touched before the file covers it.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                SharedHeader::region_size(MAX_CAPACITY),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
@@ -86,15 +97,47 @@ impl SharedRegion {
         unsafe { &*(self.base as *const SharedHeader) }
     }
 
-    /// Take the next free counter slot.
-    pub fn claim(&self) -> Option<usize> {
+    /// Take the next free counter slot, growing the region when it is full; an error
+    /// past [`MAX_CAPACITY`] or when the memfd cannot grow.
+    pub fn claim(&mut self) -> io::Result<usize> {
         let used = &self.header().used;
-        let id = used.fetch_add(1, Ordering::AcqRel) as usize;
+        let id = used.load(Ordering::Acquire) as usize;
         if id >= self.capacity {
-            used.fetch_sub(1, Ordering::AcqRel);
-            return None;
+            self.grow()?;
         }
-        Some(id)
+        self.header().used.store(id as u32 + 1, Ordering::Release);
+        Ok(id)
+    }
+
+    /// Double the capacity (up to [`MAX_CAPACITY`]) by extending the memfd under the
+    /// mapping reserved for it; existing counters stay where they are.
+    fn grow(&mut self) -> io::Result<()> {
+        let capacity = (self.capacity * 2).min(MAX_CAPACITY);
+        if capacity == self.capacity {
+            return Err(io::Error::other("the counter region is at its maximum"));
+        }
+        let len = SharedHeader::region_size(capacity);
+        // SAFETY: ftruncate on our own memfd, only ever extended, so no mapped page
+        // loses its backing.
+        if unsafe { libc::ftruncate(self.fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.len = len;
+        self.capacity = capacity;
+        let h = self.base as *mut SharedHeader;
+        // SAFETY: the header's capacity is only written here, under `&mut self`; the
+        // tracer reads it only while every thread of the target is stopped.
+        unsafe { (*h).capacity = capacity as u32 };
+        Ok(())
+    }
+
+    /// Zero the counters of slot `id` (a slot reused by a new session), keeping its
+    /// flags and encoding.
+    pub fn reset(&self, id: usize) {
+        let c = self.counters(id);
+        for a in [&c.hits, &c.exits, &c.skipped, &c.panics, &c.lost_exits] {
+            a.store(0, Ordering::Relaxed);
+        }
     }
 
     pub fn counters(&self, id: usize) -> &ProbeCounters {

@@ -2,7 +2,9 @@
 //! stopped. Arguments and results are these `#[repr(C)]` records in target memory.
 
 /// Exported by the agent: `extern "C" fn(capacity: u64) -> *const AgentInfo` (null on
-/// failure). Creates the interceptor and the shared counters; idempotent.
+/// failure). Creates the interceptor and the shared counters, with room for `capacity`
+/// probes at first (the region grows when preparing needs more: map the memfd at its
+/// length after preparing); later calls describe the existing ones.
 pub const INIT_SYMBOL: &str = "tracer_agent_init";
 /// Exported by the agent: `extern "C" fn(*const PrepareRequest, n: u64, *mut
 /// PrepareResult) -> u64`, returning how many probes were prepared.
@@ -17,6 +19,10 @@ pub const RESOLVE_SYMBOL: &str = "tracer_agent_resolve";
 /// agent's own probes (unwinder hooks that keep C++ exceptions working through
 /// exit-probed frames), to be patched along with the user's exit probes.
 pub const INTERNAL_SYMBOL: &str = "tracer_agent_internal";
+/// Exported by the agent: `extern "C" fn(_: *const u8, cap: u64, out: *mut
+/// PrepareResult) -> u64`: every prepared probe whose patch is in the code now (left by
+/// a tracer that was killed), at most `cap` written; returns how many there are.
+pub const LIVE_SYMBOL: &str = "tracer_agent_live";
 
 pub const AGENT_MAGIC: u64 = u64::from_le_bytes(*b"TRAGENT1");
 
@@ -56,6 +62,12 @@ pub mod status {
     pub const FAILED: u32 = 2;
 }
 
+/// Bits of [`PrepareResult::flags`].
+pub mod result_flags {
+    /// One of the agent's own probes (an unwinder hook), not one a user asked for.
+    pub const INTERNAL: u32 = 1;
+}
+
 /// The outcome for one [`PrepareRequest`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -75,8 +87,10 @@ pub struct PrepareResult {
     pub stolen_len: u32,
     /// How the trampoline reaches the agent (`rel32`, `rip-slot`, `abs32`, `abs64` as 0-3).
     pub encoding: u32,
+    /// [`result_flags`] bits.
+    pub flags: u32,
     /// NUL-terminated reason when not prepared.
-    pub message: [u8; 216],
+    pub message: [u8; 212],
 }
 
 impl Default for PrepareResult {
@@ -90,7 +104,8 @@ impl Default for PrepareResult {
             original: [0; 8],
             stolen_len: 0,
             encoding: 0,
-            message: [0; 216],
+            flags: 0,
+            message: [0; 212],
         }
     }
 }

@@ -57,7 +57,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"TRACERv1");
 #[derive(Debug)]
 pub struct SharedHeader {
     pub magic: u64,
-    /// Number of counter slots.
+    /// Number of counter slots; grows (the memfd is extended, counters never move).
     pub capacity: u32,
     /// Slots in use.
     pub used: AtomicU32,

@@ -9,8 +9,8 @@ use crate::spec::ResolvedProbe;
 use crate::symbols::ProcessModules;
 use crate::threads::{AttachError, Process};
 use probes::remote::{
-    status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INIT_SYMBOL, INTERNAL_SYMBOL,
-    PREPARE_SYMBOL, RESOLVE_SYMBOL,
+    result_flags, status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INIT_SYMBOL,
+    INTERNAL_SYMBOL, LIVE_SYMBOL, PREPARE_SYMBOL, RESOLVE_SYMBOL,
 };
 use probes::shared::{ProbeCounters, SharedHeader, MAGIC};
 use probes::ProbeKind;
@@ -154,11 +154,21 @@ struct Counters {
 }
 
 impl Counters {
+    /// Map the region at the memfd's current length: the agent extends it when it
+    /// needs more counter slots, so map after preparing.
     fn map(pid: i32, info: &AgentInfo) -> Result<Counters, SessionError> {
         let path = format!("/proc/{pid}/fd/{}", info.shared_fd);
         let f = File::open(&path)
             .map_err(|e| SessionError::Agent(format!("cannot open {path}: {e}")))?;
-        let len = info.shared_len as usize;
+        let len = f
+            .metadata()
+            .map_err(|e| SessionError::Agent(format!("cannot stat {path}: {e}")))?
+            .len() as usize;
+        if len < SharedHeader::COUNTERS_OFFSET {
+            return Err(SessionError::Agent(format!(
+                "shared region {path} is {len} bytes, too short"
+            )));
+        }
         // SAFETY: a new read-only shared mapping of the agent's memfd.
         let p = unsafe {
             libc::mmap(
@@ -290,6 +300,7 @@ impl Session {
         let prepare = base + agent_symbol(PREPARE_SYMBOL)?;
         let resolve = base + agent_symbol(RESOLVE_SYMBOL)?;
         let internal = base + agent_symbol(INTERNAL_SYMBOL)?;
+        let live = base + agent_symbol(LIVE_SYMBOL)?;
 
         let capacity = (probes.len() as u64 + 64).next_power_of_two().max(1024);
         let info_addr = inject::call_safely(proc, &fns, init, &[capacity], TIMEOUT)?;
@@ -302,7 +313,12 @@ impl Session {
                 "initialisation returned garbage".into(),
             ));
         }
-        let counters = Counters::map(proc.pid(), &info)?;
+        // Patches a killed tracer left in the code: this session takes them over.
+        let mut adopted = live_probes(proc, &fns, live)?;
+        let left = adopted
+            .iter()
+            .filter(|a| a.flags & result_flags::INTERNAL == 0)
+            .count();
 
         // IFUNC symbols name resolvers: ask the target's loader what they resolved to,
         // all in one call.
@@ -370,6 +386,7 @@ impl Session {
         }
 
         let results = prepare_remote(proc, &fns, prepare, &requests)?;
+        let counters = Counters::map(proc.pid(), &info)?;
         let mut installed = Vec::new();
         for ((r, (l, p)), req) in results.iter().zip(&labels).zip(&requests) {
             if r.status != status::PREPARED {
@@ -402,6 +419,24 @@ impl Session {
                 });
                 continue;
             }
+            // A site an earlier tracer left patched is simply taken over; a probe whose
+            // patch would overlap such a patch without being the same site is refused.
+            adopted.retain(|a| a.site != r.site);
+            if let Some(a) = adopted
+                .iter()
+                .find(|a| r.site < a.site + a.stolen_len as u64 && a.site < end)
+            {
+                refused.push(NotInstalled {
+                    label: l.clone(),
+                    address: r.site,
+                    reason: format!(
+                        "its patch would overlap that of a probe an earlier tracer left at \
+                         {:#x}",
+                        a.site
+                    ),
+                });
+                continue;
+            }
             installed.push(Installed::from_result(
                 r,
                 l.clone(),
@@ -416,7 +451,9 @@ impl Session {
         // exceptions thrown through probed frames find real return addresses.
         if exit {
             for r in internal_probes(proc, &fns, internal)? {
-                if !installed.iter().any(|p| p.site == r.site) {
+                if !installed.iter().any(|p| p.site == r.site)
+                    && !adopted.iter().any(|a| a.site == r.site)
+                {
                     installed.push(Installed::from_result(
                         &r,
                         String::new(),
@@ -426,6 +463,18 @@ impl Session {
                     installed.last_mut().expect("pushed").hidden = true;
                 }
             }
+        }
+        if left > 0 {
+            notes.push(format!(
+                "adopted {left} probe(s) left by an earlier tracer that did not detach; \
+                 they are removed when this session detaches"
+            ));
+        }
+        // Restored at detach like this session's own, not reported.
+        for a in &adopted {
+            let mut p = Installed::from_result(a, String::new(), String::new(), String::new());
+            p.hidden = true;
+            installed.push(p);
         }
         let mut s = Session {
             installed,
@@ -635,22 +684,49 @@ fn internal_probes(
     fns: &LibcFunctions,
     internal: u64,
 ) -> Result<Vec<PrepareResult>, SessionError> {
-    const CAP: usize = 16;
+    Ok(list_remote(proc, fns, internal, 16)?.1)
+}
+
+/// The probes whose patches are in the code now: left by a tracer that was killed.
+fn live_probes(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    live: u64,
+) -> Result<Vec<PrepareResult>, SessionError> {
+    let mut cap = 256;
+    loop {
+        let (count, v) = list_remote(proc, fns, live, cap)?;
+        if count <= cap {
+            return Ok(v);
+        }
+        // Every thread is stopped: the count does not change before the next call.
+        cap = count;
+    }
+}
+
+/// Call an agent function `f(_, cap, out) -> count` that writes up to `cap` results;
+/// returns the count and the results written.
+fn list_remote(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    function: u64,
+    cap: usize,
+) -> Result<(usize, Vec<PrepareResult>), SessionError> {
     let (count, bytes) = call_with_buffers(
         proc,
         fns,
-        internal,
+        function,
         &[],
-        CAP as u64,
-        CAP * size_of::<PrepareResult>(),
+        cap as u64,
+        cap * size_of::<PrepareResult>(),
     )?;
-    let mut results = vec![PrepareResult::default(); CAP];
-    // SAFETY: PrepareResult is plain old data; the agent wrote up to CAP of them.
+    let mut results = vec![PrepareResult::default(); cap];
+    // SAFETY: PrepareResult is plain old data; the agent wrote up to `cap` of them.
     unsafe {
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), results.as_mut_ptr() as *mut u8, bytes.len())
     };
-    results.truncate((count as usize).min(CAP));
-    Ok(results)
+    results.truncate((count as usize).min(cap));
+    Ok((count as usize, results))
 }
 
 /// Where the target's loader resolved each IFUNC (0 when it did not), in one remote call.
