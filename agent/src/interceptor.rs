@@ -291,10 +291,10 @@ impl Interceptor {
         Ok(prepared)
     }
 
-    /// Whether the OS enabled AVX state (XCR0 bit 2): trampolines then keep the upper
-    /// halves of the ymm registers across handlers.
+    /// Whether the OS enabled AVX: trampolines then keep the upper halves of the ymm
+    /// registers across handlers.
     fn avx(&self) -> bool {
-        self.xsave.is_some_and(|x| x.mask & 4 != 0)
+        self.xsave.is_some_and(|x| x.avx())
     }
 
     fn exit_trampoline(&mut self) -> Result<u64, PrepareError> {

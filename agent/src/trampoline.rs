@@ -15,25 +15,25 @@
 //!
 //! ```text
 //! [inline counting fast path, probes without handlers]
-//! mov [rsp-8], rax ; mov rax, rsp  ; the site's rsp
-//! lea rsp, [rsp-FRAME-8] ; and rsp, -16
-//! save rax rcx rdx rsi rdi r8-r11, xmm0-15 ; ctx.rsp = the site's rsp
+//! mov [rsp-16], rbx ; mov rbx, rsp ; the site's rsp, kept across the call
+//! lea rsp, [rsp-FRAME-16] ; and rsp, -32
+//! save rax rcx rdx rsi rdi r8-r11, ymm0-15 (xmm0-15 without AVX) ; ctx.rsp, ctx.xmm
 //! movabs rdi, probe ; mov rsi, rsp
 //! call on_entry                 ; rel32 / [rip+slot] / abs32 / abs64, by reach
-//! restore them ; mov rsp, [rsp+SAVED_RSP]
+//! restore them ; mov rsp, rbx ; mov rbx, [rsp-16]
 //! <relocated stolen instructions>
 //! jmp  site+len                 ; always rel32: the block is near the site
 //! ```
 //!
-//! Vector registers: `xmm0-15` are saved with legacy-SSE instructions (`movaps`), which
-//! leave the upper halves of the ymm/zmm registers alone; the agent's own code is
-//! compiled for baseline x86-64 and uses only legacy SSE, so it leaves them alone too.
-//! Handlers may run anything, though (`f32::mul_add` calls libm's `fmaf`, VEX-encoded,
-//! which zeroes the upper half of `ymm0`; glibc's string functions end in `vzeroupper`):
-//! when the OS enabled AVX the general paths also save and restore the upper halves of
-//! `ymm0-15` (`vextractf128`/`vinsertf128`, a few cycles). Not kept across a handler:
-//! AVX-512 state (bits 256-511 of `zmm0-15`, `zmm16-31`, `k0-7`), which a caller would
-//! have to keep live across a call to a function it knows uses no vector register.
+//! Vector registers: the Rust code called (the agent, and handlers, which may run
+//! anything: `f32::mul_add` calls libm's `fmaf`, VEX-encoded, which zeroes the upper half
+//! of `ymm0`; glibc's string functions end in `vzeroupper`) may change any of `xmm0-15`
+//! and, through VEX code, the upper halves of `ymm0-15`. So the general paths save all of
+//! `ymm0-15` (`vmovdqu`) when the OS enabled AVX, `xmm0-15` otherwise. Legacy-SSE
+//! instructions (`movaps`, and the agent's own code, compiled for baseline x86-64) leave
+//! the upper halves alone. Not kept across a handler: AVX-512 state (bits 256-511 of
+//! `zmm0-15`, `zmm16-31`, `k0-7`); a caller would have to keep it live across a call to a
+//! function it knows uses no vector register, and restoring `ymm` zeroes bits 256-511.
 //!
 //! The exit trampoline is shared by all exit probes. A probed function returns into it
 //! with `rsp` one above its return slot, aligned or not; it saves every call-clobbered
@@ -102,103 +102,138 @@ const XMMS: [AsmRegisterXmm; 16] = [
     xmm15,
 ];
 
+const YMMS: [AsmRegisterYmm; 16] = [
+    ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13, ymm14,
+    ymm15,
+];
+
+/// Where the general paths keep `rbx` below the site's `rsp` (above the frame): at an
+/// entry `[rsp-8]` is free too, after a return it receives the real return address.
+const RBX_SLOT: i32 = -16;
+
+/// Open a general-path frame of `frame` bytes: `rbx` (callee-saved, so the Rust code
+/// keeps it) holds the site's `rsp` and its own value waits below that `rsp`, above the
+/// frame; `rsp` is aligned to 32 at run time, whatever it was. Restoring `rsp` from a
+/// register rather than from memory keeps loads off the chain of `rsp` values.
+fn open_frame(a: &mut CodeAssembler, frame: usize) -> Result<(), iced_x86::IcedError> {
+    a.mov(qword_ptr(rsp + RBX_SLOT), rbx)?;
+    a.mov(rbx, rsp)?;
+    a.lea(rsp, qword_ptr(rsp - (frame as i32 - RBX_SLOT)))?;
+    a.and(rsp, -32)
+}
+
+fn close_frame(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+    a.mov(rsp, rbx)?;
+    a.mov(rbx, qword_ptr(rsp + RBX_SLOT))
+}
+
+/// Save every vector register the called Rust code may change: all of `ymm0-15` at
+/// `rsp + area` (32-byte aligned) when the OS enabled AVX, else `xmm0-15`; then copy the
+/// registers the handler's context shows, `(register, offset)`, into it.
+fn save_vectors(
+    a: &mut CodeAssembler,
+    avx: bool,
+    area: usize,
+    ctx: &[(usize, usize)],
+) -> Result<(), iced_x86::IcedError> {
+    for i in 0..16 {
+        if avx {
+            a.vmovdqu(ymmword_ptr(rsp + area + 32 * i), YMMS[i])?;
+        } else {
+            a.movaps(xmmword_ptr(rsp + area + 16 * i), XMMS[i])?;
+        }
+    }
+    for &(r, off) in ctx {
+        if avx {
+            a.vmovaps(xmmword_ptr(rsp + off), XMMS[r])?;
+        } else {
+            a.movaps(xmmword_ptr(rsp + off), XMMS[r])?;
+        }
+    }
+    Ok(())
+}
+
+/// Undo [`save_vectors`], taking the context's registers from the context (a handler may
+/// have changed them) and the rest, upper halves included, from the save area.
+fn restore_vectors(
+    a: &mut CodeAssembler,
+    avx: bool,
+    area: usize,
+    ctx: &[(usize, usize)],
+) -> Result<(), iced_x86::IcedError> {
+    for i in 0..16 {
+        if avx {
+            a.vmovdqu(YMMS[i], ymmword_ptr(rsp + area + 32 * i))?;
+        } else {
+            a.movaps(XMMS[i], xmmword_ptr(rsp + area + 16 * i))?;
+        }
+    }
+    for &(r, off) in ctx {
+        if avx {
+            // The lower half only: the upper one was just restored.
+            a.vinsertf128(YMMS[r], YMMS[r], xmmword_ptr(rsp + off), 0)?;
+        } else {
+            a.movaps(XMMS[r], xmmword_ptr(rsp + off))?;
+        }
+    }
+    Ok(())
+}
+
+/// The vector registers in the entry context, with their offsets.
+const ENTRY_CTX_XMM: [(usize, usize); 8] = [
+    (0, el::XMM),
+    (1, el::XMM + 16),
+    (2, el::XMM + 32),
+    (3, el::XMM + 48),
+    (4, el::XMM + 64),
+    (5, el::XMM + 80),
+    (6, el::XMM + 96),
+    (7, el::XMM + 112),
+];
+
 /// The general entry path: every call-clobbered register saved in a frame aligned at run
-/// time (the context the handler sees, then `r11`, the site's `rsp` and `xmm8-15`), then
-/// `on_entry`. Ends with every register and `rsp` as at the site. `avx`: the OS enabled
-/// AVX, whose upper halves are kept too.
+/// time (the context the handler sees, `r11`, the vector registers), then `on_entry`.
+/// Ends with every register and `rsp` as at the site. `avx`: the OS enabled AVX, whose
+/// upper halves are kept too.
 fn emit_entry_general(
     e: &mut Emitter,
     probe: *const Probe,
     avx: bool,
 ) -> Result<CallEncoding, EmitError> {
-    let frame = el::FRAME as i32;
     e.asm(|a| {
-        // The site's rsp, found again after the alignment; rax waits in the red zone,
-        // which the frame stays below.
-        a.mov(qword_ptr(rsp - 8), rax)?;
-        a.mov(rax, rsp)?;
-        a.lea(rsp, qword_ptr(rsp - (frame + 8)))?;
-        a.and(rsp, -16)?;
-        a.mov(qword_ptr(rsp + el::RSP), rax)?;
-        a.mov(qword_ptr(rsp + el::SAVED_RSP), rax)?;
-        a.mov(rax, qword_ptr(rax - 8))?;
+        open_frame(a, el::FRAME)?;
+        a.mov(qword_ptr(rsp + el::RSP), rbx)?;
         for (i, r) in GPRS.iter().enumerate() {
             a.mov(qword_ptr(rsp + el::GPRS + 8 * i), *r)?;
         }
         a.mov(qword_ptr(rsp + el::R11), r11)?;
-        for (i, x) in XMMS.iter().enumerate() {
-            a.movaps(xmmword_ptr(rsp + entry_xmm_offset(i)), *x)?;
-        }
-        if avx {
-            save_ymm_upper(a, el::YMM_UPPER)?;
-        }
+        save_vectors(a, avx, el::VECTORS, &ENTRY_CTX_XMM)?;
         a.mov(rdi, probe as u64)?;
         a.mov(rsi, rsp)
     })?;
     let on_entry = dispatch::on_entry as *const () as u64;
     let encoding = e.call(on_entry)?;
     e.asm(|a| {
-        for (i, x) in XMMS.iter().enumerate() {
-            a.movaps(*x, xmmword_ptr(rsp + entry_xmm_offset(i)))?;
-        }
-        if avx {
-            restore_ymm_upper(a, el::YMM_UPPER)?;
-        }
+        restore_vectors(a, avx, el::VECTORS, &ENTRY_CTX_XMM)?;
         for (i, r) in GPRS.iter().enumerate() {
             a.mov(*r, qword_ptr(rsp + el::GPRS + 8 * i))?;
         }
         a.mov(r11, qword_ptr(rsp + el::R11))?;
-        a.mov(rsp, qword_ptr(rsp + el::SAVED_RSP))
+        close_frame(a)
     })?;
     Ok(encoding)
 }
 
-const YMMS: [AsmRegisterYmm; 16] = [
-    ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13, ymm14,
-    ymm15,
-];
-
-/// Store the upper halves of `ymm0-15` at `rsp + at`.
-fn save_ymm_upper(a: &mut CodeAssembler, at: usize) -> Result<(), iced_x86::IcedError> {
-    for (i, y) in YMMS.iter().enumerate() {
-        a.vextractf128(xmmword_ptr(rsp + at + 16 * i), *y, 1)?;
-    }
-    Ok(())
-}
-
-/// Reload the upper halves of `ymm0-15` from `rsp + at`, keeping the lower halves (the
-/// xmm registers, restored first).
-fn restore_ymm_upper(a: &mut CodeAssembler, at: usize) -> Result<(), iced_x86::IcedError> {
-    for (i, y) in YMMS.iter().enumerate() {
-        a.vinsertf128(*y, *y, xmmword_ptr(rsp + at + 16 * i), 1)?;
-    }
-    Ok(())
-}
-
-fn entry_xmm_offset(i: usize) -> usize {
-    if i < 8 {
-        el::XMM + 16 * i
-    } else {
-        el::XMM_HI + 16 * (i - 8)
-    }
-}
-
-/// The call-clobbered registers besides `rax rdx xmm0 xmm1` (in the context), in the
-/// order of `exit_layout::GPRS`.
+/// The call-clobbered registers besides `rax rdx` (in the context), in the order of
+/// `exit_layout::GPRS`.
 const EXIT_GPRS: [AsmRegister64; 7] = [rcx, rsi, rdi, r8, r9, r10, r11];
 
-fn exit_xmm_offset(i: usize) -> usize {
-    match i {
-        0 => xl::XMM0,
-        1 => xl::XMM1,
-        _ => xl::XMM_REST + 16 * (i - 2),
-    }
-}
+/// The vector registers in the exit context, with their offsets.
+const EXIT_CTX_XMM: [(usize, usize); 2] = [(0, xl::XMM0), (1, xl::XMM1)];
 
 /// Emit the shared exit trampoline; returns how it reaches `on_exit`. `avx`: the OS
 /// enabled AVX, whose upper halves are kept too.
 pub fn emit_exit(e: &mut Emitter, tls: Option<i32>, avx: bool) -> Result<CallEncoding, EmitError> {
-    let frame = xl::FRAME as i32;
     if let Some(tls) = tls {
         let general = e.label();
         emit_fast_exit(e, tls, general)?;
@@ -206,45 +241,28 @@ pub fn emit_exit(e: &mut Emitter, tls: Option<i32>, avx: bool) -> Result<CallEnc
     }
     e.asm(|a| {
         // rsp is one above the popped return slot, [rsp-8], where the real return
-        // address goes at the end; rax waits below it while the frame is aligned.
-        a.mov(qword_ptr(rsp - 16), rax)?;
-        a.mov(rax, rsp)?;
-        a.lea(rsp, qword_ptr(rsp - (frame + 16)))?;
-        a.and(rsp, -16)?;
-        a.mov(qword_ptr(rsp + xl::SAVED_RSP), rax)?;
-        a.mov(rax, qword_ptr(rax - 16))?;
+        // address goes at the end (rbx's value waits right below it).
+        open_frame(a, xl::FRAME)?;
         a.mov(qword_ptr(rsp + xl::RAX), rax)?;
         a.mov(qword_ptr(rsp + xl::RDX), rdx)?;
         for (i, r) in EXIT_GPRS.iter().enumerate() {
             a.mov(qword_ptr(rsp + xl::GPRS + 8 * i), *r)?;
         }
-        for (i, x) in XMMS.iter().enumerate() {
-            a.movaps(xmmword_ptr(rsp + exit_xmm_offset(i)), *x)?;
-        }
-        if avx {
-            save_ymm_upper(a, xl::YMM_UPPER)?;
-        }
+        save_vectors(a, avx, xl::VECTORS, &EXIT_CTX_XMM)?;
         a.mov(rdi, rsp)?;
-        a.mov(rsi, qword_ptr(rsp + xl::SAVED_RSP))?;
-        a.lea(rsi, qword_ptr(rsi - 8))
+        a.lea(rsi, qword_ptr(rbx - 8))
     })?;
     let on_exit = dispatch::on_exit as *const () as u64;
     let encoding = e.call(on_exit)?;
     e.asm(|a| {
-        a.mov(rcx, qword_ptr(rsp + xl::SAVED_RSP))?;
-        a.mov(qword_ptr(rcx - 8), rax)?;
+        a.mov(qword_ptr(rbx - 8), rax)?;
+        restore_vectors(a, avx, xl::VECTORS, &EXIT_CTX_XMM)?;
         a.mov(rax, qword_ptr(rsp + xl::RAX))?;
         a.mov(rdx, qword_ptr(rsp + xl::RDX))?;
         for (i, r) in EXIT_GPRS.iter().enumerate() {
             a.mov(*r, qword_ptr(rsp + xl::GPRS + 8 * i))?;
         }
-        for (i, x) in XMMS.iter().enumerate() {
-            a.movaps(*x, xmmword_ptr(rsp + exit_xmm_offset(i)))?;
-        }
-        if avx {
-            restore_ymm_upper(a, xl::YMM_UPPER)?;
-        }
-        a.mov(rsp, qword_ptr(rsp + xl::SAVED_RSP))?;
+        close_frame(a)?;
         // An indirect jump rather than `ret`: the probed function's own `ret` already
         // consumed the return-stack-buffer entry of its call, so a second `ret` would
         // mispredict every time, while this jump's target is predicted from history.
@@ -583,6 +601,11 @@ impl XsaveInfo {
             mask: (hi as u64) << 32 | lo as u64,
             size,
         })
+    }
+
+    /// Whether the OS enabled the AVX state (XCR0 bit 2).
+    pub fn avx(&self) -> bool {
+        self.mask & 4 != 0
     }
 }
 

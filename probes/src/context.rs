@@ -54,27 +54,23 @@ pub struct EntryContext {
 ///
 /// The entry trampoline's frame is the context followed by the other registers it must
 /// keep for the probed function (which may receive values in any register when its
-/// callers bind it locally): `r11`, the stack pointer to return to, and `xmm8-15`.
+/// callers bind it locally): `r11` and the vector registers, upper halves included.
 pub mod entry_layout {
     pub const GPRS: usize = 0;
     pub const XMM: usize = 64;
     pub const RSP: usize = 192;
     pub const SIZE: usize = 200;
     pub const R11: usize = 200;
-    /// `rsp` at the site, kept out of the handler's reach.
-    pub const SAVED_RSP: usize = 208;
-    /// `xmm8-15`, 16-byte aligned.
-    pub const XMM_HI: usize = 224;
-    /// The upper halves of `ymm0-15`, when the OS enabled AVX.
-    pub const YMM_UPPER: usize = 352;
-    /// The whole frame, a multiple of 16.
-    pub const FRAME: usize = 608;
+    /// `ymm0-15` (32 bytes each) when the OS enabled AVX, else `xmm0-15`; 32-byte
+    /// aligned.
+    pub const VECTORS: usize = 224;
+    /// The whole frame, a multiple of 32.
+    pub const FRAME: usize = 736;
 }
 
-const _: () =
-    assert!(entry_layout::XMM_HI.is_multiple_of(16) && entry_layout::FRAME.is_multiple_of(16));
-const _: () = assert!(entry_layout::XMM_HI + 8 * 16 == entry_layout::YMM_UPPER);
-const _: () = assert!(entry_layout::YMM_UPPER + 16 * 16 == entry_layout::FRAME);
+const _: () = assert!(entry_layout::VECTORS.is_multiple_of(32));
+const _: () = assert!(entry_layout::FRAME.is_multiple_of(32));
+const _: () = assert!(entry_layout::VECTORS + 16 * 32 == entry_layout::FRAME);
 
 const _: () = assert!(std::mem::size_of::<EntryContext>() == entry_layout::SIZE);
 const _: () = assert!(std::mem::offset_of!(EntryContext, xmm) == entry_layout::XMM);
@@ -154,7 +150,7 @@ pub struct ExitContext {
 
 /// Offsets the exit trampoline relies on. Its frame is the context followed by every
 /// other call-clobbered register (callers may keep values in any of them across a call to
-/// a function they know leaves them alone) and the stack pointer to return with.
+/// a function they know leaves them alone).
 pub mod exit_layout {
     pub const RAX: usize = 0;
     pub const RDX: usize = 8;
@@ -164,19 +160,17 @@ pub mod exit_layout {
     pub const SIZE: usize = 80;
     /// `rcx rsi rdi r8 r9 r10 r11`.
     pub const GPRS: usize = 80;
-    pub const SAVED_RSP: usize = 136;
-    /// `xmm2-15`, 16-byte aligned.
-    pub const XMM_REST: usize = 144;
-    /// The upper halves of `ymm0-15`, when the OS enabled AVX.
-    pub const YMM_UPPER: usize = 368;
-    pub const FRAME: usize = 624;
+    /// `ymm0-15` (32 bytes each) when the OS enabled AVX, else `xmm0-15`; 32-byte
+    /// aligned.
+    pub const VECTORS: usize = 160;
+    /// The whole frame, a multiple of 32.
+    pub const FRAME: usize = 672;
 }
 
-const _: () =
-    assert!(exit_layout::XMM_REST.is_multiple_of(16) && exit_layout::FRAME.is_multiple_of(16));
-const _: () = assert!(exit_layout::GPRS + 7 * 8 == exit_layout::SAVED_RSP);
-const _: () = assert!(exit_layout::XMM_REST + 14 * 16 == exit_layout::YMM_UPPER);
-const _: () = assert!(exit_layout::YMM_UPPER + 16 * 16 == exit_layout::FRAME);
+const _: () = assert!(exit_layout::GPRS + 7 * 8 <= exit_layout::VECTORS);
+const _: () = assert!(exit_layout::VECTORS.is_multiple_of(32));
+const _: () = assert!(exit_layout::FRAME.is_multiple_of(32));
+const _: () = assert!(exit_layout::VECTORS + 16 * 32 == exit_layout::FRAME);
 
 const _: () = assert!(std::mem::size_of::<ExitContext>() == exit_layout::SIZE);
 const _: () = assert!(std::mem::offset_of!(ExitContext, xmm0) == exit_layout::XMM0);
