@@ -87,6 +87,7 @@ global_asm!(
     "REG_BODY reg_nested_handler",
     "REG_BODY reg_outer",
     "REG_BODY reg_callee",
+    "REG_BODY reg_far",
     // The probe steals a `call`: what reg_callee sees must be what the caller set.
     ".globl reg_stolen_call",
     "reg_stolen_call:",
@@ -287,6 +288,8 @@ bodies! {
 }
 
 extern "C" {
+    fn reg_far();
+    static reg_far_seen: Regs;
     static reg_callee_seen: Regs;
     fn reg_stolen_call();
     static reg_stolen_call_end: u8;
@@ -668,4 +671,28 @@ fn skipped_hits_inside_a_handler_change_no_register() {
     for id in [a, b, c] {
         assert_eq!(counts(id), (0, 0, 16));
     }
+}
+
+/// Jumps taken while the probed code owns every register (to a stolen call's target, to
+/// the exit trampoline) use `Emitter::jmp_preserving`: from code more than 4 GiB away
+/// it is `jmp [rip+0]` with the target inline, which must need no register either.
+#[test]
+fn far_jump_without_scratch_register_changes_no_register() {
+    use agent::allocator::{Limits, NearAllocator, PAGE, USER_TOP};
+    use agent::emitter::{CallEncoding, Policy};
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let target = reg_far as *const () as u64;
+    let mut far = NearAllocator::with_limits(Limits {
+        min_addr: (target + (5 << 30)).next_multiple_of(PAGE),
+        max_addr: USER_TOP,
+    })
+    .unwrap();
+    let thunk = agent::jit::place(&mut far, &[], Policy::Best, |e| e.jmp_preserving(target))
+        .expect("place the thunk");
+    assert_eq!(thunk.value, CallEncoding::RipSlot);
+    // SAFETY: the thunk jumps to reg_far, so it is reg_far.
+    let f: unsafe extern "C" fn() = unsafe { std::mem::transmute(thunk.addr) };
+    // SAFETY: reg_far's record, from the assembly above.
+    let diffs = check_calls("far jump", f, unsafe { &reg_far_seen }, 8, 13);
+    assert_exact(diffs);
 }
