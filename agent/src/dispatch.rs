@@ -222,17 +222,16 @@ fn run_exit_handler(probe: &Probe, h: ExitHandler, ctx: &mut ExitContext, tsc0: 
     }
 }
 
-/// Called by the exit trampoline when a redirected function returns. Returns the real
-/// return address, which the trampoline jumps to.
+/// Called by the exit trampoline when a redirected function returns, with its saved
+/// registers and the return slot the function's `ret` popped. Returns the real return
+/// address, which the trampoline jumps to.
 ///
 /// # Safety
-/// `ctx` comes from the exit trampoline, which sits right below the popped return slot.
-pub unsafe extern "C" fn on_exit(ctx: *mut ExitContext) -> u64 {
+/// `ctx` comes from the exit trampoline: valid and exclusive for the call.
+pub unsafe extern "C" fn on_exit(ctx: *mut ExitContext, slot: u64) -> u64 {
     // SAFETY: see the function's contract.
     let ctx = unsafe { &mut *ctx };
     let t = thread_state::current();
-    // The slot the `ret` popped: the exit trampoline's frame starts right below it.
-    let slot = ctx as *mut ExitContext as u64 + EXIT_FRAME - 8;
     loop {
         let Some(e) = t.pop() else {
             // Every redirect pushed an entry first, so this cannot happen; there is no
@@ -262,11 +261,6 @@ pub unsafe extern "C" fn on_exit(ctx: *mut ExitContext) -> u64 {
         return e.return_address;
     }
 }
-
-/// Bytes the exit trampoline reserves below the popped return slot: the context, then
-/// the slot its final `ret` pops the real return address from.
-pub const EXIT_FRAME: u64 = 96;
-const _: () = assert!(probes::context::exit_layout::SIZE as u64 + 8 <= EXIT_FRAME);
 
 #[inline(always)]
 fn tsc() -> u64 {

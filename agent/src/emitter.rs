@@ -13,7 +13,9 @@
 //!
 //! Slots live in a pool the caller provides (the near allocator keeps them in 64-byte lines
 //! of their own, never interleaved with code). The register forms clobber the scratch
-//! register (`r11` unless changed), which the SysV ABI leaves free at a call. Each emission
+//! register (`r11` unless changed): trampolines save it before they call, and jumps taken
+//! while the probed code owns every register use [`Emitter::jmp_preserving`] instead (a
+//! caller may keep a value in `r11` across a call to a function it binds locally). Each emission
 //! is counted per encoding, so users can be shown how each probe reaches its handler.
 
 use iced_x86::code_asm::CodeAssembler;
@@ -272,6 +274,20 @@ impl<'p> Emitter<'p> {
     /// register forms clobber the scratch register.
     pub fn jmp(&mut self, target: u64) -> Result<CallEncoding, EmitError> {
         self.branch(target, false)
+    }
+
+    /// `jmp target` that touches no register whatever the distance: `rel32` when it
+    /// reaches, else `jmp qword [rip+0]` with the target right after it. For jumps taken
+    /// while every register belongs to the probed code (the policy does not apply).
+    pub fn jmp_preserving(&mut self, target: u64) -> Result<CallEncoding, EmitError> {
+        if rel32_fits(self.ip() + 5, target) {
+            self.branch_with(target, false, CallEncoding::Rel32)?;
+            return Ok(CallEncoding::Rel32);
+        }
+        self.bytes(&[0xff, 0x25, 0, 0, 0, 0]);
+        self.bytes(&target.to_le_bytes());
+        self.counts.record(CallEncoding::RipSlot);
+        Ok(CallEncoding::RipSlot)
     }
 
     /// Emit a call or jump with exactly `encoding`, if it reaches.

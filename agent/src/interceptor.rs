@@ -356,12 +356,13 @@ impl Interceptor {
             _ => None,
         };
         let on_entry = dispatch::on_entry as *const () as u64;
+        let avx = self.avx();
         // Near the site and the agent when one block can reach both; else near the site.
         let mut placed = None;
         for near in [&[stolen.site, on_entry][..], &[stolen.site][..]] {
             match jit::place(&mut self.alloc, near, self.policy, |e| match xsave {
                 Some(xs) => trampoline::emit_offset(e, probe, &stolen, xs),
-                None => trampoline::emit_entry(e, probe, &stolen, fast),
+                None => trampoline::emit_entry(e, probe, &stolen, fast, avx),
             }) {
                 Ok(p) => {
                     placed = Some(p);
@@ -397,17 +398,24 @@ impl Interceptor {
         Ok(prepared)
     }
 
+    /// Whether the OS enabled AVX: trampolines then keep the upper halves of the ymm
+    /// registers across handlers.
+    fn avx(&self) -> bool {
+        self.xsave.is_some_and(|x| x.avx())
+    }
+
     fn exit_trampoline(&mut self) -> Result<u64, PrepareError> {
         if let Some(a) = self.exit_trampoline {
             return Ok(a);
         }
         let on_exit = dispatch::on_exit as *const () as u64;
+        let avx = self.avx();
         let placed = jit::place(&mut self.alloc, &[on_exit], self.policy, |e| {
-            trampoline::emit_exit(e, self.tls)
+            trampoline::emit_exit(e, self.tls, avx)
         })
         .or_else(|_| {
             jit::place(&mut self.alloc, &[], self.policy, |e| {
-                trampoline::emit_exit(e, self.tls)
+                trampoline::emit_exit(e, self.tls, avx)
             })
         })
         .map_err(|e| match e {

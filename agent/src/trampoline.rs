@@ -1,29 +1,46 @@
 //! Trampoline code generation.
 //!
+//! The rule every trampoline keeps: at entry and at return it leaves every register and
+//! the stack at and above `rsp` exactly as the original code would have, except what a
+//! handler deliberately changes through its context. Only the flags may change, and only
+//! at a call boundary (function entry and return); at an offset probe they are kept too.
+//! A caller of a function it binds locally (GCC's `-fipa-ra`) may keep values in any
+//! call-clobbered register across the call, pass values in any register, and call with
+//! `rsp` not 16-byte aligned (`-fipa-stack-alignment`): nothing may be assumed free or
+//! aligned. Scratch registers are saved below `rsp`, which at a function entry is the
+//! callee's red zone, not yet used, and after a return the dead callee frame; at an
+//! offset probe the red zone is live and skipped. Frames are aligned at run time.
+//!
 //! An entry trampoline, reached by the `jmp rel32` written over a probe site:
 //!
 //! ```text
-//! sub  rsp, 200                 ; EntryContext; entry rsp = 8 mod 16, so now 0 mod 16
-//! mov  [rsp+0..56], rdi rsi rdx rcx r8 r9 rax r10
-//! movaps [rsp+64..], xmm0-7
-//! lea  rax, [rsp+200] ; mov [rsp+192], rax    ; the site's rsp
+//! [inline counting fast path, probes without handlers]
+//! mov [rsp-16], rbx ; mov rbx, rsp ; the site's rsp, kept across the call
+//! lea rsp, [rsp-FRAME-16] ; and rsp, -32
+//! save rax rcx rdx rsi rdi r8-r11, ymm0-15 (xmm0-15 without AVX) ; ctx.rsp, ctx.xmm
 //! movabs rdi, probe ; mov rsi, rsp
 //! call on_entry                 ; rel32 / [rip+slot] / abs32 / abs64, by reach
-//! restore xmm0-7 and the eight registers
-//! lea  rsp, [rsp+200]           ; lea: flags untouched
+//! restore them ; mov rsp, rbx ; mov rbx, [rsp-16]
 //! <relocated stolen instructions>
 //! jmp  site+len                 ; always rel32: the block is near the site
 //! ```
 //!
-//! At a function entry, the SysV ABI leaves only the argument registers, `rax` (vector
-//! count of variadic calls) and `r10` (static chain) live, plus `rsp` and the callee-saved
-//! registers, which `on_entry` preserves as any function does; flags are dead.
+//! Vector registers: the Rust code called (the agent, and handlers, which may run
+//! anything: `f32::mul_add` calls libm's `fmaf`, VEX-encoded, which zeroes the upper half
+//! of `ymm0`; glibc's string functions end in `vzeroupper`) may change any of `xmm0-15`
+//! and, through VEX code, the upper halves of `ymm0-15`. So the general paths save all of
+//! `ymm0-15` (`vmovdqu`) when the OS enabled AVX, `xmm0-15` otherwise. Legacy-SSE
+//! instructions (`movaps`, and the agent's own code, compiled for baseline x86-64) leave
+//! the upper halves alone. Not kept across a handler: AVX-512 state (bits 256-511 of
+//! `zmm0-15`, `zmm16-31`, `k0-7`); a caller would have to keep it live across a call to a
+//! function it knows uses no vector register, and restoring `ymm` zeroes bits 256-511.
 //!
 //! The exit trampoline is shared by all exit probes. A probed function returns into it
-//! with `rsp` 16-byte aligned; it saves the return registers `rax rdx xmm0 xmm1`, calls
-//! `on_exit`, which hands back the real return address, restores and jumps there.
+//! with `rsp` one above its return slot, aligned or not; it saves every call-clobbered
+//! register, calls `on_exit`, which hands back the real return address, restores and
+//! jumps there.
 
-use crate::dispatch::{self, Probe, EXIT_FRAME};
+use crate::dispatch::{self, Probe};
 use crate::emitter::{CallEncoding, EmitError, Emitter, Label};
 use crate::relocator::{self, Relocated, Stolen};
 use crate::thread_state::layout as tl;
@@ -62,36 +79,13 @@ pub fn emit_entry(
     probe: *const Probe,
     stolen: &Stolen,
     fast: Option<FastEntry>,
+    avx: bool,
 ) -> Result<Result<EntryTrampoline, relocator::Refusal>, EmitError> {
-    let size = el::SIZE as i32;
     let tail = e.label();
     if let Some(f) = fast {
         emit_fast_entry(e, probe, f, tail)?;
     }
-    e.asm(|a| {
-        a.sub(rsp, size)?;
-        for (i, r) in GPRS.iter().enumerate() {
-            a.mov(qword_ptr(rsp + el::GPRS + 8 * i), *r)?;
-        }
-        for (i, x) in XMMS.iter().enumerate() {
-            a.movaps(xmmword_ptr(rsp + el::XMM + 16 * i), *x)?;
-        }
-        a.lea(rax, qword_ptr(rsp + size))?;
-        a.mov(qword_ptr(rsp + el::RSP), rax)?;
-        a.mov(rdi, probe as u64)?;
-        a.mov(rsi, rsp)
-    })?;
-    let on_entry = dispatch::on_entry as *const () as u64;
-    let encoding = e.call(on_entry)?;
-    e.asm(|a| {
-        for (i, x) in XMMS.iter().enumerate() {
-            a.movaps(*x, xmmword_ptr(rsp + el::XMM + 16 * i))?;
-        }
-        for (i, r) in GPRS.iter().enumerate() {
-            a.mov(*r, qword_ptr(rsp + el::GPRS + 8 * i))?;
-        }
-        a.lea(rsp, qword_ptr(rsp + size))
-    })?;
+    let encoding = emit_entry_general(e, probe, avx)?;
     e.bind(tail);
     let relocated = match emit_stolen(e, stolen)? {
         Ok(r) => r,
@@ -103,38 +97,177 @@ pub fn emit_entry(
     }))
 }
 
-const XMMS: [AsmRegisterXmm; 8] = [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7];
+const XMMS: [AsmRegisterXmm; 16] = [
+    xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14,
+    xmm15,
+];
 
-/// Emit the shared exit trampoline; returns how it reaches `on_exit`.
-pub fn emit_exit(e: &mut Emitter, tls: Option<i32>) -> Result<CallEncoding, EmitError> {
-    let frame = EXIT_FRAME as i32;
+const YMMS: [AsmRegisterYmm; 16] = [
+    ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13, ymm14,
+    ymm15,
+];
+
+/// Where the general paths keep `rbx` below the site's `rsp` (above the frame): at an
+/// entry `[rsp-8]` is free too, after a return it receives the real return address.
+const RBX_SLOT: i32 = -16;
+
+/// Open a general-path frame of `frame` bytes: `rbx` (callee-saved, so the Rust code
+/// keeps it) holds the site's `rsp` and its own value waits below that `rsp`, above the
+/// frame; `rsp` is aligned to 32 at run time, whatever it was. Restoring `rsp` from a
+/// register rather than from memory keeps loads off the chain of `rsp` values.
+fn open_frame(a: &mut CodeAssembler, frame: usize) -> Result<(), iced_x86::IcedError> {
+    a.mov(qword_ptr(rsp + RBX_SLOT), rbx)?;
+    a.mov(rbx, rsp)?;
+    a.lea(rsp, qword_ptr(rsp - (frame as i32 - RBX_SLOT)))?;
+    a.and(rsp, -32)
+}
+
+fn close_frame(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+    a.mov(rsp, rbx)?;
+    a.mov(rbx, qword_ptr(rsp + RBX_SLOT))
+}
+
+/// Save every vector register the called Rust code may change: all of `ymm0-15` at
+/// `rsp + area` (32-byte aligned) when the OS enabled AVX, else `xmm0-15`; then copy the
+/// registers the handler's context shows, `(register, offset)`, into it.
+fn save_vectors(
+    a: &mut CodeAssembler,
+    avx: bool,
+    area: usize,
+    ctx: &[(usize, usize)],
+) -> Result<(), iced_x86::IcedError> {
+    for i in 0..16 {
+        if avx {
+            a.vmovdqu(ymmword_ptr(rsp + area + 32 * i), YMMS[i])?;
+        } else {
+            a.movaps(xmmword_ptr(rsp + area + 16 * i), XMMS[i])?;
+        }
+    }
+    for &(r, off) in ctx {
+        if avx {
+            a.vmovaps(xmmword_ptr(rsp + off), XMMS[r])?;
+        } else {
+            a.movaps(xmmword_ptr(rsp + off), XMMS[r])?;
+        }
+    }
+    Ok(())
+}
+
+/// Undo [`save_vectors`], taking the context's registers from the context (a handler may
+/// have changed them) and the rest, upper halves included, from the save area.
+fn restore_vectors(
+    a: &mut CodeAssembler,
+    avx: bool,
+    area: usize,
+    ctx: &[(usize, usize)],
+) -> Result<(), iced_x86::IcedError> {
+    for i in 0..16 {
+        if avx {
+            a.vmovdqu(YMMS[i], ymmword_ptr(rsp + area + 32 * i))?;
+        } else {
+            a.movaps(XMMS[i], xmmword_ptr(rsp + area + 16 * i))?;
+        }
+    }
+    for &(r, off) in ctx {
+        if avx {
+            // The lower half only: the upper one was just restored.
+            a.vinsertf128(YMMS[r], YMMS[r], xmmword_ptr(rsp + off), 0)?;
+        } else {
+            a.movaps(XMMS[r], xmmword_ptr(rsp + off))?;
+        }
+    }
+    Ok(())
+}
+
+/// The vector registers in the entry context, with their offsets.
+const ENTRY_CTX_XMM: [(usize, usize); 8] = [
+    (0, el::XMM),
+    (1, el::XMM + 16),
+    (2, el::XMM + 32),
+    (3, el::XMM + 48),
+    (4, el::XMM + 64),
+    (5, el::XMM + 80),
+    (6, el::XMM + 96),
+    (7, el::XMM + 112),
+];
+
+/// The general entry path: every call-clobbered register saved in a frame aligned at run
+/// time (the context the handler sees, `r11`, the vector registers), then `on_entry`.
+/// Ends with every register and `rsp` as at the site. `avx`: the OS enabled AVX, whose
+/// upper halves are kept too.
+fn emit_entry_general(
+    e: &mut Emitter,
+    probe: *const Probe,
+    avx: bool,
+) -> Result<CallEncoding, EmitError> {
+    e.asm(|a| {
+        open_frame(a, el::FRAME)?;
+        a.mov(qword_ptr(rsp + el::RSP), rbx)?;
+        for (i, r) in GPRS.iter().enumerate() {
+            a.mov(qword_ptr(rsp + el::GPRS + 8 * i), *r)?;
+        }
+        a.mov(qword_ptr(rsp + el::R11), r11)?;
+        save_vectors(a, avx, el::VECTORS, &ENTRY_CTX_XMM)?;
+        a.mov(rdi, probe as u64)?;
+        a.mov(rsi, rsp)
+    })?;
+    let on_entry = dispatch::on_entry as *const () as u64;
+    let encoding = e.call(on_entry)?;
+    e.asm(|a| {
+        restore_vectors(a, avx, el::VECTORS, &ENTRY_CTX_XMM)?;
+        for (i, r) in GPRS.iter().enumerate() {
+            a.mov(*r, qword_ptr(rsp + el::GPRS + 8 * i))?;
+        }
+        a.mov(r11, qword_ptr(rsp + el::R11))?;
+        close_frame(a)
+    })?;
+    Ok(encoding)
+}
+
+/// The call-clobbered registers besides `rax rdx` (in the context), in the order of
+/// `exit_layout::GPRS`.
+const EXIT_GPRS: [AsmRegister64; 7] = [rcx, rsi, rdi, r8, r9, r10, r11];
+
+/// The vector registers in the exit context, with their offsets.
+const EXIT_CTX_XMM: [(usize, usize); 2] = [(0, xl::XMM0), (1, xl::XMM1)];
+
+/// Emit the shared exit trampoline; returns how it reaches `on_exit`. `avx`: the OS
+/// enabled AVX, whose upper halves are kept too.
+pub fn emit_exit(e: &mut Emitter, tls: Option<i32>, avx: bool) -> Result<CallEncoding, EmitError> {
     if let Some(tls) = tls {
         let general = e.label();
         emit_fast_exit(e, tls, general)?;
         e.bind(general);
     }
     e.asm(|a| {
-        a.sub(rsp, frame)?;
+        // rsp is one above the popped return slot, [rsp-8], where the real return
+        // address goes at the end (rbx's value waits right below it).
+        open_frame(a, xl::FRAME)?;
         a.mov(qword_ptr(rsp + xl::RAX), rax)?;
         a.mov(qword_ptr(rsp + xl::RDX), rdx)?;
-        a.movaps(xmmword_ptr(rsp + xl::XMM0), xmm0)?;
-        a.movaps(xmmword_ptr(rsp + xl::XMM1), xmm1)?;
-        a.mov(rdi, rsp)
+        for (i, r) in EXIT_GPRS.iter().enumerate() {
+            a.mov(qword_ptr(rsp + xl::GPRS + 8 * i), *r)?;
+        }
+        save_vectors(a, avx, xl::VECTORS, &EXIT_CTX_XMM)?;
+        a.mov(rdi, rsp)?;
+        a.lea(rsi, qword_ptr(rbx - 8))
     })?;
     let on_exit = dispatch::on_exit as *const () as u64;
     let encoding = e.call(on_exit)?;
     e.asm(|a| {
-        a.mov(qword_ptr(rsp + frame - 8), rax)?;
+        a.mov(qword_ptr(rbx - 8), rax)?;
+        restore_vectors(a, avx, xl::VECTORS, &EXIT_CTX_XMM)?;
         a.mov(rax, qword_ptr(rsp + xl::RAX))?;
         a.mov(rdx, qword_ptr(rsp + xl::RDX))?;
-        a.movaps(xmm0, xmmword_ptr(rsp + xl::XMM0))?;
-        a.movaps(xmm1, xmmword_ptr(rsp + xl::XMM1))?;
-        a.lea(rsp, qword_ptr(rsp + frame))?;
+        for (i, r) in EXIT_GPRS.iter().enumerate() {
+            a.mov(*r, qword_ptr(rsp + xl::GPRS + 8 * i))?;
+        }
+        close_frame(a)?;
         // An indirect jump rather than `ret`: the probed function's own `ret` already
         // consumed the return-stack-buffer entry of its call, so a second `ret` would
         // mispredict every time, while this jump's target is predicted from history.
-        // The slot is now 8 bytes below rsp, inside the red zone, which signal
-        // delivery skips.
+        // The slot is 8 bytes below rsp, inside the red zone, which signal delivery
+        // skips.
         a.jmp(qword_ptr(rsp - 8))
     })?;
     Ok(encoding)
@@ -172,15 +305,27 @@ const C_EXITS: i32 = offset_of!(ProbeCounters, exits) as i32;
 const C_SKIPPED: i32 = offset_of!(ProbeCounters, skipped) as i32;
 const C_FLAGS: i32 = offset_of!(ProbeCounters, flags) as i32;
 
+/// Where the fast paths keep the registers they borrow, below `rsp`. At a function entry
+/// that is the callee's red zone, not yet used; after a return it is the dead callee
+/// frame (`[rsp-8]` the popped return slot). Signal delivery skips 128 bytes below `rsp`.
+const ENTRY_RAX: i32 = -8;
+const ENTRY_RCX: i32 = -16;
+const ENTRY_R11: i32 = -24;
+/// After a return: the real return address, then the borrowed registers.
+const RET_SLOT: i32 = -8;
+const RET_RCX: i32 = -16;
+const RET_RDI: i32 = -24;
+const RET_R11: i32 = -32;
+
 /// The counting-only hot path of a probe with no handler, done inline: what
-/// `dispatch::on_entry` does for such a probe, without saving the argument registers or
-/// calling anything. Counters use `lock inc`: exact with any number of threads (see `dispatch::bump`).
+/// `dispatch::on_entry` does for such a probe, without calling anything. Counters use
+/// `lock inc`: exact with any number of threads (see `dispatch::bump`).
 ///
-/// At a function entry `r11` and the flags are dead (SysV: `r11` is a scratch register
-/// that passes nothing), and everything below `rsp` is free (the callee's red zone, not
-/// yet used), which holds `rax` and `rcx` while they serve as scratch. Cases the fast
-/// path does not handle (shadow stack not mapped yet or full) fall through to the general
-/// path, which calls `on_entry`; `tail` is where the relocated instructions start.
+/// It borrows `r11` (and `rax rcx` for exit probes), keeping their values below `rsp`,
+/// and changes only the flags, dead at a function entry. Cases the fast path does not
+/// handle (shadow stack not mapped yet or full) fall through to the general path, which
+/// calls `on_entry`, with every register as at the site; `tail` is where the relocated
+/// instructions start.
 fn emit_fast_entry(
     e: &mut Emitter,
     probe: *const Probe,
@@ -190,17 +335,20 @@ fn emit_fast_entry(
     let general = e.label();
     let skipped = e.label();
     let counters = f.counters as u64;
+    e.asm(|a| a.mov(qword_ptr(rsp + ENTRY_R11), r11))?;
     e.bytes(&MOV_R11_FS0);
     if f.exit_trampoline == 0 {
-        // Entries only: r11 alone suffices, nothing to save.
+        let done = e.label();
         e.asm(|a| a.cmp(qword_ptr(r11 + f.tls + tl::BUSY), 0))?;
         e.jcc_label(CC_NE, skipped);
         e.asm(|a| {
             a.mov(r11, counters)?;
             a.test(byte_ptr(r11 + C_FLAGS), flags::ENABLED)
         })?;
-        e.jcc_label(CC_E, tail);
+        e.jcc_label(CC_E, done);
         e.asm(|a| a.lock().inc(qword_ptr(r11 + C_HITS)))?;
+        e.bind(done);
+        e.asm(|a| a.mov(r11, qword_ptr(rsp + ENTRY_R11)))?;
         e.jmp_label(tail);
     } else {
         emit_fast_exit_entry(e, probe, f, tail, skipped, general)?;
@@ -208,7 +356,8 @@ fn emit_fast_entry(
     e.bind(skipped);
     e.asm(|a| {
         a.mov(r11, counters)?;
-        a.lock().inc(qword_ptr(r11 + C_SKIPPED))
+        a.lock().inc(qword_ptr(r11 + C_SKIPPED))?;
+        a.mov(r11, qword_ptr(rsp + ENTRY_R11))
     })?;
     e.jmp_label(tail);
     e.bind(general);
@@ -217,8 +366,8 @@ fn emit_fast_entry(
 
 /// The entry half of a handler-less exit probe's fast path: count, push the shadow
 /// entry, then call the body (see [`emit_fast_call_and_return`]). With `r11` = the thread
-/// pointer on entry; goes to `skipped` inside a handler, to `general` when the shadow
-/// stack needs the Rust path.
+/// pointer on entry (its own value saved); goes to `skipped` inside a handler, to
+/// `general` when the shadow stack needs the Rust path, every register restored.
 fn emit_fast_exit_entry(
     e: &mut Emitter,
     probe: *const Probe,
@@ -236,8 +385,8 @@ fn emit_fast_exit_entry(
     })?;
     e.jcc_label(CC_NE, skipped);
     e.asm(|a| {
-        a.mov(qword_ptr(rsp - 8), rax)?;
-        a.mov(qword_ptr(rsp - 16), rcx)?;
+        a.mov(qword_ptr(rsp + ENTRY_RAX), rax)?;
+        a.mov(qword_ptr(rsp + ENTRY_RCX), rcx)?;
         a.mov(rcx, f.counters as u64)?;
         a.test(byte_ptr(rcx + C_FLAGS), flags::ENABLED)
     })?;
@@ -281,11 +430,12 @@ fn emit_fast_exit_entry(
     Ok(())
 }
 
-/// Reload `rax` and `rcx`, kept below `rsp` (the red zone, free at a function entry).
+/// Reload `rax rcx r11`, kept below `rsp` at the entry.
 fn emit_restore_scratch(e: &mut Emitter) -> Result<(), EmitError> {
     e.asm(|a| {
-        a.mov(rax, qword_ptr(rsp - 8))?;
-        a.mov(rcx, qword_ptr(rsp - 16))
+        a.mov(rax, qword_ptr(rsp + ENTRY_RAX))?;
+        a.mov(rcx, qword_ptr(rsp + ENTRY_RCX))?;
+        a.mov(r11, qword_ptr(rsp + ENTRY_R11))
     })
 }
 
@@ -293,7 +443,7 @@ fn emit_restore_scratch(e: &mut Emitter) -> Result<(), EmitError> {
 /// instead of overwriting the return address with the exit trampoline's (which the
 /// function's `ret` would then mispredict, since the return stack buffer holds the
 /// caller's address), drop it and *call* the function body. The body's `ret` comes back
-/// here, predicted; the real return address is then pushed and returned to, which pops
+/// here, predicted; the real return address is then put back and returned to, which pops
 /// the caller's own return-stack entry, predicted too. The stack the body sees is exactly
 /// the original one: its return slot holds our return point instead of the caller's
 /// address, as with the exit trampoline (unwinder hooks and `on_exit` treat both alike).
@@ -312,31 +462,52 @@ fn emit_fast_call_and_return(
     unsafe { &*probe }
         .return_point
         .store(e.ip(), std::sync::atomic::Ordering::Relaxed);
-    // The body returned: rsp is one above the return slot. `rcx rsi rdi r8-r11` and the
-    // flags are dead; `rax rdx xmm0 xmm1` may hold the result.
+    // The body returned: rsp is one above the return slot, every register may hold a
+    // value the caller keeps or a result.
+    emit_save_return_scratch(e)?;
     // Not this frame's entry on top (frames unwound past, a signal handler's frames):
     // the shared exit trampoline sorts it out, from the same state a `ret` into it
     // would leave.
     emit_own_top_entry(e, f.tls, general)?;
-    e.asm(|a| a.mov(rsi, f.counters as u64))?;
+    e.asm(|a| a.mov(rdi, f.counters as u64))?;
     emit_count_exit_and_pop(e)?;
+    e.asm(|a| a.mov(qword_ptr(rsp + RET_SLOT), rcx))?;
+    emit_restore_return_scratch(e)?;
     e.asm(|a| {
-        a.push(rcx)?;
+        a.lea(rsp, qword_ptr(rsp + RET_SLOT))?;
         a.ret()
     })?;
     e.bind(general);
-    e.jmp(f.exit_trampoline)?;
+    emit_restore_return_scratch(e)?;
+    e.jmp_preserving(f.exit_trampoline)?;
     Ok(())
 }
 
-/// With `rsi` = the probe's counters, `rcx` = its shadow entry (the top one) and `r11` =
+/// After a return, keep `rcx rdi r11` below `rsp` (the dead callee frame).
+fn emit_save_return_scratch(e: &mut Emitter) -> Result<(), EmitError> {
+    e.asm(|a| {
+        a.mov(qword_ptr(rsp + RET_RCX), rcx)?;
+        a.mov(qword_ptr(rsp + RET_RDI), rdi)?;
+        a.mov(qword_ptr(rsp + RET_R11), r11)
+    })
+}
+
+fn emit_restore_return_scratch(e: &mut Emitter) -> Result<(), EmitError> {
+    e.asm(|a| {
+        a.mov(rcx, qword_ptr(rsp + RET_RCX))?;
+        a.mov(rdi, qword_ptr(rsp + RET_RDI))?;
+        a.mov(r11, qword_ptr(rsp + RET_R11))
+    })
+}
+
+/// With `rdi` = the probe's counters, `rcx` = its shadow entry (the top one) and `r11` =
 /// the thread state: count the exit if the probe is enabled and pop the entry, leaving
 /// the real return address in `rcx`.
 fn emit_count_exit_and_pop(e: &mut Emitter) -> Result<(), EmitError> {
     let uncounted = e.label();
-    e.asm(|a| a.test(byte_ptr(rsi + C_FLAGS), flags::ENABLED))?;
+    e.asm(|a| a.test(byte_ptr(rdi + C_FLAGS), flags::ENABLED))?;
     e.jcc_label(CC_E, uncounted);
-    e.asm(|a| a.lock().inc(qword_ptr(rsi + C_EXITS)))?;
+    e.asm(|a| a.lock().inc(qword_ptr(rdi + C_EXITS)))?;
     e.bind(uncounted);
     e.asm(|a| {
         // Read the entry before releasing it: a signal handler may push over it.
@@ -345,10 +516,10 @@ fn emit_count_exit_and_pop(e: &mut Emitter) -> Result<(), EmitError> {
     })
 }
 
-/// Right after a probed function returned (`rsp` one above its return slot): `r11` = this
-/// thread's state and `rcx` = the top shadow entry, which must be this very frame's (its
-/// slot the one just popped) and the thread not inside a handler; else to `general`.
-/// Clobbers `rsi` and the flags, dead at a return.
+/// Right after a probed function returned (`rsp` one above its return slot), with
+/// `rcx rdi r11` saved: `r11` = this thread's state and `rcx` = the top shadow entry,
+/// which must be this very frame's (its slot the one just popped) and the thread not
+/// inside a handler; else to `general`. Clobbers `rdi` and the flags.
 fn emit_own_top_entry(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitError> {
     e.bytes(&MOV_R11_FS0);
     e.asm(|a| {
@@ -366,30 +537,37 @@ fn emit_own_top_entry(e: &mut Emitter, tls: i32, general: Label) -> Result<(), E
         a.shl(rcx, tl::ENTRY_SHIFT)?;
         a.add(rcx, qword_ptr(r11 + tl::SHADOW))?;
         // The popped return slot.
-        a.lea(rsi, qword_ptr(rsp - 8))?;
-        a.cmp(qword_ptr(rcx + tl::E_ENTRY_RSP), rsi)
+        a.lea(rdi, qword_ptr(rsp + RET_SLOT))?;
+        a.cmp(qword_ptr(rcx + tl::E_ENTRY_RSP), rdi)
     })?;
     e.jcc_label(CC_NE, general);
     Ok(())
 }
 
 /// The fast path of the shared exit trampoline: when the top shadow entry is this very
-/// frame's and its probe has no exit handler, count and jump to the real return address
-/// without saving anything. At a return `rcx rsi rdi r8-r11` and the flags are dead
-/// (`rax rdx xmm0 xmm1` may hold the result and are left alone). Anything else (frames
-/// unwound past, a handler to run, re-entrancy) goes to `general`, the full path.
+/// frame's and its probe has no exit handler, count and jump to the real return address.
+/// It borrows `rcx rdi r11` (kept below `rsp`) and changes only the flags, dead at a
+/// return. Anything else (frames unwound past, a handler to run, re-entrancy) goes to
+/// `general`, the full path, with every register as the function left it.
 fn emit_fast_exit(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitError> {
     const P_COUNTERS: i32 = offset_of!(Probe, counters) as i32;
     const P_ON_EXIT: i32 = offset_of!(Probe, on_exit) as i32;
-    emit_own_top_entry(e, tls, general)?;
+    let restore_to_general = e.label();
+    emit_save_return_scratch(e)?;
+    emit_own_top_entry(e, tls, restore_to_general)?;
     e.asm(|a| {
         a.mov(rdi, qword_ptr(rcx + tl::E_PROBE))?;
         a.cmp(qword_ptr(rdi + P_ON_EXIT), 0)
     })?;
-    e.jcc_label(CC_NE, general);
-    e.asm(|a| a.mov(rsi, qword_ptr(rdi + P_COUNTERS)))?;
+    e.jcc_label(CC_NE, restore_to_general);
+    e.asm(|a| a.mov(rdi, qword_ptr(rdi + P_COUNTERS)))?;
     emit_count_exit_and_pop(e)?;
-    e.asm(|a| a.jmp(rcx))?;
+    e.asm(|a| a.mov(qword_ptr(rsp + RET_SLOT), rcx))?;
+    emit_restore_return_scratch(e)?;
+    e.asm(|a| a.jmp(qword_ptr(rsp + RET_SLOT)))?;
+    e.bind(restore_to_general);
+    emit_restore_return_scratch(e)?;
+    e.jmp_label(general);
     Ok(())
 }
 
@@ -424,6 +602,11 @@ impl XsaveInfo {
             size,
         })
     }
+
+    /// Whether the OS enabled the AVX state (XCR0 bit 2).
+    pub fn avx(&self) -> bool {
+        self.mask & 4 != 0
+    }
 }
 
 /// Registers in the order they are pushed, so that they land in [`OffsetContext`] order
@@ -437,7 +620,7 @@ const PUSH_ORDER: [AsmRegister64; 16] = [
 /// ```text
 /// lea rsp, [rsp-128]            ; the red zone may be live mid-function
 /// push rax ; push rax           ; room for ctx.xsave and ctx.rip
-/// pushfq                        ; before anything touches the flags
+/// pushfq ; cld                  ; before anything touches the flags
 /// push r15 .. rax               ; OffsetContext, rax lowest
 /// mov rbx, rsp                  ; the context, kept across the call (callee-saved)
 /// fill ctx.rsp, ctx.rip
@@ -461,6 +644,9 @@ pub fn emit_offset(
         a.push(rax)?;
         a.push(rax)?;
         a.pushfq()?;
+        // The ABI wants the direction flag clear in the Rust code called; popfq restores
+        // the probed code's.
+        a.cld()?;
         for r in PUSH_ORDER {
             a.push(r)?;
         }
@@ -515,9 +701,11 @@ pub fn emit_offset(
 /// A direct `call` ending the stolen bytes (`sub rsp, 8; call f`, common at -O1) is not
 /// re-encoded as a call: that would push an address inside the trampoline, where
 /// unwinders (C++ exceptions, backtraces) find no unwind information and give up. It
-/// becomes `movabs r11, resume; push r11; jmp f`, so `f` returns straight into the
-/// original code right after the stolen bytes, as it would have unprobed. `r11` is free
-/// at a call: the callee may clobber it and nothing passes values in it.
+/// becomes `push resume; jmp f` (the push as `push imm32` plus a store of the high half,
+/// the jump in a form needing no register), so `f` returns straight into the original
+/// code right after the stolen bytes, as it would have unprobed, and sees every register
+/// as the original call would have left it: a locally bound callee may receive values
+/// in any register, `r11` included.
 fn emit_stolen(
     e: &mut Emitter,
     stolen: &Stolen,
@@ -564,10 +752,11 @@ fn emit_stolen(
     relocated.instruction_offsets.push((e.ip() - new_ip) as u32);
     let resume = stolen.resume();
     e.asm(|a| {
-        a.mov(r11, resume)?;
-        a.push(r11)
+        // `push imm32` pushes the sign-extended low half; the store fixes the high one.
+        a.push(resume as u32 as i32)?;
+        a.mov(dword_ptr(rsp + 4), (resume >> 32) as u32)
     })?;
-    e.jmp(call.near_branch_target())?;
+    e.jmp_preserving(call.near_branch_target())?;
     relocated.resume = resume;
     relocated.falls_through = false;
     Ok(Ok(relocated))

@@ -51,12 +51,26 @@ pub struct EntryContext {
 }
 
 /// Offsets the trampolines rely on.
+///
+/// The entry trampoline's frame is the context followed by the other registers it must
+/// keep for the probed function (which may receive values in any register when its
+/// callers bind it locally): `r11` and the vector registers, upper halves included.
 pub mod entry_layout {
     pub const GPRS: usize = 0;
     pub const XMM: usize = 64;
     pub const RSP: usize = 192;
     pub const SIZE: usize = 200;
+    pub const R11: usize = 200;
+    /// `ymm0-15` (32 bytes each) when the OS enabled AVX, else `xmm0-15`; 32-byte
+    /// aligned.
+    pub const VECTORS: usize = 224;
+    /// The whole frame, a multiple of 32.
+    pub const FRAME: usize = 736;
 }
+
+const _: () = assert!(entry_layout::VECTORS.is_multiple_of(32));
+const _: () = assert!(entry_layout::FRAME.is_multiple_of(32));
+const _: () = assert!(entry_layout::VECTORS + 16 * 32 == entry_layout::FRAME);
 
 const _: () = assert!(std::mem::size_of::<EntryContext>() == entry_layout::SIZE);
 const _: () = assert!(std::mem::offset_of!(EntryContext, xmm) == entry_layout::XMM);
@@ -134,6 +148,9 @@ pub struct ExitContext {
     _pad: u32,
 }
 
+/// Offsets the exit trampoline relies on. Its frame is the context followed by every
+/// other call-clobbered register (callers may keep values in any of them across a call to
+/// a function they know leaves them alone).
 pub mod exit_layout {
     pub const RAX: usize = 0;
     pub const RDX: usize = 8;
@@ -141,7 +158,19 @@ pub mod exit_layout {
     pub const XMM1: usize = 32;
     pub const RETURN_ADDRESS: usize = 48;
     pub const SIZE: usize = 80;
+    /// `rcx rsi rdi r8 r9 r10 r11`.
+    pub const GPRS: usize = 80;
+    /// `ymm0-15` (32 bytes each) when the OS enabled AVX, else `xmm0-15`; 32-byte
+    /// aligned.
+    pub const VECTORS: usize = 160;
+    /// The whole frame, a multiple of 32.
+    pub const FRAME: usize = 672;
 }
+
+const _: () = assert!(exit_layout::GPRS + 7 * 8 <= exit_layout::VECTORS);
+const _: () = assert!(exit_layout::VECTORS.is_multiple_of(32));
+const _: () = assert!(exit_layout::FRAME.is_multiple_of(32));
+const _: () = assert!(exit_layout::VECTORS + 16 * 32 == exit_layout::FRAME);
 
 const _: () = assert!(std::mem::size_of::<ExitContext>() == exit_layout::SIZE);
 const _: () = assert!(std::mem::offset_of!(ExitContext, xmm0) == exit_layout::XMM0);

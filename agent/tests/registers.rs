@@ -1,0 +1,698 @@
+//! Register-exact trampolines: a probed function sees every register exactly as its
+//! caller left it, and the caller finds every register as the function left it.
+//!
+//! GCC's interprocedural register allocation (`-fipa-ra`) lets a caller keep values in
+//! call-clobbered registers across a call to a function it knows does not touch them, and
+//! `-fipa-stack-alignment` lets it call with `rsp` not 16-byte aligned. So a trampoline
+//! may change nothing but the flags at a call boundary (and nothing at all at an offset).
+//!
+//! The caller (`reg_call`, assembly) loads every general-purpose register, xmm0-15, the
+//! upper halves of ymm0-15 (when the CPU has AVX) and two stack slots above its `rsp` with
+//! known values, calls the probed function with `rsp` aligned as the ABI says or 8 off,
+//! and records everything after the return. Each probed function (assembly) records what
+//! it sees on entry into its own static and returns without changing anything.
+
+use agent::interceptor::{Interceptor, ProbeRequest};
+use agent::relocator::Function;
+use probes::context::OffsetContext;
+use probes::shared::ProbeKind;
+use probes::{EntryContext, ExitContext};
+use std::arch::global_asm;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Mutex;
+
+global_asm!(
+    ".text",
+    // Record every register into the `Regs` at symbol `s`, touching nothing but the flags
+    // (and `rax`, restored from the record).
+    ".macro REG_RECORD s",
+    "mov qword ptr [rip+\\s+0], rax",
+    "mov qword ptr [rip+\\s+8], rbx",
+    "mov qword ptr [rip+\\s+16], rcx",
+    "mov qword ptr [rip+\\s+24], rdx",
+    "mov qword ptr [rip+\\s+32], rsi",
+    "mov qword ptr [rip+\\s+40], rdi",
+    "mov qword ptr [rip+\\s+48], rbp",
+    "mov qword ptr [rip+\\s+56], rsp",
+    "mov qword ptr [rip+\\s+64], r8",
+    "mov qword ptr [rip+\\s+72], r9",
+    "mov qword ptr [rip+\\s+80], r10",
+    "mov qword ptr [rip+\\s+88], r11",
+    "mov qword ptr [rip+\\s+96], r12",
+    "mov qword ptr [rip+\\s+104], r13",
+    "mov qword ptr [rip+\\s+112], r14",
+    "mov qword ptr [rip+\\s+120], r15",
+    "pushfq",
+    "pop qword ptr [rip+\\s+144]",
+    "mov rax, qword ptr [rsp+8]",
+    "mov qword ptr [rip+\\s+128], rax",
+    "mov rax, qword ptr [rsp+16]",
+    "mov qword ptr [rip+\\s+136], rax",
+    "mov rax, qword ptr [rip+\\s]",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+    "movdqu xmmword ptr [rip+\\s+160+16*\\i], xmm\\i",
+    ".endr",
+    "cmp byte ptr [rip+reg_have_avx], 0",
+    "je 77f",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+    "vextractf128 xmmword ptr [rip+\\s+416+16*\\i], ymm\\i, 1",
+    ".endr",
+    "77:",
+    ".endm",
+    // A probed function: a 5-byte nop for the probe to steal (nothing to relocate), then
+    // record and return.
+    ".macro REG_BODY name",
+    ".globl \\name",
+    "\\name:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "REG_RECORD \\name\\()_seen",
+    "ret",
+    ".globl \\name\\()_end",
+    "\\name\\()_end:",
+    ".pushsection .bss",
+    ".p2align 4",
+    ".globl \\name\\()_seen",
+    "\\name\\()_seen:",
+    ".zero 672",
+    ".popsection",
+    ".endm",
+    "REG_BODY reg_entry",
+    "REG_BODY reg_entry_exit",
+    "REG_BODY reg_fresh_thread",
+    "REG_BODY reg_handler",
+    "REG_BODY reg_handlers_both",
+    "REG_BODY reg_nested_count",
+    "REG_BODY reg_nested_count_exit",
+    "REG_BODY reg_nested_handler",
+    "REG_BODY reg_outer",
+    "REG_BODY reg_callee",
+    "REG_BODY reg_far",
+    // The probe steals a `call`: what reg_callee sees must be what the caller set.
+    ".globl reg_stolen_call",
+    "reg_stolen_call:",
+    "call reg_callee",
+    "ret",
+    ".globl reg_stolen_call_end",
+    "reg_stolen_call_end:",
+    // Offset probe: flags set to a known value before the site must survive it too.
+    ".globl reg_offset",
+    "reg_offset:",
+    "push qword ptr [rip+reg_flags_in]",
+    "popfq",
+    ".globl reg_offset_site",
+    "reg_offset_site:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "REG_RECORD reg_offset_seen",
+    "cld",
+    "ret",
+    ".globl reg_offset_end",
+    "reg_offset_end:",
+    ".pushsection .bss",
+    ".p2align 4",
+    ".globl reg_offset_seen",
+    "reg_offset_seen:",
+    ".zero 672",
+    ".popsection",
+    // reg_call(frame): see `Frame`. At the call, [rsp] and [rsp+8] hold the two stack
+    // values, [rsp+16] the frame, [rsp+24] the rsp to restore, [rsp+32] the target.
+    ".globl reg_call",
+    "reg_call:",
+    "push rbx",
+    "push rbp",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "mov rax, rsp",
+    "and rsp, -16",
+    "sub rsp, 48",
+    "sub rsp, qword ptr [rdi+1352]",
+    "mov qword ptr [rsp+24], rax",
+    "mov qword ptr [rsp+16], rdi",
+    "mov rax, qword ptr [rdi+1344]",
+    "mov qword ptr [rsp+32], rax",
+    "mov rax, qword ptr [rdi+128]",
+    "mov qword ptr [rsp], rax",
+    "mov rax, qword ptr [rdi+136]",
+    "mov qword ptr [rsp+8], rax",
+    "mov qword ptr [rdi+56], rsp",
+    "cmp qword ptr [rdi+1360], 0",
+    "je 2f",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+    "movdqu xmm\\i, xmmword ptr [rdi+160+16*\\i]",
+    "vinsertf128 ymm\\i, ymm\\i, xmmword ptr [rdi+416+16*\\i], 1",
+    ".endr",
+    "jmp 3f",
+    "2:",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+    "movdqu xmm\\i, xmmword ptr [rdi+160+16*\\i]",
+    ".endr",
+    "3:",
+    "mov rax, qword ptr [rdi+0]",
+    "mov rbx, qword ptr [rdi+8]",
+    "mov rcx, qword ptr [rdi+16]",
+    "mov rdx, qword ptr [rdi+24]",
+    "mov rsi, qword ptr [rdi+32]",
+    "mov rbp, qword ptr [rdi+48]",
+    "mov r8, qword ptr [rdi+64]",
+    "mov r9, qword ptr [rdi+72]",
+    "mov r10, qword ptr [rdi+80]",
+    "mov r11, qword ptr [rdi+88]",
+    "mov r12, qword ptr [rdi+96]",
+    "mov r13, qword ptr [rdi+104]",
+    "mov r14, qword ptr [rdi+112]",
+    "mov r15, qword ptr [rdi+120]",
+    "mov rdi, qword ptr [rdi+40]",
+    "call qword ptr [rsp+32]",
+    "mov qword ptr [rsp-8], rax",
+    "mov rax, qword ptr [rsp+16]",
+    "mov qword ptr [rax+680], rbx",
+    "mov qword ptr [rax+688], rcx",
+    "mov qword ptr [rax+696], rdx",
+    "mov qword ptr [rax+704], rsi",
+    "mov qword ptr [rax+712], rdi",
+    "mov qword ptr [rax+720], rbp",
+    "mov qword ptr [rax+728], rsp",
+    "mov qword ptr [rax+736], r8",
+    "mov qword ptr [rax+744], r9",
+    "mov qword ptr [rax+752], r10",
+    "mov qword ptr [rax+760], r11",
+    "mov qword ptr [rax+768], r12",
+    "mov qword ptr [rax+776], r13",
+    "mov qword ptr [rax+784], r14",
+    "mov qword ptr [rax+792], r15",
+    "mov rcx, qword ptr [rsp-8]",
+    "mov qword ptr [rax+672], rcx",
+    "mov rcx, qword ptr [rsp]",
+    "mov qword ptr [rax+672+128], rcx",
+    "mov rcx, qword ptr [rsp+8]",
+    "mov qword ptr [rax+672+136], rcx",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+    "movdqu xmmword ptr [rax+672+160+16*\\i], xmm\\i",
+    ".endr",
+    "cmp qword ptr [rax+1360], 0",
+    "je 4f",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+    "vextractf128 xmmword ptr [rax+672+416+16*\\i], ymm\\i, 1",
+    ".endr",
+    "vzeroupper",
+    "4:",
+    "mov rsp, qword ptr [rsp+24]",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbp",
+    "pop rbx",
+    "ret",
+    ".data",
+    ".globl reg_have_avx",
+    "reg_have_avx:",
+    ".byte 0",
+    ".p2align 3",
+    // CF PF AF ZF SF DF OF and the always-one bit 1.
+    ".globl reg_flags_in",
+    "reg_flags_in:",
+    ".quad 0xcd7",
+    ".text",
+);
+
+/// Flags checked at the offset probe (`reg_flags_in` without the reserved bit).
+const FLAGS_CHECKED: u64 = 0xcd5;
+
+/// Every register, as loaded, seen or found. Offsets are fixed by the assembly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Regs {
+    /// rax rbx rcx rdx rsi rdi rbp rsp r8 .. r15.
+    gpr: [u64; 16],
+    /// The two qwords above the caller's rsp (the callee's [rsp+8] and [rsp+16]).
+    stack: [u64; 2],
+    flags: u64,
+    _pad: u64,
+    xmm: [[u64; 2]; 16],
+    /// Bits 128..255 of ymm0-15 (zero when the CPU has no AVX).
+    ymm_hi: [[u64; 2]; 16],
+}
+
+const _: () = assert!(std::mem::size_of::<Regs>() == 672);
+
+#[repr(C)]
+struct Frame {
+    input: Regs,
+    after: Regs,
+    target: u64,
+    /// 0: the callee is entered with rsp = 8 mod 16 (as the ABI says); 8: 0 mod 16.
+    misalign: u64,
+    avx: u64,
+}
+
+const _: () = assert!(std::mem::offset_of!(Frame, target) == 1344);
+const _: () = assert!(std::mem::offset_of!(Frame, avx) == 1360);
+
+const NAMES: [&str; 16] = [
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
+    "r14", "r15",
+];
+const RSP: usize = 7;
+
+extern "C" {
+    fn reg_call(frame: *mut Frame);
+    static mut reg_have_avx: u8;
+}
+
+macro_rules! bodies {
+    ($($name:ident, $end:ident, $seen:ident;)*) => {
+        extern "C" {
+            $(
+                fn $name();
+                static $end: u8;
+                static $seen: Regs;
+            )*
+        }
+    };
+}
+
+bodies! {
+    reg_entry, reg_entry_end, reg_entry_seen;
+    reg_entry_exit, reg_entry_exit_end, reg_entry_exit_seen;
+    reg_fresh_thread, reg_fresh_thread_end, reg_fresh_thread_seen;
+    reg_handler, reg_handler_end, reg_handler_seen;
+    reg_handlers_both, reg_handlers_both_end, reg_handlers_both_seen;
+    reg_nested_count, reg_nested_count_end, reg_nested_count_seen;
+    reg_nested_count_exit, reg_nested_count_exit_end, reg_nested_count_exit_seen;
+    reg_nested_handler, reg_nested_handler_end, reg_nested_handler_seen;
+    reg_outer, reg_outer_end, reg_outer_seen;
+    reg_offset, reg_offset_end, reg_offset_seen;
+}
+
+extern "C" {
+    fn reg_far();
+    static reg_far_seen: Regs;
+    static reg_callee_seen: Regs;
+    fn reg_stolen_call();
+    static reg_stolen_call_end: u8;
+    static reg_offset_site: u8;
+}
+
+fn have_avx() -> bool {
+    std::arch::is_x86_feature_detected!("avx")
+}
+
+/// Distinct values for every register, different for every `seed`.
+fn input(seed: u64) -> Regs {
+    let v = |k: u64| (seed << 48) ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x0101_0101;
+    let mut r = Regs {
+        gpr: [0; 16],
+        stack: [v(100), v(101)],
+        flags: 0,
+        _pad: 0,
+        xmm: [[0; 2]; 16],
+        ymm_hi: [[0; 2]; 16],
+    };
+    for i in 0..16 {
+        r.gpr[i] = v(i as u64 + 1);
+        r.xmm[i] = [v(20 + 2 * i as u64), v(21 + 2 * i as u64)];
+        if have_avx() {
+            r.ymm_hi[i] = [v(60 + 2 * i as u64), v(61 + 2 * i as u64)];
+        }
+    }
+    r
+}
+
+/// What differs between what the caller set and what was seen, one line each.
+fn diff(what: &str, want: &Regs, got: &Regs, rsp_delta: u64, stack: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, name) in NAMES.iter().enumerate() {
+        let w = if i == RSP {
+            want.gpr[i].wrapping_sub(rsp_delta)
+        } else {
+            want.gpr[i]
+        };
+        if got.gpr[i] != w {
+            out.push(format!("{what}: {name} is {:#x}, want {w:#x}", got.gpr[i]));
+        }
+    }
+    if stack && got.stack != want.stack {
+        out.push(format!(
+            "{what}: stack above rsp is {:x?}, want {:x?}",
+            got.stack, want.stack
+        ));
+    }
+    for i in 0..16 {
+        if got.xmm[i] != want.xmm[i] {
+            out.push(format!(
+                "{what}: xmm{i} is {:x?}, want {:x?}",
+                got.xmm[i], want.xmm[i]
+            ));
+        }
+        if got.ymm_hi[i] != want.ymm_hi[i] {
+            out.push(format!(
+                "{what}: ymm{i} upper half is {:x?}, want {:x?}",
+                got.ymm_hi[i], want.ymm_hi[i]
+            ));
+        }
+    }
+    out
+}
+
+/// Call `f` through `reg_call` with rsp as the ABI says and 8 off; `seen` is what the
+/// function recorded. `rsp_delta`: how far below the caller's rsp the recording function
+/// runs (8, or 16 through `reg_stolen_call`). Returns every difference.
+fn check_calls(
+    what: &str,
+    f: unsafe extern "C" fn(),
+    seen: *const Regs,
+    rsp_delta: u64,
+    seed: u64,
+) -> Vec<String> {
+    // SAFETY: a single-byte flag read by the assembly.
+    unsafe { std::ptr::addr_of_mut!(reg_have_avx).write_volatile(have_avx() as u8) };
+    let mut out = Vec::new();
+    for (k, misalign) in [0u64, 8, 0, 8].into_iter().enumerate() {
+        let mut frame = Box::new(Frame {
+            input: input(seed + k as u64),
+            after: input(0),
+            target: f as usize as u64,
+            misalign,
+            avx: have_avx() as u64,
+        });
+        // SAFETY: reg_call takes a frame and calls `target`, a recording function that
+        // takes no arguments and returns nothing.
+        unsafe { reg_call(&mut *frame) };
+        // SAFETY: written by the recording function during the call just made.
+        let seen = unsafe { std::ptr::read_volatile(seen) };
+        let tag = format!("{what} (call {k}, rsp 8 off: {})", misalign != 0);
+        out.extend(diff(
+            &format!("{tag}, seen by the function"),
+            &frame.input,
+            &seen,
+            rsp_delta,
+            rsp_delta == 8,
+        ));
+        out.extend(diff(
+            &format!("{tag}, found by the caller after the return"),
+            &frame.input,
+            &frame.after,
+            0,
+            true,
+        ));
+    }
+    out
+}
+
+fn assert_exact(diffs: Vec<String>) {
+    assert!(diffs.is_empty(), "registers changed:\n{}", diffs.join("\n"));
+}
+
+/// Tests share the interceptor and the recording statics: one at a time.
+static LOCK: Mutex<()> = Mutex::new(());
+static INTERCEPTOR: Mutex<Option<Interceptor>> = Mutex::new(None);
+
+fn with<R>(f: impl FnOnce(&mut Interceptor) -> R) -> R {
+    let mut g = INTERCEPTOR.lock().unwrap_or_else(|e| e.into_inner());
+    let i = g.get_or_insert_with(|| Interceptor::new(64).unwrap());
+    f(i)
+}
+
+fn function(start: unsafe extern "C" fn(), end: *const u8) -> Function {
+    Function {
+        address: start as usize as u64,
+        size: Some(end as u64 - start as usize as u64),
+    }
+}
+
+fn install(req: ProbeRequest) -> u32 {
+    with(|i| {
+        let p = i.prepare(&req).expect("prepare");
+        i.commit_in_process(&p).expect("commit");
+        p.id
+    })
+}
+
+fn entry(start: unsafe extern "C" fn(), end: *const u8) -> ProbeRequest {
+    let f = function(start, end);
+    ProbeRequest::entry(f.address, f.size)
+}
+
+/// (hits, exits, skipped)
+fn counts(id: u32) -> (u64, u64, u64) {
+    with(|i| {
+        let c = i.counters(id);
+        (
+            c.hits.load(SeqCst),
+            c.exits.load(SeqCst),
+            c.skipped.load(SeqCst),
+        )
+    })
+}
+
+static FLOAT_SINK: AtomicU64 = AtomicU64::new(0);
+
+/// Float work that tempts the compiler into many vector registers.
+fn float_work(x: u64) {
+    let mut v = [0f64; 16];
+    for (i, a) in v.iter_mut().enumerate() {
+        *a = black_box((x % 1000) as f64 + i as f64).sqrt();
+    }
+    let s: f64 = black_box(&v).iter().map(|a| a * 1.25 + 0.5).sum();
+    let t: f32 = black_box(&v)
+        .iter()
+        .map(|a| (*a as f32).mul_add(0.5, 1.0))
+        .sum();
+    FLOAT_SINK.fetch_add((s + t as f64) as u64, SeqCst);
+}
+
+fn float_entry(ctx: &mut EntryContext) {
+    float_work(ctx.rdi ^ ctx.r10);
+}
+
+fn float_exit(ctx: &mut ExitContext) {
+    float_work(ctx.rax ^ ctx.xmm1.0[0]);
+}
+
+fn float_offset(ctx: &mut OffsetContext) {
+    float_work(ctx.r11 ^ ctx.xmm(15).0[0]);
+}
+
+#[test]
+fn entry_count_only_changes_no_register() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY (whole test): symbols from the assembly above.
+    let id = install(entry(reg_entry, unsafe { &reg_entry_end }));
+    assert_exact(check_calls(
+        "entry, counting",
+        reg_entry,
+        unsafe { &reg_entry_seen },
+        8,
+        1,
+    ));
+    assert_eq!(counts(id).0, 4);
+}
+
+#[test]
+fn entry_and_exit_count_only_change_no_register() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY (whole test): symbols from the assembly above.
+    let id = install(entry(reg_entry_exit, unsafe { &reg_entry_exit_end }).with_exit());
+    // Twice: the first call of this thread maps the shadow stack on the general path.
+    for seed in [2, 3] {
+        assert_exact(check_calls(
+            "entry+exit, counting",
+            reg_entry_exit,
+            unsafe { &reg_entry_exit_seen },
+            8,
+            seed,
+        ));
+    }
+    assert_eq!(counts(id), (8, 8, 0));
+}
+
+#[test]
+fn fast_path_falling_back_on_a_fresh_thread_changes_no_register() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY (whole test): symbols from the assembly above.
+    let id = install(entry(reg_fresh_thread, unsafe { &reg_fresh_thread_end }).with_exit());
+    // A new thread has no shadow stack yet: its first hit takes the general path, which
+    // maps it; the calls after that take the inline path.
+    let diffs = std::thread::spawn(|| {
+        check_calls(
+            "entry+exit, counting, fresh thread",
+            reg_fresh_thread,
+            unsafe { &reg_fresh_thread_seen },
+            8,
+            4,
+        )
+    })
+    .join()
+    .unwrap();
+    assert_exact(diffs);
+    assert_eq!(counts(id), (4, 4, 0));
+}
+
+#[test]
+fn entry_handler_changes_no_register() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY (whole test): symbols from the assembly above.
+    let id = install(entry(reg_handler, unsafe { &reg_handler_end }).on_entry(float_entry));
+    assert_exact(check_calls(
+        "entry handler",
+        reg_handler,
+        unsafe { &reg_handler_seen },
+        8,
+        5,
+    ));
+    assert_eq!(counts(id).0, 4);
+}
+
+#[test]
+fn entry_and_exit_handlers_change_no_register() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY (whole test): symbols from the assembly above.
+    let id = install(
+        entry(reg_handlers_both, unsafe { &reg_handlers_both_end })
+            .on_entry(float_entry)
+            .on_exit(float_exit),
+    );
+    assert_exact(check_calls(
+        "entry+exit handlers",
+        reg_handlers_both,
+        unsafe { &reg_handlers_both_seen },
+        8,
+        6,
+    ));
+    assert_eq!(counts(id), (4, 4, 0));
+}
+
+#[test]
+fn stolen_call_changes_no_register() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY (whole test): symbols from the assembly above.
+    let id = install(entry(reg_stolen_call, unsafe { &reg_stolen_call_end }).with_exit());
+    assert_exact(check_calls(
+        "entry+exit, counting, over a stolen call",
+        reg_stolen_call,
+        unsafe { &reg_callee_seen },
+        16,
+        7,
+    ));
+    assert_eq!(counts(id), (4, 4, 0));
+}
+
+#[test]
+fn offset_handler_changes_no_register_nor_flag() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY (whole test): symbols from the assembly above.
+    let f = function(reg_offset, unsafe { &reg_offset_end });
+    let req = ProbeRequest {
+        offset: unsafe { &reg_offset_site as *const u8 as u64 } - f.address,
+        function: f,
+        kind: ProbeKind::Offset,
+        on_entry: None,
+        on_exit: None,
+    };
+    let id = with(|i| {
+        let p = i.prepare_offset(&req, Some(float_offset)).expect("prepare");
+        i.commit_in_process(&p).expect("commit");
+        p.id
+    });
+    assert_exact(check_calls(
+        "offset handler",
+        reg_offset,
+        unsafe { &reg_offset_seen },
+        8,
+        8,
+    ));
+    let seen = unsafe { std::ptr::read_volatile(&reg_offset_seen) };
+    assert_eq!(
+        seen.flags & FLAGS_CHECKED,
+        FLAGS_CHECKED,
+        "flags at the offset probe: {:#x}",
+        seen.flags
+    );
+    assert_eq!(counts(id).0, 4);
+}
+
+static NESTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Inside a handler every probe hit is skipped: its path must be exact too.
+fn nested_calls(_: &mut EntryContext) {
+    let mut d = Vec::new();
+    // SAFETY: symbols from the assembly above.
+    unsafe {
+        d.extend(check_calls(
+            "skipped entry, counting",
+            reg_nested_count,
+            &reg_nested_count_seen,
+            8,
+            9,
+        ));
+        d.extend(check_calls(
+            "skipped entry+exit, counting",
+            reg_nested_count_exit,
+            &reg_nested_count_exit_seen,
+            8,
+            10,
+        ));
+        d.extend(check_calls(
+            "skipped entry+exit handlers",
+            reg_nested_handler,
+            &reg_nested_handler_seen,
+            8,
+            11,
+        ));
+    }
+    NESTED.lock().unwrap().extend(d);
+}
+
+#[test]
+fn skipped_hits_inside_a_handler_change_no_register() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY (whole test): symbols from the assembly above.
+    let a = install(entry(reg_nested_count, unsafe { &reg_nested_count_end }));
+    let b =
+        install(entry(reg_nested_count_exit, unsafe { &reg_nested_count_exit_end }).with_exit());
+    let c = install(
+        entry(reg_nested_handler, unsafe { &reg_nested_handler_end })
+            .on_entry(float_entry)
+            .on_exit(float_exit),
+    );
+    let outer = install(entry(reg_outer, unsafe { &reg_outer_end }).on_entry(nested_calls));
+    assert_exact(check_calls(
+        "entry handler making nested calls",
+        reg_outer,
+        unsafe { &reg_outer_seen },
+        8,
+        12,
+    ));
+    assert_exact(std::mem::take(&mut *NESTED.lock().unwrap()));
+    assert_eq!(counts(outer).0, 4);
+    for id in [a, b, c] {
+        assert_eq!(counts(id), (0, 0, 16));
+    }
+}
+
+/// Jumps taken while the probed code owns every register (to a stolen call's target, to
+/// the exit trampoline) use `Emitter::jmp_preserving`: from code more than 4 GiB away
+/// it is `jmp [rip+0]` with the target inline, which must need no register either.
+#[test]
+fn far_jump_without_scratch_register_changes_no_register() {
+    use agent::allocator::{Limits, NearAllocator, PAGE, USER_TOP};
+    use agent::emitter::{CallEncoding, Policy};
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let target = reg_far as *const () as u64;
+    let mut far = NearAllocator::with_limits(Limits {
+        min_addr: (target + (5 << 30)).next_multiple_of(PAGE),
+        max_addr: USER_TOP,
+    })
+    .unwrap();
+    let thunk = agent::jit::place(&mut far, &[], Policy::Best, |e| e.jmp_preserving(target))
+        .expect("place the thunk");
+    assert_eq!(thunk.value, CallEncoding::RipSlot);
+    // SAFETY: the thunk jumps to reg_far, so it is reg_far.
+    let f: unsafe extern "C" fn() = unsafe { std::mem::transmute(thunk.addr) };
+    // SAFETY: reg_far's record, from the assembly above.
+    let diffs = check_calls("far jump", f, unsafe { &reg_far_seen }, 8, 13);
+    assert_exact(diffs);
+}
