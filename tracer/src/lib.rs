@@ -3,6 +3,7 @@ pub mod agent_blob;
 pub mod inject;
 pub mod launch;
 pub mod probeable;
+pub mod process_kind;
 pub mod remote_call;
 pub mod session;
 pub mod spec;

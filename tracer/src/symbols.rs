@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use agent::maps::MapEntry;
 use object::elf;
-use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym};
+use object::read::elf::{FileHeader, ProgramHeader, Rela, SectionHeader, Sym};
 use object::Endianness;
 
 /// x86-64 mappings are made of 4 KiB pages; the kernel maps segments from page-aligned
@@ -175,6 +175,11 @@ pub struct ElfSymbols {
     pub path: PathBuf,
     /// `ET_DYN` (PIE or shared library) rather than `ET_EXEC`.
     pub is_dyn: bool,
+    /// Link-time address of the entry point (`e_entry`), 0 if none.
+    pub entry: u64,
+    /// `R_X86_64_IRELATIVE` relocations as (slot, resolver), link-time addresses: the
+    /// loader writes what the resolver returns into the slot at load time.
+    pub irelative: Vec<(u64, u64)>,
     pub segments: Vec<LoadSegment>,
     pub has_symtab: bool,
     pub has_debugdata: bool,
@@ -225,7 +230,9 @@ impl ElfSymbols {
             })
             .collect();
         let is_dyn = header.e_type(endian) == elf::ET_DYN;
+        let entry = header.e_entry(endian);
         let sections = header.sections(endian, data).map_err(malformed)?;
+        let irelative = read_irelative(endian, data, &sections);
 
         let mut raw = Vec::new();
         let mut warnings = Vec::new();
@@ -277,6 +284,8 @@ impl ElfSymbols {
         Ok(ElfSymbols {
             path: path.to_path_buf(),
             is_dyn,
+            entry,
+            irelative,
             segments,
             has_symtab,
             has_debugdata,
@@ -373,6 +382,27 @@ fn read_table<'a>(
         });
     }
     Ok(())
+}
+
+/// The `R_X86_64_IRELATIVE` relocations of every `SHT_RELA` section; a damaged section
+/// only loses what an IFUNC resolved to.
+fn read_irelative<'a>(
+    endian: Endianness,
+    data: &'a [u8],
+    sections: &object::read::elf::SectionTable<'a, elf::FileHeader64<Endianness>, &'a [u8]>,
+) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for s in sections.iter() {
+        let Ok(Some((relas, _))) = s.rela(endian, data) else {
+            continue;
+        };
+        for r in relas {
+            if r.r_type(endian, false) == elf::R_X86_64_IRELATIVE {
+                out.push((r.r_offset(endian), r.r_addend(endian) as u64));
+            }
+        }
+    }
+    out
 }
 
 /// Decompress MiniDebugInfo and append the functions of the embedded `.symtab`.
