@@ -503,10 +503,7 @@ pub fn analyze(
     }
     // No instruction starting at or after the site: it is inside the last one, if that
     // one reaches it (the bytes past a cut-off instruction decode to nothing).
-    let first = all
-        .iter()
-        .position(|i| i.ip() >= site)
-        .unwrap_or(all.len());
+    let first = all.iter().position(|i| i.ip() >= site).unwrap_or(all.len());
     if first == all.len() && all.last().is_none_or(|i| i.next_ip() <= site) {
         return Err(Refusal::SiteOutsideFunction {
             site,
