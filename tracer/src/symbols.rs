@@ -572,6 +572,10 @@ pub struct Module {
     pub bias: u64,
     /// The process's executable (`/proc/PID/exe`), what `main:` denotes.
     pub is_main: bool,
+    /// For the executable, the other names the program was started under: the basename
+    /// of `argv[0]` and the `comm` name when they differ from the file's (a command that
+    /// is a symlink, `redis-server` -> `redis-check-rdb`).
+    pub run_as: Vec<String>,
     pub dev: u64,
     pub inode: u64,
     /// Whether the file was deleted or replaced since it was mapped.
@@ -770,6 +774,7 @@ impl SymbolCache {
         let exe = std::fs::metadata(format!("/proc/{pid}/exe"))
             .ok()
             .map(|m| (m.dev(), m.ino()));
+        let run_as = names_run_as(pid);
 
         // Group file-backed mappings per file, keeping the order of first appearance.
         let mut groups: Vec<(FileId, Vec<&MapEntry>)> = Vec::new();
@@ -834,13 +839,21 @@ impl SymbolCache {
                 }
                 let start = mapped.iter().map(|e| e.start).min().unwrap_or(0);
                 let end = mapped.iter().map(|e| e.end).max().unwrap_or(0);
+                let name = basename(&path).to_string();
+                let is_main = exe == Some((key.dev, key.inode));
+                let run_as = if is_main {
+                    run_as.iter().filter(|n| **n != name).cloned().collect()
+                } else {
+                    Vec::new()
+                };
                 modules.push(Module {
-                    name: basename(&path).to_string(),
+                    name,
                     path: path.clone(),
                     start,
                     end,
                     bias,
-                    is_main: exe == Some((key.dev, key.inode)),
+                    is_main,
+                    run_as,
                     dev: key.dev,
                     inode: key.inode,
                     deleted,
@@ -886,6 +899,7 @@ impl SymbolCache {
                 end,
                 bias: 0,
                 is_main: true,
+                run_as: Vec::new(),
                 dev: meta.dev(),
                 inode: meta.ino(),
                 deleted: false,
@@ -904,6 +918,27 @@ pub fn process_modules(pid: i32) -> Result<ProcessModules, SymbolError> {
 /// An ELF file on disk, through the global cache.
 pub fn file_modules(path: &Path) -> Result<ProcessModules, SymbolError> {
     SymbolCache::global().file(path)
+}
+
+/// The names process `pid` was started under: the basename of `argv[0]` and its
+/// `comm` (the basename of the path given to `execve`, at most 15 bytes), deduplicated.
+fn names_run_as(pid: i32) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+        let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+        out.push(basename(&String::from_utf8_lossy(argv0)).to_string());
+    }
+    if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        out.push(comm.trim_end_matches('\n').to_string());
+    }
+    // A truncated comm adds nothing to the argv[0] it starts.
+    let full = out.first().cloned().unwrap_or_default();
+    out.retain(|n| !n.is_empty() && !n.contains(char::is_whitespace));
+    out.dedup();
+    if out.len() == 2 && full.starts_with(&out[1]) {
+        out.truncate(1);
+    }
+    out
 }
 
 fn basename(path: &str) -> &str {
