@@ -146,6 +146,32 @@ fn throwing_cxx_program_intact_under_exit_probes() {
     assert_same_run(&plain, &stdcxx, "-x -p libstdc++:*");
 }
 
+/// glibc's `backtrace()` walks with `_Unwind_Backtrace` and `pthread_exit` unwinds with
+/// `_Unwind_ForcedUnwind`: with an exit probe on the first, `backtrace()` found no frame
+/// at all (the walk started at the exit trampoline). With every libgcc_s function
+/// probed with returns the program's output is as untraced.
+#[test]
+fn backtrace_and_thread_exit_intact_under_exit_probes() {
+    let dir = temp_dir("unwind");
+    // libgcc_s linked in, so that it is loaded (and probed) before glibc dlopens it.
+    let prog = cc(
+        &dir,
+        "unwind",
+        UNWIND_C,
+        &["-pthread", "-Wl,--no-as-needed", "-lgcc_s"],
+    );
+    let plain = untraced(&prog);
+    assert!(plain.status.success(), "{plain:?}");
+    let text = String::from_utf8_lossy(&plain.stdout).into_owned();
+    assert!(!text.starts_with("frames=0 "), "{text}");
+
+    let run = traced(&prog, "libgcc_s:*", &dir);
+    assert_same_run(&plain, &run, "-x -p libgcc_s:*");
+    let bt = report(&run.1, "libgcc_s:_Unwind_Backtrace");
+    assert!(num(bt, "hits") > 0, "{bt}");
+    assert_eq!(num(bt, "exits"), 0, "{bt}");
+}
+
 /// `tracer list` on the unwinder library (this test process has libgcc_s loaded: Rust's
 /// standard library unwinds with it) says which functions get entries only.
 #[test]
