@@ -357,8 +357,13 @@ fn function_verdict(
     } else {
         (m, f.address, f.size, String::new())
     };
+    let hooked = !f.is_ifunc && tracer::probeable::hooked_under_exit(f.names);
     match check(address, size) {
         Ok(()) => match tracer::probeable::entries_only_at(module, address) {
+            Some(why) if hooked => format!(
+                "{via}probeable without -x (with -x tracer's own exception hook takes its \
+                 place; entries only: {why})"
+            ),
             Some(why) => format!("{via}probeable (entries only: {why})"),
             None => format!("{via}probeable"),
         },

@@ -153,6 +153,21 @@ const UNWINDER_WALK_STARTS: &[&str] = &[
     "unw_getcontext",
 ];
 
+/// Where the agent hooks the unwinder while exit probes are live (`UNWINDER_ENTRIES` in
+/// `agent/src/interceptor.rs`); a probe of the user's on the same code gives way then.
+const AGENT_UNWIND_HOOKS: &[&str] = &[
+    "_Unwind_RaiseException",
+    "_Unwind_ForcedUnwind",
+    "_Unwind_Resume_or_Rethrow",
+];
+
+/// Whether the function named `names` is one the agent hooks under `-x`.
+pub fn hooked_under_exit(names: &[String]) -> bool {
+    names
+        .iter()
+        .any(|n| AGENT_UNWIND_HOOKS.contains(&n.split('@').next().unwrap_or(n)))
+}
+
 /// Why a function gets its entries probed but not its returns, if it does.
 ///
 /// An exit probe replaces the return address at `[rsp]` on entry with the address of
@@ -213,4 +228,61 @@ pub fn ifunc_target(pid: i32, module: &Module, resolver: u64) -> Option<u64> {
         .read(slot.wrapping_add(module.bias), &mut buf)
         .then(|| u64::from_le_bytes(buf))
         .filter(|&a| a != 0 && a != resolver)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn why(names: &[&str]) -> Option<&'static str> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        entries_only(&names, false)
+    }
+
+    #[test]
+    fn gcc_fragments_entered_by_jmp_only() {
+        for cold in ["f.cold", "f.cold.3", "f.part.0.cold", "_ZN1A1fEv.cold"] {
+            assert_eq!(
+                why(&[cold]),
+                Some(".cold fragment, entered by jmp"),
+                "{cold}"
+            );
+        }
+        // Split-off callees and clones are real functions, entered by call.
+        for called in [
+            "f.part.0",
+            "f.isra.0",
+            "f.constprop.2",
+            "f.lto_priv.0",
+            "f.localalias",
+            "cold",
+            "f.coldish",
+        ] {
+            assert_eq!(why(&[called]), None, "{called}");
+        }
+    }
+
+    #[test]
+    fn entry_points_trampolines_and_the_unwinder() {
+        assert!(why(&["_start"]).unwrap().contains("entry point"));
+        assert!(entries_only(&["whatever".into()], true)
+            .unwrap()
+            .contains("entry point"));
+        assert!(why(&["__restore_rt"])
+            .unwrap()
+            .contains("entered by jmp or ret"));
+        assert!(why(&["_dl_runtime_resolve_xsavec"]).is_some());
+        assert!(why(&["_Unwind_Resume"]).unwrap().contains("unwinder"));
+        assert!(why(&["_Unwind_Backtrace"]).is_some());
+        // Any alias, any version.
+        assert!(why(&["__sigsetjmp", "sigsetjmp@GLIBC_2.2.5"])
+            .unwrap()
+            .contains("returns twice"));
+        assert!(why(&["my_fn", "_setjmp"]).is_some());
+        for ordinary in ["malloc", "_Unwind_GetCFA", "__gcc_personality_v0", "main"] {
+            assert_eq!(why(&[ordinary]), None, "{ordinary}");
+        }
+        assert!(hooked_under_exit(&["_Unwind_RaiseException".into()]));
+        assert!(!hooked_under_exit(&["_Unwind_Resume".into()]));
+    }
 }

@@ -3,14 +3,14 @@
 //! - `SYMBOL` and `MODULE` may use the globs `*` (any run of characters) and `?` (any
 //!   one character). Symbol names are matched as stored in the file (mangled for C++);
 //!   a non-default symbol version is named `name@VERSION` (`memcpy@GLIBC_2.2.5`).
-//! - `MODULE` names a loaded object by its file name: `main` is the executable, which
-//!   also answers to the name the program was started under (`argv[0]`, a symlink's
-//!   name); a path
+//! - `MODULE` names a loaded object by its file name: `main` is the executable; a path
 //!   (with a `/`) must match the whole path; otherwise the pattern must match the whole
 //!   basename (`libc.so.6`) or a prefix of it that ends where a version or extension
 //!   starts, i.e. before `.`, `-`, `_` or a digit. So `libc` matches `libc.so.6` and
 //!   `libc-2.36.so` but not `libcrypto.so.3`, and `libpython` matches
-//!   `libpython3.11.so.1.0`. Without `MODULE`, every module is searched.
+//!   `libpython3.11.so.1.0`. The executable also answers to the name the program was
+//!   started under (`argv[0]`, `comm`: a symlink's name). Without `MODULE`, every
+//!   module is searched.
 //! - `OFFSET` is decimal or `0x` hex, in bytes from the function's start; it must lie
 //!   inside the function when its size is known.
 
