@@ -9,8 +9,8 @@
 //!   starts, i.e. before `.`, `-`, `_` or a digit. So `libc` matches `libc.so.6` and
 //!   `libc-2.36.so` but not `libcrypto.so.3`, and `libpython` matches
 //!   `libpython3.11.so.1.0`. The executable also answers to the name the program was
-//!   started under (`argv[0]`, `comm`: a symlink's name). Without `MODULE`, every
-//!   module is searched.
+//!   started under (`argv[0]`: a symlink's name). Without `MODULE`, every module is
+//!   searched.
 //! - `OFFSET` is decimal or `0x` hex, in bytes from the function's start; it must lie
 //!   inside the function when its size is known.
 
@@ -258,6 +258,8 @@ pub enum ResolveError {
     NoFunction {
         spec: String,
         suggestions: Vec<String>,
+        /// Selected modules with no function symbol at all (stripped), by path.
+        symbolless: Vec<String>,
     },
     /// The offset is not inside a matching function.
     OffsetBeyondSize {
@@ -284,8 +286,20 @@ impl fmt::Display for ResolveError {
                     write!(f, "loaded: {}", loaded.join(", "))
                 }
             }
-            ResolveError::NoFunction { spec, suggestions } => {
+            ResolveError::NoFunction {
+                spec,
+                suggestions,
+                symbolless,
+            } => {
                 write!(f, "no function matches '{spec}'")?;
+                if !symbolless.is_empty() {
+                    write!(
+                        f,
+                        " ({} has no function symbols: stripped, or not the program you meant, \
+                         e.g. the interpreter of a script)",
+                        symbolless.join(", ")
+                    )?;
+                }
                 if !suggestions.is_empty() {
                     write!(f, "; did you mean {}?", suggestions.join(", "))?;
                 }
@@ -419,6 +433,11 @@ pub fn resolve(
         return Err(ResolveError::NoFunction {
             spec: spec.text.clone(),
             suggestions,
+            symbolless: selected
+                .iter()
+                .filter(|m| m.functions().next().is_none())
+                .map(|m| m.path.clone())
+                .collect(),
         });
     }
 

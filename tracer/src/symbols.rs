@@ -572,9 +572,9 @@ pub struct Module {
     pub bias: u64,
     /// The process's executable (`/proc/PID/exe`), what `main:` denotes.
     pub is_main: bool,
-    /// For the executable, the other names the program was started under: the basename
-    /// of `argv[0]` and the `comm` name when they differ from the file's (a command that
-    /// is a symlink, `redis-server` -> `redis-check-rdb`).
+    /// For the executable, the name the program was started under (basename of
+    /// `argv[0]`) when it differs from the file's: a command that is a symlink,
+    /// `redis-server` -> `redis-check-rdb`.
     pub run_as: Vec<String>,
     pub dev: u64,
     pub inode: u64,
@@ -920,25 +920,20 @@ pub fn file_modules(path: &Path) -> Result<ProcessModules, SymbolError> {
     SymbolCache::global().file(path)
 }
 
-/// The names process `pid` was started under: the basename of `argv[0]` and its
-/// `comm` (the basename of the path given to `execve`, at most 15 bytes), deduplicated.
+/// The name process `pid` was started under: the basename of its `argv[0]`. Not
+/// `comm`: for a script, `comm` is the script's name while the image is its
+/// interpreter's (and the kernel puts the interpreter in `argv[0]`). A rewritten
+/// `argv[0]` with spaces (`postgres: checkpointer`) names nothing.
 fn names_run_as(pid: i32) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-        let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
-        out.push(basename(&String::from_utf8_lossy(argv0)).to_string());
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return Vec::new();
+    };
+    let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+    let name = basename(&String::from_utf8_lossy(argv0)).to_string();
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return Vec::new();
     }
-    if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
-        out.push(comm.trim_end_matches('\n').to_string());
-    }
-    // A truncated comm adds nothing to the argv[0] it starts.
-    let full = out.first().cloned().unwrap_or_default();
-    out.retain(|n| !n.is_empty() && !n.contains(char::is_whitespace));
-    out.dedup();
-    if out.len() == 2 && full.starts_with(&out[1]) {
-        out.truncate(1);
-    }
-    out
+    vec![name]
 }
 
 fn basename(path: &str) -> &str {

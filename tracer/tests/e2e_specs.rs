@@ -117,3 +117,17 @@ fn versioned_aliases_are_one_probe_under_the_default_name() {
     assert_eq!(r["symbol"], "ver");
     assert_eq!(num(r, "hits"), 777, "{r}");
 }
+
+/// A spec that matches nothing because the selected module has no function symbols at
+/// all (a stripped program, or the interpreter a script was started through) says so
+/// instead of only suggesting other modules.
+#[test]
+fn a_module_without_function_symbols_is_named() {
+    let dir = temp_dir("stripped");
+    let prog = cc(&dir, "stripped", TINY_C, &["-pthread", "-s"]);
+    let out = tracer_output(&["run", "-p", "main:*", "--", prog.to_str().unwrap()]);
+    assert_one_line_error(
+        &out,
+        &["main:*", prog.to_str().unwrap(), "has no function symbols"],
+    );
+}
