@@ -16,7 +16,7 @@ pub struct ProcMemory {
 impl ProcMemory {
     pub fn open(pid: i32) -> std::io::Result<Self> {
         Ok(ProcMemory {
-            mem: File::open(format!("/proc/{pid}/mem"))?,
+            mem: File::open(format!("{}/mem", crate::process_kind::proc_dir(pid)))?,
         })
     }
 }

@@ -36,7 +36,46 @@ fn parse_stat(text: &str) -> Option<Stat> {
 /// running a program (or a PID that does not exist: the caller says that).
 pub fn not_a_program(pid: i32) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    describe(pid, &parse_stat(&text)?)
+    let stat = parse_stat(&text)?;
+    // A main thread that called pthread_exit shows as a zombie while the other threads
+    // of its process still run the program.
+    if matches!(stat.state, 'Z' | 'X') && has_live_thread(pid) {
+        return None;
+    }
+    describe(pid, &stat)
+}
+
+/// Whether a thread of `pid` has not exited.
+fn has_live_thread(pid: i32) -> bool {
+    live_task(pid).is_some()
+}
+
+/// The `/proc/PID/task/TID` directory of a thread of `pid` that has not exited.
+fn live_task(pid: i32) -> Option<std::path::PathBuf> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.filter_map(Result::ok).map(|t| t.path()).find(|t| {
+        std::fs::read_to_string(t.join("stat"))
+            .ok()
+            .and_then(|s| parse_stat(&s))
+            .is_some_and(|s| !matches!(s.state, 'Z' | 'X'))
+    })
+}
+
+/// The `/proc` directory to read a process's memory, maps and files through:
+/// `/proc/PID`, or when its main thread has exited (`pthread_exit`; its maps then read
+/// empty and its `mem` and `exe` fail) that of a thread still running.
+pub fn proc_dir(pid: i32) -> String {
+    let leader = format!("/proc/{pid}");
+    let exited = std::fs::read_to_string(format!("{leader}/stat"))
+        .ok()
+        .and_then(|s| parse_stat(&s))
+        .is_some_and(|s| matches!(s.state, 'Z' | 'X'));
+    if exited {
+        if let Some(t) = live_task(pid) {
+            return t.to_string_lossy().into_owned();
+        }
+    }
+    leader
 }
 
 fn describe(pid: i32, s: &Stat) -> Option<String> {

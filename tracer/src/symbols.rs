@@ -764,14 +764,20 @@ impl SymbolCache {
 
     /// The modules of a running process.
     pub fn process(&self, pid: i32) -> Result<ProcessModules, SymbolError> {
-        let maps =
-            agent::maps::read_pid(pid).map_err(|source| SymbolError::Maps { pid, source })?;
+        let dir = crate::process_kind::proc_dir(pid);
+        let maps = std::fs::read_to_string(format!("{dir}/maps"))
+            .and_then(|t| {
+                agent::maps::parse(&t)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
+            .map_err(|source| SymbolError::Maps { pid, source })?;
         Ok(self.process_from_maps(pid, &maps))
     }
 
     /// The modules of a process whose maps were already read.
     pub fn process_from_maps(&self, pid: i32, maps: &[MapEntry]) -> ProcessModules {
-        let exe = std::fs::metadata(format!("/proc/{pid}/exe"))
+        let dir = crate::process_kind::proc_dir(pid);
+        let exe = std::fs::metadata(format!("{dir}/exe"))
             .ok()
             .map(|m| (m.dev(), m.ino()));
         let run_as = names_run_as(pid);
@@ -809,11 +815,8 @@ impl SymbolCache {
             // map_files names exactly the mapped inode, even deleted or in another
             // mount namespace; /proc/PID/root is the fallback when it is not readable.
             let sources = [
-                PathBuf::from(format!(
-                    "/proc/{pid}/map_files/{:x}-{:x}",
-                    first.start, first.end
-                )),
-                PathBuf::from(format!("/proc/{pid}/root{path}")),
+                PathBuf::from(format!("{dir}/map_files/{:x}-{:x}", first.start, first.end)),
+                PathBuf::from(format!("{dir}/root{path}")),
             ];
             let elf = match self.load(&key, &sources) {
                 Ok(e) => e,

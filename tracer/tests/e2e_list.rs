@@ -217,3 +217,49 @@ fn kernel_threads_and_zombies_are_named() {
         }
     }
 }
+
+const LEADER_EXITS_C: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+__attribute__((noinline)) int worker_step(int x) { return x * 5 + 1; }
+static void *worker(void *arg) {
+    char line[16];
+    printf("ready\n");
+    fflush(stdout);
+    fgets(line, sizeof line, stdin);
+    printf("ok %d\n", worker_step(8));
+    fflush(stdout);
+    return arg;
+}
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, 0, worker, 0);
+    pthread_exit(0);
+}
+"#;
+
+/// A process whose main thread called `pthread_exit` shows the zombie state on its
+/// PID while its other threads run the program: it is listed, not called a zombie.
+#[test]
+fn a_process_whose_main_thread_exited_is_no_zombie() {
+    let dir = temp_dir("leader");
+    let exe = cc(&dir, "leader", LEADER_EXITS_C, &["-pthread"]);
+    let mut t = Target::spawn(&exe, &[]);
+    assert_eq!(t.line(), "ready");
+    let pid = t.pid();
+    let stat = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || stat()
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))),
+        "the main thread never exited: {}",
+        stat()
+    );
+    let rows = list(&[&pid.to_string(), "main:worker_step"]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0].ends_with("  probeable"), "{rows:?}");
+    let (last, ok) = t.finish();
+    assert!(ok && last == "ok 41", "target disturbed: {last:?}");
+}
