@@ -329,7 +329,7 @@ fn function_verdict(
     let (module, address, size, via) = if f.is_ifunc {
         let resolved = modules
             .pid
-            .and_then(|pid| tracer::probeable::ifunc_target(pid, m, f.address));
+            .and_then(|pid| tracer::probeable::ifunc_target(pid, modules, m, f.address, f.name()));
         let named = |a: u64| {
             modules
                 .symbol_containing(a)

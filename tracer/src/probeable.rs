@@ -3,7 +3,7 @@
 //! The same relocator the agent runs decides, on the bytes of a running process (through
 //! `/proc/PID/mem`) or of an ELF file on disk (through its loadable segments).
 
-use crate::symbols::{LoadSegment, Module};
+use crate::symbols::{LoadSegment, Module, ProcessModules};
 use agent::relocator::{self, Function, Memory, ProbeKind};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -215,19 +215,42 @@ pub fn entries_only_at(module: &Module, address: u64) -> Option<&'static str> {
     entries_only(f.names, is_entry)
 }
 
-/// Where the loader of process `pid` resolved the IFUNC of `module` whose resolver is at
-/// the runtime address `resolver`, when the module has an `R_X86_64_IRELATIVE`
-/// relocation for it (the loader applies those at load time, so the slot holds the
-/// implementation). `None` when no relocation names that resolver.
-pub fn ifunc_target(pid: i32, module: &Module, resolver: u64) -> Option<u64> {
+/// Where the loader of process `pid` resolved the IFUNC `name` of `module`, whose
+/// resolver is at the runtime address `resolver`. Read from a GOT slot the loader filled:
+/// the module's own `R_X86_64_IRELATIVE` relocation for that resolver (applied at load
+/// time), else a bound `GLOB_DAT`/`JUMP_SLOT` slot of any module importing `name` that
+/// points into `module` (a lazy slot not yet bound points to its own PLT instead).
+/// `None` when no slot tells.
+pub fn ifunc_target(
+    pid: i32,
+    modules: &ProcessModules,
+    module: &Module,
+    resolver: u64,
+    name: &str,
+) -> Option<u64> {
+    let mem = ProcMemory::open(pid).ok()?;
+    let read = |slot: u64| {
+        let mut buf = [0u8; 8];
+        mem.read(slot, &mut buf).then(|| u64::from_le_bytes(buf))
+    };
+    let is_impl = |a: &u64| *a != 0 && *a != resolver && module.contains(*a);
     let link = resolver.wrapping_sub(module.bias);
-    let (slot, _) = module.elf.irelative.iter().find(|(_, r)| *r == link)?;
-    let mut buf = [0u8; 8];
-    ProcMemory::open(pid)
-        .ok()?
-        .read(slot.wrapping_add(module.bias), &mut buf)
-        .then(|| u64::from_le_bytes(buf))
-        .filter(|&a| a != 0 && a != resolver)
+    let own = module
+        .elf
+        .irelative
+        .iter()
+        .filter(|(_, r)| *r == link)
+        .find_map(|(slot, _)| read(slot.wrapping_add(module.bias)).filter(is_impl));
+    let base = name.split('@').next().unwrap_or(name);
+    own.or_else(|| {
+        modules.modules.iter().find_map(|m| {
+            m.elf
+                .got_imports
+                .iter()
+                .filter(|(_, n)| n == base)
+                .find_map(|(slot, _)| read(slot.wrapping_add(m.bias)).filter(is_impl))
+        })
+    })
 }
 
 #[cfg(test)]

@@ -180,6 +180,9 @@ pub struct ElfSymbols {
     /// `R_X86_64_IRELATIVE` relocations as (slot, resolver), link-time addresses: the
     /// loader writes what the resolver returns into the slot at load time.
     pub irelative: Vec<(u64, u64)>,
+    /// `R_X86_64_GLOB_DAT` / `R_X86_64_JUMP_SLOT` relocations as (slot, symbol name):
+    /// once bound, the slot holds the address the loader resolved the name to.
+    pub got_imports: Vec<(u64, String)>,
     pub segments: Vec<LoadSegment>,
     pub has_symtab: bool,
     pub has_debugdata: bool,
@@ -232,7 +235,7 @@ impl ElfSymbols {
         let is_dyn = header.e_type(endian) == elf::ET_DYN;
         let entry = header.e_entry(endian);
         let sections = header.sections(endian, data).map_err(malformed)?;
-        let irelative = read_irelative(endian, data, &sections);
+        let (irelative, got_imports) = read_got_relocations(endian, data, &sections);
 
         let mut raw = Vec::new();
         let mut warnings = Vec::new();
@@ -286,6 +289,7 @@ impl ElfSymbols {
             is_dyn,
             entry,
             irelative,
+            got_imports,
             segments,
             has_symtab,
             has_debugdata,
@@ -384,25 +388,41 @@ fn read_table<'a>(
     Ok(())
 }
 
-/// The `R_X86_64_IRELATIVE` relocations of every `SHT_RELA` section; a damaged section
-/// only loses what an IFUNC resolved to.
-fn read_irelative<'a>(
+/// What the loader writes into this file's GOT slots, from its `SHT_RELA` sections: the
+/// `R_X86_64_IRELATIVE` relocations as (slot, resolver) and the `R_X86_64_GLOB_DAT` /
+/// `R_X86_64_JUMP_SLOT` ones as (slot, symbol name without version). A damaged section
+/// only loses what an IFUNC is known to resolve to.
+#[allow(clippy::type_complexity)]
+fn read_got_relocations<'a>(
     endian: Endianness,
     data: &'a [u8],
     sections: &object::read::elf::SectionTable<'a, elf::FileHeader64<Endianness>, &'a [u8]>,
-) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
+) -> (Vec<(u64, u64)>, Vec<(u64, String)>) {
+    let (mut irelative, mut imports) = (Vec::new(), Vec::new());
     for s in sections.iter() {
-        let Ok(Some((relas, _))) = s.rela(endian, data) else {
+        let Ok(Some((relas, link))) = s.rela(endian, data) else {
             continue;
         };
+        let symbols = sections.symbol_table_by_index(endian, data, link).ok();
         for r in relas {
-            if r.r_type(endian, false) == elf::R_X86_64_IRELATIVE {
-                out.push((r.r_offset(endian), r.r_addend(endian) as u64));
+            match r.r_type(endian, false) {
+                elf::R_X86_64_IRELATIVE => {
+                    irelative.push((r.r_offset(endian), r.r_addend(endian) as u64));
+                }
+                elf::R_X86_64_GLOB_DAT | elf::R_X86_64_JUMP_SLOT => {
+                    let name = symbols.as_ref().and_then(|t| {
+                        let sym = t.symbol(object::SymbolIndex(r.r_sym(endian, false) as usize));
+                        t.symbol_name(endian, sym.ok()?).ok()
+                    });
+                    if let Some(n) = name.filter(|n| !n.is_empty()) {
+                        imports.push((r.r_offset(endian), String::from_utf8_lossy(n).into()));
+                    }
+                }
+                _ => {}
             }
         }
     }
-    out
+    (irelative, imports)
 }
 
 /// Decompress MiniDebugInfo and append the functions of the embedded `.symtab`.

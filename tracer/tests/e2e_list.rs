@@ -263,3 +263,47 @@ fn a_process_whose_main_thread_exited_is_no_zombie() {
     let (last, ok) = t.finish();
     assert!(ok && last == "ok 41", "target disturbed: {last:?}");
 }
+
+const LIBIFUNC_C: &str = r#"
+__attribute__((noinline)) int thrice_impl(int x) { return x * 3 + (x > 1000 ? x / 7 : 0); }
+static int (*resolve_thrice(void))(int) { return thrice_impl; }
+int thrice(int) __attribute__((ifunc("resolve_thrice")));
+"#;
+
+const USE_IFUNC_C: &str = r#"
+#include <stdio.h>
+int thrice(int);
+int main(void) {
+    char line[16];
+    printf("ready\n");
+    fflush(stdout);
+    if (!fgets(line, sizeof line, stdin)) return 1;
+    printf("ok %d\n", thrice(14));
+    return 0;
+}
+"#;
+
+/// An IFUNC of a library that the library itself never calls has no IRELATIVE slot;
+/// the program importing it, bound at load time (`-z now`), holds the implementation in
+/// its GOT: that is where the probe lands, and what `list` says.
+#[test]
+fn list_finds_an_imported_ifunc_through_the_importer() {
+    let dir = temp_dir("listifunc2");
+    cc(&dir, "libifunc.so", LIBIFUNC_C, &["-shared", "-fPIC"]);
+    let exe = cc(
+        &dir,
+        "useifunc",
+        USE_IFUNC_C,
+        &["-L.", "-lifunc", "-Wl,-rpath,$ORIGIN", "-Wl,-z,now"],
+    );
+    let mut t = Target::spawn(&exe, &[]);
+    assert_eq!(t.line(), "ready");
+    let rows = list(&[&t.pid().to_string(), "libifunc:thrice"]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        rows[0].ends_with("ifunc, lands on thrice_impl: probeable"),
+        "{rows:?}"
+    );
+    let (last, ok) = t.finish();
+    assert!(ok && last == "ok 42", "target disturbed: {last:?}");
+}
