@@ -388,16 +388,18 @@ fn read_table<'a>(
     Ok(())
 }
 
+/// `(irelative, got_imports)` of [`ElfSymbols`].
+type GotRelocations = (Vec<(u64, u64)>, Vec<(u64, String)>);
+
 /// What the loader writes into this file's GOT slots, from its `SHT_RELA` sections: the
 /// `R_X86_64_IRELATIVE` relocations as (slot, resolver) and the `R_X86_64_GLOB_DAT` /
 /// `R_X86_64_JUMP_SLOT` ones as (slot, symbol name without version). A damaged section
 /// only loses what an IFUNC is known to resolve to.
-#[allow(clippy::type_complexity)]
 fn read_got_relocations<'a>(
     endian: Endianness,
     data: &'a [u8],
     sections: &object::read::elf::SectionTable<'a, elf::FileHeader64<Endianness>, &'a [u8]>,
-) -> (Vec<(u64, u64)>, Vec<(u64, String)>) {
+) -> GotRelocations {
     let (mut irelative, mut imports) = (Vec::new(), Vec::new());
     for s in sections.iter() {
         let Ok(Some((relas, link))) = s.rela(endian, data) else {
