@@ -353,6 +353,10 @@ fn read_table<'a>(
     };
     for (index, sym) in table.enumerate() {
         let st_type = sym.st_type();
+        // Only symbols typed as functions are probe sites. A `NOTYPE` label in code
+        // (hand-written assembly) may sit inside another function, be reached by `jmp`,
+        // or have bytes after it that its neighbour jumps into: nothing says it is an
+        // entry, so it is never probed at all (stricter than entries only).
         if st_type != elf::STT_FUNC && st_type != elf::STT_GNU_IFUNC {
             continue;
         }
