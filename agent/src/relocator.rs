@@ -501,14 +501,17 @@ pub fn analyze(
             end: code_end,
         });
     }
-    let Some(first) = all.iter().position(|i| i.ip() >= site) else {
+    // No instruction starting at or after the site: it is inside the last one, if that
+    // one reaches it (the bytes past a cut-off instruction decode to nothing).
+    let first = all.iter().position(|i| i.ip() >= site).unwrap_or(all.len());
+    if first == all.len() && all.last().is_none_or(|i| i.next_ip() <= site) {
         return Err(Refusal::SiteOutsideFunction {
             site,
             function: func.address,
             end: code_end,
         });
-    };
-    if all[first].ip() != site {
+    }
+    if all.get(first).is_none_or(|i| i.ip() != site) {
         // The preceding instruction spans the site.
         let spanning = &all[first.saturating_sub(1)];
         return Err(Refusal::NotInstructionBoundary {
@@ -1520,6 +1523,28 @@ mod tests {
             decode_all(&r.bytes, BASE + GIB)[0].near_branch_target(),
             target
         );
+    }
+
+    #[test]
+    fn an_offset_inside_the_last_instruction_is_no_boundary() {
+        // xor rax, rax; add rax, 1 (4 bytes, the function's last).
+        let code = [0x48, 0x31, 0xc0, 0x48, 0x83, 0xc0, 0x01];
+        let mem = SliceMemory {
+            base: BASE,
+            bytes: &code,
+        };
+        let f = Function {
+            address: BASE,
+            size: Some(code.len() as u64),
+        };
+        match analyze(&f, BASE + 5, ProbeKind::Offset, &mem) {
+            Err(Refusal::NotInstructionBoundary {
+                instruction,
+                mnemonic: Mnemonic::Add,
+                ..
+            }) => assert_eq!(instruction, BASE + 3),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub mod programs {
     pub const SPIN_C: &str = include_str!("../programs/spin.c");
     pub const TINY_C: &str = include_str!("../programs/tiny.c");
     pub const EXCEPTIONS_CC: &str = include_str!("../programs/exceptions.cc");
+    pub const COLD_C: &str = include_str!("../programs/cold.c");
+    pub const THROWING_CC: &str = include_str!("../programs/throwing.cc");
+    pub const UNWIND_C: &str = include_str!("../programs/unwind.c");
 }
 
 /// A fresh directory, removed when dropped, except when the test is failing (its

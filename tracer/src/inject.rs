@@ -174,7 +174,13 @@ fn is_ld_so(path: &str) -> bool {
 
 /// Resolves the dynamic-loading functions of the target's libc.
 pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
-    let entries = maps::read_pid(pid).map_err(|error| InjectError::Maps { pid, error })?;
+    // Through a live thread when the main one has exited (its maps read empty).
+    let dir = crate::process_kind::proc_dir(pid);
+    let entries = std::fs::read_to_string(format!("{dir}/maps"))
+        .and_then(|t| {
+            maps::parse(&t).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })
+        .map_err(|error| InjectError::Maps { pid, error })?;
     let unsafe_ranges: Vec<(u64, u64)> = entries
         .iter()
         .filter(|e| e.perms.exec && (is_libc(&e.path) || is_ld_so(&e.path)))
@@ -199,7 +205,7 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
         .map(|e| e.start)
         .min()
         .expect("libc is mapped");
-    let file_path = format!("/proc/{pid}/root{libc_path}");
+    let file_path = format!("{dir}/root{libc_path}");
     let data = fs::read(&file_path).map_err(|e| InjectError::LibcFile {
         path: file_path.clone(),
         error: e.to_string(),

@@ -4,6 +4,7 @@ pub mod inject;
 pub mod launch;
 pub mod library_file;
 pub mod probeable;
+pub mod process_kind;
 pub mod remote_call;
 pub mod session;
 pub mod spec;

@@ -259,9 +259,13 @@ fn output(args: &ProbeArgs, reports: &[ProbeReport]) -> Result<(), String> {
 }
 
 fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, String> {
-    let modules = match target.parse::<i32>() {
-        Ok(pid) => SymbolCache::global().process(pid),
-        Err(_) => SymbolCache::global().file(std::path::Path::new(target)),
+    let pid = target.parse::<i32>().ok();
+    if let Some(what) = pid.and_then(tracer::process_kind::not_a_program) {
+        return Err(what);
+    }
+    let modules = match pid {
+        Some(pid) => SymbolCache::global().process(pid),
+        None => SymbolCache::global().file(std::path::Path::new(target)),
     }
     .map_err(|e| e.to_string())?;
     let spec = pattern
@@ -275,28 +279,34 @@ fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, String> {
             None => "no functions found".into(),
         });
     }
-    let pid = target.parse::<i32>().ok();
+    // What attach would refuse for the whole process, it refuses for every function.
+    let whole_process = pid.and_then(|pid| match tracer::inject::libc_functions(pid) {
+        Err(
+            e @ (tracer::inject::InjectError::StaticTarget { .. }
+            | tracer::inject::InjectError::NoDlopen { .. }),
+        ) => Some(format!("refused: {e}")),
+        _ => None,
+    });
     let proc_mem = pid.map(tracer::probeable::ProcMemory::open).transpose();
     let proc_mem = proc_mem.map_err(|e| format!("cannot read the memory of {target}: {e}"))?;
     let mut files: std::collections::HashMap<String, Vec<u8>> = Default::default();
     let mut out = std::io::stdout().lock();
     for (m, f, name) in found {
-        let verdict = if f.is_ifunc {
-            "ifunc: probes the implementation the loader picks".to_string()
-        } else {
-            let r = match &proc_mem {
-                Some(mem) => tracer::probeable::check(mem, f.address, f.size),
-                None => {
-                    let bytes = files
-                        .entry(m.path.clone())
-                        .or_insert_with(|| tracer::probeable::module_bytes(m).unwrap_or_default());
-                    let mem = tracer::probeable::FileMemory::new(bytes, &m.elf.segments, m.bias);
-                    tracer::probeable::check(&mem, f.address, f.size)
-                }
-            };
-            match r {
-                Ok(()) => "probeable".to_string(),
-                Err(why) => format!("refused: {why}"),
+        let verdict = match &whole_process {
+            Some(v) => v.clone(),
+            None => {
+                let mut check = |address: u64, size: u64| match &proc_mem {
+                    Some(mem) => tracer::probeable::check(mem, address, size),
+                    None => {
+                        let bytes = files.entry(m.path.clone()).or_insert_with(|| {
+                            tracer::probeable::module_bytes(m).unwrap_or_default()
+                        });
+                        let mem =
+                            tracer::probeable::FileMemory::new(bytes, &m.elf.segments, m.bias);
+                        tracer::probeable::check(&mem, address, size)
+                    }
+                };
+                function_verdict(&modules, m, &f, &mut check)
             }
         };
         let _ = writeln!(
@@ -306,4 +316,57 @@ fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, String> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The verdict `tracer list` shows for one function: what attach would do with a probe
+/// there, and with `-x`.
+fn function_verdict(
+    modules: &ProcessModules,
+    m: &tracer::symbols::Module,
+    f: &tracer::symbols::Function<'_>,
+    check: &mut dyn FnMut(u64, u64) -> Result<(), String>,
+) -> String {
+    let (module, address, size, via) = if f.is_ifunc {
+        let resolved = modules
+            .pid
+            .and_then(|pid| tracer::probeable::ifunc_target(pid, modules, m, f.address, f.name()));
+        let named = |a: u64| {
+            modules
+                .symbol_containing(a)
+                .filter(|(_, imp)| imp.address == a)
+        };
+        match resolved.map(|a| (a, named(a))) {
+            Some((a, Some((im, imp)))) => {
+                (im, a, imp.size, format!("ifunc, lands on {}: ", imp.name()))
+            }
+            Some((a, None)) => {
+                let im = modules.module_containing(a).unwrap_or(m);
+                (im, a, 0, format!("ifunc, lands on {a:#x}: "))
+            }
+            None if modules.pid.is_some() => {
+                return "ifunc: probes the implementation the target's loader picked, \
+                        checked at attach time"
+                    .into()
+            }
+            None => {
+                return "ifunc: probes the implementation the loader picks, resolved at \
+                        attach time"
+                    .into()
+            }
+        }
+    } else {
+        (m, f.address, f.size, String::new())
+    };
+    let hooked = !f.is_ifunc && tracer::probeable::hooked_under_exit(f.names);
+    match check(address, size) {
+        Ok(()) => match tracer::probeable::entries_only_at(module, address) {
+            Some(why) if hooked => format!(
+                "{via}probeable without -x (with -x tracer's own exception hook takes its \
+                 place; entries only: {why})"
+            ),
+            Some(why) => format!("{via}probeable (entries only: {why})"),
+            None => format!("{via}probeable"),
+        },
+        Err(why) => format!("{via}refused: {why}"),
+    }
 }

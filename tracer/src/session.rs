@@ -4,6 +4,7 @@
 use crate::agent_blob::agent_so;
 use crate::inject::{self, LibcFunctions};
 use crate::library_file;
+use crate::probeable;
 use crate::remote_call;
 use crate::spec::ResolvedProbe;
 use crate::symbols::ProcessModules;
@@ -225,42 +226,15 @@ pub struct Session {
     patched: bool,
 }
 
-/// Functions whose return cannot be redirected through a shadow stack: they return twice
-/// (the second return would find its shadow entry gone) or switch stacks.
-const RETURNS_TWICE: &[&str] = &[
-    "setjmp",
-    "_setjmp",
-    "__setjmp",
-    "sigsetjmp",
-    "__sigsetjmp",
-    "savectx",
-    "getcontext",
-    "__getcontext",
-    "swapcontext",
-    "__swapcontext",
-    "vfork",
-    "__vfork",
-    "clone",
-    "__clone",
-    "clone3",
-    "__clone3",
-    "__clone_internal",
-];
-
-fn returns_twice(modules: &ProcessModules, p: &ResolvedProbe) -> bool {
-    let base = |n: &str| n.split('@').next().unwrap_or(n).to_string();
-    if RETURNS_TWICE.contains(&base(&p.symbol).as_str()) {
-        return true;
-    }
-    // Any alias of the function counts.
-    modules
-        .symbol_containing(p.address)
-        .filter(|(_, f)| f.address == p.address)
-        .is_some_and(|(_, f)| {
-            f.names
-                .iter()
-                .any(|n| RETURNS_TWICE.contains(&base(n).as_str()))
-        })
+/// Why `p` gets its entries probed and not its returns, if it does (see
+/// [`probeable::entries_only`]); any alias of the function counts.
+fn entries_only(modules: &ProcessModules, p: &ResolvedProbe) -> Option<&'static str> {
+    let by_name = probeable::entries_only(std::slice::from_ref(&p.symbol), false);
+    by_name.or_else(|| {
+        modules
+            .module_containing(p.address)
+            .and_then(|m| probeable::entries_only_at(m, p.address))
+    })
 }
 
 /// A label such as `libc:malloc` for a resolved probe.
@@ -361,16 +335,17 @@ impl Session {
             } else {
                 (p.address - p.offset, p.size)
             };
-            let returns_twice = exit && p.offset == 0 && returns_twice(modules, p);
-            if returns_twice {
-                notes.push(format!(
-                    "{l}: only entries are probed: a function that returns twice \
-                     (setjmp, vfork) or on another stack cannot have its return redirected"
-                ));
+            let entries_only = if exit && p.offset == 0 {
+                entries_only(modules, p)
+            } else {
+                None
+            };
+            if let Some(why) = entries_only {
+                notes.push(format!("{l}: only entries are probed: {why}"));
             }
             let kind = if p.offset != 0 {
                 ProbeKind::Offset
-            } else if exit && !returns_twice {
+            } else if exit && entries_only.is_none() {
                 ProbeKind::Exit
             } else {
                 ProbeKind::Entry
@@ -451,6 +426,18 @@ impl Session {
         // exceptions thrown through probed frames find real return addresses.
         if exit {
             for r in internal_probes(proc, &fns, internal)? {
+                // Without the hook, an exception thrown while returns are probed aborts
+                // the program: a probe the user asked for on the same code gives way.
+                if let Some(i) = installed.iter().position(|p| p.site == r.site && !p.hidden) {
+                    let user = installed.remove(i);
+                    refused.push(NotInstalled {
+                        label: user.label,
+                        address: user.site,
+                        reason: "tracer's own exception hook sits there while returns are \
+                                 probed (-x); probe it without -x"
+                            .into(),
+                    });
+                }
                 if !installed.iter().any(|p| p.site == r.site)
                     && !adopted.iter().any(|a| a.site == r.site)
                 {
@@ -463,6 +450,9 @@ impl Session {
                     installed.last_mut().expect("pushed").hidden = true;
                 }
             }
+        }
+        if installed.iter().all(|p| p.hidden) {
+            return Err(SessionError::NothingInstalled(refused));
         }
         if left > 0 {
             notes.push(format!(

@@ -8,7 +8,9 @@
 //!   basename (`libc.so.6`) or a prefix of it that ends where a version or extension
 //!   starts, i.e. before `.`, `-`, `_` or a digit. So `libc` matches `libc.so.6` and
 //!   `libc-2.36.so` but not `libcrypto.so.3`, and `libpython` matches
-//!   `libpython3.11.so.1.0`. Without `MODULE`, every module is searched.
+//!   `libpython3.11.so.1.0`. The executable also answers to the name the program was
+//!   started under (`argv[0]`: a symlink's name). Without `MODULE`, every module is
+//!   searched.
 //! - `OFFSET` is decimal or `0x` hex, in bytes from the function's start; it must lie
 //!   inside the function when its size is known.
 
@@ -198,9 +200,15 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
-/// Whether a module pattern names `module` (see the module rules at the top).
+/// Whether a module pattern names `module` (see the module rules at the top), by its
+/// file name or, for the executable, by a name the program was started under.
 pub fn module_matches(pattern: &str, module: &Module) -> bool {
     module_name_matches(pattern, &module.name, &module.path, module.is_main)
+        || (!pattern.contains('/')
+            && module
+                .run_as
+                .iter()
+                .any(|n| module_name_matches(pattern, n, &module.path, module.is_main)))
 }
 
 /// [`module_matches`] on the parts of a module: basename, full path, whether main.
@@ -250,6 +258,8 @@ pub enum ResolveError {
     NoFunction {
         spec: String,
         suggestions: Vec<String>,
+        /// Selected modules with no function symbol at all (stripped), by path.
+        symbolless: Vec<String>,
     },
     /// The offset is not inside a matching function.
     OffsetBeyondSize {
@@ -276,8 +286,20 @@ impl fmt::Display for ResolveError {
                     write!(f, "loaded: {}", loaded.join(", "))
                 }
             }
-            ResolveError::NoFunction { spec, suggestions } => {
+            ResolveError::NoFunction {
+                spec,
+                suggestions,
+                symbolless,
+            } => {
                 write!(f, "no function matches '{spec}'")?;
+                if !symbolless.is_empty() {
+                    write!(
+                        f,
+                        " ({} has no function symbols: stripped, or not the program you meant, \
+                         e.g. the interpreter of a script)",
+                        symbolless.join(", ")
+                    )?;
+                }
                 if !suggestions.is_empty() {
                     write!(f, "; did you mean {}?", suggestions.join(", "))?;
                 }
@@ -322,6 +344,20 @@ fn matching_name<'a>(pattern: &str, glob: bool, f: &Function<'a>) -> Option<&'a 
         .map(String::as_str)
 }
 
+/// The name to show for `f` when `matched` matched: a non-default symbol version
+/// (`ver@V1`) of the very code the default version names is shown by the default name,
+/// so that one function is one probe under one name.
+fn shown_name<'a>(f: &Function<'a>, matched: &'a str) -> &'a str {
+    match matched.split_once('@') {
+        Some((base, _)) => f
+            .names
+            .iter()
+            .find(|n| n.as_str() == base)
+            .map_or(matched, String::as_str),
+        None => matched,
+    }
+}
+
 /// Resolve a spec against the modules of a process: one probe per distinct address,
 /// by ascending address.
 pub fn resolve(
@@ -334,7 +370,9 @@ pub fn resolve(
             .modules
             .iter()
             .map(|m| {
-                if m.is_main {
+                if m.is_main && !m.run_as.is_empty() {
+                    format!("{} (main, run as {})", m.name, m.run_as.join(", "))
+                } else if m.is_main {
                     format!("{} (main)", m.name)
                 } else {
                     m.name.clone()
@@ -355,13 +393,13 @@ pub fn resolve(
         if glob {
             for f in m.functions() {
                 if let Some(n) = matching_name(&spec.symbol, true, &f) {
-                    found.push((m, f, n));
+                    found.push((m, f, shown_name(&f, n)));
                 }
             }
         } else {
             for f in m.functions_named(&spec.symbol) {
                 let n = matching_name(&spec.symbol, false, &f).unwrap_or(f.name());
-                found.push((m, f, n));
+                found.push((m, f, shown_name(&f, n)));
             }
         }
     }
@@ -395,6 +433,11 @@ pub fn resolve(
         return Err(ResolveError::NoFunction {
             spec: spec.text.clone(),
             suggestions,
+            symbolless: selected
+                .iter()
+                .filter(|m| m.functions().next().is_none())
+                .map(|m| m.path.clone())
+                .collect(),
         });
     }
 
@@ -448,7 +491,7 @@ pub fn list<'a>(
         for f in m.functions() {
             let name = match pattern {
                 None => Some(f.name()),
-                Some(p) => matching_name(&p.symbol, true, &f),
+                Some(p) => matching_name(&p.symbol, true, &f).map(|n| shown_name(&f, n)),
             };
             if let Some(n) = name {
                 out.push((m, f, n));

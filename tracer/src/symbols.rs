@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use agent::maps::MapEntry;
 use object::elf;
-use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym};
+use object::read::elf::{FileHeader, ProgramHeader, Rela, SectionHeader, Sym};
 use object::Endianness;
 
 /// x86-64 mappings are made of 4 KiB pages; the kernel maps segments from page-aligned
@@ -175,6 +175,14 @@ pub struct ElfSymbols {
     pub path: PathBuf,
     /// `ET_DYN` (PIE or shared library) rather than `ET_EXEC`.
     pub is_dyn: bool,
+    /// Link-time address of the entry point (`e_entry`), 0 if none.
+    pub entry: u64,
+    /// `R_X86_64_IRELATIVE` relocations as (slot, resolver), link-time addresses: the
+    /// loader writes what the resolver returns into the slot at load time.
+    pub irelative: Vec<(u64, u64)>,
+    /// `R_X86_64_GLOB_DAT` / `R_X86_64_JUMP_SLOT` relocations as (slot, symbol name):
+    /// once bound, the slot holds the address the loader resolved the name to.
+    pub got_imports: Vec<(u64, String)>,
     pub segments: Vec<LoadSegment>,
     pub has_symtab: bool,
     pub has_debugdata: bool,
@@ -225,7 +233,9 @@ impl ElfSymbols {
             })
             .collect();
         let is_dyn = header.e_type(endian) == elf::ET_DYN;
+        let entry = header.e_entry(endian);
         let sections = header.sections(endian, data).map_err(malformed)?;
+        let (irelative, got_imports) = read_got_relocations(endian, data, &sections);
 
         let mut raw = Vec::new();
         let mut warnings = Vec::new();
@@ -277,6 +287,9 @@ impl ElfSymbols {
         Ok(ElfSymbols {
             path: path.to_path_buf(),
             is_dyn,
+            entry,
+            irelative,
+            got_imports,
             segments,
             has_symtab,
             has_debugdata,
@@ -340,6 +353,10 @@ fn read_table<'a>(
     };
     for (index, sym) in table.enumerate() {
         let st_type = sym.st_type();
+        // Only symbols typed as functions are probe sites. A `NOTYPE` label in code
+        // (hand-written assembly) may sit inside another function, be reached by `jmp`,
+        // or have bytes after it that its neighbour jumps into: nothing says it is an
+        // entry, so it is never probed at all (stricter than entries only).
         if st_type != elf::STT_FUNC && st_type != elf::STT_GNU_IFUNC {
             continue;
         }
@@ -373,6 +390,45 @@ fn read_table<'a>(
         });
     }
     Ok(())
+}
+
+/// `(irelative, got_imports)` of [`ElfSymbols`].
+type GotRelocations = (Vec<(u64, u64)>, Vec<(u64, String)>);
+
+/// What the loader writes into this file's GOT slots, from its `SHT_RELA` sections: the
+/// `R_X86_64_IRELATIVE` relocations as (slot, resolver) and the `R_X86_64_GLOB_DAT` /
+/// `R_X86_64_JUMP_SLOT` ones as (slot, symbol name without version). A damaged section
+/// only loses what an IFUNC is known to resolve to.
+fn read_got_relocations<'a>(
+    endian: Endianness,
+    data: &'a [u8],
+    sections: &object::read::elf::SectionTable<'a, elf::FileHeader64<Endianness>, &'a [u8]>,
+) -> GotRelocations {
+    let (mut irelative, mut imports) = (Vec::new(), Vec::new());
+    for s in sections.iter() {
+        let Ok(Some((relas, link))) = s.rela(endian, data) else {
+            continue;
+        };
+        let symbols = sections.symbol_table_by_index(endian, data, link).ok();
+        for r in relas {
+            match r.r_type(endian, false) {
+                elf::R_X86_64_IRELATIVE => {
+                    irelative.push((r.r_offset(endian), r.r_addend(endian) as u64));
+                }
+                elf::R_X86_64_GLOB_DAT | elf::R_X86_64_JUMP_SLOT => {
+                    let name = symbols.as_ref().and_then(|t| {
+                        let sym = t.symbol(object::SymbolIndex(r.r_sym(endian, false) as usize));
+                        t.symbol_name(endian, sym.ok()?).ok()
+                    });
+                    if let Some(n) = name.filter(|n| !n.is_empty()) {
+                        imports.push((r.r_offset(endian), String::from_utf8_lossy(n).into()));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    (irelative, imports)
 }
 
 /// Decompress MiniDebugInfo and append the functions of the embedded `.symtab`.
@@ -542,6 +598,10 @@ pub struct Module {
     pub bias: u64,
     /// The process's executable (`/proc/PID/exe`), what `main:` denotes.
     pub is_main: bool,
+    /// For the executable, the name the program was started under (basename of
+    /// `argv[0]`) when it differs from the file's: a command that is a symlink,
+    /// `redis-server` -> `redis-check-rdb`.
+    pub run_as: Vec<String>,
     pub dev: u64,
     pub inode: u64,
     /// Whether the file was deleted or replaced since it was mapped.
@@ -730,16 +790,23 @@ impl SymbolCache {
 
     /// The modules of a running process.
     pub fn process(&self, pid: i32) -> Result<ProcessModules, SymbolError> {
-        let maps =
-            agent::maps::read_pid(pid).map_err(|source| SymbolError::Maps { pid, source })?;
+        let dir = crate::process_kind::proc_dir(pid);
+        let maps = std::fs::read_to_string(format!("{dir}/maps"))
+            .and_then(|t| {
+                agent::maps::parse(&t)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
+            .map_err(|source| SymbolError::Maps { pid, source })?;
         Ok(self.process_from_maps(pid, &maps))
     }
 
     /// The modules of a process whose maps were already read.
     pub fn process_from_maps(&self, pid: i32, maps: &[MapEntry]) -> ProcessModules {
-        let exe = std::fs::metadata(format!("/proc/{pid}/exe"))
+        let dir = crate::process_kind::proc_dir(pid);
+        let exe = std::fs::metadata(format!("{dir}/exe"))
             .ok()
             .map(|m| (m.dev(), m.ino()));
+        let run_as = names_run_as(pid);
 
         // Group file-backed mappings per file, keeping the order of first appearance.
         let mut groups: Vec<(FileId, Vec<&MapEntry>)> = Vec::new();
@@ -774,11 +841,8 @@ impl SymbolCache {
             // map_files names exactly the mapped inode, even deleted or in another
             // mount namespace; /proc/PID/root is the fallback when it is not readable.
             let sources = [
-                PathBuf::from(format!(
-                    "/proc/{pid}/map_files/{:x}-{:x}",
-                    first.start, first.end
-                )),
-                PathBuf::from(format!("/proc/{pid}/root{path}")),
+                PathBuf::from(format!("{dir}/map_files/{:x}-{:x}", first.start, first.end)),
+                PathBuf::from(format!("{dir}/root{path}")),
             ];
             let elf = match self.load(&key, &sources) {
                 Ok(e) => e,
@@ -804,13 +868,21 @@ impl SymbolCache {
                 }
                 let start = mapped.iter().map(|e| e.start).min().unwrap_or(0);
                 let end = mapped.iter().map(|e| e.end).max().unwrap_or(0);
+                let name = basename(&path).to_string();
+                let is_main = exe == Some((key.dev, key.inode));
+                let run_as = if is_main {
+                    run_as.iter().filter(|n| **n != name).cloned().collect()
+                } else {
+                    Vec::new()
+                };
                 modules.push(Module {
-                    name: basename(&path).to_string(),
+                    name,
                     path: path.clone(),
                     start,
                     end,
                     bias,
-                    is_main: exe == Some((key.dev, key.inode)),
+                    is_main,
+                    run_as,
                     dev: key.dev,
                     inode: key.inode,
                     deleted,
@@ -856,6 +928,7 @@ impl SymbolCache {
                 end,
                 bias: 0,
                 is_main: true,
+                run_as: Vec::new(),
                 dev: meta.dev(),
                 inode: meta.ino(),
                 deleted: false,
@@ -874,6 +947,22 @@ pub fn process_modules(pid: i32) -> Result<ProcessModules, SymbolError> {
 /// An ELF file on disk, through the global cache.
 pub fn file_modules(path: &Path) -> Result<ProcessModules, SymbolError> {
     SymbolCache::global().file(path)
+}
+
+/// The name process `pid` was started under: the basename of its `argv[0]`. Not
+/// `comm`: for a script, `comm` is the script's name while the image is its
+/// interpreter's (and the kernel puts the interpreter in `argv[0]`). A rewritten
+/// `argv[0]` with spaces (`postgres: checkpointer`) names nothing.
+fn names_run_as(pid: i32) -> Vec<String> {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return Vec::new();
+    };
+    let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+    let name = basename(&String::from_utf8_lossy(argv0)).to_string();
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return Vec::new();
+    }
+    vec![name]
 }
 
 fn basename(path: &str) -> &str {

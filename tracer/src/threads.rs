@@ -43,6 +43,8 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum AttachError {
     /// `/proc/PID` does not exist.
     NoSuchProcess { pid: i32 },
+    /// A kernel thread or a zombie: `what` says which.
+    NotAProgram { what: String },
     /// The kernel refused `PTRACE_SEIZE`; `reason` says which rule refused it.
     PermissionDenied { pid: i32, reason: String },
     /// Another tracer (debugger, strace, ...) already traces the process.
@@ -82,6 +84,7 @@ impl fmt::Display for AttachError {
             AttachError::NoSuchProcess { pid } => {
                 write!(f, "no process with PID {pid}: check the PID (see `ps`)")
             }
+            AttachError::NotAProgram { what } => f.write_str(what),
             AttachError::PermissionDenied { pid, reason } => {
                 write!(f, "not allowed to trace PID {pid}: {reason}")
             }
@@ -951,6 +954,9 @@ impl Drop for Process {
 pub fn attach(pid: i32) -> Result<Process, AttachError> {
     if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
         return Err(AttachError::NoSuchProcess { pid });
+    }
+    if let Some(what) = crate::process_kind::not_a_program(pid) {
+        return Err(AttachError::NotAProgram { what });
     }
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
