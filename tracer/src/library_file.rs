@@ -190,6 +190,17 @@ pub fn discard(placed: &Placed) {
     }
 }
 
+/// The name the agent is loaded under (its file's or memfd's), visible in the target's maps.
+pub const AGENT_NAME: &str = "tracer-agent";
+
+/// Whether `path` (as `/proc/PID/maps` shows it) is the tracer's agent: the file [`place`]
+/// made for it, or the memfd it was loaded from when no file could be placed. The agent is
+/// the tracer's own code in the target, never something to probe: a probe inside it would
+/// run the trampolines' handlers from themselves.
+pub fn is_agent(path: &str) -> bool {
+    path.starts_with(&format!("/memfd:{AGENT_NAME}")) || is_placed(path, AGENT_NAME)
+}
+
 /// Whether `path` (as `/proc/PID/maps` shows it) is a file [`place`] made for a library
 /// loaded under `name`.
 pub fn is_placed(path: &str, name: &str) -> bool {

@@ -268,7 +268,7 @@ impl Session {
         // of the target's static TLS.
         let base = match loaded_agent(proc.pid()) {
             Some(base) => base,
-            None => inject::inject_named(proc, agent_so(), AGENT_NAME)?.base,
+            None => inject::inject_named(proc, agent_so(), library_file::AGENT_NAME)?.base,
         };
         let init = base + agent_symbol(INIT_SYMBOL)?;
         let prepare = base + agent_symbol(PREPARE_SYMBOL)?;
@@ -556,18 +556,11 @@ impl Session {
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The name the agent is loaded under (its file's or memfd's), visible in the target's maps.
-const AGENT_NAME: &str = "tracer-agent";
-
 /// Load address of an agent an earlier session left in the target, if any.
 fn loaded_agent(pid: i32) -> Option<u64> {
     let maps = agent::maps::read_pid(pid).ok()?;
-    let prefix = format!("/memfd:{AGENT_NAME}");
     maps.iter()
-        .filter(|m| {
-            (m.path.starts_with(&prefix) || library_file::is_placed(&m.path, AGENT_NAME))
-                && m.offset == 0
-        })
+        .filter(|m| library_file::is_agent(&m.path) && m.offset == 0)
         .map(|m| m.start)
         .min()
 }

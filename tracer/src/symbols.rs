@@ -814,6 +814,10 @@ impl SymbolCache {
             if e.inode == 0 || !e.path.starts_with('/') {
                 continue;
             }
+            // The agent is the tracer's own code: not listed, never matched by a spec.
+            if crate::library_file::is_agent(&e.path) {
+                continue;
+            }
             let key = FileId {
                 dev: parse_dev(&e.dev),
                 inode: e.inode,

@@ -307,3 +307,39 @@ fn list_finds_an_imported_ifunc_through_the_importer() {
     let (last, ok) = t.finish();
     assert!(ok && last == "ok 42", "target disturbed: {last:?}");
 }
+
+/// The agent a session leaves loaded is the tracer's own code: after an attach, `list
+/// PID '*:*'` does not show it and a spec naming its functions matches nothing (a probe
+/// there would run the trampolines' own code from a trampoline).
+#[test]
+fn the_agent_is_never_listed_nor_probed() {
+    let dir = temp_dir("listagent");
+    let exe = cc(&dir, "tiny", TINY_C, &["-pthread", "-pie", "-fPIE"]);
+    let mut t = Target::spawn(&exe, &[]);
+    t.line();
+    let pid = t.pid().to_string();
+    let out = tracer_output(&["attach", &pid, "-p", "libc:malloc", "--duration", "0"]);
+    assert!(
+        out.status.success(),
+        "attach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(maps.contains("tracer-agent"), "agent not loaded: {maps}");
+
+    let all = list(&[&pid, "*:*"]);
+    assert!(all.iter().any(|l| l.starts_with("libc.so.6:malloc ")));
+    let agent: Vec<&String> = all.iter().filter(|l| l.contains("tracer-agent")).collect();
+    assert!(
+        agent.is_empty(),
+        "agent listed ({} rows), first: {:?}",
+        agent.len(),
+        agent.first()
+    );
+
+    let out = tracer_output(&["attach", &pid, "-p", "*:tracer_agent_*", "--duration", "0"]);
+    assert_one_line_error(&out, &["tracer_agent_"]);
+
+    let (last, ok) = t.finish();
+    assert!(ok && last == "ok 1", "target disturbed: {last:?}");
+}
