@@ -57,37 +57,37 @@ impl Memory for FuzzMemory {
 /// Encoded instructions that real prologues start with, so that cases get past the
 /// first decode more often than random bytes do. Displacements are fuzzed separately.
 const FRAGMENTS: &[&[u8]] = &[
-    &[0xf3, 0x0f, 0x1e, 0xfa],             // endbr64
-    &[0x55],                               // push rbp
-    &[0x48, 0x89, 0xe5],                   // mov rbp, rsp
-    &[0x41, 0x57],                         // push r15
-    &[0x53],                               // push rbx
-    &[0x48, 0x83, 0xec, 0x28],             // sub rsp, 0x28
-    &[0x31, 0xc0],                         // xor eax, eax
-    &[0x48, 0x85, 0xff],                   // test rdi, rdi
-    &[0x48, 0x8d, 0x05],                   // lea rax, [rip+disp32] (disp follows)
-    &[0x48, 0x8b, 0x05],                   // mov rax, [rip+disp32]
-    &[0xff, 0x25],                         // jmp [rip+disp32]
-    &[0xff, 0x15],                         // call [rip+disp32]
-    &[0xe8],                               // call rel32
-    &[0xe9],                               // jmp rel32
-    &[0xeb],                               // jmp rel8
-    &[0x74],                               // je rel8
-    &[0x0f, 0x85],                         // jne rel32
-    &[0xe3],                               // jrcxz rel8
-    &[0xe2],                               // loop rel8
-    &[0xc3],                               // ret
-    &[0xcc],                               // int3
-    &[0x0f, 0x0b],                         // ud2
-    &[0x90],                               // nop
-    &[0x0f, 0x1f, 0x44, 0x00, 0x00],       // nop dword [rax+rax]
-    &[0xff, 0xe0],                         // jmp rax
-    &[0x48, 0x63, 0x04, 0x87],             // movsxd rax, [rdi+rax*4]
-    &[0xc5, 0xf9, 0x6f, 0x05],             // vmovdqa xmm0, [rip+disp32]
-    &[0x64, 0x48, 0x8b, 0x04, 0x25],       // mov rax, fs:[disp32]
-    &[0x0f, 0x05],                         // syscall
-    &[0x66, 0x0f, 0x2e, 0x05],             // ucomisd xmm0, [rip+disp32]
-    &[0xc7, 0xf8],                         // xbegin rel32
+    &[0xf3, 0x0f, 0x1e, 0xfa],       // endbr64
+    &[0x55],                         // push rbp
+    &[0x48, 0x89, 0xe5],             // mov rbp, rsp
+    &[0x41, 0x57],                   // push r15
+    &[0x53],                         // push rbx
+    &[0x48, 0x83, 0xec, 0x28],       // sub rsp, 0x28
+    &[0x31, 0xc0],                   // xor eax, eax
+    &[0x48, 0x85, 0xff],             // test rdi, rdi
+    &[0x48, 0x8d, 0x05],             // lea rax, [rip+disp32] (disp follows)
+    &[0x48, 0x8b, 0x05],             // mov rax, [rip+disp32]
+    &[0xff, 0x25],                   // jmp [rip+disp32]
+    &[0xff, 0x15],                   // call [rip+disp32]
+    &[0xe8],                         // call rel32
+    &[0xe9],                         // jmp rel32
+    &[0xeb],                         // jmp rel8
+    &[0x74],                         // je rel8
+    &[0x0f, 0x85],                   // jne rel32
+    &[0xe3],                         // jrcxz rel8
+    &[0xe2],                         // loop rel8
+    &[0xc3],                         // ret
+    &[0xcc],                         // int3
+    &[0x0f, 0x0b],                   // ud2
+    &[0x90],                         // nop
+    &[0x0f, 0x1f, 0x44, 0x00, 0x00], // nop dword [rax+rax]
+    &[0xff, 0xe0],                   // jmp rax
+    &[0x48, 0x63, 0x04, 0x87],       // movsxd rax, [rdi+rax*4]
+    &[0xc5, 0xf9, 0x6f, 0x05],       // vmovdqa xmm0, [rip+disp32]
+    &[0x64, 0x48, 0x8b, 0x04, 0x25], // mov rax, fs:[disp32]
+    &[0x0f, 0x05],                   // syscall
+    &[0x66, 0x0f, 0x2e, 0x05],       // ucomisd xmm0, [rip+disp32]
+    &[0xc7, 0xf8],                   // xbegin rel32
 ];
 
 /// Function bytes: random noise, or fragments with random bytes (displacements,
@@ -195,7 +195,12 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
     let stolen = match analyze(&func, site, kind, &mem) {
         Ok(s) => s,
         Err(r) => {
-            REACHED.with(|x| *x.borrow_mut().analyze_refused.entry(variant(&r)).or_default() += 1);
+            REACHED.with(|x| {
+                *x.borrow_mut()
+                    .analyze_refused
+                    .entry(variant(&r))
+                    .or_default() += 1
+            });
             return check_refusal(&r);
         }
     };
@@ -233,7 +238,12 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
             check_relocated(&stolen, &r, new_ip)
         }
         Err(r) => {
-            REACHED.with(|x| *x.borrow_mut().relocate_refused.entry(variant(&r)).or_default() += 1);
+            REACHED.with(|x| {
+                *x.borrow_mut()
+                    .relocate_refused
+                    .entry(variant(&r))
+                    .or_default() += 1
+            });
             check_refusal(&r)
         }
     }
@@ -255,7 +265,10 @@ fn check_relocated(
     prop_assert_eq!(r.resume, stolen.resume());
     prop_assert_eq!(r.instruction_offsets.len(), stolen.instructions.len());
     let out = decode(&r.bytes, new_ip);
-    prop_assert!(out.iter().all(|i| !i.is_invalid()), "relocated bytes do not decode");
+    prop_assert!(
+        out.iter().all(|i| !i.is_invalid()),
+        "relocated bytes do not decode"
+    );
     prop_assert_eq!(
         out.iter().map(|i| i.len()).sum::<usize>(),
         r.bytes.len(),
@@ -263,7 +276,11 @@ fn check_relocated(
     );
     let expanded = r.instruction_offsets.iter().any(|&o| o == u32::MAX);
     if !expanded {
-        prop_assert_eq!(out.len(), stolen.instructions.len(), "instruction count changed");
+        prop_assert_eq!(
+            out.len(),
+            stolen.instructions.len(),
+            "instruction count changed"
+        );
     } else {
         prop_assert!(out.len() > stolen.instructions.len());
     }
@@ -272,10 +289,18 @@ fn check_relocated(
     let mut last = None;
     for (orig, &off) in stolen.instructions.iter().zip(&r.instruction_offsets) {
         if off == u32::MAX {
-            prop_assert!(matches!(
-                orig.mnemonic(),
-                Mnemonic::Jrcxz | Mnemonic::Jecxz | Mnemonic::Loop | Mnemonic::Loope | Mnemonic::Loopne
-            ), "{:?} was expanded", orig.mnemonic());
+            prop_assert!(
+                matches!(
+                    orig.mnemonic(),
+                    Mnemonic::Jrcxz
+                        | Mnemonic::Jecxz
+                        | Mnemonic::Loop
+                        | Mnemonic::Loope
+                        | Mnemonic::Loopne
+                ),
+                "{:?} was expanded",
+                orig.mnemonic()
+            );
             continue;
         }
         prop_assert!((off as usize) < r.bytes.len());
@@ -318,7 +343,11 @@ thread_local! {
 }
 
 fn variant(r: &Refusal) -> String {
-    format!("{r:?}").split([' ', '{', '(']).next().unwrap_or("").to_string()
+    format!("{r:?}")
+        .split([' ', '{', '('])
+        .next()
+        .unwrap_or("")
+        .to_string()
 }
 
 #[test]
@@ -331,5 +360,8 @@ fn analyze_and_relocate_arbitrary_code() {
         panic!("{e}");
     }
     assert!(reached.relocated > 0, "no case was relocated: {reached:?}");
-    assert!(reached.analyze_refused.len() >= 4, "too few kinds of refusal: {reached:?}");
+    assert!(
+        reached.analyze_refused.len() >= 4,
+        "too few kinds of refusal: {reached:?}"
+    );
 }

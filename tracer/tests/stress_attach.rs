@@ -33,7 +33,14 @@ struct Attach {
 impl Attach {
     fn start(pid: i32, exit: bool, json: &std::path::Path) -> Attach {
         let mut cmd = tracer();
-        cmd.args(["attach", &pid.to_string(), "-p", "main:hammer", "-p", "main:in_window"]);
+        cmd.args([
+            "attach",
+            &pid.to_string(),
+            "-p",
+            "main:hammer",
+            "-p",
+            "main:in_window",
+        ]);
         if exit {
             cmd.arg("-x");
         }
@@ -148,7 +155,10 @@ fn stress(cycles: usize) {
         assert_eq!(tracer_pid(pid), 0, "cycle {cycle}: still traced");
         total_window += counted;
     }
-    assert!(total_window > 0 || cycles == 0, "the window never saw a call");
+    assert!(
+        total_window > 0 || cycles == 0,
+        "the window never saw a call"
+    );
 
     let (done, ok) = t.finish();
     assert!(ok, "the program failed: {done}");
@@ -165,7 +175,10 @@ fn stress(cycles: usize) {
             .output()
             .unwrap();
         let want: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-        assert_eq!(pair[1], want, "thread {thread}: checksum differs from untraced");
+        assert_eq!(
+            pair[1], want,
+            "thread {thread}: checksum differs from untraced"
+        );
     }
 }
 
