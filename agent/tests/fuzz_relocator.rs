@@ -274,7 +274,7 @@ fn check_relocated(
         r.bytes.len(),
         "decoded lengths do not add up"
     );
-    let expanded = r.instruction_offsets.iter().any(|&o| o == u32::MAX);
+    let expanded = r.instruction_offsets.contains(&u32::MAX);
     if !expanded {
         prop_assert_eq!(
             out.len(),
