@@ -132,10 +132,29 @@ verdict() { # dir, stdin, plain rc, specs... -- cmd...
     fi
 }
 
+# `tracer list FILE` verdicts as "PREFIX:NAME<TAB>probeable|ifunc|refused".
+list_verdicts() { # file, prefix
+    "$tracer" list "$1" 2>/dev/null | awk -v p="$2" '{ n = $1; sub(/^[^:]*:/, "", n);
+        v = ($5 == "probeable") ? "probeable" : ($5 == "ifunc:") ? "ifunc" : "refused"; print p ":" n "\t" v }'
+}
+list_verdicts /usr/lib/x86_64-linux-gnu/libc.so.6 libc >"$work/list.libc"
+
+# How the refusals of a run compare with what `tracer list` said beforehand.
+list_agreement() { # tracer.lines, list file(s)...
+    local lines=$1; shift
+    grep 'not probing' "$lines" | sed -E 's/^tracer: not probing ([^ ]+) at .*/\1/' |
+        awk -F'\t' 'FILENAME != "-" { v[$1] = $2; next }
+            { if (v[$1] == "probeable") p = p " " $1; else if (v[$1] == "ifunc") i++; else if (v[$1] == "") u++ }
+            END { printf "%s", (p == "" && i + u == 0) ? "agrees" : "";
+                  if (p != "") printf "said probeable:%s; ", p;
+                  if (i) printf "%d IFUNC rows had no verdict; ", i;
+                  if (u) printf "%d not listed; ", u }' "$@" -
+}
+
 selected=("$@")
 failed=0
-echo "| program | PIE | probe set | result | status untraced / traced | probes live | entry hits | exits (lost) | refused, by reason | when broken: each probe set alone |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| program | PIE | probe set | result | status untraced / traced | probes live | entry hits | exits (lost) | refused, by reason | refusals vs \`tracer list\` | when broken: each probe set alone |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for c in "${cases[@]}"; do
     IFS='|' read -r name stdin cmdline <<<"$c"
     if [ ${#selected[@]} -gt 0 ] && ! printf '%s\n' "${selected[@]}" | grep -qx "$name"; then continue; fi
@@ -173,10 +192,12 @@ for c in "${cases[@]}"; do
             done
         done
     fi
-    printf '| %s | %s | `%s` | %s | %s / %s | %s | %s | %s (%s) | %s | %s |\n' \
+    list_verdicts "$exe" main >"$d/list.main"
+    printf '| %s | %s | `%s` | %s | %s / %s | %s | %s | %s (%s) | %s | %s | %s |\n' \
         "$name" "$pie" "-x ${specs[*]}" "$result" "$(describe_status $prc)" "$(describe_status $trc)" \
         "$live" "$(sum_field "$d/probes.json" hits)" "$(sum_field "$d/probes.json" exits)" \
-        "$(sum_field "$d/probes.json" lost_exits)" "$(grep 'not probing' "$d/tracer.lines" | reason_class)" "${alone:-}"
+        "$(sum_field "$d/probes.json" lost_exits)" "$(grep 'not probing' "$d/tracer.lines" | reason_class)" \
+        "$(list_agreement "$d/tracer.lines" "$work/list.libc" "$d/list.main")" "${alone:-}"
 done
 [ -n "${KEEP:-}" ] && echo "outputs kept in $work" >&2
 exit $failed
