@@ -192,7 +192,7 @@ fn python3_non_pie_all_libc_and_main() {
 }
 
 #[test]
-#[ignore = "fails today: SIGSEGV under -x -p 'libc:*' -p 'main:*' (see bench/real_programs.md)"]
+#[ignore = "fails today (issue #9 defect 2): SIGSEGV under -x main:* (exit probe on _start)"]
 fn perl_all_libc_and_main() {
     let dir = temp_dir("real-perl");
     let input = text(&dir);
