@@ -324,10 +324,12 @@ impl std::error::Error for Refusal {}
 fn read_code(func: &Function, mem: &dyn Memory) -> Result<Vec<u8>, Refusal> {
     match func.size {
         Some(size) => {
-            // A symbol size this large is corrupt; refuse instead of allocating it.
+            // A symbol size this large, or one running past the end of the address space,
+            // is corrupt; refuse instead of allocating it or wrapping around.
             let len = usize::try_from(size)
                 .ok()
                 .filter(|&l| l as u64 <= MAX_FUNCTION_SIZE)
+                .filter(|&l| func.address.checked_add(l as u64).is_some())
                 .ok_or(Refusal::Unreadable {
                     address: func.address,
                     len: size,
