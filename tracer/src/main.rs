@@ -241,14 +241,25 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     };
     let n = session.installed().len();
     eprintln!("tracer: {n} probe(s) live in {pid}; Ctrl-C to detach");
-    // The probes count by themselves: the target runs untraced until we come back.
-    proc.detach().map_err(|e| e.to_string())?;
     let deadline = duration.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
-    let woke = detached::wait(&pidfd, &signals, deadline)
-        .map_err(|e| format!("waiting for PID {pid} failed: {e}"))?;
-    let ended = woke == Woke::Ended || !remove_probes(pid, &mut session, &pidfd)?;
-    if ended {
-        eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
+    let stop_now = deadline.is_some_and(|d| Instant::now() >= d)
+        || signals
+            .take()
+            .map_err(|e| format!("cannot read signals: {e}"))?
+            .is_some();
+    if stop_now {
+        // `--duration 0`, or a signal during set-up: remove the probes while still
+        // attached rather than detach and come back.
+        session.remove(&mut proc).map_err(|e| e.to_string())?;
+        proc.detach().map_err(|e| e.to_string())?;
+    } else {
+        // The probes count by themselves: the target runs untraced until we come back.
+        proc.detach().map_err(|e| e.to_string())?;
+        let woke = detached::wait(&pidfd, &signals, deadline)
+            .map_err(|e| format!("waiting for PID {pid} failed: {e}"))?;
+        if woke == Woke::Ended || !remove_probes(pid, &mut session, &pidfd)? {
+            eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
+        }
     }
     sink.write(args, &session.report())?;
     Ok(ExitCode::SUCCESS)
