@@ -34,7 +34,8 @@ enum Command {
         #[arg(last = true, required = true, value_name = "CMD")]
         cmd: Vec<String>,
     },
-    /// Attach to a running process; detach on Ctrl-C, --duration, or when it exits.
+    /// Put probes in a running process; take them out on Ctrl-C, SIGTERM or --duration,
+    /// or report when it exits.
     Attach {
         pid: i32,
         #[command(flatten)]

@@ -5,8 +5,10 @@
  *   ticker HZ bench ROUNDS [wait] ROUNDS rounds of fixed work: work() and one
  *                                 malloc/free each
  *
- * then print "alarms=A calls=C ns=T result=R": A SIGALRMs counted, C calls of work(),
- * T the wall time of the work alone in ns. HZ 0: no timer. With "wait": first print
+ * then print "alarms=A calls=C ns=T cpu=U queued=Q result=R": A SIGALRMs counted, C
+ * calls of work(), T the wall time of the work alone in ns, U the CPU time it took, Q
+ * the time it spent runnable waiting for a CPU (from /proc/self/schedstat; 0 if absent):
+ * T - Q is its time on a CPU or held stopped, whatever else the machine runs. HZ 0: no timer. With "wait": first print
  * "ready PID WORKADDR" and wait for a line on stdin before starting the timer, and wait
  * for another line before exiting. Exits 0. */
 #include <signal.h>
@@ -20,6 +22,19 @@
 static volatile sig_atomic_t alarms;
 static volatile sig_atomic_t limit = 0x7fffffff;
 void *volatile sink;
+
+/* Time spent waiting on a run queue, in ns (second field of /proc/self/schedstat). */
+static long long queued_ns(void)
+{
+    long long run = 0, wait = 0;
+    FILE *f = fopen("/proc/self/schedstat", "r");
+    if (f) {
+        if (fscanf(f, "%lld %lld", &run, &wait) != 2)
+            wait = 0;
+        fclose(f);
+    }
+    return wait;
+}
 
 static void on_alarm(int s)
 {
@@ -65,7 +80,9 @@ int main(int argc, char **argv)
         struct itimerval it = {{0, 1000000 / hz}, {0, 1000000 / hz}};
         setitimer(ITIMER_REAL, &it, 0);
     }
-    struct timespec t0, t1;
+    struct timespec t0, t1, c0, c1;
+    long long q0 = queued_ns();
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
     clock_gettime(CLOCK_MONOTONIC, &t0);
     unsigned long calls = 0, r = 0;
     if (bench) {
@@ -82,11 +99,15 @@ int main(int argc, char **argv)
         }
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
+    long long queued = queued_ns() - q0;
     struct itimerval off;
     memset(&off, 0, sizeof off);
     setitimer(ITIMER_REAL, &off, 0);
     long long ns = (t1.tv_sec - t0.tv_sec) * 1000000000ll + (t1.tv_nsec - t0.tv_nsec);
-    printf("alarms=%d calls=%lu ns=%lld result=%lu\n", (int)alarms, calls, ns, r);
+    long long cpu = (c1.tv_sec - c0.tv_sec) * 1000000000ll + (c1.tv_nsec - c0.tv_nsec);
+    printf("alarms=%d calls=%lu ns=%lld cpu=%lld queued=%lld result=%lu\n", (int)alarms, calls,
+           ns, cpu, queued, r);
     fflush(stdout);
     if (wait && !fgets(line, sizeof line, stdin))
         return 1;
