@@ -251,7 +251,8 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     if stop_now {
         // `--duration 0`, or a signal during set-up: remove the probes while still
         // attached rather than detach and come back.
-        session.remove(&mut proc).map_err(|e| e.to_string())?;
+        let left = session.remove(&mut proc).map_err(|e| e.to_string())?;
+        note_left_alone(pid, &left);
         proc.detach().map_err(|e| e.to_string())?;
     } else {
         // The probes count by themselves: the target runs untraced until we come back.
@@ -281,7 +282,7 @@ fn remove_probes(pid: i32, session: &mut Session, pidfd: &PidFd) -> Result<bool,
         }
     };
     match session.remove(&mut proc) {
-        Ok(()) => {}
+        Ok(left) => note_left_alone(pid, &left),
         Err(_) if gone() => return Ok(false),
         Err(e) => return Err(format!("cannot remove the probes: {e}")),
     }
@@ -290,6 +291,22 @@ fn remove_probes(pid: i32, session: &mut Session, pidfd: &PidFd) -> Result<bool,
         Err(_) if gone() => Ok(false),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Says which probes were no longer in place when we came back to remove them.
+fn note_left_alone(pid: i32, left: &[String]) {
+    if left.is_empty() {
+        return;
+    }
+    let mut names = left.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if left.len() > 5 {
+        names.push_str(&format!(" and {} more", left.len() - 5));
+    }
+    eprintln!(
+        "tracer: note: the patches of {names} were no longer there (did PID {pid} exec \
+         another program?): that code was left as it is; the counts cover the time \
+         before that"
+    );
 }
 
 /// Where the report goes. A file is created before anything touches a process, so that a

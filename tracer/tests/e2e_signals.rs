@@ -298,3 +298,62 @@ fn unwritable_output_refused_before_attach() {
     let (_, ok) = t.finish();
     assert!(ok);
 }
+
+/// The target execs another program while `tracer attach` is away: when tracer comes
+/// back to remove its probes, the code at the old sites belongs to the new program
+/// (non-PIE executables load at the same address) and is left exactly as it is, and
+/// tracer says why.
+#[test]
+fn attach_leaves_the_code_of_an_exec_d_program_alone() {
+    let dir = temp_dir("attachexec");
+    let first = cc(&dir, "ticker", TICKER_C, &["-no-pie", "-fno-pie"]);
+    // The same source built differently: other code at the same addresses.
+    let second = cc(&dir, "ticker-O0", TICKER_C, &["-no-pie", "-fno-pie", "-O0"]);
+    let mut t = Target::spawn(&first, &["0", "bench", "1", "wait"]);
+    let (pid, work) = ready(&t.line());
+    let original = read_mem(pid, work, 8);
+    let (err_to, err_path) = stderr_file(&dir);
+    let child = tracer()
+        .args(["attach", &pid.to_string(), "-p", "main:work", "-o"])
+        .arg(dir.join("out.txt"))
+        .stdin(Stdio::null())
+        .stderr(err_to)
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || patched(&read_mem(pid, work, 8))
+            && tracer_pid(pid) == 0),
+        "the probe never went live with the target untraced"
+    );
+    t.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    done(&t.line());
+    let exec = format!("exec {}\n", second.display());
+    t.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(exec.as_bytes())
+        .unwrap();
+    let (pid2, _) = ready(&t.line());
+    assert_eq!(pid2, pid);
+    let new_code = read_mem(pid, work, 8);
+    assert_ne!(
+        new_code[..5],
+        original[..5],
+        "the second program has the same bytes there: the test proves nothing"
+    );
+
+    // SAFETY: kill with the PID of our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let (status, err) = wait_with_timeout(child, &err_path, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}: {err}");
+    assert_eq!(
+        read_mem(pid, work, 8),
+        new_code,
+        "tracer wrote into the new program"
+    );
+    assert!(err.contains("no longer there"), "{err}");
+    assert_eq!(tracer_pid(pid), 0);
+    t.stdin.as_mut().unwrap().write_all(b"go\nend\n").unwrap();
+    assert_eq!(done(&t.line()).1, 1);
+    assert!(t.child.wait().unwrap().success());
+}

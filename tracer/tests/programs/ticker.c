@@ -10,7 +10,8 @@
  * the time it spent runnable waiting for a CPU (from /proc/self/schedstat; 0 if absent):
  * T - Q is its time on a CPU or held stopped, whatever else the machine runs. HZ 0: no timer. With "wait": first print
  * "ready PID WORKADDR" and wait for a line on stdin before starting the timer, and wait
- * for another line before exiting. Exits 0. */
+ * for another line before exiting (or, when that line is "exec PATH", exec PATH 0 bench
+ * 1 wait). Exits 0. */
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,7 +62,7 @@ int main(int argc, char **argv)
     int bench = strcmp(argv[2], "bench") == 0;
     unsigned long n = strtoul(argv[3], 0, 10);
     int wait = argc > 4 && strcmp(argv[4], "wait") == 0;
-    char line[64];
+    char line[4096];
 
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -111,5 +112,11 @@ int main(int argc, char **argv)
     fflush(stdout);
     if (wait && !fgets(line, sizeof line, stdin))
         return 1;
+    if (wait && strncmp(line, "exec ", 5) == 0) {
+        /* Become another program: "exec PATH" runs PATH 0 bench 1 wait. */
+        line[strcspn(line, "\n")] = 0;
+        execl(line + 5, line + 5, "0", "bench", "1", "wait", (char *)0);
+        return 127;
+    }
     return 0;
 }
