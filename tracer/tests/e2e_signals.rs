@@ -357,3 +357,110 @@ fn attach_leaves_the_code_of_an_exec_d_program_alone() {
     assert_eq!(done(&t.line()).1, 1);
     assert!(t.child.wait().unwrap().success());
 }
+
+/// Counts the SIGINTs it gets (and how many a process sent rather than the terminal)
+/// until a SIGTERM comes, then prints them. Signals of one number merge while pending and
+/// lower numbers are delivered first: a SIGINT passed on by tracer before it passed on
+/// the SIGTERM is counted.
+const INTS_C: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+static volatile sig_atomic_t ints, from_process, terms;
+static void on_int(int s, siginfo_t *i, void *c)
+{
+    (void)s; (void)c;
+    ints++;
+    if (i->si_code <= 0)
+        from_process++;
+}
+static void on_term(int s) { (void)s; terms++; }
+int main(void)
+{
+    struct sigaction a;
+    memset(&a, 0, sizeof a);
+    a.sa_sigaction = on_int;
+    a.sa_flags = SA_SIGINFO;
+    sigaction(SIGINT, &a, 0);
+    signal(SIGTERM, on_term);
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, SIGINT);
+    sigaddset(&block, SIGTERM);
+    sigprocmask(SIG_BLOCK, &block, &old);
+    printf("ready\n");
+    fflush(stdout);
+    while (!ints)
+        sigsuspend(&old);
+    printf("int\n");
+    fflush(stdout);
+    while (!terms)
+        sigsuspend(&old);
+    printf("ints=%d from_process=%d\n", (int)ints, (int)from_process);
+    return 0;
+}
+"#;
+
+/// Ctrl-C on the terminal of `tracer run` reaches the program once (from the terminal,
+/// not again from tracer), tracer outlives it, and SIGTERM sent to tracer alone is passed
+/// on; the program decides to exit 0, and tracer then reports and exits 0.
+#[test]
+fn ctrl_c_on_the_terminal_reaches_the_program_once() {
+    use std::os::unix::process::CommandExt;
+    let dir = temp_dir("ctrlc-run");
+    let prog = cc(&dir, "ints", INTS_C, &[]);
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two descriptors; the other pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    let json = dir.join("out.json");
+    let (err_to, err_path) = stderr_file(&dir);
+    let mut cmd = tracer();
+    cmd.args(["run", "-p", "libc:malloc", "--json", "-o"])
+        .arg(&json)
+        .arg("--")
+        .arg(&prog)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(err_to);
+    // SAFETY: setsid and ioctl are async-signal-safe; `slave` is open in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            // A session of its own whose controlling terminal is the pty, tracer's group
+            // in its foreground: the terminal's Ctrl-C goes to tracer and the program.
+            if libc::setsid() == -1 || libc::ioctl(slave, libc::TIOCSCTTY, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let mut tracer = cmd.spawn().unwrap();
+    // SAFETY: our copy of the slave side is no longer needed.
+    unsafe { libc::close(slave) };
+    let mut stdout = BufReader::new(tracer.stdout.take().unwrap());
+    assert_eq!(read_line(&mut stdout), "ready");
+    // SAFETY: writes one byte (the terminal's interrupt character) to our pty master.
+    assert_eq!(
+        unsafe { libc::write(master, b"\x03".as_ptr().cast(), 1) },
+        1
+    );
+    assert_eq!(read_line(&mut stdout), "int");
+    // SAFETY: kill with the PID of our own child process.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGTERM) };
+    assert_eq!(read_line(&mut stdout), "ints=1 from_process=0");
+    let (status, err) = wait_with_timeout(tracer, &err_path, Duration::from_secs(30));
+    // SAFETY: closing our own descriptor.
+    unsafe { libc::close(master) };
+    assert_eq!(status.code(), Some(0), "{err}");
+    let reports = json_file(&json);
+    assert_eq!(reports.len(), 1, "{err}");
+    report(&reports, "libc:malloc");
+}
