@@ -241,7 +241,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         }
     };
     let n = session.installed().len();
-    eprintln!("tracer: {n} probe(s) live in {pid}; Ctrl-C to detach");
+    eprintln!("tracer: {n} probe(s) live in {pid}; Ctrl-C (or SIGTERM) to remove them");
     let deadline = duration.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     let stop_now = deadline.is_some_and(|d| Instant::now() >= d)
         || signals
