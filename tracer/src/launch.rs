@@ -175,9 +175,10 @@ fn pipe() -> Result<(Fd, Fd), LaunchError> {
 }
 
 /// Starts `program` with `args` (argv[1..]; argv[0] is `program` as given) under ptrace and
-/// returns it stopped at its entry point, every thread stopped. Resume it with
-/// [`Process::resume_all`] and collect its end with [`Process::wait_exit`] to forward the
-/// exit code or signal.
+/// returns it stopped at its entry point, every thread stopped. Either detach
+/// ([`Process::detach`]: it stays our child, so a plain `waitpid` collects its end, and
+/// its signals no longer stop it) or resume it traced with [`Process::resume_all`] and
+/// collect its end with [`Process::wait_exit`].
 pub fn launch(program: &str, args: &[String]) -> Result<Process, LaunchError> {
     let path = resolve_program(program)?;
     let c_path = cstring(path.as_os_str())?;

@@ -1,5 +1,6 @@
 //! tracer: everything done from outside the target.
 pub mod agent_blob;
+pub mod detached;
 pub mod inject;
 pub mod launch;
 pub mod library_file;

@@ -4,12 +4,16 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tracer::detached::{self, PidFd, SignalFd, Woke};
 use tracer::session::{ProbeReport, Session};
 use tracer::spec::{self, ProbeSpec, ResolvedProbe};
 use tracer::symbols::{ProcessModules, SymbolCache};
-use tracer::threads::{self, ExitStatus, Process};
+use tracer::threads::{self, AttachError, ExitStatus, Process};
 
 /// Dynamic probes for running native programs: count calls of any function, with no
 /// ptrace stop per hit.
@@ -30,7 +34,8 @@ enum Command {
         #[arg(last = true, required = true, value_name = "CMD")]
         cmd: Vec<String>,
     },
-    /// Attach to a running process; detach on Ctrl-C, --duration, or when it exits.
+    /// Put probes in a running process; take them out on Ctrl-C, SIGTERM or --duration,
+    /// or report when it exits.
     Attach {
         pid: i32,
         #[command(flatten)]
@@ -116,7 +121,15 @@ fn install(proc: &mut Process, args: &ProbeArgs) -> Result<Session, String> {
     Ok(session)
 }
 
+/// Signals that ask `tracer run` to end: passed on to the program, which decides what
+/// they mean; tracer reports when it has ended. Those a terminal sends (Ctrl-C, Ctrl-\,
+/// hang-up) reach the program by themselves and are not sent twice.
+const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
 fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
+    let mut sink = Sink::open(args)?;
+    // Blocked before the launch, so that one arriving during set-up is passed on too.
+    let signals = SignalFd::block(FORWARDED).map_err(|e| format!("cannot block signals: {e}"))?;
     let mut proc = tracer::launch::launch(&cmd[0], &cmd[1..]).map_err(|e| e.to_string())?;
     let session = match install(&mut proc, args) {
         Ok(s) => s,
@@ -125,20 +138,33 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
             return Err(e);
         }
     };
-    // Ctrl-C reaches the whole foreground group: let the program decide what it means,
-    // and report when it ends.
-    // SAFETY: ignoring a signal installs no handler code.
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-    let status = proc.wait_exit().map_err(|e| e.to_string())?;
-    if let Some(first) = proc.execs().first() {
-        // The probes were in the program image that exec replaced.
-        eprintln!(
-            "tracer: note: {} exec'd {first}; the counts cover the program before that \
-             (probes do not follow exec yet: run {first} directly)",
-            cmd[0]
-        );
+    let pid = proc.pid();
+    let image = detached::comm(pid);
+    let pidfd = match PidFd::open(pid) {
+        Ok(f) => f,
+        Err(e) => {
+            proc.kill();
+            return Err(format!("cannot open a pidfd for PID {pid}: {e}"));
+        }
+    };
+    // The program runs untraced from here: signals reach it directly.
+    if let Err(e) = proc.detach() {
+        kill_and_reap(pid);
+        return Err(e.to_string());
     }
-    output(args, &session.report())?;
+    let (status, image_at_end) = wait_child(pid, &pidfd, &signals)?;
+    if let (Some(first), Some(last)) = (image, image_at_end) {
+        if first != last {
+            // The probes were in the program image that exec replaced.
+            eprintln!(
+                "tracer: note: {} exec'd {last}; the counts cover the program before that \
+                 (probes do not follow exec yet: run {last} directly)",
+                cmd[0]
+            );
+        }
+    }
+    sink.write(args, &session.report())?;
+    drop(signals);
     Ok(match status {
         ExitStatus::Code(c) => ExitCode::from(c as u8),
         ExitStatus::Signal(s) => {
@@ -153,13 +179,51 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
     })
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+/// Waits in the kernel for our detached child to end, passing on the signals that ask
+/// tracer to end. Returns how it ended and the name of the program image it ran last
+/// (read from the zombie, before reaping it).
+fn wait_child(
+    pid: i32,
+    pidfd: &PidFd,
+    signals: &SignalFd,
+) -> Result<(ExitStatus, Option<String>), String> {
+    loop {
+        match detached::wait(pidfd, signals, None) {
+            Ok(Woke::Ended) => break,
+            Ok(Woke::Signal(r)) if !r.from_terminal => {
+                // SAFETY: kill with our own unreaped child's pid.
+                unsafe { libc::kill(pid, r.signal) };
+            }
+            Ok(_) => {}
+            Err(e) => return Err(format!("waiting for PID {pid} failed: {e}")),
+        }
+    }
+    let image = detached::comm(pid);
+    let status = loop {
+        match waitpid(Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, c)) => break ExitStatus::Code(c),
+            Ok(WaitStatus::Signaled(_, s, _)) => break ExitStatus::Signal(s as i32),
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(format!("waiting for PID {pid} failed: {e}")),
+        }
+    };
+    Ok((status, image))
 }
 
+fn kill_and_reap(pid: i32) {
+    // SAFETY: kill with our own child's pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::__WALL));
+}
+
+/// Signals that end `tracer attach`: it then removes its probes, detaches and reports.
+const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
 fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, String> {
+    let mut sink = Sink::open(args)?;
+    // Blocked before attaching, so that one arriving during set-up ends the session as
+    // soon as the probes are in place, in order.
+    let signals = SignalFd::block(STOPPING).map_err(|e| format!("cannot block signals: {e}"))?;
     let mut proc = threads::attach(pid).map_err(|e| e.to_string())?;
     let mut session = match install(&mut proc, args) {
         Ok(s) => s,
@@ -168,37 +232,119 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
             return Err(e);
         }
     };
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    let pidfd = match PidFd::open(pid) {
+        Ok(f) => f,
+        Err(e) => {
+            session.remove(&mut proc).map_err(|e| e.to_string())?;
+            let _ = proc.detach();
+            return Err(format!("cannot open a pidfd for PID {pid}: {e}"));
+        }
+    };
     let n = session.installed().len();
-    eprintln!("tracer: {n} probe(s) live in {pid}; Ctrl-C to detach");
-    proc.resume_all().map_err(|e| e.to_string())?;
+    eprintln!("tracer: {n} probe(s) live in {pid}; Ctrl-C (or SIGTERM) to remove them");
     let deadline = duration.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
-    let mut exited = None;
-    while !STOP.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
-        match proc.service(Duration::from_millis(50)) {
-            Ok(Some(st)) => {
-                exited = Some(st);
-                break;
-            }
-            Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
+    let stop_now = deadline.is_some_and(|d| Instant::now() >= d)
+        || signals
+            .take()
+            .map_err(|e| format!("cannot read signals: {e}"))?
+            .is_some();
+    if stop_now {
+        // `--duration 0`, or a signal during set-up: remove the probes while still
+        // attached rather than detach and come back.
+        let left = session.remove(&mut proc).map_err(|e| e.to_string())?;
+        note_left_alone(pid, &left);
+        proc.detach().map_err(|e| e.to_string())?;
+    } else {
+        // The probes count by themselves: the target runs untraced until we come back.
+        proc.detach().map_err(|e| e.to_string())?;
+        let woke = detached::wait(&pidfd, &signals, deadline)
+            .map_err(|e| format!("waiting for PID {pid} failed: {e}"))?;
+        if woke == Woke::Ended || !remove_probes(pid, &mut session, &pidfd)? {
+            eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
         }
     }
-    if let Some(st) = exited {
-        eprintln!("tracer: process {pid} ended ({st})");
-    } else {
-        session.remove(&mut proc).map_err(|e| e.to_string())?;
-        proc.detach().map_err(|e| e.to_string())?;
-    }
-    output(args, &session.report())?;
+    sink.write(args, &session.report())?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn output(args: &ProbeArgs, reports: &[ProbeReport]) -> Result<(), String> {
+/// Attaches again (threads created meanwhile included), restores every patched byte with
+/// every thread stopped, and detaches. Ok(false) when the process ended meanwhile.
+fn remove_probes(pid: i32, session: &mut Session, pidfd: &PidFd) -> Result<bool, String> {
+    let gone = || pidfd.ended().unwrap_or(false);
+    let mut proc = match threads::attach(pid) {
+        Ok(p) => p,
+        Err(AttachError::NoSuchProcess { .. } | AttachError::Exited { .. }) => return Ok(false),
+        Err(_) if gone() => return Ok(false),
+        Err(e) => {
+            return Err(format!(
+                "cannot attach again to remove the probes, which stay in place: {e}"
+            ))
+        }
+    };
+    match session.remove(&mut proc) {
+        Ok(left) => note_left_alone(pid, &left),
+        Err(_) if gone() => return Ok(false),
+        Err(e) => return Err(format!("cannot remove the probes: {e}")),
+    }
+    match proc.detach() {
+        Ok(()) => Ok(true),
+        Err(_) if gone() => Ok(false),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Says which probes were no longer in place when we came back to remove them.
+fn note_left_alone(pid: i32, left: &[String]) {
+    if left.is_empty() {
+        return;
+    }
+    let mut names = left.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if left.len() > 5 {
+        names.push_str(&format!(" and {} more", left.len() - 5));
+    }
+    eprintln!(
+        "tracer: note: the patches of {names} were no longer there (did PID {pid} exec \
+         another program?): that code was left as it is; the counts cover the time \
+         before that"
+    );
+}
+
+/// Where the report goes. A file is created before anything touches a process, so that a
+/// path that cannot be written costs neither a run nor its results.
+enum Sink {
+    File(std::fs::File, PathBuf),
+    Stderr,
+}
+
+impl Sink {
+    fn open(args: &ProbeArgs) -> Result<Sink, String> {
+        match &args.output {
+            None => Ok(Sink::Stderr),
+            Some(p) => std::fs::File::create(p)
+                .map(|f| Sink::File(f, p.clone()))
+                .map_err(|e| {
+                    format!(
+                        "cannot create the output file {}: {e}; give -o a path in a writable directory",
+                        p.display()
+                    )
+                }),
+        }
+    }
+
+    fn write(&mut self, args: &ProbeArgs, reports: &[ProbeReport]) -> Result<(), String> {
+        let text = render(args, reports);
+        match self {
+            Sink::File(f, p) => f
+                .write_all(text.as_bytes())
+                .map_err(|e| format!("cannot write {}: {e}", p.display())),
+            Sink::Stderr => std::io::stderr()
+                .write_all(text.as_bytes())
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+fn render(args: &ProbeArgs, reports: &[ProbeReport]) -> String {
     let mut text = String::new();
     if args.json {
         for r in reports {
@@ -248,14 +394,7 @@ fn output(args: &ProbeArgs, reports: &[ProbeReport]) -> Result<(), String> {
             ));
         }
     }
-    match &args.output {
-        Some(p) => {
-            std::fs::write(p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))
-        }
-        None => std::io::stderr()
-            .write_all(text.as_bytes())
-            .map_err(|e| e.to_string()),
-    }
+    text
 }
 
 fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, String> {

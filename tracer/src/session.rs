@@ -495,14 +495,7 @@ impl Session {
         }
         for p in &self.installed {
             let bytes = if install { &p.patch } else { &p.original };
-            proc.write_memory(p.site, bytes)
-                .map_err(|_| SessionError::PatchVerify { site: p.site })?;
-            let mut back = [0u8; 5];
-            proc.read_memory(p.site, &mut back)
-                .map_err(|_| SessionError::PatchVerify { site: p.site })?;
-            if &back != bytes {
-                return Err(SessionError::PatchVerify { site: p.site });
-            }
+            write_verified(proc, p.site, bytes)?;
         }
         self.patched = install;
         Ok(())
@@ -510,11 +503,33 @@ impl Session {
 
     /// Stop every thread, restore every original byte (read back to check). Trampolines
     /// stay mapped: threads may be inside them or return through them.
-    pub fn remove(&mut self, proc: &mut Process) -> Result<(), SessionError> {
-        if self.patched {
-            self.write_patches(proc, false)?;
+    ///
+    /// Only sites that still hold our patch are restored: the target ran untraced since
+    /// the install and may have exec'd another program (or rewritten its code), and
+    /// writing there would corrupt code that is not ours. Returns the labels of the
+    /// probes whose patch was gone (left alone).
+    pub fn remove(&mut self, proc: &mut Process) -> Result<Vec<String>, SessionError> {
+        let mut gone = Vec::new();
+        if !self.patched {
+            return Ok(gone);
         }
-        Ok(())
+        if !proc.all_stopped() {
+            proc.stop_all()?;
+        }
+        for p in &self.installed {
+            let mut now = [0u8; 5];
+            if proc.read_memory(p.site, &mut now).is_err() || now != p.patch {
+                gone.push(if p.hidden {
+                    format!("the agent's hook at {:#x}", p.site)
+                } else {
+                    p.label.clone()
+                });
+                continue;
+            }
+            write_verified(proc, p.site, &p.original)?;
+        }
+        self.patched = false;
+        Ok(gone)
     }
 
     /// The user's probes that are installed.
@@ -552,6 +567,19 @@ impl Session {
             })
             .collect()
     }
+}
+
+/// Writes `bytes` at `site` and reads them back.
+fn write_verified(proc: &Process, site: u64, bytes: &[u8; 5]) -> Result<(), SessionError> {
+    proc.write_memory(site, bytes)
+        .map_err(|_| SessionError::PatchVerify { site })?;
+    let mut back = [0u8; 5];
+    proc.read_memory(site, &mut back)
+        .map_err(|_| SessionError::PatchVerify { site })?;
+    if &back != bytes {
+        return Err(SessionError::PatchVerify { site });
+    }
+    Ok(())
 }
 
 const TIMEOUT: Duration = Duration::from_secs(20);
