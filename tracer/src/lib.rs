@@ -8,6 +8,7 @@ pub mod probeable;
 pub mod process_kind;
 pub mod remote_call;
 pub mod session;
+pub mod session_lock;
 pub mod spec;
 pub mod symbols;
 pub mod threads;

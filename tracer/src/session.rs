@@ -6,6 +6,7 @@ use crate::inject::{self, LibcFunctions};
 use crate::library_file;
 use crate::probeable;
 use crate::remote_call;
+use crate::session_lock::{self, SessionLock};
 use crate::spec::ResolvedProbe;
 use crate::symbols::ProcessModules;
 use crate::threads::{AttachError, Process};
@@ -97,6 +98,8 @@ pub enum SessionError {
     PatchVerify {
         site: u64,
     },
+    /// Another tracer's session holds the target.
+    Lock(session_lock::LockError),
 }
 
 impl fmt::Display for SessionError {
@@ -125,6 +128,7 @@ impl fmt::Display for SessionError {
             SessionError::PatchVerify { site } => {
                 write!(f, "the patch at {site:#x} did not read back as written")
             }
+            SessionError::Lock(e) => e.fmt(f),
         }
     }
 }
@@ -224,6 +228,8 @@ pub struct Session {
     counters: Counters,
     /// Whether the patches are still in the target.
     patched: bool,
+    /// Held while the probes are live: no other tracer takes them over meanwhile.
+    _lock: SessionLock,
 }
 
 /// Why `p` gets its entries probed and not its returns, if it does (see
@@ -287,6 +293,8 @@ impl Session {
                 "initialisation returned garbage".into(),
             ));
         }
+        // Before anything is adopted or reused: another live tracer's probes are its own.
+        let lock = SessionLock::take(proc.pid(), info.shared_fd).map_err(SessionError::Lock)?;
         // Patches a killed tracer left in the code: this session takes them over.
         let mut adopted = live_probes(proc, &fns, live)?;
         let left = adopted
@@ -472,6 +480,7 @@ impl Session {
             notes,
             counters,
             patched: false,
+            _lock: lock,
         };
         s.write_patches(proc, true)?;
         Ok(s)

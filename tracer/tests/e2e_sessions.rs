@@ -397,3 +397,44 @@ fn patches_of_a_killed_tracer_are_adopted_and_restored() {
     }
     assert_eq!(t.0.finish(), reference.0.finish());
 }
+
+/// While a tracer's session is live (the tracer detached from the target and waits), a
+/// second tracer neither takes its probes over nor removes them: it is refused in one
+/// line naming the first tracer, and the first one's counts go on exactly.
+#[test]
+fn a_live_session_is_not_taken_over_by_another_tracer() {
+    let dir = temp_dir("twotracers");
+    let exe = cc(&dir, "tiny", TINY_C, &["-pthread", "-pie", "-fPIE"]);
+    let mut t = Target::spawn(&exe, &[]);
+    let first_line = t.line();
+    let good = hex(first_line.split_whitespace().nth(2).expect("GOOD address"));
+    let original = read_mem(t.pid(), good, 5);
+    let pid = t.pid().to_string();
+
+    let first = Attached::start(t.pid(), &dir, "first", &["-p", "main:good"]);
+    let patched = read_mem(t.pid(), good, 5);
+    assert_ne!(patched, original, "first session did not patch");
+    let out = tracer_output(&["attach", &pid, "-p", "main:good", "--duration", "0"]);
+    let holder = format!("pid {}", first.child.id());
+    assert_one_line_error(
+        &out,
+        &["already has live probes from another tracer", &holder],
+    );
+    assert_eq!(
+        read_mem(t.pid(), good, 5),
+        patched,
+        "second tracer touched the patch"
+    );
+
+    // The first session still owns its probe: it counts and restores.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let reports = first.detach();
+    let r = reports
+        .iter()
+        .find(|r| r["probe"] == "main:good")
+        .expect("main:good reported");
+    assert!(r["hits"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(read_mem(t.pid(), good, 5), original);
+    let (last, ok) = t.finish();
+    assert!(ok && last.starts_with("ok"), "target disturbed: {last:?}");
+}
