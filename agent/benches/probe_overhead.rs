@@ -146,7 +146,7 @@ fn main() {
         println!("| {name:<27} | {m:>8.2} | {:>8.2} | {enc:>10} |", m - base);
         if let Some((id, _)) = p {
             let c = interceptor.counters(*id);
-            bad_counts.push((*name, c.hits.load(Relaxed), CALLS * ROUNDS as u64));
+            bad_counts.push((*name, c.hits(), CALLS * ROUNDS as u64));
         }
     }
     for (name, got, want) in bad_counts {
