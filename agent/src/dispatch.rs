@@ -6,7 +6,7 @@
 //! for the exit trampoline's. Nothing here allocates, locks, or calls into libc or the
 //! dynamic loader: any of those may be probed themselves.
 
-use crate::shared::{shard_index, sharding};
+use crate::shared::current_cpu;
 use crate::thread_state::{self, ShadowEntry};
 use probes::context::{OffsetContext, OffsetHandler};
 use probes::shared::{flags, Counts};
@@ -69,9 +69,15 @@ impl Probe {
         }
     }
 
+    /// The calling CPU's shard; None when the region has none (no rseq).
     #[inline(always)]
     fn shard(&self) -> Option<&'static probes::shared::Shard> {
-        self.counters.shards.get(shard_index(sharding()?))
+        let shards = self.counters.shards;
+        if shards.is_empty() {
+            return None;
+        }
+        // A power of two: any CPU number, stale or not, names a shard.
+        shards.get(current_cpu() & (shards.len() - 1))
     }
 }
 

@@ -38,7 +38,7 @@
 use probes::shared::{Counts, SharedHeader, MAGIC};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::OnceLock;
 
 /// Most counter slots one process can have.
@@ -102,6 +102,7 @@ fn detect_sharding() -> Option<Sharding> {
         return None;
     }
     let cpu_offset = i32::try_from(offset.checked_add(4)?).ok()?;
+    CPU_OFFSET.store(cpu_offset, Ordering::Relaxed);
     Some(Sharding {
         cpu_offset,
         shards: shard_count(),
@@ -115,16 +116,21 @@ fn shard_count() -> u32 {
     (cpus.max(1) as usize).next_power_of_two().min(MAX_SHARDS) as u32
 }
 
-/// The shard the calling thread counts in: its CPU's.
+/// [`Sharding::cpu_offset`] once detected, for the Rust hot path (a plain load).
+static CPU_OFFSET: AtomicI32 = AtomicI32::new(0);
+
+/// The calling thread's CPU number from its rseq area, to be masked. Only meaningful
+/// once [`sharding`] returned Some, which every region with shards implies.
 #[inline(always)]
-pub fn shard_index(s: Sharding) -> usize {
+pub fn current_cpu() -> usize {
     let cpu: u32;
-    // SAFETY: `fs:[cpu_offset]` is the calling thread's rseq `cpu_id`, inside its TCB.
+    // SAFETY: `fs:[offset]` is the calling thread's rseq `cpu_id`, inside its TCB.
     unsafe {
-        std::arch::asm!("mov {c:e}, dword ptr fs:[{o}]", o = in(reg) s.cpu_offset as isize,
+        std::arch::asm!("mov {c:e}, dword ptr fs:[{o}]",
+            o = in(reg) CPU_OFFSET.load(Ordering::Relaxed) as isize,
             c = out(reg) cpu, options(nostack, readonly, preserves_flags));
     }
-    (cpu & s.mask()) as usize
+    cpu as usize
 }
 
 pub struct SharedRegion {
