@@ -6,29 +6,31 @@
 //! # Counting that scales with threads
 //!
 //! One counter per probe, bumped with `lock inc`, made every thread that hits the probe
-//! fight for one cache line: 4 threads on 2 cores paid about 11 ns per hit instead of
-//! 1. So each slot is a [`probes::shared::ProbeCounters`] line followed by one
-//! [`probes::shared::Shard`] line per CPU
-//! group, and a hit bumps the shard of the CPU it runs on, still with `lock inc`;
-//! readers sum the lines ([`probes::shared::Counts`]).
+//! fight for one cache line: with 4 threads running at once on this 2-core machine a
+//! hit cost about 9 ns more than with one thread (`bench/probe_overhead.md`). So each
+//! slot is a [`probes::shared::ProbeCounters`] line followed by one
+//! [`probes::shared::Shard`] line per CPU, and a hit bumps the shard of the CPU it runs
+//! on, still with `lock inc`; readers sum the lines ([`probes::shared::Counts`]).
 //!
 //! The CPU number comes from the `rseq` area glibc (>= 2.35) registers for every thread:
 //! the kernel keeps `cpu_id` there current, one load at `fs:[__rseq_offset + 4]`. The
 //! index is `cpu_id & (shards - 1)`, so any value (a stale one right after a migration,
-//! -1 or -2 in a thread whose registration failed, an unknown CPU beyond the shard
-//! count) still names a real shard; and since every increment is atomic, the totals are
-//! exact whatever shard a hit lands in: the CPU number only decides which line is
-//! local. Nothing is per thread, so nothing is lost or needs recycling when threads
-//! exit, and the tracer reads the totals from the memfd, live or after the target died.
-//! Without `rseq` (older glibc, `glibc.pthread.rseq=0`) the region has no shards and
-//! every hit bumps the first line, as before.
+//! -1 or -2 in a thread whose registration failed, a CPU beyond the shard count) still
+//! names a real shard; and since every increment is atomic, the totals are exact
+//! whatever shard a hit lands in: the CPU number only decides which line is local.
+//! Nothing is per thread, so nothing is lost or needs recycling when threads exit, and
+//! the tracer reads the totals from the memfd, live or after the target died. Without
+//! `rseq` (glibc < 2.35, `glibc.pthread.rseq=0`) the region has no shards and every hit
+//! bumps the first line, as before.
 //!
-//! Weighed against it: per-thread blocks reached through the agent's static TLS need no
-//! `lock` at all, but every block must be found by the tracer and folded into the totals
-//! when its thread exits, which needs a hook at thread exit that a `dlopen`ed agent
-//! cannot get without calling into libc; `rdpid`/`rdtscp` give the CPU number too but
-//! cost far more than a load from a line the thread already owns, and `rdpid` is not
-//! exposed to every guest.
+//! Weighed against it, measured here (tight loop, ns per count, one thread): `lock inc`
+//! alone 2.1-2.2; with the rseq load 2.0-2.2; with `rdpid` 2.7-2.9; with `rdtscp` 26
+//! (slow in this KVM guest). Per-thread blocks reached through the agent's static TLS
+//! would need no `lock`, but every block must be found by the tracer and folded into
+//! the totals when its thread exits, which needs a hook at thread exit that a
+//! `dlopen`ed agent cannot get without calling into libc, and memory per thread and
+//! probe. A locked add on a line the CPU already owns costs what a plain one does in
+//! the counting paths (see `dispatch::bump`), so per-CPU lines lose nothing to them.
 //!
 //! Trampolines hold the addresses of their counters, so counters never move: the region
 //! reserves address space for [`MAX_CAPACITY`] slots up front (a shared mapping longer
