@@ -7,6 +7,12 @@
 //! 64 bytes so placement does not differ). Rounds interleave the configurations; the
 //! result is the median over rounds of ns/call, and the overhead is the probed median
 //! minus the unprobed one.
+//!
+//! The "4 threads" rows run 4 threads at once, each calling its configuration's copy in
+//! the same loop, and time each thread by its own CPU time (`CLOCK_THREAD_CPUTIME_ID`):
+//! ns of CPU per call, comparable with the single-thread rows whatever the number of
+//! cores, and blind to the time a thread waits for a core. Each such row is followed by
+//! its overhead's ratio to the single-thread row of the same probe.
 
 use agent::interceptor::{Interceptor, ProbeRequest};
 use probes::{EntryContext, ExitContext};
@@ -39,6 +45,9 @@ global_asm!(
     leaf!("po_entry_handler"),
     leaf!("po_exit"),
     leaf!("po_exit_handlers"),
+    leaf!("po_plain_mt"),
+    leaf!("po_entry_mt"),
+    leaf!("po_exit_mt"),
 );
 
 extern "C" {
@@ -47,6 +56,9 @@ extern "C" {
     fn po_entry_handler(a: u64, b: u64) -> u64;
     fn po_exit(a: u64, b: u64) -> u64;
     fn po_exit_handlers(a: u64, b: u64) -> u64;
+    fn po_plain_mt(a: u64, b: u64) -> u64;
+    fn po_entry_mt(a: u64, b: u64) -> u64;
+    fn po_exit_mt(a: u64, b: u64) -> u64;
 }
 
 type Leaf = unsafe extern "C" fn(u64, u64) -> u64;
@@ -71,12 +83,66 @@ const ROUNDS: usize = 15;
 fn run(f: Leaf) -> (f64, u64) {
     let f = black_box(f);
     let mut acc = 0u64;
-    let t = Instant::now();
+    let t = thread_cpu_ns();
     for i in 0..CALLS {
         // SAFETY: every leaf has this signature and no preconditions.
         acc = acc.wrapping_add(unsafe { f(i, acc & 0xff) });
     }
-    (t.elapsed().as_nanos() as f64 / CALLS as f64, acc)
+    ((thread_cpu_ns() - t) as f64 / CALLS as f64, acc)
+}
+
+const THREADS: usize = 4;
+
+fn thread_cpu_ns() -> u128 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) },
+        0
+    );
+    t.tv_sec as u128 * 1_000_000_000 + t.tv_nsec as u128
+}
+
+/// What [`run_threads`] measured.
+struct Threaded {
+    /// CPU ns per call over all threads.
+    ns: f64,
+    /// How much of the time the threads ran at once: their CPU time over the wall time
+    /// times the cores they could use. Contention between cores needs them to.
+    overlap: f64,
+    /// Every thread's result.
+    accs: Vec<u64>,
+}
+
+/// [`THREADS`] threads, started together, each making `CALLS` calls of `f`.
+fn run_threads(f: Leaf) -> Threaded {
+    let start = std::sync::Barrier::new(THREADS + 1);
+    let (per_thread, wall): (Vec<(u128, u64)>, u128) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    let t0 = thread_cpu_ns();
+                    let (_, acc) = run(f);
+                    (thread_cpu_ns() - t0, acc)
+                })
+            })
+            .collect();
+        start.wait();
+        let t = Instant::now();
+        let r = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        (r, t.elapsed().as_nanos())
+    });
+    let cpu: u128 = per_thread.iter().map(|(ns, _)| ns).sum();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(THREADS));
+    Threaded {
+        ns: cpu as f64 / (CALLS as f64 * THREADS as f64),
+        overlap: cpu as f64 / (wall as f64 * cores as f64),
+        accs: per_thread.into_iter().map(|(_, acc)| acc).collect(),
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -120,19 +186,48 @@ fn main() {
             })),
         ),
     ];
+    // Configurations run by THREADS threads at once, with the single-thread row of the
+    // same probe (for the ratio).
+    let mt: Vec<(&str, Leaf, Option<(u32, _)>, usize)> = vec![
+        ("unprobed, 4 threads", po_plain_mt as Leaf, None, 0),
+        (
+            "entry, no handler, 4 thr.",
+            po_entry_mt,
+            Some(probe(&mut interceptor, po_entry_mt, |r| r)),
+            1,
+        ),
+        (
+            "entry+exit, no h., 4 thr.",
+            po_exit_mt,
+            Some(probe(&mut interceptor, po_exit_mt, |r| r.with_exit())),
+            3,
+        ),
+    ];
     // The probed copies must compute what the plain one does.
     let (_, want) = run(po_plain);
     let mut times = vec![Vec::new(); configs.len()];
+    let mut mt_times = vec![Vec::new(); mt.len()];
+    let mut overlap = Vec::new();
     for _ in 0..ROUNDS {
         for (k, (_, f, _)) in configs.iter().enumerate() {
             let (ns, acc) = run(*f);
             assert_eq!(acc, want, "{} computed a different result", configs[k].0);
             times[k].push(ns);
         }
+        for (k, (name, f, _, _)) in mt.iter().enumerate() {
+            let r = run_threads(*f);
+            assert!(
+                r.accs.iter().all(|&a| a == want),
+                "{name} computed a different result"
+            );
+            mt_times[k].push(r.ns);
+            overlap.push(r.overlap);
+        }
     }
     let base = median(times[0].clone());
     println!(
-        "{CALLS} calls per round, {ROUNDS} rounds, median ns/call (overhead = probed - unprobed)"
+        "{CALLS} calls per round (per thread), {ROUNDS} rounds, median CPU ns/call \
+         (overhead = probed - unprobed)"
     );
     println!(
         "| {:<27} | {:>8} | {:>8} | {:>10} |",
@@ -146,9 +241,31 @@ fn main() {
         println!("| {name:<27} | {m:>8.2} | {:>8.2} | {enc:>10} |", m - base);
         if let Some((id, _)) = p {
             let c = interceptor.counters(*id);
-            bad_counts.push((*name, c.hits.load(Relaxed), CALLS * ROUNDS as u64));
+            bad_counts.push((*name, c.hits(), CALLS * ROUNDS as u64));
         }
     }
+    let mt_base = median(mt_times[0].clone());
+    for (k, (name, _, p, single)) in mt.iter().enumerate() {
+        let m = median(mt_times[k].clone());
+        let enc = p.map(|(_, e)| e.name()).unwrap_or("-");
+        println!(
+            "| {name:<27} | {m:>8.2} | {:>8.2} | {enc:>10} |",
+            m - mt_base
+        );
+        if let Some((id, _)) = p {
+            let single_overhead = median(times[*single].clone()) - base;
+            println!(
+                "|   ratio to 1 thread         |          | {:>7.2}x |            |",
+                (m - mt_base) / single_overhead
+            );
+            let c = interceptor.counters(*id);
+            bad_counts.push((*name, c.hits(), CALLS * (ROUNDS * THREADS) as u64));
+        }
+    }
+    println!(
+        "{THREADS} threads ran at once {:.0}% of the time (median; contention needs them to)",
+        100.0 * median(overlap)
+    );
     for (name, got, want) in bad_counts {
         assert_eq!(got, want, "{name}: hits");
     }

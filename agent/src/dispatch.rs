@@ -6,9 +6,10 @@
 //! for the exit trampoline's. Nothing here allocates, locks, or calls into libc or the
 //! dynamic loader: any of those may be probed themselves.
 
+use crate::shared::current_cpu;
 use crate::thread_state::{self, ShadowEntry};
 use probes::context::{OffsetContext, OffsetHandler};
-use probes::shared::{flags, ProbeCounters};
+use probes::shared::{flags, Counts};
 use probes::{EntryContext, EntryHandler, ExitContext, ExitHandler};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::AtomicU64;
@@ -20,8 +21,8 @@ use std::sync::OnceLock;
 /// to it at any time.
 #[repr(C)]
 pub struct Probe {
-    /// Counters in the shared region.
-    pub counters: &'static ProbeCounters,
+    /// Counters in the shared region. First field: trampolines load `counters.line`.
+    pub counters: Counts<'static>,
     pub on_entry: Option<EntryHandler>,
     pub on_exit: Option<ExitHandler>,
     /// Address of the exit trampoline when returns are probed, else 0.
@@ -39,28 +40,56 @@ pub struct Probe {
 impl Probe {
     #[inline]
     fn enabled(&self) -> bool {
-        self.counters.flags.load(Relaxed) & flags::ENABLED != 0
+        self.counters.line.flags.load(Relaxed) & flags::ENABLED != 0
     }
 
     #[cold]
     fn panicked(&self) {
-        self.counters.panics.fetch_add(1, Relaxed);
-        self.counters
-            .flags
+        let line = self.counters.line;
+        line.panics.fetch_add(1, Relaxed);
+        line.flags
             .fetch_and(!flags::ENABLED, std::sync::atomic::Ordering::Release);
-        self.counters
-            .flags
-            .fetch_or(flags::DISABLED_BY_PANIC, Relaxed);
+        line.flags.fetch_or(flags::DISABLED_BY_PANIC, Relaxed);
+    }
+
+    /// Count a hit in the calling CPU's shard (see `crate::shared`).
+    #[inline(always)]
+    fn bump_hits(&self) {
+        match self.shard() {
+            Some(s) => bump(&s.hits),
+            None => bump(&self.counters.line.hits),
+        }
+    }
+
+    #[inline(always)]
+    fn bump_exits(&self) {
+        match self.shard() {
+            Some(s) => bump(&s.exits),
+            None => bump(&self.counters.line.exits),
+        }
+    }
+
+    /// The calling CPU's shard; None when the region has none (no rseq).
+    #[inline(always)]
+    fn shard(&self) -> Option<&'static probes::shared::Shard> {
+        let shards = self.counters.shards;
+        if shards.is_empty() {
+            return None;
+        }
+        // A power of two: any CPU number, stale or not, names a shard.
+        shards.get(current_cpu() & (shards.len() - 1))
     }
 }
 
 /// Add one to a counter, exactly, whatever the number of threads hitting the probe.
 ///
 /// Users compare these counts with their program's own: a plain load and store would
-/// lose increments when threads hit one probe at once. The locked add costs most right
-/// after the trampoline saved its registers (the store buffer drains); probes without
-/// handlers count in the trampoline instead, before saving anything, where `lock inc`
-/// measured no slower than a plain one (`bench/probe_overhead.md`).
+/// lose increments when threads hit one probe at once, or when a thread migrates between
+/// reading its CPU number and counting in that CPU's shard. On a shard the line is the
+/// local CPU's, so the lock costs what it does single-threaded. The locked add costs
+/// most right after the trampoline saved its registers (the store buffer drains); probes
+/// without handlers count in the trampoline instead, before saving anything, where `lock
+/// inc` measured no slower than a plain one (`bench/probe_overhead.md`).
 #[inline(always)]
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
@@ -71,13 +100,14 @@ fn bump(c: &AtomicU64) {
 #[inline(always)]
 fn count_hit(probe: &Probe, t: &thread_state::ThreadState) -> bool {
     if t.busy != 0 {
-        bump(&probe.counters.skipped);
+        // Rare (hits inside a handler): the first line is enough.
+        bump(&probe.counters.line.skipped);
         return false;
     }
     if !probe.enabled() {
         return false;
     }
-    bump(&probe.counters.hits);
+    probe.bump_hits();
     true
 }
 
@@ -116,7 +146,7 @@ pub unsafe extern "C" fn on_entry(probe: *const Probe, ctx: *mut EntryContext) {
             // SAFETY: the return address slot, as above.
             unsafe { *slot = probe.exit_trampoline };
         } else {
-            bump(&probe.counters.lost_exits);
+            bump(&probe.counters.line.lost_exits);
         }
     }
 }
@@ -169,7 +199,7 @@ fn drop_stale(t: &mut thread_state::ThreadState, entry_rsp: u64, slot_value: u64
         if top.entry_rsp == entry_rsp && redirected {
             break;
         }
-        bump(&probe.counters.lost_exits);
+        bump(&probe.counters.line.lost_exits);
         t.pop();
     }
 }
@@ -199,7 +229,7 @@ pub fn unwind_hook(_ctx: &mut EntryContext) {
                 slot.write_volatile(e.return_address);
             }
         }
-        bump(&probe.counters.lost_exits);
+        bump(&probe.counters.line.lost_exits);
     }
 }
 
@@ -242,11 +272,11 @@ pub unsafe extern "C" fn on_exit(ctx: *mut ExitContext, slot: u64) -> u64 {
         let probe = unsafe { &*(e.probe as *const Probe) };
         if e.entry_rsp < slot {
             // A frame the stack was unwound past (longjmp, exception): it never returned.
-            bump(&probe.counters.lost_exits);
+            bump(&probe.counters.line.lost_exits);
             continue;
         }
         if t.busy == 0 && probe.enabled() {
-            bump(&probe.counters.exits);
+            probe.bump_exits();
             if let Some(h) = probe.on_exit {
                 ctx.return_address = e.return_address;
                 ctx.entry_rsp = e.entry_rsp;

@@ -15,7 +15,7 @@ use crate::relocator::{self, Function, Memory, Refusal, SelfMemory};
 use crate::shared::SharedRegion;
 use crate::trampoline;
 use probes::context::OffsetHandler;
-use probes::shared::{flags, ProbeCounters, ProbeKind};
+use probes::shared::{flags, ProbeKind};
 use probes::{EntryHandler, ExitHandler};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -176,7 +176,7 @@ impl Interceptor {
         &self.alloc
     }
 
-    pub fn counters(&self, id: u32) -> &ProbeCounters {
+    pub fn counters(&self, id: u32) -> probes::shared::Counts<'_> {
         self.shared.counters(id as usize)
     }
 
@@ -349,7 +349,7 @@ impl Interceptor {
             (None, None, ProbeKind::Entry | ProbeKind::Exit, Some(tls)) => {
                 Some(trampoline::FastEntry {
                     tls,
-                    counters,
+                    counters: counters.line,
                     exit_trampoline,
                 })
             }
@@ -382,6 +382,7 @@ impl Interceptor {
         let mut original = [0u8; 5];
         original.copy_from_slice(&stolen.original[..5]);
         counters
+            .line
             .encoding
             .store(tramp.encoding as u32, Ordering::Relaxed);
         self.probes.push(probe);
@@ -457,6 +458,7 @@ impl Interceptor {
     /// the patch; in-process callers use [`commit_in_process`](Self::commit_in_process).
     pub fn enable(&self, id: u32) {
         self.counters(id)
+            .line
             .flags
             .fetch_or(flags::ENABLED, Ordering::Release);
     }
@@ -499,6 +501,7 @@ impl Interceptor {
         write_self_code(p.site, &p.original)?;
         self.committed.remove(&p.site);
         self.counters(p.id)
+            .line
             .flags
             .fetch_and(!flags::ENABLED, Ordering::Release);
         Ok(())

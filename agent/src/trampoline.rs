@@ -46,7 +46,7 @@ use crate::relocator::{self, Relocated, Stolen};
 use crate::thread_state::layout as tl;
 use iced_x86::code_asm::*;
 use probes::context::{entry_layout as el, exit_layout as xl, offset_layout as ol};
-use probes::shared::{flags, ProbeCounters};
+use probes::shared::{flags, Counts, ProbeCounters, Shard};
 use std::mem::offset_of;
 
 /// Why a trampoline could not be generated.
@@ -305,23 +305,85 @@ const C_EXITS: i32 = offset_of!(ProbeCounters, exits) as i32;
 const C_SKIPPED: i32 = offset_of!(ProbeCounters, skipped) as i32;
 const C_FLAGS: i32 = offset_of!(ProbeCounters, flags) as i32;
 
+/// Where shard `i` of a slot starts: `(i << SHARD_SHIFT) + SHARDS`, from its first line.
+const SHARDS: i32 = std::mem::size_of::<ProbeCounters>() as i32;
+const SHARD_SHIFT: u32 = 6;
+const _: () = assert!(std::mem::size_of::<Shard>() == 1 << SHARD_SHIFT);
+const _: () = assert!(offset_of!(Shard, hits) as i32 == C_HITS);
+const _: () = assert!(offset_of!(Shard, exits) as i32 == C_EXITS);
+
+/// A register the sharded count borrows.
+#[derive(Clone, Copy)]
+struct Scratch {
+    r64: AsmRegister64,
+    r32: AsmRegister32,
+    /// Its number in ModRM.reg (0-7).
+    num: u8,
+}
+
+const SCRATCH_RAX: Scratch = Scratch {
+    r64: rax,
+    r32: eax,
+    num: 0,
+};
+const SCRATCH_RDX: Scratch = Scratch {
+    r64: rdx,
+    r32: edx,
+    num: 2,
+};
+
+/// `mov r32, dword ptr fs:[disp32]` (absolute disp32 through a SIB byte, no base).
+fn mov_r32_fs(num: u8, disp: i32) -> [u8; 8] {
+    let d = disp.to_le_bytes();
+    [0x64, 0x8b, (num & 7) << 3 | 4, 0x25, d[0], d[1], d[2], d[3]]
+}
+
+/// `lock inc` of the counter at `field` in the calling CPU's shard of the slot whose
+/// first line `base` points at (see `crate::shared`), or of the first line's when the
+/// process has no sharding. `scratch` is borrowed, kept at `[rsp + slot]`; only the
+/// flags change.
+fn emit_count(
+    e: &mut Emitter,
+    base: AsmRegister64,
+    field: i32,
+    scratch: Scratch,
+    slot: i32,
+) -> Result<(), EmitError> {
+    let Some(s) = crate::shared::sharding() else {
+        return e.asm(|a| a.lock().inc(qword_ptr(base + field)));
+    };
+    e.asm(|a| a.mov(qword_ptr(rsp + slot), scratch.r64))?;
+    // The rseq cpu_id; a stale or negative value still picks a shard (masked), and the
+    // locked increment keeps the total exact whichever it is.
+    e.bytes(&mov_r32_fs(scratch.num, s.cpu_offset));
+    e.asm(|a| {
+        a.and(scratch.r32, s.mask() as i32)?;
+        a.shl(scratch.r32, SHARD_SHIFT)?;
+        a.lock()
+            .inc(qword_ptr(base + scratch.r64 + (SHARDS + field)))?;
+        a.mov(scratch.r64, qword_ptr(rsp + slot))
+    })
+}
+
 /// Where the fast paths keep the registers they borrow, below `rsp`. At a function entry
 /// that is the callee's red zone, not yet used; after a return it is the dead callee
 /// frame (`[rsp-8]` the popped return slot). Signal delivery skips 128 bytes below `rsp`.
 const ENTRY_RAX: i32 = -8;
 const ENTRY_RCX: i32 = -16;
 const ENTRY_R11: i32 = -24;
+const ENTRY_RDX: i32 = -32;
 /// After a return: the real return address, then the borrowed registers.
 const RET_SLOT: i32 = -8;
 const RET_RCX: i32 = -16;
 const RET_RDI: i32 = -24;
 const RET_R11: i32 = -32;
+const RET_RAX: i32 = -40;
 
 /// The counting-only hot path of a probe with no handler, done inline: what
 /// `dispatch::on_entry` does for such a probe, without calling anything. Counters use
-/// `lock inc`: exact with any number of threads (see `dispatch::bump`).
+/// `lock inc` on the CPU's shard: exact with any number of threads (see `dispatch::bump`).
 ///
-/// It borrows `r11` (and `rax rcx` for exit probes), keeping their values below `rsp`,
+/// It borrows `r11 rax` (and `rcx rdx` for exit probes), keeping their values below `rsp`,
 /// and changes only the flags, dead at a function entry. Cases the fast path does not
 /// handle (shadow stack not mapped yet or full) fall through to the general path, which
 /// calls `on_entry`, with every register as at the site; `tail` is where the relocated
@@ -346,7 +408,7 @@ fn emit_fast_entry(
             a.test(byte_ptr(r11 + C_FLAGS), flags::ENABLED)
         })?;
         e.jcc_label(CC_E, done);
-        e.asm(|a| a.lock().inc(qword_ptr(r11 + C_HITS)))?;
+        emit_count(e, r11, C_HITS, SCRATCH_RAX, ENTRY_RAX)?;
         e.bind(done);
         e.asm(|a| a.mov(r11, qword_ptr(rsp + ENTRY_R11)))?;
         e.jmp_label(tail);
@@ -408,8 +470,8 @@ fn emit_fast_exit_entry(
     e.asm(|a| a.cmp(qword_ptr(rax - 32 + tl::E_ENTRY_RSP), rsp))?;
     e.jcc_label(CC_BE, restore_to_general);
     e.bind(push);
+    emit_count(e, rcx, C_HITS, SCRATCH_RDX, ENTRY_RDX)?;
     e.asm(|a| {
-        a.lock().inc(qword_ptr(rcx + C_HITS))?;
         a.mov(rcx, qword_ptr(rsp))?;
         a.mov(qword_ptr(rax + tl::E_RETURN_ADDRESS), rcx)?;
         a.mov(qword_ptr(rax + tl::E_ENTRY_RSP), rsp)?;
@@ -507,7 +569,7 @@ fn emit_count_exit_and_pop(e: &mut Emitter) -> Result<(), EmitError> {
     let uncounted = e.label();
     e.asm(|a| a.test(byte_ptr(rdi + C_FLAGS), flags::ENABLED))?;
     e.jcc_label(CC_E, uncounted);
-    e.asm(|a| a.lock().inc(qword_ptr(rdi + C_EXITS)))?;
+    emit_count(e, rdi, C_EXITS, SCRATCH_RAX, RET_RAX)?;
     e.bind(uncounted);
     e.asm(|a| {
         // Read the entry before releasing it: a signal handler may push over it.
@@ -550,7 +612,7 @@ fn emit_own_top_entry(e: &mut Emitter, tls: i32, general: Label) -> Result<(), E
 /// return. Anything else (frames unwound past, a handler to run, re-entrancy) goes to
 /// `general`, the full path, with every register as the function left it.
 fn emit_fast_exit(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitError> {
-    const P_COUNTERS: i32 = offset_of!(Probe, counters) as i32;
+    const P_COUNTERS: i32 = (offset_of!(Probe, counters) + offset_of!(Counts, line)) as i32;
     const P_ON_EXIT: i32 = offset_of!(Probe, on_exit) as i32;
     let restore_to_general = e.label();
     emit_save_return_scratch(e)?;

@@ -167,7 +167,7 @@ fn install(
 
 fn hits(id: u32) -> u64 {
     let g = INTERCEPTOR.lock().unwrap();
-    g.as_ref().unwrap().counters(id).hits.load(SeqCst)
+    g.as_ref().unwrap().counters(id).hits()
 }
 
 /// Uses the stack and vector registers heavily, as any handler might.

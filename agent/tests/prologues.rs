@@ -308,11 +308,11 @@ fn install_offset(
 }
 
 fn hits(id: u32) -> u64 {
-    with(|i| i.counters(id).hits.load(SeqCst))
+    with(|i| i.counters(id).hits())
 }
 
 fn exits(id: u32) -> u64 {
-    with(|i| i.counters(id).exits.load(SeqCst))
+    with(|i| i.counters(id).exits())
 }
 
 macro_rules! addr {
@@ -601,6 +601,6 @@ fn tail_calls_between_exit_probed_functions() {
     assert_eq!((hits(outer), exits(outer)), (1000, 1000));
     assert_eq!((hits(inner), exits(inner)), (1001, 1001));
     assert_eq!(TAIL_EXITS.load(SeqCst), expected + 10);
-    let lost = with(|i| i.counters(outer).lost_exits.load(SeqCst));
+    let lost = with(|i| i.counters(outer).lost_exits());
     assert_eq!(lost, 0);
 }

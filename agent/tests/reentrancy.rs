@@ -75,13 +75,7 @@ fn install(req: ProbeRequest) -> u32 {
 fn counters(id: u32) -> (u64, u64, u64, u64, u32) {
     with(|i| {
         let c = i.counters(id);
-        (
-            c.hits.load(SeqCst),
-            c.exits.load(SeqCst),
-            c.skipped.load(SeqCst),
-            c.panics.load(SeqCst),
-            c.flags.load(SeqCst),
-        )
+        (c.hits(), c.exits(), c.skipped(), c.panics(), c.flags())
     })
 }
 

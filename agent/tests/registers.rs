@@ -440,11 +440,7 @@ fn entry(start: unsafe extern "C" fn(), end: *const u8) -> ProbeRequest {
 fn counts(id: u32) -> (u64, u64, u64) {
     with(|i| {
         let c = i.counters(id);
-        (
-            c.hits.load(SeqCst),
-            c.exits.load(SeqCst),
-            c.skipped.load(SeqCst),
-        )
+        (c.hits(), c.exits(), c.skipped())
     })
 }
 

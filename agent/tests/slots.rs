@@ -43,22 +43,36 @@ fn memfd_len(r: &SharedRegion) -> u64 {
 #[test]
 fn the_region_grows_and_counters_stay_put() {
     let mut r = SharedRegion::create(2).expect("create");
-    assert_eq!(memfd_len(&r), SharedHeader::region_size(2) as u64);
-    let first = r.counters(0) as *const _ as usize;
+    assert_eq!(
+        memfd_len(&r),
+        SharedHeader::region_size(2, r.shards()) as u64
+    );
+    let first = r.counters(0).line as *const _ as usize;
     let ids: Vec<usize> = (0..5).map(|_| r.claim().expect("claim")).collect();
     assert_eq!(ids, [0, 1, 2, 3, 4]);
     assert!(r.capacity() >= 5);
     assert_eq!(r.header().capacity as usize, r.capacity());
     assert_eq!(
         memfd_len(&r),
-        SharedHeader::region_size(r.capacity()) as u64
+        SharedHeader::region_size(r.capacity(), r.shards()) as u64
     );
-    assert_eq!(r.counters(0) as *const _ as usize, first, "slot 0 moved");
+    assert_eq!(
+        r.counters(0).line as *const _ as usize,
+        first,
+        "slot 0 moved"
+    );
     // The grown part is backed: writing there does not fault, and reads back.
-    r.counters(4).hits.store(42, SeqCst);
-    assert_eq!(r.counters(4).hits.load(SeqCst), 42);
+    // Every shard of the slot too; a reset zeroes them all.
+    let c = r.counters(4);
+    c.line.hits.store(40, SeqCst);
+    for s in c.shards {
+        s.hits.store(1, SeqCst);
+        s.exits.store(1, SeqCst);
+    }
+    let shards = r.shards() as u64;
+    assert_eq!((c.hits(), c.exits()), (40 + shards, shards));
     r.reset(4);
-    assert_eq!(r.counters(4).hits.load(SeqCst), 0);
+    assert_eq!((c.hits(), c.exits()), (0, 0));
 }
 
 #[test]
@@ -71,7 +85,7 @@ fn the_region_stops_at_its_maximum() {
     assert_eq!(r.capacity(), MAX_CAPACITY);
     assert_eq!(
         memfd_len(&r),
-        SharedHeader::region_size(MAX_CAPACITY) as u64
+        SharedHeader::region_size(MAX_CAPACITY, r.shards()) as u64
     );
 }
 
@@ -96,7 +110,7 @@ fn a_repeated_request_reuses_its_probe_with_zeroed_counters() {
         // SAFETY: probed leaf functions keep their contract.
         assert_eq!(unsafe { slot_leaf_a(k) }, k * 3 + 1);
     }
-    assert_eq!(i.counters(first[0].id).hits.load(SeqCst), 3);
+    assert_eq!(i.counters(first[0].id).hits(), 3);
     for p in &first {
         i.revert_in_process(p).expect("revert");
     }
@@ -109,7 +123,7 @@ fn a_repeated_request_reuses_its_probe_with_zeroed_counters() {
             (p.id, p.trampoline, p.patch),
             (old.id, old.trampoline, old.patch)
         );
-        assert_eq!(i.counters(p.id).hits.load(SeqCst), 0, "counters not zeroed");
+        assert_eq!(i.counters(p.id).hits(), 0, "counters not zeroed");
         i.commit_in_process(&p).expect("commit again");
     }
     assert_eq!(
@@ -120,8 +134,8 @@ fn a_repeated_request_reuses_its_probe_with_zeroed_counters() {
     assert_eq!(i.shared().capacity(), capacity);
     // SAFETY: as above.
     assert_eq!(unsafe { slot_leaf_b(5) }, 16);
-    assert_eq!(i.counters(first[0].id).hits.load(SeqCst), 0);
-    assert_eq!(i.counters(first[1].id).hits.load(SeqCst), 1);
+    assert_eq!(i.counters(first[0].id).hits(), 0);
+    assert_eq!(i.counters(first[1].id).hits(), 1);
     for p in &first {
         i.revert_in_process(p).expect("revert");
     }
@@ -155,8 +169,8 @@ fn patches_written_from_outside_are_found_and_read_through() {
     i.enable(exit.id);
     // SAFETY: probed leaf function keeps its contract.
     assert_eq!(unsafe { slot_leaf_c(2) }, 7);
-    assert_eq!(i.counters(exit.id).hits.load(SeqCst), 1);
-    assert_eq!(i.counters(exit.id).exits.load(SeqCst), 1);
+    assert_eq!(i.counters(exit.id).hits(), 1);
+    assert_eq!(i.counters(exit.id).exits(), 1);
     i.refresh_live();
     assert_eq!(i.live()[0].id, exit.id);
     write_self_code(exit.site, &exit.original).expect("restore");
@@ -200,7 +214,7 @@ fn new_code_at_a_known_address_is_not_reused() {
     assert_ne!(new.trampoline, old.trampoline);
     i.commit_in_process(&new).expect("commit");
     assert_eq!(f(2), 12, "ran the old code");
-    assert_eq!(i.counters(new.id).hits.load(SeqCst), 1);
+    assert_eq!(i.counters(new.id).hits(), 1);
     i.revert_in_process(&new).expect("revert");
     // Same code again: reused.
     let (again, reused) = i.prepare_reusing(&r).expect("prepare a third time");

@@ -160,11 +160,7 @@ fn install(req: ProbeRequest) -> u32 {
 fn counts(id: u32) -> (u64, u64, u64) {
     let g = INTERCEPTOR.lock().unwrap();
     let c = g.as_ref().unwrap().counters(id);
-    (
-        c.hits.load(SeqCst),
-        c.exits.load(SeqCst),
-        c.lost_exits.load(SeqCst),
-    )
+    (c.hits(), c.exits(), c.lost_exits())
 }
 
 static LJ_EXITS_SEEN: AtomicU64 = AtomicU64::new(0);

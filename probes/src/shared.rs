@@ -3,7 +3,7 @@
 //! The agent creates it as a memfd; the tracer maps the same file through
 //! `/proc/PID/fd/N`, so counters can be read while the target runs and after it died.
 
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// What a probe instruments.
 #[repr(u32)]
@@ -17,8 +17,12 @@ pub enum ProbeKind {
     Offset = 2,
 }
 
-/// Counters of one probe, each probe on cache lines of its own so that probes hit from
-/// different threads do not share lines.
+/// The first cache line of a probe's counter slot: its flags, the counters only the
+/// agent's slow paths touch, and the hit counters of threads whose CPU is unknown.
+///
+/// When the region is sharded ([`SharedHeader::shards`] > 0) the line is followed by one
+/// [`Shard`] per shard, and `hits`, `exits` and `skipped` here are only part of the
+/// totals: read a probe through [`Counts`], never through these fields alone.
 #[repr(C, align(64))]
 #[derive(Debug, Default)]
 pub struct ProbeCounters {
@@ -40,6 +44,94 @@ pub struct ProbeCounters {
     pub encoding: AtomicU32,
 }
 
+/// The counters one group of CPUs bumps for a probe, on a cache line of its own so that
+/// threads on different CPUs never write the same line (see `agent::shared`).
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct Shard {
+    pub hits: AtomicU64,
+    pub exits: AtomicU64,
+    pub skipped: AtomicU64,
+}
+
+/// The counters of one probe as a reader sees them: each total is the sum over the
+/// probe's first line and its shards. Every increment is atomic and lands in exactly one
+/// of them, so the sums are exact whichever CPU each hit was counted for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Counts<'a> {
+    pub line: &'a ProbeCounters,
+    pub shards: &'a [Shard],
+}
+
+impl<'a> Counts<'a> {
+    /// The counts of the slot at `slot`, followed by `shards` shards.
+    ///
+    /// # Safety
+    /// `slot` points at a slot of a mapped counter region whose header says `shards`,
+    /// which stays mapped for `'a`.
+    pub unsafe fn from_slot(slot: *const u8, shards: usize) -> Counts<'a> {
+        // SAFETY: see the function's contract; slots are 64-byte aligned.
+        unsafe {
+            Counts {
+                line: &*(slot as *const ProbeCounters),
+                shards: std::slice::from_raw_parts(
+                    slot.add(std::mem::size_of::<ProbeCounters>()) as *const Shard,
+                    shards,
+                ),
+            }
+        }
+    }
+
+    fn sum(&self, line: &AtomicU64, field: fn(&Shard) -> &AtomicU64) -> u64 {
+        let mut n = line.load(Ordering::Relaxed);
+        for s in self.shards {
+            n = n.wrapping_add(field(s).load(Ordering::Relaxed));
+        }
+        n
+    }
+
+    /// Entries (or instruction hits) that ran the handler.
+    pub fn hits(&self) -> u64 {
+        self.sum(&self.line.hits, |s| &s.hits)
+    }
+
+    /// Returns that ran the exit handler.
+    pub fn exits(&self) -> u64 {
+        self.sum(&self.line.exits, |s| &s.exits)
+    }
+
+    /// Hits inside a handler, where only the original code ran.
+    pub fn skipped(&self) -> u64 {
+        self.sum(&self.line.skipped, |s| &s.skipped)
+    }
+
+    pub fn panics(&self) -> u64 {
+        self.line.panics.load(Ordering::Relaxed)
+    }
+
+    pub fn lost_exits(&self) -> u64 {
+        self.line.lost_exits.load(Ordering::Relaxed)
+    }
+
+    pub fn flags(&self) -> u32 {
+        self.line.flags.load(Ordering::Relaxed)
+    }
+
+    /// Zero every count (a slot reused by a new session), keeping flags and encoding.
+    pub fn reset(&self) {
+        let l = self.line;
+        for a in [&l.hits, &l.exits, &l.skipped, &l.panics, &l.lost_exits] {
+            a.store(0, Ordering::Relaxed);
+        }
+        for s in self.shards {
+            for a in [&s.hits, &s.exits, &s.skipped] {
+                a.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// Bits of [`ProbeCounters::flags`].
 pub mod flags {
     /// Installed and live.
@@ -51,8 +143,9 @@ pub mod flags {
 /// Magic at the start of the shared region: "TRACERv1".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TRACERv1");
 
-/// Header of the shared region; `capacity` counters follow at offset
-/// [`SharedHeader::COUNTERS_OFFSET`].
+/// Header of the shared region; `capacity` counter slots follow at offset
+/// [`SharedHeader::COUNTERS_OFFSET`], each [`SharedHeader::slot_size`] bytes: a
+/// [`ProbeCounters`] line and `shards` [`Shard`] lines.
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub struct SharedHeader {
@@ -61,13 +154,25 @@ pub struct SharedHeader {
     pub capacity: u32,
     /// Slots in use.
     pub used: AtomicU32,
+    /// Shards per slot, fixed when the region is created (0: not sharded).
+    pub shards: u32,
 }
 
 impl SharedHeader {
     pub const COUNTERS_OFFSET: usize = 64;
 
-    /// Bytes needed for `capacity` probes.
-    pub fn region_size(capacity: usize) -> usize {
-        Self::COUNTERS_OFFSET + capacity * std::mem::size_of::<ProbeCounters>()
+    /// Bytes of one probe's slot with `shards` shards.
+    pub fn slot_size(shards: usize) -> usize {
+        std::mem::size_of::<ProbeCounters>() + shards * std::mem::size_of::<Shard>()
+    }
+
+    /// Bytes needed for `capacity` probes with `shards` shards each.
+    pub fn region_size(capacity: usize, shards: usize) -> usize {
+        Self::COUNTERS_OFFSET + capacity * Self::slot_size(shards)
+    }
+
+    /// Where slot `id` starts, from the start of the region.
+    pub fn slot_offset(id: usize, shards: usize) -> usize {
+        Self::COUNTERS_OFFSET + id * Self::slot_size(shards)
     }
 }

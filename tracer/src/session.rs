@@ -14,12 +14,11 @@ use probes::remote::{
     result_flags, status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INIT_SYMBOL,
     INTERNAL_SYMBOL, LIVE_SYMBOL, PREPARE_SYMBOL, RESOLVE_SYMBOL,
 };
-use probes::shared::{ProbeCounters, SharedHeader, MAGIC};
+use probes::shared::{Counts, SharedHeader, MAGIC};
 use probes::ProbeKind;
 use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 /// A probe whose patch is in place.
@@ -156,6 +155,8 @@ impl From<remote_call::RemoteCallError> for SessionError {
 struct Counters {
     base: *const u8,
     len: usize,
+    /// Shards per slot, from the header (fixed when the agent created the region).
+    shards: usize,
 }
 
 impl Counters {
@@ -191,9 +192,10 @@ impl Counters {
                 std::io::Error::last_os_error()
             )));
         }
-        let c = Counters {
+        let mut c = Counters {
             base: p as *const u8,
             len,
+            shards: 0,
         };
         // SAFETY: the mapping is at least a header long (the agent sized it).
         let h = unsafe { &*(c.base as *const SharedHeader) };
@@ -202,14 +204,17 @@ impl Counters {
                 "shared region has a wrong magic".into(),
             ));
         }
+        c.shards = h.shards as usize;
         Ok(c)
     }
 
-    fn get(&self, id: u32) -> &ProbeCounters {
-        let off = SharedHeader::COUNTERS_OFFSET + id as usize * size_of::<ProbeCounters>();
-        assert!(off + size_of::<ProbeCounters>() <= self.len);
-        // SAFETY: in bounds, aligned, atomics written by the agent.
-        unsafe { &*(self.base.add(off) as *const ProbeCounters) }
+    /// A probe's counts, summed over its shards.
+    fn get(&self, id: u32) -> Counts<'_> {
+        let off = SharedHeader::slot_offset(id as usize, self.shards);
+        assert!(off + SharedHeader::slot_size(self.shards) <= self.len);
+        // SAFETY: in bounds, aligned, atomics written by the agent, laid out as the
+        // header says.
+        unsafe { Counts::from_slot(self.base.add(off), self.shards) }
     }
 }
 
@@ -566,11 +571,11 @@ impl Session {
                     module: p.module.clone(),
                     symbol: p.symbol.clone(),
                     address: p.site,
-                    hits: c.hits.load(Relaxed),
-                    exits: c.exits.load(Relaxed),
-                    skipped: c.skipped.load(Relaxed),
-                    panics: c.panics.load(Relaxed),
-                    lost_exits: c.lost_exits.load(Relaxed),
+                    hits: c.hits(),
+                    exits: c.exits(),
+                    skipped: c.skipped(),
+                    panics: c.panics(),
+                    lost_exits: c.lost_exits(),
                     encoding: p.encoding,
                 }
             })
