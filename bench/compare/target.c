@@ -1,0 +1,93 @@
+/* Target of bench/compare.sh. Calls one tiny function (lib_fn in libtiny.so, or exe_fn in
+ * this PIE executable) N times in a dependent loop, times the loop itself and prints
+ *   result which=W calls=N ns_per_call=X main_ns=T0 live_ns=T1 sum=S
+ * calls is the program's own count of calls to the function, to compare with a tool's.
+ * main_ns is CLOCK_REALTIME at main's start; live_ns is when the function's first bytes
+ * were first seen changed (a jump patch or an int3: the probe is live), 0 if never.
+ *
+ * Usage: target lib|exe N [wait] [hold]
+ *   wait: print "ready PID" and poll the function's first 8 bytes every 50 us, without
+ *         calling it, until they change (a tool attached); then start the loop.
+ *   hold: after the result line, read stdin until EOF before exiting, so a tool can read
+ *         its count while the process still exists. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+unsigned long lib_fn(unsigned long a, unsigned long b);
+
+__attribute__((noinline, noipa)) unsigned long exe_fn(unsigned long a, unsigned long b)
+{
+    return ((a + a) ^ b) + 7;
+}
+
+static long long now_ns(clockid_t clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static int changed(const volatile unsigned char *code, const unsigned char *orig)
+{
+    for (int i = 0; i < 8; i++)
+        if (code[i] != orig[i])
+            return 1;
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    long long main_ns = now_ns(CLOCK_REALTIME);
+    if (argc < 3 || (strcmp(argv[1], "lib") && strcmp(argv[1], "exe"))) {
+        fprintf(stderr, "usage: %s lib|exe N [wait] [hold]\n", argv[0]);
+        return 2;
+    }
+    int wait = 0, hold = 0;
+    for (int i = 3; i < argc; i++) {
+        wait |= !strcmp(argv[i], "wait");
+        hold |= !strcmp(argv[i], "hold");
+    }
+    unsigned long (*volatile fnp)(unsigned long, unsigned long) =
+        strcmp(argv[1], "lib") ? exe_fn : lib_fn;
+    unsigned long (*fn)(unsigned long, unsigned long) = fnp;
+    long n = atol(argv[2]);
+    /* What the function's bytes were before any tool: a tool started before main
+     * (tracer run, uftrace) has already changed them, so take them from the twin
+     * function, which no tool touches and which is compiled from the same expression to
+     * the same 12 bytes (an untraced run reports live_ns=0, which the script checks). */
+    const volatile unsigned char *code = (const volatile unsigned char *)fn;
+    unsigned char orig[8];
+    memcpy(orig, (const void *)(fn == exe_fn ? (void *)lib_fn : (void *)exe_fn), 8);
+    long long live_ns = changed(code, orig) ? main_ns : 0;
+
+    if (wait) {
+        printf("ready %d %p\n", getpid(), (void *)fn);
+        fflush(stdout);
+        struct timespec nap = {0, 50000};
+        while (!changed(code, orig))
+            nanosleep(&nap, 0);
+        live_ns = now_ns(CLOCK_REALTIME);
+        /* A tool may still be finishing (Frida patches while the target runs): settle
+         * before the first call. Not part of any figure. */
+        struct timespec settle = {0, 20000000};
+        nanosleep(&settle, 0);
+    }
+
+    unsigned long x = 1;
+    long long t0 = now_ns(CLOCK_MONOTONIC);
+    for (long i = 0; i < n; i++)
+        x = fn(x, (unsigned long)i);
+    long long t1 = now_ns(CLOCK_MONOTONIC);
+    printf("result which=%s calls=%ld ns_per_call=%.3f main_ns=%lld live_ns=%lld sum=%lu\n",
+           argv[1], n, n ? (double)(t1 - t0) / n : 0.0, main_ns, live_ns, x);
+    fflush(stdout);
+    if (hold) {
+        char buf[256];
+        while (read(0, buf, sizeof buf) > 0)
+            ;
+    }
+    return 0;
+}
