@@ -2,7 +2,7 @@
 # Side by side, in one run: the per-call cost, count exactness and attach time of tracer
 # and of the usual alternatives (LD_PRELOAD wrapper, kernel uprobes, bpftrace, Frida,
 # ltrace, uftrace) on one C target built here from source. Method: bench/compare.md.
-# Usage: bash bench/compare.sh [--rounds N] [--only NAME]   (as root; about 2-4 minutes)
+# Usage: bash bench/compare.sh [--rounds N] [--only NAME]   (as root; about 2 minutes)
 # Installs what is missing (bpftrace, ltrace, uftrace from Debian; frida from PyPI) and
 # mounts tracefs when absent; a tool that cannot be had gets a row saying why.
 set -uo pipefail
