@@ -50,7 +50,9 @@ if [ ! -e "$tracefs/uprobe_events" ]; then
         skip+=(--skip "tracefs=tracefs not mounted and mount failed: $(cat "$work/mount.log")")
 fi
 
-echo "Machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs, kernel $(uname -r)"
+cpu() { lscpu | sed -n "s/^$1: *//p" | head -n 1; }
+echo "Machine: $(cpu 'Model name') (family $(cpu 'CPU family') model $(cpu Model))," \
+    "$(nproc) CPUs, hypervisor: $(cpu 'Hypervisor vendor'), kernel $(uname -r)"
 echo "Command: bash bench/compare.sh $*"
 echo
 python3 "$here/run.py" --work "$work" --tracer target/release/tracer "${skip[@]}" "$@"

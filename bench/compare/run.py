@@ -42,13 +42,19 @@ class Lines:
             self.q.put(line)
         self.q.put(None)
 
-    def expect(self, prefix, what):
+    def expect(self, prefix, what, abort=None):
+        """The next line starting with prefix; abort() may name a reason to stop waiting."""
         deadline = time.monotonic() + TIMEOUT
         while True:
             try:
-                line = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
+                line = self.q.get(timeout=0.1)
             except queue.Empty:
-                raise RowFailed(f"no '{prefix}' line from {what} in {TIMEOUT} s")
+                why = abort() if abort else None
+                if why:
+                    raise RowFailed(why)
+                if time.monotonic() > deadline:
+                    raise RowFailed(f"no '{prefix}' line from {what} in {TIMEOUT} s")
+                continue
             if line is None:
                 raise RowFailed(f"{what} ended without a '{prefix}' line: {''.join(self.all)[-300:]}")
             self.all.append(line)
@@ -94,8 +100,21 @@ class Waiting:
         words = self.out.expect("ready", "target")
         self.pid, self.addr = int(words[1]), words[2]
 
-    def result(self):
-        return parse_result(self.out.expect("result", "target"))
+    def result(self, tool=None):
+        def tool_died():
+            # Every attaching tool stays until the target exits or is told to stop.
+            if not isinstance(tool, subprocess.Popen) or tool.poll() is None:
+                return None
+            name = os.path.basename(getattr(tool, "label", tool.args[0]))
+            said = "".join(tool.lines.all) if hasattr(tool, "lines") else ""
+            if hasattr(tool, "errfile"):
+                said = open(tool.errfile).read()
+            lines = [l for l in said.splitlines() if re.search("[A-Za-z]", l)]
+            words = [l for l in lines if re.search("error", l, re.I)] or lines
+            return (f"{name} exited with status {tool.returncode} before the target's loop ended"
+                    + (f": {words[-1].strip()}" if words else ""))
+
+        return parse_result(self.out.expect("result", "target", tool_died))
 
     def release(self):
         self.proc.stdin.close()
@@ -114,7 +133,7 @@ def attach_row(ctx, which, n, start_tool, read_count):
     try:
         t0 = time.time_ns()
         tool = start_tool(target)
-        res = target.result()
+        res = target.result(tool)
         count = read_count(tool, target)
         return res, count, (res["live_ns"] - t0) / 1e6
     finally:
@@ -178,7 +197,9 @@ def row_tracer_attach(ctx, which, n, spec, exits):
 
     def start(t):
         cmd = [ctx.tracer, "attach", str(t.pid), "-p", spec, "--json", "-o", out]
-        return spawn(cmd + (["-x"] if exits else []), stderr=open(err, "w"))
+        tool = spawn(cmd + (["-x"] if exits else []), stderr=open(err, "w"))
+        tool.errfile = err
+        return tool
 
     def count(tool, t):
         t.release()
@@ -247,7 +268,9 @@ def row_bpftrace(ctx, which, n):
     outp = os.path.join(ctx.work, "bpftrace.out")
 
     def start(t):
-        return spawn(["bpftrace", "-e", prog], stdout=open(outp, "w"), stderr=subprocess.STDOUT)
+        tool = spawn(["bpftrace", "-e", prog], stdout=open(outp, "w"), stderr=subprocess.STDOUT)
+        tool.errfile = outp
+        return tool
 
     def count(tool, t):
         t.release()
@@ -268,6 +291,7 @@ def row_frida(ctx, which, n):
         tool = spawn([sys.executable, script, str(t.pid), t.addr],
                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         tool.lines = Lines(tool.stdout)
+        tool.label = "frida_count.py"
         return tool
 
     def count(tool, t):
