@@ -336,16 +336,16 @@ def row_uftrace(ctx, which, n):
 
 
 class Row:
-    def __init__(self, name, which, n, mode, fn, needs=None, note=""):
+    def __init__(self, name, which, n, mode, fn, needs=None):
         self.name, self.which, self.n, self.mode, self.fn = name, which, n, mode, fn
-        self.needs, self.note = needs, note
+        self.needs = needs
         self.ns, self.whole, self.attach, self.counts, self.calls = [], [], [], [], []
         self.error = None
 
 
-def make_rows(ctx, fast, slow, frida_n, ltrace_n, uftrace_n):
+def make_rows(fast, slow, frida_n, ltrace_n, uftrace_n):
     lib, exe = "lib", "exe"
-    r = [
+    return [
         Row("no probe, lib_fn", lib, fast, "launch", lambda c, w, n: row_baseline(c, w, n)),
         Row("no probe, exe_fn", exe, fast, "launch", lambda c, w, n: row_baseline(c, w, n)),
         Row("LD_PRELOAD wrapper, `++` (the floor)", lib, fast, "launch",
@@ -374,7 +374,6 @@ def make_rows(ctx, fast, slow, frida_n, ltrace_n, uftrace_n):
         Row("uftrace `-P` (entry+exit recorded)", lib, uftrace_n, "launch",
             lambda c, w, n: row_uftrace(c, w, n), needs="uftrace"),
     ]
-    return r
 
 
 def fmt_range(values, digits):
@@ -449,14 +448,6 @@ def symbol_file_offset(lib, name):
     raise SystemExit(f"{name} is in no LOAD segment of {lib}")
 
 
-def available(need, skip):
-    if need is None:
-        return None
-    if need in skip:
-        return skip[need]
-    return None
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
@@ -483,13 +474,11 @@ def main():
     ctx.lib_fn_offset = symbol_file_offset(ctx.lib, "lib_fn")
     skip = dict(s.split("=", 1) for s in a.skip)
 
-    rows = make_rows(ctx, a.fast, a.slow, a.frida, a.ltrace, a.uftrace)
+    rows = make_rows(a.fast, a.slow, a.frida, a.ltrace, a.uftrace)
     if a.only:
         rows = [r for r in rows if a.only in r.name or r.name.startswith("no probe")]
     for r in rows:
-        why = available(r.needs, skip)
-        if why:
-            r.error = why
+        r.error = skip.get(r.needs)
     live = [r for r in rows if r.error is None]
     base = live[0]
     load0 = open("/proc/loadavg").read().split()[:3]
