@@ -38,6 +38,7 @@ need_deb ltrace ltrace
 need_deb uftrace uftrace
 
 if ! python3 -c 'import frida' 2>/dev/null; then
+    python3 -m pip --version >/dev/null 2>&1 || need_deb pip3 python3-pip
     python3 -m pip install -q frida >"$work/pip.log" 2>&1 ||
         python3 -m pip install -q --break-system-packages frida >"$work/pip.log" 2>&1
     python3 -c 'import frida' 2>/dev/null ||
