@@ -15,7 +15,7 @@ trap 'rm -rf "$work"' EXIT
 
 # The target: lib_fn in a shared library, exe_fn in the PIE executable, same 12 bytes.
 cc -O2 -fPIC -shared -o "$work/libtiny.so" "$here/libtiny.c" &&
-    cc -O2 -fPIE -pie -o "$work/target" "$here/target.c" -L"$work" -ltiny -Wl,-rpath,'$ORIGIN' &&
+    cc -O2 -fPIE -pie -o "$work/target" "$here/target.c" -L"$work" -ltiny -Wl,-rpath,'$ORIGIN' -lpthread &&
     cc -O2 -fPIC -shared -o "$work/wrap.so" "$here/wrap.c" -ldl &&
     cc -O2 -fPIC -shared -DATOMIC -o "$work/wrap_atomic.so" "$here/wrap.c" -ldl ||
     { echo "compare.sh: building the target failed (needs cc)" >&2; exit 1; }

@@ -73,6 +73,12 @@ def parse_result(words):
     }
 
 
+def target_cmd(ctx, which, n, *extra):
+    """which is "lib" or "exe", optionally followed by the target's options ("lib threads=4")."""
+    fn, *opts = which.split()
+    return [ctx.target, fn, str(n), *opts, *extra]
+
+
 def spawn(cmd, **kw):
     return subprocess.Popen(cmd, text=True, **kw)
 
@@ -94,7 +100,7 @@ class Waiting:
     its function, prints its result, and exits when its stdin closes."""
 
     def __init__(self, ctx, which, n):
-        self.proc = spawn([ctx.target, which, str(n), "wait", "hold"],
+        self.proc = spawn(target_cmd(ctx, which, n, "wait", "hold"),
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.out = Lines(self.proc.stdout)
         words = self.out.expect("ready", "target")
@@ -165,7 +171,7 @@ def launch_row(ctx, cmd, env=None, **kw):
 
 
 def row_baseline(ctx, which, n):
-    res, _, _, t0 = launch_row(ctx, [ctx.target, which, str(n)])
+    res, _, _, t0 = launch_row(ctx, target_cmd(ctx, which, n))
     if res["live_ns"]:
         raise RowFailed("lib_fn and exe_fn do not start with the same bytes: rebuild")
     return res, None, (res["main_ns"] - t0) / 1e6
@@ -173,7 +179,7 @@ def row_baseline(ctx, which, n):
 
 def row_preload(ctx, which, n, lib):
     env = dict(os.environ, LD_PRELOAD=lib)
-    res, _, err, t0 = launch_row(ctx, [ctx.target, which, str(n)], env=env)
+    res, _, err, t0 = launch_row(ctx, target_cmd(ctx, which, n), env=env)
     m = re.search(r"preload_count (\d+)", err)
     if not m:
         raise RowFailed(f"the wrapper printed no count: {err.strip()[-200:]}")
@@ -213,7 +219,7 @@ def row_tracer_attach(ctx, which, n, spec, exits):
 
 def row_tracer_run(ctx, which, n, spec):
     out = os.path.join(ctx.work, "tracer.json")
-    cmd = [ctx.tracer, "run", "-p", spec, "--json", "-o", out, "--", ctx.target, which, str(n)]
+    cmd = [ctx.tracer, "run", "-p", spec, "--json", "-o", out, "--", *target_cmd(ctx, which, n)]
     res, _, _, t0 = launch_row(ctx, cmd)
     return res, tracer_count(out, False), (res["live_ns"] - t0) / 1e6
 
@@ -309,7 +315,7 @@ def row_ltrace(ctx, which, n):
     # Launch mode: ltrace 0.7.3 attached with -p sets no breakpoint for `-x` on a
     # library's function (0 calls counted), while launched it does.
     outp = os.path.join(ctx.work, "ltrace.out")
-    cmd = ["ltrace", "-c", "-L", "-x", "lib_fn@libtiny.so", "-o", outp, ctx.target, which, str(n)]
+    cmd = ["ltrace", "-c", "-L", "-x", "lib_fn@libtiny.so", "-o", outp, *target_cmd(ctx, which, n)]
     res, _, _, t0 = launch_row(ctx, cmd)
     text = open(outp).read()
     m = re.search(r"\s(\d+) lib_fn$", text, re.M)
@@ -322,7 +328,7 @@ def row_uftrace(ctx, which, n):
     data = os.path.join(ctx.work, "uftrace.data")
     shutil.rmtree(data, ignore_errors=True)
     cmd = ["uftrace", "record", "-d", data, "--no-libcall", "-P", "lib_fn@libtiny.so",
-           ctx.target, which, str(n)]
+           *target_cmd(ctx, which, n)]
     res, _, _, t0 = launch_row(ctx, cmd)
     rep = subprocess.run(["uftrace", "report", "-d", data], capture_output=True, text=True,
                          timeout=TIMEOUT)
@@ -344,7 +350,7 @@ class Row:
 
 
 def make_rows(fast, slow, frida_n, ltrace_n, uftrace_n):
-    lib, exe = "lib", "exe"
+    lib, exe, mt = "lib", "exe", "lib threads=4"
     return [
         Row("no probe, lib_fn", lib, fast, "launch", lambda c, w, n: row_baseline(c, w, n)),
         Row("no probe, exe_fn", exe, fast, "launch", lambda c, w, n: row_baseline(c, w, n)),
@@ -360,6 +366,18 @@ def make_rows(fast, slow, frida_n, ltrace_n, uftrace_n):
             lambda c, w, n: row_tracer_attach(c, w, n, "main:exe_fn", False)),
         Row("tracer entry, `tracer run`", lib, fast, "launch",
             lambda c, w, n: row_tracer_run(c, w, n, "libtiny:lib_fn")),
+        # Four threads calling at once on every CPU: a counter shared by all threads is
+        # contended (issue #10 item 4); per call is CPU time (see target.c).
+        Row("no probe, lib_fn, 4 threads", mt, fast, "launch",
+            lambda c, w, n: row_baseline(c, w, n)),
+        Row("LD_PRELOAD wrapper, `++`, 4 threads", mt, fast, "launch",
+            lambda c, w, n: row_preload(c, w, n, c.wrap)),
+        Row("LD_PRELOAD wrapper, `lock add`, 4 threads", mt, fast, "launch",
+            lambda c, w, n: row_preload(c, w, n, c.wrap_atomic)),
+        Row("tracer entry, 4 threads", mt, fast, "attach",
+            lambda c, w, n: row_tracer_attach(c, w, n, "libtiny:lib_fn", False)),
+        Row("tracer entry+exit (`-x`), 4 threads", mt, fast, "attach",
+            lambda c, w, n: row_tracer_attach(c, w, n, "libtiny:lib_fn", True)),
         # A "tracer with a pack handler" row goes here once probe packs exist (issue #10).
         Row("kernel uprobe (tracefs)", lib, slow, "attach",
             lambda c, w, n: row_uprobe(c, w, n, False), needs="tracefs"),
@@ -395,7 +413,7 @@ def fmt_ns(v):
 
 def print_table(rows):
     base = {r.which: statistics.median(r.ns) for r in rows if r.name.startswith("no probe") and r.ns}
-    print("| row | calls per run | ns/call (fastest 1/50 of the loop): median (range) "
+    print("| row | calls per run | ns/call (fastest 1/50 of the loop; threads: CPU time): median (range) "
           "| overhead per call | ratio | whole loop, ns/call: median | count exact "
           "| probe live after, ms: median (range) |")
     print("|---|---|---|---|---|---|---|---|")
