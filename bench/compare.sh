@@ -13,7 +13,7 @@ cargo build --release -q -p tracer || { echo "compare.sh: cargo build failed" >&
 work=$(mktemp -d /tmp/tracer-compare.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
-# The target: lib_fn in a shared library, exe_fn in the PIE executable, same 12 bytes.
+# The target: lib_fn in a shared library, exe_fn in the PIE executable, same 11 bytes.
 cc -O2 -fPIC -shared -o "$work/libtiny.so" "$here/libtiny.c" &&
     cc -O2 -fPIE -pie -o "$work/target" "$here/target.c" -L"$work" -ltiny -Wl,-rpath,'$ORIGIN' -lpthread &&
     cc -O2 -fPIC -shared -o "$work/wrap.so" "$here/wrap.c" -ldl &&

@@ -129,7 +129,7 @@ int main(int argc, char **argv)
     /* What the function's bytes were before any tool: a tool started before main
      * (tracer run, uftrace) has already changed them, so take them from the twin
      * function, which no tool touches and which is compiled from the same expression to
-     * the same 12 bytes (an untraced run reports live_ns=0, which the script checks). */
+     * the same 11 bytes (an untraced run reports live_ns=0, which the script checks). */
     const volatile unsigned char *code = (const volatile unsigned char *)fn;
     unsigned char orig[8];
     memcpy(orig, (const void *)(fn == exe_fn ? (void *)lib_fn : (void *)exe_fn), 8);
