@@ -9,3 +9,4 @@ pub mod session;
 pub mod spec;
 pub mod symbols;
 pub mod threads;
+pub mod pack;
