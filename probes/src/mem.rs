@@ -4,7 +4,7 @@
 //! would crash the program being traced. `process_vm_readv` on our own pid makes the kernel
 //! do the copy and report a bad address as `EFAULT` instead of a signal. It is issued with
 //! a raw `syscall` instruction: a handler may run inside malloc or with libc's locks held,
-//! so it calls no libc. What one read costs is measured by `cargo bench -p probes --bench
+//! so it calls no libc. What one read costs is measured by `cargo bench -p tracer --bench
 //! packs` (row `read::<u64>`).
 
 use crate::pod::Pod;

@@ -260,7 +260,7 @@ pub mod ring_control {
 pub const RING_BYTES: usize = 1 << 20;
 
 /// Counters and histograms are sharded by thread into this many cache-line-aligned copies,
-/// summed by the reader (see `cargo bench -p probes --bench packs`, rows `contention`).
+/// summed by the reader (see `cargo bench -p tracer --bench packs`, rows `contention`).
 pub const SHARDS: usize = 8;
 pub const LOG2_BUCKETS: usize = 65;
 /// Longest linear histogram accepted (plus underflow and overflow).

@@ -31,6 +31,13 @@ impl<'a> View<'a> {
         self.words.len() * 8
     }
 
+    /// The first `bytes` bytes (rounded down to 8), or all when shorter.
+    pub fn prefix(&self, bytes: usize) -> View<'a> {
+        View {
+            words: &self.words[..(bytes / 8).min(self.words.len())],
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.words.is_empty()
     }
@@ -68,6 +75,21 @@ impl<'a> View<'a> {
         }
         out.truncate(len);
         Some(out)
+    }
+
+    /// Copy `len` bytes from `off` into `out` (replacing its contents), reusing its
+    /// allocation; false when the range is outside the view or `off` is not 8-aligned.
+    pub fn bytes_into(&self, off: usize, len: usize, out: &mut Vec<u8>) -> bool {
+        out.clear();
+        let Some(end) = off.checked_add(len) else { return false };
+        if off % 8 != 0 || end.div_ceil(8) > self.words.len() {
+            return false;
+        }
+        for w in &self.words[off / 8..end.div_ceil(8)] {
+            out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+        out.truncate(len);
+        true
     }
 
     /// Zero `len` bytes from `off` (both 8-aligned).
