@@ -99,7 +99,7 @@ impl StrBuf {
         let b = self.as_bytes();
         match std::str::from_utf8(b) {
             Ok(s) => s,
-            // SAFETY-free: `valid_up_to` bytes are valid UTF-8 by definition.
+            // `valid_up_to` bytes are valid UTF-8 by definition.
             Err(e) => std::str::from_utf8(&b[..e.valid_up_to()]).unwrap_or(""),
         }
     }
@@ -114,7 +114,8 @@ impl std::ops::Deref for StrBuf {
 
 /// The C string at `addr`, at most `max` bytes (and at most [`StrBuf::CAPACITY`]), or
 /// `None` when its first byte is not readable. Reads page by page so a string ending just
-/// before an unmapped page is still found.
+/// before an unmapped page is still found; one running into unmapped memory comes back
+/// cut there, with `truncated` set (as it is when longer than `max`).
 pub fn read_str(addr: u64, max: usize) -> Option<StrBuf> {
     let max = max.min(StrBuf::CAPACITY);
     let mut out = StrBuf {
@@ -128,7 +129,10 @@ pub fn read_str(addr: u64, max: usize) -> Option<StrBuf> {
         let want = page_left.min(max - out.len);
         let got = read_bytes(at, &mut out.buf[out.len..out.len + want]);
         if got == 0 {
-            return (out.len > 0 || max == 0).then_some(out);
+            // Unreadable from the first byte: no string. Past it: what was readable,
+            // marked as cut.
+            out.truncated = true;
+            return (out.len > 0).then_some(out);
         }
         if let Some(nul) = out.buf[out.len..out.len + got].iter().position(|&b| b == 0) {
             out.len += nul;
@@ -136,9 +140,6 @@ pub fn read_str(addr: u64, max: usize) -> Option<StrBuf> {
         }
         out.len += got;
         at += got as u64;
-        if got < want {
-            return Some(out);
-        }
     }
     out.truncated = true;
     Some(out)
