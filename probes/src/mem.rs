@@ -61,7 +61,12 @@ pub fn read_bytes(addr: u64, dst: &mut [u8]) -> usize {
     let iov = |v: &IoVec| v as *const IoVec as u64;
     // SAFETY: `local` describes `dst`, writable for its length; `remote` is only read by
     // the kernel, which checks it.
-    let n = unsafe { syscall6(SYS_PROCESS_VM_READV, [pid, iov(&local), 1, iov(&remote), 1, 0]) };
+    let n = unsafe {
+        syscall6(
+            SYS_PROCESS_VM_READV,
+            [pid, iov(&local), 1, iov(&remote), 1, 0],
+        )
+    };
     n.max(0) as usize
 }
 

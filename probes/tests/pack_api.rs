@@ -11,8 +11,14 @@ fn page_before_hole() -> u64 {
     // SAFETY: a fresh anonymous mapping of two pages; the second is unmapped again and
     // the first is leaked for the test's life.
     unsafe {
-        let p = libc::mmap(std::ptr::null_mut(), 8192, libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
         assert_ne!(p, libc::MAP_FAILED);
         assert_eq!(libc::munmap((p as *mut u8).add(4096) as *mut _, 4096), 0);
         p as u64
@@ -29,7 +35,11 @@ fn reads_return_none_on_null_wild_and_unmapped_pointers() {
     assert_eq!(read::<u64>(0x10), None, "first page");
     let page = page_before_hole();
     assert_eq!(read::<u64>(page + 4096), None, "unmapped");
-    assert_eq!(read::<u64>(page + 4092), None, "straddles the hole: no partial value");
+    assert_eq!(
+        read::<u64>(page + 4092),
+        None,
+        "straddles the hole: no partial value"
+    );
     assert!(read_str(0, 64).is_none());
     assert!(read_str(page + 4096, 64).is_none());
     assert!(read_str(0xffff_ffff_ffff_f000, 64).is_none(), "kernel half");
@@ -42,7 +52,11 @@ fn read_str_stops_at_nul_bound_and_hole() {
     let mem = unsafe { std::slice::from_raw_parts_mut(page as *mut u8, 4096) };
     mem[4090..4096].copy_from_slice(b"abcde\0");
     let s = read_str(page + 4090, 64).unwrap();
-    assert_eq!((&*s, s.truncated), ("abcde", false), "ends just before the hole");
+    assert_eq!(
+        (&*s, s.truncated),
+        ("abcde", false),
+        "ends just before the hole"
+    );
     mem[4090..4096].copy_from_slice(b"abcdef");
     let s = read_str(page + 4090, 64).unwrap();
     assert_eq!((&*s, s.truncated), ("abcdef", true), "runs into the hole");
@@ -69,7 +83,11 @@ fn fail_it(ctx: &mut ExitCtx) {
         ctx.set_ret(-1i32);
     }
     ctx.set_float_ret(ctx.float_ret() * 2.0);
-    assert_ne!(ctx.tid(), 0, "asked from the kernel when the agent gave none");
+    assert_ne!(
+        ctx.tid(),
+        0,
+        "asked from the kernel when the agent gave none"
+    );
 }
 
 #[at("main:parse+0x1c")]
@@ -81,7 +99,12 @@ fn bump_rbx(ctx: &mut FullCtx) {
 }
 
 fn hit(name: &'static str, tid: u32) -> HitInfo {
-    HitInfo { probe: 0, tid, name: name.as_ptr(), name_len: name.len() }
+    HitInfo {
+        probe: 0,
+        tid,
+        name: name.as_ptr(),
+        name_len: name.len(),
+    }
 }
 
 fn zeroed<T>() -> T {
@@ -126,6 +149,10 @@ fn a_panicking_handler_is_caught_in_the_shim() {
     };
     assert_eq!(call(&mut regs), SHIM_OK);
     assert_eq!(regs.rbx, 2);
-    assert_eq!(call(&mut regs), SHIM_PANICKED, "the panic stops in the shim");
+    assert_eq!(
+        call(&mut regs),
+        SHIM_PANICKED,
+        "the panic stops in the shim"
+    );
     assert_eq!(regs.rbx, 3);
 }

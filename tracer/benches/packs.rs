@@ -89,33 +89,89 @@ static SHARED: AtomicU64 = AtomicU64::new(0);
 fn reads() {
     let x = 42u64;
     let at = &x as *const u64 as u64;
-    println!("read::<u64> (mapped)          {:7.1} ns", ns_per(200_000, |_| { black_box(read::<u64>(black_box(at))); }));
-    println!("read::<u64> (unmapped)        {:7.1} ns", ns_per(200_000, |_| { black_box(read::<u64>(black_box(8))); }));
+    println!(
+        "read::<u64> (mapped)          {:7.1} ns",
+        ns_per(200_000, |_| {
+            black_box(read::<u64>(black_box(at)));
+        })
+    );
+    println!(
+        "read::<u64> (unmapped)        {:7.1} ns",
+        ns_per(200_000, |_| {
+            black_box(read::<u64>(black_box(8)));
+        })
+    );
     let s = b"/usr/lib/x86_64-linux-gnu/libc.so.6\0";
     let sp = s.as_ptr() as u64;
-    println!("read_str (36 bytes)           {:7.1} ns", ns_per(200_000, |_| { black_box(read_str(black_box(sp), 256)); }));
-    println!("getpid syscall, for scale     {:7.1} ns", ns_per(200_000, |_| { black_box(unsafe { libc::syscall(libc::SYS_getpid) }); }));
-    println!("plain load, for scale         {:7.1} ns", ns_per(200_000, |_| { black_box(unsafe { *(black_box(at) as *const u64) }); }));
+    println!(
+        "read_str (36 bytes)           {:7.1} ns",
+        ns_per(200_000, |_| {
+            black_box(read_str(black_box(sp), 256));
+        })
+    );
+    println!(
+        "getpid syscall, for scale     {:7.1} ns",
+        ns_per(200_000, |_| {
+            black_box(unsafe { libc::syscall(libc::SYS_getpid) });
+        })
+    );
+    println!(
+        "plain load, for scale         {:7.1} ns",
+        ns_per(200_000, |_| {
+            black_box(unsafe { *(black_box(at) as *const u64) });
+        })
+    );
 }
 
 fn maps() {
     println!("one thread:");
-    println!("  one shared atomic add       {:7.2} ns", ns_per(5_000_000, |_| { SHARED.fetch_add(1, Ordering::Relaxed); }));
-    println!("  Counter::inc                {:7.2} ns", ns_per(5_000_000, |_| C.inc()));
-    println!("  Histogram::record (log2)    {:7.2} ns", ns_per(5_000_000, |i| H.record(i)));
-    println!("  HashMap::add (64 keys)      {:7.2} ns", ns_per(5_000_000, |i| M.add(i & 63, 1)));
+    println!(
+        "  one shared atomic add       {:7.2} ns",
+        ns_per(5_000_000, |_| {
+            SHARED.fetch_add(1, Ordering::Relaxed);
+        })
+    );
+    println!(
+        "  Counter::inc                {:7.2} ns",
+        ns_per(5_000_000, |_| C.inc())
+    );
+    println!(
+        "  Histogram::record (log2)    {:7.2} ns",
+        ns_per(5_000_000, |i| H.record(i))
+    );
+    println!(
+        "  HashMap::add (64 keys)      {:7.2} ns",
+        ns_per(5_000_000, |i| M.add(i & 63, 1))
+    );
     println!("contention, 4 threads on one map (ns per update, wall time / total updates):");
-    let shared = ns_per_threaded(4, 2_000_000, |_| { SHARED.fetch_add(1, Ordering::Relaxed); });
+    let shared = ns_per_threaded(4, 2_000_000, |_| {
+        SHARED.fetch_add(1, Ordering::Relaxed);
+    });
     let sharded = ns_per_threaded(4, 2_000_000, |_| C.inc());
     println!("  one shared atomic           {shared:7.2} ns");
-    println!("  Counter ({} shards)          {sharded:7.2} ns   ratio shared/sharded {:.2}", abi::SHARDS, shared / sharded);
-    println!("  Histogram::record           {:7.2} ns", ns_per_threaded(4, 2_000_000, |i| H.record(i)));
-    println!("  HashMap::add (64 keys)      {:7.2} ns", ns_per_threaded(4, 2_000_000, |i| M.add(i & 63, 1)));
+    println!(
+        "  Counter ({} shards)          {sharded:7.2} ns   ratio shared/sharded {:.2}",
+        abi::SHARDS,
+        shared / sharded
+    );
+    println!(
+        "  Histogram::record           {:7.2} ns",
+        ns_per_threaded(4, 2_000_000, |i| H.record(i))
+    );
+    println!(
+        "  HashMap::add (64 keys)      {:7.2} ns",
+        ns_per_threaded(4, 2_000_000, |i| M.add(i & 63, 1))
+    );
 }
 
 /// Records per second from `producers` threads emitting 16-byte records (two u64) to a
 /// consumer thread; checks received + dropped = emitted.
-fn ring_rate(plan: &Plan, region: &'static OwnedRegion, producers: usize, per: u64) -> (f64, f64, u64, u64) {
+fn ring_rate(
+    plan: &Plan,
+    region: &'static OwnedRegion,
+    producers: usize,
+    per: u64,
+) -> (f64, f64, u64, u64) {
     let done = Arc::new(AtomicBool::new(false));
     let mut c = Consumer::new(plan.ring_offset, plan.ring_bytes);
     let dropped_before = c.dropped(region.view());
@@ -125,7 +181,9 @@ fn ring_rate(plan: &Plan, region: &'static OwnedRegion, producers: usize, per: u
             let mut received = 0u64;
             loop {
                 let finished = done.load(Ordering::Acquire);
-                let d = c.drain(region.view(), |p| { black_box(p); });
+                let d = c.drain(region.view(), |p| {
+                    black_box(p);
+                });
                 received += d.records;
                 if finished && !d.pending && d.records == 0 {
                     return (received, c.dropped(region.view()));
@@ -135,15 +193,30 @@ fn ring_rate(plan: &Plan, region: &'static OwnedRegion, producers: usize, per: u
     };
     let t = Instant::now();
     let hs: Vec<_> = (0..producers)
-        .map(|_| std::thread::spawn(move || for i in 0..per { emit!("{} {}", i, i ^ 5); }))
+        .map(|_| {
+            std::thread::spawn(move || {
+                for i in 0..per {
+                    emit!("{} {}", i, i ^ 5);
+                }
+            })
+        })
         .collect();
     hs.into_iter().for_each(|h| h.join().unwrap());
     let secs = t.elapsed().as_secs_f64();
     done.store(true, Ordering::Release);
     let (received, dropped) = consumer.join().unwrap();
     let emitted = producers as u64 * per;
-    assert_eq!(received + dropped - dropped_before, emitted, "a record is unaccounted for");
-    (emitted as f64 / secs / 1e6, received as f64 / secs / 1e6, received, dropped - dropped_before)
+    assert_eq!(
+        received + dropped - dropped_before,
+        emitted,
+        "a record is unaccounted for"
+    );
+    (
+        emitted as f64 / secs / 1e6,
+        received as f64 / secs / 1e6,
+        received,
+        dropped - dropped_before,
+    )
 }
 
 /// Each side alone: fill the empty ring from one thread, then drain it from one thread.
@@ -157,19 +230,29 @@ fn ring_sides(plan: &Plan, region: &'static OwnedRegion) {
         let ok = (0..fits).filter(|&i| emit!("{} {}", i, i ^ 5)).count() as u64;
         fill.push(ok as f64 / t.elapsed().as_secs_f64() / 1e6);
         let t = Instant::now();
-        let d = c.drain(region.view(), |p| { black_box(p); });
+        let d = c.drain(region.view(), |p| {
+            black_box(p);
+        });
         drain.push(d.records as f64 / t.elapsed().as_secs_f64() / 1e6);
         assert_eq!(d.records, ok);
     }
-    println!("  producer alone (ring never full): {:6.1} M records/s", median(fill));
-    println!("  consumer alone (draining a full ring): {:6.1} M records/s", median(drain));
+    println!(
+        "  producer alone (ring never full): {:6.1} M records/s",
+        median(fill)
+    );
+    println!(
+        "  consumer alone (draining a full ring): {:6.1} M records/s",
+        median(drain)
+    );
 }
 
 fn ring(plan: &Plan, region: &'static OwnedRegion) {
     println!("events: 16-byte records (emit!(\"{{}} {{}}\", a, b), 40 bytes in the ring), consumer thread draining:");
     for producers in [1, 4] {
         let per = 4_000_000 / producers as u64;
-        let runs: Vec<_> = (0..5).map(|_| ring_rate(plan, region, producers, per)).collect();
+        let runs: Vec<_> = (0..5)
+            .map(|_| ring_rate(plan, region, producers, per))
+            .collect();
         let rate = median(runs.iter().map(|r| r.0).collect());
         let delivered = median(runs.iter().map(|r| r.1).collect());
         let (recv, drop) = runs.iter().fold((0, 0), |a, r| (a.0 + r.2, a.1 + r.3));

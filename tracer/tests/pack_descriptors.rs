@@ -19,16 +19,28 @@ fn build_pack(dir: &Path, name: &str) -> PathBuf {
         .env("CARGO_TARGET_DIR", &target)
         .output()
         .unwrap();
-    assert!(out.status.success(), "cargo build of {}:\n{}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cargo build of {}:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     target.join("release").join(format!("lib{name}.so"))
 }
 
 fn mallocs() -> PathBuf {
-    build_pack(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mallocs"), "mallocs")
+    build_pack(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mallocs"),
+        "mallocs",
+    )
 }
 
 fn check_mallocs_shape(p: &PackInfo, with_at: bool) {
-    let probes: Vec<_> = p.probes.iter().map(|d| (d.kind, d.handler.as_str(), d.spec.text.as_str())).collect();
+    let probes: Vec<_> = p
+        .probes
+        .iter()
+        .map(|d| (d.kind, d.handler.as_str(), d.spec.text.as_str()))
+        .collect();
     let mut want = vec![
         (ProbeKind::Entry, "malloc", "libc:malloc"),
         (ProbeKind::Exit, "malloc_ret", "libc:malloc"),
@@ -40,23 +52,41 @@ fn check_mallocs_shape(p: &PackInfo, with_at: bool) {
     probes.sort_by_key(|p| p.1);
     want.sort_by_key(|p| p.1);
     assert_eq!(probes, want);
-    let mut maps: Vec<_> = p.maps.iter().map(|m| (m.name.as_str(), m.kind, m.params)).collect();
+    let mut maps: Vec<_> = p
+        .maps
+        .iter()
+        .map(|m| (m.name.as_str(), m.kind, m.params))
+        .collect();
     maps.sort();
     assert_eq!(
         maps,
         vec![
-            ("BY_SIZE", map_kind::HASH, [8, value_type::UNSIGNED, 4096, value_type::UNSIGNED]),
+            (
+                "BY_SIZE",
+                map_kind::HASH,
+                [8, value_type::UNSIGNED, 4096, value_type::UNSIGNED]
+            ),
             ("FAILS", map_kind::COUNTER, [0; 4]),
             ("SIZES", map_kind::HIST_LOG2, [0; 4]),
         ]
     );
     assert!(p.has_ring);
-    let texts: Vec<_> = p.formats.values().map(|f| (f.text.as_str(), f.nargs)).collect();
-    assert!(texts.contains(&("slow malloc: {} ns, tid {}", 2)), "{texts:?}");
+    let texts: Vec<_> = p
+        .formats
+        .values()
+        .map(|f| (f.text.as_str(), f.nargs))
+        .collect();
+    assert!(
+        texts.contains(&("slow malloc: {} ns, tid {}", 2)),
+        "{texts:?}"
+    );
     if with_at {
         assert!(texts.contains(&("rbx={:#x}", 1)), "{texts:?}");
     }
-    assert!(p.formats.values().all(|f| f.file.ends_with("lib.rs") && f.line > 0));
+    assert!(p
+        .formats
+        .values()
+        .all(|f| f.file.ends_with("lib.rs") && f.line > 0));
 }
 
 #[test]
@@ -99,7 +129,10 @@ fn a_corrupted_descriptor_is_refused() {
     let at = section_offset(&data);
     let mut bad = data.clone();
     bad[at] ^= 0xff; // magic
-    assert!(matches!(parse_pack(&so, &bad), Err(PackError::Malformed { .. })));
+    assert!(matches!(
+        parse_pack(&so, &bad),
+        Err(PackError::Malformed { .. })
+    ));
     let mut bad = data.clone();
     bad[at + 8] = 9; // kind
     let e = parse_pack(&so, &bad).unwrap_err().to_string();
@@ -109,14 +142,27 @@ fn a_corrupted_descriptor_is_refused() {
 #[test]
 fn a_plain_shared_library_is_not_a_probe_pack() {
     let dir = tests::temp_dir("notapack");
-    let so = tests::cc(&dir, "libplain.so", "int f(int x) { return x + 1; }\n", &["-shared", "-fPIC"]);
+    let so = tests::cc(
+        &dir,
+        "libplain.so",
+        "int f(int x) { return x + 1; }\n",
+        &["-shared", "-fPIC"],
+    );
     let err = read_pack(&so).unwrap_err();
     assert!(matches!(err, PackError::NotAPack { .. }), "{err}");
-    assert!(err.to_string().contains("is not a probe pack (no tracer_pack section)"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("is not a probe pack (no tracer_pack section)"),
+        "{err}"
+    );
     let text = dir.join("notes.txt");
     std::fs::write(&text, "hello").unwrap();
     let err = read_pack(&text).unwrap_err();
-    assert!(err.to_string().contains("is not a probe pack: not an ELF shared library"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("is not a probe pack: not an ELF shared library"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -127,7 +173,11 @@ fn tracer_new_writes_a_pack_that_builds_and_reads_back() {
         .current_dir(&*dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let so = build_pack(&dir.join("my_pack"), "my_pack");
     check_mallocs_shape(&read_pack(&so).unwrap(), false);
     // A second time: refused, the crate is left as it was.

@@ -3,7 +3,9 @@
 //! without bound, allocate beyond what the descriptors allow or read outside the mapping.
 //! Case counts keep the whole file well under 30 s.
 
-use probes::pack::abi::{self, map_kind, ring_control, Plan, DESCRIPTOR_SIZE, DESC_MAGIC, RING_CONTROL};
+use probes::pack::abi::{
+    self, map_kind, ring_control, Plan, DESCRIPTOR_SIZE, DESC_MAGIC, RING_CONTROL,
+};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use tracer::pack::descriptors::{parse_descriptors, FormatDesc, MapDesc};
@@ -14,7 +16,12 @@ use tracer::pack::ring::Consumer;
 use tracer::pack::view::{OwnedRegion, View};
 
 fn maps() -> Vec<MapDesc> {
-    let m = |name: &str, kind, params| MapDesc { name: name.into(), kind, params, symbol: String::new() };
+    let m = |name: &str, kind, params| MapDesc {
+        name: name.into(),
+        kind,
+        params,
+        symbol: String::new(),
+    };
     vec![
         m("C", map_kind::COUNTER, [0; 4]),
         m("L", map_kind::HIST_LOG2, [0; 4]),
@@ -143,4 +150,3 @@ proptest! {
         let _ = parse_descriptors(&bytes);
     }
 }
-

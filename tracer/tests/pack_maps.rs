@@ -27,7 +27,12 @@ fn bind(maps: &[(&str, &Binding, u32, [u64; 4])]) -> (OwnedRegion, Plan, Vec<Map
     }
     let descs = maps
         .iter()
-        .map(|m| MapDesc { name: m.0.into(), kind: m.2, params: m.3, symbol: String::new() })
+        .map(|m| MapDesc {
+            name: m.0.into(),
+            kind: m.2,
+            params: m.3,
+            symbol: String::new(),
+        })
         .collect();
     (region, plan, descs)
 }
@@ -64,20 +69,46 @@ fn counter_and_histograms_count_exactly_from_four_threads() {
     assert_eq!(check_region(view, &plan, 3), Vec::<String>::new());
     let maps = read_maps(view, &plan, &descs);
     assert_eq!(maps[0].data, MapData::Counter(THREADS * PER_THREAD));
-    let MapData::Histogram(log) = &maps[1].data else { panic!() };
+    let MapData::Histogram(log) = &maps[1].data else {
+        panic!()
+    };
     let rounds = THREADS * (PER_THREAD / 1024); // whole passes over 0..1023
     let rest = PER_THREAD % 1024; // each thread's last partial pass covers 0..rest
     for (k, &count) in log.iter().enumerate() {
-        let in_bucket = |upto: u64| (0..upto).filter(|v| (64 - v.leading_zeros()) as usize == k).count() as u64;
-        assert_eq!(count, rounds * in_bucket(1024) + THREADS * in_bucket(rest), "bucket {k}");
+        let in_bucket = |upto: u64| {
+            (0..upto)
+                .filter(|v| (64 - v.leading_zeros()) as usize == k)
+                .count() as u64
+        };
+        assert_eq!(
+            count,
+            rounds * in_bucket(1024) + THREADS * in_bucket(rest),
+            "bucket {k}"
+        );
     }
-    let MapData::Histogram(lin) = &maps[2].data else { panic!() };
+    let MapData::Histogram(lin) = &maps[2].data else {
+        panic!()
+    };
     let per = THREADS * PER_THREAD / 200;
-    assert_eq!(lin, &vec![per * 100, per * 10, per * 10, per * 10, per * 10, per * 10, per * 50]);
+    assert_eq!(
+        lin,
+        &vec![
+            per * 100,
+            per * 10,
+            per * 10,
+            per * 10,
+            per * 10,
+            per * 10,
+            per * 50
+        ]
+    );
     let text = map_text(&maps[1]);
     assert!(text.starts_with("@LOG:\n[0]  "), "{text}");
     assert!(text.contains("\n[512, 1K) "), "{text}");
-    assert_eq!(map_text(&maps[0]), format!("@HITS: {}\n", THREADS * PER_THREAD));
+    assert_eq!(
+        map_text(&maps[0]),
+        format!("@HITS: {}\n", THREADS * PER_THREAD)
+    );
 }
 
 #[test]
@@ -91,21 +122,35 @@ fn histogram_text_is_bpftrace_shaped() {
     assert_eq!(lines[0], "@x:");
     assert_eq!(lines[1], format!("[1]{:>21} |{:<52}|", 1, "@".repeat(13)));
     assert_eq!(lines[3], format!("[4, 8){:>18} |{}|", 4, "@".repeat(52)));
-    assert_eq!(lines.last().unwrap(), &format!("[1K, 2K){:>16} |{:<52}|", 2, "@".repeat(26)));
-    assert_eq!(lines.len(), 1 + 11, "buckets from the first to the last non-empty one");
+    assert_eq!(
+        lines.last().unwrap(),
+        &format!("[1K, 2K){:>16} |{:<52}|", 2, "@".repeat(26))
+    );
+    assert_eq!(
+        lines.len(),
+        1 + 11,
+        "buckets from the first to the last non-empty one"
+    );
 }
 
 #[test]
 fn hash_map_adds_exactly_from_four_threads() {
     static BY_KEY: HashMap<u64, u64, 256> = HashMap::new();
-    let (region, plan, descs) = bind(&[("BY_KEY", BY_KEY.binding(), BY_KEY.map_kind(), BY_KEY.map_params())]);
+    let (region, plan, descs) = bind(&[(
+        "BY_KEY",
+        BY_KEY.binding(),
+        BY_KEY.map_kind(),
+        BY_KEY.map_params(),
+    )]);
     on_threads(|_| {
         for i in 0..PER_THREAD {
             BY_KEY.add(i % 100, 1);
         }
     });
     let maps = read_maps(region.view(), &plan, &descs);
-    let MapData::Hash { entries, drops } = &maps[0].data else { panic!() };
+    let MapData::Hash { entries, drops } = &maps[0].data else {
+        panic!()
+    };
     assert_eq!(*drops, 0);
     let mut entries = entries.clone();
     entries.sort();
@@ -115,19 +160,30 @@ fn hash_map_adds_exactly_from_four_threads() {
     }
     assert_eq!(BY_KEY.get(7), Some(THREADS * PER_THREAD / 100));
     let text = map_text(&maps[0]);
-    assert_eq!(text.lines().count(), 1 + 20 + 1, "top 20 and a line saying how many more: {text}");
+    assert_eq!(
+        text.lines().count(),
+        1 + 20 + 1,
+        "top 20 and a line saying how many more: {text}"
+    );
 }
 
 #[test]
 fn a_full_hash_map_counts_every_drop() {
     static SMALL: HashMap<u32, i64, 16> = HashMap::new();
-    let (region, plan, descs) = bind(&[("SMALL", SMALL.binding(), SMALL.map_kind(), SMALL.map_params())]);
+    let (region, plan, descs) = bind(&[(
+        "SMALL",
+        SMALL.binding(),
+        SMALL.map_kind(),
+        SMALL.map_params(),
+    )]);
     // One thread first: 40 distinct keys into 16 slots, exactly 24 dropped.
     for k in 0..40u32 {
         SMALL.add(k, -1);
     }
     let maps = read_maps(region.view(), &plan, &descs);
-    let MapData::Hash { entries, drops } = &maps[0].data else { panic!() };
+    let MapData::Hash { entries, drops } = &maps[0].data else {
+        panic!()
+    };
     assert_eq!((entries.len(), *drops), (16, 24));
     assert!(entries.iter().all(|(_, v)| *v as i64 == -1), "{entries:?}");
     assert!(map_text(&maps[0]).contains("@SMALL: 24 updates dropped, the map was full"));
@@ -138,7 +194,9 @@ fn a_full_hash_map_counts_every_drop() {
         }
     });
     let maps = read_maps(region.view(), &plan, &descs);
-    let MapData::Hash { entries, drops } = &maps[0].data else { panic!() };
+    let MapData::Hash { entries, drops } = &maps[0].data else {
+        panic!()
+    };
     let landed: i64 = entries.iter().map(|(_, v)| -(*v as i64)).sum();
     assert_eq!(landed as u64 + drops, 40 * (THREADS + 1));
     assert_eq!(entries.len(), 16, "no key was added once the map was full");

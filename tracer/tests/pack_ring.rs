@@ -31,8 +31,21 @@ fn formats(list: &[(u32, &str)]) -> BTreeMap<u32, FormatDesc> {
     list.iter()
         .map(|&(id, text)| {
             let pieces = parse_format(text).unwrap();
-            let nargs = pieces.iter().filter(|p| matches!(p, tracer::pack::format::Piece::Arg(_))).count();
-            (id, FormatDesc { id, file: "t.rs".into(), line: 1, nargs, text: text.into(), pieces })
+            let nargs = pieces
+                .iter()
+                .filter(|p| matches!(p, tracer::pack::format::Piece::Arg(_)))
+                .count();
+            (
+                id,
+                FormatDesc {
+                    id,
+                    file: "t.rs".into(),
+                    line: 1,
+                    nargs,
+                    text: text.into(),
+                    pieces,
+                },
+            )
         })
         .collect()
 }
@@ -50,7 +63,17 @@ fn first_id(region: &OwnedRegion, plan: &Plan) -> u32 {
 fn records_decode_and_format_as_written() {
     let _g = RING_USERS.lock().unwrap_or_else(|e| e.into_inner());
     let (region, plan) = bind_ring(4096);
-    let emitted = || emit!("x={} y={:#x} s={:?} f={} b={} n={}", 7u32, 255u64, "hé\"", 1.5f64, true, -3i32);
+    let emitted = || {
+        emit!(
+            "x={} y={:#x} s={:?} f={} b={} n={}",
+            7u32,
+            255u64,
+            "hé\"",
+            1.5f64,
+            true,
+            -3i32
+        )
+    };
     assert!(emitted());
     let id = first_id(&region, &plan);
     assert!(emitted());
@@ -62,7 +85,10 @@ fn records_decode_and_format_as_written() {
         lines.push(e.render());
     });
     assert_eq!(d.records, 1);
-    assert_eq!(lines, vec!["x=7 y=0xff s=\"hé\\\"\" f=1.5 b=true n=-3".to_string()]);
+    assert_eq!(
+        lines,
+        vec!["x=7 y=0xff s=\"hé\\\"\" f=1.5 b=true n=-3".to_string()]
+    );
 }
 
 #[test]
@@ -73,11 +99,17 @@ fn a_full_ring_drops_and_counts_exactly() {
     let ok = (0..1000u64).filter(|&i| emit!("{} {}", i, i)).count() as u64;
     let mut c = Consumer::new(plan.ring_offset, plan.ring_bytes);
     let mut seen = Vec::new();
-    let d = c.drain(region.view(), |p| seen.push(u64::from_le_bytes(p[16..24].try_into().unwrap())));
+    let d = c.drain(region.view(), |p| {
+        seen.push(u64::from_le_bytes(p[16..24].try_into().unwrap()))
+    });
     assert_eq!(ok, 4096 / 40, "the ring holds as many records as fit");
     assert_eq!(d.records, ok);
     assert_eq!(c.dropped(region.view()), 1000 - ok);
-    assert_eq!(seen, (0..ok).collect::<Vec<_>>(), "the first records in, in order");
+    assert_eq!(
+        seen,
+        (0..ok).collect::<Vec<_>>(),
+        "the first records in, in order"
+    );
     // Drained space is reusable, across the end of the data (a padding record).
     let again = (0..50u64).filter(|&i| emit!("{} {}", i, i)).count() as u64;
     assert_eq!(again, 50);

@@ -96,10 +96,16 @@ fn handler_impl(kind: Kind, spec: LitStr, f: ItemFn) -> syn::Result<proc_macro2:
             Kind::Exit => "ctx: &mut ExitCtx",
             Kind::At => "ctx: &mut FullCtx",
         };
-        return Err(Error::new_spanned(&f.sig, format!("a probe handler takes one argument, `{want}`")));
+        return Err(Error::new_spanned(
+            &f.sig,
+            format!("a probe handler takes one argument, `{want}`"),
+        ));
     }
     if name.to_string().len() > 64 - "__tracer_probe_".len() {
-        return Err(Error::new_spanned(name, "handler name too long for its descriptor (49 bytes)"));
+        return Err(Error::new_spanned(
+            name,
+            "handler name too long for its descriptor (49 bytes)",
+        ));
     }
     let shim = format_ident!("__tracer_probe_{}", name);
     let shim_name = shim.to_string();
@@ -137,12 +143,25 @@ fn handler_impl(kind: Kind, spec: LitStr, f: ItemFn) -> syn::Result<proc_macro2:
 
 fn map_impl(s: ItemStatic) -> syn::Result<proc_macro2::TokenStream> {
     if !matches!(s.mutability, StaticMutability::None) {
-        return Err(Error::new_spanned(&s.ident, "a #[map] static cannot be `mut`: maps update through shared references"));
+        return Err(Error::new_spanned(
+            &s.ident,
+            "a #[map] static cannot be `mut`: maps update through shared references",
+        ));
     }
-    let ItemStatic { attrs, vis, ident, ty, expr, .. } = &s;
+    let ItemStatic {
+        attrs,
+        vis,
+        ident,
+        ty,
+        expr,
+        ..
+    } = &s;
     let name = ident.to_string();
     if name.len() > 64 - "__tracer_map_".len() {
-        return Err(Error::new_spanned(ident, "map name too long for its descriptor (51 bytes)"));
+        return Err(Error::new_spanned(
+            ident,
+            "map name too long for its descriptor (51 bytes)",
+        ));
     }
     let export = format!("__tracer_map_{name}");
     let desc = format_ident!("__TRACER_MAP_DESC_{}", ident);

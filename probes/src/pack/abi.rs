@@ -76,7 +76,7 @@ pub struct Descriptor {
 }
 
 pub const DESCRIPTOR_SIZE: usize = std::mem::size_of::<Descriptor>();
-const _: () = assert!(DESCRIPTOR_SIZE == 368 && DESCRIPTOR_SIZE % 8 == 0);
+const _: () = assert!(DESCRIPTOR_SIZE == 368 && DESCRIPTOR_SIZE.is_multiple_of(8));
 
 const fn fixed<const N: usize>(s: &str, what: &str) -> [u8; N] {
     let b = s.as_bytes();
@@ -279,7 +279,11 @@ pub const fn hash_slot_size(key_size: usize) -> usize {
 
 /// Bytes of one shard of a histogram.
 pub fn hist_shard_size(kind: u32, params: &[u64; 4]) -> usize {
-    let buckets = if kind == map_kind::HIST_LOG2 { LOG2_BUCKETS } else { params[2] as usize + 2 };
+    let buckets = if kind == map_kind::HIST_LOG2 {
+        LOG2_BUCKETS
+    } else {
+        params[2] as usize + 2
+    };
     line_up(buckets * 8)
 }
 
@@ -324,7 +328,9 @@ pub struct Plan {
 /// descriptors; the tracer never takes an offset from the shared memory itself.
 pub fn plan(maps: &[(u32, [u64; 4])], ring_bytes: usize) -> Result<Plan, String> {
     if !ring_bytes.is_power_of_two() || ring_bytes < 4096 {
-        return Err(format!("ring size {ring_bytes} is not a power of two >= 4096"));
+        return Err(format!(
+            "ring size {ring_bytes} is not a power of two >= 4096"
+        ));
     }
     let ring_offset = REGION_HEADER;
     let mut at = ring_offset + RING_CONTROL + ring_bytes;

@@ -33,6 +33,7 @@ pub trait EmitArg {
 
 macro_rules! scalar {
     ($tag:expr, $conv:expr; $($t:ty),*) => { $(
+        #[allow(clippy::unnecessary_cast)] // the same conversion serves every width
         impl EmitArg for $t {
             fn tag(&self) -> u8 { $tag }
             fn write(&self, dst: &mut [u8]) {

@@ -19,7 +19,9 @@ pub fn shard() -> usize {
     let tp: u64;
     // SAFETY: reads the thread control block's self pointer, present in every thread of a
     // process using TLS (any Rust or C program on Linux x86-64).
-    unsafe { std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+    unsafe {
+        std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags))
+    };
     (tp.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 61) as usize % SHARDS
 }
 
@@ -200,7 +202,10 @@ impl<K: MapKey, V: MapValue, const N: usize> HashMap<K, V, N> {
     const SLOT: usize = abi::hash_slot_size(std::mem::size_of::<K>());
 
     pub const fn new() -> Self {
-        assert!(N > 0 && N as u64 <= abi::MAX_HASH_CAPACITY, "hash map capacity out of range");
+        assert!(
+            N > 0 && N as u64 <= abi::MAX_HASH_CAPACITY,
+            "hash map capacity out of range"
+        );
         assert!(
             std::mem::size_of::<K>() > 0 && std::mem::size_of::<K>() as u64 <= abi::MAX_KEY_SIZE,
             "hash map key must be 1 to 256 bytes"
@@ -235,7 +240,9 @@ impl<K: MapKey, V: MapValue, const N: usize> HashMap<K, V, N> {
         let h = self.bind.get()?;
         let s = self.slot_of(h, &key, false)?;
         // SAFETY: as in `add`.
-        Some(V::from_bits(atomic(unsafe { s.add(Self::SLOT - 8) }).load(Relaxed)))
+        Some(V::from_bits(
+            atomic(unsafe { s.add(Self::SLOT - 8) }).load(Relaxed),
+        ))
     }
 
     fn slot_of(&self, h: *mut u8, key: &K, insert: bool) -> Option<*mut u8> {

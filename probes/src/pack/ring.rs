@@ -122,7 +122,8 @@ impl Ring {
                 Ok(_) => {
                     if pad > 0 {
                         // SAFETY: `off` is inside the data; the padding is ours.
-                        Self::word(data, off).store(pad as u64 | flag::PAD | flag::COMMITTED, Release);
+                        Self::word(data, off)
+                            .store(pad as u64 | flag::PAD | flag::COMMITTED, Release);
                     }
                     let at = (off + pad) & (cap - 1);
                     let header = Self::word(data, at);

@@ -74,11 +74,25 @@ pub struct PackInfo {
 
 #[derive(Debug)]
 pub enum PackError {
-    Read { path: PathBuf, source: std::io::Error },
-    NotElf { path: PathBuf, reason: String },
-    NotAPack { path: PathBuf },
-    Abi { path: PathBuf, found: u32 },
-    Malformed { path: PathBuf, what: String },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    NotElf {
+        path: PathBuf,
+        reason: String,
+    },
+    NotAPack {
+        path: PathBuf,
+    },
+    Abi {
+        path: PathBuf,
+        found: u32,
+    },
+    Malformed {
+        path: PathBuf,
+        what: String,
+    },
 }
 
 impl fmt::Display for PackError {
@@ -134,7 +148,9 @@ pub fn parse_pack(path: &Path, data: &[u8]) -> Result<PackInfo, PackError> {
     })?;
     let section = file
         .section_by_name(abi::SECTION)
-        .ok_or_else(|| PackError::NotAPack { path: path.to_owned() })?;
+        .ok_or_else(|| PackError::NotAPack {
+            path: path.to_owned(),
+        })?;
     let bytes = section.data().map_err(|e| PackError::Malformed {
         path: path.to_owned(),
         what: format!("section {} unreadable: {e}", abi::SECTION),
@@ -145,8 +161,14 @@ pub fn parse_pack(path: &Path, data: &[u8]) -> Result<PackInfo, PackError> {
         .filter_map(|s| s.name().ok().map(str::to_owned))
         .collect();
     let mut info = parse_descriptors(bytes).map_err(|what| match what {
-        DescError::Abi(found) => PackError::Abi { path: path.to_owned(), found },
-        DescError::Bad(what) => PackError::Malformed { path: path.to_owned(), what },
+        DescError::Abi(found) => PackError::Abi {
+            path: path.to_owned(),
+            found,
+        },
+        DescError::Bad(what) => PackError::Malformed {
+            path: path.to_owned(),
+            what,
+        },
     })?;
     info.path = path.to_owned();
     info.has_ring = exported.contains(abi::RING_SYMBOL);
@@ -194,7 +216,7 @@ pub fn parse_descriptors(bytes: &[u8]) -> Result<PackInfo, DescError> {
         formats: BTreeMap::new(),
         has_ring: false,
     };
-    if bytes.len() % DESCRIPTOR_SIZE != 0 {
+    if !bytes.len().is_multiple_of(DESCRIPTOR_SIZE) {
         return Err(DescError::Bad(format!(
             "section is {} bytes, not a multiple of {DESCRIPTOR_SIZE}",
             bytes.len()
@@ -258,7 +280,8 @@ fn add_descriptor(info: &mut PackInfo, d: &Descriptor) -> Result<(), DescError> 
             });
         }
         desc_kind::MAP => {
-            abi::map_size(d.sub, &d.params).map_err(|e| DescError::Bad(format!("map {name}: {e}")))?;
+            abi::map_size(d.sub, &d.params)
+                .map_err(|e| DescError::Bad(format!("map {name}: {e}")))?;
             info.maps.push(MapDesc {
                 symbol: format!("{}{name}", abi::MAP_SYMBOL_PREFIX),
                 name,
@@ -268,12 +291,23 @@ fn add_descriptor(info: &mut PackInfo, d: &Descriptor) -> Result<(), DescError> 
         }
         desc_kind::FORMAT => {
             let id = d.params[0] as u32;
-            let pieces = parse_format(&text).map_err(|e| DescError::Bad(format!("format {text:?}: {e}")))?;
+            let pieces =
+                parse_format(&text).map_err(|e| DescError::Bad(format!("format {text:?}: {e}")))?;
             let nargs = pieces.iter().filter(|p| matches!(p, Piece::Arg(_))).count();
             if nargs != d.sub as usize {
-                return Err(DescError::Bad(format!("format {text:?} has {nargs} placeholders, descriptor says {}", d.sub)));
+                return Err(DescError::Bad(format!(
+                    "format {text:?} has {nargs} placeholders, descriptor says {}",
+                    d.sub
+                )));
             }
-            let f = FormatDesc { id, file: name, line: d.params[1] as u32, nargs, text, pieces };
+            let f = FormatDesc {
+                id,
+                file: name,
+                line: d.params[1] as u32,
+                nargs,
+                text,
+                pieces,
+            };
             if let Some(old) = info.formats.get(&id) {
                 if *old != f {
                     return Err(DescError::Bad(format!("two formats share id {id:#x}")));

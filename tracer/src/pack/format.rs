@@ -77,15 +77,26 @@ pub struct Event<'a> {
 
 /// Decode a record payload (as the ring hands it over). Every length is checked against
 /// the payload; a bad record is an error message, never a panic.
-pub fn decode<'a>(payload: &[u8], formats: &'a BTreeMap<u32, FormatDesc>) -> Result<Event<'a>, String> {
+pub fn decode<'a>(
+    payload: &[u8],
+    formats: &'a BTreeMap<u32, FormatDesc>,
+) -> Result<Event<'a>, String> {
     if payload.len() < 16 {
-        return Err(format!("event record of {} bytes is too short", payload.len()));
+        return Err(format!(
+            "event record of {} bytes is too short",
+            payload.len()
+        ));
     }
     let id = u32::from_le_bytes(payload[..4].try_into().unwrap());
-    let format = formats.get(&id).ok_or_else(|| format!("event record with unknown format {id:#x}"))?;
+    let format = formats
+        .get(&id)
+        .ok_or_else(|| format!("event record with unknown format {id:#x}"))?;
     let nargs = payload[4] as usize;
     if nargs > MAX_ARGS || nargs != format.nargs {
-        return Err(format!("event record for {:?} has {nargs} arguments", format.text));
+        return Err(format!(
+            "event record for {:?} has {nargs} arguments",
+            format.text
+        ));
     }
     let mut at = 16;
     let mut args = Vec::with_capacity(nargs);

@@ -17,7 +17,10 @@ pub enum MapData {
     /// One count per bucket, shards summed.
     Histogram(Vec<u64>),
     /// Key bytes and value, one entry per key (duplicates merged), unordered.
-    Hash { entries: Vec<(Vec<u8>, u64)>, drops: u64 },
+    Hash {
+        entries: Vec<(Vec<u8>, u64)>,
+        drops: u64,
+    },
 }
 
 /// A map as read, with what was wrong with its memory.
@@ -32,7 +35,11 @@ pub struct MapRead {
 pub fn check_region(view: View, plan: &Plan, nmaps: usize) -> Vec<String> {
     let mut p = Vec::new();
     if view.len() < plan.total {
-        p.push(format!("shared region is {} bytes, the pack needs {}", view.len(), plan.total));
+        p.push(format!(
+            "shared region is {} bytes, the pack needs {}",
+            view.len(),
+            plan.total
+        ));
     }
     if view.u64(0) != Some(abi::REGION_MAGIC) {
         p.push("shared region header corrupted (magic)".into());
@@ -58,7 +65,12 @@ pub fn read_map(view: View, off: usize, desc: &MapDesc) -> MapRead {
     if magic != Some(abi::MAP_MAGIC) || kind != Some(desc.kind) {
         problems.push(format!("map {}: header corrupted", desc.name));
     }
-    let missing = |p: &mut Vec<String>| p.push(format!("map {}: storage outside the shared region", desc.name));
+    let missing = |p: &mut Vec<String>| {
+        p.push(format!(
+            "map {}: storage outside the shared region",
+            desc.name
+        ))
+    };
     let data = off + MAP_HEADER;
     let data = match desc.kind {
         map_kind::COUNTER => {
@@ -77,7 +89,11 @@ pub fn read_map(view: View, off: usize, desc: &MapDesc) -> MapRead {
         _ => read_hash(view, off, desc, &mut problems),
     };
     problems.dedup();
-    MapRead { desc: desc.clone(), data, problems }
+    MapRead {
+        desc: desc.clone(),
+        data,
+        problems,
+    }
 }
 
 fn read_hist(view: View, data: usize, desc: &MapDesc, problems: &mut Vec<String>) -> Vec<u64> {
@@ -93,7 +109,10 @@ fn read_hist(view: View, data: usize, desc: &MapDesc, problems: &mut Vec<String>
             match view.u64(data + s * shard + 8 * b) {
                 Some(v) => *slot = slot.wrapping_add(v),
                 None => {
-                    problems.push(format!("map {}: storage outside the shared region", desc.name));
+                    problems.push(format!(
+                        "map {}: storage outside the shared region",
+                        desc.name
+                    ));
                     return out;
                 }
             }
@@ -112,13 +131,17 @@ fn read_hash(view: View, off: usize, desc: &MapDesc, problems: &mut Vec<String>)
     for i in 0..cap {
         let s = off + MAP_HEADER + i * slot;
         let Some(state) = view.u64(s) else {
-            problems.push(format!("map {}: storage outside the shared region", desc.name));
+            problems.push(format!(
+                "map {}: storage outside the shared region",
+                desc.name
+            ));
             break;
         };
         match state {
             0 | 1 => {}
             2 => {
-                let (Some(key), Some(v)) = (view.bytes(s + 8, key_size), view.u64(s + slot - 8)) else {
+                let (Some(key), Some(v)) = (view.bytes(s + 8, key_size), view.u64(s + slot - 8))
+                else {
                     continue;
                 };
                 let e = merged.entry(key).or_insert(0);
@@ -128,7 +151,10 @@ fn read_hash(view: View, off: usize, desc: &MapDesc, problems: &mut Vec<String>)
         }
     }
     if bad_states > 0 {
-        problems.push(format!("map {}: {bad_states} slots corrupted (ignored)", desc.name));
+        problems.push(format!(
+            "map {}: {bad_states} slots corrupted (ignored)",
+            desc.name
+        ));
     }
     MapData::Hash {
         entries: merged.into_iter().collect(),

@@ -48,9 +48,18 @@ pub fn histogram_text(name: &str, kind: u32, params: &[u64; 4], buckets: &[u64])
     let last = buckets.iter().rposition(|&c| c > 0).unwrap_or(first);
     let max = buckets.iter().copied().max().unwrap_or(1).max(1);
     for (b, &count) in buckets.iter().enumerate().take(last + 1).skip(first) {
-        let label = if kind == map_kind::HIST_LOG2 { log2_label(b) } else { linear_label(b, params) };
+        let label = if kind == map_kind::HIST_LOG2 {
+            log2_label(b)
+        } else {
+            linear_label(b, params)
+        };
         let bar = ((count as u128 * BAR as u128) / max as u128) as usize;
-        let _ = writeln!(out, "{label:<16}{count:>8} |{}{}|", "@".repeat(bar), " ".repeat(BAR - bar));
+        let _ = writeln!(
+            out,
+            "{label:<16}{count:>8} |{}{}|",
+            "@".repeat(bar),
+            " ".repeat(BAR - bar)
+        );
     }
     out
 }
@@ -79,11 +88,19 @@ pub fn key_text(bytes: &[u8], ty: u64) -> String {
 }
 
 fn value_text(v: u64, ty: u64) -> String {
-    if ty == value_type::SIGNED { (v as i64).to_string() } else { v.to_string() }
+    if ty == value_type::SIGNED {
+        (v as i64).to_string()
+    } else {
+        v.to_string()
+    }
 }
 
 fn value_json(v: u64, ty: u64) -> serde_json::Value {
-    if ty == value_type::SIGNED { (v as i64).into() } else { v.into() }
+    if ty == value_type::SIGNED {
+        (v as i64).into()
+    } else {
+        v.into()
+    }
 }
 
 /// Entries largest value first (ties by key bytes, so output is stable).
@@ -107,13 +124,23 @@ pub fn map_text(m: &MapRead) -> String {
             let mut out = format!("@{}:\n", d.name);
             let all = sorted(entries, d.params[3]);
             for (k, v) in all.iter().take(TOP) {
-                let _ = writeln!(out, "@{}[{}]: {}", d.name, key_text(k, d.params[1]), value_text(*v, d.params[3]));
+                let _ = writeln!(
+                    out,
+                    "@{}[{}]: {}",
+                    d.name,
+                    key_text(k, d.params[1]),
+                    value_text(*v, d.params[3])
+                );
             }
             if all.len() > TOP {
                 let _ = writeln!(out, "... {} more keys (--json prints all)", all.len() - TOP);
             }
             if *drops > 0 {
-                let _ = writeln!(out, "@{}: {drops} updates dropped, the map was full (raise its capacity)", d.name);
+                let _ = writeln!(
+                    out,
+                    "@{}: {drops} updates dropped, the map was full (raise its capacity)",
+                    d.name
+                );
             }
             out
         }
@@ -135,7 +162,11 @@ pub fn map_json(m: &MapRead) -> serde_json::Value {
                 .enumerate()
                 .filter(|(_, &c)| c > 0)
                 .map(|(i, &c)| {
-                    let label = if d.kind == map_kind::HIST_LOG2 { log2_label(i) } else { linear_label(i, &d.params) };
+                    let label = if d.kind == map_kind::HIST_LOG2 {
+                        log2_label(i)
+                    } else {
+                        linear_label(i, &d.params)
+                    };
                     serde_json::json!({ "bucket": label, "count": c })
                 })
                 .collect();

@@ -52,11 +52,13 @@ impl Consumer {
             view.u64(self.ring + ring_control::TAIL),
             view.u64(self.ring + ring_control::RESERVE),
         ) else {
-            out.problems.push("event ring outside the shared region".into());
+            out.problems
+                .push("event ring outside the shared region".into());
             return out;
         };
         if view.u64(self.ring + ring_control::CAPACITY) != Some(self.cap as u64) {
-            out.problems.push("event ring header corrupted (capacity)".into());
+            out.problems
+                .push("event ring header corrupted (capacity)".into());
         }
         let data = self.ring + RING_CONTROL;
         let mut budget = self.cap;
@@ -66,8 +68,16 @@ impl Consumer {
             let off = (tail as usize) & (self.cap - 1);
             let h = view.u64(data + off).unwrap_or(0);
             let len = (h & 0xffff_ffff) as usize;
-            if ahead > self.cap as u64 || (h != 0 && (len < HEADER || len % 8 != 0 || off + len > self.cap || len as u64 > ahead)) {
-                out.problems.push(format!("event ring corrupted at {tail:#x}: records in it dropped"));
+            if ahead > self.cap as u64
+                || (h != 0
+                    && (len < HEADER
+                        || !len.is_multiple_of(8)
+                        || off + len > self.cap
+                        || len as u64 > ahead))
+            {
+                out.problems.push(format!(
+                    "event ring corrupted at {tail:#x}: records in it dropped"
+                ));
                 self.reset(view, reserve);
                 return out;
             }
@@ -81,7 +91,8 @@ impl Consumer {
                 if view.bytes_into(data + off + HEADER, len - HEADER, &mut self.buf) {
                     f(&self.buf);
                 } else {
-                    out.problems.push("event record outside the shared region".into());
+                    out.problems
+                        .push("event record outside the shared region".into());
                 }
                 out.records += 1;
             } else {

@@ -16,7 +16,9 @@ fn check_name(name: &str) -> Result<(), String> {
         .chars()
         .next()
         .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
     if ok && name != "probes" && name != "test" {
         Ok(())
     } else {
@@ -91,14 +93,18 @@ pub fn new_pack(parent: &Path, name: &str) -> Result<PathBuf, String> {
     check_name(name)?;
     let dir = parent.join(name);
     if dir.exists() {
-        return Err(format!("{} already exists: choose another name or remove it", dir.display()));
+        return Err(format!(
+            "{} already exists: choose another name or remove it",
+            dir.display()
+        ));
     }
     let probes = probes_dir()
         .canonicalize()
         .map_err(|e| format!("the probes crate this tracer was built from ({}) is gone ({e}): run tracer from its source tree", probes_dir().display()))?;
     let write = |rel: &str, text: &str| -> Result<(), String> {
         let p = dir.join(rel);
-        std::fs::create_dir_all(p.parent().unwrap_or(&dir)).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(p.parent().unwrap_or(&dir))
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))
     };
     write("Cargo.toml", &cargo_toml(name, &probes))?;

@@ -43,7 +43,7 @@ impl<'a> View<'a> {
     }
 
     fn word(&self, off: usize) -> Option<&AtomicU64> {
-        if off % 8 != 0 {
+        if !off.is_multiple_of(8) {
             return None;
         }
         self.words.get(off / 8)
@@ -66,7 +66,7 @@ impl<'a> View<'a> {
     /// Copy `len` bytes from `off` (both 8-aligned, `len` rounded up).
     pub fn bytes(&self, off: usize, len: usize) -> Option<Vec<u8>> {
         let end = off.checked_add(len)?;
-        if off % 8 != 0 || end.div_ceil(8) > self.words.len() {
+        if !off.is_multiple_of(8) || end.div_ceil(8) > self.words.len() {
             return None;
         }
         let mut out = Vec::with_capacity(len.div_ceil(8) * 8);
@@ -81,8 +81,10 @@ impl<'a> View<'a> {
     /// allocation; false when the range is outside the view or `off` is not 8-aligned.
     pub fn bytes_into(&self, off: usize, len: usize, out: &mut Vec<u8>) -> bool {
         out.clear();
-        let Some(end) = off.checked_add(len) else { return false };
-        if off % 8 != 0 || end.div_ceil(8) > self.words.len() {
+        let Some(end) = off.checked_add(len) else {
+            return false;
+        };
+        if !off.is_multiple_of(8) || end.div_ceil(8) > self.words.len() {
             return false;
         }
         for w in &self.words[off / 8..end.div_ceil(8)] {
@@ -95,7 +97,7 @@ impl<'a> View<'a> {
     /// Zero `len` bytes from `off` (both 8-aligned).
     pub fn zero(&self, off: usize, len: usize) -> Option<()> {
         let end = off.checked_add(len)?;
-        if off % 8 != 0 || len % 8 != 0 || end / 8 > self.words.len() {
+        if !off.is_multiple_of(8) || !len.is_multiple_of(8) || end / 8 > self.words.len() {
             return None;
         }
         for w in &self.words[off / 8..end / 8] {
