@@ -8,6 +8,7 @@
 pub mod descriptors;
 pub mod format;
 pub mod maps;
+pub mod region;
 pub mod report;
 pub mod ring;
 pub mod scaffold;
