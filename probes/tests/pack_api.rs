@@ -156,3 +156,51 @@ fn a_panicking_handler_is_caught_in_the_shim() {
     );
     assert_eq!(regs.rbx, 3);
 }
+
+/// The child's side of the next test: runs only when re-executed by it.
+#[test]
+fn child_panicking_handler() {
+    if std::env::var_os("PACK_API_CHILD").is_none() {
+        return;
+    }
+    if std::env::var_os("PACK_API_INIT").is_some() {
+        assert_eq!(
+            probes::pack::shim::pack_init(),
+            probes::pack::abi::ABI_VERSION
+        );
+    }
+    let mut regs: OffsetContext = zeroed();
+    regs.rbx = 2;
+    let h = hit("main:parse+0x1c", 1);
+    // SAFETY: an OffsetContext and a HitInfo, as the agent passes them.
+    let r = unsafe { __tracer_probe_bump_rbx(&mut regs as *mut _ as *mut u8, &h) };
+    assert_eq!(r, SHIM_PANICKED);
+}
+
+#[test]
+fn after_pack_init_a_handler_panic_prints_nothing_in_the_target() {
+    let run = |init: bool| {
+        let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+        c.args([
+            "--exact",
+            "child_panicking_handler",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("PACK_API_CHILD", "1");
+        if init {
+            c.env("PACK_API_INIT", "1");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(
+        run(false).contains("handler bug"),
+        "without init std prints the panic"
+    );
+    assert!(
+        !run(true).contains("handler bug"),
+        "with init the target's stderr stays clean"
+    );
+}

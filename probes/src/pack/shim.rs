@@ -41,3 +41,17 @@ pub unsafe fn run_at(ctx: *mut u8, hit: *const HitInfo, f: fn(&mut FullCtx<'_>))
     let (regs, hit) = unsafe { (&mut *(ctx as *mut OffsetContext), &*hit) };
     guarded(|| f(&mut FullCtx::new(regs, hit)))
 }
+
+/// Exported symbol the agent calls once after loading a pack, before any handler runs.
+pub const INIT_SYMBOL: &str = "__tracer_pack_init";
+
+/// Prepare the pack to run inside a target: std's default panic hook would print the
+/// message on the target's stderr (and allocate) before the shim catches the panic, so
+/// the hook is replaced by a silent one. The pack links its own copy of std, so this does
+/// not touch the target's hooks even when the target is a Rust program. Returns the ABI
+/// version the pack was built against.
+#[unsafe(export_name = "__tracer_pack_init")]
+pub extern "C" fn pack_init() -> u32 {
+    std::panic::set_hook(Box::new(|_| {}));
+    super::abi::ABI_VERSION
+}

@@ -177,6 +177,8 @@ pub fn parse_pack(path: &Path, data: &[u8]) -> Result<PackInfo, PackError> {
         .iter()
         .map(|p| &p.symbol)
         .chain(info.maps.iter().map(|m| &m.symbol))
+        .map(String::as_str)
+        .chain([probes::pack::shim::INIT_SYMBOL])
         .find(|s| !exported.contains(*s));
     if let Some(s) = missing {
         return Err(PackError::Malformed {
