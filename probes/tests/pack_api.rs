@@ -204,3 +204,15 @@ fn after_pack_init_a_handler_panic_prints_nothing_in_the_target() {
         "with init the target's stderr stays clean"
     );
 }
+
+#[test]
+fn emit_checks_placeholders_at_compile_time() {
+    use probes::pack::abi::{placeholders, placeholders_supported};
+    assert!(placeholders_supported(
+        "a {} b {:?} c {:x} d {:#x} {{literal}}"
+    ));
+    assert_eq!(placeholders("a {} b {:?} c {:x} d {:#x} {{literal}}"), 4);
+    for bad in ["{:>5}", "{0}", "{name}", "{:#?}", "open {"] {
+        assert!(!placeholders_supported(bad), "{bad}");
+    }
+}

@@ -191,3 +191,46 @@ fn tracer_new_writes_a_pack_that_builds_and_reads_back() {
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn pack_mistakes_are_compile_errors_naming_the_problem() {
+    let dir = tests::temp_dir("badpack");
+    let probes = tracer::pack::scaffold::probes_dir().canonicalize().unwrap();
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        tracer::pack::scaffold::cargo_toml("badpack", &probes),
+    )
+    .unwrap();
+    std::fs::copy(probes.join("../Cargo.lock"), dir.join("Cargo.lock")).unwrap();
+    std::fs::create_dir(dir.join("src")).unwrap();
+    std::fs::write(
+        dir.join("src/lib.rs"),
+        r#"use probes::prelude::*;
+#[entry("libc:malloc")]
+fn m(_c: &mut EntryCtx) { emit!("{:>5}", 1u64); emit!("{} {}", 1u64); }
+#[entry("libc:malloc+4")]
+fn n(_c: &mut EntryCtx) {}
+#[exit("libc:free")]
+fn two(_a: &mut ExitCtx, _b: u64) {}
+"#,
+    )
+    .unwrap();
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packs");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--release", "--offline"])
+        .current_dir(&*dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "emit!: unsupported placeholder",
+        "emit!: the number of placeholders differs from the number of arguments",
+        "probe spec \"libc:malloc+4\": an offset needs #[at(...)]",
+        "a probe handler takes one argument, `ctx: &mut ExitCtx`",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+}

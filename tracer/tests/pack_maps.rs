@@ -210,3 +210,57 @@ fn unbound_maps_ignore_updates() {
     LONELY_H.add(1, 1);
     assert_eq!(LONELY_H.get(1), None);
 }
+
+#[test]
+fn maps_as_json_carry_every_entry() {
+    static J_HASH: HashMap<i32, i64, 128> = HashMap::new();
+    static J_HIST: Histogram = Histogram::linear(0, 10, 3);
+    let (region, plan, descs) = bind(&[
+        (
+            "J_HASH",
+            J_HASH.binding(),
+            J_HASH.map_kind(),
+            J_HASH.map_params(),
+        ),
+        (
+            "J_HIST",
+            J_HIST.binding(),
+            J_HIST.map_kind(),
+            J_HIST.map_params(),
+        ),
+    ]);
+    for k in -30..30 {
+        J_HASH.add(k, -(k as i64) * 2);
+    }
+    J_HIST.record(5);
+    J_HIST.record(25);
+    J_HIST.record(1000);
+    let maps = read_maps(region.view(), &plan, &descs);
+    let j = tracer::pack::report::map_json(&maps[0]);
+    assert_eq!(j["map"], "J_HASH");
+    assert_eq!(j["type"], "hash");
+    let e = j["data"]["entries"].as_array().unwrap();
+    assert_eq!(e.len(), 60, "JSON has all keys, not the top 20");
+    assert_eq!(
+        (e[0]["key"].as_str(), e[0]["value"].as_i64()),
+        (Some("-30"), Some(60))
+    );
+    assert_eq!(
+        (e[59]["key"].as_str(), e[59]["value"].as_i64()),
+        (Some("29"), Some(-58))
+    );
+    let h = tracer::pack::report::map_json(&maps[1]);
+    assert_eq!(
+        h["data"]["buckets"],
+        serde_json::json!([
+            {"bucket": "[0, 10)", "count": 1},
+            {"bucket": "[20, 30)", "count": 1},
+            {"bucket": "[30, ...)", "count": 1},
+        ])
+    );
+    let text = map_text(&maps[1]);
+    assert!(
+        text.contains("\n[10, 20)               0 |"),
+        "empty buckets between are shown: {text}"
+    );
+}

@@ -161,6 +161,42 @@ const fn fnv(mut h: u32, b: &[u8]) -> u32 {
     h
 }
 
+/// Whether every placeholder is one the tracer formats: `{}`, `{:?}`, `{:x}`, `{:#x}`.
+pub const fn placeholders_supported(fmt: &str) -> bool {
+    let b = fmt.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'{' && i + 1 < b.len() && b[i + 1] == b'{' {
+            i += 2;
+            continue;
+        }
+        if b[i] == b'{' {
+            let start = i + 1;
+            let mut end = start;
+            while end < b.len() && b[end] != b'}' {
+                end += 1;
+            }
+            let n = end - start;
+            let ok = end < b.len()
+                && (n == 0
+                    || (n == 2
+                        && b[start] == b':'
+                        && (b[start + 1] == b'?' || b[start + 1] == b'x'))
+                    || (n == 3
+                        && b[start] == b':'
+                        && b[start + 1] == b'#'
+                        && b[start + 2] == b'x'));
+            if !ok {
+                return false;
+            }
+            i = end + 1;
+            continue;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Number of `{...}` placeholders in a format string (`{{` and `}}` are literal braces).
 pub const fn placeholders(fmt: &str) -> usize {
     let b = fmt.as_bytes();

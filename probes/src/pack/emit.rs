@@ -132,6 +132,10 @@ macro_rules! emit {
             "emit!: the number of placeholders differs from the number of arguments"
         );
         const _: () = assert!(__NARGS <= $crate::pack::emit::MAX_ARGS, "emit!: at most 8 arguments");
+        const _: () = assert!(
+            $crate::pack::abi::placeholders_supported($fmt),
+            "emit!: unsupported placeholder: use empty braces, or :? :x :#x inside them"
+        );
         const __ID: u32 = $crate::pack::abi::format_id(file!(), line!(), column!(), $fmt);
         #[used]
         #[unsafe(link_section = "tracer_pack")]
