@@ -87,3 +87,44 @@ impl PackRegion {
         unsafe { handle.bind(self.base.add(self.plan.ring_offset)) }
     }
 }
+
+/// Bind a loaded pack to `region`: each map handle (reached through its exported pointer
+/// `__tracer_map_<NAME>`, in the region's map order), the event ring, then call the
+/// pack's `__tracer_pack_init`. Returns the ABI version the pack reports.
+///
+/// # Safety
+/// `lib` is a handle from `dlopen` of a pack whose descriptors list its maps as
+/// `map_symbols` in this order (the order `create` was given), and `region` is never
+/// unmapped while the pack is loaded.
+pub unsafe fn bind_pack(
+    region: &PackRegion,
+    lib: *mut libc::c_void,
+    map_symbols: &[&std::ffi::CStr],
+) -> Result<u32, String> {
+    let sym = |name: &std::ffi::CStr| {
+        // SAFETY: `lib` is a live dlopen handle; the name is NUL-terminated.
+        let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
+        if p.is_null() {
+            Err(format!(
+                "the pack does not export {}",
+                name.to_string_lossy()
+            ))
+        } else {
+            Ok(p)
+        }
+    };
+    let handle = |name: &std::ffi::CStr| -> Result<&Binding, String> {
+        // SAFETY: the symbol is a `&'static` handle whose first field is its Binding.
+        Ok(unsafe { &**(sym(name)? as *const *const Binding) })
+    };
+    for (i, name) in map_symbols.iter().enumerate() {
+        // SAFETY: entry i of the region is this map's storage (the caller's promise).
+        unsafe { region.bind_map(i, handle(name)?) };
+    }
+    // SAFETY: the ring handle is the pack's own.
+    unsafe { region.bind_ring(handle(c"__tracer_ring")?) };
+    let init = sym(c"__tracer_pack_init")?;
+    // SAFETY: `__tracer_pack_init` is `extern "C" fn() -> u32` in every pack.
+    let init: extern "C" fn() -> u32 = unsafe { std::mem::transmute(init) };
+    Ok(init())
+}

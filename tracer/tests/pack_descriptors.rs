@@ -234,3 +234,29 @@ fn two(_a: &mut ExitCtx, _b: u64) {}
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
 }
+
+/// The pack reaches its own map handles and ring directly: a dynamic relocation naming
+/// one of the exported `__tracer_*` symbols would let a same-named symbol of the target
+/// interpose, and the pack's updates would go there.
+#[test]
+fn no_pack_symbol_is_reached_through_an_interposable_relocation() {
+    use object::{Object, ObjectSymbol, ObjectSymbolTable, RelocationTarget};
+    let data = std::fs::read(mallocs()).unwrap();
+    let f = object::File::parse(&*data).unwrap();
+    let dynsym = f.dynamic_symbol_table().unwrap();
+    let named: Vec<String> = f
+        .dynamic_relocations()
+        .unwrap()
+        .filter_map(|(_, r)| match r.target() {
+            RelocationTarget::Symbol(i) => dynsym
+                .symbol_by_index(i)
+                .ok()?
+                .name()
+                .ok()
+                .map(str::to_owned),
+            _ => None,
+        })
+        .filter(|n| n.starts_with("__tracer_"))
+        .collect();
+    assert_eq!(named, Vec::<String>::new());
+}

@@ -3,8 +3,9 @@
 //! Each handler attribute keeps the function as written and adds an `extern "C"` shim,
 //! exported as `__tracer_probe_<name>`, that runs it under `catch_unwind`, plus a
 //! descriptor in the `tracer_pack` section naming the shim and the spec. `#[map]` exports
-//! the handle as `__tracer_map_<NAME>` (the agent binds it to shared storage) and adds a
-//! descriptor with the map's kind and parameters. Descriptors hold no pointer: the tracer
+//! a pointer to the handle as `__tracer_map_<NAME>` (the agent binds the handle to shared
+//! storage through it) and adds a descriptor with the map's kind and parameters. Two
+//! handlers or maps of one name in different modules of a pack collide at link time. Descriptors hold no pointer: the tracer
 //! reads them from the ELF file before injecting anything.
 
 use proc_macro::TokenStream;
@@ -164,11 +165,19 @@ fn map_impl(s: ItemStatic) -> syn::Result<proc_macro2::TokenStream> {
         ));
     }
     let export = format!("__tracer_map_{name}");
+    let export_ident = format_ident!("__TRACER_MAP_EXPORT_{}", ident);
     let desc = format_ident!("__TRACER_MAP_DESC_{}", ident);
     Ok(quote! {
         #(#attrs)*
-        #[unsafe(export_name = #export)]
         #vis static #ident: #ty = #expr;
+
+        // The agent finds the handle through this exported pointer. The handle itself is
+        // not exported: an exported symbol is reached through the GOT and could be
+        // interposed by a same-named symbol of the target, sending updates elsewhere.
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals)]
+        #[unsafe(export_name = #export)]
+        static #export_ident: &#ty = &#ident;
 
         #[doc(hidden)]
         #[used]

@@ -19,9 +19,9 @@ pub const TEXT_LEN: usize = 256;
 
 /// Prefix of a handler shim's exported symbol; the handler's name follows.
 pub const PROBE_SYMBOL_PREFIX: &str = "__tracer_probe_";
-/// Prefix of a map handle's exported symbol; the static's name follows.
+/// Prefix of the exported pointer to a map's handle; the static's name follows.
 pub const MAP_SYMBOL_PREFIX: &str = "__tracer_map_";
-/// The exported symbol of the event ring's handle.
+/// The exported pointer to the event ring's handle.
 pub const RING_SYMBOL: &str = "__tracer_ring";
 
 /// [`Descriptor::kind`] values.
@@ -237,9 +237,10 @@ pub type Shim = unsafe extern "C" fn(ctx: *mut u8, hit: *const HitInfo) -> u32;
 pub const SHIM_OK: u32 = 0;
 pub const SHIM_PANICKED: u32 = 1;
 
-/// Map handles and the ring are bound at load time: the agent writes the address of the
-/// map's storage in the shared region into the first field of the exported handle. Until
-/// then a handle is null and updates are ignored.
+/// Map handles and the ring are bound at load time: the agent reads the handle's address
+/// from its exported pointer ([`MAP_SYMBOL_PREFIX`], [`RING_SYMBOL`]) and writes the
+/// address of the storage in the shared region into the handle's first field, this
+/// `Binding`. Until then a handle is null and updates are ignored.
 #[repr(C)]
 pub struct Binding(std::sync::atomic::AtomicPtr<u8>);
 

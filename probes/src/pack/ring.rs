@@ -34,10 +34,14 @@ pub struct Ring {
     bind: Binding,
 }
 
-/// The ring `emit!` writes to, bound by the agent through the exported symbol
+/// The ring `emit!` writes to, bound by the agent through the exported pointer
 /// [`super::abi::RING_SYMBOL`].
-#[unsafe(export_name = "__tracer_ring")]
 pub static RING: Ring = Ring::new();
+
+/// Exported instead of `RING` itself, which the pack then reaches directly rather than
+/// through the GOT, where a same-named symbol of the target could interpose.
+#[unsafe(export_name = "__tracer_ring")]
+static RING_EXPORT: &Ring = &RING;
 
 /// Space reserved in the ring; commit or discard it (dropping it discards).
 pub struct Entry<'a> {
