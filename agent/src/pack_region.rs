@@ -6,6 +6,7 @@
 //! region. Handles in the pack are bound by writing the storage address into them.
 
 use probes::pack::abi::{self, Binding, Plan};
+use probes::pack::ring::Ring;
 
 /// A created region, mapped in this process.
 pub struct PackRegion {
@@ -82,9 +83,10 @@ impl PackRegion {
     ///
     /// # Safety
     /// As [`Self::bind_map`], for the pack's exported ring.
-    pub unsafe fn bind_ring(&self, handle: &Binding) {
-        // SAFETY: the ring's control block is inside the mapping.
-        unsafe { handle.bind(self.base.add(self.plan.ring_offset)) }
+    pub unsafe fn bind_ring(&self, ring: &Ring) {
+        // SAFETY: the ring's control block is inside the mapping, laid out for
+        // `plan.ring_bytes`.
+        unsafe { ring.attach(self.base.add(self.plan.ring_offset), self.plan.ring_bytes) }
     }
 }
 
@@ -121,8 +123,9 @@ pub unsafe fn bind_pack(
         // SAFETY: entry i of the region is this map's storage (the caller's promise).
         unsafe { region.bind_map(i, handle(name)?) };
     }
-    // SAFETY: the ring handle is the pack's own.
-    unsafe { region.bind_ring(handle(c"__tracer_ring")?) };
+    // SAFETY: `__tracer_ring` points at the pack's `Ring` (same probes ABI, checked by
+    // the tracer before loading).
+    unsafe { region.bind_ring(&**(sym(c"__tracer_ring")? as *const *const Ring)) };
     let init = sym(c"__tracer_pack_init")?;
     // SAFETY: `__tracer_pack_init` is `extern "C" fn() -> u32` in every pack.
     let init: extern "C" fn() -> u32 = unsafe { std::mem::transmute(init) };

@@ -76,7 +76,7 @@ fn bind(maps: &[(&Binding, u32, [u64; 4])], ring: usize) -> (OwnedRegion, Plan) 
         for (m, off) in maps.iter().zip(&plan.maps) {
             m.0.bind(region.as_ptr().add(*off));
         }
-        RING.binding().bind(region.as_ptr().add(plan.ring_offset));
+        RING.attach(region.as_ptr().add(plan.ring_offset), plan.ring_bytes);
     }
     (region, plan)
 }

@@ -39,7 +39,7 @@ fn child_writer() {
         region.bind_map(0, CALLS.binding());
         region.bind_map(1, SIZES.binding());
         region.bind_map(2, BY_TID.binding());
-        region.bind_ring(RING.binding());
+        region.bind_ring(&RING);
     }
     println!("region fd {} total {}", region.fd, region.plan.total);
     std::io::stdout().flush().unwrap();

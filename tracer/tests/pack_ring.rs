@@ -18,11 +18,12 @@ static RING_USERS: Mutex<()> = Mutex::new(());
 fn bind_ring(bytes: usize) -> (OwnedRegion, Plan) {
     let plan = abi::plan(&[], bytes).unwrap();
     let region = OwnedRegion::new(plan.total);
-    // SAFETY: zeroed, aligned, `plan.total` bytes; the ring is rebound by the next test
-    // before this region is freed... and nothing emits after the test's last drain.
+    // SAFETY: zeroed, aligned, `plan.total` bytes. The region is freed at the end of the
+    // test while RING still points at it: nothing emits outside these tests, which take
+    // turns and rebind first.
     unsafe {
         abi::init_region(region.as_ptr(), &plan, &[]);
-        RING.binding().bind(region.as_ptr().add(plan.ring_offset));
+        RING.attach(region.as_ptr().add(plan.ring_offset), plan.ring_bytes);
     }
     (region, plan)
 }
@@ -164,4 +165,29 @@ fn four_producers_and_a_live_consumer_account_for_every_record() {
     let (received, dropped) = consumer.join().unwrap();
     assert_eq!(received + dropped, sent.load(Ordering::Relaxed));
     assert!(received > 0);
+}
+
+#[test]
+fn a_corrupted_capacity_word_does_not_move_the_producer_out_of_the_ring() {
+    let _g = RING_USERS.lock().unwrap_or_else(|e| e.into_inner());
+    let (region, plan) = bind_ring(4096);
+    let view = region.view();
+    // Shared memory claims twice the real capacity; the bytes after the data belong to
+    // other things (maps) in a real region.
+    view.store(plan.ring_offset + abi::ring_control::CAPACITY, 8192);
+    let ok = (0..1000u64).filter(|&i| emit!("{} {}", i, i)).count();
+    assert_eq!(ok, 4096 / 40);
+    let data_end = plan.ring_offset + abi::RING_CONTROL + plan.ring_bytes;
+    let after = view.bytes(data_end, plan.total - data_end).unwrap();
+    assert!(
+        after.iter().all(|&b| b == 0),
+        "the producer wrote past the ring"
+    );
+    let mut c = Consumer::new(plan.ring_offset, plan.ring_bytes);
+    let d = c.drain(view, |_| {});
+    assert_eq!(d.records as usize, ok);
+    assert_eq!(
+        d.problems,
+        vec!["event ring header corrupted (capacity)".to_string()]
+    );
 }

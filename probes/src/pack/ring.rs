@@ -29,9 +29,14 @@ pub const HEADER: usize = 8;
 pub const MAX_RECORD: usize = 4096;
 
 /// A handle on a ring's control block (the data follows it).
+///
+/// The capacity lives in the handle, set by the agent when it attaches the ring, not
+/// read from the shared control block: shared memory can be overwritten from outside,
+/// and the capacity is what keeps the producer's writes inside the data.
 #[repr(C)]
 pub struct Ring {
     bind: Binding,
+    cap: AtomicU64,
 }
 
 /// The ring `emit!` writes to, bound by the agent through the exported pointer
@@ -85,12 +90,20 @@ impl Ring {
     pub const fn new() -> Self {
         Ring {
             bind: Binding::unbound(),
+            cap: AtomicU64::new(0),
         }
     }
 
-    #[doc(hidden)]
-    pub fn binding(&self) -> &Binding {
-        &self.bind
+    /// Point the ring at its control block, with `cap` bytes of data after it.
+    ///
+    /// # Safety
+    /// `ctl` is a ring control block initialised by `abi::init_region` for `cap` (a power
+    /// of two) and stays mapped while the ring can be used.
+    pub unsafe fn attach(&self, ctl: *mut u8, cap: usize) {
+        assert!(cap.is_power_of_two());
+        self.cap.store(cap as u64, Release);
+        // SAFETY: as the caller promises; the capacity is published before the pointer.
+        unsafe { self.bind.bind(ctl) }
     }
 
     fn word(ctl: *mut u8, off: usize) -> &'static AtomicU64 {
@@ -104,7 +117,7 @@ impl Ring {
     pub fn reserve(&self, len: usize) -> Option<Entry<'_>> {
         let ctl = self.bind.get()?;
         let rec = (len + HEADER + 7) & !7;
-        let cap = Self::word(ctl, ring_control::CAPACITY).load(Relaxed) as usize;
+        let cap = self.cap.load(Relaxed) as usize;
         let reserve = Self::word(ctl, ring_control::RESERVE);
         let tail = Self::word(ctl, ring_control::TAIL);
         if rec > MAX_RECORD || rec > cap / 4 {
