@@ -6,8 +6,16 @@
 //! outside the target with the same layout. A probe pack needs only this crate.
 
 pub mod context;
+pub mod mem;
+pub mod pack;
+pub mod pod;
+pub mod prelude;
 pub mod remote;
 pub mod shared;
+
+extern crate self as probes;
+
+pub use probes_macros::{at, entry, exit, map};
 
 pub use context::{EntryContext, ExitContext, Xmm};
 pub use shared::{ProbeCounters, ProbeKind};

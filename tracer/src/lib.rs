@@ -4,6 +4,7 @@ pub mod detached;
 pub mod inject;
 pub mod launch;
 pub mod library_file;
+pub mod pack;
 pub mod probeable;
 pub mod process_kind;
 pub mod remote_call;

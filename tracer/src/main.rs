@@ -51,6 +51,11 @@ enum Command {
         /// [MODULE:]SYMBOL with * and ? globs.
         pattern: Option<String>,
     },
+    /// Write a new probe pack crate NAME (a cdylib using probes) in the current directory.
+    New {
+        /// The crate's name and directory.
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -79,6 +84,7 @@ fn main() -> ExitCode {
             duration,
         } => attach(pid, &probes, duration),
         Command::List { target, pattern } => list(&target, pattern.as_deref()),
+        Command::New { name } => new_pack(&name),
     };
     match r {
         Ok(code) => code,
@@ -87,6 +93,15 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn new_pack(name: &str) -> Result<ExitCode, String> {
+    let dir = tracer::pack::scaffold::new_pack(std::path::Path::new("."), name)?;
+    println!(
+        "created {}: edit src/lib.rs, then `cargo build --release` there",
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Resolve every spec; all must match something.

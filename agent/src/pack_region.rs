@@ -1,0 +1,133 @@
+//! The shared region of a loaded probe pack: a sealed memfd holding its maps and event
+//! ring, laid out by `probes::pack::abi::plan` from the pack's descriptors.
+//!
+//! The memfd is sealed against shrinking and growing before the tracer maps it: a
+//! mapping whose file shrinks turns reads into SIGBUS, and the tracer refuses an unsealed
+//! region. Handles in the pack are bound by writing the storage address into them.
+
+use probes::pack::abi::{self, Binding, Plan};
+use probes::pack::ring::Ring;
+
+/// A created region, mapped in this process.
+pub struct PackRegion {
+    pub fd: i32,
+    pub base: *mut u8,
+    pub plan: Plan,
+}
+
+fn os(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// Create, size, seal, map and initialise the region for `maps` and a ring of
+/// `ring_bytes`.
+pub fn create(maps: &[(u32, [u64; 4])], ring_bytes: usize) -> Result<PackRegion, String> {
+    let plan = abi::plan(maps, ring_bytes)?;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new fd.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"tracer-pack".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(os("memfd_create"));
+    }
+    let fail = |what: &str| {
+        let e = os(what);
+        // SAFETY: closing the fd created above, on the error path only.
+        unsafe { libc::close(fd) };
+        Err(e)
+    };
+    // SAFETY: plain syscalls on our own fd.
+    if unsafe { libc::ftruncate(fd, plan.total as libc::off_t) } != 0 {
+        return fail("ftruncate");
+    }
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
+        return fail("sealing the pack region");
+    }
+    // SAFETY: a new shared mapping of the whole file, which can no longer change size.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            plan.total,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return fail("mmap of the pack region");
+    }
+    let base = base as *mut u8;
+    // SAFETY: the mapping is page-aligned, zeroed (a fresh memfd) and `plan.total` bytes.
+    unsafe { abi::init_region(base, &plan, maps) };
+    Ok(PackRegion { fd, base, plan })
+}
+
+impl PackRegion {
+    /// Bind map handle `i` (in the order given to [`create`]).
+    ///
+    /// # Safety
+    /// `handle` is the exported handle of the map described by entry `i`, and the region
+    /// stays mapped while the pack can use it (it is never unmapped once bound).
+    pub unsafe fn bind_map(&self, i: usize, handle: &Binding) {
+        // SAFETY: `plan.maps[i]` is inside the mapping; the caller vouches for the rest.
+        unsafe { handle.bind(self.base.add(self.plan.maps[i])) }
+    }
+
+    /// Bind the pack's event ring handle.
+    ///
+    /// # Safety
+    /// As [`Self::bind_map`], for the pack's exported ring.
+    pub unsafe fn bind_ring(&self, ring: &Ring) {
+        // SAFETY: the ring's control block is inside the mapping, laid out for
+        // `plan.ring_bytes`.
+        unsafe { ring.attach(self.base.add(self.plan.ring_offset), self.plan.ring_bytes) }
+    }
+}
+
+/// Bind a loaded pack to `region`: each map handle (reached through its exported pointer
+/// `__tracer_map_<NAME>`, in the region's map order), the event ring, then call the
+/// pack's `__tracer_pack_init`. Returns the ABI version the pack reports.
+///
+/// # Safety
+/// `lib` is a handle from `dlopen` of a pack whose descriptors list its maps as
+/// `map_symbols` in this order (the order `create` was given), and `region` is never
+/// unmapped while the pack is loaded.
+pub unsafe fn bind_pack(
+    region: &PackRegion,
+    lib: *mut libc::c_void,
+    map_symbols: &[&std::ffi::CStr],
+) -> Result<u32, String> {
+    let sym = |name: &std::ffi::CStr| {
+        // SAFETY: `lib` is a live dlopen handle; the name is NUL-terminated.
+        let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
+        if p.is_null() {
+            Err(format!(
+                "the pack does not export {}",
+                name.to_string_lossy()
+            ))
+        } else {
+            Ok(p)
+        }
+    };
+    let handle = |name: &std::ffi::CStr| -> Result<&Binding, String> {
+        // SAFETY: the symbol is a `&'static` handle whose first field is its Binding.
+        Ok(unsafe { &**(sym(name)? as *const *const Binding) })
+    };
+    for (i, name) in map_symbols.iter().enumerate() {
+        // SAFETY: entry i of the region is this map's storage (the caller's promise).
+        unsafe { region.bind_map(i, handle(name)?) };
+    }
+    // SAFETY: `__tracer_ring` points at the pack's `Ring` (same probes ABI, checked by
+    // the tracer before loading).
+    unsafe { region.bind_ring(&**(sym(c"__tracer_ring")? as *const *const Ring)) };
+    let init = sym(c"__tracer_pack_init")?;
+    // SAFETY: `__tracer_pack_init` is `extern "C" fn() -> u32` in every pack.
+    let init: extern "C" fn() -> u32 = unsafe { std::mem::transmute(init) };
+    Ok(init())
+}

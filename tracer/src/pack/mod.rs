@@ -1,0 +1,17 @@
+//! Probe packs from the tracer's side: reading a pack's descriptors from its ELF file,
+//! reading its maps and draining its event ring from the shared region, printing them,
+//! and scaffolding a new pack (`tracer new`).
+//!
+//! Loading a pack into a target and wiring its handlers to the trampolines come with the
+//! agent's side.
+
+pub mod descriptors;
+pub mod format;
+pub mod maps;
+pub mod region;
+pub mod report;
+pub mod ring;
+pub mod scaffold;
+pub mod view;
+
+pub use descriptors::{read_pack, PackError, PackInfo};
