@@ -256,7 +256,8 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         }
     };
     let n = session.installed().len();
-    eprintln!("tracer: {n} probe(s) live in {pid}; Ctrl-C (or SIGTERM) to remove them");
+    let live =
+        || eprintln!("tracer: {n} probe(s) live in {pid}; Ctrl-C (or SIGTERM) to remove them");
     let deadline = duration.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     let stop_now = deadline.is_some_and(|d| Instant::now() >= d)
         || signals
@@ -266,12 +267,18 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     if stop_now {
         // `--duration 0`, or a signal during set-up: remove the probes while still
         // attached rather than detach and come back.
+        live();
         let left = session.remove(&mut proc).map_err(|e| e.to_string())?;
         note_left_alone(pid, &left);
         proc.detach().map_err(|e| e.to_string())?;
     } else {
         // The probes count by themselves: the target runs untraced until we come back.
         proc.detach().map_err(|e| e.to_string())?;
+        // Said once the target runs free: a tracer killed from here on (even SIGKILL)
+        // leaves a running target whose probes the next attach adopts, while one killed
+        // in the middle of a remote call (the detach's own clean-up is one) would leave a
+        // thread about to trap.
+        live();
         let woke = detached::wait(&pidfd, &signals, deadline)
             .map_err(|e| format!("waiting for PID {pid} failed: {e}"))?;
         if woke == Woke::Ended || !remove_probes(pid, &mut session, &pidfd)? {
