@@ -138,8 +138,38 @@ pub fn analyze(
     // Where the function ends for the size checks; with an unknown size the scan
     // window is no evidence of an end, so only decoded instructions bound the steal.
     let known_end = func.size.map(|s| func.address.saturating_add(s));
+    let all = decode_function(&code, func.address);
 
-    let mut decoder = Decoder::with_ip(64, &code, func.address, DecoderOptions::NONE);
+    let (site, skipped_endbr64) = patch_site(kind, site, &all);
+    let first = first_at_site(func, site, &all, code_end, known_end)?;
+    let stolen = steal(&all[first..], site, known_end, &code, func.address)?;
+    let len = stolen.iter().map(|i| i.len()).sum::<usize>();
+    let range = Range {
+        start: site,
+        end: site + len as u64,
+    };
+    let stolen_ips: HashSet<u64> = stolen.iter().map(|i| i.ip()).collect();
+
+    check_stolen(&stolen, range, &stolen_ips)?;
+    check_function(func, &all, range, code_end, mem)?;
+    check_neighbours(func.address, code_end, range, mem)?;
+
+    let off = (site - func.address) as usize;
+    Ok(Stolen {
+        function: *func,
+        kind,
+        site,
+        len,
+        original: code[off..off + len].to_vec(),
+        instructions: stolen,
+        skipped_endbr64,
+    })
+}
+
+/// Every instruction of `code` at `address`, in a linear sweep; undecodable bytes stay
+/// in as invalid instructions, a cut-off instruction at the end does not.
+fn decode_function(code: &[u8], address: u64) -> Vec<Instruction> {
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
     let mut all: Vec<Instruction> = Vec::new();
     while decoder.can_decode() {
         let ins = decoder.decode();
@@ -149,34 +179,42 @@ pub fn analyze(
         }
         all.push(ins);
     }
+    all
+}
 
-    let mut site = site;
-    let mut skipped_endbr64 = false;
-    if kind == ProbeKind::Entry {
-        if let Some(first) = all.first() {
-            if first.code() == Code::Endbr64 {
-                site += ENDBR64_LEN;
-                skipped_endbr64 = true;
-            }
+/// Where the patch goes: after a leading `endbr64` for entry probes (and whether it
+/// was skipped), at `site` otherwise.
+fn patch_site(kind: ProbeKind, site: u64, all: &[Instruction]) -> (u64, bool) {
+    match all.first() {
+        Some(first) if kind == ProbeKind::Entry && first.code() == Code::Endbr64 => {
+            (site + ENDBR64_LEN, true)
         }
+        _ => (site, false),
     }
+}
 
+/// The index in `all` of the instruction starting at `site`, after checking that the
+/// site is in the function, on an instruction boundary, with room for the patch.
+fn first_at_site(
+    func: &Function,
+    site: u64,
+    all: &[Instruction],
+    code_end: u64,
+    known_end: Option<u64>,
+) -> Result<usize, Refusal> {
+    let outside = Refusal::SiteOutsideFunction {
+        site,
+        function: func.address,
+        end: code_end,
+    };
     if site < func.address || site >= code_end {
-        return Err(Refusal::SiteOutsideFunction {
-            site,
-            function: func.address,
-            end: code_end,
-        });
+        return Err(outside);
     }
     // No instruction starting at or after the site: it is inside the last one, if that
     // one reaches it (the bytes past a cut-off instruction decode to nothing).
     let first = all.iter().position(|i| i.ip() >= site).unwrap_or(all.len());
     if first == all.len() && all.last().is_none_or(|i| i.next_ip() <= site) {
-        return Err(Refusal::SiteOutsideFunction {
-            site,
-            function: func.address,
-            end: code_end,
-        });
+        return Err(outside);
     }
     if all.get(first).is_none_or(|i| i.ip() != site) {
         // The preceding instruction spans the site.
@@ -193,13 +231,23 @@ pub fn analyze(
             return Err(Refusal::FunctionTooShort { site, available });
         }
     }
+    Ok(first)
+}
 
-    // Take whole instructions until the patch is covered.
+/// Takes whole instructions from `from` (starting at `site`) until the patch is
+/// covered, refusing when the function, its flow or its readable bytes end first.
+fn steal(
+    from: &[Instruction],
+    site: u64,
+    known_end: Option<u64>,
+    code: &[u8],
+    base: u64,
+) -> Result<Vec<Instruction>, Refusal> {
     let mut stolen: Vec<Instruction> = Vec::new();
     let mut covered = 0usize;
-    for ins in &all[first..] {
+    for ins in from {
         if ins.is_invalid() {
-            return Err(undecodable(ins.ip(), &code, func.address));
+            return Err(undecodable(ins.ip(), code, base));
         }
         if let Some(end) = known_end {
             if ins.next_ip() > end {
@@ -212,7 +260,7 @@ pub fn analyze(
         covered += ins.len();
         stolen.push(*ins);
         if covered >= PATCH_LEN {
-            break;
+            return Ok(stolen);
         }
         if ends_flow(ins) {
             return Err(Refusal::EndsTooSoon {
@@ -223,32 +271,9 @@ pub fn analyze(
             });
         }
     }
-    if covered < PATCH_LEN {
-        // Ran out of decodable bytes (end of a readable mapping).
-        let address = site + covered as u64;
-        return Err(Refusal::Unreadable {
-            address,
-            len: (PATCH_LEN - covered) as u64,
-        });
-    }
-    let range = Range {
-        start: site,
-        end: site + covered as u64,
-    };
-    let stolen_ips: HashSet<u64> = stolen.iter().map(|i| i.ip()).collect();
-
-    check_stolen(&stolen, range, &stolen_ips)?;
-    check_function(func, &all, range, code_end, mem)?;
-    check_neighbours(func.address, code_end, range, mem)?;
-
-    let off = (site - func.address) as usize;
-    Ok(Stolen {
-        function: *func,
-        kind,
-        site,
-        len: covered,
-        original: code[off..off + covered].to_vec(),
-        instructions: stolen,
-        skipped_endbr64,
+    // Ran out of decodable bytes (end of a readable mapping).
+    Err(Refusal::Unreadable {
+        address: site + covered as u64,
+        len: (PATCH_LEN - covered) as u64,
     })
 }
