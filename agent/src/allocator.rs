@@ -244,9 +244,12 @@ pub struct AllocStats {
 pub struct Block {
     /// Address the code will execute at.
     pub addr: u64,
-    /// Bytes reserved.
+    /// Bytes reserved. Literal lines carved while the block is reserved may take back
+    /// what lies above its floor (see [`NearAllocator::reserve_rest`]).
     pub capacity: u64,
     chunk: usize,
+    /// Chunk offset literal lines stay above while the block is reserved.
+    floor: u64,
 }
 
 impl Block {
@@ -378,22 +381,44 @@ impl NearAllocator {
             addr: c.rx + off,
             capacity: size,
             chunk: index,
+            floor: off + size,
         })
     }
 
+    /// Reserve the rest of a chunk, at least `min` bytes, for code whose size is known
+    /// only once emitted (as LuaJIT's `lj_mcode.c` reserves its whole area): no other
+    /// code block is carved from the chunk meanwhile, so nothing else competes for the
+    /// room. Literal slots handed out meanwhile still take whole lines from the top, down
+    /// to `min` bytes above the block; [`room`](Self::room) says how much is left for the
+    /// code, and [`commit`](Self::commit) takes what was used.
+    pub fn reserve_rest(&mut self, near: &[u64], min: u64) -> Result<Block, AllocError> {
+        let mut block = self.reserve(near, min)?;
+        let c = &self.chunks[block.chunk];
+        block.capacity = c.lines_start - (block.addr - c.rx);
+        Ok(block)
+    }
+
+    /// How many bytes of code the reserved `block` can hold now: its capacity, less any
+    /// literal line carved into it since it was reserved.
+    pub fn room(&self, block: &Block) -> u64 {
+        let c = &self.chunks[block.chunk];
+        let off = block.addr - c.rx;
+        c.lines_start.saturating_sub(off).min(block.capacity)
+    }
+
     /// Write `code` into a reserved block and release the rest of the reservation.
-    /// Panics if `code` exceeds the capacity: the emitter checks that first.
+    /// Panics if `code` exceeds the block's [`room`](Self::room): callers check that first.
     pub fn commit(&mut self, block: Block, code: &[u8]) {
+        assert!(
+            code.len() as u64 <= self.room(&block),
+            "code exceeds its reservation"
+        );
         let c = &mut self.chunks[block.chunk];
         let off = block.addr - c.rx;
         assert_eq!(
             c.reserved,
-            Some(off + block.capacity),
+            Some(block.floor),
             "commit without a reservation"
-        );
-        assert!(
-            code.len() as u64 <= block.capacity,
-            "code exceeds its reservation"
         );
         // SAFETY: [off, off + len) lies inside the chunk's writable view (checked above)
         // and no other Rust reference to it exists.

@@ -158,6 +158,15 @@ pub unsafe extern "C" fn tracer_agent_resolve(
     n: u64,
     out: *mut u64,
 ) -> u64 {
+    // SAFETY: the caller's contract is `resolve`'s.
+    catch_unwind(|| unsafe { resolve(names, n, out) }).unwrap_or(0)
+}
+
+/// [`tracer_agent_resolve`] without the panic guard.
+///
+/// # Safety
+/// As for [`tracer_agent_resolve`].
+unsafe fn resolve(names: *const libc::c_char, n: u64, out: *mut u64) -> u64 {
     if !out.is_aligned() {
         return 0;
     }

@@ -236,11 +236,18 @@ impl<'p> Emitter<'p> {
         self.code.extend_from_slice(b);
     }
 
-    /// Pad with single-byte `int3` until the address is a multiple of `align`.
+    /// Pad with the single byte `fill` (`0xcc` for `int3`, `0x90` for `nop`) until the
+    /// address is a multiple of `align`.
     pub fn align(&mut self, align: u64, fill: u8) {
         while !self.ip().is_multiple_of(align) {
             self.code.push(fill);
         }
+    }
+
+    /// Count a jump already encoded in bytes appended with [`bytes`](Self::bytes) (the
+    /// relocator's rewrite of a trailing `call`), so the counts cover every branch.
+    pub fn record(&mut self, encoding: CallEncoding) {
+        self.counts.record(encoding);
     }
 
     /// Encode one instruction at the current address.

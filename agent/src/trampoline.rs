@@ -758,68 +758,22 @@ pub fn emit_offset(
     }))
 }
 
-/// Emit the stolen instructions and the jump back to the original code.
-///
-/// A direct `call` ending the stolen bytes (`sub rsp, 8; call f`, common at -O1) is not
-/// re-encoded as a call: that would push an address inside the trampoline, where
-/// unwinders (C++ exceptions, backtraces) find no unwind information and give up. It
-/// becomes `push resume; jmp f` (the push as `push imm32` plus a store of the high half,
-/// the jump in a form needing no register), so `f` returns straight into the original
-/// code right after the stolen bytes, as it would have unprobed, and sees every register
-/// as the original call would have left it: a locally bound callee may receive values
-/// in any register, `r11` included.
+/// Emit the stolen instructions, as the relocator rewrites them for this address, and
+/// the jump back to the original code when they fall through.
 fn emit_stolen(
     e: &mut Emitter,
     stolen: &Stolen,
 ) -> Result<Result<Relocated, relocator::Refusal>, EmitError> {
-    let last_is_call = stolen
-        .instructions
-        .last()
-        .is_some_and(|i| i.is_call_near() && i.op0_kind() == iced_x86::OpKind::NearBranch64);
-    if !last_is_call {
-        let relocated = match relocator::relocate(stolen, e.ip()) {
-            Ok(r) => r,
-            Err(refusal) => return Ok(Err(refusal)),
-        };
-        e.bytes(&relocated.bytes);
-        if relocated.falls_through {
-            e.branch_with(relocated.resume, false, CallEncoding::Rel32)?;
-        }
-        return Ok(Ok(relocated));
-    }
-    let call = *stolen.instructions.last().expect("checked above");
-    let head_len = (call.ip() - stolen.site) as usize;
-    let new_ip = e.ip();
-    let mut relocated = if head_len == 0 {
-        Relocated {
-            new_ip,
-            bytes: Vec::new(),
-            resume: stolen.resume(),
-            instruction_offsets: Vec::new(),
-            falls_through: true,
-        }
-    } else {
-        let head = Stolen {
-            len: head_len,
-            original: stolen.original[..head_len].to_vec(),
-            instructions: stolen.instructions[..stolen.instructions.len() - 1].to_vec(),
-            ..stolen.clone()
-        };
-        match relocator::relocate(&head, new_ip) {
-            Ok(r) => r,
-            Err(refusal) => return Ok(Err(refusal)),
-        }
+    let relocated = match relocator::relocate(stolen, e.ip()) {
+        Ok(r) => r,
+        Err(refusal) => return Ok(Err(refusal)),
     };
     e.bytes(&relocated.bytes);
-    relocated.instruction_offsets.push((e.ip() - new_ip) as u32);
-    let resume = stolen.resume();
-    e.asm(|a| {
-        // `push imm32` pushes the sign-extended low half; the store fixes the high one.
-        a.push(resume as u32 as i32)?;
-        a.mov(dword_ptr(rsp + 4), (resume >> 32) as u32)
-    })?;
-    e.jmp_preserving(call.near_branch_target())?;
-    relocated.resume = resume;
-    relocated.falls_through = false;
+    if let Some(encoding) = relocated.call_jump {
+        e.record(encoding);
+    }
+    if relocated.falls_through {
+        e.branch_with(relocated.resume, false, CallEncoding::Rel32)?;
+    }
     Ok(Ok(relocated))
 }

@@ -6,13 +6,14 @@
 //! stolen covers at least the patch, is the bytes at the site, and decodes back to the
 //! stolen instructions; relocated code decodes cleanly at its new address, with the same
 //! instructions (count, order, mnemonics) at the reported offsets, and resumes where the
-//! stolen bytes end.
+//! stolen bytes end; a trailing `call` becomes a `push` of its return address and a jump
+//! to its callee.
 //!
 //! Case counts keep the whole fuzz set under a minute on a 2-core machine; set
 //! `FUZZ_CASES=N` for a longer run (`bash bench/fuzz.sh` does).
 
 use agent::relocator::{analyze, relocate, Function, Memory, ProbeKind, Refusal, PATCH_LEN};
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, Register};
 use proptest::prelude::*;
 
 fn cases(default: u32) -> ProptestConfig {
@@ -267,30 +268,45 @@ fn check_relocated(
     prop_assert_eq!(r.new_ip, new_ip);
     prop_assert_eq!(r.resume, stolen.resume());
     prop_assert_eq!(r.instruction_offsets.len(), stolen.instructions.len());
-    let out = decode(&r.bytes, new_ip);
+    // A trailing call is rewritten as `push; mov; jmp`: checked on its own, the rest as
+    // the block before it.
+    let (n, end) = match r.call_jump {
+        Some(_) => {
+            let off = *r.instruction_offsets.last().unwrap() as usize;
+            let call = stolen.instructions.last().unwrap();
+            prop_assert_eq!(call.mnemonic(), Mnemonic::Call);
+            check_trailing_call(
+                &r.bytes[off..],
+                new_ip.wrapping_add(off as u64),
+                stolen.resume(),
+                call.near_branch_target(),
+            )?;
+            (stolen.instructions.len() - 1, off)
+        }
+        None => (stolen.instructions.len(), r.bytes.len()),
+    };
+    let (instructions, offsets) = (&stolen.instructions[..n], &r.instruction_offsets[..n]);
+    let bytes = &r.bytes[..end];
+    let out = decode(bytes, new_ip);
     prop_assert!(
         out.iter().all(|i| !i.is_invalid()),
         "relocated bytes do not decode"
     );
     prop_assert_eq!(
         out.iter().map(|i| i.len()).sum::<usize>(),
-        r.bytes.len(),
+        bytes.len(),
         "decoded lengths do not add up"
     );
-    let expanded = r.instruction_offsets.contains(&u32::MAX);
+    let expanded = offsets.contains(&u32::MAX);
     if !expanded {
-        prop_assert_eq!(
-            out.len(),
-            stolen.instructions.len(),
-            "instruction count changed"
-        );
+        prop_assert_eq!(out.len(), instructions.len(), "instruction count changed");
     } else {
-        prop_assert!(out.len() > stolen.instructions.len());
+        prop_assert!(out.len() > instructions.len());
     }
     // Each stolen instruction sits at its reported offset, in order, as the same
     // instruction (a widened jcc or jmp keeps its mnemonic).
     let mut last = None;
-    for (orig, &off) in stolen.instructions.iter().zip(&r.instruction_offsets) {
+    for (orig, &off) in instructions.iter().zip(offsets) {
         if off == u32::MAX {
             prop_assert!(
                 matches!(
@@ -306,7 +322,7 @@ fn check_relocated(
             );
             continue;
         }
-        prop_assert!((off as usize) < r.bytes.len());
+        prop_assert!((off as usize) < bytes.len());
         prop_assert!(last.is_none_or(|l| off > l), "offsets not increasing");
         last = Some(off);
         let at = new_ip.wrapping_add(off as u64);
@@ -318,7 +334,40 @@ fn check_relocated(
     }
     // Growth is bounded: rel8 branches widen to rel32, `loop`/`jrcxz` become a hop over
     // a `jmp rel32`; nothing else grows.
-    prop_assert!(r.bytes.len() <= stolen.len + 12 * stolen.instructions.len());
+    prop_assert!(bytes.len() <= stolen.len + 12 * stolen.instructions.len());
+    Ok(())
+}
+
+/// `push imm32; mov dword [rsp+4], imm32; jmp` to `target`, rel32 or through the eight
+/// bytes after a `jmp [rip+0]`, pushing `resume`.
+fn check_trailing_call(
+    tail: &[u8],
+    ip: u64,
+    resume: u64,
+    target: u64,
+) -> Result<(), TestCaseError> {
+    let out = decode(tail, ip);
+    prop_assert!(out.len() >= 3, "{out:?}");
+    prop_assert_eq!(out[0].code(), Code::Pushq_imm32);
+    prop_assert_eq!(out[0].immediate32(), resume as u32);
+    prop_assert_eq!(out[1].code(), Code::Mov_rm32_imm32);
+    prop_assert_eq!(out[1].memory_base(), Register::RSP);
+    prop_assert_eq!(out[1].memory_displacement64(), 4);
+    prop_assert_eq!(out[1].immediate32(), (resume >> 32) as u32);
+    let jmp = &out[2];
+    let jmp_end = (jmp.next_ip().wrapping_sub(ip)) as usize;
+    match jmp.code() {
+        Code::Jmp_rel32_64 => {
+            prop_assert_eq!(jmp.near_branch_target(), target);
+            prop_assert_eq!(jmp_end, tail.len());
+        }
+        Code::Jmp_rm64 => {
+            prop_assert!(jmp.is_ip_rel_memory_operand());
+            prop_assert_eq!(jmp.ip_rel_memory_address(), jmp.next_ip());
+            prop_assert_eq!(&tail[jmp_end..], &target.to_le_bytes()[..]);
+        }
+        other => prop_assert!(false, "{other:?}"),
+    }
     Ok(())
 }
 

@@ -220,7 +220,7 @@ fn short_conditional_branch_first() {
 }
 
 #[test]
-fn call_returns_into_the_trampoline() {
+fn trailing_call_returns_into_the_original_code() {
     check(
         true,
         &[],
