@@ -176,7 +176,10 @@ fn refusal_lines(
                 .filter(|(l, _)| !named_exactly(l))
                 .map(|(l, why)| format!("note: {}: only entries are probed: {why}", shown(l))),
         ),
-        whys => lines.push(format!("note: {}", tracer::refusals::entries_only_line(whys))),
+        whys => lines.push(format!(
+            "note: {}",
+            tracer::refusals::entries_only_line(whys)
+        )),
     }
     let one = |r: &tracer::session::NotInstalled| {
         format!(

@@ -180,7 +180,10 @@ mod tests {
             v.full,
             "std::vector<int, std::allocator<int> >::push_back(int const&)@GLIBCXX_3.4"
         );
-        assert_eq!(v.key_for("std::vector*"), "std::vector<int,std::allocator<int>>::push_back@GLIBCXX_3.4");
+        assert_eq!(
+            v.key_for("std::vector*"),
+            "std::vector<int,std::allocator<int>>::push_back@GLIBCXX_3.4"
+        );
         assert!(demangle("malloc").is_none());
         assert!(demangle("_Zgarbage").is_none());
     }
@@ -198,7 +201,10 @@ mod tests {
 
     #[test]
     fn normalizes_whitespace() {
-        assert_eq!(normalize("f(unsigned   int, char const *)"), "f(unsigned int,char const*)");
+        assert_eq!(
+            normalize("f(unsigned   int, char const *)"),
+            "f(unsigned int,char const*)"
+        );
         assert_eq!(normalize("a<b<c> >"), "a<b<c>>");
         assert_eq!(normalize(" x "), "x");
     }
@@ -209,7 +215,10 @@ mod tests {
             demangle_in_text("main:_ZN2ns1fEv+0x4: the same code as main:_ZN2ns1gEv."),
             "main:ns::f()+0x4: the same code as main:ns::g()."
         );
-        assert_eq!(demangle_in_text("libc:malloc at 0x10"), "libc:malloc at 0x10");
+        assert_eq!(
+            demangle_in_text("libc:malloc at 0x10"),
+            "libc:malloc at 0x10"
+        );
         assert_eq!(demangle_in_text("x_Zfoo"), "x_Zfoo");
     }
 }

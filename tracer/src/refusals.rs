@@ -25,10 +25,7 @@ pub fn refusal_class(reason: &str) -> Class {
     } else if has("could land anywhere") {
         ("has an indirect jump", "have indirect jumps")
     } else if has("out of 32-bit reach") {
-        (
-            "refers to code out of reach",
-            "refer to code out of reach",
-        )
+        ("refers to code out of reach", "refer to code out of reach")
     } else if has("goes to") && has("the patch would overwrite") {
         (
             "branches into its first bytes",
@@ -87,7 +84,7 @@ pub fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -106,7 +103,7 @@ pub fn by_class<'a>(reasons: impl Iterator<Item = &'a str>, class: fn(&str) -> C
             None => counts.push((c, 1)),
         }
     }
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
     counts
         .iter()
         .map(|((one, many), n)| format!("{} {}", thousands(*n), if *n == 1 { one } else { many }))
@@ -115,7 +112,7 @@ pub fn by_class<'a>(reasons: impl Iterator<Item = &'a str>, class: fn(&str) -> C
 }
 
 /// `53 of 2,198 functions not probed (...); -v lists them`.
-pub fn refusals_line<'a>(reasons: &[&'a str], total: usize) -> String {
+pub fn refusals_line(reasons: &[&str], total: usize) -> String {
     format!(
         "{} of {} functions not probed ({}); -v lists them",
         thousands(reasons.len()),
@@ -219,7 +216,7 @@ mod tests {
                 Refusal::Unrelocatable {
                     address: 0x10,
                     mnemonic: Mnemonic::Syscall,
-                    reason: "why".into(),
+                    reason: "why",
                 },
                 "starts with an unmovable instruction",
             ),

@@ -181,9 +181,8 @@ fn bad_character(text: &str) -> Option<char> {
 /// The index of the first `:` that is not half of a `::`.
 fn module_separator(text: &str) -> Option<usize> {
     let b = text.as_bytes();
-    (0..b.len()).find(|&i| {
-        b[i] == b':' && b.get(i + 1) != Some(&b':') && (i == 0 || b[i - 1] != b':')
-    })
+    (0..b.len())
+        .find(|&i| b[i] == b':' && b.get(i + 1) != Some(&b':') && (i == 0 || b[i - 1] != b':'))
 }
 
 /// The index of the `+` that starts the offset: the last one that is not part of an
@@ -191,9 +190,10 @@ fn module_separator(text: &str) -> Option<usize> {
 fn offset_plus(text: &str) -> Option<usize> {
     let b = text.as_bytes();
     text.rmatch_indices('+').map(|(i, _)| i).find(|&i| {
-        !text[..i].ends_with("operator")
-            && !(i > 0 && b[i - 1] == b'+')
-            && !matches!(b.get(i + 1), Some(b'+' | b'='))
+        let part_of_operator = text[..i].ends_with("operator")
+            || (i > 0 && b[i - 1] == b'+')
+            || matches!(b.get(i + 1), Some(b'+' | b'='));
+        !part_of_operator
     })
 }
 
@@ -416,15 +416,16 @@ fn matching_name<'a>(pat: &SymbolPattern<'_>, m: &'a Module, f: &Function<'a>) -
 
 /// The functions of `m` that `pat` names: by the exact stored name through the index
 /// when it is one, else by scanning (globs, demangled names).
-fn functions_matching<'a>(
-    pat: &SymbolPattern<'_>,
-    m: &'a Module,
-) -> Vec<(Function<'a>, &'a str)> {
+fn functions_matching<'a>(pat: &SymbolPattern<'_>, m: &'a Module) -> Vec<(Function<'a>, &'a str)> {
     if !pat.glob {
         let exact: Vec<_> = m
             .functions_named(pat.text)
             .map(|f| {
-                let n = f.names.iter().find(|n| *n == pat.text).map_or(f.name(), String::as_str);
+                let n = f
+                    .names
+                    .iter()
+                    .find(|n| *n == pat.text)
+                    .map_or(f.name(), String::as_str);
                 (f, n)
             })
             .collect();
@@ -740,12 +741,18 @@ mod tests {
         let s = p("libfoo:ns::f(unsigned int, char const*)+0x4");
         assert_eq!(s.symbol, "ns::f(unsigned int, char const*)");
         assert_eq!(s.offset, 4);
-        assert_eq!(p("main:std::vector<int, std::allocator<int> >::size").offset, 0);
+        assert_eq!(
+            p("main:std::vector<int, std::allocator<int> >::size").offset,
+            0
+        );
         assert_eq!(p("main:ns::V::operator+").symbol, "ns::V::operator+");
         assert_eq!(p("main:ns::V::operator++").symbol, "ns::V::operator++");
         assert_eq!(p("main:ns::V::operator+=").symbol, "ns::V::operator+=");
         let s = p("main:ns::V::operator+(ns::V const&)+8");
-        assert_eq!((s.symbol.as_str(), s.offset), ("ns::V::operator+(ns::V const&)", 8));
+        assert_eq!(
+            (s.symbol.as_str(), s.offset),
+            ("ns::V::operator+(ns::V const&)", 8)
+        );
         assert!(matches!(
             ProbeSpec::parse("main:ns:f"),
             Err(SpecError::ExtraColon { .. })

@@ -98,7 +98,9 @@ fn relocator_refusal() {
     assert_eq!(reports.len(), 2, "{reports:?}");
     let tiny = report(&reports, "main:tiny");
     assert!(
-        tiny["refused"].as_str().is_some_and(|r| r.contains("3 bytes")),
+        tiny["refused"]
+            .as_str()
+            .is_some_and(|r| r.contains("3 bytes")),
         "{tiny}"
     );
     assert!(

@@ -202,7 +202,11 @@ fn rust_demangled_specs_count_the_programs_own_calls() {
     assert_eq!(reports.len(), 1, "{reports:?}");
     let r = by_name(&reports, "rnames::parser::Parser::parse");
     assert_eq!(num(r, "hits"), 41, "{r}");
-    assert!(r["symbol"].as_str().unwrap().starts_with("_R") || r["symbol"].as_str().unwrap().starts_with("_ZN"), "{r}");
+    assert!(
+        r["symbol"].as_str().unwrap().starts_with("_R")
+            || r["symbol"].as_str().unwrap().starts_with("_ZN"),
+        "{r}"
+    );
 
     let out = tracer_output(&["list", prog.to_str().unwrap(), "rnames::parser::*"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -79,7 +79,12 @@ fn glob_refusals_in_one_line_and_listed_with_v() {
             "{f}: {lines:?}"
         );
     }
-    assert!(lines.iter().any(|l| l.contains("main:fn_loop") && l.contains("the patch would overwrite")), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("main:fn_loop") && l.contains("the patch would overwrite")),
+        "{lines:?}"
+    );
 
     // Named exactly: the reason in full, even next to a glob.
     let out = run(&prog, &["-p", "main:fn_short1", "-p", "main:fn_good"]);
@@ -97,13 +102,19 @@ fn json_carries_the_refusals() {
     let dir = temp_dir("refusals-json");
     let prog = cc(&dir, "refused", REFUSED_C, &["-O1"]);
     let json = dir.join("r.json");
-    run(&prog, &["-p", "main:fn_*", "--json", "-o", json.to_str().unwrap()]);
+    run(
+        &prog,
+        &["-p", "main:fn_*", "--json", "-o", json.to_str().unwrap()],
+    );
     let objects = json_lines(&std::fs::read_to_string(&json).unwrap());
     assert_eq!(objects.len(), 5, "{objects:?}");
     let good = report(&objects, "main:fn_good");
     assert_eq!(num(good, "hits"), 10, "{good}");
     assert!(good.get("refused").is_none(), "{good}");
-    let refused: Vec<_> = objects.iter().filter(|o| o.get("refused").is_some()).collect();
+    let refused: Vec<_> = objects
+        .iter()
+        .filter(|o| o.get("refused").is_some())
+        .collect();
     assert_eq!(refused.len(), 4, "{objects:?}");
     let short2 = report(&objects, "main:fn_short2");
     assert!(
@@ -137,7 +148,10 @@ fn entries_only_notes_in_one_line() {
         .iter()
         .filter(|r| r.get("entries_only").is_some())
         .collect();
-    assert!(marked.len() >= 2, "_start and sum_checked.cold: {reports:?}");
+    assert!(
+        marked.len() >= 2,
+        "_start and sum_checked.cold: {reports:?}"
+    );
     let notes: Vec<_> = tracer_lines(&out)
         .into_iter()
         .filter(|l| l.starts_with("tracer: note: "))
