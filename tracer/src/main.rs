@@ -151,15 +151,17 @@ fn refusal_lines(
     modules: &ProcessModules,
     verbose: bool,
 ) -> Vec<String> {
-    let named_exactly = |label: &str| {
-        probes
-            .iter()
-            .find(|p| tracer::session::label(p, modules) == label)
-            .and_then(|p| ProbeSpec::parse(&p.spec_text).ok())
-            .is_some_and(|s| {
+    // The labels of the probes that come from a spec with no glob.
+    let exact: std::collections::HashSet<String> = probes
+        .iter()
+        .filter(|p| {
+            ProbeSpec::parse(&p.spec_text).is_ok_and(|s| {
                 !spec::is_glob(&s.symbol) && !s.module.as_deref().is_some_and(spec::is_glob)
             })
-    };
+        })
+        .map(|p| tracer::session::label(p, modules))
+        .collect();
+    let named_exactly = |label: &str| exact.contains(label);
     let shown = |t: &str| tracer::names::demangle_in_text(t).into_owned();
     let mut lines = Vec::new();
     let mut summed_notes = Vec::new();
