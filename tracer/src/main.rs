@@ -567,7 +567,7 @@ fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, String> {
             out,
             "{}:{}  {:#x}  size {}  {verdict}",
             m.name,
-            tracer::names::display(name),
+            m.elf.demangled(name).map_or(name, |d| d.full.as_str()),
             f.address,
             f.size,
         );

@@ -217,3 +217,37 @@ fn rust_demangled_specs_count_the_programs_own_calls() {
         "{text}"
     );
 }
+
+/// Messages name C++ functions as users write them: suggestions for a misspelt
+/// demangled spec, and the refusal of an exactly named probe.
+#[test]
+fn cxx_names_in_errors_and_refusals() {
+    let dir = temp_dir("names-msgs");
+    let prog = cxx(&dir, "names", NAMES_CC, &["-O1", "-pie", "-fPIE"]);
+    let p = prog.to_str().unwrap();
+    let out = tracer_output(&["run", "-p", "main:ns::Parsr::parse", "--", p, "3"]);
+    assert_one_line_error(&out, &["did you mean main:ns::Parser::parse?"]);
+    assert!(out.stdout.is_empty(), "the program ran anyway");
+
+    // `+1` is inside twice<double>'s first instruction (its counter's `add`, longer than
+    // one byte in any encoding).
+    let out = tracer_output(&[
+        "run",
+        "-p",
+        "main:ns::twice<double>+1",
+        "-p",
+        "main:ns::twice<int>",
+        "--",
+        p,
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("tracer: ")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with("tracer: not probing main:ns::twice<double>(double)+0x1 at 0x")
+            && lines[0].contains("instruction boundary"),
+        "{err}"
+    );
+}
