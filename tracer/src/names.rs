@@ -86,14 +86,14 @@ pub fn display(name: &str) -> Cow<'_, str> {
 /// Legacy Rust symbols are `_ZN` paths whose last element is `17h` and 16 hex digits
 /// (the hash); a C++ `_ZN` name never ends so. v0 symbols start with `_R`.
 fn demangle_rust(base: &str) -> Option<Demangled> {
-    let stem = base.split('.').next().unwrap_or(base);
-    let legacy = stem.starts_with("_ZN")
-        && stem.len() > 23
-        && stem.ends_with('E')
-        && stem[stem.len() - 20..stem.len() - 17] == *"17h"
-        && stem[stem.len() - 17..stem.len() - 1]
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit());
+    // Bytes, not `str` slices: a name read from a file may hold any character.
+    let stem = base.split('.').next().unwrap_or(base).as_bytes();
+    let n = stem.len();
+    let legacy = stem.starts_with(b"_ZN")
+        && n > 23
+        && stem.ends_with(b"E")
+        && stem[n - 20..n - 17] == *b"17h"
+        && stem[n - 17..n - 1].iter().all(u8::is_ascii_hexdigit);
     if !legacy && !base.starts_with("_R") {
         return None;
     }
@@ -197,6 +197,22 @@ mod tests {
         assert_eq!(v0.full, "mycrate::parse");
         // A C++ `_ZN` name is not taken for Rust.
         assert_eq!(demangle("_ZN2ns1fEv").unwrap().full, "ns::f()");
+    }
+
+    #[test]
+    fn odd_names_do_not_panic() {
+        for n in [
+            "_ZN",
+            "_R",
+            "_Z",
+            "_ZNé7mycrate5parse17h0123456789abcdéE",
+            "_ZN2nsé1234567890123456789012345678E",
+            "_Z\u{fffd}\u{fffd}",
+            "_ZN7mycrate5parse17h0123456789abcdefE@@V",
+        ] {
+            let _ = demangle(n);
+            let _ = demangle_in_text(n);
+        }
     }
 
     #[test]
