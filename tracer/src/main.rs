@@ -387,7 +387,12 @@ fn note_left_alone(pid: i32, left: &[String]) {
     if left.is_empty() {
         return;
     }
-    let mut names = left.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    let mut names = left
+        .iter()
+        .take(5)
+        .map(|l| tracer::names::demangle_in_text(l).into_owned())
+        .collect::<Vec<_>>()
+        .join(", ");
     if left.len() > 5 {
         names.push_str(&format!(" and {} more", left.len() - 5));
     }
