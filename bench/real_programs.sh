@@ -93,9 +93,19 @@ cases=(
     "wordfreq-c++|$work/wordfreq.in|$work/wordfreq"
 )
 
-# Refusal lines counted by reason, in short words.
+# The refused probes of a --json report as "PREFIX:NAME<TAB>reason" (NAME demangled, as
+# `tracer list` shows it).
+refusals() { # report.json
+    python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    o = json.loads(line)
+    if "refused" in o:
+        print(o["probe"].split(":")[0] + ":" + o["name"], o["refused"], sep="\t")' "$1" 2>/dev/null
+}
+
+# Refusals counted by reason, in short words.
 reason_class() {
-    sed -E 's/^tracer: not probing [^ ]+ at 0x[0-9a-f]+: //' | awk '
+    cut -f2 | awk '
         /only [0-9]+ bytes of the function remain/ { print "too short"; next }
         /ends with .* fewer than the/ { print "ends before 5 bytes"; next }
         /jump table/ { print "jump table into patch"; next }
@@ -132,17 +142,18 @@ verdict() { # dir, stdin, plain rc, specs... -- cmd...
     fi
 }
 
-# `tracer list FILE` verdicts as "PREFIX:NAME<TAB>probeable|ifunc|refused".
+# `tracer list FILE` verdicts as "PREFIX:NAME<TAB>probeable|ifunc|refused". Fields are
+# separated by two spaces (demangled C++ names have single spaces).
 list_verdicts() { # file, prefix
-    "$tracer" list "$1" 2>/dev/null | awk -v p="$2" '{ n = $1; sub(/^[^:]*:/, "", n);
-        v = ($5 == "probeable") ? "probeable" : ($5 == "ifunc:") ? "ifunc" : "refused"; print p ":" n "\t" v }'
+    "$tracer" list "$1" 2>/dev/null | awk -F '  ' -v p="$2" '{ n = $1; sub(/^[^:]*:/, "", n);
+        v = ($4 ~ /^probeable/) ? "probeable" : ($4 ~ /^ifunc:/) ? "ifunc" : "refused"; print p ":" n "\t" v }'
 }
 list_verdicts /usr/lib/x86_64-linux-gnu/libc.so.6 libc >"$work/list.libc"
 
 # How the refusals of a run compare with what `tracer list` said beforehand.
-list_agreement() { # tracer.lines, list file(s)...
-    local lines=$1; shift
-    grep 'not probing' "$lines" | sed -E 's/^tracer: not probing ([^ ]+) at .*/\1/' |
+list_agreement() { # report.json, list file(s)...
+    local json=$1; shift
+    refusals "$json" | cut -f1 |
         awk -F'\t' 'FILENAME != "-" { v[$1] = $2; next }
             { if (v[$1] == "probeable") p = p " " $1; else if (v[$1] == "ifunc") i++; else if (v[$1] == "") u++ }
             END { printf "%s", (p == "" && i + u == 0) ? "agrees" : "";
@@ -179,9 +190,9 @@ for c in "${cases[@]}"; do
     [ "$prc" = "$trc" ] || problems+=("status differs")
     cmp -s "$d/plain.out" "$d/traced.out" || problems+=("stdout differs ($(wc -c <"$d/plain.out") vs $(wc -c <"$d/traced.out") bytes)")
     cmp -s "$d/plain.err" "$d/traced.err" || problems+=("stderr differs: $(diff "$d/plain.err" "$d/traced.err" | grep '^>' | head -1 | cut -c1-100)")
-    [ -s "$d/probes.json" ] || problems+=("no report: $(grep -v 'not probing\|note:' "$d/tracer.lines" | head -1 | cut -c1-120)")
+    [ -s "$d/probes.json" ] || problems+=("no report: $(grep -v 'not probing\|not probed\|note:' "$d/tracer.lines" | head -1 | cut -c1-120)")
     if [ ${#problems[@]} -eq 0 ]; then result=identical; else result="**BROKEN**: $(IFS=';'; echo "${problems[*]}")"; failed=1; fi
-    live=$(grep -c . "$d/probes.json" 2>/dev/null || echo 0)
+    live=$(grep -vc '"refused"' "$d/probes.json" 2>/dev/null || echo 0)
     alone=""
     if [ ${#problems[@]} -gt 0 ] && [ -z "${SPECS:-}" ]; then
         # Which part breaks it: each module's probes alone, with and without returns.
@@ -196,8 +207,8 @@ for c in "${cases[@]}"; do
     printf '| %s | %s | `%s` | %s | %s / %s | %s | %s | %s (%s) | %s | %s | %s |\n' \
         "$name" "$pie" "-x ${specs[*]}" "$result" "$(describe_status $prc)" "$(describe_status $trc)" \
         "$live" "$(sum_field "$d/probes.json" hits)" "$(sum_field "$d/probes.json" exits)" \
-        "$(sum_field "$d/probes.json" lost_exits)" "$(grep 'not probing' "$d/tracer.lines" | reason_class)" \
-        "$(list_agreement "$d/tracer.lines" "$work/list.libc" "$d/list.main")" "${alone:-}"
+        "$(sum_field "$d/probes.json" lost_exits)" "$(refusals "$d/probes.json" | reason_class)" \
+        "$(list_agreement "$d/probes.json" "$work/list.libc" "$d/list.main")" "${alone:-}"
 done
 [ -n "${KEEP:-}" ] && echo "outputs kept in $work" >&2
 exit $failed

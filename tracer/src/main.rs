@@ -72,6 +72,10 @@ struct ProbeArgs {
     /// Write the output there instead of stderr.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// List every refused probe and entries-only note, one per line, instead of one
+    /// summary line each.
+    #[arg(short, long)]
+    verbose: bool,
 }
 
 fn main() -> ExitCode {
@@ -89,7 +93,7 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tracer: {e}");
+            eprintln!("tracer: {}", tracer::names::demangle_in_text(&e));
             ExitCode::from(1)
         }
     }
@@ -124,16 +128,86 @@ fn install(proc: &mut Process, args: &ProbeArgs) -> Result<Session, String> {
     let probes = resolve(&args.probe, &modules)?;
     let session =
         Session::install(proc, &modules, &probes, args.exit).map_err(|e| e.to_string())?;
-    for n in session.notes() {
-        eprintln!("tracer: note: {n}");
-    }
-    for r in session.refused() {
-        eprintln!(
-            "tracer: not probing {} at {:#x}: {}",
-            r.label, r.address, r.reason
-        );
+    for line in refusal_lines(&session, &probes, &modules, args.verbose) {
+        eprintln!("tracer: {line}");
     }
     Ok(session)
+}
+
+/// `label: only entries are probed: why` notes, as (label, why).
+fn entries_only_notes(session: &Session) -> impl Iterator<Item = (&str, &str)> {
+    session
+        .notes()
+        .iter()
+        .filter_map(|n| n.split_once(": only entries are probed: "))
+}
+
+/// What to say about refused probes and entries-only notes: one line each for those the
+/// user named exactly (no glob) and with `-v`; otherwise a line of counts by reason for
+/// each kind (a single one is said in full).
+fn refusal_lines(
+    session: &Session,
+    probes: &[ResolvedProbe],
+    modules: &ProcessModules,
+    verbose: bool,
+) -> Vec<String> {
+    // The labels of the probes that come from a spec with no glob.
+    let exact: std::collections::HashSet<String> = probes
+        .iter()
+        .filter(|p| {
+            ProbeSpec::parse(&p.spec_text).is_ok_and(|s| {
+                !spec::is_glob(&s.symbol) && !s.module.as_deref().is_some_and(spec::is_glob)
+            })
+        })
+        .map(|p| tracer::session::label(p, modules))
+        .collect();
+    let named_exactly = |label: &str| exact.contains(label);
+    let shown = |t: &str| tracer::names::demangle_in_text(t).into_owned();
+    let mut lines = Vec::new();
+    let mut summed_notes = Vec::new();
+    for n in session.notes() {
+        match n.split_once(": only entries are probed: ") {
+            Some((l, why)) if !verbose && !named_exactly(l) => summed_notes.push(why),
+            _ => lines.push(format!("note: {}", shown(n))),
+        }
+    }
+    match summed_notes.as_slice() {
+        [] => {}
+        [_] => lines.extend(
+            entries_only_notes(session)
+                .filter(|(l, _)| !named_exactly(l))
+                .map(|(l, why)| format!("note: {}: only entries are probed: {why}", shown(l))),
+        ),
+        whys => lines.push(format!(
+            "note: {}",
+            tracer::refusals::entries_only_line(whys)
+        )),
+    }
+    let one = |r: &tracer::session::NotInstalled| {
+        format!(
+            "not probing {} at {:#x}: {}",
+            shown(&r.label),
+            r.address,
+            shown(&r.reason)
+        )
+    };
+    let mut summed = Vec::new();
+    for r in session.refused() {
+        if verbose || named_exactly(&r.label) {
+            lines.push(one(r));
+        } else {
+            summed.push(r);
+        }
+    }
+    match summed.as_slice() {
+        [] => {}
+        [r] => lines.push(one(r)),
+        many => {
+            let reasons: Vec<&str> = many.iter().map(|r| r.reason.as_str()).collect();
+            lines.push(tracer::refusals::refusals_line(&reasons, probes.len()));
+        }
+    }
+    lines
 }
 
 /// Signals that ask `tracer run` to end: passed on to the program, which decides what
@@ -178,7 +252,7 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
             );
         }
     }
-    sink.write(args, &session.report())?;
+    sink.write(args, &session)?;
     drop(signals);
     Ok(match status {
         ExitStatus::Code(c) => ExitCode::from(c as u8),
@@ -285,7 +359,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
             eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
         }
     }
-    sink.write(args, &session.report())?;
+    sink.write(args, &session)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -320,7 +394,12 @@ fn note_left_alone(pid: i32, left: &[String]) {
     if left.is_empty() {
         return;
     }
-    let mut names = left.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    let mut names = left
+        .iter()
+        .take(5)
+        .map(|l| tracer::names::demangle_in_text(l).into_owned())
+        .collect::<Vec<_>>()
+        .join(", ");
     if left.len() > 5 {
         names.push_str(&format!(" and {} more", left.len() - 5));
     }
@@ -353,8 +432,8 @@ impl Sink {
         }
     }
 
-    fn write(&mut self, args: &ProbeArgs, reports: &[ProbeReport]) -> Result<(), String> {
-        let text = render(args, reports);
+    fn write(&mut self, args: &ProbeArgs, session: &Session) -> Result<(), String> {
+        let text = render(args, &session.report(), session);
         match self {
             Sink::File(f, p) => f
                 .write_all(text.as_bytes())
@@ -366,14 +445,20 @@ impl Sink {
     }
 }
 
-fn render(args: &ProbeArgs, reports: &[ProbeReport]) -> String {
+/// The report: a table, or with `--json` one object per probe (`"probe"` and `"symbol"`
+/// as stored, mangled for C++ and Rust; `"name"` demangled), then one per refused probe
+/// (with `"refused"`: the reason).
+fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> String {
     let mut text = String::new();
     if args.json {
+        let entries_only: std::collections::HashMap<&str, &str> =
+            entries_only_notes(session).collect();
         for r in reports {
             let mut v = serde_json::json!({
                 "probe": r.label,
                 "module": r.module,
                 "symbol": r.symbol,
+                "name": tracer::names::display(&r.symbol),
                 "address": format!("{:#x}", r.address),
                 "hits": r.hits,
                 "skipped": r.skipped,
@@ -386,13 +471,33 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport]) -> String {
             if r.panics > 0 {
                 v["panics"] = r.panics.into();
             }
+            if let Some(why) = entries_only.get(r.label.as_str()) {
+                v["entries_only"] = (*why).into();
+            }
+            text.push_str(&v.to_string());
+            text.push('\n');
+        }
+        for r in session.refused() {
+            let symbol = r.label.split_once(':').map_or(r.label.as_str(), |(_, s)| s);
+            let symbol = symbol.rsplit_once("+0x").map_or(symbol, |(s, _)| s);
+            let v = serde_json::json!({
+                "probe": r.label,
+                "symbol": symbol,
+                "name": tracer::names::display(symbol),
+                "address": format!("{:#x}", r.address),
+                "refused": r.reason,
+            });
             text.push_str(&v.to_string());
             text.push('\n');
         }
     } else {
-        let w = reports
+        let labels: Vec<String> = reports
             .iter()
-            .map(|r| r.label.len())
+            .map(|r| tracer::names::demangle_in_text(&r.label).into_owned())
+            .collect();
+        let w = labels
+            .iter()
+            .map(|l| l.chars().count())
             .max()
             .unwrap_or(5)
             .max(5);
@@ -404,7 +509,7 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport]) -> String {
             if args.exit { "         exits" } else { "" },
             "skipped"
         ));
-        for r in reports {
+        for (r, label) in reports.iter().zip(&labels) {
             let exits = if args.exit {
                 format!("  {:>12}", r.exits)
             } else {
@@ -412,7 +517,7 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport]) -> String {
             };
             text.push_str(&format!(
                 "{:<w$}  {:>#18x}  {:>12}{exits}  {:>8}  {}\n",
-                r.label, r.address, r.hits, r.skipped, r.encoding
+                label, r.address, r.hits, r.skipped, r.encoding
             ));
         }
     }
@@ -473,7 +578,10 @@ fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, String> {
         let _ = writeln!(
             out,
             "{}:{}  {:#x}  size {}  {verdict}",
-            m.name, name, f.address, f.size,
+            m.name,
+            m.elf.demangled(name).map_or(name, |d| d.full.as_str()),
+            f.address,
+            f.size,
         );
     }
     Ok(ExitCode::SUCCESS)

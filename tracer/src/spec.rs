@@ -1,8 +1,16 @@
 //! Probe specifications: `[MODULE:]SYMBOL[+OFFSET]`, and their resolution to addresses.
 //!
 //! - `SYMBOL` and `MODULE` may use the globs `*` (any run of characters) and `?` (any
-//!   one character). Symbol names are matched as stored in the file (mangled for C++);
-//!   a non-default symbol version is named `name@VERSION` (`memcpy@GLIBC_2.2.5`).
+//!   one character). Symbol names are matched as stored in the file (mangled for C++
+//!   and Rust) and, for C++ and Rust symbols, demangled too (see [`crate::names`]):
+//!   `ns::Parser::*` matches every method of `ns::Parser`, every overload; a pattern
+//!   with a `(` is matched against the name with its parameter list
+//!   (`ns::Parser::parse(char const*)`), with whitespace not significant. A non-default
+//!   symbol version is named `name@VERSION` (`memcpy@GLIBC_2.2.5`).
+//! - The module ends at the first single `:`; `::` belongs to the symbol, so
+//!   `main:ns::f` is `ns::f` in `main` and `ns::f` alone searches every module.
+//!   Whitespace is allowed inside `(...)` and `<...>` only. A `+` that is part of an
+//!   operator's name (`operator+`, `operator++`, `operator+=`) does not start an offset.
 //! - `MODULE` names a loaded object by its file name: `main` is the executable; a path
 //!   (with a `/`) must match the whole path; otherwise the pattern must match the whole
 //!   basename (`libc.so.6`) or a prefix of it that ends where a version or extension
@@ -49,7 +57,7 @@ pub enum SpecError {
         spec: String,
         offset: String,
     },
-    /// More than one `:` (symbols are matched mangled, so they never contain one).
+    /// A single `:` in the symbol part (`::` is a C++/Rust path separator).
     ExtraColon {
         spec: String,
     },
@@ -81,11 +89,11 @@ impl fmt::Display for SpecError {
             ),
             SpecError::ExtraColon { spec } => write!(
                 f,
-                "probe spec '{spec}' has more than one ':'; {FORM} (C++ symbols are matched by their mangled names)"
+                "probe spec '{spec}' has more than one single ':'; {FORM} (write C++ and Rust paths with '::', as in main:ns::Parser::parse)"
             ),
             SpecError::BadCharacter { spec, ch } => write!(
                 f,
-                "probe spec '{spec}' contains {ch:?}; symbol names have no whitespace or control characters (check the quoting)"
+                "probe spec '{spec}' contains {ch:?}; symbol names have no whitespace outside (...) and <...>, and no control characters (check the quoting)"
             ),
         }
     }
@@ -100,23 +108,24 @@ impl ProbeSpec {
         if text.is_empty() {
             return Err(SpecError::Empty);
         }
-        if let Some(ch) = text.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        if let Some(ch) = bad_character(text) {
             return Err(SpecError::BadCharacter { spec, ch });
         }
-        let (module, rest) = match text.split_once(':') {
-            Some((m, r)) => {
-                if m.is_empty() {
+        let (module, rest) = match module_separator(text) {
+            Some(i) => {
+                if i == 0 {
                     return Err(SpecError::EmptyModule { spec });
                 }
-                (Some(m.to_string()), r)
+                (Some(text[..i].to_string()), &text[i + 1..])
             }
             None => (None, text),
         };
-        if rest.contains(':') {
+        if module_separator(rest).is_some() {
             return Err(SpecError::ExtraColon { spec });
         }
-        let (symbol, offset) = match rest.rsplit_once('+') {
-            Some((s, o)) => {
+        let (symbol, offset) = match offset_plus(rest) {
+            Some(i) => {
+                let (s, o) = (&rest[..i], &rest[i + 1..]);
                 if o.is_empty() {
                     return Err(SpecError::EmptyOffset { spec });
                 }
@@ -153,6 +162,39 @@ impl fmt::Display for ProbeSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
     }
+}
+
+/// The first control character, or whitespace outside `(...)` and `<...>` (where C++
+/// names have it: `f(unsigned int)`).
+fn bad_character(text: &str) -> Option<char> {
+    let mut depth = 0i32;
+    text.chars().find(|&c| {
+        match c {
+            '(' | '<' => depth += 1,
+            ')' | '>' => depth -= 1,
+            _ => {}
+        }
+        c.is_control() || (c.is_whitespace() && depth <= 0)
+    })
+}
+
+/// The index of the first `:` that is not half of a `::`.
+fn module_separator(text: &str) -> Option<usize> {
+    let b = text.as_bytes();
+    (0..b.len())
+        .find(|&i| b[i] == b':' && b.get(i + 1) != Some(&b':') && (i == 0 || b[i - 1] != b':'))
+}
+
+/// The index of the `+` that starts the offset: the last one that is not part of an
+/// operator's name (`operator+`, `operator++`, `operator+=`).
+fn offset_plus(text: &str) -> Option<usize> {
+    let b = text.as_bytes();
+    text.rmatch_indices('+').map(|(i, _)| i).find(|&i| {
+        let part_of_operator = text[..i].ends_with("operator")
+            || (i > 0 && b[i - 1] == b'+')
+            || matches!(b.get(i + 1), Some(b'+' | b'='));
+        !part_of_operator
+    })
 }
 
 fn parse_offset(s: &str) -> Option<u64> {
@@ -330,18 +372,70 @@ fn selected_modules<'a>(spec: &ProbeSpec, modules: &'a ProcessModules) -> Vec<&'
         .collect()
 }
 
-/// The first of `f`'s names matching the pattern.
-fn matching_name<'a>(pattern: &str, glob: bool, f: &Function<'a>) -> Option<&'a str> {
+/// A symbol pattern, ready to be matched against mangled and demangled names.
+struct SymbolPattern<'p> {
+    text: &'p str,
+    /// `text` normalised as demangled names are (see [`crate::names::normalize`]).
+    key: String,
+    glob: bool,
+}
+
+impl<'p> SymbolPattern<'p> {
+    fn new(text: &'p str) -> SymbolPattern<'p> {
+        SymbolPattern {
+            text,
+            key: crate::names::normalize(text),
+            glob: is_glob(text),
+        }
+    }
+
+    fn matches(&self, pattern: &str, name: &str) -> bool {
+        if self.glob {
+            glob_match(pattern, name)
+        } else {
+            pattern == name
+        }
+    }
+}
+
+/// The first of `f`'s names matching the pattern, as stored or else demangled; the
+/// name returned is the stored (mangled) one.
+fn matching_name<'a>(pat: &SymbolPattern<'_>, m: &'a Module, f: &Function<'a>) -> Option<&'a str> {
     f.names
         .iter()
-        .find(|n| {
-            if glob {
-                glob_match(pattern, n)
-            } else {
-                *n == pattern
-            }
+        .find(|n| pat.matches(pat.text, n))
+        .or_else(|| {
+            f.names.iter().find(|n| {
+                m.elf
+                    .demangled(n)
+                    .is_some_and(|d| pat.matches(&pat.key, d.key_for(&pat.key)))
+            })
         })
         .map(String::as_str)
+}
+
+/// The functions of `m` that `pat` names: by the exact stored name through the index
+/// when it is one, else by scanning (globs, demangled names).
+fn functions_matching<'a>(pat: &SymbolPattern<'_>, m: &'a Module) -> Vec<(Function<'a>, &'a str)> {
+    if !pat.glob {
+        let exact: Vec<_> = m
+            .functions_named(pat.text)
+            .map(|f| {
+                let n = f
+                    .names
+                    .iter()
+                    .find(|n| *n == pat.text)
+                    .map_or(f.name(), String::as_str);
+                (f, n)
+            })
+            .collect();
+        if !exact.is_empty() {
+            return exact;
+        }
+    }
+    m.functions()
+        .filter_map(|f| matching_name(pat, m, &f).map(|n| (f, n)))
+        .collect()
 }
 
 /// The name to show for `f` when `matched` matched: a non-default symbol version
@@ -387,20 +481,11 @@ pub fn resolve(
         });
     }
 
-    let glob = is_glob(&spec.symbol);
+    let pat = SymbolPattern::new(&spec.symbol);
     let mut found: Vec<(&Module, Function<'_>, &str)> = Vec::new();
     for m in &selected {
-        if glob {
-            for f in m.functions() {
-                if let Some(n) = matching_name(&spec.symbol, true, &f) {
-                    found.push((m, f, shown_name(&f, n)));
-                }
-            }
-        } else {
-            for f in m.functions_named(&spec.symbol) {
-                let n = matching_name(&spec.symbol, false, &f).unwrap_or(f.name());
-                found.push((m, f, shown_name(&f, n)));
-            }
+        for (f, n) in functions_matching(&pat, m) {
+            found.push((m, f, shown_name(&f, n)));
         }
     }
     if found.is_empty() {
@@ -411,12 +496,7 @@ pub fn resolve(
                 if selected.iter().any(|s| std::ptr::eq(*s, m)) {
                     continue;
                 }
-                let hit = if glob {
-                    m.functions()
-                        .any(|f| matching_name(&spec.symbol, true, &f).is_some())
-                } else {
-                    m.functions_named(&spec.symbol).next().is_some()
-                };
+                let hit = !functions_matching(&pat, m).is_empty();
                 let shown = if m.is_main { "main" } else { m.name.as_str() };
                 let s = format!("{shown}:{}", spec.symbol);
                 if hit && !suggestions.contains(&s) {
@@ -488,10 +568,14 @@ pub fn list<'a>(
                 continue;
             }
         }
+        let pat = pattern.map(|p| SymbolPattern {
+            glob: true,
+            ..SymbolPattern::new(&p.symbol)
+        });
         for f in m.functions() {
-            let name = match pattern {
+            let name = match &pat {
                 None => Some(f.name()),
-                Some(p) => matching_name(&p.symbol, true, &f).map(|n| shown_name(&f, n)),
+                Some(p) => matching_name(p, m, &f).map(|n| shown_name(&f, n)),
             };
             if let Some(n) = name {
                 out.push((m, f, n));
@@ -543,6 +627,8 @@ fn suggest(spec: &ProbeSpec, selected: &[&Module]) -> Vec<String> {
         };
         for f in m.functions() {
             for name in f.names {
+                // A C++ or Rust name is suggested as users write it.
+                let name = m.elf.demangled(name).map_or(name.as_str(), |d| &d.short);
                 let lower = name.to_lowercase();
                 let lower_chars: Vec<char> = lower.chars().collect();
                 let prefix = lower_chars
@@ -641,6 +727,40 @@ mod tests {
         ));
         let msg = e("malloc+zz").to_string();
         assert!(msg.contains("'zz'") && msg.contains("malloc+zz"), "{msg}");
+    }
+
+    #[test]
+    fn parses_demangled_specs() {
+        let s = p("main:ns::Parser::*");
+        assert_eq!(
+            (s.module.as_deref(), s.symbol.as_str()),
+            (Some("main"), "ns::Parser::*")
+        );
+        let s = p("ns::Parser::parse");
+        assert_eq!((s.module, s.symbol.as_str()), (None, "ns::Parser::parse"));
+        let s = p("libfoo:ns::f(unsigned int, char const*)+0x4");
+        assert_eq!(s.symbol, "ns::f(unsigned int, char const*)");
+        assert_eq!(s.offset, 4);
+        assert_eq!(
+            p("main:std::vector<int, std::allocator<int> >::size").offset,
+            0
+        );
+        assert_eq!(p("main:ns::V::operator+").symbol, "ns::V::operator+");
+        assert_eq!(p("main:ns::V::operator++").symbol, "ns::V::operator++");
+        assert_eq!(p("main:ns::V::operator+=").symbol, "ns::V::operator+=");
+        let s = p("main:ns::V::operator+(ns::V const&)+8");
+        assert_eq!(
+            (s.symbol.as_str(), s.offset),
+            ("ns::V::operator+(ns::V const&)", 8)
+        );
+        assert!(matches!(
+            ProbeSpec::parse("main:ns:f"),
+            Err(SpecError::ExtraColon { .. })
+        ));
+        assert!(matches!(
+            ProbeSpec::parse("main:ns::f x"),
+            Err(SpecError::BadCharacter { ch: ' ', .. })
+        ));
     }
 
     #[test]

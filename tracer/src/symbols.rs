@@ -193,6 +193,8 @@ pub struct ElfSymbols {
     /// Every name to the indices of the functions it denotes (a local name may exist
     /// at several addresses, e.g. two `static int helper()` in two files).
     by_name: HashMap<String, Vec<usize>>,
+    /// Demangled forms of the C++ and Rust names, made on first use (most files are C).
+    demangled: OnceLock<HashMap<String, crate::names::Demangled>>,
 }
 
 /// A raw function symbol before aliases are merged.
@@ -296,6 +298,7 @@ impl ElfSymbols {
             warnings,
             functions,
             by_name,
+            demangled: OnceLock::new(),
         })
     }
 
@@ -320,6 +323,20 @@ impl ElfSymbols {
             .into_iter()
             .flatten()
             .map(move |&i| &self.functions[i])
+    }
+
+    /// The demangled forms of `name`, one of this file's function names, if it is a
+    /// C++ or Rust symbol.
+    pub fn demangled(&self, name: &str) -> Option<&crate::names::Demangled> {
+        self.demangled
+            .get_or_init(|| {
+                self.by_name
+                    .keys()
+                    .filter(|n| crate::names::looks_mangled(n))
+                    .filter_map(|n| crate::names::demangle(n).map(|d| (n.clone(), d)))
+                    .collect()
+            })
+            .get(name)
     }
 
     /// The function whose `[value, value + size)` covers the link-time address `value`

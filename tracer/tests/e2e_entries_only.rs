@@ -17,15 +17,19 @@ fn traced(prog: &Path, spec: &str, dir: &Path) -> (Output, Vec<serde_json::Value
     let json = dir.join("report.json");
     let _ = std::fs::remove_file(&json);
     let out = tracer()
-        .args(["run", "-x", "-p", spec, "--json", "-o"])
+        .args(["run", "-x", "-v", "-p", spec, "--json", "-o"])
         .arg(&json)
         .arg("--")
         .arg(prog)
         .output()
         .expect("run tracer");
+    // Refused probes have an object too, with no counts.
     let reports = std::fs::read_to_string(&json)
         .map(|t| json_lines(&t))
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.get("refused").is_none())
+        .collect();
     (out, reports)
 }
 

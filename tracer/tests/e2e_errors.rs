@@ -95,7 +95,14 @@ fn relocator_refusal() {
         "refusal not reported: {err}"
     );
     let reports = json_lines(&std::fs::read_to_string(&json).unwrap());
-    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    let tiny = report(&reports, "main:tiny");
+    assert!(
+        tiny["refused"]
+            .as_str()
+            .is_some_and(|r| r.contains("3 bytes")),
+        "{tiny}"
+    );
     assert!(
         num(report(&reports, "main:good"), "hits") > 0,
         "{reports:?} {err}"
@@ -226,8 +233,15 @@ fn overlapping_probes_are_refused() {
             .collect::<Vec<_>>()
             .join("\n"),
     );
-    assert_eq!(reports.len(), 1, "{err}");
-    report(&reports, "main:twoinsn");
+    assert_eq!(reports.len(), 2, "{err}");
+    assert!(report(&reports, "main:twoinsn").get("refused").is_none());
+    let second = report(&reports, "main:twoinsn+0x2");
+    assert!(
+        second["refused"]
+            .as_str()
+            .is_some_and(|r| r.contains("would overlap")),
+        "{second}"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.lines().last().is_some_and(|l| l.starts_with("ok ")),

@@ -238,7 +238,10 @@ fn every_libc_function_probed_with_returns() {
             .unwrap();
         assert_eq!(traced.status.code(), plain.status.code(), "{cmd:?}");
         assert!(traced.stdout == plain.stdout, "{cmd:?}: output differs");
-        let reports = json_lines(&std::fs::read_to_string(&json).unwrap());
+        let reports: Vec<_> = json_lines(&std::fs::read_to_string(&json).unwrap())
+            .into_iter()
+            .filter(|r| r.get("refused").is_none())
+            .collect();
         assert!(
             reports.len() > 1500,
             "{cmd:?}: only {} probes",

@@ -55,7 +55,11 @@ proptest! {
                 prop_assert_eq!(&spec.text, &text);
                 prop_assert!(!spec.symbol.is_empty());
                 prop_assert!(spec.module.as_ref().is_none_or(|m| !m.is_empty()));
-                prop_assert!(!spec.symbol.contains(':'));
+                // `::` separates C++ and Rust path elements; a lone ':' ends the module.
+                let b = spec.symbol.as_bytes();
+                prop_assert!(!(0..b.len()).any(|i| b[i] == b':'
+                    && b.get(i + 1) != Some(&b':')
+                    && (i == 0 || b[i - 1] != b':')));
                 // Display round-trips.
                 prop_assert_eq!(ProbeSpec::parse(&spec.to_string()), Ok(spec.clone()));
                 prop_assert_eq!(text.parse::<ProbeSpec>(), Ok(spec));
