@@ -1,0 +1,408 @@
+//! The agent's own thread in the target: where every remote call that may take a lock runs.
+//!
+//! `dlopen`, `dlsym` and the agent's entry points allocate and take the loader lock, so the
+//! thread that runs them must hold no lock of malloc or of the loader. A thread of the program,
+//! stopped wherever it happened to be, gives no such guarantee: all of them may wait in
+//! `futex` (`pthread_join`, `pthread_cond_wait`), sit in `sigtimedwait`, or spin in `malloc`.
+//! So, as Frida's Linux injector does, we make a thread of our own:
+//!
+//! 1. Raw system calls are safe on any stopped thread (they take no user-space lock): the
+//!    scratch page, and a *park page* (a memfd named [`PARK_NAME`], code page `r-x`, control
+//!    page `rw-`) are mapped with them.
+//! 2. One thread is hijacked just long enough to call `pthread_create(stub, ctl)`. It must not
+//!    hold the locks `pthread_create` takes (malloc's for the DTV, the stack cache lock), so
+//!    it is chosen in this order: a thread created under our trace that has not run yet; a
+//!    thread whose `rip` is outside libc and ld.so; a thread interrupted while asleep in any
+//!    system call (rax is `-ERESTART*`: a lock waiter holds nothing, and glibc never sleeps
+//!    in the kernel while holding a malloc or loader lock). If every thread spins inside libc,
+//!    threads are single-stepped (a bounded number of steps, each bounded in time: a step
+//!    into a sleeping syscall is interrupted and then counts as asleep) until one leaves it or
+//!    sleeps; failing that the process runs a millisecond and we look again. Every other
+//!    thread runs during the call, so a lock held elsewhere only delays it.
+//! 3. The new thread starts in the stub, publishes its tid and `PARKED` in the control page,
+//!    then loops on a raw `futex` wait: its `rip` is in our page, it has called nothing and
+//!    holds no lock, and its signals are all blocked (it inherits the mask of the remote call).
+//!    It was created under trace (`PTRACE_O_TRACECLONE`): its first stop is serviced like any
+//!    new thread's while everything runs.
+//! 4. Every later call (`dlopen`, `dlerror` on the same thread, `dlsym`, the agent's init,
+//!    prepare and IFUNC resolution) is made on that parked thread, with the other threads
+//!    running; restoring its registers restarts its `futex` wait. The thread and its page
+//!    stay after detach: the next attach finds them through `/proc/PID/maps` and the control
+//!    page, and makes a new parked thread only when the old one is gone (in a forked child).
+//!
+//! Every wait is capped (about 5 s, as Frida); a failure before the thread exists leaves the
+//! target exactly as it was (park page unmapped, hijacked thread restored).
+
+use std::time::{Duration, Instant};
+
+use agent::maps;
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+use crate::inject::{InjectError, LibcFunctions};
+use crate::remote_call::{self, RemoteCallError};
+use crate::threads::{wait_tid, AttachError, Handled, Process};
+
+/// Name of the memfd holding the parked thread's code and control block.
+pub const PARK_NAME: &str = "tracer-park";
+const PAGE: u64 = 4096;
+/// The control block, at the start of the second page. Written by the thread: `state`
+/// (u32 at +0), `tid` (u32 at +8). `pthread_t` output of `pthread_create` at +64.
+const CTL: u64 = PAGE;
+const CTL_PTHREAD_OUT: u64 = 64;
+const STATE_PARKED: u32 = 1;
+/// Steps tried on one thread spinning inside libc before letting the process run again.
+const STEPS_PER_ROUND: usize = 400;
+/// A single step that takes longer than this entered a sleeping system call.
+const STEP_WAIT: Duration = Duration::from_millis(20);
+
+/// The thread's code. `rdi` = control block.
+///
+/// ```text
+///     mov rbx, rdi
+///     mov eax, SYS_gettid ; syscall
+///     mov [rbx+8], eax              ; tid
+///     mov dword [rbx], 1            ; PARKED (stores are seen in program order)
+/// park:
+///     mov rdi, rbx ; mov esi, FUTEX_WAIT_PRIVATE ; mov edx, 1 ; xor r10d, r10d
+///     mov eax, SYS_futex ; syscall
+///     jmp park
+/// ```
+const STUB: &[u8] = &[
+    0x48, 0x89, 0xfb, // mov rbx, rdi
+    0xb8, 0xba, 0x00, 0x00, 0x00, // mov eax, 186 (gettid)
+    0x0f, 0x05, // syscall
+    0x89, 0x43, 0x08, // mov [rbx+8], eax
+    0xc7, 0x03, 0x01, 0x00, 0x00, 0x00, // mov dword [rbx], 1
+    0x48, 0x89, 0xdf, // park: mov rdi, rbx
+    0xbe, 0x80, 0x00, 0x00, 0x00, // mov esi, 128 (FUTEX_WAIT_PRIVATE)
+    0xba, 0x01, 0x00, 0x00, 0x00, // mov edx, 1
+    0x45, 0x31, 0xd2, // xor r10d, r10d
+    0xb8, 0xca, 0x00, 0x00, 0x00, // mov eax, 202 (futex)
+    0x0f, 0x05, // syscall
+    0xeb, 0xe7, // jmp park
+];
+
+/// Where a stopped thread is, as far as running `pthread_create` on it is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Place {
+    /// Created under our trace, no instruction run yet.
+    Fresh,
+    /// `rip` outside libc and ld.so.
+    OutsideLibc,
+    /// Interrupted while asleep in a system call.
+    Asleep,
+    /// Running code of libc or ld.so: may be inside malloc, holding its lock.
+    InsideLibc,
+}
+
+fn classify(proc: &Process, tid: i32, unsafe_ranges: &[(u64, u64)]) -> Result<Place, AttachError> {
+    if proc.is_fresh(tid) {
+        return Ok(Place::Fresh);
+    }
+    let r = proc.regs(tid)?;
+    if !unsafe_ranges.iter().any(|&(s, e)| (s..e).contains(&r.rip)) {
+        return Ok(Place::OutsideLibc);
+    }
+    // -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK, -EINTR: the
+    // system call was sleeping when we interrupted it. A call that had merely completed
+    // (an mmap inside malloc, say) shows its result instead.
+    let asleep = matches!(r.rax as i64, -516..=-512 | -4) && (r.orig_rax as i64) >= 0;
+    if asleep {
+        // orig_rax also holds exception error codes: check that a `syscall` just ran.
+        let mut insn = [0u8; 2];
+        if proc.read_memory(r.rip.wrapping_sub(2), &mut insn).is_ok() && insn == [0x0f, 0x05] {
+            return Ok(Place::Asleep);
+        }
+    }
+    Ok(Place::InsideLibc)
+}
+
+/// The park page of the target, if an earlier session made one: its base address.
+pub fn find_page(pid: i32) -> Option<u64> {
+    let entries = maps::read_pid(pid).ok()?;
+    let prefix = format!("/memfd:{PARK_NAME}");
+    entries
+        .iter()
+        .filter(|m| m.path.starts_with(&prefix) && m.offset == 0)
+        .map(|m| m.start)
+        .min()
+}
+
+/// The parked thread of the target, if it exists and is stopped in its park loop.
+pub fn parked_thread(proc: &Process) -> Option<i32> {
+    let base = find_page(proc.pid())?;
+    let mut ctl = [0u8; 12];
+    proc.read_memory(base + CTL, &mut ctl).ok()?;
+    let state = u32::from_le_bytes(ctl[0..4].try_into().expect("4 bytes"));
+    let tid = i32::from_le_bytes(ctl[8..12].try_into().expect("4 bytes"));
+    if state != STATE_PARKED || !proc.threads().contains(&tid) || !proc.is_stopped(tid) {
+        return None;
+    }
+    let rip = proc.regs(tid).ok()?.rip;
+    (base..base + STUB.len() as u64)
+        .contains(&rip)
+        .then_some(tid)
+}
+
+/// The parked thread, made first if there is none. Needs every thread stopped; leaves every
+/// thread stopped.
+pub fn ensure(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    timeout: Duration,
+) -> Result<i32, InjectError> {
+    if !proc.all_stopped() {
+        proc.stop_all()?;
+    }
+    if let Some(tid) = parked_thread(proc) {
+        return Ok(tid);
+    }
+    let deadline = Instant::now() + timeout;
+    let hijack = choose_hijacked_thread(proc, &fns.unsafe_ranges, deadline, timeout)?;
+    let page = match find_page(proc.pid()) {
+        Some(base) => (base, false),
+        None => (create_page(proc, hijack)?, true),
+    };
+    let r = spawn(proc, fns, hijack, page.0, deadline, timeout);
+    let thread_made = matches!(r, Ok(_) | Err(InjectError::ThreadNotParked { .. }));
+    if !thread_made && page.1 {
+        // Nothing runs in the page unless the thread was made: leave no trace.
+        if proc.all_stopped() || proc.stop_all().is_ok() {
+            let _ = remote_call::syscall(proc, hijack, libc::SYS_munmap, &[page.0, 2 * PAGE]);
+        }
+    }
+    r
+}
+
+/// A thread that can run `pthread_create` now, or `NoSafeThread` at the deadline. Leaves
+/// every thread stopped.
+fn choose_hijacked_thread(
+    proc: &mut Process,
+    unsafe_ranges: &[(u64, u64)],
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<i32, InjectError> {
+    loop {
+        if !proc.all_stopped() {
+            proc.stop_all()?;
+        }
+        let mut best: Option<(Place, i32)> = None;
+        for tid in proc.threads() {
+            let p = classify(proc, tid, unsafe_ranges)?;
+            if best.is_none_or(|(b, _)| p < b) {
+                best = Some((p, tid));
+            }
+        }
+        match best {
+            Some((p, tid)) if p != Place::InsideLibc => return Ok(tid),
+            None => {
+                return Err(AttachError::Exited {
+                    pid: proc.pid(),
+                    status: proc.exit_status(),
+                }
+                .into())
+            }
+            _ => {}
+        }
+        // Everything spins inside libc: walk threads out of it, one step at a time.
+        for tid in proc.threads() {
+            if let Some(tid) = step_out_of_libc(proc, tid, unsafe_ranges, deadline)? {
+                return Ok(tid);
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(InjectError::NoSafeThread {
+                pid: proc.pid(),
+                waited: timeout,
+            });
+        }
+        proc.resume_all()?;
+        proc.service(Duration::from_millis(1))?;
+    }
+}
+
+/// Single-steps `tid` until it is outside libc or asleep in a system call; Some(tid) then.
+fn step_out_of_libc(
+    proc: &mut Process,
+    tid: i32,
+    unsafe_ranges: &[(u64, u64)],
+    deadline: Instant,
+) -> Result<Option<i32>, InjectError> {
+    for _ in 0..STEPS_PER_ROUND {
+        if Instant::now() >= deadline || !proc.threads().contains(&tid) {
+            return Ok(None);
+        }
+        if !step_once(proc, tid)? {
+            return Ok(None);
+        }
+        if classify(proc, tid, unsafe_ranges)? != Place::InsideLibc {
+            return Ok(Some(tid));
+        }
+    }
+    Ok(None)
+}
+
+/// One instruction of `tid`, bounded in time: a step into a sleeping system call is
+/// interrupted (the thread is then asleep there). A signal that arrives is kept pending.
+/// Ok(false) when the thread is gone.
+fn step_once(proc: &mut Process, tid: i32) -> Result<bool, InjectError> {
+    let pe = |op| move |errno| AttachError::Ptrace { tid, op, errno };
+    ptrace::step(Pid::from_raw(tid), None).map_err(pe("PTRACE_SINGLESTEP"))?;
+    if let Some(t) = proc.threads.get_mut(&tid) {
+        t.stop = None;
+    }
+    let mut interrupted = false;
+    loop {
+        let limit = if interrupted {
+            crate::threads::STOP_TIMEOUT
+        } else {
+            STEP_WAIT
+        };
+        match wait_tid(tid, Some(Instant::now() + limit)) {
+            Ok(Some(st)) => {
+                if proc.handle(tid, st)? == Handled::Gone {
+                    return Ok(false);
+                }
+                // The step's trap is ours; any other signal stays pending. After an
+                // interrupt, whichever stop comes first will do: a late interrupt trap is
+                // taken as a spurious stop by whoever resumes the thread next.
+                if matches!(st, WaitStatus::Stopped(_, Signal::SIGTRAP)) {
+                    if let Some(t) = proc.threads.get_mut(&tid) {
+                        t.pending = None;
+                    }
+                }
+                return Ok(true);
+            }
+            Ok(None) if !interrupted => {
+                ptrace::interrupt(Pid::from_raw(tid)).map_err(pe("PTRACE_INTERRUPT"))?;
+                interrupted = true;
+            }
+            Ok(None) => {
+                return Err(AttachError::Timeout {
+                    pid: proc.pid(),
+                    tid,
+                    what: "stop after a single step",
+                    state: crate::threads::describe_thread(proc.pid(), tid),
+                }
+                .into())
+            }
+            Err(Errno::ECHILD) => return Ok(false),
+            Err(e) => return Err(pe("waitpid")(e).into()),
+        }
+    }
+}
+
+/// Maps the park page (raw system calls on `tid`) and writes the stub into it.
+fn create_page(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
+    remote_call::ensure_scratch(proc, tid)?;
+    // At the end of the scratch area: callers keep their own strings at its start.
+    let name = remote_call::put_c_string(proc, remote_call::SCRATCH_DATA_LEN - 64, PARK_NAME)?;
+    let fd = remote_call::syscall_ok(
+        proc,
+        tid,
+        libc::SYS_memfd_create,
+        &[name, libc::MFD_CLOEXEC as u64],
+    )?;
+    let mapped = (|| {
+        remote_call::syscall_ok(proc, tid, libc::SYS_ftruncate, &[fd, 2 * PAGE])?;
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let base = remote_call::syscall_ok(
+            proc,
+            tid,
+            libc::SYS_mmap,
+            &[0, 2 * PAGE, rw, libc::MAP_SHARED as u64, fd, 0],
+        )?;
+        Ok::<u64, RemoteCallError>(base)
+    })();
+    // The mapping keeps the memfd alive.
+    let _ = remote_call::syscall(proc, tid, libc::SYS_close, &[fd]);
+    let base = mapped?;
+    let finish = (|| {
+        proc.write_memory(base, STUB)
+            .map_err(|error| RemoteCallError::Memory { addr: base, error })?;
+        let rx = (libc::PROT_READ | libc::PROT_EXEC) as u64;
+        remote_call::syscall_ok(proc, tid, libc::SYS_mprotect, &[base, PAGE, rx])?;
+        Ok(())
+    })();
+    if let Err(e) = finish {
+        let _ = remote_call::syscall(proc, tid, libc::SYS_munmap, &[base, 2 * PAGE]);
+        return Err(e);
+    }
+    Ok(base)
+}
+
+/// Calls `pthread_create` on `hijack` with the other threads running, then waits (everything
+/// running) for the new thread to park, and stops every thread again.
+fn spawn(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    hijack: i32,
+    base: u64,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<i32, InjectError> {
+    let ctl = base + CTL;
+    proc.write_memory(ctl, &[0u8; 16])
+        .map_err(|error| RemoteCallError::Memory { addr: ctl, error })?;
+    remote_call::ensure_scratch(proc, hijack)?;
+    for t in proc.threads() {
+        if t != hijack {
+            proc.resume_thread(t)?;
+        }
+    }
+    let remaining = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(500));
+    let rc = remote_call::call(
+        proc,
+        hijack,
+        fns.pthread_create,
+        &[ctl + CTL_PTHREAD_OUT, 0, base, ctl],
+        remaining,
+    );
+    let created = match rc {
+        Ok(0) => Ok(()),
+        Ok(errno) => Err(InjectError::ThreadCreate {
+            errno: Errno::from_raw(errno as i32),
+        }),
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = created {
+        let _ = proc.stop_all();
+        return Err(e);
+    }
+    // Let the new thread run to its park loop, servicing its first stop.
+    proc.resume_all()?;
+    let parked = loop {
+        let mut st = [0u8; 12];
+        proc.read_memory(ctl, &mut st)
+            .map_err(|error| RemoteCallError::Memory { addr: ctl, error })?;
+        let state = u32::from_le_bytes(st[0..4].try_into().expect("4 bytes"));
+        let tid = i32::from_le_bytes(st[8..12].try_into().expect("4 bytes"));
+        if state == STATE_PARKED && proc.threads().contains(&tid) {
+            break Some(tid);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        if proc.service(Duration::from_micros(200))?.is_some() {
+            return Err(AttachError::Exited {
+                pid: proc.pid(),
+                status: proc.exit_status(),
+            }
+            .into());
+        }
+    };
+    proc.stop_all()?;
+    match parked {
+        Some(tid) if parked_thread(proc) == Some(tid) => Ok(tid),
+        _ => Err(InjectError::ThreadNotParked {
+            pid: proc.pid(),
+            waited: timeout,
+        }),
+    }
+}
