@@ -7,8 +7,8 @@
 //! So, as Frida's Linux injector does, we make a thread of our own:
 //!
 //! 1. Raw system calls are safe on any stopped thread (they take no user-space lock): the
-//!    scratch page, and a *park page* (a memfd named [`PARK_NAME`], code page `r-x`, control
-//!    page `rw-`) are mapped with them.
+//!    scratch page, and a *park page* (a private mapping of a memfd named [`PARK_NAME`], so
+//!    that maps shows it; code page `r-x`, control page `rw-`) are mapped with them.
 //! 2. One thread is hijacked just long enough to call `pthread_create(stub, ctl)`. It must not
 //!    hold the locks `pthread_create` takes (malloc's for the DTV, the stack cache lock), so
 //!    it is chosen in this order: a thread created under our trace that has not run yet; a
@@ -314,7 +314,9 @@ fn create_page(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
             proc,
             tid,
             libc::SYS_mmap,
-            &[0, 2 * PAGE, rw, libc::MAP_SHARED as u64, fd, 0],
+            // Private: /proc/PID/mem can then write the code page (copy on write) when a
+            // remote syscall borrows the parked thread's rip; it cannot force a shared one.
+            &[0, 2 * PAGE, rw, libc::MAP_PRIVATE as u64, fd, 0],
         )?;
         Ok::<u64, RemoteCallError>(base)
     })();
