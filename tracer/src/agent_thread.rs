@@ -121,6 +121,23 @@ fn classify(proc: &Process, tid: i32, unsafe_ranges: &[(u64, u64)]) -> Result<Pl
     Ok(Place::InsideLibc)
 }
 
+/// Resumes every stopped thread but `except`, so that a lock one of them holds gets
+/// released while `except` works. A launched program's main thread still at the program's
+/// entry point stays stopped: it has run none of the program's code, so it holds nothing,
+/// and running it would start the program before its probes are live.
+pub(crate) fn resume_others(proc: &mut Process, except: Option<i32>) -> Result<(), AttachError> {
+    let pid = proc.pid();
+    let at_entry = proc.is_launched()
+        && proc.is_stopped(pid)
+        && crate::launch::entry_point(pid).is_ok_and(|e| proc.regs(pid).is_ok_and(|r| r.rip == e));
+    for t in proc.threads() {
+        if Some(t) != except && !(at_entry && t == pid) {
+            proc.resume_thread(t)?;
+        }
+    }
+    Ok(())
+}
+
 /// The park page of the target, if an earlier session made one: its base address.
 pub fn find_page(pid: i32) -> Option<u64> {
     let entries = maps::read_pid(pid).ok()?;
@@ -220,7 +237,7 @@ fn choose_hijacked_thread(
                 waited: timeout,
             });
         }
-        proc.resume_all()?;
+        resume_others(proc, None)?;
         proc.service(Duration::from_millis(1))?;
     }
 }
@@ -351,11 +368,7 @@ fn spawn(
     proc.write_memory(ctl, &[0u8; 16])
         .map_err(|error| RemoteCallError::Memory { addr: ctl, error })?;
     remote_call::ensure_scratch(proc, hijack)?;
-    for t in proc.threads() {
-        if t != hijack {
-            proc.resume_thread(t)?;
-        }
-    }
+    resume_others(proc, Some(hijack))?;
     let remaining = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(500));
@@ -377,8 +390,8 @@ fn spawn(
         let _ = proc.stop_all();
         return Err(e);
     }
-    // Let the new thread run to its park loop, servicing its first stop.
-    proc.resume_all()?;
+    // The new thread runs to its park loop (its first stop is serviced like any new
+    // thread's); the hijacked thread stays stopped, restored.
     let parked = loop {
         let mut st = [0u8; 12];
         proc.read_memory(ctl, &mut st)

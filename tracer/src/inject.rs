@@ -277,11 +277,7 @@ pub fn call_safely(
     let start = Instant::now();
     let tid = agent_thread::ensure(proc, fns, timeout)?;
     remote_call::ensure_scratch(proc, tid)?;
-    for t in proc.threads() {
-        if t != tid {
-            proc.resume_thread(t)?;
-        }
-    }
+    agent_thread::resume_others(proc, Some(tid))?;
     let remaining = timeout
         .saturating_sub(start.elapsed())
         .max(Duration::from_secs(1));
