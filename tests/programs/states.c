@@ -30,7 +30,6 @@ static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int never;
 static int pipe_fds[2];
 static char text[256];
-static void *volatile sink;
 
 __attribute__((noinline)) void work(void) {
     atomic_fetch_add_explicit(&calls, 1, memory_order_relaxed);
@@ -92,15 +91,16 @@ static void spinning(void) {
 
 static void in_malloc(void) {
     for (;;) {
-        sink = malloc(16 + (atomic_load(&calls) & 1023));
-        free(sink);
+        void *p = malloc(16 + (atomic_load(&calls) & 1023));
+        __asm__ volatile("" : : "r"(p) : "memory");
+        free(p);
     }
 }
 
 static void in_strlen(void) {
     for (;;) {
-        sink = (void *)strlen(text);
-        __asm__ volatile("" ::: "memory");
+        size_t n = strlen(text);
+        __asm__ volatile("" : : "r"(n) : "memory");
     }
 }
 

@@ -26,9 +26,15 @@
 //!    new thread's while everything runs.
 //! 4. Every later call (`dlopen`, `dlerror` on the same thread, `dlsym`, the agent's init,
 //!    prepare and IFUNC resolution) is made on that parked thread, with the other threads
-//!    running; restoring its registers restarts its `futex` wait. The thread and its page
-//!    stay after detach: the next attach finds them through `/proc/PID/maps` and the control
-//!    page, and makes a new parked thread only when the old one is gone (in a forked child).
+//!    running; restoring its registers restarts its `futex` wait.
+//! 5. When the tracer lets the program go ([`Process::resume_all`], detach) the thread is
+//!    dismissed: its state word is set to `DISMISSED`, and the restarted `futex` wait sees the
+//!    changed word and returns, the stub returns from the start routine, and the thread ends
+//!    like any detached thread of the program. So the program runs with exactly its own
+//!    threads (a program whose main thread calls `pthread_exit` still ends when its last
+//!    worker does; debuggers and `ps -L` see no extra thread), and each attach starts its own
+//!    agent thread. A thread left parked by a tracer that was killed is found again through
+//!    the page's control block and reused. The page stays (a few bytes, reused next time).
 //!
 //! Every wait is capped (about 5 s, as Frida); a failure before the thread exists leaves the
 //! target exactly as it was (park page unmapped, hijacked thread restored).
@@ -49,29 +55,40 @@ use crate::threads::{wait_tid, AttachError, Handled, Process};
 /// Name of the memfd holding the parked thread's code and control block.
 pub const PARK_NAME: &str = "tracer-park";
 const PAGE: u64 = 4096;
-/// The control block, at the start of the second page. Written by the thread: `state`
-/// (u32 at +0), `tid` (u32 at +8). `pthread_t` output of `pthread_create` at +64.
+/// The control page: at +0 the index of the current thread's slot (u32); from +64, slots
+/// of 64 bytes, one per thread started, used in turn so that a thread still on its way out
+/// never reads the next one's word: `state` (u32 at +0, `PARKED` written by the thread),
+/// `tid` (u32 at +8, written by the thread), `pthread_t` (u64 at +16, from `pthread_create`).
 const CTL: u64 = PAGE;
-const CTL_PTHREAD_OUT: u64 = 64;
+const SLOTS: u64 = 64;
+const SLOT_LEN: u64 = 64;
+const NSLOTS: u64 = 63;
+const SLOT_PTHREAD: u64 = 16;
 const STATE_PARKED: u32 = 1;
+/// Any value but `PARKED` makes the thread leave; this one says why.
+const STATE_DISMISSED: u32 = 2;
 /// Steps tried on one thread spinning inside libc before letting the process run again.
 const STEPS_PER_ROUND: usize = 400;
 /// A single step that takes longer than this entered a sleeping system call.
 const STEP_WAIT: Duration = Duration::from_millis(20);
 
-/// The thread's code. `rdi` = control block.
+/// The thread's code. `rdi` = its slot.
 ///
 /// ```text
+///     push rbx
 ///     mov rbx, rdi
 ///     mov eax, SYS_gettid ; syscall
 ///     mov [rbx+8], eax              ; tid
 ///     mov dword [rbx], 1            ; PARKED (stores are seen in program order)
 /// park:
 ///     mov rdi, rbx ; mov esi, FUTEX_WAIT_PRIVATE ; mov edx, 1 ; xor r10d, r10d
-///     mov eax, SYS_futex ; syscall
-///     jmp park
+///     mov eax, SYS_futex ; syscall  ; returns at once once the word is not PARKED
+///     cmp dword [rbx], 1
+///     je park
+///     xor eax, eax ; pop rbx ; ret  ; dismissed: end the thread
 /// ```
 const STUB: &[u8] = &[
+    0x53, // push rbx
     0x48, 0x89, 0xfb, // mov rbx, rdi
     0xb8, 0xba, 0x00, 0x00, 0x00, // mov eax, 186 (gettid)
     0x0f, 0x05, // syscall
@@ -83,7 +100,11 @@ const STUB: &[u8] = &[
     0x45, 0x31, 0xd2, // xor r10d, r10d
     0xb8, 0xca, 0x00, 0x00, 0x00, // mov eax, 202 (futex)
     0x0f, 0x05, // syscall
-    0xeb, 0xe7, // jmp park
+    0x83, 0x3b, 0x01, // cmp dword [rbx], 1
+    0x74, 0xe4, // je park
+    0x31, 0xc0, // xor eax, eax
+    0x5b, // pop rbx
+    0xc3, // ret
 ];
 
 /// Where a stopped thread is, as far as running `pthread_create` on it is concerned.
@@ -149,20 +170,51 @@ pub fn find_page(pid: i32) -> Option<u64> {
         .min()
 }
 
-/// The parked thread of the target, if it exists and is stopped in its park loop.
-pub fn parked_thread(proc: &Process) -> Option<i32> {
+/// Address of the current slot of the park page at `base`.
+fn current_slot(proc: &Process, base: u64) -> Option<u64> {
+    let mut i = [0u8; 4];
+    proc.read_memory(base + CTL, &mut i).ok()?;
+    let i = u32::from_le_bytes(i) as u64;
+    (i < NSLOTS).then_some(base + CTL + SLOTS + i * SLOT_LEN)
+}
+
+/// `state` and `tid` of the slot at `slot`.
+fn read_slot(proc: &Process, slot: u64) -> Result<(u32, i32), RemoteCallError> {
+    let mut b = [0u8; 12];
+    proc.read_memory(slot, &mut b)
+        .map_err(|error| RemoteCallError::Memory { addr: slot, error })?;
+    Ok((
+        u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")),
+        i32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
+    ))
+}
+
+/// The parked thread of the target, if it exists and is stopped in its park loop, with
+/// its slot.
+fn parked(proc: &Process) -> Option<(i32, u64)> {
     let base = find_page(proc.pid())?;
-    let mut ctl = [0u8; 12];
-    proc.read_memory(base + CTL, &mut ctl).ok()?;
-    let state = u32::from_le_bytes(ctl[0..4].try_into().expect("4 bytes"));
-    let tid = i32::from_le_bytes(ctl[8..12].try_into().expect("4 bytes"));
+    let slot = current_slot(proc, base)?;
+    let (state, tid) = read_slot(proc, slot).ok()?;
     if state != STATE_PARKED || !proc.threads().contains(&tid) || !proc.is_stopped(tid) {
         return None;
     }
     let rip = proc.regs(tid).ok()?.rip;
     (base..base + STUB.len() as u64)
         .contains(&rip)
-        .then_some(tid)
+        .then_some((tid, slot))
+}
+
+/// The parked thread of the target, if it exists and is stopped in its park loop.
+pub fn parked_thread(proc: &Process) -> Option<i32> {
+    parked(proc).map(|(tid, _)| tid)
+}
+
+/// Lets the parked thread end as soon as it runs again (see the module documentation).
+/// Best effort: a thread that cannot be told stays parked and is reused next time.
+pub fn dismiss(proc: &mut Process) {
+    if let Some((_, slot)) = parked(proc) {
+        let _ = proc.write_memory(slot, &STATE_DISMISSED.to_le_bytes());
+    }
 }
 
 /// The parked thread, made first if there is none. Needs every thread stopped; leaves every
@@ -354,8 +406,9 @@ fn create_page(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
     Ok(base)
 }
 
-/// Calls `pthread_create` on `hijack` with the other threads running, then waits (everything
-/// running) for the new thread to park, and stops every thread again.
+/// Calls `pthread_create` on `hijack` with the other threads running, waits for the new
+/// thread to park (the hijacked thread stays stopped), stops every thread again and
+/// detaches the new thread (so that it leaves nothing behind when it ends).
 fn spawn(
     proc: &mut Process,
     fns: &LibcFunctions,
@@ -364,9 +417,14 @@ fn spawn(
     deadline: Instant,
     timeout: Duration,
 ) -> Result<i32, InjectError> {
-    let ctl = base + CTL;
-    proc.write_memory(ctl, &[0u8; 16])
-        .map_err(|error| RemoteCallError::Memory { addr: ctl, error })?;
+    let next =
+        current_slot(proc, base).map_or(0, |s| (s - base - CTL - SLOTS) / SLOT_LEN + 1) % NSLOTS;
+    let slot = base + CTL + SLOTS + next * SLOT_LEN;
+    let mem = |addr| move |error| RemoteCallError::Memory { addr, error };
+    proc.write_memory(slot, &[0u8; SLOT_LEN as usize])
+        .map_err(mem(slot))?;
+    proc.write_memory(base + CTL, &(next as u32).to_le_bytes())
+        .map_err(mem(base + CTL))?;
     remote_call::ensure_scratch(proc, hijack)?;
     resume_others(proc, Some(hijack))?;
     let remaining = deadline
@@ -376,7 +434,7 @@ fn spawn(
         proc,
         hijack,
         fns.pthread_create,
-        &[ctl + CTL_PTHREAD_OUT, 0, base, ctl],
+        &[slot + SLOT_PTHREAD, 0, base, slot],
         remaining,
     );
     let created = match rc {
@@ -390,14 +448,10 @@ fn spawn(
         let _ = proc.stop_all();
         return Err(e);
     }
-    // The new thread runs to its park loop (its first stop is serviced like any new
-    // thread's); the hijacked thread stays stopped, restored.
-    let parked = loop {
-        let mut st = [0u8; 12];
-        proc.read_memory(ctl, &mut st)
-            .map_err(|error| RemoteCallError::Memory { addr: ctl, error })?;
-        let state = u32::from_le_bytes(st[0..4].try_into().expect("4 bytes"));
-        let tid = i32::from_le_bytes(st[8..12].try_into().expect("4 bytes"));
+    // The new thread runs to its park loop; its first stop is serviced like any new
+    // thread's.
+    let parked_tid = loop {
+        let (state, tid) = read_slot(proc, slot)?;
         if state == STATE_PARKED && proc.threads().contains(&tid) {
             break Some(tid);
         }
@@ -413,11 +467,30 @@ fn spawn(
         }
     };
     proc.stop_all()?;
-    match parked {
-        Some(tid) if parked_thread(proc) == Some(tid) => Ok(tid),
-        _ => Err(InjectError::ThreadNotParked {
-            pid: proc.pid(),
-            waited: timeout,
-        }),
+    let tid = match parked_tid {
+        Some(tid) if parked_thread(proc) == Some(tid) => tid,
+        _ => {
+            return Err(InjectError::ThreadNotParked {
+                pid: proc.pid(),
+                waited: timeout,
+            })
+        }
+    };
+    let mut pthread = [0u8; 8];
+    proc.read_memory(slot + SLOT_PTHREAD, &mut pthread)
+        .map_err(mem(slot + SLOT_PTHREAD))?;
+    // pthread_detach takes no lock: the other threads may stay stopped.
+    let rc = remote_call::call(
+        proc,
+        tid,
+        fns.pthread_detach,
+        &[u64::from_le_bytes(pthread)],
+        remaining,
+    )?;
+    if rc != 0 {
+        return Err(InjectError::ThreadCreate {
+            errno: Errno::from_raw(rc as i32),
+        });
     }
+    Ok(tid)
 }

@@ -140,8 +140,9 @@ pub struct LibcFunctions {
     pub dlerror: Option<u64>,
     /// Extra mode bits for `dlopen` (`__RTLD_DLOPEN` for `__libc_dlopen_mode`).
     pub mode_extra: u64,
-    /// Starts the agent's thread.
+    /// Start the agent's thread, and let it end without a join.
     pub pthread_create: u64,
+    pub pthread_detach: u64,
     /// Where libc and ld.so code lies: threads stopped there may hold their locks.
     pub unsafe_ranges: Vec<(u64, u64)>,
 }
@@ -222,6 +223,7 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
         "__libc_dlopen_mode",
         "__libc_dlsym",
         "pthread_create",
+        "pthread_detach",
     ];
     let found = exported(pid, &entries, &libc_path, &names)?;
     let (dlopen, dlsym, dlerror, mode_extra) = match (found[0], found[1]) {
@@ -236,22 +238,27 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
             }
         },
     };
-    // glibc before 2.34 keeps pthread_create in libpthread.
-    let pthread_create = match found[5] {
-        Some(a) => a,
-        None => {
+    // glibc before 2.34 keeps the pthread functions in libpthread.
+    let (pthread_create, pthread_detach) = match (found[5], found[6]) {
+        (Some(c), Some(d)) => (c, d),
+        _ => {
             let libpthread = entries
                 .iter()
                 .find(|e| file_name(&e.path).starts_with("libpthread"))
                 .map(|e| e.path.clone());
-            let a = match libpthread {
-                Some(p) => exported(pid, &entries, &p, &["pthread_create"])?[0],
-                None => None,
+            let found = match libpthread {
+                Some(p) => exported(pid, &entries, &p, &["pthread_create", "pthread_detach"])?,
+                None => vec![None, None],
             };
-            a.ok_or_else(|| InjectError::NoDlopen {
-                pid,
-                libc: format!("{libc_path}, without pthread_create"),
-            })?
+            match (found[0], found[1]) {
+                (Some(c), Some(d)) => (c, d),
+                _ => {
+                    return Err(InjectError::NoDlopen {
+                        pid,
+                        libc: format!("{libc_path}, without pthread_create"),
+                    })
+                }
+            }
         }
     };
     Ok(LibcFunctions {
@@ -260,6 +267,7 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
         dlerror,
         mode_extra,
         pthread_create,
+        pthread_detach,
         unsafe_ranges,
     })
 }

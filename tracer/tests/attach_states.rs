@@ -5,7 +5,7 @@
 //! probed function a number of times it counts itself, and the probe's hits must equal it.
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -90,9 +90,19 @@ fn done(t: &mut Target) -> u64 {
         .expect("count")
 }
 
+/// Waits until `pid` has exactly `n` threads (the agent's thread ends once let go).
+fn assert_threads(pid: i32, n: usize, what: &str) {
+    let ok = wait_until(Duration::from_secs(10), || threads_of(pid).len() == n);
+    assert!(
+        ok,
+        "{what}: {} threads, expected {n}",
+        threads_of(pid).len()
+    );
+}
+
 /// One round: a fresh program in `mode`; once every thread is in its state, attach, make
 /// the program call `work` CALLS times, detach; hits equal its count. Afterwards the
-/// program still answers, with exactly one thread more (the agent's, parked), and no
+/// program still answers, with exactly its own threads (the agent's has ended), and no
 /// tracer attached.
 fn round(exe: &Path, dir: &Path, mode: &str, blocked: bool, r: usize) {
     let mut t = Target::spawn(exe, &[mode]);
@@ -119,12 +129,8 @@ fn round(exe: &Path, dir: &Path, mode: &str, blocked: bool, r: usize) {
     assert_eq!(counted, CALLS, "{mode} round {r}: the program's own count");
     assert_eq!(hits, counted, "{mode} round {r}: hits while attached");
     assert_eq!(tracer_pid(pid), 0, "{mode}: detached");
-    let after = threads_of(pid);
-    assert_eq!(after.len(), n + 1, "{mode}: one parked agent thread added");
-    assert!(
-        before.iter().all(|t| after.contains(t)),
-        "{mode}: no thread lost"
-    );
+    assert_threads(pid, n, mode);
+    assert_eq!(threads_of(pid), before, "{mode}: the program's own threads");
     // Unprobed again, and healthy.
     usr2(pid);
     assert_eq!(done(&mut t), 2 * CALLS, "{mode}: runs on after detach");
@@ -173,9 +179,9 @@ fn attach_when_threads_do_all_of_these_at_once() {
     check_state("mixed", false);
 }
 
-/// A second attach finds the parked thread of the first and starts no other.
+/// Attach after attach: each starts an agent thread of its own, which ends at detach.
 #[test]
-fn reattach_reuses_the_parked_thread() {
+fn attach_after_attach_leaves_only_the_programs_threads() {
     let dir = temp_dir("reattach");
     let exe = cc(&dir, "states", STATES_C, &["-pthread"]);
     let mut t = Target::spawn(&exe, &["join"]);
@@ -188,13 +194,13 @@ fn reattach_reuses_the_parked_thread() {
         usr2(pid);
         total += CALLS;
         assert_eq!(done(&mut t), total);
-        stop_attach(child, err, &json);
-        assert_eq!(threads_of(pid).len(), n + 1, "round {r}: one agent thread");
+        assert_eq!(stop_attach(child, err, &json), CALLS);
+        assert_threads(pid, n, "after detach");
     }
 }
 
-/// A child forked after the agent was loaded has the agent and the park page but not the
-/// parked thread (fork copies only the calling thread): attaching to it starts a new one.
+/// A child forked after the agent was loaded has the agent and the park page: attaching to
+/// it works the same.
 #[test]
 fn attach_to_a_forked_child_of_an_attached_program() {
     let dir = temp_dir("fork");
@@ -207,7 +213,7 @@ fn attach_to_a_forked_child_of_an_attached_program() {
     usr2(pid);
     assert_eq!(done(&mut t), CALLS);
     assert_eq!(stop_attach(child, err, &json), CALLS);
-    assert_eq!(threads_of(pid).len(), n + 1);
+    assert_threads(pid, n, "parent after detach");
 
     // SAFETY: kill with the pid of our own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
@@ -235,9 +241,61 @@ fn attach_to_a_forked_child_of_an_attached_program() {
         "the child counts on from the parent's count"
     );
     assert_eq!(stop_attach(child, err, &json), CALLS);
-    assert_eq!(
-        threads_of(kid).len(),
-        2,
-        "the child got its own parked thread"
+    assert_threads(kid, 1, "child after detach");
+}
+
+/// A program whose main thread calls pthread_exit ends when its last worker returns. After
+/// an attach and detach it still does: tracer leaves no thread of its own behind.
+#[test]
+fn a_program_whose_main_thread_exits_first_still_ends_after_attach() {
+    let dir = temp_dir("pthread-exit");
+    let exe = cc(
+        &dir,
+        "mainexit",
+        r#"
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <unistd.h>
+static atomic_int main_gone, calls;
+__attribute__((noinline)) void work(void) { atomic_fetch_add(&calls, 1); }
+static void *worker(void *a) {
+    (void)a;
+    while (!atomic_load(&main_gone)) usleep(1000);
+    usleep(20000);
+    printf("main gone\n"); fflush(stdout);
+    char c;
+    while (read(0, &c, 1) == 1 && c != 'q') work();
+    printf("bye\n"); fflush(stdout);
+    return 0;
+}
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, 0, worker, 0);
+    printf("ready\n"); fflush(stdout);
+    char c;
+    while (read(0, &c, 1) == 1 && c != 'm') {}
+    atomic_store(&main_gone, 1);
+    pthread_exit(0);
+}
+"#,
+        &["-pthread"],
     );
+    let mut t = Target::spawn(&exe, &[]);
+    assert_eq!(t.line(), "ready");
+    let pid = t.pid();
+    let json = dir.join("mainexit.json");
+    let (child, err) = start_attach(pid, &json);
+    stop_attach(child, err, &json);
+    let mut stdin = t.stdin.take().unwrap();
+    stdin.write_all(b"m").unwrap();
+    stdin.flush().unwrap();
+    assert_eq!(t.line(), "main gone");
+    stdin.write_all(b"q").unwrap();
+    stdin.flush().unwrap();
+    assert_eq!(t.line(), "bye");
+    let ended = wait_until(Duration::from_secs(10), || {
+        t.child.try_wait().is_ok_and(|s| s.is_some())
+    });
+    assert!(ended, "the process did not end with its last thread");
 }
