@@ -5,7 +5,9 @@
  *   spin     every thread spinning in its own code
  *   malloc   every thread calling malloc/free nonstop
  *   strlen   every thread calling strlen nonstop
+ *   longstr  every thread calling strlen nonstop on a 1 MiB string (almost always inside)
  *   mixed    one thread in each of the above, plus epoll_wait and nanosleep
+ *   idle     only the main thread, in a loop of malloc, free, usleep(100)
  * SIGUSR2 makes the receiving thread call work() CALLS times and print
  * "done <total calls of work so far>", so the program counts its own calls.
  * SIGHUP forks: the child prints "forked <pid>" and waits for signals. */
@@ -104,10 +106,28 @@ static void in_strlen(void) {
     }
 }
 
+static char *long_text;
+
+static void in_long_strlen(void) {
+    for (;;) {
+        size_t n = strlen(long_text);
+        __asm__ volatile("" : : "r"(n) : "memory");
+    }
+}
+
 static void in_epoll(void) {
     int ep = epoll_create1(0);
     struct epoll_event ev;
     for (;;) epoll_wait(ep, &ev, 1, -1);
+}
+
+static void idle_loop(void) {
+    for (;;) {
+        void *p = malloc(32);
+        __asm__ volatile("" : : "r"(p) : "memory");
+        free(p);
+        usleep(100);
+    }
 }
 
 static void in_nanosleep(void) {
@@ -128,6 +148,7 @@ static void (*state_of(const char *mode))(void) {
     if (!strcmp(mode, "spin")) return spinning;
     if (!strcmp(mode, "malloc")) return in_malloc;
     if (!strcmp(mode, "strlen")) return in_strlen;
+    if (!strcmp(mode, "longstr")) return in_long_strlen;
     return 0;
 }
 
@@ -141,6 +162,9 @@ static void *worker(void *arg) {
 int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "join";
     memset(text, 'x', sizeof text - 1);
+    long_text = malloc((1 << 20) + 1);
+    memset(long_text, 'x', 1 << 20);
+    long_text[1 << 20] = 0;
     if (pipe(pipe_fds)) return 2;
     sigset_t usr1;
     sigemptyset(&usr1);
@@ -154,6 +178,11 @@ int main(int argc, char **argv) {
     sa.sa_handler = on_hup;
     sigaction(SIGHUP, &sa, 0);
 
+    if (!strcmp(mode, "idle")) {
+        printf("ready 1\n");
+        fflush(stdout);
+        idle_loop();
+    }
     int mix = !strcmp(mode, "mixed");
     void (*f)(void) = state_of(mode);
     if (!mix && !f) { fprintf(stderr, "unknown mode %s\n", mode); return 2; }

@@ -14,16 +14,21 @@
 //!    it is chosen in this order: a thread created under our trace that has not run yet; a
 //!    thread whose `rip` is outside libc and ld.so; a thread interrupted while asleep in any
 //!    system call (rax is `-ERESTART*`: a lock waiter holds nothing, and glibc never sleeps
-//!    in the kernel while holding a malloc or loader lock). If every thread spins inside libc,
-//!    threads are single-stepped (a bounded number of steps, each bounded in time: a step
-//!    into a sleeping syscall is interrupted and then counts as asleep) until one leaves it or
-//!    sleeps; failing that the process runs a millisecond and we look again. Every other
-//!    thread runs during the call, so a lock held elsewhere only delays it.
+//!    in the kernel while holding a malloc or loader lock). If every thread runs inside libc,
+//!    each in turn runs alone back to its innermost caller outside libc (a return address
+//!    on its stack, after a `call`, with a breakpoint there; 50 ms at most, after which a
+//!    thread asleep in a lock wait also qualifies), then, if none got out, is single-stepped
+//!    a bounded number of steps (a step into a sleeping system call is interrupted and then
+//!    counts as asleep); failing that the process runs a millisecond and we look again.
+//!    Every other thread runs during the `pthread_create` call, so a lock held elsewhere
+//!    only delays it (except a launched program's main thread still at its entry point: it
+//!    holds nothing and must not start before the probes are live).
 //! 3. The new thread starts in the stub, publishes its tid and `PARKED` in the control page,
 //!    then loops on a raw `futex` wait: its `rip` is in our page, it has called nothing and
 //!    holds no lock, and its signals are all blocked (it inherits the mask of the remote call).
 //!    It was created under trace (`PTRACE_O_TRACECLONE`): its first stop is serviced like any
-//!    new thread's while everything runs.
+//!    new thread's; then it is detached (`pthread_detach`, so that it leaves nothing when it
+//!    ends).
 //! 4. Every later call (`dlopen`, `dlerror` on the same thread, `dlsym`, the agent's init,
 //!    prepare and IFUNC resolution) is made on that parked thread, with the other threads
 //!    running; restoring its registers restarts its `futex` wait.
@@ -69,6 +74,8 @@ const STATE_PARKED: u32 = 1;
 const STATE_DISMISSED: u32 = 2;
 /// Steps tried on one thread spinning inside libc before letting the process run again.
 const STEPS_PER_ROUND: usize = 400;
+/// How long a thread may run alone back to its caller outside libc.
+const RUN_TO_CALLER_WAIT: Duration = Duration::from_millis(50);
 /// A single step that takes longer than this entered a sleeping system call.
 const STEP_WAIT: Duration = Duration::from_millis(20);
 
@@ -277,7 +284,29 @@ fn choose_hijacked_thread(
             }
             _ => {}
         }
-        // Everything spins inside libc: walk threads out of it, one step at a time.
+        // Everything runs inside libc. Let each thread alone run back to its caller
+        // outside libc (a lock it waits for sends it to sleep: also fine); failing that,
+        // walk it out one step at a time.
+        let exec: Vec<(u64, u64)> = maps::read_pid(proc.pid())
+            .map_err(|error| InjectError::Maps {
+                pid: proc.pid(),
+                error,
+            })?
+            .iter()
+            .filter(|m| m.perms.exec)
+            .map(|m| (m.start, m.end))
+            .collect();
+        for tid in proc.threads() {
+            if !proc.threads().contains(&tid) {
+                continue;
+            }
+            run_to_caller(proc, tid, unsafe_ranges, &exec, RUN_TO_CALLER_WAIT)?;
+            if proc.threads().contains(&tid)
+                && classify(proc, tid, unsafe_ranges)? != Place::InsideLibc
+            {
+                return Ok(tid);
+            }
+        }
         for tid in proc.threads() {
             if let Some(tid) = step_out_of_libc(proc, tid, unsafe_ranges, deadline)? {
                 return Ok(tid);
@@ -319,8 +348,24 @@ fn step_out_of_libc(
 /// interrupted (the thread is then asleep there). A signal that arrives is kept pending.
 /// Ok(false) when the thread is gone.
 fn step_once(proc: &mut Process, tid: i32) -> Result<bool, InjectError> {
+    ptrace::step(Pid::from_raw(tid), None).map_err(|errno| AttachError::Ptrace {
+        tid,
+        op: "PTRACE_SINGLESTEP",
+        errno,
+    })?;
+    Ok(run_bounded(proc, tid, STEP_WAIT)?.is_some())
+}
+
+/// After `tid` was set running: waits for its next stop, for at most `limit`, then
+/// interrupts it (a thread asleep in a system call stays so: see [`classify`]). A SIGTRAP
+/// (our step or breakpoint) is not kept for delivery; any other signal is. Returns the
+/// stop, or None when the thread is gone.
+fn run_bounded(
+    proc: &mut Process,
+    tid: i32,
+    limit: Duration,
+) -> Result<Option<WaitStatus>, InjectError> {
     let pe = |op| move |errno| AttachError::Ptrace { tid, op, errno };
-    ptrace::step(Pid::from_raw(tid), None).map_err(pe("PTRACE_SINGLESTEP"))?;
     if let Some(t) = proc.threads.get_mut(&tid) {
         t.stop = None;
     }
@@ -329,22 +374,21 @@ fn step_once(proc: &mut Process, tid: i32) -> Result<bool, InjectError> {
         let limit = if interrupted {
             crate::threads::STOP_TIMEOUT
         } else {
-            STEP_WAIT
+            limit
         };
         match wait_tid(tid, Some(Instant::now() + limit)) {
             Ok(Some(st)) => {
                 if proc.handle(tid, st)? == Handled::Gone {
-                    return Ok(false);
+                    return Ok(None);
                 }
-                // The step's trap is ours; any other signal stays pending. After an
-                // interrupt, whichever stop comes first will do: a late interrupt trap is
-                // taken as a spurious stop by whoever resumes the thread next.
+                // After an interrupt, whichever stop comes first will do: a late interrupt
+                // trap is taken as a spurious stop by whoever resumes the thread next.
                 if matches!(st, WaitStatus::Stopped(_, Signal::SIGTRAP)) {
                     if let Some(t) = proc.threads.get_mut(&tid) {
                         t.pending = None;
                     }
                 }
-                return Ok(true);
+                return Ok(Some(st));
             }
             Ok(None) if !interrupted => {
                 ptrace::interrupt(Pid::from_raw(tid)).map_err(pe("PTRACE_INTERRUPT"))?;
@@ -354,15 +398,96 @@ fn step_once(proc: &mut Process, tid: i32) -> Result<bool, InjectError> {
                 return Err(AttachError::Timeout {
                     pid: proc.pid(),
                     tid,
-                    what: "stop after a single step",
+                    what: "stop after running alone",
                     state: crate::threads::describe_thread(proc.pid(), tid),
                 }
                 .into())
             }
-            Err(Errno::ECHILD) => return Ok(false),
+            Err(Errno::ECHILD) => return Ok(None),
             Err(e) => return Err(pe("waitpid")(e).into()),
         }
     }
+}
+
+/// Whether the bytes just before `ret` end with a `call` instruction (`e8 rel32`, or `ff /2`
+/// with a register, `[reg]`, `[reg+disp]`, `[rip+disp32]` or SIB operand).
+fn follows_call(proc: &Process, ret: u64) -> bool {
+    let mut b = [0u8; 7];
+    if proc.read_memory(ret.wrapping_sub(7), &mut b).is_err() {
+        return false;
+    }
+    let at = |n: usize| b[7 - n];
+    let ff2 = |n: usize, pred: &dyn Fn(u8) -> bool| at(n) == 0xff && pred(at(n - 1));
+    at(5) == 0xe8
+        || ff2(2, &|m| {
+            m & 0xf8 == 0xd0 || (m & 0xf8 == 0x10 && m & 7 != 4 && m & 7 != 5)
+        })
+        || ff2(3, &|m| m & 0xf8 == 0x50 && m & 7 != 4 || m == 0x14)
+        || ff2(4, &|m| m == 0x54)
+        || ff2(6, &|m| m == 0x15 || (m & 0xf8 == 0x90 && m & 7 != 4))
+        || ff2(7, &|m| m == 0x94)
+}
+
+/// The innermost return address on `tid`'s stack that lies in executable code outside libc
+/// and ld.so right after a call: where the thread goes back to code that holds no libc lock.
+fn caller_outside_libc(
+    proc: &Process,
+    tid: i32,
+    unsafe_ranges: &[(u64, u64)],
+    exec: &[(u64, u64)],
+) -> Option<u64> {
+    let rsp = proc.regs(tid).ok()?.rsp;
+    let mut stack = vec![0u8; 4096];
+    // A short read at the top of the stack mapping still gives a prefix worth scanning.
+    let n = (1..=8)
+        .rev()
+        .map(|k| k * 512)
+        .find(|&len| proc.read_memory(rsp, &mut stack[..len]).is_ok())?;
+    stack[..n]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .find(|&w| {
+            exec.iter().any(|&(s, e)| (s..e).contains(&w))
+                && !unsafe_ranges.iter().any(|&(s, e)| (s..e).contains(&w))
+                && follows_call(proc, w)
+        })
+}
+
+/// Runs `tid` alone (the others stay stopped) until it returns to its innermost caller
+/// outside libc, with a breakpoint there, for at most `limit`. Afterwards the thread is
+/// stopped, the breakpoint removed, and `rip` back on the instruction it trapped on.
+fn run_to_caller(
+    proc: &mut Process,
+    tid: i32,
+    unsafe_ranges: &[(u64, u64)],
+    exec: &[(u64, u64)],
+    limit: Duration,
+) -> Result<(), InjectError> {
+    let Some(ret) = caller_outside_libc(proc, tid, unsafe_ranges, exec) else {
+        return Ok(());
+    };
+    let mem = |addr| move |error| RemoteCallError::Memory { addr, error };
+    let mut orig = [0u8; 1];
+    proc.read_memory(ret, &mut orig).map_err(mem(ret))?;
+    proc.write_memory(ret, &[0xcc]).map_err(mem(ret))?;
+    let ran = ptrace::cont(Pid::from_raw(tid), None)
+        .map_err(|errno| AttachError::Ptrace {
+            tid,
+            op: "PTRACE_CONT",
+            errno,
+        })
+        .map_err(InjectError::from)
+        .and_then(|()| run_bounded(proc, tid, limit));
+    // Every other thread is stopped: none can have run into the breakpoint.
+    proc.write_memory(ret, &orig).map_err(mem(ret))?;
+    if let Some(WaitStatus::Stopped(_, Signal::SIGTRAP)) = ran? {
+        let mut r = proc.regs(tid)?;
+        if r.rip == ret + 1 {
+            r.rip = ret;
+            proc.set_regs(tid, &r)?;
+        }
+    }
+    Ok(())
 }
 
 /// Maps the park page (raw system calls on `tid`) and writes the stub into it.

@@ -174,6 +174,13 @@ fn attach_when_every_thread_spins_in_strlen() {
     check_state("strlen", false);
 }
 
+/// Each strlen call takes about a million instructions: a thread stopped at random is
+/// almost always inside libc, and single steps would take minutes to leave.
+#[test]
+fn attach_when_every_thread_is_inside_one_long_strlen() {
+    check_state("longstr", false);
+}
+
 #[test]
 fn attach_when_threads_do_all_of_these_at_once() {
     check_state("mixed", false);
