@@ -16,7 +16,7 @@
 //!    system call (rax is `-ERESTART*`: a lock waiter holds nothing, and glibc never sleeps
 //!    in the kernel while holding a malloc or loader lock). If every thread runs inside libc,
 //!    each in turn runs alone back to its innermost caller outside libc (a return address
-//!    on its stack, after a `call`, with a breakpoint there; 50 ms at most, after which a
+//!    on its stack, after a `call`, with a hardware breakpoint there; 50 ms at most, after which a
 //!    thread asleep in a lock wait also qualifies), then, if none got out, is single-stepped
 //!    a bounded number of steps (a step into a sleeping system call is interrupted and then
 //!    counts as asleep); failing that the process runs a millisecond and we look again.
@@ -453,9 +453,27 @@ fn caller_outside_libc(
         })
 }
 
+/// Offset of `u_debugreg` in `struct user` (x86-64), for `PTRACE_POKEUSER`.
+const DEBUGREG: usize = 848;
+
+fn set_debugreg(tid: i32, n: usize, value: u64) -> Result<(), AttachError> {
+    // SAFETY: PTRACE_POKEUSER of a debug register of a stopped tracee; no pointers.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_POKEUSER, tid, DEBUGREG + 8 * n, value as usize) };
+    if rc == -1 {
+        return Err(AttachError::Ptrace {
+            tid,
+            op: "PTRACE_POKEUSER(debug register)",
+            errno: Errno::last(),
+        });
+    }
+    Ok(())
+}
+
 /// Runs `tid` alone (the others stay stopped) until it returns to its innermost caller
-/// outside libc, with a breakpoint there, for at most `limit`. Afterwards the thread is
-/// stopped, the breakpoint removed, and `rip` back on the instruction it trapped on.
+/// outside libc, for at most `limit`. The stop there is a hardware execution breakpoint
+/// (DR0, enabled in DR7) rather than an `int3` in memory: it belongs to this thread only,
+/// so a `fork` made meanwhile leaves no trap behind in the child. Afterwards the thread
+/// is stopped and the breakpoint cleared.
 fn run_to_caller(
     proc: &mut Process,
     tid: i32,
@@ -466,27 +484,23 @@ fn run_to_caller(
     let Some(ret) = caller_outside_libc(proc, tid, unsafe_ranges, exec) else {
         return Ok(());
     };
-    let mem = |addr| move |error| RemoteCallError::Memory { addr, error };
-    let mut orig = [0u8; 1];
-    proc.read_memory(ret, &mut orig).map_err(mem(ret))?;
-    proc.write_memory(ret, &[0xcc]).map_err(mem(ret))?;
-    let ran = ptrace::cont(Pid::from_raw(tid), None)
-        .map_err(|errno| AttachError::Ptrace {
-            tid,
-            op: "PTRACE_CONT",
-            errno,
+    set_debugreg(tid, 0, ret)?;
+    // DR7: L0 (local enable of DR0); R/W0 = 00 and LEN0 = 00: instruction execution.
+    let ran = set_debugreg(tid, 7, 1)
+        .and_then(|()| {
+            ptrace::cont(Pid::from_raw(tid), None).map_err(|errno| AttachError::Ptrace {
+                tid,
+                op: "PTRACE_CONT",
+                errno,
+            })
         })
         .map_err(InjectError::from)
         .and_then(|()| run_bounded(proc, tid, limit));
-    // Every other thread is stopped: none can have run into the breakpoint.
-    proc.write_memory(ret, &orig).map_err(mem(ret))?;
-    if let Some(WaitStatus::Stopped(_, Signal::SIGTRAP)) = ran? {
-        let mut r = proc.regs(tid)?;
-        if r.rip == ret + 1 {
-            r.rip = ret;
-            proc.set_regs(tid, &r)?;
-        }
+    if proc.threads().contains(&tid) {
+        set_debugreg(tid, 7, 0)?;
+        set_debugreg(tid, 0, 0)?;
     }
+    ran?;
     Ok(())
 }
 
