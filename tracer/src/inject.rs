@@ -324,7 +324,8 @@ pub fn inject_named(
     inject_with_timeout(proc, library, name, DLOPEN_TIMEOUT)
 }
 
-/// [`inject_named`] giving up after `timeout` when no thread is safe for `dlopen`.
+/// [`inject_named`] giving up after `timeout` when the agent's thread cannot be started
+/// (see [`crate::agent_thread`]) or `dlopen` does not return.
 pub fn inject_with_timeout(
     proc: &mut Process,
     library: &[u8],
