@@ -104,6 +104,7 @@ state_row "spinning in its own code" spin
 state_row "spinning in malloc/free" malloc
 state_row "spinning in strlen" strlen
 state_row "inside strlen of a 1 MiB string" longstr
+state_row "inside a dl_iterate_phdr callback (holding the loader lock)" dliter
 state_row "mixed (condvar, read, malloc, strlen, spin, epoll_wait, nanosleep, sigtimedwait)" mixed
 
 echo

@@ -8,6 +8,8 @@
  *   longstr  every thread calling strlen nonstop on a 1 MiB string (almost always inside)
  *   mixed    one thread in each of the above, plus epoll_wait and nanosleep
  *   idle     only the main thread, in a loop of malloc, free, usleep(100)
+ *   dliter   every thread in dl_iterate_phdr, whose callback (holding the loader's lock
+ *            that dlopen needs) spins a while
  * SIGUSR2 makes the receiving thread call work() CALLS times and print
  * "done <total calls of work so far>", so the program counts its own calls.
  * SIGHUP forks: the child prints "forked <pid>" and waits for signals. */
@@ -18,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <link.h>
 #include <sys/epoll.h>
 #include <time.h>
 #include <unistd.h>
@@ -115,6 +118,16 @@ static void in_long_strlen(void) {
     }
 }
 
+static int slow_callback(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)info; (void)size; (void)data;
+    for (volatile int i = 0; i < 20000; i++) {}
+    return 0;
+}
+
+static void in_dl_iterate(void) {
+    for (;;) dl_iterate_phdr(slow_callback, 0);
+}
+
 static void in_epoll(void) {
     int ep = epoll_create1(0);
     struct epoll_event ev;
@@ -149,6 +162,7 @@ static void (*state_of(const char *mode))(void) {
     if (!strcmp(mode, "malloc")) return in_malloc;
     if (!strcmp(mode, "strlen")) return in_strlen;
     if (!strcmp(mode, "longstr")) return in_long_strlen;
+    if (!strcmp(mode, "dliter")) return in_dl_iterate;
     return 0;
 }
 

@@ -20,9 +20,10 @@
 //!    thread asleep in a lock wait also qualifies), then, if none got out, is single-stepped
 //!    a bounded number of steps (a step into a sleeping system call is interrupted and then
 //!    counts as asleep); failing that the process runs a millisecond and we look again.
-//!    Every other thread runs during the `pthread_create` call, so a lock held elsewhere
-//!    only delays it (except a launched program's main thread still at its entry point: it
-//!    holds nothing and must not start before the probes are live).
+//!    The other threads stay stopped during the `pthread_create` call (the call then has
+//!    the CPUs to itself) unless it takes longer than 20 ms: then they run, so that a lock
+//!    held by one of them only delays it (except a launched program's main thread still at
+//!    its entry point: it holds nothing and must not start before the probes are live).
 //! 3. The new thread starts in the stub, publishes its tid and `PARKED` in the control page,
 //!    then loops on a raw `futex` wait: its `rip` is in our page, it has called nothing and
 //!    holds no lock, and its signals are all blocked (it inherits the mask of the remote call).
@@ -30,8 +31,9 @@
 //!    new thread's; then it is detached (`pthread_detach`, so that it leaves nothing when it
 //!    ends).
 //! 4. Every later call (`dlopen`, `dlerror` on the same thread, `dlsym`, the agent's init,
-//!    prepare and IFUNC resolution) is made on that parked thread, with the other threads
-//!    running; restoring its registers restarts its `futex` wait.
+//!    prepare and IFUNC resolution) is made on that parked thread, the other threads
+//!    released after 20 ms in the same way; restoring its registers restarts its `futex`
+//!    wait.
 //! 5. When the tracer lets the program go ([`Process::resume_all`], detach) the thread is
 //!    dismissed: its state word is set to `DISMISSED`, and the restarted `futex` wait sees the
 //!    changed word and returns, the stub returns from the start routine, and the thread ends
@@ -74,6 +76,10 @@ const STATE_PARKED: u32 = 1;
 const STATE_DISMISSED: u32 = 2;
 /// Steps tried on one thread spinning inside libc before letting the process run again.
 const STEPS_PER_ROUND: usize = 400;
+/// A call on a thread of ours (`pthread_create`, `dlopen`, the agent's) runs with the other
+/// threads stopped, so that it has the CPUs to itself; after this long it may be waiting for
+/// a lock one of them holds, and they are resumed.
+pub const RELEASE_OTHERS_AFTER: Duration = Duration::from_millis(20);
 /// How long a thread may run alone back to its caller outside libc.
 const RUN_TO_CALLER_WAIT: Duration = Duration::from_millis(50);
 /// A single step that takes longer than this entered a sleeping system call.
@@ -565,16 +571,20 @@ fn spawn(
     proc.write_memory(base + CTL, &(next as u32).to_le_bytes())
         .map_err(mem(base + CTL))?;
     remote_call::ensure_scratch(proc, hijack)?;
-    resume_others(proc, Some(hijack))?;
     let remaining = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(500));
-    let rc = remote_call::call(
+    let opts = remote_call::CallOptions {
+        timeout: remaining,
+        block_signals: true,
+        release_others_after: Some(RELEASE_OTHERS_AFTER),
+    };
+    let rc = remote_call::call_with(
         proc,
         hijack,
         fns.pthread_create,
         &[slot + SLOT_PTHREAD, 0, base, slot],
-        remaining,
+        opts,
     );
     let created = match rc {
         Ok(0) => Ok(()),
@@ -587,8 +597,8 @@ fn spawn(
         let _ = proc.stop_all();
         return Err(e);
     }
-    // The new thread runs to its park loop; its first stop is serviced like any new
-    // thread's.
+    // The new thread runs to its park loop (it takes no lock on the way); its first stop is
+    // serviced like any new thread's.
     let parked_tid = loop {
         let (state, tid) = read_slot(proc, slot)?;
         if state == STATE_PARKED && proc.threads().contains(&tid) {

@@ -273,7 +273,9 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
 }
 
 /// Calls `function(args)` on the agent's parked thread (made first if needed, see
-/// [`crate::agent_thread`]) while the other threads run, then stops everything again.
+/// [`crate::agent_thread`]); the other threads run too if the call takes longer than
+/// [`agent_thread::RELEASE_OTHERS_AFTER`] (a lock one of them holds); then every thread is
+/// stopped again.
 /// `timeout` caps the whole: starting the thread and the call.
 pub fn call_safely(
     proc: &mut Process,
@@ -285,11 +287,15 @@ pub fn call_safely(
     let start = Instant::now();
     let tid = agent_thread::ensure(proc, fns, timeout)?;
     remote_call::ensure_scratch(proc, tid)?;
-    agent_thread::resume_others(proc, Some(tid))?;
     let remaining = timeout
         .saturating_sub(start.elapsed())
         .max(Duration::from_secs(1));
-    let r = remote_call::call(proc, tid, function, args, remaining);
+    let opts = remote_call::CallOptions {
+        timeout: remaining,
+        block_signals: true,
+        release_others_after: Some(agent_thread::RELEASE_OTHERS_AFTER),
+    };
+    let r = remote_call::call_with(proc, tid, function, args, opts);
     let stopped = proc.stop_all();
     let v = r?;
     stopped?;

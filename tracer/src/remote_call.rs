@@ -288,6 +288,10 @@ pub struct CallOptions {
     pub timeout: Duration,
     /// Block every signal in the thread during the call (they are delivered afterwards).
     pub block_signals: bool,
+    /// If the call has not returned after this long, resume the other stopped threads (a
+    /// lock one of them holds may be what it waits for); see
+    /// [`crate::agent_thread::resume_others`].
+    pub release_others_after: Option<Duration>,
 }
 
 impl Default for CallOptions {
@@ -295,6 +299,7 @@ impl Default for CallOptions {
         CallOptions {
             timeout: Duration::from_secs(10),
             block_signals: true,
+            release_others_after: None,
         }
     }
 }
@@ -384,8 +389,15 @@ fn run_until_pad(
         errno,
     })?;
     mark_running(proc, tid);
+    let mut release_at = opts.release_others_after.map(|d| Instant::now() + d);
     loop {
-        let Some(st) = wait_stop(proc, tid, Some(deadline))? else {
+        let until = release_at.map_or(deadline, |r| r.min(deadline));
+        let Some(st) = wait_stop(proc, tid, Some(until))? else {
+            if release_at.is_some_and(|r| r < deadline) {
+                release_at = None;
+                crate::agent_thread::resume_others(proc, Some(tid))?;
+                continue;
+            }
             // Time-out: bring the thread back to a stop so that its state can be restored.
             ptrace::interrupt(Pid::from_raw(tid)).map_err(|errno| AttachError::Ptrace {
                 tid,
@@ -552,6 +564,7 @@ fn syscall_at(
     let opts = CallOptions {
         timeout: SYSCALL_TIMEOUT,
         block_signals: true,
+        release_others_after: None,
     };
     let outcome = run_until_pad(proc, tid, &r, addr + 2, addr, opts);
     let mut restore_err = None;

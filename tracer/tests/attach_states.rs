@@ -181,6 +181,13 @@ fn attach_when_every_thread_is_inside_one_long_strlen() {
     check_state("longstr", false);
 }
 
+/// Every thread is (almost always) inside a dl_iterate_phdr callback, holding the loader
+/// lock dlopen needs: the other threads must run while the agent loads.
+#[test]
+fn attach_when_every_thread_holds_the_loader_lock_in_dl_iterate_phdr() {
+    check_state("dliter", false);
+}
+
 #[test]
 fn attach_when_threads_do_all_of_these_at_once() {
     check_state("mixed", false);
