@@ -585,11 +585,30 @@ fn syscall_at(
     Ok(value as i64)
 }
 
+/// A stopped thread, `prefer` if it qualifies, whose `rip` lies in a private mapping: a
+/// remote syscall without the scratch page writes its instruction there, and
+/// `/proc/PID/mem` cannot force a write into a shared one (such as the agent's trampolines,
+/// where a thread may well be stopped).
+fn thread_at_private_code(proc: &Process, prefer: i32) -> Option<i32> {
+    let maps = agent::maps::read_pid(proc.pid()).ok()?;
+    let private = |tid: i32| {
+        proc.is_stopped(tid)
+            && proc.regs(tid).is_ok_and(|r| {
+                maps.iter()
+                    .any(|m| (m.start..m.end).contains(&r.rip) && !m.perms.shared)
+            })
+    };
+    std::iter::once(prefer)
+        .chain(proc.threads())
+        .find(|&t| private(t))
+}
+
 /// Creates the scratch mapping on first use (needs every thread stopped then).
 pub fn ensure_scratch(proc: &mut Process, tid: i32) -> Result<Scratch, RemoteCallError> {
     if let Some(s) = proc.scratch() {
         return Ok(s);
     }
+    let tid = thread_at_private_code(proc, tid).unwrap_or(tid);
     let len = PAGE + SCRATCH_DATA_LEN;
     let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
@@ -640,9 +659,10 @@ pub fn ensure_scratch(proc: &mut Process, tid: i32) -> Result<Scratch, RemoteCal
 pub fn release_scratch(proc: &mut Process) {
     let Some(s) = proc.scratch.take() else { return };
     // munmap must not run from inside the page it removes: use the thread's rip.
-    let Some(tid) = proc.threads().into_iter().find(|&t| proc.is_stopped(t)) else {
+    let Some(first) = proc.threads().into_iter().find(|&t| proc.is_stopped(t)) else {
         return;
     };
+    let tid = thread_at_private_code(proc, first).unwrap_or(first);
     let _ = syscall_at(proc, tid, libc::SYS_munmap, &[s.base, s.len], None);
 }
 
