@@ -1,19 +1,22 @@
 //! Loading a shared library into the target with the target's own `dlopen`.
 //!
-//! 1. `dlopen`/`dlsym`/`dlerror` are resolved from the target's libc symbol table, read
-//!    from the file through `/proc/PID/root/<path>` (works across mount namespaces), plus the
-//!    load bias from `/proc/PID/maps`. Older glibc without an exported `dlopen` falls back
-//!    to `__libc_dlopen_mode`/`__libc_dlsym`.
+//! 1. `dlopen`/`dlsym`/`dlerror`/`pthread_create` are resolved from the target's libc symbol
+//!    table, read from the file through `/proc/PID/root/<path>` (works across mount
+//!    namespaces), plus the load bias from `/proc/PID/maps`. Older glibc without an exported
+//!    `dlopen` falls back to `__libc_dlopen_mode`/`__libc_dlsym` (and `pthread_create` from
+//!    `libpthread`).
 //! 2. The library bytes go into a file of the target's own file system (see
 //!    [`crate::library_file`]: the path given to `dlopen` stays the library's name for
 //!    debuggers, so it must keep naming that file) and `dlopen(PATH, RTLD_NOW)` loads it.
 //!    When that file cannot be made or loaded (a read-only or `noexec` `/tmp`), the bytes go
 //!    into a memfd created *inside the target* (remote `memfd_create`), filled through
 //!    `/proc/PID/fd/N` (or remote `write`s from the scratch page if that open is refused),
-//!    then `dlopen("/proc/self/fd/N", RTLD_NOW)` and the fd is closed.
-//! 3. `dlopen` takes the loader lock and may call `malloc`, so it runs only on a *safe*
-//!    thread (see [`is_safe`]) while the other threads run, so that a lock another thread
-//!    holds gets released. Without a safe thread the process runs a few ms and we retry.
+//!    then `dlopen("/proc/self/fd/N", RTLD_NOW)`, the loader's name for it is rewritten to a
+//!    `/proc/PID/map_files/...` path debuggers can open, and the fd is closed.
+//! 3. `dlopen` takes the loader lock and may call `malloc`, so it, and every later call that
+//!    may take a lock ([`call_safely`]), runs on the agent's parked thread (see
+//!    [`crate::agent_thread`]), which holds no lock, while the other threads run, so that a
+//!    lock another thread holds only delays it.
 
 use std::fmt;
 use std::fs;
@@ -24,31 +27,14 @@ use std::time::{Duration, Instant};
 use agent::maps::{self, MapEntry};
 use object::{Object, ObjectSegment, ObjectSymbol};
 
+use crate::agent_thread;
 use crate::library_file;
 use crate::remote_call::{self, RemoteCallError};
 use crate::threads::{AttachError, Process};
 
-/// Time allowed for finding a safe thread plus the `dlopen` call itself.
-pub const DLOPEN_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Blocking syscalls that glibc never issues while holding the malloc or loader lock.
-const SAFE_SYSCALLS: &[i64] = &[
-    libc::SYS_nanosleep,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_read,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_select,
-    libc::SYS_pselect6,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_pause,
-    libc::SYS_wait4,
-    libc::SYS_accept,
-    libc::SYS_accept4,
-    libc::SYS_recvfrom,
-    libc::SYS_recvmsg,
-];
+/// Time allowed for starting the agent's thread plus the `dlopen` call itself (Frida's
+/// injector waits 5 s too).
+pub const DLOPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why an injection or remote symbol lookup failed.
 #[derive(Debug)]
@@ -63,8 +49,12 @@ pub enum InjectError {
     LibcFile { path: String, error: String },
     /// Reading `/proc/PID/maps` failed.
     Maps { pid: i32, error: std::io::Error },
-    /// No thread was outside libc/ld.so or in a safe blocking syscall in time.
+    /// No thread could run `pthread_create` (every one stayed inside libc/ld.so, running).
     NoSafeThread { pid: i32, waited: Duration },
+    /// The target's `pthread_create` failed.
+    ThreadCreate { errno: nix::errno::Errno },
+    /// The agent's thread was created but did not reach its park loop in time.
+    ThreadNotParked { pid: i32, waited: Duration },
     /// Filling the memfd failed.
     Transfer { error: std::io::Error },
     /// The library was loaded from a memfd but its loader name could not be made one that
@@ -96,7 +86,15 @@ impl fmt::Display for InjectError {
             InjectError::Maps { pid, error } => write!(f, "cannot read /proc/{pid}/maps: {error}"),
             InjectError::NoSafeThread { pid, waited } => write!(
                 f,
-                "no thread of PID {pid} was outside libc/ld.so or in a blocking syscall during {waited:?}, so dlopen could deadlock; retry later"
+                "no thread of PID {pid} left libc/ld.so or slept in a system call during {waited:?} (each may hold a malloc or loader lock), so the agent's thread could not be started safely; nothing was changed, retry later"
+            ),
+            InjectError::ThreadCreate { errno } => write!(
+                f,
+                "pthread_create in the target failed ({errno}): it cannot start the agent's thread; nothing was loaded"
+            ),
+            InjectError::ThreadNotParked { pid, waited } => write!(
+                f,
+                "the agent's thread in PID {pid} did not start within {waited:?} (the target may be overloaded); nothing was loaded, retry later"
             ),
             InjectError::Transfer { error } => {
                 write!(f, "cannot copy the library into the target's memfd: {error}")
@@ -154,6 +152,9 @@ pub struct LibcFunctions {
     pub dlerror: Option<u64>,
     /// Extra mode bits for `dlopen` (`__RTLD_DLOPEN` for `__libc_dlopen_mode`).
     pub mode_extra: u64,
+    /// Start the agent's thread, and let it end without a join.
+    pub pthread_create: u64,
+    pub pthread_detach: u64,
     /// Where libc and ld.so code lies: threads stopped there may hold their locks.
     pub unsafe_ranges: Vec<(u64, u64)>,
 }
@@ -170,6 +171,40 @@ fn is_libc(path: &str) -> bool {
 fn is_ld_so(path: &str) -> bool {
     let n = file_name(path);
     n.starts_with("ld-linux") || n.starts_with("ld-") && n.contains(".so")
+}
+
+/// Addresses in the target of the dynamic symbols `names` of the object mapped from `path`.
+fn exported(
+    dir: &str,
+    entries: &[MapEntry],
+    path: &str,
+    names: &[&str],
+) -> Result<Vec<Option<u64>>, InjectError> {
+    let map_base = entries
+        .iter()
+        .filter(|e| e.path == path)
+        .map(|e| e.start)
+        .min()
+        .unwrap_or(0);
+    let file_path = format!("{dir}/root{path}");
+    let data = fs::read(&file_path).map_err(|e| InjectError::LibcFile {
+        path: file_path.clone(),
+        error: e.to_string(),
+    })?;
+    let file = object::File::parse(&*data).map_err(|e| InjectError::LibcFile {
+        path: file_path.clone(),
+        error: e.to_string(),
+    })?;
+    let first_vaddr = file.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff;
+    let bias = map_base.wrapping_sub(first_vaddr);
+    Ok(names
+        .iter()
+        .map(|&name| {
+            file.dynamic_symbols()
+                .find(|s| s.is_definition() && s.name() == Ok(name))
+                .map(|s| s.address().wrapping_add(bias))
+        })
+        .collect())
 }
 
 /// Resolves the dynamic-loading functions of the target's libc.
@@ -199,31 +234,19 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
         }
         return Err(InjectError::StaticTarget { pid });
     };
-    let map_base = entries
-        .iter()
-        .filter(|e| e.path == libc_path)
-        .map(|e| e.start)
-        .min()
-        .expect("libc is mapped");
-    let file_path = format!("{dir}/root{libc_path}");
-    let data = fs::read(&file_path).map_err(|e| InjectError::LibcFile {
-        path: file_path.clone(),
-        error: e.to_string(),
-    })?;
-    let file = object::File::parse(&*data).map_err(|e| InjectError::LibcFile {
-        path: file_path.clone(),
-        error: e.to_string(),
-    })?;
-    let first_vaddr = file.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff;
-    let bias = map_base.wrapping_sub(first_vaddr);
-    let find = |name: &str| {
-        file.dynamic_symbols()
-            .find(|s| s.is_definition() && s.name() == Ok(name))
-            .map(|s| s.address().wrapping_add(bias))
-    };
-    let (dlopen, dlsym, dlerror, mode_extra) = match (find("dlopen"), find("dlsym")) {
-        (Some(o), Some(s)) => (o, s, find("dlerror"), 0),
-        _ => match (find("__libc_dlopen_mode"), find("__libc_dlsym")) {
+    let names = [
+        "dlopen",
+        "dlsym",
+        "dlerror",
+        "__libc_dlopen_mode",
+        "__libc_dlsym",
+        "pthread_create",
+        "pthread_detach",
+    ];
+    let found = exported(&dir, &entries, &libc_path, &names)?;
+    let (dlopen, dlsym, dlerror, mode_extra) = match (found[0], found[1]) {
+        (Some(o), Some(s)) => (o, s, found[2], 0),
+        _ => match (found[3], found[4]) {
             (Some(o), Some(s)) => (o, s, None, 0x8000_0000),
             _ => {
                 return Err(InjectError::NoDlopen {
@@ -233,43 +256,45 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
             }
         },
     };
+    // glibc before 2.34 keeps the pthread functions in libpthread.
+    let (pthread_create, pthread_detach) = match (found[5], found[6]) {
+        (Some(c), Some(d)) => (c, d),
+        _ => {
+            let libpthread = entries
+                .iter()
+                .find(|e| file_name(&e.path).starts_with("libpthread"))
+                .map(|e| e.path.clone());
+            let found = match libpthread {
+                Some(p) => exported(&dir, &entries, &p, &["pthread_create", "pthread_detach"])?,
+                None => vec![None, None],
+            };
+            match (found[0], found[1]) {
+                (Some(c), Some(d)) => (c, d),
+                _ => {
+                    return Err(InjectError::NoDlopen {
+                        pid,
+                        libc: format!("{libc_path}, without pthread_create"),
+                    })
+                }
+            }
+        }
+    };
     Ok(LibcFunctions {
         dlopen,
         dlsym,
         dlerror,
         mode_extra,
+        pthread_create,
+        pthread_detach,
         unsafe_ranges,
     })
 }
 
-/// Whether a stopped thread can run `dlopen`/`malloc` without deadlocking: its `rip` is
-/// outside libc and ld.so, or it sits in one of the blocking syscalls that glibc never
-/// issues while holding the malloc or loader lock.
-pub fn is_safe(
-    proc: &Process,
-    tid: i32,
-    unsafe_ranges: &[(u64, u64)],
-) -> Result<bool, AttachError> {
-    // A thread created under our trace that has not run yet holds no lock at all (its
-    // instruction pointer is in libc's clone, where it will start).
-    if proc.is_fresh(tid) {
-        return Ok(true);
-    }
-    let r = proc.regs(tid)?;
-    if !unsafe_ranges.iter().any(|&(s, e)| (s..e).contains(&r.rip)) {
-        return Ok(true);
-    }
-    let nr = r.orig_rax as i64;
-    if nr < 0 || !SAFE_SYSCALLS.contains(&nr) {
-        return Ok(false);
-    }
-    // orig_rax also holds exception error codes: make sure a `syscall` just ran.
-    let mut insn = [0u8; 2];
-    Ok(proc.read_memory(r.rip.wrapping_sub(2), &mut insn).is_ok() && insn == [0x0f, 0x05])
-}
-
-/// Calls `function(args)` on a safe thread while the other threads run, then stops
-/// everything again. Retries (letting the process run a few ms) until `timeout`.
+/// Calls `function(args)` on the agent's parked thread (made first if needed, see
+/// [`crate::agent_thread`]); the other threads run too if the call takes longer than
+/// [`agent_thread::RELEASE_OTHERS_AFTER`] (a lock one of them holds); then every thread is
+/// stopped again.
+/// `timeout` caps the whole: starting the thread and the call.
 pub fn call_safely(
     proc: &mut Process,
     fns: &LibcFunctions,
@@ -278,42 +303,21 @@ pub fn call_safely(
     timeout: Duration,
 ) -> Result<u64, InjectError> {
     let start = Instant::now();
-    loop {
-        if !proc.all_stopped() {
-            proc.stop_all()?;
-        }
-        let mut safe = None;
-        for tid in proc.threads() {
-            if is_safe(proc, tid, &fns.unsafe_ranges)? {
-                safe = Some(tid);
-                break;
-            }
-        }
-        if let Some(tid) = safe {
-            remote_call::ensure_scratch(proc, tid)?;
-            for t in proc.threads() {
-                if t != tid {
-                    proc.resume_thread(t)?;
-                }
-            }
-            let remaining = timeout
-                .saturating_sub(start.elapsed())
-                .max(Duration::from_secs(1));
-            let r = remote_call::call(proc, tid, function, args, remaining);
-            let stopped = proc.stop_all();
-            let v = r?;
-            stopped?;
-            return Ok(v);
-        }
-        if start.elapsed() >= timeout {
-            return Err(InjectError::NoSafeThread {
-                pid: proc.pid(),
-                waited: timeout,
-            });
-        }
-        proc.resume_all()?;
-        proc.service(Duration::from_millis(5))?;
-    }
+    let tid = agent_thread::ensure(proc, fns, timeout)?;
+    remote_call::ensure_scratch(proc, tid)?;
+    let remaining = timeout
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_secs(1));
+    let opts = remote_call::CallOptions {
+        timeout: remaining,
+        block_signals: true,
+        release_others_after: Some(agent_thread::RELEASE_OTHERS_AFTER),
+    };
+    let r = remote_call::call_with(proc, tid, function, args, opts);
+    let stopped = proc.stop_all();
+    let v = r?;
+    stopped?;
+    Ok(v)
 }
 
 fn dlerror_text(proc: &mut Process, fns: &LibcFunctions) -> String {
@@ -344,7 +348,8 @@ pub fn inject_named(
     inject_with_timeout(proc, library, name, DLOPEN_TIMEOUT)
 }
 
-/// [`inject_named`] giving up after `timeout` when no thread is safe for `dlopen`.
+/// [`inject_named`] giving up after `timeout` when the agent's thread cannot be started
+/// (see [`crate::agent_thread`]) or `dlopen` does not return.
 pub fn inject_with_timeout(
     proc: &mut Process,
     library: &[u8],

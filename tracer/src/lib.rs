@@ -1,5 +1,6 @@
 //! tracer: everything done from outside the target.
 pub mod agent_blob;
+pub mod agent_thread;
 pub mod detached;
 pub mod inject;
 pub mod launch;

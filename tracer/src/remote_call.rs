@@ -288,6 +288,10 @@ pub struct CallOptions {
     pub timeout: Duration,
     /// Block every signal in the thread during the call (they are delivered afterwards).
     pub block_signals: bool,
+    /// If the call has not returned after this long, resume the other stopped threads (a
+    /// lock one of them holds may be what it waits for); see
+    /// [`crate::agent_thread::resume_others`].
+    pub release_others_after: Option<Duration>,
 }
 
 impl Default for CallOptions {
@@ -295,6 +299,7 @@ impl Default for CallOptions {
         CallOptions {
             timeout: Duration::from_secs(10),
             block_signals: true,
+            release_others_after: None,
         }
     }
 }
@@ -384,8 +389,15 @@ fn run_until_pad(
         errno,
     })?;
     mark_running(proc, tid);
+    let mut release_at = opts.release_others_after.map(|d| Instant::now() + d);
     loop {
-        let Some(st) = wait_stop(proc, tid, Some(deadline))? else {
+        let until = release_at.map_or(deadline, |r| r.min(deadline));
+        let Some(st) = wait_stop(proc, tid, Some(until))? else {
+            if release_at.is_some_and(|r| r < deadline) {
+                release_at = None;
+                crate::agent_thread::resume_others(proc, Some(tid))?;
+                continue;
+            }
             // Time-out: bring the thread back to a stop so that its state can be restored.
             ptrace::interrupt(Pid::from_raw(tid)).map_err(|errno| AttachError::Ptrace {
                 tid,
@@ -552,6 +564,7 @@ fn syscall_at(
     let opts = CallOptions {
         timeout: SYSCALL_TIMEOUT,
         block_signals: true,
+        release_others_after: None,
     };
     let outcome = run_until_pad(proc, tid, &r, addr + 2, addr, opts);
     let mut restore_err = None;
@@ -572,11 +585,30 @@ fn syscall_at(
     Ok(value as i64)
 }
 
+/// A stopped thread, `prefer` if it qualifies, whose `rip` lies in a private mapping: a
+/// remote syscall without the scratch page writes its instruction there, and
+/// `/proc/PID/mem` cannot force a write into a shared one (such as the agent's trampolines,
+/// where a thread may well be stopped).
+fn thread_at_private_code(proc: &Process, prefer: i32) -> Option<i32> {
+    let maps = agent::maps::read_pid(proc.pid()).ok()?;
+    let private = |tid: i32| {
+        proc.is_stopped(tid)
+            && proc.regs(tid).is_ok_and(|r| {
+                maps.iter()
+                    .any(|m| (m.start..m.end).contains(&r.rip) && !m.perms.shared)
+            })
+    };
+    std::iter::once(prefer)
+        .chain(proc.threads())
+        .find(|&t| private(t))
+}
+
 /// Creates the scratch mapping on first use (needs every thread stopped then).
 pub fn ensure_scratch(proc: &mut Process, tid: i32) -> Result<Scratch, RemoteCallError> {
     if let Some(s) = proc.scratch() {
         return Ok(s);
     }
+    let tid = thread_at_private_code(proc, tid).unwrap_or(tid);
     let len = PAGE + SCRATCH_DATA_LEN;
     let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
@@ -627,9 +659,10 @@ pub fn ensure_scratch(proc: &mut Process, tid: i32) -> Result<Scratch, RemoteCal
 pub fn release_scratch(proc: &mut Process) {
     let Some(s) = proc.scratch.take() else { return };
     // munmap must not run from inside the page it removes: use the thread's rip.
-    let Some(tid) = proc.threads().into_iter().find(|&t| proc.is_stopped(t)) else {
+    let Some(first) = proc.threads().into_iter().find(|&t| proc.is_stopped(t)) else {
         return;
     };
+    let tid = thread_at_private_code(proc, first).unwrap_or(first);
     let _ = syscall_at(proc, tid, libc::SYS_munmap, &[s.base, s.len], None);
 }
 

@@ -825,6 +825,8 @@ impl Process {
     /// Resumes every thread, delivering the signals that arrived while they were stopped.
     /// A process that was group-stopped (SIGSTOP) stays stopped.
     pub fn resume_all(&mut self) -> Result<(), AttachError> {
+        // The program goes on with its own threads only.
+        crate::agent_thread::dismiss(self);
         for tid in self.threads() {
             self.resume_thread(tid)?;
         }
@@ -906,6 +908,7 @@ impl Process {
         if !self.all_stopped() {
             self.stop_all()?;
         }
+        crate::agent_thread::dismiss(self);
         crate::remote_call::release_scratch(self);
         let mut first_err = None;
         for (tid, t) in std::mem::take(&mut self.threads) {

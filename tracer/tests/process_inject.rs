@@ -152,3 +152,70 @@ fn inject_the_real_agent_repeatedly() {
     assert_eq!(line(&mut out), "done");
     assert!(child.wait().unwrap().success());
 }
+
+/// One thread spins in code mapped shared and read-only (as the agent's trampolines are):
+/// `/proc/PID/mem` cannot write there, so a remote syscall must borrow another thread's
+/// `rip` to create (and remove) the scratch page.
+const SHARED_CODE: &str = r#"
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+static void *spin(void *code) { ((void (*)(void))code)(); return 0; }
+int main(void) {
+    int fd = memfd_create("shared-code", 0);
+    unsigned char loop[2] = {0xeb, 0xfe}; /* jmp . */
+    if (write(fd, loop, 2) != 2 || ftruncate(fd, 4096)) return 1;
+    void *code = mmap(0, 4096, PROT_READ | PROT_EXEC, MAP_SHARED, fd, 0);
+    if (code == MAP_FAILED) return 1;
+    pthread_t t;
+    pthread_create(&t, 0, spin, code);
+    printf("ready %p\n", code); fflush(stdout);
+    for (;;) pause();
+}
+"#;
+
+#[test]
+fn remote_syscalls_work_when_a_thread_is_stopped_in_shared_code() {
+    let dir = temp_dir("sharedcode");
+    let exe = cc(&dir, "sharedcode", SHARED_CODE, &["-pthread"]);
+    let (child, mut out) = spawn(&exe, &[], &[]);
+    // The program never ends by itself: kill it even when an assertion fails.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = KillOnDrop(child);
+    let ready = line(&mut out);
+    let code = common::hex(ready.strip_prefix("ready ").unwrap());
+    let pid = child.0.id() as i32;
+    let maps_before = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    // The thread may not have reached the shared code yet when "ready" is printed.
+    let (mut p, spinner) = (0..500)
+        .find_map(|_| {
+            let p = attach(pid).unwrap();
+            let found = p.threads().into_iter().find(|&t| {
+                p.regs(t)
+                    .is_ok_and(|r| (code..code + 4096).contains(&r.rip))
+            });
+            match found {
+                Some(t) => Some((p, t)),
+                None => {
+                    p.detach().unwrap();
+                    std::thread::sleep(Duration::from_millis(10));
+                    None
+                }
+            }
+        })
+        .expect("a thread stopped in the shared code");
+    tracer::remote_call::ensure_scratch(&mut p, spinner).unwrap();
+    let r = tracer::remote_call::syscall(&mut p, spinner, libc::SYS_getpid, &[]).unwrap();
+    assert_eq!(r, pid as i64);
+    p.detach().unwrap();
+    let maps_after = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert_eq!(maps_before, maps_after, "scratch page removed");
+}

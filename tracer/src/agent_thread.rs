@@ -1,0 +1,645 @@
+//! The agent's own thread in the target: where every remote call that may take a lock runs.
+//!
+//! `dlopen`, `dlsym` and the agent's entry points allocate and take the loader lock, so the
+//! thread that runs them must hold no lock of malloc or of the loader. A thread of the program,
+//! stopped wherever it happened to be, gives no such guarantee: all of them may wait in
+//! `futex` (`pthread_join`, `pthread_cond_wait`), sit in `sigtimedwait`, or spin in `malloc`.
+//! So, as Frida's Linux injector does, we make a thread of our own:
+//!
+//! 1. Raw system calls are safe on any stopped thread (they take no user-space lock): the
+//!    scratch page, and a *park page* (a private mapping of a memfd named [`PARK_NAME`], so
+//!    that maps shows it; code page `r-x`, control page `rw-`) are mapped with them.
+//! 2. One thread is hijacked just long enough to call `pthread_create(stub, ctl)`. It must not
+//!    hold the locks `pthread_create` takes (malloc's for the DTV, the stack cache lock), so
+//!    it is chosen in this order: a thread created under our trace that has not run yet; a
+//!    thread whose `rip` is outside libc and ld.so; a thread interrupted while asleep in any
+//!    system call (rax is `-ERESTART*`: a lock waiter holds nothing, and glibc never sleeps
+//!    in the kernel while holding a malloc or loader lock). If every thread runs inside libc,
+//!    each in turn runs alone back to its innermost caller outside libc (a return address
+//!    on its stack, after a `call`, with a hardware breakpoint there; 50 ms at most, after which a
+//!    thread asleep in a lock wait also qualifies), then, if none got out, is single-stepped
+//!    a bounded number of steps (a step into a sleeping system call is interrupted and then
+//!    counts as asleep); failing that the process runs a millisecond and we look again.
+//!    The other threads stay stopped during the `pthread_create` call (the call then has
+//!    the CPUs to itself) unless it takes longer than 20 ms: then they run, so that a lock
+//!    held by one of them only delays it (except a launched program's main thread still at
+//!    its entry point: it holds nothing and must not start before the probes are live).
+//! 3. The new thread starts in the stub, publishes its tid and `PARKED` in the control page,
+//!    then loops on a raw `futex` wait: its `rip` is in our page, it has called nothing and
+//!    holds no lock, and its signals are all blocked (it inherits the mask of the remote call).
+//!    It was created under trace (`PTRACE_O_TRACECLONE`): its first stop is serviced like any
+//!    new thread's; then it is detached (`pthread_detach`, so that it leaves nothing when it
+//!    ends).
+//! 4. Every later call (`dlopen`, `dlerror` on the same thread, `dlsym`, the agent's init,
+//!    prepare and IFUNC resolution) is made on that parked thread, the other threads
+//!    released after 20 ms in the same way; restoring its registers restarts its `futex`
+//!    wait.
+//! 5. When the tracer lets the program go ([`Process::resume_all`], detach) the thread is
+//!    dismissed: its state word is set to `DISMISSED`, and the restarted `futex` wait sees the
+//!    changed word and returns, the stub returns from the start routine, and the thread ends
+//!    like any detached thread of the program. So the program runs with exactly its own
+//!    threads (a program whose main thread calls `pthread_exit` still ends when its last
+//!    worker does; debuggers and `ps -L` see no extra thread), and each attach starts its own
+//!    agent thread. A thread left parked by a tracer that was killed is found again through
+//!    the page's control block and reused. The page stays (a few bytes, reused next time).
+//!
+//! Every wait is capped (about 5 s, as Frida); a failure before the thread exists leaves the
+//! target exactly as it was (park page unmapped, hijacked thread restored).
+
+use std::time::{Duration, Instant};
+
+use agent::maps;
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+use crate::inject::{InjectError, LibcFunctions};
+use crate::remote_call::{self, RemoteCallError};
+use crate::threads::{wait_tid, AttachError, Handled, Process};
+
+/// Name of the memfd holding the parked thread's code and control block.
+pub const PARK_NAME: &str = "tracer-park";
+const PAGE: u64 = 4096;
+/// The control page: at +0 the index of the current thread's slot (u32); from +64, slots
+/// of 64 bytes, one per thread started, used in turn so that a thread still on its way out
+/// never reads the next one's word: `state` (u32 at +0, `PARKED` written by the thread),
+/// `tid` (u32 at +8, written by the thread), `pthread_t` (u64 at +16, from `pthread_create`).
+const CTL: u64 = PAGE;
+const SLOTS: u64 = 64;
+const SLOT_LEN: u64 = 64;
+const NSLOTS: u64 = 63;
+const SLOT_PTHREAD: u64 = 16;
+const STATE_PARKED: u32 = 1;
+/// Any value but `PARKED` makes the thread leave; this one says why.
+const STATE_DISMISSED: u32 = 2;
+/// Steps tried on one thread spinning inside libc before letting the process run again.
+const STEPS_PER_ROUND: usize = 400;
+/// A call on a thread of ours (`pthread_create`, `dlopen`, the agent's) runs with the other
+/// threads stopped, so that it has the CPUs to itself; after this long it may be waiting for
+/// a lock one of them holds, and they are resumed.
+pub const RELEASE_OTHERS_AFTER: Duration = Duration::from_millis(20);
+/// How long a thread may run alone back to its caller outside libc.
+const RUN_TO_CALLER_WAIT: Duration = Duration::from_millis(50);
+/// A single step that takes longer than this entered a sleeping system call.
+const STEP_WAIT: Duration = Duration::from_millis(20);
+
+/// The thread's code. `rdi` = its slot.
+///
+/// ```text
+///     push rbx
+///     mov rbx, rdi
+///     mov eax, SYS_gettid ; syscall
+///     mov [rbx+8], eax              ; tid
+///     mov dword [rbx], 1            ; PARKED (stores are seen in program order)
+/// park:
+///     mov rdi, rbx ; mov esi, FUTEX_WAIT_PRIVATE ; mov edx, 1 ; xor r10d, r10d
+///     mov eax, SYS_futex ; syscall  ; returns at once once the word is not PARKED
+///     cmp dword [rbx], 1
+///     je park
+///     xor eax, eax ; pop rbx ; ret  ; dismissed: end the thread
+/// ```
+const STUB: &[u8] = &[
+    0x53, // push rbx
+    0x48, 0x89, 0xfb, // mov rbx, rdi
+    0xb8, 0xba, 0x00, 0x00, 0x00, // mov eax, 186 (gettid)
+    0x0f, 0x05, // syscall
+    0x89, 0x43, 0x08, // mov [rbx+8], eax
+    0xc7, 0x03, 0x01, 0x00, 0x00, 0x00, // mov dword [rbx], 1
+    0x48, 0x89, 0xdf, // park: mov rdi, rbx
+    0xbe, 0x80, 0x00, 0x00, 0x00, // mov esi, 128 (FUTEX_WAIT_PRIVATE)
+    0xba, 0x01, 0x00, 0x00, 0x00, // mov edx, 1
+    0x45, 0x31, 0xd2, // xor r10d, r10d
+    0xb8, 0xca, 0x00, 0x00, 0x00, // mov eax, 202 (futex)
+    0x0f, 0x05, // syscall
+    0x83, 0x3b, 0x01, // cmp dword [rbx], 1
+    0x74, 0xe4, // je park
+    0x31, 0xc0, // xor eax, eax
+    0x5b, // pop rbx
+    0xc3, // ret
+];
+
+/// Where a stopped thread is, as far as running `pthread_create` on it is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Place {
+    /// Created under our trace, no instruction run yet.
+    Fresh,
+    /// `rip` outside libc and ld.so.
+    OutsideLibc,
+    /// Interrupted while asleep in a system call.
+    Asleep,
+    /// Running code of libc or ld.so: may be inside malloc, holding its lock.
+    InsideLibc,
+}
+
+fn classify(proc: &Process, tid: i32, unsafe_ranges: &[(u64, u64)]) -> Result<Place, AttachError> {
+    if proc.is_fresh(tid) {
+        return Ok(Place::Fresh);
+    }
+    let r = proc.regs(tid)?;
+    if !unsafe_ranges.iter().any(|&(s, e)| (s..e).contains(&r.rip)) {
+        return Ok(Place::OutsideLibc);
+    }
+    // -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK, -EINTR: the
+    // system call was sleeping when we interrupted it. A call that had merely completed
+    // (an mmap inside malloc, say) shows its result instead.
+    let asleep = matches!(r.rax as i64, -516..=-512 | -4) && (r.orig_rax as i64) >= 0;
+    if asleep {
+        // orig_rax also holds exception error codes: check that a `syscall` just ran.
+        let mut insn = [0u8; 2];
+        if proc.read_memory(r.rip.wrapping_sub(2), &mut insn).is_ok() && insn == [0x0f, 0x05] {
+            return Ok(Place::Asleep);
+        }
+    }
+    Ok(Place::InsideLibc)
+}
+
+/// Resumes every stopped thread but `except`, so that a lock one of them holds gets
+/// released while `except` works. A launched program's main thread still at the program's
+/// entry point stays stopped: it has run none of the program's code, so it holds nothing,
+/// and running it would start the program before its probes are live.
+pub(crate) fn resume_others(proc: &mut Process, except: Option<i32>) -> Result<(), AttachError> {
+    let pid = proc.pid();
+    let at_entry = proc.is_launched()
+        && proc.is_stopped(pid)
+        && crate::launch::entry_point(pid).is_ok_and(|e| proc.regs(pid).is_ok_and(|r| r.rip == e));
+    for t in proc.threads() {
+        if Some(t) != except && !(at_entry && t == pid) {
+            proc.resume_thread(t)?;
+        }
+    }
+    Ok(())
+}
+
+/// The park page of the target, if an earlier session made one: its base address.
+pub fn find_page(pid: i32) -> Option<u64> {
+    let entries = maps::read_pid(pid).ok()?;
+    let prefix = format!("/memfd:{PARK_NAME}");
+    entries
+        .iter()
+        .filter(|m| m.path.starts_with(&prefix) && m.offset == 0)
+        .map(|m| m.start)
+        .min()
+}
+
+/// Address of the current slot of the park page at `base`.
+fn current_slot(proc: &Process, base: u64) -> Option<u64> {
+    let mut i = [0u8; 4];
+    proc.read_memory(base + CTL, &mut i).ok()?;
+    let i = u32::from_le_bytes(i) as u64;
+    (i < NSLOTS).then_some(base + CTL + SLOTS + i * SLOT_LEN)
+}
+
+/// `state` and `tid` of the slot at `slot`.
+fn read_slot(proc: &Process, slot: u64) -> Result<(u32, i32), RemoteCallError> {
+    let mut b = [0u8; 12];
+    proc.read_memory(slot, &mut b)
+        .map_err(|error| RemoteCallError::Memory { addr: slot, error })?;
+    Ok((
+        u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")),
+        i32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
+    ))
+}
+
+/// The parked thread of the target, if it exists and is stopped in its park loop, with
+/// its slot.
+fn parked(proc: &Process) -> Option<(i32, u64)> {
+    let base = find_page(proc.pid())?;
+    let slot = current_slot(proc, base)?;
+    let (state, tid) = read_slot(proc, slot).ok()?;
+    if state != STATE_PARKED || !proc.threads().contains(&tid) || !proc.is_stopped(tid) {
+        return None;
+    }
+    let rip = proc.regs(tid).ok()?.rip;
+    (base..base + STUB.len() as u64)
+        .contains(&rip)
+        .then_some((tid, slot))
+}
+
+/// The parked thread of the target, if it exists and is stopped in its park loop.
+pub fn parked_thread(proc: &Process) -> Option<i32> {
+    parked(proc).map(|(tid, _)| tid)
+}
+
+/// Lets the parked thread end as soon as it runs again (see the module documentation).
+/// Best effort: a thread that cannot be told stays parked and is reused next time.
+pub fn dismiss(proc: &mut Process) {
+    if let Some((_, slot)) = parked(proc) {
+        let _ = proc.write_memory(slot, &STATE_DISMISSED.to_le_bytes());
+    }
+}
+
+/// The parked thread, made first if there is none. Needs every thread stopped; leaves every
+/// thread stopped.
+pub fn ensure(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    timeout: Duration,
+) -> Result<i32, InjectError> {
+    if !proc.all_stopped() {
+        proc.stop_all()?;
+    }
+    if let Some(tid) = parked_thread(proc) {
+        return Ok(tid);
+    }
+    let deadline = Instant::now() + timeout;
+    let hijack = choose_hijacked_thread(proc, &fns.unsafe_ranges, deadline, timeout)?;
+    let page = match find_page(proc.pid()) {
+        Some(base) => (base, false),
+        None => (create_page(proc, hijack)?, true),
+    };
+    let r = spawn(proc, fns, hijack, page.0, deadline, timeout);
+    let thread_made = matches!(r, Ok(_) | Err(InjectError::ThreadNotParked { .. }));
+    if !thread_made && page.1 {
+        // Nothing runs in the page unless the thread was made: leave no trace.
+        if proc.all_stopped() || proc.stop_all().is_ok() {
+            let _ = remote_call::syscall(proc, hijack, libc::SYS_munmap, &[page.0, 2 * PAGE]);
+        }
+    }
+    r
+}
+
+/// A thread that can run `pthread_create` now, or `NoSafeThread` at the deadline. Leaves
+/// every thread stopped.
+fn choose_hijacked_thread(
+    proc: &mut Process,
+    unsafe_ranges: &[(u64, u64)],
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<i32, InjectError> {
+    loop {
+        if !proc.all_stopped() {
+            proc.stop_all()?;
+        }
+        let mut best: Option<(Place, i32)> = None;
+        for tid in proc.threads() {
+            let p = classify(proc, tid, unsafe_ranges)?;
+            if best.is_none_or(|(b, _)| p < b) {
+                best = Some((p, tid));
+            }
+        }
+        match best {
+            Some((p, tid)) if p != Place::InsideLibc => return Ok(tid),
+            None => {
+                return Err(AttachError::Exited {
+                    pid: proc.pid(),
+                    status: proc.exit_status(),
+                }
+                .into())
+            }
+            _ => {}
+        }
+        // Everything runs inside libc. Let each thread alone run back to its caller
+        // outside libc (a lock it waits for sends it to sleep: also fine); failing that,
+        // walk it out one step at a time.
+        let exec: Vec<(u64, u64)> = maps::read_pid(proc.pid())
+            .map_err(|error| InjectError::Maps {
+                pid: proc.pid(),
+                error,
+            })?
+            .iter()
+            .filter(|m| m.perms.exec)
+            .map(|m| (m.start, m.end))
+            .collect();
+        for tid in proc.threads() {
+            if !proc.threads().contains(&tid) {
+                continue;
+            }
+            run_to_caller(proc, tid, unsafe_ranges, &exec, RUN_TO_CALLER_WAIT)?;
+            if proc.threads().contains(&tid)
+                && classify(proc, tid, unsafe_ranges)? != Place::InsideLibc
+            {
+                return Ok(tid);
+            }
+        }
+        for tid in proc.threads() {
+            if let Some(tid) = step_out_of_libc(proc, tid, unsafe_ranges, deadline)? {
+                return Ok(tid);
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(InjectError::NoSafeThread {
+                pid: proc.pid(),
+                waited: timeout,
+            });
+        }
+        resume_others(proc, None)?;
+        proc.service(Duration::from_millis(1))?;
+    }
+}
+
+/// Single-steps `tid` until it is outside libc or asleep in a system call; Some(tid) then.
+fn step_out_of_libc(
+    proc: &mut Process,
+    tid: i32,
+    unsafe_ranges: &[(u64, u64)],
+    deadline: Instant,
+) -> Result<Option<i32>, InjectError> {
+    for _ in 0..STEPS_PER_ROUND {
+        if Instant::now() >= deadline || !proc.threads().contains(&tid) {
+            return Ok(None);
+        }
+        if !step_once(proc, tid)? {
+            return Ok(None);
+        }
+        if classify(proc, tid, unsafe_ranges)? != Place::InsideLibc {
+            return Ok(Some(tid));
+        }
+    }
+    Ok(None)
+}
+
+/// One instruction of `tid`, bounded in time: a step into a sleeping system call is
+/// interrupted (the thread is then asleep there). A signal that arrives is kept pending.
+/// Ok(false) when the thread is gone.
+fn step_once(proc: &mut Process, tid: i32) -> Result<bool, InjectError> {
+    ptrace::step(Pid::from_raw(tid), None).map_err(|errno| AttachError::Ptrace {
+        tid,
+        op: "PTRACE_SINGLESTEP",
+        errno,
+    })?;
+    Ok(run_bounded(proc, tid, STEP_WAIT)?.is_some())
+}
+
+/// After `tid` was set running: waits for its next stop, for at most `limit`, then
+/// interrupts it (a thread asleep in a system call stays so: see [`classify`]). A SIGTRAP
+/// (our step or breakpoint) is not kept for delivery; any other signal is. Returns the
+/// stop, or None when the thread is gone.
+fn run_bounded(
+    proc: &mut Process,
+    tid: i32,
+    limit: Duration,
+) -> Result<Option<WaitStatus>, InjectError> {
+    let pe = |op| move |errno| AttachError::Ptrace { tid, op, errno };
+    if let Some(t) = proc.threads.get_mut(&tid) {
+        t.stop = None;
+    }
+    let mut interrupted = false;
+    loop {
+        let limit = if interrupted {
+            crate::threads::STOP_TIMEOUT
+        } else {
+            limit
+        };
+        match wait_tid(tid, Some(Instant::now() + limit)) {
+            Ok(Some(st)) => {
+                if proc.handle(tid, st)? == Handled::Gone {
+                    return Ok(None);
+                }
+                // After an interrupt, whichever stop comes first will do: a late interrupt
+                // trap is taken as a spurious stop by whoever resumes the thread next.
+                if matches!(st, WaitStatus::Stopped(_, Signal::SIGTRAP)) {
+                    if let Some(t) = proc.threads.get_mut(&tid) {
+                        t.pending = None;
+                    }
+                }
+                return Ok(Some(st));
+            }
+            Ok(None) if !interrupted => {
+                ptrace::interrupt(Pid::from_raw(tid)).map_err(pe("PTRACE_INTERRUPT"))?;
+                interrupted = true;
+            }
+            Ok(None) => {
+                return Err(AttachError::Timeout {
+                    pid: proc.pid(),
+                    tid,
+                    what: "stop after running alone",
+                    state: crate::threads::describe_thread(proc.pid(), tid),
+                }
+                .into())
+            }
+            Err(Errno::ECHILD) => return Ok(None),
+            Err(e) => return Err(pe("waitpid")(e).into()),
+        }
+    }
+}
+
+/// Whether the bytes just before `ret` end with a `call` instruction (`e8 rel32`, or `ff /2`
+/// with a register, `[reg]`, `[reg+disp]`, `[rip+disp32]` or SIB operand).
+fn follows_call(proc: &Process, ret: u64) -> bool {
+    let mut b = [0u8; 7];
+    if proc.read_memory(ret.wrapping_sub(7), &mut b).is_err() {
+        return false;
+    }
+    let at = |n: usize| b[7 - n];
+    let ff2 = |n: usize, pred: &dyn Fn(u8) -> bool| at(n) == 0xff && pred(at(n - 1));
+    at(5) == 0xe8
+        || ff2(2, &|m| {
+            m & 0xf8 == 0xd0 || (m & 0xf8 == 0x10 && m & 7 != 4 && m & 7 != 5)
+        })
+        || ff2(3, &|m| m & 0xf8 == 0x50 && m & 7 != 4 || m == 0x14)
+        || ff2(4, &|m| m == 0x54)
+        || ff2(6, &|m| m == 0x15 || (m & 0xf8 == 0x90 && m & 7 != 4))
+        || ff2(7, &|m| m == 0x94)
+}
+
+/// The innermost return address on `tid`'s stack that lies in executable code outside libc
+/// and ld.so right after a call: where the thread goes back to code that holds no libc lock.
+fn caller_outside_libc(
+    proc: &Process,
+    tid: i32,
+    unsafe_ranges: &[(u64, u64)],
+    exec: &[(u64, u64)],
+) -> Option<u64> {
+    let rsp = proc.regs(tid).ok()?.rsp;
+    let mut stack = vec![0u8; 4096];
+    // A short read at the top of the stack mapping still gives a prefix worth scanning.
+    let n = (1..=8)
+        .rev()
+        .map(|k| k * 512)
+        .find(|&len| proc.read_memory(rsp, &mut stack[..len]).is_ok())?;
+    stack[..n]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .find(|&w| {
+            exec.iter().any(|&(s, e)| (s..e).contains(&w))
+                && !unsafe_ranges.iter().any(|&(s, e)| (s..e).contains(&w))
+                && follows_call(proc, w)
+        })
+}
+
+/// Offset of `u_debugreg` in `struct user` (x86-64), for `PTRACE_POKEUSER`.
+const DEBUGREG: usize = 848;
+
+fn set_debugreg(tid: i32, n: usize, value: u64) -> Result<(), AttachError> {
+    // SAFETY: PTRACE_POKEUSER of a debug register of a stopped tracee; no pointers.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_POKEUSER, tid, DEBUGREG + 8 * n, value as usize) };
+    if rc == -1 {
+        return Err(AttachError::Ptrace {
+            tid,
+            op: "PTRACE_POKEUSER(debug register)",
+            errno: Errno::last(),
+        });
+    }
+    Ok(())
+}
+
+/// Runs `tid` alone (the others stay stopped) until it returns to its innermost caller
+/// outside libc, for at most `limit`. The stop there is a hardware execution breakpoint
+/// (DR0, enabled in DR7) rather than an `int3` in memory: it belongs to this thread only,
+/// so a `fork` made meanwhile leaves no trap behind in the child. Afterwards the thread
+/// is stopped and the breakpoint cleared.
+fn run_to_caller(
+    proc: &mut Process,
+    tid: i32,
+    unsafe_ranges: &[(u64, u64)],
+    exec: &[(u64, u64)],
+    limit: Duration,
+) -> Result<(), InjectError> {
+    let Some(ret) = caller_outside_libc(proc, tid, unsafe_ranges, exec) else {
+        return Ok(());
+    };
+    set_debugreg(tid, 0, ret)?;
+    // DR7: L0 (local enable of DR0); R/W0 = 00 and LEN0 = 00: instruction execution.
+    let ran = set_debugreg(tid, 7, 1)
+        .and_then(|()| {
+            ptrace::cont(Pid::from_raw(tid), None).map_err(|errno| AttachError::Ptrace {
+                tid,
+                op: "PTRACE_CONT",
+                errno,
+            })
+        })
+        .map_err(InjectError::from)
+        .and_then(|()| run_bounded(proc, tid, limit));
+    if proc.threads().contains(&tid) {
+        set_debugreg(tid, 7, 0)?;
+        set_debugreg(tid, 0, 0)?;
+    }
+    ran?;
+    Ok(())
+}
+
+/// Maps the park page (raw system calls on `tid`) and writes the stub into it.
+fn create_page(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
+    remote_call::ensure_scratch(proc, tid)?;
+    // At the end of the scratch area: callers keep their own strings at its start.
+    let name = remote_call::put_c_string(proc, remote_call::SCRATCH_DATA_LEN - 64, PARK_NAME)?;
+    let fd = remote_call::syscall_ok(
+        proc,
+        tid,
+        libc::SYS_memfd_create,
+        &[name, libc::MFD_CLOEXEC as u64],
+    )?;
+    let mapped = (|| {
+        remote_call::syscall_ok(proc, tid, libc::SYS_ftruncate, &[fd, 2 * PAGE])?;
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let base = remote_call::syscall_ok(
+            proc,
+            tid,
+            libc::SYS_mmap,
+            // Private: /proc/PID/mem can then write the code page (copy on write) when a
+            // remote syscall borrows the parked thread's rip; it cannot force a shared one.
+            &[0, 2 * PAGE, rw, libc::MAP_PRIVATE as u64, fd, 0],
+        )?;
+        Ok::<u64, RemoteCallError>(base)
+    })();
+    // The mapping keeps the memfd alive.
+    let _ = remote_call::syscall(proc, tid, libc::SYS_close, &[fd]);
+    let base = mapped?;
+    let finish = (|| {
+        proc.write_memory(base, STUB)
+            .map_err(|error| RemoteCallError::Memory { addr: base, error })?;
+        let rx = (libc::PROT_READ | libc::PROT_EXEC) as u64;
+        remote_call::syscall_ok(proc, tid, libc::SYS_mprotect, &[base, PAGE, rx])?;
+        Ok(())
+    })();
+    if let Err(e) = finish {
+        let _ = remote_call::syscall(proc, tid, libc::SYS_munmap, &[base, 2 * PAGE]);
+        return Err(e);
+    }
+    Ok(base)
+}
+
+/// Calls `pthread_create` on `hijack` with the other threads running, waits for the new
+/// thread to park (the hijacked thread stays stopped), stops every thread again and
+/// detaches the new thread (so that it leaves nothing behind when it ends).
+fn spawn(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    hijack: i32,
+    base: u64,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<i32, InjectError> {
+    let next =
+        current_slot(proc, base).map_or(0, |s| (s - base - CTL - SLOTS) / SLOT_LEN + 1) % NSLOTS;
+    let slot = base + CTL + SLOTS + next * SLOT_LEN;
+    let mem = |addr| move |error| RemoteCallError::Memory { addr, error };
+    proc.write_memory(slot, &[0u8; SLOT_LEN as usize])
+        .map_err(mem(slot))?;
+    proc.write_memory(base + CTL, &(next as u32).to_le_bytes())
+        .map_err(mem(base + CTL))?;
+    remote_call::ensure_scratch(proc, hijack)?;
+    let remaining = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(500));
+    let opts = remote_call::CallOptions {
+        timeout: remaining,
+        block_signals: true,
+        release_others_after: Some(RELEASE_OTHERS_AFTER),
+    };
+    let rc = remote_call::call_with(
+        proc,
+        hijack,
+        fns.pthread_create,
+        &[slot + SLOT_PTHREAD, 0, base, slot],
+        opts,
+    );
+    let created = match rc {
+        Ok(0) => Ok(()),
+        Ok(errno) => Err(InjectError::ThreadCreate {
+            errno: Errno::from_raw(errno as i32),
+        }),
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = created {
+        let _ = proc.stop_all();
+        return Err(e);
+    }
+    // The new thread runs to its park loop (it takes no lock on the way); its first stop is
+    // serviced like any new thread's.
+    let parked_tid = loop {
+        let (state, tid) = read_slot(proc, slot)?;
+        if state == STATE_PARKED && proc.threads().contains(&tid) {
+            break Some(tid);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        if proc.service(Duration::from_micros(200))?.is_some() {
+            return Err(AttachError::Exited {
+                pid: proc.pid(),
+                status: proc.exit_status(),
+            }
+            .into());
+        }
+    };
+    proc.stop_all()?;
+    let tid = match parked_tid {
+        Some(tid) if parked_thread(proc) == Some(tid) => tid,
+        _ => {
+            return Err(InjectError::ThreadNotParked {
+                pid: proc.pid(),
+                waited: timeout,
+            })
+        }
+    };
+    let mut pthread = [0u8; 8];
+    proc.read_memory(slot + SLOT_PTHREAD, &mut pthread)
+        .map_err(mem(slot + SLOT_PTHREAD))?;
+    // pthread_detach takes no lock: the other threads may stay stopped.
+    let rc = remote_call::call(
+        proc,
+        tid,
+        fns.pthread_detach,
+        &[u64::from_le_bytes(pthread)],
+        remaining,
+    )?;
+    if rc != 0 {
+        return Err(InjectError::ThreadCreate {
+            errno: Errno::from_raw(rc as i32),
+        });
+    }
+    Ok(tid)
+}
