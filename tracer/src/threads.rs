@@ -908,12 +908,22 @@ impl Process {
         if !self.all_stopped() {
             self.stop_all()?;
         }
+        let agent = crate::agent_thread::parked_thread(self);
         crate::agent_thread::dismiss(self);
         crate::remote_call::release_scratch(self);
+        // The agent's thread first and the main thread last: a thread let go runs at once,
+        // and one that ends the process (`exit_group`, as a short program's main thread
+        // does right away) kills the threads still stopped under us. Those become zombies
+        // that only their tracer can reap, and until it does the process never ends (its
+        // parent waited forever for a program that had printed everything).
+        let mut order: Vec<(i32, Thread)> = std::mem::take(&mut self.threads).into_iter().collect();
+        order.sort_by_key(|(tid, _)| (Some(*tid) != agent, *tid == self.pid));
         let mut first_err = None;
-        for (tid, t) in std::mem::take(&mut self.threads) {
+        for (tid, t) in order {
             match ptrace::detach(Pid::from_raw(tid), t.pending) {
-                Ok(()) | Err(Errno::ESRCH) => {}
+                Ok(()) => {}
+                Err(Errno::ESRCH) if tid != self.pid => reap_exited_thread(tid),
+                Err(Errno::ESRCH) => {}
                 Err(e) => {
                     first_err.get_or_insert(pt_err(tid, "PTRACE_DETACH")(e));
                 }
@@ -928,6 +938,26 @@ impl Process {
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         let _ = self.service(Duration::from_secs(2));
         self.threads.clear();
+    }
+}
+
+/// Reaps a thread (not the main one) that died while traced by us, typically killed by
+/// another thread's `exit_group` while we were letting threads go one by one. Its tracer
+/// alone can collect it; the main thread's status is its parent's to collect.
+fn reap_exited_thread(tid: i32) {
+    let deadline = Instant::now() + Duration::from_millis(200);
+    loop {
+        match waitpid(
+            Pid::from_raw(tid),
+            Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+        ) {
+            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_micros(200))
+            }
+            // Exited and reaped, or not ours (any more), or still dying after the deadline:
+            // either way nothing more can be done from here.
+            _ => return,
+        }
     }
 }
 

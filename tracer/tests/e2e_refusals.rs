@@ -178,3 +178,40 @@ fn entries_only_notes_in_one_line() {
         .count();
     assert_eq!(listed, marked.len());
 }
+
+/// The program above ends at once under `tracer run`, 20 times: the tracer lets the agent's
+/// thread go before the main thread, whose `exit_group` would otherwise kill it while it is
+/// still stopped under the tracer, leaving a zombie only the tracer could reap (the run
+/// then never ended, about one time in two).
+#[test]
+fn a_program_that_ends_at_once_ends_under_run() {
+    let dir = temp_dir("quickexit");
+    let prog = cc(&dir, "refused", REFUSED_C, &["-O1"]);
+    for i in 0..20 {
+        let mut child = tracer()
+            .args(["run", "-p", "main:fn_*", "--"])
+            .arg(&prog)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let ended = wait_until(std::time::Duration::from_secs(30), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if !ended {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(ended, "run {i}: tracer run never ended");
+        assert!(
+            out.status.success(),
+            "run {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).starts_with("ok "),
+            "run {i}"
+        );
+    }
+}
