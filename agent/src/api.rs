@@ -3,9 +3,12 @@
 //! Each runs with every thread of the target stopped except the calling one, and catches
 //! panics: nothing may unwind into the target.
 
-use crate::interceptor::{Interceptor, ProbeRequest};
+use crate::interceptor::{Interceptor, PackHandlers, ProbeRequest};
 use crate::relocator::Function;
-use probes::remote::{result_flags, status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC};
+use probes::remote::{
+    result_flags, status, AgentInfo, PackLoadRequest, PackLoadResult, PackSymbol, PrepareRequest,
+    PrepareResult, AGENT_MAGIC,
+};
 use probes::ProbeKind;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
@@ -130,6 +133,11 @@ fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
         offset: req.offset,
         on_entry: None,
         on_exit: None,
+        pack: req.has_shim().then(|| PackHandlers {
+            entry: req.entry_shim,
+            exit: req.exit_shim,
+            name: leak_label(req),
+        }),
     };
     match i.prepare_reusing(&r) {
         Ok((p, _)) => {
@@ -146,6 +154,92 @@ fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
         }
     }
     o
+}
+
+/// The probe's label, kept for as long as the probe (which is never freed).
+fn leak_label(req: &PrepareRequest) -> &'static str {
+    let n = (req.label_len as usize).min(req.label.len());
+    let s = String::from_utf8_lossy(&req.label[..n]).into_owned();
+    Box::leak(s.into_boxed_str())
+}
+
+/// Create a loaded pack's shared region, bind its maps and ring, call its init, and look
+/// up its shims: see `probes::remote::LOAD_PACK_SYMBOL` for the records.
+///
+/// # Safety
+/// `input` holds a `PackLoadRequest` followed by its `PackSymbol`s; `out` has room for a
+/// `PackLoadResult` followed by one `u64` per shim.
+#[no_mangle]
+pub unsafe extern "C" fn tracer_agent_load_pack(input: *const u8, _n: u64, out: *mut u8) -> u64 {
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: per the contract.
+        unsafe { load_pack(input, out) }
+    }));
+    let message = match r {
+        Ok(Ok(())) => return 1,
+        Ok(Err(m)) => m,
+        Err(_) => "the agent panicked while loading the pack".to_string(),
+    };
+    let mut res = PackLoadResult::default();
+    res.set_message(&message);
+    // SAFETY: `out` has room for a result (the contract).
+    unsafe { (out as *mut PackLoadResult).write_unaligned(res) };
+    0
+}
+
+/// # Safety
+/// As [`tracer_agent_load_pack`].
+unsafe fn load_pack(input: *const u8, out: *mut u8) -> Result<(), String> {
+    // SAFETY: per the contract.
+    let head = unsafe { (input as *const PackLoadRequest).read_unaligned() };
+    let syms = |i: usize| {
+        // SAFETY: the request is followed by `maps + shims` symbols.
+        unsafe {
+            (input.add(size_of::<PackLoadRequest>()) as *const PackSymbol)
+                .add(i)
+                .read_unaligned()
+        }
+    };
+    let maps: Vec<PackSymbol> = (0..head.maps as usize).map(syms).collect();
+    let shims: Vec<PackSymbol> = (head.maps as usize..(head.maps + head.shims) as usize)
+        .map(syms)
+        .collect();
+    let kinds: Vec<(u32, [u64; 4])> = maps.iter().map(|m| (m.kind, m.params)).collect();
+    let region = crate::pack_region::create(&kinds, head.ring_bytes as usize)?;
+    let names: Vec<std::ffi::CString> = maps
+        .iter()
+        .map(|m| std::ffi::CString::new(m.symbol()).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let names: Vec<&std::ffi::CStr> = names.iter().map(|c| c.as_c_str()).collect();
+    let handle = head.handle as *mut libc::c_void;
+    // SAFETY: the tracer passes the handle `dlopen` returned for this pack, whose
+    // descriptors list these maps in this order; the region is kept for good below.
+    let abi = unsafe { crate::pack_region::bind_pack(&region, handle, &names) }?;
+    for (i, s) in shims.iter().enumerate() {
+        let name = std::ffi::CString::new(s.symbol()).map_err(|e| e.to_string())?;
+        // SAFETY: a live dlopen handle and a NUL-terminated name.
+        let addr = unsafe { libc::dlsym(handle, name.as_ptr()) } as u64;
+        if addr == 0 {
+            return Err(format!("the pack does not export {}", name.to_string_lossy()));
+        }
+        // SAFETY: `out` has room for the result and one address per shim.
+        unsafe {
+            (out.add(size_of::<PackLoadResult>()) as *mut u64)
+                .add(i)
+                .write_unaligned(addr)
+        };
+    }
+    let res = PackLoadResult {
+        fd: region.fd,
+        abi,
+        total: region.plan.total as u64,
+        ..PackLoadResult::default()
+    };
+    // SAFETY: as above.
+    unsafe { (out as *mut PackLoadResult).write_unaligned(res) };
+    // Never unmapped: the pack may use it until the process ends.
+    std::mem::forget(region);
+    Ok(())
 }
 
 /// Resolve `n` NUL-terminated names, stored back to back at `names`, in the global scope.

@@ -20,7 +20,7 @@ use probes::{EntryHandler, ExitHandler};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What to probe and what to run.
 #[derive(Clone, Debug)]
@@ -32,6 +32,18 @@ pub struct ProbeRequest {
     pub offset: u64,
     pub on_entry: Option<EntryHandler>,
     pub on_exit: Option<ExitHandler>,
+    /// Pack handlers (shim addresses) and the name they see.
+    pub pack: Option<PackHandlers>,
+}
+
+/// A pack's handlers on one probe, reached through slots in the probe.
+#[derive(Clone, Copy, Debug)]
+pub struct PackHandlers {
+    /// Shim run at entry (or at the offset), 0 for none.
+    pub entry: u64,
+    /// Shim run at return, 0 for none.
+    pub exit: u64,
+    pub name: &'static str,
 }
 
 impl ProbeRequest {
@@ -43,6 +55,7 @@ impl ProbeRequest {
             offset: 0,
             on_entry: None,
             on_exit: None,
+            pack: None,
         }
     }
 
@@ -198,7 +211,7 @@ impl Interceptor {
         &mut self,
         req: &ProbeRequest,
     ) -> Result<(Prepared, bool), PrepareError> {
-        if req.on_entry.is_some() || req.on_exit.is_some() {
+        if req.on_entry.is_some() || req.on_exit.is_some() || req.pack.is_some() {
             return self.prepare(req).map(|p| (p, false));
         }
         let key = (req.function.address, req.offset, req.kind as u32);
@@ -333,6 +346,9 @@ impl Interceptor {
             id: id as u32,
             on_offset,
             return_point: Default::default(),
+            pack_entry: AtomicU64::new(req.pack.map_or(0, |p| p.entry)),
+            pack_exit: AtomicU64::new(req.pack.map_or(0, |p| p.exit)),
+            name: req.pack.map_or("", |p| p.name),
         }));
         let xsave = match req.kind {
             ProbeKind::Offset => Some(self.xsave.ok_or_else(|| {
@@ -345,8 +361,8 @@ impl Interceptor {
             _ => None,
         };
         // Counting-only probes take the inline path; a handler needs the full one.
-        let fast = match (req.on_entry, req.on_exit, req.kind, self.tls) {
-            (None, None, ProbeKind::Entry | ProbeKind::Exit, Some(tls)) => {
+        let fast = match (req.on_entry, req.on_exit, req.pack, req.kind, self.tls) {
+            (None, None, None, ProbeKind::Entry | ProbeKind::Exit, Some(tls)) => {
                 Some(trampoline::FastEntry {
                     tls,
                     counters: counters.line,

@@ -158,6 +158,7 @@ fn install(
         offset: site - start,
         on_entry: None,
         on_exit: None,
+        pack: None,
     };
     let p = i.prepare_offset(&req, h).expect("prepare offset probe");
     assert_eq!(p.site, site);
@@ -339,6 +340,7 @@ fn site_inside_an_instruction_is_refused() {
         offset: 2,
         on_entry: None,
         on_exit: None,
+        pack: None,
     };
     assert!(matches!(
         i.prepare_offset(&req, None),

@@ -10,7 +10,9 @@ use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tracer::detached::{self, PidFd, SignalFd, Woke};
-use tracer::session::{ProbeReport, Session};
+use tracer::pack::live::Live;
+use tracer::pack::load::Pack;
+use tracer::session::{PackRequest, ProbeReport, Session};
 use tracer::spec::{self, ProbeSpec, ResolvedProbe};
 use tracer::symbols::{ProcessModules, SymbolCache};
 use tracer::threads::{self, AttachError, ExitStatus, Process};
@@ -61,8 +63,12 @@ enum Command {
 #[derive(Args)]
 struct ProbeArgs {
     /// [MODULE:]SYMBOL[+OFFSET], * and ? globs in both parts; repeatable.
-    #[arg(short, long = "probe", value_name = "SPEC", required = true)]
+    #[arg(short, long = "probe", value_name = "SPEC", required_unless_present = "pack")]
     probe: Vec<String>,
+    /// A probe pack: its crate directory (built with cargo) or its .so. Its handlers run
+    /// at the probes it declares; its events print as they arrive, its maps at the end.
+    #[arg(long, value_name = "DIR_OR_SO")]
+    pack: Option<PathBuf>,
     /// Probe returns too.
     #[arg(short = 'x', long)]
     exit: bool,
@@ -117,13 +123,32 @@ fn resolve(specs: &[String], modules: &ProcessModules) -> Result<Vec<ResolvedPro
     Ok(out)
 }
 
-fn install(proc: &mut Process, args: &ProbeArgs) -> Result<Session, String> {
+/// The pack of `--pack`, built and read before any process is touched.
+fn open_pack(args: &ProbeArgs) -> Result<Option<Pack>, String> {
+    args.pack.as_deref().map(tracer::pack::load::open).transpose()
+}
+
+fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<Session, String> {
     let modules = SymbolCache::global()
         .process(proc.pid())
         .map_err(|e| e.to_string())?;
     let probes = resolve(&args.probe, &modules)?;
-    let session =
-        Session::install(proc, &modules, &probes, args.exit).map_err(|e| e.to_string())?;
+    let sites = match pack {
+        Some(p) => {
+            let (sites, notes) = tracer::pack::load::resolve(p, &modules)?;
+            for n in notes {
+                eprintln!("tracer: note: {n}");
+            }
+            sites
+        }
+        None => Vec::new(),
+    };
+    let pack_request = pack.map(|pack| PackRequest {
+        pack,
+        sites: &sites,
+    });
+    let session = Session::install(proc, &modules, &probes, args.exit, pack_request)
+        .map_err(|e| e.to_string())?;
     for n in session.notes() {
         eprintln!("tracer: note: {n}");
     }
@@ -143,10 +168,13 @@ const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIG
 
 fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
     let mut sink = Sink::open(args)?;
+    let pack = open_pack(args)?;
     // Blocked before the launch, so that one arriving during set-up is passed on too.
     let signals = SignalFd::block(FORWARDED).map_err(|e| format!("cannot block signals: {e}"))?;
     let mut proc = tracer::launch::launch(&cmd[0], &cmd[1..]).map_err(|e| e.to_string())?;
-    let session = match install(&mut proc, args) {
+    let (session, live) = match install(&mut proc, args, pack.as_ref())
+        .and_then(|s| start_live(&proc, &s, pack, args, &sink).map(|l| (s, l)))
+    {
         Ok(s) => s,
         Err(e) => {
             proc.kill();
@@ -178,7 +206,8 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
             );
         }
     }
-    sink.write(args, &session.report())?;
+    let maps = live.map(Live::finish).unwrap_or_default();
+    sink.write(args, &maps, &session.report())?;
     drop(signals);
     Ok(match status {
         ExitStatus::Code(c) => ExitCode::from(c as u8),
@@ -236,13 +265,22 @@ const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, String> {
     let mut sink = Sink::open(args)?;
+    let pack = open_pack(args)?;
     // Blocked before attaching, so that one arriving during set-up ends the session as
     // soon as the probes are in place, in order.
     let signals = SignalFd::block(STOPPING).map_err(|e| format!("cannot block signals: {e}"))?;
     let mut proc = threads::attach(pid).map_err(|e| e.to_string())?;
-    let mut session = match install(&mut proc, args) {
+    let mut session = match install(&mut proc, args, pack.as_ref()) {
         Ok(s) => s,
         Err(e) => {
+            let _ = proc.detach();
+            return Err(e);
+        }
+    };
+    let live = match start_live(&proc, &session, pack, args, &sink) {
+        Ok(l) => l,
+        Err(e) => {
+            session.remove(&mut proc).map_err(|e| e.to_string())?;
             let _ = proc.detach();
             return Err(e);
         }
@@ -278,8 +316,24 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
             eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
         }
     }
-    sink.write(args, &session.report())?;
+    let maps = live.map(Live::finish).unwrap_or_default();
+    sink.write(args, &maps, &session.report())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Map the loaded pack's shared region and start printing its events (to the output file,
+/// or stderr), while the target is still stopped.
+fn start_live(
+    proc: &Process,
+    session: &Session,
+    pack: Option<Pack>,
+    args: &ProbeArgs,
+    sink: &Sink,
+) -> Result<Option<Live>, String> {
+    let (Some(pack), Some((fd, _))) = (pack, session.pack_region()) else {
+        return Ok(None);
+    };
+    Live::start(proc.pid(), fd, pack.info, args.json, sink.events()?).map(Some)
 }
 
 /// Attaches again (threads created meanwhile included), restores every patched byte with
@@ -346,8 +400,25 @@ impl Sink {
         }
     }
 
-    fn write(&mut self, args: &ProbeArgs, reports: &[ProbeReport]) -> Result<(), String> {
-        let text = render(args, reports);
+    /// Where events go as they arrive: the same place.
+    fn events(&self) -> Result<Box<dyn Write + Send>, String> {
+        match self {
+            Sink::File(f, p) => f
+                .try_clone()
+                .map(|f| Box::new(f) as Box<dyn Write + Send>)
+                .map_err(|e| format!("cannot write {}: {e}", p.display())),
+            Sink::Stderr => Ok(Box::new(std::io::stderr())),
+        }
+    }
+
+    /// Write the pack's maps (already rendered), then the per-probe table.
+    fn write(
+        &mut self,
+        args: &ProbeArgs,
+        maps: &str,
+        reports: &[ProbeReport],
+    ) -> Result<(), String> {
+        let text = maps.to_string() + &render(args, reports);
         match self {
             Sink::File(f, p) => f
                 .write_all(text.as_bytes())
@@ -361,6 +432,8 @@ impl Sink {
 
 fn render(args: &ProbeArgs, reports: &[ProbeReport]) -> String {
     let mut text = String::new();
+    // A pack's return handlers count returns too.
+    let exit = args.exit || reports.iter().any(|r| r.exits > 0);
     if args.json {
         for r in reports {
             let mut v = serde_json::json!({
@@ -372,7 +445,7 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport]) -> String {
                 "skipped": r.skipped,
                 "encoding": r.encoding.name(),
             });
-            if args.exit {
+            if exit {
                 v["exits"] = r.exits.into();
                 v["lost_exits"] = r.lost_exits.into();
             }
@@ -394,11 +467,11 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport]) -> String {
             "probe",
             "address",
             "hits",
-            if args.exit { "         exits" } else { "" },
+            if exit { "         exits" } else { "" },
             "skipped"
         ));
         for r in reports {
-            let exits = if args.exit {
+            let exits = if exit {
                 format!("  {:>12}", r.exits)
             } else {
                 String::new()
@@ -406,6 +479,12 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport]) -> String {
             text.push_str(&format!(
                 "{:<w$}  {:>#18x}  {:>12}{exits}  {:>8}  {}\n",
                 r.label, r.address, r.hits, r.skipped, r.encoding
+            ));
+        }
+        for r in reports.iter().filter(|r| r.panics > 0) {
+            text.push_str(&format!(
+                "{}: disabled after its handler panicked ({} panic(s)); the program ran on\n",
+                r.label, r.panics
             ));
         }
     }

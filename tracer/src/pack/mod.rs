@@ -7,6 +7,8 @@
 
 pub mod descriptors;
 pub mod format;
+pub mod live;
+pub mod load;
 pub mod maps;
 pub mod region;
 pub mod report;
