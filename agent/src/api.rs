@@ -220,7 +220,10 @@ unsafe fn load_pack(input: *const u8, out: *mut u8) -> Result<(), String> {
         // SAFETY: a live dlopen handle and a NUL-terminated name.
         let addr = unsafe { libc::dlsym(handle, name.as_ptr()) } as u64;
         if addr == 0 {
-            return Err(format!("the pack does not export {}", name.to_string_lossy()));
+            return Err(format!(
+                "the pack does not export {}",
+                name.to_string_lossy()
+            ));
         }
         // SAFETY: `out` has room for the result and one address per shim.
         unsafe {

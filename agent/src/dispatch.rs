@@ -9,10 +9,10 @@
 use crate::shared::current_cpu;
 use crate::thread_state::{self, ShadowEntry};
 use probes::context::{OffsetContext, OffsetHandler};
+use probes::pack::abi::{HitInfo, Shim, SHIM_PANICKED};
 use probes::shared::{flags, Counts};
 use probes::{EntryContext, EntryHandler, ExitContext, ExitHandler};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use probes::pack::abi::{HitInfo, Shim, SHIM_PANICKED};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::OnceLock;

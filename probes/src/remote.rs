@@ -174,7 +174,11 @@ impl Default for PackLoadResult {
 
 impl PackLoadResult {
     pub fn message(&self) -> String {
-        let end = self.message.iter().position(|&b| b == 0).unwrap_or(self.message.len());
+        let end = self
+            .message
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.message.len());
         String::from_utf8_lossy(&self.message[..end]).into_owned()
     }
 

@@ -63,7 +63,12 @@ enum Command {
 #[derive(Args)]
 struct ProbeArgs {
     /// [MODULE:]SYMBOL[+OFFSET], * and ? globs in both parts; repeatable.
-    #[arg(short, long = "probe", value_name = "SPEC", required_unless_present = "pack")]
+    #[arg(
+        short,
+        long = "probe",
+        value_name = "SPEC",
+        required_unless_present = "pack"
+    )]
     probe: Vec<String>,
     /// A probe pack: its crate directory (built with cargo) or its .so. Its handlers run
     /// at the probes it declares; its events print as they arrive, its maps at the end.
@@ -125,7 +130,10 @@ fn resolve(specs: &[String], modules: &ProcessModules) -> Result<Vec<ResolvedPro
 
 /// The pack of `--pack`, built and read before any process is touched.
 fn open_pack(args: &ProbeArgs) -> Result<Option<Pack>, String> {
-    args.pack.as_deref().map(tracer::pack::load::open).transpose()
+    args.pack
+        .as_deref()
+        .map(tracer::pack::load::open)
+        .transpose()
 }
 
 fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<Session, String> {

@@ -41,11 +41,20 @@ pub fn pack_file(path: &Path) -> Result<PathBuf, String> {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(&cargo)
-        .args(["build", "--release", "--message-format=json-render-diagnostics"])
+        .args([
+            "build",
+            "--release",
+            "--message-format=json-render-diagnostics",
+        ])
         .current_dir(path)
         .stderr(std::process::Stdio::inherit())
         .output()
-        .map_err(|e| format!("cannot run {cargo} to build the pack {}: {e}", path.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot run {cargo} to build the pack {}: {e}",
+                path.display()
+            )
+        })?;
     if !out.status.success() {
         return Err(format!(
             "building the pack {} failed (cargo's errors above)",
@@ -90,7 +99,13 @@ pub fn open(path: &Path) -> Result<Pack, String> {
         .trim_start_matches("lib");
     let name: String = stem
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     Ok(Pack {
         info,
@@ -103,7 +118,10 @@ pub fn open(path: &Path) -> Result<Pack, String> {
 /// probe (an `#[entry]` and an `#[exit]` of `libc:malloc` are one site). A spec that
 /// matches nothing in this process is a note (a pack may target several programs); at
 /// least one must match.
-pub fn resolve(pack: &Pack, modules: &ProcessModules) -> Result<(Vec<PackSite>, Vec<String>), String> {
+pub fn resolve(
+    pack: &Pack,
+    modules: &ProcessModules,
+) -> Result<(Vec<PackSite>, Vec<String>), String> {
     let mut sites: Vec<PackSite> = Vec::new();
     let mut notes = Vec::new();
     for (i, d) in pack.info.probes.iter().enumerate() {
