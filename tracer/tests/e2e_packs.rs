@@ -398,3 +398,50 @@ fn run_refuses_a_bad_pack_before_launching() {
     std::thread::sleep(Duration::from_millis(50));
     assert!(!marker.exists(), "the command ran");
 }
+
+/// Pack handlers (entry and return, floating-point work inside) on the functions of a
+/// program whose callers keep values in call-clobbered registers across them and call
+/// them misaligned (see `e2e_registers.rs`): its output is that of an untraced run.
+#[test]
+fn pack_handlers_keep_every_register_of_ipa_ra_callers() {
+    let dir = temp_dir("pack-ipa-ra");
+    let binary = cc(
+        dir.path(),
+        "ipa_ra",
+        include_str!("../../tests/programs/ipa_ra.c"),
+        &[
+            "-O2",
+            "-fipa-ra",
+            "-fipa-stack-alignment",
+            "-no-pie",
+            "-fno-pie",
+        ],
+    );
+    let so = testpack();
+    let (lines, _) = run_json(
+        dir.path(),
+        &binary,
+        &[
+            "--pack",
+            so.to_str().unwrap(),
+            "-x",
+            "-p",
+            "main:grow",
+            "-p",
+            "main:mix",
+            "-p",
+            "main:small",
+        ],
+        &["2000"],
+    );
+    for (probe, calls) in [
+        ("main:tick", 6000),
+        ("main:tock", 6000),
+        ("main:small", 2000),
+    ] {
+        let r = report(&lines, probe);
+        assert_eq!((num(r, "hits"), num(r, "exits")), (calls, calls), "{r}");
+    }
+    assert_eq!(hist_sum(map(&lines, "RETURNS")), 12000);
+    assert_eq!(map(&lines, "TICKS")["data"]["value"], 6000);
+}

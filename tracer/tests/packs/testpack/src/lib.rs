@@ -16,3 +16,14 @@ fn boom(ctx: &mut EntryCtx) {
         panic!("a handler bug");
     }
 }
+
+#[map]
+static RETURNS: Histogram = Histogram::log2();
+
+/// Floating-point work in a return handler: the vector registers a caller may keep live
+/// across a locally bound callee must survive it.
+#[exit("main:t*ck")]
+fn returns(ctx: &mut ExitCtx) {
+    let x = ctx.elapsed_ns() as f64 + 0.5;
+    RETURNS.record((x.sqrt() * 1.75).mul_add(3.0, 1.0) as u64);
+}
