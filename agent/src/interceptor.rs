@@ -142,7 +142,7 @@ pub struct Interceptor {
     /// Handler-less probes by what was asked (function, offset, kind), as indices into
     /// `prepared`: asking again reuses the trampoline and counter slot, so repeated
     /// sessions do not grow the process.
-    reusable: HashMap<(u64, u64, u32), Reusable>,
+    reusable: HashMap<(u64, u64, u32, bool), Reusable>,
     /// This process's mappings as last read, to tell where code came from.
     maps: Vec<MapEntry>,
     exit_trampoline: Option<u64>,
@@ -206,22 +206,37 @@ impl Interceptor {
     /// probe prepared then: same trampoline, same patch, same counter slot, its counters
     /// zeroed so that the new session counts its own hits. Trampolines are never freed
     /// (a thread may still run in one after its patch is gone), so reuse is what keeps
-    /// repeated sessions from growing the process. Returns whether it was reused.
+    /// repeated sessions from growing the process. A request with pack handlers reuses a
+    /// probe made for pack handlers before, the new handlers written into its slots.
+    /// Returns whether it was reused.
     pub fn prepare_reusing(
         &mut self,
         req: &ProbeRequest,
     ) -> Result<(Prepared, bool), PrepareError> {
-        if req.on_entry.is_some() || req.on_exit.is_some() || req.pack.is_some() {
+        if req.on_entry.is_some() || req.on_exit.is_some() {
             return self.prepare(req).map(|p| (p, false));
         }
-        let key = (req.function.address, req.offset, req.kind as u32);
+        // Probes without handlers count in an inline path that never reads the slots:
+        // they are kept apart from those made for pack handlers.
+        let key = (
+            req.function.address,
+            req.offset,
+            req.kind as u32,
+            req.pack.is_some(),
+        );
         if let Some(r) = self.reusable.remove(&key) {
             let p = self.prepared[r.index].clone();
             // The same code from the same file: a library unloaded and another loaded
             // at the same address would otherwise run stale relocated instructions.
             if r.code == self.code_at(&p) && r.origin == self.origin(p.site) {
+                let index = r.index;
                 self.reusable.insert(key, r);
                 self.shared.reset(p.id as usize);
+                if let Some(h) = req.pack {
+                    let probe = self.probes[index];
+                    probe.pack_entry.store(h.entry, Ordering::Release);
+                    probe.pack_exit.store(h.exit, Ordering::Release);
+                }
                 return Ok((p, true));
             }
         }
