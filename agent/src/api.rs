@@ -156,11 +156,19 @@ fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
     o
 }
 
-/// The probe's label, kept for as long as the probe (which is never freed).
+/// The probe's label, kept for as long as the probe (which is never freed); each label
+/// is kept once, however many sessions ask for it.
 fn leak_label(req: &PrepareRequest) -> &'static str {
+    static LABELS: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
     let n = (req.label_len as usize).min(req.label.len());
-    let s = String::from_utf8_lossy(&req.label[..n]).into_owned();
-    Box::leak(s.into_boxed_str())
+    let s = String::from_utf8_lossy(&req.label[..n]);
+    let mut labels = LABELS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(l) = labels.iter().find(|l| **l == s) {
+        return l;
+    }
+    let l: &'static str = Box::leak(s.into_owned().into_boxed_str());
+    labels.push(l);
+    l
 }
 
 /// Create a loaded pack's shared region, bind its maps and ring, call its init, and look
@@ -205,7 +213,7 @@ unsafe fn load_pack(input: *const u8, out: *mut u8) -> Result<(), String> {
         .map(syms)
         .collect();
     let kinds: Vec<(u32, [u64; 4])> = maps.iter().map(|m| (m.kind, m.params)).collect();
-    let region = crate::pack_region::create(&kinds, head.ring_bytes as usize)?;
+    let region = region_for(head.handle, &kinds, head.ring_bytes as usize)?;
     let names: Vec<std::ffi::CString> = maps
         .iter()
         .map(|m| std::ffi::CString::new(m.symbol()).map_err(|e| e.to_string()))
@@ -240,9 +248,55 @@ unsafe fn load_pack(input: *const u8, out: *mut u8) -> Result<(), String> {
     };
     // SAFETY: as above.
     unsafe { (out as *mut PackLoadResult).write_unaligned(res) };
-    // Never unmapped: the pack may use it until the process ends.
-    std::mem::forget(region);
     Ok(())
+}
+
+/// A pack's region, by the pack's `dlopen` handle: a later session with the same pack
+/// gets it back, emptied, rather than a new one (the old one cannot be unmapped: the
+/// pack may use it until the process ends).
+struct KnownRegion {
+    handle: u64,
+    kinds: Vec<(u32, [u64; 4])>,
+    fd: i32,
+    base: usize,
+    plan: probes::pack::abi::Plan,
+}
+
+static REGIONS: Mutex<Vec<KnownRegion>> = Mutex::new(Vec::new());
+
+fn region_for(
+    handle: u64,
+    kinds: &[(u32, [u64; 4])],
+    ring_bytes: usize,
+) -> Result<crate::pack_region::PackRegion, String> {
+    let mut known = REGIONS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(k) = known
+        .iter()
+        .find(|k| k.handle == handle && k.kinds == kinds && k.plan.ring_bytes == ring_bytes)
+    {
+        let base = k.base as *mut u8;
+        // SAFETY: the region is still mapped (never unmapped), `plan.total` bytes; its
+        // probes were removed at the end of the last session, so only a thread still
+        // finishing a handler can write to it meanwhile (its update is lost).
+        unsafe {
+            std::ptr::write_bytes(base, 0, k.plan.total);
+            probes::pack::abi::init_region(base, &k.plan, kinds);
+        }
+        return Ok(crate::pack_region::PackRegion {
+            fd: k.fd,
+            base,
+            plan: k.plan.clone(),
+        });
+    }
+    let r = crate::pack_region::create(kinds, ring_bytes)?;
+    known.push(KnownRegion {
+        handle,
+        kinds: kinds.to_vec(),
+        fd: r.fd,
+        base: r.base as usize,
+        plan: r.plan.clone(),
+    });
+    Ok(r)
 }
 
 /// Resolve `n` NUL-terminated names, stored back to back at `names`, in the global scope.

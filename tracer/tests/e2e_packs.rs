@@ -137,14 +137,29 @@ fn attach_json(
     args.push("wait");
     let mut t = Target::spawn(program, &args);
     assert_eq!(t.line(), "ready");
+    let r = attach_session(&mut t, tracer_args, false);
+    assert!(t.finish().1);
+    r
+}
+
+/// One `tracer attach --json` session on `t` (started with `wait`): probes live, one
+/// round of the program's work, then the session ends: by SIGINT to tracer when
+/// `interrupt`, else by the program's exit (sent "stop"). Returns the program's result
+/// line and tracer's JSON lines.
+fn attach_session(
+    t: &mut Target,
+    tracer_args: &[&str],
+    interrupt: bool,
+) -> (String, Vec<serde_json::Value>) {
     let pid = t.pid().to_string();
-    let mut cmd = tracer();
-    cmd.args(["attach", &pid, "--json"])
+    let mut tr = tracer()
+        .args(["attach", &pid, "--json"])
         .args(tracer_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut tr = cmd.spawn().unwrap();
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut err = BufReader::new(tr.stderr.take().unwrap());
     let mut seen = String::new();
     loop {
@@ -155,12 +170,15 @@ fn attach_json(
             break;
         }
     }
-    let mut stdin = t.stdin.take().unwrap();
+    let stdin = t.stdin.as_mut().unwrap();
     stdin.write_all(b"go\n").unwrap();
     let result = t.line();
-    stdin.write_all(b"stop\n").unwrap();
-    drop(stdin);
-    assert!(t.child.wait().unwrap().success());
+    if interrupt {
+        // SAFETY: kill with the pid of our own child.
+        unsafe { libc::kill(tr.id() as i32, libc::SIGINT) };
+    } else {
+        t.stdin.as_mut().unwrap().write_all(b"stop\n").unwrap();
+    }
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
     assert!(tr.wait().unwrap().success(), "tracer failed: {seen}{rest}");
@@ -212,6 +230,43 @@ fn mallocs_under_attach_counts_the_programs_own_mallocs() {
     );
     assert_eq!(field(&result, "mallocs"), 300);
     check_mallocs(&lines);
+}
+
+/// Sessions in a row on one process with the same pack: later ones reuse the pack, its
+/// region (emptied) and its probe, so the process does not grow; each counts exactly the
+/// program's work in its window.
+#[test]
+fn mallocs_twice_in_one_process_counts_each_window() {
+    let dir = temp_dir("pack-mallocs-twice");
+    let program = build_program(dir.path());
+    let so = example("mallocs");
+    let mut t = Target::spawn(&program, &["300", "0", "0", "0", "wait"]);
+    assert_eq!(t.line(), "ready");
+    let maps_file = format!("/proc/{}/maps", t.pid());
+    // The program's own heap may grow or shrink; every other mapping must stay.
+    let mappings = || {
+        std::fs::read_to_string(&maps_file)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.ends_with("[heap]"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut after_first = None;
+    for _ in 0..3 {
+        let (result, lines) = attach_session(&mut t, &["--pack", so.to_str().unwrap()], true);
+        assert_eq!(field(&result, "mallocs"), 300);
+        check_mallocs(&lines);
+        let now = mappings();
+        assert_eq!(
+            after_first.get_or_insert_with(|| now.clone()),
+            &now,
+            "the process grew"
+        );
+    }
+    assert_eq!(tracer_pid(t.pid()), 0);
+    let (last, ok) = t.finish();
+    assert!(ok && last.is_empty(), "{last}");
 }
 
 #[test]

@@ -1,8 +1,7 @@
 /* The pack tests' target: `pack_target N K T B [wait]`.
- * Prints "ready"; with "wait", waits for a line on stdin. Then: N mallocs of 12345
- * bytes (counting those that return NULL), K callocs of 3 x 7 bytes, T calls of tick(),
- * B calls of boom(); prints what it did, frees, and with "wait" waits for another line
- * before exiting 0. */
+ * Prints "ready". Then: N mallocs of 12345 bytes (counting those that return NULL), K
+ * callocs of 3 x 7 bytes, T calls of tick(), B calls of boom(); prints what it did and
+ * frees. With "wait", does that once per line "go" on stdin, and exits 0 at "stop". */
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -26,27 +25,28 @@ int main(int argc, char **argv)
     char line[64];
     printf("ready\n");
     fflush(stdout);
-    if (wait && !fgets(line, sizeof line, stdin))
-        return 2;
-    void **blocks = calloc(n + k + 1, sizeof *blocks);
-    unsigned long failures = 0, sum = 0;
-    for (unsigned long i = 0; i < n; i++) {
-        blocks[i] = malloc(12345);
-        failures += blocks[i] == NULL;
+    for (;;) {
+        if (wait && (!fgets(line, sizeof line, stdin) || line[0] != 'g'))
+            return 0;
+        void **blocks = calloc(n + k + 1, sizeof *blocks);
+        unsigned long failures = 0, sum = 0;
+        for (unsigned long i = 0; i < n; i++) {
+            blocks[i] = malloc(12345);
+            failures += blocks[i] == NULL;
+        }
+        for (unsigned long i = 0; i < k; i++)
+            blocks[n + i] = calloc(3, 7);
+        for (unsigned long i = 0; i < t; i++)
+            sum += tick(i);
+        for (unsigned long i = 0; i < b; i++)
+            sum += boom(i);
+        printf("mallocs=%lu failures=%lu callocs=%lu ticks=%lu booms=%lu sum=%lu\n", n, failures,
+               k, t, b, sum);
+        fflush(stdout);
+        for (unsigned long i = 0; i < n + k; i++)
+            free(blocks[i]);
+        free(blocks);
+        if (!wait)
+            return 0;
     }
-    for (unsigned long i = 0; i < k; i++)
-        blocks[n + i] = calloc(3, 7);
-    for (unsigned long i = 0; i < t; i++)
-        sum += tick(i);
-    for (unsigned long i = 0; i < b; i++)
-        sum += boom(i);
-    printf("mallocs=%lu failures=%lu callocs=%lu ticks=%lu booms=%lu sum=%lu\n", n, failures,
-           k, t, b, sum);
-    fflush(stdout);
-    for (unsigned long i = 0; i < n + k; i++)
-        free(blocks[i]);
-    free(blocks);
-    if (wait && !fgets(line, sizeof line, stdin))
-        return 2;
-    return 0;
 }
