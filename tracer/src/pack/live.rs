@@ -20,6 +20,9 @@ const PERIOD: Duration = Duration::from_millis(5);
 /// How long a record may stay reserved and unfinished before it is taken as left by a
 /// thread that died inside a handler and skipped.
 const STUCK_AFTER: Duration = Duration::from_secs(1);
+/// The same at the end, when a thread stopped inside a handler while the probes were
+/// removed may still be finishing its record.
+const STUCK_AT_END: Duration = Duration::from_millis(200);
 
 /// What the drain thread saw.
 #[derive(Debug, Default)]
@@ -149,10 +152,14 @@ fn drain_loop(s: &Shared, stop: &AtomicBool, json: bool, mut out: Box<dyn Write 
             let _ = out.flush();
         }
         // A record reserved and never committed blocks those behind it: after a while
-        // (or at the end, when no handler runs any more) it is skipped.
-        if d.pending && d.records == 0 {
+        // it is taken as left by a thread that died in a handler, and skipped.
+        if d.pending {
+            if d.records > 0 {
+                pending_since = None;
+            }
             let since = *pending_since.get_or_insert_with(Instant::now);
-            if last || since.elapsed() > STUCK_AFTER {
+            let limit = if last { STUCK_AT_END } else { STUCK_AFTER };
+            if since.elapsed() > limit {
                 consumer.skip_stuck(view);
                 tally.bad += 1;
                 note(
@@ -163,6 +170,9 @@ fn drain_loop(s: &Shared, stop: &AtomicBool, json: bool, mut out: Box<dyn Write 
                 if !last {
                     continue;
                 }
+            } else if last {
+                std::thread::sleep(PERIOD);
+                continue;
             }
         } else {
             pending_since = None;
