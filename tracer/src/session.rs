@@ -325,12 +325,22 @@ impl Session {
             }
             None => (None, Vec::new()),
         };
-        // Each site: the resolved probe, and the pack's shims there (entry, exit).
-        let mut all: Vec<(&ResolvedProbe, u64, u64)> = probes.iter().map(|p| (p, 0, 0)).collect();
+        // Each site: the resolved probe, and the pack's shims there (entry, exit). The
+        // pack's come first: a `-p` probe of the same code gives way (the pack's probe
+        // counts its hits too).
+        let mut all: Vec<(&ResolvedProbe, u64, u64)> = Vec::new();
         if let Some(pr) = &pack {
             let shim = |i: Option<usize>| i.map_or(0, |i| shims[i]);
             for s in pr.sites {
                 all.push((&s.probe, shim(s.entry), shim(s.exit)));
+            }
+        }
+        let mut pack_counts = Vec::new();
+        for p in probes {
+            if all.iter().any(|(q, _, _)| q.address == p.address) {
+                pack_counts.push(label(p, modules));
+            } else {
+                all.push((p, 0, 0));
             }
         }
         let ifunc_names: Vec<&str> = all
@@ -342,7 +352,10 @@ impl Session {
         let mut requests = Vec::new();
         let mut labels = Vec::new();
         let mut refused = Vec::new();
-        let mut notes = Vec::new();
+        let mut notes: Vec<String> = pack_counts
+            .into_iter()
+            .map(|l| format!("{l}: probed by the pack, whose probe counts its hits"))
+            .collect();
         for &(p, entry_shim, mut exit_shim) in &all {
             let l = label(p, modules);
             let (function, size) = if p.is_ifunc {

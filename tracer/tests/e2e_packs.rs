@@ -208,14 +208,25 @@ fn mallocs_under_run_counts_the_programs_own_mallocs() {
     let dir = temp_dir("pack-mallocs-run");
     let program = build_program(dir.path());
     let so = example("mallocs");
+    // `-p` probes beside the pack's; the one on the pack's own function gives way.
     let (lines, _) = run_json(
         dir.path(),
         &program,
-        &["--pack", so.to_str().unwrap()],
+        &[
+            "--pack",
+            so.to_str().unwrap(),
+            "-p",
+            "libc:malloc",
+            "-p",
+            "libc:free",
+        ],
         &["300", "0", "0", "0"],
     );
     // Read after the program exited: the maps live in memory the tracer mapped.
     check_mallocs(&lines);
+    let probes: Vec<_> = lines.iter().filter_map(|v| v["probe"].as_str()).collect();
+    assert_eq!(probes, ["libc:malloc", "libc:free"]);
+    assert!(num(report(&lines, "libc:free"), "hits") >= 300);
 }
 
 #[test]
