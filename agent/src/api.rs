@@ -6,14 +6,13 @@
 use crate::interceptor::{Interceptor, PackHandlers, ProbeRequest};
 use crate::relocator::Function;
 use probes::remote::{
-    result_flags, status, AgentInfo, PackLoadRequest, PackLoadResult, PackSymbol, PrepareRequest,
-    PrepareResult, AGENT_MAGIC,
+    result_flags, status, AgentInfo, PackLoadResult, PrepareRequest, PrepareResult, AGENT_MAGIC,
 };
 use probes::ProbeKind;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
-static INTERCEPTOR: Mutex<Option<Interceptor>> = Mutex::new(None);
+pub(crate) static INTERCEPTOR: Mutex<Option<Interceptor>> = Mutex::new(None);
 static mut INFO: AgentInfo = AgentInfo {
     magic: 0,
     shared_fd: -1,
@@ -172,7 +171,8 @@ fn leak_label(req: &PrepareRequest) -> &'static str {
 }
 
 /// Create a loaded pack's shared region, bind its maps and ring, call its init, and look
-/// up its shims: see `probes::remote::LOAD_PACK_SYMBOL` for the records.
+/// up its shims; or swap a running pack's handlers for a new build's: see
+/// `probes::remote::LOAD_PACK_SYMBOL` for the records.
 ///
 /// # Safety
 /// `input` holds a `PackLoadRequest` followed by its `PackSymbol`s; `out` has room for a
@@ -181,7 +181,7 @@ fn leak_label(req: &PrepareRequest) -> &'static str {
 pub unsafe extern "C" fn tracer_agent_load_pack(input: *const u8, _n: u64, out: *mut u8) -> u64 {
     let r = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: per the contract.
-        unsafe { load_pack(input, out) }
+        unsafe { crate::pack_loader::load(input, out, &INTERCEPTOR) }
     }));
     let message = match r {
         Ok(Ok(())) => return 1,
@@ -193,110 +193,6 @@ pub unsafe extern "C" fn tracer_agent_load_pack(input: *const u8, _n: u64, out: 
     // SAFETY: `out` has room for a result (the contract).
     unsafe { (out as *mut PackLoadResult).write_unaligned(res) };
     0
-}
-
-/// # Safety
-/// As [`tracer_agent_load_pack`].
-unsafe fn load_pack(input: *const u8, out: *mut u8) -> Result<(), String> {
-    // SAFETY: per the contract.
-    let head = unsafe { (input as *const PackLoadRequest).read_unaligned() };
-    let syms = |i: usize| {
-        // SAFETY: the request is followed by `maps + shims` symbols.
-        unsafe {
-            (input.add(size_of::<PackLoadRequest>()) as *const PackSymbol)
-                .add(i)
-                .read_unaligned()
-        }
-    };
-    let maps: Vec<PackSymbol> = (0..head.maps as usize).map(syms).collect();
-    let shims: Vec<PackSymbol> = (head.maps as usize..(head.maps + head.shims) as usize)
-        .map(syms)
-        .collect();
-    let kinds: Vec<(u32, [u64; 4])> = maps.iter().map(|m| (m.kind, m.params)).collect();
-    let region = region_for(head.handle, &kinds, head.ring_bytes as usize)?;
-    let names: Vec<std::ffi::CString> = maps
-        .iter()
-        .map(|m| std::ffi::CString::new(m.symbol()).map_err(|e| e.to_string()))
-        .collect::<Result<_, _>>()?;
-    let names: Vec<&std::ffi::CStr> = names.iter().map(|c| c.as_c_str()).collect();
-    let handle = head.handle as *mut libc::c_void;
-    // SAFETY: the tracer passes the handle `dlopen` returned for this pack, whose
-    // descriptors list these maps in this order; the region is kept for good below.
-    let abi = unsafe { crate::pack_region::bind_pack(&region, handle, &names) }?;
-    for (i, s) in shims.iter().enumerate() {
-        let name = std::ffi::CString::new(s.symbol()).map_err(|e| e.to_string())?;
-        // SAFETY: a live dlopen handle and a NUL-terminated name.
-        let addr = unsafe { libc::dlsym(handle, name.as_ptr()) } as u64;
-        if addr == 0 {
-            return Err(format!(
-                "the pack does not export {}",
-                name.to_string_lossy()
-            ));
-        }
-        // SAFETY: `out` has room for the result and one address per shim.
-        unsafe {
-            (out.add(size_of::<PackLoadResult>()) as *mut u64)
-                .add(i)
-                .write_unaligned(addr)
-        };
-    }
-    let res = PackLoadResult {
-        fd: region.fd,
-        abi,
-        total: region.plan.total as u64,
-        ..PackLoadResult::default()
-    };
-    // SAFETY: as above.
-    unsafe { (out as *mut PackLoadResult).write_unaligned(res) };
-    Ok(())
-}
-
-/// A pack's region, by the pack's `dlopen` handle: a later session with the same pack
-/// gets it back, emptied, rather than a new one (the old one cannot be unmapped: the
-/// pack may use it until the process ends).
-struct KnownRegion {
-    handle: u64,
-    kinds: Vec<(u32, [u64; 4])>,
-    fd: i32,
-    base: usize,
-    plan: probes::pack::abi::Plan,
-}
-
-static REGIONS: Mutex<Vec<KnownRegion>> = Mutex::new(Vec::new());
-
-fn region_for(
-    handle: u64,
-    kinds: &[(u32, [u64; 4])],
-    ring_bytes: usize,
-) -> Result<crate::pack_region::PackRegion, String> {
-    let mut known = REGIONS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(k) = known
-        .iter()
-        .find(|k| k.handle == handle && k.kinds == kinds && k.plan.ring_bytes == ring_bytes)
-    {
-        let base = k.base as *mut u8;
-        // SAFETY: the region is still mapped (never unmapped), `plan.total` bytes; its
-        // probes were removed at the end of the last session, so only a thread still
-        // finishing a handler can write to it meanwhile (its update is lost).
-        unsafe {
-            std::ptr::write_bytes(base, 0, k.plan.total);
-            probes::pack::abi::init_region(base, &k.plan, kinds);
-        }
-        return Ok(crate::pack_region::PackRegion {
-            fd: k.fd,
-            base,
-            plan: k.plan.clone(),
-        });
-    }
-    let r = crate::pack_region::create(kinds, ring_bytes)?;
-    known.push(KnownRegion {
-        handle,
-        kinds: kinds.to_vec(),
-        fd: r.fd,
-        base: r.base as usize,
-        plan: r.plan.clone(),
-    });
-    Ok(r)
 }
 
 /// Resolve `n` NUL-terminated names, stored back to back at `names`, in the global scope.

@@ -589,3 +589,22 @@ pub fn write_self_code(addr: u64, bytes: &[u8]) -> io::Result<()> {
         .open("/proc/self/mem")?;
     f.write_all_at(bytes, addr)
 }
+
+impl Interceptor {
+    /// Point every pack handler slot holding one of `swaps`' old shims at its new one:
+    /// a store per slot, so each hit runs one build's handler or the other's, never
+    /// neither. Returns how many slots changed.
+    pub fn swap_pack_shims(&self, swaps: &[(u64, u64)]) -> u64 {
+        let mut n = 0;
+        for p in &self.probes {
+            for slot in [&p.pack_entry, &p.pack_exit] {
+                let old = slot.load(Ordering::Acquire);
+                if let Some(&(_, new)) = swaps.iter().find(|(o, _)| *o == old && old != 0) {
+                    slot.store(new, Ordering::Release);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+}

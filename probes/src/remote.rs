@@ -42,7 +42,9 @@ pub struct AgentInfo {
 /// u64`: `input` is a [`PackLoadRequest`] followed by its [`PackSymbol`]s (maps, then
 /// shims); creates the pack's shared region, binds the pack's maps and ring to it, calls
 /// its init, and writes a [`PackLoadResult`] followed by one `u64` address per shim to
-/// `out`. Returns 1 on success, 0 on failure (the message says why).
+/// `out`. With `swap` set, binds the new build to the region of the pack of the same
+/// name loaded last (maps kept) and writes its shims into the slots that held the old
+/// build's, instead. Returns 1 on success, 0 on failure (the message says why).
 pub const LOAD_PACK_SYMBOL: &str = "tracer_agent_load_pack";
 
 /// Longest label a probe's handler sees as its name (longer ones are cut).
@@ -104,7 +106,7 @@ impl PrepareRequest {
 
 /// Head of the input of [`LOAD_PACK_SYMBOL`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct PackLoadRequest {
     /// The pack's `dlopen` handle in the target.
     pub handle: u64,
@@ -112,6 +114,25 @@ pub struct PackLoadRequest {
     pub ring_bytes: u64,
     pub maps: u32,
     pub shims: u32,
+    /// Nonzero: hot swap (see [`LOAD_PACK_SYMBOL`]).
+    pub swap: u32,
+    pub _pad: u32,
+    /// The pack's name (its library's), NUL-padded: what a swap matches.
+    pub name: [u8; 64],
+}
+
+impl Default for PackLoadRequest {
+    fn default() -> Self {
+        PackLoadRequest {
+            handle: 0,
+            ring_bytes: 0,
+            maps: 0,
+            shims: 0,
+            swap: 0,
+            _pad: 0,
+            name: [0; 64],
+        }
+    }
 }
 
 /// A map (kind, params, exported handle) or a shim (symbol only) of a pack to load.
@@ -157,6 +178,8 @@ pub struct PackLoadResult {
     pub abi: u32,
     /// The region's length.
     pub total: u64,
+    /// Swap: how many handler slots now hold the new build's shims.
+    pub swapped: u64,
     /// NUL-terminated reason on failure.
     pub message: [u8; 240],
 }
@@ -167,6 +190,7 @@ impl Default for PackLoadResult {
             fd: -1,
             abi: 0,
             total: 0,
+            swapped: 0,
             message: [0; 240],
         }
     }

@@ -274,6 +274,12 @@ const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, String> {
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
+    if let Some(pack) = pack
+        .as_ref()
+        .filter(|_| tracer::session::other_session_live(pid))
+    {
+        return swap_pack(pid, pack);
+    }
     // Blocked before attaching, so that one arriving during set-up ends the session as
     // soon as the probes are in place, in order.
     let signals = SignalFd::block(STOPPING).map_err(|e| format!("cannot block signals: {e}"))?;
@@ -326,6 +332,22 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     }
     let maps = live.map(Live::finish).unwrap_or_default();
     sink.write(args, &maps, &session.report())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Hot swap: another tracer's session runs a pack in `pid`; replace its handlers by this
+/// build's (same name, same maps), keeping its maps and its patches, and leave.
+fn swap_pack(pid: i32, pack: &Pack) -> Result<ExitCode, String> {
+    let mut proc = threads::attach(pid).map_err(|e| e.to_string())?;
+    let r = tracer::session::swap_pack(&mut proc, pack);
+    let detached = proc.detach();
+    let swapped = r.map_err(|e| e.to_string())?;
+    detached.map_err(|e| e.to_string())?;
+    eprintln!(
+        "tracer: swapped in {} in process {pid}: {swapped} handler(s) replaced, maps kept; \
+         the running session goes on and reports them",
+        pack.info.path.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -320,7 +320,7 @@ impl Session {
         // all in one call (below, with the pack's sites).
         let (pack_region, shims) = match &pack {
             Some(pr) => {
-                let (res, shims) = load_pack(proc, &fns, base, pr.pack)?;
+                let (res, shims) = load_pack(proc, &fns, base, pr.pack, false)?;
                 (Some((res.fd, res.total)), shims)
             }
             None => (None, Vec::new()),
@@ -734,6 +734,7 @@ fn load_pack(
     fns: &LibcFunctions,
     agent_base: u64,
     pack: &crate::pack::load::Pack,
+    swap: bool,
 ) -> Result<(probes::remote::PackLoadResult, Vec<u64>), SessionError> {
     use probes::remote::{PackLoadRequest, PackLoadResult, PackSymbol};
     let info = &pack.info;
@@ -749,12 +750,16 @@ fn load_pack(
         syms.push(symbol(0, [0; 4], &p.symbol)?);
     }
     let loaded = inject::inject_named(proc, &pack.bytes, &pack.name)?;
-    let head = PackLoadRequest {
+    let mut head = PackLoadRequest {
         handle: loaded.handle,
         ring_bytes: probes::pack::abi::RING_BYTES as u64,
         maps: info.maps.len() as u32,
         shims: info.probes.len() as u32,
+        swap: swap as u32,
+        ..PackLoadRequest::default()
     };
+    let n = pack.name.len().min(head.name.len() - 1);
+    head.name[..n].copy_from_slice(&pack.name.as_bytes()[..n]);
     let mut input = as_bytes(std::slice::from_ref(&head)).to_vec();
     input.extend_from_slice(as_bytes(&syms));
     let out_len = size_of::<PackLoadResult>() + 8 * info.probes.len();
@@ -764,7 +769,8 @@ fn load_pack(
     let res = unsafe { (bytes.as_ptr() as *const PackLoadResult).read_unaligned() };
     if ok != 1 {
         return Err(SessionError::Agent(format!(
-            "cannot load the pack {}: {}",
+            "cannot {} the pack {}: {}",
+            if swap { "swap in" } else { "load" },
             info.path.display(),
             res.message()
         )));
@@ -782,6 +788,44 @@ fn load_pack(
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
         .collect();
     Ok((res, shims))
+}
+
+/// Whether another tracer's session holds `pid` now (it has the agent's shared memory
+/// locked), found without touching the process.
+pub fn other_session_live(pid: i32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        let is_agent = std::fs::read_link(fd.path())
+            .is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:tracer-shared"));
+        is_agent && File::open(fd.path()).is_ok_and(|f| exclusively_locked(&f))
+    })
+}
+
+/// Whether another open file holds an exclusive `flock` on `f`'s file: a shared lock
+/// is refused then. One granted is dropped at once (a tracer taking its session lock in
+/// that instant is told the target is busy, and can retry).
+fn exclusively_locked(f: &File) -> bool {
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    if r == 0 {
+        // SAFETY: as above.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        return false;
+    }
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
+/// Hot swap: replace the handlers of the pack of the same name running in the stopped
+/// process `proc` (another tracer's session) by `pack`'s, its maps kept. Nothing is
+/// patched. Returns how many handler slots changed.
+pub fn swap_pack(proc: &mut Process, pack: &crate::pack::load::Pack) -> Result<u64, SessionError> {
+    let fns = inject::libc_functions(proc.pid())?;
+    let base = loaded_agent(proc.pid())
+        .ok_or_else(|| SessionError::Agent("no tracer agent in the process".into()))?;
+    let (res, _) = load_pack(proc, &fns, base, pack, true)?;
+    Ok(res.swapped)
 }
 
 /// Send the requests to the agent in one remote call and read the results back.

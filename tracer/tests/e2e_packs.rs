@@ -511,3 +511,93 @@ fn pack_handlers_keep_every_register_of_ipa_ra_callers() {
     assert_eq!(hist_sum(map(&lines, "RETURNS")), 12000);
     assert_eq!(map(&lines, "TICKS")["data"]["value"], 6000);
 }
+
+/// Build the hot swap pack with `feature` (none for v1) and keep a copy of its library
+/// in `dir/NAME/libhotswap.so` (the builds share one output path).
+fn hotswap_build(dir: &Path, name: &str, feature: Option<&str>) -> PathBuf {
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/packs/hotswap");
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packs");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--release", "--offline", "--quiet"]);
+    if let Some(f) = feature {
+        cmd.args(["--features", f]);
+    }
+    let out = cmd
+        .current_dir(&crate_dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copy = dir.join(name).join("libhotswap.so");
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    std::fs::copy(target.join("release/libhotswap.so"), &copy).unwrap();
+    copy
+}
+
+/// While 4 threads call the probed function nonstop, a second `tracer attach --pack`
+/// with a new build of the running pack swaps its handler in: a build that changes the
+/// maps is refused first; after the swap the running session's map holds, under the
+/// two versions, exactly the calls the program made, no hit lost or counted twice.
+#[test]
+fn a_new_build_is_swapped_in_under_load_without_losing_or_doubling_a_hit() {
+    let dir = temp_dir("pack-hotswap");
+    let v1 = hotswap_build(dir.path(), "v1", None);
+    let v2 = hotswap_build(dir.path(), "v2", Some("v2"));
+    let v3 = hotswap_build(dir.path(), "v3", Some("v3"));
+    let program = cc(
+        dir.path(),
+        "hot_target",
+        include_str!("programs/hot_target.c"),
+        &["-pie", "-fPIE", "-pthread"],
+    );
+    let mut t = Target::spawn(&program, &[]);
+    assert_eq!(t.line(), "ready");
+    let pid = t.pid().to_string();
+    let mut first = tracer()
+        .args(["attach", &pid, "--json", "--pack", v1.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(first.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("live in") {
+        let mut l = String::new();
+        assert!(err.read_line(&mut l).unwrap() > 0, "tracer ended: {seen}");
+        seen.push_str(&l);
+    }
+    let stdin = t.stdin.as_mut().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    assert_eq!(t.line(), "running");
+
+    let refused = tracer_output(&["attach", &pid, "--pack", v3.to_str().unwrap()]);
+    assert_one_line_error(&refused, &["changes its maps", "refused"]);
+    let swapped = tracer_output(&["attach", &pid, "--pack", v2.to_str().unwrap()]);
+    let msg = String::from_utf8_lossy(&swapped.stderr);
+    assert!(swapped.status.success(), "{msg}");
+    assert!(msg.contains("1 handler(s) replaced"), "{msg}");
+
+    t.stdin.as_mut().unwrap().write_all(b"stop\n").unwrap();
+    let total = field(&t.line(), "total");
+    assert!(t.child.wait().unwrap().success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert!(first.wait().unwrap().success(), "{seen}{rest}");
+    let lines: Vec<serde_json::Value> = rest
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let m = map(&lines, "BY_VERSION");
+    let v1_hits = hash_value(m, "1");
+    let v2_hits = hash_value(m, "2");
+    assert!(v2_hits >= 4000, "{m}");
+    assert_eq!(v1_hits + v2_hits, total, "{m}");
+    assert_eq!(num(report(&lines, "main:hot"), "hits"), total);
+}
