@@ -14,7 +14,7 @@
 //! cores, and blind to the time a thread waits for a core. Each such row is followed by
 //! its overhead's ratio to the single-thread row of the same probe.
 
-use agent::interceptor::{Interceptor, ProbeRequest};
+use agent::interceptor::{Interceptor, PackHandlers, ProbeRequest};
 use probes::{EntryContext, ExitContext};
 use std::arch::global_asm;
 use std::hint::black_box;
@@ -45,6 +45,8 @@ global_asm!(
     leaf!("po_entry_handler"),
     leaf!("po_exit"),
     leaf!("po_exit_handlers"),
+    leaf!("po_pack_entry"),
+    leaf!("po_pack_exit"),
     leaf!("po_plain_mt"),
     leaf!("po_entry_mt"),
     leaf!("po_exit_mt"),
@@ -56,6 +58,8 @@ extern "C" {
     fn po_entry_handler(a: u64, b: u64) -> u64;
     fn po_exit(a: u64, b: u64) -> u64;
     fn po_exit_handlers(a: u64, b: u64) -> u64;
+    fn po_pack_entry(a: u64, b: u64) -> u64;
+    fn po_pack_exit(a: u64, b: u64) -> u64;
     fn po_plain_mt(a: u64, b: u64) -> u64;
     fn po_entry_mt(a: u64, b: u64) -> u64;
     fn po_exit_mt(a: u64, b: u64) -> u64;
@@ -74,6 +78,53 @@ fn count_entry(_: &mut EntryContext) {
 
 fn count_exit(_: &mut ExitContext) {
     EXIT_COUNT.store(EXIT_COUNT.load(Relaxed) + 1, Relaxed);
+}
+
+/// Build `benches/bench_pack` (a cdylib apart from the agent, as a user's pack is), load
+/// it, bind its maps to a fresh region as the agent does in a target, and return the
+/// addresses of its entry and exit shims.
+fn load_bench_pack() -> (u64, u64) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/bench_pack");
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench_pack");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["build", "--release", "--offline", "--quiet"])
+        .current_dir(&dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .expect("cargo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let so =
+        std::ffi::CString::new(target.join("release/libbench_pack.so").to_str().unwrap()).unwrap();
+    // SAFETY: a pack built from this tree; its constructors are Rust std's.
+    let lib = unsafe { libc::dlopen(so.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!lib.is_null());
+    let counter = (probes::pack::abi::map_kind::COUNTER, [0u64; 4]);
+    let region = agent::pack_region::create(&[counter, counter], 1 << 16).expect("region");
+    // SAFETY: the pack declares these two maps in this order; the region is leaked below.
+    unsafe {
+        agent::pack_region::bind_pack(
+            &region,
+            lib,
+            &[c"__tracer_map_ENTRIES", c"__tracer_map_EXITS"],
+        )
+    }
+    .expect("bind");
+    std::mem::forget(region);
+    let sym = |n: &std::ffi::CStr| {
+        // SAFETY: a live handle and a NUL-terminated name.
+        let p = unsafe { libc::dlsym(lib, n.as_ptr()) } as u64;
+        assert_ne!(p, 0, "{n:?}");
+        p
+    };
+    (
+        sym(c"__tracer_probe_on_entry"),
+        sym(c"__tracer_probe_on_exit"),
+    )
 }
 
 const CALLS: u64 = 2_000_000;
@@ -159,6 +210,24 @@ fn main() {
         i.commit_in_process(&p).expect("commit");
         (p.id, p.encoding)
     };
+    let (pack_entry, pack_exit) = load_bench_pack();
+    let pack = |f: Leaf, entry: u64, exit: u64| {
+        let mut r = ProbeRequest::entry(f as usize as u64, Some(12));
+        if exit != 0 {
+            r = r.with_exit();
+        }
+        r.pack = Some(PackHandlers {
+            entry,
+            exit,
+            name: "main:po_pack",
+        });
+        r
+    };
+    let pack_probe = |i: &mut Interceptor, r: ProbeRequest| {
+        let p = i.prepare(&r).expect("prepare");
+        i.commit_in_process(&p).expect("commit");
+        (p.id, p.encoding)
+    };
     let configs: Vec<(&str, Leaf, Option<(u32, _)>)> = vec![
         ("unprobed", po_plain as Leaf, None),
         (
@@ -184,6 +253,22 @@ fn main() {
             Some(probe(&mut interceptor, po_exit_handlers, |r| {
                 r.on_entry(count_entry).on_exit(count_exit)
             })),
+        ),
+        (
+            "entry, pack handler",
+            po_pack_entry,
+            Some(pack_probe(
+                &mut interceptor,
+                pack(po_pack_entry, pack_entry, 0),
+            )),
+        ),
+        (
+            "entry+exit, pack handlers",
+            po_pack_exit,
+            Some(pack_probe(
+                &mut interceptor,
+                pack(po_pack_exit, pack_entry, pack_exit),
+            )),
         ),
     ];
     // Configurations run by THREADS threads at once, with the single-thread row of the

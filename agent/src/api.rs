@@ -3,14 +3,16 @@
 //! Each runs with every thread of the target stopped except the calling one, and catches
 //! panics: nothing may unwind into the target.
 
-use crate::interceptor::{Interceptor, ProbeRequest};
+use crate::interceptor::{Interceptor, PackHandlers, ProbeRequest};
 use crate::relocator::Function;
-use probes::remote::{result_flags, status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC};
+use probes::remote::{
+    result_flags, status, AgentInfo, PackLoadResult, PrepareRequest, PrepareResult, AGENT_MAGIC,
+};
 use probes::ProbeKind;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
-static INTERCEPTOR: Mutex<Option<Interceptor>> = Mutex::new(None);
+pub(crate) static INTERCEPTOR: Mutex<Option<Interceptor>> = Mutex::new(None);
 static mut INFO: AgentInfo = AgentInfo {
     magic: 0,
     shared_fd: -1,
@@ -130,6 +132,11 @@ fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
         offset: req.offset,
         on_entry: None,
         on_exit: None,
+        pack: req.has_shim().then(|| PackHandlers {
+            entry: req.entry_shim,
+            exit: req.exit_shim,
+            name: leak_label(req),
+        }),
     };
     match i.prepare_reusing(&r) {
         Ok((p, _)) => {
@@ -146,6 +153,46 @@ fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
         }
     }
     o
+}
+
+/// The probe's label, kept for as long as the probe (which is never freed); each label
+/// is kept once, however many sessions ask for it.
+fn leak_label(req: &PrepareRequest) -> &'static str {
+    static LABELS: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let n = (req.label_len as usize).min(req.label.len());
+    let s = String::from_utf8_lossy(&req.label[..n]);
+    let mut labels = LABELS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(l) = labels.iter().find(|l| **l == s) {
+        return l;
+    }
+    let l: &'static str = Box::leak(s.into_owned().into_boxed_str());
+    labels.push(l);
+    l
+}
+
+/// Create a loaded pack's shared region, bind its maps and ring, call its init, and look
+/// up its shims; or swap a running pack's handlers for a new build's: see
+/// `probes::remote::LOAD_PACK_SYMBOL` for the records.
+///
+/// # Safety
+/// `input` holds a `PackLoadRequest` followed by its `PackSymbol`s; `out` has room for a
+/// `PackLoadResult` followed by one `u64` per shim.
+#[no_mangle]
+pub unsafe extern "C" fn tracer_agent_load_pack(input: *const u8, _n: u64, out: *mut u8) -> u64 {
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: per the contract.
+        unsafe { crate::pack_loader::load(input, out, &INTERCEPTOR) }
+    }));
+    let message = match r {
+        Ok(Ok(())) => return 1,
+        Ok(Err(m)) => m,
+        Err(_) => "the agent panicked while loading the pack".to_string(),
+    };
+    let mut res = PackLoadResult::default();
+    res.set_message(&message);
+    // SAFETY: `out` has room for a result (the contract).
+    unsafe { (out as *mut PackLoadResult).write_unaligned(res) };
+    0
 }
 
 /// Resolve `n` NUL-terminated names, stored back to back at `names`, in the global scope.

@@ -9,11 +9,12 @@
 use crate::shared::current_cpu;
 use crate::thread_state::{self, ShadowEntry};
 use probes::context::{OffsetContext, OffsetHandler};
+use probes::pack::abi::{HitInfo, Shim, SHIM_PANICKED};
 use probes::shared::{flags, Counts};
 use probes::{EntryContext, EntryHandler, ExitContext, ExitHandler};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::AtomicU64;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::OnceLock;
 
 /// One installed probe, as the trampoline sees it. Boxed by the interceptor so its
@@ -35,6 +36,13 @@ pub struct Probe {
     /// (which calls the body rather than redirecting through the exit trampoline); 0
     /// until the trampoline is emitted, and for other probes.
     pub return_point: AtomicU64,
+    /// A pack handler's shim (`probes::pack::abi::Shim`) run at entry (or at the offset),
+    /// 0 for none. A slot, read at every hit: swapping handlers is a store.
+    pub pack_entry: AtomicU64,
+    /// A pack handler's shim run at return, 0 for none.
+    pub pack_exit: AtomicU64,
+    /// What a pack handler's `probe_name()` says: `module:symbol[+offset]`.
+    pub name: &'static str,
 }
 
 impl Probe {
@@ -128,6 +136,13 @@ pub unsafe extern "C" fn on_entry(probe: *const Probe, ctx: *mut EntryContext) {
         run_entry_handler(probe, h, unsafe { &mut *ctx });
         t.busy = 0;
     }
+    let shim = probe.pack_entry.load(Acquire);
+    if shim != 0 {
+        t.busy = 1;
+        // SAFETY: the slot holds a pack shim taking an entry context (entry probe).
+        unsafe { run_shim(probe, shim, ctx as *mut u8) };
+        t.busy = 0;
+    }
     if probe.exit_trampoline != 0 {
         // SAFETY: at an entry probe ctx.rsp points at the return address slot.
         let slot = unsafe { (*ctx).rsp } as *mut u64;
@@ -139,7 +154,11 @@ pub unsafe extern "C" fn on_entry(probe: *const Probe, ctx: *mut EntryContext) {
             probe: probe as *const Probe as u64,
             // The timestamp counter costs tens of cycles: read it only for a handler
             // that receives the duration.
-            tsc: if probe.on_exit.is_some() { tsc() } else { 0 },
+            tsc: if probe.on_exit.is_some() || probe.pack_exit.load(Relaxed) != 0 {
+                tsc()
+            } else {
+                0
+            },
         };
         drop_stale(t, entry.entry_rsp, return_address);
         if t.push(entry) {
@@ -170,6 +189,35 @@ pub unsafe extern "C" fn on_offset(probe: *const Probe, ctx: *mut OffsetContext)
             probe.panicked();
         }
         t.busy = 0;
+    }
+    let shim = probe.pack_entry.load(Acquire);
+    if shim != 0 {
+        t.busy = 1;
+        // SAFETY: the slot holds a pack shim taking an offset context (offset probe).
+        unsafe { run_shim(probe, shim, ctx as *mut u8) };
+        t.busy = 0;
+    }
+}
+
+/// Run a pack handler through its shim, which catches the handler's panics in the pack:
+/// a panic disables the probe and is counted, as for the agent's own handlers.
+///
+/// # Safety
+/// `shim` is a live pack shim for the kind of context `ctx` points at.
+#[cold]
+#[inline(never)]
+unsafe fn run_shim(probe: &Probe, shim: u64, ctx: *mut u8) {
+    let hit = HitInfo {
+        probe: probe.id,
+        tid: 0,
+        name: probe.name.as_ptr(),
+        name_len: probe.name.len(),
+    };
+    // SAFETY: a nonzero slot holds the address of a `Shim` exported by a loaded pack.
+    let f: Shim = unsafe { std::mem::transmute::<u64, Shim>(shim) };
+    // SAFETY: per the contract; `hit` lives for the call.
+    if unsafe { f(ctx, &hit) } == SHIM_PANICKED {
+        probe.panicked();
     }
 }
 
@@ -277,6 +325,18 @@ pub unsafe extern "C" fn on_exit(ctx: *mut ExitContext, slot: u64) -> u64 {
         }
         if t.busy == 0 && probe.enabled() {
             probe.bump_exits();
+            let shim = probe.pack_exit.load(Acquire);
+            if shim != 0 {
+                ctx.return_address = e.return_address;
+                ctx.entry_rsp = e.entry_rsp;
+                ctx.probe = probe.id;
+                ctx.duration_ns = ticks_to_ns(tsc().wrapping_sub(e.tsc));
+                t.busy = 1;
+                // SAFETY: the slot holds a pack shim taking an exit context.
+                unsafe { run_shim(probe, shim, ctx as *mut ExitContext as *mut u8) };
+                t.busy = 0;
+                return ctx.return_address;
+            }
             if let Some(h) = probe.on_exit {
                 ctx.return_address = e.return_address;
                 ctx.entry_rsp = e.entry_rsp;

@@ -20,7 +20,7 @@ use probes::{EntryHandler, ExitHandler};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What to probe and what to run.
 #[derive(Clone, Debug)]
@@ -32,6 +32,18 @@ pub struct ProbeRequest {
     pub offset: u64,
     pub on_entry: Option<EntryHandler>,
     pub on_exit: Option<ExitHandler>,
+    /// Pack handlers (shim addresses) and the name they see.
+    pub pack: Option<PackHandlers>,
+}
+
+/// A pack's handlers on one probe, reached through slots in the probe.
+#[derive(Clone, Copy, Debug)]
+pub struct PackHandlers {
+    /// Shim run at entry (or at the offset), 0 for none.
+    pub entry: u64,
+    /// Shim run at return, 0 for none.
+    pub exit: u64,
+    pub name: &'static str,
 }
 
 impl ProbeRequest {
@@ -43,6 +55,7 @@ impl ProbeRequest {
             offset: 0,
             on_entry: None,
             on_exit: None,
+            pack: None,
         }
     }
 
@@ -129,7 +142,7 @@ pub struct Interceptor {
     /// Handler-less probes by what was asked (function, offset, kind), as indices into
     /// `prepared`: asking again reuses the trampoline and counter slot, so repeated
     /// sessions do not grow the process.
-    reusable: HashMap<(u64, u64, u32), Reusable>,
+    reusable: HashMap<(u64, u64, u32, bool), Reusable>,
     /// This process's mappings as last read, to tell where code came from.
     maps: Vec<MapEntry>,
     exit_trampoline: Option<u64>,
@@ -193,7 +206,9 @@ impl Interceptor {
     /// probe prepared then: same trampoline, same patch, same counter slot, its counters
     /// zeroed so that the new session counts its own hits. Trampolines are never freed
     /// (a thread may still run in one after its patch is gone), so reuse is what keeps
-    /// repeated sessions from growing the process. Returns whether it was reused.
+    /// repeated sessions from growing the process. A request with pack handlers reuses a
+    /// probe made for pack handlers before, the new handlers written into its slots.
+    /// Returns whether it was reused.
     pub fn prepare_reusing(
         &mut self,
         req: &ProbeRequest,
@@ -201,14 +216,27 @@ impl Interceptor {
         if req.on_entry.is_some() || req.on_exit.is_some() {
             return self.prepare(req).map(|p| (p, false));
         }
-        let key = (req.function.address, req.offset, req.kind as u32);
+        // Probes without handlers count in an inline path that never reads the slots:
+        // they are kept apart from those made for pack handlers.
+        let key = (
+            req.function.address,
+            req.offset,
+            req.kind as u32,
+            req.pack.is_some(),
+        );
         if let Some(r) = self.reusable.remove(&key) {
             let p = self.prepared[r.index].clone();
             // The same code from the same file: a library unloaded and another loaded
             // at the same address would otherwise run stale relocated instructions.
             if r.code == self.code_at(&p) && r.origin == self.origin(p.site) {
+                let index = r.index;
                 self.reusable.insert(key, r);
                 self.shared.reset(p.id as usize);
+                if let Some(h) = req.pack {
+                    let probe = self.probes[index];
+                    probe.pack_entry.store(h.entry, Ordering::Release);
+                    probe.pack_exit.store(h.exit, Ordering::Release);
+                }
                 return Ok((p, true));
             }
         }
@@ -333,6 +361,9 @@ impl Interceptor {
             id: id as u32,
             on_offset,
             return_point: Default::default(),
+            pack_entry: AtomicU64::new(req.pack.map_or(0, |p| p.entry)),
+            pack_exit: AtomicU64::new(req.pack.map_or(0, |p| p.exit)),
+            name: req.pack.map_or("", |p| p.name),
         }));
         let xsave = match req.kind {
             ProbeKind::Offset => Some(self.xsave.ok_or_else(|| {
@@ -345,8 +376,8 @@ impl Interceptor {
             _ => None,
         };
         // Counting-only probes take the inline path; a handler needs the full one.
-        let fast = match (req.on_entry, req.on_exit, req.kind, self.tls) {
-            (None, None, ProbeKind::Entry | ProbeKind::Exit, Some(tls)) => {
+        let fast = match (req.on_entry, req.on_exit, req.pack, req.kind, self.tls) {
+            (None, None, None, ProbeKind::Entry | ProbeKind::Exit, Some(tls)) => {
                 Some(trampoline::FastEntry {
                     tls,
                     counters: counters.line,
@@ -557,4 +588,23 @@ pub fn write_self_code(addr: u64, bytes: &[u8]) -> io::Result<()> {
         .write(true)
         .open("/proc/self/mem")?;
     f.write_all_at(bytes, addr)
+}
+
+impl Interceptor {
+    /// Point every pack handler slot holding one of `swaps`' old shims at its new one:
+    /// a store per slot, so each hit runs one build's handler or the other's, never
+    /// neither. Returns how many slots changed.
+    pub fn swap_pack_shims(&self, swaps: &[(u64, u64)]) -> u64 {
+        let mut n = 0;
+        for p in &self.probes {
+            for slot in [&p.pack_entry, &p.pack_exit] {
+                let old = slot.load(Ordering::Acquire);
+                if let Some(&(_, new)) = swaps.iter().find(|(o, _)| *o == old && old != 0) {
+                    slot.store(new, Ordering::Release);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
 }

@@ -7,6 +7,7 @@ pub mod emitter;
 pub mod interceptor;
 pub mod jit;
 pub mod maps;
+pub mod pack_loader;
 pub mod pack_region;
 pub mod relocator;
 pub mod shared;

@@ -614,6 +614,7 @@ fn emit_own_top_entry(e: &mut Emitter, tls: i32, general: Label) -> Result<(), E
 fn emit_fast_exit(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitError> {
     const P_COUNTERS: i32 = (offset_of!(Probe, counters) + offset_of!(Counts, line)) as i32;
     const P_ON_EXIT: i32 = offset_of!(Probe, on_exit) as i32;
+    const P_PACK_EXIT: i32 = offset_of!(Probe, pack_exit) as i32;
     let restore_to_general = e.label();
     emit_save_return_scratch(e)?;
     emit_own_top_entry(e, tls, restore_to_general)?;
@@ -621,6 +622,9 @@ fn emit_fast_exit(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitE
         a.mov(rdi, qword_ptr(rcx + tl::E_PROBE))?;
         a.cmp(qword_ptr(rdi + P_ON_EXIT), 0)
     })?;
+    e.jcc_label(CC_NE, restore_to_general);
+    // A pack's return handler is read from its slot at each return.
+    e.asm(|a| a.cmp(qword_ptr(rdi + P_PACK_EXIT), 0))?;
     e.jcc_label(CC_NE, restore_to_general);
     e.asm(|a| a.mov(rdi, qword_ptr(rdi + P_COUNTERS)))?;
     emit_count_exit_and_pop(e)?;

@@ -167,6 +167,7 @@ fn install(
         offset: site - start,
         on_entry: None,
         on_exit: None,
+        pack: None,
     };
     let p = i.prepare_offset(&req, h).expect("prepare offset probe");
     assert_eq!(p.site, site);
@@ -353,6 +354,7 @@ fn site_inside_an_instruction_is_refused() {
         offset: 2,
         on_entry: None,
         on_exit: None,
+        pack: None,
     };
     assert!(matches!(
         i.prepare_offset(&req, None),

@@ -587,6 +587,7 @@ fn offset_handler_changes_no_register_nor_flag() {
         kind: ProbeKind::Offset,
         on_entry: None,
         on_exit: None,
+        pack: None,
     };
     let id = with(|i| {
         let p = i.prepare_offset(&req, Some(float_offset)).expect("prepare");

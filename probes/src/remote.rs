@@ -38,9 +38,21 @@ pub struct AgentInfo {
     pub capacity: u64,
 }
 
+/// Exported by the agent: `extern "C" fn(input: *const u8, n: u64, out: *mut u8) ->
+/// u64`: `input` is a [`PackLoadRequest`] followed by its [`PackSymbol`]s (maps, then
+/// shims); creates the pack's shared region, binds the pack's maps and ring to it, calls
+/// its init, and writes a [`PackLoadResult`] followed by one `u64` address per shim to
+/// `out`. With `swap` set, binds the new build to the region of the pack of the same
+/// name loaded last (maps kept) and writes its shims into the slots that held the old
+/// build's, instead. Returns 1 on success, 0 on failure (the message says why).
+pub const LOAD_PACK_SYMBOL: &str = "tracer_agent_load_pack";
+
+/// Longest label a probe's handler sees as its name (longer ones are cut).
+pub const LABEL_LEN: usize = 120;
+
 /// One probe to prepare.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct PrepareRequest {
     /// Function start.
     pub function: u64,
@@ -50,7 +62,155 @@ pub struct PrepareRequest {
     pub offset: u64,
     /// [`crate::ProbeKind`] as a number.
     pub kind: u32,
+    /// Bytes of `label` used.
+    pub label_len: u32,
+    /// A pack shim (`probes::pack::abi::Shim`) run at entry (or at the offset), 0 for none.
+    pub entry_shim: u64,
+    /// A pack shim run at return (exit probes), 0 for none.
+    pub exit_shim: u64,
+    /// The probe's `module:symbol[+offset]`, what a pack handler's `probe_name()` says.
+    pub label: [u8; LABEL_LEN],
+}
+
+impl Default for PrepareRequest {
+    fn default() -> Self {
+        PrepareRequest {
+            function: 0,
+            size: 0,
+            offset: 0,
+            kind: 0,
+            label_len: 0,
+            entry_shim: 0,
+            exit_shim: 0,
+            label: [0; LABEL_LEN],
+        }
+    }
+}
+
+impl PrepareRequest {
+    /// Store `label`, cut at a character boundary to fit.
+    pub fn set_label(&mut self, label: &str) {
+        let mut n = label.len().min(LABEL_LEN);
+        while !label.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.label[..n].copy_from_slice(&label.as_bytes()[..n]);
+        self.label_len = n as u32;
+    }
+
+    /// Whether a pack handler runs at this probe.
+    pub fn has_shim(&self) -> bool {
+        self.entry_shim != 0 || self.exit_shim != 0
+    }
+}
+
+/// Head of the input of [`LOAD_PACK_SYMBOL`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PackLoadRequest {
+    /// The pack's `dlopen` handle in the target.
+    pub handle: u64,
+    /// Event ring capacity in bytes.
+    pub ring_bytes: u64,
+    pub maps: u32,
+    pub shims: u32,
+    /// Nonzero: hot swap (see [`LOAD_PACK_SYMBOL`]).
+    pub swap: u32,
     pub _pad: u32,
+    /// The pack's name (its library's), NUL-padded: what a swap matches.
+    pub name: [u8; 64],
+}
+
+impl Default for PackLoadRequest {
+    fn default() -> Self {
+        PackLoadRequest {
+            handle: 0,
+            ring_bytes: 0,
+            maps: 0,
+            shims: 0,
+            swap: 0,
+            _pad: 0,
+            name: [0; 64],
+        }
+    }
+}
+
+/// A map (kind, params, exported handle) or a shim (symbol only) of a pack to load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PackSymbol {
+    pub kind: u32,
+    pub _pad: u32,
+    pub params: [u64; 4],
+    /// NUL-terminated exported symbol.
+    pub symbol: [u8; 88],
+}
+
+impl PackSymbol {
+    /// None when the name does not fit.
+    pub fn new(kind: u32, params: [u64; 4], symbol: &str) -> Option<Self> {
+        let mut s = PackSymbol {
+            kind,
+            _pad: 0,
+            params,
+            symbol: [0; 88],
+        };
+        if symbol.len() >= s.symbol.len() || symbol.contains('\0') {
+            return None;
+        }
+        s.symbol[..symbol.len()].copy_from_slice(symbol.as_bytes());
+        Some(s)
+    }
+
+    pub fn symbol(&self) -> &[u8] {
+        let end = self.symbol.iter().position(|&b| b == 0).unwrap_or(0);
+        &self.symbol[..end]
+    }
+}
+
+/// Head of the output of [`LOAD_PACK_SYMBOL`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PackLoadResult {
+    /// The region's memfd in the target's fd table, -1 on failure.
+    pub fd: i32,
+    /// The ABI version the pack's init reported.
+    pub abi: u32,
+    /// The region's length.
+    pub total: u64,
+    /// Swap: how many handler slots now hold the new build's shims.
+    pub swapped: u64,
+    /// NUL-terminated reason on failure.
+    pub message: [u8; 240],
+}
+
+impl Default for PackLoadResult {
+    fn default() -> Self {
+        PackLoadResult {
+            fd: -1,
+            abi: 0,
+            total: 0,
+            swapped: 0,
+            message: [0; 240],
+        }
+    }
+}
+
+impl PackLoadResult {
+    pub fn message(&self) -> String {
+        let end = self
+            .message
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.message.len());
+        String::from_utf8_lossy(&self.message[..end]).into_owned()
+    }
+
+    pub fn set_message(&mut self, m: &str) {
+        let n = m.len().min(self.message.len() - 1);
+        self.message[..n].copy_from_slice(&m.as_bytes()[..n]);
+        self.message[n] = 0;
+    }
 }
 
 /// Status of a [`PrepareResult`].

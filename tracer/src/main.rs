@@ -10,7 +10,9 @@ use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tracer::detached::{self, PidFd, SignalFd, Woke};
-use tracer::session::{ProbeReport, Session};
+use tracer::pack::live::Live;
+use tracer::pack::load::Pack;
+use tracer::session::{PackRequest, ProbeReport, Session};
 use tracer::spec::{self, ProbeSpec, ResolvedProbe};
 use tracer::symbols::{ProcessModules, SymbolCache};
 use tracer::threads::{self, AttachError, ExitStatus, Process};
@@ -61,8 +63,17 @@ enum Command {
 #[derive(Args)]
 struct ProbeArgs {
     /// [MODULE:]SYMBOL[+OFFSET], * and ? globs in both parts; repeatable.
-    #[arg(short, long = "probe", value_name = "SPEC", required = true)]
+    #[arg(
+        short,
+        long = "probe",
+        value_name = "SPEC",
+        required_unless_present = "pack"
+    )]
     probe: Vec<String>,
+    /// A probe pack: its crate directory (built with cargo) or its .so. Its handlers run
+    /// at the probes it declares; its events print as they arrive, its maps at the end.
+    #[arg(long, value_name = "DIR_OR_SO")]
+    pack: Option<PathBuf>,
     /// Probe returns too.
     #[arg(short = 'x', long)]
     exit: bool,
@@ -121,13 +132,35 @@ fn resolve(specs: &[String], modules: &ProcessModules) -> Result<Vec<ResolvedPro
     Ok(out)
 }
 
-fn install(proc: &mut Process, args: &ProbeArgs) -> Result<Session, String> {
+/// The pack of `--pack`, built and read before any process is touched.
+fn open_pack(args: &ProbeArgs) -> Result<Option<Pack>, String> {
+    args.pack
+        .as_deref()
+        .map(tracer::pack::load::open)
+        .transpose()
+}
+
+fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<Session, String> {
     let modules = SymbolCache::global()
         .process(proc.pid())
         .map_err(|e| e.to_string())?;
     let probes = resolve(&args.probe, &modules)?;
-    let session =
-        Session::install(proc, &modules, &probes, args.exit).map_err(|e| e.to_string())?;
+    let sites = match pack {
+        Some(p) => {
+            let (sites, notes) = tracer::pack::load::resolve(p, &modules)?;
+            for n in notes {
+                eprintln!("tracer: note: {n}");
+            }
+            sites
+        }
+        None => Vec::new(),
+    };
+    let pack_request = pack.map(|pack| PackRequest {
+        pack,
+        sites: &sites,
+    });
+    let session = Session::install(proc, &modules, &probes, args.exit, pack_request)
+        .map_err(|e| e.to_string())?;
     for line in refusal_lines(&session, &probes, &modules, args.verbose) {
         eprintln!("tracer: {line}");
     }
@@ -217,10 +250,13 @@ const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIG
 
 fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
     let mut sink = Sink::open(args)?;
+    let pack = open_pack(args)?;
     // Blocked before the launch, so that one arriving during set-up is passed on too.
     let signals = SignalFd::block(FORWARDED).map_err(|e| format!("cannot block signals: {e}"))?;
     let mut proc = tracer::launch::launch(&cmd[0], &cmd[1..]).map_err(|e| e.to_string())?;
-    let session = match install(&mut proc, args) {
+    let (session, live) = match install(&mut proc, args, pack.as_ref())
+        .and_then(|s| start_live(&proc, &s, pack, args, &sink).map(|l| (s, l)))
+    {
         Ok(s) => s,
         Err(e) => {
             proc.kill();
@@ -252,7 +288,8 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
             );
         }
     }
-    sink.write(args, &session)?;
+    let maps = live.map(Live::finish).unwrap_or_default();
+    sink.write(args, &maps, &session)?;
     drop(signals);
     Ok(match status {
         ExitStatus::Code(c) => ExitCode::from(c as u8),
@@ -310,13 +347,28 @@ const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, String> {
     let mut sink = Sink::open(args)?;
+    let pack = open_pack(args)?;
+    if let Some(pack) = pack
+        .as_ref()
+        .filter(|_| tracer::session::other_session_live(pid))
+    {
+        return swap_pack(pid, pack);
+    }
     // Blocked before attaching, so that one arriving during set-up ends the session as
     // soon as the probes are in place, in order.
     let signals = SignalFd::block(STOPPING).map_err(|e| format!("cannot block signals: {e}"))?;
     let mut proc = threads::attach(pid).map_err(|e| e.to_string())?;
-    let mut session = match install(&mut proc, args) {
+    let mut session = match install(&mut proc, args, pack.as_ref()) {
         Ok(s) => s,
         Err(e) => {
+            let _ = proc.detach();
+            return Err(e);
+        }
+    };
+    let live = match start_live(&proc, &session, pack, args, &sink) {
+        Ok(l) => l,
+        Err(e) => {
+            session.remove(&mut proc).map_err(|e| e.to_string())?;
             let _ = proc.detach();
             return Err(e);
         }
@@ -330,7 +382,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         }
     };
     let n = session.installed().len();
-    let live =
+    let say_live =
         || eprintln!("tracer: {n} probe(s) live in {pid}; Ctrl-C (or SIGTERM) to remove them");
     let deadline = duration.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     let stop_now = deadline.is_some_and(|d| Instant::now() >= d)
@@ -341,7 +393,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     if stop_now {
         // `--duration 0`, or a signal during set-up: remove the probes while still
         // attached rather than detach and come back.
-        live();
+        say_live();
         let left = session.remove(&mut proc).map_err(|e| e.to_string())?;
         note_left_alone(pid, &left);
         proc.detach().map_err(|e| e.to_string())?;
@@ -352,15 +404,47 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         // leaves a running target whose probes the next attach adopts, while one killed
         // in the middle of a remote call (the detach's own clean-up is one) would leave a
         // thread about to trap.
-        live();
+        say_live();
         let woke = detached::wait(&pidfd, &signals, deadline)
             .map_err(|e| format!("waiting for PID {pid} failed: {e}"))?;
         if woke == Woke::Ended || !remove_probes(pid, &mut session, &pidfd)? {
             eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
         }
     }
-    sink.write(args, &session)?;
+    let maps = live.map(Live::finish).unwrap_or_default();
+    sink.write(args, &maps, &session)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Hot swap: another tracer's session runs a pack in `pid`; replace its handlers by this
+/// build's (same name, same maps), keeping its maps and its patches, and leave.
+fn swap_pack(pid: i32, pack: &Pack) -> Result<ExitCode, String> {
+    let mut proc = threads::attach(pid).map_err(|e| e.to_string())?;
+    let r = tracer::session::swap_pack(&mut proc, pack);
+    let detached = proc.detach();
+    let swapped = r.map_err(|e| e.to_string())?;
+    detached.map_err(|e| e.to_string())?;
+    eprintln!(
+        "tracer: swapped in {} in process {pid}: {swapped} handler(s) replaced, maps kept; \
+         the running session goes on and reports them",
+        pack.info.path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Map the loaded pack's shared region and start printing its events (to the output file,
+/// or stderr), while the target is still stopped.
+fn start_live(
+    proc: &Process,
+    session: &Session,
+    pack: Option<Pack>,
+    args: &ProbeArgs,
+    sink: &Sink,
+) -> Result<Option<Live>, String> {
+    let (Some(pack), Some((fd, _))) = (pack, session.pack_region()) else {
+        return Ok(None);
+    };
+    Live::start(proc.pid(), fd, pack.info, args.json, sink.events()?).map(Some)
 }
 
 /// Attaches again (threads created meanwhile included), restores every patched byte with
@@ -432,8 +516,20 @@ impl Sink {
         }
     }
 
-    fn write(&mut self, args: &ProbeArgs, session: &Session) -> Result<(), String> {
-        let text = render(args, &session.report(), session);
+    /// Where events go as they arrive: the same place.
+    fn events(&self) -> Result<Box<dyn Write + Send>, String> {
+        match self {
+            Sink::File(f, p) => f
+                .try_clone()
+                .map(|f| Box::new(f) as Box<dyn Write + Send>)
+                .map_err(|e| format!("cannot write {}: {e}", p.display())),
+            Sink::Stderr => Ok(Box::new(std::io::stderr())),
+        }
+    }
+
+    /// Write the pack's maps (already rendered), then the per-probe report.
+    fn write(&mut self, args: &ProbeArgs, maps: &str, session: &Session) -> Result<(), String> {
+        let text = maps.to_string() + &render(args, &session.report(), session);
         match self {
             Sink::File(f, p) => f
                 .write_all(text.as_bytes())
@@ -450,6 +546,8 @@ impl Sink {
 /// (with `"refused"`: the reason).
 fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> String {
     let mut text = String::new();
+    // A pack's return handlers count returns too.
+    let exit = args.exit || reports.iter().any(|r| r.exits > 0);
     if args.json {
         let entries_only: std::collections::HashMap<&str, &str> =
             entries_only_notes(session).collect();
@@ -464,7 +562,7 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> Strin
                 "skipped": r.skipped,
                 "encoding": r.encoding.name(),
             });
-            if args.exit {
+            if exit {
                 v["exits"] = r.exits.into();
                 v["lost_exits"] = r.lost_exits.into();
             }
@@ -506,11 +604,11 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> Strin
             "probe",
             "address",
             "hits",
-            if args.exit { "         exits" } else { "" },
+            if exit { "         exits" } else { "" },
             "skipped"
         ));
         for (r, label) in reports.iter().zip(&labels) {
-            let exits = if args.exit {
+            let exits = if exit {
                 format!("  {:>12}", r.exits)
             } else {
                 String::new()
@@ -518,6 +616,12 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> Strin
             text.push_str(&format!(
                 "{:<w$}  {:>#18x}  {:>12}{exits}  {:>8}  {}\n",
                 label, r.address, r.hits, r.skipped, r.encoding
+            ));
+        }
+        for r in reports.iter().filter(|r| r.panics > 0) {
+            text.push_str(&format!(
+                "{}: disabled after its handler panicked ({} panic(s)); the program ran on\n",
+                r.label, r.panics
             ));
         }
     }

@@ -235,6 +235,14 @@ pub struct Session {
     patched: bool,
     /// Held while the probes are live: no other tracer takes them over meanwhile.
     _lock: SessionLock,
+    /// The loaded pack's shared region: its memfd in the target and its length.
+    pack_region: Option<(i32, u64)>,
+}
+
+/// A pack to load with the session, and where its handlers run.
+pub struct PackRequest<'a> {
+    pub pack: &'a crate::pack::load::Pack,
+    pub sites: &'a [crate::pack::load::PackSite],
 }
 
 /// Why `p` gets its entries probed and not its returns, if it does (see
@@ -272,6 +280,7 @@ impl Session {
         modules: &ProcessModules,
         probes: &[ResolvedProbe],
         exit: bool,
+        pack: Option<PackRequest<'_>>,
     ) -> Result<Session, SessionError> {
         let fns = inject::libc_functions(proc.pid())?;
         // An agent left by an earlier session stays loaded (its trampolines may still be
@@ -308,18 +317,46 @@ impl Session {
             .count();
 
         // IFUNC symbols name resolvers: ask the target's loader what they resolved to,
-        // all in one call.
-        let ifunc_names: Vec<&str> = probes
+        // all in one call (below, with the pack's sites).
+        let (pack_region, shims) = match &pack {
+            Some(pr) => {
+                let (res, shims) = load_pack(proc, &fns, base, pr.pack, false)?;
+                (Some((res.fd, res.total)), shims)
+            }
+            None => (None, Vec::new()),
+        };
+        // Each site: the resolved probe, and the pack's shims there (entry, exit). The
+        // pack's come first: a `-p` probe of the same code gives way (the pack's probe
+        // counts its hits too).
+        let mut all: Vec<(&ResolvedProbe, u64, u64)> = Vec::new();
+        if let Some(pr) = &pack {
+            let shim = |i: Option<usize>| i.map_or(0, |i| shims[i]);
+            for s in pr.sites {
+                all.push((&s.probe, shim(s.entry), shim(s.exit)));
+            }
+        }
+        let mut pack_counts = Vec::new();
+        for p in probes {
+            if all.iter().any(|(q, _, _)| q.address == p.address) {
+                pack_counts.push(label(p, modules));
+            } else {
+                all.push((p, 0, 0));
+            }
+        }
+        let ifunc_names: Vec<&str> = all
             .iter()
-            .filter(|p| p.is_ifunc)
-            .map(|p| p.symbol.split('@').next().unwrap_or(&p.symbol))
+            .filter(|p| p.0.is_ifunc)
+            .map(|p| p.0.symbol.split('@').next().unwrap_or(&p.0.symbol))
             .collect();
         let mut ifuncs = resolve_ifuncs(proc, &fns, resolve, &ifunc_names)?.into_iter();
         let mut requests = Vec::new();
         let mut labels = Vec::new();
         let mut refused = Vec::new();
-        let mut notes = Vec::new();
-        for p in probes {
+        let mut notes: Vec<String> = pack_counts
+            .into_iter()
+            .map(|l| format!("{l}: probed by the pack, whose probe counts its hits"))
+            .collect();
+        for &(p, entry_shim, mut exit_shim) in &all {
             let l = label(p, modules);
             let (function, size) = if p.is_ifunc {
                 match ifuncs.next().unwrap_or(0) {
@@ -348,28 +385,34 @@ impl Session {
             } else {
                 (p.address - p.offset, p.size)
             };
-            let entries_only = if exit && p.offset == 0 {
+            let wants_exit = exit || exit_shim != 0;
+            let entries_only = if wants_exit && p.offset == 0 {
                 entries_only(modules, p)
             } else {
                 None
             };
             if let Some(why) = entries_only {
                 notes.push(format!("{l}: only entries are probed: {why}"));
+                exit_shim = 0;
             }
             let kind = if p.offset != 0 {
                 ProbeKind::Offset
-            } else if exit && entries_only.is_none() {
+            } else if wants_exit && entries_only.is_none() {
                 ProbeKind::Exit
             } else {
                 ProbeKind::Entry
             };
-            requests.push(PrepareRequest {
+            let mut req = PrepareRequest {
                 function,
                 size,
                 offset: p.offset,
                 kind: kind as u32,
-                _pad: 0,
-            });
+                entry_shim,
+                exit_shim,
+                ..PrepareRequest::default()
+            };
+            req.set_label(&l);
+            requests.push(req);
             labels.push((l, p));
         }
 
@@ -437,7 +480,8 @@ impl Session {
         }
         // Exit probes need the agent's unwinder hooks patched too, so that C++
         // exceptions thrown through probed frames find real return addresses.
-        if exit {
+        let any_exit = requests.iter().any(|r| r.kind == ProbeKind::Exit as u32);
+        if any_exit {
             for r in internal_probes(proc, &fns, internal)? {
                 // Without the hook, an exception thrown while returns are probed aborts
                 // the program: a probe the user asked for on the same code gives way.
@@ -486,6 +530,7 @@ impl Session {
             counters,
             patched: false,
             _lock: lock,
+            pack_region,
         };
         s.write_patches(proc, true)?;
         Ok(s)
@@ -544,6 +589,11 @@ impl Session {
         }
         self.patched = false;
         Ok(gone)
+    }
+
+    /// The loaded pack's shared region: `/proc/PID/fd/N` for its memfd `N`, and its length.
+    pub fn pack_region(&self) -> Option<(i32, u64)> {
+        self.pack_region
     }
 
     /// The user's probes that are installed.
@@ -674,6 +724,108 @@ fn call_with_buffers(
     let tid = proc.threads()[0];
     let _ = remote_call::syscall(proc, tid, libc::SYS_munmap, &[buf, len as u64]);
     result
+}
+
+/// Load a pack next to the agent: inject its library, then in one remote call create its
+/// shared region, bind its maps and ring and look up its shims. Returns the region and
+/// each handler's shim address, in the order of the pack's probe descriptors.
+fn load_pack(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    agent_base: u64,
+    pack: &crate::pack::load::Pack,
+    swap: bool,
+) -> Result<(probes::remote::PackLoadResult, Vec<u64>), SessionError> {
+    use probes::remote::{PackLoadRequest, PackLoadResult, PackSymbol};
+    let info = &pack.info;
+    let symbol = |kind, params, name: &str| {
+        PackSymbol::new(kind, params, name)
+            .ok_or_else(|| SessionError::Agent(format!("pack symbol {name} is too long")))
+    };
+    let mut syms = Vec::new();
+    for m in &info.maps {
+        syms.push(symbol(m.kind, m.params, &m.symbol)?);
+    }
+    for p in &info.probes {
+        syms.push(symbol(0, [0; 4], &p.symbol)?);
+    }
+    let loaded = inject::inject_named(proc, &pack.bytes, &pack.name)?;
+    let mut head = PackLoadRequest {
+        handle: loaded.handle,
+        ring_bytes: probes::pack::abi::RING_BYTES as u64,
+        maps: info.maps.len() as u32,
+        shims: info.probes.len() as u32,
+        swap: swap as u32,
+        ..PackLoadRequest::default()
+    };
+    let n = pack.name.len().min(head.name.len() - 1);
+    head.name[..n].copy_from_slice(&pack.name.as_bytes()[..n]);
+    let mut input = as_bytes(std::slice::from_ref(&head)).to_vec();
+    input.extend_from_slice(as_bytes(&syms));
+    let out_len = size_of::<PackLoadResult>() + 8 * info.probes.len();
+    let function = agent_base + agent_symbol(probes::remote::LOAD_PACK_SYMBOL)?;
+    let (ok, bytes) = call_with_buffers(proc, fns, function, &input, 1, out_len)?;
+    // SAFETY: PackLoadResult is plain old data and `bytes` holds at least one.
+    let res = unsafe { (bytes.as_ptr() as *const PackLoadResult).read_unaligned() };
+    if ok != 1 {
+        return Err(SessionError::Agent(format!(
+            "cannot {} the pack {}: {}",
+            if swap { "swap in" } else { "load" },
+            info.path.display(),
+            res.message()
+        )));
+    }
+    if res.abi != probes::pack::abi::ABI_VERSION {
+        return Err(SessionError::Agent(format!(
+            "the pack {} reports probes ABI v{} once loaded, this tracer speaks v{}: rebuild it",
+            info.path.display(),
+            res.abi,
+            probes::pack::abi::ABI_VERSION
+        )));
+    }
+    let shims = bytes[size_of::<PackLoadResult>()..]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    Ok((res, shims))
+}
+
+/// Whether another tracer's session holds `pid` now (it has the agent's shared memory
+/// locked), found without touching the process.
+pub fn other_session_live(pid: i32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        let is_agent = std::fs::read_link(fd.path())
+            .is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:tracer-shared"));
+        is_agent && File::open(fd.path()).is_ok_and(|f| exclusively_locked(&f))
+    })
+}
+
+/// Whether another open file holds an exclusive `flock` on `f`'s file: a shared lock
+/// is refused then. One granted is dropped at once (a tracer taking its session lock in
+/// that instant is told the target is busy, and can retry).
+fn exclusively_locked(f: &File) -> bool {
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    if r == 0 {
+        // SAFETY: as above.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        return false;
+    }
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
+/// Hot swap: replace the handlers of the pack of the same name running in the stopped
+/// process `proc` (another tracer's session) by `pack`'s, its maps kept. Nothing is
+/// patched. Returns how many handler slots changed.
+pub fn swap_pack(proc: &mut Process, pack: &crate::pack::load::Pack) -> Result<u64, SessionError> {
+    let fns = inject::libc_functions(proc.pid())?;
+    let base = loaded_agent(proc.pid())
+        .ok_or_else(|| SessionError::Agent("no tracer agent in the process".into()))?;
+    let (res, _) = load_pack(proc, &fns, base, pack, true)?;
+    Ok(res.swapped)
 }
 
 /// Send the requests to the agent in one remote call and read the results back.

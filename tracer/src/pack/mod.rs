@@ -2,11 +2,14 @@
 //! reading its maps and draining its event ring from the shared region, printing them,
 //! and scaffolding a new pack (`tracer new`).
 //!
-//! Loading a pack into a target and wiring its handlers to the trampolines come with the
-//! agent's side.
+//! `load` gets a pack ready before the target is touched (build, read, resolve); the
+//! session loads it next to the agent; `live` prints its events while the target runs
+//! and its maps at the end.
 
 pub mod descriptors;
 pub mod format;
+pub mod live;
+pub mod load;
 pub mod maps;
 pub mod region;
 pub mod report;

@@ -1,0 +1,192 @@
+//! A loaded pack seen from the tracer while the target runs: a thread drains the event
+//! ring from the shared region (never through ptrace: the target runs detached) and
+//! prints each event as it arrives; at the end the maps are read and printed.
+
+use super::descriptors::{plan_for, PackInfo};
+use super::format::decode;
+use super::maps::read_maps;
+use super::region::SharedRegion;
+use super::report::{map_json, map_text};
+use super::ring::Consumer;
+use probes::pack::abi::{Plan, RING_BYTES};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How often the ring is drained.
+const PERIOD: Duration = Duration::from_millis(5);
+/// How long a record may stay reserved and unfinished before it is taken as left by a
+/// thread that died inside a handler and skipped.
+const STUCK_AFTER: Duration = Duration::from_secs(1);
+/// The same at the end, when a thread stopped inside a handler while the probes were
+/// removed may still be finishing its record.
+const STUCK_AT_END: Duration = Duration::from_millis(200);
+
+/// What the drain thread saw.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub received: u64,
+    /// Records that could not be decoded, or reserved and never finished.
+    pub bad: u64,
+    pub problems: Vec<String>,
+}
+
+struct Shared {
+    region: SharedRegion,
+    info: PackInfo,
+    plan: Plan,
+}
+
+/// The pack's region, mapped, and the thread printing its events.
+pub struct Live {
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Tally>>,
+    json: bool,
+}
+
+impl Live {
+    /// Map the region the agent created (memfd `fd` in process `pid`) and start printing
+    /// events to `out`. Call while the target still exists.
+    pub fn start(
+        pid: i32,
+        fd: i32,
+        info: PackInfo,
+        json: bool,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Live, String> {
+        let plan = plan_for(&info, RING_BYTES)?;
+        let path = format!("/proc/{pid}/fd/{fd}");
+        let region = SharedRegion::open(std::path::Path::new(&path), plan.total)
+            .map_err(|e| format!("cannot map the pack's shared region {path}: {e}"))?;
+        let shared = Arc::new(Shared { region, info, plan });
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (shared, stop) = (shared.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("pack-events".into())
+                .spawn(move || drain_loop(&shared, &stop, json, out))
+                .map_err(|e| format!("cannot start the event thread: {e}"))?
+        };
+        Ok(Live {
+            shared,
+            stop,
+            thread: Some(thread),
+            json,
+        })
+    }
+
+    /// Stop the event thread after a last drain; return the events summary and every map,
+    /// as text or JSON lines.
+    pub fn finish(mut self) -> String {
+        self.stop.store(true, Ordering::Release);
+        let tally = self
+            .thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        let s = &self.shared;
+        let view = s.region.view();
+        let dropped = Consumer::new(s.plan.ring_offset, s.plan.ring_bytes).dropped(view);
+        let maps = read_maps(view, &s.plan, &s.info.maps);
+        let mut text = String::new();
+        if self.json {
+            for m in &maps {
+                text.push_str(&map_json(m).to_string());
+                text.push('\n');
+            }
+            let v = serde_json::json!({"events": {"received": tally.received, "dropped": dropped,
+                "bad": tally.bad, "problems": tally.problems}});
+            text.push_str(&v.to_string());
+            text.push('\n');
+        } else {
+            for m in &maps {
+                text.push_str(&map_text(m));
+                text.push('\n');
+            }
+            if tally.received > 0 || dropped > 0 || !s.info.formats.is_empty() {
+                text.push_str(&format!(
+                    "events: {} received, {dropped} dropped (ring full)\n",
+                    tally.received
+                ));
+            }
+            for p in &tally.problems {
+                text.push_str(&format!("warning: events: {p}\n"));
+            }
+        }
+        text
+    }
+}
+
+/// Drain every `PERIOD` until told to stop, then once more.
+fn drain_loop(s: &Shared, stop: &AtomicBool, json: bool, mut out: Box<dyn Write + Send>) -> Tally {
+    let mut consumer = Consumer::new(s.plan.ring_offset, s.plan.ring_bytes);
+    let mut tally = Tally::default();
+    let mut pending_since: Option<Instant> = None;
+    loop {
+        let last = stop.load(Ordering::Acquire);
+        let view = s.region.view();
+        let mut lines = String::new();
+        let d = consumer.drain(view, |payload| match decode(payload, &s.info.formats) {
+            Ok(ev) => {
+                tally.received += 1;
+                if json {
+                    lines.push_str(&ev.to_json().to_string());
+                } else {
+                    lines.push_str(&ev.render());
+                }
+                lines.push('\n');
+            }
+            Err(e) => {
+                tally.bad += 1;
+                note(&mut tally.problems, e);
+            }
+        });
+        for p in d.problems {
+            note(&mut tally.problems, p);
+        }
+        if !lines.is_empty() {
+            let _ = out.write_all(lines.as_bytes());
+            let _ = out.flush();
+        }
+        // A record reserved and never committed blocks those behind it: after a while
+        // it is taken as left by a thread that died in a handler, and skipped.
+        if d.pending {
+            if d.records > 0 {
+                pending_since = None;
+            }
+            let since = *pending_since.get_or_insert_with(Instant::now);
+            let limit = if last { STUCK_AT_END } else { STUCK_AFTER };
+            if since.elapsed() > limit {
+                consumer.skip_stuck(view);
+                tally.bad += 1;
+                note(
+                    &mut tally.problems,
+                    "skipped an event a handler never finished".into(),
+                );
+                pending_since = None;
+                if !last {
+                    continue;
+                }
+            } else if last {
+                std::thread::sleep(PERIOD);
+                continue;
+            }
+        } else {
+            pending_since = None;
+        }
+        if last {
+            return tally;
+        }
+        std::thread::sleep(PERIOD);
+    }
+}
+
+/// Keep the first few distinct problems, not one per record.
+fn note(problems: &mut Vec<String>, p: String) {
+    if problems.len() < 10 && !problems.contains(&p) {
+        problems.push(p);
+    }
+}

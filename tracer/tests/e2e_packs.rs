@@ -1,0 +1,603 @@
+//! Probe packs end to end: the example packs and a test pack built with cargo, loaded by
+//! `tracer run --pack` and `tracer attach --pack` into a C program built here, which
+//! counts what it does itself; bad packs refused with the target untouched.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const TARGET_C: &str = include_str!("programs/pack_target.c");
+
+/// Build the pack crate at `dir` (release, offline) into a target directory shared by
+/// these tests; returns its `.so`.
+fn build_pack(dir: &Path, name: &str) -> PathBuf {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packs");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--release", "--offline", "--quiet"])
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cargo build of {}:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.join("release").join(format!("lib{name}.so"))
+}
+
+fn example(name: &str) -> PathBuf {
+    build_pack(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(name),
+        name,
+    )
+}
+
+fn testpack() -> PathBuf {
+    build_pack(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/packs/testpack"),
+        "testpack",
+    )
+}
+
+fn build_program(dir: &Path) -> PathBuf {
+    cc(dir, "pack_target", TARGET_C, &["-pie", "-fPIE"])
+}
+
+/// `key=value` from the program's result line.
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        .parse()
+        .unwrap()
+}
+
+/// The map named `name` among the JSON output lines.
+fn map<'a>(lines: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    lines
+        .iter()
+        .find(|v| v["map"] == name)
+        .unwrap_or_else(|| panic!("no map {name} in {lines:?}"))
+}
+
+fn hash_value(m: &serde_json::Value, key: &str) -> u64 {
+    m["data"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == key)
+        .and_then(|e| e["value"].as_u64())
+        .unwrap_or_else(|| panic!("no key {key} in {m}"))
+}
+
+fn hash_sum(m: &serde_json::Value) -> u64 {
+    m["data"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["value"].as_u64().unwrap())
+        .sum()
+}
+
+fn hist_sum(m: &serde_json::Value) -> u64 {
+    m["data"]["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum()
+}
+
+/// `tracer run --json -o FILE ARGS -- program PROGRAM_ARGS`, checked to exit 0 with the
+/// program's stdout as an untraced run prints it; returns the output lines and stdout.
+fn run_json(
+    dir: &Path,
+    program: &Path,
+    tracer_args: &[&str],
+    program_args: &[&str],
+) -> (Vec<serde_json::Value>, String) {
+    let plain = Command::new(program).args(program_args).output().unwrap();
+    let out_file = dir.join("out.json");
+    let mut args = vec!["run", "--json", "-o", out_file.to_str().unwrap()];
+    args.extend_from_slice(tracer_args);
+    args.push("--");
+    args.push(program.to_str().unwrap());
+    args.extend_from_slice(program_args);
+    let out = tracer_output(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tracer failed: {err}");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Fault injection changes what the program sees, by design.
+    if !tracer_args.iter().any(|a| a.contains("faults")) {
+        assert_eq!(
+            out.stdout, plain.stdout,
+            "traced stdout differs; stderr: {err}"
+        );
+    }
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    (json_lines(&text), stdout)
+}
+
+/// `tracer attach PID --json ARGS` on the program started with `wait`: returns the
+/// program's result line and tracer's output lines once the program exited.
+fn attach_json(
+    program: &Path,
+    tracer_args: &[&str],
+    program_args: &[&str],
+) -> (String, Vec<serde_json::Value>) {
+    let mut args: Vec<&str> = program_args.to_vec();
+    args.push("wait");
+    let mut t = Target::spawn(program, &args);
+    assert_eq!(t.line(), "ready");
+    let r = attach_session(&mut t, tracer_args, false);
+    assert!(t.finish().1);
+    r
+}
+
+/// One `tracer attach --json` session on `t` (started with `wait`): probes live, one
+/// round of the program's work, then the session ends: by SIGINT to tracer when
+/// `interrupt`, else by the program's exit (sent "stop"). Returns the program's result
+/// line and tracer's JSON lines.
+fn attach_session(
+    t: &mut Target,
+    tracer_args: &[&str],
+    interrupt: bool,
+) -> (String, Vec<serde_json::Value>) {
+    let pid = t.pid().to_string();
+    let mut tr = tracer()
+        .args(["attach", &pid, "--json"])
+        .args(tracer_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(tr.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut l = String::new();
+        assert!(err.read_line(&mut l).unwrap() > 0, "tracer ended: {seen}");
+        seen.push_str(&l);
+        if l.contains("live in") {
+            break;
+        }
+    }
+    let stdin = t.stdin.as_mut().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    let result = t.line();
+    if interrupt {
+        // SAFETY: kill with the pid of our own child.
+        unsafe { libc::kill(tr.id() as i32, libc::SIGINT) };
+    } else {
+        t.stdin.as_mut().unwrap().write_all(b"stop\n").unwrap();
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert!(tr.wait().unwrap().success(), "tracer failed: {seen}{rest}");
+    let lines = (seen + &rest)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (result, lines)
+}
+
+/// The mallocs example: its size hash map holds exactly the program's own 300 mallocs
+/// of 12345 bytes; the histogram, the hash map and the tracer's counter agree on every
+/// malloc call seen, entries and returns alike.
+fn check_mallocs(lines: &[serde_json::Value]) {
+    assert_eq!(hash_value(map(lines, "BY_SIZE"), "12345"), 300);
+    let hits = num(report(lines, "libc:malloc"), "hits");
+    assert!(hits >= 300);
+    assert_eq!(num(report(lines, "libc:malloc"), "exits"), hits);
+    assert_eq!(hist_sum(map(lines, "SIZES")), hits);
+    assert_eq!(hash_sum(map(lines, "BY_SIZE")), hits);
+    assert_eq!(map(lines, "FAILS")["data"]["value"], 0);
+}
+
+#[test]
+fn mallocs_under_run_counts_the_programs_own_mallocs() {
+    let dir = temp_dir("pack-mallocs-run");
+    let program = build_program(dir.path());
+    let so = example("mallocs");
+    // `-p` probes beside the pack's; the one on the pack's own function gives way.
+    let (lines, _) = run_json(
+        dir.path(),
+        &program,
+        &[
+            "--pack",
+            so.to_str().unwrap(),
+            "-p",
+            "libc:malloc",
+            "-p",
+            "libc:free",
+        ],
+        &["300", "0", "0", "0"],
+    );
+    // Read after the program exited: the maps live in memory the tracer mapped.
+    check_mallocs(&lines);
+    let probes: Vec<_> = lines.iter().filter_map(|v| v["probe"].as_str()).collect();
+    assert_eq!(probes, ["libc:malloc", "libc:free"]);
+    assert!(num(report(&lines, "libc:free"), "hits") >= 300);
+}
+
+#[test]
+fn mallocs_under_attach_counts_the_programs_own_mallocs() {
+    let dir = temp_dir("pack-mallocs-attach");
+    let program = build_program(dir.path());
+    let so = example("mallocs");
+    let (result, lines) = attach_json(
+        &program,
+        &["--pack", so.to_str().unwrap()],
+        &["300", "0", "0", "0"],
+    );
+    assert_eq!(field(&result, "mallocs"), 300);
+    check_mallocs(&lines);
+}
+
+/// Sessions in a row on one process with the same pack: later ones reuse the pack, its
+/// region (emptied) and its probe, so the process does not grow; each counts exactly the
+/// program's work in its window.
+#[test]
+fn mallocs_twice_in_one_process_counts_each_window() {
+    let dir = temp_dir("pack-mallocs-twice");
+    let program = build_program(dir.path());
+    let so = example("mallocs");
+    let mut t = Target::spawn(&program, &["300", "0", "0", "0", "wait"]);
+    assert_eq!(t.line(), "ready");
+    let maps_file = format!("/proc/{}/maps", t.pid());
+    // The program's own heap may grow or shrink; every other mapping must stay.
+    let mappings = || {
+        std::fs::read_to_string(&maps_file)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.ends_with("[heap]"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut after_first = None;
+    for _ in 0..3 {
+        let (result, lines) = attach_session(&mut t, &["--pack", so.to_str().unwrap()], true);
+        assert_eq!(field(&result, "mallocs"), 300);
+        check_mallocs(&lines);
+        let now = mappings();
+        assert_eq!(
+            after_first.get_or_insert_with(|| now.clone()),
+            &now,
+            "the process grew"
+        );
+    }
+    assert_eq!(tracer_pid(t.pid()), 0);
+    let (last, ok) = t.finish();
+    assert!(ok && last.is_empty(), "{last}");
+}
+
+#[test]
+fn faults_make_every_third_malloc_fail_under_run_and_attach() {
+    let dir = temp_dir("pack-faults");
+    let program = build_program(dir.path());
+    let so = example("faults");
+    let (lines, stdout) = run_json(
+        dir.path(),
+        &program,
+        &["--pack", so.to_str().unwrap()],
+        &["300", "0", "0", "0"],
+    );
+    // 300 consecutive calls hold exactly 100 third calls, wherever the count started.
+    let result = stdout.lines().nth(1).unwrap();
+    assert_eq!(field(result, "failures"), 100, "{stdout}");
+    let calls = map(&lines, "CALLS")["data"]["value"].as_u64().unwrap();
+    assert_eq!(calls, num(report(&lines, "libc:malloc"), "exits"));
+    assert!(map(&lines, "FAILED")["data"]["value"].as_u64().unwrap() >= 100);
+
+    let (result, lines) = attach_json(
+        &program,
+        &["--pack", so.to_str().unwrap()],
+        &["300", "0", "0", "0"],
+    );
+    assert_eq!(field(&result, "failures"), 100, "{result}");
+    assert_eq!(
+        map(&lines, "CALLS")["data"]["value"].as_u64().unwrap(),
+        num(report(&lines, "libc:malloc"), "exits")
+    );
+}
+
+/// Given the crate directory, tracer builds the pack itself; one handler pair on a glob
+/// sees each function under its own name.
+#[test]
+fn latency_built_from_its_directory_keys_each_function_by_name() {
+    let dir = temp_dir("pack-latency");
+    let program = build_program(dir.path());
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/latency");
+    let (lines, _) = run_json(
+        dir.path(),
+        &program,
+        &["--pack", crate_dir.to_str().unwrap()],
+        &["0", "40", "0", "0"],
+    );
+    // 40 callocs, and one for the program's own array.
+    assert_eq!(hash_value(map(&lines, "CALLS"), "\"libc:calloc\""), 41);
+    let by_fn = map(&lines, "BY_FUNCTION");
+    let calloc_returns: u64 = by_fn["data"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["key"].as_str().unwrap().starts_with("\"libc:calloc 2^"))
+        .map(|e| e["value"].as_u64().unwrap())
+        .sum();
+    assert_eq!(calloc_returns, 41);
+    assert_eq!(hist_sum(map(&lines, "LATENCY_NS")), hash_sum(by_fn));
+}
+
+/// Every event the handler emitted is either received (and printed once) or counted as
+/// dropped; a handler that panics disables its probe, counted, and the program's output
+/// is that of an untraced run (checked in `run_json`).
+#[test]
+fn events_are_accounted_for_and_a_panicking_handler_is_disabled() {
+    let dir = temp_dir("pack-events");
+    let program = build_program(dir.path());
+    let so = testpack();
+    const TICKS: u64 = 60_000;
+    let ticks = TICKS.to_string();
+    let (lines, _) = run_json(
+        dir.path(),
+        &program,
+        &["--pack", so.to_str().unwrap()],
+        &["0", "0", &ticks, "50"],
+    );
+    let events: Vec<_> = lines.iter().filter(|v| v.get("event").is_some()).collect();
+    let summary = lines
+        .iter()
+        .find_map(|v| v.get("events"))
+        .expect("events summary");
+    let received = summary["received"].as_u64().unwrap();
+    let dropped = summary["dropped"].as_u64().unwrap();
+    assert_eq!(received, events.len() as u64);
+    assert_eq!(received + dropped, TICKS, "{summary}");
+    assert_eq!(summary["bad"], 0, "{summary}");
+    for (i, e) in events.iter().enumerate().take(100) {
+        // In order, named after the probe as resolved.
+        assert_eq!(e["event"], format!("tick {i} at main:tick"));
+    }
+    assert_eq!(map(&lines, "TICKS")["data"]["value"], TICKS);
+    assert_eq!(num(report(&lines, "main:tick"), "hits"), TICKS);
+    let boom = report(&lines, "main:boom");
+    assert_eq!(num(boom, "panics"), 1, "{boom}");
+    assert_eq!(num(boom, "hits"), 1, "{boom}");
+}
+
+/// A process that refused packs leave exactly as it was: nothing loaded, not traced, and
+/// it computes what it computes untraced.
+fn assert_refused_untouched(pack: &Path, needles: &[&str]) {
+    let dir = temp_dir("pack-refused");
+    let program = build_program(dir.path());
+    let mut t = Target::spawn(&program, &["300", "0", "10", "10", "wait"]);
+    assert_eq!(t.line(), "ready");
+    let maps_before = std::fs::read_to_string(format!("/proc/{}/maps", t.pid())).unwrap();
+    let out = tracer_output(&[
+        "attach",
+        &t.pid().to_string(),
+        "--pack",
+        pack.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, needles);
+    let maps_after = std::fs::read_to_string(format!("/proc/{}/maps", t.pid())).unwrap();
+    assert_eq!(maps_before, maps_after, "the target's mappings changed");
+    assert_eq!(tracer_pid(t.pid()), 0);
+    t.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let result = t.line();
+    let plain = Command::new(&program)
+        .args(["300", "0", "10", "10"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        result,
+        String::from_utf8_lossy(&plain.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+    );
+    assert!(t.finish().1);
+}
+
+#[test]
+fn a_pack_with_another_abi_version_is_refused_with_the_target_untouched() {
+    let dir = temp_dir("pack-abi");
+    let mut bytes = std::fs::read(testpack()).unwrap();
+    // Every descriptor: magic "TPK\0" then the ABI version.
+    let mut magic = b"TPK\0".to_vec();
+    magic.extend_from_slice(&probes::pack::abi::ABI_VERSION.to_le_bytes());
+    let mut n = 0;
+    for i in 0..bytes.len() - 8 {
+        if bytes[i..i + 8] == magic[..] {
+            bytes[i + 4..i + 8].copy_from_slice(&99u32.to_le_bytes());
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+    let bad = dir.path().join("libold.so");
+    std::fs::write(&bad, bytes).unwrap();
+    assert_refused_untouched(&bad, &["ABI v99", "rebuild"]);
+}
+
+#[test]
+fn a_plain_library_is_refused_as_not_a_pack_with_the_target_untouched() {
+    let dir = temp_dir("pack-plain");
+    let lib = cc(
+        dir.path(),
+        "libplain.so",
+        LIBTARGET_C,
+        &["-shared", "-fPIC"],
+    );
+    assert_refused_untouched(&lib, &["not a probe pack"]);
+}
+
+/// `tracer run` with a bad pack refuses before launching anything.
+#[test]
+fn run_refuses_a_bad_pack_before_launching() {
+    let dir = temp_dir("pack-run-refused");
+    let lib = cc(
+        dir.path(),
+        "libplain.so",
+        LIBTARGET_C,
+        &["-shared", "-fPIC"],
+    );
+    let marker = dir.path().join("launched");
+    let out = tracer_output(&[
+        "run",
+        "--pack",
+        lib.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        &format!("touch {}", marker.display()),
+    ]);
+    assert_one_line_error(&out, &["not a probe pack"]);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!marker.exists(), "the command ran");
+}
+
+/// Pack handlers (entry and return, floating-point work inside) on the functions of a
+/// program whose callers keep values in call-clobbered registers across them and call
+/// them misaligned (see `e2e_registers.rs`): its output is that of an untraced run.
+#[test]
+fn pack_handlers_keep_every_register_of_ipa_ra_callers() {
+    let dir = temp_dir("pack-ipa-ra");
+    let binary = cc(
+        dir.path(),
+        "ipa_ra",
+        include_str!("../../tests/programs/ipa_ra.c"),
+        &[
+            "-O2",
+            "-fipa-ra",
+            "-fipa-stack-alignment",
+            "-no-pie",
+            "-fno-pie",
+        ],
+    );
+    let so = testpack();
+    let (lines, _) = run_json(
+        dir.path(),
+        &binary,
+        &[
+            "--pack",
+            so.to_str().unwrap(),
+            "-x",
+            "-p",
+            "main:grow",
+            "-p",
+            "main:mix",
+            "-p",
+            "main:small",
+        ],
+        &["2000"],
+    );
+    for (probe, calls) in [
+        ("main:tick", 6000),
+        ("main:tock", 6000),
+        ("main:small", 2000),
+    ] {
+        let r = report(&lines, probe);
+        assert_eq!((num(r, "hits"), num(r, "exits")), (calls, calls), "{r}");
+    }
+    assert_eq!(hist_sum(map(&lines, "RETURNS")), 12000);
+    assert_eq!(map(&lines, "TICKS")["data"]["value"], 6000);
+}
+
+/// Build the hot swap pack with `feature` (none for v1) and keep a copy of its library
+/// in `dir/NAME/libhotswap.so` (the builds share one output path).
+fn hotswap_build(dir: &Path, name: &str, feature: Option<&str>) -> PathBuf {
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/packs/hotswap");
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packs");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--release", "--offline", "--quiet"]);
+    if let Some(f) = feature {
+        cmd.args(["--features", f]);
+    }
+    let out = cmd
+        .current_dir(&crate_dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copy = dir.join(name).join("libhotswap.so");
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    std::fs::copy(target.join("release/libhotswap.so"), &copy).unwrap();
+    copy
+}
+
+/// While 4 threads call the probed function nonstop, a second `tracer attach --pack`
+/// with a new build of the running pack swaps its handler in: a build that changes the
+/// maps is refused first; after the swap the running session's map holds, under the
+/// two versions, exactly the calls the program made, no hit lost or counted twice.
+#[test]
+fn a_new_build_is_swapped_in_under_load_without_losing_or_doubling_a_hit() {
+    let dir = temp_dir("pack-hotswap");
+    let v1 = hotswap_build(dir.path(), "v1", None);
+    let v2 = hotswap_build(dir.path(), "v2", Some("v2"));
+    let v3 = hotswap_build(dir.path(), "v3", Some("v3"));
+    let program = cc(
+        dir.path(),
+        "hot_target",
+        include_str!("programs/hot_target.c"),
+        &["-pie", "-fPIE", "-pthread"],
+    );
+    let mut t = Target::spawn(&program, &[]);
+    assert_eq!(t.line(), "ready");
+    let pid = t.pid().to_string();
+    let mut first = tracer()
+        .args(["attach", &pid, "--json", "--pack", v1.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(first.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("live in") {
+        let mut l = String::new();
+        assert!(err.read_line(&mut l).unwrap() > 0, "tracer ended: {seen}");
+        seen.push_str(&l);
+    }
+    let stdin = t.stdin.as_mut().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    assert_eq!(t.line(), "running");
+
+    let refused = tracer_output(&["attach", &pid, "--pack", v3.to_str().unwrap()]);
+    assert_one_line_error(&refused, &["changes its maps", "refused"]);
+    let swapped = tracer_output(&["attach", &pid, "--pack", v2.to_str().unwrap()]);
+    let msg = String::from_utf8_lossy(&swapped.stderr);
+    assert!(swapped.status.success(), "{msg}");
+    assert!(msg.contains("1 handler(s) replaced"), "{msg}");
+
+    t.stdin.as_mut().unwrap().write_all(b"stop\n").unwrap();
+    let total = field(&t.line(), "total");
+    assert!(t.child.wait().unwrap().success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert!(first.wait().unwrap().success(), "{seen}{rest}");
+    let lines: Vec<serde_json::Value> = rest
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let m = map(&lines, "BY_VERSION");
+    let v1_hits = hash_value(m, "1");
+    let v2_hits = hash_value(m, "2");
+    assert!(v2_hits >= 4000, "{m}");
+    assert_eq!(v1_hits + v2_hits, total, "{m}");
+    assert_eq!(num(report(&lines, "main:hot"), "hits"), total);
+}
