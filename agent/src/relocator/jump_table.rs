@@ -267,25 +267,9 @@ fn check_offset_table(
     body: Range,
     mem: &dyn Memory,
 ) -> Result<(), Refusal> {
-    for index in 0..MAX_TABLE_ENTRIES {
-        let mut e = [0u8; 4];
-        if !mem.read(table.wrapping_add(index * 4), &mut e) {
-            break;
-        }
-        let target = base.wrapping_add(i32::from_le_bytes(e) as i64 as u64);
-        if !body.contains(target) {
-            break;
-        }
-        if range.strictly_inside(target) {
-            return Err(Refusal::JumpTableIntoStolen {
-                jump,
-                table,
-                index,
-                target,
-            });
-        }
-    }
-    Ok(())
+    check_table(jump, table, range, body, mem, |e: [u8; 4]| {
+        base.wrapping_add(i32::from_le_bytes(e) as i64 as u64)
+    })
 }
 
 /// Same as [`check_offset_table`] for a table of absolute 8-byte code pointers.
@@ -296,12 +280,25 @@ fn check_pointer_table(
     body: Range,
     mem: &dyn Memory,
 ) -> Result<(), Refusal> {
+    check_table(jump, table, range, body, mem, u64::from_le_bytes)
+}
+
+/// The walk of [`check_offset_table`] over entries of `N` bytes, each turned into its
+/// target by `target_of`.
+fn check_table<const N: usize>(
+    jump: u64,
+    table: u64,
+    range: Range,
+    body: Range,
+    mem: &dyn Memory,
+    target_of: impl Fn([u8; N]) -> u64,
+) -> Result<(), Refusal> {
     for index in 0..MAX_TABLE_ENTRIES {
-        let mut e = [0u8; 8];
-        if !mem.read(table.wrapping_add(index * 8), &mut e) {
+        let mut e = [0u8; N];
+        if !mem.read(table.wrapping_add(index * N as u64), &mut e) {
             break;
         }
-        let target = u64::from_le_bytes(e);
+        let target = target_of(e);
         if !body.contains(target) {
             break;
         }

@@ -435,6 +435,17 @@ fn undecodable_and_unreadable_are_refused() {
     ));
 }
 
+/// `push rbx; mov rbx,rdi; BODY; pop rbx; ret` at `BASE`.
+fn framed(body: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
+    assemble(BASE, |a| {
+        a.push(rbx).unwrap();
+        a.mov(rbx, rdi).unwrap();
+        body(a);
+        a.pop(rbx).unwrap();
+        a.ret().unwrap();
+    })
+}
+
 #[test]
 fn references_into_stolen_bytes_are_refused() {
     // mov rax,[rip+site+2] inside the stolen bytes: reads code the patch changes.
@@ -447,33 +458,21 @@ fn references_into_stolen_bytes_are_refused() {
         Err(Refusal::RipRelativeIntoStolen { target, .. }) if target == BASE + 2
     ));
     // Elsewhere in the function: lea of an address strictly inside.
-    let code = assemble(BASE, |a| {
-        a.push(rbx).unwrap();
-        a.mov(rbx, rdi).unwrap();
+    let code = framed(|a| {
         rip_rel(a, Code::Lea_r64_m, Some(Register::RAX), BASE + 1);
-        a.pop(rbx).unwrap();
-        a.ret().unwrap();
     });
     assert!(matches!(
         sized(&code),
         Err(Refusal::RipRelativeIntoStolen { target, .. }) if target == BASE + 1
     ));
     // ... but taking the function's own address is fine.
-    let code = assemble(BASE, |a| {
-        a.push(rbx).unwrap();
-        a.mov(rbx, rdi).unwrap();
+    let code = framed(|a| {
         rip_rel(a, Code::Lea_r64_m, Some(Register::RAX), BASE);
-        a.pop(rbx).unwrap();
-        a.ret().unwrap();
     });
     assert!(sized(&code).is_ok());
     // A call strictly inside the stolen bytes from later in the function.
-    let code = assemble(BASE, |a| {
-        a.push(rbx).unwrap();
-        a.mov(rbx, rdi).unwrap();
+    let code = framed(|a| {
         a.call(BASE + 1).unwrap();
-        a.pop(rbx).unwrap();
-        a.ret().unwrap();
     });
     assert!(matches!(
         sized(&code),
