@@ -287,3 +287,23 @@ impl PrepareResult {
 }
 
 const _: () = assert!(std::mem::size_of::<PrepareResult>() == 264);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_long_ones_are_cut_before_the_nul() {
+        let mut p = PrepareResult::default();
+        p.set_message("refused: jump into stolen bytes");
+        assert_eq!(p.message(), "refused: jump into stolen bytes");
+        let long = "x".repeat(500);
+        p.set_message(&long);
+        assert_eq!(p.message(), long[..p.message.len() - 1]);
+        let mut l = PackLoadResult::default();
+        l.set_message(&long);
+        assert_eq!(l.message(), long[..l.message.len() - 1]);
+        l.set_message("short");
+        assert_eq!(l.message(), "short");
+    }
+}
