@@ -575,14 +575,20 @@ fn constant_switch_is_read() {
 
 #[test]
 fn pointer_tables_are_read() {
-    // lea rdx,[rip+T]; jmp [rdx+rdi*8]; T: dq entry, then a pointer outside the function.
+    // lea rdx,[rip+T]; jmp [rdx+rdi*8] (or through rax); T: dq entry, then a pointer
+    // outside the function.
     let table = BASE + 0x40;
-    let build = |entry: u64| {
+    let build = |entry: u64, through_rax: bool| {
         let mut code = assemble(BASE, |a| {
             a.push(rbx).unwrap();
             a.pop(rbx).unwrap();
             rip_rel(a, Code::Lea_r64_m, Some(Register::RDX), table);
-            a.jmp(qword_ptr(rdx + rdi * 8)).unwrap();
+            if through_rax {
+                a.mov(rax, qword_ptr(rdx + rdi * 8)).unwrap();
+                a.jmp(rax).unwrap();
+            } else {
+                a.jmp(qword_ptr(rdx + rdi * 8)).unwrap();
+            }
             a.ret().unwrap();
         });
         code.resize(0x40, 0xcc);
@@ -590,16 +596,18 @@ fn pointer_tables_are_read() {
         code.extend_from_slice(&0x4000_0000u64.to_le_bytes());
         code
     };
-    let ok = build(BASE + 0x3f);
-    assert!(sized(&ok).is_ok(), "{:?}", sized(&ok));
-    match sized(&build(BASE + 2)) {
-        Err(Refusal::JumpTableIntoStolen {
-            table: t,
-            index: 0,
-            target,
-            ..
-        }) => assert_eq!((t, target), (table, BASE + 2)),
-        other => panic!("{other:?}"),
+    for through_rax in [false, true] {
+        let ok = build(BASE + 0x3f, through_rax);
+        assert!(sized(&ok).is_ok(), "{:?}", sized(&ok));
+        match sized(&build(BASE + 2, through_rax)) {
+            Err(Refusal::JumpTableIntoStolen {
+                table: t,
+                index: 0,
+                target,
+                ..
+            }) => assert_eq!((t, target), (table, BASE + 2)),
+            other => panic!("through rax {through_rax}: {other:?}"),
+        }
     }
 }
 
