@@ -172,22 +172,24 @@ mod tests {
         }
     }
 
+    /// Places 150 bytes of code with five `call [rip+slot]`s; returns it and how many
+    /// times it was emitted.
+    fn place_five_slot_calls(a: &mut NearAllocator) -> (Placed<()>, u32) {
+        let mut runs = 0;
+        let p = place(a, &[near()], Policy::Force(CallEncoding::RipSlot), |e| {
+            runs += 1;
+            with_slots(e, 5, 150)
+        })
+        .unwrap();
+        (p, runs)
+    }
+
     #[test]
     fn slots_taken_while_emitting_keep_their_own_lines() {
         // 300 bytes left: 150 bytes of code and one literal line fit.
         let mut a = chunk_with_room(300);
         let (start, end) = a.chunks()[0];
-        let mut runs = 0;
-        let p = place(
-            &mut a,
-            &[near()],
-            Policy::Force(CallEncoding::RipSlot),
-            |e| {
-                runs += 1;
-                with_slots(e, 5, 150)
-            },
-        )
-        .unwrap();
+        let (p, runs) = place_five_slot_calls(&mut a);
         assert_eq!(runs, 1);
         assert!(start <= p.addr && p.addr + p.len as u64 <= end);
         check_slots(&p, 5);
@@ -198,17 +200,7 @@ mod tests {
         // 208 bytes left, but the literal line the code asks for takes 64 of them.
         let mut a = chunk_with_room(208);
         let (start, end) = a.chunks()[0];
-        let mut runs = 0;
-        let p = place(
-            &mut a,
-            &[near()],
-            Policy::Force(CallEncoding::RipSlot),
-            |e| {
-                runs += 1;
-                with_slots(e, 5, 150)
-            },
-        )
-        .unwrap();
+        let (p, runs) = place_five_slot_calls(&mut a);
         assert_eq!(runs, 2, "emitted again for the new chunk");
         assert!(p.addr + p.len as u64 <= start || p.addr >= end);
         check_slots(&p, 5);

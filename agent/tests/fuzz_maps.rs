@@ -8,18 +8,6 @@
 use agent::maps::{parse, parse_line, MapEntry, Perms};
 use proptest::prelude::*;
 
-fn cases(default: u32) -> ProptestConfig {
-    let n = std::env::var("FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    ProptestConfig {
-        cases: n,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
 fn perms() -> impl Strategy<Value = Perms> {
     (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
         |(read, write, exec, shared)| Perms {
@@ -88,7 +76,7 @@ fn line_like() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(cases(3000))]
+    #![proptest_config(tests::fuzz_cases(3000))]
 
     #[test]
     fn any_line_parses_or_is_none(line in line_like()) {

@@ -12,48 +12,11 @@
 //! Case counts keep the whole fuzz set under a minute on a 2-core machine; set
 //! `FUZZ_CASES=N` for a longer run (`bash bench/fuzz.sh` does).
 
-use agent::relocator::{analyze, relocate, Function, Memory, ProbeKind, Refusal, PATCH_LEN};
+use agent::relocator::{
+    analyze, relocate, Function, Memory, ProbeKind, Refusal, SliceMemory, PATCH_LEN,
+};
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, Register};
 use proptest::prelude::*;
-
-fn cases(default: u32) -> ProptestConfig {
-    let n = std::env::var("FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    ProptestConfig {
-        cases: n,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
-/// The fuzz bytes mapped at `base`; everything else is unreadable.
-struct FuzzMemory {
-    base: u64,
-    bytes: Vec<u8>,
-}
-
-impl Memory for FuzzMemory {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
-        let Some(start) = addr.checked_sub(self.base) else {
-            return false;
-        };
-        let Ok(start) = usize::try_from(start) else {
-            return false;
-        };
-        match start
-            .checked_add(buf.len())
-            .and_then(|end| self.bytes.get(start..end))
-        {
-            Some(src) => {
-                buf.copy_from_slice(src);
-                true
-            }
-            None => false,
-        }
-    }
-}
 
 /// Encoded instructions that real prologues start with, so that cases get past the
 /// first decode more often than random bytes do. Displacements are fuzzed separately.
@@ -184,9 +147,10 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
     if mem_base.checked_add(bytes.len() as u64).is_none() {
         return Ok(()); // the test's memory would wrap past the top
     }
-    let mem = FuzzMemory {
+    // The fuzz bytes mapped at `mem_base`; everything else is unreadable.
+    let mem = SliceMemory {
         base: mem_base,
-        bytes,
+        bytes: &bytes,
     };
     let func = Function {
         address: func_addr,
@@ -404,7 +368,7 @@ fn variant(r: &Refusal) -> String {
 
 #[test]
 fn analyze_and_relocate_arbitrary_code() {
-    let mut runner = proptest::test_runner::TestRunner::new(cases(6000));
+    let mut runner = proptest::test_runner::TestRunner::new(tests::fuzz_cases(6000));
     let result = runner.run(&case(), |c| check(&c));
     let reached = REACHED.with(|r| std::mem::take(&mut *r.borrow_mut()));
     eprintln!("{reached:#?}");
@@ -427,7 +391,7 @@ fn analyze_and_relocate_arbitrary_code() {
 fn function_ending_at_the_top_of_the_address_space() {
     let base = u64::MAX - 20;
     let bytes = [0u8; 21];
-    let mem = agent::relocator::SliceMemory {
+    let mem = SliceMemory {
         base,
         bytes: &bytes,
     };

@@ -168,6 +168,19 @@ impl PackSymbol {
     }
 }
 
+/// The text of a fixed NUL-terminated message field (all of it when it has no NUL).
+fn read_c_message(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Writes `m` into a fixed message field, cut to leave room for the NUL that ends it.
+fn write_c_message(buf: &mut [u8], m: &str) {
+    let n = m.len().min(buf.len() - 1);
+    buf[..n].copy_from_slice(&m.as_bytes()[..n]);
+    buf[n] = 0;
+}
+
 /// Head of the output of [`LOAD_PACK_SYMBOL`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -198,18 +211,11 @@ impl Default for PackLoadResult {
 
 impl PackLoadResult {
     pub fn message(&self) -> String {
-        let end = self
-            .message
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.message.len());
-        String::from_utf8_lossy(&self.message[..end]).into_owned()
+        read_c_message(&self.message)
     }
 
     pub fn set_message(&mut self, m: &str) {
-        let n = m.len().min(self.message.len() - 1);
-        self.message[..n].copy_from_slice(&m.as_bytes()[..n]);
-        self.message[n] = 0;
+        write_c_message(&mut self.message, m);
     }
 }
 
@@ -272,19 +278,32 @@ impl Default for PrepareResult {
 
 impl PrepareResult {
     pub fn message(&self) -> String {
-        let end = self
-            .message
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.message.len());
-        String::from_utf8_lossy(&self.message[..end]).into_owned()
+        read_c_message(&self.message)
     }
 
     pub fn set_message(&mut self, m: &str) {
-        let n = m.len().min(self.message.len() - 1);
-        self.message[..n].copy_from_slice(&m.as_bytes()[..n]);
-        self.message[n] = 0;
+        write_c_message(&mut self.message, m);
     }
 }
 
 const _: () = assert!(std::mem::size_of::<PrepareResult>() == 264);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_long_ones_are_cut_before_the_nul() {
+        let mut p = PrepareResult::default();
+        p.set_message("refused: jump into stolen bytes");
+        assert_eq!(p.message(), "refused: jump into stolen bytes");
+        let long = "x".repeat(500);
+        p.set_message(&long);
+        assert_eq!(p.message(), long[..p.message.len() - 1]);
+        let mut l = PackLoadResult::default();
+        l.set_message(&long);
+        assert_eq!(l.message(), long[..l.message.len() - 1]);
+        l.set_message("short");
+        assert_eq!(l.message(), "short");
+    }
+}

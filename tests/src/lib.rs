@@ -111,6 +111,30 @@ pub fn cxx(dir: &Path, name: &str, source: &str, flags: &[&str]) -> PathBuf {
     compile("c++", "cc", dir, name, source, flags)
 }
 
+/// Asserts the process that produced `out` exited with status 0; on failure shows its
+/// stderr.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The proptest configuration of the fuzz tests: `default` cases, or `FUZZ_CASES=N` for a
+/// longer run (`bash bench/fuzz.sh` sets it); no failure files written into the tree.
+pub fn fuzz_cases(default: u32) -> proptest::test_runner::Config {
+    let n = std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    proptest::test_runner::Config {
+        cases: n,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    }
+}
+
 /// Parses a `0x...` address printed with `%p`.
 pub fn hex(s: &str) -> u64 {
     u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).expect("hex address")

@@ -11,39 +11,11 @@ use std::time::Duration;
 
 const TARGET_C: &str = include_str!("programs/pack_target.c");
 
-/// Build the pack crate at `dir` (release, offline) into a target directory shared by
-/// these tests; returns its `.so`.
-fn build_pack(dir: &Path, name: &str) -> PathBuf {
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packs");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["build", "--release", "--offline", "--quiet"])
-        .current_dir(dir)
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cargo build of {}:\n{}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target.join("release").join(format!("lib{name}.so"))
-}
-
-fn example(name: &str) -> PathBuf {
-    build_pack(
-        &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../examples")
-            .join(name),
-        name,
-    )
-}
-
 fn testpack() -> PathBuf {
     build_pack(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/packs/testpack"),
         "testpack",
+        &[],
     )
 }
 
@@ -207,7 +179,7 @@ fn check_mallocs(lines: &[serde_json::Value]) {
 fn mallocs_under_run_counts_the_programs_own_mallocs() {
     let dir = temp_dir("pack-mallocs-run");
     let program = build_program(dir.path());
-    let so = example("mallocs");
+    let so = example_pack("mallocs");
     // `-p` probes beside the pack's; the one on the pack's own function gives way.
     let (lines, _) = run_json(
         dir.path(),
@@ -233,7 +205,7 @@ fn mallocs_under_run_counts_the_programs_own_mallocs() {
 fn mallocs_under_attach_counts_the_programs_own_mallocs() {
     let dir = temp_dir("pack-mallocs-attach");
     let program = build_program(dir.path());
-    let so = example("mallocs");
+    let so = example_pack("mallocs");
     let (result, lines) = attach_json(
         &program,
         &["--pack", so.to_str().unwrap()],
@@ -250,7 +222,7 @@ fn mallocs_under_attach_counts_the_programs_own_mallocs() {
 fn mallocs_twice_in_one_process_counts_each_window() {
     let dir = temp_dir("pack-mallocs-twice");
     let program = build_program(dir.path());
-    let so = example("mallocs");
+    let so = example_pack("mallocs");
     let mut t = Target::spawn(&program, &["300", "0", "0", "0", "wait"]);
     assert_eq!(t.line(), "ready");
     let maps_file = format!("/proc/{}/maps", t.pid());
@@ -284,7 +256,7 @@ fn mallocs_twice_in_one_process_counts_each_window() {
 fn faults_make_every_third_malloc_fail_under_run_and_attach() {
     let dir = temp_dir("pack-faults");
     let program = build_program(dir.path());
-    let so = example("faults");
+    let so = example_pack("faults");
     let (lines, stdout) = run_json(
         dir.path(),
         &program,
@@ -516,26 +488,10 @@ fn pack_handlers_keep_every_register_of_ipa_ra_callers() {
 /// in `dir/NAME/libhotswap.so` (the builds share one output path).
 fn hotswap_build(dir: &Path, name: &str, feature: Option<&str>) -> PathBuf {
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/packs/hotswap");
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packs");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--release", "--offline", "--quiet"]);
-    if let Some(f) = feature {
-        cmd.args(["--features", f]);
-    }
-    let out = cmd
-        .current_dir(&crate_dir)
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let built = build_pack(&crate_dir, "hotswap", feature.as_slice());
     let copy = dir.join(name).join("libhotswap.so");
     std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
-    std::fs::copy(target.join("release/libhotswap.so"), &copy).unwrap();
+    std::fs::copy(built, &copy).unwrap();
     copy
 }
 

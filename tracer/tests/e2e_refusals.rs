@@ -37,11 +37,7 @@ fn run(prog: &Path, args: &[&str]) -> Output {
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let plain = std::process::Command::new(prog).output().unwrap();
     assert_eq!(out.stdout, plain.stdout, "traced output differs");
     out

@@ -8,7 +8,7 @@ use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
 const TICKER_C: &str = include_str!("programs/ticker.c");
@@ -84,6 +84,57 @@ fn json_file(path: &Path) -> Vec<serde_json::Value> {
     json_lines(&std::fs::read_to_string(path).unwrap_or_default())
 }
 
+/// `tracer run -p main:work --json -o DIR/out.json -- TICKER ARGS...` with piped stdin
+/// and stdout; returns it, its stdin and stdout, the JSON path and the stderr file.
+fn run_ticker(
+    dir: &Path,
+    ticker: &Path,
+    args: &[&str],
+) -> (Child, ChildStdin, BufReader<ChildStdout>, PathBuf, PathBuf) {
+    let json = dir.join("out.json");
+    let (err_to, err_path) = stderr_file(dir);
+    let mut tracer = tracer()
+        .args(["run", "-p", "main:work", "--json", "-o"])
+        .arg(&json)
+        .arg("--")
+        .arg(ticker)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(err_to)
+        .spawn()
+        .unwrap();
+    let stdin = tracer.stdin.take().unwrap();
+    let stdout = BufReader::new(tracer.stdout.take().unwrap());
+    (tracer, stdin, stdout, json, err_path)
+}
+
+/// `tracer attach PID -p main:work -o DIR/out.json` (with `--json` when `json`, else
+/// `-o DIR/out.txt`); returns it, the output path and the stderr file.
+fn attach_work(dir: &Path, pid: i32, json: bool) -> (Child, PathBuf, PathBuf) {
+    let out = dir.join(if json { "out.json" } else { "out.txt" });
+    let (err_to, err_path) = stderr_file(dir);
+    let pid = pid.to_string();
+    let mut args = vec!["attach", &pid, "-p", "main:work"];
+    if json {
+        args.push("--json");
+    }
+    let child = tracer()
+        .args(args)
+        .arg("-o")
+        .arg(&out)
+        .stdin(Stdio::null())
+        .stderr(err_to)
+        .spawn()
+        .unwrap();
+    (child, out, err_path)
+}
+
+fn sigterm(child: &Child) {
+    // SAFETY: kill with the PID of our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+}
+
 /// Under `tracer run`, with the probe live, the program is not traced (TracerPid 0): a
 /// 10 kHz timer's signals reach it directly, it counts every one it waits for, and the
 /// probe counted exactly the calls the program made.
@@ -91,21 +142,8 @@ fn json_file(path: &Path) -> Vec<serde_json::Value> {
 fn run_leaves_the_program_untraced_with_probes_live() {
     let dir = temp_dir("runfree");
     let ticker = build_ticker(&dir);
-    let json = dir.join("out.json");
-    let (err_to, err_path) = stderr_file(&dir);
-    let mut tracer = tracer()
-        .args(["run", "-p", "main:work", "--json", "-o"])
-        .arg(&json)
-        .arg("--")
-        .arg(&ticker)
-        .args(["10000", "until", "2000", "wait"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(err_to)
-        .spawn()
-        .unwrap();
-    let mut stdin = tracer.stdin.take().unwrap();
-    let mut stdout = BufReader::new(tracer.stdout.take().unwrap());
+    let (tracer, mut stdin, mut stdout, json, err_path) =
+        run_ticker(&dir, &ticker, &["10000", "until", "2000", "wait"]);
     let (pid, work) = ready(&read_line(&mut stdout));
     assert!(patched(&read_mem(pid, work, 8)), "probe not live at main");
     assert_eq!(tracer_pid(pid), 0, "the program is ptrace-attached");
@@ -134,22 +172,7 @@ fn attach_leaves_the_target_untraced_and_sigterm_removes_the_probes() {
     let mut t = Target::spawn(&ticker, &["10000", "until", "2000", "wait"]);
     let (pid, work) = ready(&t.line());
     let original = read_mem(pid, work, 16);
-    let json = dir.join("out.json");
-    let (err_to, err_path) = stderr_file(&dir);
-    let child = tracer()
-        .args([
-            "attach",
-            &pid.to_string(),
-            "-p",
-            "main:work",
-            "--json",
-            "-o",
-        ])
-        .arg(&json)
-        .stdin(Stdio::null())
-        .stderr(err_to)
-        .spawn()
-        .unwrap();
+    let (child, json, err_path) = attach_work(&dir, pid, true);
     assert!(
         wait_until(Duration::from_secs(20), || patched(&read_mem(pid, work, 8))
             && tracer_pid(pid) == 0),
@@ -162,8 +185,7 @@ fn attach_leaves_the_target_untraced_and_sigterm_removes_the_probes() {
     assert_eq!(alarms, 2000);
     assert_eq!(tracer_pid(pid), 0);
 
-    // SAFETY: kill with the PID of our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    sigterm(&child);
     let (status, err) = wait_with_timeout(child, &err_path, Duration::from_secs(30));
     assert!(status.success(), "{status:?}: {err}");
     assert_eq!(num(report(&json_file(&json), "main:work"), "hits"), calls);
@@ -181,22 +203,7 @@ fn attach_reports_when_the_target_ends() {
     let ticker = build_ticker(&dir);
     let mut t = Target::spawn(&ticker, &["1000", "until", "100", "wait"]);
     let (pid, work) = ready(&t.line());
-    let json = dir.join("out.json");
-    let (err_to, err_path) = stderr_file(&dir);
-    let child = tracer()
-        .args([
-            "attach",
-            &pid.to_string(),
-            "-p",
-            "main:work",
-            "--json",
-            "-o",
-        ])
-        .arg(&json)
-        .stdin(Stdio::null())
-        .stderr(err_to)
-        .spawn()
-        .unwrap();
+    let (child, json, err_path) = attach_work(&dir, pid, true);
     assert!(
         wait_until(Duration::from_secs(20), || patched(&read_mem(pid, work, 8))),
         "never patched"
@@ -218,27 +225,13 @@ fn attach_reports_when_the_target_ends() {
 fn sigterm_to_run_reaches_the_program_and_is_reported() {
     let dir = temp_dir("runterm");
     let ticker = build_ticker(&dir);
-    let json = dir.join("out.json");
-    let (err_to, err_path) = stderr_file(&dir);
-    let mut tracer = tracer()
-        .args(["run", "-p", "main:work", "--json", "-o"])
-        .arg(&json)
-        .arg("--")
-        .arg(&ticker)
-        .args(["1000", "until", "50", "wait"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(err_to)
-        .spawn()
-        .unwrap();
-    let mut stdin = tracer.stdin.take().unwrap();
-    let mut stdout = BufReader::new(tracer.stdout.take().unwrap());
+    let (tracer, mut stdin, mut stdout, json, err_path) =
+        run_ticker(&dir, &ticker, &["1000", "until", "50", "wait"]);
     let (pid, _) = ready(&read_line(&mut stdout));
     writeln!(stdin, "go").unwrap();
     let (_, calls) = done(&read_line(&mut stdout));
     // The program now waits for a line that never comes.
-    // SAFETY: kill with the PID of our own child process.
-    unsafe { libc::kill(tracer.id() as i32, libc::SIGTERM) };
+    sigterm(&tracer);
     let (status, err) = wait_with_timeout(tracer, &err_path, Duration::from_secs(30));
     assert_eq!(status.signal(), Some(libc::SIGTERM), "{err}");
     assert!(
@@ -312,14 +305,7 @@ fn attach_leaves_the_code_of_an_exec_d_program_alone() {
     let mut t = Target::spawn(&first, &["0", "bench", "1", "wait"]);
     let (pid, work) = ready(&t.line());
     let original = read_mem(pid, work, 8);
-    let (err_to, err_path) = stderr_file(&dir);
-    let child = tracer()
-        .args(["attach", &pid.to_string(), "-p", "main:work", "-o"])
-        .arg(dir.join("out.txt"))
-        .stdin(Stdio::null())
-        .stderr(err_to)
-        .spawn()
-        .unwrap();
+    let (child, _, err_path) = attach_work(&dir, pid, false);
     assert!(
         wait_until(Duration::from_secs(20), || patched(&read_mem(pid, work, 8))
             && tracer_pid(pid) == 0),
@@ -342,8 +328,7 @@ fn attach_leaves_the_code_of_an_exec_d_program_alone() {
         "the second program has the same bytes there: the test proves nothing"
     );
 
-    // SAFETY: kill with the PID of our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    sigterm(&child);
     let (status, err) = wait_with_timeout(child, &err_path, Duration::from_secs(30));
     assert!(status.success(), "{status:?}: {err}");
     assert_eq!(
@@ -453,8 +438,7 @@ fn ctrl_c_on_the_terminal_reaches_the_program_once() {
         1
     );
     assert_eq!(read_line(&mut stdout), "int");
-    // SAFETY: kill with the PID of our own child process.
-    unsafe { libc::kill(tracer.id() as i32, libc::SIGTERM) };
+    sigterm(&tracer);
     assert_eq!(read_line(&mut stdout), "ints=1 from_process=0");
     let (status, err) = wait_with_timeout(tracer, &err_path, Duration::from_secs(30));
     // SAFETY: closing our own descriptor.

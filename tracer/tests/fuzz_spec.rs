@@ -8,18 +8,6 @@
 use proptest::prelude::*;
 use tracer::spec::{glob_match, is_glob, module_name_matches, ProbeSpec, SpecError};
 
-fn cases(default: u32) -> ProptestConfig {
-    let n = std::env::var("FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    ProptestConfig {
-        cases: n,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
 /// Text that looks like a spec more often than uniform noise would.
 fn spec_like() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -46,7 +34,7 @@ fn reference_glob(p: &[char], t: &[char]) -> bool {
 }
 
 proptest! {
-    #![proptest_config(cases(4000))]
+    #![proptest_config(tests::fuzz_cases(4000))]
 
     #[test]
     fn parse_never_panics_and_errors_are_named(text in spec_like()) {

@@ -2,37 +2,16 @@
 //! read by the tracer's descriptor reader; packs it must refuse, refused with a message
 //! saying what to do.
 
+mod common;
+use common::{build_pack, example_pack};
 use probes::pack::abi::{map_kind, value_type, ABI_VERSION, SECTION};
 use probes::ProbeKind;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tracer::pack::descriptors::{parse_pack, read_pack, PackError, PackInfo};
 
-/// Build the pack crate at `dir` in release mode into a target directory shared by these
-/// tests (so the probes crate compiles once); returns the `.so`.
-fn build_pack(dir: &Path, name: &str) -> PathBuf {
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packs");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["build", "--release", "--offline", "--quiet"])
-        .current_dir(dir)
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cargo build of {}:\n{}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target.join("release").join(format!("lib{name}.so"))
-}
-
 fn mallocs() -> PathBuf {
-    build_pack(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mallocs"),
-        "mallocs",
-    )
+    example_pack("mallocs")
 }
 
 fn check_mallocs_shape(p: &PackInfo, with_at: bool) {
@@ -173,12 +152,8 @@ fn tracer_new_writes_a_pack_that_builds_and_reads_back() {
         .current_dir(&*dir)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let so = build_pack(&dir.join("my_pack"), "my_pack");
+    tests::assert_success(&out);
+    let so = build_pack(&dir.join("my_pack"), "my_pack", &[]);
     check_mallocs_shape(&read_pack(&so).unwrap(), false);
     // A second time: refused, the crate is left as it was.
     let again = Command::new(env!("CARGO_BIN_EXE_tracer"))

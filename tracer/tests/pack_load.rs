@@ -3,35 +3,17 @@
 //! save areas as the trampolines will call them; the tracer then reads its maps and
 //! formats its events using only what it read from the ELF file.
 
+mod common;
+use common::example_pack;
 use probes::context::{EntryContext, ExitContext};
 use probes::pack::abi::{HitInfo, ABI_VERSION, SHIM_OK};
 use std::ffi::CString;
 use std::mem::MaybeUninit;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use tracer::pack::descriptors::{plan_for, read_pack};
 use tracer::pack::format::decode;
 use tracer::pack::maps::{read_maps, MapData};
 use tracer::pack::region::SharedRegion;
 use tracer::pack::ring::Consumer;
-
-fn build_mallocs() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mallocs");
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packs");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["build", "--release", "--offline", "--quiet"])
-        .current_dir(dir)
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target.join("release/libmallocs.so")
-}
 
 fn zeroed<T>() -> T {
     // SAFETY: only used for the register save areas: plain integers.
@@ -42,7 +24,7 @@ type Shim = unsafe extern "C" fn(*mut u8, *const HitInfo) -> u32;
 
 #[test]
 fn a_loaded_pack_updates_its_maps_and_emits_events_the_tracer_reads() {
-    let so = build_mallocs();
+    let so = example_pack("mallocs");
     let info = read_pack(&so).unwrap();
     let plan = plan_for(&info, 1 << 16).unwrap();
     let kinds: Vec<_> = info.maps.iter().map(|m| (m.kind, m.params)).collect();

@@ -57,17 +57,7 @@ pub(super) fn check_indirect_jump(
                 return Ok(());
             }
             // `jmp [base + idx*8 (+disp)]`: a table of absolute pointers.
-            if jmp.memory_index_scale() != 8 {
-                return Err(not_understood());
-            }
-            let base = match jmp.memory_base() {
-                Register::None => Some(0u64),
-                reg => lea_value(all, idx, reg, info),
-            };
-            let Some(base) = base else {
-                return Err(not_understood());
-            };
-            let table = base.wrapping_add(jmp.memory_displacement64());
+            let table = pointer_table(all, idx, info).ok_or_else(not_understood)?;
             check_pointer_table(jmp.ip(), table, range, body, mem)
         }
         OpKind::Register => {
@@ -89,17 +79,7 @@ pub(super) fn check_indirect_jump(
                         && d.memory_index() != Register::None
                     {
                         // Loaded from an indexed table of absolute pointers.
-                        if d.memory_index_scale() != 8 {
-                            return Err(not_understood());
-                        }
-                        let base = match d.memory_base() {
-                            Register::None => Some(0u64),
-                            r => lea_value(all, def_idx, r, info),
-                        };
-                        let Some(base) = base else {
-                            return Err(not_understood());
-                        };
-                        let table = base.wrapping_add(d.memory_displacement64());
+                        let table = pointer_table(all, def_idx, info).ok_or_else(not_understood)?;
                         return check_pointer_table(jmp.ip(), table, range, body, mem);
                     }
                     if d.mnemonic() == Mnemonic::Add {
@@ -267,25 +247,28 @@ fn check_offset_table(
     body: Range,
     mem: &dyn Memory,
 ) -> Result<(), Refusal> {
-    for index in 0..MAX_TABLE_ENTRIES {
-        let mut e = [0u8; 4];
-        if !mem.read(table.wrapping_add(index * 4), &mut e) {
-            break;
-        }
-        let target = base.wrapping_add(i32::from_le_bytes(e) as i64 as u64);
-        if !body.contains(target) {
-            break;
-        }
-        if range.strictly_inside(target) {
-            return Err(Refusal::JumpTableIntoStolen {
-                jump,
-                table,
-                index,
-                target,
-            });
-        }
+    check_table(jump, table, range, body, mem, |e: [u8; 4]| {
+        base.wrapping_add(i32::from_le_bytes(e) as i64 as u64)
+    })
+}
+
+/// The table of absolute pointers that the memory operand of `all[idx]` indexes as
+/// `[base + index*8 (+disp)]`; `None` when the scale is not 8 or the base's value is not
+/// known.
+fn pointer_table(
+    all: &[Instruction],
+    idx: usize,
+    info: &mut InstructionInfoFactory,
+) -> Option<u64> {
+    let ins = &all[idx];
+    if ins.memory_index_scale() != 8 {
+        return None;
     }
-    Ok(())
+    let base = match ins.memory_base() {
+        Register::None => 0,
+        reg => lea_value(all, idx, reg, info)?,
+    };
+    Some(base.wrapping_add(ins.memory_displacement64()))
 }
 
 /// Same as [`check_offset_table`] for a table of absolute 8-byte code pointers.
@@ -296,12 +279,25 @@ fn check_pointer_table(
     body: Range,
     mem: &dyn Memory,
 ) -> Result<(), Refusal> {
+    check_table(jump, table, range, body, mem, u64::from_le_bytes)
+}
+
+/// The walk of [`check_offset_table`] over entries of `N` bytes, each turned into its
+/// target by `target_of`.
+fn check_table<const N: usize>(
+    jump: u64,
+    table: u64,
+    range: Range,
+    body: Range,
+    mem: &dyn Memory,
+    target_of: impl Fn([u8; N]) -> u64,
+) -> Result<(), Refusal> {
     for index in 0..MAX_TABLE_ENTRIES {
-        let mut e = [0u8; 8];
-        if !mem.read(table.wrapping_add(index * 8), &mut e) {
+        let mut e = [0u8; N];
+        if !mem.read(table.wrapping_add(index * N as u64), &mut e) {
             break;
         }
-        let target = u64::from_le_bytes(e);
+        let target = target_of(e);
         if !body.contains(target) {
             break;
         }

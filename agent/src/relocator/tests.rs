@@ -435,6 +435,17 @@ fn undecodable_and_unreadable_are_refused() {
     ));
 }
 
+/// `push rbx; mov rbx,rdi; BODY; pop rbx; ret` at `BASE`.
+fn framed(body: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
+    assemble(BASE, |a| {
+        a.push(rbx).unwrap();
+        a.mov(rbx, rdi).unwrap();
+        body(a);
+        a.pop(rbx).unwrap();
+        a.ret().unwrap();
+    })
+}
+
 #[test]
 fn references_into_stolen_bytes_are_refused() {
     // mov rax,[rip+site+2] inside the stolen bytes: reads code the patch changes.
@@ -447,33 +458,21 @@ fn references_into_stolen_bytes_are_refused() {
         Err(Refusal::RipRelativeIntoStolen { target, .. }) if target == BASE + 2
     ));
     // Elsewhere in the function: lea of an address strictly inside.
-    let code = assemble(BASE, |a| {
-        a.push(rbx).unwrap();
-        a.mov(rbx, rdi).unwrap();
+    let code = framed(|a| {
         rip_rel(a, Code::Lea_r64_m, Some(Register::RAX), BASE + 1);
-        a.pop(rbx).unwrap();
-        a.ret().unwrap();
     });
     assert!(matches!(
         sized(&code),
         Err(Refusal::RipRelativeIntoStolen { target, .. }) if target == BASE + 1
     ));
     // ... but taking the function's own address is fine.
-    let code = assemble(BASE, |a| {
-        a.push(rbx).unwrap();
-        a.mov(rbx, rdi).unwrap();
+    let code = framed(|a| {
         rip_rel(a, Code::Lea_r64_m, Some(Register::RAX), BASE);
-        a.pop(rbx).unwrap();
-        a.ret().unwrap();
     });
     assert!(sized(&code).is_ok());
     // A call strictly inside the stolen bytes from later in the function.
-    let code = assemble(BASE, |a| {
-        a.push(rbx).unwrap();
-        a.mov(rbx, rdi).unwrap();
+    let code = framed(|a| {
         a.call(BASE + 1).unwrap();
-        a.pop(rbx).unwrap();
-        a.ret().unwrap();
     });
     assert!(matches!(
         sized(&code),
@@ -572,6 +571,44 @@ fn constant_switch_is_read() {
         sized(&build(BASE + 2)),
         Err(Refusal::JumpTableIntoStolen { table: t, index: 0, .. }) if t == table
     ));
+}
+
+#[test]
+fn pointer_tables_are_read() {
+    // lea rdx,[rip+T]; jmp [rdx+rdi*8] (or through rax); T: dq entry, then a pointer
+    // outside the function.
+    let table = BASE + 0x40;
+    let build = |entry: u64, through_rax: bool| {
+        let mut code = assemble(BASE, |a| {
+            a.push(rbx).unwrap();
+            a.pop(rbx).unwrap();
+            rip_rel(a, Code::Lea_r64_m, Some(Register::RDX), table);
+            if through_rax {
+                a.mov(rax, qword_ptr(rdx + rdi * 8)).unwrap();
+                a.jmp(rax).unwrap();
+            } else {
+                a.jmp(qword_ptr(rdx + rdi * 8)).unwrap();
+            }
+            a.ret().unwrap();
+        });
+        code.resize(0x40, 0xcc);
+        code.extend_from_slice(&entry.to_le_bytes());
+        code.extend_from_slice(&0x4000_0000u64.to_le_bytes());
+        code
+    };
+    for through_rax in [false, true] {
+        let ok = build(BASE + 0x3f, through_rax);
+        assert!(sized(&ok).is_ok(), "{:?}", sized(&ok));
+        match sized(&build(BASE + 2, through_rax)) {
+            Err(Refusal::JumpTableIntoStolen {
+                table: t,
+                index: 0,
+                target,
+                ..
+            }) => assert_eq!((t, target), (table, BASE + 2)),
+            other => panic!("through rax {through_rax}: {other:?}"),
+        }
+    }
 }
 
 #[test]

@@ -59,29 +59,16 @@ fn str_write(s: &[u8], dst: &mut [u8]) {
     dst[8 + n..str_size(s)].fill(0);
 }
 
-impl EmitArg for &str {
-    fn tag(&self) -> u8 {
-        tag::STR
-    }
-    fn size(&self) -> usize {
-        str_size(self.as_bytes())
-    }
-    fn write(&self, dst: &mut [u8]) {
-        str_write(self.as_bytes(), dst)
-    }
+macro_rules! string {
+    ($($t:ty),*) => { $(
+        impl EmitArg for $t {
+            fn tag(&self) -> u8 { tag::STR }
+            fn size(&self) -> usize { str_size(self.as_bytes()) }
+            fn write(&self, dst: &mut [u8]) { str_write(self.as_bytes(), dst) }
+        }
+    )* };
 }
-
-impl EmitArg for StrBuf {
-    fn tag(&self) -> u8 {
-        tag::STR
-    }
-    fn size(&self) -> usize {
-        str_size(self.as_bytes())
-    }
-    fn write(&self, dst: &mut [u8]) {
-        str_write(self.as_bytes(), dst)
-    }
-}
+string!(&str, StrBuf);
 
 impl<T: EmitArg> EmitArg for &T {
     fn tag(&self) -> u8 {

@@ -19,6 +19,39 @@ pub fn build_target(dir: &Path) -> PathBuf {
     )
 }
 
+/// Builds the pack crate at `dir` (release, offline, with `features`) into a target
+/// directory shared by the pack tests, so the probes crate compiles once; returns its
+/// `lib{name}.so`.
+pub fn build_pack(dir: &Path, name: &str, features: &[&str]) -> PathBuf {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packs");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--release", "--offline", "--quiet"]);
+    for f in features {
+        cmd.args(["--features", f]);
+    }
+    let out = cmd
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cargo build of {}:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.join("release").join(format!("lib{name}.so"))
+}
+
+/// Builds the example pack `examples/NAME`; returns its `.so`.
+pub fn example_pack(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name);
+    build_pack(&dir, name, &[])
+}
+
 /// A `tracer` command.
 pub fn tracer() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tracer"))
