@@ -10,6 +10,7 @@ use crate::session_lock::{self, SessionLock};
 use crate::spec::ResolvedProbe;
 use crate::symbols::ProcessModules;
 use crate::threads::{AttachError, Process};
+use crate::timings;
 use probes::remote::{
     result_flags, status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INIT_SYMBOL,
     INTERNAL_SYMBOL, LIVE_SYMBOL, PREPARE_SYMBOL, RESOLVE_SYMBOL,
@@ -273,13 +274,22 @@ impl Session {
         probes: &[ResolvedProbe],
         exit: bool,
     ) -> Result<Session, SessionError> {
-        let fns = inject::libc_functions(proc.pid())?;
+        let fns = timings::time("libc functions", || inject::libc_functions(proc.pid()))?;
         // An agent left by an earlier session stays loaded (its trampolines may still be
         // in use): reuse it rather than load another copy, each of which would take more
         // of the target's static TLS.
         let base = match loaded_agent(proc.pid()) {
             Some(base) => base,
-            None => inject::inject_named(proc, agent_so(), library_file::AGENT_NAME)?.base,
+            None => {
+                // Started on its own first, so that the load is timed apart from it.
+                timings::time("agent thread", || {
+                    crate::agent_thread::ensure(proc, &fns, inject::DLOPEN_TIMEOUT)
+                })?;
+                timings::time("agent load (dlopen)", || {
+                    inject::inject_named(proc, agent_so(), library_file::AGENT_NAME)
+                })?
+                .base
+            }
         };
         let init = base + agent_symbol(INIT_SYMBOL)?;
         let prepare = base + agent_symbol(PREPARE_SYMBOL)?;
@@ -288,7 +298,9 @@ impl Session {
         let live = base + agent_symbol(LIVE_SYMBOL)?;
 
         let capacity = (probes.len() as u64 + 64).next_power_of_two().max(1024);
-        let info_addr = inject::call_safely(proc, &fns, init, &[capacity], TIMEOUT)?;
+        let info_addr = timings::time("agent init", || {
+            inject::call_safely(proc, &fns, init, &[capacity], TIMEOUT)
+        })?;
         if info_addr == 0 {
             return Err(SessionError::Agent("initialisation failed".into()));
         }
@@ -301,7 +313,8 @@ impl Session {
         // Before anything is adopted or reused: another live tracer's probes are its own.
         let lock = SessionLock::take(proc.pid(), info.shared_fd).map_err(SessionError::Lock)?;
         // Patches a killed tracer left in the code: this session takes them over.
-        let mut adopted = live_probes(proc, &fns, live)?;
+        let mut adopted =
+            timings::time("live probes (adoption)", || live_probes(proc, &fns, live))?;
         let left = adopted
             .iter()
             .filter(|a| a.flags & result_flags::INTERNAL == 0)
@@ -314,7 +327,10 @@ impl Session {
             .filter(|p| p.is_ifunc)
             .map(|p| p.symbol.split('@').next().unwrap_or(&p.symbol))
             .collect();
-        let mut ifuncs = resolve_ifuncs(proc, &fns, resolve, &ifunc_names)?.into_iter();
+        let mut ifuncs = timings::time("IFUNC resolution", || {
+            resolve_ifuncs(proc, &fns, resolve, &ifunc_names)
+        })?
+        .into_iter();
         let mut requests = Vec::new();
         let mut labels = Vec::new();
         let mut refused = Vec::new();
@@ -373,8 +389,10 @@ impl Session {
             labels.push((l, p));
         }
 
-        let results = prepare_remote(proc, &fns, prepare, &requests)?;
-        let counters = Counters::map(proc.pid(), &info)?;
+        let results = timings::time("prepare (remote)", || {
+            prepare_remote(proc, &fns, prepare, &requests)
+        })?;
+        let counters = timings::time("counters mapped", || Counters::map(proc.pid(), &info))?;
         let mut installed = Vec::new();
         for ((r, (l, p)), req) in results.iter().zip(&labels).zip(&requests) {
             if r.status != status::PREPARED {
@@ -438,7 +456,8 @@ impl Session {
         // Exit probes need the agent's unwinder hooks patched too, so that C++
         // exceptions thrown through probed frames find real return addresses.
         if exit {
-            for r in internal_probes(proc, &fns, internal)? {
+            let hooks = timings::time("exception hooks", || internal_probes(proc, &fns, internal))?;
+            for r in hooks {
                 // Without the hook, an exception thrown while returns are probed aborts
                 // the program: a probe the user asked for on the same code gives way.
                 if let Some(i) = installed.iter().position(|p| p.site == r.site && !p.hidden) {
@@ -487,7 +506,7 @@ impl Session {
             patched: false,
             _lock: lock,
         };
-        s.write_patches(proc, true)?;
+        timings::time("patch", || s.write_patches(proc, true))?;
         Ok(s)
     }
 
