@@ -54,7 +54,12 @@ pub fn figures() -> Vec<(&'static str, u64)> {
 pub fn render(start: Instant) -> String {
     let wall = start.elapsed();
     let phases = phases();
-    let sum: Duration = phases.iter().map(|(_, d)| *d).sum();
+    // Indented phases are parts of the phase above them.
+    let sum: Duration = phases
+        .iter()
+        .filter(|(p, _)| !p.starts_with(' '))
+        .map(|(_, d)| *d)
+        .sum();
     let mut out = String::from("timings (ms, monotonic clock):\n");
     for (p, d) in &phases {
         out += &format!("  {:<28} {:>9.3}\n", p, ms(*d));
