@@ -142,8 +142,17 @@ fn install(proc: &mut Process, args: &ProbeArgs) -> Result<Session, String> {
     })
     .map_err(|e| e.to_string())?;
     let probes = timings::time("spec resolution", || resolve(&args.probe, &modules))?;
+    let rss_before = args.timings.then(|| timings::rss_kib(proc.pid())).flatten();
     let session =
         Session::install(proc, &modules, &probes, args.exit).map_err(|e| e.to_string())?;
+    if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(proc.pid())) {
+        let n = session.installed().len().max(1) as u64;
+        timings::figure("target RSS added (KiB)", after.saturating_sub(before));
+        timings::figure(
+            "target RSS added per probe (bytes)",
+            after.saturating_sub(before) * 1024 / n,
+        );
+    }
     let lines = timings::time("refusal summary", || {
         refusal_lines(&session, &probes, &modules, args.verbose)
     });

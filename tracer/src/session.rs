@@ -392,6 +392,7 @@ impl Session {
         let results = timings::time("prepare (remote)", || {
             prepare_remote(proc, &fns, prepare, &requests)
         })?;
+        record_trampoline_spacing(&results);
         let counters = timings::time("counters mapped", || Counters::map(proc.pid(), &info))?;
         let mut installed = Vec::new();
         for ((r, (l, p)), req) in results.iter().zip(&labels).zip(&requests) {
@@ -606,6 +607,29 @@ impl Session {
                 }
             })
             .collect()
+    }
+}
+
+/// For `--timings`: the mean distance between consecutive trampolines of this prepare
+/// (code, relocated bytes, jump back and alignment padding; gaps over a page, between
+/// chunks, left out).
+fn record_trampoline_spacing(results: &[PrepareResult]) {
+    let mut t: Vec<u64> = results
+        .iter()
+        .filter(|r| r.status == status::PREPARED)
+        .map(|r| r.trampoline)
+        .collect();
+    t.sort_unstable();
+    t.dedup();
+    let gaps: Vec<u64> = t
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .filter(|&g| g <= 4096)
+        .collect();
+    if !gaps.is_empty() {
+        let mean = gaps.iter().sum::<u64>() / gaps.len() as u64;
+        timings::figure("trampoline bytes per probe (mean spacing)", mean);
+        timings::figure("trampolines measured", gaps.len() as u64 + 1);
     }
 }
 

@@ -72,6 +72,15 @@ pub fn render(start: Instant) -> String {
     out
 }
 
+/// Resident memory of process `pid` in KiB (`Rss` of `/proc/PID/smaps_rollup`): what the
+/// agent, its trampolines and counters and the patched (copied) code pages add.
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Rss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
