@@ -187,9 +187,11 @@ fn exported(
         .min()
         .unwrap_or(0);
     let file_path = format!("{dir}/root{path}");
-    let data = fs::read(&file_path).map_err(|e| InjectError::LibcFile {
-        path: file_path.clone(),
-        error: e.to_string(),
+    let data = crate::symbols::map_file(std::path::Path::new(&file_path)).map_err(|e| {
+        InjectError::LibcFile {
+            path: file_path.clone(),
+            error: e.to_string(),
+        }
     })?;
     let file = object::File::parse(&*data).map_err(|e| InjectError::LibcFile {
         path: file_path.clone(),
