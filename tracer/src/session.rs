@@ -278,7 +278,8 @@ impl Session {
         // An agent left by an earlier session stays loaded (its trampolines may still be
         // in use): reuse it rather than load another copy, each of which would take more
         // of the target's static TLS.
-        let base = match loaded_agent(proc.pid()) {
+        let earlier = loaded_agent(proc.pid());
+        let base = match earlier {
             Some(base) => base,
             None => {
                 // Started on its own first, so that the load is timed apart from it.
@@ -313,8 +314,11 @@ impl Session {
         // Before anything is adopted or reused: another live tracer's probes are its own.
         let lock = SessionLock::take(proc.pid(), info.shared_fd).map_err(SessionError::Lock)?;
         // Patches a killed tracer left in the code: this session takes them over.
-        let mut adopted =
-            timings::time("live probes (adoption)", || live_probes(proc, &fns, live))?;
+        // An agent loaded just now has none: one remote call less.
+        let mut adopted = match earlier {
+            Some(_) => timings::time("live probes (adoption)", || live_probes(proc, &fns, live))?,
+            None => Vec::new(),
+        };
         let left = adopted
             .iter()
             .filter(|a| a.flags & result_flags::INTERNAL == 0)
@@ -890,4 +894,27 @@ fn resolve_ifuncs(
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spans;
+
+    /// Sites in one page share a span; a site starting in a page the span does not cover
+    /// starts another (the bytes between might not be mapped); every site is in exactly
+    /// one span, whatever the input order.
+    #[test]
+    fn spans_join_sites_within_the_pages_they_cover() {
+        let sites = [0x1010, 0x1ffd, 0x1000, 0x2008, 0x5000, 0x5004];
+        let s = spans(&sites);
+        assert_eq!(
+            s.iter().map(|(a, b, _)| (*a, *b)).collect::<Vec<_>>(),
+            // 0x1ffd..0x2002 covers the start of page 0x2000, so 0x2008 joins it.
+            vec![(0x1000, 0x200d), (0x5000, 0x5009)]
+        );
+        let mut all: Vec<usize> = s.iter().flat_map(|(_, _, m)| m.clone()).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..sites.len()).collect::<Vec<_>>());
+        assert_eq!(spans(&[0x1ff0, 0x3000]).len(), 2);
+    }
 }
