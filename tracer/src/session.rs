@@ -900,8 +900,8 @@ fn resolve_ifuncs(
 mod tests {
     use super::spans;
 
-    /// Sites in one page share a span; a site starting in a page the span does not cover
-    /// starts another (the bytes between might not be mapped); every site is in exactly
+    /// Sites close together share a span; a site starting in a page the span does not
+    /// cover starts another (the bytes between might not be mapped); every site is in exactly
     /// one span, whatever the input order.
     #[test]
     fn spans_join_sites_within_the_pages_they_cover() {
@@ -909,8 +909,9 @@ mod tests {
         let s = spans(&sites);
         assert_eq!(
             s.iter().map(|(a, b, _)| (*a, *b)).collect::<Vec<_>>(),
-            // 0x1ffd..0x2002 covers the start of page 0x2000, so 0x2008 joins it.
-            vec![(0x1000, 0x200d), (0x5000, 0x5009)]
+            // A span stays within SPAN bytes: 0x1ffd starts another, whose bytes reach
+            // into page 0x2000, so 0x2008 joins it.
+            vec![(0x1000, 0x1015), (0x1ffd, 0x200d), (0x5000, 0x5009)]
         );
         let mut all: Vec<usize> = s.iter().flat_map(|(_, _, m)| m.clone()).collect();
         all.sort_unstable();
