@@ -147,8 +147,13 @@ median_cols() {
             if (f || n == 0) { print "fail"; exit }
             m = int((n + 1) / 2)
             for (i = 1; i <= nf; i++) {
-                delete a; for (r = 1; r <= n; r++) a[r] = v[i, r]
-                asort(a); printf "%s%s", a[m], (i < nf ? " " : "\n")
+                # insertion sort: mawk has no asort
+                for (r = 1; r <= n; r++) {
+                    x = v[i, r]; j = r - 1
+                    while (j > 0 && (a[j] + 0) > (x + 0)) { a[j + 1] = a[j]; j-- }
+                    a[j + 1] = x
+                }
+                printf "%s%s", a[m], (i < nf ? " " : "\n")
             }
         }'
 }
