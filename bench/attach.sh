@@ -128,7 +128,9 @@ printf '| libc:* with -x | %s |\n' "$(fresh "$tracer" "$work/states" idle -x -p 
 timings_of() {
     local t0 t1
     t0=$(ms_now)
-    if ! timeout 20 "$@" --timings -o /dev/null 2>"$work/err" >/dev/null; then
+    # The flags go right after the subcommand: after `run ... --` they would be the
+    # program's.
+    if ! timeout 20 "$1" "$2" --timings -o /dev/null "${@:3}" 2>"$work/err" >/dev/null; then
         echo fail
         return
     fi
