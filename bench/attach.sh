@@ -13,7 +13,13 @@
 #      tracer and the baseline;
 #      "list" is `tracer list` on the same kind of program (no ptrace): the tracer's own
 #      start-up when it shares the CPUs with that program;
-#   2. many probes (libc:*), a fresh idle program per attach.
+#   2. many probes (libc:*), a fresh idle program per attach;
+#   3. latency: first and later attach on one program, `tracer run -p libc:malloc -- /bin/true`
+#      against /bin/true untraced, with the prepare and patch phases of `--timings`;
+#   4. scale: 1, 100, 1,000 and 10,000 probes on a generated library of 10,000 small
+#      functions (N_SCALE fresh programs each), with the trampoline bytes and the target's
+#      added RSS per probe that `--timings` reports; then `-p '*:*'` on redis-server
+#      (installed with apt-get when missing; skipped with a line when that fails).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 baseline=${1:-}
@@ -113,3 +119,156 @@ echo "|---|---|---|"
 n=$("$work/states" idle >/dev/null & p=$!; sleep 0.1; "$tracer" list "$p" 'libc:*' | grep -c probeable; kill -9 $p)
 printf '| libc:* (%s probeable) | %s |\n' "$n" "$(fresh "$tracer" "$work/states" idle -p 'libc:*')"
 printf '| libc:* with -x | %s |\n' "$(fresh "$tracer" "$work/states" idle -x -p 'libc:*')"
+
+# ---------------------------------------------------------------------------------------
+# Latency and scale (issue #10): wall clock and the tracer's own --timings breakdown.
+
+# timings_of TRACER ARGS...: runs `TRACER ARGS... --timings` and prints "wall prepare patch
+# bytes rss" (ms, ms, ms, trampoline bytes per probe, target RSS bytes per probe), or "fail".
+timings_of() {
+    local t0 t1
+    t0=$(ms_now)
+    # The flags go right after the subcommand: after `run ... --` they would be the
+    # program's.
+    if ! timeout 20 "$1" "$2" --timings -o /dev/null "${@:3}" 2>"$work/err" >/dev/null; then
+        echo fail
+        return
+    fi
+    t1=$(ms_now)
+    awk -v d=$((t1 - t0)) '
+        /prepare \(remote\)/ { p = $3 } /^ +patch / { q = $2 }
+        /trampoline bytes per probe/ { b = $NF } /RSS added per probe/ { r = $NF }
+        END { printf "%.1f %.1f %.2f %s %s\n", d / 1e6, p, q, b == "" ? "-" : b, r == "" ? "-" : r }' \
+        "$work/err"
+}
+
+# median_cols: per column median of the lines on stdin ("fail" if any line failed).
+median_cols() {
+    awk '/fail/ { f = 1 } { for (i = 1; i <= NF; i++) v[i, NR] = $i; nf = NF; n = NR }
+        END {
+            if (f || n == 0) { print "fail"; exit }
+            m = int((n + 1) / 2)
+            for (i = 1; i <= nf; i++) {
+                # insertion sort: mawk has no asort
+                for (r = 1; r <= n; r++) {
+                    x = v[i, r]; j = r - 1
+                    while (j > 0 && (a[j] + 0) > (x + 0)) { a[j + 1] = a[j]; j-- }
+                    a[j + 1] = x
+                }
+                printf "%s%s", a[m], (i < nf ? " " : "\n")
+            }
+        }'
+}
+
+echo
+echo "## Latency (median of $N; ms)"
+echo
+echo "| what | wall ms | prepare ms | patch ms |"
+echo "|---|---|---|---|"
+# First attach (agent thread, agent load) and a later one on the same process.
+first=() later=()
+for i in $(seq 1 "$N"); do
+    "$work/states" idle >"$work/out" &
+    p=$!
+    pids+=("$p")
+    until grep -q ready "$work/out" 2>/dev/null; do sleep 0.01; done
+    sleep 0.1
+    first+=("$(timings_of "$tracer" attach "$p" -p main:work --duration 0)")
+    later+=("$(timings_of "$tracer" attach "$p" -p main:work --duration 0)")
+    kill -9 "$p" 2>/dev/null
+    wait "$p" 2>/dev/null
+done
+printf '| first attach, main:work (agent loaded) | %s |\n' \
+    "$(printf '%s\n' "${first[@]}" | median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
+printf '| later attach, same process | %s |\n' \
+    "$(printf '%s\n' "${later[@]}" | median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
+untraced=$(for i in $(seq 1 "$N"); do
+    t0=$(ms_now); /bin/true; t1=$(ms_now); echo "$(( (t1 - t0) / 1000 ))"
+done | sort -n | awk '{ v[NR] = $1 } END { printf "%.1f", v[int((NR + 1) / 2)] / 1000 }')
+printf '| /bin/true untraced | %s | | |\n' "$untraced"
+printf '| tracer run -p libc:malloc -- /bin/true | %s |\n' \
+    "$(for i in $(seq 1 "$N"); do timings_of "$tracer" run -p libc:malloc -- /bin/true; done |
+        median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
+
+# A generated library of 10,000 small functions (as tracer/tests/e2e_sessions.rs builds),
+# called by a program that runs them all every millisecond.
+gen_lib() {
+    local d=$1 n=$2
+    {
+        echo '#include <stdint.h>'
+        for ((i = 0; i < n; i++)); do
+            printf '__attribute__((noinline)) int g%05d(int x) { return x * 3 + %d + 1; }\n' $i $i
+        done
+        echo 'int (*const gen_table[])(int) = {'
+        for ((i = 0; i < n; i++)); do printf 'g%05d,\n' $i; done
+        echo '};'
+        printf 'int gen_run(int r) { int s = 0; for (int i = 0; i < %d; i++) s += gen_table[i](r + i); return s; }\n' "$n"
+    } >"$d/gen.c"
+    cc -O2 -shared -fPIC -o "$d/libgen.so" "$d/gen.c"
+    cat >"$d/gen_main.c" <<'C'
+#include <stdio.h>
+#include <unistd.h>
+int gen_run(int r);
+int main(void) {
+    volatile int s = 0;
+    printf("ready\n");
+    fflush(stdout);
+    for (int r = 0;; r++) { s += gen_run(r); usleep(1000); }
+}
+C
+    cc -O1 -o "$d/gen_main" "$d/gen_main.c" -L"$d" -lgen -Wl,-rpath,"$d"
+}
+gen_lib "$work" 10000
+
+# scale_row LABEL SPEC: fresh generated program per attach, N_SCALE times.
+N_SCALE=${N_SCALE:-3}
+scale_row() {
+    local label=$1 spec=$2 ours b=""
+    ours=$(for i in $(seq 1 "$N_SCALE"); do
+        "$work/gen_main" >"$work/out" &
+        local p=$!
+        pids+=("$p")
+        until grep -q ready "$work/out" 2>/dev/null; do sleep 0.01; done
+        timings_of "$tracer" attach "$p" -p "$spec" --duration 0
+        kill -9 "$p" 2>/dev/null
+        wait "$p" 2>/dev/null
+    done | median_cols | awk '{ print $1 " | " $2 " | " $3 " | " $4 " | " $5 }')
+    if [ -n "$baseline" ]; then
+        b=" | $(fresh "$baseline" "$work/gen_main" "" -p "$spec" | cut -d'|' -f1)"
+    fi
+    printf '| %s | %s%s |\n' "$label" "$ours" "$b"
+}
+echo
+echo "## Scale: probes on a generated library (median of $N_SCALE, fresh program each)"
+echo
+if [ -n "$baseline" ]; then
+    echo "| probes | wall ms | prepare ms | patch ms | trampoline bytes/probe | target RSS bytes/probe | baseline wall ms |"
+    echo "|---|---|---|---|---|---|---|"
+else
+    echo "| probes | wall ms | prepare ms | patch ms | trampoline bytes/probe | target RSS bytes/probe |"
+    echo "|---|---|---|---|---|---|"
+fi
+scale_row 1 'libgen:g00000'
+scale_row 100 'libgen:g000??'
+scale_row 1,000 'libgen:g00???'
+scale_row 10,000 'libgen:g?????'
+
+# A real server from the machine's packages, every function of every module.
+echo
+if ! command -v redis-server >/dev/null; then
+    timeout 120 apt-get install -y -q redis-server >/dev/null 2>&1
+fi
+if command -v redis-server >/dev/null; then
+    redis-server --port 0 --unixsocket "$work/redis.sock" --save '' --daemonize no >/dev/null &
+    rp=$!
+    pids+=("$rp")
+    sleep 0.5
+    r=$(timings_of "$tracer" attach "$rp" -p '*:*' --duration 0)
+    n=$(grep -o '[0-9]* probe(s) live' "$work/err" | cut -d' ' -f1)
+    echo "| redis-server, -p '*:*' | probes | wall ms | prepare ms | patch ms | trampoline bytes/probe | RSS bytes/probe |"
+    echo "|---|---|---|---|---|---|---|"
+    echo "$r" | awk -v n="${n:-?}" '{ printf "| | %s | %s | %s | %s | %s | %s |\n", n, $1, $2, $3, $4, $5 }'
+    kill -9 "$rp" 2>/dev/null
+else
+    echo "redis-server: not installed and apt-get could not install it; the real-server row is skipped"
+fi

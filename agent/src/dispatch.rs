@@ -359,14 +359,22 @@ fn tsc() -> u64 {
 }
 
 static TSC_NS_PER_TICK_X2_32: OnceLock<u64> = OnceLock::new();
+/// The monotonic clock and the timestamp counter when calibration started.
+static TSC_ORIGIN: OnceLock<(std::time::Instant, u64)> = OnceLock::new();
 
-/// Measure the timestamp counter against the monotonic clock once, before any probe is
-/// live (the hot path only reads the result).
+/// Start measuring the timestamp counter against the monotonic clock (at agent init).
 pub fn calibrate_tsc() {
+    TSC_ORIGIN.get_or_init(|| (std::time::Instant::now(), tsc()));
+}
+
+/// Finish the measurement, before any probe is live (the hot path only reads the result):
+/// over the time since [`calibrate_tsc`], which the tracer's other remote calls already
+/// spent, spinning only for what is missing of 1 ms (it spun 2 ms at every first attach).
+pub fn finish_tsc_calibration() {
     TSC_NS_PER_TICK_X2_32.get_or_init(|| {
-        let t0 = std::time::Instant::now();
-        let c0 = tsc();
-        while t0.elapsed() < std::time::Duration::from_millis(2) {
+        calibrate_tsc();
+        let (t0, c0) = *TSC_ORIGIN.get().expect("set just above");
+        while t0.elapsed() < std::time::Duration::from_millis(1) {
             std::hint::spin_loop();
         }
         let ns = t0.elapsed().as_nanos() as u64;

@@ -327,6 +327,7 @@ impl Interceptor {
         req: &ProbeRequest,
         on_offset: Option<OffsetHandler>,
     ) -> Result<Prepared, PrepareError> {
+        dispatch::finish_tsc_calibration();
         let (rkind, site) = match req.kind {
             ProbeKind::Entry | ProbeKind::Exit => {
                 (relocator::ProbeKind::Entry, req.function.address)

@@ -187,9 +187,11 @@ fn exported(
         .min()
         .unwrap_or(0);
     let file_path = format!("{dir}/root{path}");
-    let data = fs::read(&file_path).map_err(|e| InjectError::LibcFile {
-        path: file_path.clone(),
-        error: e.to_string(),
+    let data = crate::symbols::map_file(std::path::Path::new(&file_path)).map_err(|e| {
+        InjectError::LibcFile {
+            path: file_path.clone(),
+            error: e.to_string(),
+        }
     })?;
     let file = object::File::parse(&*data).map_err(|e| InjectError::LibcFile {
         path: file_path.clone(),
@@ -367,10 +369,16 @@ pub fn inject_with_timeout(
         .copied()
         .ok_or(AttachError::Exited { pid, status: None })?;
     remote_call::ensure_scratch(proc, tid)?;
-    if let Ok(placed) = library_file::place(pid, library, name) {
+    let placed = crate::timings::time("  agent file written", || {
+        library_file::place(pid, library, name)
+    });
+    if let Ok(placed) = placed {
         let path_addr = remote_call::put_c_string(proc, 0, &placed.path_in_target)?;
         let mode = libc::RTLD_NOW as u64 | fns.mode_extra;
-        match call_safely(proc, &fns, fns.dlopen, &[path_addr, mode], timeout)? {
+        let handle = crate::timings::time("  dlopen call", || {
+            call_safely(proc, &fns, fns.dlopen, &[path_addr, mode], timeout)
+        })?;
+        match handle {
             // Not loadable from there (a `noexec` /tmp, say): try a memfd.
             0 => library_file::discard(&placed),
             handle => return find_loaded(pid, handle, |e| e.path == placed.path_in_target),

@@ -16,3 +16,4 @@ pub mod session_lock;
 pub mod spec;
 pub mod symbols;
 pub mod threads;
+pub mod timings;

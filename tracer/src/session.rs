@@ -10,6 +10,7 @@ use crate::session_lock::{self, SessionLock};
 use crate::spec::ResolvedProbe;
 use crate::symbols::ProcessModules;
 use crate::threads::{AttachError, Process};
+use crate::timings;
 use probes::remote::{
     result_flags, status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INIT_SYMBOL,
     INTERNAL_SYMBOL, LIVE_SYMBOL, PREPARE_SYMBOL, RESOLVE_SYMBOL,
@@ -282,13 +283,23 @@ impl Session {
         exit: bool,
         pack: Option<PackRequest<'_>>,
     ) -> Result<Session, SessionError> {
-        let fns = inject::libc_functions(proc.pid())?;
+        let fns = timings::time("libc functions", || inject::libc_functions(proc.pid()))?;
         // An agent left by an earlier session stays loaded (its trampolines may still be
         // in use): reuse it rather than load another copy, each of which would take more
         // of the target's static TLS.
-        let base = match loaded_agent(proc.pid()) {
+        let earlier = loaded_agent(proc.pid());
+        let base = match earlier {
             Some(base) => base,
-            None => inject::inject_named(proc, agent_so(), library_file::AGENT_NAME)?.base,
+            None => {
+                // Started on its own first, so that the load is timed apart from it.
+                timings::time("agent thread", || {
+                    crate::agent_thread::ensure(proc, &fns, inject::DLOPEN_TIMEOUT)
+                })?;
+                timings::time("agent load (dlopen)", || {
+                    inject::inject_named(proc, agent_so(), library_file::AGENT_NAME)
+                })?
+                .base
+            }
         };
         let init = base + agent_symbol(INIT_SYMBOL)?;
         let prepare = base + agent_symbol(PREPARE_SYMBOL)?;
@@ -297,7 +308,9 @@ impl Session {
         let live = base + agent_symbol(LIVE_SYMBOL)?;
 
         let capacity = (probes.len() as u64 + 64).next_power_of_two().max(1024);
-        let info_addr = inject::call_safely(proc, &fns, init, &[capacity], TIMEOUT)?;
+        let info_addr = timings::time("agent init", || {
+            inject::call_safely(proc, &fns, init, &[capacity], TIMEOUT)
+        })?;
         if info_addr == 0 {
             return Err(SessionError::Agent("initialisation failed".into()));
         }
@@ -310,7 +323,11 @@ impl Session {
         // Before anything is adopted or reused: another live tracer's probes are its own.
         let lock = SessionLock::take(proc.pid(), info.shared_fd).map_err(SessionError::Lock)?;
         // Patches a killed tracer left in the code: this session takes them over.
-        let mut adopted = live_probes(proc, &fns, live)?;
+        // An agent loaded just now has none: one remote call less.
+        let mut adopted = match earlier {
+            Some(_) => timings::time("live probes (adoption)", || live_probes(proc, &fns, live))?,
+            None => Vec::new(),
+        };
         let left = adopted
             .iter()
             .filter(|a| a.flags & result_flags::INTERNAL == 0)
@@ -348,7 +365,10 @@ impl Session {
             .filter(|p| p.0.is_ifunc)
             .map(|p| p.0.symbol.split('@').next().unwrap_or(&p.0.symbol))
             .collect();
-        let mut ifuncs = resolve_ifuncs(proc, &fns, resolve, &ifunc_names)?.into_iter();
+        let mut ifuncs = timings::time("IFUNC resolution", || {
+            resolve_ifuncs(proc, &fns, resolve, &ifunc_names)
+        })?
+        .into_iter();
         let mut requests = Vec::new();
         let mut labels = Vec::new();
         let mut refused = Vec::new();
@@ -416,8 +436,11 @@ impl Session {
             labels.push((l, p));
         }
 
-        let results = prepare_remote(proc, &fns, prepare, &requests)?;
-        let counters = Counters::map(proc.pid(), &info)?;
+        let results = timings::time("prepare (remote)", || {
+            prepare_remote(proc, &fns, prepare, &requests)
+        })?;
+        record_trampoline_spacing(&results);
+        let counters = timings::time("counters mapped", || Counters::map(proc.pid(), &info))?;
         let mut installed = Vec::new();
         for ((r, (l, p)), req) in results.iter().zip(&labels).zip(&requests) {
             if r.status != status::PREPARED {
@@ -482,7 +505,8 @@ impl Session {
         // exceptions thrown through probed frames find real return addresses.
         let any_exit = requests.iter().any(|r| r.kind == ProbeKind::Exit as u32);
         if any_exit {
-            for r in internal_probes(proc, &fns, internal)? {
+            let hooks = timings::time("exception hooks", || internal_probes(proc, &fns, internal))?;
+            for r in hooks {
                 // Without the hook, an exception thrown while returns are probed aborts
                 // the program: a probe the user asked for on the same code gives way.
                 if let Some(i) = installed.iter().position(|p| p.site == r.site && !p.hidden) {
@@ -532,7 +556,7 @@ impl Session {
             _lock: lock,
             pack_region,
         };
-        s.write_patches(proc, true)?;
+        timings::time("patch", || s.write_patches(proc, true))?;
         Ok(s)
     }
 
@@ -543,19 +567,23 @@ impl Session {
             proc.stop_all()?;
         }
         if install {
-            for p in &self.installed {
-                for tid in proc.threads() {
-                    let rip = proc.regs(tid)?.rip;
+            // Each thread's registers read once, not once per probe (10,000 probes times
+            // every thread were as many ptrace calls).
+            for tid in proc.threads() {
+                let mut rip = proc.regs(tid)?.rip;
+                for p in &self.installed {
                     if rip > p.site && rip < p.site + p.stolen_len {
-                        proc.step_out_of(tid, p.site + 1, p.site + p.stolen_len, 64)?;
+                        rip = proc.step_out_of(tid, p.site + 1, p.site + p.stolen_len, 64)?;
                     }
                 }
             }
         }
-        for p in &self.installed {
-            let bytes = if install { &p.patch } else { &p.original };
-            write_verified(proc, p.site, bytes)?;
-        }
+        let writes: Vec<(u64, [u8; 5])> = self
+            .installed
+            .iter()
+            .map(|p| (p.site, if install { p.patch } else { p.original }))
+            .collect();
+        write_all_verified(proc, &writes)?;
         self.patched = install;
         Ok(())
     }
@@ -575,9 +603,11 @@ impl Session {
         if !proc.all_stopped() {
             proc.stop_all()?;
         }
-        for p in &self.installed {
-            let mut now = [0u8; 5];
-            if proc.read_memory(p.site, &mut now).is_err() || now != p.patch {
+        let sites: Vec<u64> = self.installed.iter().map(|p| p.site).collect();
+        let now = read_sites(proc, &sites);
+        let mut writes = Vec::new();
+        for (p, now) in self.installed.iter().zip(now) {
+            if now != Some(p.patch) {
                 gone.push(if p.hidden {
                     format!("the agent's hook at {:#x}", p.site)
                 } else {
@@ -585,8 +615,9 @@ impl Session {
                 });
                 continue;
             }
-            write_verified(proc, p.site, &p.original)?;
+            writes.push((p.site, p.original));
         }
+        write_all_verified(proc, &writes)?;
         self.patched = false;
         Ok(gone)
     }
@@ -633,15 +664,97 @@ impl Session {
     }
 }
 
-/// Writes `bytes` at `site` and reads them back.
-fn write_verified(proc: &Process, site: u64, bytes: &[u8; 5]) -> Result<(), SessionError> {
-    proc.write_memory(site, bytes)
-        .map_err(|_| SessionError::PatchVerify { site })?;
-    let mut back = [0u8; 5];
-    proc.read_memory(site, &mut back)
-        .map_err(|_| SessionError::PatchVerify { site })?;
-    if &back != bytes {
-        return Err(SessionError::PatchVerify { site });
+/// For `--timings`: the mean distance between consecutive trampolines of this prepare
+/// (code, relocated bytes, jump back and alignment padding; gaps over a page, between
+/// chunks, left out).
+fn record_trampoline_spacing(results: &[PrepareResult]) {
+    let mut t: Vec<u64> = results
+        .iter()
+        .filter(|r| r.status == status::PREPARED)
+        .map(|r| r.trampoline)
+        .collect();
+    t.sort_unstable();
+    t.dedup();
+    let gaps: Vec<u64> = t
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .filter(|&g| g <= 4096)
+        .collect();
+    if !gaps.is_empty() {
+        let mean = gaps.iter().sum::<u64>() / gaps.len() as u64;
+        timings::figure("trampoline bytes per probe (mean spacing)", mean);
+        timings::figure("trampolines measured", gaps.len() as u64 + 1);
+    }
+}
+
+/// Sites close together (within [`SPAN`] bytes) are read and written as one span: 10,000
+/// patches were 20,000 system calls on `/proc/PID/mem`, now a few per page. Every thread
+/// is stopped, so the bytes between the sites are written back as they were just read.
+const SPAN: u64 = 4096;
+
+/// `sites` grouped into spans: (start, end, indices into `sites`), `sites` in any order.
+fn spans(sites: &[u64]) -> Vec<(u64, u64, Vec<usize>)> {
+    let mut order: Vec<usize> = (0..sites.len()).collect();
+    order.sort_by_key(|&i| sites[i]);
+    let mut out: Vec<(u64, u64, Vec<usize>)> = Vec::new();
+    for i in order {
+        let (start, end) = (sites[i], sites[i] + 5);
+        match out.last_mut() {
+            // Only sites starting in a page the span already covers: every byte written
+            // back is then in a page some patch needs mapped.
+            Some(s) if end - s.0 <= SPAN && start / 4096 <= (s.1 - 1) / 4096 => {
+                s.1 = s.1.max(end);
+                s.2.push(i);
+            }
+            _ => out.push((start, end, vec![i])),
+        }
+    }
+    out
+}
+
+/// The 5 bytes at each site (None where unreadable).
+fn read_sites(proc: &Process, sites: &[u64]) -> Vec<Option<[u8; 5]>> {
+    let mut out = vec![None; sites.len()];
+    for (start, end, members) in spans(sites) {
+        let mut buf = vec![0u8; (end - start) as usize];
+        let whole = proc.read_memory(start, &mut buf).is_ok();
+        for i in members {
+            let mut b = [0u8; 5];
+            let ok = if whole {
+                let off = (sites[i] - start) as usize;
+                b.copy_from_slice(&buf[off..off + 5]);
+                true
+            } else {
+                proc.read_memory(sites[i], &mut b).is_ok()
+            };
+            out[i] = ok.then_some(b);
+        }
+    }
+    out
+}
+
+/// Writes each (site, bytes) and reads it back to check, span by span.
+fn write_all_verified(proc: &Process, writes: &[(u64, [u8; 5])]) -> Result<(), SessionError> {
+    let sites: Vec<u64> = writes.iter().map(|w| w.0).collect();
+    for (start, end, members) in spans(&sites) {
+        let fail = || SessionError::PatchVerify {
+            site: sites[members[0]],
+        };
+        let mut buf = vec![0u8; (end - start) as usize];
+        proc.read_memory(start, &mut buf).map_err(|_| fail())?;
+        for &i in &members {
+            let off = (sites[i] - start) as usize;
+            buf[off..off + 5].copy_from_slice(&writes[i].1);
+        }
+        proc.write_memory(start, &buf).map_err(|_| fail())?;
+        let mut back = vec![0u8; buf.len()];
+        proc.read_memory(start, &mut back).map_err(|_| fail())?;
+        if let Some(&i) = members.iter().find(|&&i| {
+            let off = (sites[i] - start) as usize;
+            back[off..off + 5] != writes[i].1
+        }) {
+            return Err(SessionError::PatchVerify { site: sites[i] });
+        }
     }
     Ok(())
 }
@@ -933,4 +1046,28 @@ fn resolve_ifuncs(
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spans;
+
+    /// Sites close together share a span; a site starting in a page the span does not
+    /// cover starts another (the bytes between might not be mapped); every site is in exactly
+    /// one span, whatever the input order.
+    #[test]
+    fn spans_join_sites_within_the_pages_they_cover() {
+        let sites = [0x1010, 0x1ffd, 0x1000, 0x2008, 0x5000, 0x5004];
+        let s = spans(&sites);
+        assert_eq!(
+            s.iter().map(|(a, b, _)| (*a, *b)).collect::<Vec<_>>(),
+            // A span stays within SPAN bytes: 0x1ffd starts another, whose bytes reach
+            // into page 0x2000, so 0x2008 joins it.
+            vec![(0x1000, 0x1015), (0x1ffd, 0x200d), (0x5000, 0x5009)]
+        );
+        let mut all: Vec<usize> = s.iter().flat_map(|(_, _, m)| m.clone()).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..sites.len()).collect::<Vec<_>>());
+        assert_eq!(spans(&[0x1ff0, 0x3000]).len(), 2);
+    }
 }

@@ -274,3 +274,57 @@ fn exec_is_reported() {
         "{err}"
     );
 }
+
+/// `--timings` on `run`: every phase of a launch is named with a time in milliseconds,
+/// the counts stay exact, and stdout stays the program's own.
+#[test]
+fn run_timings_name_every_phase() {
+    let dir = temp_dir("run_timings");
+    let target = build_target(&dir);
+    let t = target.to_str().unwrap();
+    let json = dir.join("out.json");
+    let out = tracer_output(&[
+        "run",
+        "-p",
+        "libtarget:work",
+        "--timings",
+        "--json",
+        "-o",
+        json.to_str().unwrap(),
+        "--",
+        t,
+        "700",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "stderr: {err}");
+    let (calls, _) = counters(&out.stdout);
+    assert_eq!(calls, 700);
+    let reports = json_lines(&std::fs::read_to_string(&json).expect("read -o file"));
+    assert_eq!(num(report(&reports, "libtarget:work"), "hits"), 700);
+    for phase in [
+        "process start-up",
+        "symbol loading",
+        "agent thread",
+        "agent load (dlopen)",
+        "agent init",
+        "prepare (remote)",
+        "patch",
+        "detach",
+        "wall clock of tracer",
+    ] {
+        let line = err
+            .lines()
+            .find(|l| l.trim_start().starts_with(phase))
+            .unwrap_or_else(|| panic!("no {phase:?} line in {err}"));
+        let ms: f64 = line
+            .split_whitespace()
+            .last()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no milliseconds in {line:?}"));
+        assert!(ms >= 0.0, "{line}");
+    }
+    assert!(
+        err.contains("target RSS added per probe (bytes): "),
+        "{err}"
+    );
+}

@@ -1,0 +1,109 @@
+//! Where an attach's milliseconds go: phases timed with the monotonic clock, printed by
+//! `--timings`.
+//!
+//! One recorder per tracer process (a static), so that the phases deep in the session and
+//! injection code are timed without threading a parameter through every signature.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Phases in the order they were recorded; a phase recorded twice adds up.
+static PHASES: Mutex<Vec<(&'static str, Duration)>> = Mutex::new(Vec::new());
+
+/// Adds `d` to `phase`.
+pub fn add(phase: &'static str, d: Duration) {
+    let mut v = PHASES.lock().unwrap_or_else(|e| e.into_inner());
+    match v.iter_mut().find(|(p, _)| *p == phase) {
+        Some((_, t)) => *t += d,
+        None => v.push((phase, d)),
+    }
+}
+
+/// Runs `f`, adding the time it took to `phase`.
+pub fn time<T>(phase: &'static str, f: impl FnOnce() -> T) -> T {
+    let t0 = Instant::now();
+    let r = f();
+    add(phase, t0.elapsed());
+    r
+}
+
+/// The phases recorded so far.
+pub fn phases() -> Vec<(&'static str, Duration)> {
+    PHASES.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Extra figures reported with the phases (counts, bytes), in recording order.
+static FIGURES: Mutex<Vec<(&'static str, u64)>> = Mutex::new(Vec::new());
+
+/// Records a figure such as the bytes of trampoline code.
+pub fn figure(name: &'static str, value: u64) {
+    let mut v = FIGURES.lock().unwrap_or_else(|e| e.into_inner());
+    match v.iter_mut().find(|(n, _)| *n == name) {
+        Some((_, x)) => *x = value,
+        None => v.push((name, value)),
+    }
+}
+
+/// The figures recorded so far.
+pub fn figures() -> Vec<(&'static str, u64)> {
+    FIGURES.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// The breakdown as lines: one per phase in milliseconds, the total of the phases, the
+/// wall clock since `start`, and the figures.
+pub fn render(start: Instant) -> String {
+    let wall = start.elapsed();
+    let phases = phases();
+    // Indented phases are parts of the phase above them.
+    let sum: Duration = phases
+        .iter()
+        .filter(|(p, _)| !p.starts_with(' '))
+        .map(|(_, d)| *d)
+        .sum();
+    let mut out = String::from("timings (ms, monotonic clock):\n");
+    for (p, d) in &phases {
+        out += &format!("  {:<28} {:>9.3}\n", p, ms(*d));
+    }
+    out += &format!("  {:<28} {:>9.3}\n", "sum of the phases", ms(sum));
+    out += &format!("  {:<28} {:>9.3}\n", "wall clock of tracer", ms(wall));
+    for (n, v) in figures() {
+        out += &format!("  {n}: {v}\n");
+    }
+    out
+}
+
+/// Resident memory of process `pid` in KiB (`Rss` of `/proc/PID/smaps_rollup`): what the
+/// agent, its trampolines and counters and the patched (copied) code pages add.
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Rss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_phase_recorded_twice_adds_up_and_keeps_its_place() {
+        add("t-first", Duration::from_millis(2));
+        add("t-second", Duration::from_millis(1));
+        add("t-first", Duration::from_millis(3));
+        let p: Vec<_> = phases()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("t-"))
+            .collect();
+        assert_eq!(
+            p,
+            vec![
+                ("t-first", Duration::from_millis(5)),
+                ("t-second", Duration::from_millis(1))
+            ]
+        );
+    }
+}
