@@ -152,7 +152,8 @@ pub fn read_pid(pid: i32) -> std::io::Result<Vec<MapEntry>> {
     read_path(&format!("/proc/{pid}/maps"))
 }
 
-fn read_path(path: &str) -> std::io::Result<Vec<MapEntry>> {
+/// Parse the maps file at `path` (e.g. a thread's `/proc/PID/task/TID/maps`).
+pub fn read_path(path: &str) -> std::io::Result<Vec<MapEntry>> {
     let text = std::fs::read_to_string(path)?;
     parse(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }

@@ -213,10 +213,7 @@ fn exported(
 pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
     // Through a live thread when the main one has exited (its maps read empty).
     let dir = crate::process_kind::proc_dir(pid);
-    let entries = std::fs::read_to_string(format!("{dir}/maps"))
-        .and_then(|t| {
-            maps::parse(&t).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-        })
+    let entries = maps::read_path(&format!("{dir}/maps"))
         .map_err(|error| InjectError::Maps { pid, error })?;
     let unsafe_ranges: Vec<(u64, u64)> = entries
         .iter()

@@ -912,22 +912,8 @@ pub fn other_session_live(pid: i32) -> bool {
     fds.flatten().any(|fd| {
         let is_agent = std::fs::read_link(fd.path())
             .is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:tracer-shared"));
-        is_agent && File::open(fd.path()).is_ok_and(|f| exclusively_locked(&f))
+        is_agent && File::open(fd.path()).is_ok_and(|f| session_lock::held(&f))
     })
-}
-
-/// Whether another open file holds an exclusive `flock` on `f`'s file: a shared lock
-/// is refused then. One granted is dropped at once (a tracer taking its session lock in
-/// that instant is told the target is busy, and can retry).
-fn exclusively_locked(f: &File) -> bool {
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    if r == 0 {
-        // SAFETY: as above.
-        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
-        return false;
-    }
-    std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
 }
 
 /// Hot swap: replace the handlers of the pack of the same name running in the stopped

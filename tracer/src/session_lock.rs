@@ -91,6 +91,20 @@ impl SessionLock {
     }
 }
 
+/// Whether a session holds the lock [`SessionLock::take`] takes on `f`'s file: a shared lock
+/// is refused then. One granted is dropped at once (a tracer taking its session lock in
+/// that instant is told the target is busy, and can retry).
+pub fn held(f: &File) -> bool {
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    if r == 0 {
+        // SAFETY: as above.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        return false;
+    }
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
 /// The pid holding an exclusive `flock` on inode `ino`, from `/proc/locks` text such as
 /// `1: FLOCK  ADVISORY  WRITE 1234 00:01:5678 0 EOF`. Another process's lock on an inode of
 /// the same number on another device would be misnamed: the pid is only shown to the user.

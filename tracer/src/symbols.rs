@@ -808,11 +808,7 @@ impl SymbolCache {
     /// The modules of a running process.
     pub fn process(&self, pid: i32) -> Result<ProcessModules, SymbolError> {
         let dir = crate::process_kind::proc_dir(pid);
-        let maps = std::fs::read_to_string(format!("{dir}/maps"))
-            .and_then(|t| {
-                agent::maps::parse(&t)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-            })
+        let maps = agent::maps::read_path(&format!("{dir}/maps"))
             .map_err(|source| SymbolError::Maps { pid, source })?;
         Ok(self.process_from_maps(pid, &maps))
     }

@@ -945,20 +945,9 @@ impl Process {
 /// another thread's `exit_group` while we were letting threads go one by one. Its tracer
 /// alone can collect it; the main thread's status is its parent's to collect.
 fn reap_exited_thread(tid: i32) {
-    let deadline = Instant::now() + Duration::from_millis(200);
-    loop {
-        match waitpid(
-            Pid::from_raw(tid),
-            Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
-        ) {
-            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_micros(200))
-            }
-            // Exited and reaped, or not ours (any more), or still dying after the deadline:
-            // either way nothing more can be done from here.
-            _ => return,
-        }
-    }
+    // Exited and reaped, not ours (any more), or still dying after the deadline: either
+    // way nothing more can be done from here.
+    let _ = wait_tid(tid, Some(Instant::now() + Duration::from_millis(200)));
 }
 
 impl fmt::Debug for Process {

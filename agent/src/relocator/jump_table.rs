@@ -196,31 +196,23 @@ fn check_pic_switch(
             continue;
         };
         let load = &all[load_idx];
-        if load.code() == Code::Movsxd_r64_rm32 && load.is_ip_rel_memory_operand() {
+        let table = if load.code() == Code::Movsxd_r64_rm32 && load.is_ip_rel_memory_operand() {
             // A switch on a constant (`movsxd rY,[rip+T]`): entry 0 is the target.
             // Reading the following entries too can only add refusals.
-            let table = load.ip_rel_memory_address();
-            return Some(check_offset_table(
-                all[jmp_idx].ip(),
-                table,
-                base,
-                range,
-                body,
-                mem,
-            ));
-        }
-        if load.code() != Code::Movsxd_r64_rm32
+            load.ip_rel_memory_address()
+        } else if load.code() != Code::Movsxd_r64_rm32
             || load.op1_kind() != OpKind::Memory
             || load.memory_index_scale() != 4
             || load.memory_index() == Register::None
         {
             continue;
-        }
-        let table_base = match load.memory_base() {
-            Register::None => 0,
-            r => lea_value(all, load_idx, r, info)?,
+        } else {
+            let table_base = match load.memory_base() {
+                Register::None => 0,
+                r => lea_value(all, load_idx, r, info)?,
+            };
+            table_base.wrapping_add(load.memory_displacement64())
         };
-        let table = table_base.wrapping_add(load.memory_displacement64());
         return Some(check_offset_table(
             all[jmp_idx].ip(),
             table,
