@@ -14,8 +14,8 @@ use crate::maps::MapEntry;
 use crate::relocator::{self, Function, Memory, Refusal, SelfMemory};
 use crate::shared::SharedRegion;
 use crate::trampoline;
+use probes::abi::shared::{flags, ProbeKind};
 use probes::context::OffsetHandler;
-use probes::shared::{flags, ProbeKind};
 use probes::{EntryHandler, ExitHandler};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -189,7 +189,7 @@ impl Interceptor {
         &self.alloc
     }
 
-    pub fn counters(&self, id: u32) -> probes::shared::Counts<'_> {
+    pub fn counters(&self, id: u32) -> probes::abi::shared::Counts<'_> {
         self.shared.counters(id as usize)
     }
 
@@ -328,20 +328,15 @@ impl Interceptor {
         on_offset: Option<OffsetHandler>,
     ) -> Result<Prepared, PrepareError> {
         dispatch::finish_tsc_calibration();
-        let (rkind, site) = match req.kind {
-            ProbeKind::Entry | ProbeKind::Exit => {
-                (relocator::ProbeKind::Entry, req.function.address)
-            }
-            ProbeKind::Offset => (
-                relocator::ProbeKind::Offset,
-                req.function.address + req.offset,
-            ),
+        let site = match req.kind {
+            ProbeKind::Entry | ProbeKind::Exit => req.function.address,
+            ProbeKind::Offset => req.function.address + req.offset,
         };
         let mem = UnpatchedMemory {
             patches: &self.committed,
         };
-        let stolen =
-            relocator::analyze(&req.function, site, rkind, &mem).map_err(PrepareError::Refused)?;
+        let stolen = relocator::analyze(&req.function, site, req.kind, &mem)
+            .map_err(PrepareError::Refused)?;
         let exit_trampoline = match req.kind {
             ProbeKind::Exit => self.exit_trampoline()?,
             _ => 0,

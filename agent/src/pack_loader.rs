@@ -4,8 +4,8 @@
 //! for a new build's, its maps kept.
 
 use crate::interceptor::Interceptor;
+use probes::abi::remote::{PackLoadRequest, PackLoadResult, PackSymbol};
 use probes::pack::abi::{self, Plan};
-use probes::remote::{PackLoadRequest, PackLoadResult, PackSymbol};
 use std::ffi::{CStr, CString};
 use std::sync::Mutex;
 

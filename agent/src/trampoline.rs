@@ -45,8 +45,8 @@ use crate::emitter::{CallEncoding, EmitError, Emitter, Label};
 use crate::relocator::{self, Relocated, Stolen};
 use crate::thread_state::layout as tl;
 use iced_x86::code_asm::*;
+use probes::abi::shared::{flags, Counts, ProbeCounters, Shard};
 use probes::context::{entry_layout as el, exit_layout as xl, offset_layout as ol};
-use probes::shared::{flags, Counts, ProbeCounters, Shard};
 use std::mem::offset_of;
 
 /// Why a trampoline could not be generated.

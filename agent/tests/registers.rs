@@ -14,8 +14,8 @@
 
 use agent::interceptor::{Interceptor, ProbeRequest};
 use agent::relocator::Function;
+use probes::abi::shared::ProbeKind;
 use probes::context::OffsetContext;
-use probes::shared::ProbeKind;
 use probes::{EntryContext, ExitContext};
 use std::arch::global_asm;
 use std::hint::black_box;

@@ -11,11 +11,12 @@ use crate::spec::ResolvedProbe;
 use crate::symbols::ProcessModules;
 use crate::threads::{AttachError, Process};
 use crate::timings;
-use probes::remote::{
+use probes::abi::remote::{
     result_flags, status, AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INIT_SYMBOL,
     INTERNAL_SYMBOL, LIVE_SYMBOL, PREPARE_SYMBOL, RESOLVE_SYMBOL,
 };
-use probes::shared::{Counts, SharedHeader, MAGIC};
+use probes::abi::shared::{Counts, SharedHeader, MAGIC};
+use probes::pod::{self, Pod};
 use probes::ProbeKind;
 use std::fmt;
 use std::fs::File;
@@ -41,24 +42,35 @@ pub struct Installed {
 }
 
 impl Installed {
-    fn from_result(r: &PrepareResult, label: String, module: String, symbol: String) -> Self {
+    fn from_result(
+        r: &PrepareResult,
+        label: String,
+        module: String,
+        symbol: String,
+    ) -> Result<Self, SessionError> {
+        let encoding = agent::emitter::CallEncoding::try_from(r.encoding).map_err(|n| {
+            SessionError::Agent(format!(
+                "unknown call encoding {n} for the probe at {:#x}: the tracer and its agent \
+                 were built apart",
+                r.site
+            ))
+        })?;
         let mut patch = [0u8; 5];
         patch.copy_from_slice(&r.patch[..5]);
         let mut original = [0u8; 5];
         original.copy_from_slice(&r.original[..5]);
-        Installed {
+        Ok(Installed {
             label,
             module,
             symbol,
             site: r.site,
             id: r.id,
-            encoding: agent::emitter::CallEncoding::from_u8(r.encoding as u8)
-                .unwrap_or(agent::emitter::CallEncoding::Abs64),
+            encoding,
             patch,
             original,
             stolen_len: r.stolen_len as u64,
             hidden: false,
-        }
+        })
     }
 }
 
@@ -314,7 +326,7 @@ impl Session {
         if info_addr == 0 {
             return Err(SessionError::Agent("initialisation failed".into()));
         }
-        let info: AgentInfo = read_struct(proc, info_addr)?;
+        let info: AgentInfo = read_pod(proc, info_addr)?;
         if info.magic != AGENT_MAGIC {
             return Err(SessionError::Agent(
                 "initialisation returned garbage".into(),
@@ -496,7 +508,7 @@ impl Session {
                 l.clone(),
                 p.module_path.clone(),
                 p.symbol.clone(),
-            ));
+            )?);
         }
         if installed.is_empty() {
             return Err(SessionError::NothingInstalled(refused));
@@ -527,7 +539,7 @@ impl Session {
                         String::new(),
                         String::new(),
                         String::new(),
-                    ));
+                    )?);
                     installed.last_mut().expect("pushed").hidden = true;
                 }
             }
@@ -543,7 +555,7 @@ impl Session {
         }
         // Restored at detach like this session's own, not reported.
         for a in &adopted {
-            let mut p = Installed::from_result(a, String::new(), String::new(), String::new());
+            let mut p = Installed::from_result(a, String::new(), String::new(), String::new())?;
             p.hidden = true;
             installed.push(p);
         }
@@ -781,20 +793,11 @@ fn agent_symbol(name: &str) -> Result<u64, SessionError> {
         .ok_or_else(|| SessionError::Agent(format!("embedded agent lacks {name}")))
 }
 
-fn read_struct<T: Copy + Default>(proc: &Process, addr: u64) -> Result<T, SessionError> {
-    let mut v = T::default();
-    // SAFETY: T is a plain-old-data repr(C) record; any bytes make a valid value of the
-    // integer fields it holds.
-    let buf =
-        unsafe { std::slice::from_raw_parts_mut(&mut v as *mut T as *mut u8, size_of::<T>()) };
-    proc.read_memory(addr, buf)
+fn read_pod<T: Pod>(proc: &Process, addr: u64) -> Result<T, SessionError> {
+    let mut buf = vec![0u8; size_of::<T>()];
+    proc.read_memory(addr, &mut buf)
         .map_err(|e| SessionError::Agent(format!("cannot read agent memory: {e}")))?;
-    Ok(v)
-}
-
-fn as_bytes<T>(v: &[T]) -> &[u8] {
-    // SAFETY: viewing plain-old-data records as bytes.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+    Ok(pod::from_bytes(&buf).expect("a buffer of the record's size"))
 }
 
 /// Run `function(input, n, output)` in the target, `input` copied into a fresh private
@@ -848,8 +851,8 @@ fn load_pack(
     agent_base: u64,
     pack: &crate::pack::load::Pack,
     swap: bool,
-) -> Result<(probes::remote::PackLoadResult, Vec<u64>), SessionError> {
-    use probes::remote::{PackLoadRequest, PackLoadResult, PackSymbol};
+) -> Result<(probes::abi::remote::PackLoadResult, Vec<u64>), SessionError> {
+    use probes::abi::remote::{PackLoadRequest, PackLoadResult, PackSymbol};
     let info = &pack.info;
     let symbol = |kind, params, name: &str| {
         PackSymbol::new(kind, params, name)
@@ -873,13 +876,12 @@ fn load_pack(
     };
     let n = pack.name.len().min(head.name.len() - 1);
     head.name[..n].copy_from_slice(&pack.name.as_bytes()[..n]);
-    let mut input = as_bytes(std::slice::from_ref(&head)).to_vec();
-    input.extend_from_slice(as_bytes(&syms));
+    let mut input = pod::bytes_of(&head).to_vec();
+    input.extend_from_slice(pod::bytes_of_slice(&syms));
     let out_len = size_of::<PackLoadResult>() + 8 * info.probes.len();
-    let function = agent_base + agent_symbol(probes::remote::LOAD_PACK_SYMBOL)?;
+    let function = agent_base + agent_symbol(probes::abi::remote::LOAD_PACK_SYMBOL)?;
     let (ok, bytes) = call_with_buffers(proc, fns, function, &input, 1, out_len)?;
-    // SAFETY: PackLoadResult is plain old data and `bytes` holds at least one.
-    let res = unsafe { (bytes.as_ptr() as *const PackLoadResult).read_unaligned() };
+    let res: PackLoadResult = pod::from_bytes(&bytes).expect("room for one result");
     if ok != 1 {
         return Err(SessionError::Agent(format!(
             "cannot {} the pack {}: {}",
@@ -942,16 +944,11 @@ fn prepare_remote(
         proc,
         fns,
         prepare,
-        as_bytes(requests),
+        pod::bytes_of_slice(requests),
         requests.len() as u64,
         res_len,
     )?;
-    let mut results = vec![PrepareResult::default(); requests.len()];
-    // SAFETY: PrepareResult is plain old data; the agent wrote `res_len` bytes of them.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), results.as_mut_ptr() as *mut u8, res_len)
-    };
-    Ok(results)
+    Ok(pod::vec_from_bytes(&bytes))
 }
 
 /// The agent's own probes, to patch along with exit probes.
@@ -996,11 +993,7 @@ fn list_remote(
         cap as u64,
         cap * size_of::<PrepareResult>(),
     )?;
-    let mut results = vec![PrepareResult::default(); cap];
-    // SAFETY: PrepareResult is plain old data; the agent wrote up to `cap` of them.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), results.as_mut_ptr() as *mut u8, bytes.len())
-    };
+    let mut results: Vec<PrepareResult> = pod::vec_from_bytes(&bytes);
     results.truncate((count as usize).min(cap));
     Ok((count as usize, results))
 }
@@ -1036,7 +1029,23 @@ fn resolve_ifuncs(
 
 #[cfg(test)]
 mod tests {
-    use super::spans;
+    use super::{spans, Installed, PrepareResult};
+
+    /// An encoding number the agent should never send is refused, not read as another
+    /// encoding: the report would name a call form the trampoline does not use.
+    #[test]
+    fn an_unknown_call_encoding_from_the_agent_is_an_error() {
+        let mut r = PrepareResult {
+            encoding: 1,
+            ..PrepareResult::default()
+        };
+        let ok = Installed::from_result(&r, "l".into(), "m".into(), "s".into()).unwrap();
+        assert_eq!(ok.encoding, agent::emitter::CallEncoding::RipSlot);
+        r.encoding = 9;
+        let e = Installed::from_result(&r, "l".into(), "m".into(), "s".into())
+            .expect_err("encoding 9 names nothing");
+        assert!(e.to_string().contains("unknown call encoding 9"), "{e}");
+    }
 
     /// Sites close together share a span; a site starting in a page the span does not
     /// cover starts another (the bytes between might not be mapped); every site is in exactly
