@@ -8,7 +8,7 @@
 
 use crate::allocator::{AllocError, NearAllocator};
 use crate::dispatch::{self, Probe};
-use crate::emitter::{CallEncoding, Policy};
+use crate::emitter::{CallEncoding, EmitError, Policy};
 use crate::jit::{self, JitError};
 use crate::maps::MapEntry;
 use crate::relocator::{self, Function, Memory, Refusal, SelfMemory};
@@ -18,7 +18,6 @@ use probes::abi::shared::{flags, ProbeKind};
 use probes::context::OffsetHandler;
 use probes::{EntryHandler, ExitHandler};
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -79,37 +78,49 @@ impl ProbeRequest {
 }
 
 /// Why a probe was not prepared.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     /// The site cannot be patched safely.
-    Refused(Refusal),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     /// No memory within reach of the site, or the kernel refused memory.
-    NoTrampolineMemory(AllocError),
+    #[error("no memory for a trampoline within reach: {0}")]
+    NoTrampolineMemory(#[source] AllocError),
     /// Code generation failed (a bug, reported as such).
-    Codegen(String),
+    #[error("trampoline generation failed: {0}")]
+    Codegen(#[from] EmitError),
+    /// The trampoline landed beyond `jmp rel32` reach of the site (a bug: it is placed
+    /// near the site).
+    #[error("trampoline generation failed: trampoline out of rel32 reach")]
+    OutOfReach,
+    /// `prepare_offset` was given a request of another kind.
+    #[error(
+        "trampoline generation failed: prepare_offset needs an offset probe request, not {0:?}"
+    )]
+    NotOffset(ProbeKind),
+    /// Offset probes save the vector state with xsave, which the OS has not enabled.
+    #[error(
+        "trampoline generation failed: the OS has not enabled xsave (CPUID OSXSAVE): offset \
+         probes cannot save the vector state"
+    )]
+    NoXsave,
     /// All counter slots are in use.
+    #[error("more than {0} probes")]
     TooManyProbes(usize),
     /// The shared counters could not grow.
-    NoCounterMemory(io::Error),
+    #[error("no memory for more probe counters: {0}")]
+    NoCounterMemory(#[source] io::Error),
 }
 
-impl fmt::Display for PrepareError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PrepareError::Refused(r) => r.fmt(f),
-            PrepareError::NoTrampolineMemory(e) => {
-                write!(f, "no memory for a trampoline within reach: {e}")
-            }
-            PrepareError::Codegen(e) => write!(f, "trampoline generation failed: {e}"),
-            PrepareError::TooManyProbes(n) => write!(f, "more than {n} probes"),
-            PrepareError::NoCounterMemory(e) => {
-                write!(f, "no memory for more probe counters: {e}")
-            }
+impl From<JitError> for PrepareError {
+    fn from(e: JitError) -> Self {
+        match e {
+            JitError::Alloc(a) => PrepareError::NoTrampolineMemory(a),
+            JitError::Emit(e) => PrepareError::Codegen(e),
+            JitError::Refused(r) => PrepareError::Refused(r),
         }
     }
 }
-
-impl std::error::Error for PrepareError {}
 
 /// A probe ready to be committed.
 #[derive(Clone, Debug)]
@@ -314,10 +325,7 @@ impl Interceptor {
         h: Option<OffsetHandler>,
     ) -> Result<Prepared, PrepareError> {
         if req.kind != ProbeKind::Offset {
-            return Err(PrepareError::Codegen(format!(
-                "prepare_offset needs an offset probe request, not {:?}",
-                req.kind
-            )));
+            return Err(PrepareError::NotOffset(req.kind));
         }
         self.prepare_with(req, h)
     }
@@ -362,13 +370,7 @@ impl Interceptor {
             name: req.pack.map_or("", |p| p.name),
         }));
         let xsave = match req.kind {
-            ProbeKind::Offset => Some(self.xsave.ok_or_else(|| {
-                PrepareError::Codegen(
-                    "the OS has not enabled xsave (CPUID OSXSAVE): offset probes cannot save \
-                     the vector state"
-                        .into(),
-                )
-            })?),
+            ProbeKind::Offset => Some(self.xsave.ok_or(PrepareError::NoXsave)?),
             _ => None,
         };
         // Counting-only probes take the inline path; a handler needs the full one.
@@ -398,14 +400,13 @@ impl Interceptor {
                 Err(JitError::Alloc(AllocError::TargetsTooFarApart { .. }))
                 | Err(JitError::Alloc(AllocError::OutOfRange { .. }))
                     if near.len() > 1 => {}
-                Err(JitError::Alloc(e)) => return Err(PrepareError::NoTrampolineMemory(e)),
-                Err(JitError::Emit(e)) => return Err(PrepareError::Codegen(e.to_string())),
+                Err(e) => return Err(e.into()),
             }
         }
         let placed = placed.expect("the loop returns or places");
-        let tramp = placed.value.map_err(PrepareError::Refused)?;
-        let patch = trampoline::patch_bytes(stolen.site, placed.addr)
-            .ok_or_else(|| PrepareError::Codegen("trampoline out of rel32 reach".into()))?;
+        let tramp = placed.value;
+        let patch =
+            trampoline::patch_bytes(stolen.site, placed.addr).ok_or(PrepareError::OutOfReach)?;
         let mut original = [0u8; 5];
         original.copy_from_slice(&stolen.original[..5]);
         counters
@@ -439,16 +440,12 @@ impl Interceptor {
         let on_exit = dispatch::on_exit as *const () as u64;
         let avx = self.avx();
         let placed = jit::place(&mut self.alloc, &[on_exit], self.policy, |e| {
-            trampoline::emit_exit(e, self.tls, avx)
+            Ok(trampoline::emit_exit(e, self.tls, avx)?)
         })
         .or_else(|_| {
             jit::place(&mut self.alloc, &[], self.policy, |e| {
-                trampoline::emit_exit(e, self.tls, avx)
+                Ok(trampoline::emit_exit(e, self.tls, avx)?)
             })
-        })
-        .map_err(|e| match e {
-            JitError::Alloc(a) => PrepareError::NoTrampolineMemory(a),
-            JitError::Emit(e) => PrepareError::Codegen(e.to_string()),
         })?;
         self.exit_trampoline = Some(placed.addr);
         self.hook_unwinder();

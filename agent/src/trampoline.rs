@@ -42,25 +42,13 @@
 
 use crate::dispatch::{self, Probe};
 use crate::emitter::{CallEncoding, EmitError, Emitter, Label};
+use crate::jit::JitError;
 use crate::relocator::{self, Relocated, Stolen};
 use crate::thread_state::layout as tl;
 use iced_x86::code_asm::*;
 use probes::abi::shared::{flags, Counts, ProbeCounters, Shard};
 use probes::context::{entry_layout as el, exit_layout as xl, offset_layout as ol};
 use std::mem::offset_of;
-
-/// Why a trampoline could not be generated.
-#[derive(Debug)]
-pub enum TrampolineError {
-    Emit(EmitError),
-    Relocate(relocator::Refusal),
-}
-
-impl From<EmitError> for TrampolineError {
-    fn from(e: EmitError) -> Self {
-        TrampolineError::Emit(e)
-    }
-}
 
 /// What the entry trampoline emission produced.
 #[derive(Debug, Clone)]
@@ -80,21 +68,18 @@ pub fn emit_entry(
     stolen: &Stolen,
     fast: Option<FastEntry>,
     avx: bool,
-) -> Result<Result<EntryTrampoline, relocator::Refusal>, EmitError> {
+) -> Result<EntryTrampoline, JitError> {
     let tail = e.label();
     if let Some(f) = fast {
         emit_fast_entry(e, probe, f, tail)?;
     }
     let encoding = emit_entry_general(e, probe, avx)?;
     e.bind(tail);
-    let relocated = match emit_stolen(e, stolen)? {
-        Ok(r) => r,
-        Err(refusal) => return Ok(Err(refusal)),
-    };
-    Ok(Ok(EntryTrampoline {
+    let relocated = emit_stolen(e, stolen)?;
+    Ok(EntryTrampoline {
         encoding,
         relocated,
-    }))
+    })
 }
 
 const XMMS: [AsmRegisterXmm; 16] = [
@@ -702,7 +687,7 @@ pub fn emit_offset(
     probe: *const Probe,
     stolen: &Stolen,
     xs: XsaveInfo,
-) -> Result<Result<EntryTrampoline, relocator::Refusal>, EmitError> {
+) -> Result<EntryTrampoline, JitError> {
     let area = (xs.size as i32 + 63) & !63;
     let (mask_lo, mask_hi) = (xs.mask as u32, (xs.mask >> 32) as u32);
     e.asm(|a| {
@@ -752,26 +737,17 @@ pub fn emit_offset(
         a.popfq()?;
         a.lea(rsp, qword_ptr(rsp + (16 + 128)))
     })?;
-    let relocated = match emit_stolen(e, stolen)? {
-        Ok(r) => r,
-        Err(refusal) => return Ok(Err(refusal)),
-    };
-    Ok(Ok(EntryTrampoline {
+    let relocated = emit_stolen(e, stolen)?;
+    Ok(EntryTrampoline {
         encoding,
         relocated,
-    }))
+    })
 }
 
 /// Emit the stolen instructions, as the relocator rewrites them for this address, and
 /// the jump back to the original code when they fall through.
-fn emit_stolen(
-    e: &mut Emitter,
-    stolen: &Stolen,
-) -> Result<Result<Relocated, relocator::Refusal>, EmitError> {
-    let relocated = match relocator::relocate(stolen, e.ip()) {
-        Ok(r) => r,
-        Err(refusal) => return Ok(Err(refusal)),
-    };
+fn emit_stolen(e: &mut Emitter, stolen: &Stolen) -> Result<Relocated, JitError> {
+    let relocated = relocator::relocate(stolen, e.ip())?;
     e.bytes(&relocated.bytes);
     if let Some(encoding) = relocated.call_jump {
         e.record(encoding);
@@ -779,5 +755,5 @@ fn emit_stolen(
     if relocated.falls_through {
         e.branch_with(relocated.resume, false, CallEncoding::Rel32)?;
     }
-    Ok(Ok(relocated))
+    Ok(relocated)
 }

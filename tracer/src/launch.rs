@@ -87,7 +87,17 @@ impl fmt::Display for LaunchError {
     }
 }
 
-impl std::error::Error for LaunchError {}
+impl std::error::Error for LaunchError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // Shown as the inner error itself: its cause is this one's.
+            LaunchError::Attach(e) => e.source(),
+            LaunchError::Spawn { errno, .. } | LaunchError::Exec { errno, .. } => Some(errno),
+            LaunchError::Auxv { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
 
 impl From<AttachError> for LaunchError {
     fn from(e: AttachError) -> Self {

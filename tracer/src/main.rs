@@ -10,13 +10,58 @@ use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tracer::detached::{self, PidFd, SignalFd, Woke};
+use tracer::launch::LaunchError;
+use tracer::pack::descriptors::PackError;
 use tracer::pack::live::Live;
 use tracer::pack::load::Pack;
+use tracer::session::SessionError;
 use tracer::session::{PackRequest, ProbeReport, Session};
 use tracer::spec::{self, ProbeSpec, ResolvedProbe};
+use tracer::spec::{ResolveError, SpecError};
+use tracer::symbols::SymbolError;
 use tracer::symbols::{ProcessModules, SymbolCache};
 use tracer::threads::{self, AttachError, ExitStatus, Process};
 use tracer::timings;
+
+/// Why a command failed: a layer's error with its cause kept (`source()`), or a message
+/// of the command line's own. Shown to users as one line.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Symbols(#[from] SymbolError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("cannot create the output file {}: {source}; give -o a path in a writable directory", .path.display())]
+    CreateOutput {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", .path.display())]
+    WriteOutput {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Message(String),
+}
+
+impl From<String> for CliError {
+    fn from(m: String) -> Self {
+        CliError::Message(m)
+    }
+}
 
 /// Dynamic probes for running native programs: count calls of any function, with no
 /// ptrace stop per hit.
@@ -117,13 +162,16 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tracer: {}", tracer::names::demangle_in_text(&e));
+            eprintln!(
+                "tracer: {}",
+                tracer::names::demangle_in_text(&e.to_string())
+            );
             ExitCode::from(1)
         }
     }
 }
 
-fn new_pack(name: &str) -> Result<ExitCode, String> {
+fn new_pack(name: &str) -> Result<ExitCode, CliError> {
     let dir = tracer::pack::scaffold::new_pack(std::path::Path::new("."), name)?;
     println!(
         "created {}: edit src/lib.rs, then `cargo build --release` there",
@@ -133,7 +181,7 @@ fn new_pack(name: &str) -> Result<ExitCode, String> {
 }
 
 /// Resolve every spec; all must match something.
-fn resolve(specs: &[String], modules: &ProcessModules) -> Result<Vec<ResolvedProbe>, String> {
+fn resolve(specs: &[String], modules: &ProcessModules) -> Result<Vec<ResolvedProbe>, CliError> {
     let mut out: Vec<ResolvedProbe> = Vec::new();
     // A set, not a scan of `out`: 10,000 probes took 40 ms of comparisons.
     let mut seen = std::collections::HashSet::new();
@@ -148,18 +196,18 @@ fn resolve(specs: &[String], modules: &ProcessModules) -> Result<Vec<ResolvedPro
 }
 
 /// The pack of `--pack`, built and read before any process is touched.
-fn open_pack(args: &ProbeArgs) -> Result<Option<Pack>, String> {
+fn open_pack(args: &ProbeArgs) -> Result<Option<Pack>, CliError> {
     args.pack
         .as_deref()
         .map(tracer::pack::load::open)
         .transpose()
+        .map_err(CliError::from)
 }
 
-fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<Session, String> {
+fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<Session, CliError> {
     let modules = timings::time("symbol loading", || {
         SymbolCache::global().process(proc.pid())
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     let probes = timings::time("spec resolution", || resolve(&args.probe, &modules))?;
     let sites = match pack {
         Some(p) => {
@@ -176,8 +224,7 @@ fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<
         sites: &sites,
     });
     let rss_before = args.timings.then(|| timings::rss_kib(proc.pid())).flatten();
-    let session = Session::install(proc, &modules, &probes, args.exit, pack_request)
-        .map_err(|e| e.to_string())?;
+    let session = Session::install(proc, &modules, &probes, args.exit, pack_request)?;
     if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(proc.pid())) {
         let n = session.installed().len().max(1) as u64;
         timings::figure("target RSS added (KiB)", after.saturating_sub(before));
@@ -276,15 +323,14 @@ fn refusal_lines(
 /// hang-up) reach the program by themselves and are not sent twice.
 const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
-fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
+fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     // Blocked before the launch, so that one arriving during set-up is passed on too.
     let signals = SignalFd::block(FORWARDED).map_err(|e| format!("cannot block signals: {e}"))?;
     let mut proc = timings::time("process start-up", || {
         tracer::launch::launch(&cmd[0], &cmd[1..])
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     let (session, live) = match install(&mut proc, args, pack.as_ref())
         .and_then(|s| start_live(&proc, &s, pack, args, &sink).map(|l| (s, l)))
     {
@@ -300,13 +346,13 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
         Ok(f) => f,
         Err(e) => {
             proc.kill();
-            return Err(format!("cannot open a pidfd for PID {pid}: {e}"));
+            return Err(format!("cannot open a pidfd for PID {pid}: {e}").into());
         }
     };
     // The program runs untraced from here: signals reach it directly.
     if let Err(e) = timings::time("detach", || proc.detach()) {
         kill_and_reap(pid);
-        return Err(e.to_string());
+        return Err(e.into());
     }
     let (status, image_at_end) = wait_child(pid, &pidfd, &signals)?;
     if let (Some(first), Some(last)) = (image, image_at_end) {
@@ -343,7 +389,7 @@ fn wait_child(
     pid: i32,
     pidfd: &PidFd,
     signals: &SignalFd,
-) -> Result<(ExitStatus, Option<String>), String> {
+) -> Result<(ExitStatus, Option<String>), CliError> {
     loop {
         match detached::wait(pidfd, signals, None) {
             Ok(Woke::Ended) => break,
@@ -352,7 +398,7 @@ fn wait_child(
                 unsafe { libc::kill(pid, r.signal) };
             }
             Ok(_) => {}
-            Err(e) => return Err(format!("waiting for PID {pid} failed: {e}")),
+            Err(e) => return Err(format!("waiting for PID {pid} failed: {e}").into()),
         }
     }
     let image = detached::comm(pid);
@@ -361,7 +407,7 @@ fn wait_child(
             Ok(WaitStatus::Exited(_, c)) => break ExitStatus::Code(c),
             Ok(WaitStatus::Signaled(_, s, _)) => break ExitStatus::Signal(s as i32),
             Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => return Err(format!("waiting for PID {pid} failed: {e}")),
+            Err(e) => return Err(format!("waiting for PID {pid} failed: {e}").into()),
         }
     };
     Ok((status, image))
@@ -376,7 +422,7 @@ fn kill_and_reap(pid: i32) {
 /// Signals that end `tracer attach`: it then removes its probes, detaches and reports.
 const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
-fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, String> {
+fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, CliError> {
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     if let Some(pack) = pack
@@ -388,8 +434,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     // Blocked before attaching, so that one arriving during set-up ends the session as
     // soon as the probes are in place, in order.
     let signals = SignalFd::block(STOPPING).map_err(|e| format!("cannot block signals: {e}"))?;
-    let mut proc =
-        timings::time("seize and stop", || threads::attach(pid)).map_err(|e| e.to_string())?;
+    let mut proc = timings::time("seize and stop", || threads::attach(pid))?;
     let mut session = match install(&mut proc, args, pack.as_ref()) {
         Ok(s) => s,
         Err(e) => {
@@ -400,7 +445,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     let live = match start_live(&proc, &session, pack, args, &sink) {
         Ok(l) => l,
         Err(e) => {
-            session.remove(&mut proc).map_err(|e| e.to_string())?;
+            session.remove(&mut proc)?;
             let _ = proc.detach();
             return Err(e);
         }
@@ -408,9 +453,9 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     let pidfd = match PidFd::open(pid) {
         Ok(f) => f,
         Err(e) => {
-            session.remove(&mut proc).map_err(|e| e.to_string())?;
+            session.remove(&mut proc)?;
             let _ = proc.detach();
-            return Err(format!("cannot open a pidfd for PID {pid}: {e}"));
+            return Err(format!("cannot open a pidfd for PID {pid}: {e}").into());
         }
     };
     let n = session.installed().len();
@@ -426,13 +471,12 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         // `--duration 0`, or a signal during set-up: remove the probes while still
         // attached rather than detach and come back.
         say_live();
-        let left =
-            timings::time("removal", || session.remove(&mut proc)).map_err(|e| e.to_string())?;
+        let left = timings::time("removal", || session.remove(&mut proc))?;
         note_left_alone(pid, &left);
-        timings::time("detach", || proc.detach()).map_err(|e| e.to_string())?;
+        timings::time("detach", || proc.detach())?;
     } else {
         // The probes count by themselves: the target runs untraced until we come back.
-        timings::time("detach", || proc.detach()).map_err(|e| e.to_string())?;
+        timings::time("detach", || proc.detach())?;
         // Said once the target runs free: a tracer killed from here on (even SIGKILL)
         // leaves a running target whose probes the next attach adopts, while one killed
         // in the middle of a remote call (the detach's own clean-up is one) would leave a
@@ -455,12 +499,12 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
 
 /// Hot swap: another tracer's session runs a pack in `pid`; replace its handlers by this
 /// build's (same name, same maps), keeping its maps and its patches, and leave.
-fn swap_pack(pid: i32, pack: &Pack) -> Result<ExitCode, String> {
-    let mut proc = threads::attach(pid).map_err(|e| e.to_string())?;
+fn swap_pack(pid: i32, pack: &Pack) -> Result<ExitCode, CliError> {
+    let mut proc = threads::attach(pid)?;
     let r = tracer::session::swap_pack(&mut proc, pack);
     let detached = proc.detach();
-    let swapped = r.map_err(|e| e.to_string())?;
-    detached.map_err(|e| e.to_string())?;
+    let swapped = r?;
+    detached?;
     eprintln!(
         "tracer: swapped in {} in process {pid}: {swapped} handler(s) replaced, maps kept; \
          the running session goes on and reports them",
@@ -477,16 +521,16 @@ fn start_live(
     pack: Option<Pack>,
     args: &ProbeArgs,
     sink: &Sink,
-) -> Result<Option<Live>, String> {
+) -> Result<Option<Live>, CliError> {
     let (Some(pack), Some((fd, _))) = (pack, session.pack_region()) else {
         return Ok(None);
     };
-    Live::start(proc.pid(), fd, pack.info, args.json, sink.events()?).map(Some)
+    Ok(Live::start(proc.pid(), fd, pack.info, args.json, sink.events()?).map(Some)?)
 }
 
 /// Attaches again (threads created meanwhile included), restores every patched byte with
 /// every thread stopped, and detaches. Ok(false) when the process ended meanwhile.
-fn remove_probes(pid: i32, session: &mut Session, pidfd: &PidFd) -> Result<bool, String> {
+fn remove_probes(pid: i32, session: &mut Session, pidfd: &PidFd) -> Result<bool, CliError> {
     let gone = || pidfd.ended().unwrap_or(false);
     let mut proc = match threads::attach(pid) {
         Ok(p) => p,
@@ -495,18 +539,19 @@ fn remove_probes(pid: i32, session: &mut Session, pidfd: &PidFd) -> Result<bool,
         Err(e) => {
             return Err(format!(
                 "cannot attach again to remove the probes, which stay in place: {e}"
-            ))
+            )
+            .into())
         }
     };
     match session.remove(&mut proc) {
         Ok(left) => note_left_alone(pid, &left),
         Err(_) if gone() => return Ok(false),
-        Err(e) => return Err(format!("cannot remove the probes: {e}")),
+        Err(e) => return Err(format!("cannot remove the probes: {e}").into()),
     }
     match proc.detach() {
         Ok(()) => Ok(true),
         Err(_) if gone() => Ok(false),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -539,41 +584,44 @@ enum Sink {
 }
 
 impl Sink {
-    fn open(args: &ProbeArgs) -> Result<Sink, String> {
+    fn open(args: &ProbeArgs) -> Result<Sink, CliError> {
         match &args.output {
             None => Ok(Sink::Stderr),
             Some(p) => std::fs::File::create(p)
                 .map(|f| Sink::File(f, p.clone()))
-                .map_err(|e| {
-                    format!(
-                        "cannot create the output file {}: {e}; give -o a path in a writable directory",
-                        p.display()
-                    )
+                .map_err(|source| CliError::CreateOutput {
+                    path: p.clone(),
+                    source,
                 }),
         }
     }
 
     /// Where events go as they arrive: the same place.
-    fn events(&self) -> Result<Box<dyn Write + Send>, String> {
+    fn events(&self) -> Result<Box<dyn Write + Send>, CliError> {
         match self {
             Sink::File(f, p) => f
                 .try_clone()
                 .map(|f| Box::new(f) as Box<dyn Write + Send>)
-                .map_err(|e| format!("cannot write {}: {e}", p.display())),
+                .map_err(|source| CliError::WriteOutput {
+                    path: p.clone(),
+                    source,
+                }),
             Sink::Stderr => Ok(Box::new(std::io::stderr())),
         }
     }
 
     /// Write the pack's maps (already rendered), then the per-probe report.
-    fn write(&mut self, args: &ProbeArgs, maps: &str, session: &Session) -> Result<(), String> {
+    fn write(&mut self, args: &ProbeArgs, maps: &str, session: &Session) -> Result<(), CliError> {
         let text = maps.to_string() + &render(args, &session.report(), session);
         match self {
-            Sink::File(f, p) => f
-                .write_all(text.as_bytes())
-                .map_err(|e| format!("cannot write {}: {e}", p.display())),
-            Sink::Stderr => std::io::stderr()
-                .write_all(text.as_bytes())
-                .map_err(|e| e.to_string()),
+            Sink::File(f, p) => {
+                f.write_all(text.as_bytes())
+                    .map_err(|source| CliError::WriteOutput {
+                        path: p.clone(),
+                        source,
+                    })
+            }
+            Sink::Stderr => Ok(std::io::stderr().write_all(text.as_bytes())?),
         }
     }
 }
@@ -665,25 +713,21 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> Strin
     text
 }
 
-fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, String> {
+fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, CliError> {
     let pid = target.parse::<i32>().ok();
     if let Some(what) = pid.and_then(tracer::process_kind::not_a_program) {
-        return Err(what);
+        return Err(what.into());
     }
     let modules = match pid {
         Some(pid) => SymbolCache::global().process(pid),
         None => SymbolCache::global().file(std::path::Path::new(target)),
-    }
-    .map_err(|e| e.to_string())?;
-    let spec = pattern
-        .map(ProbeSpec::parse)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    }?;
+    let spec = pattern.map(ProbeSpec::parse).transpose()?;
     let found = spec::list(&modules, spec.as_ref());
     if found.is_empty() {
         return Err(match pattern {
-            Some(p) => format!("no function matches '{p}'"),
-            None => "no functions found".into(),
+            Some(p) => format!("no function matches '{p}'").into(),
+            None => "no functions found".to_string().into(),
         });
     }
     // What attach would refuse for the whole process, it refuses for every function.

@@ -105,7 +105,17 @@ impl fmt::Display for RemoteCallError {
     }
 }
 
-impl std::error::Error for RemoteCallError {}
+impl std::error::Error for RemoteCallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // Shown as the inner error itself: its cause is this one's.
+            RemoteCallError::Attach(e) => e.source(),
+            RemoteCallError::Memory { error, .. } => Some(error),
+            RemoteCallError::Syscall { errno, .. } => Some(errno),
+            _ => None,
+        }
+    }
+}
 
 impl From<AttachError> for RemoteCallError {
     fn from(e: AttachError) -> Self {

@@ -145,7 +145,18 @@ impl fmt::Display for SessionError {
     }
 }
 
-impl std::error::Error for SessionError {}
+impl std::error::Error for SessionError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // Each wrapped layer is shown as itself: its cause is this one's.
+        match self {
+            SessionError::Attach(e) => e.source(),
+            SessionError::Inject(e) => e.source(),
+            SessionError::Remote(e) => e.source(),
+            SessionError::Lock(e) => e.source(),
+            _ => None,
+        }
+    }
+}
 
 impl From<AttachError> for SessionError {
     fn from(e: AttachError) -> Self {
@@ -1030,6 +1041,25 @@ fn resolve_ifuncs(
 #[cfg(test)]
 mod tests {
     use super::{spans, Installed, PrepareResult};
+
+    /// A layer's error keeps the cause under it: the OS error of a failed /proc read is
+    /// reachable from the session error that wraps it, with the same one-line message.
+    #[test]
+    fn session_errors_keep_their_cause() {
+        use std::error::Error;
+        let io = std::io::Error::from_raw_os_error(libc::ESRCH);
+        let e = super::SessionError::Attach(crate::threads::AttachError::Io {
+            pid: 1,
+            what: "status".into(),
+            error: io,
+        });
+        let cause = e.source().expect("a cause");
+        let io = cause
+            .downcast_ref::<std::io::Error>()
+            .expect("the io error");
+        assert_eq!(io.raw_os_error(), Some(libc::ESRCH));
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
 
     /// An encoding number the agent should never send is refused, not read as another
     /// encoding: the report would name a call form the trampoline does not use.

@@ -311,11 +311,20 @@ pub enum ResolveError {
         offset: u64,
         size: u64,
     },
+    /// The spec text itself is malformed (from [`resolve_str`]).
+    Parse(SpecError),
+}
+
+impl From<SpecError> for ResolveError {
+    fn from(e: SpecError) -> Self {
+        ResolveError::Parse(e)
+    }
 }
 
 impl fmt::Display for ResolveError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            ResolveError::Parse(e) => e.fmt(f),
             ResolveError::NoModule {
                 spec,
                 module,
@@ -361,7 +370,14 @@ impl fmt::Display for ResolveError {
     }
 }
 
-impl std::error::Error for ResolveError {}
+impl std::error::Error for ResolveError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ResolveError::Parse(e) => e.source(),
+            _ => None,
+        }
+    }
+}
 
 /// The modules a spec's module part selects.
 fn selected_modules<'a>(spec: &ProbeSpec, modules: &'a ProcessModules) -> Vec<&'a Module> {
@@ -550,9 +566,11 @@ pub fn resolve(
 }
 
 /// Parse and resolve in one step.
-pub fn resolve_str(text: &str, modules: &ProcessModules) -> Result<Vec<ResolvedProbe>, String> {
-    let spec = ProbeSpec::parse(text).map_err(|e| e.to_string())?;
-    resolve(&spec, modules).map_err(|e| e.to_string())
+pub fn resolve_str(
+    text: &str,
+    modules: &ProcessModules,
+) -> Result<Vec<ResolvedProbe>, ResolveError> {
+    resolve(&ProbeSpec::parse(text)?, modules)
 }
 
 /// Functions matching an optional pattern (a spec without offset; `None` lists all),
