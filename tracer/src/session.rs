@@ -20,7 +20,6 @@ use probes::pod::{self, Pod};
 use probes::ProbeKind;
 use std::fmt;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 /// A probe whose patch is in place.
@@ -177,8 +176,7 @@ impl From<remote_call::RemoteCallError> for SessionError {
 /// The shared counters, mapped read-only from the target's memfd. Stays valid after the
 /// target exits.
 struct Counters {
-    base: *const u8,
-    len: usize,
+    map: memmap2::Mmap,
     /// Shards per slot, from the header (fixed when the agent created the region).
     shards: usize,
 }
@@ -199,53 +197,29 @@ impl Counters {
                 "shared region {path} is {len} bytes, too short"
             )));
         }
-        // SAFETY: a new read-only shared mapping of the agent's memfd.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(SessionError::Agent(format!(
-                "cannot map {path}: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        let mut c = Counters {
-            base: p as *const u8,
-            len,
-            shards: 0,
-        };
-        // SAFETY: the mapping is at least a header long (the agent sized it).
-        let h = unsafe { &*(c.base as *const SharedHeader) };
+        // SAFETY: a read-only shared mapping of the agent's memfd, which is never
+        // truncated (it only grows); the agent changes it only through atomics, which
+        // are read here as atomics.
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map(&f) }
+            .map_err(|e| SessionError::Agent(format!("cannot map {path}: {e}")))?;
+        // SAFETY: the mapping is at least a header long (checked) and page-aligned.
+        let h = unsafe { &*(map.as_ptr() as *const SharedHeader) };
         if h.magic != MAGIC {
             return Err(SessionError::Agent(
                 "shared region has a wrong magic".into(),
             ));
         }
-        c.shards = h.shards as usize;
-        Ok(c)
+        let shards = h.shards as usize;
+        Ok(Counters { map, shards })
     }
 
     /// A probe's counts, summed over its shards.
     fn get(&self, id: u32) -> Counts<'_> {
         let off = SharedHeader::slot_offset(id as usize, self.shards);
-        assert!(off + SharedHeader::slot_size(self.shards) <= self.len);
+        assert!(off + SharedHeader::slot_size(self.shards) <= self.map.len());
         // SAFETY: in bounds, aligned, atomics written by the agent, laid out as the
         // header says.
-        unsafe { Counts::from_slot(self.base.add(off), self.shards) }
-    }
-}
-
-impl Drop for Counters {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mapping.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+        unsafe { Counts::from_slot(self.map.as_ptr().add(off), self.shards) }
     }
 }
 
