@@ -778,7 +778,7 @@ fn function_verdict(
     modules: &ProcessModules,
     m: &tracer::symbols::Module,
     f: &tracer::symbols::Function<'_>,
-    check: &mut dyn FnMut(u64, u64) -> Result<(), String>,
+    check: &mut dyn FnMut(u64, u64) -> Result<(), agent::relocator::Refusal>,
 ) -> String {
     let (module, address, size, via) = if f.is_ifunc {
         let resolved = modules
