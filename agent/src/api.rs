@@ -185,7 +185,7 @@ pub unsafe extern "C" fn tracer_agent_load_pack(input: *const u8, _n: u64, out: 
     }));
     let message = match r {
         Ok(Ok(())) => return 1,
-        Ok(Err(m)) => m,
+        Ok(Err(e)) => e.to_string(),
         Err(_) => "the agent panicked while loading the pack".to_string(),
     };
     let mut res = PackLoadResult::default();
