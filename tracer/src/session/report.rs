@@ -1,0 +1,81 @@
+//! Reading the shared counters: the agent's memfd mapped read-only, each probe's counts
+//! summed over its shards.
+
+use super::{ProbeReport, Session, SessionError};
+use probes::abi::remote::AgentInfo;
+use probes::abi::shared::{Counts, SharedHeader, MAGIC};
+use std::fs::File;
+
+/// The shared counters, mapped read-only from the target's memfd. Stays valid after the
+/// target exits.
+pub(super) struct Counters {
+    map: memmap2::Mmap,
+    /// Shards per slot, from the header (fixed when the agent created the region).
+    shards: usize,
+}
+
+impl Counters {
+    /// Map the region at the memfd's current length: the agent extends it when it
+    /// needs more counter slots, so map after preparing.
+    pub(super) fn map(pid: i32, info: &AgentInfo) -> Result<Counters, SessionError> {
+        let path = format!("/proc/{pid}/fd/{}", info.shared_fd);
+        let f = File::open(&path)
+            .map_err(|e| SessionError::Agent(format!("cannot open {path}: {e}")))?;
+        let len = f
+            .metadata()
+            .map_err(|e| SessionError::Agent(format!("cannot stat {path}: {e}")))?
+            .len() as usize;
+        if len < SharedHeader::COUNTERS_OFFSET {
+            return Err(SessionError::Agent(format!(
+                "shared region {path} is {len} bytes, too short"
+            )));
+        }
+        // SAFETY: a read-only shared mapping of the agent's memfd, which is never
+        // truncated (it only grows); the agent changes it only through atomics, which
+        // are read here as atomics.
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map(&f) }
+            .map_err(|e| SessionError::Agent(format!("cannot map {path}: {e}")))?;
+        // SAFETY: the mapping is at least a header long (checked) and page-aligned.
+        let h = unsafe { &*(map.as_ptr() as *const SharedHeader) };
+        if h.magic != MAGIC {
+            return Err(SessionError::Agent(
+                "shared region has a wrong magic".into(),
+            ));
+        }
+        let shards = h.shards as usize;
+        Ok(Counters { map, shards })
+    }
+
+    /// A probe's counts, summed over its shards.
+    fn get(&self, id: u32) -> Counts<'_> {
+        let off = SharedHeader::slot_offset(id as usize, self.shards);
+        assert!(off + SharedHeader::slot_size(self.shards) <= self.map.len());
+        // SAFETY: in bounds, aligned, atomics written by the agent, laid out as the
+        // header says.
+        unsafe { Counts::from_slot(self.map.as_ptr().add(off), self.shards) }
+    }
+}
+
+impl Session {
+    /// Current counters of every installed probe.
+    pub fn report(&self) -> Vec<ProbeReport> {
+        self.installed()
+            .into_iter()
+            .map(|p| {
+                let c = self.counters.get(p.id);
+                ProbeReport {
+                    label: p.label.clone(),
+                    module: p.module.clone(),
+                    symbol: p.symbol.clone(),
+                    address: p.site,
+                    hits: c.hits(),
+                    exits: c.exits(),
+                    skipped: c.skipped(),
+                    panics: c.panics(),
+                    lost_exits: c.lost_exits(),
+                    encoding: p.encoding,
+                }
+            })
+            .collect()
+    }
+}
