@@ -53,8 +53,25 @@ enum CliError {
     },
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// A step of the command's own failed; `what` says which.
+    #[error("{what}: {source}")]
+    Step {
+        what: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{0}")]
     Message(String),
+}
+
+/// `CliError::Step` for what failed, keeping the error as its source.
+fn step<E: std::error::Error + Send + Sync + 'static>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> CliError {
+    let what = what.into();
+    move |e| CliError::Step {
+        what,
+        source: Box::new(e),
+    }
 }
 
 impl From<String> for CliError {
@@ -327,7 +344,7 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     // Blocked before the launch, so that one arriving during set-up is passed on too.
-    let signals = SignalFd::block(FORWARDED).map_err(|e| format!("cannot block signals: {e}"))?;
+    let signals = SignalFd::block(FORWARDED).map_err(step("cannot block signals"))?;
     let mut proc = timings::time("process start-up", || {
         tracer::launch::launch(&cmd[0], &cmd[1..])
     })?;
@@ -346,7 +363,7 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
         Ok(f) => f,
         Err(e) => {
             proc.kill();
-            return Err(format!("cannot open a pidfd for PID {pid}: {e}").into());
+            return Err(step(format!("cannot open a pidfd for PID {pid}"))(e));
         }
     };
     // The program runs untraced from here: signals reach it directly.
@@ -398,7 +415,7 @@ fn wait_child(
                 unsafe { libc::kill(pid, r.signal) };
             }
             Ok(_) => {}
-            Err(e) => return Err(format!("waiting for PID {pid} failed: {e}").into()),
+            Err(e) => return Err(step(format!("waiting for PID {pid} failed"))(e)),
         }
     }
     let image = detached::comm(pid);
@@ -407,7 +424,7 @@ fn wait_child(
             Ok(WaitStatus::Exited(_, c)) => break ExitStatus::Code(c),
             Ok(WaitStatus::Signaled(_, s, _)) => break ExitStatus::Signal(s as i32),
             Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => return Err(format!("waiting for PID {pid} failed: {e}").into()),
+            Err(e) => return Err(step(format!("waiting for PID {pid} failed"))(e)),
         }
     };
     Ok((status, image))
@@ -433,7 +450,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     }
     // Blocked before attaching, so that one arriving during set-up ends the session as
     // soon as the probes are in place, in order.
-    let signals = SignalFd::block(STOPPING).map_err(|e| format!("cannot block signals: {e}"))?;
+    let signals = SignalFd::block(STOPPING).map_err(step("cannot block signals"))?;
     let mut proc = timings::time("seize and stop", || threads::attach(pid))?;
     let mut session = match install(&mut proc, args, pack.as_ref()) {
         Ok(s) => s,
@@ -455,7 +472,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         Err(e) => {
             session.remove(&mut proc)?;
             let _ = proc.detach();
-            return Err(format!("cannot open a pidfd for PID {pid}: {e}").into());
+            return Err(step(format!("cannot open a pidfd for PID {pid}"))(e));
         }
     };
     let n = session.installed().len();
@@ -465,7 +482,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     let stop_now = deadline.is_some_and(|d| Instant::now() >= d)
         || signals
             .take()
-            .map_err(|e| format!("cannot read signals: {e}"))?
+            .map_err(step("cannot read signals"))?
             .is_some();
     if stop_now {
         // `--duration 0`, or a signal during set-up: remove the probes while still
@@ -483,7 +500,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         // thread about to trap.
         say_live();
         let woke = detached::wait(&pidfd, &signals, deadline)
-            .map_err(|e| format!("waiting for PID {pid} failed: {e}"))?;
+            .map_err(step(format!("waiting for PID {pid} failed")))?;
         let removed = woke != Woke::Ended
             && timings::time("removal (attach again, restore, detach)", || {
                 remove_probes(pid, &mut session, &pidfd)
@@ -537,16 +554,15 @@ fn remove_probes(pid: i32, session: &mut Session, pidfd: &PidFd) -> Result<bool,
         Err(AttachError::NoSuchProcess { .. } | AttachError::Exited { .. }) => return Ok(false),
         Err(_) if gone() => return Ok(false),
         Err(e) => {
-            return Err(format!(
-                "cannot attach again to remove the probes, which stay in place: {e}"
-            )
-            .into())
+            return Err(step(
+                "cannot attach again to remove the probes, which stay in place",
+            )(e))
         }
     };
     match session.remove(&mut proc) {
         Ok(left) => note_left_alone(pid, &left),
         Err(_) if gone() => return Ok(false),
-        Err(e) => return Err(format!("cannot remove the probes: {e}").into()),
+        Err(e) => return Err(step("cannot remove the probes")(e)),
     }
     match proc.detach() {
         Ok(()) => Ok(true),
@@ -739,7 +755,7 @@ fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, CliError> {
         _ => None,
     });
     let proc_mem = pid.map(tracer::probeable::ProcMemory::open).transpose();
-    let proc_mem = proc_mem.map_err(|e| format!("cannot read the memory of {target}: {e}"))?;
+    let proc_mem = proc_mem.map_err(step(format!("cannot read the memory of {target}")))?;
     let mut files: std::collections::HashMap<String, Vec<u8>> = Default::default();
     let mut out = std::io::stdout().lock();
     for (m, f, name) in found {
@@ -822,5 +838,27 @@ fn function_verdict(
             None => format!("{via}probeable"),
         },
         Err(why) => format!("{via}refused: {why}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{step, CliError};
+    use std::error::Error;
+
+    /// A failed step reads as one line naming the step and its cause, and the cause is
+    /// kept as the source rather than flattened into text.
+    #[test]
+    fn a_failed_step_keeps_its_cause() {
+        let e: CliError = step("cannot block signals")(nix::errno::Errno::EPERM);
+        assert_eq!(
+            e.to_string(),
+            format!("cannot block signals: {}", nix::errno::Errno::EPERM)
+        );
+        let cause = e.source().expect("a source");
+        assert_eq!(
+            cause.downcast_ref::<nix::errno::Errno>(),
+            Some(&nix::errno::Errno::EPERM)
+        );
     }
 }

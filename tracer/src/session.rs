@@ -105,6 +105,11 @@ pub enum SessionError {
     Remote(remote_call::RemoteCallError),
     /// The agent answered with something unexpected.
     Agent(String),
+    /// Reading or writing the agent's memory or its shared region failed.
+    AgentIo {
+        what: String,
+        error: std::io::Error,
+    },
     /// No probe could be installed; the reasons per probe.
     NothingInstalled(Vec<NotInstalled>),
     /// A patch did not read back as written.
@@ -122,6 +127,7 @@ impl fmt::Display for SessionError {
             SessionError::Inject(e) => e.fmt(f),
             SessionError::Remote(e) => e.fmt(f),
             SessionError::Agent(e) => write!(f, "agent: {e}"),
+            SessionError::AgentIo { what, error } => write!(f, "agent: {what}: {error}"),
             // One refusal fits on one line, as every other error does.
             SessionError::NothingInstalled(v) if v.len() == 1 => write!(
                 f,
@@ -154,9 +160,16 @@ impl std::error::Error for SessionError {
             SessionError::Inject(e) => e.source(),
             SessionError::Remote(e) => e.source(),
             SessionError::Lock(e) => e.source(),
+            SessionError::AgentIo { error, .. } => Some(error),
             _ => None,
         }
     }
+}
+
+/// `SessionError::AgentIo` for what failed.
+fn agent_io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SessionError {
+    let what = what.into();
+    move |error| SessionError::AgentIo { what, error }
 }
 
 impl From<AttachError> for SessionError {

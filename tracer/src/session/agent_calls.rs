@@ -116,7 +116,7 @@ fn agent_symbol(name: &str) -> Result<u64, SessionError> {
 fn read_pod<T: Pod>(proc: &Process, addr: u64) -> Result<T, SessionError> {
     let mut buf = vec![0u8; size_of::<T>()];
     proc.read_memory(addr, &mut buf)
-        .map_err(|e| SessionError::Agent(format!("cannot read agent memory: {e}")))?;
+        .map_err(super::agent_io("cannot read agent memory"))?;
     Ok(pod::from_bytes(&buf).expect("a buffer of the record's size"))
 }
 
@@ -150,11 +150,11 @@ fn call_with_buffers(
     let out = buf + out_off as u64;
     let result = (|| {
         proc.write_memory(buf, input)
-            .map_err(|e| SessionError::Agent(format!("cannot write to the target: {e}")))?;
+            .map_err(super::agent_io("cannot write to the target"))?;
         let ret = inject::call_safely(proc, fns, function, &[buf, n, out], TIMEOUT)?;
         let mut bytes = vec![0u8; out_len];
         proc.read_memory(out, &mut bytes)
-            .map_err(|e| SessionError::Agent(format!("cannot read from the target: {e}")))?;
+            .map_err(super::agent_io("cannot read from the target"))?;
         Ok((ret, bytes))
     })();
     let tid = proc.threads()[0];

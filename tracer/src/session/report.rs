@@ -19,11 +19,10 @@ impl Counters {
     /// needs more counter slots, so map after preparing.
     pub(super) fn map(pid: i32, info: &AgentInfo) -> Result<Counters, SessionError> {
         let path = format!("/proc/{pid}/fd/{}", info.shared_fd);
-        let f = File::open(&path)
-            .map_err(|e| SessionError::Agent(format!("cannot open {path}: {e}")))?;
+        let f = File::open(&path).map_err(super::agent_io(format!("cannot open {path}")))?;
         let len = f
             .metadata()
-            .map_err(|e| SessionError::Agent(format!("cannot stat {path}: {e}")))?
+            .map_err(super::agent_io(format!("cannot stat {path}")))?
             .len() as usize;
         if len < SharedHeader::COUNTERS_OFFSET {
             return Err(SessionError::Agent(format!(
@@ -34,7 +33,7 @@ impl Counters {
         // truncated (it only grows); the agent changes it only through atomics, which
         // are read here as atomics.
         let map = unsafe { memmap2::MmapOptions::new().len(len).map(&f) }
-            .map_err(|e| SessionError::Agent(format!("cannot map {path}: {e}")))?;
+            .map_err(super::agent_io(format!("cannot map {path}")))?;
         // SAFETY: the mapping is at least a header long (checked) and page-aligned.
         let h = unsafe { &*(map.as_ptr() as *const SharedHeader) };
         if h.magic != MAGIC {
