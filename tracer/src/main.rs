@@ -127,7 +127,7 @@ fn main() -> ExitCode {
 fn new_pack(name: &str) -> Result<ExitCode, String> {
     let dir = tracer::pack::scaffold::new_pack(std::path::Path::new("."), name)?;
     println!(
-        "created {}: edit src/lib.rs, then `cargo build --release` there",
+        "created {0}: edit {0}/src/lib.rs, then run it: tracer run --pack {0} -- PROGRAM",
         dir.display()
     );
     Ok(ExitCode::SUCCESS)

@@ -331,6 +331,45 @@ fn latency_built_from_its_directory_keys_each_function_by_name() {
     assert_eq!(hist_sum(map(&lines, "LATENCY_NS")), hash_sum(by_fn));
 }
 
+/// The README's walk-through, step by step: `tracer new`, the latency example copied
+/// over its `src/lib.rs`, its one spec line changed, run with `tracer run --pack DIR`.
+#[test]
+fn the_readme_walk_through_new_copy_change_one_line_run() {
+    let dir = temp_dir("pack-walk");
+    let program = build_program(dir.path());
+    let out = tracer()
+        .args(["new", "mylat"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lib = dir.path().join("mylat/src/lib.rs");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/latency/src/lib.rs");
+    let text = std::fs::read_to_string(example).unwrap();
+    assert_eq!(
+        text.matches("\"libc:*alloc\"").count(),
+        1,
+        "one line to change"
+    );
+    std::fs::write(&lib, text.replace("\"libc:*alloc\"", "\"libc:calloc\"")).unwrap();
+    let crate_dir = dir.path().join("mylat");
+    let (lines, _) = run_json(
+        dir.path(),
+        &program,
+        &["--pack", crate_dir.to_str().unwrap()],
+        &["0", "40", "0", "0"],
+    );
+    let calls = map(&lines, "CALLS");
+    assert_eq!(hash_value(calls, "\"libc:calloc\""), 41);
+    assert_eq!(hash_sum(calls), 41, "only calloc is probed: {calls}");
+    let probes: Vec<_> = lines.iter().filter_map(|v| v["probe"].as_str()).collect();
+    assert_eq!(probes, ["libc:calloc"]);
+}
+
 /// Every event the handler emitted is either received (and printed once) or counted as
 /// dropped; a handler that panics disables its probe, counted, and the program's output
 /// is that of an untraced run (checked in `run_json`).
