@@ -82,7 +82,8 @@ struct ProbeArgs {
     /// "events" (the summary), "probe" and "refused".
     #[arg(long)]
     json: bool,
-    /// Write the output there instead of stderr.
+    /// Write the report there instead of stderr, and a pack's events (else on stdout)
+    /// before it.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
     /// List every refused probe and entries-only note, one per line, instead of one
