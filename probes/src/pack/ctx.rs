@@ -165,8 +165,9 @@ impl<'a> ExitCtx<'a> {
     /// -1 (or NULL) and sets errno" needs both, or the program reads a stale errno.
     pub fn set_errno(&mut self, e: i32) {
         // SAFETY: the target's libc `__errno_location` returns this thread's errno slot;
-        // it only adds the thread pointer to an offset (no lock, no allocation), so it
-        // is safe to call from a handler whatever the thread was doing.
+        // it only adds the thread pointer to an offset (no lock, no allocation), and the
+        // pack is loaded with RTLD_NOW, so the call does not enter the dynamic linker
+        // either: safe from a handler whatever the thread was doing.
         unsafe { *__errno_location() = e }
     }
 
