@@ -78,10 +78,12 @@ struct ProbeArgs {
     /// Probe returns too.
     #[arg(short = 'x', long)]
     exit: bool,
-    /// Machine output: one JSON object per probe.
+    /// Machine output: JSON lines, each with a "type": "event" (live), then "map",
+    /// "events" (the summary), "probe" and "refused".
     #[arg(long)]
     json: bool,
-    /// Write the output there instead of stderr.
+    /// Write the report there instead of stderr, and a pack's events (else on stdout)
+    /// before it.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
     /// List every refused probe and entries-only note, one per line, instead of one
@@ -126,7 +128,7 @@ fn main() -> ExitCode {
 fn new_pack(name: &str) -> Result<ExitCode, String> {
     let dir = tracer::pack::scaffold::new_pack(std::path::Path::new("."), name)?;
     println!(
-        "created {}: edit src/lib.rs, then `cargo build --release` there",
+        "created {0}: edit {0}/src/lib.rs, then run it: tracer run --pack {0} -- PROGRAM",
         dir.display()
     );
     Ok(ExitCode::SUCCESS)
@@ -470,7 +472,7 @@ fn swap_pack(pid: i32, pack: &Pack) -> Result<ExitCode, String> {
 }
 
 /// Map the loaded pack's shared region and start printing its events (to the output file,
-/// or stderr), while the target is still stopped.
+/// or stdout), while the target is still stopped.
 fn start_live(
     proc: &Process,
     session: &Session,
@@ -481,7 +483,8 @@ fn start_live(
     let (Some(pack), Some((fd, _))) = (pack, session.pack_region()) else {
         return Ok(None);
     };
-    Live::start(proc.pid(), fd, pack.info, args.json, sink.events()?).map(Some)
+    let events = sink.events()?;
+    Live::start(proc.pid(), fd, &pack.name, pack.info, args.json, events).map(Some)
 }
 
 /// Attaches again (threads created meanwhile included), restores every patched byte with
@@ -553,14 +556,16 @@ impl Sink {
         }
     }
 
-    /// Where events go as they arrive: the same place.
+    /// Where a pack's events go as they arrive, one line each: the output file (before
+    /// the report, which is written once the event thread has stopped), else stdout, so
+    /// that they can be piped on while the report and tracer's notes stay on stderr.
     fn events(&self) -> Result<Box<dyn Write + Send>, String> {
         match self {
             Sink::File(f, p) => f
                 .try_clone()
                 .map(|f| Box::new(f) as Box<dyn Write + Send>)
                 .map_err(|e| format!("cannot write {}: {e}", p.display())),
-            Sink::Stderr => Ok(Box::new(std::io::stderr())),
+            Sink::Stderr => Ok(Box::new(std::io::stdout())),
         }
     }
 
@@ -590,6 +595,7 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> Strin
             entries_only_notes(session).collect();
         for r in reports {
             let mut v = serde_json::json!({
+                "type": "probe",
                 "probe": r.label,
                 "module": r.module,
                 "symbol": r.symbol,
@@ -616,6 +622,7 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> Strin
             let symbol = r.label.split_once(':').map_or(r.label.as_str(), |(_, s)| s);
             let symbol = symbol.rsplit_once("+0x").map_or(symbol, |(s, _)| s);
             let v = serde_json::json!({
+                "type": "refused",
                 "probe": r.label,
                 "symbol": symbol,
                 "name": tracer::names::display(symbol),
