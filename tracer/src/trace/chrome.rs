@@ -1,0 +1,109 @@
+//! `--chrome-trace FILE`: the Chrome trace-event JSON format (what `chrome://tracing`,
+//! Perfetto's UI and speedscope load): a JSON array of events, written as calls end.
+//!
+//! Each finished call is a complete event (`"ph":"X"`, `ts` and `dur` in microseconds,
+//! exact to the nanosecond); a call probed at entry only is an instant event (`"ph":"i"`);
+//! threads are named by metadata events (`"ph":"M"`). Calls of a thread nest by their
+//! times: a callee's span lies inside its caller's. The array is written event by event
+//! and flushed after each batch, each event after the first preceded by its comma, so a
+//! killed run leaves a file that is the array without its closing `]`, which the trace
+//! viewers accept.
+
+use super::calls::{Call, Output};
+use serde_json::json;
+use std::io::{BufWriter, Write};
+
+pub struct Chrome {
+    out: BufWriter<std::fs::File>,
+    pid: i32,
+    first: bool,
+}
+
+/// Microseconds with three decimals, from nanoseconds, exactly.
+fn micros(ns: u64) -> serde_json::Value {
+    let v: serde_json::Number = format!("{}.{:03}", ns / 1000, ns % 1000)
+        .parse()
+        .unwrap_or_else(|_| serde_json::Number::from(ns / 1000));
+    serde_json::Value::Number(v)
+}
+
+impl Chrome {
+    pub fn create(path: &std::path::Path, pid: i32, process: &str) -> Result<Chrome, String> {
+        let f = std::fs::File::create(path)
+            .map_err(|e| format!("cannot create the trace file {}: {e}", path.display()))?;
+        let mut c = Chrome {
+            out: BufWriter::new(f),
+            pid,
+            first: true,
+        };
+        let _ = c.out.write_all(b"[");
+        c.event(&json!({"name": "process_name", "ph": "M", "pid": pid, "tid": pid,
+            "args": {"name": process}}));
+        let _ = c.out.flush();
+        Ok(c)
+    }
+
+    fn event(&mut self, v: &serde_json::Value) {
+        let sep = if self.first { "\n" } else { ",\n" };
+        self.first = false;
+        let _ = write!(self.out, "{sep}{v}");
+    }
+}
+
+impl Output for Chrome {
+    fn thread(&mut self, tid: u32, name: &str) {
+        self.event(&json!({"name": "thread_name", "ph": "M", "pid": self.pid, "tid": tid,
+            "args": {"name": name}}));
+    }
+
+    fn call(&mut self, c: &Call<'_>) {
+        let v = match *c {
+            Call::Enter {
+                tid,
+                ns,
+                name,
+                args,
+                returns: false,
+                ..
+            } => json!({"name": name, "ph": "i", "s": "t", "ts": micros(ns), "pid": self.pid,
+                "tid": tid, "args": {"args": args}}),
+            Call::Return {
+                tid,
+                start_ns,
+                end_ns,
+                name,
+                args,
+                ret,
+                ..
+            } => {
+                let mut a = json!({"args": args});
+                if let Some(r) = ret {
+                    a["return"] = r.into();
+                }
+                json!({"name": name, "ph": "X", "ts": micros(start_ns),
+                    "dur": micros(end_ns - start_ns), "pid": self.pid, "tid": tid, "args": a})
+            }
+            Call::Lost {
+                tid,
+                start_ns,
+                ns,
+                name,
+                args,
+                ..
+            } => json!({"name": name, "ph": "X", "ts": micros(start_ns),
+                "dur": micros(ns.saturating_sub(start_ns)), "pid": self.pid, "tid": tid,
+                "args": {"args": args, "return": "(not seen)"}}),
+            _ => return,
+        };
+        self.event(&v);
+    }
+
+    fn batch_done(&mut self, _now: std::time::Instant) {
+        let _ = self.out.flush();
+    }
+
+    fn finish(&mut self, _ns: u64) {
+        let _ = self.out.write_all(b"\n]\n");
+        let _ = self.out.flush();
+    }
+}
