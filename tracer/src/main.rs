@@ -188,9 +188,20 @@ fn trace_options(args: &ProbeArgs) -> Result<Option<tracer::trace::Options>, Str
         return Ok(None);
     }
     if args.pack.is_some() {
-        return Err("--trace, --chrome-trace and --perfetto run instead of a pack's handlers: \
+        return Err(
+            "--trace, --chrome-trace and --perfetto run instead of a pack's handlers: \
                     use them without --pack"
-            .into());
+                .into(),
+        );
+    }
+    if let Some(s) = args
+        .probe
+        .iter()
+        .find(|s| ProbeSpec::parse(s).is_ok_and(|p| p.offset != 0))
+    {
+        return Err(format!(
+            "{s} is an offset inside a function: tracing shows calls, give whole functions"
+        ));
     }
     if !args.trace_ring.is_power_of_two() || args.trace_ring < 4096 {
         return Err(format!(
@@ -206,19 +217,13 @@ fn install(
     args: &ProbeArgs,
     pack: Option<&Pack>,
     sink: &Sink,
+    mut tracing: Option<tracer::trace::Tracer>,
 ) -> Result<(Session, Option<tracer::trace::Running>), String> {
     let modules = timings::time("symbol loading", || {
         SymbolCache::global().process(proc.pid())
     })
     .map_err(|e| e.to_string())?;
     let probes = timings::time("spec resolution", || resolve(&args.probe, &modules))?;
-    let mut tracing = trace_options(args)?.map(tracer::trace::Tracer::new);
-    if let Some(p) = probes.iter().find(|p| tracing.is_some() && p.offset != 0) {
-        return Err(format!(
-            "{} is an offset inside a function: tracing shows calls, give whole functions",
-            p.spec_text
-        ));
-    }
     let sites = match pack {
         Some(p) => {
             let (sites, notes) = tracer::pack::load::resolve(p, &modules)?;
@@ -342,6 +347,9 @@ fn refusal_lines(
 const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
+    let tracing = trace_options(args)?
+        .map(tracer::trace::Tracer::new)
+        .transpose()?;
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     // Blocked before the launch, so that one arriving during set-up is passed on too.
@@ -350,7 +358,7 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
         tracer::launch::launch(&cmd[0], &cmd[1..])
     })
     .map_err(|e| e.to_string())?;
-    let (session, traced, live) = match install(&mut proc, args, pack.as_ref(), &sink)
+    let (session, traced, live) = match install(&mut proc, args, pack.as_ref(), &sink, tracing)
         .and_then(|(s, t)| start_live(&proc, &s, pack, args, &sink).map(|l| (s, t, l)))
     {
         Ok(s) => s,
@@ -384,7 +392,9 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
             );
         }
     }
-    let maps = traced.map(tracer::trace::Running::finish).unwrap_or_default()
+    let maps = traced
+        .map(tracer::trace::Running::finish)
+        .unwrap_or_default()
         + &live.map(Live::finish).unwrap_or_default();
     timings::time("report", || sink.write(args, &maps, &session))?;
     drop(signals);
@@ -443,6 +453,9 @@ fn kill_and_reap(pid: i32) {
 const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, String> {
+    let tracing = trace_options(args)?
+        .map(tracer::trace::Tracer::new)
+        .transpose()?;
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     if let Some(pack) = pack
@@ -456,7 +469,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     let signals = SignalFd::block(STOPPING).map_err(|e| format!("cannot block signals: {e}"))?;
     let mut proc =
         timings::time("seize and stop", || threads::attach(pid)).map_err(|e| e.to_string())?;
-    let (mut session, traced) = match install(&mut proc, args, pack.as_ref(), &sink) {
+    let (mut session, traced) = match install(&mut proc, args, pack.as_ref(), &sink, tracing) {
         Ok(s) => s,
         Err(e) => {
             let _ = proc.detach();
@@ -514,7 +527,9 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
             eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
         }
     }
-    let maps = traced.map(tracer::trace::Running::finish).unwrap_or_default()
+    let maps = traced
+        .map(tracer::trace::Running::finish)
+        .unwrap_or_default()
         + &live.map(Live::finish).unwrap_or_default();
     timings::time("report", || sink.write(args, &maps, &session))?;
     Ok(ExitCode::SUCCESS)

@@ -144,9 +144,7 @@ impl Calls {
                 let found = stack
                     .last()
                     .is_some_and(|f| f.depth == depth && f.probe == r.probe)
-                    || stack
-                        .iter()
-                        .any(|f| f.depth == depth && f.probe == r.probe);
+                    || stack.iter().any(|f| f.depth == depth && f.probe == r.probe);
                 lose_above(&self.probes, stack, depth + found as usize, r.tid, ns, out);
                 if !found {
                     out.call(&Call::Unmatched {

@@ -11,10 +11,13 @@
 
 use super::calls::{Call, Output};
 use serde_json::json;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 
 pub struct Chrome {
-    out: BufWriter<std::fs::File>,
+    out: std::fs::File,
+    /// The events of the batch, written with one `write` at its end: a tracer killed
+    /// meanwhile leaves whole events only.
+    buf: Vec<u8>,
     pid: i32,
     first: bool,
 }
@@ -28,32 +31,40 @@ fn micros(ns: u64) -> serde_json::Value {
 }
 
 impl Chrome {
-    pub fn create(path: &std::path::Path, pid: i32, process: &str) -> Result<Chrome, String> {
-        let f = std::fs::File::create(path)
-            .map_err(|e| format!("cannot create the trace file {}: {e}", path.display()))?;
+    /// Start the array in `file` (created before the target was touched).
+    pub fn start(file: std::fs::File, pid: i32, process: &str) -> Chrome {
         let mut c = Chrome {
-            out: BufWriter::new(f),
+            out: file,
+            buf: b"[".to_vec(),
             pid,
             first: true,
         };
-        let _ = c.out.write_all(b"[");
-        c.event(&json!({"name": "process_name", "ph": "M", "pid": pid, "tid": pid,
-            "args": {"name": process}}));
-        let _ = c.out.flush();
-        Ok(c)
+        c.event(
+            &json!({"name": "process_name", "ph": "M", "pid": pid, "tid": pid,
+            "args": {"name": process}}),
+        );
+        c.flush();
+        c
     }
 
     fn event(&mut self, v: &serde_json::Value) {
         let sep = if self.first { "\n" } else { ",\n" };
         self.first = false;
-        let _ = write!(self.out, "{sep}{v}");
+        let _ = write!(self.buf, "{sep}{v}");
+    }
+
+    fn flush(&mut self) {
+        let _ = self.out.write_all(&self.buf);
+        self.buf.clear();
     }
 }
 
 impl Output for Chrome {
     fn thread(&mut self, tid: u32, name: &str) {
-        self.event(&json!({"name": "thread_name", "ph": "M", "pid": self.pid, "tid": tid,
-            "args": {"name": name}}));
+        self.event(
+            &json!({"name": "thread_name", "ph": "M", "pid": self.pid, "tid": tid,
+            "args": {"name": name}}),
+        );
     }
 
     fn call(&mut self, c: &Call<'_>) {
@@ -99,11 +110,11 @@ impl Output for Chrome {
     }
 
     fn batch_done(&mut self, _now: std::time::Instant) {
-        let _ = self.out.flush();
+        self.flush();
     }
 
     fn finish(&mut self, _ns: u64) {
-        let _ = self.out.write_all(b"\n]\n");
-        let _ = self.out.flush();
+        self.buf.extend_from_slice(b"\n]\n");
+        self.flush();
     }
 }

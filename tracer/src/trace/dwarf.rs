@@ -104,8 +104,8 @@ fn with_origin<'a, T>(
     if let Some(v) = get(e) {
         return Some(v);
     }
-    let mut cur = unit_ref(e, dw::DW_AT_abstract_origin)
-        .or_else(|| unit_ref(e, dw::DW_AT_specification))?;
+    let mut cur =
+        unit_ref(e, dw::DW_AT_abstract_origin).or_else(|| unit_ref(e, dw::DW_AT_specification))?;
     for _ in 0..4 {
         let o = unit.entry(cur).ok()?;
         if let Some(v) = get(&o) {

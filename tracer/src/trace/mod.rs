@@ -94,15 +94,34 @@ pub struct Tracer {
     opts: Options,
     clock0: (Instant, u64),
     started: Option<StartResult>,
+    chrome: Option<std::fs::File>,
+    perfetto: Option<std::fs::File>,
+}
+
+fn create(path: &Option<PathBuf>) -> Result<Option<std::fs::File>, String> {
+    path.as_ref()
+        .map(|p| {
+            std::fs::File::create(p).map_err(|e| {
+                format!(
+                    "cannot create the trace file {}: {e}; give a path in a writable directory",
+                    p.display()
+                )
+            })
+        })
+        .transpose()
 }
 
 impl Tracer {
-    pub fn new(opts: Options) -> Tracer {
-        Tracer {
+    /// Creates the trace files: call before touching the target, so that a path that
+    /// cannot be written costs no run.
+    pub fn new(opts: Options) -> Result<Tracer, String> {
+        Ok(Tracer {
+            chrome: create(&opts.chrome)?,
+            perfetto: create(&opts.perfetto)?,
             opts,
             clock0: Clock::start(),
             started: None,
-        }
+        })
     }
 }
 
@@ -156,7 +175,8 @@ fn signatures(
     for p in probes {
         let from_dwarf = dwarf.get(p.module_path.as_str()).and_then(|sigs| {
             let bias = by_file.get(p.module_path.as_str())?.0;
-            sigs.get(&(p.address - p.offset).wrapping_sub(bias)).cloned()
+            sigs.get(&(p.address - p.offset).wrapping_sub(bias))
+                .cloned()
         });
         let sig = from_dwarf
             .or_else(|| prototypes::lookup(&p.symbol))
@@ -166,11 +186,23 @@ fn signatures(
     out
 }
 
-/// A process's name, for the traces.
-fn comm(pid: i32, tid: u32) -> String {
+/// A thread's name, for the traces.
+fn comm(pid: i32, tid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .ok()
         .map(|s| s.trim_end().to_string())
-        .unwrap_or_else(|_| format!("thread {tid}"))
+}
+
+/// The name of every thread of `pid` now.
+fn thread_names(pid: i32) -> HashMap<u32, String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return HashMap::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|tid| Some((tid, comm(pid, tid)?)))
+        .collect()
 }
 
 struct Shared {
@@ -240,16 +272,20 @@ impl Tracer {
                 },
             );
         }
-        let process = comm(pid, pid as u32);
+        let process = comm(pid, pid as u32).unwrap_or_else(|| format!("process {pid}"));
+        // Named now, while they exist (a short-lived thread may be gone by the time its
+        // first records are read); threads created later inherit their creator's name
+        // unless they set one, so the process's is the fallback.
+        let names = thread_names(pid);
         let mut outs: Vec<Box<dyn Output>> = Vec::new();
         if self.opts.lines {
             outs.push(Box::new(text::Text::new(lines)));
         }
-        if let Some(p) = &self.opts.chrome {
-            outs.push(Box::new(chrome::Chrome::create(p, pid, &process)?));
+        if let Some(f) = self.chrome {
+            outs.push(Box::new(chrome::Chrome::start(f, pid, &process)));
         }
-        if let Some(p) = &self.opts.perfetto {
-            outs.push(Box::new(perfetto::Perfetto::create(p, pid, &process)?));
+        if let Some(f) = self.perfetto {
+            outs.push(Box::new(perfetto::Perfetto::start(f, pid, &process)));
         }
         let shared = Shared {
             region,
@@ -264,7 +300,19 @@ impl Tracer {
                 .name("trace".into())
                 .spawn(move || {
                     let clock = Clock::calibrated(clock0);
-                    drain_loop(&shared, &stop, pid, clock, Calls::new(infos), Fanout(outs))
+                    let names = Names {
+                        pid,
+                        known: names,
+                        process,
+                    };
+                    drain_loop(
+                        &shared,
+                        &stop,
+                        names,
+                        clock,
+                        Calls::new(infos),
+                        Fanout(outs),
+                    )
                 })
                 .map_err(|e| format!("cannot start the trace thread: {e}"))?
         };
@@ -303,10 +351,27 @@ impl Running {
 /// How long the drain sleeps when the ring was empty.
 const IDLE: Duration = Duration::from_millis(2);
 
+/// Thread names: those read at the start, else read at first sight, else the process's.
+struct Names {
+    pid: i32,
+    known: HashMap<u32, String>,
+    process: String,
+}
+
+impl Names {
+    fn of(&self, tid: u32) -> String {
+        self.known
+            .get(&tid)
+            .cloned()
+            .or_else(|| comm(self.pid, tid))
+            .unwrap_or_else(|| self.process.clone())
+    }
+}
+
 fn drain_loop(
     s: &Shared,
     stop: &AtomicBool,
-    pid: i32,
+    names: Names,
     clock: Clock,
     mut calls: Calls,
     mut out: Fanout,
@@ -321,7 +386,7 @@ fn drain_loop(
             Ok(r) => {
                 sum.records += 1;
                 if calls.is_new_thread(r.tid) {
-                    out.thread(r.tid, &comm(pid, r.tid));
+                    out.thread(r.tid, &names.of(r.tid));
                 }
                 calls.record(&r, clock.ns(r.tsc), &mut out);
             }
@@ -346,10 +411,17 @@ fn drain_loop(
                 pending_since = None;
             }
             let since = *pending_since.get_or_insert_with(Instant::now);
-            let limit = if last { Duration::from_millis(200) } else { Duration::from_secs(1) };
+            let limit = if last {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(1)
+            };
             if since.elapsed() > limit {
                 consumer.skip_stuck(view);
-                note(&mut sum.problems, "skipped an event an action never finished".into());
+                note(
+                    &mut sum.problems,
+                    "skipped an event an action never finished".into(),
+                );
                 pending_since = None;
             } else {
                 std::thread::sleep(IDLE);

@@ -14,7 +14,7 @@
 //! `perfetto_protos` crate generates from them.
 
 use super::calls::{Call, Output};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 
 /// Field numbers from `protos/perfetto/trace/*.proto`.
 mod field {
@@ -103,7 +103,10 @@ impl Msg {
 }
 
 pub struct Perfetto {
-    out: BufWriter<std::fs::File>,
+    out: std::fs::File,
+    /// The packets of the batch, written with one `write` at its end: a tracer killed
+    /// meanwhile leaves whole packets only.
+    buf: Vec<u8>,
     pid: i32,
     first: bool,
 }
@@ -123,11 +126,11 @@ fn annotation(name: &str, value: &str) -> Msg {
 }
 
 impl Perfetto {
-    pub fn create(path: &std::path::Path, pid: i32, process: &str) -> Result<Perfetto, String> {
-        let f = std::fs::File::create(path)
-            .map_err(|e| format!("cannot create the trace file {}: {e}", path.display()))?;
+    /// Start the trace in `file` (created before the target was touched).
+    pub fn start(file: std::fs::File, pid: i32, process: &str) -> Perfetto {
         let mut p = Perfetto {
-            out: BufWriter::new(f),
+            out: file,
+            buf: Vec::new(),
             pid,
             first: true,
         };
@@ -138,8 +141,13 @@ impl Perfetto {
             .uint(field::UUID, process_uuid(pid))
             .msg(field::PROCESS, proc);
         p.packet(Msg::default().msg(field::TRACK_DESCRIPTOR, track));
-        let _ = p.out.flush();
-        Ok(p)
+        p.flush();
+        p
+    }
+
+    fn flush(&mut self) {
+        let _ = self.out.write_all(&self.buf);
+        self.buf.clear();
     }
 
     /// Write one `TracePacket` (as a `Trace.packet` field), on our sequence.
@@ -150,10 +158,17 @@ impl Perfetto {
             self.first = false;
         }
         let framed = Msg::default().msg(field::TRACE_PACKET, m);
-        let _ = self.out.write_all(&framed.0);
+        self.buf.extend_from_slice(&framed.0);
     }
 
-    fn event(&mut self, ns: u64, tid: u32, ty: EventType, name: Option<&str>, notes: &[(&str, &str)]) {
+    fn event(
+        &mut self,
+        ns: u64,
+        tid: u32,
+        ty: EventType,
+        name: Option<&str>,
+        notes: &[(&str, &str)],
+    ) {
         let mut e = Msg::default()
             .uint(field::TYPE, ty as u64)
             .uint(field::TRACK_UUID, thread_uuid(tid));
@@ -208,17 +223,23 @@ impl Output for Perfetto {
                 self.event(end_ns, tid, EventType::SliceEnd, None, &notes);
             }
             Call::Lost { tid, ns, .. } => {
-                self.event(ns, tid, EventType::SliceEnd, None, &[("return", "(not seen)")]);
+                self.event(
+                    ns,
+                    tid,
+                    EventType::SliceEnd,
+                    None,
+                    &[("return", "(not seen)")],
+                );
             }
             Call::Unmatched { .. } => {}
         }
     }
 
     fn batch_done(&mut self, _now: std::time::Instant) {
-        let _ = self.out.flush();
+        self.flush();
     }
 
     fn finish(&mut self, _ns: u64) {
-        let _ = self.out.flush();
+        self.flush();
     }
 }

@@ -248,9 +248,7 @@ pub fn lookup(name: &str) -> Option<Signature> {
     let params = params
         .trim_end_matches('.')
         .chars()
-        .map(|c| {
-            ty(c).map(|ty| Param { name: None, ty })
-        })
+        .map(|c| ty(c).map(|ty| Param { name: None, ty }))
         .collect::<Option<Vec<_>>>()?;
     Some(Signature {
         params,
@@ -278,7 +276,10 @@ mod tests {
         let open = lookup("__open64@@GLIBC_2.2.5").expect("open64");
         assert_eq!(open.params[0].ty, ArgType::Str);
         assert_eq!(open.string_mask(), 1);
-        assert_eq!(lookup("__libc_malloc").expect("malloc").ret, ArgType::Pointer);
+        assert_eq!(
+            lookup("__libc_malloc").expect("malloc").ret,
+            ArgType::Pointer
+        );
         assert!(lookup("printf").expect("printf").variadic);
         assert!(lookup("no_such_function").is_none());
     }

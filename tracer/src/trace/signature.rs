@@ -131,7 +131,10 @@ impl Signature {
             }
             let v = match slot {
                 Slot::Int(n) if n < 6 => {
-                    let s = strings.iter().find(|(a, _)| *a as usize == n).map(|(_, s)| s);
+                    let s = strings
+                        .iter()
+                        .find(|(a, _)| *a as usize == n)
+                        .map(|(_, s)| s);
                     format_value(p.ty, regs[n], s)
                 }
                 Slot::Vector(n) if n < 4 => format_value(p.ty, fregs[n], None),
@@ -140,7 +143,11 @@ impl Signature {
             out.push_str(&v);
         }
         if self.variadic {
-            out.push_str(if self.params.is_empty() { "..." } else { ", ..." });
+            out.push_str(if self.params.is_empty() {
+                "..."
+            } else {
+                ", ..."
+            });
         }
         out
     }

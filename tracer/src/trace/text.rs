@@ -59,12 +59,7 @@ impl Text {
 
     fn line(&mut self, tid: u32, ns: u64, depth: usize, body: &str) {
         use std::fmt::Write;
-        let _ = writeln!(
-            self.buf,
-            "[{tid}] {} {}{body}",
-            seconds(ns),
-            indent(depth)
-        );
+        let _ = writeln!(self.buf, "[{tid}] {} {}{body}", seconds(ns), indent(depth));
     }
 
     /// Print the thread's held entry as an open call.
