@@ -53,7 +53,7 @@ impl Options {
     }
 }
 
-/// The timestamp counter, converted to nanoseconds since the tracer started: the target's
+/// The timestamp counter, converted to nanoseconds since the probes went live: the target's
 /// records carry raw counter values (reading a clock through libc in the target could hit
 /// a probe), and the counter is the same on every CPU of this machine.
 struct Clock {
@@ -71,15 +71,16 @@ impl Clock {
         (Instant::now(), rdtsc())
     }
 
-    /// Calibrated over at least 20 ms since `start` (the set-up usually took that long).
-    fn calibrated((t0, tsc0): (Instant, u64)) -> Clock {
+    /// Calibrated over at least 20 ms since `start` (the set-up usually took that long);
+    /// time 0 is the counter's value `zero`.
+    fn calibrated((t0, tsc0): (Instant, u64), zero: u64) -> Clock {
         let min = Duration::from_millis(20);
         if let Some(left) = min.checked_sub(t0.elapsed()) {
             std::thread::sleep(left);
         }
         let (ns, ticks) = (t0.elapsed().as_nanos() as f64, rdtsc().wrapping_sub(tsc0));
         Clock {
-            tsc0,
+            tsc0: zero,
             ns_per_tick: ns / ticks.max(1) as f64,
         }
     }
@@ -294,12 +295,14 @@ impl Tracer {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let clock0 = self.clock0;
+        // Times count from here: the probes are in place, the target about to run on.
+        let zero = rdtsc();
         let thread = {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("trace".into())
                 .spawn(move || {
-                    let clock = Clock::calibrated(clock0);
+                    let clock = Clock::calibrated(clock0, zero);
                     let names = Names {
                         pid,
                         known: names,
