@@ -482,3 +482,63 @@ fn trace_refuses_packs_offsets_and_stray_args() {
     ]);
     assert_one_line_error(&out, &["--trace-ring 5000", "power of two"]);
 }
+
+/// A function probed at entry only (`_start`: no return address to take) is a line of
+/// its own and an instant event, and `main` encloses the calls its thread makes.
+#[test]
+fn entries_only_functions_and_main_enclosing_its_calls() {
+    let dir = temp_dir("trace-entries");
+    let calls = build_calls(&dir);
+    let json = dir.join("trace.json");
+    let (text, _) = traced(
+        &dir,
+        &calls,
+        &[
+            "--trace",
+            "--chrome-trace",
+            json.to_str().unwrap(),
+            "-p",
+            "main:_start",
+            "-p",
+            "main:main",
+            "-p",
+            "main:add",
+        ],
+        &["threads"],
+    );
+    let lines = trace_lines(&text);
+    let pid = lines
+        .iter()
+        .find(|l| l.body.starts_with("_start("))
+        .expect("_start")
+        .tid;
+    let main_thread: Vec<&Line> = lines.iter().filter(|l| l.tid == pid).collect();
+    assert_eq!(main_thread.len(), 4, "{text}");
+    assert!(!main_thread[0].has_duration, "{text}");
+    assert!(
+        main_thread[1].body.starts_with("main(argc=2, argv=0x"),
+        "{text}"
+    );
+    assert!(main_thread[1].body.ends_with(") {"), "{text}");
+    assert_eq!(main_thread[2].body, "  add(a=7, b=8) = 15");
+    assert_eq!(main_thread[3].body, "} main = 0");
+    let events: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let instants: Vec<&serde_json::Value> = events.iter().filter(|e| e["ph"] == "i").collect();
+    assert_eq!(instants.len(), 1);
+    assert_eq!(instants[0]["name"], "_start");
+    // main's span holds every call of its own thread.
+    let span = |e: &serde_json::Value| (ns_of(&e["ts"]), ns_of(&e["ts"]) + ns_of(&e["dur"]));
+    let main = events
+        .iter()
+        .find(|e| e["name"] == "main")
+        .expect("main event");
+    let (s, e) = span(main);
+    for add in events
+        .iter()
+        .filter(|e| e["name"] == "add" && e["tid"] == pid as i64)
+    {
+        let (a, b) = span(add);
+        assert!(s <= a && b <= e);
+    }
+}
