@@ -542,3 +542,29 @@ fn entries_only_functions_and_main_enclosing_its_calls() {
         assert!(s <= a && b <= e);
     }
 }
+
+/// A child made by `fork` runs the probes it inherited: its calls come with its own
+/// thread id (the agent caches thread ids and must read them again after a fork).
+#[test]
+fn a_forked_child_calls_under_its_own_id() {
+    let dir = temp_dir("trace-fork");
+    let calls = build_calls(&dir);
+    let (text, out) = traced(&dir, &calls, &["--trace", "-p", "main:add"], &["fork"]);
+    let child: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .strip_prefix("child=")
+        .and_then(|c| c.parse().ok())
+        .expect("child=PID");
+    let lines = trace_lines(&text);
+    let by_body = |b: &str| {
+        lines
+            .iter()
+            .find(|l| l.body == b)
+            .unwrap_or_else(|| panic!("no {b} in {text}"))
+            .tid
+    };
+    let parent = by_body("add(a=1, b=1) = 2");
+    assert_eq!(by_body("add(a=3, b=3) = 6"), parent);
+    assert_eq!(by_body("add(a=2, b=2) = 4"), child, "{text}");
+    assert_ne!(parent, child);
+}

@@ -17,9 +17,11 @@ use probes::trace::{
     RECORD_MAX, STR_HEAD, STR_MAX, STR_RETURN,
 };
 use probes::{EntryContext, ExitContext};
+use std::arch::{asm, global_asm};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use std::sync::Mutex;
+use std::sync::Once;
 
 static RING: Ring = Ring::new();
 /// The per-probe string masks in the region (null before the first start).
@@ -37,6 +39,53 @@ struct Region {
 }
 
 const SYS_GETTID: u64 = 186;
+
+// The calling thread's id, cached in static TLS (initial-exec, as `thread_state`
+// explains: no `__tls_get_addr`, no malloc) with the fork generation it was read in:
+// `gettid` is a system call, which this kind of guest makes expensive (hundreds of ns).
+global_asm!(
+    ".pushsection .tbss,\"awT\",@nobits",
+    ".p2align 3",
+    ".globl tracer_agent_trace_tid",
+    ".type tracer_agent_trace_tid,@object",
+    ".size tracer_agent_trace_tid, 8",
+    "tracer_agent_trace_tid:",
+    ".zero 8",
+    ".popsection",
+);
+
+/// Bumped in the child of every `fork` (a `pthread_atfork` handler): a thread id cached
+/// before is its parent's.
+static FORK_GENERATION: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn forked_child() {
+    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// This thread's id: cached, read again after a fork.
+fn tid() -> u32 {
+    let slot: *mut u64;
+    // SAFETY: `fs:0` is the thread pointer; the variable's TLS offset comes from the GOT,
+    // as in `thread_state::current`.
+    unsafe {
+        asm!(
+            "mov {p}, qword ptr fs:[0]",
+            "add {p}, qword ptr [rip + tracer_agent_trace_tid@GOTTPOFF]",
+            p = out(reg) slot,
+            options(nostack, readonly, preserves_flags),
+        );
+    }
+    let generation = FORK_GENERATION.load(Ordering::Relaxed);
+    // SAFETY: this thread's own 8 bytes of static TLS.
+    let cached = unsafe { slot.read() };
+    if cached as u32 != 0 && (cached >> 32) as u32 == generation {
+        return cached as u32;
+    }
+    let t = gettid();
+    // SAFETY: as above.
+    unsafe { slot.write((generation as u64) << 32 | t as u64) };
+    t
+}
 
 fn gettid() -> u32 {
     let tid: u64;
@@ -166,7 +215,7 @@ pub unsafe extern "C" fn trace_entry(ctx: *mut u8, hit: *const HitInfo) -> u32 {
     let head = RecordHead {
         kind: RecordKind::Entry as u8,
         probe: hit.probe,
-        tid: gettid(),
+        tid: tid(),
         // The entry's own return is pushed after this action runs.
         depth: crate::thread_state::current().depth as u32,
         tsc: tsc(),
@@ -195,7 +244,7 @@ pub unsafe extern "C" fn trace_exit(ctx: *mut u8, hit: *const HitInfo) -> u32 {
     let head = RecordHead {
         kind: RecordKind::Exit as u8,
         probe: hit.probe,
-        tid: gettid(),
+        tid: tid(),
         // Popped before this action runs: the depth its entry saw.
         depth: crate::thread_state::current().depth as u32,
         tsc: tsc(),
@@ -214,6 +263,12 @@ pub unsafe extern "C" fn trace_exit(ctx: *mut u8, hit: *const HitInfo) -> u32 {
 /// The region for a session: the last one emptied when its ring has the same size, else
 /// a new one.
 fn region(ring_bytes: usize) -> Result<StartResult, String> {
+    static AT_FORK: Once = Once::new();
+    // SAFETY: registers a handler that only bumps an atomic; it stays loaded (the agent
+    // is never unloaded).
+    AT_FORK.call_once(|| unsafe {
+        libc::pthread_atfork(None, None, Some(forked_child));
+    });
     let layout = probes::trace::layout(ring_bytes)?;
     let mut g = REGION.lock().unwrap_or_else(|p| p.into_inner());
     match g.as_ref() {

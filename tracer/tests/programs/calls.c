@@ -3,12 +3,14 @@
  *   calls seq       add, outer (nesting), greet (strings), open and a wild pointer
  *   calls threads   two threads calling add 3 times each, then main calls add once
  *   calls many N    add called N times in a loop
+ *   calls fork      add(1, 1), then a child calls add(2, 2), then add(3, 3)
  */
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 __attribute__((noinline)) int add(int a, int b) { return a + b; }
@@ -50,6 +52,16 @@ int main(int argc, char **argv) {
         }
         total += add(7, 8);
         printf("total=%ld\n", total);
+    } else if (!strcmp(mode, "fork")) {
+        add(1, 1);
+        pid_t child = fork();
+        if (child == 0) {
+            add(2, 2);
+            _exit(0);
+        }
+        waitpid(child, NULL, 0);
+        add(3, 3);
+        printf("child=%d\n", (int)child);
     } else if (!strcmp(mode, "many")) {
         long n = argc > 2 ? atol(argv[2]) : 1000;
         long sum = 0;
