@@ -353,6 +353,8 @@ impl Running {
 
 /// How long the drain sleeps when the ring was empty.
 const IDLE: Duration = Duration::from_millis(2);
+/// How long it waits for a record a producer is writing.
+const PENDING_WAIT: Duration = Duration::from_micros(50);
 
 /// Thread names: those read at the start, else read at first sight, else the process's.
 struct Names {
@@ -411,7 +413,10 @@ fn drain_loop(
         // those behind it: skipped after a while, as for packs.
         if d.pending {
             if d.records > 0 {
+                // Caught up with a producer still writing: go on at once (sleeping
+                // here stalled the drain at every catch-up).
                 pending_since = None;
+                continue;
             }
             let since = *pending_since.get_or_insert_with(Instant::now);
             let limit = if last {
@@ -427,7 +432,7 @@ fn drain_loop(
                 );
                 pending_since = None;
             } else {
-                std::thread::sleep(IDLE);
+                std::thread::sleep(PENDING_WAIT);
                 continue;
             }
         } else {
