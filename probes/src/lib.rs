@@ -12,6 +12,7 @@ pub mod pod;
 pub mod prelude;
 pub mod remote;
 pub mod shared;
+pub mod trace;
 
 extern crate self as probes;
 

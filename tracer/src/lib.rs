@@ -17,3 +17,4 @@ pub mod spec;
 pub mod symbols;
 pub mod threads;
 pub mod timings;
+pub mod trace;

@@ -90,6 +90,23 @@ struct ProbeArgs {
     /// summary line each.
     #[arg(short, long)]
     verbose: bool,
+    /// Print one line per call as it happens, with its decoded arguments, return value
+    /// and duration, indented by call depth per thread (returns are probed too).
+    #[arg(long)]
+    trace: bool,
+    /// Show N raw integer argument registers (0 to 6) instead of decoded arguments.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=6))]
+    args: Option<u8>,
+    /// Write every call to FILE in the Chrome trace-event JSON format (chrome://tracing,
+    /// Perfetto UI, speedscope).
+    #[arg(long, value_name = "FILE")]
+    chrome_trace: Option<PathBuf>,
+    /// Write every call to FILE in Perfetto's protobuf trace format (TrackEvent).
+    #[arg(long, value_name = "FILE")]
+    perfetto: Option<PathBuf>,
+    /// Size of the trace's event ring in the target (a power of two, at least 4096).
+    #[arg(long, value_name = "BYTES", default_value_t = tracer::trace::RING_BYTES)]
+    trace_ring: usize,
     /// Print where the time went (start-up, symbols, stop, agent, prepare, patch, detach,
     /// removal) to stderr at the end, measured with the monotonic clock.
     #[arg(long)]
@@ -157,7 +174,53 @@ fn open_pack(args: &ProbeArgs) -> Result<Option<Pack>, String> {
         .transpose()
 }
 
-fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<Session, String> {
+/// What `--trace`, `--chrome-trace` and `--perfetto` ask for, checked; None without them.
+fn trace_options(args: &ProbeArgs) -> Result<Option<tracer::trace::Options>, String> {
+    let opts = tracer::trace::Options {
+        lines: args.trace,
+        raw_args: args.args.map(usize::from),
+        chrome: args.chrome_trace.clone(),
+        perfetto: args.perfetto.clone(),
+        ring_bytes: args.trace_ring,
+    };
+    if !opts.wanted() {
+        if args.args.is_some() {
+            return Err("--args N goes with --trace (or --chrome-trace, --perfetto)".into());
+        }
+        return Ok(None);
+    }
+    if args.pack.is_some() {
+        return Err(
+            "--trace, --chrome-trace and --perfetto run instead of a pack's handlers: \
+                    use them without --pack"
+                .into(),
+        );
+    }
+    if let Some(s) = args
+        .probe
+        .iter()
+        .find(|s| ProbeSpec::parse(s).is_ok_and(|p| p.offset != 0))
+    {
+        return Err(format!(
+            "{s} is an offset inside a function: tracing shows calls, give whole functions"
+        ));
+    }
+    if !args.trace_ring.is_power_of_two() || args.trace_ring < 4096 {
+        return Err(format!(
+            "--trace-ring {} is not a power of two of at least 4096 bytes",
+            args.trace_ring
+        ));
+    }
+    Ok(Some(opts))
+}
+
+fn install(
+    proc: &mut Process,
+    args: &ProbeArgs,
+    pack: Option<&Pack>,
+    sink: &Sink,
+    mut tracing: Option<tracer::trace::Tracer>,
+) -> Result<(Session, Option<tracer::trace::Running>), String> {
     let modules = timings::time("symbol loading", || {
         SymbolCache::global().process(proc.pid())
     })
@@ -178,7 +241,10 @@ fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<
         sites: &sites,
     });
     let rss_before = args.timings.then(|| timings::rss_kib(proc.pid())).flatten();
-    let session = Session::install(proc, &modules, &probes, args.exit, pack_request)
+    let builtin = tracing
+        .as_mut()
+        .map(|t| t as &mut dyn tracer::session::Builtin);
+    let session = Session::install_with(proc, &modules, &probes, args.exit, pack_request, builtin)
         .map_err(|e| e.to_string())?;
     if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(proc.pid())) {
         let n = session.installed().len().max(1) as u64;
@@ -194,7 +260,11 @@ fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<
     for line in lines {
         eprintln!("tracer: {line}");
     }
-    Ok(session)
+    let running = match tracing {
+        Some(t) => Some(t.go(proc.pid(), &session, &probes, &modules, sink.events()?)?),
+        None => None,
+    };
+    Ok((session, running))
 }
 
 /// `label: only entries are probed: why` notes, as (label, why).
@@ -279,6 +349,9 @@ fn refusal_lines(
 const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
+    let tracing = trace_options(args)?
+        .map(tracer::trace::Tracer::new)
+        .transpose()?;
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     // Blocked before the launch, so that one arriving during set-up is passed on too.
@@ -287,8 +360,8 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
         tracer::launch::launch(&cmd[0], &cmd[1..])
     })
     .map_err(|e| e.to_string())?;
-    let (session, live) = match install(&mut proc, args, pack.as_ref())
-        .and_then(|s| start_live(&proc, &s, pack, args, &sink).map(|l| (s, l)))
+    let (session, traced, live) = match install(&mut proc, args, pack.as_ref(), &sink, tracing)
+        .and_then(|(s, t)| start_live(&proc, &s, pack, args, &sink).map(|l| (s, t, l)))
     {
         Ok(s) => s,
         Err(e) => {
@@ -321,7 +394,10 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
             );
         }
     }
-    let maps = live.map(Live::finish).unwrap_or_default();
+    let maps = traced
+        .map(tracer::trace::Running::finish)
+        .unwrap_or_default()
+        + &live.map(Live::finish).unwrap_or_default();
     timings::time("report", || sink.write(args, &maps, &session))?;
     drop(signals);
     Ok(match status {
@@ -379,6 +455,9 @@ fn kill_and_reap(pid: i32) {
 const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, String> {
+    let tracing = trace_options(args)?
+        .map(tracer::trace::Tracer::new)
+        .transpose()?;
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     if let Some(pack) = pack
@@ -392,7 +471,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     let signals = SignalFd::block(STOPPING).map_err(|e| format!("cannot block signals: {e}"))?;
     let mut proc =
         timings::time("seize and stop", || threads::attach(pid)).map_err(|e| e.to_string())?;
-    let mut session = match install(&mut proc, args, pack.as_ref()) {
+    let (mut session, traced) = match install(&mut proc, args, pack.as_ref(), &sink, tracing) {
         Ok(s) => s,
         Err(e) => {
             let _ = proc.detach();
@@ -450,7 +529,10 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
             eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
         }
     }
-    let maps = live.map(Live::finish).unwrap_or_default();
+    let maps = traced
+        .map(tracer::trace::Running::finish)
+        .unwrap_or_default()
+        + &live.map(Live::finish).unwrap_or_default();
     timings::time("report", || sink.write(args, &maps, &session))?;
     Ok(ExitCode::SUCCESS)
 }

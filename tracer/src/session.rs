@@ -273,6 +273,18 @@ pub fn label(p: &ResolvedProbe, modules: &ProcessModules) -> String {
     }
 }
 
+/// Calls an exported agent function `f(input, n, out)`: (symbol, input, n, output bytes).
+pub type AgentCall<'a> =
+    dyn FnMut(&str, &[u8], u64, usize) -> Result<(u64, Vec<u8>), SessionError> + 'a;
+
+/// An action built into the agent (the call tracer) run at every `-p` probe of a
+/// session through the probe's handler slots.
+pub trait Builtin {
+    /// Called once the agent is loaded, before anything is prepared; returns the entry
+    /// and exit shims for every probe.
+    fn start(&mut self, call: &mut AgentCall<'_>) -> Result<(u64, u64), SessionError>;
+}
+
 impl Session {
     /// Inject the agent into a stopped process and install `probes`. Leaves every thread
     /// stopped. On error nothing is patched.
@@ -282,6 +294,19 @@ impl Session {
         probes: &[ResolvedProbe],
         exit: bool,
         pack: Option<PackRequest<'_>>,
+    ) -> Result<Session, SessionError> {
+        Self::install_with(proc, modules, probes, exit, pack, None)
+    }
+
+    /// [`Self::install`] with a built-in action at every `-p` probe (whose returns are
+    /// then probed too).
+    pub fn install_with(
+        proc: &mut Process,
+        modules: &ProcessModules,
+        probes: &[ResolvedProbe],
+        exit: bool,
+        pack: Option<PackRequest<'_>>,
+        builtin: Option<&mut dyn Builtin>,
     ) -> Result<Session, SessionError> {
         let fns = timings::time("libc functions", || inject::libc_functions(proc.pid()))?;
         // An agent left by an earlier session stays loaded (its trampolines may still be
@@ -352,12 +377,19 @@ impl Session {
                 all.push((&s.probe, shim(s.entry), shim(s.exit)));
             }
         }
+        let (entry_action, exit_action) = match builtin {
+            Some(b) => b.start(&mut |symbol, input, n, out_len| {
+                let f = base + agent_symbol(symbol)?;
+                call_with_buffers(proc, &fns, f, input, n, out_len)
+            })?,
+            None => (0, 0),
+        };
         let mut pack_counts = Vec::new();
         for p in probes {
             if all.iter().any(|(q, _, _)| q.address == p.address) {
                 pack_counts.push(label(p, modules));
             } else {
-                all.push((p, 0, 0));
+                all.push((p, entry_action, exit_action));
             }
         }
         let ifunc_names: Vec<&str> = all
