@@ -5,7 +5,7 @@
  *
  * Each thread calls slow_call() SLOW times (each sleeps SLOW_US microseconds, at least,
  * and is followed by as long an untimed sleep) and fast_call() FAST times (a short spin).
- * First line: "PID"; with "wait", it then waits for a line on stdin before calling
+ * First line: "PID SLOW_CALL_ADDRESS"; with "wait", it then waits for a line on stdin before calling
  * anything, and for another before exiting. Last line:
  * "slow=N fast=M elapsed_ns=E", E the sum over threads of the time from before each
  * thread's first call to after its last (monotonic clock): every timed call lies inside.
@@ -82,7 +82,7 @@ int main(int argc, char **argv)
     slow_us = atol(argv[4]);
     if (threads < 1 || threads > 64)
         return 2;
-    printf("%d\n", getpid());
+    printf("%d %p\n", getpid(), (void *)slow_call);
     fflush(stdout);
     if (wait)
         (void)!read(0, buf, sizeof buf);
