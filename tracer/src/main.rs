@@ -219,8 +219,15 @@ fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<
         sites: &sites,
     });
     let rss_before = args.timings.then(|| timings::rss_kib(proc.pid())).flatten();
-    let session = Session::install(proc, &modules, &probes, args.exit, pack_request, args.timed())
-        .map_err(|e| e.to_string())?;
+    let session = Session::install(
+        proc,
+        &modules,
+        &probes,
+        args.exit,
+        pack_request,
+        args.timed(),
+    )
+    .map_err(|e| e.to_string())?;
     if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(proc.pid())) {
         let n = session.installed().len().max(1) as u64;
         timings::figure("target RSS added (KiB)", after.saturating_sub(before));
@@ -497,10 +504,9 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
             };
             let woke = detached::wait(&pidfd, &signals, next)
                 .map_err(|e| format!("waiting for PID {pid} failed: {e}"))?;
-            if woke == Woke::Deadline && !deadline.is_some_and(|d| Instant::now() >= d) {
-                ticker.fire(&mut |k, at| {
-                    sink.write_text(&running_report(args, &session, k, at))
-                })?;
+            if woke == Woke::Deadline && deadline.is_none_or(|d| Instant::now() < d) {
+                ticker
+                    .fire(&mut |k, at| sink.write_text(&running_report(args, &session, k, at)))?;
                 continue;
             }
             break woke;

@@ -78,7 +78,10 @@ fn check_summary(objs: &[serde_json::Value], slow: u64, fast: u64, elapsed_ns: u
     assert!(num(s, "min_ns") >= SLOW_US * 1000 * 99 / 100, "{s}");
     // Every timed call lies inside the program's own measured window.
     let timed = num(s, "total_ns") + num(f, "total_ns");
-    assert!(timed <= elapsed_ns, "timed {timed} ns, program ran {elapsed_ns} ns");
+    assert!(
+        timed <= elapsed_ns,
+        "timed {timed} ns, program ran {elapsed_ns} ns"
+    );
     let share = s["percent"].as_f64().unwrap() + f["percent"].as_f64().unwrap();
     assert!((share - 100.0).abs() < 0.1, "{objs:?}");
 }
@@ -136,7 +139,10 @@ fn hist_buckets_add_up_to_the_calls() {
     // Each slow call slept at least SLOW_US: no bucket below the one holding 99 % of it.
     let floor = SLOW_US * 1000 * 99 / 100;
     for (lo, hi, _) in buckets(report(&objs, "main:slow_call")) {
-        assert!(hi.is_none_or(|h| h > floor), "bucket [{lo}, {hi:?}) below {floor}");
+        assert!(
+            hi.is_none_or(|h| h > floor),
+            "bucket [{lo}, {hi:?}) below {floor}"
+        );
     }
 }
 
@@ -152,7 +158,11 @@ fn hist_text_is_bpftrace_like() {
         .skip(1)
         .map(|l| {
             let (_, rest) = l.split_once(')').expect("[lo, hi) label");
-            rest.split_whitespace().next().unwrap().parse::<u64>().unwrap()
+            rest.split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
         })
         .sum();
     assert_eq!(counted, slow, "{text}");
@@ -178,7 +188,15 @@ fn interval_prints_running_figures_then_the_final_ones() {
     let exe = build(&dir);
     // 25 slow calls of 20 ms each followed by 20 ms of untimed sleep: at least 1 s.
     let out = tracer()
-        .args(["run", "--summary", "--interval", "0.2", "-p", "main:slow_call", "--"])
+        .args([
+            "run",
+            "--summary",
+            "--interval",
+            "0.2",
+            "-p",
+            "main:slow_call",
+            "--",
+        ])
         .arg(&exe)
         .args(["1", "25", "0", "20000"])
         .stdin(Stdio::null())
@@ -186,7 +204,10 @@ fn interval_prints_running_figures_then_the_final_ones() {
         .expect("run tracer");
     assert_success(&out);
     let err = String::from_utf8_lossy(&out.stderr);
-    let headers = err.lines().filter(|l| l.starts_with("--- interval ")).count();
+    let headers = err
+        .lines()
+        .filter(|l| l.starts_with("--- interval "))
+        .count();
     assert!(headers >= 2, "{headers} interval reports: {err}");
     // The last report is the final one, with every call.
     let last = err.rsplit("--- interval ").next().unwrap();
@@ -199,7 +220,10 @@ fn interval_prints_running_figures_then_the_final_ones() {
     // Running figures never exceed the final ones and never go down.
     let mut before = 0;
     for part in err.split("--- interval ").skip(1) {
-        let row = part.lines().find(|l| l.ends_with("main:slow_call")).unwrap();
+        let row = part
+            .lines()
+            .find(|l| l.ends_with("main:slow_call"))
+            .unwrap();
         let calls: u64 = row.split_whitespace().nth(2).unwrap().parse().unwrap();
         assert!(before <= calls && calls <= 25, "{err}");
         before = calls;
@@ -220,7 +244,14 @@ fn attach_summary_is_exact_with_running_reports() {
     let slow_call = hex(parts.next().expect("slow_call address"));
     let json = dir.join("out.json");
     let child = tracer()
-        .args(["attach", &pid.to_string(), "--summary", "--json", "--interval", "0.1"])
+        .args([
+            "attach",
+            &pid.to_string(),
+            "--summary",
+            "--json",
+            "--interval",
+            "0.1",
+        ])
         .args(["-p", "main:slow_call", "-p", "main:fast_call", "-o"])
         .arg(&json)
         .stdin(Stdio::null())
@@ -228,7 +259,8 @@ fn attach_summary_is_exact_with_running_reports() {
         .spawn()
         .expect("spawn tracer attach");
     assert!(
-        wait_until(Duration::from_secs(20), || read_mem(pid, slow_call, 1)[0] == 0xe9),
+        wait_until(Duration::from_secs(20), || read_mem(pid, slow_call, 1)[0]
+            == 0xe9),
         "slow_call never patched"
     );
     t.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
@@ -244,7 +276,14 @@ fn attach_summary_is_exact_with_running_reports() {
     assert!(!running.is_empty(), "no running report: {err}");
     for o in &running {
         assert!(o["elapsed_s"].as_f64().is_some(), "{o}");
-        assert!(num(o, "calls") <= if o["probe"] == "main:slow_call" { slow } else { fast });
+        assert!(
+            num(o, "calls")
+                <= if o["probe"] == "main:slow_call" {
+                    slow
+                } else {
+                    fast
+                }
+        );
     }
     check_summary(&last, slow, fast, elapsed);
     let (_, ok) = t.finish();

@@ -29,7 +29,7 @@ static mut INFO: LatencyInfo = LatencyInfo {
 
 /// The slot of probe `id` in the current region, if there is one and it has that slot.
 #[inline(always)]
-fn slot(id: u32) -> Option<&'static LatencySlot> {
+pub fn slot(id: u32) -> Option<&'static LatencySlot> {
     let base = REGION.load(Ordering::Acquire);
     if base.is_null() {
         return None;
@@ -171,9 +171,9 @@ fn info(fd: i32, len: usize, slots: usize) -> LatencyInfo {
 /// Remote entry point: see `probes::latency::REGION_SYMBOL`.
 #[no_mangle]
 pub extern "C" fn tracer_agent_latency(slots: u64) -> *const LatencyInfo {
-    let r = catch_unwind(AssertUnwindSafe(|| {
-        ensure(slots.clamp(1, 1 << 20) as usize)
-    }));
+    let r = catch_unwind(AssertUnwindSafe(
+        || ensure(slots.clamp(1, 1 << 20) as usize),
+    ));
     match r {
         Ok(Ok(i)) => {
             // SAFETY: written under the tracer's stop of the target (one remote call at

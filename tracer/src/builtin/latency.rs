@@ -71,7 +71,11 @@ impl LatencyRegion {
         Some(LatencyStats {
             count,
             total_ns: v.u64(at + offsets::TOTAL)?,
-            min_ns: if count == 0 || min == u64::MAX { 0 } else { min },
+            min_ns: if count == 0 || min == u64::MAX {
+                0
+            } else {
+                min
+            },
             max_ns: v.u64(at + offsets::MAX)?,
             buckets,
         })
