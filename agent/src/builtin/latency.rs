@@ -7,14 +7,14 @@
 //! nothing in the trampolines knows about it.
 
 use probes::context::ExitContext;
-use probes::latency::{self, LatencyInfo, LatencySlot, HEADER, MAGIC, SLOT_SIZE};
+use probes::latency::{self, LatencyInfo, LatencySlot, MAGIC, MAX_SHARDS};
 use probes::pack::abi::{HitInfo, SHIM_OK};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-/// The current region: its header holds the magic and the slot count, so that one load
-/// gives a pointer and its bound together.
+/// The current region: its header holds the magic, the slot count and the shards per
+/// slot, so that one load gives a pointer and its bounds together.
 static REGION: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
 /// The current region's memfd and length, under a lock: only the tracer's remote calls
 /// change them.
@@ -25,30 +25,63 @@ static mut INFO: LatencyInfo = LatencyInfo {
     _pad: 0,
     len: 0,
     slots: 0,
+    shards: 0,
 };
 
-/// The slot of probe `id` in the current region, if there is one and it has that slot.
+/// The header's words after the magic.
+const H_SLOTS: usize = 8;
+const H_SHARDS: usize = 16;
+
+/// Read header word `at` of a published region.
+///
+/// # Safety
+/// `base` is a region [`create`] made.
+unsafe fn header(base: *const u8, at: usize) -> usize {
+    // SAFETY: per the contract; the header is written before the region is published.
+    unsafe { (*(base.add(at) as *const AtomicU64)).load(Ordering::Relaxed) as usize }
+}
+
+/// Shard `shard` (masked) of probe `id` in the current region, if there is one and it
+/// has that probe.
+pub fn slot(id: u32, shard: usize) -> Option<&'static LatencySlot> {
+    slot_with(id, |_| shard)
+}
+
+/// Probe `id`'s slot in the shard `shard(shards)` picks.
 #[inline(always)]
-pub fn slot(id: u32) -> Option<&'static LatencySlot> {
+fn slot_with(id: u32, shard: impl Fn(usize) -> usize) -> Option<&'static LatencySlot> {
     let base = REGION.load(Ordering::Acquire);
     if base.is_null() {
         return None;
     }
-    // SAFETY: a published region starts with its header (magic, slots) and is never
-    // unmapped.
-    let slots = unsafe { &*(base.add(8) as *const AtomicU64) }.load(Ordering::Relaxed);
-    if id as u64 >= slots {
+    // SAFETY: a published region is one `create` made, never unmapped.
+    let (slots, shards) = unsafe { (header(base, H_SLOTS), header(base, H_SHARDS)) };
+    if id as usize >= slots {
         return None;
     }
+    let shard = shard(shards);
+    // A power of two: any CPU number, stale or not, names a shard.
+    let at = latency::slot_offset(id as usize, shard & (shards.max(1) - 1), shards);
     // SAFETY: in bounds (checked above), 64-aligned (page-aligned base, 64-byte header
-    // and slots), zero-initialised then reset atomics.
-    Some(unsafe { &*(base.add(HEADER + id as usize * SLOT_SIZE) as *const LatencySlot) })
+    // and slots), atomics.
+    Some(unsafe { &*(base.add(at) as *const LatencySlot) })
+}
+
+/// Shards per probe for this process: one per CPU as the hit counters have (a power of
+/// two), at most [`MAX_SHARDS`]; one without rseq.
+fn shard_count() -> usize {
+    crate::shared::sharding().map_or(1, |s| (s.shards as usize).min(MAX_SHARDS))
 }
 
 /// Record one return of probe `id` that took `ns`.
 #[inline(always)]
 pub fn record(id: u32, ns: u64) {
-    if let Some(s) = slot(id) {
+    // A region with one shard was made without rseq: the CPU number is not read then.
+    let on_this_cpu = |shards: usize| match shards {
+        1 => 0,
+        _ => crate::shared::current_cpu(),
+    };
+    if let Some(s) = slot_with(id, on_this_cpu) {
         s.record(ns);
     }
 }
@@ -70,9 +103,10 @@ fn os(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
-/// A new sealed memfd of `slots` slots, mapped here, every slot reset.
-fn create(slots: usize) -> Result<(i32, *mut u8, usize), String> {
-    let len = latency::region_size(slots).next_multiple_of(4096);
+/// A new sealed memfd of `slots` probes of `shards` shards, mapped here, empty (zeroed:
+/// its pages are only allocated where written).
+fn create(slots: usize, shards: usize) -> Result<(i32, *mut u8, usize), String> {
+    let len = latency::region_size(slots, shards).next_multiple_of(4096);
     // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new fd.
     let fd = unsafe {
         libc::memfd_create(
@@ -115,20 +149,23 @@ fn create(slots: usize) -> Result<(i32, *mut u8, usize), String> {
         return fail("mmap of the latency region");
     }
     let base = base as *mut u8;
-    // SAFETY: the mapping is page-aligned, `len` bytes, zeroed; the header's two words
-    // and every slot are inside.
+    // SAFETY: the mapping is page-aligned, `len` bytes, zeroed; the header is inside.
     unsafe {
         (base as *mut u64).write(MAGIC);
-        (base.add(8) as *mut u64).write(slots as u64);
+        (base.add(H_SLOTS) as *mut u64).write(slots as u64);
+        (base.add(H_SHARDS) as *mut u64).write(shards as u64);
     }
-    reset(base, slots);
     Ok((fd, base, len))
 }
 
-fn reset(base: *mut u8, slots: usize) {
-    for i in 0..slots {
-        // SAFETY: slot i is inside the region (sized for `slots`), 64-aligned.
-        unsafe { &*(base.add(HEADER + i * SLOT_SIZE) as *const LatencySlot) }.reset();
+/// Empty every slot of a region `create` made.
+fn reset(base: *mut u8) {
+    // SAFETY: `base` is such a region.
+    let (slots, shards) = unsafe { (header(base, H_SLOTS), header(base, H_SHARDS)) };
+    for i in 0..slots * shards {
+        let at = latency::slot_offset(0, i, 1);
+        // SAFETY: slot i is inside the region (sized for its header), 64-aligned.
+        unsafe { &*(base.add(at) as *const LatencySlot) }.reset();
     }
 }
 
@@ -136,15 +173,17 @@ fn reset(base: *mut u8, slots: usize) {
 fn ensure(slots: usize) -> Result<LatencyInfo, String> {
     let mut cur = CURRENT.lock().unwrap_or_else(|p| p.into_inner());
     let base = REGION.load(Ordering::Acquire);
-    // SAFETY: a published region starts with its header.
-    let have = (!base.is_null()).then(|| unsafe { *(base.add(8) as *const u64) } as usize);
+    // SAFETY: a published region is one `create` made.
+    let have = (!base.is_null()).then(|| unsafe { header(base, H_SLOTS) });
     match (*cur, have) {
         (Some((fd, len)), Some(have)) if have >= slots => {
-            reset(base, have);
-            Ok(info(fd, len, have))
+            reset(base);
+            // SAFETY: as above.
+            Ok(info(fd, len, have, unsafe { header(base, H_SHARDS) }))
         }
         (old, _) => {
-            let (fd, base, len) = create(slots)?;
+            let shards = shard_count();
+            let (fd, base, len) = create(slots, shards)?;
             REGION.store(base, Ordering::Release);
             *cur = Some((fd, len));
             if let Some((old_fd, _)) = old {
@@ -153,18 +192,19 @@ fn ensure(slots: usize) -> Result<LatencyInfo, String> {
                 // SAFETY: closing our own fd.
                 unsafe { libc::close(old_fd) };
             }
-            Ok(info(fd, len, slots))
+            Ok(info(fd, len, slots, shards))
         }
     }
 }
 
-fn info(fd: i32, len: usize, slots: usize) -> LatencyInfo {
+fn info(fd: i32, len: usize, slots: usize, shards: usize) -> LatencyInfo {
     LatencyInfo {
         magic: MAGIC,
         fd,
         _pad: 0,
         len: len as u64,
         slots: slots as u64,
+        shards: shards as u64,
     }
 }
 

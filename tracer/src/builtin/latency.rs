@@ -1,10 +1,10 @@
 //! The tracer's side of the latency aggregates: ask the agent for its region (one remote
 //! call, after preparing, when probe ids are known), map it, and read each probe's
-//! figures (layout: `probes::latency`).
+//! figures, summed over its shards (layout: `probes::latency`).
 
 use crate::pack::region::SharedRegion;
 use crate::pack::view::View;
-use probes::latency::{offsets, LatencyInfo, BUCKETS, HEADER, MAGIC, SLOT_SIZE};
+use probes::latency::{offsets, region_size, slot_offset, LatencyInfo, BUCKETS, MAGIC, MAX_SHARDS};
 use std::path::Path;
 
 /// One probe's latency figures, in nanoseconds.
@@ -30,6 +30,7 @@ impl LatencyStats {
 pub struct LatencyRegion {
     region: SharedRegion,
     slots: usize,
+    shards: usize,
 }
 
 impl LatencyRegion {
@@ -39,13 +40,23 @@ impl LatencyRegion {
         if info.magic != MAGIC {
             return Err("the agent's latency region has a wrong magic".into());
         }
-        let slots = info.slots as usize;
-        let needed = HEADER + slots * SLOT_SIZE;
+        let (slots, shards) = (info.slots as usize, info.shards as usize);
+        if !shards.is_power_of_two() || shards > MAX_SHARDS || slots > 1 << 20 {
+            return Err(format!(
+                "the agent's latency region says {slots} probes of {shards} shards"
+            ));
+        }
         let path = format!("/proc/{pid}/fd/{}", info.fd);
-        let region = SharedRegion::open(Path::new(&path), needed)
+        let region = SharedRegion::open(Path::new(&path), region_size(slots, shards))
             .map_err(|e| format!("latency region: {e}"))?;
-        let r = LatencyRegion { region, slots };
-        if r.view().u64(0) != Some(MAGIC) || r.view().u64(8) != Some(info.slots) {
+        let r = LatencyRegion {
+            region,
+            slots,
+            shards,
+        };
+        let v = r.view();
+        let header = [v.u64(0), v.u64(8), v.u64(16)];
+        if header != [Some(MAGIC), Some(info.slots), Some(info.shards)] {
             return Err("the agent's latency region does not match its description".into());
         }
         Ok(r)
@@ -55,29 +66,35 @@ impl LatencyRegion {
         self.region.view()
     }
 
-    /// The figures of probe `id`; None for an id the region has no slot for.
+    /// The figures of probe `id`, summed over its shards; None for an id the region has
+    /// no slot for.
     pub fn read(&self, id: u32) -> Option<LatencyStats> {
         let id = id as usize;
         if id >= self.slots {
             return None;
         }
         let v = self.view();
-        let at = HEADER + id * SLOT_SIZE;
-        let buckets = (0..BUCKETS)
-            .map(|b| v.u64(at + offsets::BUCKETS + 8 * b))
-            .collect::<Option<Vec<u64>>>()?;
-        let count = v.u64(at + offsets::COUNT)?;
-        let min = v.u64(at + offsets::MIN)?;
-        Some(LatencyStats {
-            count,
-            total_ns: v.u64(at + offsets::TOTAL)?,
-            min_ns: if count == 0 || min == u64::MAX {
-                0
-            } else {
-                min
-            },
-            max_ns: v.u64(at + offsets::MAX)?,
-            buckets,
-        })
+        let mut s = LatencyStats {
+            count: 0,
+            total_ns: 0,
+            min_ns: 0,
+            max_ns: 0,
+            buckets: vec![0; BUCKETS],
+        };
+        let mut min_inverted = 0;
+        for shard in 0..self.shards {
+            let at = slot_offset(id, shard, self.shards);
+            s.count = s.count.wrapping_add(v.u64(at + offsets::COUNT)?);
+            s.total_ns = s.total_ns.wrapping_add(v.u64(at + offsets::TOTAL)?);
+            min_inverted = min_inverted.max(v.u64(at + offsets::MIN_INVERTED)?);
+            s.max_ns = s.max_ns.max(v.u64(at + offsets::MAX)?);
+            for (b, sum) in s.buckets.iter_mut().enumerate() {
+                *sum = sum.wrapping_add(v.u64(at + offsets::BUCKETS + 8 * b)?);
+            }
+        }
+        if min_inverted != 0 {
+            s.min_ns = u64::MAX - min_inverted;
+        }
+        Some(s)
     }
 }
