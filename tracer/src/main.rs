@@ -638,10 +638,14 @@ impl Sink {
     /// Write the pack's maps (already rendered), then the per-probe report (or the
     /// latency views asked for).
     fn write(&mut self, args: &ProbeArgs, maps: &str, session: &Session) -> Result<(), String> {
-        let report = match args.timed() {
+        let mut report = match args.timed() {
             true => latency_report(args, session, None),
             false => render(args, &session.report(), session),
         };
+        if args.interval.is_some() && !args.json {
+            // Told apart from the running reports above it.
+            report.insert_str(0, "--- final ---\n");
+        }
         self.write_text(&(maps.to_string() + &report))
     }
 

@@ -38,6 +38,18 @@ fn said(stdout: &str) -> (u64, u64, u64) {
 /// `tracer run ARGS -p main:slow_call -p main:fast_call -- latency THREADS SLOW FAST`,
 /// its `-o` file and the program's (slow, fast, elapsed).
 fn run(dir: &Path, args: &[&str], threads: u32, slow: u32, fast: u32) -> (String, (u64, u64, u64)) {
+    run_env(dir, args, threads, slow, fast, &[])
+}
+
+/// [`run`] with extra environment for the program.
+fn run_env(
+    dir: &Path,
+    args: &[&str],
+    threads: u32,
+    slow: u32,
+    fast: u32,
+    env: &[(&str, &str)],
+) -> (String, (u64, u64, u64)) {
     let exe = build(dir);
     let out_file = dir.join("out");
     let out = tracer()
@@ -49,6 +61,7 @@ fn run(dir: &Path, args: &[&str], threads: u32, slow: u32, fast: u32) -> (String
         .arg(&exe)
         .args([threads, slow, fast].map(|n| n.to_string()))
         .arg(SLOW_US.to_string())
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .expect("run tracer");
@@ -170,9 +183,22 @@ fn hist_text_is_bpftrace_like() {
 
 #[test]
 fn four_threads_are_counted_and_timed_exactly() {
-    let dir = temp_dir("lat-threads");
+    four_threads("lat-threads", &[]);
+}
+
+/// Without glibc's rseq registration the latency slots have one shard per probe.
+#[test]
+fn four_threads_are_counted_and_timed_exactly_without_rseq() {
+    four_threads(
+        "lat-threads-norseq",
+        &[("GLIBC_TUNABLES", "glibc.pthread.rseq=0")],
+    );
+}
+
+fn four_threads(tag: &str, env: &[(&str, &str)]) {
+    let dir = temp_dir(tag);
     let (text, (slow, fast, elapsed)) =
-        run(&dir, &["--summary", "--hist", "--json"], 4, 15, 20_000);
+        run_env(&dir, &["--summary", "--hist", "--json"], 4, 15, 20_000, env);
     assert_eq!((slow, fast), (60, 80_000));
     let objs = json_lines(&text);
     check_summary(&objs, slow, fast, elapsed);
@@ -210,7 +236,7 @@ fn interval_prints_running_figures_then_the_final_ones() {
         .count();
     assert!(headers >= 2, "{headers} interval reports: {err}");
     // The last report is the final one, with every call.
-    let last = err.rsplit("--- interval ").next().unwrap();
+    let last = err.rsplit("--- final ---\n").next().unwrap();
     let row = last
         .lines()
         .rev()
@@ -220,11 +246,13 @@ fn interval_prints_running_figures_then_the_final_ones() {
     // Running figures never exceed the final ones and never go down.
     let mut before = 0;
     for part in err.split("--- interval ").skip(1) {
-        let row = part
+        // A probe not called yet has no row.
+        let calls: u64 = part
             .lines()
             .find(|l| l.ends_with("main:slow_call"))
-            .unwrap();
-        let calls: u64 = row.split_whitespace().nth(2).unwrap().parse().unwrap();
+            .map_or(0, |row| {
+                row.split_whitespace().nth(2).unwrap().parse().unwrap()
+            });
         assert!(before <= calls && calls <= 25, "{err}");
         before = calls;
     }
@@ -308,4 +336,100 @@ fn bad_builtin_options_are_one_line_errors() {
         "true",
     ]);
     assert_one_line_error(&out, &["--hist", "--pack"]);
+}
+
+/// `--interval` without `--hist`/`--summary` prints the running counts: with `--json`,
+/// one object per probe and interval, its hits never going down, then the final ones.
+#[test]
+fn interval_prints_running_counts_as_json() {
+    let dir = temp_dir("lat-interval-counts");
+    let exe = build(&dir);
+    let out = tracer()
+        .args([
+            "run",
+            "--json",
+            "-x",
+            "--interval",
+            "0.2",
+            "-p",
+            "main:slow_call",
+            "--",
+        ])
+        .arg(&exe)
+        .args(["1", "25", "0", "20000"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tracer");
+    assert_success(&out);
+    let (slow, _, _) = said(&String::from_utf8_lossy(&out.stdout));
+    let objs = json_objects(&String::from_utf8_lossy(&out.stderr));
+    let (running, last): (Vec<_>, Vec<_>) =
+        objs.into_iter().partition(|o| o.get("interval").is_some());
+    assert!(running.len() >= 2, "{running:?}");
+    let mut before = 0;
+    for o in &running {
+        assert!(before <= num(o, "hits") && num(o, "hits") <= slow, "{o}");
+        before = num(o, "hits");
+    }
+    let r = report(&last, "main:slow_call");
+    assert_eq!((num(r, "hits"), num(r, "exits")), (slow, slow), "{r}");
+}
+
+/// The JSON lines of `text`, leaving out tracer's own `tracer: ...` lines.
+fn json_objects(text: &str) -> Vec<serde_json::Value> {
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with('{')).collect();
+    json_lines(&lines.join("\n"))
+}
+
+/// A second session in the same process starts from zero: the agent's region is reused
+/// and emptied, not summed into.
+#[test]
+fn a_second_attach_starts_from_zero() {
+    let dir = temp_dir("lat-again");
+    let exe = build(&dir);
+    let mut t = Target::spawn(&exe, &["1", "5", "100", "1000", "wait"]);
+    let first = t.line();
+    let mut parts = first.split_whitespace();
+    let pid: i32 = parts.next().unwrap().parse().expect("pid");
+    let slow_call = hex(parts.next().expect("slow_call address"));
+    let attach = |extra: &[&str]| {
+        tracer()
+            .args(["attach", &pid.to_string(), "--summary", "--json"])
+            .args(["-p", "main:slow_call", "-p", "main:fast_call"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tracer attach")
+    };
+    let child = attach(&[]);
+    assert!(
+        wait_until(Duration::from_secs(20), || read_mem(pid, slow_call, 1)[0]
+            == 0xe9),
+        "slow_call never patched"
+    );
+    t.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let (slow, fast, _) = said(&t.line());
+    // SAFETY: kill with a pid of our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().expect("wait tracer");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let objs = json_objects(&err);
+    assert_eq!(num(report(&objs, "main:slow_call"), "calls"), slow, "{err}");
+    assert_eq!(num(report(&objs, "main:fast_call"), "calls"), fast, "{err}");
+    // The program made all its calls: a new session sees none of them.
+    let out = attach(&["--duration", "0.2"])
+        .wait_with_output()
+        .expect("wait tracer");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let objs = json_objects(&err);
+    for probe in ["main:slow_call", "main:fast_call"] {
+        let o = report(&objs, probe);
+        let got = (num(o, "calls"), num(o, "total_ns"), num(o, "max_ns"));
+        assert_eq!(got, (0, 0, 0), "{o}");
+    }
+    let (_, ok) = t.finish();
+    assert!(ok, "the program failed after the sessions");
 }

@@ -5,11 +5,17 @@ use super::Row;
 use crate::pack::report::histogram_text;
 use probes::pack::abi::map_kind;
 
-/// Every probe's histogram, in the rows' order, a blank line between.
+/// Every called probe's histogram, in the rows' order, a blank line between; the others
+/// summed up in a line.
 pub fn text(rows: &[Row]) -> String {
     let mut out = String::new();
-    for (i, r) in rows.iter().enumerate() {
-        if i > 0 {
+    let mut idle = 0;
+    for r in rows {
+        if r.stats.as_ref().is_some_and(|s| s.count == 0) {
+            idle += 1;
+            continue;
+        }
+        if !out.is_empty() {
             out.push('\n');
         }
         match &r.stats {
@@ -24,6 +30,9 @@ pub fn text(rows: &[Row]) -> String {
                 r.name, r.hits
             )),
         }
+    }
+    if idle > 0 {
+        out.push_str(&format!("({idle} probe(s) not called)\n"));
     }
     out
 }

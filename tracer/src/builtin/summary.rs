@@ -20,7 +20,9 @@ fn percent(part: u64, total: u64) -> f64 {
     }
 }
 
-/// The table; probes whose returns are not probed come last with their hits only.
+/// The table, of the probes called (as `strace -c` shows the system calls made, the
+/// others summed up in a line after it); probes whose returns are not probed come last
+/// with their hits only.
 pub fn text(rows: &[Row]) -> String {
     let total = grand_total(rows);
     let mut out = String::new();
@@ -41,8 +43,10 @@ pub fn text(rows: &[Row]) -> String {
     );
     out.push_str(&rule);
     let mut calls = 0u64;
+    let mut idle = 0;
     for r in rows {
         match &r.stats {
+            Some(s) if s.count == 0 => idle += 1,
             Some(s) => {
                 calls += s.count;
                 let _ = writeln!(
@@ -77,6 +81,9 @@ pub fn text(rows: &[Row]) -> String {
         "",
         ""
     );
+    if idle > 0 {
+        let _ = writeln!(out, "({idle} probe(s) not called)");
+    }
     out
 }
 
