@@ -64,7 +64,7 @@ pub fn text(rows: &[Row]) -> String {
             None => {
                 let _ = writeln!(
                     out,
-                    "{:>6} {:>11} {:>9} {:>12} {:>12} {:>12}  {} (returns not probed: hits)",
+                    "{:>6} {:>11} {:>9} {:>12} {:>12} {:>12}  {} (entries only: calls are hits)",
                     "-", "-", r.hits, "-", "-", "-", r.name
                 );
             }
