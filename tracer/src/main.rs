@@ -639,6 +639,8 @@ impl Sink {
     /// latency views asked for).
     fn write(&mut self, args: &ProbeArgs, maps: &str, session: &Session) -> Result<(), String> {
         let mut report = match args.timed() {
+            // With --json, the refused probes follow as in the counts report.
+            true if args.json => latency_report(args, session, None) + &render(args, &[], session),
             true => latency_report(args, session, None),
             false => render(args, &session.report(), session),
         };

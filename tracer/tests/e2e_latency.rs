@@ -107,6 +107,23 @@ fn summary_has_exact_calls_and_the_slow_function_first() {
     check_summary(&json_lines(&text), slow, fast, elapsed);
 }
 
+/// With --json, refused probes are listed after the timed ones, as in the counts report.
+#[test]
+fn summary_json_lists_refused_probes() {
+    let dir = temp_dir("lat-refused");
+    let (text, (slow, _, _)) = run(
+        &dir,
+        &["--summary", "--json", "-p", "main:main+0x1"],
+        1,
+        2,
+        2,
+    );
+    let objs = json_lines(&text);
+    assert_eq!(num(report(&objs, "main:slow_call"), "calls"), slow);
+    let refused = report(&objs, "main:main+0x1");
+    assert!(refused["refused"].is_string(), "{refused}");
+}
+
 #[test]
 fn summary_text_is_sorted_by_total_with_a_total_line() {
     let dir = temp_dir("lat-summary-text");
