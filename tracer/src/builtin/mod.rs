@@ -26,7 +26,7 @@ pub fn rows(session: &Session) -> Vec<Row> {
     let Some(region) = session.latency() else {
         return Vec::new();
     };
-    let timed: std::collections::HashSet<&str> = session
+    let entries_only: std::collections::HashSet<&str> = session
         .notes()
         .iter()
         .filter_map(|n| n.split_once(": only entries are probed: ").map(|(l, _)| l))
@@ -39,7 +39,7 @@ pub fn rows(session: &Session) -> Vec<Row> {
             name: crate::names::demangle_in_text(&p.label).into_owned(),
             probe: p.label.clone(),
             hits: r.hits,
-            stats: (!timed.contains(p.label.as_str()) && !p.label.contains("+0x"))
+            stats: (!entries_only.contains(p.label.as_str()) && !p.label.contains("+0x"))
                 .then(|| region.read(p.id))
                 .flatten(),
         })
