@@ -111,6 +111,59 @@ struct ProbeArgs {
     /// removal) to stderr at the end, measured with the monotonic clock.
     #[arg(long)]
     timings: bool,
+    /// Time every call of the -p probes (entry to return) and print a log2 histogram of
+    /// their latency per probe, as bpftrace's hist().
+    #[arg(long)]
+    hist: bool,
+    /// Time every call of the -p probes and print, per probe, calls, total, mean, min and
+    /// max time and share of the time, sorted by total (as strace -c).
+    #[arg(long)]
+    summary: bool,
+    /// Also print the running figures (the counts, or --hist/--summary) every SECS
+    /// seconds while the target runs.
+    #[arg(long, value_name = "SECS")]
+    interval: Option<f64>,
+}
+
+impl ProbeArgs {
+    /// Whether calls are timed in the target.
+    fn timed(&self) -> bool {
+        self.hist || self.summary
+    }
+
+    /// `--interval` checked: a positive number of seconds.
+    fn interval(&self) -> Result<Option<Duration>, String> {
+        match self.interval {
+            None => Ok(None),
+            Some(s) if s.is_finite() && s >= 0.01 => Ok(Some(Duration::from_secs_f64(s))),
+            Some(s) => Err(format!(
+                "--interval {s}: give a number of seconds of at least 0.01"
+            )),
+        }
+    }
+
+    /// What the built-in options cannot be combined with, before any process is touched.
+    fn check_builtins(&self) -> Result<(), String> {
+        self.interval()?;
+        if self.timed() && self.pack.is_some() {
+            return Err(
+                "--hist and --summary time the -p probes and cannot be combined with \
+                 --pack (a pack keeps its own histograms: see examples/latency)"
+                    .into(),
+            );
+        }
+        if self.timed() && (self.trace || self.chrome_trace.is_some() || self.perfetto.is_some()) {
+            return Err(
+                "--hist and --summary cannot be combined with --trace, --chrome-trace \
+                 or --perfetto (both time returns): run them one at a time"
+                    .into(),
+            );
+        }
+        if self.timed() && self.probe.is_empty() {
+            return Err("--hist and --summary need probes: add -p SPEC".into());
+        }
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {
@@ -244,8 +297,16 @@ fn install(
     let builtin = tracing
         .as_mut()
         .map(|t| t as &mut dyn tracer::session::Builtin);
-    let session = Session::install_with(proc, &modules, &probes, args.exit, pack_request, builtin)
-        .map_err(|e| e.to_string())?;
+    let session = Session::install_with(
+        proc,
+        &modules,
+        &probes,
+        args.exit,
+        pack_request,
+        args.timed(),
+        builtin,
+    )
+    .map_err(|e| e.to_string())?;
     if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(proc.pid())) {
         let n = session.installed().len().max(1) as u64;
         timings::figure("target RSS added (KiB)", after.saturating_sub(before));
@@ -349,6 +410,7 @@ fn refusal_lines(
 const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
+    args.check_builtins()?;
     let tracing = trace_options(args)?
         .map(tracer::trace::Tracer::new)
         .transpose()?;
@@ -383,7 +445,10 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
         kill_and_reap(pid);
         return Err(e.to_string());
     }
-    let (status, image_at_end) = wait_child(pid, &pidfd, &signals)?;
+    let mut ticker = Ticker::new(args.interval()?);
+    let (status, image_at_end) = wait_child(pid, &pidfd, &signals, &mut ticker, &mut |k, at| {
+        sink.write_text(&running_report(args, &session, k, at))
+    })?;
     if let (Some(first), Some(last)) = (image, image_at_end) {
         if first != last {
             // The probes were in the program image that exec replaced.
@@ -421,10 +486,13 @@ fn wait_child(
     pid: i32,
     pidfd: &PidFd,
     signals: &SignalFd,
+    ticker: &mut Ticker,
+    tick: &mut dyn FnMut(u64, Duration) -> Result<(), String>,
 ) -> Result<(ExitStatus, Option<String>), String> {
     loop {
-        match detached::wait(pidfd, signals, None) {
+        match detached::wait(pidfd, signals, ticker.next()) {
             Ok(Woke::Ended) => break,
+            Ok(Woke::Deadline) => ticker.fire(tick)?,
             Ok(Woke::Signal(r)) if !r.from_terminal => {
                 // SAFETY: kill with our own unreaped child's pid.
                 unsafe { libc::kill(pid, r.signal) };
@@ -455,6 +523,7 @@ fn kill_and_reap(pid: i32) {
 const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, String> {
+    args.check_builtins()?;
     let tracing = trace_options(args)?
         .map(tracer::trace::Tracer::new)
         .transpose()?;
@@ -519,8 +588,21 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         // in the middle of a remote call (the detach's own clean-up is one) would leave a
         // thread about to trap.
         say_live();
-        let woke = detached::wait(&pidfd, &signals, deadline)
-            .map_err(|e| format!("waiting for PID {pid} failed: {e}"))?;
+        let mut ticker = Ticker::new(args.interval()?);
+        let woke = loop {
+            let next = match (deadline, ticker.next()) {
+                (Some(d), Some(t)) => Some(d.min(t)),
+                (d, t) => d.or(t),
+            };
+            let woke = detached::wait(&pidfd, &signals, next)
+                .map_err(|e| format!("waiting for PID {pid} failed: {e}"))?;
+            if woke == Woke::Deadline && deadline.is_none_or(|d| Instant::now() < d) {
+                ticker
+                    .fire(&mut |k, at| sink.write_text(&running_report(args, &session, k, at)))?;
+                continue;
+            }
+            break woke;
+        };
         let removed = woke != Woke::Ended
             && timings::time("removal (attach again, restore, detach)", || {
                 remove_probes(pid, &mut session, &pidfd)
@@ -651,9 +733,23 @@ impl Sink {
         }
     }
 
-    /// Write the pack's maps (already rendered), then the per-probe report.
+    /// Write the pack's maps (already rendered), then the per-probe report (or the
+    /// latency views asked for).
     fn write(&mut self, args: &ProbeArgs, maps: &str, session: &Session) -> Result<(), String> {
-        let text = maps.to_string() + &render(args, &session.report(), session);
+        let mut report = match args.timed() {
+            // With --json, the refused probes follow as in the counts report.
+            true if args.json => latency_report(args, session, None) + &render(args, &[], session),
+            true => latency_report(args, session, None),
+            false => render(args, &session.report(), session),
+        };
+        if args.interval.is_some() && !args.json {
+            // Told apart from the running reports above it.
+            report.insert_str(0, "--- final ---\n");
+        }
+        self.write_text(&(maps.to_string() + &report))
+    }
+
+    fn write_text(&mut self, text: &str) -> Result<(), String> {
         match self {
             Sink::File(f, p) => f
                 .write_all(text.as_bytes())
@@ -662,6 +758,79 @@ impl Sink {
                 .write_all(text.as_bytes())
                 .map_err(|e| e.to_string()),
         }
+    }
+}
+
+/// `--hist` and `--summary`, as text or JSON; `extra` goes into each JSON object.
+fn latency_report(args: &ProbeArgs, session: &Session, extra: Option<serde_json::Value>) -> String {
+    let rows = tracer::builtin::rows(session);
+    tracer::builtin::render(&rows, args.hist, args.summary, args.json, extra.as_ref())
+}
+
+/// The figures so far, for `--interval`: the latency views or the counts, headed by the
+/// interval's number and time (text), or with `"interval"` and `"elapsed_s"` in each
+/// object (JSON).
+fn running_report(args: &ProbeArgs, session: &Session, k: u64, at: Duration) -> String {
+    let secs = (at.as_secs_f64() * 1000.0).round() / 1000.0;
+    if args.json {
+        let extra = serde_json::json!({ "interval": k, "elapsed_s": secs });
+        if args.timed() {
+            return latency_report(args, session, Some(extra));
+        }
+        let mut out = String::new();
+        for line in render(args, &session.report(), session).lines() {
+            let mut v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            if v.get("refused").is_some() {
+                continue;
+            }
+            v["interval"] = k.into();
+            v["elapsed_s"] = secs.into();
+            out.push_str(&v.to_string());
+            out.push('\n');
+        }
+        return out;
+    }
+    let body = match args.timed() {
+        true => latency_report(args, session, None),
+        false => render(args, &session.report(), session),
+    };
+    format!("--- interval {k}, {secs:.3} s ---\n{body}")
+}
+
+/// When `--interval` reports are due, counted from the start of the wait.
+struct Ticker {
+    every: Option<Duration>,
+    start: Instant,
+    fired: u64,
+}
+
+impl Ticker {
+    fn new(every: Option<Duration>) -> Ticker {
+        Ticker {
+            every,
+            start: Instant::now(),
+            fired: 0,
+        }
+    }
+
+    /// The time of the next report, if any.
+    fn next(&self) -> Option<Instant> {
+        self.every
+            .map(|d| self.start + d.saturating_mul(self.fired as u32 + 1))
+    }
+
+    /// Print the report that is due (number, time since the start); one that fell behind
+    /// is not printed twice.
+    fn fire(
+        &mut self,
+        f: &mut dyn FnMut(u64, Duration) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let Some(every) = self.every else {
+            return Ok(());
+        };
+        let at = self.start.elapsed();
+        self.fired = (at.as_nanos() / every.as_nanos().max(1)) as u64;
+        f(self.fired, at)
     }
 }
 

@@ -238,6 +238,8 @@ pub struct Session {
     _lock: SessionLock,
     /// The loaded pack's shared region: its memfd in the target and its length.
     pack_region: Option<(i32, u64)>,
+    /// The built-in latency aggregates (`--hist`, `--summary`), mapped.
+    latency: Option<crate::builtin::latency::LatencyRegion>,
 }
 
 /// A pack to load with the session, and where its handlers run.
@@ -294,8 +296,9 @@ impl Session {
         probes: &[ResolvedProbe],
         exit: bool,
         pack: Option<PackRequest<'_>>,
+        latency: bool,
     ) -> Result<Session, SessionError> {
-        Self::install_with(proc, modules, probes, exit, pack, None)
+        Self::install_with(proc, modules, probes, exit, pack, latency, None)
     }
 
     /// [`Self::install`] with a built-in action at every `-p` probe (whose returns are
@@ -306,6 +309,7 @@ impl Session {
         probes: &[ResolvedProbe],
         exit: bool,
         pack: Option<PackRequest<'_>>,
+        latency: bool,
         builtin: Option<&mut dyn Builtin>,
     ) -> Result<Session, SessionError> {
         let fns = timings::time("libc functions", || inject::libc_functions(proc.pid()))?;
@@ -331,6 +335,11 @@ impl Session {
         let resolve = base + agent_symbol(RESOLVE_SYMBOL)?;
         let internal = base + agent_symbol(INTERNAL_SYMBOL)?;
         let live = base + agent_symbol(LIVE_SYMBOL)?;
+        // Timing is the agent's exit shim in each `-p` probe's return slot.
+        let latency_shim = match latency {
+            true => base + agent_symbol(probes::latency::EXIT_SHIM_SYMBOL)?,
+            false => 0,
+        };
 
         let capacity = (probes.len() as u64 + 64).next_power_of_two().max(1024);
         let info_addr = timings::time("agent init", || {
@@ -437,6 +446,9 @@ impl Session {
             } else {
                 (p.address - p.offset, p.size)
             };
+            if latency_shim != 0 && entry_shim == 0 && exit_shim == 0 && p.offset == 0 {
+                exit_shim = latency_shim;
+            }
             let wants_exit = exit || exit_shim != 0;
             let entries_only = if wants_exit && p.offset == 0 {
                 entries_only(modules, p)
@@ -579,6 +591,10 @@ impl Session {
             p.hidden = true;
             installed.push(p);
         }
+        let latency = match latency {
+            true => Some(open_latency(proc, &fns, base, &installed)?),
+            false => None,
+        };
         let mut s = Session {
             installed,
             refused,
@@ -587,6 +603,7 @@ impl Session {
             patched: false,
             _lock: lock,
             pack_region,
+            latency,
         };
         timings::time("patch", || s.write_patches(proc, true))?;
         Ok(s)
@@ -657,6 +674,11 @@ impl Session {
     /// The loaded pack's shared region: `/proc/PID/fd/N` for its memfd `N`, and its length.
     pub fn pack_region(&self) -> Option<(i32, u64)> {
         self.pack_region
+    }
+
+    /// The built-in latency aggregates, when asked for.
+    pub fn latency(&self) -> Option<&crate::builtin::latency::LatencyRegion> {
+        self.latency.as_ref()
     }
 
     /// The user's probes that are installed.
@@ -792,6 +814,26 @@ fn write_all_verified(proc: &Process, writes: &[(u64, [u8; 5])]) -> Result<(), S
 }
 
 const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Have the agent make its latency region, with a slot for every probe id installed
+/// (ids are known once prepared), and map it.
+fn open_latency(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    base: u64,
+    installed: &[Installed],
+) -> Result<crate::builtin::latency::LatencyRegion, SessionError> {
+    let slots = installed.iter().map(|p| p.id as u64 + 1).max().unwrap_or(1);
+    let f = base + agent_symbol(probes::latency::REGION_SYMBOL)?;
+    let at = inject::call_safely(proc, fns, f, &[slots], TIMEOUT)?;
+    if at == 0 {
+        return Err(SessionError::Agent(
+            "the agent could not create its latency region".into(),
+        ));
+    }
+    let info: probes::latency::LatencyInfo = read_struct(proc, at)?;
+    crate::builtin::latency::LatencyRegion::open(proc.pid(), &info).map_err(SessionError::Agent)
+}
 
 /// Load address of an agent an earlier session left in the target, if any.
 fn loaded_agent(pid: i32) -> Option<u64> {
