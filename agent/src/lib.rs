@@ -4,6 +4,7 @@ pub mod allocator;
 pub mod api;
 pub mod dispatch;
 pub mod emitter;
+pub mod follow;
 pub mod interceptor;
 pub mod jit;
 pub mod maps;

@@ -2,6 +2,7 @@
 pub mod agent_blob;
 pub mod agent_thread;
 pub mod detached;
+pub mod follow;
 pub mod inject;
 pub mod launch;
 pub mod library_file;

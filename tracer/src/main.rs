@@ -92,6 +92,26 @@ struct ProbeArgs {
     /// removal) to stderr at the end, measured with the monotonic clock.
     #[arg(long)]
     timings: bool,
+    /// `run`: probe every process the command starts too (fork and exec), each reported
+    /// by pid and command. The default for `run` (not with --pack).
+    #[arg(short = 'f', long, overrides_with = "no_follow")]
+    follow: bool,
+    /// `run`: probe the launched program only.
+    #[arg(long, overrides_with = "follow")]
+    no_follow: bool,
+}
+
+impl ProbeArgs {
+    /// Whether `run` follows the command's children.
+    fn follow_children(&self) -> Result<bool, String> {
+        match (&self.pack, self.follow) {
+            (Some(_), true) => Err("--follow does not carry a probe pack into the command's \
+                                    children: drop --follow (or --pack)"
+                .into()),
+            (Some(_), false) => Ok(false),
+            (None, _) => Ok(!self.no_follow),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -277,6 +297,7 @@ fn refusal_lines(
 const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
+    let follow = args.follow_children()?;
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     // Blocked before the launch, so that one arriving during set-up is passed on too.
@@ -303,14 +324,23 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
             return Err(format!("cannot open a pidfd for PID {pid}: {e}"));
         }
     };
+    let (session, follower) = start_following(&mut proc, session, args, follow);
     // The program runs untraced from here: signals reach it directly.
     if let Err(e) = timings::time("detach", || proc.detach()) {
         kill_and_reap(pid);
         return Err(e.to_string());
     }
     let (status, image_at_end) = wait_child(pid, &pidfd, &signals)?;
-    if let (Some(first), Some(last)) = (image, image_at_end) {
-        if first != last {
+    let followed = follower.map(tracer::follow::Follower::finish);
+    if let (Some(first), Some(last)) = (image.clone(), image_at_end) {
+        if followed.as_ref().is_some_and(|r| !r.exec_of(pid)) && first != last {
+            eprintln!(
+                "tracer: note: {} exec'd {last}, which did not check in (a static program, or \
+                 one started without the LD_PRELOAD and TRACER_FOLLOW tracer set); the counts \
+                 cover the program before that",
+                cmd[0]
+            );
+        } else if followed.is_none() && first != last {
             // The probes were in the program image that exec replaced.
             eprintln!(
                 "tracer: note: {} exec'd {last}; the counts cover the program before that \
@@ -320,7 +350,12 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
         }
     }
     let maps = live.map(Live::finish).unwrap_or_default();
-    timings::time("report", || sink.write(args, &maps, &session))?;
+    let who = (pid, image.unwrap_or_default());
+    timings::time("report", || match (&followed, &session) {
+        (Some(reg), _) => sink.write_followed(args, reg),
+        (None, Some(session)) => sink.write(args, &maps, session, Some((who.0, &who.1))),
+        (None, None) => Ok(()),
+    })?;
     drop(signals);
     Ok(match status {
         ExitStatus::Code(c) => ExitCode::from(c as u8),
@@ -334,6 +369,31 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
             ExitCode::from(128 + s as u8)
         }
     })
+}
+
+/// With `follow`, have the launched program (stopped, probes in) pass the agent on to its
+/// children, and serve their check-ins; the session then belongs to the follower. Without
+/// it, or when following cannot start (said in a note), the session is returned.
+fn start_following(
+    proc: &mut Process,
+    session: Session,
+    args: &ProbeArgs,
+    follow: bool,
+) -> (Option<Session>, Option<tracer::follow::Follower>) {
+    if !follow {
+        return (Some(session), None);
+    }
+    let opts = tracer::follow::Options {
+        specs: args.probe.clone(),
+        exit: args.exit,
+    };
+    match tracer::follow::Follower::start(proc, session, opts) {
+        Ok(f) => (None, Some(f)),
+        Err((s, e)) => {
+            eprintln!("tracer: note: not following the command's children: {e}");
+            (Some(s), None)
+        }
+    }
 }
 
 /// Waits in the kernel for our detached child to end, passing on the signals that ask
@@ -377,6 +437,12 @@ fn kill_and_reap(pid: i32) {
 const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, String> {
+    if args.follow {
+        return Err(format!(
+            "attach does not follow children (only those PID {pid} starts from now on could \
+             be): drop --follow, or start the command with tracer run"
+        ));
+    }
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     if let Some(pack) = pack
@@ -449,7 +515,8 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         }
     }
     let maps = live.map(Live::finish).unwrap_or_default();
-    timings::time("report", || sink.write(args, &maps, &session))?;
+    let comm = detached::comm(pid).unwrap_or_default();
+    timings::time("report", || sink.write(args, &maps, &session, Some((pid, &comm))))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -565,8 +632,27 @@ impl Sink {
     }
 
     /// Write the pack's maps (already rendered), then the per-probe report.
-    fn write(&mut self, args: &ProbeArgs, maps: &str, session: &Session) -> Result<(), String> {
-        let text = maps.to_string() + &render(args, &session.report(), session);
+    fn write(
+        &mut self,
+        args: &ProbeArgs,
+        maps: &str,
+        session: &Session,
+        who: Option<(i32, &str)>,
+    ) -> Result<(), String> {
+        let text = maps.to_string() + &render(args, &session.report(), session, who);
+        self.write_text(&text)
+    }
+
+    /// The report of every process followed.
+    fn write_followed(
+        &mut self,
+        args: &ProbeArgs,
+        reg: &tracer::follow::Registry,
+    ) -> Result<(), String> {
+        self.write_text(&render_followed(args, reg))
+    }
+
+    fn write_text(&mut self, text: &str) -> Result<(), String> {
         match self {
             Sink::File(f, p) => f
                 .write_all(text.as_bytes())
@@ -578,10 +664,88 @@ impl Sink {
     }
 }
 
+/// The report of every process followed: with one process, as without following; else a
+/// `process PID COMM (how)` line before each process's table, or with `--json` the
+/// process's `"pid"`, `"comm"`, `"origin"` (`launched`, `exec`, `fork`, with `"parent"`)
+/// in each of its objects, and one object with `"note"` for a process without probes.
+fn render_followed(args: &ProbeArgs, reg: &tracer::follow::Registry) -> String {
+    use tracer::follow::Origin;
+    let mut text = String::new();
+    let alone = reg.entries.len() == 1;
+    for (i, e) in reg.entries.iter().enumerate() {
+        let how = match e.origin {
+            Origin::Launched => "the command".to_string(),
+            Origin::Exec => "exec".to_string(),
+            Origin::Fork { parent } => format!("fork of {parent}"),
+        };
+        let report = reg.report(i);
+        let mut notes: Vec<String> = Vec::new();
+        if e.still_running {
+            notes.push("still running when the command ended; its probes were taken out".into());
+        }
+        if let Some(n) = &e.note {
+            notes.push(n.clone());
+        }
+        if let Some(Err(why)) = &report {
+            notes.push(format!("counts unreadable: {why}"));
+        }
+        if args.json {
+            let mut head = serde_json::json!({ "pid": e.pid, "comm": e.comm });
+            head["origin"] = match e.origin {
+                Origin::Launched => "launched",
+                Origin::Exec => "exec",
+                Origin::Fork { .. } => "fork",
+            }
+            .into();
+            if let Origin::Fork { parent } = e.origin {
+                head["parent"] = parent.into();
+            }
+            if e.still_running {
+                head["running"] = true.into();
+            }
+            let lines = match (&report, reg.session(i)) {
+                (Some(Ok(r)), Some(s)) => render(args, r, s, Some((e.pid, &e.comm))),
+                _ => String::new(),
+            };
+            if lines.is_empty() || !notes.is_empty() {
+                let mut v = head.clone();
+                v["note"] = notes.join("; ").into();
+                text.push_str(&v.to_string());
+                text.push('\n');
+            }
+            for l in lines.lines() {
+                let mut v: serde_json::Value = serde_json::from_str(l).expect("our own JSON");
+                for (k, x) in head.as_object().expect("object") {
+                    v[k] = x.clone();
+                }
+                text.push_str(&v.to_string());
+                text.push('\n');
+            }
+            continue;
+        }
+        if !alone {
+            text.push_str(&format!("process {} {} ({how})", e.pid, e.comm));
+            if !notes.is_empty() {
+                text.push_str(&format!(": {}", notes.join("; ")));
+            }
+            text.push('\n');
+        }
+        if let (Some(Ok(r)), Some(s)) = (&report, reg.session(i)) {
+            text.push_str(&render(args, r, s, None));
+        }
+    }
+    text
+}
+
 /// The report: a table, or with `--json` one object per probe (`"probe"` and `"symbol"`
-/// as stored, mangled for C++ and Rust; `"name"` demangled), then one per refused probe
-/// (with `"refused"`: the reason).
-fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> String {
+/// as stored, mangled for C++ and Rust; `"name"` demangled; `"pid"` and `"comm"` of the
+/// process when `who` names it), then one per refused probe (with `"refused"`: the reason).
+fn render(
+    args: &ProbeArgs,
+    reports: &[ProbeReport],
+    session: &Session,
+    who: Option<(i32, &str)>,
+) -> String {
     let mut text = String::new();
     // A pack's return handlers count returns too.
     let exit = args.exit || reports.iter().any(|r| r.exits > 0);
@@ -608,6 +772,10 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> Strin
             }
             if let Some(why) = entries_only.get(r.label.as_str()) {
                 v["entries_only"] = (*why).into();
+            }
+            if let Some((pid, comm)) = who {
+                v["pid"] = pid.into();
+                v["comm"] = comm.into();
             }
             text.push_str(&v.to_string());
             text.push('\n');
