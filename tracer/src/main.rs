@@ -175,12 +175,46 @@ fn open_pack(args: &ProbeArgs) -> Result<Option<Pack>, String> {
         .transpose()
 }
 
-fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<Session, String> {
+/// Following children: a spec may name functions of a program the command starts
+/// (`-p 'libfoo:*' -- sh -c ./prog`), so one that matches nothing in the launched program
+/// is a note; an error only when none matches anything.
+fn resolve_some(specs: &[String], modules: &ProcessModules) -> Result<Vec<ResolvedProbe>, String> {
+    let mut out: Vec<ResolvedProbe> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut unmatched = Vec::new();
+    for s in specs {
+        ProbeSpec::parse(s).map_err(|e| e.to_string())?;
+        match spec::resolve_str(s, modules) {
+            Ok(v) => out.extend(v.into_iter().filter(|p| seen.insert(p.address))),
+            Err(e) => unmatched.push((s, e)),
+        }
+    }
+    if out.is_empty() && !unmatched.is_empty() {
+        return Err(unmatched.swap_remove(0).1);
+    }
+    for (s, e) in unmatched {
+        eprintln!(
+            "tracer: note: {s} matches nothing in the launched program ({e}); it is tried in \
+             every program that program starts"
+        );
+    }
+    Ok(out)
+}
+
+fn install(
+    proc: &mut Process,
+    args: &ProbeArgs,
+    pack: Option<&Pack>,
+    follow: bool,
+) -> Result<Session, String> {
     let modules = timings::time("symbol loading", || {
         SymbolCache::global().process(proc.pid())
     })
     .map_err(|e| e.to_string())?;
-    let probes = timings::time("spec resolution", || resolve(&args.probe, &modules))?;
+    let probes = timings::time("spec resolution", || match follow {
+        true => resolve_some(&args.probe, &modules),
+        false => resolve(&args.probe, &modules),
+    })?;
     let sites = match pack {
         Some(p) => {
             let (sites, notes) = tracer::pack::load::resolve(p, &modules)?;
@@ -306,7 +340,7 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
         tracer::launch::launch(&cmd[0], &cmd[1..])
     })
     .map_err(|e| e.to_string())?;
-    let (session, live) = match install(&mut proc, args, pack.as_ref())
+    let (session, live) = match install(&mut proc, args, pack.as_ref(), follow)
         .and_then(|s| start_live(&proc, &s, pack, args, &sink).map(|l| (s, l)))
     {
         Ok(s) => s,
@@ -456,7 +490,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     let signals = SignalFd::block(STOPPING).map_err(|e| format!("cannot block signals: {e}"))?;
     let mut proc =
         timings::time("seize and stop", || threads::attach(pid)).map_err(|e| e.to_string())?;
-    let mut session = match install(&mut proc, args, pack.as_ref()) {
+    let mut session = match install(&mut proc, args, pack.as_ref(), false) {
         Ok(s) => s,
         Err(e) => {
             let _ = proc.detach();
