@@ -26,7 +26,7 @@
 use crate::shared::MAX_CAPACITY;
 use probes::remote::{FOLLOW_ENV, FOLLOW_EXEC, FOLLOW_FORK, FOLLOW_GO, FOLLOW_WAIT_MS};
 use probes::shared::{Counts, SharedHeader};
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Once;
 
 /// Room for an abstract socket name (`sun_path` is 108 bytes, the first is the NUL).
@@ -34,7 +34,7 @@ const NAME_MAX: usize = 100;
 
 /// The rendezvous name, set once (constructor or [`tracer_agent_follow`]) before the
 /// process forks; `NAME_LEN` 0 means "not following".
-static mut NAME: [u8; NAME_MAX] = [0; NAME_MAX];
+static NAME: [AtomicU8; NAME_MAX] = [const { AtomicU8::new(0) }; NAME_MAX];
 static NAME_LEN: AtomicUsize = AtomicUsize::new(0);
 
 /// The counter region: its address, its memfd, and its shards (see
@@ -76,8 +76,9 @@ fn set_name(name: &[u8]) -> bool {
     if name.is_empty() || name.len() > NAME_MAX || NAME_LEN.load(Ordering::Acquire) != 0 {
         return NAME_LEN.load(Ordering::Acquire) != 0;
     }
-    // SAFETY: written once, before any reader (readers check NAME_LEN first).
-    unsafe { (&mut *(&raw mut NAME))[..name.len()].copy_from_slice(name) };
+    for (d, s) in NAME.iter().zip(name) {
+        d.store(*s, Ordering::Relaxed);
+    }
     NAME_LEN.store(name.len(), Ordering::Release);
     true
 }
@@ -92,10 +93,8 @@ fn connect() -> Option<i64> {
     // SAFETY: sockaddr_un is plain data.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as u16;
-    // SAFETY: NAME holds `len` bytes written before NAME_LEN was set.
-    let name = unsafe { &(&*(&raw const NAME))[..len] };
-    for (d, s) in addr.sun_path[1..].iter_mut().zip(name) {
-        *d = *s as libc::c_char;
+    for (d, s) in addr.sun_path[1..].iter_mut().zip(&NAME[..len]) {
+        *d = s.load(Ordering::Relaxed) as libc::c_char;
     }
     let addr_len = (std::mem::size_of::<u16>() + 1 + len) as u64;
     let flags = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64;
@@ -146,7 +145,14 @@ fn send(sock: i64, msg: &[u8], fd: i32) {
     unsafe {
         sys(
             libc::SYS_sendmsg,
-            [sock as u64, &hdr as *const _ as u64, libc::MSG_NOSIGNAL as u64, 0, 0, 0],
+            [
+                sock as u64,
+                &hdr as *const _ as u64,
+                libc::MSG_NOSIGNAL as u64,
+                0,
+                0,
+                0,
+            ],
         )
     };
 }
@@ -184,7 +190,12 @@ fn wait_for_go(sock: i64) -> bool {
         };
         // SAFETY: one pollfd. The tracer stopping this thread interrupts the wait
         // (EINTR or a restart): either way the loop goes round.
-        let n = unsafe { sys(libc::SYS_poll, [&mut pfd as *mut _ as u64, 1, left, 0, 0, 0]) };
+        let n = unsafe {
+            sys(
+                libc::SYS_poll,
+                [&mut pfd as *mut _ as u64, 1, left, 0, 0, 0],
+            )
+        };
         if n <= 0 {
             continue;
         }
@@ -192,7 +203,14 @@ fn wait_for_go(sock: i64) -> bool {
         let r = unsafe {
             sys(
                 libc::SYS_recvfrom,
-                [sock as u64, buf.as_mut_ptr() as u64, buf.len() as u64, 0, 0, 0],
+                [
+                    sock as u64,
+                    buf.as_mut_ptr() as u64,
+                    buf.len() as u64,
+                    0,
+                    0,
+                    0,
+                ],
             )
         };
         if r == -(libc::EINTR as i64) {
@@ -295,7 +313,12 @@ fn own_region(base: usize) -> Option<(i32, u64)> {
     // SAFETY: stat is plain data.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat of our region's descriptor into a local.
-    if unsafe { sys(libc::SYS_fstat, [old_fd as u64, &mut st as *mut _ as u64, 0, 0, 0, 0]) } < 0
+    if unsafe {
+        sys(
+            libc::SYS_fstat,
+            [old_fd as u64, &mut st as *mut _ as u64, 0, 0, 0, 0],
+        )
+    } < 0
     {
         return None;
     }
@@ -304,7 +327,14 @@ fn own_region(base: usize) -> Option<(i32, u64)> {
     let fd = unsafe {
         sys(
             libc::SYS_memfd_create,
-            [c"tracer-shared".as_ptr() as u64, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0],
+            [
+                c"tracer-shared".as_ptr() as u64,
+                libc::MFD_CLOEXEC as u64,
+                0,
+                0,
+                0,
+                0,
+            ],
         )
     };
     if fd < 0 {
@@ -412,4 +442,18 @@ pub unsafe extern "C" fn tracer_agent_follow(input: *const u8, n: u64, _out: *mu
         1
     });
     r.unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_decimal;
+
+    #[test]
+    fn decimal_without_allocating() {
+        for v in [0u64, 7, 10, 1234567890, u64::MAX] {
+            let mut out = [0u8; 20];
+            let n = write_decimal(&mut out, v);
+            assert_eq!(&out[..n], v.to_string().as_bytes());
+        }
+    }
 }

@@ -159,6 +159,23 @@ fn listen(name: &str) -> Result<OwnedFd, String> {
     Ok(fd)
 }
 
+/// Every forked child's counters stay open until the report (two descriptors per
+/// process): a command that forks thousands of times would pass the usual soft limit of
+/// 1,024, so take the hard one.
+fn raise_fd_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get and set our own limit through a local.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     let mut fds = [0i32; 2];
     // SAFETY: fds has room for two descriptors.
@@ -173,7 +190,11 @@ impl Follower {
     /// Starts following from `proc`, the launched program, stopped with its probes
     /// installed (`top`): opens the rendezvous, and has the program pass the agent and the
     /// rendezvous on to what it execs. On error nothing is changed in the program.
-    pub fn start(proc: &mut Process, top: Session, opts: Options) -> Result<Follower, (Session, String)> {
+    pub fn start(
+        proc: &mut Process,
+        top: Session,
+        opts: Options,
+    ) -> Result<Follower, Box<(Session, String)>> {
         match Self::open(proc, opts) {
             Ok((f, registry_entry)) => {
                 let pid = proc.pid();
@@ -188,7 +209,7 @@ impl Follower {
                 });
                 Ok(f)
             }
-            Err(e) => Err((top, e)),
+            Err(e) => Err(Box::new((top, e))),
         }
     }
 
@@ -209,11 +230,13 @@ impl Follower {
         input.push(0);
         input.extend_from_slice(placed.path_in_target.as_bytes());
         input.push(0);
-        let (ok, _) = session::call_with_buffers(proc, &fns, function, &input, input.len() as u64, 0)
-            .map_err(|e| e.to_string())?;
+        let (ok, _) =
+            session::call_with_buffers(proc, &fns, function, &input, input.len() as u64, 0)
+                .map_err(|e| e.to_string())?;
         if ok != 1 {
             return Err("the agent refused to follow".into());
         }
+        raise_fd_limit();
         let (stop_r, stop_w) = pipe()?;
         let registry = Arc::new(Mutex::new(Registry::default()));
         let shared = Arc::clone(&registry);
@@ -269,8 +292,10 @@ fn serve(listener: OwnedFd, stop: OwnedFd, registry: Arc<Mutex<Registry>>, opts:
         if fds[1].revents != 0 {
             break;
         }
-        if let Some(conn) = accept(&listener, false) {
-            handle(conn, &registry, Some(&opts));
+        match accept(&listener, false) {
+            Some(conn) => handle(conn, &registry, Some(&opts)),
+            // Out of descriptors, say: a check-in left queued is retried, not spun on.
+            None => std::thread::sleep(Duration::from_millis(10)),
         }
     }
     // The launched program ended: what is queued is answered without new installs.
@@ -369,7 +394,9 @@ fn receive(conn: &OwnedFd) -> Option<(Vec<u8>, Option<File>)> {
 /// One check-in. `opts` None: the launched program has ended, install nothing.
 fn handle(conn: OwnedFd, registry: &Mutex<Registry>, opts: Option<&Options>) {
     let Some(pid) = peer_pid(&conn) else { return };
-    let Some((msg, file)) = receive(&conn) else { return };
+    let Some((msg, file)) = receive(&conn) else {
+        return;
+    };
     if msg.starts_with(FOLLOW_EXEC) {
         let comm = detached::comm(pid).unwrap_or_default();
         let pidfd = PidFd::open(pid).ok();
@@ -512,3 +539,15 @@ fn restore(pid: i32, session: &Session) -> Result<(), String> {
 
 /// How long the rendezvous waits for a check-in's message.
 pub const MESSAGE_WAIT: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::parse_inode;
+
+    #[test]
+    fn fork_messages_name_the_region_they_copied() {
+        assert_eq!(parse_inode(b"fork 123456"), Some(123456));
+        assert_eq!(parse_inode(b"fork "), None);
+        assert_eq!(parse_inode(b"fork x1"), None);
+    }
+}

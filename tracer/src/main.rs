@@ -423,7 +423,8 @@ fn start_following(
     };
     match tracer::follow::Follower::start(proc, session, opts) {
         Ok(f) => (None, Some(f)),
-        Err((s, e)) => {
+        Err(failed) => {
+            let (s, e) = *failed;
             eprintln!("tracer: note: not following the command's children: {e}");
             (Some(s), None)
         }
@@ -550,7 +551,9 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     }
     let maps = live.map(Live::finish).unwrap_or_default();
     let comm = detached::comm(pid).unwrap_or_default();
-    timings::time("report", || sink.write(args, &maps, &session, Some((pid, &comm))))?;
+    timings::time("report", || {
+        sink.write(args, &maps, &session, Some((pid, &comm)))
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -90,7 +90,11 @@ fn forked_children_count_on_their_own_with_exit_probes() {
         &["-x", "-p", "main:work", "-p", "main:spawn"],
         &["./follow_fork", "3", "7", "5"],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let top = of(&v, "follow_fork", "launched", "main:work");
     assert_eq!(top.len(), 1, "{v:?}");
     let top_pid = num(top[0], "pid");
@@ -206,7 +210,17 @@ fn children_run_normally_after_the_rendezvous_is_gone() {
                   echo done $? >> out";
     let mut t = tracer()
         .current_dir(&dir)
-        .args(["run", "-p", "libc:malloc", "-p", "main:work", "--", "sh", "-c", script])
+        .args([
+            "run",
+            "-p",
+            "libc:malloc",
+            "-p",
+            "main:work",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -249,7 +263,11 @@ fn follow_flags() {
         &["--no-follow", "-p", "libc:malloc"],
         &["sh", "-c", "./follow_mallocs 3; true"],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(v.iter().all(|o| o["comm"] == "sh"), "{v:?}");
     let out = tracer_output(&["attach", "--follow", "-p", "libc:malloc", "1"]);
     assert_one_line_error(&out, &["attach does not follow children"]);
