@@ -274,3 +274,47 @@ fn follow_flags() {
     let out = tracer_output(&["run", "--follow", "--pack", "/nonexistent", "--", "true"]);
     assert_one_line_error(&out, &["--follow does not carry a probe pack"]);
 }
+
+/// tracer ends when the command ends: a followed program still running then has its
+/// probes taken out, is reported as running, and goes on normally.
+#[test]
+fn processes_still_running_at_the_end_are_reported_and_let_go() {
+    let dir = temp_dir("follow_running");
+    let fifo = dir.join("go");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // The background shell touches `started` once its probes are in (it runs its script
+    // only after checking in); the command waits for that in a builtin loop, then ends.
+    // Its output goes elsewhere: tracer's pipes must close when tracer ends.
+    let script = "sh -c 'touch started; read x < go; touch finished' >/dev/null 2>&1 & \
+                  while [ ! -e started ]; do :; done";
+    let (out, v) = run_json(&dir, &["-p", "libc:malloc"], &["sh", "-c", script]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bg: Vec<&Value> = v
+        .iter()
+        .filter(|o| o["origin"] == "exec" && o["comm"] == "sh" && o["probe"] == "libc:malloc")
+        .collect();
+    assert_eq!(bg.len(), 1, "{v:?}");
+    assert_eq!(bg[0]["running"], true, "{v:?}");
+    let pid = num(bg[0], "pid") as i32;
+    let released = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .and_then(|mut f| f.write_all(b"go\n"))
+    };
+    if tracer_pid(pid) != 0 {
+        released().expect("release the background shell");
+        panic!("PID {pid} is still traced");
+    }
+    released().expect("release the background shell");
+    assert!(
+        wait_until(Duration::from_secs(30), || dir.join("finished").exists()),
+        "the background shell did not go on"
+    );
+}
