@@ -348,13 +348,21 @@ fn own_region(base: usize) -> Option<(i32, u64)> {
     if unsafe { sys(libc::SYS_ftruncate, [fd as u64, len, 0, 0, 0, 0]) } < 0 {
         return fail(fd);
     }
+    // The slots in use, not the whole file: the rest is zero in a new memfd anyway.
+    // SAFETY: the region starts with its header.
+    let used = unsafe {
+        (*(base as *const SharedHeader))
+            .used
+            .load(Ordering::Relaxed)
+    } as usize;
+    let copy = (SharedHeader::slot_offset(used, shards) as u64).min(len);
     let mut off = 0;
-    while off < len {
+    while off < copy {
         // SAFETY: the region's first `len` bytes are mapped at `base`.
         let n = unsafe {
             sys(
                 libc::SYS_pwrite64,
-                [fd as u64, base as u64 + off, len - off, off, 0, 0],
+                [fd as u64, base as u64 + off, copy - off, off, 0, 0],
             )
         };
         if n <= 0 {
@@ -373,9 +381,8 @@ fn own_region(base: usize) -> Option<(i32, u64)> {
     if tmp < 0 {
         return fail(fd);
     }
-    // SAFETY: the copy starts with the header; `used` slots lie within `len` bytes.
+    // SAFETY: the copy holds the header and the `used` slots, within `len` bytes.
     unsafe {
-        let used = (*(tmp as *const SharedHeader)).used.load(Ordering::Relaxed) as usize;
         for id in 0..used {
             let slot = SharedHeader::slot_offset(id, shards);
             if (slot + SharedHeader::slot_size(shards)) as u64 <= len {
