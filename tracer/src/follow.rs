@@ -401,10 +401,12 @@ fn handle(conn: OwnedFd, registry: &Mutex<Registry>, opts: Option<&Options>) {
         let comm = detached::comm(pid).unwrap_or_default();
         let pidfd = PidFd::open(pid).ok();
         let (probes, mut note) = match opts {
-            Some(o) => match install(pid, o) {
-                Ok(s) => (Probes::Own(s), None),
-                Err(e) => (Probes::None, Some(e)),
-            },
+            Some(o) => {
+                match crate::timings::time("followed images (check-in to go)", || install(pid, o)) {
+                    Ok(s) => (Probes::Own(s), None),
+                    Err(e) => (Probes::None, Some(e)),
+                }
+            }
             None => (
                 Probes::None,
                 Some("started as the command ended: not probed".into()),
