@@ -542,6 +542,94 @@ fn restore(pid: i32, session: &Session) -> Result<(), String> {
 /// How long the rendezvous waits for a check-in's message.
 pub const MESSAGE_WAIT: Duration = Duration::from_secs(1);
 
+/// Renders one process's probe reports as `tracer run` does without following: a table,
+/// or JSON lines (then with `"pid"` and `"comm"` when given).
+pub type Table<'a> = dyn Fn(&[ProbeReport], &Session, Option<(i32, &str)>) -> String + 'a;
+
+/// The report of every process followed: with one process, as without following; else a
+/// `process PID COMM (how)` line before each process's table, or with `json` the
+/// process's `"pid"`, `"comm"`, `"origin"` (`launched`, `exec`, `fork`, with `"parent"`)
+/// in each of its objects, and one object with `"note"` for a process with something to
+/// say (no probes, still running, ...).
+pub fn render(reg: &Registry, json: bool, table: &Table<'_>) -> String {
+    let mut text = String::new();
+    for (i, e) in reg.entries.iter().enumerate() {
+        let report = reg.report(i);
+        let mut notes: Vec<String> = Vec::new();
+        if e.still_running {
+            notes.push("still running when the command ended; its probes were taken out".into());
+        }
+        notes.extend(e.note.clone());
+        if let Some(Err(why)) = &report {
+            notes.push(format!("counts unreadable: {why}"));
+        }
+        let probes = match (&report, reg.session(i)) {
+            (Some(Ok(r)), Some(s)) => Some((r.as_slice(), s)),
+            _ => None,
+        };
+        if json {
+            text.push_str(&json_lines(e, &notes, probes, table));
+            continue;
+        }
+        if reg.entries.len() > 1 {
+            let how = match e.origin {
+                Origin::Launched => "the command".to_string(),
+                Origin::Exec => "exec".to_string(),
+                Origin::Fork { parent } => format!("fork of {parent}"),
+            };
+            text.push_str(&format!("process {} {} ({how})", e.pid, e.comm));
+            if !notes.is_empty() {
+                text.push_str(&format!(": {}", notes.join("; ")));
+            }
+            text.push('\n');
+        }
+        if let Some((r, s)) = probes {
+            text.push_str(&table(r, s, None));
+        }
+    }
+    text
+}
+
+/// One process's JSON lines: its probes' objects with the process's fields added, after
+/// one object with its notes if it has any (or no probes).
+fn json_lines(
+    e: &Entry,
+    notes: &[String],
+    probes: Option<(&[ProbeReport], &Session)>,
+    table: &Table<'_>,
+) -> String {
+    let mut head = serde_json::json!({ "pid": e.pid, "comm": e.comm });
+    head["origin"] = match e.origin {
+        Origin::Launched => "launched",
+        Origin::Exec => "exec",
+        Origin::Fork { .. } => "fork",
+    }
+    .into();
+    if let Origin::Fork { parent } = e.origin {
+        head["parent"] = parent.into();
+    }
+    if e.still_running {
+        head["running"] = true.into();
+    }
+    let lines = probes.map_or(String::new(), |(r, s)| table(r, s, Some((e.pid, &e.comm))));
+    let mut text = String::new();
+    if lines.is_empty() || !notes.is_empty() {
+        let mut v = head.clone();
+        v["note"] = notes.join("; ").into();
+        text.push_str(&v.to_string());
+        text.push('\n');
+    }
+    for l in lines.lines() {
+        let mut v: serde_json::Value = serde_json::from_str(l).expect("the table's own JSON");
+        for (k, x) in head.as_object().expect("an object") {
+            v[k] = x.clone();
+        }
+        text.push_str(&v.to_string());
+        text.push('\n');
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_inode;

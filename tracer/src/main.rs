@@ -686,7 +686,9 @@ impl Sink {
         args: &ProbeArgs,
         reg: &tracer::follow::Registry,
     ) -> Result<(), String> {
-        self.write_text(&render_followed(args, reg))
+        let table =
+            |r: &[ProbeReport], s: &Session, who: Option<(i32, &str)>| render(args, r, s, who);
+        self.write_text(&tracer::follow::render(reg, args.json, &table))
     }
 
     fn write_text(&mut self, text: &str) -> Result<(), String> {
@@ -699,79 +701,6 @@ impl Sink {
                 .map_err(|e| e.to_string()),
         }
     }
-}
-
-/// The report of every process followed: with one process, as without following; else a
-/// `process PID COMM (how)` line before each process's table, or with `--json` the
-/// process's `"pid"`, `"comm"`, `"origin"` (`launched`, `exec`, `fork`, with `"parent"`)
-/// in each of its objects, and one object with `"note"` for a process without probes.
-fn render_followed(args: &ProbeArgs, reg: &tracer::follow::Registry) -> String {
-    use tracer::follow::Origin;
-    let mut text = String::new();
-    let alone = reg.entries.len() == 1;
-    for (i, e) in reg.entries.iter().enumerate() {
-        let how = match e.origin {
-            Origin::Launched => "the command".to_string(),
-            Origin::Exec => "exec".to_string(),
-            Origin::Fork { parent } => format!("fork of {parent}"),
-        };
-        let report = reg.report(i);
-        let mut notes: Vec<String> = Vec::new();
-        if e.still_running {
-            notes.push("still running when the command ended; its probes were taken out".into());
-        }
-        if let Some(n) = &e.note {
-            notes.push(n.clone());
-        }
-        if let Some(Err(why)) = &report {
-            notes.push(format!("counts unreadable: {why}"));
-        }
-        if args.json {
-            let mut head = serde_json::json!({ "pid": e.pid, "comm": e.comm });
-            head["origin"] = match e.origin {
-                Origin::Launched => "launched",
-                Origin::Exec => "exec",
-                Origin::Fork { .. } => "fork",
-            }
-            .into();
-            if let Origin::Fork { parent } = e.origin {
-                head["parent"] = parent.into();
-            }
-            if e.still_running {
-                head["running"] = true.into();
-            }
-            let lines = match (&report, reg.session(i)) {
-                (Some(Ok(r)), Some(s)) => render(args, r, s, Some((e.pid, &e.comm))),
-                _ => String::new(),
-            };
-            if lines.is_empty() || !notes.is_empty() {
-                let mut v = head.clone();
-                v["note"] = notes.join("; ").into();
-                text.push_str(&v.to_string());
-                text.push('\n');
-            }
-            for l in lines.lines() {
-                let mut v: serde_json::Value = serde_json::from_str(l).expect("our own JSON");
-                for (k, x) in head.as_object().expect("object") {
-                    v[k] = x.clone();
-                }
-                text.push_str(&v.to_string());
-                text.push('\n');
-            }
-            continue;
-        }
-        if !alone {
-            text.push_str(&format!("process {} {} ({how})", e.pid, e.comm));
-            if !notes.is_empty() {
-                text.push_str(&format!(": {}", notes.join("; ")));
-            }
-            text.push('\n');
-        }
-        if let (Some(Ok(r)), Some(s)) = (&report, reg.session(i)) {
-            text.push_str(&render(args, r, s, None));
-        }
-    }
-    text
 }
 
 /// The report: a table, or with `--json` one object per probe (`"probe"` and `"symbol"`
