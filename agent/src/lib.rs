@@ -5,6 +5,7 @@ pub mod api;
 pub mod builtin;
 pub mod dispatch;
 pub mod emitter;
+pub mod follow;
 pub mod interceptor;
 pub mod jit;
 pub mod maps;

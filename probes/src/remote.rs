@@ -24,6 +24,27 @@ pub const INTERNAL_SYMBOL: &str = "tracer_agent_internal";
 /// a tracer that was killed), at most `cap` written; returns how many there are.
 pub const LIVE_SYMBOL: &str = "tracer_agent_live";
 
+/// Exported by the agent: `extern "C" fn(input: *const u8, n: u64, out: *mut u8) -> u64`:
+/// `input` is the rendezvous socket's abstract name, a NUL, and the agent file's path, a
+/// NUL. Sets [`FOLLOW_ENV`] and puts the path first in `LD_PRELOAD` in the process's
+/// environment (so that what it execs loads the agent and checks in), and has its
+/// forked children take counters of their own. Returns 1, 0 on bad input.
+pub const FOLLOW_SYMBOL: &str = "tracer_agent_follow";
+/// The environment variable naming the rendezvous (an abstract unix socket) of a
+/// `tracer run` that follows children.
+pub const FOLLOW_ENV: &str = "TRACER_FOLLOW";
+/// First bytes of what a process says on the rendezvous: a new program image that waits
+/// for its probes (the tracer answers [`FOLLOW_GO`] once they are in, or when it gives
+/// up), ...
+pub const FOLLOW_EXEC: &[u8] = b"exec";
+/// ... or a forked child, followed by ` INODE` (the inode of the counter region it copied,
+/// its parent's) and carrying its own region's memfd (`SCM_RIGHTS`); no answer.
+pub const FOLLOW_FORK: &[u8] = b"fork";
+/// The tracer's answer to [`FOLLOW_EXEC`]: run on.
+pub const FOLLOW_GO: &[u8] = b"go";
+/// How long a new program image waits for the tracer before it runs on untraced.
+pub const FOLLOW_WAIT_MS: u64 = 5000;
+
 pub const AGENT_MAGIC: u64 = u64::from_le_bytes(*b"TRAGENT1");
 
 /// What `tracer_agent_init` returns.

@@ -3,6 +3,7 @@ pub mod agent_blob;
 pub mod agent_thread;
 pub mod builtin;
 pub mod detached;
+pub mod follow;
 pub mod inject;
 pub mod launch;
 pub mod library_file;

@@ -123,6 +123,13 @@ struct ProbeArgs {
     /// seconds while the target runs.
     #[arg(long, value_name = "SECS")]
     interval: Option<f64>,
+    /// `run`: probe every process the command starts too (fork and exec), each reported
+    /// by pid and command. The default for `run` (not with --pack).
+    #[arg(short = 'f', long, overrides_with = "no_follow")]
+    follow: bool,
+    /// `run`: probe the launched program only.
+    #[arg(long, overrides_with = "follow")]
+    no_follow: bool,
 }
 
 impl ProbeArgs {
@@ -163,6 +170,28 @@ impl ProbeArgs {
             return Err("--hist and --summary need probes: add -p SPEC".into());
         }
         Ok(())
+    }
+
+    /// Whether `run` follows the command's children: by default, except with what is
+    /// not carried into them yet.
+    fn follow_children(&self) -> Result<bool, String> {
+        let traced = self.trace || self.chrome_trace.is_some() || self.perfetto.is_some();
+        let alone = if self.pack.is_some() {
+            Some("a probe pack")
+        } else if self.timed() || self.interval.is_some() {
+            Some("--hist, --summary or --interval")
+        } else if traced {
+            Some("--trace, --chrome-trace or --perfetto")
+        } else {
+            None
+        };
+        match (alone, self.follow) {
+            (Some(what), true) => Err(format!(
+                "--follow does not carry {what} into the command's children yet: drop --follow"
+            )),
+            (Some(_), false) => Ok(false),
+            (None, _) => Ok(!self.no_follow),
+        }
     }
 }
 
@@ -267,18 +296,48 @@ fn trace_options(args: &ProbeArgs) -> Result<Option<tracer::trace::Options>, Str
     Ok(Some(opts))
 }
 
+/// Following children: a spec may name functions of a program the command starts
+/// (`-p 'libfoo:*' -- sh -c ./prog`), so one that matches nothing in the launched program
+/// is a note; an error only when none matches anything.
+fn resolve_some(specs: &[String], modules: &ProcessModules) -> Result<Vec<ResolvedProbe>, String> {
+    let mut out: Vec<ResolvedProbe> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut unmatched = Vec::new();
+    for s in specs {
+        ProbeSpec::parse(s).map_err(|e| e.to_string())?;
+        match spec::resolve_str(s, modules) {
+            Ok(v) => out.extend(v.into_iter().filter(|p| seen.insert(p.address))),
+            Err(e) => unmatched.push((s, e)),
+        }
+    }
+    if out.is_empty() && !unmatched.is_empty() {
+        return Err(unmatched.swap_remove(0).1);
+    }
+    for (s, e) in unmatched {
+        eprintln!(
+            "tracer: note: {s} matches nothing in the launched program ({e}); it is tried in \
+             every program that program starts"
+        );
+    }
+    Ok(out)
+}
+
 fn install(
     proc: &mut Process,
     args: &ProbeArgs,
     pack: Option<&Pack>,
     sink: &Sink,
     mut tracing: Option<tracer::trace::Tracer>,
+    follow: bool,
 ) -> Result<(Session, Option<tracer::trace::Running>), String> {
     let modules = timings::time("symbol loading", || {
         SymbolCache::global().process(proc.pid())
     })
     .map_err(|e| e.to_string())?;
-    let probes = timings::time("spec resolution", || resolve(&args.probe, &modules))?;
+    let probes = timings::time("spec resolution", || match follow {
+        true => resolve_some(&args.probe, &modules),
+        false => resolve(&args.probe, &modules),
+    })?;
     let sites = match pack {
         Some(p) => {
             let (sites, notes) = tracer::pack::load::resolve(p, &modules)?;
@@ -414,6 +473,7 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
     let tracing = trace_options(args)?
         .map(tracer::trace::Tracer::new)
         .transpose()?;
+    let follow = args.follow_children()?;
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     // Blocked before the launch, so that one arriving during set-up is passed on too.
@@ -422,15 +482,16 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
         tracer::launch::launch(&cmd[0], &cmd[1..])
     })
     .map_err(|e| e.to_string())?;
-    let (session, traced, live) = match install(&mut proc, args, pack.as_ref(), &sink, tracing)
-        .and_then(|(s, t)| start_live(&proc, &s, pack, args, &sink).map(|l| (s, t, l)))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            proc.kill();
-            return Err(e);
-        }
-    };
+    let (session, traced, live) =
+        match install(&mut proc, args, pack.as_ref(), &sink, tracing, follow)
+            .and_then(|(s, t)| start_live(&proc, &s, pack, args, &sink).map(|l| (s, t, l)))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                proc.kill();
+                return Err(e);
+            }
+        };
     let pid = proc.pid();
     let image = detached::comm(pid);
     let pidfd = match PidFd::open(pid) {
@@ -440,17 +501,34 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
             return Err(format!("cannot open a pidfd for PID {pid}: {e}"));
         }
     };
+    let (session, follower) = start_following(&mut proc, session, args, follow);
     // The program runs untraced from here: signals reach it directly.
     if let Err(e) = timings::time("detach", || proc.detach()) {
         kill_and_reap(pid);
         return Err(e.to_string());
     }
     let mut ticker = Ticker::new(args.interval()?);
-    let (status, image_at_end) = wait_child(pid, &pidfd, &signals, &mut ticker, &mut |k, at| {
-        sink.write_text(&running_report(args, &session, k, at))
-    })?;
-    if let (Some(first), Some(last)) = (image, image_at_end) {
-        if first != last {
+    let (status, image_at_end) =
+        wait_child(
+            pid,
+            &pidfd,
+            &signals,
+            &mut ticker,
+            &mut |k, at| match &session {
+                Some(s) => sink.write_text(&running_report(args, s, k, at)),
+                None => Ok(()),
+            },
+        )?;
+    let followed = follower.map(tracer::follow::Follower::finish);
+    if let (Some(first), Some(last)) = (image.clone(), image_at_end) {
+        if followed.as_ref().is_some_and(|r| !r.exec_of(pid)) && first != last {
+            eprintln!(
+                "tracer: note: {} exec'd {last}, which did not check in (a static program, or \
+                 one started without the LD_PRELOAD and TRACER_FOLLOW tracer set); the counts \
+                 cover the program before that",
+                cmd[0]
+            );
+        } else if followed.is_none() && first != last {
             // The probes were in the program image that exec replaced.
             eprintln!(
                 "tracer: note: {} exec'd {last}; the counts cover the program before that \
@@ -463,7 +541,12 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
         .map(tracer::trace::Running::finish)
         .unwrap_or_default()
         + &live.map(Live::finish).unwrap_or_default();
-    timings::time("report", || sink.write(args, &maps, &session))?;
+    let who = (pid, image.unwrap_or_default());
+    timings::time("report", || match (&followed, &session) {
+        (Some(reg), _) => sink.write_followed(args, reg),
+        (None, Some(session)) => sink.write(args, &maps, session, Some((who.0, &who.1))),
+        (None, None) => Ok(()),
+    })?;
     drop(signals);
     Ok(match status {
         ExitStatus::Code(c) => ExitCode::from(c as u8),
@@ -477,6 +560,32 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
             ExitCode::from(128 + s as u8)
         }
     })
+}
+
+/// With `follow`, have the launched program (stopped, probes in) pass the agent on to its
+/// children, and serve their check-ins; the session then belongs to the follower. Without
+/// it, or when following cannot start (said in a note), the session is returned.
+fn start_following(
+    proc: &mut Process,
+    session: Session,
+    args: &ProbeArgs,
+    follow: bool,
+) -> (Option<Session>, Option<tracer::follow::Follower>) {
+    if !follow {
+        return (Some(session), None);
+    }
+    let opts = tracer::follow::Options {
+        specs: args.probe.clone(),
+        exit: args.exit,
+    };
+    match tracer::follow::Follower::start(proc, session, opts) {
+        Ok(f) => (None, Some(f)),
+        Err(failed) => {
+            let (s, e) = *failed;
+            eprintln!("tracer: note: not following the command's children: {e}");
+            (Some(s), None)
+        }
+    }
 }
 
 /// Waits in the kernel for our detached child to end, passing on the signals that ask
@@ -523,6 +632,12 @@ fn kill_and_reap(pid: i32) {
 const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, String> {
+    if args.follow {
+        return Err(format!(
+            "attach does not follow children (only those PID {pid} starts from now on could \
+             be): drop --follow, or start the command with tracer run"
+        ));
+    }
     args.check_builtins()?;
     let tracing = trace_options(args)?
         .map(tracer::trace::Tracer::new)
@@ -540,7 +655,8 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     let signals = SignalFd::block(STOPPING).map_err(|e| format!("cannot block signals: {e}"))?;
     let mut proc =
         timings::time("seize and stop", || threads::attach(pid)).map_err(|e| e.to_string())?;
-    let (mut session, traced) = match install(&mut proc, args, pack.as_ref(), &sink, tracing) {
+    let (mut session, traced) = match install(&mut proc, args, pack.as_ref(), &sink, tracing, false)
+    {
         Ok(s) => s,
         Err(e) => {
             let _ = proc.detach();
@@ -615,7 +731,10 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         .map(tracer::trace::Running::finish)
         .unwrap_or_default()
         + &live.map(Live::finish).unwrap_or_default();
-    timings::time("report", || sink.write(args, &maps, &session))?;
+    let comm = detached::comm(pid).unwrap_or_default();
+    timings::time("report", || {
+        sink.write(args, &maps, &session, Some((pid, &comm)))
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -735,18 +854,37 @@ impl Sink {
 
     /// Write the pack's maps (already rendered), then the per-probe report (or the
     /// latency views asked for).
-    fn write(&mut self, args: &ProbeArgs, maps: &str, session: &Session) -> Result<(), String> {
+    fn write(
+        &mut self,
+        args: &ProbeArgs,
+        maps: &str,
+        session: &Session,
+        who: Option<(i32, &str)>,
+    ) -> Result<(), String> {
         let mut report = match args.timed() {
             // With --json, the refused probes follow as in the counts report.
-            true if args.json => latency_report(args, session, None) + &render(args, &[], session),
+            true if args.json => {
+                latency_report(args, session, None) + &render(args, &[], session, who)
+            }
             true => latency_report(args, session, None),
-            false => render(args, &session.report(), session),
+            false => render(args, &session.report(), session, who),
         };
         if args.interval.is_some() && !args.json {
             // Told apart from the running reports above it.
             report.insert_str(0, "--- final ---\n");
         }
         self.write_text(&(maps.to_string() + &report))
+    }
+
+    /// The report of every process followed.
+    fn write_followed(
+        &mut self,
+        args: &ProbeArgs,
+        reg: &tracer::follow::Registry,
+    ) -> Result<(), String> {
+        let table =
+            |r: &[ProbeReport], s: &Session, who: Option<(i32, &str)>| render(args, r, s, who);
+        self.write_text(&tracer::follow::render(reg, args.json, &table))
     }
 
     fn write_text(&mut self, text: &str) -> Result<(), String> {
@@ -778,7 +916,7 @@ fn running_report(args: &ProbeArgs, session: &Session, k: u64, at: Duration) -> 
             return latency_report(args, session, Some(extra));
         }
         let mut out = String::new();
-        for line in render(args, &session.report(), session).lines() {
+        for line in render(args, &session.report(), session, None).lines() {
             let mut v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
             if v.get("refused").is_some() {
                 continue;
@@ -792,7 +930,7 @@ fn running_report(args: &ProbeArgs, session: &Session, k: u64, at: Duration) -> 
     }
     let body = match args.timed() {
         true => latency_report(args, session, None),
-        false => render(args, &session.report(), session),
+        false => render(args, &session.report(), session, None),
     };
     format!("--- interval {k}, {secs:.3} s ---\n{body}")
 }
@@ -835,9 +973,14 @@ impl Ticker {
 }
 
 /// The report: a table, or with `--json` one object per probe (`"probe"` and `"symbol"`
-/// as stored, mangled for C++ and Rust; `"name"` demangled), then one per refused probe
-/// (with `"refused"`: the reason).
-fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> String {
+/// as stored, mangled for C++ and Rust; `"name"` demangled; `"pid"` and `"comm"` of the
+/// process when `who` names it), then one per refused probe (with `"refused"`: the reason).
+fn render(
+    args: &ProbeArgs,
+    reports: &[ProbeReport],
+    session: &Session,
+    who: Option<(i32, &str)>,
+) -> String {
     let mut text = String::new();
     // A pack's return handlers count returns too.
     let exit = args.exit || reports.iter().any(|r| r.exits > 0);
@@ -865,6 +1008,10 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> Strin
             }
             if let Some(why) = entries_only.get(r.label.as_str()) {
                 v["entries_only"] = (*why).into();
+            }
+            if let Some((pid, comm)) = who {
+                v["pid"] = pid.into();
+                v["comm"] = comm.into();
             }
             text.push_str(&v.to_string());
             text.push('\n');

@@ -158,7 +158,11 @@ struct Counters {
     len: usize,
     /// Shards per slot, from the header (fixed when the agent created the region).
     shards: usize,
+    inode: u64,
 }
+
+// SAFETY: a read-only mapping owned by this value; its atomics may be read from any thread.
+unsafe impl Send for Counters {}
 
 impl Counters {
     /// Map the region at the memfd's current length: the agent extends it when it
@@ -167,10 +171,16 @@ impl Counters {
         let path = format!("/proc/{pid}/fd/{}", info.shared_fd);
         let f = File::open(&path)
             .map_err(|e| SessionError::Agent(format!("cannot open {path}: {e}")))?;
-        let len = f
+        Counters::map_file(&f, &path)
+    }
+
+    /// Map the counter region open as `f` (`path` names it in messages).
+    fn map_file(f: &File, path: &str) -> Result<Counters, SessionError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = f
             .metadata()
-            .map_err(|e| SessionError::Agent(format!("cannot stat {path}: {e}")))?
-            .len() as usize;
+            .map_err(|e| SessionError::Agent(format!("cannot stat {path}: {e}")))?;
+        let len = meta.len() as usize;
         if len < SharedHeader::COUNTERS_OFFSET {
             return Err(SessionError::Agent(format!(
                 "shared region {path} is {len} bytes, too short"
@@ -197,6 +207,7 @@ impl Counters {
             base: p as *const u8,
             len,
             shards: 0,
+            inode: meta.ino(),
         };
         // SAFETY: the mapping is at least a header long (the agent sized it).
         let h = unsafe { &*(c.base as *const SharedHeader) };
@@ -645,10 +656,18 @@ impl Session {
     /// writing there would corrupt code that is not ours. Returns the labels of the
     /// probes whose patch was gone (left alone).
     pub fn remove(&mut self, proc: &mut Process) -> Result<Vec<String>, SessionError> {
-        let mut gone = Vec::new();
         if !self.patched {
-            return Ok(gone);
+            return Ok(Vec::new());
         }
+        let gone = self.restore_in(proc)?;
+        self.patched = false;
+        Ok(gone)
+    }
+
+    /// [`Session::remove`] in another process holding a copy of these patches (a forked
+    /// child of the process the session installed them in); the session stays as it is.
+    pub fn restore_in(&self, proc: &mut Process) -> Result<Vec<String>, SessionError> {
+        let mut gone = Vec::new();
         if !proc.all_stopped() {
             proc.stop_all()?;
         }
@@ -667,7 +686,6 @@ impl Session {
             writes.push((p.site, p.original));
         }
         write_all_verified(proc, &writes)?;
-        self.patched = false;
         Ok(gone)
     }
 
@@ -695,12 +713,28 @@ impl Session {
         &self.notes
     }
 
+    /// The inode of the counter region's memfd: a forked child names its parent's region
+    /// by it.
+    pub fn counters_inode(&self) -> u64 {
+        self.counters.inode
+    }
+
+    /// The counters of every installed probe as `region` holds them: the counter region
+    /// of a forked child of the process (same probes, same slots, counts of its own).
+    pub fn report_from(&self, region: &File) -> Result<Vec<ProbeReport>, SessionError> {
+        Ok(self.report_with(&Counters::map_file(region, "a forked child's counters")?))
+    }
+
     /// Current counters of every installed probe.
     pub fn report(&self) -> Vec<ProbeReport> {
+        self.report_with(&self.counters)
+    }
+
+    fn report_with(&self, counters: &Counters) -> Vec<ProbeReport> {
         self.installed()
             .into_iter()
             .map(|p| {
-                let c = self.counters.get(p.id);
+                let c = counters.get(p.id);
                 ProbeReport {
                     label: p.label.clone(),
                     module: p.module.clone(),
@@ -836,7 +870,7 @@ fn open_latency(
 }
 
 /// Load address of an agent an earlier session left in the target, if any.
-fn loaded_agent(pid: i32) -> Option<u64> {
+pub(crate) fn loaded_agent(pid: i32) -> Option<u64> {
     let maps = agent::maps::read_pid(pid).ok()?;
     maps.iter()
         .filter(|m| library_file::is_agent(&m.path) && m.offset == 0)
@@ -845,7 +879,7 @@ fn loaded_agent(pid: i32) -> Option<u64> {
 }
 
 /// Offset of an exported function in the embedded agent (linked at address 0).
-fn agent_symbol(name: &str) -> Result<u64, SessionError> {
+pub(crate) fn agent_symbol(name: &str) -> Result<u64, SessionError> {
     use object::{Object, ObjectSymbol};
     let file = object::File::parse(agent_so())
         .map_err(|e| SessionError::Agent(format!("embedded agent unreadable: {e}")))?;
@@ -873,7 +907,7 @@ fn as_bytes<T>(v: &[T]) -> &[u8] {
 
 /// Run `function(input, n, output)` in the target, `input` copied into a fresh private
 /// mapping and `out_len` bytes of output read back from the same mapping.
-fn call_with_buffers(
+pub(crate) fn call_with_buffers(
     proc: &mut Process,
     fns: &LibcFunctions,
     function: u64,
