@@ -65,12 +65,19 @@ const PAGE: u64 = 4096;
 /// The control page: at +0 the index of the current thread's slot (u32); from +64, slots
 /// of 64 bytes, one per thread started, used in turn so that a thread still on its way out
 /// never reads the next one's word: `state` (u32 at +0, `PARKED` written by the thread),
-/// `tid` (u32 at +8, written by the thread), `pthread_t` (u64 at +16, from `pthread_create`).
+/// `tid` (u32 at +8, written by the thread), `pthread_t` (u64 at +16, from `pthread_create`),
+/// the address of `pthread_detach` (u64 at +24, for the thread) and what it returned (u32 at
+/// +32, written by the thread; [`DETACH_NOT_RUN`] until then).
 const CTL: u64 = PAGE;
 const SLOTS: u64 = 64;
 const SLOT_LEN: u64 = 64;
 const NSLOTS: u64 = 63;
 const SLOT_PTHREAD: u64 = 16;
+const SLOT_DETACH_FN: u64 = 24;
+const SLOT_DETACH_RC: u64 = 32;
+/// No `pthread_detach` result yet: the page's stub is an older one that does not call it
+/// (a page an older tracer made), so the tracer calls it remotely.
+const DETACH_NOT_RUN: u32 = u32::MAX;
 const STATE_PARKED: u32 = 1;
 /// Any value but `PARKED` makes the thread leave; this one says why.
 const STATE_DISMISSED: u32 = 2;
@@ -90,6 +97,9 @@ const STEP_WAIT: Duration = Duration::from_millis(20);
 /// ```text
 ///     push rbx
 ///     mov rbx, rdi
+///     mov rdi, fs:[0x10]            ; pthread_self() (glibc's THREAD_SELF)
+///     call [rbx+24]                 ; pthread_detach: it leaves nothing when it ends
+///     mov [rbx+32], eax             ; its result
 ///     mov eax, SYS_gettid ; syscall
 ///     mov [rbx+8], eax              ; tid
 ///     mov dword [rbx], 1            ; PARKED (stores are seen in program order)
@@ -100,9 +110,14 @@ const STEP_WAIT: Duration = Duration::from_millis(20);
 ///     je park
 ///     xor eax, eax ; pop rbx ; ret  ; dismissed: end the thread
 /// ```
+///
+/// Detaching from the thread itself saves a remote call after it parks (0.1 to 0.4 ms).
 const STUB: &[u8] = &[
     0x53, // push rbx
     0x48, 0x89, 0xfb, // mov rbx, rdi
+    0x64, 0x48, 0x8b, 0x3c, 0x25, 0x10, 0x00, 0x00, 0x00, // mov rdi, fs:[0x10]
+    0xff, 0x53, 0x18, // call [rbx+24]
+    0x89, 0x43, 0x20, // mov [rbx+32], eax
     0xb8, 0xba, 0x00, 0x00, 0x00, // mov eax, 186 (gettid)
     0x0f, 0x05, // syscall
     0x89, 0x43, 0x08, // mov [rbx+8], eax
@@ -222,12 +237,13 @@ pub fn parked_thread(proc: &Process) -> Option<i32> {
     parked(proc).map(|(tid, _)| tid)
 }
 
-/// Lets the parked thread end as soon as it runs again (see the module documentation).
-/// Best effort: a thread that cannot be told stays parked and is reused next time.
-pub fn dismiss(proc: &mut Process) {
-    if let Some((_, slot)) = parked(proc) {
-        let _ = proc.write_memory(slot, &STATE_DISMISSED.to_le_bytes());
-    }
+/// Lets the parked thread end as soon as it runs again (see the module documentation), and
+/// returns its tid. Best effort: a thread that cannot be told stays parked and is reused
+/// next time.
+pub fn dismiss(proc: &mut Process) -> Option<i32> {
+    let (tid, slot) = parked(proc)?;
+    let _ = proc.write_memory(slot, &STATE_DISMISSED.to_le_bytes());
+    Some(tid)
 }
 
 /// The parked thread, made first if there is none. Needs every thread stopped; leaves every
@@ -244,10 +260,15 @@ pub fn ensure(
         return Ok(tid);
     }
     let deadline = Instant::now() + timeout;
-    let hijack = choose_hijacked_thread(proc, &fns.unsafe_ranges, deadline, timeout)?;
+    let hijack = crate::timings::time("  thread to hijack chosen", || {
+        choose_hijacked_thread(proc, &fns.unsafe_ranges, deadline, timeout)
+    })?;
     let page = match find_page(proc.pid()) {
         Some(base) => (base, false),
-        None => (create_page(proc, hijack)?, true),
+        None => (
+            crate::timings::time("  park page made", || create_page(proc, hijack))?,
+            true,
+        ),
     };
     let r = spawn(proc, fns, hijack, page.0, deadline, timeout);
     let thread_made = matches!(r, Ok(_) | Err(InjectError::ThreadNotParked { .. }));
@@ -512,7 +533,9 @@ fn run_to_caller(
 
 /// Maps the park page (raw system calls on `tid`) and writes the stub into it.
 fn create_page(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
-    remote_call::ensure_scratch(proc, tid)?;
+    crate::timings::time("  scratch page made", || {
+        remote_call::ensure_scratch(proc, tid)
+    })?;
     // At the end of the scratch area: callers keep their own strings at its start.
     let name = remote_call::put_c_string(proc, remote_call::SCRATCH_DATA_LEN - 64, PARK_NAME)?;
     let fd = remote_call::syscall_ok(
@@ -566,11 +589,17 @@ fn spawn(
         current_slot(proc, base).map_or(0, |s| (s - base - CTL - SLOTS) / SLOT_LEN + 1) % NSLOTS;
     let slot = base + CTL + SLOTS + next * SLOT_LEN;
     let mem = |addr| move |error| RemoteCallError::Memory { addr, error };
-    proc.write_memory(slot, &[0u8; SLOT_LEN as usize])
-        .map_err(mem(slot))?;
+    let mut init = [0u8; SLOT_LEN as usize];
+    let detach_fn = SLOT_DETACH_FN as usize;
+    init[detach_fn..detach_fn + 8].copy_from_slice(&fns.pthread_detach.to_le_bytes());
+    let detach_rc = SLOT_DETACH_RC as usize;
+    init[detach_rc..detach_rc + 4].copy_from_slice(&DETACH_NOT_RUN.to_le_bytes());
+    proc.write_memory(slot, &init).map_err(mem(slot))?;
     proc.write_memory(base + CTL, &(next as u32).to_le_bytes())
         .map_err(mem(base + CTL))?;
-    remote_call::ensure_scratch(proc, hijack)?;
+    crate::timings::time("  scratch page made", || {
+        remote_call::ensure_scratch(proc, hijack)
+    })?;
     let remaining = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(500));
@@ -579,13 +608,15 @@ fn spawn(
         block_signals: true,
         release_others_after: Some(RELEASE_OTHERS_AFTER),
     };
-    let rc = remote_call::call_with(
-        proc,
-        hijack,
-        fns.pthread_create,
-        &[slot + SLOT_PTHREAD, 0, base, slot],
-        opts,
-    );
+    let rc = crate::timings::time("  pthread_create call", || {
+        remote_call::call_with(
+            proc,
+            hijack,
+            fns.pthread_create,
+            &[slot + SLOT_PTHREAD, 0, base, slot],
+            opts,
+        )
+    });
     let created = match rc {
         Ok(0) => Ok(()),
         Ok(errno) => Err(InjectError::ThreadCreate {
@@ -599,6 +630,10 @@ fn spawn(
     }
     // The new thread runs to its park loop (it takes no lock on the way); its first stop is
     // serviced like any new thread's.
+    // Parking is a store to memory, not a ptrace event: look often at first (it takes
+    // microseconds once the thread's first stop is serviced), less so later.
+    let mut nap = Duration::from_micros(10);
+    let waited = Instant::now();
     let parked_tid = loop {
         let (state, tid) = read_slot(proc, slot)?;
         if state == STATE_PARKED && proc.threads().contains(&tid) {
@@ -607,7 +642,9 @@ fn spawn(
         if Instant::now() >= deadline {
             break None;
         }
-        if proc.service(Duration::from_micros(200))?.is_some() {
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(1));
+        if proc.service(Duration::ZERO)?.is_some() {
             return Err(AttachError::Exited {
                 pid: proc.pid(),
                 status: proc.exit_status(),
@@ -616,6 +653,7 @@ fn spawn(
         }
     };
     proc.stop_all()?;
+    crate::timings::add("  parked and stopped", waited.elapsed());
     let tid = match parked_tid {
         Some(tid) if parked_thread(proc) == Some(tid) => tid,
         _ => {
@@ -625,17 +663,25 @@ fn spawn(
             })
         }
     };
-    let mut pthread = [0u8; 8];
-    proc.read_memory(slot + SLOT_PTHREAD, &mut pthread)
-        .map_err(mem(slot + SLOT_PTHREAD))?;
-    // pthread_detach takes no lock: the other threads may stay stopped.
-    let rc = remote_call::call(
-        proc,
-        tid,
-        fns.pthread_detach,
-        &[u64::from_le_bytes(pthread)],
-        remaining,
-    )?;
+    let mut rc = [0u8; 4];
+    proc.read_memory(slot + SLOT_DETACH_RC, &mut rc)
+        .map_err(mem(slot + SLOT_DETACH_RC))?;
+    let rc = match u32::from_le_bytes(rc) {
+        DETACH_NOT_RUN => {
+            let mut pthread = [0u8; 8];
+            proc.read_memory(slot + SLOT_PTHREAD, &mut pthread)
+                .map_err(mem(slot + SLOT_PTHREAD))?;
+            // pthread_detach takes no lock: the other threads may stay stopped.
+            remote_call::call(
+                proc,
+                tid,
+                fns.pthread_detach,
+                &[u64::from_le_bytes(pthread)],
+                remaining,
+            )?
+        }
+        rc => u64::from(rc),
+    };
     if rc != 0 {
         return Err(InjectError::ThreadCreate {
             errno: Errno::from_raw(rc as i32),

@@ -1,6 +1,7 @@
 //! tracer: everything done from outside the target.
 pub mod agent_blob;
 pub mod agent_thread;
+pub mod child_events;
 pub mod detached;
 pub mod inject;
 pub mod launch;

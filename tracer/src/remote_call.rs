@@ -337,6 +337,7 @@ pub fn call_with(
     if args.len() > 6 {
         return Err(RemoteCallError::TooManyArgs(args.len()));
     }
+    crate::timings::count("remote function calls");
     let scratch = ensure_scratch(proc, tid)?;
     let mut saved = save_state(proc, tid)?;
     let ret_addr = scratch.base + RETURN_PAD;
@@ -529,6 +530,7 @@ fn syscall_at(
     if args.len() > 6 {
         return Err(RemoteCallError::TooManyArgs(args.len()));
     }
+    crate::timings::count("remote system calls");
     let mut saved = save_state(proc, tid)?;
     let (addr, original) = match at {
         Some(a) => (a, None),

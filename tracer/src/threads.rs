@@ -315,9 +315,10 @@ fn foreign_machine(pid: i32) -> io::Result<Option<String>> {
     })
 }
 
-/// Polls `waitpid(tid)` until it reports something or `deadline` passes (`None`: forever).
+/// Waits for `waitpid(tid)` to report something or `deadline` to pass (`None`: forever),
+/// woken by `SIGCHLD` (see [`crate::child_events`]).
 pub(crate) fn wait_tid(tid: i32, deadline: Option<Instant>) -> Result<Option<WaitStatus>, Errno> {
-    let mut nap = Duration::from_micros(20);
+    let block = crate::child_events::ChildSignalBlock::new();
     loop {
         match waitpid(
             Pid::from_raw(tid),
@@ -331,8 +332,7 @@ pub(crate) fn wait_tid(tid: i32, deadline: Option<Instant>) -> Result<Option<Wai
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(None);
         }
-        std::thread::sleep(nap);
-        nap = (nap * 2).min(Duration::from_millis(2));
+        block.sleep(deadline);
     }
 }
 
@@ -847,6 +847,8 @@ impl Process {
         skip: Option<i32>,
     ) -> Result<Option<ExitStatus>, AttachError> {
         let deadline = Instant::now() + timeout;
+        // Blocked before the first check, so that an event after it wakes the sleep below.
+        let block = crate::child_events::ChildSignalBlock::new();
         loop {
             let mut any = false;
             for tid in self.threads() {
@@ -874,7 +876,7 @@ impl Process {
                 return Ok(None);
             }
             if !any {
-                std::thread::sleep(Duration::from_millis(1));
+                block.sleep(Some(deadline));
             }
         }
     }
@@ -908,8 +910,7 @@ impl Process {
         if !self.all_stopped() {
             self.stop_all()?;
         }
-        let agent = crate::agent_thread::parked_thread(self);
-        crate::agent_thread::dismiss(self);
+        let agent = crate::agent_thread::dismiss(self);
         crate::remote_call::release_scratch(self);
         // The agent's thread first and the main thread last: a thread let go runs at once,
         // and one that ends the process (`exit_group`, as a short program's main thread
