@@ -8,7 +8,9 @@
 //!
 //! 1. Raw system calls are safe on any stopped thread (they take no user-space lock): the
 //!    scratch page, and a *park page* (a private mapping of a memfd named [`PARK_NAME`], so
-//!    that maps shows it; code page `r-x`, control page `rw-`) are mapped with them.
+//!    that maps shows it; code page `r-x`, control page `rw-`, then 64 KiB of scratch data
+//!    that later sessions use for their remote calls instead of mapping and unmapping a
+//!    scratch page of their own) are mapped with them.
 //! 2. One thread is hijacked just long enough to call `pthread_create(stub, ctl)`. It must not
 //!    hold the locks `pthread_create` takes (malloc's for the DTV, the stack cache lock), so
 //!    it is chosen in this order: a thread created under our trace that has not run yet; a
@@ -28,8 +30,8 @@
 //!    then loops on a raw `futex` wait: its `rip` is in our page, it has called nothing and
 //!    holds no lock, and its signals are all blocked (it inherits the mask of the remote call).
 //!    It was created under trace (`PTRACE_O_TRACECLONE`): its first stop is serviced like any
-//!    new thread's; then it is detached (`pthread_detach`, so that it leaves nothing when it
-//!    ends).
+//!    new thread's. It detaches itself first (`pthread_detach(pthread_self())`, so that it
+//!    leaves nothing when it ends).
 //! 4. Every later call (`dlopen`, `dlerror` on the same thread, `dlsym`, the agent's init,
 //!    prepare and IFUNC resolution) is made on that parked thread, the other threads
 //!    released after 20 ms in the same way; restoring its registers restarts its `futex`
@@ -41,7 +43,11 @@
 //!    threads (a program whose main thread calls `pthread_exit` still ends when its last
 //!    worker does; debuggers and `ps -L` see no extra thread), and each attach starts its own
 //!    agent thread. A thread left parked by a tracer that was killed is found again through
-//!    the page's control block and reused. The page stays (a few bytes, reused next time).
+//!    the page's control block and reused. The page stays (72 KiB of address space, a few
+//!    pages resident; reused next time).
+//! 6. A program started by `tracer run`, stopped at its entry point with its main thread
+//!    alone, needs no such thread: that thread has run none of the program's code, holds no
+//!    lock, and the calls run on it directly.
 //!
 //! Every wait is capped (about 5 s, as Frida); a failure before the thread exists leaves the
 //! target exactly as it was (park page unmapped, hijacked thread restored).
@@ -62,6 +68,12 @@ use crate::threads::{wait_tid, AttachError, Handled, Process};
 /// Name of the memfd holding the parked thread's code and control block.
 pub const PARK_NAME: &str = "tracer-park";
 const PAGE: u64 = 4096;
+/// The park page's scratch area for remote calls (see [`park_scratch`]): its code in the
+/// code page at this offset, its data in the pages after the control page.
+const SCRATCH_CODE_AT: u64 = 0x800;
+const SCRATCH_DATA_AT: u64 = 2 * PAGE;
+/// Code page, control page, scratch data.
+const PARK_LEN: u64 = SCRATCH_DATA_AT + remote_call::SCRATCH_DATA_LEN;
 /// The control page: at +0 the index of the current thread's slot (u32); from +64, slots
 /// of 64 bytes, one per thread started, used in turn so that a thread still on its way out
 /// never reads the next one's word: `state` (u32 at +0, `PARKED` written by the thread),
@@ -187,6 +199,19 @@ pub(crate) fn resume_others(proc: &mut Process, except: Option<i32>) -> Result<(
     Ok(())
 }
 
+/// The main thread of a program we launched, when it is the only thread and still stopped
+/// at the program's entry point: it has run none of the program's code and the loader
+/// has finished, so it holds no lock, and the calls can run on it directly. That saves
+/// making a thread (about 1 ms of `tracer run`) and leaves no park page behind.
+fn launched_and_at_entry_alone(proc: &Process) -> Option<i32> {
+    let pid = proc.pid();
+    if !proc.is_launched() || proc.threads() != [pid] || !proc.is_stopped(pid) {
+        return None;
+    }
+    let entry = crate::launch::entry_point(pid).ok()?;
+    (proc.regs(pid).ok()?.rip == entry).then_some(pid)
+}
+
 /// The park page of the target, if an earlier session made one: its base address.
 pub fn find_page(pid: i32) -> Option<u64> {
     let entries = maps::read_pid(pid).ok()?;
@@ -196,6 +221,34 @@ pub fn find_page(pid: i32) -> Option<u64> {
         .filter(|m| m.path.starts_with(&prefix) && m.offset == 0)
         .map(|m| m.start)
         .min()
+}
+
+/// [`find_page`], remembered by `proc` once found.
+fn page(proc: &Process) -> Option<u64> {
+    if let Some(base) = proc.park_page.get() {
+        return Some(base);
+    }
+    let base = find_page(proc.pid());
+    proc.park_page.set(base);
+    base
+}
+
+/// The scratch area of the target's park page, when an earlier session left one: a later
+/// attach then maps no scratch page of its own (and unmaps none at detach). A page made by
+/// an older tracer, without that area, gives None.
+pub(crate) fn park_scratch(proc: &Process) -> Option<crate::threads::Scratch> {
+    let base = page(proc)?;
+    let mut code = [0u8; 16];
+    proc.read_memory(base + SCRATCH_CODE_AT, &mut code).ok()?;
+    let data_end = base + PARK_LEN - 1;
+    let mapped = proc.read_memory(data_end, &mut [0u8]).is_ok();
+    (code == remote_call::scratch_code() && mapped).then_some(crate::threads::Scratch {
+        base: base + SCRATCH_CODE_AT,
+        data: base + SCRATCH_DATA_AT,
+        data_len: remote_call::SCRATCH_DATA_LEN,
+        len: 0,
+        borrowed: true,
+    })
 }
 
 /// Address of the current slot of the park page at `base`.
@@ -220,7 +273,7 @@ fn read_slot(proc: &Process, slot: u64) -> Result<(u32, i32), RemoteCallError> {
 /// The parked thread of the target, if it exists and is stopped in its park loop, with
 /// its slot.
 fn parked(proc: &Process) -> Option<(i32, u64)> {
-    let base = find_page(proc.pid())?;
+    let base = page(proc)?;
     let slot = current_slot(proc, base)?;
     let (state, tid) = read_slot(proc, slot).ok()?;
     if state != STATE_PARKED || !proc.threads().contains(&tid) || !proc.is_stopped(tid) {
@@ -256,6 +309,10 @@ pub fn ensure(
     if !proc.all_stopped() {
         proc.stop_all()?;
     }
+    // First: it reads no maps (a launched program has no park page yet).
+    if let Some(tid) = launched_and_at_entry_alone(proc) {
+        return Ok(tid);
+    }
     if let Some(tid) = parked_thread(proc) {
         return Ok(tid);
     }
@@ -263,19 +320,21 @@ pub fn ensure(
     let hijack = crate::timings::time("  thread to hijack chosen", || {
         choose_hijacked_thread(proc, &fns.unsafe_ranges, deadline, timeout)
     })?;
-    let page = match find_page(proc.pid()) {
+    let page = match page(proc) {
         Some(base) => (base, false),
-        None => (
-            crate::timings::time("  park page made", || create_page(proc, hijack))?,
-            true,
-        ),
+        None => {
+            let base = crate::timings::time("  park page made", || create_page(proc, hijack))?;
+            proc.park_page.set(Some(base));
+            (base, true)
+        }
     };
     let r = spawn(proc, fns, hijack, page.0, deadline, timeout);
     let thread_made = matches!(r, Ok(_) | Err(InjectError::ThreadNotParked { .. }));
     if !thread_made && page.1 {
         // Nothing runs in the page unless the thread was made: leave no trace.
         if proc.all_stopped() || proc.stop_all().is_ok() {
-            let _ = remote_call::syscall(proc, hijack, libc::SYS_munmap, &[page.0, 2 * PAGE]);
+            let _ = remote_call::syscall(proc, hijack, libc::SYS_munmap, &[page.0, PARK_LEN]);
+            proc.park_page.set(None);
         }
     }
     r
@@ -545,7 +604,7 @@ fn create_page(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
         &[name, libc::MFD_CLOEXEC as u64],
     )?;
     let mapped = (|| {
-        remote_call::syscall_ok(proc, tid, libc::SYS_ftruncate, &[fd, 2 * PAGE])?;
+        remote_call::syscall_ok(proc, tid, libc::SYS_ftruncate, &[fd, PARK_LEN])?;
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         let base = remote_call::syscall_ok(
             proc,
@@ -553,7 +612,7 @@ fn create_page(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
             libc::SYS_mmap,
             // Private: /proc/PID/mem can then write the code page (copy on write) when a
             // remote syscall borrows the parked thread's rip; it cannot force a shared one.
-            &[0, 2 * PAGE, rw, libc::MAP_PRIVATE as u64, fd, 0],
+            &[0, PARK_LEN, rw, libc::MAP_PRIVATE as u64, fd, 0],
         )?;
         Ok::<u64, RemoteCallError>(base)
     })();
@@ -563,12 +622,15 @@ fn create_page(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
     let finish = (|| {
         proc.write_memory(base, STUB)
             .map_err(|error| RemoteCallError::Memory { addr: base, error })?;
+        let code = base + SCRATCH_CODE_AT;
+        proc.write_memory(code, &remote_call::scratch_code())
+            .map_err(|error| RemoteCallError::Memory { addr: code, error })?;
         let rx = (libc::PROT_READ | libc::PROT_EXEC) as u64;
         remote_call::syscall_ok(proc, tid, libc::SYS_mprotect, &[base, PAGE, rx])?;
         Ok(())
     })();
     if let Err(e) = finish {
-        let _ = remote_call::syscall(proc, tid, libc::SYS_munmap, &[base, 2 * PAGE]);
+        let _ = remote_call::syscall(proc, tid, libc::SYS_munmap, &[base, PARK_LEN]);
         return Err(e);
     }
     Ok(base)

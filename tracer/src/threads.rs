@@ -177,6 +177,8 @@ pub struct Scratch {
     pub data_len: u64,
     /// Total size of the mapping.
     pub len: u64,
+    /// Part of the agent thread's park page, which stays: not unmapped at detach.
+    pub borrowed: bool,
 }
 
 /// A seized process. Every known thread is traced; see the module documentation.
@@ -186,6 +188,9 @@ pub struct Process {
     mem: fs::File,
     exit: Option<ExitStatus>,
     pub(crate) scratch: Option<Scratch>,
+    /// Where the agent thread's park page is, once found or made (see `agent_thread`):
+    /// looked up in the maps once rather than at every remote call.
+    pub(crate) park_page: std::cell::Cell<Option<u64>>,
     /// Process launched by us (kill it if setup fails) rather than attached to.
     pub(crate) launched: bool,
     /// Programs the process has exec'd since we seized it (the code we patched is gone
@@ -375,6 +380,7 @@ impl Process {
             mem,
             exit: None,
             scratch: None,
+            park_page: std::cell::Cell::new(None),
             launched,
             execs: Vec::new(),
             _not_send: PhantomData,
@@ -626,6 +632,7 @@ impl Process {
                 let pid = self.pid;
                 self.threads.retain(|&t, _| t == pid);
                 self.scratch = None;
+                self.park_page.set(None);
                 let exe = fs::read_link(format!("/proc/{pid}/exe"))
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|_| "another program".into());
