@@ -80,3 +80,58 @@ impl Drop for ChildSignalBlock {
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sigchld_blocked() -> bool {
+        // SAFETY: queries this thread's mask into a local set.
+        unsafe {
+            let mut cur: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur);
+            libc::sigismember(&cur, libc::SIGCHLD) == 1
+        }
+    }
+
+    /// Blocked while the guard lives, as it was before once dropped, nested or not; a
+    /// child's exit wakes the sleep and stays for `waitpid` to collect.
+    #[test]
+    fn the_mask_is_restored_and_a_child_event_is_seen() {
+        std::thread::spawn(|| {
+            assert!(!sigchld_blocked());
+            {
+                let outer = ChildSignalBlock::new();
+                assert!(sigchld_blocked());
+                {
+                    let _inner = ChildSignalBlock::new();
+                }
+                assert!(sigchld_blocked(), "the inner guard unblocked it");
+                // SAFETY: fork in a test thread; the child only calls _exit.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    // SAFETY: async-signal-safe exit of the forked child.
+                    unsafe { libc::_exit(7) };
+                }
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let status = loop {
+                    let mut st = 0;
+                    // SAFETY: waits for our own child with a local status word.
+                    let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+                    if r == pid {
+                        break Some(st);
+                    }
+                    if Instant::now() >= deadline {
+                        break None;
+                    }
+                    outer.sleep(Some(deadline));
+                };
+                let st = status.expect("the child's exit was never collected");
+                assert!(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 7);
+            }
+            assert!(!sigchld_blocked(), "the mask was not restored");
+        })
+        .join()
+        .unwrap();
+    }
+}
