@@ -495,6 +495,8 @@ fn read_table<'a>(
     out: &mut Vec<RawFunction>,
 ) -> object::read::Result<()> {
     let table = sections.symbols(endian, data, sh_type)?;
+    // Grown once: each doubling of a vector this size is fresh pages to fault in.
+    out.reserve(table.len());
     let versions = if sh_type == elf::SHT_DYNSYM {
         sections.versions(endian, data)?
     } else {
@@ -628,7 +630,7 @@ fn merge_aliases(mut raw: Vec<RawFunction>) -> Vec<FileFunction> {
             });
         }
     }
-    let mut out: Vec<FileFunction> = Vec::new();
+    let mut out: Vec<FileFunction> = Vec::with_capacity(raw.len());
     for r in raw {
         match out.last_mut() {
             Some(f) if f.value == r.value => {
