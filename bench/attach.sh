@@ -15,7 +15,8 @@
 #      start-up when it shares the CPUs with that program;
 #   2. many probes (libc:*), a fresh idle program per attach;
 #   3. latency: first and later attach on one program, `tracer run -p libc:malloc -- /bin/true`
-#      against /bin/true untraced, with the prepare and patch phases of `--timings`;
+#      against /bin/true untraced, with the prepare and patch phases of `--timings`, then
+#      the same rows for the baseline when one is given;
 #   4. scale: 1, 100, 1,000 and 10,000 probes on a generated library of 10,000 small
 #      functions (N_SCALE fresh programs each), with the trampoline bytes and the target's
 #      added RSS per probe that `--timings` reports; then `-p '*:*'` on redis-server
