@@ -1101,9 +1101,10 @@ impl SymbolCache {
 /// and symbol tables only, and reading all of libc (2 MB) took about 1 ms per file.
 pub fn map_file(path: &Path) -> std::io::Result<memmap2::Mmap> {
     let f = std::fs::File::open(path)?;
-    // SAFETY: a private read-only view; a file truncated while we parse it would fault
-    // (SIGBUS), which happens before any change to the target. Libraries are replaced
-    // (a new inode) on upgrade, not rewritten in place.
+    // SAFETY: a private read-only view. A file truncated in place while mapped would fault
+    // (SIGBUS) when read, possibly mid-session now that a module's tables are read on
+    // first use; it would equally break every process that maps it, the target first.
+    // Libraries are replaced (a new inode) on upgrade, not rewritten in place.
     unsafe { memmap2::Mmap::map(&f) }
 }
 
