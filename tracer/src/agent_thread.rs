@@ -81,6 +81,11 @@ const PARK_LEN: u64 = SCRATCH_DATA_AT + remote_call::SCRATCH_DATA_LEN;
 /// the address of `pthread_detach` (u64 at +24, for the thread) and what it returned (u32 at
 /// +32, written by the thread; [`DETACH_NOT_RUN`] until then).
 const CTL: u64 = PAGE;
+/// At +8 of the control page: libc's base address, then `dlopen`, `dlsym`, `dlerror`,
+/// the `dlopen` mode bits, `pthread_create` and `pthread_detach` (u64 each, 0 for none),
+/// written by the session that made the thread, read by the next one instead of libc's
+/// file.
+const CTL_LIBC: u64 = 8;
 const SLOTS: u64 = 64;
 const SLOT_LEN: u64 = 64;
 const NSLOTS: u64 = 63;
@@ -214,13 +219,62 @@ fn launched_and_at_entry_alone(proc: &Process) -> Option<i32> {
 
 /// The park page of the target, if an earlier session made one: its base address.
 pub fn find_page(pid: i32) -> Option<u64> {
-    let entries = maps::read_pid(pid).ok()?;
+    page_in(&maps::read_pid(pid).ok()?)
+}
+
+/// The park page's base address among `entries` (a process's maps).
+fn page_in(entries: &[maps::MapEntry]) -> Option<u64> {
     let prefix = format!("/memfd:{PARK_NAME}");
     entries
         .iter()
         .filter(|m| m.path.starts_with(&prefix) && m.offset == 0)
         .map(|m| m.start)
         .min()
+}
+
+/// Writes `fns` into the control page's header (see [`CTL_LIBC`]) for the next session.
+fn remember_functions(proc: &Process, base: u64, fns: &LibcFunctions) {
+    let words = [
+        fns.libc_base,
+        fns.dlopen,
+        fns.dlsym,
+        fns.dlerror.unwrap_or(0),
+        fns.mode_extra,
+        fns.pthread_create,
+        fns.pthread_detach,
+    ];
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    // Best effort: without it the next session reads libc's file again.
+    let _ = proc.write_memory(base + CTL + CTL_LIBC, &bytes);
+}
+
+/// The libc functions an earlier session wrote into the park page of the process whose
+/// `/proc` directory is `dir` and maps are `entries`, if libc is still mapped at
+/// `libc_base` (it never moves within a process; an exec takes the page away). Their
+/// `unsafe_ranges` are left empty for the caller.
+pub(crate) fn remembered_functions(
+    dir: &str,
+    entries: &[maps::MapEntry],
+    libc_base: u64,
+) -> Option<LibcFunctions> {
+    use std::os::unix::fs::FileExt;
+    let base = page_in(entries)?;
+    let mem = std::fs::File::open(format!("{dir}/mem")).ok()?;
+    let mut b = [0u8; 56];
+    mem.read_exact_at(&mut b, base + CTL + CTL_LIBC).ok()?;
+    let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let f = LibcFunctions {
+        libc_base: w(0),
+        dlopen: w(1),
+        dlsym: w(2),
+        dlerror: Some(w(3)).filter(|&a| a != 0),
+        mode_extra: w(4),
+        pthread_create: w(5),
+        pthread_detach: w(6),
+        unsafe_ranges: Vec::new(),
+    };
+    let whole = [f.dlopen, f.dlsym, f.pthread_create, f.pthread_detach];
+    (libc_base != 0 && f.libc_base == libc_base && whole.iter().all(|&a| a != 0)).then_some(f)
 }
 
 /// [`find_page`], remembered by `proc` once found.
@@ -328,6 +382,7 @@ pub fn ensure(
             (base, true)
         }
     };
+    remember_functions(proc, page.0, fns);
     let r = spawn(proc, fns, hijack, page.0, deadline, timeout);
     let thread_made = matches!(r, Ok(_) | Err(InjectError::ThreadNotParked { .. }));
     if !thread_made && page.1 {

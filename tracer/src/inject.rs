@@ -157,6 +157,9 @@ pub struct LibcFunctions {
     pub pthread_detach: u64,
     /// Where libc and ld.so code lies: threads stopped there may hold their locks.
     pub unsafe_ranges: Vec<(u64, u64)>,
+    /// Lowest address libc is mapped at: whether addresses remembered in the target (see
+    /// [`agent_thread::remembered_functions`]) are still libc's.
+    pub libc_base: u64,
 }
 
 fn file_name(path: &str) -> &str {
@@ -237,6 +240,17 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
         }
         return Err(InjectError::StaticTarget { pid });
     };
+    let libc_base = entries
+        .iter()
+        .filter(|e| e.path == libc_path)
+        .map(|e| e.start)
+        .min()
+        .unwrap_or(0);
+    // An earlier session wrote them into its park page: no need to read libc's file.
+    if let Some(f) = agent_thread::remembered_functions(&dir, &entries, libc_base) {
+        crate::timings::count("libc functions remembered in the target");
+        return Ok(LibcFunctions { unsafe_ranges, ..f });
+    }
     let names = [
         "dlopen",
         "dlsym",
@@ -290,6 +304,7 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
         pthread_create,
         pthread_detach,
         unsafe_ranges,
+        libc_base,
     })
 }
 

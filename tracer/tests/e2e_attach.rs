@@ -231,9 +231,10 @@ fn timings_count(stderr: &str, name: &str) -> u64 {
 }
 
 /// A later attach uses what the first one left in the target (the agent, and the park
-/// page's scratch area for its remote calls): it makes no remote system call at all (it
-/// made seven: a scratch page mapped, protected and unmapped, and a buffer mapped and
-/// unmapped for each agent call), and the program keeps exactly its own threads.
+/// page's scratch area for its remote calls and libc's functions): it makes no remote
+/// system call at all (it made seven: a scratch page mapped, protected and unmapped, and a
+/// buffer mapped and unmapped for each agent call), reads no libc file, and the program
+/// keeps exactly its own threads.
 #[test]
 fn a_later_attach_makes_no_remote_system_call() {
     let dir = temp_dir("later_attach");
@@ -270,6 +271,11 @@ fn a_later_attach_makes_no_remote_system_call() {
         timings_count(&first, "remote system calls") > 0,
         "the first attach maps its pages: {first}"
     );
+    assert_eq!(
+        timings_count(&first, "libc functions remembered in the target"),
+        0,
+        "{first}"
+    );
     for i in 0..3 {
         let later = attach();
         assert_eq!(
@@ -279,6 +285,12 @@ fn a_later_attach_makes_no_remote_system_call() {
         );
         assert!(
             timings_count(&later, "remote function calls") > 0,
+            "{later}"
+        );
+        // The first attach wrote libc's functions into its park page.
+        assert_eq!(
+            timings_count(&later, "libc functions remembered in the target"),
+            1,
             "{later}"
         );
     }
