@@ -15,6 +15,15 @@ use std::time::{Duration, Instant};
 /// Longest sleep between two `WNOHANG` checks, for a wake-up another thread took.
 pub const SLICE: Duration = Duration::from_millis(1);
 
+/// Blocks `SIGCHLD` in the calling thread for good. Called first in `main`, before any
+/// thread starts, so that every thread of the tracer inherits it: a thread that let it
+/// through (a pack's event reader, say) would take the signal a wait sleeps for and drop
+/// it (its default action), and that wait would only see its stop at the end of a
+/// [`SLICE`]. Programs the tracer starts get an empty mask (see `launch`).
+pub fn block_for_the_process() {
+    std::mem::forget(ChildSignalBlock::new());
+}
+
 /// `SIGCHLD` blocked in this thread while the guard lives; the previous mask is restored
 /// when it is dropped (a `SIGCHLD` still pending is then ignored, its default action).
 pub struct ChildSignalBlock {
