@@ -15,12 +15,18 @@
 #      start-up when it shares the CPUs with that program;
 #   2. many probes (libc:*), a fresh idle program per attach;
 #   3. latency: first and later attach on one program, `tracer run -p libc:malloc -- /bin/true`
-#      against /bin/true untraced, with the prepare and patch phases of `--timings`;
+#      against /bin/true untraced, with the prepare and patch phases of `--timings`, then
+#      the same rows for the baseline when one is given;
 #   4. scale: 1, 100, 1,000 and 10,000 probes on a generated library of 10,000 small
 #      functions (N_SCALE fresh programs each), with the trampoline bytes and the target's
 #      added RSS per probe that `--timings` reports; then `-p '*:*'` on redis-server
 #      (installed with apt-get when missing; skipped with a line when that fails).
+#
+# SECTIONS=latency (or any comma-separated subset of states,probes,latency,scale) runs
+# only those tables.
 set -uo pipefail
+SECTIONS=${SECTIONS:-states,probes,latency,scale}
+want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 cd "$(dirname "$0")/.."
 baseline=${1:-}
 N=${N:-10}
@@ -95,6 +101,7 @@ state_row() {
 
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) CPUs"
 echo
+if want states; then
 if [ -n "$baseline" ]; then
     echo "| every thread | median ms | max ms | list median ms | baseline median ms | baseline max ms |"
     echo "|---|---|---|---|---|---|"
@@ -112,13 +119,16 @@ state_row "spinning in strlen" strlen
 state_row "inside strlen of a 1 MiB string" longstr
 state_row "inside a dl_iterate_phdr callback (holding the loader lock)" dliter
 state_row "mixed (condvar, read, malloc, strlen, spin, epoll_wait, nanosleep, sigtimedwait)" mixed
+fi
 
+if want probes; then
 echo
 echo "| probes, on a fresh idle program each time | median ms | max ms |"
 echo "|---|---|---|"
 n=$("$work/states" idle >/dev/null & p=$!; sleep 0.1; "$tracer" list "$p" 'libc:*' | grep -c probeable; kill -9 $p)
 printf '| libc:* (%s probeable) | %s |\n' "$n" "$(fresh "$tracer" "$work/states" idle -p 'libc:*')"
 printf '| libc:* with -x | %s |\n' "$(fresh "$tracer" "$work/states" idle -x -p 'libc:*')"
+fi
 
 # ---------------------------------------------------------------------------------------
 # Latency and scale (issue #10): wall clock and the tracer's own --timings breakdown.
@@ -160,36 +170,46 @@ median_cols() {
         }'
 }
 
+if want latency; then
 echo
 echo "## Latency (median of $N; ms)"
 echo
+# latency_rows TRACER LABEL: first and later attach on one program, and tracer run, for
+# TRACER; fresh programs, the tracers alternating with the baseline's rows below.
+latency_rows() {
+    local t=$1 label=$2 first=() later=() p
+    for i in $(seq 1 "$N"); do
+        "$work/states" idle >"$work/out" &
+        p=$!
+        pids+=("$p")
+        until grep -q ready "$work/out" 2>/dev/null; do sleep 0.01; done
+        sleep 0.1
+        first+=("$(timings_of "$t" attach "$p" -p main:work --duration 0)")
+        later+=("$(timings_of "$t" attach "$p" -p main:work --duration 0)")
+        kill -9 "$p" 2>/dev/null
+        wait "$p" 2>/dev/null
+    done
+    printf '| %sfirst attach, main:work (agent loaded) | %s |\n' "$label" \
+        "$(printf '%s\n' "${first[@]}" | median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
+    printf '| %slater attach, same process | %s |\n' "$label" \
+        "$(printf '%s\n' "${later[@]}" | median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
+    printf '| %stracer run -p libc:malloc -- /bin/true | %s |\n' "$label" \
+        "$(for i in $(seq 1 "$N"); do timings_of "$t" run -p libc:malloc -- /bin/true; done |
+            median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
+}
 echo "| what | wall ms | prepare ms | patch ms |"
 echo "|---|---|---|---|"
-# First attach (agent thread, agent load) and a later one on the same process.
-first=() later=()
-for i in $(seq 1 "$N"); do
-    "$work/states" idle >"$work/out" &
-    p=$!
-    pids+=("$p")
-    until grep -q ready "$work/out" 2>/dev/null; do sleep 0.01; done
-    sleep 0.1
-    first+=("$(timings_of "$tracer" attach "$p" -p main:work --duration 0)")
-    later+=("$(timings_of "$tracer" attach "$p" -p main:work --duration 0)")
-    kill -9 "$p" 2>/dev/null
-    wait "$p" 2>/dev/null
-done
-printf '| first attach, main:work (agent loaded) | %s |\n' \
-    "$(printf '%s\n' "${first[@]}" | median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
-printf '| later attach, same process | %s |\n' \
-    "$(printf '%s\n' "${later[@]}" | median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
+latency_rows "$tracer" ""
 untraced=$(for i in $(seq 1 "$N"); do
     t0=$(ms_now); /bin/true; t1=$(ms_now); echo "$(( (t1 - t0) / 1000 ))"
 done | sort -n | awk '{ v[NR] = $1 } END { printf "%.1f", v[int((NR + 1) / 2)] / 1000 }')
 printf '| /bin/true untraced | %s | | |\n' "$untraced"
-printf '| tracer run -p libc:malloc -- /bin/true | %s |\n' \
-    "$(for i in $(seq 1 "$N"); do timings_of "$tracer" run -p libc:malloc -- /bin/true; done |
-        median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
+if [ -n "$baseline" ]; then
+    latency_rows "$baseline" "baseline: "
+fi
+fi
 
+if want scale; then
 # A generated library of 10,000 small functions (as tracer/tests/e2e_sessions.rs builds),
 # called by a program that runs them all every millisecond.
 gen_lib() {
@@ -271,4 +291,5 @@ if command -v redis-server >/dev/null; then
     kill -9 "$rp" 2>/dev/null
 else
     echo "redis-server: not installed and apt-get could not install it; the real-server row is skipped"
+fi
 fi

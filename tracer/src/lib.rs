@@ -2,6 +2,7 @@
 pub mod agent_blob;
 pub mod agent_thread;
 pub mod builtin;
+pub mod child_events;
 pub mod detached;
 pub mod follow;
 pub mod inject;

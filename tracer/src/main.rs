@@ -197,6 +197,7 @@ impl ProbeArgs {
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    tracer::child_events::block_for_the_process();
     let cli = Cli::parse();
     let show_timings = match &cli.command {
         Command::Run { probes, .. } | Command::Attach { probes, .. } => probes.timings,

@@ -44,6 +44,15 @@ pub fn figure(name: &'static str, value: u64) {
     }
 }
 
+/// Adds one to the figure `name` (a count of round trips, say).
+pub fn count(name: &'static str) {
+    let mut v = FIGURES.lock().unwrap_or_else(|e| e.into_inner());
+    match v.iter_mut().find(|(n, _)| *n == name) {
+        Some((_, x)) => *x += 1,
+        None => v.push((name, 1)),
+    }
+}
+
 /// The figures recorded so far.
 pub fn figures() -> Vec<(&'static str, u64)> {
     FIGURES.lock().unwrap_or_else(|e| e.into_inner()).clone()
