@@ -85,6 +85,14 @@ pub unsafe extern "C" fn tracer_agent_prepare(
         };
         // Patches a killed tracer left must not be read as the code they replaced.
         i.refresh_live();
+        let functions: Vec<Function> = reqs
+            .iter()
+            .map(|r| Function {
+                address: r.function,
+                size: (r.size != 0).then_some(r.size),
+            })
+            .collect();
+        i.plan_batch(&functions);
         let mut ok = 0;
         for (req, o) in reqs.iter().zip(out.iter_mut()) {
             *o = prepare_one(i, req);
@@ -92,6 +100,7 @@ pub unsafe extern "C" fn tracer_agent_prepare(
                 ok += 1;
             }
         }
+        i.end_batch();
         ok
     }));
     r.unwrap_or(0)

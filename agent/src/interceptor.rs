@@ -11,7 +11,8 @@ use crate::dispatch::{self, Probe};
 use crate::emitter::{CallEncoding, Policy};
 use crate::jit::{self, JitError};
 use crate::maps::MapEntry;
-use crate::relocator::{self, Function, Memory, Refusal, SelfMemory};
+use crate::counting_entry::{self, CountingEntry};
+use crate::relocator::{self, Function, Memory, NeighbourIndex, Refusal, SelfMemory};
 use crate::shared::SharedRegion;
 use crate::trampoline;
 use probes::context::OffsetHandler;
@@ -153,6 +154,8 @@ pub struct Interceptor {
     /// Unwinder hooks, and those of them not yet committed in process.
     internal: Vec<Prepared>,
     internal_pending: Vec<usize>,
+    /// The neighbour scan of the batch being prepared (see [`Interceptor::plan_batch`]).
+    neighbours: Option<NeighbourIndex>,
 }
 
 impl Interceptor {
@@ -173,6 +176,7 @@ impl Interceptor {
             xsave: trampoline::XsaveInfo::detect(),
             internal: Vec::new(),
             internal_pending: Vec::new(),
+            neighbours: None,
         })
     }
 
@@ -284,6 +288,21 @@ impl Interceptor {
         self.committed = live;
     }
 
+    /// Decode the surroundings of the functions about to be prepared once, for all of
+    /// them, instead of 8 KiB per probe (see `relocator::NeighbourIndex`); until
+    /// [`end_batch`](Self::end_batch), probes of these functions use that scan.
+    pub fn plan_batch(&mut self, functions: &[Function]) {
+        let mem = UnpatchedMemory {
+            patches: &self.committed,
+        };
+        self.neighbours = Some(NeighbourIndex::build(functions, &mem));
+    }
+
+    /// Forget the batch's scan: code may change before the next one.
+    pub fn end_batch(&mut self) {
+        self.neighbours = None;
+    }
+
     /// Prepared probes whose patch is in memory (as of the last
     /// [`refresh_live`](Self::refresh_live) or in-process commit), one per site.
     pub fn live(&self) -> Vec<Prepared> {
@@ -341,7 +360,8 @@ impl Interceptor {
             patches: &self.committed,
         };
         let stolen =
-            relocator::analyze(&req.function, site, rkind, &mem).map_err(PrepareError::Refused)?;
+            relocator::analyze_with(&req.function, site, rkind, &mem, self.neighbours.as_ref())
+                .map_err(PrepareError::Refused)?;
         let exit_trampoline = match req.kind {
             ProbeKind::Exit => self.exit_trampoline()?,
             _ => 0,
@@ -392,9 +412,23 @@ impl Interceptor {
         // Near the site and the agent when one block can reach both; else near the site.
         let mut placed = None;
         for near in [&[stolen.site, on_entry][..], &[stolen.site][..]] {
-            match jit::place(&mut self.alloc, near, self.policy, |e| match xsave {
-                Some(xs) => trampoline::emit_offset(e, probe, &stolen, xs),
-                None => trampoline::emit_entry(e, probe, &stolen, fast, avx),
+            match jit::place(&mut self.alloc, near, self.policy, |e| match (xsave, fast) {
+                (Some(xs), _) => trampoline::emit_offset(e, probe, &stolen, xs),
+                // Counting entries only: inline, nothing to call.
+                (None, Some(f)) if f.exit_trampoline == 0 => {
+                    let c = CountingEntry {
+                        tls: f.tls,
+                        counters: f.counters,
+                        sharding: crate::shared::sharding(),
+                    };
+                    Ok(counting_entry::emit(e, c, &stolen)?.map(|relocated| {
+                        trampoline::EntryTrampoline {
+                            encoding: CallEncoding::Rel32,
+                            relocated,
+                        }
+                    }))
+                }
+                (None, _) => trampoline::emit_entry(e, probe, &stolen, fast, avx),
             }) {
                 Ok(p) => {
                     placed = Some(p);

@@ -1,6 +1,7 @@
 //! The runtime that lives inside the target: near-code allocation, call emission,
 //! prologue relocation, trampolines and the hot path they call.
 pub mod allocator;
+pub mod counting_entry;
 pub mod api;
 pub mod dispatch;
 pub mod emitter;
