@@ -47,15 +47,21 @@ fn symbols(path: &std::path::Path) -> Vec<(String, u64, u64)> {
 /// The parts of preparing on their own: analysing each site (reading, decoding, the
 /// safety checks, with the batch's neighbour scan) and re-encoding its instructions.
 fn phases(functions: &[Function]) {
-    use agent::relocator::{analyze_with, relocate, NeighbourIndex, ProbeKind, SelfMemory};
+    use agent::relocator::{
+        analyze_with, relocate, BatchMemory, NeighbourIndex, ProbeKind, SelfMemory,
+    };
     let n = functions.len() as f64;
     let t = Instant::now();
     let index = NeighbourIndex::build(functions, &SelfMemory);
     let scan = t.elapsed();
+    let mem = BatchMemory {
+        index: &index,
+        inner: &SelfMemory,
+    };
     let t = Instant::now();
     let stolen: Vec<_> = functions
         .iter()
-        .map(|f| analyze_with(f, f.address, ProbeKind::Entry, &SelfMemory, Some(&index)).unwrap())
+        .map(|f| analyze_with(f, f.address, ProbeKind::Entry, &mem, Some(&index)).unwrap())
         .collect();
     let analyse = t.elapsed();
     let t = Instant::now();

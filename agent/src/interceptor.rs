@@ -256,9 +256,10 @@ impl Interceptor {
 
     /// The code a probe took over, as it is now under any live patch.
     fn code_at(&self, p: &Prepared) -> Option<Vec<u8>> {
-        let mem = UnpatchedMemory {
+        let unpatched = UnpatchedMemory {
             patches: &self.committed,
         };
+        let mem = self.batch_memory(&unpatched);
         let mut code = vec![0u8; p.stolen_len];
         mem.read(p.site, &mut code).then_some(code)
     }
@@ -296,6 +297,19 @@ impl Interceptor {
             patches: &self.committed,
         };
         self.neighbours = Some(NeighbourIndex::build(functions, &mem));
+    }
+
+    /// `unpatched` read through the batch's code first when a batch is being prepared.
+    fn batch_memory<'a>(&'a self, unpatched: &'a UnpatchedMemory<'a>) -> Box<dyn Memory + 'a> {
+        match &self.neighbours {
+            Some(index) => Box::new(relocator::BatchMemory {
+                index,
+                inner: unpatched,
+            }),
+            None => Box::new(UnpatchedMemory {
+                patches: unpatched.patches,
+            }),
+        }
     }
 
     /// Forget the batch's scan: code may change before the next one.
@@ -356,12 +370,14 @@ impl Interceptor {
                 req.function.address + req.offset,
             ),
         };
-        let mem = UnpatchedMemory {
-            patches: &self.committed,
+        let stolen = {
+            let unpatched = UnpatchedMemory {
+                patches: &self.committed,
+            };
+            let mem = self.batch_memory(&unpatched);
+            relocator::analyze_with(&req.function, site, rkind, &*mem, self.neighbours.as_ref())
+                .map_err(PrepareError::Refused)?
         };
-        let stolen =
-            relocator::analyze_with(&req.function, site, rkind, &mem, self.neighbours.as_ref())
-                .map_err(PrepareError::Refused)?;
         let exit_trampoline = match req.kind {
             ProbeKind::Exit => self.exit_trampoline()?,
             _ => 0,

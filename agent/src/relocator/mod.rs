@@ -27,7 +27,7 @@ mod rewrite;
 mod tests;
 
 pub use memory::{Memory, SelfMemory, SliceMemory};
-pub use neighbours::NeighbourIndex;
+pub use neighbours::{BatchMemory, NeighbourIndex};
 pub use refusal::Refusal;
 pub use rewrite::relocate;
 
