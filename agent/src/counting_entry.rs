@@ -29,7 +29,7 @@
 //! jmp done
 //! ```
 //!
-//! 64 bytes with shards, 48 without, relocated instructions aside. Every register and
+//! 64 bytes with shards, 47 without, relocated instructions aside. Every register and
 //! `rsp` are as at the site when the relocated instructions run; the bytes below `rsp`
 //! it writes are the callee's red zone, not yet used at a function entry, and only the
 //! flags change, which are dead at a call boundary (the rule of `crate::trampoline`).
