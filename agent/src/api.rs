@@ -148,9 +148,13 @@ fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
         }),
     };
     match i.prepare_reusing(&r) {
-        Ok((p, _)) => {
+        Ok((p, reused)) => {
             i.enable(p.id);
             o = prepared_result(&p);
+            if !reused {
+                o.code_len = p.code_len.min(u16::MAX as usize) as u16;
+                o.relocated_len = p.relocated_len.min(u16::MAX as usize) as u16;
+            }
         }
         Err(crate::interceptor::PrepareError::Refused(r)) => {
             o.status = status::REFUSED;

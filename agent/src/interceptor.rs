@@ -128,6 +128,9 @@ pub struct Prepared {
     pub trampoline: u64,
     /// How the trampoline reaches the agent.
     pub encoding: CallEncoding,
+    /// Bytes of the trampoline, and of the relocated instructions in it.
+    pub code_len: usize,
+    pub relocated_len: usize,
 }
 
 /// Owns trampolines, probes and their counters.
@@ -476,6 +479,8 @@ impl Interceptor {
             stolen_len: stolen.len,
             trampoline: placed.addr,
             encoding: tramp.encoding,
+            code_len: placed.len,
+            relocated_len: tramp.relocated.bytes.len(),
         };
         self.prepared.push(prepared.clone());
         Ok(prepared)
