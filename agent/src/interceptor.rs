@@ -14,6 +14,7 @@ use crate::maps::MapEntry;
 use crate::counting_entry::{self, CountingEntry};
 use crate::relocator::{self, Function, Memory, NeighbourIndex, Refusal, SelfMemory};
 use crate::shared::SharedRegion;
+use crate::shared_general;
 use crate::trampoline;
 use probes::context::OffsetHandler;
 use probes::shared::{flags, ProbeKind};
@@ -159,6 +160,8 @@ pub struct Interceptor {
     internal_pending: Vec<usize>,
     /// The neighbour scan of the batch being prepared (see [`Interceptor::plan_batch`]).
     neighbours: Option<NeighbourIndex>,
+    /// The general entry path shared by handler-less exit probes (`shared_general`).
+    general_stub: Option<u64>,
 }
 
 impl Interceptor {
@@ -180,6 +183,7 @@ impl Interceptor {
             internal: Vec::new(),
             internal_pending: Vec::new(),
             neighbours: None,
+            general_stub: None,
         })
     }
 
@@ -428,6 +432,10 @@ impl Interceptor {
         };
         let on_entry = dispatch::on_entry as *const () as u64;
         let avx = self.avx();
+        let stub = match fast {
+            Some(f) if f.exit_trampoline != 0 => self.general_stub()?,
+            _ => 0,
+        };
         // Near the site and the agent when one block can reach both; else near the site.
         let mut placed = None;
         for near in [&[stolen.site, on_entry][..], &[stolen.site][..]] {
@@ -447,7 +455,9 @@ impl Interceptor {
                         }
                     }))
                 }
-                (None, _) => trampoline::emit_entry(e, probe, &stolen, fast, avx),
+                // Counting entries and returns: the rare general path is shared.
+                (None, Some(f)) => shared_general::emit_entry(e, probe, &stolen, f, stub),
+                (None, None) => trampoline::emit_entry(e, probe, &stolen, None, avx),
             }) {
                 Ok(p) => {
                     placed = Some(p);
@@ -490,6 +500,29 @@ impl Interceptor {
     /// registers across handlers.
     fn avx(&self) -> bool {
         self.xsave.is_some_and(|x| x.avx())
+    }
+
+    /// The general entry path of handler-less exit probes, emitted on first use.
+    fn general_stub(&mut self) -> Result<u64, PrepareError> {
+        if let Some(a) = self.general_stub {
+            return Ok(a);
+        }
+        let on_entry = dispatch::on_entry as *const () as u64;
+        let avx = self.avx();
+        let placed = jit::place(&mut self.alloc, &[on_entry], self.policy, |e| {
+            shared_general::emit_stub(e, avx)
+        })
+        .or_else(|_| {
+            jit::place(&mut self.alloc, &[], self.policy, |e| {
+                shared_general::emit_stub(e, avx)
+            })
+        })
+        .map_err(|e| match e {
+            JitError::Alloc(a) => PrepareError::NoTrampolineMemory(a),
+            JitError::Emit(e) => PrepareError::Codegen(e.to_string()),
+        })?;
+        self.general_stub = Some(placed.addr);
+        Ok(placed.addr)
     }
 
     fn exit_trampoline(&mut self) -> Result<u64, PrepareError> {

@@ -12,5 +12,6 @@ pub mod pack_loader;
 pub mod pack_region;
 pub mod relocator;
 pub mod shared;
+pub mod shared_general;
 pub mod thread_state;
 pub mod trampoline;
