@@ -102,7 +102,11 @@ fn main() {
         .arg(&src)
         .output()
         .expect("run cc");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let syms = symbols(&lib);
     assert_eq!(syms.len(), n);
     let path = std::ffi::CString::new(lib.to_str().unwrap()).unwrap();
@@ -170,7 +174,11 @@ fn main() {
         // SAFETY: a function of the library, `int f(int)`.
         let f: extern "C" fn(i32) -> i32 =
             unsafe { std::mem::transmute(libc::dlsym(handle, c.as_ptr())) };
-        assert_eq!(f(k as i32), k as i32 * 3 + k as i32 + 1, "{name} computes the same");
+        assert_eq!(
+            f(k as i32),
+            k as i32 * 3 + k as i32 + 1,
+            "{name} computes the same"
+        );
     }
     let wrong = ids.iter().filter(|p| i.counters(p.id).hits() != 1).count();
     assert_eq!(wrong, 0, "probes whose count is not exactly 1");

@@ -58,7 +58,10 @@ const C_FLAGS: u8 = offset_of!(ProbeCounters, flags) as u8;
 const SHARDS: usize = std::mem::size_of::<ProbeCounters>();
 const _: () = assert!(std::mem::size_of::<Shard>() == 64);
 const _: () = assert!(offset_of!(Shard, hits) == offset_of!(ProbeCounters, hits));
-const _: () = assert!(SHARDS + offset_of!(Shard, hits) < 128, "disp8 of the shard's hits");
+const _: () = assert!(
+    SHARDS + offset_of!(Shard, hits) < 128,
+    "disp8 of the shard's hits"
+);
 const _: () = assert!(flags::ENABLED < 256);
 
 const PUSH_RAX: u8 = 0x50;
@@ -150,7 +153,11 @@ fn head(c: CountingEntry, short: bool) -> Head {
     b.extend_from_slice(&(c.tls + tl::BUSY).to_le_bytes());
     b.push(0);
     let jne_at = b.len();
-    b.extend_from_slice(if short { &[0x75, 0][..] } else { &[0x0f, 0x85, 0, 0, 0, 0] });
+    b.extend_from_slice(if short {
+        &[0x75, 0][..]
+    } else {
+        &[0x0f, 0x85, 0, 0, 0, 0]
+    });
     // test byte ptr [rax+flags], ENABLED ; je done
     b.extend_from_slice(&[0xf6, 0x40, C_FLAGS, flags::ENABLED as u8]);
     let je_at = b.len();

@@ -7,11 +7,11 @@
 //! instruction pointer inside a patched range.
 
 use crate::allocator::{AllocError, NearAllocator};
+use crate::counting_entry::{self, CountingEntry};
 use crate::dispatch::{self, Probe};
 use crate::emitter::{CallEncoding, Policy};
 use crate::jit::{self, JitError};
 use crate::maps::MapEntry;
-use crate::counting_entry::{self, CountingEntry};
 use crate::relocator::{self, Function, Memory, NeighbourIndex, Refusal, SelfMemory};
 use crate::shared::SharedRegion;
 use crate::shared_general;
@@ -439,25 +439,27 @@ impl Interceptor {
         // Near the site and the agent when one block can reach both; else near the site.
         let mut placed = None;
         for near in [&[stolen.site, on_entry][..], &[stolen.site][..]] {
-            match jit::place(&mut self.alloc, near, self.policy, |e| match (xsave, fast) {
-                (Some(xs), _) => trampoline::emit_offset(e, probe, &stolen, xs),
-                // Counting entries only: inline, nothing to call.
-                (None, Some(f)) if f.exit_trampoline == 0 => {
-                    let c = CountingEntry {
-                        tls: f.tls,
-                        counters: f.counters,
-                        sharding: crate::shared::sharding(),
-                    };
-                    Ok(counting_entry::emit(e, c, &stolen)?.map(|relocated| {
-                        trampoline::EntryTrampoline {
-                            encoding: CallEncoding::Rel32,
-                            relocated,
-                        }
-                    }))
+            match jit::place(&mut self.alloc, near, self.policy, |e| {
+                match (xsave, fast) {
+                    (Some(xs), _) => trampoline::emit_offset(e, probe, &stolen, xs),
+                    // Counting entries only: inline, nothing to call.
+                    (None, Some(f)) if f.exit_trampoline == 0 => {
+                        let c = CountingEntry {
+                            tls: f.tls,
+                            counters: f.counters,
+                            sharding: crate::shared::sharding(),
+                        };
+                        Ok(counting_entry::emit(e, c, &stolen)?.map(|relocated| {
+                            trampoline::EntryTrampoline {
+                                encoding: CallEncoding::Rel32,
+                                relocated,
+                            }
+                        }))
+                    }
+                    // Counting entries and returns: the rare general path is shared.
+                    (None, Some(f)) => shared_general::emit_entry(e, probe, &stolen, f, stub),
+                    (None, None) => trampoline::emit_entry(e, probe, &stolen, None, avx),
                 }
-                // Counting entries and returns: the rare general path is shared.
-                (None, Some(f)) => shared_general::emit_entry(e, probe, &stolen, f, stub),
-                (None, None) => trampoline::emit_entry(e, probe, &stolen, None, avx),
             }) {
                 Ok(p) => {
                     placed = Some(p);

@@ -1,8 +1,8 @@
 //! The runtime that lives inside the target: near-code allocation, call emission,
 //! prologue relocation, trampolines and the hot path they call.
 pub mod allocator;
-pub mod counting_entry;
 pub mod api;
+pub mod counting_entry;
 pub mod dispatch;
 pub mod emitter;
 pub mod interceptor;

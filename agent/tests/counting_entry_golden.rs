@@ -90,7 +90,11 @@ fn sharded_count() {
             "eb ed ; jmp short 0x7f1244560033",
         ]
     );
-    assert_eq!(code.len() - relocated, 64, "code besides the relocated bytes");
+    assert_eq!(
+        code.len() - relocated,
+        64,
+        "code besides the relocated bytes"
+    );
 }
 
 #[test]
@@ -114,7 +118,11 @@ fn unsharded_count() {
             "eb ed ; jmp short 0x7f1244560022",
         ]
     );
-    assert_eq!(code.len() - relocated, 47, "code besides the relocated bytes");
+    assert_eq!(
+        code.len() - relocated,
+        47,
+        "code besides the relocated bytes"
+    );
 }
 
 /// A trailing `call` becomes `push; mov; jmp` that never falls through: no jump back,

@@ -208,5 +208,10 @@ fn batch_analysis_of_libc_matches_analysis_one_by_one() {
         }
     }
     assert!(functions.len() > 1000, "{} functions", functions.len());
-    assert!(differ.is_empty(), "{} differ:\n{}", differ.len(), differ.join("\n"));
+    assert!(
+        differ.is_empty(),
+        "{} differ:\n{}",
+        differ.len(),
+        differ.join("\n")
+    );
 }

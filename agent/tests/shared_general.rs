@@ -30,10 +30,10 @@ extern "C" {
 fn each_probe_reaches_the_shared_stub_as_itself() {
     let mut i = Interceptor::new(16).unwrap();
     let a = i
-        .prepare(&ProbeRequest::entry(sg_leaf_a as usize as u64, Some(8)).with_exit())
+        .prepare(&ProbeRequest::entry(sg_leaf_a as *const () as u64, Some(8)).with_exit())
         .unwrap();
     let b = i
-        .prepare(&ProbeRequest::entry(sg_leaf_b as usize as u64, Some(8)).with_exit())
+        .prepare(&ProbeRequest::entry(sg_leaf_b as *const () as u64, Some(8)).with_exit())
         .unwrap();
     // The general path (every register and vector register saved around the call, about
     // 600 bytes) is not in the probes' code any more: what is left is the inline fast
@@ -61,6 +61,11 @@ fn each_probe_reaches_the_shared_stub_as_itself() {
     assert_eq!(t2.join().unwrap(), (22, 23));
     for p in [&a, &b] {
         let c = i.counters(p.id);
-        assert_eq!((c.hits(), c.exits(), c.lost_exits()), (2, 2, 0), "probe {}", p.id);
+        assert_eq!(
+            (c.hits(), c.exits(), c.lost_exits()),
+            (2, 2, 0),
+            "probe {}",
+            p.id
+        );
     }
 }

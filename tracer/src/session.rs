@@ -707,7 +707,10 @@ fn record_probe_memory(pid: i32, rss_before: Option<u64>, results: &[PrepareResu
             .sum();
         let relocated: u64 = made.iter().map(|r| r.relocated_len as u64).sum();
         let n = made.len() as u64;
-        timings::figure("trampoline code bytes per probe (relocated aside)", code / n);
+        timings::figure(
+            "trampoline code bytes per probe (relocated aside)",
+            code / n,
+        );
         timings::figure("relocated bytes per probe", relocated / n);
     }
     if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(pid)) {

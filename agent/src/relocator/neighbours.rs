@@ -45,7 +45,7 @@ pub struct NeighbourIndex {
 impl NeighbourIndex {
     /// Sweep the neighbourhoods of `functions` (in any order) through `mem`.
     pub fn build(functions: &[Function], mem: &dyn Memory) -> Self {
-        let mut windows: Vec<(u64, u64)> = functions.iter().map(|f| window(f)).collect();
+        let mut windows: Vec<(u64, u64)> = functions.iter().map(window).collect();
         windows.sort_unstable();
         let mut covered: Vec<(u64, u64)> = Vec::new();
         for (s, e) in windows {

@@ -173,7 +173,11 @@ impl<'a> Rewriter<'a> {
         if self.block.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        if self.block.iter().all(|i| classify(i, false) == Class::Plain) {
+        if self
+            .block
+            .iter()
+            .all(|i| classify(i, false) == Class::Plain)
+        {
             return Ok(self.copy_plain());
         }
         let new_ip = self.new_ip;
