@@ -82,6 +82,12 @@ fn phases(what: &str, functions: &[Function]) {
     );
 }
 
+/// Bytes of the heap in use (glibc's `mallinfo2`).
+fn heap() -> u64 {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    unsafe { libc::mallinfo2() }.uordblks as u64
+}
+
 /// The mapped and heap bytes of this process (`VmRSS` of /proc/self/status, in bytes).
 fn rss() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -143,6 +149,7 @@ fn main() {
     let warm = ProbeRequest::entry(rss as *const () as u64, None);
     let _ = i.prepare(&warm);
     let rss0 = rss();
+    let heap0 = heap();
     let code0 = i.allocator().stats().code_bytes;
     let t0 = Instant::now();
     i.plan_batch(&functions);
@@ -160,6 +167,7 @@ fn main() {
     let total = t0.elapsed();
     let code = i.allocator().stats().code_bytes - code0;
     let grown = rss().saturating_sub(rss0);
+    let heap_grown = heap().saturating_sub(heap0);
     println!("probes: {n}");
     println!(
         "neighbour scan: {:.1} ms; prepare total: {:.1} ms, {:.2} us per probe",
@@ -174,7 +182,9 @@ fn main() {
         code as f64 / n as f64
     );
     println!(
-        "agent memory growth per probe (RSS, trampolines + counters + bookkeeping): {} bytes",
+        "agent memory per probe: heap in use {} bytes (the probe, its records, its reuse \
+         key); RSS growth {} bytes (trampolines, counter lines, heap pages not reused)",
+        heap_grown / n as u64,
         grown / n as u64
     );
 
