@@ -9,7 +9,7 @@
 use crate::allocator::{AllocError, NearAllocator};
 use crate::counting_entry::{self, CountingEntry};
 use crate::dispatch::{self, Probe};
-use crate::emitter::{CallEncoding, Policy};
+use crate::emitter::{CallEncoding, EmitError, Emitter, Policy};
 use crate::jit::{self, JitError};
 use crate::maps::MapEntry;
 use crate::relocator::{self, Function, Memory, NeighbourIndex, Refusal, SelfMemory};
@@ -437,26 +437,7 @@ impl Interceptor {
         let mut placed = None;
         for near in [&[stolen.site, on_entry][..], &[stolen.site][..]] {
             match jit::place(&mut self.alloc, near, self.policy, |e| {
-                match (xsave, fast) {
-                    (Some(xs), _) => trampoline::emit_offset(e, probe, &stolen, xs),
-                    // Counting entries only: inline, nothing to call.
-                    (None, Some(f)) if f.exit_trampoline == 0 => {
-                        let c = CountingEntry {
-                            tls: f.tls,
-                            counters: f.counters,
-                            sharding: crate::shared::sharding(),
-                        };
-                        Ok(counting_entry::emit(e, c, &stolen)?.map(|relocated| {
-                            trampoline::EntryTrampoline {
-                                encoding: CallEncoding::Rel32,
-                                relocated,
-                            }
-                        }))
-                    }
-                    // Counting entries and returns: the rare general path is shared.
-                    (None, Some(f)) => shared_general::emit_entry(e, probe, &stolen, f, stub),
-                    (None, None) => trampoline::emit_entry(e, probe, &stolen, None, avx),
-                }
+                emit_trampoline(e, probe, &stolen, xsave, fast, avx, stub)
             }) {
                 Ok(p) => {
                     placed = Some(p);
@@ -624,6 +605,40 @@ impl Interceptor {
             .flags
             .fetch_and(!flags::ENABLED, Ordering::Release);
         Ok(())
+    }
+}
+
+/// Emit the trampoline `probe` needs: the full-context one at an offset, the inline
+/// counting one for a handler-less entry, the fast paths with the shared general path
+/// (`stub`) for a handler-less exit probe, or the fast paths when there are any and the
+/// general path of its own for a probe with handlers.
+fn emit_trampoline(
+    e: &mut Emitter,
+    probe: &'static Probe,
+    stolen: &relocator::Stolen,
+    xsave: Option<trampoline::XsaveInfo>,
+    fast: Option<trampoline::FastEntry>,
+    avx: bool,
+    stub: u64,
+) -> Result<Result<trampoline::EntryTrampoline, Refusal>, EmitError> {
+    match (xsave, fast) {
+        (Some(xs), _) => trampoline::emit_offset(e, probe, stolen, xs),
+        (None, Some(f)) if f.exit_trampoline == 0 => {
+            let c = CountingEntry {
+                tls: f.tls,
+                counters: f.counters,
+                sharding: crate::shared::sharding(),
+            };
+            // Nothing is called: the encoding reported is that of no far call.
+            Ok(
+                counting_entry::emit(e, c, stolen)?.map(|relocated| trampoline::EntryTrampoline {
+                    encoding: CallEncoding::Rel32,
+                    relocated,
+                }),
+            )
+        }
+        (None, Some(f)) => shared_general::emit_entry(e, probe, stolen, f, stub),
+        (None, None) => trampoline::emit_entry(e, probe, stolen, None, avx),
     }
 }
 
