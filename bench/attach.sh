@@ -25,6 +25,8 @@
 # SECTIONS=latency (or any comma-separated subset of states,probes,latency,scale) runs
 # only those tables.
 set -uo pipefail
+# ONLY=scale, the older spelling, is SECTIONS=scale.
+[ "${ONLY:-}" = scale ] && SECTIONS=scale
 SECTIONS=${SECTIONS:-states,probes,latency,scale}
 want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 cd "$(dirname "$0")/.."
@@ -134,7 +136,9 @@ fi
 # Latency and scale (issue #10): wall clock and the tracer's own --timings breakdown.
 
 # timings_of TRACER ARGS...: runs `TRACER ARGS... --timings` and prints "wall prepare patch
-# bytes rss" (ms, ms, ms, trampoline bytes per probe, target RSS bytes per probe), or "fail".
+# bytes rss code rss_prepare" (ms, ms, ms, trampoline spacing per probe, target RSS bytes per
+# probe, trampoline code bytes per probe with the relocated instructions aside, target RSS
+# added by prepare per probe; "-" where the tracer does not report it), or "fail".
 timings_of() {
     local t0 t1
     t0=$(ms_now)
@@ -148,7 +152,9 @@ timings_of() {
     awk -v d=$((t1 - t0)) '
         /prepare \(remote\)/ { p = $3 } /^ +patch / { q = $2 }
         /trampoline bytes per probe/ { b = $NF } /RSS added per probe/ { r = $NF }
-        END { printf "%.1f %.1f %.2f %s %s\n", d / 1e6, p, q, b == "" ? "-" : b, r == "" ? "-" : r }' \
+        /relocated aside/ { c = $NF } /RSS added by prepare per probe/ { rp = $NF }
+        END { printf "%.1f %.1f %.2f %s %s %s %s\n", d / 1e6, p, q, b == "" ? "-" : b,
+              r == "" ? "-" : r, c == "" ? "-" : c, rp == "" ? "-" : rp }' \
         "$work/err"
 }
 
@@ -240,33 +246,42 @@ C
 }
 gen_lib "$work" 10000
 
-# scale_row LABEL SPEC: fresh generated program per attach, N_SCALE times.
+# scale_runs TRACER SPEC: N_SCALE fresh generated programs, one attach each; per column
+# medians of timings_of.
 N_SCALE=${N_SCALE:-3}
-scale_row() {
-    local label=$1 spec=$2 ours b=""
-    ours=$(for i in $(seq 1 "$N_SCALE"); do
+scale_runs() {
+    for i in $(seq 1 "$N_SCALE"); do
         "$work/gen_main" >"$work/out" &
         local p=$!
         pids+=("$p")
         until grep -q ready "$work/out" 2>/dev/null; do sleep 0.01; done
-        timings_of "$tracer" attach "$p" -p "$spec" --duration 0
+        timings_of "$1" attach "$p" -p "$2" --duration 0
         kill -9 "$p" 2>/dev/null
         wait "$p" 2>/dev/null
-    done | median_cols | awk '{ print $1 " | " $2 " | " $3 " | " $4 " | " $5 }')
+    done | median_cols
+}
+
+# scale_row LABEL SPEC: this tracer (and the baseline, alternating rows of runs) on fresh
+# generated programs.
+scale_row() {
+    local label=$1 spec=$2 ours b=""
+    ours=$(scale_runs "$tracer" "$spec" |
+        awk '{ print $1 " | " $2 " | " $3 " | " $6 " | " $4 " | " $7 " | " $5 }')
     if [ -n "$baseline" ]; then
-        b=" | $(fresh "$baseline" "$work/gen_main" "" -p "$spec" | cut -d'|' -f1)"
+        b=" | $(scale_runs "$baseline" "$spec" | awk '{ print $1 " | " $2 " | " $4 }')"
     fi
     printf '| %s | %s%s |\n' "$label" "$ours" "$b"
 }
 echo
 echo "## Scale: probes on a generated library (median of $N_SCALE, fresh program each)"
 echo
+cols="| probes | wall ms | prepare ms | patch ms | code bytes/probe (relocated aside) | trampoline spacing | RSS added by prepare, bytes/probe | RSS added with the agent, bytes/probe"
 if [ -n "$baseline" ]; then
-    echo "| probes | wall ms | prepare ms | patch ms | trampoline bytes/probe | target RSS bytes/probe | baseline wall ms |"
-    echo "|---|---|---|---|---|---|---|"
+    echo "$cols | baseline wall ms | baseline prepare ms | baseline trampoline spacing |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
 else
-    echo "| probes | wall ms | prepare ms | patch ms | trampoline bytes/probe | target RSS bytes/probe |"
-    echo "|---|---|---|---|---|---|"
+    echo "$cols |"
+    echo "|---|---|---|---|---|---|---|---|"
 fi
 scale_row 1 'libgen:g00000'
 scale_row 100 'libgen:g000??'
@@ -285,9 +300,9 @@ if command -v redis-server >/dev/null; then
     sleep 0.5
     r=$(timings_of "$tracer" attach "$rp" -p '*:*' --duration 0)
     n=$(grep -o '[0-9]* probe(s) live' "$work/err" | cut -d' ' -f1)
-    echo "| redis-server, -p '*:*' | probes | wall ms | prepare ms | patch ms | trampoline bytes/probe | RSS bytes/probe |"
-    echo "|---|---|---|---|---|---|---|"
-    echo "$r" | awk -v n="${n:-?}" '{ printf "| | %s | %s | %s | %s | %s | %s |\n", n, $1, $2, $3, $4, $5 }'
+    echo "| redis-server, -p '*:*' | probes | wall ms | prepare ms | patch ms | code bytes/probe (relocated aside) | trampoline spacing | RSS added by prepare, bytes/probe |"
+    echo "|---|---|---|---|---|---|---|---|"
+    echo "$r" | awk -v n="${n:-?}" '{ printf "| | %s | %s | %s | %s | %s | %s | %s |\n", n, $1, $2, $3, $6, $4, $7 }'
     kill -9 "$rp" 2>/dev/null
 else
     echo "redis-server: not installed and apt-get could not install it; the real-server row is skipped"

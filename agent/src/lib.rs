@@ -3,6 +3,7 @@
 pub mod allocator;
 pub mod api;
 pub mod builtin;
+pub mod counting_entry;
 pub mod dispatch;
 pub mod emitter;
 pub mod follow;
@@ -13,5 +14,6 @@ pub mod pack_loader;
 pub mod pack_region;
 pub mod relocator;
 pub mod shared;
+pub mod shared_general;
 pub mod thread_state;
 pub mod trampoline;

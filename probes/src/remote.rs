@@ -276,8 +276,12 @@ pub struct PrepareResult {
     pub encoding: u32,
     /// [`result_flags`] bits.
     pub flags: u32,
+    /// Bytes of trampoline code made for this probe, and how many of them are its
+    /// relocated instructions (0 and 0 for a probe reused from an earlier session).
+    pub code_len: u16,
+    pub relocated_len: u16,
     /// NUL-terminated reason when not prepared.
-    pub message: [u8; 212],
+    pub message: [u8; 208],
 }
 
 impl Default for PrepareResult {
@@ -292,7 +296,9 @@ impl Default for PrepareResult {
             stolen_len: 0,
             encoding: 0,
             flags: 0,
-            message: [0; 212],
+            code_len: 0,
+            relocated_len: 0,
+            message: [0; 208],
         }
     }
 }

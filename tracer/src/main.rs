@@ -203,6 +203,7 @@ fn main() -> ExitCode {
         Command::Run { probes, .. } | Command::Attach { probes, .. } => probes.timings,
         _ => false,
     };
+    timings::set_enabled(show_timings);
     let r = match cli.command {
         Command::Run { probes, cmd } => run(&probes, &cmd),
         Command::Attach {

@@ -498,10 +498,14 @@ impl Session {
             labels.push((l, p));
         }
 
+        let rss_before = timings::enabled()
+            .then(|| timings::rss_kib(proc.pid()))
+            .flatten();
         let results = timings::time("prepare (remote)", || {
             prepare_remote(proc, &fns, prepare, &requests)
         })?;
         record_trampoline_spacing(&results);
+        record_probe_memory(proc.pid(), rss_before, &results);
         let counters = timings::time("counters mapped", || Counters::map(proc.pid(), &info))?;
         let mut installed = Vec::new();
         for ((r, (l, p)), req) in results.iter().zip(&labels).zip(&requests) {
@@ -779,6 +783,37 @@ fn record_trampoline_spacing(results: &[PrepareResult]) {
         let mean = gaps.iter().sum::<u64>() / gaps.len() as u64;
         timings::figure("trampoline bytes per probe (mean spacing)", mean);
         timings::figure("trampolines measured", gaps.len() as u64 + 1);
+    }
+}
+
+/// For `--timings`: the trampoline code made per new probe, its relocated instructions
+/// aside (what a probe costs in code whatever it takes over), and what preparing added
+/// to the target's resident memory per probe (trampolines, counters, the agent's
+/// bookkeeping; the agent itself is loaded before).
+fn record_probe_memory(pid: i32, rss_before: Option<u64>, results: &[PrepareResult]) {
+    let made: Vec<&PrepareResult> = results
+        .iter()
+        .filter(|r| r.status == status::PREPARED && r.code_len > 0)
+        .collect();
+    if !made.is_empty() {
+        let code: u64 = made
+            .iter()
+            .map(|r| (r.code_len - r.relocated_len.min(r.code_len)) as u64)
+            .sum();
+        let relocated: u64 = made.iter().map(|r| r.relocated_len as u64).sum();
+        let n = made.len() as u64;
+        timings::figure(
+            "trampoline code bytes per probe (relocated aside)",
+            code / n,
+        );
+        timings::figure("relocated bytes per probe", relocated / n);
+    }
+    if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(pid)) {
+        let n = results.len().max(1) as u64;
+        timings::figure(
+            "target RSS added by prepare per probe (bytes)",
+            after.saturating_sub(before) * 1024 / n,
+        );
     }
 }
 

@@ -7,6 +7,18 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Whether `--timings` was asked for: figures that cost a read of the target's memory
+/// map are taken only then.
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Phases in the order they were recorded; a phase recorded twice adds up.
 static PHASES: Mutex<Vec<(&'static str, Duration)>> = Mutex::new(Vec::new());
 
