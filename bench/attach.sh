@@ -15,12 +15,20 @@
 #      start-up when it shares the CPUs with that program;
 #   2. many probes (libc:*), a fresh idle program per attach;
 #   3. latency: first and later attach on one program, `tracer run -p libc:malloc -- /bin/true`
-#      against /bin/true untraced, with the prepare and patch phases of `--timings`;
+#      against /bin/true untraced, with the prepare and patch phases of `--timings`, then
+#      the same rows for the baseline when one is given;
 #   4. scale: 1, 100, 1,000 and 10,000 probes on a generated library of 10,000 small
 #      functions (N_SCALE fresh programs each), with the trampoline bytes and the target's
 #      added RSS per probe that `--timings` reports; then `-p '*:*'` on redis-server
 #      (installed with apt-get when missing; skipped with a line when that fails).
+#
+# SECTIONS=latency (or any comma-separated subset of states,probes,latency,scale) runs
+# only those tables.
 set -uo pipefail
+# ONLY=scale, the older spelling, is SECTIONS=scale.
+[ "${ONLY:-}" = scale ] && SECTIONS=scale
+SECTIONS=${SECTIONS:-states,probes,latency,scale}
+want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 cd "$(dirname "$0")/.."
 baseline=${1:-}
 N=${N:-10}
@@ -95,6 +103,7 @@ state_row() {
 
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) CPUs"
 echo
+if want states; then
 if [ -n "$baseline" ]; then
     echo "| every thread | median ms | max ms | list median ms | baseline median ms | baseline max ms |"
     echo "|---|---|---|---|---|---|"
@@ -112,19 +121,24 @@ state_row "spinning in strlen" strlen
 state_row "inside strlen of a 1 MiB string" longstr
 state_row "inside a dl_iterate_phdr callback (holding the loader lock)" dliter
 state_row "mixed (condvar, read, malloc, strlen, spin, epoll_wait, nanosleep, sigtimedwait)" mixed
+fi
 
+if want probes; then
 echo
 echo "| probes, on a fresh idle program each time | median ms | max ms |"
 echo "|---|---|---|"
 n=$("$work/states" idle >/dev/null & p=$!; sleep 0.1; "$tracer" list "$p" 'libc:*' | grep -c probeable; kill -9 $p)
 printf '| libc:* (%s probeable) | %s |\n' "$n" "$(fresh "$tracer" "$work/states" idle -p 'libc:*')"
 printf '| libc:* with -x | %s |\n' "$(fresh "$tracer" "$work/states" idle -x -p 'libc:*')"
+fi
 
 # ---------------------------------------------------------------------------------------
 # Latency and scale (issue #10): wall clock and the tracer's own --timings breakdown.
 
 # timings_of TRACER ARGS...: runs `TRACER ARGS... --timings` and prints "wall prepare patch
-# bytes rss" (ms, ms, ms, trampoline bytes per probe, target RSS bytes per probe), or "fail".
+# bytes rss code rss_prepare" (ms, ms, ms, trampoline spacing per probe, target RSS bytes per
+# probe, trampoline code bytes per probe with the relocated instructions aside, target RSS
+# added by prepare per probe; "-" where the tracer does not report it), or "fail".
 timings_of() {
     local t0 t1
     t0=$(ms_now)
@@ -138,7 +152,9 @@ timings_of() {
     awk -v d=$((t1 - t0)) '
         /prepare \(remote\)/ { p = $3 } /^ +patch / { q = $2 }
         /trampoline bytes per probe/ { b = $NF } /RSS added per probe/ { r = $NF }
-        END { printf "%.1f %.1f %.2f %s %s\n", d / 1e6, p, q, b == "" ? "-" : b, r == "" ? "-" : r }' \
+        /relocated aside/ { c = $NF } /RSS added by prepare per probe/ { rp = $NF }
+        END { printf "%.1f %.1f %.2f %s %s %s %s\n", d / 1e6, p, q, b == "" ? "-" : b,
+              r == "" ? "-" : r, c == "" ? "-" : c, rp == "" ? "-" : rp }' \
         "$work/err"
 }
 
@@ -160,36 +176,46 @@ median_cols() {
         }'
 }
 
+if want latency; then
 echo
 echo "## Latency (median of $N; ms)"
 echo
+# latency_rows TRACER LABEL: first and later attach on one program, and tracer run, for
+# TRACER; fresh programs, the tracers alternating with the baseline's rows below.
+latency_rows() {
+    local t=$1 label=$2 first=() later=() p
+    for i in $(seq 1 "$N"); do
+        "$work/states" idle >"$work/out" &
+        p=$!
+        pids+=("$p")
+        until grep -q ready "$work/out" 2>/dev/null; do sleep 0.01; done
+        sleep 0.1
+        first+=("$(timings_of "$t" attach "$p" -p main:work --duration 0)")
+        later+=("$(timings_of "$t" attach "$p" -p main:work --duration 0)")
+        kill -9 "$p" 2>/dev/null
+        wait "$p" 2>/dev/null
+    done
+    printf '| %sfirst attach, main:work (agent loaded) | %s |\n' "$label" \
+        "$(printf '%s\n' "${first[@]}" | median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
+    printf '| %slater attach, same process | %s |\n' "$label" \
+        "$(printf '%s\n' "${later[@]}" | median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
+    printf '| %stracer run -p libc:malloc -- /bin/true | %s |\n' "$label" \
+        "$(for i in $(seq 1 "$N"); do timings_of "$t" run -p libc:malloc -- /bin/true; done |
+            median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
+}
 echo "| what | wall ms | prepare ms | patch ms |"
 echo "|---|---|---|---|"
-# First attach (agent thread, agent load) and a later one on the same process.
-first=() later=()
-for i in $(seq 1 "$N"); do
-    "$work/states" idle >"$work/out" &
-    p=$!
-    pids+=("$p")
-    until grep -q ready "$work/out" 2>/dev/null; do sleep 0.01; done
-    sleep 0.1
-    first+=("$(timings_of "$tracer" attach "$p" -p main:work --duration 0)")
-    later+=("$(timings_of "$tracer" attach "$p" -p main:work --duration 0)")
-    kill -9 "$p" 2>/dev/null
-    wait "$p" 2>/dev/null
-done
-printf '| first attach, main:work (agent loaded) | %s |\n' \
-    "$(printf '%s\n' "${first[@]}" | median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
-printf '| later attach, same process | %s |\n' \
-    "$(printf '%s\n' "${later[@]}" | median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
+latency_rows "$tracer" ""
 untraced=$(for i in $(seq 1 "$N"); do
     t0=$(ms_now); /bin/true; t1=$(ms_now); echo "$(( (t1 - t0) / 1000 ))"
 done | sort -n | awk '{ v[NR] = $1 } END { printf "%.1f", v[int((NR + 1) / 2)] / 1000 }')
 printf '| /bin/true untraced | %s | | |\n' "$untraced"
-printf '| tracer run -p libc:malloc -- /bin/true | %s |\n' \
-    "$(for i in $(seq 1 "$N"); do timings_of "$tracer" run -p libc:malloc -- /bin/true; done |
-        median_cols | awk '{ print $1 " | " $2 " | " $3 }')"
+if [ -n "$baseline" ]; then
+    latency_rows "$baseline" "baseline: "
+fi
+fi
 
+if want scale; then
 # A generated library of 10,000 small functions (as tracer/tests/e2e_sessions.rs builds),
 # called by a program that runs them all every millisecond.
 gen_lib() {
@@ -220,33 +246,42 @@ C
 }
 gen_lib "$work" 10000
 
-# scale_row LABEL SPEC: fresh generated program per attach, N_SCALE times.
+# scale_runs TRACER SPEC: N_SCALE fresh generated programs, one attach each; per column
+# medians of timings_of.
 N_SCALE=${N_SCALE:-3}
-scale_row() {
-    local label=$1 spec=$2 ours b=""
-    ours=$(for i in $(seq 1 "$N_SCALE"); do
+scale_runs() {
+    for i in $(seq 1 "$N_SCALE"); do
         "$work/gen_main" >"$work/out" &
         local p=$!
         pids+=("$p")
         until grep -q ready "$work/out" 2>/dev/null; do sleep 0.01; done
-        timings_of "$tracer" attach "$p" -p "$spec" --duration 0
+        timings_of "$1" attach "$p" -p "$2" --duration 0
         kill -9 "$p" 2>/dev/null
         wait "$p" 2>/dev/null
-    done | median_cols | awk '{ print $1 " | " $2 " | " $3 " | " $4 " | " $5 }')
+    done | median_cols
+}
+
+# scale_row LABEL SPEC: this tracer (and the baseline, alternating rows of runs) on fresh
+# generated programs.
+scale_row() {
+    local label=$1 spec=$2 ours b=""
+    ours=$(scale_runs "$tracer" "$spec" |
+        awk '{ print $1 " | " $2 " | " $3 " | " $6 " | " $4 " | " $7 " | " $5 }')
     if [ -n "$baseline" ]; then
-        b=" | $(fresh "$baseline" "$work/gen_main" "" -p "$spec" | cut -d'|' -f1)"
+        b=" | $(scale_runs "$baseline" "$spec" | awk '{ print $1 " | " $2 " | " $4 }')"
     fi
     printf '| %s | %s%s |\n' "$label" "$ours" "$b"
 }
 echo
 echo "## Scale: probes on a generated library (median of $N_SCALE, fresh program each)"
 echo
+cols="| probes | wall ms | prepare ms | patch ms | code bytes/probe (relocated aside) | trampoline spacing | RSS added by prepare, bytes/probe | RSS added with the agent, bytes/probe"
 if [ -n "$baseline" ]; then
-    echo "| probes | wall ms | prepare ms | patch ms | trampoline bytes/probe | target RSS bytes/probe | baseline wall ms |"
-    echo "|---|---|---|---|---|---|---|"
+    echo "$cols | baseline wall ms | baseline prepare ms | baseline trampoline spacing |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
 else
-    echo "| probes | wall ms | prepare ms | patch ms | trampoline bytes/probe | target RSS bytes/probe |"
-    echo "|---|---|---|---|---|---|"
+    echo "$cols |"
+    echo "|---|---|---|---|---|---|---|---|"
 fi
 scale_row 1 'libgen:g00000'
 scale_row 100 'libgen:g000??'
@@ -265,10 +300,11 @@ if command -v redis-server >/dev/null; then
     sleep 0.5
     r=$(timings_of "$tracer" attach "$rp" -p '*:*' --duration 0)
     n=$(grep -o '[0-9]* probe(s) live' "$work/err" | cut -d' ' -f1)
-    echo "| redis-server, -p '*:*' | probes | wall ms | prepare ms | patch ms | trampoline bytes/probe | RSS bytes/probe |"
-    echo "|---|---|---|---|---|---|---|"
-    echo "$r" | awk -v n="${n:-?}" '{ printf "| | %s | %s | %s | %s | %s | %s |\n", n, $1, $2, $3, $4, $5 }'
+    echo "| redis-server, -p '*:*' | probes | wall ms | prepare ms | patch ms | code bytes/probe (relocated aside) | trampoline spacing | RSS added by prepare, bytes/probe |"
+    echo "|---|---|---|---|---|---|---|---|"
+    echo "$r" | awk -v n="${n:-?}" '{ printf "| | %s | %s | %s | %s | %s | %s | %s |\n", n, $1, $2, $3, $6, $4, $7 }'
     kill -9 "$rp" 2>/dev/null
 else
     echo "redis-server: not installed and apt-get could not install it; the real-server row is skipped"
+fi
 fi

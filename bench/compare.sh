@@ -33,6 +33,12 @@ need_deb() { # command, package
     command -v "$1" >/dev/null && return 0
     skip+=(--skip "$1=not installed: apt-get install $2 failed: $(tail -n 1 "$work/apt-$2.log")")
 }
+# The pack of the "tracer with a pack handler" row, built beside the tracer.
+pack=target/compare-pack/release/libcompare_pack.so
+CARGO_TARGET_DIR=target/compare-pack cargo build --release -q \
+    --manifest-path "$here/pack/Cargo.toml" >"$work/pack.log" 2>&1 ||
+    skip+=(--skip "pack=building bench/compare/pack failed: $(tail -n 1 "$work/pack.log")")
+
 need_deb bpftrace bpftrace
 need_deb ltrace ltrace
 need_deb uftrace uftrace
@@ -56,4 +62,4 @@ echo "Machine: $(cpu 'Model name') (family $(cpu 'CPU family') model $(cpu Model
     "$(nproc) CPUs, hypervisor: $(cpu 'Hypervisor vendor'), kernel $(uname -r)"
 echo "Command: bash bench/compare.sh $*"
 echo
-python3 "$here/run.py" --work "$work" --tracer target/release/tracer "${skip[@]}" "$@"
+python3 "$here/run.py" --work "$work" --tracer target/release/tracer --pack "$pack" "${skip[@]}" "$@"

@@ -50,6 +50,8 @@ global_asm!(
     leaf!("po_plain_mt"),
     leaf!("po_entry_mt"),
     leaf!("po_exit_mt"),
+    leaf!("po_latency"),
+    leaf!("po_latency_mt"),
 );
 
 extern "C" {
@@ -63,6 +65,8 @@ extern "C" {
     fn po_plain_mt(a: u64, b: u64) -> u64;
     fn po_entry_mt(a: u64, b: u64) -> u64;
     fn po_exit_mt(a: u64, b: u64) -> u64;
+    fn po_latency(a: u64, b: u64) -> u64;
+    fn po_latency_mt(a: u64, b: u64) -> u64;
 }
 
 type Leaf = unsafe extern "C" fn(u64, u64) -> u64;
@@ -228,6 +232,10 @@ fn main() {
         i.commit_in_process(&p).expect("commit");
         (p.id, p.encoding)
     };
+    // `--hist`/`--summary`: the agent's latency shim in the exit slot, recording into the
+    // region the tracer would map.
+    assert!(!agent::builtin::latency::tracer_agent_latency(16).is_null());
+    let latency_shim = agent::builtin::latency::tracer_builtin_latency_exit as *const () as u64;
     let configs: Vec<(&str, Leaf, Option<(u32, _)>)> = vec![
         ("unprobed", po_plain as Leaf, None),
         (
@@ -270,6 +278,14 @@ fn main() {
                 pack(po_pack_exit, pack_entry, pack_exit),
             )),
         ),
+        (
+            "entry+exit, --hist timing",
+            po_latency,
+            Some(pack_probe(
+                &mut interceptor,
+                pack(po_latency, 0, latency_shim),
+            )),
+        ),
     ];
     // Configurations run by THREADS threads at once, with the single-thread row of the
     // same probe (for the ratio).
@@ -286,6 +302,15 @@ fn main() {
             po_exit_mt,
             Some(probe(&mut interceptor, po_exit_mt, |r| r.with_exit())),
             3,
+        ),
+        (
+            "--hist timing, 4 thr.",
+            po_latency_mt,
+            Some(pack_probe(
+                &mut interceptor,
+                pack(po_latency_mt, 0, latency_shim),
+            )),
+            7,
         ),
     ];
     // The probed copies must compute what the plain one does.
@@ -351,6 +376,30 @@ fn main() {
         "{THREADS} threads ran at once {:.0}% of the time (median; contention needs them to)",
         100.0 * median(overlap)
     );
+    // Every timed return recorded, none lost under threads.
+    for (name, want) in [
+        ("entry+exit, --hist timing", CALLS * ROUNDS as u64),
+        ("--hist timing, 4 thr.", CALLS * (ROUNDS * THREADS) as u64),
+    ] {
+        let id = configs
+            .iter()
+            .map(|(n, _, p)| (*n, *p))
+            .chain(mt.iter().map(|(n, _, p, _)| (*n, *p)))
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, p)| p)
+            .expect("latency row")
+            .0;
+        let (mut calls, mut in_buckets) = (0, 0);
+        for shard in 0..probes::latency::MAX_SHARDS {
+            let slot = agent::builtin::latency::slot(id, shard).expect("latency slot");
+            if shard > 0 && std::ptr::eq(slot, agent::builtin::latency::slot(id, 0).unwrap()) {
+                break; // fewer shards: the index wrapped around
+            }
+            calls += slot.count.load(Relaxed);
+            in_buckets += slot.buckets.iter().map(|b| b.load(Relaxed)).sum::<u64>();
+        }
+        assert_eq!((calls, in_buckets), (want, want), "{name}: timed returns");
+    }
     for (name, got, want) in bad_counts {
         assert_eq!(got, want, "{name}: hits");
     }

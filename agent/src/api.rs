@@ -85,6 +85,14 @@ pub unsafe extern "C" fn tracer_agent_prepare(
         };
         // Patches a killed tracer left must not be read as the code they replaced.
         i.refresh_live();
+        let functions: Vec<Function> = reqs
+            .iter()
+            .map(|r| Function {
+                address: r.function,
+                size: (r.size != 0).then_some(r.size),
+            })
+            .collect();
+        i.plan_batch(&functions);
         let mut ok = 0;
         for (req, o) in reqs.iter().zip(out.iter_mut()) {
             *o = prepare_one(i, req);
@@ -92,6 +100,7 @@ pub unsafe extern "C" fn tracer_agent_prepare(
                 ok += 1;
             }
         }
+        i.end_batch();
         ok
     }));
     r.unwrap_or(0)
@@ -139,9 +148,13 @@ fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
         }),
     };
     match i.prepare_reusing(&r) {
-        Ok((p, _)) => {
+        Ok((p, reused)) => {
             i.enable(p.id);
             o = prepared_result(&p);
+            if !reused {
+                o.code_len = p.code_len.min(u16::MAX as usize) as u16;
+                o.relocated_len = p.relocated_len.min(u16::MAX as usize) as u16;
+            }
         }
         Err(crate::interceptor::PrepareError::Refused(r)) => {
             o.status = status::REFUSED;

@@ -440,6 +440,14 @@ impl<'p> Emitter<'p> {
         self.fixups.push((end - 4, end, label));
     }
 
+    /// A rel32 displacement to `label`, counted from the end of these four bytes: ends
+    /// an instruction such as `call qword ptr [rip+label]` (`ff 15`) whose last field it is.
+    pub fn disp32_label(&mut self, label: Label) {
+        self.code.extend_from_slice(&[0, 0, 0, 0]);
+        let end = self.code.len();
+        self.fixups.push((end - 4, end, label));
+    }
+
     /// Resolve labels and return the code.
     pub fn finish(mut self) -> Result<Vec<u8>, EmitError> {
         for &(at, end, label) in &self.fixups {

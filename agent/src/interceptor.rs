@@ -7,12 +7,14 @@
 //! instruction pointer inside a patched range.
 
 use crate::allocator::{AllocError, NearAllocator};
+use crate::counting_entry::{self, CountingEntry};
 use crate::dispatch::{self, Probe};
-use crate::emitter::{CallEncoding, EmitError, Policy};
+use crate::emitter::{CallEncoding, EmitError, Emitter, Policy};
 use crate::jit::{self, JitError};
 use crate::maps::MapEntry;
-use crate::relocator::{self, Function, Memory, Refusal, SelfMemory};
+use crate::relocator::{self, Function, Memory, NeighbourIndex, Refusal, SelfMemory};
 use crate::shared::SharedRegion;
+use crate::shared_general;
 use crate::trampoline;
 use probes::abi::shared::{flags, ProbeKind};
 use probes::context::OffsetHandler;
@@ -138,6 +140,9 @@ pub struct Prepared {
     pub trampoline: u64,
     /// How the trampoline reaches the agent.
     pub encoding: CallEncoding,
+    /// Bytes of the trampoline, and of the relocated instructions in it.
+    pub code_len: usize,
+    pub relocated_len: usize,
 }
 
 /// Owns trampolines, probes and their counters.
@@ -164,6 +169,10 @@ pub struct Interceptor {
     /// Unwinder hooks, and those of them not yet committed in process.
     internal: Vec<Prepared>,
     internal_pending: Vec<usize>,
+    /// The neighbour scan of the batch being prepared (see [`Interceptor::plan_batch`]).
+    neighbours: Option<NeighbourIndex>,
+    /// The general entry path shared by handler-less exit probes (`shared_general`).
+    general_stub: Option<u64>,
 }
 
 impl Interceptor {
@@ -184,6 +193,8 @@ impl Interceptor {
             xsave: trampoline::XsaveInfo::detect(),
             internal: Vec::new(),
             internal_pending: Vec::new(),
+            neighbours: None,
+            general_stub: None,
         })
     }
 
@@ -263,9 +274,10 @@ impl Interceptor {
 
     /// The code a probe took over, as it is now under any live patch.
     fn code_at(&self, p: &Prepared) -> Option<Vec<u8>> {
-        let mem = UnpatchedMemory {
+        let unpatched = UnpatchedMemory {
             patches: &self.committed,
         };
+        let mem = self.batch_memory(&unpatched);
         let mut code = vec![0u8; p.stolen_len];
         mem.read(p.site, &mut code).then_some(code)
     }
@@ -286,26 +298,51 @@ impl Interceptor {
     pub fn refresh_live(&mut self) {
         self.maps = crate::maps::read_self().unwrap_or_default();
         let mut live = BTreeMap::new();
-        for p in &self.prepared {
-            let mut now = [0u8; 5];
-            if SelfMemory.read(p.site, &mut now) && now == p.patch {
+        let sites: Vec<u64> = self.prepared.iter().map(|p| p.site).collect();
+        for (p, now) in self.prepared.iter().zip(read_sites(&sites)) {
+            if now == Some(p.patch) {
                 live.insert(p.site, (p.original, p.stolen_len as u64));
             }
         }
         self.committed = live;
     }
 
+    /// Decode the surroundings of the functions about to be prepared once, for all of
+    /// them, instead of 8 KiB per probe (see `relocator::NeighbourIndex`); until
+    /// [`end_batch`](Self::end_batch), probes of these functions use that scan.
+    pub fn plan_batch(&mut self, functions: &[Function]) {
+        let mem = UnpatchedMemory {
+            patches: &self.committed,
+        };
+        self.neighbours = Some(NeighbourIndex::build(functions, &mem));
+    }
+
+    /// `unpatched` read through the batch's code first when a batch is being prepared.
+    fn batch_memory<'a>(&'a self, unpatched: &'a UnpatchedMemory<'a>) -> Box<dyn Memory + 'a> {
+        match &self.neighbours {
+            Some(index) => Box::new(relocator::BatchMemory {
+                index,
+                inner: unpatched,
+            }),
+            None => Box::new(UnpatchedMemory {
+                patches: unpatched.patches,
+            }),
+        }
+    }
+
+    /// Forget the batch's scan: code may change before the next one.
+    pub fn end_batch(&mut self) {
+        self.neighbours = None;
+    }
+
     /// Prepared probes whose patch is in memory (as of the last
     /// [`refresh_live`](Self::refresh_live) or in-process commit), one per site.
     pub fn live(&self) -> Vec<Prepared> {
         let mut out: Vec<Prepared> = Vec::new();
-        for p in &self.prepared {
-            let mut now = [0u8; 5];
-            if self.committed.contains_key(&p.site)
-                && !out.iter().any(|q| q.site == p.site)
-                && SelfMemory.read(p.site, &mut now)
-                && now == p.patch
-            {
+        let mut seen = std::collections::HashSet::new();
+        let sites: Vec<u64> = self.prepared.iter().map(|p| p.site).collect();
+        for (p, now) in self.prepared.iter().zip(read_sites(&sites)) {
+            if self.committed.contains_key(&p.site) && now == Some(p.patch) && seen.insert(p.site) {
                 out.push(p.clone());
             }
         }
@@ -340,11 +377,20 @@ impl Interceptor {
             ProbeKind::Entry | ProbeKind::Exit => req.function.address,
             ProbeKind::Offset => req.function.address + req.offset,
         };
-        let mem = UnpatchedMemory {
-            patches: &self.committed,
+        let stolen = {
+            let unpatched = UnpatchedMemory {
+                patches: &self.committed,
+            };
+            let mem = self.batch_memory(&unpatched);
+            relocator::analyze_with(
+                &req.function,
+                site,
+                req.kind,
+                &*mem,
+                self.neighbours.as_ref(),
+            )
+            .map_err(PrepareError::Refused)?
         };
-        let stolen = relocator::analyze(&req.function, site, req.kind, &mem)
-            .map_err(PrepareError::Refused)?;
         let exit_trampoline = match req.kind {
             ProbeKind::Exit => self.exit_trampoline()?,
             _ => 0,
@@ -386,12 +432,15 @@ impl Interceptor {
         };
         let on_entry = dispatch::on_entry as *const () as u64;
         let avx = self.avx();
+        let stub = match fast {
+            Some(f) if f.exit_trampoline != 0 => self.general_stub()?,
+            _ => 0,
+        };
         // Near the site and the agent when one block can reach both; else near the site.
         let mut placed = None;
         for near in [&[stolen.site, on_entry][..], &[stolen.site][..]] {
-            match jit::place(&mut self.alloc, near, self.policy, |e| match xsave {
-                Some(xs) => trampoline::emit_offset(e, probe, &stolen, xs),
-                None => trampoline::emit_entry(e, probe, &stolen, fast, avx),
+            match jit::place(&mut self.alloc, near, self.policy, |e| {
+                emit_trampoline(e, probe, &stolen, xsave, fast, avx, stub)
             }) {
                 Ok(p) => {
                     placed = Some(p);
@@ -422,6 +471,8 @@ impl Interceptor {
             stolen_len: stolen.len,
             trampoline: placed.addr,
             encoding: tramp.encoding,
+            code_len: placed.len,
+            relocated_len: tramp.relocated.bytes.len(),
         };
         self.prepared.push(prepared.clone());
         Ok(prepared)
@@ -431,6 +482,25 @@ impl Interceptor {
     /// registers across handlers.
     fn avx(&self) -> bool {
         self.xsave.is_some_and(|x| x.avx())
+    }
+
+    /// The general entry path of handler-less exit probes, emitted on first use.
+    fn general_stub(&mut self) -> Result<u64, PrepareError> {
+        if let Some(a) = self.general_stub {
+            return Ok(a);
+        }
+        let on_entry = dispatch::on_entry as *const () as u64;
+        let avx = self.avx();
+        let placed = jit::place(&mut self.alloc, &[on_entry], self.policy, |e| {
+            Ok(shared_general::emit_stub(e, avx)?)
+        })
+        .or_else(|_| {
+            jit::place(&mut self.alloc, &[], self.policy, |e| {
+                Ok(shared_general::emit_stub(e, avx)?)
+            })
+        })?;
+        self.general_stub = Some(placed.addr);
+        Ok(placed.addr)
     }
 
     fn exit_trampoline(&mut self) -> Result<u64, PrepareError> {
@@ -532,6 +602,38 @@ impl Interceptor {
     }
 }
 
+/// Emit the trampoline `probe` needs: the full-context one at an offset, the inline
+/// counting one for a handler-less entry, the fast paths with the shared general path
+/// (`stub`) for a handler-less exit probe, or the fast paths when there are any and the
+/// general path of its own for a probe with handlers.
+fn emit_trampoline(
+    e: &mut Emitter,
+    probe: &'static Probe,
+    stolen: &relocator::Stolen,
+    xsave: Option<trampoline::XsaveInfo>,
+    fast: Option<trampoline::FastEntry>,
+    avx: bool,
+    stub: u64,
+) -> Result<trampoline::EntryTrampoline, JitError> {
+    match (xsave, fast) {
+        (Some(xs), _) => trampoline::emit_offset(e, probe, stolen, xs),
+        (None, Some(f)) if f.exit_trampoline == 0 => {
+            let c = CountingEntry {
+                tls: f.tls,
+                counters: f.counters,
+                sharding: crate::shared::sharding(),
+            };
+            // Nothing is called: the encoding reported is that of no far call.
+            Ok(trampoline::EntryTrampoline {
+                encoding: CallEncoding::Rel32,
+                relocated: counting_entry::emit(e, c, stolen)??,
+            })
+        }
+        (None, Some(f)) => shared_general::emit_entry(e, probe, stolen, f, stub),
+        (None, None) => trampoline::emit_entry(e, probe, stolen, None, avx),
+    }
+}
+
 /// A handler-less probe kept for the next request of the same thing.
 struct Reusable {
     /// Index in `Interceptor::prepared`.
@@ -562,6 +664,40 @@ impl Memory for UnpatchedMemory<'_> {
         }
         true
     }
+}
+
+/// The five bytes at each of `sites` now, None where unreadable. Sites within a page of
+/// each other are read as one span: a read is a system call (`process_vm_readv`, several
+/// microseconds here), and 10,000 probes made a later session start with 10,000 of them.
+fn read_sites(sites: &[u64]) -> Vec<Option<[u8; 5]>> {
+    const SPAN: u64 = 4096;
+    let mut order: Vec<usize> = (0..sites.len()).collect();
+    order.sort_unstable_by_key(|&i| sites[i]);
+    let mut out = vec![None; sites.len()];
+    let mut k = 0;
+    while k < order.len() {
+        let start = sites[order[k]];
+        let mut end = k + 1;
+        while end < order.len() && sites[order[end]] + 5 - start <= SPAN {
+            end += 1;
+        }
+        let group = &order[k..end];
+        let len = (sites[order[end - 1]] + 5 - start) as usize;
+        let mut span = vec![0u8; len];
+        let whole = SelfMemory.read(start, &mut span);
+        for &i in group {
+            let mut b = [0u8; 5];
+            let off = (sites[i] - start) as usize;
+            if whole {
+                b.copy_from_slice(&span[off..off + 5]);
+                out[i] = Some(b);
+            } else if SelfMemory.read(sites[i], &mut b) {
+                out[i] = Some(b);
+            }
+        }
+        k = end;
+    }
+    out
 }
 
 /// Where exceptions start unwinding (libgcc_s, also used by Rust panics).
@@ -599,5 +735,46 @@ impl Interceptor {
             }
         }
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_sites;
+
+    /// Sites are read by spans, and a span that cannot be read whole still gives the
+    /// bytes of each site that can.
+    #[test]
+    fn sites_read_by_spans_and_one_by_one_past_a_hole() {
+        // Two pages, the second unmapped after writing known bytes into the first.
+        // SAFETY: a fresh anonymous mapping of our own.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let base = p as u64;
+        // SAFETY: inside the first page, mapped read-write above.
+        unsafe {
+            for i in 0..4096u64 {
+                *((base + i) as *mut u8) = i as u8;
+            }
+            libc::munmap((base + 4096) as *mut libc::c_void, 4096);
+        }
+        let sites = [base + 4000, base + 10, base + 4096 + 100, base + 4093];
+        let got = read_sites(&sites);
+        let at = |a: u64| Some(std::array::from_fn(|k| (a - base + k as u64) as u8));
+        assert_eq!(got[0], at(base + 4000));
+        assert_eq!(got[1], at(base + 10));
+        assert_eq!(got[2], None, "unmapped");
+        assert_eq!(got[3], None, "runs into the unmapped page");
+        // SAFETY: the first page, still ours.
+        unsafe { libc::munmap(p, 4096) };
     }
 }

@@ -2,8 +2,11 @@
 //! prologue relocation, trampolines and the hot path they call.
 pub mod allocator;
 pub mod api;
+pub mod builtin;
+pub mod counting_entry;
 pub mod dispatch;
 pub mod emitter;
+pub mod follow;
 pub mod interceptor;
 pub mod jit;
 pub mod maps;
@@ -11,5 +14,6 @@ pub mod pack_loader;
 pub mod pack_region;
 pub mod relocator;
 pub mod shared;
+pub mod shared_general;
 pub mod thread_state;
 pub mod trampoline;

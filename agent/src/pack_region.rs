@@ -60,7 +60,18 @@ fn os(what: &'static str) -> PackLoadError {
 /// Create, size, seal, map and initialise the region for `maps` and a ring of
 /// `ring_bytes`.
 pub fn create(maps: &[(u32, [u64; 4])], ring_bytes: usize) -> Result<PackRegion, PackLoadError> {
-    let plan = abi::plan(maps, ring_bytes).map_err(PackLoadError::Plan)?;
+    create_with_tail(maps, ring_bytes, 0)
+}
+
+/// [`create`] with `tail` more zeroed bytes after the planned ones (the built-in tracer's
+/// per-probe table); `plan.total` then counts them.
+pub fn create_with_tail(
+    maps: &[(u32, [u64; 4])],
+    ring_bytes: usize,
+    tail: usize,
+) -> Result<PackRegion, PackLoadError> {
+    let mut plan = abi::plan(maps, ring_bytes).map_err(PackLoadError::Plan)?;
+    plan.total += tail.next_multiple_of(4096);
     // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new fd.
     let fd = unsafe {
         libc::memfd_create(

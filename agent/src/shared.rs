@@ -198,6 +198,7 @@ impl SharedRegion {
             (*h).capacity = capacity as u32;
             (*h).shards = shards as u32;
         }
+        crate::follow::note_region(region.base, region.fd(), shards);
         Ok(region)
     }
 

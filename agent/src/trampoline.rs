@@ -59,7 +59,7 @@ pub struct EntryTrampoline {
     pub relocated: Relocated,
 }
 
-const GPRS: [AsmRegister64; 8] = [rdi, rsi, rdx, rcx, r8, r9, rax, r10];
+pub(crate) const GPRS: [AsmRegister64; 8] = [rdi, rsi, rdx, rcx, r8, r9, rax, r10];
 
 /// Emit an entry trampoline for `probe` at the emitter's address.
 pub fn emit_entry(
@@ -100,14 +100,14 @@ const RBX_SLOT: i32 = -16;
 /// keeps it) holds the site's `rsp` and its own value waits below that `rsp`, above the
 /// frame; `rsp` is aligned to 32 at run time, whatever it was. Restoring `rsp` from a
 /// register rather than from memory keeps loads off the chain of `rsp` values.
-fn open_frame(a: &mut CodeAssembler, frame: usize) -> Result<(), iced_x86::IcedError> {
+pub(crate) fn open_frame(a: &mut CodeAssembler, frame: usize) -> Result<(), iced_x86::IcedError> {
     a.mov(qword_ptr(rsp + RBX_SLOT), rbx)?;
     a.mov(rbx, rsp)?;
     a.lea(rsp, qword_ptr(rsp - (frame as i32 - RBX_SLOT)))?;
     a.and(rsp, -32)
 }
 
-fn close_frame(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+pub(crate) fn close_frame(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
     a.mov(rsp, rbx)?;
     a.mov(rbx, qword_ptr(rsp + RBX_SLOT))
 }
@@ -115,7 +115,7 @@ fn close_frame(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
 /// Save every vector register the called Rust code may change: all of `ymm0-15` at
 /// `rsp + area` (32-byte aligned) when the OS enabled AVX, else `xmm0-15`; then copy the
 /// registers the handler's context shows, `(register, offset)`, into it.
-fn save_vectors(
+pub(crate) fn save_vectors(
     a: &mut CodeAssembler,
     avx: bool,
     area: usize,
@@ -140,7 +140,7 @@ fn save_vectors(
 
 /// Undo [`save_vectors`], taking the context's registers from the context (a handler may
 /// have changed them) and the rest, upper halves included, from the save area.
-fn restore_vectors(
+pub(crate) fn restore_vectors(
     a: &mut CodeAssembler,
     avx: bool,
     area: usize,
@@ -165,7 +165,7 @@ fn restore_vectors(
 }
 
 /// The vector registers in the entry context, with their offsets.
-const ENTRY_CTX_XMM: [(usize, usize); 8] = [
+pub(crate) const ENTRY_CTX_XMM: [(usize, usize); 8] = [
     (0, el::XMM),
     (1, el::XMM + 16),
     (2, el::XMM + 32),
@@ -373,7 +373,7 @@ const RET_RAX: i32 = -40;
 /// handle (shadow stack not mapped yet or full) fall through to the general path, which
 /// calls `on_entry`, with every register as at the site; `tail` is where the relocated
 /// instructions start.
-fn emit_fast_entry(
+pub(crate) fn emit_fast_entry(
     e: &mut Emitter,
     probe: *const Probe,
     f: FastEntry,
@@ -746,7 +746,7 @@ pub fn emit_offset(
 
 /// Emit the stolen instructions, as the relocator rewrites them for this address, and
 /// the jump back to the original code when they fall through.
-fn emit_stolen(e: &mut Emitter, stolen: &Stolen) -> Result<Relocated, JitError> {
+pub(crate) fn emit_stolen(e: &mut Emitter, stolen: &Stolen) -> Result<Relocated, JitError> {
     let relocated = relocator::relocate(stolen, e.ip())?;
     e.bytes(&relocated.bytes);
     if let Some(encoding) = relocated.call_jump {

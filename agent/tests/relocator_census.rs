@@ -171,3 +171,47 @@ fn relocated_libc_prologues_run() {
         "only {ran} of the chosen libc functions could be relocated"
     );
 }
+
+/// Preparing many probes in one batch scans their neighbourhoods once
+/// (`NeighbourIndex`) and reads their code from that scan (`BatchMemory`): every libc
+/// function, with and without a known size, gets the same verdict (the same stolen
+/// bytes, or the same refusal) as when analysed alone.
+#[test]
+fn batch_analysis_of_libc_matches_analysis_one_by_one() {
+    use agent::relocator::{analyze_with, BatchMemory, NeighbourIndex};
+    let libc = census::libc_functions(true).expect("libc functions");
+    let functions: Vec<Function> = libc
+        .functions
+        .iter()
+        .map(|&(_, address, size)| Function { address, size })
+        .collect();
+    let index = NeighbourIndex::build(&functions, &SelfMemory);
+    let batch = BatchMemory {
+        index: &index,
+        inner: &SelfMemory,
+    };
+    let mut differ = Vec::new();
+    for (f, (name, _, _)) in functions.iter().zip(&libc.functions) {
+        let verdict = |r: Result<agent::relocator::Stolen, agent::relocator::Refusal>| {
+            r.map(|s| (s.site, s.original))
+        };
+        let alone = verdict(analyze(f, f.address, ProbeKind::Entry, &SelfMemory));
+        let batched = verdict(analyze_with(
+            f,
+            f.address,
+            ProbeKind::Entry,
+            &batch,
+            Some(&index),
+        ));
+        if alone != batched {
+            differ.push(format!("{name}: alone {alone:?}, batched {batched:?}"));
+        }
+    }
+    assert!(functions.len() > 1000, "{} functions", functions.len());
+    assert!(
+        differ.is_empty(),
+        "{} differ:\n{}",
+        differ.len(),
+        differ.join("\n")
+    );
+}

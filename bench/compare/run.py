@@ -217,6 +217,34 @@ def row_tracer_attach(ctx, which, n, spec, exits):
     return attach_row(ctx, which, n, start, count)
 
 
+def row_tracer_pack(ctx, which, n):
+    """tracer attach with the pack bench/compare/pack: a Rust handler at each call."""
+    out = os.path.join(ctx.work, "tracer.json")
+    err = os.path.join(ctx.work, "tracer.err")
+
+    def start(t):
+        cmd = [ctx.tracer, "attach", str(t.pid), "--pack", ctx.pack, "--json", "-o", out]
+        tool = spawn(cmd, stderr=open(err, "w"))
+        tool.errfile = err
+        return tool
+
+    def count(tool, t):
+        t.release()
+        finish(tool, "tracer")
+        if tool.returncode != 0:
+            raise RowFailed(f"tracer exited {tool.returncode}: {open(err).read().strip()[-300:]}")
+        with open(out) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        maps = [l for l in lines if l.get("type") == "map" and l.get("map") == "CALLS"]
+        probes = [l for l in lines if l.get("type") == "probe"]
+        if len(maps) != 1 or len(probes) != 1:
+            raise RowFailed(f"tracer reported {lines}, expected the map CALLS and 1 probe")
+        calls = maps[0]["data"]["value"]
+        return calls if calls == probes[0]["hits"] else -1  # handler and counter disagree
+
+    return attach_row(ctx, which, n, start, count)
+
+
 def row_tracer_run(ctx, which, n, spec):
     out = os.path.join(ctx.work, "tracer.json")
     cmd = [ctx.tracer, "run", "-p", spec, "--json", "-o", out, "--", *target_cmd(ctx, which, n)]
@@ -380,7 +408,8 @@ def make_rows(fast, slow, frida_n, ltrace_n, uftrace_n):
             lambda c, w, n: row_tracer_attach(c, w, n, "libtiny:lib_fn", False)),
         Row("tracer entry+exit (`-x`), 4 threads", mt, fast, "attach",
             lambda c, w, n: row_tracer_attach(c, w, n, "libtiny:lib_fn", True)),
-        # A "tracer with a pack handler" row goes here once probe packs exist (issue #10).
+        Row("tracer entry with a pack handler (`--pack`)", lib, fast, "attach",
+            lambda c, w, n: row_tracer_pack(c, w, n), needs="pack"),
         Row("kernel uprobe (tracefs)", lib, slow, "attach",
             lambda c, w, n: row_uprobe(c, w, n, False), needs="tracefs"),
         Row("kernel uretprobe (tracefs)", lib, slow, "attach",
@@ -472,6 +501,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
     ap.add_argument("--tracer", required=True)
+    ap.add_argument("--pack", help="the .so of bench/compare/pack")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--fast", type=int, default=20_000_000)
     ap.add_argument("--slow", type=int, default=100_000)
@@ -491,6 +521,7 @@ def main():
     ctx.lib = os.path.join(a.work, "libtiny.so")
     ctx.wrap = os.path.join(a.work, "wrap.so")
     ctx.wrap_atomic = os.path.join(a.work, "wrap_atomic.so")
+    ctx.pack = os.path.abspath(a.pack) if a.pack else None
     ctx.lib_fn_offset = symbol_file_offset(ctx.lib, "lib_fn")
     skip = dict(s.split("=", 1) for s in a.skip)
 

@@ -8,10 +8,12 @@
 #[doc(hidden)]
 pub mod abi;
 pub mod context;
+pub mod latency;
 pub mod mem;
 pub mod pack;
 pub mod pod;
 pub mod prelude;
+pub mod trace;
 
 extern crate self as probes;
 

@@ -10,3 +10,9 @@ static AGENT_SO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libagent.so")
 pub fn agent_so() -> &'static [u8] {
     AGENT_SO
 }
+
+/// A hash of [`agent_so`]'s bytes, computed when the tracer was built (16 hex digits):
+/// names the agent's file in the target (see [`crate::library_file::place_hashed`]).
+pub fn agent_hash() -> &'static str {
+    include_str!(concat!(env!("OUT_DIR"), "/libagent.so.hash"))
+}

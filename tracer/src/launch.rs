@@ -263,6 +263,7 @@ pub fn launch(program: &str, args: &[String]) -> Result<Process, LaunchError> {
     drop(go_w);
 
     // Wait for the exec event (or the child's failure).
+    let exec_wait = Instant::now();
     loop {
         match wait_tid(child, Some(Instant::now() + ENTRY_TIMEOUT)) {
             Ok(Some(WaitStatus::PtraceEvent(_, _, ev)))
@@ -309,6 +310,7 @@ pub fn launch(program: &str, args: &[String]) -> Result<Process, LaunchError> {
             }
         }
     }
+    crate::timings::add("  fork and exec", exec_wait.elapsed());
     drop(err_r);
     let mut proc = match Process::from_seized_child(child) {
         Ok(p) => p,
@@ -317,7 +319,7 @@ pub fn launch(program: &str, args: &[String]) -> Result<Process, LaunchError> {
             return Err(e.into());
         }
     };
-    match run_to_entry(&mut proc) {
+    match crate::timings::time("  run to the entry point", || run_to_entry(&mut proc)) {
         Ok(()) => Ok(proc),
         Err(e) => {
             proc.kill();

@@ -1,7 +1,10 @@
 //! tracer: everything done from outside the target.
 pub mod agent_blob;
 pub mod agent_thread;
+pub mod builtin;
+pub mod child_events;
 pub mod detached;
+pub mod follow;
 pub mod inject;
 pub mod launch;
 pub mod library_file;
@@ -17,3 +20,4 @@ pub mod spec;
 pub mod symbols;
 pub mod threads;
 pub mod timings;
+pub mod trace;

@@ -46,7 +46,11 @@ fn dir_in_target() -> String {
 fn file_name(library: &[u8], name: &str) -> String {
     let mut h = DefaultHasher::new();
     h.write(library);
-    format!("{name}-{:016x}.so", h.finish())
+    hashed_name(name, &format!("{:016x}", h.finish()))
+}
+
+fn hashed_name(name: &str, hash: &str) -> String {
+    format!("{name}-{hash}.so")
 }
 
 fn refuse(path: &Path, why: &str) -> io::Error {
@@ -100,7 +104,8 @@ fn holds(path: &Path, library: &[u8]) -> io::Result<bool> {
     if !meta.file_type().is_file() || check_owned(path, &meta).is_err() {
         return Ok(false);
     }
-    Ok(meta.len() == library.len() as u64 && fs::read(path)? == library)
+    // Mapped rather than read: no copy of 1.5 MB (the agent) at every first attach.
+    Ok(meta.len() == library.len() as u64 && *crate::symbols::map_file(path)? == *library)
 }
 
 /// Writes the library next to `path` and renames it there, so that nobody (another
@@ -130,10 +135,19 @@ fn write_atomically(path: &Path, library: &[u8]) -> io::Result<()> {
 /// where. Fails when the target's `/tmp` cannot be used safely; nothing is left behind then
 /// except possibly the empty directory.
 pub fn place(pid: i32, library: &[u8], name: &str) -> io::Result<Placed> {
+    place_as(pid, library, name, file_name(library, name))
+}
+
+/// [`place`] for a library whose hash is already known (16 hex digits of
+/// `DefaultHasher` over its bytes, as [`crate::agent_blob::agent_hash`]): the same file.
+pub fn place_hashed(pid: i32, library: &[u8], name: &str, hash: &str) -> io::Result<Placed> {
+    place_as(pid, library, name, hashed_name(name, hash))
+}
+
+fn place_as(pid: i32, library: &[u8], name: &str, file: String) -> io::Result<Placed> {
     let dir = dir_in_target();
     let dir_here = format!("/proc/{pid}/root{dir}");
     prepare_dir(Path::new(&dir_here))?;
-    let file = file_name(library, name);
     let path_here = format!("{dir_here}/{file}");
     let created = !holds(Path::new(&path_here), library)?;
     if created {
@@ -259,6 +273,18 @@ mod tests {
         for p in [&mapped, &new] {
             fs::remove_file(&p.path_in_target).unwrap();
         }
+    }
+
+    /// The agent's file is named from the hash build.rs computed: it must be the name
+    /// hashing the embedded bytes gives, or a tracer and an older build would disagree
+    /// on which file holds which agent.
+    #[test]
+    fn the_agent_hash_of_the_build_is_the_hash_of_its_bytes() {
+        let agent = crate::agent_blob::agent_so();
+        assert_eq!(
+            hashed_name(AGENT_NAME, crate::agent_blob::agent_hash()),
+            file_name(agent, AGENT_NAME)
+        );
     }
 
     #[test]

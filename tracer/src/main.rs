@@ -140,29 +140,132 @@ struct ProbeArgs {
     /// Probe returns too.
     #[arg(short = 'x', long)]
     exit: bool,
-    /// Machine output: one JSON object per probe.
+    /// Machine output: JSON lines, each with a "type": "event" (live), then "map",
+    /// "events" (the summary), "probe" and "refused".
     #[arg(long)]
     json: bool,
-    /// Write the output there instead of stderr.
+    /// Write the report there instead of stderr, and a pack's events (else on stdout)
+    /// before it.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
     /// List every refused probe and entries-only note, one per line, instead of one
     /// summary line each.
     #[arg(short, long)]
     verbose: bool,
+    /// Print one line per call as it happens, with its decoded arguments, return value
+    /// and duration, indented by call depth per thread (returns are probed too).
+    #[arg(long)]
+    trace: bool,
+    /// Show N raw integer argument registers (0 to 6) instead of decoded arguments.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=6))]
+    args: Option<u8>,
+    /// Write every call to FILE in the Chrome trace-event JSON format (chrome://tracing,
+    /// Perfetto UI, speedscope).
+    #[arg(long, value_name = "FILE")]
+    chrome_trace: Option<PathBuf>,
+    /// Write every call to FILE in Perfetto's protobuf trace format (TrackEvent).
+    #[arg(long, value_name = "FILE")]
+    perfetto: Option<PathBuf>,
+    /// Size of the trace's event ring in the target (a power of two, at least 4096).
+    #[arg(long, value_name = "BYTES", default_value_t = tracer::trace::RING_BYTES)]
+    trace_ring: usize,
     /// Print where the time went (start-up, symbols, stop, agent, prepare, patch, detach,
     /// removal) to stderr at the end, measured with the monotonic clock.
     #[arg(long)]
     timings: bool,
+    /// Time every call of the -p probes (entry to return) and print a log2 histogram of
+    /// their latency per probe, as bpftrace's hist().
+    #[arg(long)]
+    hist: bool,
+    /// Time every call of the -p probes and print, per probe, calls, total, mean, min and
+    /// max time and share of the time, sorted by total (as strace -c).
+    #[arg(long)]
+    summary: bool,
+    /// Also print the running figures (the counts, or --hist/--summary) every SECS
+    /// seconds while the target runs.
+    #[arg(long, value_name = "SECS")]
+    interval: Option<f64>,
+    /// `run`: probe every process the command starts too (fork and exec), each reported
+    /// by pid and command. The default for `run` (not with --pack).
+    #[arg(short = 'f', long, overrides_with = "no_follow")]
+    follow: bool,
+    /// `run`: probe the launched program only.
+    #[arg(long, overrides_with = "follow")]
+    no_follow: bool,
+}
+
+impl ProbeArgs {
+    /// Whether calls are timed in the target.
+    fn timed(&self) -> bool {
+        self.hist || self.summary
+    }
+
+    /// `--interval` checked: a positive number of seconds.
+    fn interval(&self) -> Result<Option<Duration>, String> {
+        match self.interval {
+            None => Ok(None),
+            Some(s) if s.is_finite() && s >= 0.01 => Ok(Some(Duration::from_secs_f64(s))),
+            Some(s) => Err(format!(
+                "--interval {s}: give a number of seconds of at least 0.01"
+            )),
+        }
+    }
+
+    /// What the built-in options cannot be combined with, before any process is touched.
+    fn check_builtins(&self) -> Result<(), String> {
+        self.interval()?;
+        if self.timed() && self.pack.is_some() {
+            return Err(
+                "--hist and --summary time the -p probes and cannot be combined with \
+                 --pack (a pack keeps its own histograms: see examples/latency)"
+                    .into(),
+            );
+        }
+        if self.timed() && (self.trace || self.chrome_trace.is_some() || self.perfetto.is_some()) {
+            return Err(
+                "--hist and --summary cannot be combined with --trace, --chrome-trace \
+                 or --perfetto (both time returns): run them one at a time"
+                    .into(),
+            );
+        }
+        if self.timed() && self.probe.is_empty() {
+            return Err("--hist and --summary need probes: add -p SPEC".into());
+        }
+        Ok(())
+    }
+
+    /// Whether `run` follows the command's children: by default, except with what is
+    /// not carried into them yet.
+    fn follow_children(&self) -> Result<bool, String> {
+        let traced = self.trace || self.chrome_trace.is_some() || self.perfetto.is_some();
+        let alone = if self.pack.is_some() {
+            Some("a probe pack")
+        } else if self.timed() || self.interval.is_some() {
+            Some("--hist, --summary or --interval")
+        } else if traced {
+            Some("--trace, --chrome-trace or --perfetto")
+        } else {
+            None
+        };
+        match (alone, self.follow) {
+            (Some(what), true) => Err(format!(
+                "--follow does not carry {what} into the command's children yet: drop --follow"
+            )),
+            (Some(_), false) => Ok(false),
+            (None, _) => Ok(!self.no_follow),
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    tracer::child_events::block_for_the_process();
     let cli = Cli::parse();
     let show_timings = match &cli.command {
         Command::Run { probes, .. } | Command::Attach { probes, .. } => probes.timings,
         _ => false,
     };
+    timings::set_enabled(show_timings);
     let r = match cli.command {
         Command::Run { probes, cmd } => run(&probes, &cmd),
         Command::Attach {
@@ -191,7 +294,7 @@ fn main() -> ExitCode {
 fn new_pack(name: &str) -> Result<ExitCode, CliError> {
     let dir = tracer::pack::scaffold::new_pack(std::path::Path::new("."), name)?;
     println!(
-        "created {}: edit src/lib.rs, then `cargo build --release` there",
+        "created {0}: edit {0}/src/lib.rs, then run it: tracer run --pack {0} -- PROGRAM",
         dir.display()
     );
     Ok(ExitCode::SUCCESS)
@@ -221,11 +324,90 @@ fn open_pack(args: &ProbeArgs) -> Result<Option<Pack>, CliError> {
         .map_err(CliError::from)
 }
 
-fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<Session, CliError> {
+/// What `--trace`, `--chrome-trace` and `--perfetto` ask for, checked; None without them.
+fn trace_options(args: &ProbeArgs) -> Result<Option<tracer::trace::Options>, String> {
+    let opts = tracer::trace::Options {
+        lines: args.trace,
+        raw_args: args.args.map(usize::from),
+        chrome: args.chrome_trace.clone(),
+        perfetto: args.perfetto.clone(),
+        ring_bytes: args.trace_ring,
+    };
+    if !opts.wanted() {
+        if args.args.is_some() {
+            return Err("--args N goes with --trace (or --chrome-trace, --perfetto)".into());
+        }
+        return Ok(None);
+    }
+    if args.pack.is_some() {
+        return Err(
+            "--trace, --chrome-trace and --perfetto run instead of a pack's handlers: \
+                    use them without --pack"
+                .into(),
+        );
+    }
+    if let Some(s) = args
+        .probe
+        .iter()
+        .find(|s| ProbeSpec::parse(s).is_ok_and(|p| p.offset != 0))
+    {
+        return Err(format!(
+            "{s} is an offset inside a function: tracing shows calls, give whole functions"
+        ));
+    }
+    if !args.trace_ring.is_power_of_two() || args.trace_ring < 4096 {
+        return Err(format!(
+            "--trace-ring {} is not a power of two of at least 4096 bytes",
+            args.trace_ring
+        ));
+    }
+    Ok(Some(opts))
+}
+
+/// Following children: a spec may name functions of a program the command starts
+/// (`-p 'libfoo:*' -- sh -c ./prog`), so one that matches nothing in the launched program
+/// is a note; an error only when none matches anything.
+fn resolve_some(
+    specs: &[String],
+    modules: &ProcessModules,
+) -> Result<Vec<ResolvedProbe>, CliError> {
+    let mut out: Vec<ResolvedProbe> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut unmatched = Vec::new();
+    for s in specs {
+        ProbeSpec::parse(s)?;
+        match spec::resolve_str(s, modules) {
+            Ok(v) => out.extend(v.into_iter().filter(|p| seen.insert(p.address))),
+            Err(e) => unmatched.push((s, e)),
+        }
+    }
+    if out.is_empty() && !unmatched.is_empty() {
+        return Err(unmatched.swap_remove(0).1.into());
+    }
+    for (s, e) in unmatched {
+        eprintln!(
+            "tracer: note: {s} matches nothing in the launched program ({e}); it is tried in \
+             every program that program starts"
+        );
+    }
+    Ok(out)
+}
+
+fn install(
+    proc: &mut Process,
+    args: &ProbeArgs,
+    pack: Option<&Pack>,
+    sink: &Sink,
+    mut tracing: Option<tracer::trace::Tracer>,
+    follow: bool,
+) -> Result<(Session, Option<tracer::trace::Running>), CliError> {
     let modules = timings::time("symbol loading", || {
         SymbolCache::global().process(proc.pid())
     })?;
-    let probes = timings::time("spec resolution", || resolve(&args.probe, &modules))?;
+    let probes = timings::time("spec resolution", || match follow {
+        true => resolve_some(&args.probe, &modules),
+        false => resolve(&args.probe, &modules),
+    })?;
     let sites = match pack {
         Some(p) => {
             let (sites, notes) = tracer::pack::load::resolve(p, &modules)?;
@@ -241,7 +423,18 @@ fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<
         sites: &sites,
     });
     let rss_before = args.timings.then(|| timings::rss_kib(proc.pid())).flatten();
-    let session = Session::install(proc, &modules, &probes, args.exit, pack_request)?;
+    let builtin = tracing
+        .as_mut()
+        .map(|t| t as &mut dyn tracer::session::Builtin);
+    let session = Session::install_with(
+        proc,
+        &modules,
+        &probes,
+        args.exit,
+        pack_request,
+        args.timed(),
+        builtin,
+    )?;
     if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(proc.pid())) {
         let n = session.installed().len().max(1) as u64;
         timings::figure("target RSS added (KiB)", after.saturating_sub(before));
@@ -256,7 +449,11 @@ fn install(proc: &mut Process, args: &ProbeArgs, pack: Option<&Pack>) -> Result<
     for line in lines {
         eprintln!("tracer: {line}");
     }
-    Ok(session)
+    let running = match tracing {
+        Some(t) => Some(t.go(proc.pid(), &session, &probes, &modules, sink.events()?)?),
+        None => None,
+    };
+    Ok((session, running))
 }
 
 /// `label: only entries are probed: why` notes, as (label, why).
@@ -341,6 +538,11 @@ fn refusal_lines(
 const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
+    args.check_builtins()?;
+    let tracing = trace_options(args)?
+        .map(tracer::trace::Tracer::new)
+        .transpose()?;
+    let follow = args.follow_children()?;
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     // Blocked before the launch, so that one arriving during set-up is passed on too.
@@ -348,15 +550,16 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
     let mut proc = timings::time("process start-up", || {
         tracer::launch::launch(&cmd[0], &cmd[1..])
     })?;
-    let (session, live) = match install(&mut proc, args, pack.as_ref())
-        .and_then(|s| start_live(&proc, &s, pack, args, &sink).map(|l| (s, l)))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            proc.kill();
-            return Err(e);
-        }
-    };
+    let (session, traced, live) =
+        match install(&mut proc, args, pack.as_ref(), &sink, tracing, follow)
+            .and_then(|(s, t)| start_live(&proc, &s, pack, args, &sink).map(|l| (s, t, l)))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                proc.kill();
+                return Err(e);
+            }
+        };
     let pid = proc.pid();
     let image = detached::comm(pid);
     let pidfd = match PidFd::open(pid) {
@@ -366,14 +569,34 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
             return Err(step(format!("cannot open a pidfd for PID {pid}"))(e));
         }
     };
+    let (session, follower) = start_following(&mut proc, session, args, follow);
     // The program runs untraced from here: signals reach it directly.
     if let Err(e) = timings::time("detach", || proc.detach()) {
         kill_and_reap(pid);
         return Err(e.into());
     }
-    let (status, image_at_end) = wait_child(pid, &pidfd, &signals)?;
-    if let (Some(first), Some(last)) = (image, image_at_end) {
-        if first != last {
+    let mut ticker = Ticker::new(args.interval()?);
+    let (status, image_at_end) =
+        wait_child(
+            pid,
+            &pidfd,
+            &signals,
+            &mut ticker,
+            &mut |k, at| match &session {
+                Some(s) => sink.write_text(&running_report(args, s, k, at)),
+                None => Ok(()),
+            },
+        )?;
+    let followed = follower.map(tracer::follow::Follower::finish);
+    if let (Some(first), Some(last)) = (image.clone(), image_at_end) {
+        if followed.as_ref().is_some_and(|r| !r.exec_of(pid)) && first != last {
+            eprintln!(
+                "tracer: note: {} exec'd {last}, which did not check in (a static program, or \
+                 one started without the LD_PRELOAD and TRACER_FOLLOW tracer set); the counts \
+                 cover the program before that",
+                cmd[0]
+            );
+        } else if followed.is_none() && first != last {
             // The probes were in the program image that exec replaced.
             eprintln!(
                 "tracer: note: {} exec'd {last}; the counts cover the program before that \
@@ -382,8 +605,16 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
             );
         }
     }
-    let maps = live.map(Live::finish).unwrap_or_default();
-    timings::time("report", || sink.write(args, &maps, &session))?;
+    let maps = traced
+        .map(tracer::trace::Running::finish)
+        .unwrap_or_default()
+        + &live.map(Live::finish).unwrap_or_default();
+    let who = (pid, image.unwrap_or_default());
+    timings::time("report", || match (&followed, &session) {
+        (Some(reg), _) => sink.write_followed(args, reg),
+        (None, Some(session)) => sink.write(args, &maps, session, Some((who.0, &who.1))),
+        (None, None) => Ok(()),
+    })?;
     drop(signals);
     Ok(match status {
         ExitStatus::Code(c) => ExitCode::from(c as u8),
@@ -399,6 +630,32 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
     })
 }
 
+/// With `follow`, have the launched program (stopped, probes in) pass the agent on to its
+/// children, and serve their check-ins; the session then belongs to the follower. Without
+/// it, or when following cannot start (said in a note), the session is returned.
+fn start_following(
+    proc: &mut Process,
+    session: Session,
+    args: &ProbeArgs,
+    follow: bool,
+) -> (Option<Session>, Option<tracer::follow::Follower>) {
+    if !follow {
+        return (Some(session), None);
+    }
+    let opts = tracer::follow::Options {
+        specs: args.probe.clone(),
+        exit: args.exit,
+    };
+    match tracer::follow::Follower::start(proc, session, opts) {
+        Ok(f) => (None, Some(f)),
+        Err(failed) => {
+            let (s, e) = *failed;
+            eprintln!("tracer: note: not following the command's children: {e}");
+            (Some(s), None)
+        }
+    }
+}
+
 /// Waits in the kernel for our detached child to end, passing on the signals that ask
 /// tracer to end. Returns how it ended and the name of the program image it ran last
 /// (read from the zombie, before reaping it).
@@ -406,10 +663,13 @@ fn wait_child(
     pid: i32,
     pidfd: &PidFd,
     signals: &SignalFd,
+    ticker: &mut Ticker,
+    tick: &mut dyn FnMut(u64, Duration) -> Result<(), CliError>,
 ) -> Result<(ExitStatus, Option<String>), CliError> {
     loop {
-        match detached::wait(pidfd, signals, None) {
+        match detached::wait(pidfd, signals, ticker.next()) {
             Ok(Woke::Ended) => break,
+            Ok(Woke::Deadline) => ticker.fire(tick)?,
             Ok(Woke::Signal(r)) if !r.from_terminal => {
                 // SAFETY: kill with our own unreaped child's pid.
                 unsafe { libc::kill(pid, r.signal) };
@@ -440,6 +700,17 @@ fn kill_and_reap(pid: i32) {
 const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, CliError> {
+    if args.follow {
+        return Err(format!(
+            "attach does not follow children (only those PID {pid} starts from now on could \
+             be): drop --follow, or start the command with tracer run"
+        )
+        .into());
+    }
+    args.check_builtins()?;
+    let tracing = trace_options(args)?
+        .map(tracer::trace::Tracer::new)
+        .transpose()?;
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     if let Some(pack) = pack
@@ -452,7 +723,8 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     // soon as the probes are in place, in order.
     let signals = SignalFd::block(STOPPING).map_err(step("cannot block signals"))?;
     let mut proc = timings::time("seize and stop", || threads::attach(pid))?;
-    let mut session = match install(&mut proc, args, pack.as_ref()) {
+    let (mut session, traced) = match install(&mut proc, args, pack.as_ref(), &sink, tracing, false)
+    {
         Ok(s) => s,
         Err(e) => {
             let _ = proc.detach();
@@ -499,8 +771,21 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         // in the middle of a remote call (the detach's own clean-up is one) would leave a
         // thread about to trap.
         say_live();
-        let woke = detached::wait(&pidfd, &signals, deadline)
-            .map_err(step(format!("waiting for PID {pid} failed")))?;
+        let mut ticker = Ticker::new(args.interval()?);
+        let woke = loop {
+            let next = match (deadline, ticker.next()) {
+                (Some(d), Some(t)) => Some(d.min(t)),
+                (d, t) => d.or(t),
+            };
+            let woke = detached::wait(&pidfd, &signals, next)
+                .map_err(|e| format!("waiting for PID {pid} failed: {e}"))?;
+            if woke == Woke::Deadline && deadline.is_none_or(|d| Instant::now() < d) {
+                ticker
+                    .fire(&mut |k, at| sink.write_text(&running_report(args, &session, k, at)))?;
+                continue;
+            }
+            break woke;
+        };
         let removed = woke != Woke::Ended
             && timings::time("removal (attach again, restore, detach)", || {
                 remove_probes(pid, &mut session, &pidfd)
@@ -509,8 +794,14 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
             eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
         }
     }
-    let maps = live.map(Live::finish).unwrap_or_default();
-    timings::time("report", || sink.write(args, &maps, &session))?;
+    let maps = traced
+        .map(tracer::trace::Running::finish)
+        .unwrap_or_default()
+        + &live.map(Live::finish).unwrap_or_default();
+    let comm = detached::comm(pid).unwrap_or_default();
+    timings::time("report", || {
+        sink.write(args, &maps, &session, Some((pid, &comm)))
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -531,7 +822,7 @@ fn swap_pack(pid: i32, pack: &Pack) -> Result<ExitCode, CliError> {
 }
 
 /// Map the loaded pack's shared region and start printing its events (to the output file,
-/// or stderr), while the target is still stopped.
+/// or stdout), while the target is still stopped.
 fn start_live(
     proc: &Process,
     session: &Session,
@@ -542,7 +833,8 @@ fn start_live(
     let (Some(pack), Some((fd, _))) = (pack, session.pack_region()) else {
         return Ok(None);
     };
-    Ok(Live::start(proc.pid(), fd, pack.info, args.json, sink.events()?).map(Some)?)
+    let events = sink.events()?;
+    Ok(Live::start(proc.pid(), fd, &pack.name, pack.info, args.json, events).map(Some)?)
 }
 
 /// Attaches again (threads created meanwhile included), restores every patched byte with
@@ -612,7 +904,9 @@ impl Sink {
         }
     }
 
-    /// Where events go as they arrive: the same place.
+    /// Where a pack's events go as they arrive, one line each: the output file (before
+    /// the report, which is written once the event thread has stopped), else stdout, so
+    /// that they can be piped on while the report and tracer's notes stay on stderr.
     fn events(&self) -> Result<Box<dyn Write + Send>, CliError> {
         match self {
             Sink::File(f, p) => f
@@ -622,13 +916,46 @@ impl Sink {
                     path: p.clone(),
                     source,
                 }),
-            Sink::Stderr => Ok(Box::new(std::io::stderr())),
+            Sink::Stderr => Ok(Box::new(std::io::stdout())),
         }
     }
 
-    /// Write the pack's maps (already rendered), then the per-probe report.
-    fn write(&mut self, args: &ProbeArgs, maps: &str, session: &Session) -> Result<(), CliError> {
-        let text = maps.to_string() + &render(args, &session.report(), session);
+    /// Write the pack's maps (already rendered), then the per-probe report (or the
+    /// latency views asked for).
+    fn write(
+        &mut self,
+        args: &ProbeArgs,
+        maps: &str,
+        session: &Session,
+        who: Option<(i32, &str)>,
+    ) -> Result<(), CliError> {
+        let mut report = match args.timed() {
+            // With --json, the refused probes follow as in the counts report.
+            true if args.json => {
+                latency_report(args, session, None) + &render(args, &[], session, who)
+            }
+            true => latency_report(args, session, None),
+            false => render(args, &session.report(), session, who),
+        };
+        if args.interval.is_some() && !args.json {
+            // Told apart from the running reports above it.
+            report.insert_str(0, "--- final ---\n");
+        }
+        self.write_text(&(maps.to_string() + &report))
+    }
+
+    /// The report of every process followed.
+    fn write_followed(
+        &mut self,
+        args: &ProbeArgs,
+        reg: &tracer::follow::Registry,
+    ) -> Result<(), CliError> {
+        let table =
+            |r: &[ProbeReport], s: &Session, who: Option<(i32, &str)>| render(args, r, s, who);
+        self.write_text(&tracer::follow::render(reg, args.json, &table))
+    }
+
+    fn write_text(&mut self, text: &str) -> Result<(), CliError> {
         match self {
             Sink::File(f, p) => {
                 f.write_all(text.as_bytes())
@@ -642,10 +969,88 @@ impl Sink {
     }
 }
 
+/// `--hist` and `--summary`, as text or JSON; `extra` goes into each JSON object.
+fn latency_report(args: &ProbeArgs, session: &Session, extra: Option<serde_json::Value>) -> String {
+    let rows = tracer::builtin::rows(session);
+    tracer::builtin::render(&rows, args.hist, args.summary, args.json, extra.as_ref())
+}
+
+/// The figures so far, for `--interval`: the latency views or the counts, headed by the
+/// interval's number and time (text), or with `"interval"` and `"elapsed_s"` in each
+/// object (JSON).
+fn running_report(args: &ProbeArgs, session: &Session, k: u64, at: Duration) -> String {
+    let secs = (at.as_secs_f64() * 1000.0).round() / 1000.0;
+    if args.json {
+        let extra = serde_json::json!({ "interval": k, "elapsed_s": secs });
+        if args.timed() {
+            return latency_report(args, session, Some(extra));
+        }
+        let mut out = String::new();
+        for line in render(args, &session.report(), session, None).lines() {
+            let mut v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            if v.get("refused").is_some() {
+                continue;
+            }
+            v["interval"] = k.into();
+            v["elapsed_s"] = secs.into();
+            out.push_str(&v.to_string());
+            out.push('\n');
+        }
+        return out;
+    }
+    let body = match args.timed() {
+        true => latency_report(args, session, None),
+        false => render(args, &session.report(), session, None),
+    };
+    format!("--- interval {k}, {secs:.3} s ---\n{body}")
+}
+
+/// When `--interval` reports are due, counted from the start of the wait.
+struct Ticker {
+    every: Option<Duration>,
+    start: Instant,
+    fired: u64,
+}
+
+impl Ticker {
+    fn new(every: Option<Duration>) -> Ticker {
+        Ticker {
+            every,
+            start: Instant::now(),
+            fired: 0,
+        }
+    }
+
+    /// The time of the next report, if any.
+    fn next(&self) -> Option<Instant> {
+        self.every
+            .map(|d| self.start + d.saturating_mul(self.fired as u32 + 1))
+    }
+
+    /// Print the report that is due (number, time since the start); one that fell behind
+    /// is not printed twice.
+    fn fire(
+        &mut self,
+        f: &mut dyn FnMut(u64, Duration) -> Result<(), CliError>,
+    ) -> Result<(), CliError> {
+        let Some(every) = self.every else {
+            return Ok(());
+        };
+        let at = self.start.elapsed();
+        self.fired = (at.as_nanos() / every.as_nanos().max(1)) as u64;
+        f(self.fired, at)
+    }
+}
+
 /// The report: a table, or with `--json` one object per probe (`"probe"` and `"symbol"`
-/// as stored, mangled for C++ and Rust; `"name"` demangled), then one per refused probe
-/// (with `"refused"`: the reason).
-fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> String {
+/// as stored, mangled for C++ and Rust; `"name"` demangled; `"pid"` and `"comm"` of the
+/// process when `who` names it), then one per refused probe (with `"refused"`: the reason).
+fn render(
+    args: &ProbeArgs,
+    reports: &[ProbeReport],
+    session: &Session,
+    who: Option<(i32, &str)>,
+) -> String {
     let mut text = String::new();
     // A pack's return handlers count returns too.
     let exit = args.exit || reports.iter().any(|r| r.exits > 0);
@@ -654,6 +1059,7 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> Strin
             entries_only_notes(session).collect();
         for r in reports {
             let mut v = serde_json::json!({
+                "type": "probe",
                 "probe": r.label,
                 "module": r.module,
                 "symbol": r.symbol,
@@ -673,6 +1079,10 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> Strin
             if let Some(why) = entries_only.get(r.label.as_str()) {
                 v["entries_only"] = (*why).into();
             }
+            if let Some((pid, comm)) = who {
+                v["pid"] = pid.into();
+                v["comm"] = comm.into();
+            }
             text.push_str(&v.to_string());
             text.push('\n');
         }
@@ -680,6 +1090,7 @@ fn render(args: &ProbeArgs, reports: &[ProbeReport], session: &Session) -> Strin
             let symbol = r.label.split_once(':').map_or(r.label.as_str(), |(_, s)| s);
             let symbol = symbol.rsplit_once("+0x").map_or(symbol, |(s, _)| s);
             let v = serde_json::json!({
+                "type": "refused",
                 "probe": r.label,
                 "symbol": symbol,
                 "name": tracer::names::display(symbol),

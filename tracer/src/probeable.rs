@@ -234,7 +234,7 @@ pub fn ifunc_target(
     let link = resolver.wrapping_sub(module.bias);
     let own = module
         .elf
-        .irelative
+        .irelative()
         .iter()
         .filter(|(_, r)| *r == link)
         .find_map(|(slot, _)| read(slot.wrapping_add(module.bias)).filter(is_impl));
@@ -242,7 +242,7 @@ pub fn ifunc_target(
     own.or_else(|| {
         modules.modules.iter().find_map(|m| {
             m.elf
-                .got_imports
+                .got_imports()
                 .iter()
                 .filter(|(_, n)| n == base)
                 .find_map(|(slot, _)| read(slot.wrapping_add(m.bias)).filter(is_impl))

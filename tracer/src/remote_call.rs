@@ -10,7 +10,9 @@
 //! The scratch page is one private mapping per [`Process`], created by the first call with
 //! a remote `mmap` (executed by writing `syscall; int3` over the thread's `rip` while every
 //! thread is stopped, then restoring those bytes). It holds `syscall; int3` and an `int3`
-//! return pad (r-x page) and a data area for strings and buffers (rw- pages).
+//! return pad (r-x page) and a data area for strings and buffers (rw- pages). A target an
+//! earlier session left a park page in (see [`crate::agent_thread`]) lends its scratch area
+//! instead, which stays after detach.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -366,6 +368,7 @@ pub fn call_with(
     if args.len() > 6 {
         return Err(RemoteCallError::TooManyArgs(args.len()));
     }
+    crate::timings::count("remote function calls");
     let scratch = ensure_scratch(proc, tid)?;
     let mut saved = save_state(proc, tid)?;
     let ret_addr = scratch.base + RETURN_PAD;
@@ -559,6 +562,7 @@ fn syscall_at(
     if args.len() > 6 {
         return Err(RemoteCallError::TooManyArgs(args.len()));
     }
+    crate::timings::count("remote system calls");
     let mut saved = save_state(proc, tid)?;
     let (addr, original) = match at {
         Some(a) => (a, None),
@@ -639,6 +643,11 @@ pub fn ensure_scratch(proc: &mut Process, tid: i32) -> Result<Scratch, RemoteCal
     if let Some(s) = proc.scratch() {
         return Ok(s);
     }
+    // An earlier session's park page has room for one: three remote system calls fewer.
+    if let Some(s) = crate::agent_thread::park_scratch(proc) {
+        proc.scratch = Some(s);
+        return Ok(s);
+    }
     let tid = thread_at_private_code(proc, tid).unwrap_or(tid);
     let len = PAGE + SCRATCH_DATA_LEN;
     let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
@@ -657,8 +666,7 @@ pub fn ensure_scratch(proc: &mut Process, tid: i32) -> Result<Scratch, RemoteCal
         });
     }
     let base = r as u64;
-    let mut code = [0xccu8; 16];
-    code[SYSCALL_PAD as usize..SYSCALL_PAD as usize + 2].copy_from_slice(&[0x0f, 0x05]);
+    let code = scratch_code();
     let setup = (|| {
         proc.write_memory(base, &code).map_err(mem_err(base))?;
         let prot = (libc::PROT_READ | libc::PROT_EXEC) as u64;
@@ -681,14 +689,25 @@ pub fn ensure_scratch(proc: &mut Process, tid: i32) -> Result<Scratch, RemoteCal
         data: base + PAGE,
         data_len: SCRATCH_DATA_LEN,
         len,
+        borrowed: false,
     };
     proc.scratch = Some(s);
     Ok(s)
 }
 
+/// The code of a scratch area: `syscall; int3` at [`SYSCALL_PAD`], the `int3` return pad
+/// at [`RETURN_PAD`].
+pub(crate) fn scratch_code() -> [u8; 16] {
+    let mut code = [0xccu8; 16];
+    code[SYSCALL_PAD as usize..SYSCALL_PAD as usize + 2].copy_from_slice(&[0x0f, 0x05]);
+    code
+}
+
 /// Removes the scratch mapping (best effort; needs every thread stopped).
 pub fn release_scratch(proc: &mut Process) {
-    let Some(s) = proc.scratch.take() else { return };
+    let Some(s) = proc.scratch.take().filter(|s| !s.borrowed) else {
+        return;
+    };
     // munmap must not run from inside the page it removes: use the thread's rip.
     let Some(first) = proc.threads().into_iter().find(|&t| proc.is_stopped(t)) else {
         return;

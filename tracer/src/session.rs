@@ -11,6 +11,7 @@ mod install;
 mod patch;
 mod report;
 
+pub(crate) use agent_calls::{agent_symbol, call_with_buffers, loaded_agent};
 pub use agent_calls::{other_session_live, swap_pack};
 
 use crate::inject;
@@ -200,6 +201,8 @@ pub struct Session {
     _lock: SessionLock,
     /// The loaded pack's shared region: its memfd in the target and its length.
     pack_region: Option<(i32, u64)>,
+    /// The built-in latency aggregates (`--hist`, `--summary`), mapped.
+    latency: Option<crate::builtin::latency::LatencyRegion>,
 }
 
 /// A pack to load with the session, and where its handlers run.
@@ -224,6 +227,18 @@ pub fn label(p: &ResolvedProbe, modules: &ProcessModules) -> String {
     }
 }
 
+/// Calls an exported agent function `f(input, n, out)`: (symbol, input, n, output bytes).
+pub type AgentCall<'a> =
+    dyn FnMut(&str, &[u8], u64, usize) -> Result<(u64, Vec<u8>), SessionError> + 'a;
+
+/// An action built into the agent (the call tracer) run at every `-p` probe of a
+/// session through the probe's handler slots.
+pub trait Builtin {
+    /// Called once the agent is loaded, before anything is prepared; returns the entry
+    /// and exit shims for every probe.
+    fn start(&mut self, call: &mut AgentCall<'_>) -> Result<(u64, u64), SessionError>;
+}
+
 impl Session {
     /// Inject the agent into a stopped process and install `probes`. Leaves every thread
     /// stopped. On error nothing is patched.
@@ -233,8 +248,28 @@ impl Session {
         probes: &[ResolvedProbe],
         exit: bool,
         pack: Option<PackRequest<'_>>,
+        latency: bool,
+    ) -> Result<Session, SessionError> {
+        Self::install_with(proc, modules, probes, exit, pack, latency, None)
+    }
+
+    /// [`Self::install`] with a built-in action at every `-p` probe (whose returns are
+    /// then probed too).
+    pub fn install_with(
+        proc: &mut Process,
+        modules: &ProcessModules,
+        probes: &[ResolvedProbe],
+        exit: bool,
+        pack: Option<PackRequest<'_>>,
+        latency: bool,
+        builtin: Option<&mut dyn Builtin>,
     ) -> Result<Session, SessionError> {
         let agent = agent_calls::Agent::load(proc, probes.len())?;
+        // Timing is the agent's exit shim in each `-p` probe's return slot.
+        let latency_shim = match latency {
+            true => agent.base + agent_calls::agent_symbol(probes::latency::EXIT_SHIM_SYMBOL)?,
+            false => 0,
+        };
         // Before anything is adopted or reused: another live tracer's probes are its own.
         let lock =
             SessionLock::take(proc.pid(), agent.info.shared_fd).map_err(SessionError::Lock)?;
@@ -252,7 +287,14 @@ impl Session {
             }
             None => (None, Vec::new()),
         };
-        let (sites, pack_counts) = install::sites(pack.as_ref(), &shims, probes, modules);
+        let actions = match builtin {
+            Some(b) => b.start(&mut |symbol, input, n, out_len| {
+                let f = agent.base + agent_calls::agent_symbol(symbol)?;
+                agent_calls::call_with_buffers(proc, &agent.fns, f, input, n, out_len)
+            })?,
+            None => (0, 0),
+        };
+        let (sites, pack_counts) = install::sites(pack.as_ref(), &shims, probes, modules, actions);
         // IFUNC symbols name resolvers: ask the target's loader what they resolved to,
         // all in one call.
         let ifuncs = timings::time("IFUNC resolution", || {
@@ -263,11 +305,15 @@ impl Session {
                 &install::ifunc_names(&sites),
             )
         })?;
-        let mut req = install::requests(&sites, ifuncs, modules, exit, pack_counts);
+        let mut req = install::requests(&sites, ifuncs, modules, exit, pack_counts, latency_shim);
+        let rss_before = timings::enabled()
+            .then(|| timings::rss_kib(proc.pid()))
+            .flatten();
         let results = timings::time("prepare (remote)", || {
             agent_calls::prepare_remote(proc, &agent.fns, agent.prepare, &req.requests)
         })?;
         install::record_trampoline_spacing(&results);
+        install::record_probe_memory(proc.pid(), rss_before, &results);
         let counters = timings::time("counters mapped", || Counters::map(proc.pid(), &agent.info))?;
         let mut installed = install::collect(&results, &mut req, &mut adopted)?;
         if installed.is_empty() {
@@ -296,6 +342,12 @@ impl Session {
             p.hidden = true;
             installed.push(p);
         }
+        let latency = match latency {
+            true => Some(agent_calls::open_latency(
+                proc, &agent.fns, agent.base, &installed,
+            )?),
+            false => None,
+        };
         let mut s = Session {
             installed,
             refused: req.refused,
@@ -304,6 +356,7 @@ impl Session {
             patched: false,
             _lock: lock,
             pack_region,
+            latency,
         };
         timings::time("patch", || s.write_patches(proc, true))?;
         Ok(s)
@@ -312,6 +365,11 @@ impl Session {
     /// The loaded pack's shared region: `/proc/PID/fd/N` for its memfd `N`, and its length.
     pub fn pack_region(&self) -> Option<(i32, u64)> {
         self.pack_region
+    }
+
+    /// The built-in latency aggregates, when asked for.
+    pub fn latency(&self) -> Option<&crate::builtin::latency::LatencyRegion> {
+        self.latency.as_ref()
     }
 
     /// The user's probes that are installed.

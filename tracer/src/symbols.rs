@@ -12,7 +12,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+
+/// Lookups by name answered by a scan before a file's name index is built.
+const SCANS_BEFORE_INDEX: usize = 16;
 
 use agent::maps::MapEntry;
 use object::elf;
@@ -169,6 +173,10 @@ pub struct FileFunction {
 }
 
 /// Function symbols of one ELF file, independent of where it is loaded.
+///
+/// The headers are read at once; the symbol tables and relocations of a mapped file only
+/// when first asked for (see [`SymbolCache`]): an attach with `-p main:work` needs no
+/// table of libc, and reading every module's took 1.2 of the 1.6 ms of symbol loading.
 #[derive(Debug)]
 pub struct ElfSymbols {
     /// The file that was read (for messages).
@@ -177,24 +185,87 @@ pub struct ElfSymbols {
     pub is_dyn: bool,
     /// Link-time address of the entry point (`e_entry`), 0 if none.
     pub entry: u64,
-    /// `R_X86_64_IRELATIVE` relocations as (slot, resolver), link-time addresses: the
-    /// loader writes what the resolver returns into the slot at load time.
-    pub irelative: Vec<(u64, u64)>,
-    /// `R_X86_64_GLOB_DAT` / `R_X86_64_JUMP_SLOT` relocations as (slot, symbol name):
-    /// once bound, the slot holds the address the loader resolved the name to.
-    pub got_imports: Vec<(u64, String)>,
     pub segments: Vec<LoadSegment>,
     pub has_symtab: bool,
     pub has_debugdata: bool,
-    /// Problems that lost some symbols but not the file (e.g. a corrupt `.gnu_debugdata`).
-    pub warnings: Vec<String>,
-    /// Sorted by `value`, one entry per address.
-    functions: Vec<FileFunction>,
+    /// The mapped file, until its tables are read.
+    image: Mutex<Option<memmap2::Mmap>>,
+    tables: OnceLock<Tables>,
     /// Every name to the indices of the functions it denotes (a local name may exist
-    /// at several addresses, e.g. two `static int helper()` in two files).
-    by_name: HashMap<String, Vec<usize>>,
+    /// at several addresses, e.g. two `static int helper()` in two files); made on the
+    /// first lookup by name.
+    by_name: OnceLock<HashMap<String, Vec<usize>>>,
+    /// Lookups by name made without `by_name`.
+    scans: AtomicUsize,
     /// Demangled forms of the C++ and Rust names, made on first use (most files are C).
     demangled: OnceLock<HashMap<String, crate::names::Demangled>>,
+}
+
+/// What [`ElfSymbols`] reads from the symbol tables and relocations.
+#[derive(Debug, Default)]
+struct Tables {
+    /// `R_X86_64_IRELATIVE` relocations as (slot, resolver), link-time addresses: the
+    /// loader writes what the resolver returns into the slot at load time.
+    irelative: Vec<(u64, u64)>,
+    /// `R_X86_64_GLOB_DAT` / `R_X86_64_JUMP_SLOT` relocations as (slot, symbol name):
+    /// once bound, the slot holds the address the loader resolved the name to.
+    got_imports: Vec<(u64, String)>,
+    /// Problems that lost some symbols but not the file (e.g. a corrupt `.gnu_debugdata`).
+    warnings: Vec<String>,
+    /// Sorted by `value`, one entry per address.
+    functions: Vec<FileFunction>,
+}
+
+type Sections<'a> = object::read::elf::SectionTable<'a, elf::FileHeader64<Endianness>, &'a [u8]>;
+
+impl Tables {
+    /// Reads the tables; fails only when `.dynsym` is unreadable.
+    fn read<'a>(
+        endian: Endianness,
+        data: &'a [u8],
+        sections: &Sections<'a>,
+        path: &Path,
+    ) -> object::read::Result<Tables> {
+        let (irelative, got_imports) = read_got_relocations(endian, data, sections);
+        let mut raw = Vec::new();
+        let mut warnings = Vec::new();
+        read_table(
+            endian,
+            data,
+            sections,
+            elf::SHT_DYNSYM,
+            SymbolSource::Dynsym,
+            &mut raw,
+        )?;
+        // The exported symbols are what a loaded file needs; a damaged full table
+        // only loses local names.
+        if let Err(e) = read_table(
+            endian,
+            data,
+            sections,
+            elf::SHT_SYMTAB,
+            SymbolSource::Symtab,
+            &mut raw,
+        ) {
+            warnings.push(format!(".symtab of {}: {e}", path.display()));
+        }
+        if let Some((_, section)) = sections.section_by_name(endian, b".gnu_debugdata") {
+            match section.data(endian, data) {
+                Ok(compressed) => {
+                    if let Err(w) = read_debugdata(compressed, &mut raw) {
+                        warnings.push(format!(".gnu_debugdata of {}: {w}", path.display()));
+                    }
+                }
+                Err(e) => warnings.push(format!(".gnu_debugdata of {}: {e}", path.display())),
+            }
+        }
+        Ok(Tables {
+            irelative,
+            got_imports,
+            warnings,
+            functions: merge_aliases(raw),
+        })
+    }
 }
 
 /// A raw function symbol before aliases are merged.
@@ -207,99 +278,101 @@ struct RawFunction {
     source: SymbolSource,
 }
 
+/// The ELF header of `data` and what it says at once.
+struct Headers<'a> {
+    endian: Endianness,
+    sections: Sections<'a>,
+    segments: Vec<LoadSegment>,
+    is_dyn: bool,
+    entry: u64,
+}
+
+fn read_headers<'a>(data: &'a [u8], path: &Path) -> Result<Headers<'a>, SymbolError> {
+    let malformed = |e: object::read::Error| SymbolError::Malformed {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    if data.len() < 5 || &data[..4] != b"\x7fELF" || data[4] != elf::ELFCLASS64.0 {
+        return Err(SymbolError::NotElf64 {
+            path: path.to_path_buf(),
+        });
+    }
+    let header = elf::FileHeader64::<Endianness>::parse(data).map_err(malformed)?;
+    let endian = header.endian().map_err(malformed)?;
+    let segments = header
+        .program_headers(endian, data)
+        .map_err(malformed)?
+        .iter()
+        .filter(|p| p.p_type(endian) == elf::PT_LOAD)
+        .map(|p| LoadSegment {
+            vaddr: p.p_vaddr(endian),
+            memsz: p.p_memsz(endian),
+            offset: p.p_offset(endian),
+            filesz: p.p_filesz(endian),
+            flags: p.p_flags(endian).0,
+        })
+        .collect();
+    let sections = header.sections(endian, data).map_err(malformed)?;
+    Ok(Headers {
+        endian,
+        segments,
+        is_dyn: header.e_type(endian) == elf::ET_DYN,
+        entry: header.e_entry(endian),
+        sections,
+    })
+}
+
 impl ElfSymbols {
-    /// Parse an ELF file image. `path` is only used in messages.
+    fn from_headers(h: &Headers<'_>, path: &Path, tables: OnceLock<Tables>) -> ElfSymbols {
+        ElfSymbols {
+            path: path.to_path_buf(),
+            is_dyn: h.is_dyn,
+            entry: h.entry,
+            segments: h.segments.clone(),
+            has_symtab: h
+                .sections
+                .iter()
+                .any(|s| s.sh_type(h.endian) == elf::SHT_SYMTAB),
+            has_debugdata: h
+                .sections
+                .section_by_name(h.endian, b".gnu_debugdata")
+                .is_some(),
+            image: Mutex::new(None),
+            tables,
+            by_name: OnceLock::new(),
+            scans: AtomicUsize::new(0),
+            demangled: OnceLock::new(),
+        }
+    }
+
+    /// Parse an ELF file image, tables included. `path` is only used in messages.
     pub fn parse(data: &[u8], path: &Path) -> Result<ElfSymbols, SymbolError> {
-        let malformed = |e: object::read::Error| SymbolError::Malformed {
+        let h = read_headers(data, path)?;
+        let tables = Tables::read(h.endian, data, &h.sections, path).map_err(|e| {
+            SymbolError::Malformed {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(ElfSymbols::from_headers(&h, path, OnceLock::from(tables)))
+    }
+
+    /// A mapped ELF file: its headers now, its tables on first use. What could make that
+    /// later read fail (an unreadable `.dynsym` or version table) is checked now.
+    pub fn parse_mapped(image: memmap2::Mmap, path: &Path) -> Result<ElfSymbols, SymbolError> {
+        let h = read_headers(&image, path)?;
+        let checked = h
+            .sections
+            .symbols(h.endian, &*image, elf::SHT_DYNSYM)
+            .and_then(|_| h.sections.versions(h.endian, &*image).map(|_| ()));
+        checked.map_err(|e| SymbolError::Malformed {
             path: path.to_path_buf(),
             reason: e.to_string(),
-        };
-        if data.len() < 5 || &data[..4] != b"\x7fELF" || data[4] != elf::ELFCLASS64.0 {
-            return Err(SymbolError::NotElf64 {
-                path: path.to_path_buf(),
-            });
-        }
-        let header = elf::FileHeader64::<Endianness>::parse(data).map_err(malformed)?;
-        let endian = header.endian().map_err(malformed)?;
-        let segments = header
-            .program_headers(endian, data)
-            .map_err(malformed)?
-            .iter()
-            .filter(|p| p.p_type(endian) == elf::PT_LOAD)
-            .map(|p| LoadSegment {
-                vaddr: p.p_vaddr(endian),
-                memsz: p.p_memsz(endian),
-                offset: p.p_offset(endian),
-                filesz: p.p_filesz(endian),
-                flags: p.p_flags(endian).0,
-            })
-            .collect();
-        let is_dyn = header.e_type(endian) == elf::ET_DYN;
-        let entry = header.e_entry(endian);
-        let sections = header.sections(endian, data).map_err(malformed)?;
-        let (irelative, got_imports) = read_got_relocations(endian, data, &sections);
-
-        let mut raw = Vec::new();
-        let mut warnings = Vec::new();
-        read_table(
-            endian,
-            data,
-            &sections,
-            elf::SHT_DYNSYM,
-            SymbolSource::Dynsym,
-            &mut raw,
-        )
-        .map_err(malformed)?;
-        // The exported symbols are what a loaded file needs; a damaged full table
-        // only loses local names.
-        if let Err(e) = read_table(
-            endian,
-            data,
-            &sections,
-            elf::SHT_SYMTAB,
-            SymbolSource::Symtab,
-            &mut raw,
-        ) {
-            warnings.push(format!(".symtab of {}: {e}", path.display()));
-        }
-        let has_symtab = sections
-            .iter()
-            .any(|s| s.sh_type(endian) == elf::SHT_SYMTAB);
-
-        let mut has_debugdata = false;
-        if let Some((_, section)) = sections.section_by_name(endian, b".gnu_debugdata") {
-            has_debugdata = true;
-            match section.data(endian, data) {
-                Ok(compressed) => {
-                    if let Err(w) = read_debugdata(compressed, &mut raw) {
-                        warnings.push(format!(".gnu_debugdata of {}: {w}", path.display()));
-                    }
-                }
-                Err(e) => warnings.push(format!(".gnu_debugdata of {}: {e}", path.display())),
-            }
-        }
-
-        let functions = merge_aliases(raw);
-        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, f) in functions.iter().enumerate() {
-            for n in &f.names {
-                by_name.entry(n.clone()).or_default().push(i);
-            }
-        }
-        Ok(ElfSymbols {
-            path: path.to_path_buf(),
-            is_dyn,
-            entry,
-            irelative,
-            got_imports,
-            segments,
-            has_symtab,
-            has_debugdata,
-            warnings,
-            functions,
-            by_name,
-            demangled: OnceLock::new(),
-        })
+        })?;
+        let e = ElfSymbols::from_headers(&h, path, OnceLock::new());
+        drop(h);
+        *e.image.lock().unwrap_or_else(|p| p.into_inner()) = Some(image);
+        Ok(e)
     }
 
     /// Read and parse an ELF file.
@@ -311,18 +384,76 @@ impl ElfSymbols {
         ElfSymbols::parse(&data, path)
     }
 
+    fn tables(&self) -> &Tables {
+        self.tables.get_or_init(|| {
+            let image = self.image.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let Some(image) = image else {
+                return Tables::default();
+            };
+            let read = read_headers(&image, &self.path)
+                .map_err(|e| e.to_string())
+                .and_then(|h| {
+                    Tables::read(h.endian, &image, &h.sections, &self.path)
+                        .map_err(|e| e.to_string())
+                });
+            // Checked when the file was mapped: only a file changed in place since (which
+            // would break the processes mapping it too) gets here.
+            read.unwrap_or_else(|e| Tables {
+                warnings: vec![format!("{}: {e}", self.path.display())],
+                ..Tables::default()
+            })
+        })
+    }
+
+    /// `R_X86_64_IRELATIVE` relocations as (slot, resolver), link-time addresses: the
+    /// loader writes what the resolver returns into the slot at load time.
+    pub fn irelative(&self) -> &[(u64, u64)] {
+        &self.tables().irelative
+    }
+
+    /// `R_X86_64_GLOB_DAT` / `R_X86_64_JUMP_SLOT` relocations as (slot, symbol name without
+    /// version): once bound, the slot holds the address the loader resolved the name to.
+    pub fn got_imports(&self) -> &[(u64, String)] {
+        &self.tables().got_imports
+    }
+
+    /// Problems that lost some symbols but not the file (e.g. a corrupt `.gnu_debugdata`).
+    pub fn warnings(&self) -> &[String] {
+        &self.tables().warnings
+    }
+
+    fn by_name(&self) -> &HashMap<String, Vec<usize>> {
+        self.by_name.get_or_init(|| {
+            let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+            for (i, f) in self.functions().iter().enumerate() {
+                for n in &f.names {
+                    by_name.entry(n.clone()).or_default().push(i);
+                }
+            }
+            by_name
+        })
+    }
+
     /// All functions, sorted by link-time address, one per address.
     pub fn functions(&self) -> &[FileFunction] {
-        &self.functions
+        &self.tables().functions
     }
 
     /// Functions one of whose names is exactly `name`.
     pub fn functions_named<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a FileFunction> {
-        self.by_name
-            .get(name)
-            .into_iter()
-            .flatten()
-            .map(move |&i| &self.functions[i])
+        // A scan of every name costs 20 us for libc, the index 500 us to build: scan for
+        // the first few lookups (a spec naming a function or two), index for more.
+        let found: Vec<usize> = match self.by_name.get() {
+            None if self.scans.fetch_add(1, Ordering::Relaxed) < SCANS_BEFORE_INDEX => self
+                .functions()
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.names.iter().any(|n| n == name))
+                .map(|(i, _)| i)
+                .collect(),
+            _ => self.by_name().get(name).cloned().unwrap_or_default(),
+        };
+        found.into_iter().map(move |i| &self.functions()[i])
     }
 
     /// The demangled forms of `name`, one of this file's function names, if it is a
@@ -330,7 +461,7 @@ impl ElfSymbols {
     pub fn demangled(&self, name: &str) -> Option<&crate::names::Demangled> {
         self.demangled
             .get_or_init(|| {
-                self.by_name
+                self.by_name()
                     .keys()
                     .filter(|n| crate::names::looks_mangled(n))
                     .filter_map(|n| crate::names::demangle(n).map(|d| (n.clone(), d)))
@@ -342,10 +473,11 @@ impl ElfSymbols {
     /// The function whose `[value, value + size)` covers the link-time address `value`
     /// (or that starts exactly there when its size is unknown).
     pub fn function_containing(&self, value: u64) -> Option<&FileFunction> {
-        let end = self.functions.partition_point(|f| f.value <= value);
+        let functions = self.functions();
+        let end = functions.partition_point(|f| f.value <= value);
         // Functions rarely overlap, but a few preceding entries may be labels inside a
         // bigger function (size 0 or small), so look back a little for a cover.
-        self.functions[..end]
+        functions[..end]
             .iter()
             .rev()
             .take(16)
@@ -363,6 +495,8 @@ fn read_table<'a>(
     out: &mut Vec<RawFunction>,
 ) -> object::read::Result<()> {
     let table = sections.symbols(endian, data, sh_type)?;
+    // Grown once: each doubling of a vector this size is fresh pages to fault in.
+    out.reserve(table.len());
     let versions = if sh_type == elf::SHT_DYNSYM {
         sections.versions(endian, data)?
     } else {
@@ -490,13 +624,19 @@ fn name_rank(r: &RawFunction) -> (bool, SymbolSource, bool, usize, usize) {
 
 /// Merge symbols of the same address into one function carrying every name.
 fn merge_aliases(mut raw: Vec<RawFunction>) -> Vec<FileFunction> {
-    raw.sort_by(|a, b| {
-        a.value
-            .cmp(&b.value)
-            .then_with(|| name_rank(a).cmp(&name_rank(b)))
-            .then_with(|| a.name.cmp(&b.name))
-    });
-    let mut out: Vec<FileFunction> = Vec::new();
+    // Stable sorts by address, then by preference within each address: aliases are few,
+    // so names are compared within small groups only.
+    raw.sort_by_key(|r| r.value);
+    for group in raw.chunk_by_mut(|a, b| a.value == b.value) {
+        if group.len() > 1 {
+            group.sort_by(|a, b| {
+                name_rank(a)
+                    .cmp(&name_rank(b))
+                    .then_with(|| a.name.cmp(&b.name))
+            });
+        }
+    }
+    let mut out: Vec<FileFunction> = Vec::with_capacity(raw.len());
     for r in raw {
         match out.last_mut() {
             Some(f) if f.value == r.value => {
@@ -795,7 +935,7 @@ impl SymbolCache {
             }
             match map_file(src) {
                 Ok(data) => {
-                    let parsed = Arc::new(ElfSymbols::parse(&data, Path::new(&id.path))?);
+                    let parsed = Arc::new(ElfSymbols::parse_mapped(data, Path::new(&id.path))?);
                     self.lock().insert(key, parsed.clone());
                     return Ok(parsed);
                 }
@@ -967,9 +1107,10 @@ impl SymbolCache {
 /// and symbol tables only, and reading all of libc (2 MB) took about 1 ms per file.
 pub fn map_file(path: &Path) -> std::io::Result<memmap2::Mmap> {
     let f = std::fs::File::open(path)?;
-    // SAFETY: a private read-only view; a file truncated while we parse it would fault
-    // (SIGBUS), which happens before any change to the target. Libraries are replaced
-    // (a new inode) on upgrade, not rewritten in place.
+    // SAFETY: a private read-only view. A file truncated in place while mapped would fault
+    // (SIGBUS) when read, possibly mid-session now that a module's tables are read on
+    // first use; it would equally break every process that maps it, the target first.
+    // Libraries are replaced (a new inode) on upgrade, not rewritten in place.
     unsafe { memmap2::Mmap::map(&f) }
 }
 
@@ -1169,5 +1310,62 @@ mod tests {
         let again = cache.process(pid).unwrap();
         let m2 = again.modules.iter().find(|x| x.path == m.path).unwrap();
         assert!(Arc::ptr_eq(&m.elf, &m2.elf), "libc was parsed twice");
+    }
+
+    /// A module's tables are read when first asked for, and then say exactly what
+    /// reading the whole file at once says.
+    #[test]
+    fn tables_read_on_first_use_equal_those_read_at_once() {
+        let pid = std::process::id() as i32;
+        let pm = SymbolCache::new().process(pid).unwrap();
+        let libc = pm
+            .modules
+            .iter()
+            .find(|m| m.name.starts_with("libc.so"))
+            .expect("libc mapped");
+        assert!(
+            libc.elf.tables.get().is_none(),
+            "libc's tables read before use"
+        );
+        let lazy = &libc.elf;
+        let eager = ElfSymbols::read(Path::new(&libc.path)).unwrap();
+        let names = [
+            "malloc",
+            "free",
+            "memcpy",
+            "memcpy@GLIBC_2.2.5",
+            "no such name",
+        ];
+        let scanned: Vec<Vec<&FileFunction>> = names
+            .iter()
+            .map(|n| lazy.functions_named(n).collect())
+            .collect();
+        assert!(lazy.by_name.get().is_none(), "indexed for a few lookups");
+        assert!(!scanned[0].is_empty());
+        for _ in 0..SCANS_BEFORE_INDEX {
+            let _ = lazy.functions_named("malloc").count();
+        }
+        assert!(lazy.by_name.get().is_some(), "never indexed");
+        for (n, s) in names.iter().zip(&scanned) {
+            assert_eq!(&lazy.functions_named(n).collect::<Vec<_>>(), s, "{n}");
+        }
+        assert_eq!(lazy.functions(), eager.functions());
+        assert_eq!(lazy.irelative(), eager.irelative());
+        assert_eq!(lazy.got_imports(), eager.got_imports());
+        assert_eq!(lazy.warnings(), eager.warnings());
+        assert_eq!(
+            (
+                lazy.has_symtab,
+                lazy.has_debugdata,
+                lazy.entry,
+                &lazy.segments
+            ),
+            (
+                eager.has_symtab,
+                eager.has_debugdata,
+                eager.entry,
+                &eager.segments
+            )
+        );
     }
 }

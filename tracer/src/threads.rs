@@ -185,6 +185,8 @@ pub struct Scratch {
     pub data_len: u64,
     /// Total size of the mapping.
     pub len: u64,
+    /// Part of the agent thread's park page, which stays: not unmapped at detach.
+    pub borrowed: bool,
 }
 
 /// A seized process. Every known thread is traced; see the module documentation.
@@ -194,6 +196,9 @@ pub struct Process {
     mem: fs::File,
     exit: Option<ExitStatus>,
     pub(crate) scratch: Option<Scratch>,
+    /// Where the agent thread's park page is, once found or made (see `agent_thread`):
+    /// looked up in the maps once rather than at every remote call.
+    pub(crate) park_page: std::cell::Cell<Option<u64>>,
     /// Process launched by us (kill it if setup fails) rather than attached to.
     pub(crate) launched: bool,
     /// Programs the process has exec'd since we seized it (the code we patched is gone
@@ -324,9 +329,10 @@ fn foreign_machine(pid: i32) -> io::Result<Option<String>> {
     })
 }
 
-/// Polls `waitpid(tid)` until it reports something or `deadline` passes (`None`: forever).
+/// Waits for `waitpid(tid)` to report something or `deadline` to pass (`None`: forever),
+/// woken by `SIGCHLD` (see [`crate::child_events`]).
 pub(crate) fn wait_tid(tid: i32, deadline: Option<Instant>) -> Result<Option<WaitStatus>, Errno> {
-    let mut nap = Duration::from_micros(20);
+    let block = crate::child_events::ChildSignalBlock::new();
     loop {
         match waitpid(
             Pid::from_raw(tid),
@@ -340,8 +346,7 @@ pub(crate) fn wait_tid(tid: i32, deadline: Option<Instant>) -> Result<Option<Wai
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(None);
         }
-        std::thread::sleep(nap);
-        nap = (nap * 2).min(Duration::from_millis(2));
+        block.sleep(deadline);
     }
 }
 
@@ -384,6 +389,7 @@ impl Process {
             mem,
             exit: None,
             scratch: None,
+            park_page: std::cell::Cell::new(None),
             launched,
             execs: Vec::new(),
             _not_send: PhantomData,
@@ -635,6 +641,7 @@ impl Process {
                 let pid = self.pid;
                 self.threads.retain(|&t, _| t == pid);
                 self.scratch = None;
+                self.park_page.set(None);
                 let exe = fs::read_link(format!("/proc/{pid}/exe"))
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|_| "another program".into());
@@ -856,6 +863,8 @@ impl Process {
         skip: Option<i32>,
     ) -> Result<Option<ExitStatus>, AttachError> {
         let deadline = Instant::now() + timeout;
+        // Blocked before the first check, so that an event after it wakes the sleep below.
+        let block = crate::child_events::ChildSignalBlock::new();
         loop {
             let mut any = false;
             for tid in self.threads() {
@@ -883,7 +892,7 @@ impl Process {
                 return Ok(None);
             }
             if !any {
-                std::thread::sleep(Duration::from_millis(1));
+                block.sleep(Some(deadline));
             }
         }
     }
@@ -917,8 +926,7 @@ impl Process {
         if !self.all_stopped() {
             self.stop_all()?;
         }
-        let agent = crate::agent_thread::parked_thread(self);
-        crate::agent_thread::dismiss(self);
+        let agent = crate::agent_thread::dismiss(self);
         crate::remote_call::release_scratch(self);
         // The agent's thread first and the main thread last: a thread let go runs at once,
         // and one that ends the process (`exit_group`, as a short program's main thread

@@ -7,6 +7,18 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Whether `--timings` was asked for: figures that cost a read of the target's memory
+/// map are taken only then.
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Phases in the order they were recorded; a phase recorded twice adds up.
 static PHASES: Mutex<Vec<(&'static str, Duration)>> = Mutex::new(Vec::new());
 
@@ -41,6 +53,15 @@ pub fn figure(name: &'static str, value: u64) {
     match v.iter_mut().find(|(n, _)| *n == name) {
         Some((_, x)) => *x = value,
         None => v.push((name, value)),
+    }
+}
+
+/// Adds one to the figure `name` (a count of round trips, say).
+pub fn count(name: &'static str) {
+    let mut v = FIGURES.lock().unwrap_or_else(|e| e.into_inner());
+    match v.iter_mut().find(|(n, _)| *n == name) {
+        Some((_, x)) => *x += 1,
+        None => v.push((name, 1)),
     }
 }
 

@@ -220,3 +220,85 @@ fn ctrl_c_detaches_and_reports() {
     let (last, ok) = t.finish();
     assert!(ok && last.starts_with("n "), "{last}");
 }
+
+/// What `--timings` says `name` counted (0 when it counted nothing).
+fn timings_count(stderr: &str, name: &str) -> u64 {
+    stderr
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix(name))
+        .and_then(|v| v.trim_start_matches(':').trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A later attach uses what the first one left in the target (the agent, and the park
+/// page's scratch area for its remote calls and libc's functions): it makes no remote
+/// system call at all (it made seven: a scratch page mapped, protected and unmapped, and a
+/// buffer mapped and unmapped for each agent call), reads no libc file, and the program
+/// keeps exactly its own threads.
+#[test]
+fn a_later_attach_makes_no_remote_system_call() {
+    let dir = temp_dir("later_attach");
+    let spin = cc(&dir, "spin", SPIN_C, &["-pthread", "-pie", "-fPIE"]);
+    let mut t = Target::spawn(&spin, &[]);
+    let pid = t.pid();
+    let _ = t.line();
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count()
+    };
+    // spin's main thread and the four it starts after its first line.
+    let before = 5;
+    assert!(wait_until(Duration::from_secs(5), || threads() == before));
+    let attach = || {
+        let out = tracer_output(&[
+            "attach",
+            &pid.to_string(),
+            "-p",
+            "main:step",
+            "--duration",
+            "0",
+            "--timings",
+            "-o",
+            "/dev/null",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let first = attach();
+    assert!(
+        timings_count(&first, "remote system calls") > 0,
+        "the first attach maps its pages: {first}"
+    );
+    assert_eq!(
+        timings_count(&first, "libc functions remembered in the target"),
+        0,
+        "{first}"
+    );
+    for i in 0..3 {
+        let later = attach();
+        assert_eq!(
+            timings_count(&later, "remote system calls"),
+            0,
+            "attach {i} after the first: {later}"
+        );
+        assert!(
+            timings_count(&later, "remote function calls") > 0,
+            "{later}"
+        );
+        // The first attach wrote libc's functions into its park page.
+        assert_eq!(
+            timings_count(&later, "libc functions remembered in the target"),
+            1,
+            "{later}"
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || threads() == before),
+        "the program has {} threads, {before} before",
+        threads()
+    );
+    let (last, ok) = t.finish();
+    assert!(ok, "spin failed after the attaches: {last}");
+}

@@ -132,6 +132,7 @@ fn attach_session(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let events = read_all(tr.stdout.take().unwrap());
     let mut err = BufReader::new(tr.stderr.take().unwrap());
     let mut seen = String::new();
     loop {
@@ -154,12 +155,21 @@ fn attach_session(
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
     assert!(tr.wait().unwrap().success(), "tracer failed: {seen}{rest}");
-    let lines = (seen + &rest)
+    let lines = (events.join().unwrap() + &seen + &rest)
         .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     (result, lines)
+}
+
+/// Everything `r` gives until its end, read by a thread (so that a pipe never fills).
+fn read_all(mut r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        r.read_to_string(&mut s).unwrap();
+        s
+    })
 }
 
 /// The mallocs example: its size hash map holds exactly the program's own 300 mallocs
@@ -252,34 +262,46 @@ fn mallocs_twice_in_one_process_counts_each_window() {
     assert!(ok && last.is_empty(), "{last}");
 }
 
+/// The faults example on a program that counts its own failed calls and checks errno:
+/// of 300 consecutive rounds of `malloc` then `open`, exactly 100 of each fail (every
+/// third call, wherever the pack's count started), every failure with the errno the C
+/// library's contract gives (ENOMEM, ENOENT), and no descriptor leaks.
 #[test]
-fn faults_make_every_third_malloc_fail_under_run_and_attach() {
+fn faults_make_every_third_malloc_and_open_fail_with_errno_under_run_and_attach() {
     let dir = temp_dir("pack-faults");
-    let program = build_program(dir.path());
+    let program = cc(
+        dir.path(),
+        "faults_target",
+        include_str!("programs/faults_target.c"),
+        &["-pie", "-fPIE"],
+    );
     let so = example_pack("faults");
+    let check = |result: &str, lines: &[serde_json::Value]| {
+        assert_eq!(field(result, "rounds"), 300, "{result}");
+        for (failures, errno) in [("malloc_failures", "enomem"), ("open_failures", "enoent")] {
+            assert_eq!(field(result, failures), 100, "{result}");
+            assert_eq!(field(result, errno), 100, "{result}");
+        }
+        assert_eq!(field(result, "leaked_fd"), 0, "{result}");
+        let value = |name| map(lines, name)["data"]["value"].as_u64().unwrap();
+        assert_eq!(
+            value("MALLOC_CALLS"),
+            num(report(lines, "libc:malloc"), "exits")
+        );
+        assert_eq!(value("OPEN_CALLS"), num(report(lines, "libc:open"), "hits"));
+        assert!(value("MALLOC_FAILED") >= 100);
+        assert!(value("OPEN_FAILED") >= 100);
+    };
     let (lines, stdout) = run_json(
         dir.path(),
         &program,
         &["--pack", so.to_str().unwrap()],
-        &["300", "0", "0", "0"],
+        &["300"],
     );
-    // 300 consecutive calls hold exactly 100 third calls, wherever the count started.
-    let result = stdout.lines().nth(1).unwrap();
-    assert_eq!(field(result, "failures"), 100, "{stdout}");
-    let calls = map(&lines, "CALLS")["data"]["value"].as_u64().unwrap();
-    assert_eq!(calls, num(report(&lines, "libc:malloc"), "exits"));
-    assert!(map(&lines, "FAILED")["data"]["value"].as_u64().unwrap() >= 100);
+    check(stdout.lines().nth(1).unwrap(), &lines);
 
-    let (result, lines) = attach_json(
-        &program,
-        &["--pack", so.to_str().unwrap()],
-        &["300", "0", "0", "0"],
-    );
-    assert_eq!(field(&result, "failures"), 100, "{result}");
-    assert_eq!(
-        map(&lines, "CALLS")["data"]["value"].as_u64().unwrap(),
-        num(report(&lines, "libc:malloc"), "exits")
-    );
+    let (result, lines) = attach_json(&program, &["--pack", so.to_str().unwrap()], &["300"]);
+    check(&result, &lines);
 }
 
 /// Given the crate directory, tracer builds the pack itself; one handler pair on a glob
@@ -307,6 +329,45 @@ fn latency_built_from_its_directory_keys_each_function_by_name() {
         .sum();
     assert_eq!(calloc_returns, 41);
     assert_eq!(hist_sum(map(&lines, "LATENCY_NS")), hash_sum(by_fn));
+}
+
+/// The README's walk-through, step by step: `tracer new`, the latency example copied
+/// over its `src/lib.rs`, its one spec line changed, run with `tracer run --pack DIR`.
+#[test]
+fn the_readme_walk_through_new_copy_change_one_line_run() {
+    let dir = temp_dir("pack-walk");
+    let program = build_program(dir.path());
+    let out = tracer()
+        .args(["new", "mylat"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lib = dir.path().join("mylat/src/lib.rs");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/latency/src/lib.rs");
+    let text = std::fs::read_to_string(example).unwrap();
+    assert_eq!(
+        text.matches("\"libc:*alloc\"").count(),
+        1,
+        "one line to change"
+    );
+    std::fs::write(&lib, text.replace("\"libc:*alloc\"", "\"libc:calloc\"")).unwrap();
+    let crate_dir = dir.path().join("mylat");
+    let (lines, _) = run_json(
+        dir.path(),
+        &program,
+        &["--pack", crate_dir.to_str().unwrap()],
+        &["0", "40", "0", "0"],
+    );
+    let calls = map(&lines, "CALLS");
+    assert_eq!(hash_value(calls, "\"libc:calloc\""), 41);
+    assert_eq!(hash_sum(calls), 41, "only calloc is probed: {calls}");
+    let probes: Vec<_> = lines.iter().filter_map(|v| v["probe"].as_str()).collect();
+    assert_eq!(probes, ["libc:calloc"]);
 }
 
 /// Every event the handler emitted is either received (and printed once) or counted as
@@ -344,6 +405,75 @@ fn events_are_accounted_for_and_a_panicking_handler_is_disabled() {
     let boom = report(&lines, "main:boom");
     assert_eq!(num(boom, "panics"), 1, "{boom}");
     assert_eq!(num(boom, "hits"), 1, "{boom}");
+}
+
+/// Events print live, one line each, on stdout (here shared with the program's own
+/// lines), the report on stderr once the events are done; with `--json -o FILE` both go
+/// to the file, every line a JSON object whose `type` says what it is, every event
+/// before the report.
+#[test]
+fn events_go_to_stdout_one_per_line_and_the_report_after_them() {
+    let dir = temp_dir("pack-streams");
+    let program = build_program(dir.path());
+    let so = testpack();
+    let prog = program.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--pack", so.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", prog, "0", "0", "200", "0"]);
+        let out = tracer_output(&args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), err)
+    };
+    let ticks: Vec<String> = (0..200).map(|i| format!("tick {i} at main:tick")).collect();
+
+    let (stdout, stderr) = run(&[]);
+    let (program_lines, events): (Vec<&str>, Vec<&str>) =
+        stdout.lines().partition(|l| !l.starts_with("tick "));
+    assert_eq!(events, ticks, "{stdout}");
+    assert_eq!(program_lines.len(), 2, "{stdout}");
+    assert!(!stderr.lines().any(|l| l.starts_with("tick ")), "{stderr}");
+    let report_at = |what: &str| {
+        stderr
+            .find(what)
+            .unwrap_or_else(|| panic!("no {what:?}: {stderr}"))
+    };
+    assert!(report_at("@TICKS: 200") < report_at("events: 200 received, 0 dropped"));
+    assert!(report_at("events: 200 received") < report_at("main:tick"));
+
+    let (stdout, stderr) = run(&["--json"]);
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 200);
+    assert!(events.iter().all(|e| e["type"] == "event"), "{stdout}");
+    for l in stderr.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(
+            ["map", "events", "probe"].contains(&v["type"].as_str().unwrap()),
+            "{l}"
+        );
+    }
+
+    let file = dir.path().join("out.json");
+    let (stdout, _) = run(&["--json", "-o", file.to_str().unwrap()]);
+    assert_eq!(stdout.lines().count(), 2, "events went to stdout: {stdout}");
+    let lines = json_lines(&std::fs::read_to_string(&file).unwrap());
+    let types: Vec<&str> = lines.iter().map(|v| v["type"].as_str().unwrap()).collect();
+    let first_other = types.iter().position(|&t| t != "event").unwrap();
+    assert_eq!(first_other, 200, "{types:?}");
+    let rest = &types[first_other..];
+    assert_eq!(
+        rest,
+        ["map", "map", "events", "probe", "probe"],
+        "{types:?}"
+    );
+    for (e, want) in lines.iter().zip(&ticks) {
+        assert_eq!(e["event"], *want);
+    }
 }
 
 /// A process that refused packs leave exactly as it was: nothing loaded, not traced, and
@@ -498,7 +628,9 @@ fn hotswap_build(dir: &Path, name: &str, feature: Option<&str>) -> PathBuf {
 /// While 4 threads call the probed function nonstop, a second `tracer attach --pack`
 /// with a new build of the running pack swaps its handler in: a build that changes the
 /// maps is refused first; after the swap the running session's map holds, under the
-/// two versions, exactly the calls the program made, no hit lost or counted twice.
+/// two versions, exactly the calls the program made, no hit lost or counted twice. The
+/// new build's events have a format the running session did not start with: it prints
+/// them (read from the build now mapped in the target), and the old build's still.
 #[test]
 fn a_new_build_is_swapped_in_under_load_without_losing_or_doubling_a_hit() {
     let dir = temp_dir("pack-hotswap");
@@ -521,6 +653,16 @@ fn a_new_build_is_swapped_in_under_load_without_losing_or_doubling_a_hit() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Events, live, one JSON line each on stdout.
+    let (tx, events) = std::sync::mpsc::channel::<serde_json::Value>();
+    let out = BufReader::new(first.stdout.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        for l in out.lines() {
+            let v: serde_json::Value = serde_json::from_str(&l.unwrap()).unwrap();
+            assert_eq!(v["type"], "event", "{v}");
+            let _ = tx.send(v);
+        }
+    });
     let mut err = BufReader::new(first.stderr.take().unwrap());
     let mut seen = String::new();
     while !seen.contains("live in") {
@@ -531,6 +673,24 @@ fn a_new_build_is_swapped_in_under_load_without_losing_or_doubling_a_hit() {
     let stdin = t.stdin.as_mut().unwrap();
     stdin.write_all(b"go\n").unwrap();
     assert_eq!(t.line(), "running");
+    let mut printed = Vec::new();
+    let until = |text: &str, printed: &mut Vec<serde_json::Value>| {
+        while !printed
+            .iter()
+            .any(|e| e["event"].as_str().unwrap().starts_with(text))
+        {
+            // A bound against a hang, not a timing assertion: events come every ms.
+            let e = events.recv_timeout(Duration::from_secs(60));
+            printed.push(e.unwrap_or_else(|_| {
+                let last = printed.last();
+                panic!(
+                    "no {text:?} event in {} printed, the last {last:?}",
+                    printed.len()
+                )
+            }));
+        }
+    };
+    until("v1 hit ", &mut printed);
 
     let refused = tracer_output(&["attach", &pid, "--pack", v3.to_str().unwrap()]);
     assert_one_line_error(&refused, &["changes its maps", "refused"]);
@@ -538,6 +698,7 @@ fn a_new_build_is_swapped_in_under_load_without_losing_or_doubling_a_hit() {
     let msg = String::from_utf8_lossy(&swapped.stderr);
     assert!(swapped.status.success(), "{msg}");
     assert!(msg.contains("1 handler(s) replaced"), "{msg}");
+    until("v2 hit ", &mut printed);
 
     t.stdin.as_mut().unwrap().write_all(b"stop\n").unwrap();
     let total = field(&t.line(), "total");
@@ -545,6 +706,8 @@ fn a_new_build_is_swapped_in_under_load_without_losing_or_doubling_a_hit() {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
     assert!(first.wait().unwrap().success(), "{seen}{rest}");
+    reader.join().unwrap();
+    printed.extend(events.try_iter());
     let lines: Vec<serde_json::Value> = rest
         .lines()
         .filter(|l| l.starts_with('{'))
@@ -556,4 +719,24 @@ fn a_new_build_is_swapped_in_under_load_without_losing_or_doubling_a_hit() {
     assert!(v2_hits >= 4000, "{m}");
     assert_eq!(v1_hits + v2_hits, total, "{m}");
     assert_eq!(num(report(&lines, "main:hot"), "hits"), total);
+    // Every record either printed with its own build's format, or dropped; none unknown.
+    let summary = lines
+        .iter()
+        .find(|v| v["type"] == "events")
+        .expect("summary");
+    assert_eq!(summary["events"]["bad"], 0, "{summary}");
+    assert_eq!(
+        summary["events"]["received"].as_u64().unwrap(),
+        printed.len() as u64
+    );
+    for e in &printed {
+        let text = e["event"].as_str().unwrap();
+        let n = e["args"][0].as_u64().unwrap();
+        assert_eq!(n % 1024, 0, "{e}");
+        match e["format"].as_str().unwrap() {
+            "v1 hit {}" => assert_eq!(text, format!("v1 hit {n}")),
+            "v2 hit {} of build {}" => assert_eq!(text, format!("v2 hit {n} of build 2")),
+            other => panic!("format {other:?}"),
+        }
+    }
 }

@@ -263,7 +263,16 @@ fn every_libc_function_probed_with_returns() {
 #[test]
 fn exec_is_reported() {
     let out = tracer()
-        .args(["run", "-p", "libc:malloc", "--", "sh", "-c", "exec true"])
+        .args([
+            "run",
+            "--no-follow",
+            "-p",
+            "libc:malloc",
+            "--",
+            "sh",
+            "-c",
+            "exec true",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

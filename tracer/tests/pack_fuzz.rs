@@ -60,7 +60,7 @@ fn corrupt(view: View, writes: &[(usize, u64)]) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #![proptest_config(tests::fuzz_cases(300))]
 
     #[test]
     fn map_readers_survive_any_region(writes in prop::collection::vec((any::<usize>(), interesting()), 0..200),

@@ -57,6 +57,7 @@ fn events_print_in_order_and_an_unfinished_record_is_skipped_not_waited_for() {
     let live = Live::start(
         std::process::id() as i32,
         fd,
+        "pack-test",
         info,
         false,
         Box::new(out.clone()),

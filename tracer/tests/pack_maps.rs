@@ -238,7 +238,8 @@ fn maps_as_json_carry_every_entry() {
     let maps = read_maps(region.view(), &plan, &descs);
     let j = tracer::pack::report::map_json(&maps[0]);
     assert_eq!(j["map"], "J_HASH");
-    assert_eq!(j["type"], "hash");
+    assert_eq!(j["type"], "map");
+    assert_eq!(j["kind"], "hash");
     let e = j["data"]["entries"].as_array().unwrap();
     assert_eq!(e.len(), 60, "JSON has all keys, not the top 20");
     assert_eq!(

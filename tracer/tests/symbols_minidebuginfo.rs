@@ -99,7 +99,7 @@ fn static_function_only_in_gnu_debugdata_resolves() {
     let elf = ElfSymbols::read(&prog).unwrap();
     assert!(!elf.has_symtab, "strip left a .symtab");
     assert!(elf.has_debugdata);
-    assert!(elf.warnings.is_empty(), "{:?}", elf.warnings);
+    assert!(elf.warnings().is_empty(), "{:?}", elf.warnings());
     let nm = Command::new("nm").arg(&prog).output().unwrap();
     assert!(!String::from_utf8_lossy(&nm.stdout).contains("hidden_helper"));
 
@@ -151,8 +151,8 @@ fn corrupt_gnu_debugdata_is_a_warning_not_a_failure() {
     );
     let elf = ElfSymbols::read(&prog).unwrap();
     assert!(elf.has_debugdata);
-    assert_eq!(elf.warnings.len(), 1);
-    assert!(elf.warnings[0].contains("xz"), "{}", elf.warnings[0]);
+    assert_eq!(elf.warnings().len(), 1);
+    assert!(elf.warnings()[0].contains("xz"), "{}", elf.warnings()[0]);
     assert_eq!(elf.functions_named("hidden_helper").count(), 0);
     assert_eq!(elf.functions_named("exported_fn").count(), 1);
 }

@@ -20,12 +20,14 @@
 mod checks;
 mod jump_table;
 pub mod memory;
+mod neighbours;
 mod refusal;
 mod rewrite;
 #[cfg(test)]
 mod tests;
 
 pub use memory::{Memory, SelfMemory, SliceMemory};
+pub use neighbours::{BatchMemory, NeighbourIndex};
 pub use refusal::Refusal;
 pub use rewrite::relocate;
 
@@ -122,6 +124,18 @@ pub fn analyze(
     kind: ProbeKind,
     mem: &dyn Memory,
 ) -> Result<Stolen, Refusal> {
+    analyze_with(func, site, kind, mem, None)
+}
+
+/// [`analyze`], taking the scan of the function's neighbours from `neighbours` when it
+/// covers them (a batch of probes decodes their surroundings once).
+pub fn analyze_with(
+    func: &Function,
+    site: u64,
+    kind: ProbeKind,
+    mem: &dyn Memory,
+    neighbours: Option<&NeighbourIndex>,
+) -> Result<Stolen, Refusal> {
     if kind.at_entry() && site != func.address {
         return Err(Refusal::EntryNotAtFunctionStart {
             site,
@@ -147,7 +161,10 @@ pub fn analyze(
 
     check_stolen(&stolen, range, &stolen_ips)?;
     check_function(func, &all, range, code_end, mem)?;
-    check_neighbours(func.address, code_end, range, mem)?;
+    match neighbours.and_then(|n| n.check(func.address, code_end, range)) {
+        Some(verdict) => verdict?,
+        None => check_neighbours(func.address, code_end, range, mem)?,
+    }
 
     let off = (site - func.address) as usize;
     Ok(Stolen {

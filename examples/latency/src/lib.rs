@@ -1,6 +1,6 @@
 //! Latency of every function a glob matches: a log2 histogram per function (as hash map
-//! keys `"FUNCTION 2^K ns"`), one over all of them, and calls per function.
-//! Change the spec below (one line) to probe other functions.
+//! keys `"FUNCTION 2^K ns"`), one over all of them, and calls per function (counted as
+//! they return). Change the spec below (one line) to probe other functions.
 use probes::prelude::*;
 
 /// Calls and per-function buckets: names up to 40 bytes, then the bucket.
@@ -13,13 +13,9 @@ static BY_FUNCTION: HashMap<Key, u64, 4096> = HashMap::new();
 #[map]
 static CALLS: HashMap<Key, u64, 1024> = HashMap::new();
 
-#[entry("libc:*alloc")]
-fn enter(ctx: &mut EntryCtx) {
-    CALLS.add(key(ctx.probe_name(), None), 1);
-}
-
 #[exit("libc:*alloc")]
 fn leave(ctx: &mut ExitCtx) {
+    CALLS.add(key(ctx.probe_name(), None), 1);
     let ns = ctx.elapsed_ns();
     LATENCY_NS.record(ns);
     BY_FUNCTION.add(key(ctx.probe_name(), Some(log2(ns))), 1);

@@ -24,6 +24,27 @@ pub const INTERNAL_SYMBOL: &str = "tracer_agent_internal";
 /// a tracer that was killed), at most `cap` written; returns how many there are.
 pub const LIVE_SYMBOL: &str = "tracer_agent_live";
 
+/// Exported by the agent: `extern "C" fn(input: *const u8, n: u64, out: *mut u8) -> u64`:
+/// `input` is the rendezvous socket's abstract name, a NUL, and the agent file's path, a
+/// NUL. Sets [`FOLLOW_ENV`] and puts the path first in `LD_PRELOAD` in the process's
+/// environment (so that what it execs loads the agent and checks in), and has its
+/// forked children take counters of their own. Returns 1, 0 on bad input.
+pub const FOLLOW_SYMBOL: &str = "tracer_agent_follow";
+/// The environment variable naming the rendezvous (an abstract unix socket) of a
+/// `tracer run` that follows children.
+pub const FOLLOW_ENV: &str = "TRACER_FOLLOW";
+/// First bytes of what a process says on the rendezvous: a new program image that waits
+/// for its probes (the tracer answers [`FOLLOW_GO`] once they are in, or when it gives
+/// up), ...
+pub const FOLLOW_EXEC: &[u8] = b"exec";
+/// ... or a forked child, followed by ` INODE` (the inode of the counter region it copied,
+/// its parent's) and carrying its own region's memfd (`SCM_RIGHTS`); no answer.
+pub const FOLLOW_FORK: &[u8] = b"fork";
+/// The tracer's answer to [`FOLLOW_EXEC`]: run on.
+pub const FOLLOW_GO: &[u8] = b"go";
+/// How long a new program image waits for the tracer before it runs on untraced.
+pub const FOLLOW_WAIT_MS: u64 = 5000;
+
 pub const AGENT_MAGIC: u64 = u64::from_le_bytes(*b"TRAGENT1");
 
 /// What `tracer_agent_init` returns.
@@ -255,8 +276,12 @@ pub struct PrepareResult {
     pub encoding: u32,
     /// [`result_flags`] bits.
     pub flags: u32,
+    /// Bytes of trampoline code made for this probe, and how many of them are its
+    /// relocated instructions (0 and 0 for a probe reused from an earlier session).
+    pub code_len: u16,
+    pub relocated_len: u16,
     /// NUL-terminated reason when not prepared.
-    pub message: [u8; 212],
+    pub message: [u8; 208],
 }
 
 impl Default for PrepareResult {
@@ -271,7 +296,9 @@ impl Default for PrepareResult {
             stolen_len: 0,
             encoding: 0,
             flags: 0,
-            message: [0; 212],
+            code_len: 0,
+            relocated_len: 0,
+            message: [0; 208],
         }
     }
 }
@@ -303,7 +330,7 @@ pod_record! {
     PackLoadRequest { u64, u64, u32, u32, u32, u32, [u8; 64] },
     PackSymbol { u32, u32, [u64; 4], [u8; 88] },
     PackLoadResult { i32, u32, u64, u64, [u8; 240] },
-    PrepareResult { u32, u32, u64, u64, [u8; 8], [u8; 8], u32, u32, u32, [u8; 212] },
+    PrepareResult { u32, u32, u64, u64, [u8; 8], [u8; 8], u32, u32, u32, u16, u16, [u8; 208] },
 }
 
 const _: () = assert!(std::mem::size_of::<PrepareResult>() == 264);

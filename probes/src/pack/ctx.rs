@@ -33,6 +33,12 @@ impl Reg for bool {
 
 const SYS_GETTID: u64 = 186;
 
+extern "C" {
+    /// The target's libc (a pack is loaded into the target, next to it): glibc and musl
+    /// both give each thread's `errno` through this function.
+    fn __errno_location() -> *mut i32;
+}
+
 fn tid_of(hit: &HitInfo) -> u32 {
     if hit.tid != 0 {
         return hit.tid;
@@ -152,6 +158,23 @@ impl<'a> ExitCtx<'a> {
 
     pub fn set_float_ret_f32(&mut self, v: f32) {
         self.regs.xmm0.set_f32(v)
+    }
+
+    /// Set the calling thread's `errno` in the target, as a libc function that fails
+    /// does: a fault injected with `set_ret` on a function whose contract says "returns
+    /// -1 (or NULL) and sets errno" needs both, or the program reads a stale errno.
+    pub fn set_errno(&mut self, e: i32) {
+        // SAFETY: the target's libc `__errno_location` returns this thread's errno slot;
+        // it only adds the thread pointer to an offset (no lock, no allocation), and the
+        // pack is loaded with RTLD_NOW, so the call does not enter the dynamic linker
+        // either: safe from a handler whatever the thread was doing.
+        unsafe { *__errno_location() = e }
+    }
+
+    /// The calling thread's `errno` as the probed function left it.
+    pub fn errno(&self) -> i32 {
+        // SAFETY: as in `set_errno`.
+        unsafe { *__errno_location() }
     }
 
     /// Nanoseconds from the entry to this return.

@@ -45,6 +45,7 @@ pub static RING: Ring = Ring::new();
 
 /// Exported instead of `RING` itself, which the pack then reaches directly rather than
 /// through the GOT, where a same-named symbol of the target could interpose.
+#[cfg(feature = "pack-exports")]
 #[unsafe(export_name = "__tracer_ring")]
 static RING_EXPORT: &Ring = &RING;
 

@@ -50,7 +50,7 @@ pub const INIT_SYMBOL: &str = "__tracer_pack_init";
 /// the hook is replaced by a silent one. The pack links its own copy of std, so this does
 /// not touch the target's hooks even when the target is a Rust program. Returns the ABI
 /// version the pack was built against.
-#[unsafe(export_name = "__tracer_pack_init")]
+#[cfg_attr(feature = "pack-exports", unsafe(export_name = "__tracer_pack_init"))]
 pub extern "C" fn pack_init() -> u32 {
     std::panic::set_hook(Box::new(|_| {}));
     super::abi::ABI_VERSION

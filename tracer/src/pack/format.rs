@@ -164,7 +164,8 @@ impl Event<'_> {
         out
     }
 
-    /// One JSON line: the formatted message, its format and the raw arguments.
+    /// One JSON line (`"type": "event"`): the formatted message, its format and the raw
+    /// arguments.
     pub fn to_json(&self) -> serde_json::Value {
         let args: Vec<serde_json::Value> = self
             .args
@@ -178,6 +179,7 @@ impl Event<'_> {
             })
             .collect();
         serde_json::json!({
+            "type": "event",
             "event": self.render(),
             "format": self.format.text,
             "at": format!("{}:{}", self.format.file, self.format.line),

@@ -2,13 +2,15 @@
 //! ring from the shared region (never through ptrace: the target runs detached) and
 //! prints each event as it arrives; at the end the maps are read and printed.
 
-use super::descriptors::{plan_for, PackInfo};
+use super::builds::Builds;
+use super::descriptors::{plan_for, FormatDesc, PackInfo};
 use super::format::decode;
 use super::maps::read_maps;
 use super::region::SharedRegion;
 use super::report::{map_json, map_text};
 use super::ring::Consumer;
 use probes::pack::abi::{Plan, RING_BYTES};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,6 +39,9 @@ struct Shared {
     region: SharedRegion,
     info: PackInfo,
     plan: Plan,
+    pid: i32,
+    /// The pack's library name in the target (`pack-NAME`).
+    name: String,
 }
 
 /// The pack's region, mapped, and the thread printing its events.
@@ -48,11 +53,13 @@ pub struct Live {
 }
 
 impl Live {
-    /// Map the region the agent created (memfd `fd` in process `pid`) and start printing
-    /// events to `out`. Call while the target still exists.
+    /// Map the region the agent created (memfd `fd` in process `pid`) for the pack loaded
+    /// there as `name` and start printing events to `out`. Call while the target still
+    /// exists.
     pub fn start(
         pid: i32,
         fd: i32,
+        name: &str,
         info: PackInfo,
         json: bool,
         out: Box<dyn Write + Send>,
@@ -61,7 +68,13 @@ impl Live {
         let path = format!("/proc/{pid}/fd/{fd}");
         let region = SharedRegion::open(std::path::Path::new(&path), plan.total)
             .map_err(|e| format!("cannot map the pack's shared region {path}: {e}"))?;
-        let shared = Arc::new(Shared { region, info, plan });
+        let shared = Arc::new(Shared {
+            region,
+            info,
+            plan,
+            pid,
+            name: name.to_owned(),
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (shared, stop) = (shared.clone(), stop.clone());
@@ -97,7 +110,7 @@ impl Live {
                 text.push_str(&map_json(m).to_string());
                 text.push('\n');
             }
-            let v = serde_json::json!({"events": {"received": tally.received, "dropped": dropped,
+            let v = serde_json::json!({"type": "events", "events": {"received": tally.received, "dropped": dropped,
                 "bad": tally.bad, "problems": tally.problems}});
             text.push_str(&v.to_string());
             text.push('\n');
@@ -125,23 +138,36 @@ fn drain_loop(s: &Shared, stop: &AtomicBool, json: bool, mut out: Box<dyn Write 
     let mut consumer = Consumer::new(s.plan.ring_offset, s.plan.ring_bytes);
     let mut tally = Tally::default();
     let mut pending_since: Option<Instant> = None;
+    // Grows when a hot swap brings a build with other `emit!` sites (see `builds`).
+    let mut formats = s.info.formats.clone();
+    let mut builds = Builds::new(s.pid, &s.name);
     loop {
         let last = stop.load(Ordering::Acquire);
         let view = s.region.view();
         let mut lines = String::new();
-        let d = consumer.drain(view, |payload| match decode(payload, &s.info.formats) {
-            Ok(ev) => {
-                tally.received += 1;
-                if json {
-                    lines.push_str(&ev.to_json().to_string());
-                } else {
-                    lines.push_str(&ev.render());
+        // At most one look at the target's builds per pass, whatever the ring holds.
+        let mut looked = false;
+        let d = consumer.drain(view, |payload| {
+            if !looked && !known_format(payload, &formats) {
+                looked = true;
+                if let Err(e) = builds.refresh(&mut formats) {
+                    note(&mut tally.problems, e);
                 }
-                lines.push('\n');
             }
-            Err(e) => {
-                tally.bad += 1;
-                note(&mut tally.problems, e);
+            match decode(payload, &formats) {
+                Ok(ev) => {
+                    tally.received += 1;
+                    if json {
+                        lines.push_str(&ev.to_json().to_string());
+                    } else {
+                        lines.push_str(&ev.render());
+                    }
+                    lines.push('\n');
+                }
+                Err(e) => {
+                    tally.bad += 1;
+                    note(&mut tally.problems, e);
+                }
             }
         });
         for p in d.problems {
@@ -182,6 +208,14 @@ fn drain_loop(s: &Shared, stop: &AtomicBool, json: bool, mut out: Box<dyn Write 
         }
         std::thread::sleep(PERIOD);
     }
+}
+
+/// Whether the record's format id (its first 4 bytes) is one of `formats`; a record too
+/// short to hold one is left to `decode` to report.
+fn known_format(payload: &[u8], formats: &BTreeMap<u32, FormatDesc>) -> bool {
+    payload
+        .get(..4)
+        .is_none_or(|b| formats.contains_key(&u32::from_le_bytes(b.try_into().expect("4 bytes"))))
 }
 
 /// Keep the first few distinct problems, not one per record.

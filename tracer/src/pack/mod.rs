@@ -6,6 +6,7 @@
 //! session loads it next to the agent; `live` prints its events while the target runs
 //! and its maps at the end.
 
+pub mod builds;
 pub mod descriptors;
 pub mod format;
 pub mod live;

@@ -151,7 +151,8 @@ pub fn map_text(m: &MapRead) -> String {
     out
 }
 
-/// One map as JSON.
+/// One map as a JSON line: `"type": "map"` like every line of `--json` output says what
+/// it is; the map's own type (counter, hash, ...) is its `"kind"`.
 pub fn map_json(m: &MapRead) -> serde_json::Value {
     let d = &m.desc;
     let data = match &m.data {
@@ -180,5 +181,5 @@ pub fn map_json(m: &MapRead) -> serde_json::Value {
             serde_json::json!({ "entries": e, "drops": drops })
         }
     };
-    serde_json::json!({ "map": d.name, "type": d.kind_name(), "data": data, "problems": m.problems })
+    serde_json::json!({ "type": "map", "map": d.name, "kind": d.kind_name(), "data": data, "problems": m.problems })
 }

@@ -40,15 +40,22 @@ impl Agent {
         // in use): reuse it rather than load another copy, each of which would take more
         // of the target's static TLS.
         let earlier = loaded_agent(proc.pid());
+        // Started on its own first, so that what follows is timed apart from it.
+        timings::time("agent thread", || {
+            crate::agent_thread::ensure(proc, &fns, inject::DLOPEN_TIMEOUT)
+        })?;
         let base = match earlier {
             Some(base) => base,
             None => {
-                // Started on its own first, so that the load is timed apart from it.
-                timings::time("agent thread", || {
-                    crate::agent_thread::ensure(proc, &fns, inject::DLOPEN_TIMEOUT)
-                })?;
                 timings::time("agent load (dlopen)", || {
-                    inject::inject_named(proc, agent_so(), library_file::AGENT_NAME)
+                    inject::inject_with(
+                        proc,
+                        &fns,
+                        agent_so(),
+                        library_file::AGENT_NAME,
+                        Some(crate::agent_blob::agent_hash()),
+                        inject::DLOPEN_TIMEOUT,
+                    )
                 })?
                 .base
             }
@@ -91,10 +98,10 @@ impl Agent {
     }
 }
 
-const TIMEOUT: Duration = Duration::from_secs(20);
+pub(super) const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Load address of an agent an earlier session left in the target, if any.
-fn loaded_agent(pid: i32) -> Option<u64> {
+pub(crate) fn loaded_agent(pid: i32) -> Option<u64> {
     let maps = agent::maps::read_pid(pid).ok()?;
     maps.iter()
         .filter(|m| library_file::is_agent(&m.path) && m.offset == 0)
@@ -103,7 +110,7 @@ fn loaded_agent(pid: i32) -> Option<u64> {
 }
 
 /// Offset of an exported function in the embedded agent (linked at address 0).
-fn agent_symbol(name: &str) -> Result<u64, SessionError> {
+pub(crate) fn agent_symbol(name: &str) -> Result<u64, SessionError> {
     use object::{Object, ObjectSymbol};
     let file = object::File::parse(agent_so())
         .map_err(|e| SessionError::Agent(format!("embedded agent unreadable: {e}")))?;
@@ -113,7 +120,7 @@ fn agent_symbol(name: &str) -> Result<u64, SessionError> {
         .ok_or_else(|| SessionError::Agent(format!("embedded agent lacks {name}")))
 }
 
-fn read_pod<T: Pod>(proc: &Process, addr: u64) -> Result<T, SessionError> {
+pub(super) fn read_pod<T: Pod>(proc: &Process, addr: u64) -> Result<T, SessionError> {
     let mut buf = vec![0u8; size_of::<T>()];
     proc.read_memory(addr, &mut buf)
         .map_err(super::agent_io("cannot read agent memory"))?;
@@ -122,7 +129,7 @@ fn read_pod<T: Pod>(proc: &Process, addr: u64) -> Result<T, SessionError> {
 
 /// Run `function(input, n, output)` in the target, `input` copied into a fresh private
 /// mapping and `out_len` bytes of output read back from the same mapping.
-fn call_with_buffers(
+pub(crate) fn call_with_buffers(
     proc: &mut Process,
     fns: &LibcFunctions,
     function: u64,
@@ -134,19 +141,24 @@ fn call_with_buffers(
     let out_off = input.len().next_multiple_of(64);
     let len = (out_off + out_len).max(1).next_multiple_of(4096);
     let tid = proc.threads()[0];
-    let buf = remote_call::syscall_ok(
-        proc,
-        tid,
-        libc::SYS_mmap,
-        &[
-            0,
-            len as u64,
-            (libc::PROT_READ | libc::PROT_WRITE) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-            u64::MAX,
-            0,
-        ],
-    )?;
+    // Small buffers go in the scratch area: two remote system calls fewer (0.1 to 0.2 ms).
+    let scratch = proc.scratch().filter(|s| len as u64 <= s.data_len);
+    let buf = match scratch {
+        Some(s) => s.data,
+        None => remote_call::syscall_ok(
+            proc,
+            tid,
+            libc::SYS_mmap,
+            &[
+                0,
+                len as u64,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )?,
+    };
     let out = buf + out_off as u64;
     let result = (|| {
         proc.write_memory(buf, input)
@@ -157,8 +169,10 @@ fn call_with_buffers(
             .map_err(super::agent_io("cannot read from the target"))?;
         Ok((ret, bytes))
     })();
-    let tid = proc.threads()[0];
-    let _ = remote_call::syscall(proc, tid, libc::SYS_munmap, &[buf, len as u64]);
+    if scratch.is_none() {
+        let tid = proc.threads()[0];
+        let _ = remote_call::syscall(proc, tid, libc::SYS_munmap, &[buf, len as u64]);
+    }
     result
 }
 
@@ -286,7 +300,8 @@ fn live_probes(
     fns: &LibcFunctions,
     live: u64,
 ) -> Result<Vec<PrepareResult>, SessionError> {
-    let mut cap = 256;
+    // 128 results (33 KiB) fit the scratch area: no buffer to map and unmap.
+    let mut cap = 128;
     loop {
         let (count, v) = list_remote(proc, fns, live, cap)?;
         if count <= cap {
@@ -345,4 +360,24 @@ pub(super) fn resolve_ifuncs(
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
         .collect())
+}
+
+/// Have the agent make its latency region, with a slot for every probe id installed
+/// (ids are known once prepared), and map it.
+pub(super) fn open_latency(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    base: u64,
+    installed: &[super::Installed],
+) -> Result<crate::builtin::latency::LatencyRegion, SessionError> {
+    let slots = installed.iter().map(|p| p.id as u64 + 1).max().unwrap_or(1);
+    let f = base + agent_symbol(probes::latency::REGION_SYMBOL)?;
+    let at = inject::call_safely(proc, fns, f, &[slots], TIMEOUT)?;
+    if at == 0 {
+        return Err(SessionError::Agent(
+            "the agent could not create its latency region".into(),
+        ));
+    }
+    let info: probes::latency::LatencyInfo = read_pod(proc, at)?;
+    crate::builtin::latency::LatencyRegion::open(proc.pid(), &info).map_err(SessionError::Agent)
 }

@@ -25,14 +25,15 @@ fn entries_only(modules: &ProcessModules, p: &ResolvedProbe) -> Option<&'static 
 /// none).
 pub(super) type Site<'a> = (&'a ResolvedProbe, u64, u64);
 
-/// Every site: the pack's first, then the `-p` probes. A `-p` probe of code the pack
-/// probes gives way (the pack's probe counts its hits too): its label is returned
-/// apart, for a note.
+/// Every site: the pack's first, then the `-p` probes, which get `actions` (a built-in's
+/// entry and exit shims, 0 for none). A `-p` probe of code the pack probes gives way
+/// (the pack's probe counts its hits too): its label is returned apart, for a note.
 pub(super) fn sites<'a>(
     pack: Option<&PackRequest<'a>>,
     shims: &[u64],
     probes: &'a [ResolvedProbe],
     modules: &ProcessModules,
+    actions: (u64, u64),
 ) -> (Vec<Site<'a>>, Vec<String>) {
     let mut all: Vec<(&ResolvedProbe, u64, u64)> = Vec::new();
     if let Some(pr) = pack {
@@ -46,7 +47,7 @@ pub(super) fn sites<'a>(
         if all.iter().any(|(q, _, _)| q.address == p.address) {
             pack_counts.push(label(p, modules));
         } else {
-            all.push((p, 0, 0));
+            all.push((p, actions.0, actions.1));
         }
     }
     (all, pack_counts)
@@ -81,13 +82,15 @@ impl Requests<'_> {
 
 /// A request per site. `ifuncs` holds where the target's loader resolved each IFUNC site,
 /// in order (0: not resolved, refused); `pack_counts` are the `-p` probes that gave way
-/// to the pack's.
+/// to the pack's. `latency_shim` (0 for none) times the returns of function probes that
+/// have no other shim.
 pub(super) fn requests<'a>(
     sites: &[Site<'a>],
     ifuncs: Vec<u64>,
     modules: &ProcessModules,
     exit: bool,
     pack_counts: Vec<String>,
+    latency_shim: u64,
 ) -> Requests<'a> {
     let mut ifuncs = ifuncs.into_iter();
     let mut requests = Vec::new();
@@ -97,7 +100,7 @@ pub(super) fn requests<'a>(
         .into_iter()
         .map(|l| format!("{l}: probed by the pack, whose probe counts its hits"))
         .collect();
-    for &(p, entry_shim, exit_shim) in sites {
+    for &(p, entry_shim, mut exit_shim) in sites {
         let l = label(p, modules);
         let Some((function, size)) = function_of(p, &mut ifuncs, modules) else {
             refused.push(NotInstalled {
@@ -110,6 +113,9 @@ pub(super) fn requests<'a>(
             });
             continue;
         };
+        if latency_shim != 0 && entry_shim == 0 && exit_shim == 0 && p.offset == 0 {
+            exit_shim = latency_shim;
+        }
         let (kind, exit_shim) = kind_of(p, modules, exit, exit_shim, &l, &mut notes);
         let mut req = PrepareRequest {
             function,
@@ -312,5 +318,36 @@ pub(super) fn record_trampoline_spacing(results: &[PrepareResult]) {
         let mean = gaps.iter().sum::<u64>() / gaps.len() as u64;
         timings::figure("trampoline bytes per probe (mean spacing)", mean);
         timings::figure("trampolines measured", gaps.len() as u64 + 1);
+    }
+}
+
+/// For `--timings`: the trampoline code made per new probe, its relocated instructions
+/// aside (what a probe costs in code whatever it takes over), and what preparing added
+/// to the target's resident memory per probe (trampolines, counters, the agent's
+/// bookkeeping; the agent itself is loaded before).
+pub(super) fn record_probe_memory(pid: i32, rss_before: Option<u64>, results: &[PrepareResult]) {
+    let made: Vec<&PrepareResult> = results
+        .iter()
+        .filter(|r| r.status == status::PREPARED && r.code_len > 0)
+        .collect();
+    if !made.is_empty() {
+        let code: u64 = made
+            .iter()
+            .map(|r| (r.code_len - r.relocated_len.min(r.code_len)) as u64)
+            .sum();
+        let relocated: u64 = made.iter().map(|r| r.relocated_len as u64).sum();
+        let n = made.len() as u64;
+        timings::figure(
+            "trampoline code bytes per probe (relocated aside)",
+            code / n,
+        );
+        timings::figure("relocated bytes per probe", relocated / n);
+    }
+    if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(pid)) {
+        let n = results.len().max(1) as u64;
+        timings::figure(
+            "target RSS added by prepare per probe (bytes)",
+            after.saturating_sub(before) * 1024 / n,
+        );
     }
 }

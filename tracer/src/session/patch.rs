@@ -45,10 +45,18 @@ impl Session {
     /// writing there would corrupt code that is not ours. Returns the labels of the
     /// probes whose patch was gone (left alone).
     pub fn remove(&mut self, proc: &mut Process) -> Result<Vec<String>, SessionError> {
-        let mut gone = Vec::new();
         if !self.patched {
-            return Ok(gone);
+            return Ok(Vec::new());
         }
+        let gone = self.restore_in(proc)?;
+        self.patched = false;
+        Ok(gone)
+    }
+
+    /// [`Session::remove`] in another process holding a copy of these patches (a forked
+    /// child of the process the session installed them in); the session stays as it is.
+    pub fn restore_in(&self, proc: &mut Process) -> Result<Vec<String>, SessionError> {
+        let mut gone = Vec::new();
         if !proc.all_stopped() {
             proc.stop_all()?;
         }
@@ -67,7 +75,6 @@ impl Session {
             writes.push((p.site, p.original));
         }
         write_all_verified(proc, &writes)?;
-        self.patched = false;
         Ok(gone)
     }
 }

@@ -12,6 +12,7 @@ pub(super) struct Counters {
     map: memmap2::Mmap,
     /// Shards per slot, from the header (fixed when the agent created the region).
     shards: usize,
+    inode: u64,
 }
 
 impl Counters {
@@ -20,10 +21,16 @@ impl Counters {
     pub(super) fn map(pid: i32, info: &AgentInfo) -> Result<Counters, SessionError> {
         let path = format!("/proc/{pid}/fd/{}", info.shared_fd);
         let f = File::open(&path).map_err(super::agent_io(format!("cannot open {path}")))?;
-        let len = f
+        Counters::map_file(&f, &path)
+    }
+
+    /// Map the counter region open as `f` (`path` names it in messages).
+    pub(super) fn map_file(f: &File, path: &str) -> Result<Counters, SessionError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = f
             .metadata()
-            .map_err(super::agent_io(format!("cannot stat {path}")))?
-            .len() as usize;
+            .map_err(super::agent_io(format!("cannot stat {path}")))?;
+        let len = meta.len() as usize;
         if len < SharedHeader::COUNTERS_OFFSET {
             return Err(SessionError::Agent(format!(
                 "shared region {path} is {len} bytes, too short"
@@ -32,7 +39,7 @@ impl Counters {
         // SAFETY: a read-only shared mapping of the agent's memfd, which is never
         // truncated (it only grows); the agent changes it only through atomics, which
         // are read here as atomics.
-        let map = unsafe { memmap2::MmapOptions::new().len(len).map(&f) }
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map(f) }
             .map_err(super::agent_io(format!("cannot map {path}")))?;
         // SAFETY: the mapping is at least a header long (checked) and page-aligned.
         let h = unsafe { &*(map.as_ptr() as *const SharedHeader) };
@@ -42,7 +49,11 @@ impl Counters {
             ));
         }
         let shards = h.shards as usize;
-        Ok(Counters { map, shards })
+        Ok(Counters {
+            map,
+            shards,
+            inode: meta.ino(),
+        })
     }
 
     /// A probe's counts, summed over its shards.
@@ -56,12 +67,28 @@ impl Counters {
 }
 
 impl Session {
+    /// The inode of the counter region's memfd: a forked child names its parent's region
+    /// by it.
+    pub fn counters_inode(&self) -> u64 {
+        self.counters.inode
+    }
+
+    /// The counters of every installed probe as `region` holds them: the counter region
+    /// of a forked child of the process (same probes, same slots, counts of its own).
+    pub fn report_from(&self, region: &File) -> Result<Vec<ProbeReport>, SessionError> {
+        Ok(self.report_with(&Counters::map_file(region, "a forked child's counters")?))
+    }
+
     /// Current counters of every installed probe.
     pub fn report(&self) -> Vec<ProbeReport> {
+        self.report_with(&self.counters)
+    }
+
+    fn report_with(&self, counters: &Counters) -> Vec<ProbeReport> {
         self.installed()
             .into_iter()
             .map(|p| {
-                let c = self.counters.get(p.id);
+                let c = counters.get(p.id);
                 ProbeReport {
                     label: p.label.clone(),
                     module: p.module.clone(),

@@ -52,9 +52,15 @@ pub fn example_pack(name: &str) -> PathBuf {
     build_pack(&dir, name, &[])
 }
 
-/// A `tracer` command.
+/// A `tracer` command. A pack crate it builds (`--pack DIR`) goes to the test target
+/// directory, not into the crate's own `target/`: the source tree may be read-only.
 pub fn tracer() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tracer"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tracer"));
+    cmd.env(
+        "CARGO_TARGET_DIR",
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("packs"),
+    );
+    cmd
 }
 
 /// Runs `tracer args...` to completion with a closed stdin.

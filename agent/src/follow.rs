@@ -1,0 +1,466 @@
+//! Following a program's children from inside, without ptrace while they run.
+//!
+//! `tracer run` (with `--follow`) puts this agent's file first in the program's
+//! `LD_PRELOAD` and names a rendezvous, an abstract unix socket, in [`FOLLOW_ENV`]. Then:
+//!
+//! - **exec**: the new image loads the agent before its own code; the agent's constructor
+//!   ([`on_load`]) says "exec" on the rendezvous and waits (at most [`FOLLOW_WAIT_MS`]) while
+//!   the tracer seizes the process, installs the probes through the usual attach path (the
+//!   agent is already loaded, so nothing is `dlopen`ed) and detaches; its "go" lets the
+//!   program go on to `main`. With the rendezvous gone (the tracer ended or was killed) the
+//!   connect fails at once and the agent does nothing at all.
+//! - **fork**: the child's copy of the code holds the same trampolines, and its copy of
+//!   the counter mapping is the same memfd as its parent's (`MAP_SHARED`). A `pthread_atfork`
+//!   child handler ([`in_child`]) gives the child counters of its own: a new memfd holding a
+//!   copy of the region with every count zeroed, moved over the old mapping with `mremap`
+//!   (the trampolines hold counter addresses, which do not change), then sent to the tracer
+//!   with `SCM_RIGHTS` so that it can read the child's counts, also after it exited.
+//!   `vfork` and `clone` without fork semantics (`posix_spawn`, `system`) run no handler:
+//!   such a child shares its parent's memory anyway, and counts in its parent's counters
+//!   until it execs.
+//!
+//! The fork handler runs in a child of a possibly multithreaded process and may itself be
+//! probed (`-p 'libc:*'`): it makes raw system calls only and calls no libc function, so
+//! no hit lands in the parent's counters from here.
+
+use crate::shared::MAX_CAPACITY;
+use probes::abi::remote::{FOLLOW_ENV, FOLLOW_EXEC, FOLLOW_FORK, FOLLOW_GO, FOLLOW_WAIT_MS};
+use probes::abi::shared::{Counts, SharedHeader};
+use std::sync::atomic::{AtomicI32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Once;
+
+/// Room for an abstract socket name (`sun_path` is 108 bytes, the first is the NUL).
+const NAME_MAX: usize = 100;
+
+/// The rendezvous name, set once (constructor or [`tracer_agent_follow`]) before the
+/// process forks; `NAME_LEN` 0 means "not following".
+static NAME: [AtomicU8; NAME_MAX] = [const { AtomicU8::new(0) }; NAME_MAX];
+static NAME_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// The counter region: its address, its memfd, and its shards (see
+/// [`crate::shared::SharedRegion`]); base 0 until one exists.
+static REGION_BASE: AtomicUsize = AtomicUsize::new(0);
+static REGION_FD: AtomicI32 = AtomicI32::new(-1);
+static REGION_SHARDS: AtomicUsize = AtomicUsize::new(0);
+
+static ATFORK: Once = Once::new();
+
+/// Called when the counter region is created: what a forked child needs to take a copy.
+pub fn note_region(base: *mut u8, fd: i32, shards: usize) {
+    REGION_FD.store(fd, Ordering::Relaxed);
+    REGION_SHARDS.store(shards, Ordering::Relaxed);
+    REGION_BASE.store(base as usize, Ordering::Release);
+}
+
+/// A raw system call: never through libc, whose functions may be probed.
+///
+/// # Safety
+/// The arguments must be valid for system call `n`.
+unsafe fn sys(n: i64, a: [u64; 6]) -> i64 {
+    let ret: i64;
+    // SAFETY: per the contract; the kernel clobbers rcx and r11 only.
+    unsafe {
+        std::arch::asm!("syscall", inlateout("rax") n => ret, in("rdi") a[0], in("rsi") a[1],
+            in("rdx") a[2], in("r10") a[3], in("r8") a[4], in("r9") a[5],
+            lateout("rcx") _, lateout("r11") _, options(nostack));
+    }
+    ret
+}
+
+fn close(fd: i64) {
+    // SAFETY: closing a descriptor this module opened.
+    unsafe { sys(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]) };
+}
+
+fn set_name(name: &[u8]) -> bool {
+    if name.is_empty() || name.len() > NAME_MAX || NAME_LEN.load(Ordering::Acquire) != 0 {
+        return NAME_LEN.load(Ordering::Acquire) != 0;
+    }
+    for (d, s) in NAME.iter().zip(name) {
+        d.store(*s, Ordering::Relaxed);
+    }
+    NAME_LEN.store(name.len(), Ordering::Release);
+    true
+}
+
+/// A stream socket connected to the rendezvous, or None (not following, or the tracer is
+/// gone).
+fn connect() -> Option<i64> {
+    let len = NAME_LEN.load(Ordering::Acquire);
+    if len == 0 {
+        return None;
+    }
+    // SAFETY: sockaddr_un is plain data.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as u16;
+    for (d, s) in addr.sun_path[1..].iter_mut().zip(&NAME[..len]) {
+        *d = s.load(Ordering::Relaxed) as libc::c_char;
+    }
+    let addr_len = (std::mem::size_of::<u16>() + 1 + len) as u64;
+    let flags = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64;
+    // SAFETY: socket with constant arguments.
+    let fd = unsafe { sys(libc::SYS_socket, [libc::AF_UNIX as u64, flags, 0, 0, 0, 0]) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `addr` is a valid sockaddr_un of `addr_len` bytes.
+    let r = unsafe {
+        sys(
+            libc::SYS_connect,
+            [fd as u64, &addr as *const _ as u64, addr_len, 0, 0, 0],
+        )
+    };
+    if r < 0 {
+        close(fd);
+        return None;
+    }
+    Some(fd)
+}
+
+/// Sends `msg`, with `fd` attached when it is not negative. Best effort.
+fn send(sock: i64, msg: &[u8], fd: i32) {
+    let mut iov = libc::iovec {
+        iov_base: msg.as_ptr() as *mut _,
+        iov_len: msg.len(),
+    };
+    // Room for one cmsghdr and one descriptor, 8-byte aligned.
+    let mut control = [0u64; 4];
+    // SAFETY: msghdr is plain data.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    if fd >= 0 {
+        // SAFETY: CMSG_* compute sizes; `control` has room for CMSG_SPACE(4) bytes.
+        unsafe {
+            hdr.msg_control = control.as_mut_ptr().cast();
+            hdr.msg_controllen = libc::CMSG_SPACE(4) as usize;
+            let c = libc::CMSG_FIRSTHDR(&hdr);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+            (libc::CMSG_DATA(c) as *mut i32).write_unaligned(fd);
+        }
+    }
+    // SAFETY: `hdr` describes valid buffers for the call.
+    unsafe {
+        sys(
+            libc::SYS_sendmsg,
+            [
+                sock as u64,
+                &hdr as *const _ as u64,
+                libc::MSG_NOSIGNAL as u64,
+                0,
+                0,
+                0,
+            ],
+        )
+    };
+}
+
+/// Waits for the tracer's answer (or its end, or the time limit). Returns whether it
+/// said "go".
+fn wait_for_go(sock: i64) -> bool {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let ms = |t: &libc::timespec| t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000;
+    let clock = |t: &mut libc::timespec| {
+        // SAFETY: writes one timespec.
+        unsafe {
+            sys(
+                libc::SYS_clock_gettime,
+                [libc::CLOCK_MONOTONIC as u64, t as *mut _ as u64, 0, 0, 0, 0],
+            )
+        };
+    };
+    clock(&mut now);
+    let deadline = ms(&now) + FOLLOW_WAIT_MS;
+    let mut buf = [0u8; 8];
+    loop {
+        clock(&mut now);
+        let left = deadline.saturating_sub(ms(&now));
+        if left == 0 {
+            return false;
+        }
+        let mut pfd = libc::pollfd {
+            fd: sock as i32,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd. The tracer stopping this thread interrupts the wait
+        // (EINTR or a restart): either way the loop goes round.
+        let n = unsafe {
+            sys(
+                libc::SYS_poll,
+                [&mut pfd as *mut _ as u64, 1, left, 0, 0, 0],
+            )
+        };
+        if n <= 0 {
+            continue;
+        }
+        // SAFETY: reads into a local buffer.
+        let r = unsafe {
+            sys(
+                libc::SYS_recvfrom,
+                [
+                    sock as u64,
+                    buf.as_mut_ptr() as u64,
+                    buf.len() as u64,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        };
+        if r == -(libc::EINTR as i64) {
+            continue;
+        }
+        return r > 0 && buf[..r as usize].starts_with(FOLLOW_GO);
+    }
+}
+
+/// Whether a debugger or a tracer has this process under ptrace now (`TracerPid` in
+/// `/proc/self/status`): then the agent was loaded by a tracer's own `dlopen`, which is
+/// in charge, and must not wait for a rendezvous.
+fn traced() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .map(|v| v.trim() != "0")
+        })
+        .unwrap_or(false)
+}
+
+fn register_atfork() {
+    ATFORK.call_once(|| {
+        // SAFETY: registers a child handler that makes raw system calls only.
+        unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+    });
+}
+
+/// The agent's constructor: a program image started under a following `tracer run`
+/// checks in and waits for its probes (see the module documentation).
+extern "C" fn on_load() {
+    let Ok(name) = std::env::var(FOLLOW_ENV) else {
+        return;
+    };
+    if traced() || !set_name(name.as_bytes()) {
+        return;
+    }
+    let Some(sock) = connect() else {
+        // The rendezvous is gone: behave as if never loaded.
+        NAME_LEN.store(0, Ordering::Release);
+        return;
+    };
+    register_atfork();
+    send(sock, FOLLOW_EXEC, -1);
+    wait_for_go(sock);
+    close(sock);
+}
+
+#[used]
+#[link_section = ".init_array"]
+static ON_LOAD: extern "C" fn() = on_load;
+
+/// Gives the child of a fork counters of its own and hands them to the tracer.
+extern "C" fn in_child() {
+    let base = REGION_BASE.load(Ordering::Acquire);
+    if base == 0 {
+        return;
+    }
+    let Some(sock) = connect() else {
+        return;
+    };
+    if let Some((fd, parent_inode)) = own_region(base) {
+        let mut msg = [0u8; 32];
+        let n = FOLLOW_FORK.len();
+        msg[..n].copy_from_slice(FOLLOW_FORK);
+        msg[n] = b' ';
+        let len = n + 1 + write_decimal(&mut msg[n + 1..], parent_inode);
+        send(sock, &msg[..len], fd);
+    }
+    close(sock);
+}
+
+/// `v` in decimal at the start of `out`; returns the digits written.
+fn write_decimal(out: &mut [u8], mut v: u64) -> usize {
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..n {
+        out[i] = digits[n - 1 - i];
+    }
+    n
+}
+
+/// Replaces the counter mapping at `base` by a zeroed copy in a new memfd, which takes
+/// the old descriptor's number. Returns that descriptor and the inode of the region it
+/// copied, or None with nothing changed.
+fn own_region(base: usize) -> Option<(i32, u64)> {
+    let old_fd = REGION_FD.load(Ordering::Relaxed);
+    let shards = REGION_SHARDS.load(Ordering::Relaxed);
+    let reserve = SharedHeader::region_size(MAX_CAPACITY, shards) as u64;
+    // SAFETY: stat is plain data.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat of our region's descriptor into a local.
+    if unsafe {
+        sys(
+            libc::SYS_fstat,
+            [old_fd as u64, &mut st as *mut _ as u64, 0, 0, 0, 0],
+        )
+    } < 0
+    {
+        return None;
+    }
+    let len = st.st_size as u64;
+    // SAFETY: memfd_create with a NUL-terminated name.
+    let fd = unsafe {
+        sys(
+            libc::SYS_memfd_create,
+            [
+                c"tracer-shared".as_ptr() as u64,
+                libc::MFD_CLOEXEC as u64,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    let fail = |fd| {
+        close(fd);
+        None
+    };
+    // SAFETY: ftruncate of our new memfd.
+    if unsafe { sys(libc::SYS_ftruncate, [fd as u64, len, 0, 0, 0, 0]) } < 0 {
+        return fail(fd);
+    }
+    // The slots in use, not the whole file: the rest is zero in a new memfd anyway.
+    // SAFETY: the region starts with its header.
+    let used = unsafe {
+        (*(base as *const SharedHeader))
+            .used
+            .load(Ordering::Relaxed)
+    } as usize;
+    let copy = (SharedHeader::slot_offset(used, shards) as u64).min(len);
+    let mut off = 0;
+    while off < copy {
+        // SAFETY: the region's first `len` bytes are mapped at `base`.
+        let n = unsafe {
+            sys(
+                libc::SYS_pwrite64,
+                [fd as u64, base as u64 + off, copy - off, off, 0, 0],
+            )
+        };
+        if n <= 0 {
+            return fail(fd);
+        }
+        off += n as u64;
+    }
+    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    // SAFETY: a new shared mapping of our memfd, as long as the reservation.
+    let tmp = unsafe {
+        sys(
+            libc::SYS_mmap,
+            [0, reserve, prot, libc::MAP_SHARED as u64, fd as u64, 0],
+        )
+    };
+    if tmp < 0 {
+        return fail(fd);
+    }
+    // SAFETY: the copy holds the header and the `used` slots, within `len` bytes.
+    unsafe {
+        for id in 0..used {
+            let slot = SharedHeader::slot_offset(id, shards);
+            if (slot + SharedHeader::slot_size(shards)) as u64 <= len {
+                Counts::from_slot((tmp as *const u8).add(slot), shards).reset();
+            }
+        }
+    }
+    let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+    // SAFETY: moves our new mapping over the region's reservation, replacing it in one
+    // step (this process has one thread now; a failure leaves the old mapping alone).
+    let moved = unsafe {
+        sys(
+            libc::SYS_mremap,
+            [tmp as u64, reserve, reserve, flags, base as u64, 0],
+        )
+    };
+    if moved != base as i64 {
+        // SAFETY: unmapping our own temporary mapping.
+        unsafe { sys(libc::SYS_munmap, [tmp as u64, reserve, 0, 0, 0, 0]) };
+        return fail(fd);
+    }
+    // The region's descriptor now names the child's memfd: growth extends it, and a
+    // later `tracer attach` to the child finds it there.
+    // SAFETY: dup3 over our own region's descriptor.
+    unsafe {
+        sys(
+            libc::SYS_dup3,
+            [fd as u64, old_fd as u64, libc::O_CLOEXEC as u64, 0, 0, 0],
+        )
+    };
+    close(fd);
+    Some((old_fd, st.st_ino))
+}
+
+/// Remote entry point ([`probes::abi::remote::FOLLOW_SYMBOL`]): the process the tracer
+/// launched starts following. Runs with every other thread stopped.
+///
+/// # Safety
+/// `input` points at `n` bytes: the rendezvous name, a NUL, the agent's path, a NUL.
+#[no_mangle]
+pub unsafe extern "C" fn tracer_agent_follow(input: *const u8, n: u64, _out: *mut u8) -> u64 {
+    // SAFETY: per the contract.
+    let input = unsafe { std::slice::from_raw_parts(input, n as usize) };
+    let r = std::panic::catch_unwind(|| {
+        let mut parts = input.split(|&b| b == 0);
+        let (Some(name), Some(path)) = (parts.next(), parts.next()) else {
+            return 0;
+        };
+        let (Ok(name), Ok(path)) = (std::str::from_utf8(name), std::str::from_utf8(path)) else {
+            return 0;
+        };
+        if !set_name(name.as_bytes()) {
+            return 0;
+        }
+        let preload = match std::env::var("LD_PRELOAD") {
+            Ok(old) if old.split([':', ' ']).any(|p| p == path) => old,
+            Ok(old) if !old.is_empty() => format!("{path}:{old}"),
+            _ => path.to_string(),
+        };
+        // SAFETY (of set_var): every other thread of the process is stopped.
+        std::env::set_var("LD_PRELOAD", preload);
+        std::env::set_var(FOLLOW_ENV, name);
+        register_atfork();
+        1
+    });
+    r.unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_decimal;
+
+    #[test]
+    fn decimal_without_allocating() {
+        for v in [0u64, 7, 10, 1234567890, u64::MAX] {
+            let mut out = [0u8; 20];
+            let n = write_decimal(&mut out, v);
+            assert_eq!(&out[..n], v.to_string().as_bytes());
+        }
+    }
+}

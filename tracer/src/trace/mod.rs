@@ -1,0 +1,457 @@
+//! The call tracer (`--trace`, `--chrome-trace`, `--perfetto`): the agent's built-in
+//! entry and exit actions (`agent::builtin::trace`) write a record per event into an
+//! event ring in shared memory; a thread here drains it while the target runs detached,
+//! matches entries with returns per thread and writes the calls out.
+//!
+//! Arguments are decoded from, in this order: the DWARF of the probed object
+//! ([`dwarf`]), the shipped libc prototypes ([`prototypes`]), else the first 3 integer
+//! registers in hex; `--args N` forces N raw registers.
+
+pub mod calls;
+pub mod chrome;
+pub mod dwarf;
+pub mod perfetto;
+pub mod prototypes;
+pub mod record;
+pub mod signature;
+pub mod text;
+
+use crate::pack::region::SharedRegion;
+use crate::pack::ring::Consumer;
+use crate::session::{AgentCall, Builtin, Session, SessionError};
+use crate::spec::ResolvedProbe;
+use crate::symbols::ProcessModules;
+use calls::{Calls, Fanout, Output, ProbeInfo};
+use probes::trace::{StartResult, MASK_SLOTS, START_SYMBOL};
+use signature::Signature;
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Default ring: 4 MiB, about 37,000 calls' records before the tracer must drain.
+pub const RING_BYTES: usize = 4 << 20;
+
+/// What was asked on the command line.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Print one line per call.
+    pub lines: bool,
+    /// Show this many raw integer registers instead of decoding.
+    pub raw_args: Option<usize>,
+    pub chrome: Option<PathBuf>,
+    pub perfetto: Option<PathBuf>,
+    pub ring_bytes: usize,
+}
+
+impl Options {
+    pub fn wanted(&self) -> bool {
+        self.lines || self.chrome.is_some() || self.perfetto.is_some()
+    }
+}
+
+/// The timestamp counter, converted to nanoseconds since the probes went live: the target's
+/// records carry raw counter values (reading a clock through libc in the target could hit
+/// a probe), and the counter is the same on every CPU of this machine.
+struct Clock {
+    tsc0: u64,
+    ns_per_tick: f64,
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: rdtsc is available on every x86-64 CPU and has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+impl Clock {
+    fn start() -> (Instant, u64) {
+        (Instant::now(), rdtsc())
+    }
+
+    /// Calibrated over at least 20 ms since `start` (the set-up usually took that long);
+    /// time 0 is the counter's value `zero`.
+    fn calibrated((t0, tsc0): (Instant, u64), zero: u64) -> Clock {
+        let min = Duration::from_millis(20);
+        if let Some(left) = min.checked_sub(t0.elapsed()) {
+            std::thread::sleep(left);
+        }
+        let (ns, ticks) = (t0.elapsed().as_nanos() as f64, rdtsc().wrapping_sub(tsc0));
+        Clock {
+            tsc0: zero,
+            ns_per_tick: ns / ticks.max(1) as f64,
+        }
+    }
+
+    fn ns(&self, tsc: u64) -> u64 {
+        (tsc.saturating_sub(self.tsc0) as f64 * self.ns_per_tick) as u64
+    }
+}
+
+/// The tracer before the session is installed: it starts the agent's side.
+pub struct Tracer {
+    opts: Options,
+    clock0: (Instant, u64),
+    started: Option<StartResult>,
+    chrome: Option<std::fs::File>,
+    perfetto: Option<std::fs::File>,
+}
+
+fn create(path: &Option<PathBuf>) -> Result<Option<std::fs::File>, String> {
+    path.as_ref()
+        .map(|p| {
+            std::fs::File::create(p).map_err(|e| {
+                format!(
+                    "cannot create the trace file {}: {e}; give a path in a writable directory",
+                    p.display()
+                )
+            })
+        })
+        .transpose()
+}
+
+impl Tracer {
+    /// Creates the trace files: call before touching the target, so that a path that
+    /// cannot be written costs no run.
+    pub fn new(opts: Options) -> Result<Tracer, String> {
+        Ok(Tracer {
+            chrome: create(&opts.chrome)?,
+            perfetto: create(&opts.perfetto)?,
+            opts,
+            clock0: Clock::start(),
+            started: None,
+        })
+    }
+}
+
+impl Builtin for Tracer {
+    fn start(&mut self, call: &mut AgentCall<'_>) -> Result<(u64, u64), SessionError> {
+        let size = std::mem::size_of::<StartResult>();
+        let (ok, bytes) = call(START_SYMBOL, &[], self.opts.ring_bytes as u64, size)?;
+        if ok != 1 || bytes.len() < size {
+            return Err(SessionError::Agent(
+                "the agent could not create the trace region".into(),
+            ));
+        }
+        // SAFETY: StartResult is plain old data and `bytes` holds one.
+        let r = unsafe { (bytes.as_ptr() as *const StartResult).read_unaligned() };
+        self.started = Some(r);
+        Ok((r.entry_shim, r.exit_shim))
+    }
+}
+
+/// The name shown for a symbol: demangled without its parameter list, no version.
+fn shown_name(symbol: &str) -> String {
+    let bare = symbol.split('@').next().unwrap_or(symbol);
+    crate::names::demangle(bare).map_or_else(|| bare.to_string(), |d| d.short)
+}
+
+/// The signature of each probe (by label): DWARF, prototypes, raw.
+fn signatures(
+    probes: &[ResolvedProbe],
+    modules: &ProcessModules,
+    raw: Option<usize>,
+) -> HashMap<String, Signature> {
+    let mut out = HashMap::new();
+    if let Some(n) = raw {
+        for p in probes {
+            out.insert(crate::session::label(p, modules), Signature::raw(n));
+        }
+        return out;
+    }
+    // Function addresses in each file, for its DWARF.
+    let mut by_file: HashMap<&str, (u64, HashSet<u64>)> = HashMap::new();
+    for p in probes.iter().filter(|p| !p.is_ifunc) {
+        if let Some(m) = modules.module_containing(p.address) {
+            let e = by_file.entry(&m.path).or_insert((m.bias, HashSet::new()));
+            e.1.insert((p.address - p.offset).wrapping_sub(m.bias));
+        }
+    }
+    let dwarf: HashMap<&str, HashMap<u64, Signature>> = by_file
+        .iter()
+        .map(|(path, (_, wanted))| (*path, dwarf::signatures(std::path::Path::new(path), wanted)))
+        .collect();
+    for p in probes {
+        let from_dwarf = dwarf.get(p.module_path.as_str()).and_then(|sigs| {
+            let bias = by_file.get(p.module_path.as_str())?.0;
+            sigs.get(&(p.address - p.offset).wrapping_sub(bias))
+                .cloned()
+        });
+        let sig = from_dwarf
+            .or_else(|| prototypes::lookup(&p.symbol))
+            .unwrap_or_else(|| Signature::raw(3));
+        out.insert(crate::session::label(p, modules), sig);
+    }
+    out
+}
+
+/// A thread's name, for the traces.
+fn comm(pid: i32, tid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
+/// The name of every thread of `pid` now.
+fn thread_names(pid: i32) -> HashMap<u32, String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return HashMap::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|tid| Some((tid, comm(pid, tid)?)))
+        .collect()
+}
+
+struct Shared {
+    region: SharedRegion,
+    ring_offset: usize,
+    ring_bytes: usize,
+}
+
+/// The drain thread and what it shares.
+pub struct Running {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Summary>>,
+}
+
+#[derive(Debug, Default)]
+struct Summary {
+    calls: u64,
+    records: u64,
+    dropped: u64,
+    problems: Vec<String>,
+}
+
+impl Tracer {
+    /// Map the trace region, tell the agent which arguments are strings, and start the
+    /// drain thread. Call after the session is installed, while the target is stopped.
+    pub fn go(
+        self,
+        pid: i32,
+        session: &Session,
+        probes: &[ResolvedProbe],
+        modules: &ProcessModules,
+        lines: Box<dyn Write + Send>,
+    ) -> Result<Running, String> {
+        let started = self
+            .started
+            .ok_or("the trace was not started in the agent")?;
+        let layout = probes::trace::layout(self.opts.ring_bytes)?;
+        let path = format!("/proc/{pid}/fd/{}", started.fd);
+        let region = SharedRegion::open(std::path::Path::new(&path), layout.total)
+            .map_err(|e| format!("cannot map the trace region {path}: {e}"))?;
+        let sigs = signatures(probes, modules, self.opts.raw_args);
+        let entries_only: HashSet<&str> = session
+            .notes()
+            .iter()
+            .filter_map(|n| n.split_once(": only entries are probed: ").map(|(l, _)| l))
+            .collect();
+        let mut infos = HashMap::new();
+        let view = region.view();
+        for i in session.installed() {
+            let Some(sig) = sigs.get(&i.label) else {
+                continue;
+            };
+            if (i.id as usize) < MASK_SLOTS {
+                let at = layout.masks + i.id as usize;
+                // One byte in its word: read, change, store (the agent only reads).
+                let word = at & !7;
+                let mut w = view.u64(word).unwrap_or(0).to_le_bytes();
+                w[at - word] = sig.string_mask();
+                view.store(word, u64::from_le_bytes(w));
+            }
+            infos.insert(
+                i.id,
+                ProbeInfo {
+                    name: shown_name(&i.symbol),
+                    sig: sig.clone(),
+                    returns: !entries_only.contains(i.label.as_str()),
+                },
+            );
+        }
+        let process = comm(pid, pid as u32).unwrap_or_else(|| format!("process {pid}"));
+        // Named now, while they exist (a short-lived thread may be gone by the time its
+        // first records are read); threads created later inherit their creator's name
+        // unless they set one, so the process's is the fallback.
+        let names = thread_names(pid);
+        let mut outs: Vec<Box<dyn Output>> = Vec::new();
+        if self.opts.lines {
+            outs.push(Box::new(text::Text::new(lines)));
+        }
+        if let Some(f) = self.chrome {
+            outs.push(Box::new(chrome::Chrome::start(f, pid, &process)));
+        }
+        if let Some(f) = self.perfetto {
+            outs.push(Box::new(perfetto::Perfetto::start(f, pid, &process)));
+        }
+        let shared = Shared {
+            region,
+            ring_offset: layout.ring.ring_offset,
+            ring_bytes: layout.ring.ring_bytes,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let clock0 = self.clock0;
+        // Times count from here: the probes are in place, the target about to run on.
+        let zero = rdtsc();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("trace".into())
+                .spawn(move || {
+                    let clock = Clock::calibrated(clock0, zero);
+                    let names = Names {
+                        pid,
+                        known: names,
+                        process,
+                    };
+                    drain_loop(
+                        &shared,
+                        &stop,
+                        names,
+                        clock,
+                        Calls::new(infos),
+                        Fanout(outs),
+                    )
+                })
+                .map_err(|e| format!("cannot start the trace thread: {e}"))?
+        };
+        Ok(Running {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Running {
+    /// Drain what is left, close the outputs, and say what was traced.
+    pub fn finish(mut self) -> String {
+        self.stop.store(true, Ordering::Release);
+        let s = self
+            .thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        let mut text = format!(
+            "trace: {} calls, {} events received, {} dropped (ring full)\n",
+            s.calls, s.records, s.dropped
+        );
+        if s.dropped > 0 {
+            text.push_str(
+                "note: trace: a bigger ring (--trace-ring BYTES) or fewer probes loses fewer\n",
+            );
+        }
+        for p in &s.problems {
+            text.push_str(&format!("warning: trace: {p}\n"));
+        }
+        text
+    }
+}
+
+/// How long the drain sleeps when the ring was empty.
+const IDLE: Duration = Duration::from_millis(2);
+/// How long it waits for a record a producer is writing.
+const PENDING_WAIT: Duration = Duration::from_micros(50);
+
+/// Thread names: those read at the start, else read at first sight, else the process's.
+struct Names {
+    pid: i32,
+    known: HashMap<u32, String>,
+    process: String,
+}
+
+impl Names {
+    fn of(&self, tid: u32) -> String {
+        self.known
+            .get(&tid)
+            .cloned()
+            .or_else(|| comm(self.pid, tid))
+            .unwrap_or_else(|| self.process.clone())
+    }
+}
+
+fn drain_loop(
+    s: &Shared,
+    stop: &AtomicBool,
+    names: Names,
+    clock: Clock,
+    mut calls: Calls,
+    mut out: Fanout,
+) -> Summary {
+    let mut consumer = Consumer::new(s.ring_offset, s.ring_bytes);
+    let mut sum = Summary::default();
+    let mut pending_since: Option<Instant> = None;
+    loop {
+        let last = stop.load(Ordering::Acquire);
+        let view = s.region.view();
+        let d = consumer.drain(view, |payload| match record::decode(payload) {
+            Ok(r) => {
+                sum.records += 1;
+                if calls.is_new_thread(r.tid) {
+                    out.thread(r.tid, &names.of(r.tid));
+                }
+                calls.record(&r, clock.ns(r.tsc), &mut out);
+            }
+            Err(e) => note(&mut sum.problems, e),
+        });
+        for p in d.problems {
+            note(&mut sum.problems, p);
+        }
+        let dropped = consumer.dropped(view);
+        if dropped > sum.dropped {
+            out.note(&format!(
+                "tracer: {} events dropped (trace ring full: the tracer could not keep up)",
+                dropped - sum.dropped
+            ));
+            sum.dropped = dropped;
+        }
+        out.batch_done(Instant::now());
+        // A record reserved and never committed (its thread died in the action) blocks
+        // those behind it: skipped after a while, as for packs.
+        if d.pending {
+            if d.records > 0 {
+                // Caught up with a producer still writing: go on at once (sleeping
+                // here stalled the drain at every catch-up).
+                pending_since = None;
+                continue;
+            }
+            let since = *pending_since.get_or_insert_with(Instant::now);
+            let limit = if last {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(1)
+            };
+            if since.elapsed() > limit {
+                consumer.skip_stuck(view);
+                note(
+                    &mut sum.problems,
+                    "skipped an event an action never finished".into(),
+                );
+                pending_since = None;
+            } else {
+                std::thread::sleep(PENDING_WAIT);
+                continue;
+            }
+        } else {
+            pending_since = None;
+        }
+        if last {
+            break;
+        }
+        if d.records == 0 {
+            std::thread::sleep(IDLE);
+        }
+    }
+    sum.calls = calls.calls;
+    calls.finish(&mut out);
+    sum
+}
+
+fn note(problems: &mut Vec<String>, p: String) {
+    if problems.len() < 10 && !problems.contains(&p) {
+        problems.push(p);
+    }
+}

@@ -1,0 +1,246 @@
+//! `--trace` lines: one per call, as it happens.
+//!
+//! `[TID] SECONDS NAME(ARGS) = RET <DURATION>`, indented two spaces per open call of the
+//! thread. A call is printed on one line when nothing else happens on its thread before
+//! it returns; otherwise its entry is printed as `NAME(ARGS) {` when the next event of
+//! the thread arrives (or after [`HOLD`] without one: a blocking call), and its return as
+//! `} NAME = RET <DURATION>` at the return's time.
+
+use super::calls::{Call, Output};
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+/// How long an entry waits for its return to be printed on one line.
+const HOLD: Duration = Duration::from_secs(1);
+
+struct Pending {
+    ns: u64,
+    depth: usize,
+    name: String,
+    args: String,
+    since: Instant,
+}
+
+pub struct Text {
+    out: Box<dyn Write + Send>,
+    buf: String,
+    pending: HashMap<u32, Pending>,
+}
+
+/// Seconds since the start, microsecond precision.
+pub fn seconds(ns: u64) -> String {
+    format!("{}.{:06}", ns / 1_000_000_000, ns % 1_000_000_000 / 1000)
+}
+
+/// A duration as `<0.4 us>`, `<12.3 ms>`, `<1.200 s>`.
+pub fn duration(ns: u64) -> String {
+    if ns < 1_000_000 {
+        format!("<{:.1} us>", ns as f64 / 1e3)
+    } else if ns < 1_000_000_000 {
+        format!("<{:.1} ms>", ns as f64 / 1e6)
+    } else {
+        format!("<{:.3} s>", ns as f64 / 1e9)
+    }
+}
+
+fn indent(depth: usize) -> String {
+    "  ".repeat(depth)
+}
+
+impl Text {
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Text {
+            out,
+            buf: String::new(),
+            pending: HashMap::new(),
+        }
+    }
+
+    fn line(&mut self, tid: u32, ns: u64, depth: usize, body: &str) {
+        use std::fmt::Write;
+        let _ = writeln!(self.buf, "[{tid}] {} {}{body}", seconds(ns), indent(depth));
+    }
+
+    /// Print the thread's held entry as an open call.
+    fn open(&mut self, tid: u32) {
+        if let Some(p) = self.pending.remove(&tid) {
+            self.line(tid, p.ns, p.depth, &format!("{}({}) {{", p.name, p.args));
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.buf.is_empty() {
+            let _ = self.out.write_all(self.buf.as_bytes());
+            let _ = self.out.flush();
+            self.buf.clear();
+        }
+    }
+}
+
+fn with_ret(ret: Option<&str>) -> String {
+    ret.map_or(String::new(), |r| format!(" = {r}"))
+}
+
+impl Output for Text {
+    fn call(&mut self, c: &Call<'_>) {
+        match *c {
+            Call::Enter {
+                tid,
+                ns,
+                depth,
+                name,
+                args,
+                returns,
+            } => {
+                self.open(tid);
+                if returns {
+                    self.pending.insert(
+                        tid,
+                        Pending {
+                            ns,
+                            depth,
+                            name: name.into(),
+                            args: args.into(),
+                            since: Instant::now(),
+                        },
+                    );
+                } else {
+                    self.line(tid, ns, depth, &format!("{name}({args})"));
+                }
+            }
+            Call::Return {
+                tid,
+                start_ns,
+                end_ns,
+                depth,
+                name,
+                args,
+                ret,
+            } => {
+                let d = duration(end_ns - start_ns);
+                match self.pending.remove(&tid) {
+                    Some(p) if p.depth == depth => {
+                        let body = format!("{name}({args}){} {d}", with_ret(ret));
+                        self.line(tid, start_ns, depth, &body);
+                    }
+                    p => {
+                        if let Some(p) = p {
+                            self.pending.insert(tid, p);
+                            self.open(tid);
+                        }
+                        let body = format!("}} {name}{} {d}", with_ret(ret));
+                        self.line(tid, end_ns, depth, &body);
+                    }
+                }
+            }
+            Call::Lost {
+                tid,
+                ns,
+                depth,
+                name,
+                args,
+                ..
+            } => match self.pending.remove(&tid) {
+                Some(p) if p.depth == depth => {
+                    let body = format!("{name}({args}) ... (no return seen)");
+                    self.line(tid, p.ns, depth, &body);
+                }
+                p => {
+                    if let Some(p) = p {
+                        self.pending.insert(tid, p);
+                        self.open(tid);
+                    }
+                    self.line(tid, ns, depth, &format!("}} {name} (no return seen)"));
+                }
+            },
+            Call::Unmatched {
+                tid,
+                ns,
+                depth,
+                name,
+                ret,
+            } => {
+                self.open(tid);
+                let body = format!("... {name}{} (entry not seen)", with_ret(ret));
+                self.line(tid, ns, depth, &body);
+            }
+        }
+    }
+
+    fn batch_done(&mut self, now: Instant) {
+        let mut stale: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.since) >= HOLD)
+            .map(|(t, _)| *t)
+            .collect();
+        stale.sort_unstable();
+        for tid in stale {
+            self.open(tid);
+        }
+        self.flush();
+    }
+
+    fn note(&mut self, text: &str) {
+        self.buf.push_str(text);
+        self.buf.push('\n');
+    }
+
+    fn finish(&mut self, _ns: u64) {
+        self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_leaf_is_one_line_and_a_parent_opens_and_closes() {
+        let s = Shared::default();
+        let mut t = Text::new(Box::new(s.clone()));
+        let enter = |ns, depth, name| Call::Enter {
+            tid: 7,
+            ns,
+            depth,
+            name,
+            args: "1",
+            returns: true,
+        };
+        let ret = |start_ns, end_ns, depth, name| Call::Return {
+            tid: 7,
+            start_ns,
+            end_ns,
+            depth,
+            name,
+            args: "1",
+            ret: Some("2"),
+        };
+        t.call(&enter(1000, 0, "outer"));
+        t.call(&enter(2000, 1, "inner"));
+        t.call(&ret(2000, 2400, 1, "inner"));
+        t.call(&ret(1000, 5000, 0, "outer"));
+        t.batch_done(Instant::now());
+        let text = String::from_utf8(s.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text,
+            "[7] 0.000001 outer(1) {\n\
+             [7] 0.000002   inner(1) = 2 <0.4 us>\n\
+             [7] 0.000005 } outer = 2 <4.0 us>\n"
+        );
+    }
+}
