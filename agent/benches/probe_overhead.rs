@@ -235,7 +235,7 @@ fn main() {
     // `--hist`/`--summary`: the agent's latency shim in the exit slot, recording into the
     // region the tracer would map.
     assert!(!agent::builtin::latency::tracer_agent_latency(16).is_null());
-    let latency_shim = agent::builtin::latency::tracer_builtin_latency_exit as *const () as u64;
+    let latency_shim = agent::builtin::latency::tracer_agent_latency_exit as *const () as u64;
     let configs: Vec<(&str, Leaf, Option<(u32, _)>)> = vec![
         ("unprobed", po_plain as Leaf, None),
         (
