@@ -2,6 +2,7 @@
 //! prologue relocation, trampolines and the hot path they call.
 pub mod allocator;
 pub mod api;
+pub mod clobbers;
 pub mod dispatch;
 pub mod emitter;
 pub mod interceptor;
