@@ -153,6 +153,18 @@ pub struct Interceptor {
     /// Unwinder hooks, and those of them not yet committed in process.
     internal: Vec<Prepared>,
     internal_pending: Vec<usize>,
+    /// Pack handlers' stubs by shim and by the vector registers the caller keeps.
+    stubs: HashMap<(u64, u16), PackStub>,
+}
+
+/// A pack handler as the probes' slots reach it: its stub (the shim itself when the
+/// handler writes no vector register its caller does not keep), and why.
+#[derive(Clone, Debug)]
+pub struct PackStub {
+    pub addr: u64,
+    pub analysis: crate::clobbers::Analysis,
+    /// The vector registers the stub saves, bit per register.
+    pub saves: u16,
 }
 
 impl Interceptor {
@@ -173,6 +185,7 @@ impl Interceptor {
             xsave: trampoline::XsaveInfo::detect(),
             internal: Vec::new(),
             internal_pending: Vec::new(),
+            stubs: HashMap::new(),
         })
     }
 
@@ -233,9 +246,10 @@ impl Interceptor {
                 self.reusable.insert(key, r);
                 self.shared.reset(p.id as usize);
                 if let Some(h) = req.pack {
+                    let (entry, exit) = self.pack_slots(&h)?;
                     let probe = self.probes[index];
-                    probe.pack_entry.store(h.entry, Ordering::Release);
-                    probe.pack_exit.store(h.exit, Ordering::Release);
+                    probe.pack_entry.store(entry, Ordering::Release);
+                    probe.pack_exit.store(exit, Ordering::Release);
                 }
                 return Ok((p, true));
             }
@@ -354,6 +368,10 @@ impl Interceptor {
             }
         })?;
         let counters = self.shared.counters_static(id);
+        let (pack_entry, pack_exit) = match &req.pack {
+            Some(h) => self.pack_slots(h)?,
+            None => (0, 0),
+        };
         let probe: &'static Probe = Box::leak(Box::new(Probe {
             counters,
             on_entry: req.on_entry,
@@ -362,8 +380,8 @@ impl Interceptor {
             id: id as u32,
             on_offset,
             return_point: Default::default(),
-            pack_entry: AtomicU64::new(req.pack.map_or(0, |p| p.entry)),
-            pack_exit: AtomicU64::new(req.pack.map_or(0, |p| p.exit)),
+            pack_entry: AtomicU64::new(pack_entry),
+            pack_exit: AtomicU64::new(pack_exit),
             name: req.pack.map_or("", |p| p.name),
         }));
         let xsave = match req.kind {
@@ -377,15 +395,30 @@ impl Interceptor {
             _ => None,
         };
         // Counting-only probes take the inline path; a handler needs the full one.
-        let fast = match (req.on_entry, req.on_exit, req.pack, req.kind, self.tls) {
+        let path = match (req.on_entry, req.on_exit, req.pack, req.kind, self.tls) {
             (None, None, None, ProbeKind::Entry | ProbeKind::Exit, Some(tls)) => {
-                Some(trampoline::FastEntry {
+                trampoline::EntryPath::Fast(trampoline::FastEntry {
                     tls,
                     counters: counters.line,
                     exit_trampoline,
                 })
             }
-            _ => None,
+            // An entry probe whose only handler is a pack's calls it directly.
+            (None, None, Some(h), ProbeKind::Entry, Some(tls)) if h.entry != 0 && h.exit == 0 => {
+                let hit: &'static probes::pack::abi::HitInfo =
+                    Box::leak(Box::new(probes::pack::abi::HitInfo {
+                        probe: id as u32,
+                        tid: 0,
+                        name: h.name.as_ptr(),
+                        name_len: h.name.len(),
+                    }));
+                trampoline::EntryPath::Pack(trampoline::PackEntry {
+                    tls,
+                    counters: counters.line,
+                    hit,
+                })
+            }
+            _ => trampoline::EntryPath::General,
         };
         let on_entry = dispatch::on_entry as *const () as u64;
         let avx = self.avx();
@@ -394,7 +427,7 @@ impl Interceptor {
         for near in [&[stolen.site, on_entry][..], &[stolen.site][..]] {
             match jit::place(&mut self.alloc, near, self.policy, |e| match xsave {
                 Some(xs) => trampoline::emit_offset(e, probe, &stolen, xs),
-                None => trampoline::emit_entry(e, probe, &stolen, fast, avx),
+                None => trampoline::emit_entry(e, probe, &stolen, path, avx),
             }) {
                 Ok(p) => {
                     placed = Some(p);
@@ -595,17 +628,78 @@ impl Interceptor {
     /// Point every pack handler slot holding one of `swaps`' old shims at its new one:
     /// a store per slot, so each hit runs one build's handler or the other's, never
     /// neither. Returns how many slots changed.
-    pub fn swap_pack_shims(&self, swaps: &[(u64, u64)]) -> u64 {
+    pub fn swap_pack_shims(&mut self, swaps: &[(u64, u64)]) -> Result<u64, PrepareError> {
+        // Slots hold stubs, made for the kind of slot: the old shims' and the new ones'.
+        let mut pairs = [Vec::new(), Vec::new()];
+        for (k, keeps) in [trampoline::PACK_ENTRY_KEEPS, trampoline::PACK_EXIT_KEEPS]
+            .into_iter()
+            .enumerate()
+        {
+            for &(old, new) in swaps {
+                if let Some(s) = self.stubs.get(&(old, keeps)) {
+                    let old_stub = s.addr;
+                    pairs[k].push((old_stub, self.pack_stub(new, keeps)?.addr));
+                }
+            }
+        }
         let mut n = 0;
         for p in &self.probes {
-            for slot in [&p.pack_entry, &p.pack_exit] {
+            for (slot, pairs) in [&p.pack_entry, &p.pack_exit].into_iter().zip(&pairs) {
                 let old = slot.load(Ordering::Acquire);
-                if let Some(&(_, new)) = swaps.iter().find(|(o, _)| *o == old && old != 0) {
+                if let Some(&(_, new)) = pairs.iter().find(|(o, _)| *o == old && old != 0) {
                     slot.store(new, Ordering::Release);
                     n += 1;
                 }
             }
         }
-        n
+        Ok(n)
+    }
+
+    /// What a probe's slots hold for pack handlers `h`: their stubs.
+    fn pack_slots(&mut self, h: &PackHandlers) -> Result<(u64, u64), PrepareError> {
+        let entry = match h.entry {
+            0 => 0,
+            shim => self.pack_stub(shim, trampoline::PACK_ENTRY_KEEPS)?.addr,
+        };
+        let exit = match h.exit {
+            0 => 0,
+            shim => self.pack_stub(shim, trampoline::PACK_EXIT_KEEPS)?.addr,
+        };
+        Ok((entry, exit))
+    }
+
+    /// The stub of the pack handler whose shim is at `shim`, called by code that keeps
+    /// the low halves of the vector registers in `keeps` itself: made on first use from
+    /// the analysis of the handler's code (`crate::clobbers`), saving only the vector
+    /// registers it can write; the shim itself when there are none.
+    pub fn pack_stub(&mut self, shim: u64, keeps: u16) -> Result<&PackStub, PrepareError> {
+        if !self.stubs.contains_key(&(shim, keeps)) {
+            let analysis = crate::clobbers::analyse_here(shim);
+            let avx = self.avx();
+            let saves = crate::clobbers::vectors_to_save(&analysis.clobbers, keeps);
+            let addr = if saves == 0 {
+                shim
+            } else {
+                let emit = |e: &mut crate::emitter::Emitter| {
+                    trampoline::emit_pack_stub(e, shim, saves, avx)
+                };
+                let placed = jit::place(&mut self.alloc, &[shim], self.policy, emit)
+                    .or_else(|_| jit::place(&mut self.alloc, &[], self.policy, emit))
+                    .map_err(|e| match e {
+                        JitError::Alloc(a) => PrepareError::NoTrampolineMemory(a),
+                        JitError::Emit(e) => PrepareError::Codegen(e.to_string()),
+                    })?;
+                placed.addr
+            };
+            self.stubs.insert(
+                (shim, keeps),
+                PackStub {
+                    addr,
+                    analysis,
+                    saves,
+                },
+            );
+        }
+        Ok(&self.stubs[&(shim, keeps)])
     }
 }

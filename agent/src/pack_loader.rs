@@ -233,8 +233,11 @@ fn swap(
         pairs.push((*old, new));
     }
     let abi = bind(&k.region(), req.head.handle, &req.map_symbols)?;
-    let g = interceptor.lock().unwrap_or_else(|p| p.into_inner());
-    let swapped = g.as_ref().map_or(0, |i| i.swap_pack_shims(&pairs));
+    let mut g = interceptor.lock().unwrap_or_else(|p| p.into_inner());
+    let swapped = match g.as_mut() {
+        Some(i) => i.swap_pack_shims(&pairs).map_err(|e| e.to_string())?,
+        None => 0,
+    };
     k.handle = req.head.handle;
     k.shims = req
         .shim_symbols

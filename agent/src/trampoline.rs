@@ -78,14 +78,18 @@ pub fn emit_entry(
     e: &mut Emitter,
     probe: *const Probe,
     stolen: &Stolen,
-    fast: Option<FastEntry>,
+    path: EntryPath,
     avx: bool,
 ) -> Result<Result<EntryTrampoline, relocator::Refusal>, EmitError> {
     let tail = e.label();
-    if let Some(f) = fast {
-        emit_fast_entry(e, probe, f, tail)?;
-    }
-    let encoding = emit_entry_general(e, probe, avx)?;
+    let encoding = match path {
+        EntryPath::Fast(f) => {
+            emit_fast_entry(e, probe, f, tail)?;
+            emit_entry_general(e, probe, avx)?
+        }
+        EntryPath::Pack(p) => emit_pack_entry(e, probe, p, tail)?,
+        EntryPath::General => emit_entry_general(e, probe, avx)?,
+    };
     e.bind(tail);
     let relocated = match emit_stolen(e, stolen)? {
         Ok(r) => r,
@@ -279,6 +283,167 @@ pub fn patch_bytes(site: u64, target: u64) -> Option<[u8; 5]> {
     let mut p = [0xe9, 0, 0, 0, 0];
     p[1..].copy_from_slice(&rel.to_le_bytes());
     Some(p)
+}
+
+/// Which entry path a trampoline gets besides the general one.
+#[derive(Clone, Copy, Debug)]
+pub enum EntryPath {
+    /// Counting inline, for probes without handlers.
+    Fast(FastEntry),
+    /// A pack handler called straight from the trampoline, for entry probes whose only
+    /// handler is a pack's (see [`emit_pack_entry`]).
+    Pack(PackEntry),
+    /// Only the general path (into `dispatch::on_entry`).
+    General,
+}
+
+/// What the direct pack-handler path needs.
+#[derive(Clone, Copy, Debug)]
+pub struct PackEntry {
+    /// The thread state's offset from the thread pointer.
+    pub tls: i32,
+    pub counters: *const ProbeCounters,
+    /// The `HitInfo` handed to the shim, one per probe, alive forever.
+    pub hit: *const probes::pack::abi::HitInfo,
+}
+
+/// The low halves of the vector registers the direct pack path keeps itself (in the
+/// entry context): a handler's stub need not save them again.
+pub const PACK_ENTRY_KEEPS: u16 = 0x00ff;
+/// The same for the exit context (`xmm0-1`); the exit path goes through the general
+/// frame, which saves all of them anyway.
+pub const PACK_EXIT_KEEPS: u16 = 0x0003;
+
+/// The direct path of an entry probe whose only handler is a pack's: what
+/// `dispatch::on_entry` and `run_shim` do (re-entrancy guard, enabled flag, sharded count,
+/// the call, a panic disabling the probe), inline, with one call: to the probe's slot,
+/// which holds the handler's stub (see [`emit_pack_stub`]). The stub saves the vector
+/// registers the handler's code can write beyond `xmm0-7`; this path keeps every
+/// call-clobbered GPR and `xmm0-7` in the entry context, which the handler sees and may
+/// change, and reloads `xmm0-7` with legacy-SSE loads, which keep the upper halves.
+/// Returns how the stub is reached: through the slot, `[rax+disp]`.
+fn emit_pack_entry(
+    e: &mut Emitter,
+    probe: *const Probe,
+    p: PackEntry,
+    tail: Label,
+) -> Result<CallEncoding, EmitError> {
+    const P_PACK_ENTRY: i32 = offset_of!(Probe, pack_entry) as i32;
+    const C_PANICS: i32 = offset_of!(ProbeCounters, panics) as i32;
+    let skipped = e.label();
+    let off = e.label();
+    let ok = e.label();
+    let counters = p.counters as u64;
+    let busy = p.tls + tl::BUSY;
+    e.asm(|a| a.mov(qword_ptr(rsp + ENTRY_R11), r11))?;
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| a.cmp(qword_ptr(r11 + busy), 0))?;
+    e.jcc_label(CC_NE, skipped);
+    e.asm(|a| {
+        a.mov(r11, counters)?;
+        a.test(byte_ptr(r11 + C_FLAGS), flags::ENABLED)
+    })?;
+    e.jcc_label(CC_E, off);
+    emit_count(e, r11, C_HITS, SCRATCH_RAX, ENTRY_RAX)?;
+    e.asm(|a| {
+        a.mov(r11, qword_ptr(rsp + ENTRY_R11))?;
+        open_frame(a, el::FRAME)?;
+        a.mov(qword_ptr(rsp + el::RSP), rbx)?;
+        for (i, r) in GPRS.iter().enumerate() {
+            a.mov(qword_ptr(rsp + el::GPRS + 8 * i), *r)?;
+        }
+        a.mov(qword_ptr(rsp + el::R11), r11)?;
+        for &(r, off) in &ENTRY_CTX_XMM {
+            a.movaps(xmmword_ptr(rsp + off), XMMS[r])?;
+        }
+        Ok(())
+    })?;
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| {
+        a.mov(qword_ptr(r11 + busy), 1)?;
+        a.mov(rdi, rsp)?;
+        a.mov(rsi, p.hit as u64)?;
+        a.mov(rax, probe as u64)?;
+        a.call(qword_ptr(rax + P_PACK_ENTRY))
+    })?;
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| {
+        a.mov(qword_ptr(r11 + busy), 0)?;
+        a.cmp(eax, probes::pack::abi::SHIM_PANICKED as i32)
+    })?;
+    e.jcc_label(CC_NE, ok);
+    // Caught in the pack: disable the probe and count, as `Probe::panicked` does.
+    e.asm(|a| {
+        a.mov(r11, counters)?;
+        a.lock().inc(qword_ptr(r11 + C_PANICS))?;
+        a.lock().and(dword_ptr(r11 + C_FLAGS), !flags::ENABLED as i32)?;
+        a.lock()
+            .or(dword_ptr(r11 + C_FLAGS), flags::DISABLED_BY_PANIC as i32)
+    })?;
+    e.bind(ok);
+    e.asm(|a| {
+        for &(r, off) in &ENTRY_CTX_XMM {
+            a.movaps(XMMS[r], xmmword_ptr(rsp + off))?;
+        }
+        for (i, r) in GPRS.iter().enumerate() {
+            a.mov(*r, qword_ptr(rsp + el::GPRS + 8 * i))?;
+        }
+        a.mov(r11, qword_ptr(rsp + el::R11))?;
+        close_frame(a)
+    })?;
+    e.jmp_label(tail);
+    e.bind(skipped);
+    e.asm(|a| {
+        a.mov(r11, counters)?;
+        a.lock().inc(qword_ptr(r11 + C_SKIPPED))
+    })?;
+    e.bind(off);
+    e.asm(|a| a.mov(r11, qword_ptr(rsp + ENTRY_R11)))?;
+    e.jmp_label(tail);
+    Ok(CallEncoding::RipSlot)
+}
+
+/// A pack handler's stub, shared by every probe running the handler: saves the vector
+/// registers in `save` (bit per register: `ymm` in full with AVX, else `xmm`), calls the
+/// shim, restores them. An ordinary function with the shim's signature; the slots of
+/// probes hold it instead of the shim. `save` comes from `crate::clobbers`: what the
+/// handler's code can write that its caller does not keep itself.
+pub fn emit_pack_stub(
+    e: &mut Emitter,
+    shim: u64,
+    save: u16,
+    avx: bool,
+) -> Result<CallEncoding, EmitError> {
+    let regs: Vec<usize> = (0..16).filter(|i| save & (1 << i) != 0).collect();
+    let width = if avx { 32 } else { 16 };
+    // Entered with rsp 8 off a 16-byte boundary: the call below gets it aligned.
+    let frame = 8 + width * regs.len() as i32;
+    e.asm(|a| {
+        a.sub(rsp, frame)?;
+        for (k, &r) in regs.iter().enumerate() {
+            let at = rsp + width * k as i32;
+            if avx {
+                a.vmovdqu(ymmword_ptr(at), YMMS[r])?;
+            } else {
+                a.movups(xmmword_ptr(at), XMMS[r])?;
+            }
+        }
+        Ok(())
+    })?;
+    let encoding = e.call(shim)?;
+    e.asm(|a| {
+        for (k, &r) in regs.iter().enumerate() {
+            let at = rsp + width * k as i32;
+            if avx {
+                a.vmovdqu(YMMS[r], ymmword_ptr(at))?;
+            } else {
+                a.movups(XMMS[r], xmmword_ptr(at))?;
+            }
+        }
+        a.add(rsp, frame)?;
+        a.ret()
+    })?;
+    Ok(encoding)
 }
 
 /// What the inline fast path of a probe without handlers needs.
