@@ -47,6 +47,7 @@ global_asm!(
     leaf!("po_exit_handlers"),
     leaf!("po_pack_entry"),
     leaf!("po_pack_exit"),
+    leaf!("po_pack_exit_time"),
     leaf!("po_plain_mt"),
     leaf!("po_entry_mt"),
     leaf!("po_exit_mt"),
@@ -60,6 +61,7 @@ extern "C" {
     fn po_exit_handlers(a: u64, b: u64) -> u64;
     fn po_pack_entry(a: u64, b: u64) -> u64;
     fn po_pack_exit(a: u64, b: u64) -> u64;
+    fn po_pack_exit_time(a: u64, b: u64) -> u64;
     fn po_plain_mt(a: u64, b: u64) -> u64;
     fn po_entry_mt(a: u64, b: u64) -> u64;
     fn po_exit_mt(a: u64, b: u64) -> u64;
@@ -82,8 +84,8 @@ fn count_exit(_: &mut ExitContext) {
 
 /// Build `benches/bench_pack` (a cdylib apart from the agent, as a user's pack is), load
 /// it, bind its maps to a fresh region as the agent does in a target, and return the
-/// addresses of its entry and exit shims.
-fn load_bench_pack() -> (u64, u64) {
+/// addresses of its entry shim and its exit shims (without, with `elapsed_ns`).
+fn load_bench_pack() -> (u64, u64, u64) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/bench_pack");
     let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench_pack");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -124,6 +126,7 @@ fn load_bench_pack() -> (u64, u64) {
     (
         sym(c"__tracer_probe_on_entry"),
         sym(c"__tracer_probe_on_exit"),
+        sym(c"__tracer_probe_on_exit_timed"),
     )
 }
 
@@ -210,7 +213,8 @@ fn main() {
         i.commit_in_process(&p).expect("commit");
         (p.id, p.encoding)
     };
-    let (pack_entry, pack_exit) = load_bench_pack();
+    let (pack_entry, pack_exit, pack_exit_timed) = load_bench_pack();
+    // As the tracer passes it from the descriptors: only `on_exit_timed` reads the time.
     let pack = |f: Leaf, entry: u64, exit: u64| {
         let mut r = ProbeRequest::entry(f as usize as u64, Some(12));
         if exit != 0 {
@@ -219,6 +223,7 @@ fn main() {
         r.pack = Some(PackHandlers {
             entry,
             exit,
+            exit_timed: exit == pack_exit_timed,
             name: "main:po_pack",
         });
         r
@@ -268,6 +273,14 @@ fn main() {
             Some(pack_probe(
                 &mut interceptor,
                 pack(po_pack_exit, pack_entry, pack_exit),
+            )),
+        ),
+        (
+            "entry+exit, pack, elapsed",
+            po_pack_exit_time,
+            Some(pack_probe(
+                &mut interceptor,
+                pack(po_pack_exit_time, pack_entry, pack_exit_timed),
             )),
         ),
     ];

@@ -41,6 +41,8 @@ pub struct Probe {
     pub pack_entry: AtomicU64,
     /// A pack handler's shim run at return, 0 for none.
     pub pack_exit: AtomicU64,
+    /// Whether that handler reads the time since the entry (`elapsed_ns`).
+    pub pack_exit_timed: std::sync::atomic::AtomicBool,
     /// What a pack handler's `probe_name()` says: `module:symbol[+offset]`.
     pub name: &'static str,
 }
@@ -154,7 +156,7 @@ pub unsafe extern "C" fn on_entry(probe: *const Probe, ctx: *mut EntryContext) {
             probe: probe as *const Probe as u64,
             // The timestamp counter costs tens of cycles: read it only for a handler
             // that receives the duration.
-            tsc: if probe.on_exit.is_some() || probe.pack_exit.load(Relaxed) != 0 {
+            tsc: if probe.on_exit.is_some() || probe.pack_exit_timed.load(Relaxed) {
                 tsc()
             } else {
                 0
@@ -330,7 +332,12 @@ pub unsafe extern "C" fn on_exit(ctx: *mut ExitContext, slot: u64) -> u64 {
                 ctx.return_address = e.return_address;
                 ctx.entry_rsp = e.entry_rsp;
                 ctx.probe = probe.id;
-                ctx.duration_ns = ticks_to_ns(tsc().wrapping_sub(e.tsc));
+                // 0 at entry: the handler does not read the time (or it was swapped in
+                // for one that did not while this call ran).
+                ctx.duration_ns = match e.tsc {
+                    0 => 0,
+                    t0 => ticks_to_ns(tsc().wrapping_sub(t0)),
+                };
                 t.busy = 1;
                 // SAFETY: the slot holds a pack shim taking an exit context.
                 unsafe { run_shim(probe, shim, ctx as *mut ExitContext as *mut u8) };

@@ -43,6 +43,9 @@ pub struct PackHandlers {
     pub entry: u64,
     /// Shim run at return, 0 for none.
     pub exit: u64,
+    /// Whether the return handler reads the time since the entry (the timestamp counter
+    /// is read at entry and return only then).
+    pub exit_timed: bool,
     pub name: &'static str,
 }
 
@@ -249,6 +252,7 @@ impl Interceptor {
                     let (entry, exit) = self.pack_slots(&h)?;
                     let probe = self.probes[index];
                     probe.pack_entry.store(entry, Ordering::Release);
+                    probe.pack_exit_timed.store(h.exit_timed, Ordering::Release);
                     probe.pack_exit.store(exit, Ordering::Release);
                 }
                 return Ok((p, true));
@@ -382,6 +386,7 @@ impl Interceptor {
             return_point: Default::default(),
             pack_entry: AtomicU64::new(pack_entry),
             pack_exit: AtomicU64::new(pack_exit),
+            pack_exit_timed: req.pack.is_some_and(|p| p.exit_timed).into(),
             name: req.pack.map_or("", |p| p.name),
         }));
         let xsave = match req.kind {
@@ -642,12 +647,28 @@ impl Interceptor {
                 }
             }
         }
+        let timed: Vec<(u64, bool)> = swaps
+            .iter()
+            .filter_map(|&(_, new)| {
+                let stub = self.stubs.get(&(new, trampoline::PACK_EXIT_KEEPS))?;
+                Some((stub.addr, crate::pack_loader::shim_needs_time(new)))
+            })
+            .collect();
         let mut n = 0;
         for p in &self.probes {
             for (slot, pairs) in [&p.pack_entry, &p.pack_exit].into_iter().zip(&pairs) {
                 let old = slot.load(Ordering::Acquire);
                 if let Some(&(_, new)) = pairs.iter().find(|(o, _)| *o == old && old != 0) {
+                    let t = timed.iter().find(|(s, _)| *s == new).map(|&(_, t)| t);
+                    // A handler that reads the time: entries start taking it before it
+                    // runs (an entry taken just before reads as 0 ns).
+                    if t == Some(true) {
+                        p.pack_exit_timed.store(true, Ordering::Release);
+                    }
                     slot.store(new, Ordering::Release);
+                    if t == Some(false) {
+                        p.pack_exit_timed.store(false, Ordering::Release);
+                    }
                     n += 1;
                 }
             }

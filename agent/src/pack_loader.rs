@@ -37,6 +37,20 @@ impl Known {
 
 static KNOWN: Mutex<Vec<Known>> = Mutex::new(Vec::new());
 
+/// Shims of loaded packs whose handler never reads the time since the entry (their
+/// descriptor says so): their probes skip the timestamp counter.
+static TIMELESS: Mutex<std::collections::BTreeSet<u64>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+/// Whether the return handler whose shim is at `shim` may read the time since the
+/// entry: yes unless its pack's descriptor said otherwise.
+pub fn shim_needs_time(shim: u64) -> bool {
+    !TIMELESS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&shim)
+}
+
 /// What the tracer sent.
 struct Request {
     head: PackLoadRequest,
@@ -44,6 +58,8 @@ struct Request {
     kinds: Vec<(u32, [u64; 4])>,
     map_symbols: Vec<Vec<u8>>,
     shim_symbols: Vec<Vec<u8>>,
+    /// Each shim's `probe_flags`.
+    shim_flags: Vec<u64>,
 }
 
 /// # Safety
@@ -60,7 +76,9 @@ unsafe fn read_request(input: *const u8) -> Request {
         }
     };
     let maps: Vec<PackSymbol> = (0..head.maps as usize).map(sym).collect();
-    let shims = (head.maps as usize..(head.maps + head.shims) as usize).map(sym);
+    let shims: Vec<PackSymbol> = (head.maps as usize..(head.maps + head.shims) as usize)
+        .map(sym)
+        .collect();
     let end = head
         .name
         .iter()
@@ -70,7 +88,8 @@ unsafe fn read_request(input: *const u8) -> Request {
         name: head.name[..end].to_vec(),
         kinds: maps.iter().map(|m| (m.kind, m.params)).collect(),
         map_symbols: maps.iter().map(|m| m.symbol().to_vec()).collect(),
-        shim_symbols: shims.map(|s| s.symbol().to_vec()).collect(),
+        shim_symbols: shims.iter().map(|s| s.symbol().to_vec()).collect(),
+        shim_flags: shims.iter().map(|s| s.params[0]).collect(),
         head,
     }
 }
@@ -126,6 +145,16 @@ pub unsafe fn load(
     // SAFETY: per the contract.
     let req = unsafe { read_request(input) };
     let shims = look_up(req.head.handle, &req.shim_symbols)?;
+    {
+        let mut timeless = TIMELESS.lock().unwrap_or_else(|p| p.into_inner());
+        for (s, f) in shims.iter().zip(&req.shim_flags) {
+            if f & abi::probe_flags::NO_TIME != 0 {
+                timeless.insert(*s);
+            } else {
+                timeless.remove(s);
+            }
+        }
+    }
     let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
     let res = if req.head.swap != 0 {
         swap(&mut known, &req, &shims, interceptor)?

@@ -78,6 +78,7 @@ fn request(f: unsafe extern "C" fn(u64) -> u64, entry: u64, exit: u64) -> ProbeR
     r.pack = Some(PackHandlers {
         entry,
         exit,
+        exit_timed: true,
         name: "test:leaf",
     });
     r

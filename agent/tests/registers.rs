@@ -767,6 +767,7 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
         req.pack = Some(PackHandlers {
             entry: shim,
             exit: 0,
+            exit_timed: false,
             name: "test:pack",
         });
         let id = install(req);

@@ -10,7 +10,7 @@
 
 use proc_macro::TokenStream;
 use proc_macro2::Span;
-use quote::{format_ident, quote};
+use quote::{format_ident, quote, ToTokens};
 use syn::{parse_macro_input, Error, FnArg, ItemFn, ItemStatic, LitStr, StaticMutability};
 
 /// Run the function at each entry of the functions SPEC matches: `#[entry("libc:malloc")]`,
@@ -112,6 +112,11 @@ fn handler_impl(kind: Kind, spec: LitStr, f: ItemFn) -> syn::Result<proc_macro2:
     let shim_name = shim.to_string();
     let desc = format_ident!("__TRACER_DESC_{}", name);
     let name_str = name.to_string();
+    let flags = if needs_time(&f) {
+        0u64
+    } else {
+        1u64 // probe_flags::NO_TIME
+    };
     let (run, kind_const) = match kind {
         Kind::Entry => (quote!(run_entry), quote!(ENTRY)),
         Kind::Exit => (quote!(run_exit), quote!(EXIT)),
@@ -138,8 +143,54 @@ fn handler_impl(kind: Kind, spec: LitStr, f: ItemFn) -> syn::Result<proc_macro2:
             ::probes::pack::abi::probe_kind::#kind_const,
             #name_str,
             #spec,
+            #flags,
         );
     })
+}
+
+/// Whether the handler may read the time since the entry: false only when its context
+/// argument is used for nothing but calls of methods other than `elapsed_ns` and `regs`
+/// (which exposes the raw `duration_ns`), or not used at all. Any other use (passed to a
+/// function, moved, borrowed) counts as reading it. The body's tokens are scanned,
+/// macro arguments included; a macro defined elsewhere cannot name the argument unless
+/// given it (hygiene), so nothing escapes the scan.
+fn needs_time(f: &ItemFn) -> bool {
+    let Some(FnArg::Typed(arg)) = f.sig.inputs.first() else {
+        return true;
+    };
+    let name = match &*arg.pat {
+        syn::Pat::Ident(p) => p.ident.to_string(),
+        syn::Pat::Wild(_) => return false,
+        _ => return true,
+    };
+    let body = f.block.to_token_stream();
+    uses_time(body, &name)
+}
+
+fn uses_time(tokens: proc_macro2::TokenStream, name: &str) -> bool {
+    use proc_macro2::TokenTree;
+    let toks: Vec<TokenTree> = tokens.into_iter().collect();
+    for (k, t) in toks.iter().enumerate() {
+        match t {
+            TokenTree::Group(g) => {
+                if uses_time(g.stream(), name) {
+                    return true;
+                }
+            }
+            TokenTree::Ident(i) if i == name => {
+                let dot = matches!(toks.get(k + 1), Some(TokenTree::Punct(p)) if p.as_char() == '.');
+                let method = match toks.get(k + 2) {
+                    Some(TokenTree::Ident(m)) => m.to_string(),
+                    _ => return true,
+                };
+                if !dot || method == "elapsed_ns" || method == "regs" {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 fn map_impl(s: ItemStatic) -> syn::Result<proc_macro2::TokenStream> {
