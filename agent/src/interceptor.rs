@@ -254,6 +254,7 @@ impl Interceptor {
                     probe.pack_entry.store(entry, Ordering::Release);
                     probe.pack_exit_timed.store(h.exit_timed, Ordering::Release);
                     probe.pack_exit.store(exit, Ordering::Release);
+                    self.record_saves(probe, &h, self.direct_pack(req));
                 }
                 return Ok((p, true));
             }
@@ -389,6 +390,9 @@ impl Interceptor {
             pack_exit_timed: req.pack.is_some_and(|p| p.exit_timed).into(),
             name: req.pack.map_or("", |p| p.name),
         }));
+        if let Some(h) = &req.pack {
+            self.record_saves(probe, h, self.direct_pack(req));
+        }
         let xsave = match req.kind {
             ProbeKind::Offset => Some(self.xsave.ok_or_else(|| {
                 PrepareError::Codegen(
@@ -408,8 +412,7 @@ impl Interceptor {
                     exit_trampoline,
                 })
             }
-            // An entry probe whose only handler is a pack's calls it directly.
-            (None, None, Some(h), ProbeKind::Entry, Some(tls)) if h.entry != 0 && h.exit == 0 => {
+            (None, None, Some(h), ProbeKind::Entry, Some(tls)) if self.direct_pack(req) => {
                 let hit: &'static probes::pack::abi::HitInfo =
                     Box::leak(Box::new(probes::pack::abi::HitInfo {
                         probe: id as u32,
@@ -467,6 +470,16 @@ impl Interceptor {
         };
         self.prepared.push(prepared.clone());
         Ok(prepared)
+    }
+
+    /// Whether `req` gets the direct pack path: an entry probe whose only handler is a
+    /// pack's, in a process whose thread state the trampoline can reach.
+    fn direct_pack(&self, req: &ProbeRequest) -> bool {
+        req.kind == ProbeKind::Entry
+            && req.on_entry.is_none()
+            && req.on_exit.is_none()
+            && self.tls.is_some()
+            && req.pack.is_some_and(|h| h.entry != 0 && h.exit == 0)
     }
 
     /// Whether the OS enabled AVX: trampolines then keep the upper halves of the ymm
@@ -674,6 +687,22 @@ impl Interceptor {
             }
         }
         Ok(n)
+    }
+
+    /// Publish in the probe's counters what its handlers' stubs save, for reports.
+    /// `direct`: the entry handler is called straight from the trampoline; else the
+    /// handlers run from the general path, whose frame saves every vector register.
+    fn record_saves(&self, probe: &Probe, h: &PackHandlers, direct: bool) {
+        use probes::shared::saves;
+        let mut v = 0u64;
+        if let Some(s) = self.stubs.get(&(h.entry, trampoline::PACK_ENTRY_KEEPS)) {
+            let bits = if direct { s.saves } else { 0xffff };
+            v |= saves::HAS_ENTRY | (bits as u64) << saves::ENTRY_SHIFT;
+        }
+        if h.exit != 0 {
+            v |= saves::HAS_EXIT | 0xffff << saves::EXIT_SHIFT;
+        }
+        probe.counters.line.saves.store(v, Ordering::Relaxed);
     }
 
     /// What a probe's slots hold for pack handlers `h`: their stubs.

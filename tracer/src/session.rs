@@ -83,6 +83,9 @@ pub struct ProbeReport {
     pub panics: u64,
     pub lost_exits: u64,
     pub encoding: agent::emitter::CallEncoding,
+    /// Pack probes: the vector registers saved around their handlers
+    /// (`probes::shared::saves`), 0 for other probes.
+    pub saves: u64,
 }
 
 #[derive(Debug)]
@@ -658,6 +661,7 @@ impl Session {
                     panics: c.panics(),
                     lost_exits: c.lost_exits(),
                     encoding: p.encoding,
+                    saves: c.line.saves.load(std::sync::atomic::Ordering::Relaxed),
                 }
             })
             .collect()
