@@ -3,11 +3,16 @@
 //!
 //! A handler is a shim exported by a pack (see `probes::pack::shim`) and whatever it
 //! reaches. Its code is decoded from the shim's entry, following every direct branch and
-//! direct call that stays inside the pack's code mapping, and the registers each reached
-//! instruction writes are collected. Anything that cannot be followed (an indirect call
-//! or jump, a call through the PLT, a call or jump leaving the mapping, an instruction
-//! writing state this model does not track) makes the result [`Clobbers::full`]: the
-//! caller then saves every vector register, as for arbitrary code.
+//! direct call into code that cannot change (executable, not writable, mapped from a
+//! file: the pack, libc), and calls and jumps through a slot that cannot change either
+//! (`call [rip+GOT]` once the loader made the GOT read-only), and the registers each
+//! reached instruction writes are collected. Anything that cannot be followed (an
+//! indirect call or jump through a register or writable memory, a target outside such
+//! code, an instruction writing state this model does not track) makes the result
+//! [`Clobbers::full`]: the caller then saves every vector register, as for arbitrary
+//! code. A probe patched later into code the analysis read runs a trampoline that keeps
+//! every register as the original code would (and a handler's own hits are skipped),
+//! so what was read stays what the handler can change.
 //!
 //! What is *not* reached this way is only code entered by the unwinder (landing pads):
 //! it runs only after a panic, and a panic starts in std's machinery, which the handler
@@ -20,7 +25,7 @@
 
 use iced_x86::{
     Code, Decoder, DecoderOptions, EncodingKind, FlowControl, Instruction, InstructionInfoFactory,
-    Mnemonic, OpAccess, Register,
+    Mnemonic, OpAccess, OpKind, Register,
 };
 use std::collections::HashSet;
 use std::fmt;
@@ -125,19 +130,30 @@ fn ranges(bits: u16, prefix: &str, suffix: &str) -> Vec<String> {
     out
 }
 
-/// Analyse the code reachable from `entry`, which lies in `text` (the executable
-/// mapping of the object it belongs to; nothing outside is followed). `read` fills a
-/// buffer from memory and says whether it could.
-pub fn analyse(
-    entry: u64,
-    text: std::ops::Range<u64>,
-    read: impl Fn(u64, &mut [u8]) -> bool,
-) -> Analysis {
+/// Where code and constant slots may be read: ranges that cannot change.
+#[derive(Clone, Debug, Default)]
+pub struct Ranges {
+    /// Code that may be followed.
+    pub code: Vec<std::ops::Range<u64>>,
+    /// Memory whose 8-byte slots may be read as call and jump targets.
+    pub constants: Vec<std::ops::Range<u64>>,
+}
+
+fn within(ranges: &[std::ops::Range<u64>], addr: u64, len: u64) -> Option<u64> {
+    ranges
+        .iter()
+        .find(|r| r.contains(&addr) && addr + len <= r.end)
+        .map(|r| r.end)
+}
+
+/// Analyse the code reachable from `entry`, following only code in `ranges`. `read`
+/// fills a buffer from memory and says whether it could.
+pub fn analyse(entry: u64, ranges: Ranges, read: impl Fn(u64, &mut [u8]) -> bool) -> Analysis {
     let mut w = Walker {
         c: Clobbers::default(),
         seen: HashSet::new(),
         todo: vec![entry],
-        text,
+        ranges,
         info: InstructionInfoFactory::new(),
         decoded: 0,
     };
@@ -161,7 +177,7 @@ struct Walker {
     seen: HashSet<u64>,
     /// Addresses still to walk from.
     todo: Vec<u64>,
-    text: std::ops::Range<u64>,
+    ranges: Ranges,
     info: InstructionInfoFactory,
     decoded: usize,
 }
@@ -177,7 +193,7 @@ impl Walker {
                     return Err(format!("more than {MAX_INSTRUCTIONS} instructions"));
                 }
                 self.writes(&i)?;
-                if !self.follow(&i)? {
+                if !self.follow(&i, read)? {
                     break;
                 }
                 ip = i.next_ip();
@@ -186,11 +202,15 @@ impl Walker {
         Ok(())
     }
 
-    fn decode(&self, ip: u64, read: &impl Fn(u64, &mut [u8]) -> bool) -> Result<Instruction, String> {
-        if !self.text.contains(&ip) {
-            return Err(format!("{ip:#x}: runs out of the pack's code"));
-        }
-        let len = (self.text.end - ip).min(15) as usize;
+    fn decode(
+        &self,
+        ip: u64,
+        read: &impl Fn(u64, &mut [u8]) -> bool,
+    ) -> Result<Instruction, String> {
+        let Some(end) = within(&self.ranges.code, ip, 1) else {
+            return Err(format!("{ip:#x}: runs out of code that cannot change"));
+        };
+        let len = (end - ip).min(15) as usize;
         let mut buf = [0u8; 15];
         if !read(ip, &mut buf[..len]) {
             return Err(format!("{ip:#x}: unreadable"));
@@ -203,10 +223,50 @@ impl Walker {
         Ok(i)
     }
 
+    /// Where a direct branch or call, or one through a constant slot, goes.
+    fn target(
+        &self,
+        i: &Instruction,
+        read: &impl Fn(u64, &mut [u8]) -> bool,
+    ) -> Result<u64, String> {
+        let at = i.ip();
+        let target = if i.op0_kind() == OpKind::Memory {
+            if !i.is_ip_rel_memory_operand() {
+                return Err(format!("{at:#x}: indirect {:?}", i.mnemonic()));
+            }
+            let slot = i.ip_rel_memory_address();
+            if within(&self.ranges.constants, slot, 8).is_none() {
+                return Err(format!(
+                    "{at:#x}: {:?} through writable memory",
+                    i.mnemonic()
+                ));
+            }
+            let mut b = [0u8; 8];
+            if !read(slot, &mut b) {
+                return Err(format!("{at:#x}: unreadable slot"));
+            }
+            u64::from_le_bytes(b)
+        } else {
+            i.near_branch_target()
+        };
+        if within(&self.ranges.code, target, 1).is_none() {
+            return Err(format!(
+                "{at:#x}: {:?} out of code that cannot change",
+                i.mnemonic()
+            ));
+        }
+        Ok(target)
+    }
+
     /// Queue where `i` may go besides the next instruction; false when it does not fall
     /// through.
-    fn follow(&mut self, i: &Instruction) -> Result<bool, String> {
+    fn follow(
+        &mut self,
+        i: &Instruction,
+        read: &impl Fn(u64, &mut [u8]) -> bool,
+    ) -> Result<bool, String> {
         let at = i.ip();
+        let through_slot = i.op_count() == 1 && i.op0_kind() == OpKind::Memory;
         match i.flow_control() {
             FlowControl::Next => Ok(true),
             FlowControl::Return => Ok(false),
@@ -216,20 +276,24 @@ impl Walker {
             FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch
                 if i.is_jcc_short_or_near() || i.is_jmp_short_or_near() || is_loop(i) =>
             {
-                let target = i.near_branch_target();
-                if !self.text.contains(&target) {
-                    return Err(format!("{at:#x}: jumps out of the pack's code"));
-                }
+                let target = self.target(i, read)?;
                 self.todo.push(target);
                 Ok(i.flow_control() == FlowControl::ConditionalBranch)
             }
             FlowControl::Call if i.is_call_near() => {
-                let target = i.near_branch_target();
-                if !self.text.contains(&target) {
-                    return Err(format!("{at:#x}: calls out of the pack's code"));
-                }
+                let target = self.target(i, read)?;
                 self.todo.push(target);
                 Ok(true)
+            }
+            FlowControl::IndirectCall if through_slot && i.is_call_near_indirect() => {
+                let target = self.target(i, read)?;
+                self.todo.push(target);
+                Ok(true)
+            }
+            FlowControl::IndirectBranch if through_slot && i.is_jmp_near_indirect() => {
+                let target = self.target(i, read)?;
+                self.todo.push(target);
+                Ok(false)
             }
             // The kernel keeps every register but these (and vector state).
             FlowControl::Call if i.mnemonic() == Mnemonic::Syscall => {
@@ -294,7 +358,10 @@ impl Walker {
         for (r, access) in written {
             let writes = matches!(
                 access,
-                OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+                OpAccess::Write
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadWrite
+                    | OpAccess::ReadCondWrite
             );
             if !writes {
                 continue;
@@ -329,26 +396,33 @@ fn is_loop(i: &Instruction) -> bool {
     )
 }
 
-/// The executable mapping of this process holding `addr`, as `start..end`.
-pub fn text_of(addr: u64) -> Option<std::ops::Range<u64>> {
-    let maps = crate::maps::read_self().ok()?;
-    let m = maps.iter().find(|m| m.contains(addr) && m.perms.exec)?;
-    Some(m.start..m.end)
+/// What of this process cannot change: code mapped from files and not writable, and
+/// read-only file-backed data (a GOT the loader made read-only after relocating it).
+pub fn ranges_here() -> Ranges {
+    let mut r = Ranges::default();
+    for m in crate::maps::read_self().unwrap_or_default() {
+        if !m.perms.read || m.perms.write || m.perms.shared || m.inode == 0 {
+            continue;
+        }
+        if m.perms.exec {
+            r.code.push(m.start..m.end);
+        }
+        r.constants.push(m.start..m.end);
+    }
+    r
 }
 
 /// Analyse code of this process (in-process: a pack loaded next to the agent).
 pub fn analyse_here(entry: u64) -> Analysis {
-    let Some(text) = text_of(entry) else {
-        return Analysis {
-            clobbers: Clobbers::FULL,
-            reason: Some(format!("{entry:#x}: not in an executable mapping")),
-            instructions: 0,
-        };
-    };
-    analyse(entry, text, |addr, buf| {
-        // SAFETY: `text_of` found the range in an executable (hence readable, on x86-64
-        // Linux) mapping, and `decode` reads only inside it. A pack is not unloaded while
-        // its handlers are being set up.
+    let ranges = ranges_here();
+    let readable = ranges.clone();
+    analyse(entry, ranges, |addr, buf| {
+        if within(&readable.constants, addr, buf.len() as u64).is_none() {
+            return false;
+        }
+        // SAFETY: inside a readable mapping of this process (just listed), which stays
+        // mapped: file-backed code and data of loaded objects are not unmapped while a
+        // pack's handlers are set up.
         unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
         true
     })
@@ -360,7 +434,12 @@ mod tests {
 
     fn analyse_bytes(code: &[u8]) -> Analysis {
         let base = 0x1000u64;
-        analyse(base, base..base + code.len() as u64, |a, buf| {
+        let r = base..base + code.len() as u64;
+        let ranges = Ranges {
+            code: vec![r.clone()],
+            constants: vec![r],
+        };
+        analyse(base, ranges, |a, buf| {
             let off = (a - base) as usize;
             buf.copy_from_slice(&code[off..off + buf.len()]);
             true

@@ -376,7 +376,8 @@ fn emit_pack_entry(
     e.asm(|a| {
         a.mov(r11, counters)?;
         a.lock().inc(qword_ptr(r11 + C_PANICS))?;
-        a.lock().and(dword_ptr(r11 + C_FLAGS), !flags::ENABLED as i32)?;
+        a.lock()
+            .and(dword_ptr(r11 + C_FLAGS), !flags::ENABLED as i32)?;
         a.lock()
             .or(dword_ptr(r11 + C_FLAGS), flags::DISABLED_BY_PANIC as i32)
     })?;

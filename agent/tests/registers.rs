@@ -751,12 +751,60 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
     let avx = have_avx();
     // (what, body, end, seen, shim, the stub's saves with AVX, whether it needs AVX)
     // SAFETY (whole table): symbols from the assembly above.
-    let cases: [(&str, unsafe extern "C" fn(), *const u8, *const Regs, &std::ffi::CStr, Option<u16>, bool); 5] = [
-        ("plain", reg_pack_plain, unsafe { &reg_pack_plain_end }, unsafe { &reg_pack_plain_seen }, c"__tracer_probe_plain", Some(0), false),
-        ("sse", reg_pack_sse, unsafe { &reg_pack_sse_end }, unsafe { &reg_pack_sse_seen }, c"__tracer_probe_sse", Some(1 << 12), false),
-        ("vex", reg_pack_vex, unsafe { &reg_pack_vex_end }, unsafe { &reg_pack_vex_seen }, c"__tracer_probe_vex", Some(1 << 5 | 1 << 13), true),
-        ("vzeroupper", reg_pack_vzeroupper, unsafe { &reg_pack_vzeroupper_end }, unsafe { &reg_pack_vzeroupper_seen }, c"__tracer_probe_vzu", Some(0xffff), true),
-        ("opaque", reg_pack_opaque, unsafe { &reg_pack_opaque_end }, unsafe { &reg_pack_opaque_seen }, c"__tracer_probe_opaque", None, false),
+    let cases: [(
+        &str,
+        unsafe extern "C" fn(),
+        *const u8,
+        *const Regs,
+        &std::ffi::CStr,
+        Option<u16>,
+        bool,
+    ); 5] = [
+        (
+            "plain",
+            reg_pack_plain,
+            unsafe { &reg_pack_plain_end },
+            unsafe { &reg_pack_plain_seen },
+            c"__tracer_probe_plain",
+            Some(0),
+            false,
+        ),
+        (
+            "sse",
+            reg_pack_sse,
+            unsafe { &reg_pack_sse_end },
+            unsafe { &reg_pack_sse_seen },
+            c"__tracer_probe_sse",
+            Some(1 << 12),
+            false,
+        ),
+        (
+            "vex",
+            reg_pack_vex,
+            unsafe { &reg_pack_vex_end },
+            unsafe { &reg_pack_vex_seen },
+            c"__tracer_probe_vex",
+            Some(1 << 5 | 1 << 13),
+            true,
+        ),
+        (
+            "vzeroupper",
+            reg_pack_vzeroupper,
+            unsafe { &reg_pack_vzeroupper_end },
+            unsafe { &reg_pack_vzeroupper_seen },
+            c"__tracer_probe_vzu",
+            Some(0xffff),
+            true,
+        ),
+        (
+            "opaque",
+            reg_pack_opaque,
+            unsafe { &reg_pack_opaque_end },
+            unsafe { &reg_pack_opaque_seen },
+            c"__tracer_probe_opaque",
+            None,
+            false,
+        ),
     ];
     for (seed, (what, body, end, seen, shim, saves, needs_avx)) in cases.into_iter().enumerate() {
         if needs_avx && !avx {
@@ -778,11 +826,23 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
         });
         match saves {
             Some(s) => {
-                assert!(!stub.analysis.clobbers.full, "{what}: {:?}", stub.analysis.reason);
+                assert!(
+                    !stub.analysis.clobbers.full,
+                    "{what}: {:?}",
+                    stub.analysis.reason
+                );
                 assert_eq!(stub.saves, s, "{what}: saves {:#x}", stub.saves);
-                assert_eq!(stub.addr == shim, s == 0, "{what}: a stub only when it saves");
+                assert_eq!(
+                    stub.addr == shim,
+                    s == 0,
+                    "{what}: a stub only when it saves"
+                );
             }
-            None => assert!(stub.analysis.clobbers.full, "{what}: {}", stub.analysis.clobbers),
+            None => assert!(
+                stub.analysis.clobbers.full,
+                "{what}: {}",
+                stub.analysis.clobbers
+            ),
         }
         let before = hits();
         assert_exact(check_calls(

@@ -256,7 +256,10 @@ fn descriptors_say_which_handlers_read_the_time() {
     let timeless = |d: &probes::pack::abi::Descriptor| d.params[0] & NO_TIME != 0;
     assert!(timeless(&__TRACER_DESC_reads_only_the_result));
     assert!(timeless(&__TRACER_DESC_unused_context));
-    assert!(timeless(&__TRACER_DESC_double_size), "entry handlers never do");
+    assert!(
+        timeless(&__TRACER_DESC_double_size),
+        "entry handlers never do"
+    );
     assert!(!timeless(&__TRACER_DESC_fail_it));
     assert!(!timeless(&__TRACER_DESC_time_inside_a_macro));
     assert!(!timeless(&__TRACER_DESC_time_through_a_helper));

@@ -178,7 +178,8 @@ fn uses_time(tokens: proc_macro2::TokenStream, name: &str) -> bool {
                 }
             }
             TokenTree::Ident(i) if i == name => {
-                let dot = matches!(toks.get(k + 1), Some(TokenTree::Punct(p)) if p.as_char() == '.');
+                let dot =
+                    matches!(toks.get(k + 1), Some(TokenTree::Punct(p)) if p.as_char() == '.');
                 let method = match toks.get(k + 2) {
                     Some(TokenTree::Ident(m)) => m.to_string(),
                     _ => return true,
