@@ -737,6 +737,18 @@ fn symbol(lib: *mut libc::c_void, name: &std::ffi::CStr) -> u64 {
     p
 }
 
+/// (what, body, end, seen, shim, the stub's saves with AVX (None: every register),
+/// whether it needs AVX)
+type PackCase = (
+    &'static str,
+    unsafe extern "C" fn(),
+    *const u8,
+    *const Regs,
+    &'static std::ffi::CStr,
+    Option<u16>,
+    bool,
+);
+
 /// Pack handlers run straight from the trampoline through stubs that save only the
 /// vector registers the handler's code writes: the analysis must find each one (legacy
 /// SSE low halves, VEX writes that zero upper halves, `vzeroupper`), or the probed code
@@ -749,17 +761,8 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
     // SAFETY: the pack exports `regs_pack_hits` with this signature.
     let hits: extern "C" fn() -> u64 = unsafe { std::mem::transmute(hits) };
     let avx = have_avx();
-    // (what, body, end, seen, shim, the stub's saves with AVX, whether it needs AVX)
     // SAFETY (whole table): symbols from the assembly above.
-    let cases: [(
-        &str,
-        unsafe extern "C" fn(),
-        *const u8,
-        *const Regs,
-        &std::ffi::CStr,
-        Option<u16>,
-        bool,
-    ); 5] = [
+    let cases: [PackCase; 5] = [
         (
             "plain",
             reg_pack_plain,

@@ -172,11 +172,7 @@ fn uses_time(tokens: proc_macro2::TokenStream, name: &str) -> bool {
     let toks: Vec<TokenTree> = tokens.into_iter().collect();
     for (k, t) in toks.iter().enumerate() {
         match t {
-            TokenTree::Group(g) => {
-                if uses_time(g.stream(), name) {
-                    return true;
-                }
-            }
+            TokenTree::Group(g) if uses_time(g.stream(), name) => return true,
             TokenTree::Ident(i) if i == name => {
                 let dot =
                     matches!(toks.get(k + 1), Some(TokenTree::Punct(p)) if p.as_char() == '.');
