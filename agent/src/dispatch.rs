@@ -390,6 +390,13 @@ pub fn finish_tsc_calibration() {
     });
 }
 
+/// Nanoseconds per timestamp tick times 2^32, for generated code converting durations
+/// as [`ticks_to_ns`] does. Calibrated by [`finish_tsc_calibration`] first.
+pub fn tsc_scale() -> u64 {
+    finish_tsc_calibration();
+    TSC_NS_PER_TICK_X2_32.get().copied().unwrap_or(1 << 32)
+}
+
 #[inline]
 fn ticks_to_ns(ticks: u64) -> u64 {
     let scale = TSC_NS_PER_TICK_X2_32.get().copied().unwrap_or(1 << 32);

@@ -410,20 +410,28 @@ impl Interceptor {
                     tls,
                     counters: counters.line,
                     exit_trampoline,
+                    pack: None,
                 })
             }
             (None, None, Some(h), ProbeKind::Entry, Some(tls)) if self.direct_pack(req) => {
-                let hit: &'static probes::pack::abi::HitInfo =
-                    Box::leak(Box::new(probes::pack::abi::HitInfo {
-                        probe: id as u32,
-                        tid: 0,
-                        name: h.name.as_ptr(),
-                        name_len: h.name.len(),
-                    }));
                 trampoline::EntryPath::Pack(trampoline::PackEntry {
                     tls,
                     counters: counters.line,
-                    hit,
+                    hit: hit_info(id as u32, &h),
+                })
+            }
+            // An exit probe whose handlers are a pack's: the inline exit path calls them.
+            (None, None, Some(h), ProbeKind::Exit, Some(tls)) if self.direct_pack(req) => {
+                trampoline::EntryPath::Fast(trampoline::FastEntry {
+                    tls,
+                    counters: counters.line,
+                    exit_trampoline,
+                    pack: Some(trampoline::PackExit {
+                        hit: hit_info(id as u32, &h),
+                        id: id as u32,
+                        entry_handler: h.entry != 0,
+                        tsc_scale: dispatch::tsc_scale(),
+                    }),
                 })
             }
             _ => trampoline::EntryPath::General,
@@ -472,14 +480,16 @@ impl Interceptor {
         Ok(prepared)
     }
 
-    /// Whether `req` gets the direct pack path: an entry probe whose only handler is a
-    /// pack's, in a process whose thread state the trampoline can reach.
+    /// Whether `req` gets a direct pack path: an entry probe whose only handler is a
+    /// pack's, or an exit probe whose handlers are a pack's, in a process whose thread
+    /// state the trampoline can reach.
     fn direct_pack(&self, req: &ProbeRequest) -> bool {
-        req.kind == ProbeKind::Entry
-            && req.on_entry.is_none()
-            && req.on_exit.is_none()
-            && self.tls.is_some()
-            && req.pack.is_some_and(|h| h.entry != 0 && h.exit == 0)
+        let handlers = match req.kind {
+            ProbeKind::Entry => req.pack.is_some_and(|h| h.entry != 0 && h.exit == 0),
+            ProbeKind::Exit => req.pack.is_some_and(|h| h.exit != 0),
+            ProbeKind::Offset => false,
+        };
+        handlers && req.on_entry.is_none() && req.on_exit.is_none() && self.tls.is_some()
     }
 
     /// Whether the OS enabled AVX: trampolines then keep the upper halves of the ymm
@@ -591,6 +601,16 @@ impl Interceptor {
     }
 }
 
+/// What a probe's pack handlers get as `HitInfo`: made once, alive forever.
+fn hit_info(id: u32, h: &PackHandlers) -> &'static probes::pack::abi::HitInfo {
+    Box::leak(Box::new(probes::pack::abi::HitInfo {
+        probe: id,
+        tid: 0,
+        name: h.name.as_ptr(),
+        name_len: h.name.len(),
+    }))
+}
+
 /// A handler-less probe kept for the next request of the same thing.
 struct Reusable {
     /// Index in `Interceptor::prepared`.
@@ -690,8 +710,8 @@ impl Interceptor {
     }
 
     /// Publish in the probe's counters what its handlers' stubs save, for reports.
-    /// `direct`: the entry handler is called straight from the trampoline; else the
-    /// handlers run from the general path, whose frame saves every vector register.
+    /// `direct`: the handlers are called straight from the trampoline; else they run
+    /// from the general path, whose frame saves every vector register.
     fn record_saves(&self, probe: &Probe, h: &PackHandlers, direct: bool) {
         use probes::shared::saves;
         let mut v = 0u64;
@@ -699,8 +719,9 @@ impl Interceptor {
             let bits = if direct { s.saves } else { 0xffff };
             v |= saves::HAS_ENTRY | (bits as u64) << saves::ENTRY_SHIFT;
         }
-        if h.exit != 0 {
-            v |= saves::HAS_EXIT | 0xffff << saves::EXIT_SHIFT;
+        if let Some(s) = self.stubs.get(&(h.exit, trampoline::PACK_EXIT_KEEPS)) {
+            let bits = if direct { s.saves } else { 0xffff };
+            v |= saves::HAS_EXIT | (bits as u64) << saves::EXIT_SHIFT;
         }
         probe.counters.line.saves.store(v, Ordering::Relaxed);
     }

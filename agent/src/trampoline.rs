@@ -328,11 +328,8 @@ fn emit_pack_entry(
     p: PackEntry,
     tail: Label,
 ) -> Result<CallEncoding, EmitError> {
-    const P_PACK_ENTRY: i32 = offset_of!(Probe, pack_entry) as i32;
-    const C_PANICS: i32 = offset_of!(ProbeCounters, panics) as i32;
     let skipped = e.label();
     let off = e.label();
-    let ok = e.label();
     let counters = p.counters as u64;
     let busy = p.tls + tl::BUSY;
     e.asm(|a| a.mov(qword_ptr(rsp + ENTRY_R11), r11))?;
@@ -345,8 +342,35 @@ fn emit_pack_entry(
     })?;
     e.jcc_label(CC_E, off);
     emit_count(e, r11, C_HITS, SCRATCH_RAX, ENTRY_RAX)?;
+    e.asm(|a| a.mov(r11, qword_ptr(rsp + ENTRY_R11)))?;
+    emit_pack_entry_call(e, probe, p)?;
+    e.jmp_label(tail);
+    e.bind(skipped);
     e.asm(|a| {
-        a.mov(r11, qword_ptr(rsp + ENTRY_R11))?;
+        a.mov(r11, counters)?;
+        a.lock().inc(qword_ptr(r11 + C_SKIPPED))
+    })?;
+    e.bind(off);
+    e.asm(|a| a.mov(r11, qword_ptr(rsp + ENTRY_R11)))?;
+    e.jmp_label(tail);
+    Ok(CallEncoding::RipSlot)
+}
+
+const P_PACK_ENTRY: i32 = offset_of!(Probe, pack_entry) as i32;
+const P_PACK_EXIT: i32 = offset_of!(Probe, pack_exit) as i32;
+const P_PACK_EXIT_TIMED: i32 = offset_of!(Probe, pack_exit_timed) as i32;
+const C_PANICS: i32 = offset_of!(ProbeCounters, panics) as i32;
+
+/// With every register as at the site (`rsp` too), hit counted: call the entry handler
+/// through the probe's slot with the entry context, under the re-entrancy guard, and
+/// come back with every register as the handler's context says.
+fn emit_pack_entry_call(
+    e: &mut Emitter,
+    probe: *const Probe,
+    p: PackEntry,
+) -> Result<(), EmitError> {
+    let busy = p.tls + tl::BUSY;
+    e.asm(|a| {
         open_frame(a, el::FRAME)?;
         a.mov(qword_ptr(rsp + el::RSP), rbx)?;
         for (i, r) in GPRS.iter().enumerate() {
@@ -367,21 +391,8 @@ fn emit_pack_entry(
         a.call(qword_ptr(rax + P_PACK_ENTRY))
     })?;
     e.bytes(&MOV_R11_FS0);
-    e.asm(|a| {
-        a.mov(qword_ptr(r11 + busy), 0)?;
-        a.cmp(eax, probes::pack::abi::SHIM_PANICKED as i32)
-    })?;
-    e.jcc_label(CC_NE, ok);
-    // Caught in the pack: disable the probe and count, as `Probe::panicked` does.
-    e.asm(|a| {
-        a.mov(r11, counters)?;
-        a.lock().inc(qword_ptr(r11 + C_PANICS))?;
-        a.lock()
-            .and(dword_ptr(r11 + C_FLAGS), !flags::ENABLED as i32)?;
-        a.lock()
-            .or(dword_ptr(r11 + C_FLAGS), flags::DISABLED_BY_PANIC as i32)
-    })?;
-    e.bind(ok);
+    e.asm(|a| a.mov(qword_ptr(r11 + busy), 0))?;
+    emit_panic_check(e, p.counters)?;
     e.asm(|a| {
         for &(r, off) in &ENTRY_CTX_XMM {
             a.movaps(XMMS[r], xmmword_ptr(rsp + off))?;
@@ -391,17 +402,112 @@ fn emit_pack_entry(
         }
         a.mov(r11, qword_ptr(rsp + el::R11))?;
         close_frame(a)
-    })?;
-    e.jmp_label(tail);
-    e.bind(skipped);
+    })
+}
+
+/// After a shim returned `eax`: when it reports a panic (caught in the pack), disable
+/// the probe and count, as `Probe::panicked` does. Clobbers `r11` and the flags.
+fn emit_panic_check(e: &mut Emitter, counters: *const ProbeCounters) -> Result<(), EmitError> {
+    let ok = e.label();
+    e.asm(|a| a.cmp(eax, probes::pack::abi::SHIM_PANICKED as i32))?;
+    e.jcc_label(CC_NE, ok);
     e.asm(|a| {
-        a.mov(r11, counters)?;
-        a.lock().inc(qword_ptr(r11 + C_SKIPPED))
+        a.mov(r11, counters as u64)?;
+        a.lock().inc(qword_ptr(r11 + C_PANICS))?;
+        a.lock()
+            .and(dword_ptr(r11 + C_FLAGS), !flags::ENABLED as i32)?;
+        a.lock()
+            .or(dword_ptr(r11 + C_FLAGS), flags::DISABLED_BY_PANIC as i32)
     })?;
-    e.bind(off);
-    e.asm(|a| a.mov(r11, qword_ptr(rsp + ENTRY_R11)))?;
-    e.jmp_label(tail);
-    Ok(CallEncoding::RipSlot)
+    e.bind(ok);
+    Ok(())
+}
+
+/// Right after a pack exit probe's body returned into its trampoline (`rsp` one above
+/// the popped return slot, every register as the body left it), its shadow entry on top
+/// and the exit counted: pop the entry, call the return handler through the probe's slot
+/// with the exit context (the time since the entry when the entry took it), and return
+/// where the context says, every register as the context and the body left them.
+fn emit_pack_exit_call(
+    e: &mut Emitter,
+    probe: *const Probe,
+    f: FastEntry,
+    x: PackExit,
+) -> Result<(), EmitError> {
+    const X_DURATION: i32 = offset_of!(probes::ExitContext, duration_ns) as i32;
+    const X_ENTRY_RSP: i32 = offset_of!(probes::ExitContext, entry_rsp) as i32;
+    const X_PROBE: i32 = offset_of!(probes::ExitContext, probe) as i32;
+    let untimed = e.label();
+    let busy = f.tls + tl::BUSY;
+    e.asm(|a| {
+        open_frame(a, xl::FRAME)?;
+        a.mov(qword_ptr(rsp + xl::RAX), rax)?;
+        a.mov(qword_ptr(rsp + xl::RDX), rdx)?;
+        for (i, r) in EXIT_GPRS.iter().enumerate() {
+            a.mov(qword_ptr(rsp + xl::GPRS + 8 * i), *r)?;
+        }
+        a.movaps(xmmword_ptr(rsp + xl::XMM0), xmm0)?;
+        a.movaps(xmmword_ptr(rsp + xl::XMM1), xmm1)
+    })?;
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| {
+        a.lea(r11, qword_ptr(r11 + f.tls))?;
+        a.mov(rcx, qword_ptr(r11 + tl::DEPTH))?;
+        a.dec(rcx)?;
+        a.shl(rcx, tl::ENTRY_SHIFT)?;
+        a.add(rcx, qword_ptr(r11 + tl::SHADOW))?;
+        a.mov(rax, qword_ptr(rcx + tl::E_RETURN_ADDRESS))?;
+        a.mov(qword_ptr(rsp + xl::RETURN_ADDRESS), rax)?;
+        a.mov(rax, qword_ptr(rcx + tl::E_ENTRY_RSP))?;
+        a.mov(qword_ptr(rsp + X_ENTRY_RSP), rax)?;
+        a.mov(dword_ptr(rsp + X_PROBE), x.id)?;
+        a.mov(qword_ptr(rsp + X_DURATION), 0)?;
+        a.mov(rcx, qword_ptr(rcx + tl::E_TSC))?;
+        // Read before releasing the entry: a signal handler may push over it.
+        a.dec(qword_ptr(r11 + tl::DEPTH))?;
+        a.test(rcx, rcx)
+    })?;
+    // The entry took no timestamp: the handler does not read the time.
+    e.jcc_label(CC_E, untimed);
+    e.asm(|a| {
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.sub(rax, rcx)?;
+        // ns = ticks * scale >> 32, as `dispatch::ticks_to_ns`.
+        a.mov(rdx, x.tsc_scale)?;
+        a.mul(rdx)?;
+        a.shrd(rax, rdx, 32)?;
+        a.mov(qword_ptr(rsp + X_DURATION), rax)
+    })?;
+    e.bind(untimed);
+    e.asm(|a| {
+        a.mov(qword_ptr(r11 + tl::BUSY), 1)?;
+        a.mov(rdi, rsp)?;
+        a.mov(rsi, x.hit as u64)?;
+        a.mov(rax, probe as u64)?;
+        a.call(qword_ptr(rax + P_PACK_EXIT))
+    })?;
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| a.mov(qword_ptr(r11 + busy), 0))?;
+    emit_panic_check(e, f.counters)?;
+    e.asm(|a| {
+        // The return address the handler left (it may redirect the return), into the
+        // popped slot, for the `ret` below.
+        a.mov(rax, qword_ptr(rsp + xl::RETURN_ADDRESS))?;
+        a.mov(qword_ptr(rbx - 8), rax)?;
+        a.movaps(xmm0, xmmword_ptr(rsp + xl::XMM0))?;
+        a.movaps(xmm1, xmmword_ptr(rsp + xl::XMM1))?;
+        a.mov(rax, qword_ptr(rsp + xl::RAX))?;
+        a.mov(rdx, qword_ptr(rsp + xl::RDX))?;
+        for (i, r) in EXIT_GPRS.iter().enumerate() {
+            a.mov(*r, qword_ptr(rsp + xl::GPRS + 8 * i))?;
+        }
+        close_frame(a)?;
+        // Pops the caller's own return-stack entry: predicted.
+        a.lea(rsp, qword_ptr(rsp + RET_SLOT))?;
+        a.ret()
+    })
 }
 
 /// A pack handler's stub, shared by every probe running the handler: saves the vector
@@ -455,6 +561,21 @@ pub struct FastEntry {
     pub counters: *const ProbeCounters,
     /// The exit trampoline when returns are probed, else 0.
     pub exit_trampoline: u64,
+    /// Exit probes whose handlers are a pack's: they run from this path too.
+    pub pack: Option<PackExit>,
+}
+
+/// What an exit probe with pack handlers needs on the inline path.
+#[derive(Clone, Copy, Debug)]
+pub struct PackExit {
+    /// The `HitInfo` handed to the shims, one per probe, alive forever.
+    pub hit: *const probes::pack::abi::HitInfo,
+    /// The probe's id, for `ExitContext::probe`.
+    pub id: u32,
+    /// The probe has an entry handler too.
+    pub entry_handler: bool,
+    /// `dispatch::tsc_scale()`: ns per timestamp tick, times 2^32.
+    pub tsc_scale: u64,
 }
 
 /// `mov r11, qword ptr fs:[0]`: the thread pointer.
@@ -643,11 +764,29 @@ fn emit_fast_exit_entry(
         a.mov(qword_ptr(rax + tl::E_ENTRY_RSP), rsp)?;
         a.mov(rcx, probe as u64)?;
         a.mov(qword_ptr(rax + tl::E_PROBE), rcx)?;
-        a.mov(qword_ptr(rax + tl::E_TSC), 0)?;
-        // The entry is complete before it counts: a signal handler hitting a probe
-        // in between pushes above it.
-        a.inc(qword_ptr(r11 + tl::DEPTH))
+        a.mov(qword_ptr(rax + tl::E_TSC), 0)
     })?;
+    if f.pack.is_some() {
+        // The timestamp only for a return handler that reads the time (the flag moves
+        // with hot swaps, so it is read at each hit).
+        let untimed = e.label();
+        e.asm(|a| a.cmp(byte_ptr(rcx + P_PACK_EXIT_TIMED), 0))?;
+        e.jcc_label(CC_E, untimed);
+        e.asm(|a| {
+            a.mov(qword_ptr(rsp + ENTRY_RDX), rdx)?;
+            a.mov(rcx, rax)?;
+            a.rdtsc()?;
+            a.shl(rdx, 32)?;
+            a.or(rax, rdx)?;
+            a.mov(qword_ptr(rcx + tl::E_TSC), rax)?;
+            a.mov(rax, rcx)?;
+            a.mov(rdx, qword_ptr(rsp + ENTRY_RDX))
+        })?;
+        e.bind(untimed);
+    }
+    // The entry is complete before it counts: a signal handler hitting a probe in
+    // between pushes above it.
+    e.asm(|a| a.inc(qword_ptr(r11 + tl::DEPTH)))?;
     emit_fast_call_and_return(e, probe, f, tail)?;
     e.bind(restore_to_general);
     emit_restore_scratch(e)?;
@@ -683,6 +822,14 @@ fn emit_fast_call_and_return(
 ) -> Result<(), EmitError> {
     let general = e.label();
     emit_restore_scratch(e)?;
+    if let Some(x) = f.pack.filter(|x| x.entry_handler) {
+        let p = PackEntry {
+            tls: f.tls,
+            counters: f.counters,
+            hit: x.hit,
+        };
+        emit_pack_entry_call(e, probe, p)?;
+    }
     e.asm(|a| a.lea(rsp, qword_ptr(rsp + 8)))?;
     e.call_label(tail);
     // The unwinder hook recognises redirected slots by what they hold.
@@ -698,6 +845,15 @@ fn emit_fast_call_and_return(
     // would leave.
     emit_own_top_entry(e, f.tls, general)?;
     e.asm(|a| a.mov(rdi, f.counters as u64))?;
+    if let Some(x) = f.pack {
+        let disabled = e.label();
+        e.asm(|a| a.test(byte_ptr(rdi + C_FLAGS), flags::ENABLED))?;
+        e.jcc_label(CC_E, disabled);
+        emit_count(e, rdi, C_EXITS, SCRATCH_RAX, RET_RAX)?;
+        emit_restore_return_scratch(e)?;
+        emit_pack_exit_call(e, probe, f, x)?;
+        e.bind(disabled);
+    }
     emit_count_exit_and_pop(e)?;
     e.asm(|a| a.mov(qword_ptr(rsp + RET_SLOT), rcx))?;
     emit_restore_return_scratch(e)?;
@@ -780,7 +936,6 @@ fn emit_own_top_entry(e: &mut Emitter, tls: i32, general: Label) -> Result<(), E
 fn emit_fast_exit(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitError> {
     const P_COUNTERS: i32 = (offset_of!(Probe, counters) + offset_of!(Counts, line)) as i32;
     const P_ON_EXIT: i32 = offset_of!(Probe, on_exit) as i32;
-    const P_PACK_EXIT: i32 = offset_of!(Probe, pack_exit) as i32;
     let restore_to_general = e.label();
     emit_save_return_scratch(e)?;
     emit_own_top_entry(e, tls, restore_to_general)?;
