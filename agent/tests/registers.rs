@@ -93,6 +93,8 @@ global_asm!(
     "REG_BODY reg_pack_vex",
     "REG_BODY reg_pack_vzeroupper",
     "REG_BODY reg_pack_opaque",
+    "REG_BODY reg_pack_exit",
+    "REG_BODY reg_pack_exit_only",
     // The probe steals a `call`: what reg_callee sees must be what the caller set.
     ".globl reg_stolen_call",
     "reg_stolen_call:",
@@ -295,6 +297,8 @@ bodies! {
     reg_pack_vex, reg_pack_vex_end, reg_pack_vex_seen;
     reg_pack_vzeroupper, reg_pack_vzeroupper_end, reg_pack_vzeroupper_seen;
     reg_pack_opaque, reg_pack_opaque_end, reg_pack_opaque_seen;
+    reg_pack_exit, reg_pack_exit_end, reg_pack_exit_seen;
+    reg_pack_exit_only, reg_pack_exit_only_end, reg_pack_exit_only_seen;
 }
 
 extern "C" {
@@ -858,4 +862,73 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
         assert_eq!(hits() - before, 4, "{what}: the handler ran at every call");
         assert_eq!(counts(id).0, 4);
     }
+}
+
+/// Exit probes with pack handlers run them from the inline exit path (entry handler,
+/// shadow entry with or without a timestamp, the body called, the return handler through
+/// a stub that saves what the handler writes beyond `xmm0-1`): the probed function and
+/// its caller see no register change.
+#[test]
+fn pack_exit_handlers_change_no_register_with_reduced_saves() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let lib = load_regs_pack();
+    // SAFETY: the pack exports `regs_pack_hits` with this signature.
+    let hits: extern "C" fn() -> u64 =
+        unsafe { std::mem::transmute(symbol(lib, c"regs_pack_hits")) };
+    let exit_keeps = agent::trampoline::PACK_EXIT_KEEPS;
+    // SAFETY (whole block): symbols from the assembly above.
+    if have_avx() {
+        let entry_shim = symbol(lib, c"__tracer_probe_exit_entry");
+        let exit_shim = symbol(lib, c"__tracer_probe_exit_return");
+        let mut req = entry(reg_pack_exit, unsafe { &reg_pack_exit_end }).with_exit();
+        req.pack = Some(PackHandlers {
+            entry: entry_shim,
+            exit: exit_shim,
+            exit_timed: true,
+            name: "test:pack_exit",
+        });
+        let id = install(req);
+        let stub = with(|i| i.pack_stub(exit_shim, exit_keeps).expect("stub").clone());
+        assert_eq!(
+            stub.saves,
+            1 << 4 | 1 << 7 | 1 << 12,
+            "{}",
+            stub.analysis.clobbers
+        );
+        let before = hits();
+        // Twice: the first call of this thread may map the shadow stack on the general
+        // path.
+        for seed in [200, 210] {
+            assert_exact(check_calls(
+                "entry+exit, pack handlers",
+                reg_pack_exit,
+                unsafe { &reg_pack_exit_seen },
+                8,
+                seed,
+            ));
+        }
+        assert_eq!(hits() - before, 16, "both handlers ran at every call");
+        assert_eq!(counts(id), (8, 8, 0));
+    }
+    let exit_shim = symbol(lib, c"__tracer_probe_exit_only");
+    let mut req = entry(reg_pack_exit_only, unsafe { &reg_pack_exit_only_end }).with_exit();
+    req.pack = Some(PackHandlers {
+        entry: 0,
+        exit: exit_shim,
+        exit_timed: false,
+        name: "test:pack_exit_only",
+    });
+    let id = install(req);
+    let before = hits();
+    for seed in [220, 230] {
+        assert_exact(check_calls(
+            "exit, pack handler",
+            reg_pack_exit_only,
+            unsafe { &reg_pack_exit_only_seen },
+            8,
+            seed,
+        ));
+    }
+    assert_eq!(hits() - before, 8);
+    assert_eq!(counts(id), (8, 8, 0));
 }

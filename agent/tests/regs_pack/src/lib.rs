@@ -72,3 +72,40 @@ fn opaque(ctx: &mut EntryCtx) {
     let f: fn(u64) -> u64 = std::hint::black_box(float_work);
     WORK.fetch_add(f(ctx.arg(1)), Relaxed);
 }
+
+/// Entry half of an exit probe: legacy SSE on xmm6 (kept in the entry context).
+#[entry("main:reg_pack_exit")]
+fn exit_entry(_ctx: &mut EntryCtx) {
+    HITS.fetch_add(1, Relaxed);
+    // SAFETY: only clobbers the declared register.
+    unsafe { asm!("pcmpeqb xmm6, xmm6", out("xmm6") _) };
+}
+
+/// Return half: xmm1 (in the exit context), xmm4 and xmm12 (legacy SSE: saved by the
+/// stub, upper halves untouched), ymm7 (VEX: saved in full), and the time since the entry
+/// (the timestamp counter read at entry and return).
+#[exit("main:reg_pack_exit")]
+fn exit_return(ctx: &mut ExitCtx) {
+    if ctx.elapsed_ns() != u64::MAX {
+        HITS.fetch_add(1, Relaxed);
+    }
+    // SAFETY: only clobbers the declared registers; run only on a CPU with AVX.
+    unsafe {
+        asm!(
+            "pcmpeqb xmm1, xmm1",
+            "pcmpeqb xmm4, xmm4",
+            "pcmpeqb xmm12, xmm12",
+            "vpcmpeqb ymm7, ymm7, ymm7",
+            out("xmm1") _,
+            out("xmm4") _,
+            out("xmm12") _,
+            out("xmm7") _,
+        )
+    };
+}
+
+/// A return handler only, writing no vector register and not reading the time.
+#[exit("main:reg_pack_exit_only")]
+fn exit_only(_ctx: &mut ExitCtx) {
+    HITS.fetch_add(1, Relaxed);
+}
