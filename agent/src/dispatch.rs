@@ -39,6 +39,10 @@ pub struct Probe {
     /// A pack handler's shim (`probes::pack::abi::Shim`) run at entry (or at the offset),
     /// 0 for none. A slot, read at every hit: swapping handlers is a store.
     pub pack_entry: AtomicU64,
+    /// The same handler as `pack_entry` for trampolines that call it directly: its stub
+    /// then fills what the handler uses of the context (see
+    /// `trampoline::emit_pack_direct_stub`). 0 for none.
+    pub pack_entry_direct: AtomicU64,
     /// A pack handler's shim run at return, 0 for none.
     pub pack_exit: AtomicU64,
     /// Whether that handler reads the time since the entry (`elapsed_ns`).

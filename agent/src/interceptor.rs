@@ -168,6 +168,24 @@ pub struct PackStub {
     pub analysis: crate::clobbers::Analysis,
     /// The vector registers the stub saves, bit per register.
     pub saves: u16,
+    /// For a trampoline calling the handler directly: what the stub does.
+    pub direct: Option<trampoline::DirectStub>,
+}
+
+/// What the direct stub of a handler with `c` and descriptor flags `flags` does: fill
+/// the context with what the handler uses, keep what it writes beyond that.
+fn direct_stub(c: &crate::clobbers::Clobbers, flags: u64) -> trampoline::DirectStub {
+    use probes::pack::abi::probe_flags::{NO_FLOATS, NO_REGS};
+    let regs = flags & NO_REGS == 0;
+    let floats = flags & NO_FLOATS == 0;
+    // rdx rcx r8 r9 r10; the trampoline keeps rdi rsi rax r11.
+    const CTX: u16 = 1 << 2 | 1 << 1 | 1 << 8 | 1 << 9 | 1 << 10;
+    trampoline::DirectStub {
+        regs,
+        floats,
+        gprs: if regs { 0 } else { c.gprs & CTX },
+        vectors: crate::clobbers::vectors_to_save(c, if floats { 0x00ff } else { 0 }),
+    }
 }
 
 impl Interceptor {
@@ -249,9 +267,10 @@ impl Interceptor {
                 self.reusable.insert(key, r);
                 self.shared.reset(p.id as usize);
                 if let Some(h) = req.pack {
-                    let (entry, exit) = self.pack_slots(&h)?;
+                    let (entry, direct, exit) = self.pack_slots(&h, self.direct_pack(req))?;
                     let probe = self.probes[index];
                     probe.pack_entry.store(entry, Ordering::Release);
+                    probe.pack_entry_direct.store(direct, Ordering::Release);
                     probe.pack_exit_timed.store(h.exit_timed, Ordering::Release);
                     probe.pack_exit.store(exit, Ordering::Release);
                     self.record_saves(probe, &h, self.direct_pack(req));
@@ -373,9 +392,9 @@ impl Interceptor {
             }
         })?;
         let counters = self.shared.counters_static(id);
-        let (pack_entry, pack_exit) = match &req.pack {
-            Some(h) => self.pack_slots(h)?,
-            None => (0, 0),
+        let (pack_entry, pack_entry_direct, pack_exit) = match &req.pack {
+            Some(h) => self.pack_slots(h, self.direct_pack(req))?,
+            None => (0, 0, 0),
         };
         let probe: &'static Probe = Box::leak(Box::new(Probe {
             counters,
@@ -386,6 +405,7 @@ impl Interceptor {
             on_offset,
             return_point: Default::default(),
             pack_entry: AtomicU64::new(pack_entry),
+            pack_entry_direct: AtomicU64::new(pack_entry_direct),
             pack_exit: AtomicU64::new(pack_exit),
             pack_exit_timed: req.pack.is_some_and(|p| p.exit_timed).into(),
             name: req.pack.map_or("", |p| p.name),
@@ -668,15 +688,17 @@ impl Interceptor {
     /// neither. Returns how many slots changed.
     pub fn swap_pack_shims(&mut self, swaps: &[(u64, u64)]) -> Result<u64, PrepareError> {
         // Slots hold stubs, made for the kind of slot: the old shims' and the new ones'.
-        let mut pairs = [Vec::new(), Vec::new()];
-        for (k, keeps) in [trampoline::PACK_ENTRY_KEEPS, trampoline::PACK_EXIT_KEEPS]
-            .into_iter()
-            .enumerate()
-        {
+        const KINDS: [u16; 3] = [
+            trampoline::PACK_ENTRY_KEEPS,
+            trampoline::PACK_ENTRY_DIRECT,
+            trampoline::PACK_EXIT_KEEPS,
+        ];
+        let mut pairs = [Vec::new(), Vec::new(), Vec::new()];
+        for (k, kind) in KINDS.into_iter().enumerate() {
             for &(old, new) in swaps {
-                if let Some(s) = self.stubs.get(&(old, keeps)) {
+                if let Some(s) = self.stubs.get(&(old, kind)) {
                     let old_stub = s.addr;
-                    pairs[k].push((old_stub, self.pack_stub(new, keeps)?.addr));
+                    pairs[k].push((old_stub, self.pack_stub(new, kind)?.addr));
                 }
             }
         }
@@ -689,10 +711,15 @@ impl Interceptor {
             .collect();
         let mut n = 0;
         for p in &self.probes {
-            for (slot, pairs) in [&p.pack_entry, &p.pack_exit].into_iter().zip(&pairs) {
+            let slots = [&p.pack_entry, &p.pack_entry_direct, &p.pack_exit];
+            for (k, (slot, pairs)) in slots.into_iter().zip(&pairs).enumerate() {
                 let old = slot.load(Ordering::Acquire);
                 if let Some(&(_, new)) = pairs.iter().find(|(o, _)| *o == old && old != 0) {
-                    let t = timed.iter().find(|(s, _)| *s == new).map(|&(_, t)| t);
+                    let exit = KINDS[k] == trampoline::PACK_EXIT_KEEPS;
+                    let t = timed
+                        .iter()
+                        .find(|(s, _)| exit && *s == new)
+                        .map(|&(_, t)| t);
                     // A handler that reads the time: entries start taking it before it
                     // runs (an entry taken just before reads as 0 ns).
                     if t == Some(true) {
@@ -702,7 +729,10 @@ impl Interceptor {
                     if t == Some(false) {
                         p.pack_exit_timed.store(false, Ordering::Release);
                     }
-                    n += 1;
+                    // The direct slot and the plain one hold one handler: counted once.
+                    if KINDS[k] != trampoline::PACK_ENTRY_DIRECT {
+                        n += 1;
+                    }
                 }
             }
         }
@@ -715,7 +745,12 @@ impl Interceptor {
     fn record_saves(&self, probe: &Probe, h: &PackHandlers, direct: bool) {
         use probes::shared::saves;
         let mut v = 0u64;
-        if let Some(s) = self.stubs.get(&(h.entry, trampoline::PACK_ENTRY_KEEPS)) {
+        let entry_kind = if direct {
+            trampoline::PACK_ENTRY_DIRECT
+        } else {
+            trampoline::PACK_ENTRY_KEEPS
+        };
+        if let Some(s) = self.stubs.get(&(h.entry, entry_kind)) {
             let bits = if direct { s.saves } else { 0xffff };
             v |= saves::HAS_ENTRY | (bits as u64) << saves::ENTRY_SHIFT;
         }
@@ -726,33 +761,48 @@ impl Interceptor {
         probe.counters.line.saves.store(v, Ordering::Relaxed);
     }
 
-    /// What a probe's slots hold for pack handlers `h`: their stubs.
-    fn pack_slots(&mut self, h: &PackHandlers) -> Result<(u64, u64), PrepareError> {
-        let entry = match h.entry {
-            0 => 0,
-            shim => self.pack_stub(shim, trampoline::PACK_ENTRY_KEEPS)?.addr,
+    /// What a probe's slots hold for pack handlers `h`: their stubs (entry, entry for
+    /// a trampoline calling it directly when `direct`, exit).
+    fn pack_slots(
+        &mut self,
+        h: &PackHandlers,
+        direct: bool,
+    ) -> Result<(u64, u64, u64), PrepareError> {
+        let mut stub = |shim: u64, kind: u16| match shim {
+            0 => Ok(0),
+            shim => self.pack_stub(shim, kind).map(|s| s.addr),
         };
-        let exit = match h.exit {
-            0 => 0,
-            shim => self.pack_stub(shim, trampoline::PACK_EXIT_KEEPS)?.addr,
+        let entry = stub(h.entry, trampoline::PACK_ENTRY_KEEPS)?;
+        let entry_direct = match direct {
+            true => stub(h.entry, trampoline::PACK_ENTRY_DIRECT)?,
+            false => 0,
         };
-        Ok((entry, exit))
+        let exit = stub(h.exit, trampoline::PACK_EXIT_KEEPS)?;
+        Ok((entry, entry_direct, exit))
     }
 
     /// The stub of the pack handler whose shim is at `shim`, called by code that keeps
-    /// the low halves of the vector registers in `keeps` itself: made on first use from
-    /// the analysis of the handler's code (`crate::clobbers`), saving only the vector
-    /// registers it can write; the shim itself when there are none.
+    /// the low halves of the vector registers in `keeps` itself, or for a trampoline
+    /// calling it directly (`keeps` = [`trampoline::PACK_ENTRY_DIRECT`]): made on first
+    /// use from the analysis of the handler's code (`crate::clobbers`) and its
+    /// descriptor's flags, saving only what it can change; the shim itself when nothing.
     pub fn pack_stub(&mut self, shim: u64, keeps: u16) -> Result<&PackStub, PrepareError> {
         if !self.stubs.contains_key(&(shim, keeps)) {
             let analysis = crate::clobbers::analyse_here(shim);
             let avx = self.avx();
-            let saves = crate::clobbers::vectors_to_save(&analysis.clobbers, keeps);
-            let addr = if saves == 0 {
+            let direct = (keeps == trampoline::PACK_ENTRY_DIRECT)
+                .then(|| direct_stub(&analysis.clobbers, crate::pack_loader::shim_flags(shim)));
+            let saves = match direct {
+                Some(d) => d.vectors,
+                None => crate::clobbers::vectors_to_save(&analysis.clobbers, keeps),
+            };
+            let bare = direct.is_none_or(|d| !d.regs && !d.floats && d.gprs == 0);
+            let addr = if saves == 0 && bare {
                 shim
             } else {
-                let emit = |e: &mut crate::emitter::Emitter| {
-                    trampoline::emit_pack_stub(e, shim, saves, avx)
+                let emit = |e: &mut crate::emitter::Emitter| match direct {
+                    Some(d) => trampoline::emit_pack_direct_stub(e, shim, d, avx),
+                    None => trampoline::emit_pack_stub(e, shim, saves, avx),
                 };
                 let placed = jit::place(&mut self.alloc, &[shim], self.policy, emit)
                     .or_else(|_| jit::place(&mut self.alloc, &[], self.policy, emit))
@@ -768,6 +818,7 @@ impl Interceptor {
                     addr,
                     analysis,
                     saves,
+                    direct,
                 },
             );
         }

@@ -37,18 +37,35 @@ impl Known {
 
 static KNOWN: Mutex<Vec<Known>> = Mutex::new(Vec::new());
 
-/// Shims of loaded packs whose handler never reads the time since the entry (their
-/// descriptor says so): their probes skip the timestamp counter.
-static TIMELESS: Mutex<std::collections::BTreeSet<u64>> =
-    Mutex::new(std::collections::BTreeSet::new());
+/// The `probe_flags` of loaded packs' shims, from their descriptors: what their
+/// handlers never use (the time since the entry, the context's registers), which their
+/// probes then need not provide.
+static FLAGS: Mutex<std::collections::BTreeMap<u64, u64>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
+/// Record the descriptor's `probe_flags` of the shim at `shim` (done at pack load; the
+/// benches, which load packs themselves, call it too).
+pub fn set_shim_flags(shim: u64, flags: u64) {
+    FLAGS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(shim, flags);
+}
+
+/// The `probe_flags` of the shim at `shim`; 0 (it may use everything) when unknown.
+pub fn shim_flags(shim: u64) -> u64 {
+    FLAGS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&shim)
+        .copied()
+        .unwrap_or(0)
+}
 
 /// Whether the return handler whose shim is at `shim` may read the time since the
 /// entry: yes unless its pack's descriptor said otherwise.
 pub fn shim_needs_time(shim: u64) -> bool {
-    !TIMELESS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .contains(&shim)
+    shim_flags(shim) & abi::probe_flags::NO_TIME == 0
 }
 
 /// What the tracer sent.
@@ -145,15 +162,8 @@ pub unsafe fn load(
     // SAFETY: per the contract.
     let req = unsafe { read_request(input) };
     let shims = look_up(req.head.handle, &req.shim_symbols)?;
-    {
-        let mut timeless = TIMELESS.lock().unwrap_or_else(|p| p.into_inner());
-        for (s, f) in shims.iter().zip(&req.shim_flags) {
-            if f & abi::probe_flags::NO_TIME != 0 {
-                timeless.insert(*s);
-            } else {
-                timeless.remove(s);
-            }
-        }
+    for (s, f) in shims.iter().zip(&req.shim_flags) {
+        set_shim_flags(*s, *f);
     }
     let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
     let res = if req.head.swap != 0 {

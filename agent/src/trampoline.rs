@@ -310,6 +310,8 @@ pub struct PackEntry {
 /// The low halves of the vector registers the direct pack path keeps itself (in the
 /// entry context): a handler's stub need not save them again.
 pub const PACK_ENTRY_KEEPS: u16 = 0x00ff;
+/// The stub kind of a probe's `pack_entry_direct` slot (see [`emit_pack_direct_stub`]).
+pub const PACK_ENTRY_DIRECT: u16 = 0;
 /// The same for the exit context (`xmm0-1`); the exit path goes through the general
 /// frame, which saves all of them anyway.
 pub const PACK_EXIT_KEEPS: u16 = 0x0003;
@@ -356,14 +358,16 @@ fn emit_pack_entry(
     Ok(CallEncoding::RipSlot)
 }
 
-const P_PACK_ENTRY: i32 = offset_of!(Probe, pack_entry) as i32;
+const P_PACK_ENTRY_DIRECT: i32 = offset_of!(Probe, pack_entry_direct) as i32;
 const P_PACK_EXIT: i32 = offset_of!(Probe, pack_exit) as i32;
 const P_PACK_EXIT_TIMED: i32 = offset_of!(Probe, pack_exit_timed) as i32;
 const C_PANICS: i32 = offset_of!(ProbeCounters, panics) as i32;
 
 /// With every register as at the site (`rsp` too), hit counted: call the entry handler
-/// through the probe's slot with the entry context, under the re-entrancy guard, and
-/// come back with every register as the handler's context says.
+/// through the probe's direct slot, under the re-entrancy guard. The handler's stub
+/// (see [`emit_pack_direct_stub`]) fills what the handler uses of the entry context and
+/// keeps every other register; here only what the call itself needs is kept: `rdi rsi
+/// rax` in the context (restored from it: the handler may change them) and `r11`.
 fn emit_pack_entry_call(
     e: &mut Emitter,
     probe: *const Probe,
@@ -373,14 +377,10 @@ fn emit_pack_entry_call(
     e.asm(|a| {
         open_frame(a, el::FRAME)?;
         a.mov(qword_ptr(rsp + el::RSP), rbx)?;
-        for (i, r) in GPRS.iter().enumerate() {
-            a.mov(qword_ptr(rsp + el::GPRS + 8 * i), *r)?;
-        }
-        a.mov(qword_ptr(rsp + el::R11), r11)?;
-        for &(r, off) in &ENTRY_CTX_XMM {
-            a.movaps(xmmword_ptr(rsp + off), XMMS[r])?;
-        }
-        Ok(())
+        a.mov(qword_ptr(rsp + ctx_gpr(rdi)), rdi)?;
+        a.mov(qword_ptr(rsp + ctx_gpr(rsi)), rsi)?;
+        a.mov(qword_ptr(rsp + ctx_gpr(rax)), rax)?;
+        a.mov(qword_ptr(rsp + el::R11), r11)
     })?;
     e.bytes(&MOV_R11_FS0);
     e.asm(|a| {
@@ -388,21 +388,130 @@ fn emit_pack_entry_call(
         a.mov(rdi, rsp)?;
         a.mov(rsi, p.hit as u64)?;
         a.mov(rax, probe as u64)?;
-        a.call(qword_ptr(rax + P_PACK_ENTRY))
+        a.call(qword_ptr(rax + P_PACK_ENTRY_DIRECT))
     })?;
     e.bytes(&MOV_R11_FS0);
     e.asm(|a| a.mov(qword_ptr(r11 + busy), 0))?;
     emit_panic_check(e, p.counters)?;
     e.asm(|a| {
-        for &(r, off) in &ENTRY_CTX_XMM {
-            a.movaps(XMMS[r], xmmword_ptr(rsp + off))?;
-        }
-        for (i, r) in GPRS.iter().enumerate() {
-            a.mov(*r, qword_ptr(rsp + el::GPRS + 8 * i))?;
-        }
+        a.mov(rdi, qword_ptr(rsp + ctx_gpr(rdi)))?;
+        a.mov(rsi, qword_ptr(rsp + ctx_gpr(rsi)))?;
+        a.mov(rax, qword_ptr(rsp + ctx_gpr(rax)))?;
         a.mov(r11, qword_ptr(rsp + el::R11))?;
         close_frame(a)
     })
+}
+
+/// Where the entry context keeps `r` (one of [`GPRS`]).
+fn ctx_gpr(r: AsmRegister64) -> usize {
+    let i = GPRS
+        .iter()
+        .position(|&g| g == r)
+        .expect("a context register");
+    el::GPRS + 8 * i
+}
+
+/// The context registers a direct stub fills and reloads (the trampoline does `rdi rsi
+/// rax`), as (register, its number in `clobbers` order).
+const STUB_CTX_GPRS: [(AsmRegister64, u32); 5] = [(rdx, 2), (rcx, 1), (r8, 8), (r9, 9), (r10, 10)];
+
+/// What a direct stub does around a handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectStub {
+    /// Fill the context's `rdx rcx r8 r9 r10` before and reload them after (the handler
+    /// reads or writes its registers).
+    pub regs: bool,
+    /// Fill `xmm0-7` into the context before and reload their low halves after.
+    pub floats: bool,
+    /// Of `rdx rcx r8 r9 r10` (bits by register number), those to keep on the stub's
+    /// stack: written by the handler and not reloaded from the context.
+    pub gprs: u16,
+    /// Vector registers to keep in full (bit per register).
+    pub vectors: u16,
+}
+
+/// A pack entry handler's stub for trampolines calling it directly (the probe's
+/// `pack_entry_direct` slot), called with `rdi` = the entry context (whose `rdi rsi rax
+/// rsp` the trampoline filled), `rsi` = the `HitInfo`: fills the rest of what the handler
+/// uses of the context, keeps what it can change beyond that, calls the shim. Shared by
+/// every probe running the handler.
+pub fn emit_pack_direct_stub(
+    e: &mut Emitter,
+    shim: u64,
+    s: DirectStub,
+    avx: bool,
+) -> Result<CallEncoding, EmitError> {
+    let gprs: Vec<AsmRegister64> = STUB_CTX_GPRS
+        .iter()
+        .filter(|(_, n)| s.gprs & (1 << n) != 0)
+        .map(|&(r, _)| r)
+        .collect();
+    let vectors: Vec<usize> = (0..16).filter(|i| s.vectors & (1 << i) != 0).collect();
+    let width = if avx { 32 } else { 16 };
+    let vec_at = 8 * gprs.len() as i32;
+    // Entered 8 off a 16-byte boundary; `push rbx` aligns, the frame keeps it.
+    let frame = (vec_at + width * vectors.len() as i32 + 15) & !15;
+    e.asm(|a| {
+        a.push(rbx)?;
+        a.mov(rbx, rdi)?;
+        if s.regs {
+            for &(r, _) in &STUB_CTX_GPRS {
+                a.mov(qword_ptr(rbx + ctx_gpr(r)), r)?;
+            }
+        }
+        if s.floats {
+            for &(r, off) in &ENTRY_CTX_XMM {
+                a.movaps(xmmword_ptr(rbx + off), XMMS[r])?;
+            }
+        }
+        if frame > 0 {
+            a.sub(rsp, frame)?;
+        }
+        for (k, r) in gprs.iter().enumerate() {
+            a.mov(qword_ptr(rsp + 8 * k as i32), *r)?;
+        }
+        for (k, &v) in vectors.iter().enumerate() {
+            let at = rsp + (vec_at + width * k as i32);
+            if avx {
+                a.vmovdqu(ymmword_ptr(at), YMMS[v])?;
+            } else {
+                a.movups(xmmword_ptr(at), XMMS[v])?;
+            }
+        }
+        Ok(())
+    })?;
+    let encoding = e.call(shim)?;
+    e.asm(|a| {
+        for (k, &v) in vectors.iter().enumerate() {
+            let at = rsp + (vec_at + width * k as i32);
+            if avx {
+                a.vmovdqu(YMMS[v], ymmword_ptr(at))?;
+            } else {
+                a.movups(XMMS[v], xmmword_ptr(at))?;
+            }
+        }
+        for (k, r) in gprs.iter().enumerate() {
+            a.mov(*r, qword_ptr(rsp + 8 * k as i32))?;
+        }
+        if frame > 0 {
+            a.add(rsp, frame)?;
+        }
+        if s.regs {
+            for &(r, _) in &STUB_CTX_GPRS {
+                a.mov(r, qword_ptr(rbx + ctx_gpr(r)))?;
+            }
+        }
+        // Legacy-SSE loads: the upper halves stay as they are (restored above when the
+        // handler changes them).
+        if s.floats {
+            for &(r, off) in &ENTRY_CTX_XMM {
+                a.movaps(XMMS[r], xmmword_ptr(rbx + off))?;
+            }
+        }
+        a.pop(rbx)?;
+        a.ret()
+    })?;
+    Ok(encoding)
 }
 
 /// After a shim returned `eax`: when it reports a panic (caught in the pack), disable

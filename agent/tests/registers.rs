@@ -95,6 +95,7 @@ global_asm!(
     "REG_BODY reg_pack_opaque",
     "REG_BODY reg_pack_exit",
     "REG_BODY reg_pack_exit_only",
+    "REG_BODY reg_pack_gprs",
     // The probe steals a `call`: what reg_callee sees must be what the caller set.
     ".globl reg_stolen_call",
     "reg_stolen_call:",
@@ -299,6 +300,7 @@ bodies! {
     reg_pack_opaque, reg_pack_opaque_end, reg_pack_opaque_seen;
     reg_pack_exit, reg_pack_exit_end, reg_pack_exit_seen;
     reg_pack_exit_only, reg_pack_exit_only_end, reg_pack_exit_only_seen;
+    reg_pack_gprs, reg_pack_gprs_end, reg_pack_gprs_seen;
 }
 
 extern "C" {
@@ -731,6 +733,12 @@ fn load_regs_pack() -> *mut libc::c_void {
     // SAFETY: a pack built from this tree; its constructors are Rust std's.
     let lib = unsafe { libc::dlopen(so.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     assert!(!lib.is_null());
+    // What the tracer passes on from the descriptors when it loads a pack.
+    let path = target.join("release/libregs_pack.so");
+    for (shim, flags) in tests::pack_probe_flags(&path) {
+        let shim = std::ffi::CString::new(shim).unwrap();
+        agent::pack_loader::set_shim_flags(symbol(lib, &shim), flags);
+    }
     lib
 }
 
@@ -753,10 +761,11 @@ type PackCase = (
     bool,
 );
 
-/// Pack handlers run straight from the trampoline through stubs that save only the
-/// vector registers the handler's code writes: the analysis must find each one (legacy
-/// SSE low halves, VEX writes that zero upper halves, `vzeroupper`), or the probed code
-/// sees the change; code it cannot follow gets every register saved.
+/// Pack handlers run straight from the trampoline through stubs that fill only what the
+/// handler uses of its context (descriptor flags) and save only the registers the
+/// handler's code writes: the analysis must find each one (legacy SSE low halves, VEX
+/// writes that zero upper halves, `vzeroupper`), or the probed code sees the change;
+/// code it cannot follow gets every register saved.
 #[test]
 fn pack_handlers_change_no_register_with_reduced_saves() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -766,7 +775,7 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
     let hits: extern "C" fn() -> u64 = unsafe { std::mem::transmute(hits) };
     let avx = have_avx();
     // SAFETY (whole table): symbols from the assembly above.
-    let cases: [PackCase; 5] = [
+    let cases: [PackCase; 6] = [
         (
             "plain",
             reg_pack_plain,
@@ -782,7 +791,18 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
             unsafe { &reg_pack_sse_end },
             unsafe { &reg_pack_sse_seen },
             c"__tracer_probe_sse",
-            Some(1 << 12),
+            // xmm3 too: the handler uses no float argument, so the context does not
+            // keep them.
+            Some(1 << 3 | 1 << 12),
+            false,
+        ),
+        (
+            "gprs",
+            reg_pack_gprs,
+            unsafe { &reg_pack_gprs_end },
+            unsafe { &reg_pack_gprs_seen },
+            c"__tracer_probe_gprs",
+            Some(0),
             false,
         ),
         (
@@ -827,7 +847,7 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
         });
         let id = install(req);
         let stub = with(|i| {
-            i.pack_stub(shim, agent::trampoline::PACK_ENTRY_KEEPS)
+            i.pack_stub(shim, agent::trampoline::PACK_ENTRY_DIRECT)
                 .expect("stub")
                 .clone()
         });
@@ -839,10 +859,13 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
                     stub.analysis.reason
                 );
                 assert_eq!(stub.saves, s, "{what}: saves {:#x}", stub.saves);
+                let bare = stub
+                    .direct
+                    .is_some_and(|d| !d.regs && !d.floats && d.gprs == 0);
                 assert_eq!(
                     stub.addr == shim,
-                    s == 0,
-                    "{what}: a stub only when it saves"
+                    s == 0 && bare,
+                    "{what}: a stub only when needed"
                 );
             }
             None => assert!(
@@ -850,6 +873,10 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
                 "{what}: {}",
                 stub.analysis.clobbers
             ),
+        }
+        if what == "gprs" {
+            let d = stub.direct.expect("a direct stub");
+            assert_eq!(d.gprs, 1 << 1 | 1 << 2 | 1 << 8 | 1 << 9 | 1 << 10, "{d:?}");
         }
         let before = hits();
         assert_exact(check_calls(

@@ -483,7 +483,10 @@ fn pack_handlers_keep_every_register_of_ipa_ra_callers() {
     // What the handlers' stubs save is reported per probe (which registers depends on
     // the code the handlers reach, libm's included); counting probes have none.
     let saves = &report(&lines, "main:tick")["saves"];
-    assert!(saves["entry"].is_string() && saves["exit"].is_string(), "{saves}");
+    assert!(
+        saves["entry"].is_string() && saves["exit"].is_string(),
+        "{saves}"
+    );
     assert!(report(&lines, "main:tock")["saves"]["exit"].is_string());
     assert!(report(&lines, "main:grow")["saves"].is_null());
     assert_eq!(hist_sum(map(&lines, "RETURNS")), 12000);

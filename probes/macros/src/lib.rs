@@ -112,11 +112,19 @@ fn handler_impl(kind: Kind, spec: LitStr, f: ItemFn) -> syn::Result<proc_macro2:
     let shim_name = shim.to_string();
     let desc = format_ident!("__TRACER_DESC_{}", name);
     let name_str = name.to_string();
-    let flags = if needs_time(&f) {
-        0u64
-    } else {
-        1u64 // probe_flags::NO_TIME
-    };
+    // probe_flags: NO_TIME, and for entry handlers NO_REGS and NO_FLOATS.
+    let mut flags = 0u64;
+    if !ctx_uses(&f, &["elapsed_ns", "regs"]) {
+        flags |= 1;
+    }
+    if kind == Kind::Entry {
+        if !ctx_uses(&f, REG_METHODS) {
+            flags |= 2;
+        }
+        if !ctx_uses(&f, FLOAT_METHODS) {
+            flags |= 4;
+        }
+    }
     let (run, kind_const) = match kind {
         Kind::Entry => (quote!(run_entry), quote!(ENTRY)),
         Kind::Exit => (quote!(run_exit), quote!(EXIT)),
@@ -148,13 +156,33 @@ fn handler_impl(kind: Kind, spec: LitStr, f: ItemFn) -> syn::Result<proc_macro2:
     })
 }
 
-/// Whether the handler may read the time since the entry: false only when its context
-/// argument is used for nothing but calls of methods other than `elapsed_ns` and `regs`
-/// (which exposes the raw `duration_ns`), or not used at all. Any other use (passed to a
-/// function, moved, borrowed) counts as reading it. The body's tokens are scanned,
-/// macro arguments included; a macro defined elsewhere cannot name the argument unless
-/// given it (hygiene), so nothing escapes the scan.
-fn needs_time(f: &ItemFn) -> bool {
+/// Methods of `EntryCtx` that read or write the context's registers.
+const REG_METHODS: &[&str] = &[
+    "arg",
+    "set_arg",
+    "float_arg",
+    "float_arg_f32",
+    "set_float_arg",
+    "set_float_arg_f32",
+    "return_address",
+    "regs",
+];
+
+/// Methods of `EntryCtx` that read or write the float arguments.
+const FLOAT_METHODS: &[&str] = &[
+    "float_arg",
+    "float_arg_f32",
+    "set_float_arg",
+    "set_float_arg_f32",
+    "regs",
+];
+
+/// Whether the handler may call one of `methods` on its context argument: false only
+/// when the argument is used for nothing but calls of other methods, or not at all. Any
+/// other use (passed to a function, moved, borrowed) counts as calling them. The body's
+/// tokens are scanned, macro arguments included; a macro defined elsewhere cannot name
+/// the argument unless given it (hygiene), so nothing escapes the scan.
+fn ctx_uses(f: &ItemFn, methods: &[&str]) -> bool {
     let Some(FnArg::Typed(arg)) = f.sig.inputs.first() else {
         return true;
     };
@@ -164,15 +192,15 @@ fn needs_time(f: &ItemFn) -> bool {
         _ => return true,
     };
     let body = f.block.to_token_stream();
-    uses_time(body, &name)
+    uses(body, &name, methods)
 }
 
-fn uses_time(tokens: proc_macro2::TokenStream, name: &str) -> bool {
+fn uses(tokens: proc_macro2::TokenStream, name: &str, methods: &[&str]) -> bool {
     use proc_macro2::TokenTree;
     let toks: Vec<TokenTree> = tokens.into_iter().collect();
     for (k, t) in toks.iter().enumerate() {
         match t {
-            TokenTree::Group(g) if uses_time(g.stream(), name) => return true,
+            TokenTree::Group(g) if uses(g.stream(), name, methods) => return true,
             TokenTree::Ident(i) if i == name => {
                 let dot =
                     matches!(toks.get(k + 1), Some(TokenTree::Punct(p)) if p.as_char() == '.');
@@ -180,7 +208,7 @@ fn uses_time(tokens: proc_macro2::TokenStream, name: &str) -> bool {
                     Some(TokenTree::Ident(m)) => m.to_string(),
                     _ => return true,
                 };
-                if !dot || method == "elapsed_ns" || method == "regs" {
+                if !dot || methods.contains(&method.as_str()) {
                     return true;
                 }
             }

@@ -109,3 +109,30 @@ fn exit_return(ctx: &mut ExitCtx) {
 fn exit_only(_ctx: &mut ExitCtx) {
     HITS.fetch_add(1, Relaxed);
 }
+
+/// No context used, but call-clobbered registers written: the stub keeps them itself.
+#[entry("main:reg_pack_gprs")]
+fn gprs(_ctx: &mut EntryCtx) {
+    HITS.fetch_add(1, Relaxed);
+    // SAFETY: only clobbers the declared registers.
+    unsafe {
+        asm!(
+            "xor ecx, ecx",
+            "xor edx, edx",
+            "xor r8d, r8d",
+            "xor r9d, r9d",
+            "xor r10d, r10d",
+            "xor r11d, r11d",
+            "xor esi, esi",
+            "xor edi, edi",
+            out("rcx") _,
+            out("rdx") _,
+            out("r8") _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+            out("rsi") _,
+            out("rdi") _,
+        )
+    };
+}
