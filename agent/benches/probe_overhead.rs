@@ -123,6 +123,12 @@ fn load_bench_pack() -> (u64, u64, u64) {
         assert_ne!(p, 0, "{n:?}");
         p
     };
+    // What the tracer passes on from the descriptors when it loads a pack: what each
+    // handler does not use of its context.
+    for (shim, flags) in tests::pack_probe_flags(&target.join("release/libbench_pack.so")) {
+        let shim = std::ffi::CString::new(shim).unwrap();
+        agent::pack_loader::set_shim_flags(sym(&shim), flags);
+    }
     (
         sym(c"__tracer_probe_on_entry"),
         sym(c"__tracer_probe_on_exit"),
@@ -214,7 +220,6 @@ fn main() {
         (p.id, p.encoding)
     };
     let (pack_entry, pack_exit, pack_exit_timed) = load_bench_pack();
-    // As the tracer passes it from the descriptors: only `on_exit_timed` reads the time.
     let pack = |f: Leaf, entry: u64, exit: u64| {
         let mut r = ProbeRequest::entry(f as usize as u64, Some(12));
         if exit != 0 {
@@ -223,7 +228,7 @@ fn main() {
         r.pack = Some(PackHandlers {
             entry,
             exit,
-            exit_timed: exit == pack_exit_timed,
+            exit_timed: agent::pack_loader::shim_needs_time(exit),
             name: "main:po_pack",
         });
         r
@@ -301,6 +306,12 @@ fn main() {
             3,
         ),
     ];
+    eprintln!(
+        "DEBUG {:?}",
+        interceptor
+            .pack_stub(pack_entry, agent::trampoline::PACK_ENTRY_DIRECT)
+            .map(|s| (s.addr == pack_entry, s.direct, s.saves, s.analysis.clone()))
+    );
     // The probed copies must compute what the plain one does.
     let (_, want) = run(po_plain);
     let mut times = vec![Vec::new(); configs.len()];

@@ -173,17 +173,12 @@ pub struct PackStub {
 }
 
 /// What the direct stub of a handler with `c` and descriptor flags `flags` does: fill
-/// the context with what the handler uses, keep what it writes beyond that.
+/// the float arguments when the handler uses them, keep the vector registers it writes
+/// beyond those.
 fn direct_stub(c: &crate::clobbers::Clobbers, flags: u64) -> trampoline::DirectStub {
-    use probes::pack::abi::probe_flags::{NO_FLOATS, NO_REGS};
-    let regs = flags & NO_REGS == 0;
-    let floats = flags & NO_FLOATS == 0;
-    // rdx rcx r8 r9 r10; the trampoline keeps rdi rsi rax r11.
-    const CTX: u16 = 1 << 2 | 1 << 1 | 1 << 8 | 1 << 9 | 1 << 10;
+    let floats = flags & probes::pack::abi::probe_flags::NO_FLOATS == 0;
     trampoline::DirectStub {
-        regs,
         floats,
-        gprs: if regs { 0 } else { c.gprs & CTX },
         vectors: crate::clobbers::vectors_to_save(c, if floats { 0x00ff } else { 0 }),
     }
 }
@@ -796,7 +791,7 @@ impl Interceptor {
                 Some(d) => d.vectors,
                 None => crate::clobbers::vectors_to_save(&analysis.clobbers, keeps),
             };
-            let bare = direct.is_none_or(|d| !d.regs && !d.floats && d.gprs == 0);
+            let bare = direct.is_none_or(|d| d.bare());
             let addr = if saves == 0 && bare {
                 shim
             } else {

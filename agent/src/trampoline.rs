@@ -364,10 +364,11 @@ const P_PACK_EXIT_TIMED: i32 = offset_of!(Probe, pack_exit_timed) as i32;
 const C_PANICS: i32 = offset_of!(ProbeCounters, panics) as i32;
 
 /// With every register as at the site (`rsp` too), hit counted: call the entry handler
-/// through the probe's direct slot, under the re-entrancy guard. The handler's stub
-/// (see [`emit_pack_direct_stub`]) fills what the handler uses of the entry context and
-/// keeps every other register; here only what the call itself needs is kept: `rdi rsi
-/// rax` in the context (restored from it: the handler may change them) and `r11`.
+/// through the probe's direct slot with the entry context, under the re-entrancy guard,
+/// and come back with every register as the handler's context says. The context's
+/// general-purpose registers (and `r11`) are kept here, stores and loads being cheaper
+/// than a call level; the slot holds the shim itself, or, when the handler uses the
+/// float arguments or writes vector registers, its stub (see [`emit_pack_direct_stub`]).
 fn emit_pack_entry_call(
     e: &mut Emitter,
     probe: *const Probe,
@@ -377,9 +378,9 @@ fn emit_pack_entry_call(
     e.asm(|a| {
         open_frame(a, el::FRAME)?;
         a.mov(qword_ptr(rsp + el::RSP), rbx)?;
-        a.mov(qword_ptr(rsp + ctx_gpr(rdi)), rdi)?;
-        a.mov(qword_ptr(rsp + ctx_gpr(rsi)), rsi)?;
-        a.mov(qword_ptr(rsp + ctx_gpr(rax)), rax)?;
+        for (i, r) in GPRS.iter().enumerate() {
+            a.mov(qword_ptr(rsp + el::GPRS + 8 * i), *r)?;
+        }
         a.mov(qword_ptr(rsp + el::R11), r11)
     })?;
     e.bytes(&MOV_R11_FS0);
@@ -394,71 +395,48 @@ fn emit_pack_entry_call(
     e.asm(|a| a.mov(qword_ptr(r11 + busy), 0))?;
     emit_panic_check(e, p.counters)?;
     e.asm(|a| {
-        a.mov(rdi, qword_ptr(rsp + ctx_gpr(rdi)))?;
-        a.mov(rsi, qword_ptr(rsp + ctx_gpr(rsi)))?;
-        a.mov(rax, qword_ptr(rsp + ctx_gpr(rax)))?;
+        for (i, r) in GPRS.iter().enumerate() {
+            a.mov(*r, qword_ptr(rsp + el::GPRS + 8 * i))?;
+        }
         a.mov(r11, qword_ptr(rsp + el::R11))?;
         close_frame(a)
     })
 }
 
-/// Where the entry context keeps `r` (one of [`GPRS`]).
-fn ctx_gpr(r: AsmRegister64) -> usize {
-    let i = GPRS
-        .iter()
-        .position(|&g| g == r)
-        .expect("a context register");
-    el::GPRS + 8 * i
-}
-
-/// The context registers a direct stub fills and reloads (the trampoline does `rdi rsi
-/// rax`), as (register, its number in `clobbers` order).
-const STUB_CTX_GPRS: [(AsmRegister64, u32); 5] = [(rdx, 2), (rcx, 1), (r8, 8), (r9, 9), (r10, 10)];
-
 /// What a direct stub does around a handler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DirectStub {
-    /// Fill the context's `rdx rcx r8 r9 r10` before and reload them after (the handler
-    /// reads or writes its registers).
-    pub regs: bool,
-    /// Fill `xmm0-7` into the context before and reload their low halves after.
+    /// Fill `xmm0-7` into the context before and reload their low halves after (the
+    /// handler reads or writes the float arguments).
     pub floats: bool,
-    /// Of `rdx rcx r8 r9 r10` (bits by register number), those to keep on the stub's
-    /// stack: written by the handler and not reloaded from the context.
-    pub gprs: u16,
     /// Vector registers to keep in full (bit per register).
     pub vectors: u16,
 }
 
+impl DirectStub {
+    /// Nothing to do: the slot can hold the shim itself.
+    pub fn bare(&self) -> bool {
+        !self.floats && self.vectors == 0
+    }
+}
+
 /// A pack entry handler's stub for trampolines calling it directly (the probe's
-/// `pack_entry_direct` slot), called with `rdi` = the entry context (whose `rdi rsi rax
-/// rsp` the trampoline filled), `rsi` = the `HitInfo`: fills the rest of what the handler
-/// uses of the context, keeps what it can change beyond that, calls the shim. Shared by
-/// every probe running the handler.
+/// `pack_entry_direct` slot), with the shim's own arguments: fills the context's float
+/// arguments when the handler uses them, keeps the vector registers the handler's code
+/// writes beyond those, calls the shim. Shared by every probe running the handler.
 pub fn emit_pack_direct_stub(
     e: &mut Emitter,
     shim: u64,
     s: DirectStub,
     avx: bool,
 ) -> Result<CallEncoding, EmitError> {
-    let gprs: Vec<AsmRegister64> = STUB_CTX_GPRS
-        .iter()
-        .filter(|(_, n)| s.gprs & (1 << n) != 0)
-        .map(|&(r, _)| r)
-        .collect();
     let vectors: Vec<usize> = (0..16).filter(|i| s.vectors & (1 << i) != 0).collect();
     let width = if avx { 32 } else { 16 };
-    let vec_at = 8 * gprs.len() as i32;
     // Entered 8 off a 16-byte boundary; `push rbx` aligns, the frame keeps it.
-    let frame = (vec_at + width * vectors.len() as i32 + 15) & !15;
+    let frame = (width * vectors.len() as i32 + 15) & !15;
     e.asm(|a| {
         a.push(rbx)?;
         a.mov(rbx, rdi)?;
-        if s.regs {
-            for &(r, _) in &STUB_CTX_GPRS {
-                a.mov(qword_ptr(rbx + ctx_gpr(r)), r)?;
-            }
-        }
         if s.floats {
             for &(r, off) in &ENTRY_CTX_XMM {
                 a.movaps(xmmword_ptr(rbx + off), XMMS[r])?;
@@ -467,11 +445,8 @@ pub fn emit_pack_direct_stub(
         if frame > 0 {
             a.sub(rsp, frame)?;
         }
-        for (k, r) in gprs.iter().enumerate() {
-            a.mov(qword_ptr(rsp + 8 * k as i32), *r)?;
-        }
         for (k, &v) in vectors.iter().enumerate() {
-            let at = rsp + (vec_at + width * k as i32);
+            let at = rsp + width * k as i32;
             if avx {
                 a.vmovdqu(ymmword_ptr(at), YMMS[v])?;
             } else {
@@ -483,23 +458,15 @@ pub fn emit_pack_direct_stub(
     let encoding = e.call(shim)?;
     e.asm(|a| {
         for (k, &v) in vectors.iter().enumerate() {
-            let at = rsp + (vec_at + width * k as i32);
+            let at = rsp + width * k as i32;
             if avx {
                 a.vmovdqu(YMMS[v], ymmword_ptr(at))?;
             } else {
                 a.movups(XMMS[v], xmmword_ptr(at))?;
             }
         }
-        for (k, r) in gprs.iter().enumerate() {
-            a.mov(*r, qword_ptr(rsp + 8 * k as i32))?;
-        }
         if frame > 0 {
             a.add(rsp, frame)?;
-        }
-        if s.regs {
-            for &(r, _) in &STUB_CTX_GPRS {
-                a.mov(r, qword_ptr(rbx + ctx_gpr(r)))?;
-            }
         }
         // Legacy-SSE loads: the upper halves stay as they are (restored above when the
         // handler changes them).

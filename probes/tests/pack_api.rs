@@ -248,6 +248,12 @@ fn time_through_regs(ctx: &mut ExitCtx) {
 #[exit("libc:malloc")]
 fn unused_context(_ctx: &mut ExitCtx) {}
 
+#[entry("libc:malloc")]
+fn integer_arguments_only(ctx: &mut EntryCtx) {
+    let n: u64 = ctx.arg(0);
+    ctx.set_arg(0, n + 1);
+}
+
 /// Whether a handler may read the time since the entry is in its descriptor: the probe
 /// reads the timestamp counter only for those that may.
 #[test]
@@ -264,4 +270,9 @@ fn descriptors_say_which_handlers_read_the_time() {
     assert!(!timeless(&__TRACER_DESC_time_inside_a_macro));
     assert!(!timeless(&__TRACER_DESC_time_through_a_helper));
     assert!(!timeless(&__TRACER_DESC_time_through_regs));
+    // And which entry handlers use the float arguments: the context gets them only then.
+    use probes::pack::abi::probe_flags::NO_FLOATS;
+    let floatless = |d: &probes::pack::abi::Descriptor| d.params[0] & NO_FLOATS != 0;
+    assert!(floatless(&__TRACER_DESC_integer_arguments_only));
+    assert!(!floatless(&__TRACER_DESC_double_size));
 }

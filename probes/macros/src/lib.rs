@@ -112,18 +112,13 @@ fn handler_impl(kind: Kind, spec: LitStr, f: ItemFn) -> syn::Result<proc_macro2:
     let shim_name = shim.to_string();
     let desc = format_ident!("__TRACER_DESC_{}", name);
     let name_str = name.to_string();
-    // probe_flags: NO_TIME, and for entry handlers NO_REGS and NO_FLOATS.
+    // probe_flags: NO_TIME, and for entry handlers NO_FLOATS.
     let mut flags = 0u64;
     if !ctx_uses(&f, &["elapsed_ns", "regs"]) {
         flags |= 1;
     }
-    if kind == Kind::Entry {
-        if !ctx_uses(&f, REG_METHODS) {
-            flags |= 2;
-        }
-        if !ctx_uses(&f, FLOAT_METHODS) {
-            flags |= 4;
-        }
+    if kind == Kind::Entry && !ctx_uses(&f, FLOAT_METHODS) {
+        flags |= 2;
     }
     let (run, kind_const) = match kind {
         Kind::Entry => (quote!(run_entry), quote!(ENTRY)),
@@ -155,18 +150,6 @@ fn handler_impl(kind: Kind, spec: LitStr, f: ItemFn) -> syn::Result<proc_macro2:
         );
     })
 }
-
-/// Methods of `EntryCtx` that read or write the context's registers.
-const REG_METHODS: &[&str] = &[
-    "arg",
-    "set_arg",
-    "float_arg",
-    "float_arg_f32",
-    "set_float_arg",
-    "set_float_arg_f32",
-    "return_address",
-    "regs",
-];
 
 /// Methods of `EntryCtx` that read or write the float arguments.
 const FLOAT_METHODS: &[&str] = &[

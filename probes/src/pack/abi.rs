@@ -44,11 +44,9 @@ pub mod probe_flags {
     /// The handler never reads the time since the entry (`ExitCtx::elapsed_ns`): the
     /// probe need not read the timestamp counter, which costs 14-24 ns in some guests.
     pub const NO_TIME: u64 = 1;
-    /// An entry handler that never reads nor writes the registers of its context
-    /// (arguments, `regs()`, the return address): the trampoline need not fill it.
-    pub const NO_REGS: u64 = 2;
-    /// An entry handler that never reads nor writes the float arguments (`xmm0-7`).
-    pub const NO_FLOATS: u64 = 4;
+    /// An entry handler that never reads nor writes the float arguments (`xmm0-7`): the
+    /// trampoline need not put them in its context.
+    pub const NO_FLOATS: u64 = 2;
 }
 
 /// [`Descriptor::sub`] of a map.

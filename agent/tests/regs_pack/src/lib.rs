@@ -110,7 +110,7 @@ fn exit_only(_ctx: &mut ExitCtx) {
     HITS.fetch_add(1, Relaxed);
 }
 
-/// No context used, but call-clobbered registers written: the stub keeps them itself.
+/// Call-clobbered general-purpose registers written: the trampoline keeps them.
 #[entry("main:reg_pack_gprs")]
 fn gprs(_ctx: &mut EntryCtx) {
     HITS.fetch_add(1, Relaxed);
