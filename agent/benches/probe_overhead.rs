@@ -306,11 +306,20 @@ fn main() {
             3,
         ),
     ];
-    eprintln!(
-        "DEBUG {:?}",
-        interceptor
-            .pack_stub(pack_entry, agent::trampoline::PACK_ENTRY_DIRECT)
-            .map(|s| (s.addr == pack_entry, s.direct, s.saves, s.analysis.clone()))
+    // What the analysis of the pack's entry handler found, for the record.
+    let stub = interceptor
+        .pack_stub(pack_entry, agent::trampoline::PACK_ENTRY_DIRECT)
+        .expect("stub")
+        .clone();
+    println!(
+        "pack entry handler: writes {} ({} instructions analysed); its direct slot holds {}",
+        stub.analysis.clobbers,
+        stub.analysis.instructions,
+        if stub.addr == pack_entry {
+            "the shim itself"
+        } else {
+            "a stub"
+        }
     );
     // The probed copies must compute what the plain one does.
     let (_, want) = run(po_plain);
