@@ -66,12 +66,6 @@ impl Clobbers {
         ymm_upper: 0xffff,
         full: true,
     };
-
-    /// The vector registers whose 128-bit low halves a caller that keeps only the
-    /// upper halves of `keep_upper` must save; see [`vectors_to_save`].
-    pub fn vectors(&self) -> u16 {
-        self.xmm | self.ymm_upper
-    }
 }
 
 /// Vector registers (bit per register) a stub must save in full around a handler

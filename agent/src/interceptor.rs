@@ -444,7 +444,6 @@ impl Interceptor {
                     pack: Some(trampoline::PackExit {
                         hit: hit_info(id as u32, &h),
                         id: id as u32,
-                        entry_handler: h.entry != 0,
                         tsc_scale: dispatch::tsc_scale(),
                     }),
                 })

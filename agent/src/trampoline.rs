@@ -39,6 +39,13 @@
 //! with `rsp` one above its return slot, aligned or not; it saves every call-clobbered
 //! register, calls `on_exit`, which hands back the real return address, restores and
 //! jumps there.
+//!
+//! Probes whose handlers are a pack's do not go through the agent's Rust code: the
+//! trampoline keeps the guard, count and panic flag inline and calls the handler through
+//! the probe's slot (`emit_pack_entry`, and the inline exit path of `emit_fast_entry` for
+//! exit probes). What the Rust code may change does not apply there: the slot holds the
+//! handler's shim, or its stub (`emit_pack_stub`, `emit_pack_direct_stub`) saving the
+//! vector registers `crate::clobbers` found the handler's code can write.
 
 use crate::dispatch::{self, Probe};
 use crate::emitter::{CallEncoding, EmitError, Emitter, Label};
@@ -629,7 +636,8 @@ pub fn emit_pack_stub(
     Ok(encoding)
 }
 
-/// What the inline fast path of a probe without handlers needs.
+/// What the inline fast path of a probe without handlers (or with only a pack's, for
+/// exit probes: see [`PackExit`]) needs.
 #[derive(Clone, Copy, Debug)]
 pub struct FastEntry {
     /// The thread state's offset from the thread pointer.
@@ -648,8 +656,6 @@ pub struct PackExit {
     pub hit: *const probes::pack::abi::HitInfo,
     /// The probe's id, for `ExitContext::probe`.
     pub id: u32,
-    /// The probe has an entry handler too.
-    pub entry_handler: bool,
     /// `dispatch::tsc_scale()`: ns per timestamp tick, times 2^32.
     pub tsc_scale: u64,
 }
@@ -898,13 +904,24 @@ fn emit_fast_call_and_return(
 ) -> Result<(), EmitError> {
     let general = e.label();
     emit_restore_scratch(e)?;
-    if let Some(x) = f.pack.filter(|x| x.entry_handler) {
+    if let Some(x) = f.pack {
+        // Whether there is an entry handler is read at each hit: a later session may
+        // reuse this probe with handlers of another pack.
+        let no_entry_handler = e.label();
+        e.asm(|a| {
+            a.mov(qword_ptr(rsp + ENTRY_R11), r11)?;
+            a.mov(r11, probe as u64)?;
+            a.cmp(qword_ptr(r11 + P_PACK_ENTRY_DIRECT), 0)?;
+            a.mov(r11, qword_ptr(rsp + ENTRY_R11))
+        })?;
+        e.jcc_label(CC_E, no_entry_handler);
         let p = PackEntry {
             tls: f.tls,
             counters: f.counters,
             hit: x.hit,
         };
         emit_pack_entry_call(e, probe, p)?;
+        e.bind(no_entry_handler);
     }
     e.asm(|a| a.lea(rsp, qword_ptr(rsp + 8)))?;
     e.call_label(tail);

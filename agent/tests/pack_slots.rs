@@ -28,12 +28,18 @@ global_asm!(
     "lea rax, [rdi+rdi*2]",
     "add rax, 1",
     "ret",
+    ".globl pack_leaf_d",
+    "pack_leaf_d:",
+    "lea rax, [rdi+rdi*2]",
+    "add rax, 1",
+    "ret",
 );
 
 extern "C" {
     fn pack_leaf_a(a: u64) -> u64;
     fn pack_leaf_b(a: u64) -> u64;
     fn pack_leaf_c(a: u64) -> u64;
+    fn pack_leaf_d(a: u64) -> u64;
 }
 
 static FIRST: AtomicU64 = AtomicU64::new(0);
@@ -190,4 +196,45 @@ fn a_panicking_return_shim_disables_its_probe() {
     assert_eq!(RETURNS.load(SeqCst), 2);
     assert_eq!(ENTRIES_C.load(SeqCst), 2);
     i.revert_in_process(&p).expect("revert");
+}
+
+static ENTRIES_D: AtomicU64 = AtomicU64::new(0);
+
+unsafe extern "C" fn count_entry_d(_ctx: *mut u8, _hit: *const HitInfo) -> u32 {
+    ENTRIES_D.fetch_add(1, SeqCst);
+    SHIM_OK
+}
+
+/// An exit probe made for a return handler alone, reused by a later session whose pack
+/// has an entry handler too: the entry handler runs at every call (the inline path reads
+/// whether there is one at each hit).
+#[test]
+fn a_reused_exit_probe_runs_an_entry_handler_it_had_none_of() {
+    let _g = ONE_AT_A_TIME.lock().unwrap();
+    let mut i = Interceptor::new(4).expect("interceptor");
+    let (p, _) = i
+        .prepare_reusing(&request(pack_leaf_d, 0, forty_two as *const () as u64))
+        .expect("prepare");
+    i.commit_in_process(&p).expect("commit");
+    for k in 0..3 {
+        // SAFETY: the probed leaf keeps its contract, but for the return the shim sets.
+        assert_eq!(unsafe { pack_leaf_d(k) }, 42);
+    }
+    i.revert_in_process(&p).expect("revert");
+    let (q, reused) = i
+        .prepare_reusing(&request(
+            pack_leaf_d,
+            count_entry_d as *const () as u64,
+            forty_two as *const () as u64,
+        ))
+        .expect("prepare again");
+    assert!(reused);
+    i.commit_in_process(&q).expect("commit again");
+    for k in 0..3 {
+        // SAFETY: as above.
+        assert_eq!(unsafe { pack_leaf_d(k) }, 42);
+    }
+    assert_eq!(ENTRIES_D.load(SeqCst), 3);
+    assert_eq!(i.counters(q.id).exits(), 3);
+    i.revert_in_process(&q).expect("revert");
 }
