@@ -83,6 +83,9 @@ pub struct ProbeReport {
     pub panics: u64,
     pub lost_exits: u64,
     pub encoding: agent::emitter::CallEncoding,
+    /// Pack probes: the vector registers saved around their handlers
+    /// (`probes::shared::saves`), 0 for other probes.
+    pub saves: u64,
 }
 
 #[derive(Debug)]
@@ -757,6 +760,7 @@ impl Session {
                     panics: c.panics(),
                     lost_exits: c.lost_exits(),
                     encoding: p.encoding,
+                    saves: c.line.saves.load(std::sync::atomic::Ordering::Relaxed),
                 }
             })
             .collect()
@@ -1017,7 +1021,7 @@ fn load_pack(
         syms.push(symbol(m.kind, m.params, &m.symbol)?);
     }
     for p in &info.probes {
-        syms.push(symbol(0, [0; 4], &p.symbol)?);
+        syms.push(symbol(0, [p.flags, 0, 0, 0], &p.symbol)?);
     }
     let loaded = inject::inject_named(proc, &pack.bytes, &pack.name)?;
     let mut head = PackLoadRequest {
