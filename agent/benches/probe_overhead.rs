@@ -47,6 +47,7 @@ global_asm!(
     leaf!("po_exit_handlers"),
     leaf!("po_pack_entry"),
     leaf!("po_pack_exit"),
+    leaf!("po_pack_exit_time"),
     leaf!("po_plain_mt"),
     leaf!("po_entry_mt"),
     leaf!("po_exit_mt"),
@@ -62,6 +63,7 @@ extern "C" {
     fn po_exit_handlers(a: u64, b: u64) -> u64;
     fn po_pack_entry(a: u64, b: u64) -> u64;
     fn po_pack_exit(a: u64, b: u64) -> u64;
+    fn po_pack_exit_time(a: u64, b: u64) -> u64;
     fn po_plain_mt(a: u64, b: u64) -> u64;
     fn po_entry_mt(a: u64, b: u64) -> u64;
     fn po_exit_mt(a: u64, b: u64) -> u64;
@@ -86,8 +88,8 @@ fn count_exit(_: &mut ExitContext) {
 
 /// Build `benches/bench_pack` (a cdylib apart from the agent, as a user's pack is), load
 /// it, bind its maps to a fresh region as the agent does in a target, and return the
-/// addresses of its entry and exit shims.
-fn load_bench_pack() -> (u64, u64) {
+/// addresses of its entry shim and its exit shims (without, with `elapsed_ns`).
+fn load_bench_pack() -> (u64, u64, u64) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/bench_pack");
     let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench_pack");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -125,9 +127,16 @@ fn load_bench_pack() -> (u64, u64) {
         assert_ne!(p, 0, "{n:?}");
         p
     };
+    // What the tracer passes on from the descriptors when it loads a pack: what each
+    // handler does not use of its context.
+    for (shim, flags) in tests::pack_probe_flags(&target.join("release/libbench_pack.so")) {
+        let shim = std::ffi::CString::new(shim).unwrap();
+        agent::pack_loader::set_shim_flags(sym(&shim), flags);
+    }
     (
         sym(c"__tracer_probe_on_entry"),
         sym(c"__tracer_probe_on_exit"),
+        sym(c"__tracer_probe_on_exit_timed"),
     )
 }
 
@@ -214,7 +223,7 @@ fn main() {
         i.commit_in_process(&p).expect("commit");
         (p.id, p.encoding)
     };
-    let (pack_entry, pack_exit) = load_bench_pack();
+    let (pack_entry, pack_exit, pack_exit_timed) = load_bench_pack();
     let pack = |f: Leaf, entry: u64, exit: u64| {
         let mut r = ProbeRequest::entry(f as usize as u64, Some(12));
         if exit != 0 {
@@ -223,6 +232,7 @@ fn main() {
         r.pack = Some(PackHandlers {
             entry,
             exit,
+            exit_timed: agent::pack_loader::shim_needs_time(exit),
             name: "main:po_pack",
         });
         r
@@ -235,7 +245,7 @@ fn main() {
     // `--hist`/`--summary`: the agent's latency shim in the exit slot, recording into the
     // region the tracer would map.
     assert!(!agent::builtin::latency::tracer_agent_latency(16).is_null());
-    let latency_shim = agent::builtin::latency::tracer_builtin_latency_exit as *const () as u64;
+    let latency_shim = agent::builtin::latency::tracer_agent_latency_exit as *const () as u64;
     let configs: Vec<(&str, Leaf, Option<(u32, _)>)> = vec![
         ("unprobed", po_plain as Leaf, None),
         (
@@ -286,6 +296,14 @@ fn main() {
                 pack(po_latency, 0, latency_shim),
             )),
         ),
+        (
+            "entry+exit, pack, elapsed",
+            po_pack_exit_time,
+            Some(pack_probe(
+                &mut interceptor,
+                pack(po_pack_exit_time, pack_entry, pack_exit_timed),
+            )),
+        ),
     ];
     // Configurations run by THREADS threads at once, with the single-thread row of the
     // same probe (for the ratio).
@@ -313,6 +331,21 @@ fn main() {
             7,
         ),
     ];
+    // What the analysis of the pack's entry handler found, for the record.
+    let stub = interceptor
+        .pack_stub(pack_entry, agent::trampoline::PACK_ENTRY_DIRECT)
+        .expect("stub")
+        .clone();
+    println!(
+        "pack entry handler: writes {} ({} instructions analysed); its direct slot holds {}",
+        stub.analysis.clobbers,
+        stub.analysis.instructions,
+        if stub.addr == pack_entry {
+            "the shim itself"
+        } else {
+            "a stub"
+        }
+    );
     // The probed copies must compute what the plain one does.
     let (_, want) = run(po_plain);
     let mut times = vec![Vec::new(); configs.len()];

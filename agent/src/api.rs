@@ -144,6 +144,7 @@ fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
         pack: req.has_shim().then(|| PackHandlers {
             entry: req.entry_shim,
             exit: req.exit_shim,
+            exit_timed: crate::pack_loader::shim_needs_time(req.exit_shim),
             name: leak_label(req),
         }),
     };

@@ -39,8 +39,14 @@ pub struct Probe {
     /// A pack handler's shim (`probes::pack::abi::Shim`) run at entry (or at the offset),
     /// 0 for none. A slot, read at every hit: swapping handlers is a store.
     pub pack_entry: AtomicU64,
+    /// The same handler as `pack_entry` for trampolines that call it directly: its stub
+    /// then fills what the handler uses of the context (see
+    /// `trampoline::emit_pack_direct_stub`). 0 for none.
+    pub pack_entry_direct: AtomicU64,
     /// A pack handler's shim run at return, 0 for none.
     pub pack_exit: AtomicU64,
+    /// Whether that handler reads the time since the entry (`elapsed_ns`).
+    pub pack_exit_timed: std::sync::atomic::AtomicBool,
     /// What a pack handler's `probe_name()` says: `module:symbol[+offset]`.
     pub name: &'static str,
 }
@@ -154,7 +160,7 @@ pub unsafe extern "C" fn on_entry(probe: *const Probe, ctx: *mut EntryContext) {
             probe: probe as *const Probe as u64,
             // The timestamp counter costs tens of cycles: read it only for a handler
             // that receives the duration.
-            tsc: if probe.on_exit.is_some() || probe.pack_exit.load(Relaxed) != 0 {
+            tsc: if probe.on_exit.is_some() || probe.pack_exit_timed.load(Relaxed) {
                 tsc()
             } else {
                 0
@@ -330,7 +336,12 @@ pub unsafe extern "C" fn on_exit(ctx: *mut ExitContext, slot: u64) -> u64 {
                 ctx.return_address = e.return_address;
                 ctx.entry_rsp = e.entry_rsp;
                 ctx.probe = probe.id;
-                ctx.duration_ns = ticks_to_ns(tsc().wrapping_sub(e.tsc));
+                // 0 at entry: the handler does not read the time (or it was swapped in
+                // for one that did not while this call ran).
+                ctx.duration_ns = match e.tsc {
+                    0 => 0,
+                    t0 => ticks_to_ns(tsc().wrapping_sub(t0)),
+                };
                 t.busy = 1;
                 // SAFETY: the slot holds a pack shim taking an exit context.
                 unsafe { run_shim(probe, shim, ctx as *mut ExitContext as *mut u8) };
@@ -381,6 +392,13 @@ pub fn finish_tsc_calibration() {
         let ticks = tsc().wrapping_sub(c0).max(1);
         ((ns as u128) << 32).div_ceil(ticks as u128) as u64
     });
+}
+
+/// Nanoseconds per timestamp tick times 2^32, for generated code converting durations
+/// as [`ticks_to_ns`] does. Calibrated by [`finish_tsc_calibration`] first.
+pub fn tsc_scale() -> u64 {
+    finish_tsc_calibration();
+    TSC_NS_PER_TICK_X2_32.get().copied().unwrap_or(1 << 32)
 }
 
 #[inline]

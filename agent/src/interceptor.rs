@@ -44,6 +44,9 @@ pub struct PackHandlers {
     pub entry: u64,
     /// Shim run at return, 0 for none.
     pub exit: u64,
+    /// Whether the return handler reads the time since the entry (the timestamp counter
+    /// is read at entry and return only then).
+    pub exit_timed: bool,
     pub name: &'static str,
 }
 
@@ -173,6 +176,31 @@ pub struct Interceptor {
     neighbours: Option<NeighbourIndex>,
     /// The general entry path shared by handler-less exit probes (`shared_general`).
     general_stub: Option<u64>,
+    /// Pack handlers' stubs by shim and by the vector registers the caller keeps.
+    stubs: HashMap<(u64, u16), PackStub>,
+}
+
+/// A pack handler as the probes' slots reach it: its stub (the shim itself when the
+/// handler writes no vector register its caller does not keep), and why.
+#[derive(Clone, Debug)]
+pub struct PackStub {
+    pub addr: u64,
+    pub analysis: crate::clobbers::Analysis,
+    /// The vector registers the stub saves, bit per register.
+    pub saves: u16,
+    /// For a trampoline calling the handler directly: what the stub does.
+    pub direct: Option<trampoline::DirectStub>,
+}
+
+/// What the direct stub of a handler with `c` and descriptor flags `flags` does: fill
+/// the float arguments when the handler uses them, keep the vector registers it writes
+/// beyond those.
+fn direct_stub(c: &crate::clobbers::Clobbers, flags: u64) -> trampoline::DirectStub {
+    let floats = flags & probes::pack::abi::probe_flags::NO_FLOATS == 0;
+    trampoline::DirectStub {
+        floats,
+        vectors: crate::clobbers::vectors_to_save(c, if floats { 0x00ff } else { 0 }),
+    }
 }
 
 impl Interceptor {
@@ -195,6 +223,7 @@ impl Interceptor {
             internal_pending: Vec::new(),
             neighbours: None,
             general_stub: None,
+            stubs: HashMap::new(),
         })
     }
 
@@ -255,9 +284,13 @@ impl Interceptor {
                 self.reusable.insert(key, r);
                 self.shared.reset(p.id as usize);
                 if let Some(h) = req.pack {
+                    let (entry, direct, exit) = self.pack_slots(&h, self.direct_pack(req))?;
                     let probe = self.probes[index];
-                    probe.pack_entry.store(h.entry, Ordering::Release);
-                    probe.pack_exit.store(h.exit, Ordering::Release);
+                    probe.pack_entry.store(entry, Ordering::Release);
+                    probe.pack_entry_direct.store(direct, Ordering::Release);
+                    probe.pack_exit_timed.store(h.exit_timed, Ordering::Release);
+                    probe.pack_exit.store(exit, Ordering::Release);
+                    self.record_saves(probe, &h, self.direct_pack(req));
                 }
                 return Ok((p, true));
             }
@@ -403,6 +436,10 @@ impl Interceptor {
             }
         })?;
         let counters = self.shared.counters_static(id);
+        let (pack_entry, pack_entry_direct, pack_exit) = match &req.pack {
+            Some(h) => self.pack_slots(h, self.direct_pack(req))?,
+            None => (0, 0, 0),
+        };
         let probe: &'static Probe = Box::leak(Box::new(Probe {
             counters,
             on_entry: req.on_entry,
@@ -411,36 +448,64 @@ impl Interceptor {
             id: id as u32,
             on_offset,
             return_point: Default::default(),
-            pack_entry: AtomicU64::new(req.pack.map_or(0, |p| p.entry)),
-            pack_exit: AtomicU64::new(req.pack.map_or(0, |p| p.exit)),
+            pack_entry: AtomicU64::new(pack_entry),
+            pack_entry_direct: AtomicU64::new(pack_entry_direct),
+            pack_exit: AtomicU64::new(pack_exit),
+            pack_exit_timed: req.pack.is_some_and(|p| p.exit_timed).into(),
             name: req.pack.map_or("", |p| p.name),
         }));
+        if let Some(h) = &req.pack {
+            self.record_saves(probe, h, self.direct_pack(req));
+        }
         let xsave = match req.kind {
             ProbeKind::Offset => Some(self.xsave.ok_or(PrepareError::NoXsave)?),
             _ => None,
         };
         // Counting-only probes take the inline path; a handler needs the full one.
-        let fast = match (req.on_entry, req.on_exit, req.pack, req.kind, self.tls) {
+        let path = match (req.on_entry, req.on_exit, req.pack, req.kind, self.tls) {
             (None, None, None, ProbeKind::Entry | ProbeKind::Exit, Some(tls)) => {
-                Some(trampoline::FastEntry {
+                trampoline::EntryPath::Fast(trampoline::FastEntry {
                     tls,
                     counters: counters.line,
                     exit_trampoline,
+                    pack: None,
                 })
             }
-            _ => None,
+            (None, None, Some(h), ProbeKind::Entry, Some(tls)) if self.direct_pack(req) => {
+                trampoline::EntryPath::Pack(trampoline::PackEntry {
+                    tls,
+                    counters: counters.line,
+                    hit: hit_info(id as u32, &h),
+                })
+            }
+            // An exit probe whose handlers are a pack's: the inline exit path calls them.
+            (None, None, Some(h), ProbeKind::Exit, Some(tls)) if self.direct_pack(req) => {
+                trampoline::EntryPath::Fast(trampoline::FastEntry {
+                    tls,
+                    counters: counters.line,
+                    exit_trampoline,
+                    pack: Some(trampoline::PackExit {
+                        hit: hit_info(id as u32, &h),
+                        id: id as u32,
+                        tsc_scale: dispatch::tsc_scale(),
+                    }),
+                })
+            }
+            _ => trampoline::EntryPath::General,
         };
         let on_entry = dispatch::on_entry as *const () as u64;
         let avx = self.avx();
-        let stub = match fast {
-            Some(f) if f.exit_trampoline != 0 => self.general_stub()?,
+        let stub = match &path {
+            trampoline::EntryPath::Fast(f) if f.pack.is_none() && f.exit_trampoline != 0 => {
+                self.general_stub()?
+            }
             _ => 0,
         };
         // Near the site and the agent when one block can reach both; else near the site.
         let mut placed = None;
         for near in [&[stolen.site, on_entry][..], &[stolen.site][..]] {
             match jit::place(&mut self.alloc, near, self.policy, |e| {
-                emit_trampoline(e, probe, &stolen, xsave, fast, avx, stub)
+                emit_trampoline(e, probe, &stolen, xsave, path, avx, stub)
             }) {
                 Ok(p) => {
                     placed = Some(p);
@@ -476,6 +541,18 @@ impl Interceptor {
         };
         self.prepared.push(prepared.clone());
         Ok(prepared)
+    }
+
+    /// Whether `req` gets a direct pack path: an entry probe whose only handler is a
+    /// pack's, or an exit probe whose handlers are a pack's, in a process whose thread
+    /// state the trampoline can reach.
+    fn direct_pack(&self, req: &ProbeRequest) -> bool {
+        let handlers = match req.kind {
+            ProbeKind::Entry => req.pack.is_some_and(|h| h.entry != 0 && h.exit == 0),
+            ProbeKind::Exit => req.pack.is_some_and(|h| h.exit != 0),
+            ProbeKind::Offset => false,
+        };
+        handlers && req.on_entry.is_none() && req.on_exit.is_none() && self.tls.is_some()
     }
 
     /// Whether the OS enabled AVX: trampolines then keep the upper halves of the ymm
@@ -604,20 +681,20 @@ impl Interceptor {
 
 /// Emit the trampoline `probe` needs: the full-context one at an offset, the inline
 /// counting one for a handler-less entry, the fast paths with the shared general path
-/// (`stub`) for a handler-less exit probe, or the fast paths when there are any and the
-/// general path of its own for a probe with handlers.
+/// (`stub`) for a handler-less exit probe, or else (probes with handlers) the trampoline
+/// with its own general path or direct pack call.
 fn emit_trampoline(
     e: &mut Emitter,
     probe: &'static Probe,
     stolen: &relocator::Stolen,
     xsave: Option<trampoline::XsaveInfo>,
-    fast: Option<trampoline::FastEntry>,
+    path: trampoline::EntryPath,
     avx: bool,
     stub: u64,
 ) -> Result<trampoline::EntryTrampoline, JitError> {
-    match (xsave, fast) {
+    match (xsave, path) {
         (Some(xs), _) => trampoline::emit_offset(e, probe, stolen, xs),
-        (None, Some(f)) if f.exit_trampoline == 0 => {
+        (None, trampoline::EntryPath::Fast(f)) if f.pack.is_none() && f.exit_trampoline == 0 => {
             let c = CountingEntry {
                 tls: f.tls,
                 counters: f.counters,
@@ -629,9 +706,21 @@ fn emit_trampoline(
                 relocated: counting_entry::emit(e, c, stolen)??,
             })
         }
-        (None, Some(f)) => shared_general::emit_entry(e, probe, stolen, f, stub),
-        (None, None) => trampoline::emit_entry(e, probe, stolen, None, avx),
+        (None, trampoline::EntryPath::Fast(f)) if f.pack.is_none() => {
+            shared_general::emit_entry(e, probe, stolen, f, stub)
+        }
+        (None, path) => trampoline::emit_entry(e, probe, stolen, path, avx),
     }
+}
+
+/// What a probe's pack handlers get as `HitInfo`: made once, alive forever.
+fn hit_info(id: u32, h: &PackHandlers) -> &'static probes::pack::abi::HitInfo {
+    Box::leak(Box::new(probes::pack::abi::HitInfo {
+        probe: id,
+        tid: 0,
+        name: h.name.as_ptr(),
+        name_len: h.name.len(),
+    }))
 }
 
 /// A handler-less probe kept for the next request of the same thing.
@@ -723,18 +812,141 @@ impl Interceptor {
     /// Point every pack handler slot holding one of `swaps`' old shims at its new one:
     /// a store per slot, so each hit runs one build's handler or the other's, never
     /// neither. Returns how many slots changed.
-    pub fn swap_pack_shims(&self, swaps: &[(u64, u64)]) -> u64 {
-        let mut n = 0;
-        for p in &self.probes {
-            for slot in [&p.pack_entry, &p.pack_exit] {
-                let old = slot.load(Ordering::Acquire);
-                if let Some(&(_, new)) = swaps.iter().find(|(o, _)| *o == old && old != 0) {
-                    slot.store(new, Ordering::Release);
-                    n += 1;
+    pub fn swap_pack_shims(&mut self, swaps: &[(u64, u64)]) -> Result<u64, PrepareError> {
+        // Slots hold stubs, made for the kind of slot: the old shims' and the new ones'.
+        const KINDS: [u16; 3] = [
+            trampoline::PACK_ENTRY_KEEPS,
+            trampoline::PACK_ENTRY_DIRECT,
+            trampoline::PACK_EXIT_KEEPS,
+        ];
+        let mut pairs = [Vec::new(), Vec::new(), Vec::new()];
+        for (k, kind) in KINDS.into_iter().enumerate() {
+            for &(old, new) in swaps {
+                if let Some(s) = self.stubs.get(&(old, kind)) {
+                    let old_stub = s.addr;
+                    pairs[k].push((old_stub, self.pack_stub(new, kind)?.addr));
                 }
             }
         }
-        n
+        let timed: Vec<(u64, bool)> = swaps
+            .iter()
+            .filter_map(|&(_, new)| {
+                let stub = self.stubs.get(&(new, trampoline::PACK_EXIT_KEEPS))?;
+                Some((stub.addr, crate::pack_loader::shim_needs_time(new)))
+            })
+            .collect();
+        let mut n = 0;
+        for p in &self.probes {
+            let slots = [&p.pack_entry, &p.pack_entry_direct, &p.pack_exit];
+            for (k, (slot, pairs)) in slots.into_iter().zip(&pairs).enumerate() {
+                let old = slot.load(Ordering::Acquire);
+                if let Some(&(_, new)) = pairs.iter().find(|(o, _)| *o == old && old != 0) {
+                    let exit = KINDS[k] == trampoline::PACK_EXIT_KEEPS;
+                    let t = timed
+                        .iter()
+                        .find(|(s, _)| exit && *s == new)
+                        .map(|&(_, t)| t);
+                    // A handler that reads the time: entries start taking it before it
+                    // runs (an entry taken just before reads as 0 ns).
+                    if t == Some(true) {
+                        p.pack_exit_timed.store(true, Ordering::Release);
+                    }
+                    slot.store(new, Ordering::Release);
+                    if t == Some(false) {
+                        p.pack_exit_timed.store(false, Ordering::Release);
+                    }
+                    // The direct slot and the plain one hold one handler: counted once.
+                    if KINDS[k] != trampoline::PACK_ENTRY_DIRECT {
+                        n += 1;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Publish in the probe's counters what its handlers' stubs save, for reports.
+    /// `direct`: the handlers are called straight from the trampoline; else they run
+    /// from the general path, whose frame saves every vector register.
+    fn record_saves(&self, probe: &Probe, h: &PackHandlers, direct: bool) {
+        use probes::abi::shared::saves;
+        let mut v = 0u64;
+        let entry_kind = if direct {
+            trampoline::PACK_ENTRY_DIRECT
+        } else {
+            trampoline::PACK_ENTRY_KEEPS
+        };
+        if let Some(s) = self.stubs.get(&(h.entry, entry_kind)) {
+            let bits = if direct { s.saves } else { 0xffff };
+            v |= saves::HAS_ENTRY | (bits as u64) << saves::ENTRY_SHIFT;
+        }
+        if let Some(s) = self.stubs.get(&(h.exit, trampoline::PACK_EXIT_KEEPS)) {
+            let bits = if direct { s.saves } else { 0xffff };
+            v |= saves::HAS_EXIT | (bits as u64) << saves::EXIT_SHIFT;
+        }
+        probe.counters.line.saves.store(v, Ordering::Relaxed);
+    }
+
+    /// What a probe's slots hold for pack handlers `h`: their stubs (entry, entry for
+    /// a trampoline calling it directly when `direct`, exit).
+    fn pack_slots(
+        &mut self,
+        h: &PackHandlers,
+        direct: bool,
+    ) -> Result<(u64, u64, u64), PrepareError> {
+        let mut stub = |shim: u64, kind: u16| match shim {
+            0 => Ok(0),
+            shim => self.pack_stub(shim, kind).map(|s| s.addr),
+        };
+        let entry = stub(h.entry, trampoline::PACK_ENTRY_KEEPS)?;
+        let entry_direct = match direct {
+            true => stub(h.entry, trampoline::PACK_ENTRY_DIRECT)?,
+            false => 0,
+        };
+        let exit = stub(h.exit, trampoline::PACK_EXIT_KEEPS)?;
+        Ok((entry, entry_direct, exit))
+    }
+
+    /// The stub of the pack handler whose shim is at `shim`, called by code that keeps
+    /// the low halves of the vector registers in `keeps` itself, or for a trampoline
+    /// calling it directly (`keeps` = [`trampoline::PACK_ENTRY_DIRECT`]): made on first
+    /// use from the analysis of the handler's code (`crate::clobbers`) and its
+    /// descriptor's flags, saving only what it can change; the shim itself when nothing.
+    pub fn pack_stub(&mut self, shim: u64, keeps: u16) -> Result<&PackStub, PrepareError> {
+        if !self.stubs.contains_key(&(shim, keeps)) {
+            let analysis = crate::clobbers::analyse_here(shim);
+            let avx = self.avx();
+            let direct = (keeps == trampoline::PACK_ENTRY_DIRECT)
+                .then(|| direct_stub(&analysis.clobbers, crate::pack_loader::shim_flags(shim)));
+            let saves = match direct {
+                Some(d) => d.vectors,
+                None => crate::clobbers::vectors_to_save(&analysis.clobbers, keeps),
+            };
+            let bare = direct.is_none_or(|d| d.bare());
+            let addr = if saves == 0 && bare {
+                shim
+            } else {
+                let emit = |e: &mut crate::emitter::Emitter| -> Result<_, JitError> {
+                    Ok(match direct {
+                        Some(d) => trampoline::emit_pack_direct_stub(e, shim, d, avx)?,
+                        None => trampoline::emit_pack_stub(e, shim, saves, avx)?,
+                    })
+                };
+                let placed = jit::place(&mut self.alloc, &[shim], self.policy, emit)
+                    .or_else(|_| jit::place(&mut self.alloc, &[], self.policy, emit))?;
+                placed.addr
+            };
+            self.stubs.insert(
+                (shim, keeps),
+                PackStub {
+                    addr,
+                    analysis,
+                    saves,
+                    direct,
+                },
+            );
+        }
+        Ok(&self.stubs[&(shim, keeps)])
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod allocator;
 pub mod api;
 pub mod builtin;
+pub mod clobbers;
 pub mod counting_entry;
 pub mod dispatch;
 pub mod emitter;

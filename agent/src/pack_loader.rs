@@ -38,6 +38,37 @@ impl Known {
 
 static KNOWN: Mutex<Vec<Known>> = Mutex::new(Vec::new());
 
+/// The `probe_flags` of loaded packs' shims, from their descriptors: what their
+/// handlers never use (the time since the entry, the context's registers), which their
+/// probes then need not provide.
+static FLAGS: Mutex<std::collections::BTreeMap<u64, u64>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
+/// Record the descriptor's `probe_flags` of the shim at `shim` (done at pack load; the
+/// benches, which load packs themselves, call it too).
+pub fn set_shim_flags(shim: u64, flags: u64) {
+    FLAGS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(shim, flags);
+}
+
+/// The `probe_flags` of the shim at `shim`; 0 (it may use everything) when unknown.
+pub fn shim_flags(shim: u64) -> u64 {
+    FLAGS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&shim)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Whether the return handler whose shim is at `shim` may read the time since the
+/// entry: yes unless its pack's descriptor said otherwise.
+pub fn shim_needs_time(shim: u64) -> bool {
+    shim_flags(shim) & abi::probe_flags::NO_TIME == 0
+}
+
 /// What the tracer sent.
 struct Request {
     head: PackLoadRequest,
@@ -45,6 +76,8 @@ struct Request {
     kinds: Vec<(u32, [u64; 4])>,
     map_symbols: Vec<Vec<u8>>,
     shim_symbols: Vec<Vec<u8>>,
+    /// Each shim's `probe_flags`.
+    shim_flags: Vec<u64>,
 }
 
 /// # Safety
@@ -61,7 +94,9 @@ unsafe fn read_request(input: *const u8) -> Request {
         }
     };
     let maps: Vec<PackSymbol> = (0..head.maps as usize).map(sym).collect();
-    let shims = (head.maps as usize..(head.maps + head.shims) as usize).map(sym);
+    let shims: Vec<PackSymbol> = (head.maps as usize..(head.maps + head.shims) as usize)
+        .map(sym)
+        .collect();
     let end = head
         .name
         .iter()
@@ -71,7 +106,8 @@ unsafe fn read_request(input: *const u8) -> Request {
         name: head.name[..end].to_vec(),
         kinds: maps.iter().map(|m| (m.kind, m.params)).collect(),
         map_symbols: maps.iter().map(|m| m.symbol().to_vec()).collect(),
-        shim_symbols: shims.map(|s| s.symbol().to_vec()).collect(),
+        shim_symbols: shims.iter().map(|s| s.symbol().to_vec()).collect(),
+        shim_flags: shims.iter().map(|s| s.params[0]).collect(),
         head,
     }
 }
@@ -124,6 +160,9 @@ pub unsafe fn load(
     // SAFETY: per the contract.
     let req = unsafe { read_request(input) };
     let shims = look_up(req.head.handle, &req.shim_symbols)?;
+    for (s, f) in shims.iter().zip(&req.shim_flags) {
+        set_shim_flags(*s, *f);
+    }
     let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
     let res = if req.head.swap != 0 {
         swap(&mut known, &req, &shims, interceptor)?
@@ -230,8 +269,11 @@ fn swap(
         pairs.push((*old, new));
     }
     let abi = bind(&k.region(), req.head.handle, &req.map_symbols)?;
-    let g = interceptor.lock().unwrap_or_else(|p| p.into_inner());
-    let swapped = g.as_ref().map_or(0, |i| i.swap_pack_shims(&pairs));
+    let mut g = interceptor.lock().unwrap_or_else(|p| p.into_inner());
+    let swapped = match g.as_mut() {
+        Some(i) => i.swap_pack_shims(&pairs)?,
+        None => 0,
+    };
     k.handle = req.head.handle;
     k.shims = req
         .shim_symbols

@@ -48,6 +48,9 @@ pub enum PackLoadError {
     /// A swap whose build lacks a handler the running one has.
     #[error("the new build of {name} lacks the handler {handler} the running one has")]
     MissingHandler { name: String, handler: String },
+    /// The new build's handlers could not get their stubs.
+    #[error(transparent)]
+    Stubs(#[from] crate::interceptor::PrepareError),
 }
 
 fn os(what: &'static str) -> PackLoadError {

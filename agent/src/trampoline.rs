@@ -39,6 +39,13 @@
 //! with `rsp` one above its return slot, aligned or not; it saves every call-clobbered
 //! register, calls `on_exit`, which hands back the real return address, restores and
 //! jumps there.
+//!
+//! Probes whose handlers are a pack's do not go through the agent's Rust code: the
+//! trampoline keeps the guard, count and panic flag inline and calls the handler through
+//! the probe's slot (`emit_pack_entry`, and the inline exit path of `emit_fast_entry` for
+//! exit probes). What the Rust code may change does not apply there: the slot holds the
+//! handler's shim, or its stub (`emit_pack_stub`, `emit_pack_direct_stub`) saving the
+//! vector registers `crate::clobbers` found the handler's code can write.
 
 use crate::dispatch::{self, Probe};
 use crate::emitter::{CallEncoding, EmitError, Emitter, Label};
@@ -66,14 +73,18 @@ pub fn emit_entry(
     e: &mut Emitter,
     probe: *const Probe,
     stolen: &Stolen,
-    fast: Option<FastEntry>,
+    path: EntryPath,
     avx: bool,
 ) -> Result<EntryTrampoline, JitError> {
     let tail = e.label();
-    if let Some(f) = fast {
-        emit_fast_entry(e, probe, f, tail)?;
-    }
-    let encoding = emit_entry_general(e, probe, avx)?;
+    let encoding = match path {
+        EntryPath::Fast(f) => {
+            emit_fast_entry(e, probe, f, tail)?;
+            emit_entry_general(e, probe, avx)?
+        }
+        EntryPath::Pack(p) => emit_pack_entry(e, probe, p, tail)?,
+        EntryPath::General => emit_entry_general(e, probe, avx)?,
+    };
     e.bind(tail);
     let relocated = emit_stolen(e, stolen)?;
     Ok(EntryTrampoline {
@@ -266,7 +277,352 @@ pub fn patch_bytes(site: u64, target: u64) -> Option<[u8; 5]> {
     Some(p)
 }
 
-/// What the inline fast path of a probe without handlers needs.
+/// Which entry path a trampoline gets besides the general one.
+#[derive(Clone, Copy, Debug)]
+pub enum EntryPath {
+    /// Counting inline, for probes without handlers.
+    Fast(FastEntry),
+    /// A pack handler called straight from the trampoline, for entry probes whose only
+    /// handler is a pack's (see [`emit_pack_entry`]).
+    Pack(PackEntry),
+    /// Only the general path (into `dispatch::on_entry`).
+    General,
+}
+
+/// What the direct pack-handler path needs.
+#[derive(Clone, Copy, Debug)]
+pub struct PackEntry {
+    /// The thread state's offset from the thread pointer.
+    pub tls: i32,
+    pub counters: *const ProbeCounters,
+    /// The `HitInfo` handed to the shim, one per probe, alive forever.
+    pub hit: *const probes::pack::abi::HitInfo,
+}
+
+/// The low halves of the vector registers the direct pack path keeps itself (in the
+/// entry context): a handler's stub need not save them again.
+pub const PACK_ENTRY_KEEPS: u16 = 0x00ff;
+/// The stub kind of a probe's `pack_entry_direct` slot (see [`emit_pack_direct_stub`]).
+pub const PACK_ENTRY_DIRECT: u16 = 0;
+/// The same for the exit context (`xmm0-1`); the exit path goes through the general
+/// frame, which saves all of them anyway.
+pub const PACK_EXIT_KEEPS: u16 = 0x0003;
+
+/// The direct path of an entry probe whose only handler is a pack's: what
+/// `dispatch::on_entry` and `run_shim` do (re-entrancy guard, enabled flag, sharded count,
+/// the call, a panic disabling the probe), inline, with one call: to the probe's slot,
+/// which holds the handler's stub (see [`emit_pack_stub`]). The stub saves the vector
+/// registers the handler's code can write beyond `xmm0-7`; this path keeps every
+/// call-clobbered GPR and `xmm0-7` in the entry context, which the handler sees and may
+/// change, and reloads `xmm0-7` with legacy-SSE loads, which keep the upper halves.
+/// Returns how the stub is reached: through the slot, `[rax+disp]`.
+fn emit_pack_entry(
+    e: &mut Emitter,
+    probe: *const Probe,
+    p: PackEntry,
+    tail: Label,
+) -> Result<CallEncoding, EmitError> {
+    let skipped = e.label();
+    let off = e.label();
+    let counters = p.counters as u64;
+    let busy = p.tls + tl::BUSY;
+    e.asm(|a| a.mov(qword_ptr(rsp + ENTRY_R11), r11))?;
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| a.cmp(qword_ptr(r11 + busy), 0))?;
+    e.jcc_label(CC_NE, skipped);
+    e.asm(|a| {
+        a.mov(r11, counters)?;
+        a.test(byte_ptr(r11 + C_FLAGS), flags::ENABLED)
+    })?;
+    e.jcc_label(CC_E, off);
+    emit_count(e, r11, C_HITS, SCRATCH_RAX, ENTRY_RAX)?;
+    e.asm(|a| a.mov(r11, qword_ptr(rsp + ENTRY_R11)))?;
+    emit_pack_entry_call(e, probe, p)?;
+    e.jmp_label(tail);
+    e.bind(skipped);
+    e.asm(|a| {
+        a.mov(r11, counters)?;
+        a.lock().inc(qword_ptr(r11 + C_SKIPPED))
+    })?;
+    e.bind(off);
+    e.asm(|a| a.mov(r11, qword_ptr(rsp + ENTRY_R11)))?;
+    e.jmp_label(tail);
+    Ok(CallEncoding::RipSlot)
+}
+
+const P_PACK_ENTRY_DIRECT: i32 = offset_of!(Probe, pack_entry_direct) as i32;
+const P_PACK_EXIT: i32 = offset_of!(Probe, pack_exit) as i32;
+const P_PACK_EXIT_TIMED: i32 = offset_of!(Probe, pack_exit_timed) as i32;
+const C_PANICS: i32 = offset_of!(ProbeCounters, panics) as i32;
+
+/// With every register as at the site (`rsp` too), hit counted: call the entry handler
+/// through the probe's direct slot with the entry context, under the re-entrancy guard,
+/// and come back with every register as the handler's context says. The context's
+/// general-purpose registers (and `r11`) are kept here, stores and loads being cheaper
+/// than a call level; the slot holds the shim itself, or, when the handler uses the
+/// float arguments or writes vector registers, its stub (see [`emit_pack_direct_stub`]).
+fn emit_pack_entry_call(
+    e: &mut Emitter,
+    probe: *const Probe,
+    p: PackEntry,
+) -> Result<(), EmitError> {
+    let busy = p.tls + tl::BUSY;
+    e.asm(|a| {
+        open_frame(a, el::FRAME)?;
+        a.mov(qword_ptr(rsp + el::RSP), rbx)?;
+        for (i, r) in GPRS.iter().enumerate() {
+            a.mov(qword_ptr(rsp + el::GPRS + 8 * i), *r)?;
+        }
+        a.mov(qword_ptr(rsp + el::R11), r11)
+    })?;
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| {
+        a.mov(qword_ptr(r11 + busy), 1)?;
+        a.mov(rdi, rsp)?;
+        a.mov(rsi, p.hit as u64)?;
+        a.mov(rax, probe as u64)?;
+        a.call(qword_ptr(rax + P_PACK_ENTRY_DIRECT))
+    })?;
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| a.mov(qword_ptr(r11 + busy), 0))?;
+    emit_panic_check(e, p.counters)?;
+    e.asm(|a| {
+        for (i, r) in GPRS.iter().enumerate() {
+            a.mov(*r, qword_ptr(rsp + el::GPRS + 8 * i))?;
+        }
+        a.mov(r11, qword_ptr(rsp + el::R11))?;
+        close_frame(a)
+    })
+}
+
+/// What a direct stub does around a handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectStub {
+    /// Fill `xmm0-7` into the context before and reload their low halves after (the
+    /// handler reads or writes the float arguments).
+    pub floats: bool,
+    /// Vector registers to keep in full (bit per register).
+    pub vectors: u16,
+}
+
+impl DirectStub {
+    /// Nothing to do: the slot can hold the shim itself.
+    pub fn bare(&self) -> bool {
+        !self.floats && self.vectors == 0
+    }
+}
+
+/// A pack entry handler's stub for trampolines calling it directly (the probe's
+/// `pack_entry_direct` slot), with the shim's own arguments: fills the context's float
+/// arguments when the handler uses them, keeps the vector registers the handler's code
+/// writes beyond those, calls the shim. Shared by every probe running the handler.
+pub fn emit_pack_direct_stub(
+    e: &mut Emitter,
+    shim: u64,
+    s: DirectStub,
+    avx: bool,
+) -> Result<CallEncoding, EmitError> {
+    let vectors: Vec<usize> = (0..16).filter(|i| s.vectors & (1 << i) != 0).collect();
+    let width = if avx { 32 } else { 16 };
+    // Entered 8 off a 16-byte boundary; `push rbx` aligns, the frame keeps it.
+    let frame = (width * vectors.len() as i32 + 15) & !15;
+    e.asm(|a| {
+        a.push(rbx)?;
+        a.mov(rbx, rdi)?;
+        if s.floats {
+            for &(r, off) in &ENTRY_CTX_XMM {
+                a.movaps(xmmword_ptr(rbx + off), XMMS[r])?;
+            }
+        }
+        if frame > 0 {
+            a.sub(rsp, frame)?;
+        }
+        for (k, &v) in vectors.iter().enumerate() {
+            let at = rsp + width * k as i32;
+            if avx {
+                a.vmovdqu(ymmword_ptr(at), YMMS[v])?;
+            } else {
+                a.movups(xmmword_ptr(at), XMMS[v])?;
+            }
+        }
+        Ok(())
+    })?;
+    let encoding = e.call(shim)?;
+    e.asm(|a| {
+        for (k, &v) in vectors.iter().enumerate() {
+            let at = rsp + width * k as i32;
+            if avx {
+                a.vmovdqu(YMMS[v], ymmword_ptr(at))?;
+            } else {
+                a.movups(XMMS[v], xmmword_ptr(at))?;
+            }
+        }
+        if frame > 0 {
+            a.add(rsp, frame)?;
+        }
+        // Legacy-SSE loads: the upper halves stay as they are (restored above when the
+        // handler changes them).
+        if s.floats {
+            for &(r, off) in &ENTRY_CTX_XMM {
+                a.movaps(XMMS[r], xmmword_ptr(rbx + off))?;
+            }
+        }
+        a.pop(rbx)?;
+        a.ret()
+    })?;
+    Ok(encoding)
+}
+
+/// After a shim returned `eax`: when it reports a panic (caught in the pack), disable
+/// the probe and count, as `Probe::panicked` does. Clobbers `r11` and the flags.
+fn emit_panic_check(e: &mut Emitter, counters: *const ProbeCounters) -> Result<(), EmitError> {
+    let ok = e.label();
+    e.asm(|a| a.cmp(eax, probes::pack::abi::SHIM_PANICKED as i32))?;
+    e.jcc_label(CC_NE, ok);
+    e.asm(|a| {
+        a.mov(r11, counters as u64)?;
+        a.lock().inc(qword_ptr(r11 + C_PANICS))?;
+        a.lock()
+            .and(dword_ptr(r11 + C_FLAGS), !flags::ENABLED as i32)?;
+        a.lock()
+            .or(dword_ptr(r11 + C_FLAGS), flags::DISABLED_BY_PANIC as i32)
+    })?;
+    e.bind(ok);
+    Ok(())
+}
+
+/// Right after a pack exit probe's body returned into its trampoline (`rsp` one above
+/// the popped return slot, every register as the body left it), its shadow entry on top
+/// and the exit counted: pop the entry, call the return handler through the probe's slot
+/// with the exit context (the time since the entry when the entry took it), and return
+/// where the context says, every register as the context and the body left them.
+fn emit_pack_exit_call(
+    e: &mut Emitter,
+    probe: *const Probe,
+    f: FastEntry,
+    x: PackExit,
+) -> Result<(), EmitError> {
+    const X_DURATION: i32 = offset_of!(probes::ExitContext, duration_ns) as i32;
+    const X_ENTRY_RSP: i32 = offset_of!(probes::ExitContext, entry_rsp) as i32;
+    const X_PROBE: i32 = offset_of!(probes::ExitContext, probe) as i32;
+    let untimed = e.label();
+    let busy = f.tls + tl::BUSY;
+    e.asm(|a| {
+        open_frame(a, xl::FRAME)?;
+        a.mov(qword_ptr(rsp + xl::RAX), rax)?;
+        a.mov(qword_ptr(rsp + xl::RDX), rdx)?;
+        for (i, r) in EXIT_GPRS.iter().enumerate() {
+            a.mov(qword_ptr(rsp + xl::GPRS + 8 * i), *r)?;
+        }
+        a.movaps(xmmword_ptr(rsp + xl::XMM0), xmm0)?;
+        a.movaps(xmmword_ptr(rsp + xl::XMM1), xmm1)
+    })?;
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| {
+        a.lea(r11, qword_ptr(r11 + f.tls))?;
+        a.mov(rcx, qword_ptr(r11 + tl::DEPTH))?;
+        a.dec(rcx)?;
+        a.shl(rcx, tl::ENTRY_SHIFT)?;
+        a.add(rcx, qword_ptr(r11 + tl::SHADOW))?;
+        a.mov(rax, qword_ptr(rcx + tl::E_RETURN_ADDRESS))?;
+        a.mov(qword_ptr(rsp + xl::RETURN_ADDRESS), rax)?;
+        a.mov(rax, qword_ptr(rcx + tl::E_ENTRY_RSP))?;
+        a.mov(qword_ptr(rsp + X_ENTRY_RSP), rax)?;
+        a.mov(dword_ptr(rsp + X_PROBE), x.id)?;
+        a.mov(qword_ptr(rsp + X_DURATION), 0)?;
+        a.mov(rcx, qword_ptr(rcx + tl::E_TSC))?;
+        // Read before releasing the entry: a signal handler may push over it.
+        a.dec(qword_ptr(r11 + tl::DEPTH))?;
+        a.test(rcx, rcx)
+    })?;
+    // The entry took no timestamp: the handler does not read the time.
+    e.jcc_label(CC_E, untimed);
+    e.asm(|a| {
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.sub(rax, rcx)?;
+        // ns = ticks * scale >> 32, as `dispatch::ticks_to_ns`.
+        a.mov(rdx, x.tsc_scale)?;
+        a.mul(rdx)?;
+        a.shrd(rax, rdx, 32)?;
+        a.mov(qword_ptr(rsp + X_DURATION), rax)
+    })?;
+    e.bind(untimed);
+    e.asm(|a| {
+        a.mov(qword_ptr(r11 + tl::BUSY), 1)?;
+        a.mov(rdi, rsp)?;
+        a.mov(rsi, x.hit as u64)?;
+        a.mov(rax, probe as u64)?;
+        a.call(qword_ptr(rax + P_PACK_EXIT))
+    })?;
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| a.mov(qword_ptr(r11 + busy), 0))?;
+    emit_panic_check(e, f.counters)?;
+    e.asm(|a| {
+        // The return address the handler left (it may redirect the return), into the
+        // popped slot, for the `ret` below.
+        a.mov(rax, qword_ptr(rsp + xl::RETURN_ADDRESS))?;
+        a.mov(qword_ptr(rbx - 8), rax)?;
+        a.movaps(xmm0, xmmword_ptr(rsp + xl::XMM0))?;
+        a.movaps(xmm1, xmmword_ptr(rsp + xl::XMM1))?;
+        a.mov(rax, qword_ptr(rsp + xl::RAX))?;
+        a.mov(rdx, qword_ptr(rsp + xl::RDX))?;
+        for (i, r) in EXIT_GPRS.iter().enumerate() {
+            a.mov(*r, qword_ptr(rsp + xl::GPRS + 8 * i))?;
+        }
+        close_frame(a)?;
+        // Pops the caller's own return-stack entry: predicted.
+        a.lea(rsp, qword_ptr(rsp + RET_SLOT))?;
+        a.ret()
+    })
+}
+
+/// A pack handler's stub, shared by every probe running the handler: saves the vector
+/// registers in `save` (bit per register: `ymm` in full with AVX, else `xmm`), calls the
+/// shim, restores them. An ordinary function with the shim's signature; the slots of
+/// probes hold it instead of the shim. `save` comes from `crate::clobbers`: what the
+/// handler's code can write that its caller does not keep itself.
+pub fn emit_pack_stub(
+    e: &mut Emitter,
+    shim: u64,
+    save: u16,
+    avx: bool,
+) -> Result<CallEncoding, EmitError> {
+    let regs: Vec<usize> = (0..16).filter(|i| save & (1 << i) != 0).collect();
+    let width = if avx { 32 } else { 16 };
+    // Entered with rsp 8 off a 16-byte boundary: the call below gets it aligned.
+    let frame = 8 + width * regs.len() as i32;
+    e.asm(|a| {
+        a.sub(rsp, frame)?;
+        for (k, &r) in regs.iter().enumerate() {
+            let at = rsp + width * k as i32;
+            if avx {
+                a.vmovdqu(ymmword_ptr(at), YMMS[r])?;
+            } else {
+                a.movups(xmmword_ptr(at), XMMS[r])?;
+            }
+        }
+        Ok(())
+    })?;
+    let encoding = e.call(shim)?;
+    e.asm(|a| {
+        for (k, &r) in regs.iter().enumerate() {
+            let at = rsp + width * k as i32;
+            if avx {
+                a.vmovdqu(YMMS[r], ymmword_ptr(at))?;
+            } else {
+                a.movups(XMMS[r], xmmword_ptr(at))?;
+            }
+        }
+        a.add(rsp, frame)?;
+        a.ret()
+    })?;
+    Ok(encoding)
+}
+
+/// What the inline fast path of a probe without handlers (or with only a pack's, for
+/// exit probes: see [`PackExit`]) needs.
 #[derive(Clone, Copy, Debug)]
 pub struct FastEntry {
     /// The thread state's offset from the thread pointer.
@@ -274,6 +630,19 @@ pub struct FastEntry {
     pub counters: *const ProbeCounters,
     /// The exit trampoline when returns are probed, else 0.
     pub exit_trampoline: u64,
+    /// Exit probes whose handlers are a pack's: they run from this path too.
+    pub pack: Option<PackExit>,
+}
+
+/// What an exit probe with pack handlers needs on the inline path.
+#[derive(Clone, Copy, Debug)]
+pub struct PackExit {
+    /// The `HitInfo` handed to the shims, one per probe, alive forever.
+    pub hit: *const probes::pack::abi::HitInfo,
+    /// The probe's id, for `ExitContext::probe`.
+    pub id: u32,
+    /// `dispatch::tsc_scale()`: ns per timestamp tick, times 2^32.
+    pub tsc_scale: u64,
 }
 
 /// `mov r11, qword ptr fs:[0]`: the thread pointer.
@@ -462,11 +831,29 @@ fn emit_fast_exit_entry(
         a.mov(qword_ptr(rax + tl::E_ENTRY_RSP), rsp)?;
         a.mov(rcx, probe as u64)?;
         a.mov(qword_ptr(rax + tl::E_PROBE), rcx)?;
-        a.mov(qword_ptr(rax + tl::E_TSC), 0)?;
-        // The entry is complete before it counts: a signal handler hitting a probe
-        // in between pushes above it.
-        a.inc(qword_ptr(r11 + tl::DEPTH))
+        a.mov(qword_ptr(rax + tl::E_TSC), 0)
     })?;
+    if f.pack.is_some() {
+        // The timestamp only for a return handler that reads the time (the flag moves
+        // with hot swaps, so it is read at each hit).
+        let untimed = e.label();
+        e.asm(|a| a.cmp(byte_ptr(rcx + P_PACK_EXIT_TIMED), 0))?;
+        e.jcc_label(CC_E, untimed);
+        e.asm(|a| {
+            a.mov(qword_ptr(rsp + ENTRY_RDX), rdx)?;
+            a.mov(rcx, rax)?;
+            a.rdtsc()?;
+            a.shl(rdx, 32)?;
+            a.or(rax, rdx)?;
+            a.mov(qword_ptr(rcx + tl::E_TSC), rax)?;
+            a.mov(rax, rcx)?;
+            a.mov(rdx, qword_ptr(rsp + ENTRY_RDX))
+        })?;
+        e.bind(untimed);
+    }
+    // The entry is complete before it counts: a signal handler hitting a probe in
+    // between pushes above it.
+    e.asm(|a| a.inc(qword_ptr(r11 + tl::DEPTH)))?;
     emit_fast_call_and_return(e, probe, f, tail)?;
     e.bind(restore_to_general);
     emit_restore_scratch(e)?;
@@ -502,6 +889,25 @@ fn emit_fast_call_and_return(
 ) -> Result<(), EmitError> {
     let general = e.label();
     emit_restore_scratch(e)?;
+    if let Some(x) = f.pack {
+        // Whether there is an entry handler is read at each hit: a later session may
+        // reuse this probe with handlers of another pack.
+        let no_entry_handler = e.label();
+        e.asm(|a| {
+            a.mov(qword_ptr(rsp + ENTRY_R11), r11)?;
+            a.mov(r11, probe as u64)?;
+            a.cmp(qword_ptr(r11 + P_PACK_ENTRY_DIRECT), 0)?;
+            a.mov(r11, qword_ptr(rsp + ENTRY_R11))
+        })?;
+        e.jcc_label(CC_E, no_entry_handler);
+        let p = PackEntry {
+            tls: f.tls,
+            counters: f.counters,
+            hit: x.hit,
+        };
+        emit_pack_entry_call(e, probe, p)?;
+        e.bind(no_entry_handler);
+    }
     e.asm(|a| a.lea(rsp, qword_ptr(rsp + 8)))?;
     e.call_label(tail);
     // The unwinder hook recognises redirected slots by what they hold.
@@ -517,6 +923,15 @@ fn emit_fast_call_and_return(
     // would leave.
     emit_own_top_entry(e, f.tls, general)?;
     e.asm(|a| a.mov(rdi, f.counters as u64))?;
+    if let Some(x) = f.pack {
+        let disabled = e.label();
+        e.asm(|a| a.test(byte_ptr(rdi + C_FLAGS), flags::ENABLED))?;
+        e.jcc_label(CC_E, disabled);
+        emit_count(e, rdi, C_EXITS, SCRATCH_RAX, RET_RAX)?;
+        emit_restore_return_scratch(e)?;
+        emit_pack_exit_call(e, probe, f, x)?;
+        e.bind(disabled);
+    }
     emit_count_exit_and_pop(e)?;
     e.asm(|a| a.mov(qword_ptr(rsp + RET_SLOT), rcx))?;
     emit_restore_return_scratch(e)?;
@@ -599,7 +1014,6 @@ fn emit_own_top_entry(e: &mut Emitter, tls: i32, general: Label) -> Result<(), E
 fn emit_fast_exit(e: &mut Emitter, tls: i32, general: Label) -> Result<(), EmitError> {
     const P_COUNTERS: i32 = (offset_of!(Probe, counters) + offset_of!(Counts, line)) as i32;
     const P_ON_EXIT: i32 = offset_of!(Probe, on_exit) as i32;
-    const P_PACK_EXIT: i32 = offset_of!(Probe, pack_exit) as i32;
     let restore_to_general = e.label();
     emit_save_return_scratch(e)?;
     emit_own_top_entry(e, tls, restore_to_general)?;

@@ -23,11 +23,23 @@ global_asm!(
     "lea rax, [rdi+rdi*2]",
     "add rax, 1",
     "ret",
+    ".globl pack_leaf_c",
+    "pack_leaf_c:",
+    "lea rax, [rdi+rdi*2]",
+    "add rax, 1",
+    "ret",
+    ".globl pack_leaf_d",
+    "pack_leaf_d:",
+    "lea rax, [rdi+rdi*2]",
+    "add rax, 1",
+    "ret",
 );
 
 extern "C" {
     fn pack_leaf_a(a: u64) -> u64;
     fn pack_leaf_b(a: u64) -> u64;
+    fn pack_leaf_c(a: u64) -> u64;
+    fn pack_leaf_d(a: u64) -> u64;
 }
 
 static FIRST: AtomicU64 = AtomicU64::new(0);
@@ -78,6 +90,7 @@ fn request(f: unsafe extern "C" fn(u64) -> u64, entry: u64, exit: u64) -> ProbeR
     r.pack = Some(PackHandlers {
         entry,
         exit,
+        exit_timed: true,
         name: "test:leaf",
     });
     r
@@ -121,9 +134,13 @@ fn a_return_shim_changes_the_result_and_a_panicking_shim_disables_its_probe() {
         .prepare(&request(pack_leaf_b, 0, forty_two as *const () as u64))
         .expect("prepare");
     i.commit_in_process(&p).expect("commit");
-    // SAFETY: the probed leaf keeps its contract, but for the return the shim sets.
-    assert_eq!(unsafe { pack_leaf_b(5) }, 42);
-    assert_eq!(i.counters(p.id).exits(), 1);
+    // The first call of a thread maps its shadow stack on the general path; the others
+    // take the inline one.
+    for k in 0..3 {
+        // SAFETY: the probed leaf keeps its contract, but for the return the shim sets.
+        assert_eq!(unsafe { pack_leaf_b(5 + k) }, 42);
+    }
+    assert_eq!(i.counters(p.id).exits(), 3);
     i.revert_in_process(&p).expect("revert");
 
     let (q, reused) = i
@@ -137,5 +154,87 @@ fn a_return_shim_changes_the_result_and_a_panicking_shim_disables_its_probe() {
     }
     let c = i.counters(q.id);
     assert_eq!((c.hits(), c.panics()), (1, 1), "disabled after the first");
+    i.revert_in_process(&q).expect("revert");
+}
+
+static RETURNS: AtomicU64 = AtomicU64::new(0);
+static ENTRIES_C: AtomicU64 = AtomicU64::new(0);
+
+unsafe extern "C" fn count_entry(_ctx: *mut u8, _hit: *const HitInfo) -> u32 {
+    ENTRIES_C.fetch_add(1, SeqCst);
+    SHIM_OK
+}
+
+unsafe extern "C" fn count_then_panic(_ctx: *mut u8, _hit: *const HitInfo) -> u32 {
+    if RETURNS.fetch_add(1, SeqCst) == 1 {
+        SHIM_PANICKED
+    } else {
+        SHIM_OK
+    }
+}
+
+/// On the inline exit path too, a return shim reporting a panic disables its probe: the
+/// calls after it run unprobed (no entry handler, no return handler, no count).
+#[test]
+fn a_panicking_return_shim_disables_its_probe() {
+    let _g = ONE_AT_A_TIME.lock().unwrap();
+    let mut i = Interceptor::new(4).expect("interceptor");
+    let p = i
+        .prepare(&request(
+            pack_leaf_c,
+            count_entry as *const () as u64,
+            count_then_panic as *const () as u64,
+        ))
+        .expect("prepare");
+    i.commit_in_process(&p).expect("commit");
+    for k in 0..5 {
+        // SAFETY: the probed leaf keeps its contract.
+        assert_eq!(unsafe { pack_leaf_c(k) }, k * 3 + 1);
+    }
+    let c = i.counters(p.id);
+    assert_eq!((c.hits(), c.exits(), c.panics()), (2, 2, 1));
+    assert_eq!(RETURNS.load(SeqCst), 2);
+    assert_eq!(ENTRIES_C.load(SeqCst), 2);
+    i.revert_in_process(&p).expect("revert");
+}
+
+static ENTRIES_D: AtomicU64 = AtomicU64::new(0);
+
+unsafe extern "C" fn count_entry_d(_ctx: *mut u8, _hit: *const HitInfo) -> u32 {
+    ENTRIES_D.fetch_add(1, SeqCst);
+    SHIM_OK
+}
+
+/// An exit probe made for a return handler alone, reused by a later session whose pack
+/// has an entry handler too: the entry handler runs at every call (the inline path reads
+/// whether there is one at each hit).
+#[test]
+fn a_reused_exit_probe_runs_an_entry_handler_it_had_none_of() {
+    let _g = ONE_AT_A_TIME.lock().unwrap();
+    let mut i = Interceptor::new(4).expect("interceptor");
+    let (p, _) = i
+        .prepare_reusing(&request(pack_leaf_d, 0, forty_two as *const () as u64))
+        .expect("prepare");
+    i.commit_in_process(&p).expect("commit");
+    for k in 0..3 {
+        // SAFETY: the probed leaf keeps its contract, but for the return the shim sets.
+        assert_eq!(unsafe { pack_leaf_d(k) }, 42);
+    }
+    i.revert_in_process(&p).expect("revert");
+    let (q, reused) = i
+        .prepare_reusing(&request(
+            pack_leaf_d,
+            count_entry_d as *const () as u64,
+            forty_two as *const () as u64,
+        ))
+        .expect("prepare again");
+    assert!(reused);
+    i.commit_in_process(&q).expect("commit again");
+    for k in 0..3 {
+        // SAFETY: as above.
+        assert_eq!(unsafe { pack_leaf_d(k) }, 42);
+    }
+    assert_eq!(ENTRIES_D.load(SeqCst), 3);
+    assert_eq!(i.counters(q.id).exits(), 3);
     i.revert_in_process(&q).expect("revert");
 }

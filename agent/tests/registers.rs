@@ -12,7 +12,7 @@
 //! and records everything after the return. Each probed function (assembly) records what
 //! it sees on entry into its own static and returns without changing anything.
 
-use agent::interceptor::{Interceptor, ProbeRequest};
+use agent::interceptor::{Interceptor, PackHandlers, ProbeRequest};
 use agent::relocator::Function;
 use probes::abi::shared::ProbeKind;
 use probes::context::OffsetContext;
@@ -88,6 +88,14 @@ global_asm!(
     "REG_BODY reg_outer",
     "REG_BODY reg_callee",
     "REG_BODY reg_far",
+    "REG_BODY reg_pack_plain",
+    "REG_BODY reg_pack_sse",
+    "REG_BODY reg_pack_vex",
+    "REG_BODY reg_pack_vzeroupper",
+    "REG_BODY reg_pack_opaque",
+    "REG_BODY reg_pack_exit",
+    "REG_BODY reg_pack_exit_only",
+    "REG_BODY reg_pack_gprs",
     // The probe steals a `call`: what reg_callee sees must be what the caller set.
     ".globl reg_stolen_call",
     "reg_stolen_call:",
@@ -285,6 +293,14 @@ bodies! {
     reg_nested_handler, reg_nested_handler_end, reg_nested_handler_seen;
     reg_outer, reg_outer_end, reg_outer_seen;
     reg_offset, reg_offset_end, reg_offset_seen;
+    reg_pack_plain, reg_pack_plain_end, reg_pack_plain_seen;
+    reg_pack_sse, reg_pack_sse_end, reg_pack_sse_seen;
+    reg_pack_vex, reg_pack_vex_end, reg_pack_vex_seen;
+    reg_pack_vzeroupper, reg_pack_vzeroupper_end, reg_pack_vzeroupper_seen;
+    reg_pack_opaque, reg_pack_opaque_end, reg_pack_opaque_seen;
+    reg_pack_exit, reg_pack_exit_end, reg_pack_exit_seen;
+    reg_pack_exit_only, reg_pack_exit_only_end, reg_pack_exit_only_seen;
+    reg_pack_gprs, reg_pack_gprs_end, reg_pack_gprs_seen;
 }
 
 extern "C" {
@@ -694,4 +710,248 @@ fn far_jump_without_scratch_register_changes_no_register() {
     // SAFETY: reg_far's record, from the assembly above.
     let diffs = check_calls("far jump", f, unsafe { &reg_far_seen }, 8, 13);
     assert_exact(diffs);
+}
+
+/// Build `tests/regs_pack` (a cdylib apart from the agent, as a user's pack is), load it
+/// and return its handle.
+fn load_regs_pack() -> *mut libc::c_void {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/regs_pack");
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("regs_pack");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["build", "--release", "--offline", "--quiet"])
+        .current_dir(&dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .env_remove("RUSTFLAGS")
+        .output()
+        .expect("cargo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let so =
+        std::ffi::CString::new(target.join("release/libregs_pack.so").to_str().unwrap()).unwrap();
+    // SAFETY: a pack built from this tree; its constructors are Rust std's.
+    let lib = unsafe { libc::dlopen(so.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!lib.is_null());
+    // What the tracer passes on from the descriptors when it loads a pack.
+    let path = target.join("release/libregs_pack.so");
+    for (shim, flags) in tests::pack_probe_flags(&path) {
+        let shim = std::ffi::CString::new(shim).unwrap();
+        agent::pack_loader::set_shim_flags(symbol(lib, &shim), flags);
+    }
+    lib
+}
+
+fn symbol(lib: *mut libc::c_void, name: &std::ffi::CStr) -> u64 {
+    // SAFETY: a live handle and a NUL-terminated name.
+    let p = unsafe { libc::dlsym(lib, name.as_ptr()) } as u64;
+    assert_ne!(p, 0, "{name:?}");
+    p
+}
+
+/// (what, body, end, seen, shim, the stub's saves with AVX (None: every register),
+/// whether it needs AVX)
+type PackCase = (
+    &'static str,
+    unsafe extern "C" fn(),
+    *const u8,
+    *const Regs,
+    &'static std::ffi::CStr,
+    Option<u16>,
+    bool,
+);
+
+/// Pack handlers run straight from the trampoline through stubs that fill only what the
+/// handler uses of its context (descriptor flags) and save only the registers the
+/// handler's code writes: the analysis must find each one (legacy SSE low halves, VEX
+/// writes that zero upper halves, `vzeroupper`), or the probed code sees the change;
+/// code it cannot follow gets every register saved.
+#[test]
+fn pack_handlers_change_no_register_with_reduced_saves() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let lib = load_regs_pack();
+    let hits = symbol(lib, c"regs_pack_hits");
+    // SAFETY: the pack exports `regs_pack_hits` with this signature.
+    let hits: extern "C" fn() -> u64 = unsafe { std::mem::transmute(hits) };
+    let avx = have_avx();
+    // SAFETY (whole table): symbols from the assembly above.
+    let cases: [PackCase; 6] = [
+        (
+            "plain",
+            reg_pack_plain,
+            unsafe { &reg_pack_plain_end },
+            unsafe { &reg_pack_plain_seen },
+            c"__tracer_probe_plain",
+            Some(0),
+            false,
+        ),
+        (
+            "sse",
+            reg_pack_sse,
+            unsafe { &reg_pack_sse_end },
+            unsafe { &reg_pack_sse_seen },
+            c"__tracer_probe_sse",
+            // xmm3 too: the handler uses no float argument, so the context does not
+            // keep them.
+            Some(1 << 3 | 1 << 12),
+            false,
+        ),
+        (
+            "gprs",
+            reg_pack_gprs,
+            unsafe { &reg_pack_gprs_end },
+            unsafe { &reg_pack_gprs_seen },
+            c"__tracer_probe_gprs",
+            Some(0),
+            false,
+        ),
+        (
+            "vex",
+            reg_pack_vex,
+            unsafe { &reg_pack_vex_end },
+            unsafe { &reg_pack_vex_seen },
+            c"__tracer_probe_vex",
+            Some(1 << 5 | 1 << 13),
+            true,
+        ),
+        (
+            "vzeroupper",
+            reg_pack_vzeroupper,
+            unsafe { &reg_pack_vzeroupper_end },
+            unsafe { &reg_pack_vzeroupper_seen },
+            c"__tracer_probe_vzu",
+            Some(0xffff),
+            true,
+        ),
+        (
+            "opaque",
+            reg_pack_opaque,
+            unsafe { &reg_pack_opaque_end },
+            unsafe { &reg_pack_opaque_seen },
+            c"__tracer_probe_opaque",
+            None,
+            false,
+        ),
+    ];
+    for (seed, (what, body, end, seen, shim, saves, needs_avx)) in cases.into_iter().enumerate() {
+        if needs_avx && !avx {
+            continue;
+        }
+        let shim = symbol(lib, shim);
+        let mut req = entry(body, end);
+        req.pack = Some(PackHandlers {
+            entry: shim,
+            exit: 0,
+            exit_timed: false,
+            name: "test:pack",
+        });
+        let id = install(req);
+        let stub = with(|i| {
+            i.pack_stub(shim, agent::trampoline::PACK_ENTRY_DIRECT)
+                .expect("stub")
+                .clone()
+        });
+        match saves {
+            Some(s) => {
+                assert!(
+                    !stub.analysis.clobbers.full,
+                    "{what}: {:?}",
+                    stub.analysis.reason
+                );
+                assert_eq!(stub.saves, s, "{what}: saves {:#x}", stub.saves);
+                let bare = stub.direct.is_some_and(|d| d.bare());
+                assert_eq!(
+                    stub.addr == shim,
+                    s == 0 && bare,
+                    "{what}: a stub only when needed"
+                );
+            }
+            None => assert!(
+                stub.analysis.clobbers.full,
+                "{what}: {}",
+                stub.analysis.clobbers
+            ),
+        }
+        let before = hits();
+        assert_exact(check_calls(
+            &format!("entry, pack handler {what}"),
+            body,
+            seen,
+            8,
+            100 + seed as u64,
+        ));
+        assert_eq!(hits() - before, 4, "{what}: the handler ran at every call");
+        assert_eq!(counts(id).0, 4);
+    }
+}
+
+/// Exit probes with pack handlers run them from the inline exit path (entry handler,
+/// shadow entry with or without a timestamp, the body called, the return handler through
+/// a stub that saves what the handler writes beyond `xmm0-1`): the probed function and
+/// its caller see no register change.
+#[test]
+fn pack_exit_handlers_change_no_register_with_reduced_saves() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let lib = load_regs_pack();
+    // SAFETY: the pack exports `regs_pack_hits` with this signature.
+    let hits: extern "C" fn() -> u64 =
+        unsafe { std::mem::transmute(symbol(lib, c"regs_pack_hits")) };
+    let exit_keeps = agent::trampoline::PACK_EXIT_KEEPS;
+    // SAFETY (whole block): symbols from the assembly above.
+    if have_avx() {
+        let entry_shim = symbol(lib, c"__tracer_probe_exit_entry");
+        let exit_shim = symbol(lib, c"__tracer_probe_exit_return");
+        let mut req = entry(reg_pack_exit, unsafe { &reg_pack_exit_end }).with_exit();
+        req.pack = Some(PackHandlers {
+            entry: entry_shim,
+            exit: exit_shim,
+            exit_timed: true,
+            name: "test:pack_exit",
+        });
+        let id = install(req);
+        let stub = with(|i| i.pack_stub(exit_shim, exit_keeps).expect("stub").clone());
+        assert_eq!(
+            stub.saves,
+            1 << 4 | 1 << 7 | 1 << 12,
+            "{}",
+            stub.analysis.clobbers
+        );
+        let before = hits();
+        // Twice: the first call of this thread may map the shadow stack on the general
+        // path.
+        for seed in [200, 210] {
+            assert_exact(check_calls(
+                "entry+exit, pack handlers",
+                reg_pack_exit,
+                unsafe { &reg_pack_exit_seen },
+                8,
+                seed,
+            ));
+        }
+        assert_eq!(hits() - before, 16, "both handlers ran at every call");
+        assert_eq!(counts(id), (8, 8, 0));
+    }
+    let exit_shim = symbol(lib, c"__tracer_probe_exit_only");
+    let mut req = entry(reg_pack_exit_only, unsafe { &reg_pack_exit_only_end }).with_exit();
+    req.pack = Some(PackHandlers {
+        entry: 0,
+        exit: exit_shim,
+        exit_timed: false,
+        name: "test:pack_exit_only",
+    });
+    let id = install(req);
+    let before = hits();
+    for seed in [220, 230] {
+        assert_exact(check_calls(
+            "exit, pack handler",
+            reg_pack_exit_only,
+            unsafe { &reg_pack_exit_only_seen },
+            8,
+            seed,
+        ));
+    }
+    assert_eq!(hits() - before, 8);
+    assert_eq!(counts(id), (8, 8, 0));
 }

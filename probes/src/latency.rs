@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub const REGION_SYMBOL: &str = "tracer_agent_latency";
 /// Exported by the agent: the exit shim (`probes::pack::abi::Shim`) that records a
 /// return's duration into its probe's slot; the tracer puts it in a probe's exit slot.
-pub const EXIT_SHIM_SYMBOL: &str = "tracer_builtin_latency_exit";
+pub const EXIT_SHIM_SYMBOL: &str = "tracer_agent_latency_exit";
 
 /// "TRLATv1\0".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TRLATv1\0");

@@ -216,3 +216,63 @@ fn emit_checks_placeholders_at_compile_time() {
         assert!(!placeholders_supported(bad), "{bad}");
     }
 }
+
+#[exit("libc:malloc")]
+fn reads_only_the_result(ctx: &mut ExitCtx) {
+    if ctx.ret::<u64>() == 0 {
+        ctx.set_ret(1u64);
+    }
+}
+
+#[exit("libc:malloc")]
+fn time_inside_a_macro(ctx: &mut ExitCtx) {
+    emit!("{}", ctx.elapsed_ns());
+}
+
+fn helper(ctx: &mut ExitCtx) -> u64 {
+    ctx.elapsed_ns()
+}
+
+#[exit("libc:malloc")]
+fn time_through_a_helper(ctx: &mut ExitCtx) {
+    if helper(ctx) == 0 {
+        ctx.set_ret(0u64);
+    }
+}
+
+#[exit("libc:malloc")]
+fn time_through_regs(ctx: &mut ExitCtx) {
+    let _ = ctx.regs().duration_ns;
+}
+
+#[exit("libc:malloc")]
+fn unused_context(_ctx: &mut ExitCtx) {}
+
+#[entry("libc:malloc")]
+fn integer_arguments_only(ctx: &mut EntryCtx) {
+    let n: u64 = ctx.arg(0);
+    ctx.set_arg(0, n + 1);
+}
+
+/// Whether a handler may read the time since the entry is in its descriptor: the probe
+/// reads the timestamp counter only for those that may.
+#[test]
+fn descriptors_say_which_handlers_read_the_time() {
+    use probes::pack::abi::probe_flags::NO_TIME;
+    let timeless = |d: &probes::pack::abi::Descriptor| d.params[0] & NO_TIME != 0;
+    assert!(timeless(&__TRACER_DESC_reads_only_the_result));
+    assert!(timeless(&__TRACER_DESC_unused_context));
+    assert!(
+        timeless(&__TRACER_DESC_double_size),
+        "entry handlers never do"
+    );
+    assert!(!timeless(&__TRACER_DESC_fail_it));
+    assert!(!timeless(&__TRACER_DESC_time_inside_a_macro));
+    assert!(!timeless(&__TRACER_DESC_time_through_a_helper));
+    assert!(!timeless(&__TRACER_DESC_time_through_regs));
+    // And which entry handlers use the float arguments: the context gets them only then.
+    use probes::pack::abi::probe_flags::NO_FLOATS;
+    let floatless = |d: &probes::pack::abi::Descriptor| d.params[0] & NO_FLOATS != 0;
+    assert!(floatless(&__TRACER_DESC_integer_arguments_only));
+    assert!(!floatless(&__TRACER_DESC_double_size));
+}

@@ -251,3 +251,27 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Each probe descriptor of the pack library at `so`: its shim's symbol and its
+/// `probe_flags`, as the tracer reads them before loading a pack (for tests and benches
+/// that load packs themselves).
+pub fn pack_probe_flags(so: &Path) -> Vec<(String, u64)> {
+    use object::{Object, ObjectSection};
+    use probes::pack::abi::{desc_kind, DESCRIPTOR_SIZE, NAME_LEN, PROBE_SYMBOL_PREFIX, SECTION};
+    let data = std::fs::read(so).expect("read the pack");
+    let file = object::File::parse(&*data).expect("an ELF file");
+    let section = file.section_by_name(SECTION).expect("a probe pack");
+    let bytes = section.data().expect("descriptor bytes");
+    let u32_at = |d: &[u8], o: usize| u32::from_le_bytes(d[o..o + 4].try_into().unwrap());
+    bytes
+        .chunks_exact(DESCRIPTOR_SIZE)
+        .filter(|d| u32_at(d, 8) == desc_kind::PROBE)
+        .map(|d| {
+            let flags = u64::from_le_bytes(d[16..24].try_into().unwrap());
+            let name = &d[48..48 + NAME_LEN];
+            let end = name.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
+            let name = String::from_utf8_lossy(&name[..end]);
+            (format!("{PROBE_SYMBOL_PREFIX}{name}"), flags)
+        })
+        .collect()
+}

@@ -1076,6 +1076,9 @@ fn render(
             if r.panics > 0 {
                 v["panics"] = r.panics.into();
             }
+            if let Some(s) = saves_json(r.saves) {
+                v["saves"] = s;
+            }
             if let Some(why) = entries_only.get(r.label.as_str()) {
                 v["entries_only"] = (*why).into();
             }
@@ -1250,6 +1253,23 @@ fn function_verdict(
         },
         Err(why) => format!("{via}refused: {why}"),
     }
+}
+
+/// What `--json` says a pack probe saves around its handlers: `{"entry": "ymm5 ymm13",
+/// "exit": "all"}` (vector registers; the general-purpose ones are always kept).
+fn saves_json(bits: u64) -> Option<serde_json::Value> {
+    use probes::abi::shared::saves;
+    let avx = std::arch::is_x86_feature_detected!("avx");
+    let mut v = serde_json::Map::new();
+    if bits & saves::HAS_ENTRY != 0 {
+        let b = (bits >> saves::ENTRY_SHIFT) as u16;
+        v.insert("entry".into(), saves::describe(b, avx).into());
+    }
+    if bits & saves::HAS_EXIT != 0 {
+        let b = (bits >> saves::EXIT_SHIFT) as u16;
+        v.insert("exit".into(), saves::describe(b, avx).into());
+    }
+    (!v.is_empty()).then_some(serde_json::Value::Object(v))
 }
 
 #[cfg(test)]

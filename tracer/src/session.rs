@@ -97,6 +97,9 @@ pub struct ProbeReport {
     pub panics: u64,
     pub lost_exits: u64,
     pub encoding: agent::emitter::CallEncoding,
+    /// Pack probes: the vector registers saved around their handlers
+    /// (`probes::abi::shared::saves`), 0 for other probes.
+    pub saves: u64,
 }
 
 #[derive(Debug)]

@@ -610,6 +610,15 @@ fn pack_handlers_keep_every_register_of_ipa_ra_callers() {
         let r = report(&lines, probe);
         assert_eq!((num(r, "hits"), num(r, "exits")), (calls, calls), "{r}");
     }
+    // What the handlers' stubs save is reported per probe (which registers depends on
+    // the code the handlers reach, libm's included); counting probes have none.
+    let saves = &report(&lines, "main:tick")["saves"];
+    assert!(
+        saves["entry"].is_string() && saves["exit"].is_string(),
+        "{saves}"
+    );
+    assert!(report(&lines, "main:tock")["saves"]["exit"].is_string());
+    assert!(report(&lines, "main:grow")["saves"].is_null());
     assert_eq!(hist_sum(map(&lines, "RETURNS")), 12000);
     assert_eq!(map(&lines, "TICKS")["data"]["value"], 6000);
 }

@@ -92,7 +92,7 @@ pub fn record(id: u32, ns: u64) {
 /// # Safety
 /// `ctx` points at a valid `ExitContext` for the call.
 #[no_mangle]
-pub unsafe extern "C" fn tracer_builtin_latency_exit(ctx: *mut u8, _hit: *const HitInfo) -> u32 {
+pub unsafe extern "C" fn tracer_agent_latency_exit(ctx: *mut u8, _hit: *const HitInfo) -> u32 {
     // SAFETY: per the contract.
     let ctx = unsafe { &*(ctx as *const ExitContext) };
     record(ctx.probe, ctx.duration_ns);

@@ -10,7 +10,7 @@
 
 use proc_macro::TokenStream;
 use proc_macro2::Span;
-use quote::{format_ident, quote};
+use quote::{format_ident, quote, ToTokens};
 use syn::{parse_macro_input, Error, FnArg, ItemFn, ItemStatic, LitStr, StaticMutability};
 
 /// Run the function at each entry of the functions SPEC matches: `#[entry("libc:malloc")]`,
@@ -112,6 +112,14 @@ fn handler_impl(kind: Kind, spec: LitStr, f: ItemFn) -> syn::Result<proc_macro2:
     let shim_name = shim.to_string();
     let desc = format_ident!("__TRACER_DESC_{}", name);
     let name_str = name.to_string();
+    // probe_flags: NO_TIME, and for entry handlers NO_FLOATS.
+    let mut flags = 0u64;
+    if !ctx_uses(&f, &["elapsed_ns", "regs"]) {
+        flags |= 1;
+    }
+    if kind == Kind::Entry && !ctx_uses(&f, FLOAT_METHODS) {
+        flags |= 2;
+    }
     let (run, kind_const) = match kind {
         Kind::Entry => (quote!(run_entry), quote!(ENTRY)),
         Kind::Exit => (quote!(run_exit), quote!(EXIT)),
@@ -138,8 +146,59 @@ fn handler_impl(kind: Kind, spec: LitStr, f: ItemFn) -> syn::Result<proc_macro2:
             ::probes::pack::abi::probe_kind::#kind_const,
             #name_str,
             #spec,
+            #flags,
         );
     })
+}
+
+/// Methods of `EntryCtx` that read or write the float arguments.
+const FLOAT_METHODS: &[&str] = &[
+    "float_arg",
+    "float_arg_f32",
+    "set_float_arg",
+    "set_float_arg_f32",
+    "regs",
+];
+
+/// Whether the handler may call one of `methods` on its context argument: false only
+/// when the argument is used for nothing but calls of other methods, or not at all. Any
+/// other use (passed to a function, moved, borrowed) counts as calling them. The body's
+/// tokens are scanned, macro arguments included; a macro defined elsewhere cannot name
+/// the argument unless given it (hygiene), so nothing escapes the scan.
+fn ctx_uses(f: &ItemFn, methods: &[&str]) -> bool {
+    let Some(FnArg::Typed(arg)) = f.sig.inputs.first() else {
+        return true;
+    };
+    let name = match &*arg.pat {
+        syn::Pat::Ident(p) => p.ident.to_string(),
+        syn::Pat::Wild(_) => return false,
+        _ => return true,
+    };
+    let body = f.block.to_token_stream();
+    uses(body, &name, methods)
+}
+
+fn uses(tokens: proc_macro2::TokenStream, name: &str, methods: &[&str]) -> bool {
+    use proc_macro2::TokenTree;
+    let toks: Vec<TokenTree> = tokens.into_iter().collect();
+    for (k, t) in toks.iter().enumerate() {
+        match t {
+            TokenTree::Group(g) if uses(g.stream(), name, methods) => return true,
+            TokenTree::Ident(i) if i == name => {
+                let dot =
+                    matches!(toks.get(k + 1), Some(TokenTree::Punct(p)) if p.as_char() == '.');
+                let method = match toks.get(k + 2) {
+                    Some(TokenTree::Ident(m)) => m.to_string(),
+                    _ => return true,
+                };
+                if !dot || methods.contains(&method.as_str()) {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 fn map_impl(s: ItemStatic) -> syn::Result<proc_macro2::TokenStream> {

@@ -63,6 +63,52 @@ pub struct ProbeCounters {
     pub flags: AtomicU32,
     /// How the trampoline reaches the agent: `agent::emitter::CallEncoding` as a number.
     pub encoding: AtomicU32,
+    /// Pack probes: the vector registers saved around their handlers, as [`saves`] packs
+    /// them; 0 for other probes.
+    pub saves: AtomicU64,
+}
+
+/// [`ProbeCounters::saves`]: what the stubs of a probe's pack handlers save (`ymm` in
+/// full with AVX, else `xmm`), found by analysing the handlers' code.
+pub mod saves {
+    /// Bits 0-15: the registers saved around the entry handler.
+    pub const ENTRY_SHIFT: u32 = 0;
+    /// Bits 16-31: around the return handler.
+    pub const EXIT_SHIFT: u32 = 16;
+    /// The probe has an entry (or offset) handler of a pack.
+    pub const HAS_ENTRY: u64 = 1 << 32;
+    /// The probe has a return handler of a pack.
+    pub const HAS_EXIT: u64 = 1 << 33;
+
+    /// `ymm5 ymm12-13`, "none" or "all" for one handler's 16 bits.
+    pub fn describe(bits: u16, avx: bool) -> String {
+        let name = if avx { "ymm" } else { "xmm" };
+        match bits {
+            0 => "none".into(),
+            0xffff => "all".into(),
+            _ => {
+                let mut out = Vec::new();
+                let mut i = 0;
+                while i < 16 {
+                    if bits & (1 << i) == 0 {
+                        i += 1;
+                        continue;
+                    }
+                    let start = i;
+                    while i + 1 < 16 && bits & (1 << (i + 1)) != 0 {
+                        i += 1;
+                    }
+                    out.push(if start == i {
+                        format!("{name}{i}")
+                    } else {
+                        format!("{name}{start}-{i}")
+                    });
+                    i += 1;
+                }
+                out.join(" ")
+            }
+        }
+    }
 }
 
 /// The counters one group of CPUs bumps for a probe, on a cache line of its own so that

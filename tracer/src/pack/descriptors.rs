@@ -24,6 +24,8 @@ pub struct ProbeDesc {
     /// Its exported `extern "C"` shim.
     pub symbol: String,
     pub spec: ProbeSpec,
+    /// [`probes::pack::abi::probe_flags`], passed on to the agent with the shim.
+    pub flags: u64,
 }
 
 /// A map the pack declares.
@@ -317,6 +319,7 @@ fn add_descriptor(info: &mut PackInfo, d: &Descriptor) -> Result<(), DescError> 
                 symbol: format!("{}{name}", abi::PROBE_SYMBOL_PREFIX),
                 handler: name,
                 spec,
+                flags: d.params[0],
             });
         }
         desc_kind::MAP => {

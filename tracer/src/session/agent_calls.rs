@@ -197,7 +197,7 @@ pub(super) fn load_pack(
         syms.push(symbol(m.kind, m.params, &m.symbol)?);
     }
     for p in &info.probes {
-        syms.push(symbol(0, [0; 4], &p.symbol)?);
+        syms.push(symbol(0, [p.flags, 0, 0, 0], &p.symbol)?);
     }
     let loaded = inject::inject_named(proc, &pack.bytes, &pack.name)?;
     let mut head = PackLoadRequest {

@@ -100,6 +100,7 @@ impl Session {
                     panics: c.panics(),
                     lost_exits: c.lost_exits(),
                     encoding: p.encoding,
+                    saves: c.line.saves.load(std::sync::atomic::Ordering::Relaxed),
                 }
             })
             .collect()

@@ -16,3 +16,12 @@ fn on_entry(_ctx: &mut EntryCtx) {
 fn on_exit(_ctx: &mut ExitCtx) {
     EXITS.inc();
 }
+
+/// As `on_exit`, reading the time since the entry: the probe reads the timestamp counter
+/// at entry and return for it.
+#[exit("main:po_pack_exit_time")]
+fn on_exit_timed(ctx: &mut ExitCtx) {
+    if ctx.elapsed_ns() != u64::MAX {
+        EXITS.inc();
+    }
+}
