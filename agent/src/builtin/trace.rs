@@ -205,6 +205,25 @@ fn head_words(h: &RecordHead) -> [u64; RECORD_HEAD / 8] {
     w
 }
 
+/// The depth an entry record carries: the shadow stack's depth without this call's own
+/// entry, which is what the exit action sees (it runs once the entry is popped). The
+/// agent's Rust path runs entry actions before pushing the entry; the inline path of
+/// probes whose handlers are a pack's (the trace actions are) calls them after, with the
+/// entry on top: this probe's, at this very return slot (`rsp`).
+fn entry_depth(probe: u32, rsp: u64) -> u32 {
+    let t = crate::thread_state::current();
+    let depth = t.depth;
+    if depth == 0 || t.shadow.is_null() || depth > t.capacity {
+        return depth as u32;
+    }
+    // SAFETY: the first `depth` entries of the mapped shadow stack are written.
+    let top = unsafe { &*t.shadow.add(depth as usize - 1) };
+    // SAFETY: shadow entries name live probes (probes are never freed).
+    let own = top.entry_rsp == rsp
+        && unsafe { &*(top.probe as *const crate::dispatch::Probe) }.id == probe;
+    (depth - own as u64) as u32
+}
+
 /// Entry action: registers and the `char *` arguments the probe's mask names.
 ///
 /// # Safety
@@ -216,8 +235,7 @@ pub unsafe extern "C" fn trace_entry(ctx: *mut u8, hit: *const HitInfo) -> u32 {
         kind: RecordKind::Entry as u8,
         probe: hit.probe,
         tid: tid(),
-        // The entry's own return is pushed after this action runs.
-        depth: crate::thread_state::current().depth as u32,
+        depth: entry_depth(hit.probe, c.rsp),
         tsc: tsc(),
         regs: [c.rdi, c.rsi, c.rdx, c.rcx, c.r8, c.r9],
         fregs: [c.xmm[0].0[0], c.xmm[1].0[0], c.xmm[2].0[0], c.xmm[3].0[0]],
