@@ -205,6 +205,19 @@ fn head_words(h: &RecordHead) -> [u64; RECORD_HEAD / 8] {
     w
 }
 
+/// The call depth of the frame whose entry `rsp` is `entry_rsp`, the same at its entry
+/// and its return whichever path runs the action: the general path runs an entry action
+/// before pushing the call's shadow entry and a return action after popping it, the
+/// inline path of a direct handler call (`trampoline::emit_fast_call_and_return`) after
+/// pushing and before popping.
+fn depth_of(entry_rsp: u64) -> u32 {
+    let frames = crate::thread_state::current().entries();
+    match frames.last() {
+        Some(top) if top.entry_rsp == entry_rsp => (frames.len() - 1) as u32,
+        _ => frames.len() as u32,
+    }
+}
+
 /// Entry action: registers and the `char *` arguments the probe's mask names.
 ///
 /// # Safety
@@ -216,8 +229,7 @@ pub unsafe extern "C" fn trace_entry(ctx: *mut u8, hit: *const HitInfo) -> u32 {
         kind: RecordKind::Entry as u8,
         probe: hit.probe,
         tid: tid(),
-        // The entry's own return is pushed after this action runs.
-        depth: crate::thread_state::current().depth as u32,
+        depth: depth_of(c.rsp),
         tsc: tsc(),
         regs: [c.rdi, c.rsi, c.rdx, c.rcx, c.r8, c.r9],
         fregs: [c.xmm[0].0[0], c.xmm[1].0[0], c.xmm[2].0[0], c.xmm[3].0[0]],
@@ -245,8 +257,7 @@ pub unsafe extern "C" fn trace_exit(ctx: *mut u8, hit: *const HitInfo) -> u32 {
         kind: RecordKind::Exit as u8,
         probe: hit.probe,
         tid: tid(),
-        // Popped before this action runs: the depth its entry saw.
-        depth: crate::thread_state::current().depth as u32,
+        depth: depth_of(c.entry_rsp),
         tsc: tsc(),
         regs: [c.rax, c.rdx, 0, 0, 0, 0],
         fregs: [c.xmm0.0[0], 0, 0, 0],
