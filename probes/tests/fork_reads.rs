@@ -45,7 +45,11 @@ fn a_forked_child_reads_its_own_memory_not_its_parents() {
     assert!(libc::WIFEXITED(status), "child status {status:#x}");
     let code = libc::WEXITSTATUS(status);
     assert_eq!(code & 1, 0, "the child's fork generation did not move");
-    assert_eq!(code & 2, 0, "the child's read::<u64> saw the parent's memory");
+    assert_eq!(
+        code & 2,
+        0,
+        "the child's read::<u64> saw the parent's memory"
+    );
     assert_eq!(code & 4, 0, "the child's read_str saw the parent's memory");
     // The parent's own reads are unchanged (and keep using its cached pid).
     assert_eq!(read::<u64>(at), Some(1));
