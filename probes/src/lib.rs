@@ -6,6 +6,7 @@
 //! outside the target with the same layout. A probe pack needs only this crate.
 
 pub mod context;
+pub mod fork;
 pub mod latency;
 pub mod mem;
 pub mod pack;

@@ -19,9 +19,8 @@ use probes::trace::{
 use probes::{EntryContext, ExitContext};
 use std::arch::{asm, global_asm};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Mutex;
-use std::sync::Once;
 
 static RING: Ring = Ring::new();
 /// The per-probe string masks in the region (null before the first start).
@@ -41,7 +40,8 @@ struct Region {
 const SYS_GETTID: u64 = 186;
 
 // The calling thread's id, cached in static TLS (initial-exec, as `thread_state`
-// explains: no `__tls_get_addr`, no malloc) with the fork generation it was read in:
+// explains: no `__tls_get_addr`, no malloc) with the fork generation (`probes::fork`) it
+// was read in:
 // `gettid` is a system call, which this kind of guest makes expensive (hundreds of ns).
 global_asm!(
     ".pushsection .tbss,\"awT\",@nobits",
@@ -54,16 +54,11 @@ global_asm!(
     ".popsection",
 );
 
-/// Bumped in the child of every `fork` (a `pthread_atfork` handler): a thread id cached
-/// before is its parent's.
-static FORK_GENERATION: AtomicU32 = AtomicU32::new(0);
-
-extern "C" fn forked_child() {
-    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
-}
-
 /// This thread's id: cached, read again after a fork.
 fn tid() -> u32 {
+    let Some(generation) = probes::fork::generation() else {
+        return gettid();
+    };
     let slot: *mut u64;
     // SAFETY: `fs:0` is the thread pointer; the variable's TLS offset comes from the GOT,
     // as in `thread_state::current`.
@@ -75,7 +70,6 @@ fn tid() -> u32 {
             options(nostack, readonly, preserves_flags),
         );
     }
-    let generation = FORK_GENERATION.load(Ordering::Relaxed);
     // SAFETY: this thread's own 8 bytes of static TLS.
     let cached = unsafe { slot.read() };
     if cached as u32 != 0 && (cached >> 32) as u32 == generation {
@@ -274,12 +268,7 @@ pub unsafe extern "C" fn trace_exit(ctx: *mut u8, hit: *const HitInfo) -> u32 {
 /// The region for a session: the last one emptied when its ring has the same size, else
 /// a new one.
 fn region(ring_bytes: usize) -> Result<StartResult, String> {
-    static AT_FORK: Once = Once::new();
-    // SAFETY: registers a handler that only bumps an atomic; it stays loaded (the agent
-    // is never unloaded).
-    AT_FORK.call_once(|| unsafe {
-        libc::pthread_atfork(None, None, Some(forked_child));
-    });
+    probes::fork::watch();
     let layout = probes::trace::layout(ring_bytes)?;
     let mut g = REGION.lock().unwrap_or_else(|p| p.into_inner());
     match g.as_ref() {
