@@ -8,6 +8,7 @@
 #[doc(hidden)]
 pub mod abi;
 pub mod context;
+pub mod fork;
 pub mod latency;
 pub mod mem;
 pub mod pack;

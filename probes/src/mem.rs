@@ -4,11 +4,14 @@
 //! would crash the program being traced. `process_vm_readv` on our own pid makes the kernel
 //! do the copy and report a bad address as `EFAULT` instead of a signal. It is issued with
 //! a raw `syscall` instruction: a handler may run inside malloc or with libc's locks held,
-//! so it calls no libc. What one read costs is measured by `cargo bench -p tracer --bench
-//! packs` (row `read::<u64>`).
+//! so it calls no libc. The pid is cached per process (see [`pid`]), so a read is one
+//! system call. What one read costs is measured by `cargo bench -p tracer --bench packs`
+//! (row `read::<u64>`).
 
+use crate::fork;
 use crate::pod::Pod;
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const SYS_GETPID: u64 = 39;
 const SYS_PROCESS_VM_READV: u64 = 310;
@@ -41,15 +44,39 @@ unsafe fn syscall6(nr: u64, a: [u64; 6]) -> i64 {
     ret
 }
 
+/// This process's pid with the fork generation it was read in (high half); 0 before the
+/// first read.
+static PID: AtomicU64 = AtomicU64::new(0);
+
+/// This process's pid: cached, asked again after a fork (see [`fork`]). Without a fork
+/// hook registered (`fork::watch`, done by the pack's init and the tracer's sessions) it
+/// is asked every time: a handler may run in a child, where the parent's pid would read
+/// the parent's memory.
+fn pid() -> u64 {
+    let Some(generation) = fork::generation() else {
+        return getpid();
+    };
+    let cached = PID.load(Ordering::Relaxed);
+    if cached != 0 && (cached >> 32) as u32 == generation {
+        return cached & 0xffff_ffff;
+    }
+    let pid = getpid();
+    PID.store((generation as u64) << 32 | pid, Ordering::Relaxed);
+    pid
+}
+
+fn getpid() -> u64 {
+    // SAFETY: getpid takes no argument.
+    unsafe { syscall6(SYS_GETPID, [0; 6]) as u64 }
+}
+
 /// Copy `dst.len()` bytes from `addr` in this process; returns how many were copied (less
 /// than asked when the range runs into unmapped memory).
 pub fn read_bytes(addr: u64, dst: &mut [u8]) -> usize {
     if dst.is_empty() || addr == 0 {
         return 0;
     }
-    // SAFETY: getpid takes no argument. Asked every time rather than cached: a handler may
-    // run in a child after fork, where a cached pid would read the parent.
-    let pid = unsafe { syscall6(SYS_GETPID, [0; 6]) } as u64;
+    let pid = pid();
     let local = IoVec {
         base: dst.as_mut_ptr() as u64,
         len: dst.len() as u64,

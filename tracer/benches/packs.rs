@@ -1,6 +1,7 @@
-//! Costs of the pack runtime, in one run: fault-free reads, map updates with and without
-//! per-thread shards under contention, and event records per second through the ring to
-//! a consumer thread, every record accounted for.
+//! Costs of the pack runtime, in one run: fault-free reads (with and without the pid
+//! cache), map updates with and without per-thread shards under contention, and event
+//! records per second through the ring to a bare consumer thread and to tracer's own
+//! event thread (`pack::live`), every record accounted for.
 //!
 //! `cargo bench -p tracer --bench packs`
 //!
@@ -8,12 +9,16 @@
 //! have fewer cores: ratios within one run are what to compare).
 
 use probes::pack::abi::{self, Binding, Plan};
+use probes::pack::emit::emit as emit_raw;
 use probes::pack::ring::RING;
 use probes::prelude::*;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
+use tracer::pack::descriptors::{FormatDesc, PackInfo};
+use tracer::pack::format::parse_format;
+use tracer::pack::live::Live;
 use tracer::pack::ring::Consumer;
 use tracer::pack::view::OwnedRegion;
 
@@ -86,7 +91,19 @@ static H: Histogram = Histogram::log2();
 static M: HashMap<u64, u64, 4096> = HashMap::new();
 static SHARED: AtomicU64 = AtomicU64::new(0);
 
+/// Read rows, first as before the pid cache (no fork hook: `getpid` on every read), then
+/// with it, in one run.
 fn reads() {
+    assert!(probes::fork::generation().is_none());
+    println!("fault-free reads, pid asked at every read (no fork hook, as before the cache):");
+    read_rows();
+    probes::fork::watch();
+    println!("fault-free reads, pid cached (fork hook registered, as in a pack):");
+    read_rows();
+    scale_rows();
+}
+
+fn read_rows() {
     let x = 42u64;
     let at = &x as *const u64 as u64;
     println!(
@@ -109,6 +126,11 @@ fn reads() {
             black_box(read_str(black_box(sp), 256));
         })
     );
+}
+
+fn scale_rows() {
+    let x = 42u64;
+    let at = &x as *const u64 as u64;
     println!(
         "getpid syscall, for scale     {:7.1} ns",
         ns_per(200_000, |_| {
@@ -263,6 +285,112 @@ fn ring(plan: &Plan, region: &'static OwnedRegion) {
     }
 }
 
+/// Records per second from `producers` threads emitting 16-byte records to tracer's own
+/// event thread (`pack::live`: the drain loop a session runs, formatting every record as
+/// text, written to a sink), on a ring of the size sessions use; checks received +
+/// dropped = emitted from the session's own summary. With `offered` (records per second,
+/// all threads together) each producer paces itself to its share, as a program emitting
+/// steadily would.
+fn live_rate(producers: usize, per: u64, offered: Option<f64>) -> (f64, u64, u64) {
+    let region = agent::pack_region::create(&[], abi::RING_BYTES).expect("region");
+    // SAFETY: the ring's storage is this region, never unmapped (leaked below); no
+    // producer runs while it is rebound.
+    unsafe { region.bind_ring(&RING) };
+    let fd = region.fd;
+    std::mem::forget(region);
+    let text = "{} {}";
+    let format = FormatDesc {
+        id: 7,
+        file: "bench.rs".into(),
+        line: 1,
+        nargs: 2,
+        text: text.into(),
+        pieces: parse_format(text).unwrap(),
+    };
+    let info = PackInfo {
+        path: "bench".into(),
+        probes: Vec::new(),
+        maps: Vec::new(),
+        formats: [(7, format)].into_iter().collect(),
+        has_ring: true,
+    };
+    let live = Live::start(
+        std::process::id() as i32,
+        fd,
+        "pack-bench",
+        info,
+        false,
+        Box::new(std::io::sink()),
+    )
+    .expect("live");
+    let t = Instant::now();
+    let hs: Vec<_> = (0..producers)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let share = offered.map(|r| r / producers as f64);
+                for i in 0..per {
+                    emit_raw(7, &[&i, &(i ^ 5)]);
+                    if let Some(r) = share.filter(|_| i % 64 == 63) {
+                        while start.elapsed().as_secs_f64() < (i + 1) as f64 / r {
+                            std::hint::spin_loop();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    hs.into_iter().for_each(|h| h.join().unwrap());
+    let secs = t.elapsed().as_secs_f64();
+    let summary = live.finish();
+    assert!(!summary.contains("warning"), "{summary}");
+    let line = summary
+        .lines()
+        .find(|l| l.starts_with("events: "))
+        .expect("events line");
+    let mut words = line.split_whitespace();
+    let received: u64 = words.nth(1).unwrap().parse().unwrap();
+    let dropped: u64 = words.nth(1).unwrap().parse().unwrap();
+    assert_eq!(
+        received + dropped,
+        producers as u64 * per,
+        "a record is unaccounted for: {line}"
+    );
+    (received as f64 / secs / 1e6, received, dropped)
+}
+
+fn live(producers_list: &[usize]) {
+    println!(
+        "events through tracer's event thread (pack::live, {} KiB ring, text formatting):",
+        abi::RING_BYTES / 1024
+    );
+    for &producers in producers_list {
+        let per = 4_000_000 / producers as u64;
+        let runs: Vec<_> = (0..5).map(|_| live_rate(producers, per, None)).collect();
+        let delivered = median(runs.iter().map(|r| r.0).collect());
+        let (recv, drop) = runs.iter().fold((0, 0), |a, r| (a.0 + r.1, a.1 + r.2));
+        println!(
+            "  {producers} producer(s): {delivered:6.1} M/s received; over 5 runs {recv} received + {drop} dropped = emitted ({:.1}% dropped)",
+            100.0 * drop as f64 / (recv + drop) as f64
+        );
+    }
+    println!("  paced producers (offered rate, all threads together), 1 M records per run:");
+    for &producers in producers_list {
+        for offered in [0.5e6, 1e6, 2e6] {
+            let per = 1_000_000 / producers as u64;
+            let runs: Vec<_> = (0..3)
+                .map(|_| live_rate(producers, per, Some(offered)))
+                .collect();
+            let (recv, drop) = runs.iter().fold((0, 0), |a, r| (a.0 + r.1, a.1 + r.2));
+            println!(
+                "  {producers} producer(s) at {:.1} M/s: over 3 runs {recv} received + {drop} dropped = emitted ({:.1}% dropped)",
+                offered / 1e6,
+                100.0 * drop as f64 / (recv + drop) as f64
+            );
+        }
+    }
+}
+
 fn main() {
     let (region, plan) = bind(
         &[
@@ -277,4 +405,5 @@ fn main() {
     maps();
     ring(&plan, region);
     ring_sides(&plan, region);
+    live(&[1, 4]);
 }

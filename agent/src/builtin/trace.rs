@@ -19,9 +19,8 @@ use probes::trace::{
 use probes::{EntryContext, ExitContext};
 use std::arch::{asm, global_asm};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Mutex;
-use std::sync::Once;
 
 static RING: Ring = Ring::new();
 /// The per-probe string masks in the region (null before the first start).
@@ -41,7 +40,8 @@ struct Region {
 const SYS_GETTID: u64 = 186;
 
 // The calling thread's id, cached in static TLS (initial-exec, as `thread_state`
-// explains: no `__tls_get_addr`, no malloc) with the fork generation it was read in:
+// explains: no `__tls_get_addr`, no malloc) with the fork generation (`probes::fork`) it
+// was read in:
 // `gettid` is a system call, which this kind of guest makes expensive (hundreds of ns).
 global_asm!(
     ".pushsection .tbss,\"awT\",@nobits",
@@ -54,16 +54,11 @@ global_asm!(
     ".popsection",
 );
 
-/// Bumped in the child of every `fork` (a `pthread_atfork` handler): a thread id cached
-/// before is its parent's.
-static FORK_GENERATION: AtomicU32 = AtomicU32::new(0);
-
-extern "C" fn forked_child() {
-    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
-}
-
 /// This thread's id: cached, read again after a fork.
 fn tid() -> u32 {
+    let Some(generation) = probes::fork::generation() else {
+        return gettid();
+    };
     let slot: *mut u64;
     // SAFETY: `fs:0` is the thread pointer; the variable's TLS offset comes from the GOT,
     // as in `thread_state::current`.
@@ -75,7 +70,6 @@ fn tid() -> u32 {
             options(nostack, readonly, preserves_flags),
         );
     }
-    let generation = FORK_GENERATION.load(Ordering::Relaxed);
     // SAFETY: this thread's own 8 bytes of static TLS.
     let cached = unsafe { slot.read() };
     if cached as u32 != 0 && (cached >> 32) as u32 == generation {
@@ -205,23 +199,17 @@ fn head_words(h: &RecordHead) -> [u64; RECORD_HEAD / 8] {
     w
 }
 
-/// The depth an entry record carries: the shadow stack's depth without this call's own
-/// entry, which is what the exit action sees (it runs once the entry is popped). The
-/// agent's Rust path runs entry actions before pushing the entry; the inline path of
-/// probes whose handlers are a pack's (the trace actions are) calls them after, with the
-/// entry on top: this probe's, at this very return slot (`rsp`).
-fn entry_depth(probe: u32, rsp: u64) -> u32 {
-    let t = crate::thread_state::current();
-    let depth = t.depth;
-    if depth == 0 || t.shadow.is_null() || depth > t.capacity {
-        return depth as u32;
+/// The call depth of the frame whose entry `rsp` is `entry_rsp`, the same at its entry
+/// and its return whichever path runs the action: the general path runs an entry action
+/// before pushing the call's shadow entry and a return action after popping it, the
+/// inline path of a direct handler call (`trampoline::emit_fast_call_and_return`) after
+/// pushing and before popping.
+fn depth_of(entry_rsp: u64) -> u32 {
+    let frames = crate::thread_state::current().entries();
+    match frames.last() {
+        Some(top) if top.entry_rsp == entry_rsp => (frames.len() - 1) as u32,
+        _ => frames.len() as u32,
     }
-    // SAFETY: the first `depth` entries of the mapped shadow stack are written.
-    let top = unsafe { &*t.shadow.add(depth as usize - 1) };
-    // SAFETY: shadow entries name live probes (probes are never freed).
-    let own = top.entry_rsp == rsp
-        && unsafe { &*(top.probe as *const crate::dispatch::Probe) }.id == probe;
-    (depth - own as u64) as u32
 }
 
 /// Entry action: registers and the `char *` arguments the probe's mask names.
@@ -235,7 +223,7 @@ pub unsafe extern "C" fn trace_entry(ctx: *mut u8, hit: *const HitInfo) -> u32 {
         kind: RecordKind::Entry as u8,
         probe: hit.probe,
         tid: tid(),
-        depth: entry_depth(hit.probe, c.rsp),
+        depth: depth_of(c.rsp),
         tsc: tsc(),
         regs: [c.rdi, c.rsi, c.rdx, c.rcx, c.r8, c.r9],
         fregs: [c.xmm[0].0[0], c.xmm[1].0[0], c.xmm[2].0[0], c.xmm[3].0[0]],
@@ -263,8 +251,7 @@ pub unsafe extern "C" fn trace_exit(ctx: *mut u8, hit: *const HitInfo) -> u32 {
         kind: RecordKind::Exit as u8,
         probe: hit.probe,
         tid: tid(),
-        // Popped before this action runs: the depth its entry saw.
-        depth: crate::thread_state::current().depth as u32,
+        depth: depth_of(c.entry_rsp),
         tsc: tsc(),
         regs: [c.rax, c.rdx, 0, 0, 0, 0],
         fregs: [c.xmm0.0[0], 0, 0, 0],
@@ -281,12 +268,7 @@ pub unsafe extern "C" fn trace_exit(ctx: *mut u8, hit: *const HitInfo) -> u32 {
 /// The region for a session: the last one emptied when its ring has the same size, else
 /// a new one.
 fn region(ring_bytes: usize) -> Result<StartResult, String> {
-    static AT_FORK: Once = Once::new();
-    // SAFETY: registers a handler that only bumps an atomic; it stays loaded (the agent
-    // is never unloaded).
-    AT_FORK.call_once(|| unsafe {
-        libc::pthread_atfork(None, None, Some(forked_child));
-    });
+    probes::fork::watch();
     let layout = probes::trace::layout(ring_bytes)?;
     let mut g = REGION.lock().unwrap_or_else(|p| p.into_inner());
     match g.as_ref() {

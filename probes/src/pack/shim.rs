@@ -48,10 +48,12 @@ pub const INIT_SYMBOL: &str = "__tracer_pack_init";
 /// Prepare the pack to run inside a target: std's default panic hook would print the
 /// message on the target's stderr (and allocate) before the shim catches the panic, so
 /// the hook is replaced by a silent one. The pack links its own copy of std, so this does
-/// not touch the target's hooks even when the target is a Rust program. Returns the ABI
-/// version the pack was built against.
+/// not touch the target's hooks even when the target is a Rust program. The fork hook is
+/// registered here, outside any handler, so that fault-free reads can cache the pid
+/// (`crate::mem`). Returns the ABI version the pack was built against.
 #[cfg_attr(feature = "pack-exports", unsafe(export_name = "__tracer_pack_init"))]
 pub extern "C" fn pack_init() -> u32 {
     std::panic::set_hook(Box::new(|_| {}));
+    crate::fork::watch();
     super::abi::ABI_VERSION
 }

@@ -17,8 +17,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How often the ring is drained.
+/// How long the drain sleeps when the ring was empty.
 const PERIOD: Duration = Duration::from_millis(5);
+/// How long it waits for a record a producer is still writing.
+const PENDING_WAIT: Duration = Duration::from_micros(50);
 /// How long a record may stay reserved and unfinished before it is taken as left by a
 /// thread that died inside a handler and skipped.
 const STUCK_AFTER: Duration = Duration::from_secs(1);
@@ -133,7 +135,8 @@ impl Live {
     }
 }
 
-/// Drain every `PERIOD` until told to stop, then once more.
+/// Drain until told to stop, then once more: again at once while records come, after
+/// `PENDING_WAIT` when stopped at a record being written, after `PERIOD` when empty.
 fn drain_loop(s: &Shared, stop: &AtomicBool, json: bool, mut out: Box<dyn Write + Send>) -> Tally {
     let mut consumer = Consumer::new(s.plan.ring_offset, s.plan.ring_bytes);
     let mut tally = Tally::default();
@@ -181,7 +184,11 @@ fn drain_loop(s: &Shared, stop: &AtomicBool, json: bool, mut out: Box<dyn Write 
         // it is taken as left by a thread that died in a handler, and skipped.
         if d.pending {
             if d.records > 0 {
+                // Caught up with a producer still writing: go on at once. Sleeping a
+                // period here stalled the drain at every catch-up, and the producers
+                // dropped what the ring could not hold meanwhile.
                 pending_since = None;
+                continue;
             }
             let since = *pending_since.get_or_insert_with(Instant::now);
             let limit = if last { STUCK_AT_END } else { STUCK_AFTER };
@@ -196,8 +203,8 @@ fn drain_loop(s: &Shared, stop: &AtomicBool, json: bool, mut out: Box<dyn Write 
                 if !last {
                     continue;
                 }
-            } else if last {
-                std::thread::sleep(PERIOD);
+            } else {
+                std::thread::sleep(PENDING_WAIT);
                 continue;
             }
         } else {
@@ -206,7 +213,10 @@ fn drain_loop(s: &Shared, stop: &AtomicBool, json: bool, mut out: Box<dyn Write 
         if last {
             return tally;
         }
-        std::thread::sleep(PERIOD);
+        // Records came: there may be more behind them, drain again at once.
+        if d.records == 0 {
+            std::thread::sleep(PERIOD);
+        }
     }
 }
 
