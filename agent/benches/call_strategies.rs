@@ -16,8 +16,8 @@
 //! and encodings only, with numbers too short to mean anything.
 
 use agent::allocator::{align_up, Limits, NearAllocator, PAGE, USER_TOP};
-use agent::emitter::{CallEncoding, EmitError, Emitter, Policy};
-use agent::jit::place;
+use agent::emitter::{CallEncoding, Emitter, Policy};
+use agent::jit::{place, JitError};
 use agent::maps;
 use iced_x86::code_asm::{rax, rbx, rdi, rsi};
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, Register};
@@ -361,7 +361,7 @@ fn place_loop(
             a.pop(rbx)?;
             a.ret()
         })?;
-        Ok::<_, EmitError>((entry, top_addr, call_bytes))
+        Ok::<_, JitError>((entry, top_addr, call_bytes))
     })?;
     let c = placed.counts;
     if c.get(encoding) != sites as u64 || c.total() != sites as u64 {

@@ -120,7 +120,14 @@ impl fmt::Display for AllocError {
     }
 }
 
-impl std::error::Error for AllocError {}
+impl std::error::Error for AllocError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AllocError::Os { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
 
 fn hex_list(v: &[u64]) -> String {
     v.iter()

@@ -5,7 +5,7 @@
 
 use crate::interceptor::{Interceptor, PackHandlers, ProbeRequest};
 use crate::relocator::Function;
-use probes::remote::{
+use probes::abi::remote::{
     result_flags, status, AgentInfo, PackLoadResult, PrepareRequest, PrepareResult, AGENT_MAGIC,
 };
 use probes::ProbeKind;
@@ -123,12 +123,12 @@ fn prepared_result(p: &crate::interceptor::Prepared) -> PrepareResult {
 
 fn prepare_one(i: &mut Interceptor, req: &PrepareRequest) -> PrepareResult {
     let mut o = PrepareResult::default();
-    let kind = match req.kind {
-        0 => ProbeKind::Entry,
-        1 => ProbeKind::Exit,
-        2 => ProbeKind::Offset,
-        k => {
-            o.set_message(&format!("unknown probe kind {k}"));
+    let kind = match ProbeKind::try_from(req.kind) {
+        Ok(k) => k,
+        Err(k) => {
+            o.set_message(&format!(
+                "unknown probe kind {k}: the tracer and its agent were built apart"
+            ));
             return o;
         }
     };
@@ -186,7 +186,7 @@ fn leak_label(req: &PrepareRequest) -> &'static str {
 
 /// Create a loaded pack's shared region, bind its maps and ring, call its init, and look
 /// up its shims; or swap a running pack's handlers for a new build's: see
-/// `probes::remote::LOAD_PACK_SYMBOL` for the records.
+/// `probes::abi::remote::LOAD_PACK_SYMBOL` for the records.
 ///
 /// # Safety
 /// `input` holds a `PackLoadRequest` followed by its `PackSymbol`s; `out` has room for a
@@ -199,7 +199,7 @@ pub unsafe extern "C" fn tracer_agent_load_pack(input: *const u8, _n: u64, out: 
     }));
     let message = match r {
         Ok(Ok(())) => return 1,
-        Ok(Err(m)) => m,
+        Ok(Err(e)) => e.to_string(),
         Err(_) => "the agent panicked while loading the pack".to_string(),
     };
     let mut res = PackLoadResult::default();

@@ -38,7 +38,7 @@ use crate::emitter::{CallEncoding, EmitError, Emitter};
 use crate::relocator::{self, Relocated, Stolen};
 use crate::shared::Sharding;
 use crate::thread_state::layout as tl;
-use probes::shared::{flags, ProbeCounters, Shard};
+use probes::abi::shared::{flags, ProbeCounters, Shard};
 use std::mem::offset_of;
 
 /// What the counting path needs, all fixed for the process but `counters`.

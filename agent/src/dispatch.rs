@@ -8,9 +8,9 @@
 
 use crate::shared::current_cpu;
 use crate::thread_state::{self, ShadowEntry};
+use probes::abi::shared::{flags, Counts};
 use probes::context::{OffsetContext, OffsetHandler};
 use probes::pack::abi::{HitInfo, Shim, SHIM_PANICKED};
-use probes::shared::{flags, Counts};
 use probes::{EntryContext, EntryHandler, ExitContext, ExitHandler};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::AtomicU64;
@@ -85,7 +85,7 @@ impl Probe {
 
     /// The calling CPU's shard; None when the region has none (no rseq).
     #[inline(always)]
-    fn shard(&self) -> Option<&'static probes::shared::Shard> {
+    fn shard(&self) -> Option<&'static probes::abi::shared::Shard> {
         let shards = self.counters.shards;
         if shards.is_empty() {
             return None;

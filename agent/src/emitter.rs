@@ -53,9 +53,14 @@ impl CallEncoding {
             CallEncoding::Abs64 => "abs64",
         }
     }
+}
 
-    pub fn from_u8(v: u8) -> Option<Self> {
-        Self::ALL.get(v as usize).copied()
+impl TryFrom<u32> for CallEncoding {
+    /// The number received, which names no encoding: a tracer and agent built apart.
+    type Error = u32;
+
+    fn try_from(v: u32) -> Result<Self, u32> {
+        Self::ALL.get(v as usize).copied().ok_or(v)
     }
 }
 

@@ -24,8 +24,8 @@
 //! no hit lands in the parent's counters from here.
 
 use crate::shared::MAX_CAPACITY;
-use probes::remote::{FOLLOW_ENV, FOLLOW_EXEC, FOLLOW_FORK, FOLLOW_GO, FOLLOW_WAIT_MS};
-use probes::shared::{Counts, SharedHeader};
+use probes::abi::remote::{FOLLOW_ENV, FOLLOW_EXEC, FOLLOW_FORK, FOLLOW_GO, FOLLOW_WAIT_MS};
+use probes::abi::shared::{Counts, SharedHeader};
 use std::sync::atomic::{AtomicI32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Once;
 
@@ -417,7 +417,7 @@ fn own_region(base: usize) -> Option<(i32, u64)> {
     Some((old_fd, st.st_ino))
 }
 
-/// Remote entry point ([`probes::remote::FOLLOW_SYMBOL`]): the process the tracer
+/// Remote entry point ([`probes::abi::remote::FOLLOW_SYMBOL`]): the process the tracer
 /// launched starts following. Runs with every other thread stopped.
 ///
 /// # Safety

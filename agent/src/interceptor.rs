@@ -16,11 +16,10 @@ use crate::relocator::{self, Function, Memory, NeighbourIndex, Refusal, SelfMemo
 use crate::shared::SharedRegion;
 use crate::shared_general;
 use crate::trampoline;
+use probes::abi::shared::{flags, ProbeKind};
 use probes::context::OffsetHandler;
-use probes::shared::{flags, ProbeKind};
 use probes::{EntryHandler, ExitHandler};
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -84,37 +83,49 @@ impl ProbeRequest {
 }
 
 /// Why a probe was not prepared.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     /// The site cannot be patched safely.
-    Refused(Refusal),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     /// No memory within reach of the site, or the kernel refused memory.
-    NoTrampolineMemory(AllocError),
+    #[error("no memory for a trampoline within reach: {0}")]
+    NoTrampolineMemory(#[source] AllocError),
     /// Code generation failed (a bug, reported as such).
-    Codegen(String),
+    #[error("trampoline generation failed: {0}")]
+    Codegen(#[from] EmitError),
+    /// The trampoline landed beyond `jmp rel32` reach of the site (a bug: it is placed
+    /// near the site).
+    #[error("trampoline generation failed: trampoline out of rel32 reach")]
+    OutOfReach,
+    /// `prepare_offset` was given a request of another kind.
+    #[error(
+        "trampoline generation failed: prepare_offset needs an offset probe request, not {0:?}"
+    )]
+    NotOffset(ProbeKind),
+    /// Offset probes save the vector state with xsave, which the OS has not enabled.
+    #[error(
+        "trampoline generation failed: the OS has not enabled xsave (CPUID OSXSAVE): offset \
+         probes cannot save the vector state"
+    )]
+    NoXsave,
     /// All counter slots are in use.
+    #[error("more than {0} probes")]
     TooManyProbes(usize),
     /// The shared counters could not grow.
-    NoCounterMemory(io::Error),
+    #[error("no memory for more probe counters: {0}")]
+    NoCounterMemory(#[source] io::Error),
 }
 
-impl fmt::Display for PrepareError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PrepareError::Refused(r) => r.fmt(f),
-            PrepareError::NoTrampolineMemory(e) => {
-                write!(f, "no memory for a trampoline within reach: {e}")
-            }
-            PrepareError::Codegen(e) => write!(f, "trampoline generation failed: {e}"),
-            PrepareError::TooManyProbes(n) => write!(f, "more than {n} probes"),
-            PrepareError::NoCounterMemory(e) => {
-                write!(f, "no memory for more probe counters: {e}")
-            }
+impl From<JitError> for PrepareError {
+    fn from(e: JitError) -> Self {
+        match e {
+            JitError::Alloc(a) => PrepareError::NoTrampolineMemory(a),
+            JitError::Emit(e) => PrepareError::Codegen(e),
+            JitError::Refused(r) => PrepareError::Refused(r),
         }
     }
 }
-
-impl std::error::Error for PrepareError {}
 
 /// A probe ready to be committed.
 #[derive(Clone, Debug)]
@@ -229,7 +240,7 @@ impl Interceptor {
         &self.alloc
     }
 
-    pub fn counters(&self, id: u32) -> probes::shared::Counts<'_> {
+    pub fn counters(&self, id: u32) -> probes::abi::shared::Counts<'_> {
         self.shared.counters(id as usize)
     }
 
@@ -384,10 +395,7 @@ impl Interceptor {
         h: Option<OffsetHandler>,
     ) -> Result<Prepared, PrepareError> {
         if req.kind != ProbeKind::Offset {
-            return Err(PrepareError::Codegen(format!(
-                "prepare_offset needs an offset probe request, not {:?}",
-                req.kind
-            )));
+            return Err(PrepareError::NotOffset(req.kind));
         }
         self.prepare_with(req, h)
     }
@@ -398,22 +406,23 @@ impl Interceptor {
         on_offset: Option<OffsetHandler>,
     ) -> Result<Prepared, PrepareError> {
         dispatch::finish_tsc_calibration();
-        let (rkind, site) = match req.kind {
-            ProbeKind::Entry | ProbeKind::Exit => {
-                (relocator::ProbeKind::Entry, req.function.address)
-            }
-            ProbeKind::Offset => (
-                relocator::ProbeKind::Offset,
-                req.function.address + req.offset,
-            ),
+        let site = match req.kind {
+            ProbeKind::Entry | ProbeKind::Exit => req.function.address,
+            ProbeKind::Offset => req.function.address + req.offset,
         };
         let stolen = {
             let unpatched = UnpatchedMemory {
                 patches: &self.committed,
             };
             let mem = self.batch_memory(&unpatched);
-            relocator::analyze_with(&req.function, site, rkind, &*mem, self.neighbours.as_ref())
-                .map_err(PrepareError::Refused)?
+            relocator::analyze_with(
+                &req.function,
+                site,
+                req.kind,
+                &*mem,
+                self.neighbours.as_ref(),
+            )
+            .map_err(PrepareError::Refused)?
         };
         let exit_trampoline = match req.kind {
             ProbeKind::Exit => self.exit_trampoline()?,
@@ -449,13 +458,7 @@ impl Interceptor {
             self.record_saves(probe, h, self.direct_pack(req));
         }
         let xsave = match req.kind {
-            ProbeKind::Offset => Some(self.xsave.ok_or_else(|| {
-                PrepareError::Codegen(
-                    "the OS has not enabled xsave (CPUID OSXSAVE): offset probes cannot save \
-                     the vector state"
-                        .into(),
-                )
-            })?),
+            ProbeKind::Offset => Some(self.xsave.ok_or(PrepareError::NoXsave)?),
             _ => None,
         };
         // Counting-only probes take the inline path; a handler needs the full one.
@@ -511,14 +514,13 @@ impl Interceptor {
                 Err(JitError::Alloc(AllocError::TargetsTooFarApart { .. }))
                 | Err(JitError::Alloc(AllocError::OutOfRange { .. }))
                     if near.len() > 1 => {}
-                Err(JitError::Alloc(e)) => return Err(PrepareError::NoTrampolineMemory(e)),
-                Err(JitError::Emit(e)) => return Err(PrepareError::Codegen(e.to_string())),
+                Err(e) => return Err(e.into()),
             }
         }
         let placed = placed.expect("the loop returns or places");
-        let tramp = placed.value.map_err(PrepareError::Refused)?;
-        let patch = trampoline::patch_bytes(stolen.site, placed.addr)
-            .ok_or_else(|| PrepareError::Codegen("trampoline out of rel32 reach".into()))?;
+        let tramp = placed.value;
+        let patch =
+            trampoline::patch_bytes(stolen.site, placed.addr).ok_or(PrepareError::OutOfReach)?;
         let mut original = [0u8; 5];
         original.copy_from_slice(&stolen.original[..5]);
         counters
@@ -567,16 +569,12 @@ impl Interceptor {
         let on_entry = dispatch::on_entry as *const () as u64;
         let avx = self.avx();
         let placed = jit::place(&mut self.alloc, &[on_entry], self.policy, |e| {
-            shared_general::emit_stub(e, avx)
+            Ok(shared_general::emit_stub(e, avx)?)
         })
         .or_else(|_| {
             jit::place(&mut self.alloc, &[], self.policy, |e| {
-                shared_general::emit_stub(e, avx)
+                Ok(shared_general::emit_stub(e, avx)?)
             })
-        })
-        .map_err(|e| match e {
-            JitError::Alloc(a) => PrepareError::NoTrampolineMemory(a),
-            JitError::Emit(e) => PrepareError::Codegen(e.to_string()),
         })?;
         self.general_stub = Some(placed.addr);
         Ok(placed.addr)
@@ -589,16 +587,12 @@ impl Interceptor {
         let on_exit = dispatch::on_exit as *const () as u64;
         let avx = self.avx();
         let placed = jit::place(&mut self.alloc, &[on_exit], self.policy, |e| {
-            trampoline::emit_exit(e, self.tls, avx)
+            Ok(trampoline::emit_exit(e, self.tls, avx)?)
         })
         .or_else(|_| {
             jit::place(&mut self.alloc, &[], self.policy, |e| {
-                trampoline::emit_exit(e, self.tls, avx)
+                Ok(trampoline::emit_exit(e, self.tls, avx)?)
             })
-        })
-        .map_err(|e| match e {
-            JitError::Alloc(a) => PrepareError::NoTrampolineMemory(a),
-            JitError::Emit(e) => PrepareError::Codegen(e.to_string()),
         })?;
         self.exit_trampoline = Some(placed.addr);
         self.hook_unwinder();
@@ -697,7 +691,7 @@ fn emit_trampoline(
     path: trampoline::EntryPath,
     avx: bool,
     stub: u64,
-) -> Result<Result<trampoline::EntryTrampoline, Refusal>, EmitError> {
+) -> Result<trampoline::EntryTrampoline, JitError> {
     match (xsave, path) {
         (Some(xs), _) => trampoline::emit_offset(e, probe, stolen, xs),
         (None, trampoline::EntryPath::Fast(f)) if f.pack.is_none() && f.exit_trampoline == 0 => {
@@ -707,12 +701,10 @@ fn emit_trampoline(
                 sharding: crate::shared::sharding(),
             };
             // Nothing is called: the encoding reported is that of no far call.
-            Ok(
-                counting_entry::emit(e, c, stolen)?.map(|relocated| trampoline::EntryTrampoline {
-                    encoding: CallEncoding::Rel32,
-                    relocated,
-                }),
-            )
+            Ok(trampoline::EntryTrampoline {
+                encoding: CallEncoding::Rel32,
+                relocated: counting_entry::emit(e, c, stolen)??,
+            })
         }
         (None, trampoline::EntryPath::Fast(f)) if f.pack.is_none() => {
             shared_general::emit_entry(e, probe, stolen, f, stub)
@@ -877,7 +869,7 @@ impl Interceptor {
     /// `direct`: the handlers are called straight from the trampoline; else they run
     /// from the general path, whose frame saves every vector register.
     fn record_saves(&self, probe: &Probe, h: &PackHandlers, direct: bool) {
-        use probes::shared::saves;
+        use probes::abi::shared::saves;
         let mut v = 0u64;
         let entry_kind = if direct {
             trampoline::PACK_ENTRY_DIRECT
@@ -934,16 +926,14 @@ impl Interceptor {
             let addr = if saves == 0 && bare {
                 shim
             } else {
-                let emit = |e: &mut crate::emitter::Emitter| match direct {
-                    Some(d) => trampoline::emit_pack_direct_stub(e, shim, d, avx),
-                    None => trampoline::emit_pack_stub(e, shim, saves, avx),
+                let emit = |e: &mut crate::emitter::Emitter| -> Result<_, JitError> {
+                    Ok(match direct {
+                        Some(d) => trampoline::emit_pack_direct_stub(e, shim, d, avx)?,
+                        None => trampoline::emit_pack_stub(e, shim, saves, avx)?,
+                    })
                 };
                 let placed = jit::place(&mut self.alloc, &[shim], self.policy, emit)
-                    .or_else(|_| jit::place(&mut self.alloc, &[], self.policy, emit))
-                    .map_err(|e| match e {
-                        JitError::Alloc(a) => PrepareError::NoTrampolineMemory(a),
-                        JitError::Emit(e) => PrepareError::Codegen(e.to_string()),
-                    })?;
+                    .or_else(|_| jit::place(&mut self.alloc, &[], self.policy, emit))?;
                 placed.addr
             };
             self.stubs.insert(

@@ -8,36 +8,19 @@
 
 use crate::allocator::{AllocError, Block, NearAllocator};
 use crate::emitter::{EmitError, Emitter, EncodingCounts, LiteralPool, Policy};
-use std::fmt;
+use crate::relocator::Refusal;
 
 /// Why code could not be placed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum JitError {
-    Alloc(AllocError),
-    Emit(EmitError),
-}
-
-impl fmt::Display for JitError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            JitError::Alloc(e) => e.fmt(f),
-            JitError::Emit(e) => e.fmt(f),
-        }
-    }
-}
-
-impl std::error::Error for JitError {}
-
-impl From<AllocError> for JitError {
-    fn from(e: AllocError) -> Self {
-        JitError::Alloc(e)
-    }
-}
-
-impl From<EmitError> for JitError {
-    fn from(e: EmitError) -> Self {
-        JitError::Emit(e)
-    }
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    #[error(transparent)]
+    Emit(#[from] EmitError),
+    /// The relocator cannot re-encode the stolen instructions at the address the code
+    /// got (a RIP-relative operand beyond reach from there, for instance).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
 }
 
 /// Code that was placed and is ready to run.
@@ -72,7 +55,7 @@ pub fn place<T>(
     alloc: &mut NearAllocator,
     near: &[u64],
     policy: Policy,
-    mut build: impl FnMut(&mut Emitter) -> Result<T, EmitError>,
+    mut build: impl FnMut(&mut Emitter) -> Result<T, JitError>,
 ) -> Result<Placed<T>, JitError> {
     // The least room the chunk must have: grows to the code's length when a chunk
     // turns out too full for it.
@@ -91,7 +74,7 @@ pub fn place<T>(
             Err(err) => {
                 drop(e);
                 alloc.cancel(block);
-                return Err(err.into());
+                return Err(err);
             }
         };
         let counts = *e.counts();
@@ -178,7 +161,7 @@ mod tests {
         let mut runs = 0;
         let p = place(a, &[near()], Policy::Force(CallEncoding::RipSlot), |e| {
             runs += 1;
-            with_slots(e, 5, 150)
+            Ok(with_slots(e, 5, 150)?)
         })
         .unwrap();
         (p, runs)

@@ -3,6 +3,12 @@
 //! The parser works on text, not on a file, so that the same code serves the agent
 //! (reading `/proc/self/maps` inside the target) and the tracer (reading
 //! `/proc/PID/maps` from outside), and so that tests can feed synthetic listings.
+//!
+//! Hand-written rather than `procfs` (which the tracer uses for tasks, status and auxv):
+//! inside the target the agent reads its own maps while every other thread is stopped,
+//! possibly with the target's locks held, so it keeps to one read and a small parser with
+//! no dependency of its own; the tracer shares the parser so that both sides see the same
+//! [`MapEntry`] the allocator works on.
 
 use std::fmt;
 

@@ -4,8 +4,9 @@
 //! for a new build's, its maps kept.
 
 use crate::interceptor::Interceptor;
+use crate::pack_region::PackLoadError;
+use probes::abi::remote::{PackLoadRequest, PackLoadResult, PackSymbol};
 use probes::pack::abi::{self, Plan};
-use probes::remote::{PackLoadRequest, PackLoadResult, PackSymbol};
 use std::ffi::{CStr, CString};
 use std::sync::Mutex;
 
@@ -111,23 +112,20 @@ unsafe fn read_request(input: *const u8) -> Request {
     }
 }
 
-fn c_strings(v: &[Vec<u8>]) -> Result<Vec<CString>, String> {
-    v.iter()
-        .map(|s| CString::new(s.clone()).map_err(|e| e.to_string()))
-        .collect()
+fn c_strings(v: &[Vec<u8>]) -> Result<Vec<CString>, PackLoadError> {
+    v.iter().map(|s| Ok(CString::new(s.clone())?)).collect()
 }
 
 /// Each shim's address in the pack behind `handle`, in order.
-fn look_up(handle: u64, symbols: &[Vec<u8>]) -> Result<Vec<u64>, String> {
+fn look_up(handle: u64, symbols: &[Vec<u8>]) -> Result<Vec<u64>, PackLoadError> {
     c_strings(symbols)?
         .iter()
         .map(|name| {
             // SAFETY: a live dlopen handle and a NUL-terminated name.
             let addr = unsafe { libc::dlsym(handle as *mut libc::c_void, name.as_ptr()) };
             if addr.is_null() {
-                Err(format!(
-                    "the pack does not export {}",
-                    name.to_string_lossy()
+                Err(PackLoadError::NotExported(
+                    name.to_string_lossy().into_owned(),
                 ))
             } else {
                 Ok(addr as u64)
@@ -141,7 +139,7 @@ fn bind(
     region: &crate::pack_region::PackRegion,
     handle: u64,
     map_symbols: &[Vec<u8>],
-) -> Result<u32, String> {
+) -> Result<u32, PackLoadError> {
     let names = c_strings(map_symbols)?;
     let names: Vec<&CStr> = names.iter().map(|c| c.as_c_str()).collect();
     // SAFETY: the tracer passes the handle `dlopen` returned for this pack, whose
@@ -158,7 +156,7 @@ pub unsafe fn load(
     input: *const u8,
     out: *mut u8,
     interceptor: &Mutex<Option<Interceptor>>,
-) -> Result<(), String> {
+) -> Result<(), PackLoadError> {
     // SAFETY: per the contract.
     let req = unsafe { read_request(input) };
     let shims = look_up(req.head.handle, &req.shim_symbols)?;
@@ -185,7 +183,11 @@ pub unsafe fn load(
 
 /// A session's pack: its region (the one of an earlier session with the same library,
 /// emptied, or a new one), bound.
-fn fresh(known: &mut Vec<Known>, req: &Request, shims: &[u64]) -> Result<PackLoadResult, String> {
+fn fresh(
+    known: &mut Vec<Known>,
+    req: &Request,
+    shims: &[u64],
+) -> Result<PackLoadResult, PackLoadError> {
     let ring_bytes = req.head.ring_bytes as usize;
     let at = known.iter().position(|k| {
         k.handle == req.head.handle && k.kinds == req.kinds && k.plan.ring_bytes == ring_bytes
@@ -240,21 +242,18 @@ fn swap(
     req: &Request,
     shims: &[u64],
     interceptor: &Mutex<Option<Interceptor>>,
-) -> Result<PackLoadResult, String> {
+) -> Result<PackLoadResult, PackLoadError> {
     let name = String::from_utf8_lossy(&req.name).into_owned();
     let k = known
         .iter_mut()
         .rev()
         .find(|k| k.name == req.name)
-        .ok_or_else(|| format!("no pack named {name} runs in this process"))?;
+        .ok_or_else(|| PackLoadError::NotRunning(name.clone()))?;
     if k.handle == req.head.handle {
-        return Err(format!("this build of {name} is the one running"));
+        return Err(PackLoadError::SameBuild(name));
     }
     if k.kinds != req.kinds || k.map_symbols != req.map_symbols {
-        return Err(format!(
-            "the new build of {name} changes its maps (names, types or sizes); a swap keeps \
-             the running maps, so it is refused: end the running session and attach again"
-        ));
+        return Err(PackLoadError::MapsChanged(name));
     }
     let mut pairs = Vec::new();
     for (sym, old) in &k.shims {
@@ -263,18 +262,16 @@ fn swap(
             .iter()
             .position(|s| s == sym)
             .map(|i| shims[i])
-            .ok_or_else(|| {
-                format!(
-                    "the new build of {name} lacks the handler {} the running one has",
-                    String::from_utf8_lossy(sym)
-                )
+            .ok_or_else(|| PackLoadError::MissingHandler {
+                name: name.clone(),
+                handler: String::from_utf8_lossy(sym).into_owned(),
             })?;
         pairs.push((*old, new));
     }
     let abi = bind(&k.region(), req.head.handle, &req.map_symbols)?;
     let mut g = interceptor.lock().unwrap_or_else(|p| p.into_inner());
     let swapped = match g.as_mut() {
-        Some(i) => i.swap_pack_shims(&pairs).map_err(|e| e.to_string())?,
+        Some(i) => i.swap_pack_shims(&pairs)?,
         None => 0,
     };
     k.handle = req.head.handle;

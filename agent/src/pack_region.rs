@@ -15,13 +15,54 @@ pub struct PackRegion {
     pub plan: Plan,
 }
 
-fn os(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
+/// Why a pack could not be loaded, bound or swapped; its text goes back to the tracer.
+#[derive(Debug, thiserror::Error)]
+pub enum PackLoadError {
+    /// The maps and ring do not make a region (`probes::pack::abi::plan` says why).
+    #[error("{0}")]
+    Plan(String),
+    /// The kernel refused a step of creating the region.
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// A symbol the tracer named is not exported by the pack.
+    #[error("the pack does not export {0}")]
+    NotExported(String),
+    /// A symbol name the tracer sent holds a NUL byte.
+    #[error(transparent)]
+    Nul(#[from] std::ffi::NulError),
+    /// A swap names a pack no session loaded.
+    #[error("no pack named {0} runs in this process")]
+    NotRunning(String),
+    /// A swap of the build already running.
+    #[error("this build of {0} is the one running")]
+    SameBuild(String),
+    /// A swap whose build changes the maps the running one has.
+    #[error(
+        "the new build of {0} changes its maps (names, types or sizes); a swap keeps the \
+         running maps, so it is refused: end the running session and attach again"
+    )]
+    MapsChanged(String),
+    /// A swap whose build lacks a handler the running one has.
+    #[error("the new build of {name} lacks the handler {handler} the running one has")]
+    MissingHandler { name: String, handler: String },
+    /// The new build's handlers could not get their stubs.
+    #[error(transparent)]
+    Stubs(#[from] crate::interceptor::PrepareError),
+}
+
+fn os(what: &'static str) -> PackLoadError {
+    PackLoadError::Os {
+        what,
+        source: std::io::Error::last_os_error(),
+    }
 }
 
 /// Create, size, seal, map and initialise the region for `maps` and a ring of
 /// `ring_bytes`.
-pub fn create(maps: &[(u32, [u64; 4])], ring_bytes: usize) -> Result<PackRegion, String> {
+pub fn create(maps: &[(u32, [u64; 4])], ring_bytes: usize) -> Result<PackRegion, PackLoadError> {
     create_with_tail(maps, ring_bytes, 0)
 }
 
@@ -31,8 +72,8 @@ pub fn create_with_tail(
     maps: &[(u32, [u64; 4])],
     ring_bytes: usize,
     tail: usize,
-) -> Result<PackRegion, String> {
-    let mut plan = abi::plan(maps, ring_bytes)?;
+) -> Result<PackRegion, PackLoadError> {
+    let mut plan = abi::plan(maps, ring_bytes).map_err(PackLoadError::Plan)?;
     plan.total += tail.next_multiple_of(4096);
     // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new fd.
     let fd = unsafe {
@@ -44,7 +85,7 @@ pub fn create_with_tail(
     if fd < 0 {
         return Err(os("memfd_create"));
     }
-    let fail = |what: &str| {
+    let fail = |what: &'static str| {
         let e = os(what);
         // SAFETY: closing the fd created above, on the error path only.
         unsafe { libc::close(fd) };
@@ -113,20 +154,19 @@ pub unsafe fn bind_pack(
     region: &PackRegion,
     lib: *mut libc::c_void,
     map_symbols: &[&std::ffi::CStr],
-) -> Result<u32, String> {
+) -> Result<u32, PackLoadError> {
     let sym = |name: &std::ffi::CStr| {
         // SAFETY: `lib` is a live dlopen handle; the name is NUL-terminated.
         let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
         if p.is_null() {
-            Err(format!(
-                "the pack does not export {}",
-                name.to_string_lossy()
+            Err(PackLoadError::NotExported(
+                name.to_string_lossy().into_owned(),
             ))
         } else {
             Ok(p)
         }
     };
-    let handle = |name: &std::ffi::CStr| -> Result<&Binding, String> {
+    let handle = |name: &std::ffi::CStr| -> Result<&Binding, PackLoadError> {
         // SAFETY: the symbol is a `&'static` handle whose first field is its Binding.
         Ok(unsafe { &**(sym(name)? as *const *const Binding) })
     };

@@ -8,9 +8,9 @@
 //! One counter per probe, bumped with `lock inc`, made every thread that hits the probe
 //! fight for one cache line: with 4 threads running at once on this 2-core machine a
 //! hit cost about 9 ns more than with one thread (`bench/probe_overhead.md`). So each
-//! slot is a [`probes::shared::ProbeCounters`] line followed by one
-//! [`probes::shared::Shard`] line per CPU, and a hit bumps the shard of the CPU it runs
-//! on, still with `lock inc`; readers sum the lines ([`probes::shared::Counts`]).
+//! slot is a [`probes::abi::shared::ProbeCounters`] line followed by one
+//! [`probes::abi::shared::Shard`] line per CPU, and a hit bumps the shard of the CPU it runs
+//! on, still with `lock inc`; readers sum the lines ([`probes::abi::shared::Counts`]).
 //!
 //! The CPU number comes from the `rseq` area glibc (>= 2.35) registers for every thread:
 //! the kernel keeps `cpu_id` there current, one load at `fs:[__rseq_offset + 4]`. The
@@ -37,7 +37,7 @@
 //! than the file, which costs nothing until touched) and grows by extending the memfd.
 //! The tracer maps the file at its current length.
 
-use probes::shared::{Counts, SharedHeader, MAGIC};
+use probes::abi::shared::{Counts, SharedHeader, MAGIC};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};

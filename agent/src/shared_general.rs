@@ -28,7 +28,8 @@
 
 use crate::dispatch::{self, Probe};
 use crate::emitter::{CallEncoding, EmitError, Emitter};
-use crate::relocator::{self, Stolen};
+use crate::jit::JitError;
+use crate::relocator::Stolen;
 use crate::trampoline::{
     close_frame, emit_fast_entry, emit_stolen, open_frame, restore_vectors, save_vectors,
     EntryTrampoline, FastEntry, ENTRY_CTX_XMM, GPRS,
@@ -76,7 +77,7 @@ pub fn emit_entry(
     stolen: &Stolen,
     fast: FastEntry,
     stub: u64,
-) -> Result<Result<EntryTrampoline, relocator::Refusal>, EmitError> {
+) -> Result<EntryTrampoline, JitError> {
     let tail = e.label();
     let slot = e.label();
     emit_fast_entry(e, probe, fast, tail)?;
@@ -84,16 +85,13 @@ pub fn emit_entry(
     e.bytes(&[0xff, 0x15]);
     e.disp32_label(slot);
     e.bind(tail);
-    let relocated = match emit_stolen(e, stolen)? {
-        Ok(r) => r,
-        Err(refusal) => return Ok(Err(refusal)),
-    };
+    let relocated = emit_stolen(e, stolen)?;
     e.align(8, 0xcc);
     e.bind(slot);
     e.bytes(&stub.to_le_bytes());
     e.bytes(&(probe as u64).to_le_bytes());
-    Ok(Ok(EntryTrampoline {
+    Ok(EntryTrampoline {
         encoding: CallEncoding::RipSlot,
         relocated,
-    }))
+    })
 }

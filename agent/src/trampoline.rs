@@ -49,25 +49,13 @@
 
 use crate::dispatch::{self, Probe};
 use crate::emitter::{CallEncoding, EmitError, Emitter, Label};
+use crate::jit::JitError;
 use crate::relocator::{self, Relocated, Stolen};
 use crate::thread_state::layout as tl;
 use iced_x86::code_asm::*;
+use probes::abi::shared::{flags, Counts, ProbeCounters, Shard};
 use probes::context::{entry_layout as el, exit_layout as xl, offset_layout as ol};
-use probes::shared::{flags, Counts, ProbeCounters, Shard};
 use std::mem::offset_of;
-
-/// Why a trampoline could not be generated.
-#[derive(Debug)]
-pub enum TrampolineError {
-    Emit(EmitError),
-    Relocate(relocator::Refusal),
-}
-
-impl From<EmitError> for TrampolineError {
-    fn from(e: EmitError) -> Self {
-        TrampolineError::Emit(e)
-    }
-}
 
 /// What the entry trampoline emission produced.
 #[derive(Debug, Clone)]
@@ -87,7 +75,7 @@ pub fn emit_entry(
     stolen: &Stolen,
     path: EntryPath,
     avx: bool,
-) -> Result<Result<EntryTrampoline, relocator::Refusal>, EmitError> {
+) -> Result<EntryTrampoline, JitError> {
     let tail = e.label();
     let encoding = match path {
         EntryPath::Fast(f) => {
@@ -98,14 +86,11 @@ pub fn emit_entry(
         EntryPath::General => emit_entry_general(e, probe, avx)?,
     };
     e.bind(tail);
-    let relocated = match emit_stolen(e, stolen)? {
-        Ok(r) => r,
-        Err(refusal) => return Ok(Err(refusal)),
-    };
-    Ok(Ok(EntryTrampoline {
+    let relocated = emit_stolen(e, stolen)?;
+    Ok(EntryTrampoline {
         encoding,
         relocated,
-    }))
+    })
 }
 
 const XMMS: [AsmRegisterXmm; 16] = [
@@ -1116,7 +1101,7 @@ pub fn emit_offset(
     probe: *const Probe,
     stolen: &Stolen,
     xs: XsaveInfo,
-) -> Result<Result<EntryTrampoline, relocator::Refusal>, EmitError> {
+) -> Result<EntryTrampoline, JitError> {
     let area = (xs.size as i32 + 63) & !63;
     let (mask_lo, mask_hi) = (xs.mask as u32, (xs.mask >> 32) as u32);
     e.asm(|a| {
@@ -1166,26 +1151,17 @@ pub fn emit_offset(
         a.popfq()?;
         a.lea(rsp, qword_ptr(rsp + (16 + 128)))
     })?;
-    let relocated = match emit_stolen(e, stolen)? {
-        Ok(r) => r,
-        Err(refusal) => return Ok(Err(refusal)),
-    };
-    Ok(Ok(EntryTrampoline {
+    let relocated = emit_stolen(e, stolen)?;
+    Ok(EntryTrampoline {
         encoding,
         relocated,
-    }))
+    })
 }
 
 /// Emit the stolen instructions, as the relocator rewrites them for this address, and
 /// the jump back to the original code when they fall through.
-pub(crate) fn emit_stolen(
-    e: &mut Emitter,
-    stolen: &Stolen,
-) -> Result<Result<Relocated, relocator::Refusal>, EmitError> {
-    let relocated = match relocator::relocate(stolen, e.ip()) {
-        Ok(r) => r,
-        Err(refusal) => return Ok(Err(refusal)),
-    };
+pub(crate) fn emit_stolen(e: &mut Emitter, stolen: &Stolen) -> Result<Relocated, JitError> {
+    let relocated = relocator::relocate(stolen, e.ip())?;
     e.bytes(&relocated.bytes);
     if let Some(encoding) = relocated.call_jump {
         e.record(encoding);
@@ -1193,5 +1169,5 @@ pub(crate) fn emit_stolen(
     if relocated.falls_through {
         e.branch_with(relocated.resume, false, CallEncoding::Rel32)?;
     }
-    Ok(Ok(relocated))
+    Ok(relocated)
 }

@@ -8,7 +8,7 @@ use agent::emitter::Emitter;
 use agent::relocator::{analyze, Function, ProbeKind, SliceMemory};
 use agent::shared::Sharding;
 use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
-use probes::shared::ProbeCounters;
+use probes::abi::shared::ProbeCounters;
 
 /// Where the function is, and its trampoline 256 MiB above.
 const BASE: u64 = 0x7f12_3456_0000;

@@ -181,7 +181,7 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
     prop_assert!(mem.read(stolen.site, &mut at_site));
     prop_assert_eq!(&at_site, &stolen.original);
     match kind {
-        ProbeKind::Entry => prop_assert_eq!(
+        ProbeKind::Entry | ProbeKind::Exit => prop_assert_eq!(
             stolen.site,
             func_addr + if stolen.skipped_endbr64 { 4 } else { 0 }
         ),

@@ -88,8 +88,9 @@ fn far_code_gets_rip_slot_then_abs64() {
     assert_eq!(best.value, CallEncoding::RipSlot);
     assert_eq!(run(&best), expected());
     assert!(matches!(
-        place(&mut alloc, &[], Policy::Force(CallEncoding::Rel32), |e| e
-            .call(t)),
+        place(&mut alloc, &[], Policy::Force(CallEncoding::Rel32), |e| Ok(
+            e.call(t)?
+        )),
         Err(agent::jit::JitError::Emit(_))
     ));
     let abs = caller(&mut alloc, &[], Policy::Force(CallEncoding::Abs64), t);
@@ -105,11 +106,11 @@ fn targets_below_4_gib_get_abs32_from_far_code() {
     })
     .unwrap();
     let copy = place(&mut low, &[], Policy::Best, |e| {
-        e.asm(|a| {
+        Ok(e.asm(|a| {
             a.lea(rax, qword_ptr(rdi + rdi * 2))?;
             a.add(rax, rsi)?;
             a.ret()
-        })
+        })?)
     })
     .unwrap();
     assert!(copy.addr + copy.len as u64 <= 4 * GIB);
@@ -142,8 +143,9 @@ fn targets_below_4_gib_get_abs32_from_far_code() {
     let high = addr_of_mix();
     if high > u32::MAX as u64 {
         assert!(
-            place(&mut far, &[], Policy::Force(CallEncoding::Abs32), |e| e
-                .call(high))
+            place(&mut far, &[], Policy::Force(CallEncoding::Abs32), |e| Ok(
+                e.call(high)?
+            ))
             .is_err()
         );
     }
@@ -165,7 +167,7 @@ fn jumps_reach_too() {
         } else {
             (&mut far, &[])
         };
-        let p = place(alloc, near_t, Policy::Force(enc), |e| e.jmp(t)).unwrap();
+        let p = place(alloc, near_t, Policy::Force(enc), |e| Ok(e.jmp(t)?)).unwrap();
         // SAFETY: a thunk that tail-jumps to `mix`, so it is `mix`.
         let f: Mix = unsafe { std::mem::transmute::<u64, Mix>(p.addr) };
         assert_eq!(f(20, 2), mix(20, 2), "{enc}");

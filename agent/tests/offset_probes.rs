@@ -3,8 +3,8 @@
 
 use agent::interceptor::{Interceptor, ProbeRequest};
 use agent::relocator::Function;
+use probes::abi::shared::ProbeKind;
 use probes::context::OffsetContext;
-use probes::shared::ProbeKind;
 use probes::Xmm;
 use std::arch::global_asm;
 use std::hint::black_box;

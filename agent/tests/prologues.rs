@@ -6,8 +6,8 @@
 
 use agent::interceptor::{Interceptor, PrepareError, ProbeRequest};
 use agent::relocator::Refusal;
+use probes::abi::shared::ProbeKind;
 use probes::context::OffsetContext;
-use probes::shared::ProbeKind;
 use probes::{EntryContext, ExitContext, Xmm};
 use std::arch::global_asm;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};

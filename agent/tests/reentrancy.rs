@@ -5,7 +5,7 @@
 //! its probe while the function keeps computing the right results.
 
 use agent::interceptor::{Interceptor, ProbeRequest};
-use probes::shared::flags;
+use probes::abi::shared::flags;
 use probes::{EntryContext, ExitContext};
 use std::arch::global_asm;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};

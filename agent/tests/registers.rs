@@ -14,8 +14,8 @@
 
 use agent::interceptor::{Interceptor, PackHandlers, ProbeRequest};
 use agent::relocator::Function;
+use probes::abi::shared::ProbeKind;
 use probes::context::OffsetContext;
-use probes::shared::ProbeKind;
 use probes::{EntryContext, ExitContext};
 use std::arch::global_asm;
 use std::hint::black_box;
@@ -700,8 +700,10 @@ fn far_jump_without_scratch_register_changes_no_register() {
         max_addr: USER_TOP,
     })
     .unwrap();
-    let thunk = agent::jit::place(&mut far, &[], Policy::Best, |e| e.jmp_preserving(target))
-        .expect("place the thunk");
+    let thunk = agent::jit::place(&mut far, &[], Policy::Best, |e| {
+        Ok(e.jmp_preserving(target)?)
+    })
+    .expect("place the thunk");
     assert_eq!(thunk.value, CallEncoding::RipSlot);
     // SAFETY: the thunk jumps to reg_far, so it is reg_far.
     let f: unsafe extern "C" fn() = unsafe { std::mem::transmute(thunk.addr) };

@@ -4,7 +4,7 @@
 
 use agent::interceptor::{Interceptor, ProbeRequest};
 use agent::shared::sharding;
-use probes::shared::Counts;
+use probes::abi::shared::Counts;
 use probes::{EntryContext, ExitContext};
 use std::arch::global_asm;
 use std::sync::Mutex;

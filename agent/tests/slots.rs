@@ -4,7 +4,7 @@
 
 use agent::interceptor::{write_self_code, Interceptor, ProbeRequest};
 use agent::shared::{SharedRegion, MAX_CAPACITY};
-use probes::shared::SharedHeader;
+use probes::abi::shared::SharedHeader;
 use std::arch::global_asm;
 use std::sync::atomic::Ordering::SeqCst;
 

@@ -49,6 +49,11 @@ pub struct LatencyInfo {
     pub shards: u64,
 }
 
+const _: () = assert!(std::mem::size_of::<LatencyInfo>() == 8 + 4 + 4 + 8 + 8 + 8);
+// SAFETY: repr(C) with integer fields only and no padding (checked above): every byte
+// pattern is a valid record.
+unsafe impl crate::pod::Pod for LatencyInfo {}
+
 /// One probe's aggregates.
 #[repr(C, align(64))]
 #[derive(Debug)]

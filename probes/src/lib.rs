@@ -5,6 +5,8 @@
 //! memory exactly as these structs say, and the tracer reads the shared counters from
 //! outside the target with the same layout. A probe pack needs only this crate.
 
+#[doc(hidden)]
+pub mod abi;
 pub mod context;
 pub mod fork;
 pub mod latency;
@@ -12,16 +14,14 @@ pub mod mem;
 pub mod pack;
 pub mod pod;
 pub mod prelude;
-pub mod remote;
-pub mod shared;
 pub mod trace;
 
 extern crate self as probes;
 
 pub use probes_macros::{at, entry, exit, map};
 
+pub use abi::shared::{ProbeCounters, ProbeKind};
 pub use context::{EntryContext, ExitContext, Xmm};
-pub use shared::{ProbeCounters, ProbeKind};
 
 /// A handler run at a function entry (or an instruction, for offset probes).
 pub type EntryHandler = fn(&mut EntryContext);

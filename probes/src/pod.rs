@@ -36,3 +36,16 @@ pub fn from_bytes<T: Pod>(b: &[u8]) -> Option<T> {
     // SAFETY: length checked; `Pod` makes any bytes a valid `T`; the read is unaligned.
     Some(unsafe { (b.as_ptr() as *const T).read_unaligned() })
 }
+
+/// The bytes of a slice of Pod values.
+pub fn bytes_of_slice<T: Pod>(v: &[T]) -> &[u8] {
+    // SAFETY: `Pod` guarantees no padding, so every byte of every element is initialised.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// The Pod values `b` holds back to back, as many whole ones as fit.
+pub fn vec_from_bytes<T: Pod>(b: &[u8]) -> Vec<T> {
+    b.chunks_exact(std::mem::size_of::<T>())
+        .map(|c| from_bytes(c).expect("a whole chunk"))
+        .collect()
+}

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use probes::remote::{FOLLOW_EXEC, FOLLOW_FORK, FOLLOW_GO, FOLLOW_SYMBOL};
+use probes::abi::remote::{FOLLOW_EXEC, FOLLOW_FORK, FOLLOW_GO, FOLLOW_SYMBOL};
 
 use crate::agent_blob::agent_so;
 use crate::detached::{self, PidFd};
@@ -424,7 +424,7 @@ fn handle(conn: OwnedFd, registry: &Mutex<Registry>, opts: Option<&Options>) {
         if sent < 0 && matches!(probes, Probes::Own(_)) {
             note = Some(format!(
                 "it stopped waiting before its probes were in (after {} ms): the counts miss its start",
-                probes::remote::FOLLOW_WAIT_MS
+                probes::abi::remote::FOLLOW_WAIT_MS
             ));
         }
         registry.lock().expect("registry").entries.push(Entry {

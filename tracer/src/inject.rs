@@ -115,7 +115,19 @@ impl fmt::Display for InjectError {
     }
 }
 
-impl std::error::Error for InjectError {}
+impl std::error::Error for InjectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // Shown as the inner error itself: its cause is this one's.
+            InjectError::Remote(e) => e.source(),
+            InjectError::Maps { error, .. }
+            | InjectError::Transfer { error }
+            | InjectError::Rename { error } => Some(error),
+            InjectError::ThreadCreate { errno } => Some(errno),
+            _ => None,
+        }
+    }
+}
 
 impl From<RemoteCallError> for InjectError {
     fn from(e: RemoteCallError) -> Self {

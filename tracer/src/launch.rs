@@ -87,7 +87,17 @@ impl fmt::Display for LaunchError {
     }
 }
 
-impl std::error::Error for LaunchError {}
+impl std::error::Error for LaunchError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // Shown as the inner error itself: its cause is this one's.
+            LaunchError::Attach(e) => e.source(),
+            LaunchError::Spawn { errno, .. } | LaunchError::Exec { errno, .. } => Some(errno),
+            LaunchError::Auxv { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
 
 impl From<AttachError> for LaunchError {
     fn from(e: AttachError) -> Self {
@@ -142,15 +152,11 @@ fn cstring(s: &OsStr) -> Result<CString, LaunchError> {
 
 /// `AT_ENTRY` of a process, from `/proc/PID/auxv`.
 pub fn entry_point(pid: i32) -> io::Result<u64> {
-    let auxv = std::fs::read(format!("/proc/{pid}/auxv"))?;
-    auxv.chunks_exact(16)
-        .map(|c| {
-            let k = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
-            let v = u64::from_le_bytes(c[8..].try_into().expect("8 bytes"));
-            (k, v)
-        })
-        .find(|&(k, _)| k == libc::AT_ENTRY)
-        .map(|(_, v)| v)
+    let auxv = procfs::process::Process::new(pid)
+        .and_then(|p| p.auxv())
+        .map_err(crate::threads::proc_io)?;
+    auxv.get(&libc::AT_ENTRY)
+        .copied()
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no AT_ENTRY"))
 }
 

@@ -252,8 +252,9 @@ mod tests {
         let name = format!("tracer-prune-test-{pid}");
         let mapped = place(pid, b"mapped build", &name).unwrap();
         let f = fs::File::open(&mapped.path_in_target).unwrap();
-        // SAFETY: unmapped below, before the file is removed.
-        let map = unsafe { memmap_one_page(&f) };
+        // SAFETY: a private read-only mapping, as the loader maps a library; dropped
+        // below, before the file is removed.
+        let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&f) }.unwrap();
         let old = place(pid, b"old build", &name).unwrap();
         assert!(
             Path::new(&mapped.path_in_target).exists(),
@@ -268,29 +269,10 @@ mod tests {
             Path::new(&mapped.path_in_target).exists(),
             "mapped build kept"
         );
-        // SAFETY: unmapping the page mapped above.
-        unsafe { libc::munmap(map, 4096) };
+        drop(map);
         for p in [&mapped, &new] {
             fs::remove_file(&p.path_in_target).unwrap();
         }
-    }
-
-    /// Maps the first page of `f` read-only, as the loader maps a library.
-    unsafe fn memmap_one_page(f: &fs::File) -> *mut libc::c_void {
-        use std::os::fd::AsRawFd;
-        // SAFETY: the caller unmaps it; a file-backed private read-only mapping.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        p
     }
 
     /// The agent's file is named from the hash build.rs computed: it must be the name

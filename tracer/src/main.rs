@@ -10,13 +10,75 @@ use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tracer::detached::{self, PidFd, SignalFd, Woke};
+use tracer::launch::LaunchError;
+use tracer::pack::descriptors::PackError;
 use tracer::pack::live::Live;
 use tracer::pack::load::Pack;
+use tracer::session::SessionError;
 use tracer::session::{PackRequest, ProbeReport, Session};
 use tracer::spec::{self, ProbeSpec, ResolvedProbe};
+use tracer::spec::{ResolveError, SpecError};
+use tracer::symbols::SymbolError;
 use tracer::symbols::{ProcessModules, SymbolCache};
 use tracer::threads::{self, AttachError, ExitStatus, Process};
 use tracer::timings;
+
+/// Why a command failed: a layer's error with its cause kept (`source()`), or a message
+/// of the command line's own. Shown to users as one line.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Symbols(#[from] SymbolError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("cannot create the output file {}: {source}; give -o a path in a writable directory", .path.display())]
+    CreateOutput {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", .path.display())]
+    WriteOutput {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A step of the command's own failed; `what` says which.
+    #[error("{what}: {source}")]
+    Step {
+        what: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{0}")]
+    Message(String),
+}
+
+/// `CliError::Step` for what failed, keeping the error as its source.
+fn step<E: std::error::Error + Send + Sync + 'static>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> CliError {
+    let what = what.into();
+    move |e| CliError::Step {
+        what,
+        source: Box::new(e),
+    }
+}
+
+impl From<String> for CliError {
+    fn from(m: String) -> Self {
+        CliError::Message(m)
+    }
+}
 
 /// Dynamic probes for running native programs: count calls of any function, with no
 /// ptrace stop per hit.
@@ -220,13 +282,16 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tracer: {}", tracer::names::demangle_in_text(&e));
+            eprintln!(
+                "tracer: {}",
+                tracer::names::demangle_in_text(&e.to_string())
+            );
             ExitCode::from(1)
         }
     }
 }
 
-fn new_pack(name: &str) -> Result<ExitCode, String> {
+fn new_pack(name: &str) -> Result<ExitCode, CliError> {
     let dir = tracer::pack::scaffold::new_pack(std::path::Path::new("."), name)?;
     println!(
         "created {0}: edit {0}/src/lib.rs, then run it: tracer run --pack {0} -- PROGRAM",
@@ -236,7 +301,7 @@ fn new_pack(name: &str) -> Result<ExitCode, String> {
 }
 
 /// Resolve every spec; all must match something.
-fn resolve(specs: &[String], modules: &ProcessModules) -> Result<Vec<ResolvedProbe>, String> {
+fn resolve(specs: &[String], modules: &ProcessModules) -> Result<Vec<ResolvedProbe>, CliError> {
     let mut out: Vec<ResolvedProbe> = Vec::new();
     // A set, not a scan of `out`: 10,000 probes took 40 ms of comparisons.
     let mut seen = std::collections::HashSet::new();
@@ -251,11 +316,12 @@ fn resolve(specs: &[String], modules: &ProcessModules) -> Result<Vec<ResolvedPro
 }
 
 /// The pack of `--pack`, built and read before any process is touched.
-fn open_pack(args: &ProbeArgs) -> Result<Option<Pack>, String> {
+fn open_pack(args: &ProbeArgs) -> Result<Option<Pack>, CliError> {
     args.pack
         .as_deref()
         .map(tracer::pack::load::open)
         .transpose()
+        .map_err(CliError::from)
 }
 
 /// What `--trace`, `--chrome-trace` and `--perfetto` ask for, checked; None without them.
@@ -301,19 +367,22 @@ fn trace_options(args: &ProbeArgs) -> Result<Option<tracer::trace::Options>, Str
 /// Following children: a spec may name functions of a program the command starts
 /// (`-p 'libfoo:*' -- sh -c ./prog`), so one that matches nothing in the launched program
 /// is a note; an error only when none matches anything.
-fn resolve_some(specs: &[String], modules: &ProcessModules) -> Result<Vec<ResolvedProbe>, String> {
+fn resolve_some(
+    specs: &[String],
+    modules: &ProcessModules,
+) -> Result<Vec<ResolvedProbe>, CliError> {
     let mut out: Vec<ResolvedProbe> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut unmatched = Vec::new();
     for s in specs {
-        ProbeSpec::parse(s).map_err(|e| e.to_string())?;
+        ProbeSpec::parse(s)?;
         match spec::resolve_str(s, modules) {
             Ok(v) => out.extend(v.into_iter().filter(|p| seen.insert(p.address))),
             Err(e) => unmatched.push((s, e)),
         }
     }
     if out.is_empty() && !unmatched.is_empty() {
-        return Err(unmatched.swap_remove(0).1);
+        return Err(unmatched.swap_remove(0).1.into());
     }
     for (s, e) in unmatched {
         eprintln!(
@@ -331,11 +400,10 @@ fn install(
     sink: &Sink,
     mut tracing: Option<tracer::trace::Tracer>,
     follow: bool,
-) -> Result<(Session, Option<tracer::trace::Running>), String> {
+) -> Result<(Session, Option<tracer::trace::Running>), CliError> {
     let modules = timings::time("symbol loading", || {
         SymbolCache::global().process(proc.pid())
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     let probes = timings::time("spec resolution", || match follow {
         true => resolve_some(&args.probe, &modules),
         false => resolve(&args.probe, &modules),
@@ -366,8 +434,7 @@ fn install(
         pack_request,
         args.timed(),
         builtin,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(proc.pid())) {
         let n = session.installed().len().max(1) as u64;
         timings::figure("target RSS added (KiB)", after.saturating_sub(before));
@@ -470,7 +537,7 @@ fn refusal_lines(
 /// hang-up) reach the program by themselves and are not sent twice.
 const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
-fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
+fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
     args.check_builtins()?;
     let tracing = trace_options(args)?
         .map(tracer::trace::Tracer::new)
@@ -479,11 +546,10 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     // Blocked before the launch, so that one arriving during set-up is passed on too.
-    let signals = SignalFd::block(FORWARDED).map_err(|e| format!("cannot block signals: {e}"))?;
+    let signals = SignalFd::block(FORWARDED).map_err(step("cannot block signals"))?;
     let mut proc = timings::time("process start-up", || {
         tracer::launch::launch(&cmd[0], &cmd[1..])
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     let (session, traced, live) =
         match install(&mut proc, args, pack.as_ref(), &sink, tracing, follow)
             .and_then(|(s, t)| start_live(&proc, &s, pack, args, &sink).map(|l| (s, t, l)))
@@ -500,14 +566,14 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, String> {
         Ok(f) => f,
         Err(e) => {
             proc.kill();
-            return Err(format!("cannot open a pidfd for PID {pid}: {e}"));
+            return Err(step(format!("cannot open a pidfd for PID {pid}"))(e));
         }
     };
     let (session, follower) = start_following(&mut proc, session, args, follow);
     // The program runs untraced from here: signals reach it directly.
     if let Err(e) = timings::time("detach", || proc.detach()) {
         kill_and_reap(pid);
-        return Err(e.to_string());
+        return Err(e.into());
     }
     let mut ticker = Ticker::new(args.interval()?);
     let (status, image_at_end) =
@@ -598,8 +664,8 @@ fn wait_child(
     pidfd: &PidFd,
     signals: &SignalFd,
     ticker: &mut Ticker,
-    tick: &mut dyn FnMut(u64, Duration) -> Result<(), String>,
-) -> Result<(ExitStatus, Option<String>), String> {
+    tick: &mut dyn FnMut(u64, Duration) -> Result<(), CliError>,
+) -> Result<(ExitStatus, Option<String>), CliError> {
     loop {
         match detached::wait(pidfd, signals, ticker.next()) {
             Ok(Woke::Ended) => break,
@@ -609,7 +675,7 @@ fn wait_child(
                 unsafe { libc::kill(pid, r.signal) };
             }
             Ok(_) => {}
-            Err(e) => return Err(format!("waiting for PID {pid} failed: {e}")),
+            Err(e) => return Err(step(format!("waiting for PID {pid} failed"))(e)),
         }
     }
     let image = detached::comm(pid);
@@ -618,7 +684,7 @@ fn wait_child(
             Ok(WaitStatus::Exited(_, c)) => break ExitStatus::Code(c),
             Ok(WaitStatus::Signaled(_, s, _)) => break ExitStatus::Signal(s as i32),
             Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => return Err(format!("waiting for PID {pid} failed: {e}")),
+            Err(e) => return Err(step(format!("waiting for PID {pid} failed"))(e)),
         }
     };
     Ok((status, image))
@@ -633,12 +699,13 @@ fn kill_and_reap(pid: i32) {
 /// Signals that end `tracer attach`: it then removes its probes, detaches and reports.
 const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
-fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, String> {
+fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, CliError> {
     if args.follow {
         return Err(format!(
             "attach does not follow children (only those PID {pid} starts from now on could \
              be): drop --follow, or start the command with tracer run"
-        ));
+        )
+        .into());
     }
     args.check_builtins()?;
     let tracing = trace_options(args)?
@@ -654,9 +721,8 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     }
     // Blocked before attaching, so that one arriving during set-up ends the session as
     // soon as the probes are in place, in order.
-    let signals = SignalFd::block(STOPPING).map_err(|e| format!("cannot block signals: {e}"))?;
-    let mut proc =
-        timings::time("seize and stop", || threads::attach(pid)).map_err(|e| e.to_string())?;
+    let signals = SignalFd::block(STOPPING).map_err(step("cannot block signals"))?;
+    let mut proc = timings::time("seize and stop", || threads::attach(pid))?;
     let (mut session, traced) = match install(&mut proc, args, pack.as_ref(), &sink, tracing, false)
     {
         Ok(s) => s,
@@ -668,7 +734,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     let live = match start_live(&proc, &session, pack, args, &sink) {
         Ok(l) => l,
         Err(e) => {
-            session.remove(&mut proc).map_err(|e| e.to_string())?;
+            session.remove(&mut proc)?;
             let _ = proc.detach();
             return Err(e);
         }
@@ -676,9 +742,9 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     let pidfd = match PidFd::open(pid) {
         Ok(f) => f,
         Err(e) => {
-            session.remove(&mut proc).map_err(|e| e.to_string())?;
+            session.remove(&mut proc)?;
             let _ = proc.detach();
-            return Err(format!("cannot open a pidfd for PID {pid}: {e}"));
+            return Err(step(format!("cannot open a pidfd for PID {pid}"))(e));
         }
     };
     let n = session.installed().len();
@@ -688,19 +754,18 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     let stop_now = deadline.is_some_and(|d| Instant::now() >= d)
         || signals
             .take()
-            .map_err(|e| format!("cannot read signals: {e}"))?
+            .map_err(step("cannot read signals"))?
             .is_some();
     if stop_now {
         // `--duration 0`, or a signal during set-up: remove the probes while still
         // attached rather than detach and come back.
         say_live();
-        let left =
-            timings::time("removal", || session.remove(&mut proc)).map_err(|e| e.to_string())?;
+        let left = timings::time("removal", || session.remove(&mut proc))?;
         note_left_alone(pid, &left);
-        timings::time("detach", || proc.detach()).map_err(|e| e.to_string())?;
+        timings::time("detach", || proc.detach())?;
     } else {
         // The probes count by themselves: the target runs untraced until we come back.
-        timings::time("detach", || proc.detach()).map_err(|e| e.to_string())?;
+        timings::time("detach", || proc.detach())?;
         // Said once the target runs free: a tracer killed from here on (even SIGKILL)
         // leaves a running target whose probes the next attach adopts, while one killed
         // in the middle of a remote call (the detach's own clean-up is one) would leave a
@@ -742,12 +807,12 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
 
 /// Hot swap: another tracer's session runs a pack in `pid`; replace its handlers by this
 /// build's (same name, same maps), keeping its maps and its patches, and leave.
-fn swap_pack(pid: i32, pack: &Pack) -> Result<ExitCode, String> {
-    let mut proc = threads::attach(pid).map_err(|e| e.to_string())?;
+fn swap_pack(pid: i32, pack: &Pack) -> Result<ExitCode, CliError> {
+    let mut proc = threads::attach(pid)?;
     let r = tracer::session::swap_pack(&mut proc, pack);
     let detached = proc.detach();
-    let swapped = r.map_err(|e| e.to_string())?;
-    detached.map_err(|e| e.to_string())?;
+    let swapped = r?;
+    detached?;
     eprintln!(
         "tracer: swapped in {} in process {pid}: {swapped} handler(s) replaced, maps kept; \
          the running session goes on and reports them",
@@ -764,37 +829,37 @@ fn start_live(
     pack: Option<Pack>,
     args: &ProbeArgs,
     sink: &Sink,
-) -> Result<Option<Live>, String> {
+) -> Result<Option<Live>, CliError> {
     let (Some(pack), Some((fd, _))) = (pack, session.pack_region()) else {
         return Ok(None);
     };
     let events = sink.events()?;
-    Live::start(proc.pid(), fd, &pack.name, pack.info, args.json, events).map(Some)
+    Ok(Live::start(proc.pid(), fd, &pack.name, pack.info, args.json, events).map(Some)?)
 }
 
 /// Attaches again (threads created meanwhile included), restores every patched byte with
 /// every thread stopped, and detaches. Ok(false) when the process ended meanwhile.
-fn remove_probes(pid: i32, session: &mut Session, pidfd: &PidFd) -> Result<bool, String> {
+fn remove_probes(pid: i32, session: &mut Session, pidfd: &PidFd) -> Result<bool, CliError> {
     let gone = || pidfd.ended().unwrap_or(false);
     let mut proc = match threads::attach(pid) {
         Ok(p) => p,
         Err(AttachError::NoSuchProcess { .. } | AttachError::Exited { .. }) => return Ok(false),
         Err(_) if gone() => return Ok(false),
         Err(e) => {
-            return Err(format!(
-                "cannot attach again to remove the probes, which stay in place: {e}"
-            ))
+            return Err(step(
+                "cannot attach again to remove the probes, which stay in place",
+            )(e))
         }
     };
     match session.remove(&mut proc) {
         Ok(left) => note_left_alone(pid, &left),
         Err(_) if gone() => return Ok(false),
-        Err(e) => return Err(format!("cannot remove the probes: {e}")),
+        Err(e) => return Err(step("cannot remove the probes")(e)),
     }
     match proc.detach() {
         Ok(()) => Ok(true),
         Err(_) if gone() => Ok(false),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -827,16 +892,14 @@ enum Sink {
 }
 
 impl Sink {
-    fn open(args: &ProbeArgs) -> Result<Sink, String> {
+    fn open(args: &ProbeArgs) -> Result<Sink, CliError> {
         match &args.output {
             None => Ok(Sink::Stderr),
             Some(p) => std::fs::File::create(p)
                 .map(|f| Sink::File(f, p.clone()))
-                .map_err(|e| {
-                    format!(
-                        "cannot create the output file {}: {e}; give -o a path in a writable directory",
-                        p.display()
-                    )
+                .map_err(|source| CliError::CreateOutput {
+                    path: p.clone(),
+                    source,
                 }),
         }
     }
@@ -844,12 +907,15 @@ impl Sink {
     /// Where a pack's events go as they arrive, one line each: the output file (before
     /// the report, which is written once the event thread has stopped), else stdout, so
     /// that they can be piped on while the report and tracer's notes stay on stderr.
-    fn events(&self) -> Result<Box<dyn Write + Send>, String> {
+    fn events(&self) -> Result<Box<dyn Write + Send>, CliError> {
         match self {
             Sink::File(f, p) => f
                 .try_clone()
                 .map(|f| Box::new(f) as Box<dyn Write + Send>)
-                .map_err(|e| format!("cannot write {}: {e}", p.display())),
+                .map_err(|source| CliError::WriteOutput {
+                    path: p.clone(),
+                    source,
+                }),
             Sink::Stderr => Ok(Box::new(std::io::stdout())),
         }
     }
@@ -862,7 +928,7 @@ impl Sink {
         maps: &str,
         session: &Session,
         who: Option<(i32, &str)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), CliError> {
         let mut report = match args.timed() {
             // With --json, the refused probes follow as in the counts report.
             true if args.json => {
@@ -883,20 +949,22 @@ impl Sink {
         &mut self,
         args: &ProbeArgs,
         reg: &tracer::follow::Registry,
-    ) -> Result<(), String> {
+    ) -> Result<(), CliError> {
         let table =
             |r: &[ProbeReport], s: &Session, who: Option<(i32, &str)>| render(args, r, s, who);
         self.write_text(&tracer::follow::render(reg, args.json, &table))
     }
 
-    fn write_text(&mut self, text: &str) -> Result<(), String> {
+    fn write_text(&mut self, text: &str) -> Result<(), CliError> {
         match self {
-            Sink::File(f, p) => f
-                .write_all(text.as_bytes())
-                .map_err(|e| format!("cannot write {}: {e}", p.display())),
-            Sink::Stderr => std::io::stderr()
-                .write_all(text.as_bytes())
-                .map_err(|e| e.to_string()),
+            Sink::File(f, p) => {
+                f.write_all(text.as_bytes())
+                    .map_err(|source| CliError::WriteOutput {
+                        path: p.clone(),
+                        source,
+                    })
+            }
+            Sink::Stderr => Ok(std::io::stderr().write_all(text.as_bytes())?),
         }
     }
 }
@@ -963,8 +1031,8 @@ impl Ticker {
     /// is not printed twice.
     fn fire(
         &mut self,
-        f: &mut dyn FnMut(u64, Duration) -> Result<(), String>,
-    ) -> Result<(), String> {
+        f: &mut dyn FnMut(u64, Duration) -> Result<(), CliError>,
+    ) -> Result<(), CliError> {
         let Some(every) = self.every else {
             return Ok(());
         };
@@ -1075,25 +1143,21 @@ fn render(
     text
 }
 
-fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, String> {
+fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, CliError> {
     let pid = target.parse::<i32>().ok();
     if let Some(what) = pid.and_then(tracer::process_kind::not_a_program) {
-        return Err(what);
+        return Err(what.into());
     }
     let modules = match pid {
         Some(pid) => SymbolCache::global().process(pid),
         None => SymbolCache::global().file(std::path::Path::new(target)),
-    }
-    .map_err(|e| e.to_string())?;
-    let spec = pattern
-        .map(ProbeSpec::parse)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    }?;
+    let spec = pattern.map(ProbeSpec::parse).transpose()?;
     let found = spec::list(&modules, spec.as_ref());
     if found.is_empty() {
         return Err(match pattern {
-            Some(p) => format!("no function matches '{p}'"),
-            None => "no functions found".into(),
+            Some(p) => format!("no function matches '{p}'").into(),
+            None => "no functions found".to_string().into(),
         });
     }
     // What attach would refuse for the whole process, it refuses for every function.
@@ -1105,7 +1169,7 @@ fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, String> {
         _ => None,
     });
     let proc_mem = pid.map(tracer::probeable::ProcMemory::open).transpose();
-    let proc_mem = proc_mem.map_err(|e| format!("cannot read the memory of {target}: {e}"))?;
+    let proc_mem = proc_mem.map_err(step(format!("cannot read the memory of {target}")))?;
     let mut files: std::collections::HashMap<String, Vec<u8>> = Default::default();
     let mut out = std::io::stdout().lock();
     for (m, f, name) in found {
@@ -1144,7 +1208,7 @@ fn function_verdict(
     modules: &ProcessModules,
     m: &tracer::symbols::Module,
     f: &tracer::symbols::Function<'_>,
-    check: &mut dyn FnMut(u64, u64) -> Result<(), String>,
+    check: &mut dyn FnMut(u64, u64) -> Result<(), agent::relocator::Refusal>,
 ) -> String {
     let (module, address, size, via) = if f.is_ifunc {
         let resolved = modules
@@ -1194,7 +1258,7 @@ fn function_verdict(
 /// What `--json` says a pack probe saves around its handlers: `{"entry": "ymm5 ymm13",
 /// "exit": "all"}` (vector registers; the general-purpose ones are always kept).
 fn saves_json(bits: u64) -> Option<serde_json::Value> {
-    use probes::shared::saves;
+    use probes::abi::shared::saves;
     let avx = std::arch::is_x86_feature_detected!("avx");
     let mut v = serde_json::Map::new();
     if bits & saves::HAS_ENTRY != 0 {
@@ -1206,4 +1270,26 @@ fn saves_json(bits: u64) -> Option<serde_json::Value> {
         v.insert("exit".into(), saves::describe(b, avx).into());
     }
     (!v.is_empty()).then_some(serde_json::Value::Object(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{step, CliError};
+    use std::error::Error;
+
+    /// A failed step reads as one line naming the step and its cause, and the cause is
+    /// kept as the source rather than flattened into text.
+    #[test]
+    fn a_failed_step_keeps_its_cause() {
+        let e: CliError = step("cannot block signals")(nix::errno::Errno::EPERM);
+        assert_eq!(
+            e.to_string(),
+            format!("cannot block signals: {}", nix::errno::Errno::EPERM)
+        );
+        let cause = e.source().expect("a source");
+        assert_eq!(
+            cause.downcast_ref::<nix::errno::Errno>(),
+            Some(&nix::errno::Errno::EPERM)
+        );
+    }
 }

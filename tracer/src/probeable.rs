@@ -69,16 +69,13 @@ impl Memory for FileMemory<'_> {
 /// `Ok` when an entry probe at `address` would be installed, else the reason the agent
 /// would give. The trampoline address is taken 64 MiB away: any address the near
 /// allocator returns is within reach the same way.
-pub fn check(mem: &dyn Memory, address: u64, size: u64) -> Result<(), String> {
+pub fn check(mem: &dyn Memory, address: u64, size: u64) -> Result<(), relocator::Refusal> {
     let f = Function {
         address,
         size: (size != 0).then_some(size),
     };
-    let stolen =
-        relocator::analyze(&f, address, ProbeKind::Entry, mem).map_err(|r| r.to_string())?;
-    relocator::relocate(&stolen, stolen.site.wrapping_add(64 << 20))
-        .map(|_| ())
-        .map_err(|r| r.to_string())
+    let stolen = relocator::analyze(&f, address, ProbeKind::Entry, mem)?;
+    relocator::relocate(&stolen, stolen.site.wrapping_add(64 << 20)).map(|_| ())
 }
 
 /// The file bytes of a module, for [`FileMemory`].

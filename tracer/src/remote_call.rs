@@ -70,7 +70,12 @@ pub enum RemoteCallError {
     /// A remote syscall returned an error.
     Syscall { name: &'static str, errno: Errno },
     /// The thread's state could not be restored; the target is probably broken.
-    Lost { tid: i32, cause: String },
+    Lost {
+        tid: i32,
+        /// The step that failed (empty when the error says it).
+        step: &'static str,
+        error: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 }
 
 impl fmt::Display for RemoteCallError {
@@ -99,15 +104,33 @@ impl fmt::Display for RemoteCallError {
             RemoteCallError::Syscall { name, errno } => {
                 write!(f, "remote {name} failed in the target: {errno}")
             }
-            RemoteCallError::Lost { tid, cause } => write!(
-                f,
-                "could not restore thread {tid} after a remote call ({cause}); the target may be broken"
-            ),
+            RemoteCallError::Lost { tid, step, error } => {
+                let cause = match (*step, error) {
+                    ("", Some(e)) => e.to_string(),
+                    (s, Some(e)) => format!("{s}: {e}"),
+                    (s, None) => s.to_string(),
+                };
+                write!(
+                    f,
+                    "could not restore thread {tid} after a remote call ({cause}); the target may be broken"
+                )
+            }
         }
     }
 }
 
-impl std::error::Error for RemoteCallError {}
+impl std::error::Error for RemoteCallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // Shown as the inner error itself: its cause is this one's.
+            RemoteCallError::Attach(e) => e.source(),
+            RemoteCallError::Memory { error, .. } => Some(error),
+            RemoteCallError::Syscall { errno, .. } => Some(errno),
+            RemoteCallError::Lost { error: Some(e), .. } => Some(e.as_ref()),
+            _ => None,
+        }
+    }
+}
 
 impl From<AttachError> for RemoteCallError {
     fn from(e: AttachError) -> Self {
@@ -211,24 +234,30 @@ pub fn restore_state(
     tid: i32,
     saved: &mut SavedState,
 ) -> Result<(), RemoteCallError> {
-    let lost = |cause: String| RemoteCallError::Lost { tid, cause };
+    fn lost<E: std::error::Error + Send + Sync + 'static>(
+        tid: i32,
+        step: &'static str,
+    ) -> impl FnOnce(E) -> RemoteCallError {
+        move |e| RemoteCallError::Lost {
+            tid,
+            step,
+            error: Some(Box::new(e)),
+        }
+    }
     if saved.stop == Some(Stop::Group)
         && proc.threads.get(&tid).and_then(|t| t.stop) != Some(Stop::Group)
     {
         // Run the thread into a job-control trap: with the group stopped, the kernel reports
         // it as a group-stop again. Registers are restored afterwards (the trap happens
         // before any user instruction runs).
-        ptrace::interrupt(Pid::from_raw(tid))
-            .map_err(|e| lost(format!("PTRACE_INTERRUPT: {e}")))?;
-        ptrace::cont(Pid::from_raw(tid), None).map_err(|e| lost(format!("PTRACE_CONT: {e}")))?;
+        ptrace::interrupt(Pid::from_raw(tid)).map_err(lost(tid, "PTRACE_INTERRUPT"))?;
+        ptrace::cont(Pid::from_raw(tid), None).map_err(lost(tid, "PTRACE_CONT"))?;
         mark_running(proc, tid);
-        wait_stop(proc, tid, Some(Instant::now() + SYSCALL_TIMEOUT))
-            .map_err(|e| lost(e.to_string()))?;
+        wait_stop(proc, tid, Some(Instant::now() + SYSCALL_TIMEOUT)).map_err(lost(tid, ""))?;
     }
-    proc.set_regs(tid, &saved.regs)
-        .map_err(|e| lost(e.to_string()))?;
-    setregset_xstate(tid, &mut saved.xstate).map_err(|e| lost(format!("PTRACE_SETREGSET: {e}")))?;
-    set_sigmask(tid, saved.sigmask).map_err(|e| lost(format!("PTRACE_SETSIGMASK: {e}")))?;
+    proc.set_regs(tid, &saved.regs).map_err(lost(tid, ""))?;
+    setregset_xstate(tid, &mut saved.xstate).map_err(lost(tid, "PTRACE_SETREGSET"))?;
+    set_sigmask(tid, saved.sigmask).map_err(lost(tid, "PTRACE_SETSIGMASK"))?;
     Ok(())
 }
 
@@ -410,7 +439,8 @@ fn run_until_pad(
             if wait_stop(proc, tid, Some(Instant::now() + SYSCALL_TIMEOUT))?.is_none() {
                 return Err(RemoteCallError::Lost {
                     tid,
-                    cause: "no stop after PTRACE_INTERRUPT".into(),
+                    step: "no stop after PTRACE_INTERRUPT",
+                    error: None,
                 });
             }
             take_pending_if(proc, tid, |_| false);
@@ -576,7 +606,8 @@ fn syscall_at(
         if let Err(e) = proc.write_memory(addr, &orig) {
             restore_err = Some(RemoteCallError::Lost {
                 tid,
-                cause: format!("restoring code bytes: {e}"),
+                step: "restoring code bytes",
+                error: Some(Box::new(e)),
             });
         }
     }
@@ -689,7 +720,8 @@ pub fn release_scratch(proc: &mut Process) {
 pub fn put_data(proc: &mut Process, offset: u64, data: &[u8]) -> Result<u64, RemoteCallError> {
     let s = proc.scratch().ok_or(RemoteCallError::Lost {
         tid: proc.pid(),
-        cause: "no scratch page".into(),
+        step: "no scratch page",
+        error: None,
     })?;
     if offset + data.len() as u64 > s.data_len {
         return Err(RemoteCallError::Memory {

@@ -311,11 +311,20 @@ pub enum ResolveError {
         offset: u64,
         size: u64,
     },
+    /// The spec text itself is malformed (from [`resolve_str`]).
+    Parse(SpecError),
+}
+
+impl From<SpecError> for ResolveError {
+    fn from(e: SpecError) -> Self {
+        ResolveError::Parse(e)
+    }
 }
 
 impl fmt::Display for ResolveError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            ResolveError::Parse(e) => e.fmt(f),
             ResolveError::NoModule {
                 spec,
                 module,
@@ -361,7 +370,14 @@ impl fmt::Display for ResolveError {
     }
 }
 
-impl std::error::Error for ResolveError {}
+impl std::error::Error for ResolveError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ResolveError::Parse(e) => e.source(),
+            _ => None,
+        }
+    }
+}
 
 /// The modules a spec's module part selects.
 fn selected_modules<'a>(spec: &ProbeSpec, modules: &'a ProcessModules) -> Vec<&'a Module> {
@@ -460,27 +476,8 @@ pub fn resolve(
 ) -> Result<Vec<ResolvedProbe>, ResolveError> {
     let selected = selected_modules(spec, modules);
     if selected.is_empty() {
-        let mut loaded: Vec<String> = modules
-            .modules
-            .iter()
-            .map(|m| {
-                if m.is_main && !m.run_as.is_empty() {
-                    format!("{} (main, run as {})", m.name, m.run_as.join(", "))
-                } else if m.is_main {
-                    format!("{} (main)", m.name)
-                } else {
-                    m.name.clone()
-                }
-            })
-            .collect();
-        loaded.dedup();
-        return Err(ResolveError::NoModule {
-            spec: spec.text.clone(),
-            module: spec.module.clone().unwrap_or_default(),
-            loaded,
-        });
+        return Err(no_module(spec, modules));
     }
-
     let pat = SymbolPattern::new(&spec.symbol);
     let mut found: Vec<(&Module, Function<'_>, &str)> = Vec::new();
     for m in &selected {
@@ -489,40 +486,81 @@ pub fn resolve(
         }
     }
     if found.is_empty() {
-        // The right name in the wrong module is the likeliest mistake: say where it is.
-        let mut suggestions = Vec::new();
-        if spec.module.is_some() {
-            for m in &modules.modules {
-                if selected.iter().any(|s| std::ptr::eq(*s, m)) {
-                    continue;
-                }
-                let hit = !functions_matching(&pat, m).is_empty();
-                let shown = if m.is_main { "main" } else { m.name.as_str() };
-                let s = format!("{shown}:{}", spec.symbol);
-                if hit && !suggestions.contains(&s) {
-                    suggestions.push(s);
-                }
+        return Err(no_function(spec, modules, &selected, &pat));
+    }
+    found.sort_by_key(|(_, f, _)| f.address);
+    found.dedup_by_key(|(_, f, _)| f.address);
+    probes_at(spec, found)
+}
+
+/// The error for a module pattern that matches no loaded module, listing the loaded ones.
+fn no_module(spec: &ProbeSpec, modules: &ProcessModules) -> ResolveError {
+    let mut loaded: Vec<String> = modules
+        .modules
+        .iter()
+        .map(|m| {
+            if m.is_main && !m.run_as.is_empty() {
+                format!("{} (main, run as {})", m.name, m.run_as.join(", "))
+            } else if m.is_main {
+                format!("{} (main)", m.name)
+            } else {
+                m.name.clone()
             }
-        }
-        for s in suggest(spec, &selected) {
-            if suggestions.len() < 5 && !suggestions.contains(&s) {
+        })
+        .collect();
+    loaded.dedup();
+    ResolveError::NoModule {
+        spec: spec.text.clone(),
+        module: spec.module.clone().unwrap_or_default(),
+        loaded,
+    }
+}
+
+/// The error for a symbol pattern that matches nothing in the `selected` modules, with
+/// suggestions: the same name in other modules first, then close names.
+fn no_function(
+    spec: &ProbeSpec,
+    modules: &ProcessModules,
+    selected: &[&Module],
+    pat: &SymbolPattern<'_>,
+) -> ResolveError {
+    // The right name in the wrong module is the likeliest mistake: say where it is.
+    let mut suggestions = Vec::new();
+    if spec.module.is_some() {
+        for m in &modules.modules {
+            if selected.iter().any(|s| std::ptr::eq(*s, m)) {
+                continue;
+            }
+            let hit = !functions_matching(pat, m).is_empty();
+            let shown = if m.is_main { "main" } else { m.name.as_str() };
+            let s = format!("{shown}:{}", spec.symbol);
+            if hit && !suggestions.contains(&s) {
                 suggestions.push(s);
             }
         }
-        suggestions.truncate(5);
-        return Err(ResolveError::NoFunction {
-            spec: spec.text.clone(),
-            suggestions,
-            symbolless: selected
-                .iter()
-                .filter(|m| m.functions().next().is_none())
-                .map(|m| m.path.clone())
-                .collect(),
-        });
     }
+    for s in suggest(spec, selected) {
+        if suggestions.len() < 5 && !suggestions.contains(&s) {
+            suggestions.push(s);
+        }
+    }
+    suggestions.truncate(5);
+    ResolveError::NoFunction {
+        spec: spec.text.clone(),
+        suggestions,
+        symbolless: selected
+            .iter()
+            .filter(|m| m.functions().next().is_none())
+            .map(|m| m.path.clone())
+            .collect(),
+    }
+}
 
-    found.sort_by_key(|(_, f, _)| f.address);
-    found.dedup_by_key(|(_, f, _)| f.address);
+/// One probe per function found, at the spec's offset, which must lie inside it.
+fn probes_at(
+    spec: &ProbeSpec,
+    found: Vec<(&Module, Function<'_>, &str)>,
+) -> Result<Vec<ResolvedProbe>, ResolveError> {
     let mut out = Vec::with_capacity(found.len());
     for (m, f, name) in found {
         // An IFUNC's own size is the resolver's; the offset applies to the
@@ -550,9 +588,11 @@ pub fn resolve(
 }
 
 /// Parse and resolve in one step.
-pub fn resolve_str(text: &str, modules: &ProcessModules) -> Result<Vec<ResolvedProbe>, String> {
-    let spec = ProbeSpec::parse(text).map_err(|e| e.to_string())?;
-    resolve(&spec, modules).map_err(|e| e.to_string())
+pub fn resolve_str(
+    text: &str,
+    modules: &ProcessModules,
+) -> Result<Vec<ResolvedProbe>, ResolveError> {
+    resolve(&ProbeSpec::parse(text)?, modules)
 }
 
 /// Functions matching an optional pattern (a spec without offset; `None` lists all),

@@ -582,17 +582,23 @@ fn read_got_relocations<'a>(
     (irelative, imports)
 }
 
+/// Why the MiniDebugInfo of a file could not be read (a warning: the other tables stay).
+#[derive(Debug, thiserror::Error)]
+enum DebugDataError {
+    #[error("xz decompression failed: {0}")]
+    Xz(#[source] lzma_rs::error::Error),
+    #[error(transparent)]
+    Elf(#[from] object::read::Error),
+}
+
 /// Decompress MiniDebugInfo and append the functions of the embedded `.symtab`.
-fn read_debugdata(compressed: &[u8], out: &mut Vec<RawFunction>) -> Result<(), String> {
+fn read_debugdata(compressed: &[u8], out: &mut Vec<RawFunction>) -> Result<(), DebugDataError> {
     let mut elf_image = Vec::new();
     lzma_rs::xz_decompress(&mut std::io::BufReader::new(compressed), &mut elf_image)
-        .map_err(|e| format!("xz decompression failed: {e}"))?;
-    let header =
-        elf::FileHeader64::<Endianness>::parse(&elf_image[..]).map_err(|e| e.to_string())?;
-    let endian = header.endian().map_err(|e| e.to_string())?;
-    let sections = header
-        .sections(endian, &elf_image[..])
-        .map_err(|e| e.to_string())?;
+        .map_err(DebugDataError::Xz)?;
+    let header = elf::FileHeader64::<Endianness>::parse(&elf_image[..])?;
+    let endian = header.endian()?;
+    let sections = header.sections(endian, &elf_image[..])?;
     read_table(
         endian,
         &elf_image,
@@ -600,8 +606,8 @@ fn read_debugdata(compressed: &[u8], out: &mut Vec<RawFunction>) -> Result<(), S
         elf::SHT_SYMTAB,
         SymbolSource::DebugData,
         out,
-    )
-    .map_err(|e| e.to_string())
+    )?;
+    Ok(())
 }
 
 /// Preference of a name among aliases of one address; smaller is better.

@@ -119,7 +119,15 @@ impl fmt::Display for AttachError {
     }
 }
 
-impl std::error::Error for AttachError {}
+impl std::error::Error for AttachError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AttachError::Ptrace { errno, .. } => Some(errno),
+            AttachError::Io { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
 
 /// How a process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,59 +216,64 @@ fn pt_err(tid: i32, op: &'static str) -> impl Fn(Errno) -> AttachError {
     move |errno| AttachError::Ptrace { tid, op, errno }
 }
 
+/// A procfs error as the `io::Error` callers match on (`NotFound` for a process or
+/// thread that is gone).
+pub(crate) fn proc_io(e: procfs::ProcError) -> io::Error {
+    use procfs::ProcError;
+    match e {
+        ProcError::Io(e, _) => e,
+        ProcError::NotFound(_) => io::ErrorKind::NotFound.into(),
+        ProcError::PermissionDenied(_) => io::ErrorKind::PermissionDenied.into(),
+        e => io::Error::other(e),
+    }
+}
+
+fn proc_task(pid: i32, tid: i32) -> io::Result<procfs::process::Task> {
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.task_from_tid(tid))
+        .map_err(proc_io)
+}
+
 /// Thread ids listed in `/proc/PID/task`.
 pub fn list_tasks(pid: i32) -> io::Result<Vec<i32>> {
-    let mut v: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
+    let tasks = procfs::process::Process::new(pid)
+        .and_then(|p| p.tasks())
+        .map_err(proc_io)?;
+    // A thread that exits while the listing is read is simply not listed.
+    let mut v: Vec<i32> = tasks.filter_map(|t| Some(t.ok()?.tid)).collect();
     v.sort_unstable();
     Ok(v)
 }
 
 /// The state letter of `/proc/PID/task/TID/stat` (`R`, `S`, `t`, `T`, ...).
 pub fn thread_state(pid: i32, tid: i32) -> io::Result<char> {
-    let s = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))?;
-    // The command name is in parentheses and may contain spaces: the state follows the last ')'.
-    let rest = s
-        .rfind(')')
-        .map(|i| &s[i + 1..])
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat"))?;
-    rest.trim_start()
-        .chars()
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat"))
+    Ok(proc_task(pid, tid)?.stat().map_err(proc_io)?.state)
 }
 
-/// `TracerPid` of `/proc/PID/status` (0 when untraced).
 /// The state and wait channel of a thread, for messages: `S (sleeping) in do_nanosleep`.
 pub fn describe_thread(pid: i32, tid: i32) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"));
-    let field = |name: &str| {
-        status.as_ref().ok().and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-        })
-    };
-    let Some(mut state) = field("State:") else {
+    let Ok(status) = proc_task(pid, tid).and_then(|t| t.status().map_err(proc_io)) else {
         return "gone".into();
     };
-    if let Some(t) = field("TracerPid:").filter(|t| t != "0") {
-        state = format!("{state}, traced by {t}");
+    let mut state = status.state;
+    if status.tracerpid != 0 {
+        state = format!("{state}, traced by {}", status.tracerpid);
     } else {
         state.push_str(", not traced");
     }
+    // procfs reads a process's wchan, not a thread's: read the thread's file itself.
     match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/wchan")) {
         Ok(w) if !w.is_empty() && w != "0" => format!("{state} in {w}"),
         _ => state,
     }
 }
 
+/// `TracerPid` of `/proc/PID/status` (0 when untraced).
 pub fn tracer_pid(pid: i32) -> io::Result<i32> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    Ok(s.lines()
-        .find_map(|l| l.strip_prefix("TracerPid:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0))
+    let status = procfs::process::Process::new(pid)
+        .and_then(|p| p.status())
+        .map_err(proc_io)?;
+    Ok(status.tracerpid)
 }
 
 /// Explains an EPERM from `PTRACE_SEIZE`: Yama, another uid, or a missing capability.
@@ -268,19 +281,15 @@ fn permission_reason(pid: i32) -> String {
     let yama = fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok());
-    let cap_eff = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-    });
-    let has_cap = cap_eff.is_some_and(|c| c & (1 << CAP_SYS_PTRACE) != 0);
-    let target_uid = fs::read_to_string(format!("/proc/{pid}/status"))
+    let cap_eff = procfs::process::Process::myself()
+        .and_then(|p| p.status())
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|v| v.split_whitespace().nth(1)?.parse::<u32>().ok())
-        });
+        .map(|s| s.capeff);
+    let has_cap = cap_eff.is_some_and(|c| c & (1 << CAP_SYS_PTRACE) != 0);
+    let target_uid = procfs::process::Process::new(pid)
+        .and_then(|p| p.status())
+        .ok()
+        .map(|s| s.euid);
     // SAFETY: geteuid has no preconditions.
     let my_uid = unsafe { libc::geteuid() };
     match yama {
@@ -1057,5 +1066,36 @@ pub fn attach(pid: i32) -> Result<Process, AttachError> {
             drop(p);
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The procfs readers on this very process: its threads are listed, the calling
+    /// one is running, nobody traces it (unless the test runs under a debugger), and a
+    /// thread that does not exist reads as gone rather than as an error text.
+    #[test]
+    fn proc_readers_see_this_process() {
+        let pid = std::process::id() as i32;
+        let me = nix::unistd::gettid().as_raw();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let helper = std::thread::spawn(move || rx.recv().ok());
+        let tasks = list_tasks(pid).unwrap();
+        assert!(tasks.contains(&pid) && tasks.contains(&me), "{tasks:?}");
+        assert!(tasks.len() >= 2, "{tasks:?}");
+        assert_eq!(thread_state(pid, me).unwrap(), 'R');
+        let traced = tracer_pid(pid).unwrap();
+        assert!(traced >= 0);
+        let d = describe_thread(pid, me);
+        assert!(d.starts_with("R (running), "), "{d}");
+        assert_eq!(describe_thread(pid, i32::MAX), "gone");
+        assert_eq!(
+            thread_state(pid, i32::MAX).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        tx.send(()).unwrap();
+        helper.join().unwrap();
     }
 }

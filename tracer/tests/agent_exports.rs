@@ -3,7 +3,7 @@
 //! export only its own API: what the tracer calls, all under `tracer_agent_`.
 
 use object::{Object, ObjectSymbol};
-use probes::remote::{
+use probes::abi::remote::{
     INIT_SYMBOL, INTERNAL_SYMBOL, LIVE_SYMBOL, LOAD_PACK_SYMBOL, PREPARE_SYMBOL, RESOLVE_SYMBOL,
 };
 

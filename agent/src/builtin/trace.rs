@@ -282,7 +282,8 @@ fn region(ring_bytes: usize) -> Result<StartResult, String> {
         }
         _ => {
             let r =
-                pack_region::create_with_tail(&[], ring_bytes, layout.total - layout.ring.total)?;
+                pack_region::create_with_tail(&[], ring_bytes, layout.total - layout.ring.total)
+                    .map_err(|e| e.to_string())?;
             *g = Some(Region {
                 fd: r.fd,
                 base: r.base as usize,

@@ -51,15 +51,10 @@ pub const NEIGHBOUR_WINDOW: u64 = 4096;
 /// `endbr64`, kept in place by entry probes so indirect-branch tracking keeps working.
 const ENDBR64_LEN: u64 = 4;
 
-/// What kind of probe the site is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProbeKind {
-    /// At the function entry (exit probes patch the entry too). The site is the
-    /// function address, moved past a leading `endbr64`.
-    Entry,
-    /// At an instruction boundary inside the function.
-    Offset,
-}
+/// What kind of probe the site is for: the one kind the tracer, the agent and packs
+/// share. Entry and exit probes both patch the function entry, past a leading `endbr64`;
+/// offset probes patch an instruction boundary inside the function.
+pub use probes::ProbeKind;
 
 /// The function a site belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,7 +115,7 @@ pub struct Relocated {
 
 /// Decides which instructions a probe at `site` steals, and whether that is safe.
 ///
-/// For [`ProbeKind::Entry`], `site` must be `func.address`; the returned site is moved
+/// For [`ProbeKind::Entry`] and [`ProbeKind::Exit`], `site` must be `func.address`; the returned site is moved
 /// past a leading `endbr64`. For [`ProbeKind::Offset`], `site` must be the start of an
 /// instruction of the function, which is checked by decoding from the function start.
 pub fn analyze(
@@ -141,7 +136,7 @@ pub fn analyze_with(
     mem: &dyn Memory,
     neighbours: Option<&NeighbourIndex>,
 ) -> Result<Stolen, Refusal> {
-    if kind == ProbeKind::Entry && site != func.address {
+    if kind.at_entry() && site != func.address {
         return Err(Refusal::EntryNotAtFunctionStart {
             site,
             function: func.address,
@@ -203,7 +198,7 @@ fn decode_function(code: &[u8], address: u64) -> Vec<Instruction> {
 /// was skipped), at `site` otherwise.
 fn patch_site(kind: ProbeKind, site: u64, all: &[Instruction]) -> (u64, bool) {
     match all.first() {
-        Some(first) if kind == ProbeKind::Entry && first.code() == Code::Endbr64 => {
+        Some(first) if kind.at_entry() && first.code() == Code::Endbr64 => {
             (site + ENDBR64_LEN, true)
         }
         _ => (site, false),

@@ -2,6 +2,7 @@
 //! the tracer loads into a target. Authors use [`crate::prelude`]; [`abi`] is what the
 //! tracer, the agent and the macros agree on.
 
+#[doc(hidden)]
 pub mod abi;
 pub mod ctx;
 pub mod emit;

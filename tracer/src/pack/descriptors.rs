@@ -95,6 +95,24 @@ pub enum PackError {
         path: PathBuf,
         what: String,
     },
+    /// A directory given as a pack is not a crate.
+    NoCargoToml {
+        path: PathBuf,
+    },
+    /// Cargo could not be started to build a pack crate.
+    Cargo {
+        cargo: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Cargo ran and failed (its errors went to stderr).
+    BuildFailed {
+        path: PathBuf,
+    },
+    /// The crate built but is not a cdylib.
+    NoCdylib {
+        path: PathBuf,
+    },
 }
 
 impl fmt::Display for PackError {
@@ -120,6 +138,26 @@ impl fmt::Display for PackError {
             PackError::Malformed { path, what } => {
                 write!(f, "{} has a malformed probe pack descriptor: {what}; rebuild it", path.display())
             }
+            PackError::NoCargoToml { path } => write!(
+                f,
+                "{} is a directory without Cargo.toml: give a pack crate's directory or its .so",
+                path.display()
+            ),
+            PackError::Cargo { cargo, path, source } => write!(
+                f,
+                "cannot run {cargo} to build the pack {}: {source}",
+                path.display()
+            ),
+            PackError::BuildFailed { path } => write!(
+                f,
+                "building the pack {} failed (cargo's errors above)",
+                path.display()
+            ),
+            PackError::NoCdylib { path } => write!(
+                f,
+                "{} built no cdylib: a pack's Cargo.toml needs [lib] crate-type = [\"cdylib\"]",
+                path.display()
+            ),
         }
     }
 }
@@ -127,7 +165,7 @@ impl fmt::Display for PackError {
 impl std::error::Error for PackError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            PackError::Read { source, .. } => Some(source),
+            PackError::Read { source, .. } | PackError::Cargo { source, .. } => Some(source),
             _ => None,
         }
     }

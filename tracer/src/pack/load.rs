@@ -2,7 +2,7 @@
 //! when given a directory, read and check its descriptors, resolve each handler's spec
 //! against the target's modules. Then, inside a session, load it next to the agent.
 
-use super::descriptors::{read_pack, PackInfo};
+use super::descriptors::{read_pack, PackError, PackInfo};
 use crate::spec::{self, ResolvedProbe};
 use crate::symbols::ProcessModules;
 use probes::ProbeKind;
@@ -29,15 +29,14 @@ pub struct PackSite {
 
 /// The `.so` to load for `--pack PATH`: PATH itself, or for a crate directory the cdylib
 /// `cargo build --release` makes of it (built now).
-pub fn pack_file(path: &Path) -> Result<PathBuf, String> {
+pub fn pack_file(path: &Path) -> Result<PathBuf, PackError> {
     if !path.is_dir() {
         return Ok(path.to_owned());
     }
     if !path.join("Cargo.toml").is_file() {
-        return Err(format!(
-            "{} is a directory without Cargo.toml: give a pack crate's directory or its .so",
-            path.display()
-        ));
+        return Err(PackError::NoCargoToml {
+            path: path.to_owned(),
+        });
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(&cargo)
@@ -49,17 +48,15 @@ pub fn pack_file(path: &Path) -> Result<PathBuf, String> {
         .current_dir(path)
         .stderr(std::process::Stdio::inherit())
         .output()
-        .map_err(|e| {
-            format!(
-                "cannot run {cargo} to build the pack {}: {e}",
-                path.display()
-            )
+        .map_err(|source| PackError::Cargo {
+            cargo: cargo.clone(),
+            path: path.to_owned(),
+            source,
         })?;
     if !out.status.success() {
-        return Err(format!(
-            "building the pack {} failed (cargo's errors above)",
-            path.display()
-        ));
+        return Err(PackError::BuildFailed {
+            path: path.to_owned(),
+        });
     }
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
@@ -79,19 +76,19 @@ pub fn pack_file(path: &Path) -> Result<PathBuf, String> {
         })
         .filter_map(|f| f.as_str().map(PathBuf::from))
         .find(|f| f.extension().is_some_and(|e| e == "so"))
-        .ok_or_else(|| {
-            format!(
-                "{} built no cdylib: a pack's Cargo.toml needs [lib] crate-type = [\"cdylib\"]",
-                path.display()
-            )
+        .ok_or_else(|| PackError::NoCdylib {
+            path: path.to_owned(),
         })
 }
 
 /// Build (if a directory), read and check the pack at `path`.
-pub fn open(path: &Path) -> Result<Pack, String> {
+pub fn open(path: &Path) -> Result<Pack, PackError> {
     let file = pack_file(path)?;
-    let info = read_pack(&file).map_err(|e| e.to_string())?;
-    let bytes = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let info = read_pack(&file)?;
+    let bytes = std::fs::read(&file).map_err(|source| PackError::Read {
+        path: file.clone(),
+        source,
+    })?;
     let stem = file
         .file_stem()
         .and_then(|s| s.to_str())

@@ -313,6 +313,26 @@ impl PrepareResult {
     }
 }
 
+/// Marks a record `Pod` after checking at compile time that its size is the sum of its
+/// fields' sizes, so no padding byte (uninitialised) can be read through it.
+macro_rules! pod_record {
+    ($($t:ident { $($f:ty),* }),* $(,)?) => { $(
+        const _: () = assert!(std::mem::size_of::<$t>() == 0 $(+ std::mem::size_of::<$f>())*);
+        // SAFETY: repr(C) with integer and byte-array fields only, no padding (checked
+        // above): every byte pattern is a valid record.
+        unsafe impl crate::pod::Pod for $t {}
+    )* };
+}
+
+pod_record! {
+    AgentInfo { u64, i32, u32, u64, u64 },
+    PrepareRequest { u64, u64, u64, u32, u32, u64, u64, [u8; LABEL_LEN] },
+    PackLoadRequest { u64, u64, u32, u32, u32, u32, [u8; 64] },
+    PackSymbol { u32, u32, [u64; 4], [u8; 88] },
+    PackLoadResult { i32, u32, u64, u64, [u8; 240] },
+    PrepareResult { u32, u32, u64, u64, [u8; 8], [u8; 8], u32, u32, u32, u16, u16, [u8; 208] },
+}
+
 const _: () = assert!(std::mem::size_of::<PrepareResult>() == 264);
 
 #[cfg(test)]
@@ -332,5 +352,28 @@ mod tests {
         assert_eq!(l.message(), long[..l.message.len() - 1]);
         l.set_message("short");
         assert_eq!(l.message(), "short");
+    }
+
+    /// Records cross the ABI as bytes: a slice of them read back from its bytes is the
+    /// same records, and a partial trailing record is not read.
+    #[test]
+    fn records_round_trip_through_their_bytes() {
+        use crate::pod::{bytes_of_slice, vec_from_bytes};
+        let mut a = PrepareResult {
+            site: 0x1234,
+            encoding: 3,
+            ..PrepareResult::default()
+        };
+        a.set_message("first");
+        let mut b = a;
+        b.site = 0x5678;
+        b.set_message("second");
+        let mut bytes = bytes_of_slice(&[a, b]).to_vec();
+        bytes.extend_from_slice(&[0xff; 7]);
+        let back: Vec<PrepareResult> = vec_from_bytes(&bytes);
+        assert_eq!(back.len(), 2);
+        assert_eq!((back[0].site, back[0].message()), (0x1234, "first".into()));
+        assert_eq!((back[1].site, back[1].message()), (0x5678, "second".into()));
+        assert_eq!(back[1].encoding, 3);
     }
 }

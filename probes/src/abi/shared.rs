@@ -17,6 +17,27 @@ pub enum ProbeKind {
     Offset = 2,
 }
 
+impl TryFrom<u32> for ProbeKind {
+    /// The number received, which names no kind: a tracer and agent built apart.
+    type Error = u32;
+
+    fn try_from(v: u32) -> Result<Self, u32> {
+        match v {
+            0 => Ok(ProbeKind::Entry),
+            1 => Ok(ProbeKind::Exit),
+            2 => Ok(ProbeKind::Offset),
+            k => Err(k),
+        }
+    }
+}
+
+impl ProbeKind {
+    /// Whether the patch goes at the function entry (exit probes patch the entry too).
+    pub fn at_entry(self) -> bool {
+        matches!(self, ProbeKind::Entry | ProbeKind::Exit)
+    }
+}
+
 /// The first cache line of a probe's counter slot: its flags, the counters only the
 /// agent's slow paths touch, and the hit counters of threads whose CPU is unknown.
 ///
@@ -220,5 +241,19 @@ impl SharedHeader {
     /// Where slot `id` starts, from the start of the region.
     pub fn slot_offset(id: usize, shards: usize) -> usize {
         Self::COUNTERS_OFFSET + id * Self::slot_size(shards)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProbeKind;
+
+    #[test]
+    fn probe_kinds_round_trip_and_unknown_numbers_are_errors() {
+        for k in [ProbeKind::Entry, ProbeKind::Exit, ProbeKind::Offset] {
+            assert_eq!(ProbeKind::try_from(k as u32), Ok(k));
+        }
+        assert_eq!(ProbeKind::try_from(3), Err(3));
+        assert_eq!(ProbeKind::try_from(u32::MAX), Err(u32::MAX));
     }
 }
