@@ -437,26 +437,11 @@ pub fn emit_pack_direct_stub(
         if frame > 0 {
             a.sub(rsp, frame)?;
         }
-        for (k, &v) in vectors.iter().enumerate() {
-            let at = rsp + width * k as i32;
-            if avx {
-                a.vmovdqu(ymmword_ptr(at), YMMS[v])?;
-            } else {
-                a.movups(xmmword_ptr(at), XMMS[v])?;
-            }
-        }
-        Ok(())
+        store_vector_set(a, &vectors, avx)
     })?;
     let encoding = e.call(shim)?;
     e.asm(|a| {
-        for (k, &v) in vectors.iter().enumerate() {
-            let at = rsp + width * k as i32;
-            if avx {
-                a.vmovdqu(YMMS[v], ymmword_ptr(at))?;
-            } else {
-                a.movups(XMMS[v], xmmword_ptr(at))?;
-            }
-        }
+        load_vector_set(a, &vectors, avx)?;
         if frame > 0 {
             a.add(rsp, frame)?;
         }
@@ -578,6 +563,39 @@ fn emit_pack_exit_call(
     })
 }
 
+/// Store the vector registers `regs` at `rsp`, one after the other: whole `ymm` when
+/// `avx`, else `xmm` (the pack stubs' save area, sized by the caller).
+fn store_vector_set(
+    a: &mut CodeAssembler,
+    regs: &[usize],
+    avx: bool,
+) -> Result<(), iced_x86::IcedError> {
+    for (k, &r) in regs.iter().enumerate() {
+        if avx {
+            a.vmovdqu(ymmword_ptr(rsp + 32 * k), YMMS[r])?;
+        } else {
+            a.movups(xmmword_ptr(rsp + 16 * k), XMMS[r])?;
+        }
+    }
+    Ok(())
+}
+
+/// Load back what [`store_vector_set`] stored.
+fn load_vector_set(
+    a: &mut CodeAssembler,
+    regs: &[usize],
+    avx: bool,
+) -> Result<(), iced_x86::IcedError> {
+    for (k, &r) in regs.iter().enumerate() {
+        if avx {
+            a.vmovdqu(YMMS[r], ymmword_ptr(rsp + 32 * k))?;
+        } else {
+            a.movups(XMMS[r], xmmword_ptr(rsp + 16 * k))?;
+        }
+    }
+    Ok(())
+}
+
 /// A pack handler's stub, shared by every probe running the handler: saves the vector
 /// registers in `save` (bit per register: `ymm` in full with AVX, else `xmm`), calls the
 /// shim, restores them. An ordinary function with the shim's signature; the slots of
@@ -595,26 +613,11 @@ pub fn emit_pack_stub(
     let frame = 8 + width * regs.len() as i32;
     e.asm(|a| {
         a.sub(rsp, frame)?;
-        for (k, &r) in regs.iter().enumerate() {
-            let at = rsp + width * k as i32;
-            if avx {
-                a.vmovdqu(ymmword_ptr(at), YMMS[r])?;
-            } else {
-                a.movups(xmmword_ptr(at), XMMS[r])?;
-            }
-        }
-        Ok(())
+        store_vector_set(a, &regs, avx)
     })?;
     let encoding = e.call(shim)?;
     e.asm(|a| {
-        for (k, &r) in regs.iter().enumerate() {
-            let at = rsp + width * k as i32;
-            if avx {
-                a.vmovdqu(YMMS[r], ymmword_ptr(at))?;
-            } else {
-                a.movups(XMMS[r], xmmword_ptr(at))?;
-            }
-        }
+        load_vector_set(a, &regs, avx)?;
         a.add(rsp, frame)?;
         a.ret()
     })?;
