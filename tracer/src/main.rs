@@ -67,6 +67,12 @@ enum CliError {
     },
     #[error(transparent)]
     Options(#[from] OptionError),
+    #[error(transparent)]
+    Live(#[from] tracer::pack::live::LiveError),
+    #[error(transparent)]
+    Trace(#[from] tracer::trace::TraceError),
+    #[error(transparent)]
+    Scaffold(#[from] tracer::pack::scaffold::ScaffoldError),
     #[error("{0}")]
     Message(String),
 }
@@ -102,6 +108,11 @@ enum OptionError {
     TraceOffset(String),
     #[error("--trace-ring {0} is not a power of two of at least 4096 bytes")]
     TraceRing(usize),
+    #[error(
+        "attach does not follow children (only those PID {0} starts from now on could \
+         be): drop --follow, or start the command with tracer run"
+    )]
+    AttachFollow(i32),
 }
 
 /// `CliError::Step` for what failed, keeping the error as its source.
@@ -600,10 +611,7 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
         )?;
     let followed = follower.map(tracer::follow::Follower::finish);
     note_exec(&cmd[0], pid, image.clone(), image_at_end, followed.as_ref());
-    let maps = traced
-        .map(tracer::trace::Running::finish)
-        .unwrap_or_default()
-        + &live.map(Live::finish).unwrap_or_default();
+    let maps = finish_outputs(traced, live);
     let who = (pid, image.unwrap_or_default());
     timings::time("report", || match (&followed, &session) {
         (Some(reg), _) => sink.write_followed(args, reg),
@@ -634,6 +642,15 @@ fn install_launched(
 /// What a session set up: the probes, the trace being recorded, the pack's event thread,
 /// and the pidfd that says when the target ends.
 type Installed = (Session, Option<tracer::trace::Running>, Option<Live>, PidFd);
+
+/// Stops the trace and the pack's event thread; what they leave for the report (the
+/// pack's maps, the trace's summary), rendered.
+fn finish_outputs(traced: Option<tracer::trace::Running>, live: Option<Live>) -> String {
+    traced
+        .map(tracer::trace::Running::finish)
+        .unwrap_or_default()
+        + &live.map(Live::finish).unwrap_or_default()
+}
 
 /// Says when the program exec'd another one whose calls the counts do not cover.
 fn note_exec(
@@ -749,11 +766,7 @@ const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, CliError> {
     if args.follow {
-        return Err(format!(
-            "attach does not follow children (only those PID {pid} starts from now on could \
-             be): drop --follow, or start the command with tracer run"
-        )
-        .into());
+        return Err(OptionError::AttachFollow(pid).into());
     }
     args.check_builtins()?;
     let tracing = trace_options(args)?
@@ -813,10 +826,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
             eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
         }
     }
-    let maps = traced
-        .map(tracer::trace::Running::finish)
-        .unwrap_or_default()
-        + &live.map(Live::finish).unwrap_or_default();
+    let maps = finish_outputs(traced, live);
     let comm = detached::comm(pid).unwrap_or_default();
     timings::time("report", || {
         sink.write(args, &maps, &session, Some((pid, &comm)))
