@@ -810,21 +810,15 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         // in the middle of a remote call (the detach's own clean-up is one) would leave a
         // thread about to trap.
         say_live();
-        let woke = wait_detached(
+        wait_and_remove(
             pid,
+            &mut session,
             &pidfd,
             &signals,
             deadline,
-            &mut |k, at| sink.write_text(&running_report(args, &session, k, at)),
-            args.interval()?,
+            args,
+            &mut sink,
         )?;
-        let removed = woke != Woke::Ended
-            && timings::time("removal (attach again, restore, detach)", || {
-                remove_probes(pid, &mut session, &pidfd)
-            })?;
-        if !removed {
-            eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
-        }
     }
     let maps = finish_outputs(traced, live);
     let comm = detached::comm(pid).unwrap_or_default();
@@ -869,6 +863,35 @@ fn install_attached(
         }
     };
     Ok((proc, (session, traced, live, pidfd)))
+}
+
+/// Once the probes count in the detached target: waits for its end, a stopping signal or
+/// the deadline, then attaches again to remove the probes (unless it ended).
+fn wait_and_remove(
+    pid: i32,
+    session: &mut Session,
+    pidfd: &PidFd,
+    signals: &SignalFd,
+    deadline: Option<Instant>,
+    args: &ProbeArgs,
+    sink: &mut Sink,
+) -> Result<(), CliError> {
+    let woke = wait_detached(
+        pid,
+        pidfd,
+        signals,
+        deadline,
+        &mut |k, at| sink.write_text(&running_report(args, session, k, at)),
+        args.interval()?,
+    )?;
+    let removed = woke != Woke::Ended
+        && timings::time("removal (attach again, restore, detach)", || {
+            remove_probes(pid, session, pidfd)
+        })?;
+    if !removed {
+        eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
+    }
+    Ok(())
 }
 
 /// Waits, detached, for the attached target to end, a stopping signal or the deadline,
