@@ -1005,6 +1005,40 @@ impl Drop for Process {
 /// Checks first that the process exists, is not traced by someone else and is x86-64.
 /// On error the target is left as it was (every seized thread detached).
 pub fn attach(pid: i32) -> Result<Process, AttachError> {
+    check_attachable(pid)?;
+    let mut p = Process::new(pid, false)?;
+    if !p.seize_thread(pid)? {
+        return Err(AttachError::Exited { pid, status: None });
+    }
+    if thread_state(pid, pid).is_ok_and(|s| s == 'T') {
+        p.threads.get_mut(&pid).expect("seized").self_trap = true;
+    }
+    match p.stop_all() {
+        Ok(()) => Ok(p),
+        Err(e) => {
+            let e = match e {
+                AttachError::Exited { .. }
+                | AttachError::Ptrace {
+                    errno: Errno::ESRCH,
+                    ..
+                } if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+                    AttachError::Exited {
+                        pid,
+                        status: p.exit,
+                    }
+                }
+                e => e,
+            };
+            // Drop detaches whatever was seized.
+            drop(p);
+            Err(e)
+        }
+    }
+}
+
+/// Whether `pid` exists, is not tracer itself or traced by someone else, and is x86-64:
+/// checked before anything is seized.
+fn check_attachable(pid: i32) -> Result<(), AttachError> {
     if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
         return Err(AttachError::NoSuchProcess { pid });
     }
@@ -1053,34 +1087,7 @@ pub fn attach(pid: i32) -> Result<Process, AttachError> {
             })
         }
     }
-    let mut p = Process::new(pid, false)?;
-    if !p.seize_thread(pid)? {
-        return Err(AttachError::Exited { pid, status: None });
-    }
-    if thread_state(pid, pid).is_ok_and(|s| s == 'T') {
-        p.threads.get_mut(&pid).expect("seized").self_trap = true;
-    }
-    match p.stop_all() {
-        Ok(()) => Ok(p),
-        Err(e) => {
-            let e = match e {
-                AttachError::Exited { .. }
-                | AttachError::Ptrace {
-                    errno: Errno::ESRCH,
-                    ..
-                } if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
-                    AttachError::Exited {
-                        pid,
-                        status: p.exit,
-                    }
-                }
-                e => e,
-            };
-            // Drop detaches whatever was seized.
-            drop(p);
-            Err(e)
-        }
-    }
+    Ok(())
 }
 
 #[cfg(test)]
