@@ -446,68 +446,80 @@ fn handle(conn: OwnedFd, registry: &Mutex<Registry>, opts: Option<&Options>) {
         return;
     };
     if msg.starts_with(FOLLOW_EXEC) {
-        let comm = detached::comm(pid).unwrap_or_default();
-        let pidfd = PidFd::open(pid).ok();
-        let (probes, mut note) = match opts {
-            Some(o) => {
-                match crate::timings::time("followed images (check-in to go)", || install(pid, o)) {
-                    Ok(s) => (Probes::Own(s), None),
-                    Err(e) => (Probes::None, Some(e.to_string())),
-                }
-            }
-            None => (
-                Probes::None,
-                Some("started as the command ended: not probed".into()),
-            ),
-        };
-        // SAFETY: send on our connection; MSG_NOSIGNAL: a peer gone is no signal to us.
-        let sent = unsafe {
-            libc::send(
-                conn.as_raw_fd(),
-                FOLLOW_GO.as_ptr().cast(),
-                FOLLOW_GO.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if sent < 0 && matches!(probes, Probes::Own(_)) {
-            note = Some(format!(
-                "it stopped waiting before its probes were in (after {} ms): the counts miss its start",
-                probes::abi::remote::FOLLOW_WAIT_MS
-            ));
-        }
-        registry.lock().expect("registry").entries.push(Entry {
-            pid,
-            comm,
-            origin: Origin::Exec,
-            probes,
-            pidfd,
-            note,
-            still_running: false,
-        });
+        exec_checked_in(&conn, pid, registry, opts);
     } else if msg.starts_with(FOLLOW_FORK) {
         let (Some(region), Some(inode)) = (file, parse_inode(&msg)) else {
             return;
         };
-        let mut reg = registry.lock().expect("registry");
-        let Some(template) = (0..reg.entries.len())
-            .rev()
-            .find(|&i| reg.region_inode(i) == Some(inode))
-        else {
-            return;
-        };
-        let parent = reg.entries[template].pid;
-        // The parent's: by now the child may have exec'd another program.
-        let comm = reg.entries[template].comm.clone();
-        reg.entries.push(Entry {
-            pid,
-            comm,
-            origin: Origin::Fork { parent },
-            probes: Probes::Copy { template, region },
-            pidfd: PidFd::open(pid).ok(),
-            note: None,
-            still_running: false,
-        });
+        fork_checked_in(pid, region, inode, registry);
     }
+}
+
+/// A program image that checked in after exec: probe it (while it waits for the go),
+/// then let it go.
+fn exec_checked_in(conn: &OwnedFd, pid: i32, registry: &Mutex<Registry>, opts: Option<&Options>) {
+    let comm = detached::comm(pid).unwrap_or_default();
+    let pidfd = PidFd::open(pid).ok();
+    let (probes, mut note) = match opts {
+        Some(o) => {
+            match crate::timings::time("followed images (check-in to go)", || install(pid, o)) {
+                Ok(s) => (Probes::Own(s), None),
+                Err(e) => (Probes::None, Some(e.to_string())),
+            }
+        }
+        None => (
+            Probes::None,
+            Some("started as the command ended: not probed".into()),
+        ),
+    };
+    // SAFETY: send on our connection; MSG_NOSIGNAL: a peer gone is no signal to us.
+    let sent = unsafe {
+        libc::send(
+            conn.as_raw_fd(),
+            FOLLOW_GO.as_ptr().cast(),
+            FOLLOW_GO.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if sent < 0 && matches!(probes, Probes::Own(_)) {
+        note = Some(format!(
+            "it stopped waiting before its probes were in (after {} ms): the counts miss its start",
+            probes::abi::remote::FOLLOW_WAIT_MS
+        ));
+    }
+    registry.lock().expect("registry").entries.push(Entry {
+        pid,
+        comm,
+        origin: Origin::Exec,
+        probes,
+        pidfd,
+        note,
+        still_running: false,
+    });
+}
+
+/// A forked child that checked in with its copy of its parent's counters (`region`, the
+/// memfd whose inode the parent's counters had).
+fn fork_checked_in(pid: i32, region: File, inode: u64, registry: &Mutex<Registry>) {
+    let mut reg = registry.lock().expect("registry");
+    let Some(template) = (0..reg.entries.len())
+        .rev()
+        .find(|&i| reg.region_inode(i) == Some(inode))
+    else {
+        return;
+    };
+    let parent = reg.entries[template].pid;
+    // The parent's: by now the child may have exec'd another program.
+    let comm = reg.entries[template].comm.clone();
+    reg.entries.push(Entry {
+        pid,
+        comm,
+        origin: Origin::Fork { parent },
+        probes: Probes::Copy { template, region },
+        pidfd: PidFd::open(pid).ok(),
+        note: None,
+        still_running: false,
+    });
 }
 
 fn parse_inode(msg: &[u8]) -> Option<u64> {
