@@ -16,7 +16,7 @@ use crate::relocator::{self, Function, Memory, NeighbourIndex, Refusal, SelfMemo
 use crate::shared::SharedRegion;
 use crate::shared_general;
 use crate::trampoline;
-use probes::abi::shared::{flags, ProbeKind};
+use probes::abi::shared::{flags, Counts, ProbeKind};
 use probes::context::OffsetHandler;
 use probes::{EntryHandler, ExitHandler};
 use std::collections::{BTreeMap, HashMap};
@@ -406,36 +406,95 @@ impl Interceptor {
         on_offset: Option<OffsetHandler>,
     ) -> Result<Prepared, PrepareError> {
         dispatch::finish_tsc_calibration();
-        let site = match req.kind {
-            ProbeKind::Entry | ProbeKind::Exit => req.function.address,
-            ProbeKind::Offset => req.function.address + req.offset,
-        };
-        let stolen = {
-            let unpatched = UnpatchedMemory {
-                patches: &self.committed,
-            };
-            let mem = self.batch_memory(&unpatched);
-            relocator::analyze_with(
-                &req.function,
-                site,
-                req.kind,
-                &*mem,
-                self.neighbours.as_ref(),
-            )
-            .map_err(PrepareError::Refused)?
-        };
+        let stolen = self.analyze_site(req)?;
         let exit_trampoline = match req.kind {
             ProbeKind::Exit => self.exit_trampoline()?,
             _ => 0,
         };
-        let id = self.shared.claim().map_err(|e| {
+        let id = self.claim_counters()?;
+        let counters = self.shared.counters_static(id);
+        let probe = self.new_probe(req, id, counters, exit_trampoline, on_offset)?;
+        let xsave = match req.kind {
+            ProbeKind::Offset => Some(self.xsave.ok_or(PrepareError::NoXsave)?),
+            _ => None,
+        };
+        let path = self.entry_path(req, id, counters, exit_trampoline);
+        let avx = self.avx();
+        let stub = match &path {
+            trampoline::EntryPath::Fast(f) if f.pack.is_none() && f.exit_trampoline != 0 => {
+                self.general_stub()?
+            }
+            _ => 0,
+        };
+        let placed = self.place_trampoline(&stolen, |e| {
+            emit_trampoline(e, probe, &stolen, xsave, path, avx, stub)
+        })?;
+        let tramp = placed.value;
+        let patch =
+            trampoline::patch_bytes(stolen.site, placed.addr).ok_or(PrepareError::OutOfReach)?;
+        let mut original = [0u8; 5];
+        original.copy_from_slice(&stolen.original[..5]);
+        counters
+            .line
+            .encoding
+            .store(tramp.encoding as u32, Ordering::Relaxed);
+        self.probes.push(probe);
+        let prepared = Prepared {
+            id: id as u32,
+            site: stolen.site,
+            patch,
+            original,
+            stolen_len: stolen.len,
+            trampoline: placed.addr,
+            encoding: tramp.encoding,
+            code_len: placed.len,
+            relocated_len: tramp.relocated.bytes.len(),
+        };
+        self.prepared.push(prepared.clone());
+        Ok(prepared)
+    }
+
+    /// The instructions the patch at the probe's site would overwrite, read as the code
+    /// was before any patch of ours, or why none can go there.
+    fn analyze_site(&self, req: &ProbeRequest) -> Result<relocator::Stolen, PrepareError> {
+        let site = match req.kind {
+            ProbeKind::Entry | ProbeKind::Exit => req.function.address,
+            ProbeKind::Offset => req.function.address + req.offset,
+        };
+        let unpatched = UnpatchedMemory {
+            patches: &self.committed,
+        };
+        let mem = self.batch_memory(&unpatched);
+        relocator::analyze_with(
+            &req.function,
+            site,
+            req.kind,
+            &*mem,
+            self.neighbours.as_ref(),
+        )
+        .map_err(PrepareError::Refused)
+    }
+
+    /// A free counter slot in the shared region: its probe id.
+    fn claim_counters(&mut self) -> Result<usize, PrepareError> {
+        self.shared.claim().map_err(|e| {
             if self.shared.capacity() >= crate::shared::MAX_CAPACITY {
                 PrepareError::TooManyProbes(crate::shared::MAX_CAPACITY)
             } else {
                 PrepareError::NoCounterMemory(e)
             }
-        })?;
-        let counters = self.shared.counters_static(id);
+        })
+    }
+
+    /// The probe's record the trampolines and dispatch read, for the life of the process.
+    fn new_probe(
+        &mut self,
+        req: &ProbeRequest,
+        id: usize,
+        counters: Counts<'static>,
+        exit_trampoline: u64,
+        on_offset: Option<OffsetHandler>,
+    ) -> Result<&'static Probe, PrepareError> {
         let (pack_entry, pack_entry_direct, pack_exit) = match &req.pack {
             Some(h) => self.pack_slots(h, self.direct_pack(req))?,
             None => (0, 0, 0),
@@ -457,12 +516,18 @@ impl Interceptor {
         if let Some(h) = &req.pack {
             self.record_saves(probe, h, self.direct_pack(req));
         }
-        let xsave = match req.kind {
-            ProbeKind::Offset => Some(self.xsave.ok_or(PrepareError::NoXsave)?),
-            _ => None,
-        };
-        // Counting-only probes take the inline path; a handler needs the full one.
-        let path = match (req.on_entry, req.on_exit, req.pack, req.kind, self.tls) {
+        Ok(probe)
+    }
+
+    /// Counting-only probes take the inline path; a handler needs the full one.
+    fn entry_path(
+        &self,
+        req: &ProbeRequest,
+        id: usize,
+        counters: Counts<'static>,
+        exit_trampoline: u64,
+    ) -> trampoline::EntryPath {
+        match (req.on_entry, req.on_exit, req.pack, req.kind, self.tls) {
             (None, None, None, ProbeKind::Entry | ProbeKind::Exit, Some(tls)) => {
                 trampoline::EntryPath::Fast(trampoline::FastEntry {
                     tls,
@@ -492,55 +557,27 @@ impl Interceptor {
                 })
             }
             _ => trampoline::EntryPath::General,
-        };
+        }
+    }
+
+    /// Places the trampoline near the site and the agent when one block can reach both;
+    /// else near the site.
+    fn place_trampoline(
+        &mut self,
+        stolen: &relocator::Stolen,
+        mut emit: impl FnMut(&mut Emitter) -> Result<trampoline::EntryTrampoline, JitError>,
+    ) -> Result<jit::Placed<trampoline::EntryTrampoline>, PrepareError> {
         let on_entry = dispatch::on_entry as *const () as u64;
-        let avx = self.avx();
-        let stub = match &path {
-            trampoline::EntryPath::Fast(f) if f.pack.is_none() && f.exit_trampoline != 0 => {
-                self.general_stub()?
-            }
-            _ => 0,
-        };
-        // Near the site and the agent when one block can reach both; else near the site.
-        let mut placed = None;
         for near in [&[stolen.site, on_entry][..], &[stolen.site][..]] {
-            match jit::place(&mut self.alloc, near, self.policy, |e| {
-                emit_trampoline(e, probe, &stolen, xsave, path, avx, stub)
-            }) {
-                Ok(p) => {
-                    placed = Some(p);
-                    break;
-                }
+            match jit::place(&mut self.alloc, near, self.policy, &mut emit) {
+                Ok(p) => return Ok(p),
                 Err(JitError::Alloc(AllocError::TargetsTooFarApart { .. }))
                 | Err(JitError::Alloc(AllocError::OutOfRange { .. }))
                     if near.len() > 1 => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        let placed = placed.expect("the loop returns or places");
-        let tramp = placed.value;
-        let patch =
-            trampoline::patch_bytes(stolen.site, placed.addr).ok_or(PrepareError::OutOfReach)?;
-        let mut original = [0u8; 5];
-        original.copy_from_slice(&stolen.original[..5]);
-        counters
-            .line
-            .encoding
-            .store(tramp.encoding as u32, Ordering::Relaxed);
-        self.probes.push(probe);
-        let prepared = Prepared {
-            id: id as u32,
-            site: stolen.site,
-            patch,
-            original,
-            stolen_len: stolen.len,
-            trampoline: placed.addr,
-            encoding: tramp.encoding,
-            code_len: placed.len,
-            relocated_len: tramp.relocated.bytes.len(),
-        };
-        self.prepared.push(prepared.clone());
-        Ok(prepared)
+        unreachable!("the last attempt returns or places")
     }
 
     /// Whether `req` gets a direct pack path: an entry probe whose only handler is a

@@ -19,8 +19,8 @@ pub struct PackRegion {
 #[derive(Debug, thiserror::Error)]
 pub enum PackLoadError {
     /// The maps and ring do not make a region (`probes::pack::abi::plan` says why).
-    #[error("{0}")]
-    Plan(String),
+    #[error(transparent)]
+    Plan(#[from] abi::PlanError),
     /// The kernel refused a step of creating the region.
     #[error("{what}: {source}")]
     Os {

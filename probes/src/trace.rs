@@ -122,7 +122,7 @@ pub struct Layout {
     pub total: usize,
 }
 
-pub fn layout(ring_bytes: usize) -> Result<Layout, String> {
+pub fn layout(ring_bytes: usize) -> Result<Layout, abi::PlanError> {
     let ring = abi::plan(&[], ring_bytes)?;
     let masks = ring.total;
     Ok(Layout {

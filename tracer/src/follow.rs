@@ -31,7 +31,7 @@ use crate::agent_blob::agent_so;
 use crate::detached::{self, PidFd};
 use crate::inject;
 use crate::library_file;
-use crate::session::{self, ProbeReport, Session};
+use crate::session::{self, ProbeReport, Session, SessionError};
 use crate::spec::{self, ResolvedProbe};
 use crate::symbols::{ProcessModules, SymbolCache};
 use crate::threads::{self, Process};
@@ -94,12 +94,12 @@ impl Registry {
     }
 
     /// The counts of entry `i` (None: nothing installed there).
-    pub fn report(&self, i: usize) -> Option<Result<Vec<ProbeReport>, String>> {
+    pub fn report(&self, i: usize) -> Option<Result<Vec<ProbeReport>, SessionError>> {
         match &self.entries[i].probes {
             Probes::Own(s) => Some(Ok(s.report())),
             Probes::Copy { template, region } => {
                 let s = self.session(*template)?;
-                Some(s.report_from(region).map_err(|e| e.to_string()))
+                Some(s.report_from(region))
             }
             Probes::None => None,
         }
@@ -128,12 +128,61 @@ pub struct Follower {
     thread: Option<JoinHandle<()>>,
 }
 
-fn os_err(what: &str) -> String {
-    format!("{what} failed: {}", std::io::Error::last_os_error())
+/// Why following the command's children could not start; the program is left as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error("{what} failed: {source}")]
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the agent has no file children could preload: {0}")]
+    NoAgentFile(#[source] std::io::Error),
+    #[error("the agent is not loaded")]
+    AgentNotLoaded,
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Inject(#[from] inject::InjectError),
+    #[error("the agent refused to follow")]
+    Refused,
+    #[error("cannot start the follow thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Why a followed image got no probes.
+#[derive(Debug, thiserror::Error)]
+enum NotProbed {
+    #[error("not probed: {0}")]
+    Attach(#[from] threads::AttachError),
+    #[error("not probed: {0}")]
+    Symbols(#[from] crate::symbols::SymbolError),
+    #[error("no spec matches a function of this program")]
+    NoMatch,
+    #[error("not probed: {0}")]
+    Install(#[from] SessionError),
+    #[error("cannot let it go: {0}")]
+    Detach(#[source] threads::AttachError),
+}
+
+/// Why a followed process still running at the end kept some of its probes.
+#[derive(Debug, thiserror::Error)]
+enum RestoreError {
+    #[error("its probes stay in place: {0}")]
+    Attach(#[source] threads::AttachError),
+    #[error("its probes could not all be taken out: {0}")]
+    Restore(#[source] SessionError),
+}
+
+fn os_err(what: &'static str) -> FollowError {
+    FollowError::Os {
+        what,
+        source: std::io::Error::last_os_error(),
+    }
 }
 
 /// A listening abstract unix socket named `name`.
-fn listen(name: &str) -> Result<OwnedFd, String> {
+fn listen(name: &str) -> Result<OwnedFd, FollowError> {
     // SAFETY: socket with constant arguments.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -176,7 +225,7 @@ fn raise_fd_limit() {
     }
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+fn pipe() -> Result<(OwnedFd, OwnedFd), FollowError> {
     let mut fds = [0i32; 2];
     // SAFETY: fds has room for two descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -194,7 +243,7 @@ impl Follower {
         proc: &mut Process,
         top: Session,
         opts: Options,
-    ) -> Result<Follower, Box<(Session, String)>> {
+    ) -> Result<Follower, Box<(Session, FollowError)>> {
         match Self::open(proc, opts) {
             Ok((f, registry_entry)) => {
                 let pid = proc.pid();
@@ -213,28 +262,27 @@ impl Follower {
         }
     }
 
-    fn open(proc: &mut Process, opts: Options) -> Result<(Follower, String), String> {
+    fn open(proc: &mut Process, opts: Options) -> Result<(Follower, String), FollowError> {
         let pid = proc.pid();
         // LD_PRELOAD needs a file: a memfd (a noexec /tmp) cannot be passed on.
         let placed = library_file::place(pid, agent_so(), library_file::AGENT_NAME)
-            .map_err(|e| format!("the agent has no file children could preload: {e}"))?;
+            .map_err(FollowError::NoAgentFile)?;
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let name = format!("tracer-follow-{}-{nanos:x}", std::process::id());
         let listener = listen(&name)?;
-        let base = session::loaded_agent(pid).ok_or("the agent is not loaded")?;
-        let function = base + session::agent_symbol(FOLLOW_SYMBOL).map_err(|e| e.to_string())?;
-        let fns = inject::libc_functions(pid).map_err(|e| e.to_string())?;
+        let base = session::loaded_agent(pid).ok_or(FollowError::AgentNotLoaded)?;
+        let function = base + session::agent_symbol(FOLLOW_SYMBOL)?;
+        let fns = inject::libc_functions(pid)?;
         let mut input = name.as_bytes().to_vec();
         input.push(0);
         input.extend_from_slice(placed.path_in_target.as_bytes());
         input.push(0);
         let (ok, _) =
-            session::call_with_buffers(proc, &fns, function, &input, input.len() as u64, 0)
-                .map_err(|e| e.to_string())?;
+            session::call_with_buffers(proc, &fns, function, &input, input.len() as u64, 0)?;
         if ok != 1 {
-            return Err("the agent refused to follow".into());
+            return Err(FollowError::Refused);
         }
         raise_fd_limit();
         let (stop_r, stop_w) = pipe()?;
@@ -243,7 +291,7 @@ impl Follower {
         let thread = std::thread::Builder::new()
             .name("follow".into())
             .spawn(move || serve(listener, stop_r, shared, opts))
-            .map_err(|e| format!("cannot start the follow thread: {e}"))?;
+            .map_err(FollowError::Thread)?;
         let comm = detached::comm(pid).unwrap_or_default();
         Ok((
             Follower {
@@ -398,68 +446,80 @@ fn handle(conn: OwnedFd, registry: &Mutex<Registry>, opts: Option<&Options>) {
         return;
     };
     if msg.starts_with(FOLLOW_EXEC) {
-        let comm = detached::comm(pid).unwrap_or_default();
-        let pidfd = PidFd::open(pid).ok();
-        let (probes, mut note) = match opts {
-            Some(o) => {
-                match crate::timings::time("followed images (check-in to go)", || install(pid, o)) {
-                    Ok(s) => (Probes::Own(s), None),
-                    Err(e) => (Probes::None, Some(e)),
-                }
-            }
-            None => (
-                Probes::None,
-                Some("started as the command ended: not probed".into()),
-            ),
-        };
-        // SAFETY: send on our connection; MSG_NOSIGNAL: a peer gone is no signal to us.
-        let sent = unsafe {
-            libc::send(
-                conn.as_raw_fd(),
-                FOLLOW_GO.as_ptr().cast(),
-                FOLLOW_GO.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if sent < 0 && matches!(probes, Probes::Own(_)) {
-            note = Some(format!(
-                "it stopped waiting before its probes were in (after {} ms): the counts miss its start",
-                probes::abi::remote::FOLLOW_WAIT_MS
-            ));
-        }
-        registry.lock().expect("registry").entries.push(Entry {
-            pid,
-            comm,
-            origin: Origin::Exec,
-            probes,
-            pidfd,
-            note,
-            still_running: false,
-        });
+        exec_checked_in(&conn, pid, registry, opts);
     } else if msg.starts_with(FOLLOW_FORK) {
         let (Some(region), Some(inode)) = (file, parse_inode(&msg)) else {
             return;
         };
-        let mut reg = registry.lock().expect("registry");
-        let Some(template) = (0..reg.entries.len())
-            .rev()
-            .find(|&i| reg.region_inode(i) == Some(inode))
-        else {
-            return;
-        };
-        let parent = reg.entries[template].pid;
-        // The parent's: by now the child may have exec'd another program.
-        let comm = reg.entries[template].comm.clone();
-        reg.entries.push(Entry {
-            pid,
-            comm,
-            origin: Origin::Fork { parent },
-            probes: Probes::Copy { template, region },
-            pidfd: PidFd::open(pid).ok(),
-            note: None,
-            still_running: false,
-        });
+        fork_checked_in(pid, region, inode, registry);
     }
+}
+
+/// A program image that checked in after exec: probe it (while it waits for the go),
+/// then let it go.
+fn exec_checked_in(conn: &OwnedFd, pid: i32, registry: &Mutex<Registry>, opts: Option<&Options>) {
+    let comm = detached::comm(pid).unwrap_or_default();
+    let pidfd = PidFd::open(pid).ok();
+    let (probes, mut note) = match opts {
+        Some(o) => {
+            match crate::timings::time("followed images (check-in to go)", || install(pid, o)) {
+                Ok(s) => (Probes::Own(s), None),
+                Err(e) => (Probes::None, Some(e.to_string())),
+            }
+        }
+        None => (
+            Probes::None,
+            Some("started as the command ended: not probed".into()),
+        ),
+    };
+    // SAFETY: send on our connection; MSG_NOSIGNAL: a peer gone is no signal to us.
+    let sent = unsafe {
+        libc::send(
+            conn.as_raw_fd(),
+            FOLLOW_GO.as_ptr().cast(),
+            FOLLOW_GO.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if sent < 0 && matches!(probes, Probes::Own(_)) {
+        note = Some(format!(
+            "it stopped waiting before its probes were in (after {} ms): the counts miss its start",
+            probes::abi::remote::FOLLOW_WAIT_MS
+        ));
+    }
+    registry.lock().expect("registry").entries.push(Entry {
+        pid,
+        comm,
+        origin: Origin::Exec,
+        probes,
+        pidfd,
+        note,
+        still_running: false,
+    });
+}
+
+/// A forked child that checked in with its copy of its parent's counters (`region`, the
+/// memfd whose inode the parent's counters had).
+fn fork_checked_in(pid: i32, region: File, inode: u64, registry: &Mutex<Registry>) {
+    let mut reg = registry.lock().expect("registry");
+    let Some(template) = (0..reg.entries.len())
+        .rev()
+        .find(|&i| reg.region_inode(i) == Some(inode))
+    else {
+        return;
+    };
+    let parent = reg.entries[template].pid;
+    // The parent's: by now the child may have exec'd another program.
+    let comm = reg.entries[template].comm.clone();
+    reg.entries.push(Entry {
+        pid,
+        comm,
+        origin: Origin::Fork { parent },
+        probes: Probes::Copy { template, region },
+        pidfd: PidFd::open(pid).ok(),
+        note: None,
+        still_running: false,
+    });
 }
 
 fn parse_inode(msg: &[u8]) -> Option<u64> {
@@ -483,20 +543,18 @@ fn resolve(specs: &[String], modules: &ProcessModules) -> Vec<ResolvedProbe> {
 }
 
 /// Seizes `pid` (waiting in the agent's constructor), installs the probes, detaches.
-fn install(pid: i32, opts: &Options) -> Result<Session, String> {
-    let mut proc = threads::attach(pid).map_err(|e| format!("not probed: {e}"))?;
-    let modules = SymbolCache::global()
-        .process(pid)
-        .map_err(|e| format!("not probed: {e}"))?;
+fn install(pid: i32, opts: &Options) -> Result<Session, NotProbed> {
+    let mut proc = threads::attach(pid)?;
+    let modules = SymbolCache::global().process(pid)?;
     let probes = resolve(&opts.specs, &modules);
     if probes.is_empty() {
         let _ = proc.detach();
-        return Err("no spec matches a function of this program".into());
+        return Err(NotProbed::NoMatch);
     }
     let r = Session::install(&mut proc, &modules, &probes, opts.exit, None, false);
     let detached = proc.detach();
-    let s = r.map_err(|e| format!("not probed: {e}"))?;
-    detached.map_err(|e| format!("cannot let it go: {e}"))?;
+    let s = r?;
+    detached.map_err(NotProbed::Detach)?;
     Ok(s)
 }
 
@@ -521,22 +579,21 @@ fn remove_from_running(reg: &mut Registry) {
         let e = &mut reg.entries[i];
         e.still_running = true;
         if let Err(why) = r {
-            e.note = Some(why);
+            e.note = Some(why.to_string());
         }
     }
 }
 
-fn restore(pid: i32, session: &Session) -> Result<(), String> {
+fn restore(pid: i32, session: &Session) -> Result<(), RestoreError> {
     let mut proc = match threads::attach(pid) {
         Ok(p) => p,
         // Ended meanwhile: nothing to take out.
         Err(_) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => return Ok(()),
-        Err(e) => return Err(format!("its probes stay in place: {e}")),
+        Err(e) => return Err(RestoreError::Attach(e)),
     };
     let r = session.restore_in(&mut proc);
     let _ = proc.detach();
-    r.map(|_| ())
-        .map_err(|e| format!("its probes could not all be taken out: {e}"))
+    r.map(|_| ()).map_err(RestoreError::Restore)
 }
 
 /// How long the rendezvous waits for a check-in's message.

@@ -228,6 +228,45 @@ fn exported(
     Ok(found)
 }
 
+/// The path of the target's libc, or why there is none to load the agent with.
+fn mapped_libc(pid: i32, entries: &[MapEntry]) -> Result<String, InjectError> {
+    if let Some(path) = entries.iter().find(|e| is_libc(&e.path)) {
+        return Ok(path.path.clone());
+    }
+    if entries.iter().any(|e| is_ld_so(&e.path)) {
+        return Err(InjectError::NoDlopen {
+            pid,
+            libc: "none mapped".into(),
+        });
+    }
+    Err(InjectError::StaticTarget { pid })
+}
+
+/// `pthread_create` and `pthread_detach` from libpthread: glibc before 2.34 keeps them
+/// there.
+fn libpthread_functions(
+    pid: i32,
+    dir: &str,
+    entries: &[MapEntry],
+    libc_path: &str,
+) -> Result<(u64, u64), InjectError> {
+    let libpthread = entries
+        .iter()
+        .find(|e| file_name(&e.path).starts_with("libpthread"))
+        .map(|e| e.path.clone());
+    let found = match libpthread {
+        Some(p) => exported(dir, entries, &p, &["pthread_create", "pthread_detach"])?,
+        None => vec![None, None],
+    };
+    match (found[0], found[1]) {
+        (Some(c), Some(d)) => Ok((c, d)),
+        _ => Err(InjectError::NoDlopen {
+            pid,
+            libc: format!("{libc_path}, without pthread_create"),
+        }),
+    }
+}
+
 /// Resolves the dynamic-loading functions of the target's libc.
 pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
     // Through a live thread when the main one has exited (its maps read empty).
@@ -239,19 +278,7 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
         .filter(|e| e.perms.exec && (is_libc(&e.path) || is_ld_so(&e.path)))
         .map(|e| (e.start, e.end))
         .collect();
-    let Some(libc_path) = entries
-        .iter()
-        .find(|e| is_libc(&e.path))
-        .map(|e| e.path.clone())
-    else {
-        if entries.iter().any(|e| is_ld_so(&e.path)) {
-            return Err(InjectError::NoDlopen {
-                pid,
-                libc: "none mapped".into(),
-            });
-        }
-        return Err(InjectError::StaticTarget { pid });
-    };
+    let libc_path = mapped_libc(pid, &entries)?;
     let libc_base = entries
         .iter()
         .filter(|e| e.path == libc_path)
@@ -285,28 +312,9 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
             }
         },
     };
-    // glibc before 2.34 keeps the pthread functions in libpthread.
     let (pthread_create, pthread_detach) = match (found[5], found[6]) {
         (Some(c), Some(d)) => (c, d),
-        _ => {
-            let libpthread = entries
-                .iter()
-                .find(|e| file_name(&e.path).starts_with("libpthread"))
-                .map(|e| e.path.clone());
-            let found = match libpthread {
-                Some(p) => exported(&dir, &entries, &p, &["pthread_create", "pthread_detach"])?,
-                None => vec![None, None],
-            };
-            match (found[0], found[1]) {
-                (Some(c), Some(d)) => (c, d),
-                _ => {
-                    return Err(InjectError::NoDlopen {
-                        pid,
-                        libc: format!("{libc_path}, without pthread_create"),
-                    })
-                }
-            }
-        }
+        _ => libpthread_functions(pid, &dir, &entries, &libc_path)?,
     };
     Ok(LibcFunctions {
         dlopen,

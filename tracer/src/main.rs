@@ -15,13 +15,19 @@ use tracer::pack::descriptors::PackError;
 use tracer::pack::live::Live;
 use tracer::pack::load::Pack;
 use tracer::session::SessionError;
-use tracer::session::{PackRequest, ProbeReport, Session};
+use tracer::session::{PackRequest, Session};
 use tracer::spec::{self, ProbeSpec, ResolvedProbe};
 use tracer::spec::{ResolveError, SpecError};
 use tracer::symbols::SymbolError;
 use tracer::symbols::{ProcessModules, SymbolCache};
 use tracer::threads::{self, AttachError, ExitStatus, Process};
 use tracer::timings;
+
+mod output;
+mod report;
+
+use output::{Sink, Ticker};
+use report::running_report;
 
 /// Why a command failed: a layer's error with its cause kept (`source()`), or a message
 /// of the command line's own. Shown to users as one line.
@@ -59,8 +65,54 @@ enum CliError {
         what: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error(transparent)]
+    Options(#[from] OptionError),
+    #[error(transparent)]
+    Live(#[from] tracer::pack::live::LiveError),
+    #[error(transparent)]
+    Trace(#[from] tracer::trace::TraceError),
+    #[error(transparent)]
+    Scaffold(#[from] tracer::pack::scaffold::ScaffoldError),
     #[error("{0}")]
     Message(String),
+}
+
+/// Options that do not go together, or a value out of range: refused before any process
+/// is touched.
+#[derive(Debug, thiserror::Error)]
+enum OptionError {
+    #[error("--interval {0}: give a number of seconds of at least 0.01")]
+    Interval(f64),
+    #[error(
+        "--hist and --summary time the -p probes and cannot be combined with \
+         --pack (a pack keeps its own histograms: see examples/latency)"
+    )]
+    TimedWithPack,
+    #[error(
+        "--hist and --summary cannot be combined with --trace, --chrome-trace \
+         or --perfetto (both time returns): run them one at a time"
+    )]
+    TimedWithTrace,
+    #[error("--hist and --summary need probes: add -p SPEC")]
+    TimedWithoutProbes,
+    #[error("--follow does not carry {0} into the command's children yet: drop --follow")]
+    FollowWith(&'static str),
+    #[error("--args N goes with --trace (or --chrome-trace, --perfetto)")]
+    ArgsWithoutTrace,
+    #[error(
+        "--trace, --chrome-trace and --perfetto run instead of a pack's handlers: \
+         use them without --pack"
+    )]
+    TraceWithPack,
+    #[error("{0} is an offset inside a function: tracing shows calls, give whole functions")]
+    TraceOffset(String),
+    #[error("--trace-ring {0} is not a power of two of at least 4096 bytes")]
+    TraceRing(usize),
+    #[error(
+        "attach does not follow children (only those PID {0} starts from now on could \
+         be): drop --follow, or start the command with tracer run"
+    )]
+    AttachFollow(i32),
 }
 
 /// `CliError::Step` for what failed, keeping the error as its source.
@@ -201,42 +253,32 @@ impl ProbeArgs {
     }
 
     /// `--interval` checked: a positive number of seconds.
-    fn interval(&self) -> Result<Option<Duration>, String> {
+    fn interval(&self) -> Result<Option<Duration>, OptionError> {
         match self.interval {
             None => Ok(None),
             Some(s) if s.is_finite() && s >= 0.01 => Ok(Some(Duration::from_secs_f64(s))),
-            Some(s) => Err(format!(
-                "--interval {s}: give a number of seconds of at least 0.01"
-            )),
+            Some(s) => Err(OptionError::Interval(s)),
         }
     }
 
     /// What the built-in options cannot be combined with, before any process is touched.
-    fn check_builtins(&self) -> Result<(), String> {
+    fn check_builtins(&self) -> Result<(), OptionError> {
         self.interval()?;
         if self.timed() && self.pack.is_some() {
-            return Err(
-                "--hist and --summary time the -p probes and cannot be combined with \
-                 --pack (a pack keeps its own histograms: see examples/latency)"
-                    .into(),
-            );
+            return Err(OptionError::TimedWithPack);
         }
         if self.timed() && (self.trace || self.chrome_trace.is_some() || self.perfetto.is_some()) {
-            return Err(
-                "--hist and --summary cannot be combined with --trace, --chrome-trace \
-                 or --perfetto (both time returns): run them one at a time"
-                    .into(),
-            );
+            return Err(OptionError::TimedWithTrace);
         }
         if self.timed() && self.probe.is_empty() {
-            return Err("--hist and --summary need probes: add -p SPEC".into());
+            return Err(OptionError::TimedWithoutProbes);
         }
         Ok(())
     }
 
     /// Whether `run` follows the command's children: by default, except with what is
     /// not carried into them yet.
-    fn follow_children(&self) -> Result<bool, String> {
+    fn follow_children(&self) -> Result<bool, OptionError> {
         let traced = self.trace || self.chrome_trace.is_some() || self.perfetto.is_some();
         let alone = if self.pack.is_some() {
             Some("a probe pack")
@@ -248,9 +290,7 @@ impl ProbeArgs {
             None
         };
         match (alone, self.follow) {
-            (Some(what), true) => Err(format!(
-                "--follow does not carry {what} into the command's children yet: drop --follow"
-            )),
+            (Some(what), true) => Err(OptionError::FollowWith(what)),
             (Some(_), false) => Ok(false),
             (None, _) => Ok(!self.no_follow),
         }
@@ -325,7 +365,7 @@ fn open_pack(args: &ProbeArgs) -> Result<Option<Pack>, CliError> {
 }
 
 /// What `--trace`, `--chrome-trace` and `--perfetto` ask for, checked; None without them.
-fn trace_options(args: &ProbeArgs) -> Result<Option<tracer::trace::Options>, String> {
+fn trace_options(args: &ProbeArgs) -> Result<Option<tracer::trace::Options>, OptionError> {
     let opts = tracer::trace::Options {
         lines: args.trace,
         raw_args: args.args.map(usize::from),
@@ -335,31 +375,22 @@ fn trace_options(args: &ProbeArgs) -> Result<Option<tracer::trace::Options>, Str
     };
     if !opts.wanted() {
         if args.args.is_some() {
-            return Err("--args N goes with --trace (or --chrome-trace, --perfetto)".into());
+            return Err(OptionError::ArgsWithoutTrace);
         }
         return Ok(None);
     }
     if args.pack.is_some() {
-        return Err(
-            "--trace, --chrome-trace and --perfetto run instead of a pack's handlers: \
-                    use them without --pack"
-                .into(),
-        );
+        return Err(OptionError::TraceWithPack);
     }
     if let Some(s) = args
         .probe
         .iter()
         .find(|s| ProbeSpec::parse(s).is_ok_and(|p| p.offset != 0))
     {
-        return Err(format!(
-            "{s} is an offset inside a function: tracing shows calls, give whole functions"
-        ));
+        return Err(OptionError::TraceOffset(s.clone()));
     }
     if !args.trace_ring.is_power_of_two() || args.trace_ring < 4096 {
-        return Err(format!(
-            "--trace-ring {} is not a power of two of at least 4096 bytes",
-            args.trace_ring
-        ));
+        return Err(OptionError::TraceRing(args.trace_ring));
     }
     Ok(Some(opts))
 }
@@ -550,10 +581,8 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
     let mut proc = timings::time("process start-up", || {
         tracer::launch::launch(&cmd[0], &cmd[1..])
     })?;
-    let (session, traced, live) =
-        match install(&mut proc, args, pack.as_ref(), &sink, tracing, follow)
-            .and_then(|(s, t)| start_live(&proc, &s, pack, args, &sink).map(|l| (s, t, l)))
-        {
+    let (session, traced, live, pidfd) =
+        match install_launched(&mut proc, args, pack, &sink, tracing, follow) {
             Ok(s) => s,
             Err(e) => {
                 proc.kill();
@@ -562,13 +591,6 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
         };
     let pid = proc.pid();
     let image = detached::comm(pid);
-    let pidfd = match PidFd::open(pid) {
-        Ok(f) => f,
-        Err(e) => {
-            proc.kill();
-            return Err(step(format!("cannot open a pidfd for PID {pid}"))(e));
-        }
-    };
     let (session, follower) = start_following(&mut proc, session, args, follow);
     // The program runs untraced from here: signals reach it directly.
     if let Err(e) = timings::time("detach", || proc.detach()) {
@@ -588,27 +610,8 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
             },
         )?;
     let followed = follower.map(tracer::follow::Follower::finish);
-    if let (Some(first), Some(last)) = (image.clone(), image_at_end) {
-        if followed.as_ref().is_some_and(|r| !r.exec_of(pid)) && first != last {
-            eprintln!(
-                "tracer: note: {} exec'd {last}, which did not check in (a static program, or \
-                 one started without the LD_PRELOAD and TRACER_FOLLOW tracer set); the counts \
-                 cover the program before that",
-                cmd[0]
-            );
-        } else if followed.is_none() && first != last {
-            // The probes were in the program image that exec replaced.
-            eprintln!(
-                "tracer: note: {} exec'd {last}; the counts cover the program before that \
-                 (probes do not follow exec yet: run {last} directly)",
-                cmd[0]
-            );
-        }
-    }
-    let maps = traced
-        .map(tracer::trace::Running::finish)
-        .unwrap_or_default()
-        + &live.map(Live::finish).unwrap_or_default();
+    note_exec(&cmd[0], pid, image.clone(), image_at_end, followed.as_ref());
+    let maps = finish_outputs(traced, live);
     let who = (pid, image.unwrap_or_default());
     timings::time("report", || match (&followed, &session) {
         (Some(reg), _) => sink.write_followed(args, reg),
@@ -616,7 +619,69 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
         (None, None) => Ok(()),
     })?;
     drop(signals);
-    Ok(match status {
+    Ok(exit_like(status))
+}
+
+/// The launched program's probes in place, its pack's events flowing and a pidfd to wait
+/// on; the caller kills the program when this fails.
+fn install_launched(
+    proc: &mut Process,
+    args: &ProbeArgs,
+    pack: Option<Pack>,
+    sink: &Sink,
+    tracing: Option<tracer::trace::Tracer>,
+    follow: bool,
+) -> Result<Installed, CliError> {
+    let (session, traced) = install(proc, args, pack.as_ref(), sink, tracing, follow)?;
+    let live = start_live(proc, &session, pack, args, sink)?;
+    let pid = proc.pid();
+    let pidfd = PidFd::open(pid).map_err(step(format!("cannot open a pidfd for PID {pid}")))?;
+    Ok((session, traced, live, pidfd))
+}
+
+/// What a session set up: the probes, the trace being recorded, the pack's event thread,
+/// and the pidfd that says when the target ends.
+type Installed = (Session, Option<tracer::trace::Running>, Option<Live>, PidFd);
+
+/// Stops the trace and the pack's event thread; what they leave for the report (the
+/// pack's maps, the trace's summary), rendered.
+fn finish_outputs(traced: Option<tracer::trace::Running>, live: Option<Live>) -> String {
+    traced
+        .map(tracer::trace::Running::finish)
+        .unwrap_or_default()
+        + &live.map(Live::finish).unwrap_or_default()
+}
+
+/// Says when the program exec'd another one whose calls the counts do not cover.
+fn note_exec(
+    command: &str,
+    pid: i32,
+    image: Option<String>,
+    image_at_end: Option<String>,
+    followed: Option<&tracer::follow::Registry>,
+) {
+    let (Some(first), Some(last)) = (image, image_at_end) else {
+        return;
+    };
+    if followed.is_some_and(|r| !r.exec_of(pid)) && first != last {
+        eprintln!(
+            "tracer: note: {command} exec'd {last}, which did not check in (a static program, or \
+             one started without the LD_PRELOAD and TRACER_FOLLOW tracer set); the counts \
+             cover the program before that"
+        );
+    } else if followed.is_none() && first != last {
+        // The probes were in the program image that exec replaced.
+        eprintln!(
+            "tracer: note: {command} exec'd {last}; the counts cover the program before that \
+             (probes do not follow exec yet: run {last} directly)"
+        );
+    }
+}
+
+/// tracer's own exit: the program's code, or the same signal, so shells see what the
+/// program did.
+fn exit_like(status: ExitStatus) -> ExitCode {
+    match status {
         ExitStatus::Code(c) => ExitCode::from(c as u8),
         ExitStatus::Signal(s) => {
             // Die the same way, so shells see what the program did.
@@ -627,7 +692,7 @@ fn run(args: &ProbeArgs, cmd: &[String]) -> Result<ExitCode, CliError> {
             }
             ExitCode::from(128 + s as u8)
         }
-    })
+    }
 }
 
 /// With `follow`, have the launched program (stopped, probes in) pass the agent on to its
@@ -701,11 +766,7 @@ const STOPPING: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode, CliError> {
     if args.follow {
-        return Err(format!(
-            "attach does not follow children (only those PID {pid} starts from now on could \
-             be): drop --follow, or start the command with tracer run"
-        )
-        .into());
+        return Err(OptionError::AttachFollow(pid).into());
     }
     args.check_builtins()?;
     let tracing = trace_options(args)?
@@ -722,31 +783,9 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     // Blocked before attaching, so that one arriving during set-up ends the session as
     // soon as the probes are in place, in order.
     let signals = SignalFd::block(STOPPING).map_err(step("cannot block signals"))?;
-    let mut proc = timings::time("seize and stop", || threads::attach(pid))?;
-    let (mut session, traced) = match install(&mut proc, args, pack.as_ref(), &sink, tracing, false)
-    {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = proc.detach();
-            return Err(e);
-        }
-    };
-    let live = match start_live(&proc, &session, pack, args, &sink) {
-        Ok(l) => l,
-        Err(e) => {
-            session.remove(&mut proc)?;
-            let _ = proc.detach();
-            return Err(e);
-        }
-    };
-    let pidfd = match PidFd::open(pid) {
-        Ok(f) => f,
-        Err(e) => {
-            session.remove(&mut proc)?;
-            let _ = proc.detach();
-            return Err(step(format!("cannot open a pidfd for PID {pid}"))(e));
-        }
-    };
+    let proc = timings::time("seize and stop", || threads::attach(pid))?;
+    let (mut proc, (mut session, traced, live, pidfd)) =
+        install_attached(proc, args, pack, &sink, tracing)?;
     let n = session.installed().len();
     let say_live =
         || eprintln!("tracer: {n} probe(s) live in {pid}; Ctrl-C (or SIGTERM) to remove them");
@@ -771,38 +810,114 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         // in the middle of a remote call (the detach's own clean-up is one) would leave a
         // thread about to trap.
         say_live();
-        let mut ticker = Ticker::new(args.interval()?);
-        let woke = loop {
-            let next = match (deadline, ticker.next()) {
-                (Some(d), Some(t)) => Some(d.min(t)),
-                (d, t) => d.or(t),
-            };
-            let woke = detached::wait(&pidfd, &signals, next)
-                .map_err(|e| format!("waiting for PID {pid} failed: {e}"))?;
-            if woke == Woke::Deadline && deadline.is_none_or(|d| Instant::now() < d) {
-                ticker
-                    .fire(&mut |k, at| sink.write_text(&running_report(args, &session, k, at)))?;
-                continue;
-            }
-            break woke;
-        };
-        let removed = woke != Woke::Ended
-            && timings::time("removal (attach again, restore, detach)", || {
-                remove_probes(pid, &mut session, &pidfd)
-            })?;
-        if !removed {
-            eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
-        }
+        wait_and_remove(
+            pid,
+            &mut session,
+            &pidfd,
+            &signals,
+            deadline,
+            args,
+            &mut sink,
+        )?;
     }
-    let maps = traced
-        .map(tracer::trace::Running::finish)
-        .unwrap_or_default()
-        + &live.map(Live::finish).unwrap_or_default();
+    let maps = finish_outputs(traced, live);
     let comm = detached::comm(pid).unwrap_or_default();
     timings::time("report", || {
         sink.write(args, &maps, &session, Some((pid, &comm)))
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The attached target's probes in place, its pack's events flowing and a pidfd to wait
+/// on; on failure the target is left as it was (probes removed, detached).
+fn install_attached(
+    mut proc: Process,
+    args: &ProbeArgs,
+    pack: Option<Pack>,
+    sink: &Sink,
+    tracing: Option<tracer::trace::Tracer>,
+) -> Result<(Process, Installed), CliError> {
+    let pid = proc.pid();
+    let (mut session, traced) = match install(&mut proc, args, pack.as_ref(), sink, tracing, false)
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = proc.detach();
+            return Err(e);
+        }
+    };
+    let live = match start_live(&proc, &session, pack, args, sink) {
+        Ok(l) => l,
+        Err(e) => {
+            session.remove(&mut proc)?;
+            let _ = proc.detach();
+            return Err(e);
+        }
+    };
+    let pidfd = match PidFd::open(pid) {
+        Ok(f) => f,
+        Err(e) => {
+            session.remove(&mut proc)?;
+            let _ = proc.detach();
+            return Err(step(format!("cannot open a pidfd for PID {pid}"))(e));
+        }
+    };
+    Ok((proc, (session, traced, live, pidfd)))
+}
+
+/// Once the probes count in the detached target: waits for its end, a stopping signal or
+/// the deadline, then attaches again to remove the probes (unless it ended).
+fn wait_and_remove(
+    pid: i32,
+    session: &mut Session,
+    pidfd: &PidFd,
+    signals: &SignalFd,
+    deadline: Option<Instant>,
+    args: &ProbeArgs,
+    sink: &mut Sink,
+) -> Result<(), CliError> {
+    let woke = wait_detached(
+        pid,
+        pidfd,
+        signals,
+        deadline,
+        &mut |k, at| sink.write_text(&running_report(args, session, k, at)),
+        args.interval()?,
+    )?;
+    let removed = woke != Woke::Ended
+        && timings::time("removal (attach again, restore, detach)", || {
+            remove_probes(pid, session, pidfd)
+        })?;
+    if !removed {
+        eprintln!("tracer: process {pid} ended; the counts cover its whole run since attach");
+    }
+    Ok(())
+}
+
+/// Waits, detached, for the attached target to end, a stopping signal or the deadline,
+/// printing the `--interval` reports meanwhile. Returns what woke it.
+fn wait_detached(
+    pid: i32,
+    pidfd: &PidFd,
+    signals: &SignalFd,
+    deadline: Option<Instant>,
+    tick: &mut dyn FnMut(u64, Duration) -> Result<(), CliError>,
+    interval: Option<Duration>,
+) -> Result<Woke, CliError> {
+    let mut ticker = Ticker::new(interval);
+    loop {
+        let next = match (deadline, ticker.next()) {
+            (Some(d), Some(t)) => Some(d.min(t)),
+            (d, t) => d.or(t),
+        };
+        let woke = detached::wait(pidfd, signals, next)
+            .map_err(step(format!("waiting for PID {pid} failed")))?;
+        if woke == Woke::Deadline && deadline.is_none_or(|d| Instant::now() < d) {
+            ticker.fire(tick)?;
+            continue;
+        }
+        return Ok(woke);
+    }
 }
 
 /// Hot swap: another tracer's session runs a pack in `pid`; replace its handlers by this
@@ -882,265 +997,6 @@ fn note_left_alone(pid: i32, left: &[String]) {
          another program?): that code was left as it is; the counts cover the time \
          before that"
     );
-}
-
-/// Where the report goes. A file is created before anything touches a process, so that a
-/// path that cannot be written costs neither a run nor its results.
-enum Sink {
-    File(std::fs::File, PathBuf),
-    Stderr,
-}
-
-impl Sink {
-    fn open(args: &ProbeArgs) -> Result<Sink, CliError> {
-        match &args.output {
-            None => Ok(Sink::Stderr),
-            Some(p) => std::fs::File::create(p)
-                .map(|f| Sink::File(f, p.clone()))
-                .map_err(|source| CliError::CreateOutput {
-                    path: p.clone(),
-                    source,
-                }),
-        }
-    }
-
-    /// Where a pack's events go as they arrive, one line each: the output file (before
-    /// the report, which is written once the event thread has stopped), else stdout, so
-    /// that they can be piped on while the report and tracer's notes stay on stderr.
-    fn events(&self) -> Result<Box<dyn Write + Send>, CliError> {
-        match self {
-            Sink::File(f, p) => f
-                .try_clone()
-                .map(|f| Box::new(f) as Box<dyn Write + Send>)
-                .map_err(|source| CliError::WriteOutput {
-                    path: p.clone(),
-                    source,
-                }),
-            Sink::Stderr => Ok(Box::new(std::io::stdout())),
-        }
-    }
-
-    /// Write the pack's maps (already rendered), then the per-probe report (or the
-    /// latency views asked for).
-    fn write(
-        &mut self,
-        args: &ProbeArgs,
-        maps: &str,
-        session: &Session,
-        who: Option<(i32, &str)>,
-    ) -> Result<(), CliError> {
-        let mut report = match args.timed() {
-            // With --json, the refused probes follow as in the counts report.
-            true if args.json => {
-                latency_report(args, session, None) + &render(args, &[], session, who)
-            }
-            true => latency_report(args, session, None),
-            false => render(args, &session.report(), session, who),
-        };
-        if args.interval.is_some() && !args.json {
-            // Told apart from the running reports above it.
-            report.insert_str(0, "--- final ---\n");
-        }
-        self.write_text(&(maps.to_string() + &report))
-    }
-
-    /// The report of every process followed.
-    fn write_followed(
-        &mut self,
-        args: &ProbeArgs,
-        reg: &tracer::follow::Registry,
-    ) -> Result<(), CliError> {
-        let table =
-            |r: &[ProbeReport], s: &Session, who: Option<(i32, &str)>| render(args, r, s, who);
-        self.write_text(&tracer::follow::render(reg, args.json, &table))
-    }
-
-    fn write_text(&mut self, text: &str) -> Result<(), CliError> {
-        match self {
-            Sink::File(f, p) => {
-                f.write_all(text.as_bytes())
-                    .map_err(|source| CliError::WriteOutput {
-                        path: p.clone(),
-                        source,
-                    })
-            }
-            Sink::Stderr => Ok(std::io::stderr().write_all(text.as_bytes())?),
-        }
-    }
-}
-
-/// `--hist` and `--summary`, as text or JSON; `extra` goes into each JSON object.
-fn latency_report(args: &ProbeArgs, session: &Session, extra: Option<serde_json::Value>) -> String {
-    let rows = tracer::builtin::rows(session);
-    tracer::builtin::render(&rows, args.hist, args.summary, args.json, extra.as_ref())
-}
-
-/// The figures so far, for `--interval`: the latency views or the counts, headed by the
-/// interval's number and time (text), or with `"interval"` and `"elapsed_s"` in each
-/// object (JSON).
-fn running_report(args: &ProbeArgs, session: &Session, k: u64, at: Duration) -> String {
-    let secs = (at.as_secs_f64() * 1000.0).round() / 1000.0;
-    if args.json {
-        let extra = serde_json::json!({ "interval": k, "elapsed_s": secs });
-        if args.timed() {
-            return latency_report(args, session, Some(extra));
-        }
-        let mut out = String::new();
-        for line in render(args, &session.report(), session, None).lines() {
-            let mut v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-            if v.get("refused").is_some() {
-                continue;
-            }
-            v["interval"] = k.into();
-            v["elapsed_s"] = secs.into();
-            out.push_str(&v.to_string());
-            out.push('\n');
-        }
-        return out;
-    }
-    let body = match args.timed() {
-        true => latency_report(args, session, None),
-        false => render(args, &session.report(), session, None),
-    };
-    format!("--- interval {k}, {secs:.3} s ---\n{body}")
-}
-
-/// When `--interval` reports are due, counted from the start of the wait.
-struct Ticker {
-    every: Option<Duration>,
-    start: Instant,
-    fired: u64,
-}
-
-impl Ticker {
-    fn new(every: Option<Duration>) -> Ticker {
-        Ticker {
-            every,
-            start: Instant::now(),
-            fired: 0,
-        }
-    }
-
-    /// The time of the next report, if any.
-    fn next(&self) -> Option<Instant> {
-        self.every
-            .map(|d| self.start + d.saturating_mul(self.fired as u32 + 1))
-    }
-
-    /// Print the report that is due (number, time since the start); one that fell behind
-    /// is not printed twice.
-    fn fire(
-        &mut self,
-        f: &mut dyn FnMut(u64, Duration) -> Result<(), CliError>,
-    ) -> Result<(), CliError> {
-        let Some(every) = self.every else {
-            return Ok(());
-        };
-        let at = self.start.elapsed();
-        self.fired = (at.as_nanos() / every.as_nanos().max(1)) as u64;
-        f(self.fired, at)
-    }
-}
-
-/// The report: a table, or with `--json` one object per probe (`"probe"` and `"symbol"`
-/// as stored, mangled for C++ and Rust; `"name"` demangled; `"pid"` and `"comm"` of the
-/// process when `who` names it), then one per refused probe (with `"refused"`: the reason).
-fn render(
-    args: &ProbeArgs,
-    reports: &[ProbeReport],
-    session: &Session,
-    who: Option<(i32, &str)>,
-) -> String {
-    let mut text = String::new();
-    // A pack's return handlers count returns too.
-    let exit = args.exit || reports.iter().any(|r| r.exits > 0);
-    if args.json {
-        let entries_only: std::collections::HashMap<&str, &str> =
-            entries_only_notes(session).collect();
-        for r in reports {
-            let mut v = serde_json::json!({
-                "type": "probe",
-                "probe": r.label,
-                "module": r.module,
-                "symbol": r.symbol,
-                "name": tracer::names::display(&r.symbol),
-                "address": format!("{:#x}", r.address),
-                "hits": r.hits,
-                "skipped": r.skipped,
-                "encoding": r.encoding.name(),
-            });
-            if exit {
-                v["exits"] = r.exits.into();
-                v["lost_exits"] = r.lost_exits.into();
-            }
-            if r.panics > 0 {
-                v["panics"] = r.panics.into();
-            }
-            if let Some(s) = saves_json(r.saves) {
-                v["saves"] = s;
-            }
-            if let Some(why) = entries_only.get(r.label.as_str()) {
-                v["entries_only"] = (*why).into();
-            }
-            if let Some((pid, comm)) = who {
-                v["pid"] = pid.into();
-                v["comm"] = comm.into();
-            }
-            text.push_str(&v.to_string());
-            text.push('\n');
-        }
-        for r in session.refused() {
-            let symbol = r.label.split_once(':').map_or(r.label.as_str(), |(_, s)| s);
-            let symbol = symbol.rsplit_once("+0x").map_or(symbol, |(s, _)| s);
-            let v = serde_json::json!({
-                "type": "refused",
-                "probe": r.label,
-                "symbol": symbol,
-                "name": tracer::names::display(symbol),
-                "address": format!("{:#x}", r.address),
-                "refused": r.reason,
-            });
-            text.push_str(&v.to_string());
-            text.push('\n');
-        }
-    } else {
-        let labels: Vec<String> = reports
-            .iter()
-            .map(|r| tracer::names::demangle_in_text(&r.label).into_owned())
-            .collect();
-        let w = labels
-            .iter()
-            .map(|l| l.chars().count())
-            .max()
-            .unwrap_or(5)
-            .max(5);
-        text.push_str(&format!(
-            "{:<w$}  {:>18}  {:>12}{}  {:>8}  encoding\n",
-            "probe",
-            "address",
-            "hits",
-            if exit { "         exits" } else { "" },
-            "skipped"
-        ));
-        for (r, label) in reports.iter().zip(&labels) {
-            let exits = if exit {
-                format!("  {:>12}", r.exits)
-            } else {
-                String::new()
-            };
-            text.push_str(&format!(
-                "{:<w$}  {:>#18x}  {:>12}{exits}  {:>8}  {}\n",
-                label, r.address, r.hits, r.skipped, r.encoding
-            ));
-        }
-        for r in reports.iter().filter(|r| r.panics > 0) {
-            text.push_str(&format!(
-                "{}: disabled after its handler panicked ({} panic(s)); the program ran on\n",
-                r.label, r.panics
-            ));
-        }
-    }
-    text
 }
 
 fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, CliError> {
@@ -1253,23 +1109,6 @@ fn function_verdict(
         },
         Err(why) => format!("{via}refused: {why}"),
     }
-}
-
-/// What `--json` says a pack probe saves around its handlers: `{"entry": "ymm5 ymm13",
-/// "exit": "all"}` (vector registers; the general-purpose ones are always kept).
-fn saves_json(bits: u64) -> Option<serde_json::Value> {
-    use probes::abi::shared::saves;
-    let avx = std::arch::is_x86_feature_detected!("avx");
-    let mut v = serde_json::Map::new();
-    if bits & saves::HAS_ENTRY != 0 {
-        let b = (bits >> saves::ENTRY_SHIFT) as u16;
-        v.insert("entry".into(), saves::describe(b, avx).into());
-    }
-    if bits & saves::HAS_EXIT != 0 {
-        let b = (bits >> saves::EXIT_SHIFT) as u16;
-        v.insert("exit".into(), saves::describe(b, avx).into());
-    }
-    (!v.is_empty()).then_some(serde_json::Value::Object(v))
 }
 
 #[cfg(test)]

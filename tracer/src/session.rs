@@ -109,6 +109,8 @@ pub enum SessionError {
     Remote(remote_call::RemoteCallError),
     /// The agent answered with something unexpected.
     Agent(String),
+    /// The agent's latency region cannot be read.
+    Latency(crate::builtin::latency::LatencyError),
     /// Reading or writing the agent's memory or its shared region failed.
     AgentIo {
         what: String,
@@ -131,6 +133,7 @@ impl fmt::Display for SessionError {
             SessionError::Inject(e) => e.fmt(f),
             SessionError::Remote(e) => e.fmt(f),
             SessionError::Agent(e) => write!(f, "agent: {e}"),
+            SessionError::Latency(e) => write!(f, "agent: {e}"),
             SessionError::AgentIo { what, error } => write!(f, "agent: {what}: {error}"),
             // One refusal fits on one line, as every other error does.
             SessionError::NothingInstalled(v) if v.len() == 1 => write!(
@@ -165,6 +168,7 @@ impl std::error::Error for SessionError {
             SessionError::Remote(e) => e.source(),
             SessionError::Lock(e) => e.source(),
             SessionError::AgentIo { error, .. } => Some(error),
+            SessionError::Latency(e) => Some(e),
             _ => None,
         }
     }

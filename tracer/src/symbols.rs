@@ -852,6 +852,62 @@ impl ProcessModules {
     }
 }
 
+/// The file-backed mappings grouped per file, in the order of first appearance; the
+/// agent is the tracer's own code: not listed, never matched by a spec.
+fn group_by_file(maps: &[MapEntry]) -> Vec<(FileId, Vec<&MapEntry>)> {
+    let mut groups: Vec<(FileId, Vec<&MapEntry>)> = Vec::new();
+    for e in maps {
+        if e.inode == 0 || !e.path.starts_with('/') {
+            continue;
+        }
+        if crate::library_file::is_agent(&e.path) {
+            continue;
+        }
+        let key = FileId {
+            dev: parse_dev(&e.dev),
+            inode: e.inode,
+            path: e.path.clone(),
+        };
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(e),
+            None => groups.push((key, vec![e])),
+        }
+    }
+    groups
+}
+
+/// One loaded instance of a file as a module; `run_as` are the names the main program
+/// also runs under.
+#[allow(clippy::too_many_arguments)]
+fn module_instance(
+    key: &FileId,
+    path: &str,
+    deleted: bool,
+    elf: &Arc<ElfSymbols>,
+    bias: u64,
+    mapped: &[&MapEntry],
+    is_main: bool,
+    run_as: &[String],
+) -> Module {
+    let start = mapped.iter().map(|e| e.start).min().unwrap_or(0);
+    let end = mapped.iter().map(|e| e.end).max().unwrap_or(0);
+    let name = basename(path).to_string();
+    let run_as = run_as.iter().filter(|n| **n != name).cloned().collect();
+    Module {
+        name,
+        path: path.to_string(),
+        start,
+        end,
+        bias,
+        is_main,
+        run_as,
+        dev: key.dev,
+        inode: key.inode,
+        deleted,
+        elf: elf.clone(),
+    }
+}
+
 /// A mapped file as maps names it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct FileId {
@@ -967,30 +1023,9 @@ impl SymbolCache {
             .map(|m| (m.dev(), m.ino()));
         let run_as = names_run_as(pid);
 
-        // Group file-backed mappings per file, keeping the order of first appearance.
-        let mut groups: Vec<(FileId, Vec<&MapEntry>)> = Vec::new();
-        for e in maps {
-            if e.inode == 0 || !e.path.starts_with('/') {
-                continue;
-            }
-            // The agent is the tracer's own code: not listed, never matched by a spec.
-            if crate::library_file::is_agent(&e.path) {
-                continue;
-            }
-            let key = FileId {
-                dev: parse_dev(&e.dev),
-                inode: e.inode,
-                path: e.path.clone(),
-            };
-            match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, v)) => v.push(e),
-                None => groups.push((key, vec![e])),
-            }
-        }
-
         let mut modules = Vec::new();
         let mut skipped = Vec::new();
-        for (key, entries) in groups {
+        for (key, entries) in group_by_file(maps) {
             // Data files (locale archive, caches) are never executable: skip them
             // without reading them.
             if !entries.iter().any(|e| e.perms.exec) {
@@ -1024,33 +1059,16 @@ impl SymbolCache {
                 });
                 continue;
             }
+            let is_main = exe == Some((key.dev, key.inode));
             for (bias, mapped) in instances {
                 // A stray mapping that joined no executable instance is not a module.
                 if !mapped.iter().any(|e| e.perms.exec) {
                     continue;
                 }
-                let start = mapped.iter().map(|e| e.start).min().unwrap_or(0);
-                let end = mapped.iter().map(|e| e.end).max().unwrap_or(0);
-                let name = basename(&path).to_string();
-                let is_main = exe == Some((key.dev, key.inode));
-                let run_as = if is_main {
-                    run_as.iter().filter(|n| **n != name).cloned().collect()
-                } else {
-                    Vec::new()
-                };
-                modules.push(Module {
-                    name,
-                    path: path.clone(),
-                    start,
-                    end,
-                    bias,
-                    is_main,
-                    run_as,
-                    dev: key.dev,
-                    inode: key.inode,
-                    deleted,
-                    elf: elf.clone(),
-                });
+                let main_names = if is_main { &run_as[..] } else { &[] };
+                modules.push(module_instance(
+                    &key, &path, deleted, &elf, bias, &mapped, is_main, main_names,
+                ));
             }
         }
         modules.sort_by_key(|m| m.start);

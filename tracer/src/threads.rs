@@ -732,18 +732,7 @@ impl Process {
                     status: self.exit,
                 });
             }
-            // Threads created by a thread before it was seized are not reported by clone events.
-            if let Ok(tasks) = list_tasks(self.pid) {
-                for tid in tasks {
-                    if !self.threads.contains_key(&tid) && self.seize_thread(tid)? {
-                        // A thread already in group-stop re-traps by itself after the seize;
-                        // interrupting it as well would leave a stale trap for later.
-                        if thread_state(self.pid, tid).is_ok_and(|s| s == 'T') {
-                            self.threads.get_mut(&tid).expect("seized").self_trap = true;
-                        }
-                    }
-                }
-            }
+            self.seize_unlisted()?;
             let running: Vec<(i32, bool)> = self
                 .threads
                 .iter()
@@ -762,45 +751,70 @@ impl Process {
                 }
             }
             for (tid, _) in running {
-                if !self.threads.contains_key(&tid) {
-                    continue;
-                }
-                match wait_tid(tid, Some(deadline)) {
-                    Ok(Some(st)) => {
-                        if self.handle(tid, st)? == Handled::Stopped {
-                            if let Some(t) = self.threads.get_mut(&tid) {
-                                t.self_trap = false;
-                            }
-                            if in_syscall_event(st) {
-                                // A clone, fork or exec event stops the thread halfway
-                                // through its system call: the kernel still writes the
-                                // call's result into rax when it resumes, which would
-                                // corrupt a remote call made from there (and a clone's
-                                // child resumes at the same address). Let the call
-                                // finish; the next round stops the thread at a clean
-                                // point.
-                                ptrace::cont(Pid::from_raw(tid), None)
-                                    .or_else(|e| if e == Errno::ESRCH { Ok(()) } else { Err(e) })
-                                    .map_err(pt_err(tid, "PTRACE_CONT"))?;
-                                if let Some(t) = self.threads.get_mut(&tid) {
-                                    t.stop = None;
-                                }
-                            }
-                        }
-                    }
-                    Ok(None) => {
-                        return Err(AttachError::Timeout {
-                            pid: self.pid,
-                            tid,
-                            what: "stop",
-                            state: describe_thread(self.pid, tid),
-                        })
-                    }
-                    Err(Errno::ECHILD) => self.thread_gone(tid, None),
-                    Err(e) => return Err(pt_err(tid, "waitpid")(e)),
+                if self.threads.contains_key(&tid) {
+                    self.wait_stopped(tid, deadline)?;
                 }
             }
         }
+    }
+
+    /// Seizes the threads in `/proc/PID/task` not seized yet: threads created by a thread
+    /// before it was seized are not reported by clone events.
+    fn seize_unlisted(&mut self) -> Result<(), AttachError> {
+        let Ok(tasks) = list_tasks(self.pid) else {
+            return Ok(());
+        };
+        for tid in tasks {
+            if !self.threads.contains_key(&tid) && self.seize_thread(tid)? {
+                // A thread already in group-stop re-traps by itself after the seize;
+                // interrupting it as well would leave a stale trap for later.
+                if thread_state(self.pid, tid).is_ok_and(|s| s == 'T') {
+                    self.threads.get_mut(&tid).expect("seized").self_trap = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for one interrupted thread's stop (or its end) until `deadline`.
+    fn wait_stopped(&mut self, tid: i32, deadline: Instant) -> Result<(), AttachError> {
+        match wait_tid(tid, Some(deadline)) {
+            Ok(Some(st)) => {
+                if self.handle(tid, st)? == Handled::Stopped {
+                    if let Some(t) = self.threads.get_mut(&tid) {
+                        t.self_trap = false;
+                    }
+                    if in_syscall_event(st) {
+                        self.finish_syscall(tid)?;
+                    }
+                }
+            }
+            Ok(None) => {
+                return Err(AttachError::Timeout {
+                    pid: self.pid,
+                    tid,
+                    what: "stop",
+                    state: describe_thread(self.pid, tid),
+                })
+            }
+            Err(Errno::ECHILD) => self.thread_gone(tid, None),
+            Err(e) => return Err(pt_err(tid, "waitpid")(e)),
+        }
+        Ok(())
+    }
+
+    /// A clone, fork or exec event stops the thread halfway through its system call: the
+    /// kernel still writes the call's result into rax when it resumes, which would corrupt
+    /// a remote call made from there (and a clone's child resumes at the same address).
+    /// Let the call finish; the next round of `stop_all` stops the thread at a clean point.
+    fn finish_syscall(&mut self, tid: i32) -> Result<(), AttachError> {
+        ptrace::cont(Pid::from_raw(tid), None)
+            .or_else(|e| if e == Errno::ESRCH { Ok(()) } else { Err(e) })
+            .map_err(pt_err(tid, "PTRACE_CONT"))?;
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.stop = None;
+        }
+        Ok(())
     }
 
     /// Resumes one stopped thread: group-stopped threads stay stopped (`PTRACE_LISTEN`),
@@ -991,6 +1005,40 @@ impl Drop for Process {
 /// Checks first that the process exists, is not traced by someone else and is x86-64.
 /// On error the target is left as it was (every seized thread detached).
 pub fn attach(pid: i32) -> Result<Process, AttachError> {
+    check_attachable(pid)?;
+    let mut p = Process::new(pid, false)?;
+    if !p.seize_thread(pid)? {
+        return Err(AttachError::Exited { pid, status: None });
+    }
+    if thread_state(pid, pid).is_ok_and(|s| s == 'T') {
+        p.threads.get_mut(&pid).expect("seized").self_trap = true;
+    }
+    match p.stop_all() {
+        Ok(()) => Ok(p),
+        Err(e) => {
+            let e = match e {
+                AttachError::Exited { .. }
+                | AttachError::Ptrace {
+                    errno: Errno::ESRCH,
+                    ..
+                } if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+                    AttachError::Exited {
+                        pid,
+                        status: p.exit,
+                    }
+                }
+                e => e,
+            };
+            // Drop detaches whatever was seized.
+            drop(p);
+            Err(e)
+        }
+    }
+}
+
+/// Whether `pid` exists, is not tracer itself or traced by someone else, and is x86-64:
+/// checked before anything is seized.
+fn check_attachable(pid: i32) -> Result<(), AttachError> {
     if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
         return Err(AttachError::NoSuchProcess { pid });
     }
@@ -1039,34 +1087,7 @@ pub fn attach(pid: i32) -> Result<Process, AttachError> {
             })
         }
     }
-    let mut p = Process::new(pid, false)?;
-    if !p.seize_thread(pid)? {
-        return Err(AttachError::Exited { pid, status: None });
-    }
-    if thread_state(pid, pid).is_ok_and(|s| s == 'T') {
-        p.threads.get_mut(&pid).expect("seized").self_trap = true;
-    }
-    match p.stop_all() {
-        Ok(()) => Ok(p),
-        Err(e) => {
-            let e = match e {
-                AttachError::Exited { .. }
-                | AttachError::Ptrace {
-                    errno: Errno::ESRCH,
-                    ..
-                } if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
-                    AttachError::Exited {
-                        pid,
-                        status: p.exit,
-                    }
-                }
-                e => e,
-            };
-            // Drop detaches whatever was seized.
-            drop(p);
-            Err(e)
-        }
-    }
+    Ok(())
 }
 
 #[cfg(test)]

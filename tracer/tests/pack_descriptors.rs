@@ -118,6 +118,42 @@ fn a_corrupted_descriptor_is_refused() {
     assert!(e.contains("unknown descriptor kind 9"), "{e}");
 }
 
+/// A map whose parameters no region can hold is refused with the map's name and the
+/// layout's reason, the reason kept as the error's source rather than flattened into text.
+#[test]
+fn a_map_with_bad_parameters_is_refused_with_its_cause() {
+    use probes::pack::abi::{desc_kind, PlanError, DESCRIPTOR_SIZE};
+    use std::error::Error;
+    let so = mallocs();
+    let mut data = std::fs::read(&so).unwrap();
+    let at = section_offset(&data);
+    let u32_at = |d: &[u8], o: usize| u32::from_le_bytes(d[o..o + 4].try_into().unwrap());
+    let hash = (at..)
+        .step_by(DESCRIPTOR_SIZE)
+        .take(64)
+        .find(|&o| {
+            u32_at(&data, o + 8) == desc_kind::MAP && u32_at(&data, o + 12) == map_kind::HASH
+        })
+        .expect("mallocs declares a hash map");
+    data[hash + 16..hash + 24].copy_from_slice(&0u64.to_le_bytes()); // key size
+    let err = parse_pack(&so, &data).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "malformed probe pack descriptor: map BY_SIZE: {}",
+            PlanError::HashMap
+        )),
+        "{err}"
+    );
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        if c.downcast_ref::<PlanError>() == Some(&PlanError::HashMap) {
+            return;
+        }
+        cause = c.source();
+    }
+    panic!("no PlanError among the causes of {err}");
+}
+
 #[test]
 fn a_plain_shared_library_is_not_a_probe_pack() {
     let dir = tests::temp_dir("notapack");

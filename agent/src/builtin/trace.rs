@@ -267,7 +267,7 @@ pub unsafe extern "C" fn trace_exit(ctx: *mut u8, hit: *const HitInfo) -> u32 {
 
 /// The region for a session: the last one emptied when its ring has the same size, else
 /// a new one.
-fn region(ring_bytes: usize) -> Result<StartResult, String> {
+fn region(ring_bytes: usize) -> Result<StartResult, pack_region::PackLoadError> {
     probes::fork::watch();
     let layout = probes::trace::layout(ring_bytes)?;
     let mut g = REGION.lock().unwrap_or_else(|p| p.into_inner());
@@ -282,8 +282,7 @@ fn region(ring_bytes: usize) -> Result<StartResult, String> {
         }
         _ => {
             let r =
-                pack_region::create_with_tail(&[], ring_bytes, layout.total - layout.ring.total)
-                    .map_err(|e| e.to_string())?;
+                pack_region::create_with_tail(&[], ring_bytes, layout.total - layout.ring.total)?;
             *g = Some(Region {
                 fd: r.fd,
                 base: r.base as usize,

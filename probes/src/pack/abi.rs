@@ -336,29 +336,57 @@ pub fn hist_shard_size(kind: u32, params: &[u64; 4]) -> usize {
     line_up(buckets * 8)
 }
 
+/// Why maps and a ring do not make a region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlanError {
+    /// The ring is not a power of two of at least 4096 bytes.
+    RingSize(usize),
+    /// A linear histogram with no step, or no or too many buckets.
+    LinearHistogram,
+    /// A hash map with an empty or too long key, or no or too many slots.
+    HashMap,
+    /// A map kind this version does not know.
+    UnknownKind(u32),
+}
+
+impl core::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            PlanError::RingSize(n) => write!(f, "ring size {n} is not a power of two >= 4096"),
+            PlanError::LinearHistogram => write!(
+                f,
+                "linear histogram needs a step > 0 and 1 to {MAX_LINEAR_BUCKETS} buckets"
+            ),
+            PlanError::HashMap => write!(
+                f,
+                "hash map needs a key of 1 to {MAX_KEY_SIZE} bytes and 1 to {MAX_HASH_CAPACITY} slots"
+            ),
+            PlanError::UnknownKind(k) => write!(f, "unknown map kind {k}"),
+        }
+    }
+}
+
+impl std::error::Error for PlanError {}
+
 /// Bytes a map's storage takes after its header, or why the parameters are refused.
-pub fn map_size(kind: u32, params: &[u64; 4]) -> Result<usize, String> {
+pub fn map_size(kind: u32, params: &[u64; 4]) -> Result<usize, PlanError> {
     Ok(match kind {
         map_kind::COUNTER => SHARDS * 64,
         map_kind::HIST_LOG2 => SHARDS * hist_shard_size(kind, params),
         map_kind::HIST_LINEAR => {
             if params[1] == 0 || params[2] == 0 || params[2] > MAX_LINEAR_BUCKETS {
-                return Err(format!(
-                    "linear histogram needs a step > 0 and 1 to {MAX_LINEAR_BUCKETS} buckets"
-                ));
+                return Err(PlanError::LinearHistogram);
             }
             SHARDS * hist_shard_size(kind, params)
         }
         map_kind::HASH => {
             let (key, cap) = (params[0], params[2]);
             if key == 0 || key > MAX_KEY_SIZE || cap == 0 || cap > MAX_HASH_CAPACITY {
-                return Err(format!(
-                    "hash map needs a key of 1 to {MAX_KEY_SIZE} bytes and 1 to {MAX_HASH_CAPACITY} slots"
-                ));
+                return Err(PlanError::HashMap);
             }
             line_up(cap as usize * hash_slot_size(key as usize))
         }
-        k => return Err(format!("unknown map kind {k}")),
+        k => return Err(PlanError::UnknownKind(k)),
     })
 }
 
@@ -375,11 +403,9 @@ pub struct Plan {
 /// Lay out a region for `maps` (kind and params of each) and a ring of `ring_bytes` (a
 /// power of two, at least 4096). The agent and the tracer each compute it from the same
 /// descriptors; the tracer never takes an offset from the shared memory itself.
-pub fn plan(maps: &[(u32, [u64; 4])], ring_bytes: usize) -> Result<Plan, String> {
+pub fn plan(maps: &[(u32, [u64; 4])], ring_bytes: usize) -> Result<Plan, PlanError> {
     if !ring_bytes.is_power_of_two() || ring_bytes < 4096 {
-        return Err(format!(
-            "ring size {ring_bytes} is not a power of two >= 4096"
-        ));
+        return Err(PlanError::RingSize(ring_bytes));
     }
     let ring_offset = REGION_HEADER;
     let mut at = ring_offset + RING_CONTROL + ring_bytes;

@@ -2,7 +2,7 @@
 //! call, after preparing, when probe ids are known), map it, and read each probe's
 //! figures, summed over its shards (layout: `probes::latency`).
 
-use crate::pack::region::SharedRegion;
+use crate::pack::region::{RegionError, SharedRegion};
 use crate::pack::view::View;
 use probes::latency::{offsets, region_size, slot_offset, LatencyInfo, BUCKETS, MAGIC, MAX_SHARDS};
 use std::path::Path;
@@ -26,6 +26,19 @@ impl LatencyStats {
     }
 }
 
+/// Why the agent's latency region cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LatencyError {
+    #[error("the agent's latency region has a wrong magic")]
+    Magic,
+    #[error("the agent's latency region says {slots} probes of {shards} shards")]
+    Shape { slots: usize, shards: usize },
+    #[error("latency region: {0}")]
+    Region(#[source] RegionError),
+    #[error("the agent's latency region does not match its description")]
+    Header,
+}
+
 /// The agent's latency region, mapped here.
 pub struct LatencyRegion {
     region: SharedRegion,
@@ -36,19 +49,17 @@ pub struct LatencyRegion {
 impl LatencyRegion {
     /// Map the region the agent described in `info` (in process `pid`), checking it is
     /// sealed and as long as its header says.
-    pub fn open(pid: i32, info: &LatencyInfo) -> Result<LatencyRegion, String> {
+    pub fn open(pid: i32, info: &LatencyInfo) -> Result<LatencyRegion, LatencyError> {
         if info.magic != MAGIC {
-            return Err("the agent's latency region has a wrong magic".into());
+            return Err(LatencyError::Magic);
         }
         let (slots, shards) = (info.slots as usize, info.shards as usize);
         if !shards.is_power_of_two() || shards > MAX_SHARDS || slots > 1 << 20 {
-            return Err(format!(
-                "the agent's latency region says {slots} probes of {shards} shards"
-            ));
+            return Err(LatencyError::Shape { slots, shards });
         }
         let path = format!("/proc/{pid}/fd/{}", info.fd);
         let region = SharedRegion::open(Path::new(&path), region_size(slots, shards))
-            .map_err(|e| format!("latency region: {e}"))?;
+            .map_err(LatencyError::Region)?;
         let r = LatencyRegion {
             region,
             slots,
@@ -57,7 +68,7 @@ impl LatencyRegion {
         let v = r.view();
         let header = [v.u64(0), v.u64(8), v.u64(16)];
         if header != [Some(MAGIC), Some(info.slots), Some(info.shards)] {
-            return Err("the agent's latency region does not match its description".into());
+            return Err(LatencyError::Header);
         }
         Ok(r)
     }

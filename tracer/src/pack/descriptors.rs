@@ -95,6 +95,11 @@ pub enum PackError {
         path: PathBuf,
         what: String,
     },
+    /// A descriptor that does not read (`DescError` says which and why).
+    Descriptor {
+        path: PathBuf,
+        source: DescError,
+    },
     /// A directory given as a pack is not a crate.
     NoCargoToml {
         path: PathBuf,
@@ -138,6 +143,9 @@ impl fmt::Display for PackError {
             PackError::Malformed { path, what } => {
                 write!(f, "{} has a malformed probe pack descriptor: {what}; rebuild it", path.display())
             }
+            PackError::Descriptor { path, source } => {
+                write!(f, "{} has a malformed probe pack descriptor: {source}; rebuild it", path.display())
+            }
             PackError::NoCargoToml { path } => write!(
                 f,
                 "{} is a directory without Cargo.toml: give a pack crate's directory or its .so",
@@ -166,6 +174,7 @@ impl std::error::Error for PackError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             PackError::Read { source, .. } | PackError::Cargo { source, .. } => Some(source),
+            PackError::Descriptor { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -209,6 +218,10 @@ pub fn parse_pack(path: &Path, data: &[u8]) -> Result<PackInfo, PackError> {
             path: path.to_owned(),
             what,
         },
+        source => PackError::Descriptor {
+            path: path.to_owned(),
+            source,
+        },
     })?;
     info.path = path.to_owned();
     info.has_ring = exported.contains(abi::RING_SYMBOL);
@@ -235,10 +248,24 @@ pub fn parse_pack(path: &Path, data: &[u8]) -> Result<PackInfo, PackError> {
     Ok(info)
 }
 
-#[derive(Debug)]
+/// Why the descriptors section does not read.
+#[derive(Debug, thiserror::Error)]
 pub enum DescError {
+    /// Built for another pack ABI version.
+    #[error("pack ABI version {0}")]
     Abi(u32),
+    #[error("{0}")]
     Bad(String),
+    #[error("probe {name}: {source}")]
+    Spec {
+        name: String,
+        source: crate::spec::SpecError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: String,
+        source: probes::pack::abi::PlanError,
+    },
 }
 
 fn field(b: &[u8]) -> Result<String, DescError> {
@@ -312,8 +339,10 @@ fn add_descriptor(info: &mut PackInfo, d: &Descriptor) -> Result<(), DescError> 
                 probe_kind::AT => ProbeKind::Offset,
                 k => return Err(DescError::Bad(format!("probe {name}: unknown kind {k}"))),
             };
-            let spec = ProbeSpec::parse(&text)
-                .map_err(|e| DescError::Bad(format!("probe {name}: {e}")))?;
+            let spec = ProbeSpec::parse(&text).map_err(|source| DescError::Spec {
+                name: name.clone(),
+                source,
+            })?;
             info.probes.push(ProbeDesc {
                 kind,
                 symbol: format!("{}{name}", abi::PROBE_SYMBOL_PREFIX),
@@ -323,8 +352,10 @@ fn add_descriptor(info: &mut PackInfo, d: &Descriptor) -> Result<(), DescError> 
             });
         }
         desc_kind::MAP => {
-            abi::map_size(d.sub, &d.params)
-                .map_err(|e| DescError::Bad(format!("map {name}: {e}")))?;
+            abi::map_size(d.sub, &d.params).map_err(|source| DescError::Map {
+                name: name.clone(),
+                source,
+            })?;
             info.maps.push(MapDesc {
                 symbol: format!("{}{name}", abi::MAP_SYMBOL_PREFIX),
                 name,
@@ -364,7 +395,7 @@ fn add_descriptor(info: &mut PackInfo, d: &Descriptor) -> Result<(), DescError> 
 }
 
 /// The region layout the agent creates for this pack.
-pub fn plan_for(info: &PackInfo, ring_bytes: usize) -> Result<abi::Plan, String> {
+pub fn plan_for(info: &PackInfo, ring_bytes: usize) -> Result<abi::Plan, abi::PlanError> {
     let maps: Vec<_> = info.maps.iter().map(|m| (m.kind, m.params)).collect();
     abi::plan(&maps, ring_bytes)
 }

@@ -46,6 +46,20 @@ struct Shared {
     name: String,
 }
 
+/// Why a pack's events cannot be shown.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error(transparent)]
+    Plan(#[from] probes::pack::abi::PlanError),
+    #[error("cannot map the pack's shared region {path}: {source}")]
+    Map {
+        path: String,
+        source: super::region::RegionError,
+    },
+    #[error("cannot start the event thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
 /// The pack's region, mapped, and the thread printing its events.
 pub struct Live {
     shared: Arc<Shared>,
@@ -65,11 +79,11 @@ impl Live {
         info: PackInfo,
         json: bool,
         out: Box<dyn Write + Send>,
-    ) -> Result<Live, String> {
+    ) -> Result<Live, LiveError> {
         let plan = plan_for(&info, RING_BYTES)?;
         let path = format!("/proc/{pid}/fd/{fd}");
         let region = SharedRegion::open(std::path::Path::new(&path), plan.total)
-            .map_err(|e| format!("cannot map the pack's shared region {path}: {e}"))?;
+            .map_err(|source| LiveError::Map { path, source })?;
         let shared = Arc::new(Shared {
             region,
             info,
@@ -83,7 +97,7 @@ impl Live {
             std::thread::Builder::new()
                 .name("pack-events".into())
                 .spawn(move || drain_loop(&shared, &stop, json, out))
-                .map_err(|e| format!("cannot start the event thread: {e}"))?
+                .map_err(LiveError::Thread)?
         };
         Ok(Live {
             shared,

@@ -11,7 +11,33 @@ pub fn probes_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../probes")
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+/// Why `tracer new` made no pack.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaffoldError {
+    #[error(
+        "{0:?} is not a usable pack name: use lowercase letters, digits, '_' and '-', starting with a letter"
+    )]
+    Name(String),
+    #[error("{} already exists: choose another name or remove it", .0.display())]
+    Exists(PathBuf),
+    #[error("the probes crate this tracer was built from ({}) is gone ({source}): run tracer from its source tree", .dir.display())]
+    NoProbes {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create {}: {source}", .dir.display())]
+    CreateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", .path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn check_name(name: &str) -> Result<(), ScaffoldError> {
     let ok = name
         .chars()
         .next()
@@ -22,9 +48,7 @@ fn check_name(name: &str) -> Result<(), String> {
     if ok && name != "probes" && name != "test" {
         Ok(())
     } else {
-        Err(format!(
-            "{name:?} is not a usable pack name: use lowercase letters, digits, '_' and '-', starting with a letter"
-        ))
+        Err(ScaffoldError::Name(name.to_owned()))
     }
 }
 
@@ -89,23 +113,27 @@ fn malloc_ret(ctx: &mut ExitCtx) {
 "#;
 
 /// Write the pack crate `name` into `parent/name`; returns its directory.
-pub fn new_pack(parent: &Path, name: &str) -> Result<PathBuf, String> {
+pub fn new_pack(parent: &Path, name: &str) -> Result<PathBuf, ScaffoldError> {
     check_name(name)?;
     let dir = parent.join(name);
     if dir.exists() {
-        return Err(format!(
-            "{} already exists: choose another name or remove it",
-            dir.display()
-        ));
+        return Err(ScaffoldError::Exists(dir));
     }
     let probes = probes_dir()
         .canonicalize()
-        .map_err(|e| format!("the probes crate this tracer was built from ({}) is gone ({e}): run tracer from its source tree", probes_dir().display()))?;
-    let write = |rel: &str, text: &str| -> Result<(), String> {
+        .map_err(|source| ScaffoldError::NoProbes {
+            dir: probes_dir(),
+            source,
+        })?;
+    let write = |rel: &str, text: &str| -> Result<(), ScaffoldError> {
         let p = dir.join(rel);
-        std::fs::create_dir_all(p.parent().unwrap_or(&dir))
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))
+        std::fs::create_dir_all(p.parent().unwrap_or(&dir)).map_err(|source| {
+            ScaffoldError::CreateDir {
+                dir: dir.clone(),
+                source,
+            }
+        })?;
+        std::fs::write(&p, text).map_err(|source| ScaffoldError::Write { path: p, source })
     };
     write("Cargo.toml", &cargo_toml(name, &probes))?;
     write("src/lib.rs", LIB_RS)?;

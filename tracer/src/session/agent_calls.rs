@@ -379,5 +379,5 @@ pub(super) fn open_latency(
         ));
     }
     let info: probes::latency::LatencyInfo = read_pod(proc, at)?;
-    crate::builtin::latency::LatencyRegion::open(proc.pid(), &info).map_err(SessionError::Agent)
+    crate::builtin::latency::LatencyRegion::open(proc.pid(), &info).map_err(SessionError::Latency)
 }

@@ -99,14 +99,33 @@ pub struct Tracer {
     perfetto: Option<std::fs::File>,
 }
 
-fn create(path: &Option<PathBuf>) -> Result<Option<std::fs::File>, String> {
+/// Why a trace cannot be written or shown.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("cannot create the trace file {}: {source}; give a path in a writable directory", .path.display())]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the trace was not started in the agent")]
+    NotStarted,
+    #[error(transparent)]
+    Layout(#[from] probes::pack::abi::PlanError),
+    #[error("cannot map the trace region {path}: {source}")]
+    Map {
+        path: String,
+        source: crate::pack::region::RegionError,
+    },
+    #[error("cannot start the trace thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+fn create(path: &Option<PathBuf>) -> Result<Option<std::fs::File>, TraceError> {
     path.as_ref()
         .map(|p| {
-            std::fs::File::create(p).map_err(|e| {
-                format!(
-                    "cannot create the trace file {}: {e}; give a path in a writable directory",
-                    p.display()
-                )
+            std::fs::File::create(p).map_err(|source| TraceError::Create {
+                path: p.clone(),
+                source,
             })
         })
         .transpose()
@@ -115,7 +134,7 @@ fn create(path: &Option<PathBuf>) -> Result<Option<std::fs::File>, String> {
 impl Tracer {
     /// Creates the trace files: call before touching the target, so that a path that
     /// cannot be written costs no run.
-    pub fn new(opts: Options) -> Result<Tracer, String> {
+    pub fn new(opts: Options) -> Result<Tracer, TraceError> {
         Ok(Tracer {
             chrome: create(&opts.chrome)?,
             perfetto: create(&opts.perfetto)?,
@@ -236,14 +255,12 @@ impl Tracer {
         probes: &[ResolvedProbe],
         modules: &ProcessModules,
         lines: Box<dyn Write + Send>,
-    ) -> Result<Running, String> {
-        let started = self
-            .started
-            .ok_or("the trace was not started in the agent")?;
+    ) -> Result<Running, TraceError> {
+        let started = self.started.ok_or(TraceError::NotStarted)?;
         let layout = probes::trace::layout(self.opts.ring_bytes)?;
         let path = format!("/proc/{pid}/fd/{}", started.fd);
         let region = SharedRegion::open(std::path::Path::new(&path), layout.total)
-            .map_err(|e| format!("cannot map the trace region {path}: {e}"))?;
+            .map_err(|source| TraceError::Map { path, source })?;
         let sigs = signatures(probes, modules, self.opts.raw_args);
         let entries_only: HashSet<&str> = session
             .notes()
@@ -317,7 +334,7 @@ impl Tracer {
                         Fanout(outs),
                     )
                 })
-                .map_err(|e| format!("cannot start the trace thread: {e}"))?
+                .map_err(TraceError::Thread)?
         };
         Ok(Running {
             stop,
