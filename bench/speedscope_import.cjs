@@ -146,7 +146,7 @@ async function main() {
     for (const p of seen) {
         const calls = Object.entries(p.calls).map(([n, c]) => `${n} x${c}`).join(', ');
         const nested = Object.entries(p.nested).map(([n, c]) => `${n} x${c}`).join(', ');
-        console.log(`  profile "${p.name}": ${calls}; depth ${p.maxDepth}${nested ? `; nested ${nested}` : ''}; total weight ${p.total.toFixed(3)} ${p.unit}; ${p.frames.length} distinct frames`);
+        console.log(`  profile "${p.name}": ${calls}; depth ${p.maxDepth}${nested ? `; nested ${nested}` : ''}; total weight ${p.total.toFixed(3)} ${p.unit}; ${p.frames.length} distinct frame(s)`);
         console.log(`    e.g. frame ${JSON.stringify(p.frames[0])}`);
     }
 
