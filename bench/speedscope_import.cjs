@@ -26,6 +26,11 @@ if (!modulesArg || !file || !expectText) {
     process.exit(2);
 }
 const expect = JSON.parse(expectText);
+// An error inside the minified bundle would otherwise print whole lines of it.
+process.on('unhandledRejection', (e) => {
+    console.log(`FAIL: speedscope's bundle failed while loading: ${String(e && e.message).slice(0, 200)}`);
+    process.exit(1);
+});
 const failures = [];
 const fail = (msg) => failures.push(msg);
 
@@ -42,6 +47,8 @@ async function loadSpeedscope() {
         pretendToBeVisual: true,
     });
     const win = dom.window;
+    // Older jsdom releases (the ones that run on node 18) lack these browser globals.
+    for (const name of ['TextDecoder', 'TextEncoder']) if (!win[name]) win[name] = globalThis[name];
     let importers = null;
     const defineProperty = win.Object.defineProperty;
     win.Object.defineProperty = function (obj, key, desc) {

@@ -4,6 +4,7 @@
 # checks what speedscope sees against the calls tracer/tests/programs/calls.c makes.
 #
 # Usage: bash bench/viewers.sh     (needs the npm registry; not part of .ci/run)
+#        TRACER=path bash bench/viewers.sh   checks another tracer build
 #
 # Runs (each file also checked against the trace-event format's rules for X and M events):
 #   seq      -p main:add -p main:outer -p main:greet on `calls seq`: one thread profile,
@@ -16,13 +17,18 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 SPEEDSCOPE_VERSION=${SPEEDSCOPE_VERSION:-1.25.0}
-JSDOM_VERSION=${JSDOM_VERSION:-29.1.1}
 
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null || {
         echo "viewers.sh: could not install nodejs and npm with apt-get" >&2
         exit 1
     }
+fi
+# jsdom 29 needs node 20.19 or later; Debian 12's own nodejs is 18, which jsdom 22 supports.
+if node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a == 20 && b >= 19) ? 0 : 1)'; then
+    JSDOM_VERSION=${JSDOM_VERSION:-29.1.1}
+else
+    JSDOM_VERSION=${JSDOM_VERSION:-22.1.0}
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -31,8 +37,12 @@ trap 'rm -rf "$work"' EXIT
     exit 1
 }
 
-cargo build --release -q -p tracer || exit 1
-tracer=$root/target/release/tracer
+if [ -n "${TRACER:-}" ]; then
+    tracer=$TRACER
+else
+    cargo build --release -q -p tracer || exit 1
+    tracer=$root/target/release/tracer
+fi
 cc -O0 -g -pthread -o "$work/calls" tracer/tests/programs/calls.c || exit 1
 
 check() { node bench/speedscope_import.cjs "$work/node_modules" "$@"; }
