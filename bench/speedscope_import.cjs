@@ -111,12 +111,14 @@ function describeProfile(profile) {
     const time = {};
     const nested = {};
     const stack = [];
+    const addFrames = [];
     let maxDepth = 0;
     const base = (frame) => frame.name.replace(/ \{.*$/s, '');
     profile.forEachCall(
         (node, value) => {
             const name = base(node.frame);
             calls[name] = (calls[name] || 0) + 1;
+            if (name === 'add') addFrames.push(node.frame.name);
             if (stack.length) {
                 const pair = `${stack[stack.length - 1].name}>${name}`;
                 nested[pair] = (nested[pair] || 0) + 1;
@@ -131,7 +133,7 @@ function describeProfile(profile) {
     );
     const frames = [];
     profile.forEachFrame((f) => frames.push(f.name));
-    return { name: profile.getName(), unit: profile.getWeightUnit(), total: profile.getTotalWeight(), calls, time, nested, maxDepth, frames };
+    return { name: profile.getName(), unit: profile.getWeightUnit(), total: profile.getTotalWeight(), calls, time, nested, maxDepth, frames, addFrames };
 }
 
 const sortedKey = (o) => JSON.stringify(Object.keys(o).sort().map((k) => [k, o[k]]));
@@ -169,6 +171,19 @@ async function main() {
     const got = seen.map((p) => sortedKey(p.calls)).sort();
     const exp = want.map(sortedKey).sort();
     if (JSON.stringify(got) !== JSON.stringify(exp)) fail(`calls per thread: speedscope has ${got.join(' ')}, expected ${exp.join(' ')}`);
+    // The arguments reach the viewer: speedscope's frame for each call of calls.c's
+    // add(a, b) shows the return value a + b.
+    let adds = 0;
+    for (const p of seen) {
+        for (const name of p.addFrames) {
+            const m = /^add (\{.*\})$/s.exec(name);
+            const a = m && JSON.parse(m[1]);
+            const ab = a && /^a=(-?\d+), b=(-?\d+)$/.exec(a.args);
+            if (!ab || a.return !== String(Number(ab[1]) + Number(ab[2]))) fail(`add frame ${JSON.stringify(name)}: not add(a, b) = a + b`);
+            adds++;
+        }
+    }
+    console.log(`  ${adds} add frames show add(a, b) = a + b`);
     if (expect.nested) {
         const nested = {};
         for (const p of seen) for (const [k, v] of Object.entries(p.nested)) nested[k] = (nested[k] || 0) + v;
