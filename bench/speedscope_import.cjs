@@ -72,7 +72,8 @@ async function loadSpeedscope() {
 }
 
 // The trace-event format's rules for the events tracer writes, checked on the raw text:
-// an array of objects, `X` with numeric ts/dur >= 0, `M` naming processes and threads.
+// an array of objects, `X` with numeric ts/dur >= 0, `i` with ts and a scope, `M` naming
+// processes and threads.
 function checkFormat(text) {
     const trimmed = text.trimEnd();
     if (!trimmed.startsWith('[')) fail('format: the file does not start with [');
@@ -97,8 +98,12 @@ function checkFormat(text) {
         } else if (ev.ph === 'M') {
             if (!['process_name', 'thread_name'].includes(ev.name)) fail(`${where}: metadata ${ev.name}`);
             if (typeof (ev.args && ev.args.name) !== 'string') fail(`${where}: metadata without args.name`);
+        } else if (ev.ph === 'i') {
+            // a call probed at entry only
+            if (!(typeof ev.ts === 'number' && ev.ts >= 0)) fail(`${where}: ts ${ev.ts}`);
+            if (!['t', 'p', 'g'].includes(ev.s)) fail(`${where}: instant scope ${ev.s}`);
         } else {
-            fail(`${where}: phase ${ev.ph} (tracer writes X and M only)`);
+            fail(`${where}: phase ${ev.ph} (tracer writes X, i and M only)`);
         }
     }
     return { events, terminated, byThread };
