@@ -187,61 +187,10 @@ fn pipe() -> Result<(Fd, Fd), LaunchError> {
 /// collect its end with [`Process::wait_exit`].
 pub fn launch(program: &str, args: &[String]) -> Result<Process, LaunchError> {
     let path = resolve_program(program)?;
-    let c_path = cstring(path.as_os_str())?;
-    let mut argv_c = vec![cstring(OsStr::new(program))?];
-    for a in args {
-        argv_c.push(cstring(OsStr::new(a))?);
-    }
-    let mut env_c = Vec::new();
-    for (k, v) in std::env::vars_os() {
-        let mut kv = k.as_bytes().to_vec();
-        kv.push(b'=');
-        kv.extend_from_slice(v.as_bytes());
-        env_c.push(CString::new(kv).map_err(|_| LaunchError::BadArgument {
-            arg: k.to_string_lossy().into_owned(),
-        })?);
-    }
-    let argv: Vec<*const libc::c_char> = argv_c
-        .iter()
-        .map(|c| c.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-    let envp: Vec<*const libc::c_char> = env_c
-        .iter()
-        .map(|c| c.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-
+    let strings = ExecStrings::new(&path, program, args)?;
     let (go_r, go_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-
-    // SAFETY: the child only calls async-signal-safe functions (sigprocmask, signal, read,
-    // execve, write, _exit) on memory prepared before the fork.
-    let child = unsafe { libc::fork() };
-    if child == -1 {
-        return Err(LaunchError::Spawn {
-            what: "fork",
-            errno: Errno::last(),
-        });
-    }
-    if child == 0 {
-        // SAFETY: see above; every pointer refers to memory owned by the parent's copy.
-        unsafe {
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            // Rust ignores SIGPIPE; programs expect the default.
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-            let mut b = 0u8;
-            libc::read(go_r.0, (&mut b as *mut u8).cast(), 1);
-            libc::execve(c_path.as_ptr(), argv.as_ptr(), envp.as_ptr());
-            let e = *libc::__errno_location();
-            libc::write(err_w.0, (&e as *const i32).cast(), 4);
-            libc::_exit(127);
-        }
-    }
-    drop(go_r);
-    drop(err_w);
+    let child = fork_waiting(&strings, go_r, err_w)?;
     let pid = Pid::from_raw(child);
     let kill_child = || {
         // SAFETY: our own child.
@@ -262,19 +211,127 @@ pub fn launch(program: &str, args: &[String]) -> Result<Process, LaunchError> {
     unsafe { libc::write(go_w.0, [1u8].as_ptr().cast(), 1) };
     drop(go_w);
 
-    // Wait for the exec event (or the child's failure).
     let exec_wait = Instant::now();
+    wait_for_exec(child, &err_r, path, &kill_child)?;
+    crate::timings::add("  fork and exec", exec_wait.elapsed());
+    drop(err_r);
+    let mut proc = match Process::from_seized_child(child) {
+        Ok(p) => p,
+        Err(e) => {
+            kill_child();
+            return Err(e.into());
+        }
+    };
+    match crate::timings::time("  run to the entry point", || run_to_entry(&mut proc)) {
+        Ok(()) => Ok(proc),
+        Err(e) => {
+            proc.kill();
+            Err(e)
+        }
+    }
+}
+
+/// What `execve` takes, made before the fork: the child may only call async-signal-safe
+/// functions, so nothing is allocated there.
+struct ExecStrings {
+    path: CString,
+    _argv: Vec<CString>,
+    _env: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+impl ExecStrings {
+    fn new(path: &Path, program: &str, args: &[String]) -> Result<ExecStrings, LaunchError> {
+        let c_path = cstring(path.as_os_str())?;
+        let mut argv_c = vec![cstring(OsStr::new(program))?];
+        for a in args {
+            argv_c.push(cstring(OsStr::new(a))?);
+        }
+        let mut env_c = Vec::new();
+        for (k, v) in std::env::vars_os() {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            env_c.push(CString::new(kv).map_err(|_| LaunchError::BadArgument {
+                arg: k.to_string_lossy().into_owned(),
+            })?);
+        }
+        let argv: Vec<*const libc::c_char> = argv_c
+            .iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let envp: Vec<*const libc::c_char> = env_c
+            .iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        Ok(ExecStrings {
+            path: c_path,
+            _argv: argv_c,
+            _env: env_c,
+            argv,
+            envp,
+        })
+    }
+}
+
+/// Fork a child that waits for a byte on `go` (so that it can be seized first), then
+/// execs; an exec failure's errno comes back through `err`.
+fn fork_waiting(strings: &ExecStrings, go: Fd, err: Fd) -> Result<i32, LaunchError> {
+    // SAFETY: the child only calls async-signal-safe functions (sigprocmask, signal, read,
+    // execve, write, _exit) on memory prepared before the fork.
+    let child = unsafe { libc::fork() };
+    if child == -1 {
+        return Err(LaunchError::Spawn {
+            what: "fork",
+            errno: Errno::last(),
+        });
+    }
+    if child == 0 {
+        // SAFETY: see above; every pointer refers to memory owned by the parent's copy.
+        unsafe {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // Rust ignores SIGPIPE; programs expect the default.
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            let mut b = 0u8;
+            libc::read(go.0, (&mut b as *mut u8).cast(), 1);
+            libc::execve(
+                strings.path.as_ptr(),
+                strings.argv.as_ptr(),
+                strings.envp.as_ptr(),
+            );
+            let e = *libc::__errno_location();
+            libc::write(err.0, (&e as *const i32).cast(), 4);
+            libc::_exit(127);
+        }
+    }
+    Ok(child)
+}
+
+/// Wait for the seized child's exec event, passing on signals that come before it; its
+/// failure to exec (errno on `err`) or its end before the exec is the error.
+fn wait_for_exec(
+    child: i32,
+    err: &Fd,
+    path: PathBuf,
+    kill_child: &dyn Fn(),
+) -> Result<(), LaunchError> {
+    let pid = Pid::from_raw(child);
     loop {
         match wait_tid(child, Some(Instant::now() + ENTRY_TIMEOUT)) {
             Ok(Some(WaitStatus::PtraceEvent(_, _, ev)))
                 if ev == Event::PTRACE_EVENT_EXEC as i32 =>
             {
-                break
+                return Ok(())
             }
             Ok(Some(WaitStatus::Exited(_, code))) => {
                 let mut e = 0i32;
                 // SAFETY: reads at most 4 bytes into a local.
-                let n = unsafe { libc::read(err_r.0, (&mut e as *mut i32).cast(), 4) };
+                let n = unsafe { libc::read(err.0, (&mut e as *mut i32).cast(), 4) };
                 if n == 4 {
                     return Err(LaunchError::Exec {
                         path,
@@ -308,22 +365,6 @@ pub fn launch(program: &str, args: &[String]) -> Result<Process, LaunchError> {
                     errno,
                 });
             }
-        }
-    }
-    crate::timings::add("  fork and exec", exec_wait.elapsed());
-    drop(err_r);
-    let mut proc = match Process::from_seized_child(child) {
-        Ok(p) => p,
-        Err(e) => {
-            kill_child();
-            return Err(e.into());
-        }
-    };
-    match crate::timings::time("  run to the entry point", || run_to_entry(&mut proc)) {
-        Ok(()) => Ok(proc),
-        Err(e) => {
-            proc.kill();
-            Err(e)
         }
     }
 }
