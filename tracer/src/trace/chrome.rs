@@ -18,9 +18,18 @@ pub struct Chrome {
     /// The events of the batch, written with one `write` at its end: a tracer killed
     /// meanwhile leaves whole events only.
     buf: Vec<u8>,
+    /// Bytes already in the file.
+    written: u64,
     pid: i32,
     first: bool,
 }
+
+/// The unit in which the kernel copies a `write` into a file: a SIGKILL that arrives
+/// during a write is noticed between these units and leaves a short write, so a write
+/// within one such unit of the file lands whole or not at all. Each event is placed
+/// inside one (padded to the next with spaces, which JSON allows between elements), and
+/// batches are written a unit at a time: a killed run leaves whole events only.
+const PAGE: u64 = 4096;
 
 /// Microseconds with three decimals, from nanoseconds, exactly.
 fn micros_text(ns: u64) -> String {
@@ -40,6 +49,7 @@ impl Chrome {
         let mut c = Chrome {
             out: file,
             buf: b"[".to_vec(),
+            written: 0,
             pid,
             first: true,
         };
@@ -52,9 +62,24 @@ impl Chrome {
     }
 
     fn event(&mut self, v: &serde_json::Value) {
+        let start = self.buf.len();
         let sep = if self.first { "\n" } else { ",\n" };
         self.first = false;
         let _ = write!(self.buf, "{sep}{v}");
+        self.keep_in_page(start);
+    }
+
+    /// Move the event just written at `buf[start..]` to the next page of the file when it
+    /// would straddle two (an event longer than a page stays as it is).
+    fn keep_in_page(&mut self, start: usize) {
+        let at = self.written + start as u64;
+        let len = (self.buf.len() - start) as u64;
+        if len > PAGE || at / PAGE == (at + len - 1) / PAGE {
+            return;
+        }
+        let pad = (PAGE - at % PAGE) as usize;
+        self.buf
+            .splice(start..start, std::iter::repeat_n(b' ', pad));
     }
 
     /// A complete event, written by hand: one per call, the bulk of a trace (building a
@@ -68,6 +93,7 @@ impl Chrome {
         args: &str,
         ret: Option<&str>,
     ) {
+        let start = self.buf.len();
         let sep = if self.first { "\n" } else { ",\n" };
         self.first = false;
         let b = &mut self.buf;
@@ -86,10 +112,20 @@ impl Chrome {
             let _ = serde_json::to_writer(&mut *b, r);
         }
         b.extend_from_slice(b"}}");
+        self.keep_in_page(start);
     }
 
+    /// Write the batch a page of the file at a time (see [`PAGE`]).
     fn flush(&mut self) {
-        let _ = self.out.write_all(&self.buf);
+        let mut rest = &self.buf[..];
+        while !rest.is_empty() {
+            let n = ((PAGE - self.written % PAGE) as usize).min(rest.len());
+            if self.out.write_all(&rest[..n]).is_err() {
+                break;
+            }
+            self.written += n as u64;
+            rest = &rest[n..];
+        }
         self.buf.clear();
     }
 }
