@@ -262,34 +262,7 @@ impl Tracer {
         let region = SharedRegion::open(std::path::Path::new(&path), layout.total)
             .map_err(|source| TraceError::Map { path, source })?;
         let sigs = signatures(probes, modules, self.opts.raw_args);
-        let entries_only: HashSet<&str> = session
-            .notes()
-            .iter()
-            .filter_map(|n| n.split_once(": only entries are probed: ").map(|(l, _)| l))
-            .collect();
-        let mut infos = HashMap::new();
-        let view = region.view();
-        for i in session.installed() {
-            let Some(sig) = sigs.get(&i.label) else {
-                continue;
-            };
-            if (i.id as usize) < MASK_SLOTS {
-                let at = layout.masks + i.id as usize;
-                // One byte in its word: read, change, store (the agent only reads).
-                let word = at & !7;
-                let mut w = view.u64(word).unwrap_or(0).to_le_bytes();
-                w[at - word] = sig.string_mask();
-                view.store(word, u64::from_le_bytes(w));
-            }
-            infos.insert(
-                i.id,
-                ProbeInfo {
-                    name: shown_name(&i.symbol),
-                    sig: sig.clone(),
-                    returns: !entries_only.contains(i.label.as_str()),
-                },
-            );
-        }
+        let infos = probe_infos(session, &sigs, &layout, &region);
         let process = comm(pid, pid as u32).unwrap_or_else(|| format!("process {pid}"));
         // Named now, while they exist (a short-lived thread may be gone by the time its
         // first records are read); threads created later inherit their creator's name
@@ -299,12 +272,7 @@ impl Tracer {
         if self.opts.lines {
             outs.push(Box::new(text::Text::new(lines)));
         }
-        if let Some(f) = self.chrome {
-            outs.push(Box::new(chrome::Chrome::start(f, pid, &process)));
-        }
-        if let Some(f) = self.perfetto {
-            outs.push(Box::new(perfetto::Perfetto::start(f, pid, &process)));
-        }
+        outs.extend(file_outputs(self.chrome, self.perfetto, pid, &process));
         let shared = Shared {
             region,
             ring_offset: layout.ring.ring_offset,
@@ -341,6 +309,62 @@ impl Tracer {
             thread: Some(thread),
         })
     }
+}
+
+/// What the drain needs of each probe (name, signature, whether returns are probed),
+/// by id; the string-argument mask of each written where the agent reads it.
+fn probe_infos(
+    session: &Session,
+    sigs: &HashMap<String, Signature>,
+    layout: &probes::trace::Layout,
+    region: &SharedRegion,
+) -> HashMap<u32, ProbeInfo> {
+    let entries_only: HashSet<&str> = session
+        .notes()
+        .iter()
+        .filter_map(|n| n.split_once(": only entries are probed: ").map(|(l, _)| l))
+        .collect();
+    let mut infos = HashMap::new();
+    let view = region.view();
+    for i in session.installed() {
+        let Some(sig) = sigs.get(&i.label) else {
+            continue;
+        };
+        if (i.id as usize) < MASK_SLOTS {
+            let at = layout.masks + i.id as usize;
+            // One byte in its word: read, change, store (the agent only reads).
+            let word = at & !7;
+            let mut w = view.u64(word).unwrap_or(0).to_le_bytes();
+            w[at - word] = sig.string_mask();
+            view.store(word, u64::from_le_bytes(w));
+        }
+        infos.insert(
+            i.id,
+            ProbeInfo {
+                name: shown_name(&i.symbol),
+                sig: sig.clone(),
+                returns: !entries_only.contains(i.label.as_str()),
+            },
+        );
+    }
+    infos
+}
+
+/// The file outputs asked for (`--chrome-trace`, `--perfetto`), their headers written.
+fn file_outputs(
+    chrome: Option<std::fs::File>,
+    perfetto: Option<std::fs::File>,
+    pid: i32,
+    process: &str,
+) -> Vec<Box<dyn Output>> {
+    let mut outs: Vec<Box<dyn Output>> = Vec::new();
+    if let Some(f) = chrome {
+        outs.push(Box::new(chrome::Chrome::start(f, pid, process)));
+    }
+    if let Some(f) = perfetto {
+        outs.push(Box::new(perfetto::Perfetto::start(f, pid, process)));
+    }
+    outs
 }
 
 impl Running {
