@@ -27,6 +27,7 @@ use iced_x86::{
     Code, Decoder, DecoderOptions, EncodingKind, FlowControl, Instruction, InstructionInfoFactory,
     Mnemonic, OpAccess, OpKind, Register,
 };
+use probes::abi::shared::saves;
 use std::collections::HashSet;
 use std::fmt;
 
@@ -92,36 +93,13 @@ impl fmt::Display for Clobbers {
             .filter(|i| self.gprs & (1 << i) != 0)
             .map(|i| GPR[i].to_string())
             .collect();
-        parts.extend(ranges(self.xmm, "xmm", ""));
-        parts.extend(ranges(self.ymm_upper, "ymm", "h"));
+        parts.extend(saves::ranges(self.xmm, "xmm", ""));
+        parts.extend(saves::ranges(self.ymm_upper, "ymm", "h"));
         if parts.is_empty() {
             return f.write_str("none");
         }
         f.write_str(&parts.join(" "))
     }
-}
-
-/// `xmm0-3 xmm8` from a bit set.
-fn ranges(bits: u16, prefix: &str, suffix: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < 16 {
-        if bits & (1 << i) == 0 {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i + 1 < 16 && bits & (1 << (i + 1)) != 0 {
-            i += 1;
-        }
-        out.push(if start == i {
-            format!("{prefix}{start}{suffix}")
-        } else {
-            format!("{prefix}{start}-{i}{suffix}")
-        });
-        i += 1;
-    }
-    out
 }
 
 /// Where code and constant slots may be read: ranges that cannot change.

@@ -86,28 +86,32 @@ pub mod saves {
         match bits {
             0 => "none".into(),
             0xffff => "all".into(),
-            _ => {
-                let mut out = Vec::new();
-                let mut i = 0;
-                while i < 16 {
-                    if bits & (1 << i) == 0 {
-                        i += 1;
-                        continue;
-                    }
-                    let start = i;
-                    while i + 1 < 16 && bits & (1 << (i + 1)) != 0 {
-                        i += 1;
-                    }
-                    out.push(if start == i {
-                        format!("{name}{i}")
-                    } else {
-                        format!("{name}{start}-{i}")
-                    });
-                    i += 1;
-                }
-                out.join(" ")
-            }
+            _ => ranges(bits, name, "").join(" "),
         }
+    }
+
+    /// The registers of a bit set as runs: `xmm0-3`, `xmm8` (`prefix`, then the numbers,
+    /// then `suffix`).
+    pub fn ranges(bits: u16, prefix: &str, suffix: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < 16 {
+            if bits & (1 << i) == 0 {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i + 1 < 16 && bits & (1 << (i + 1)) != 0 {
+                i += 1;
+            }
+            out.push(if start == i {
+                format!("{prefix}{start}{suffix}")
+            } else {
+                format!("{prefix}{start}-{i}{suffix}")
+            });
+            i += 1;
+        }
+        out
     }
 }
 
