@@ -92,20 +92,8 @@ fn count_exit(_: &mut ExitContext) {
 fn load_bench_pack() -> (u64, u64, u64) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/bench_pack");
     let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench_pack");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = std::process::Command::new(cargo)
-        .args(["build", "--release", "--offline", "--quiet"])
-        .current_dir(&dir)
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .expect("cargo");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let so =
-        std::ffi::CString::new(target.join("release/libbench_pack.so").to_str().unwrap()).unwrap();
+    let path = tests::build_pack_into(&dir, &target, "bench_pack", &[]);
+    let so = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
     // SAFETY: a pack built from this tree; its constructors are Rust std's.
     let lib = unsafe { libc::dlopen(so.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     assert!(!lib.is_null());
@@ -129,7 +117,7 @@ fn load_bench_pack() -> (u64, u64, u64) {
     };
     // What the tracer passes on from the descriptors when it loads a pack: what each
     // handler does not use of its context.
-    for (shim, flags) in tests::pack_probe_flags(&target.join("release/libbench_pack.so")) {
+    for (shim, flags) in tests::pack_probe_flags(&path) {
         let shim = std::ffi::CString::new(shim).unwrap();
         agent::pack_loader::set_shim_flags(sym(&shim), flags);
     }

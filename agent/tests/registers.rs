@@ -717,26 +717,12 @@ fn far_jump_without_scratch_register_changes_no_register() {
 fn load_regs_pack() -> *mut libc::c_void {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/regs_pack");
     let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("regs_pack");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = std::process::Command::new(cargo)
-        .args(["build", "--release", "--offline", "--quiet"])
-        .current_dir(&dir)
-        .env("CARGO_TARGET_DIR", &target)
-        .env_remove("RUSTFLAGS")
-        .output()
-        .expect("cargo");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let so =
-        std::ffi::CString::new(target.join("release/libregs_pack.so").to_str().unwrap()).unwrap();
+    let path = tests::build_pack_into(&dir, &target, "regs_pack", &[]);
+    let so = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
     // SAFETY: a pack built from this tree; its constructors are Rust std's.
     let lib = unsafe { libc::dlopen(so.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     assert!(!lib.is_null());
     // What the tracer passes on from the descriptors when it loads a pack.
-    let path = target.join("release/libregs_pack.so");
     for (shim, flags) in tests::pack_probe_flags(&path) {
         let shim = std::ffi::CString::new(shim).unwrap();
         agent::pack_loader::set_shim_flags(symbol(lib, &shim), flags);

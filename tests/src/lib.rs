@@ -252,6 +252,31 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Builds the pack crate at `dir` (release, offline, with `features`) into the target
+/// directory `target`, as a user builds a pack: without the outer build's `RUSTFLAGS`;
+/// returns its `lib{name}.so`.
+pub fn build_pack_into(dir: &Path, target: &Path, name: &str, features: &[&str]) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--release", "--offline", "--quiet"]);
+    for f in features {
+        cmd.args(["--features", f]);
+    }
+    let out = cmd
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", target)
+        .env_remove("RUSTFLAGS")
+        .output()
+        .expect("cargo");
+    assert!(
+        out.status.success(),
+        "cargo build of {}:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.join("release").join(format!("lib{name}.so"))
+}
+
 /// Each probe descriptor of the pack library at `so`: its shim's symbol and its
 /// `probe_flags`, as the tracer reads them before loading a pack (for tests and benches
 /// that load packs themselves).

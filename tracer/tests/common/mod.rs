@@ -24,24 +24,7 @@ pub fn build_target(dir: &Path) -> PathBuf {
 /// `lib{name}.so`.
 pub fn build_pack(dir: &Path, name: &str, features: &[&str]) -> PathBuf {
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packs");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--release", "--offline", "--quiet"]);
-    for f in features {
-        cmd.args(["--features", f]);
-    }
-    let out = cmd
-        .current_dir(dir)
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cargo build of {}:\n{}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target.join("release").join(format!("lib{name}.so"))
+    tests::build_pack_into(dir, &target, name, features)
 }
 
 /// Builds the example pack `examples/NAME`; returns its `.so`.
