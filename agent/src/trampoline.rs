@@ -376,16 +376,8 @@ fn emit_pack_entry_call(
         a.mov(qword_ptr(rsp + el::R11), r11)
     })?;
     e.bytes(&MOV_R11_FS0);
-    e.asm(|a| {
-        a.mov(qword_ptr(r11 + busy), 1)?;
-        a.mov(rdi, rsp)?;
-        a.mov(rsi, p.hit as u64)?;
-        a.mov(rax, probe as u64)?;
-        a.call(qword_ptr(rax + P_PACK_ENTRY_DIRECT))
-    })?;
-    e.bytes(&MOV_R11_FS0);
-    e.asm(|a| a.mov(qword_ptr(r11 + busy), 0))?;
-    emit_panic_check(e, p.counters)?;
+    e.asm(|a| a.mov(qword_ptr(r11 + busy), 1))?;
+    emit_shim_call(e, probe, p.hit, P_PACK_ENTRY_DIRECT, busy, p.counters)?;
     e.asm(|a| {
         for (i, r) in GPRS.iter().enumerate() {
             a.mov(*r, qword_ptr(rsp + el::GPRS + 8 * i))?;
@@ -456,6 +448,28 @@ pub fn emit_pack_direct_stub(
         a.ret()
     })?;
     Ok(encoding)
+}
+
+/// Call the pack shim in the probe's `slot` with the context at `rsp` and `hit`, the
+/// thread already marked busy; then clear the mark (`busy`: its offset from the thread
+/// pointer) and disable the probe if the shim reports a panic.
+fn emit_shim_call(
+    e: &mut Emitter,
+    probe: *const Probe,
+    hit: *const probes::pack::abi::HitInfo,
+    slot: i32,
+    busy: i32,
+    counters: *const ProbeCounters,
+) -> Result<(), EmitError> {
+    e.asm(|a| {
+        a.mov(rdi, rsp)?;
+        a.mov(rsi, hit as u64)?;
+        a.mov(rax, probe as u64)?;
+        a.call(qword_ptr(rax + slot))
+    })?;
+    e.bytes(&MOV_R11_FS0);
+    e.asm(|a| a.mov(qword_ptr(r11 + busy), 0))?;
+    emit_panic_check(e, counters)
 }
 
 /// After a shim returned `eax`: when it reports a panic (caught in the pack), disable
@@ -534,16 +548,8 @@ fn emit_pack_exit_call(
         a.mov(qword_ptr(rsp + X_DURATION), rax)
     })?;
     e.bind(untimed);
-    e.asm(|a| {
-        a.mov(qword_ptr(r11 + tl::BUSY), 1)?;
-        a.mov(rdi, rsp)?;
-        a.mov(rsi, x.hit as u64)?;
-        a.mov(rax, probe as u64)?;
-        a.call(qword_ptr(rax + P_PACK_EXIT))
-    })?;
-    e.bytes(&MOV_R11_FS0);
-    e.asm(|a| a.mov(qword_ptr(r11 + busy), 0))?;
-    emit_panic_check(e, f.counters)?;
+    e.asm(|a| a.mov(qword_ptr(r11 + tl::BUSY), 1))?;
+    emit_shim_call(e, probe, x.hit, P_PACK_EXIT, busy, f.counters)?;
     e.asm(|a| {
         // The return address the handler left (it may redirect the return), into the
         // popped slot, for the `ret` below.
