@@ -271,27 +271,14 @@ fn verify(site: u64, new_ip: u64, code: &[u8], externals: &[(u64, u64)]) -> Resu
         end: new_ip + code.len() as u64,
     };
     let allowed: HashSet<u64> = externals.iter().map(|&(_, t)| t).collect();
-    let mut decoder = Decoder::with_ip(64, code, new_ip, DecoderOptions::NONE);
-    let mut starts = HashSet::new();
-    let mut decoded = Vec::new();
-    while decoder.can_decode() {
-        let ins = decoder.decode();
-        if ins.is_invalid() {
-            return Err(Refusal::EncodeFailed {
-                new_ip,
-                message: format!("the re-encoded bytes do not decode at {:#x}", ins.ip()),
-            });
-        }
-        starts.insert(ins.ip());
-        decoded.push(ins);
-    }
-    let bad = |ins: &Instruction, target: u64| -> Refusal {
+    let decoded = decode_all(new_ip, code)?;
+    let starts: HashSet<u64> = decoded.iter().map(|i| i.ip()).collect();
+    let too_far = |target: u64| -> Refusal {
         // Attribute the problem to the original instruction it came from.
         let original = externals
             .iter()
             .find(|&&(_, t)| t == target)
             .map_or(site, |&(a, _)| a);
-        let _ = ins;
         Refusal::TooFar {
             address: original,
             target,
@@ -301,30 +288,48 @@ fn verify(site: u64, new_ip: u64, code: &[u8], externals: &[(u64, u64)]) -> Resu
     for ins in &decoded {
         if ins.memory_base() == Register::EIP {
             // A 32-bit address form: only correct if the trampoline is below 4 GiB.
-            return Err(bad(ins, ins.ip_rel_memory_address()));
+            return Err(too_far(ins.ip_rel_memory_address()));
         }
         if is_rip_relative(ins) {
             let t = ins.ip_rel_memory_address();
             if out.contains(t) || !allowed.contains(&t) {
                 // A pointer slot after the code, or a changed reference.
-                return Err(bad(ins, t));
+                return Err(too_far(t));
             }
         }
         if let Some(t) = direct_target(ins) {
-            if out.contains(t) {
-                if !starts.contains(&t) {
-                    return Err(Refusal::EncodeFailed {
-                        new_ip,
-                        message: format!(
-                            "the re-encoded branch at {:#x} lands inside an instruction",
-                            ins.ip()
-                        ),
-                    });
+            if !out.contains(t) {
+                if !allowed.contains(&t) {
+                    return Err(too_far(t));
                 }
-            } else if !allowed.contains(&t) {
-                return Err(bad(ins, t));
+            } else if !starts.contains(&t) {
+                return Err(Refusal::EncodeFailed {
+                    new_ip,
+                    message: format!(
+                        "the re-encoded branch at {:#x} lands inside an instruction",
+                        ins.ip()
+                    ),
+                });
             }
         }
     }
     Ok(())
+}
+
+/// Every instruction of `code` at `new_ip`, or a refusal at the first that does not
+/// decode.
+fn decode_all(new_ip: u64, code: &[u8]) -> Result<Vec<Instruction>, Refusal> {
+    let mut decoder = Decoder::with_ip(64, code, new_ip, DecoderOptions::NONE);
+    let mut decoded = Vec::new();
+    while decoder.can_decode() {
+        let ins = decoder.decode();
+        if ins.is_invalid() {
+            return Err(Refusal::EncodeFailed {
+                new_ip,
+                message: format!("the re-encoded bytes do not decode at {:#x}", ins.ip()),
+            });
+        }
+        decoded.push(ins);
+    }
+    Ok(decoded)
 }
