@@ -550,7 +550,39 @@ impl NearAllocator {
         if unsafe { libc::ftruncate(self.memfd.as_raw_fd(), (offset + size) as libc::off_t) } != 0 {
             return Err(os("ftruncate"));
         }
-        let fd = self.memfd.as_raw_fd();
+        let Some(rx) = self.map_exec_view(addr, size, offset)? else {
+            return Ok(None);
+        };
+        let rw = match self.map_write_view(size, offset) {
+            Ok(rw) => rw,
+            Err(error) => {
+                // SAFETY: undo the executable view created above.
+                unsafe { libc::munmap(rx, size as usize) };
+                return Err(error);
+            }
+        };
+        self.file_len += size;
+        self.chunks.push(Chunk {
+            rx: addr,
+            rw,
+            size,
+            code_end: 0,
+            lines_start: size,
+            line_free: 0,
+            shared: HashMap::new(),
+            reserved: None,
+        });
+        Ok(Some(self.chunks.len() - 1))
+    }
+
+    /// The executable view of the memfd's `size` bytes at `offset`, at exactly `addr`;
+    /// `Ok(None)` (a collision) when something is mapped there.
+    fn map_exec_view(
+        &mut self,
+        addr: u64,
+        size: u64,
+        offset: u64,
+    ) -> Result<Option<*mut libc::c_void>, AllocError> {
         // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; the result is
         // checked below.
         let rx = unsafe {
@@ -559,7 +591,7 @@ impl NearAllocator {
                 size as usize,
                 libc::PROT_READ | libc::PROT_EXEC,
                 libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
-                fd,
+                self.memfd.as_raw_fd(),
                 offset as libc::off_t,
             )
         };
@@ -583,6 +615,11 @@ impl NearAllocator {
             self.stats.collisions += 1;
             return Ok(None);
         }
+        Ok(Some(rx))
+    }
+
+    /// The writable view of the memfd's `size` bytes at `offset`, anywhere.
+    fn map_write_view(&self, size: u64, offset: u64) -> Result<*mut u8, AllocError> {
         // SAFETY: a fresh shared mapping of the same file range, anywhere.
         let rw = unsafe {
             libc::mmap(
@@ -590,31 +627,14 @@ impl NearAllocator {
                 size as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                fd,
+                self.memfd.as_raw_fd(),
                 offset as libc::off_t,
             )
         };
         if rw == libc::MAP_FAILED {
-            let error = io::Error::last_os_error();
-            // SAFETY: undo the executable view created above.
-            unsafe { libc::munmap(rx, size as usize) };
-            return Err(AllocError::Os {
-                call: "mmap",
-                error,
-            });
+            return Err(os("mmap"));
         }
-        self.file_len += size;
-        self.chunks.push(Chunk {
-            rx: addr,
-            rw: rw as *mut u8,
-            size,
-            code_end: 0,
-            lines_start: size,
-            line_free: 0,
-            shared: HashMap::new(),
-            reserved: None,
-        });
-        Ok(Some(self.chunks.len() - 1))
+        Ok(rw as *mut u8)
     }
 }
 

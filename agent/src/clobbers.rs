@@ -290,19 +290,51 @@ impl Walker {
     /// Record what `i` writes; an error for state not tracked.
     fn writes(&mut self, i: &Instruction) -> Result<(), String> {
         let at = i.ip();
+        if self.whole_state(i)? {
+            return Ok(());
+        }
+        if i.encoding() == EncodingKind::EVEX {
+            // AVX-512 registers and masks are not modelled.
+            return Err(format!("{at:#x}: EVEX-encoded instruction"));
+        }
         let vex = matches!(
             i.encoding(),
             EncodingKind::VEX | EncodingKind::EVEX | EncodingKind::XOP
         );
+        let written: Vec<Register> = self
+            .info
+            .info(i)
+            .used_registers()
+            .iter()
+            .filter(|u| {
+                matches!(
+                    u.access(),
+                    OpAccess::Write
+                        | OpAccess::CondWrite
+                        | OpAccess::ReadWrite
+                        | OpAccess::ReadCondWrite
+                )
+            })
+            .map(|u| u.register())
+            .collect();
+        for r in written {
+            self.register_written(r, vex, at)?;
+        }
+        Ok(())
+    }
+
+    /// Instructions that write vector state as a whole: recorded (`Ok(true)`), or an
+    /// error for those that load saved state; `Ok(false)` for any other.
+    fn whole_state(&mut self, i: &Instruction) -> Result<bool, String> {
         match i.mnemonic() {
             Mnemonic::Vzeroupper => {
                 self.c.ymm_upper = 0xffff;
-                return Ok(());
+                Ok(true)
             }
             Mnemonic::Vzeroall => {
                 self.c.xmm = 0xffff;
                 self.c.ymm_upper = 0xffff;
-                return Ok(());
+                Ok(true)
             }
             Mnemonic::Xrstor
             | Mnemonic::Xrstor64
@@ -311,51 +343,35 @@ impl Walker {
             | Mnemonic::Fxrstor
             | Mnemonic::Fxrstor64
             | Mnemonic::Emms
-            | Mnemonic::Femms => {
-                return Err(format!("{at:#x}: {:?} changes saved state", i.mnemonic()))
-            }
-            _ => {}
+            | Mnemonic::Femms => Err(format!(
+                "{:#x}: {:?} changes saved state",
+                i.ip(),
+                i.mnemonic()
+            )),
+            _ => Ok(false),
         }
-        if i.encoding() == EncodingKind::EVEX {
-            // AVX-512 registers and masks are not modelled.
-            return Err(format!("{at:#x}: EVEX-encoded instruction"));
-        }
-        let written: Vec<(Register, OpAccess)> = self
-            .info
-            .info(i)
-            .used_registers()
-            .iter()
-            .map(|u| (u.register(), u.access()))
-            .collect();
-        for (r, access) in written {
-            let writes = matches!(
-                access,
-                OpAccess::Write
-                    | OpAccess::CondWrite
-                    | OpAccess::ReadWrite
-                    | OpAccess::ReadCondWrite
-            );
-            if !writes {
-                continue;
-            }
-            if r.is_gpr() {
-                self.gpr(r);
-            } else if r.is_xmm() && r.number() < 16 {
-                self.c.xmm |= 1 << r.number();
-                if vex {
-                    self.c.ymm_upper |= 1 << r.number();
-                }
-            } else if (r.is_ymm() || r.is_zmm()) && r.number() < 16 {
-                // iced reports a VEX write of xmmN as one of zmmN: it zeroes the rest.
-                self.c.xmm |= 1 << r.number();
+    }
+
+    /// Record that register `r` is written by the instruction at `at` (`vex`: a VEX,
+    /// EVEX or XOP encoding, which zeroes the upper half of a vector register it writes).
+    fn register_written(&mut self, r: Register, vex: bool, at: u64) -> Result<(), String> {
+        if r.is_gpr() {
+            self.gpr(r);
+        } else if r.is_xmm() && r.number() < 16 {
+            self.c.xmm |= 1 << r.number();
+            if vex {
                 self.c.ymm_upper |= 1 << r.number();
-            } else if r.is_segment_register() && matches!(r, Register::FS | Register::GS) {
-                return Err(format!("{at:#x}: writes {r:?}"));
-            } else if r.is_segment_register() || r == Register::None {
-                // ds/es/ss reads listed as writes never happen in 64-bit user code.
-            } else {
-                return Err(format!("{at:#x}: writes {r:?}, not tracked"));
             }
+        } else if (r.is_ymm() || r.is_zmm()) && r.number() < 16 {
+            // iced reports a VEX write of xmmN as one of zmmN: it zeroes the rest.
+            self.c.xmm |= 1 << r.number();
+            self.c.ymm_upper |= 1 << r.number();
+        } else if r.is_segment_register() && matches!(r, Register::FS | Register::GS) {
+            return Err(format!("{at:#x}: writes {r:?}"));
+        } else if r.is_segment_register() || r == Register::None {
+            // ds/es/ss reads listed as writes never happen in 64-bit user code.
+        } else {
+            return Err(format!("{at:#x}: writes {r:?}, not tracked"));
         }
         Ok(())
     }

@@ -335,53 +335,22 @@ impl<'p> Emitter<'p> {
         encoding: CallEncoding,
     ) -> Result<(), EmitError> {
         let ip = self.ip();
-        let unreachable = EmitError::Unreachable {
-            encoding,
-            from: ip,
-            target,
-        };
-        let instrs: Vec<Instruction> = match encoding {
-            CallEncoding::Rel32 => {
-                if !rel32_fits(ip + 5, target) {
-                    return Err(unreachable);
-                }
-                let code = if call {
-                    Code::Call_rel32_64
-                } else {
-                    Code::Jmp_rel32_64
-                };
-                vec![Instruction::with_branch(code, target)?]
-            }
+        let form = match encoding {
+            CallEncoding::Rel32 => rel32_form(ip, target, call)?,
             CallEncoding::RipSlot => {
-                let slot = match self.pool.as_mut().and_then(|p| p.slot(target)) {
-                    Some(s) if rel32_fits(ip + 6, s) => s,
-                    _ => return Err(unreachable),
-                };
-                let code = if call {
-                    Code::Call_rm64
-                } else {
-                    Code::Jmp_rm64
-                };
-                let mem = MemoryOperand::with_base_displ(Register::RIP, slot as i64);
-                vec![Instruction::with1(code, mem)?]
+                let slot = self.pool.as_mut().and_then(|p| p.slot(target));
+                slot_form(ip, slot, call)?
             }
             CallEncoding::Abs32 | CallEncoding::Abs64 => {
-                let r = self.scratch;
-                let load = if encoding == CallEncoding::Abs32 {
-                    let Ok(imm) = u32::try_from(target) else {
-                        return Err(unreachable);
-                    };
-                    Instruction::with2(Code::Mov_r32_imm32, reg32(r), imm)?
-                } else {
-                    Instruction::with2(Code::Mov_r64_imm64, r, target)?
-                };
-                let code = if call {
-                    Code::Call_rm64
-                } else {
-                    Code::Jmp_rm64
-                };
-                vec![load, Instruction::with1(code, r)?]
+                register_form(self.scratch, target, call, encoding)?
             }
+        };
+        let Some(instrs) = form else {
+            return Err(EmitError::Unreachable {
+                encoding,
+                from: ip,
+                target,
+            });
         };
         for i in &instrs {
             self.emit(i)?;
@@ -457,6 +426,66 @@ impl<'p> Emitter<'p> {
         }
         Ok(self.code)
     }
+}
+
+/// `call/jmp rel32` from `ip` to `target`; None when it does not reach.
+fn rel32_form(
+    ip: u64,
+    target: u64,
+    call: bool,
+) -> Result<Option<Vec<Instruction>>, iced_x86::IcedError> {
+    if !rel32_fits(ip + 5, target) {
+        return Ok(None);
+    }
+    let code = if call {
+        Code::Call_rel32_64
+    } else {
+        Code::Jmp_rel32_64
+    };
+    Ok(Some(vec![Instruction::with_branch(code, target)?]))
+}
+
+/// `call/jmp qword [rip+slot]` from `ip`; None without a slot or when it does not reach.
+fn slot_form(
+    ip: u64,
+    slot: Option<u64>,
+    call: bool,
+) -> Result<Option<Vec<Instruction>>, iced_x86::IcedError> {
+    let slot = match slot {
+        Some(s) if rel32_fits(ip + 6, s) => s,
+        _ => return Ok(None),
+    };
+    let code = if call {
+        Code::Call_rm64
+    } else {
+        Code::Jmp_rm64
+    };
+    let mem = MemoryOperand::with_base_displ(Register::RIP, slot as i64);
+    Ok(Some(vec![Instruction::with1(code, mem)?]))
+}
+
+/// `mov r32, imm32` (`Abs32`, None when `target` is above 4 GiB) or `movabs r64, imm64`
+/// (`Abs64`) into the scratch register `r`, then `call/jmp r`.
+fn register_form(
+    r: Register,
+    target: u64,
+    call: bool,
+    encoding: CallEncoding,
+) -> Result<Option<Vec<Instruction>>, iced_x86::IcedError> {
+    let load = if encoding == CallEncoding::Abs32 {
+        let Ok(imm) = u32::try_from(target) else {
+            return Ok(None);
+        };
+        Instruction::with2(Code::Mov_r32_imm32, reg32(r), imm)?
+    } else {
+        Instruction::with2(Code::Mov_r64_imm64, r, target)?
+    };
+    let code = if call {
+        Code::Call_rm64
+    } else {
+        Code::Jmp_rm64
+    };
+    Ok(Some(vec![load, Instruction::with1(code, r)?]))
 }
 
 /// Whether `target` is reachable by a rel32 displacement counted from `next_ip`.

@@ -310,19 +310,61 @@ fn own_region(base: usize) -> Option<(i32, u64)> {
     let old_fd = REGION_FD.load(Ordering::Relaxed);
     let shards = REGION_SHARDS.load(Ordering::Relaxed);
     let reserve = SharedHeader::region_size(MAX_CAPACITY, shards) as u64;
+    let (len, inode) = size_and_inode(old_fd)?;
+    let fd = new_memfd(len)?;
+    let fail = |fd| {
+        close(fd);
+        None
+    };
+    // The slots in use, not the whole file: the rest is zero in a new memfd anyway.
+    // SAFETY: the region starts with its header.
+    let used = unsafe {
+        (*(base as *const SharedHeader))
+            .used
+            .load(Ordering::Relaxed)
+    } as usize;
+    let copy = (SharedHeader::slot_offset(used, shards) as u64).min(len);
+    if !write_from(fd, base, copy) {
+        return fail(fd);
+    }
+    let Some(tmp) = map_zeroed_counts(fd, reserve, len, used, shards) else {
+        return fail(fd);
+    };
+    if !move_over(tmp, reserve, base) {
+        return fail(fd);
+    }
+    // The region's descriptor now names the child's memfd: growth extends it, and a
+    // later `tracer attach` to the child finds it there.
+    // SAFETY: dup3 over our own region's descriptor.
+    unsafe {
+        sys(
+            libc::SYS_dup3,
+            [fd as u64, old_fd as u64, libc::O_CLOEXEC as u64, 0, 0, 0],
+        )
+    };
+    close(fd);
+    Some((old_fd, inode))
+}
+
+/// The size and inode of the file `fd` names.
+fn size_and_inode(fd: i32) -> Option<(u64, u64)> {
     // SAFETY: stat is plain data.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat of our region's descriptor into a local.
     if unsafe {
         sys(
             libc::SYS_fstat,
-            [old_fd as u64, &mut st as *mut _ as u64, 0, 0, 0, 0],
+            [fd as u64, &mut st as *mut _ as u64, 0, 0, 0, 0],
         )
     } < 0
     {
         return None;
     }
-    let len = st.st_size as u64;
+    Some((st.st_size as u64, st.st_ino))
+}
+
+/// A new memfd of `len` bytes (zero), close-on-exec.
+fn new_memfd(len: u64) -> Option<i64> {
     // SAFETY: memfd_create with a NUL-terminated name.
     let fd = unsafe {
         sys(
@@ -340,36 +382,36 @@ fn own_region(base: usize) -> Option<(i32, u64)> {
     if fd < 0 {
         return None;
     }
-    let fail = |fd| {
-        close(fd);
-        None
-    };
     // SAFETY: ftruncate of our new memfd.
     if unsafe { sys(libc::SYS_ftruncate, [fd as u64, len, 0, 0, 0, 0]) } < 0 {
-        return fail(fd);
+        close(fd);
+        return None;
     }
-    // The slots in use, not the whole file: the rest is zero in a new memfd anyway.
-    // SAFETY: the region starts with its header.
-    let used = unsafe {
-        (*(base as *const SharedHeader))
-            .used
-            .load(Ordering::Relaxed)
-    } as usize;
-    let copy = (SharedHeader::slot_offset(used, shards) as u64).min(len);
+    Some(fd)
+}
+
+/// Write the first `n` bytes mapped at `base` to the start of `fd`.
+fn write_from(fd: i64, base: usize, n: u64) -> bool {
     let mut off = 0;
-    while off < copy {
-        // SAFETY: the region's first `len` bytes are mapped at `base`.
-        let n = unsafe {
+    while off < n {
+        // SAFETY: the caller's `n` bytes are mapped at `base`.
+        let w = unsafe {
             sys(
                 libc::SYS_pwrite64,
-                [fd as u64, base as u64 + off, copy - off, off, 0, 0],
+                [fd as u64, base as u64 + off, n - off, off, 0, 0],
             )
         };
-        if n <= 0 {
-            return fail(fd);
+        if w <= 0 {
+            return false;
         }
-        off += n as u64;
+        off += w as u64;
     }
+    true
+}
+
+/// A new shared mapping of `fd` (`len` bytes, holding a copy of the region), `reserve`
+/// bytes long, with the counts of its `used` slots zeroed; None when it cannot be mapped.
+fn map_zeroed_counts(fd: i64, reserve: u64, len: u64, used: usize, shards: usize) -> Option<u64> {
     let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
     // SAFETY: a new shared mapping of our memfd, as long as the reservation.
     let tmp = unsafe {
@@ -379,7 +421,7 @@ fn own_region(base: usize) -> Option<(i32, u64)> {
         )
     };
     if tmp < 0 {
-        return fail(fd);
+        return None;
     }
     // SAFETY: the copy holds the header and the `used` slots, within `len` bytes.
     unsafe {
@@ -390,31 +432,27 @@ fn own_region(base: usize) -> Option<(i32, u64)> {
             }
         }
     }
+    Some(tmp as u64)
+}
+
+/// Move the `reserve` bytes mapped at `tmp` over the region's reservation at `base`, in
+/// one step; on failure unmap `tmp` and leave the region alone.
+fn move_over(tmp: u64, reserve: u64, base: usize) -> bool {
     let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
     // SAFETY: moves our new mapping over the region's reservation, replacing it in one
     // step (this process has one thread now; a failure leaves the old mapping alone).
     let moved = unsafe {
         sys(
             libc::SYS_mremap,
-            [tmp as u64, reserve, reserve, flags, base as u64, 0],
+            [tmp, reserve, reserve, flags, base as u64, 0],
         )
     };
     if moved != base as i64 {
         // SAFETY: unmapping our own temporary mapping.
-        unsafe { sys(libc::SYS_munmap, [tmp as u64, reserve, 0, 0, 0, 0]) };
-        return fail(fd);
+        unsafe { sys(libc::SYS_munmap, [tmp, reserve, 0, 0, 0, 0]) };
+        return false;
     }
-    // The region's descriptor now names the child's memfd: growth extends it, and a
-    // later `tracer attach` to the child finds it there.
-    // SAFETY: dup3 over our own region's descriptor.
-    unsafe {
-        sys(
-            libc::SYS_dup3,
-            [fd as u64, old_fd as u64, libc::O_CLOEXEC as u64, 0, 0, 0],
-        )
-    };
-    close(fd);
-    Some((old_fd, st.st_ino))
+    true
 }
 
 /// Remote entry point ([`probes::abi::remote::FOLLOW_SYMBOL`]): the process the tracer

@@ -803,7 +803,35 @@ fn emit_fast_exit_entry(
 ) -> Result<(), EmitError> {
     let disabled = e.label();
     let restore_to_general = e.label();
-    let push = e.label();
+    emit_guard_and_enabled(e, f, skipped, disabled)?;
+    emit_shadow_slot(e, restore_to_general)?;
+    emit_count(e, rcx, C_HITS, SCRATCH_RDX, ENTRY_RDX)?;
+    emit_fill_shadow_entry(e, probe)?;
+    if f.pack.is_some() {
+        emit_entry_timestamp(e)?;
+    }
+    // The entry is complete before it counts: a signal handler hitting a probe in
+    // between pushes above it.
+    e.asm(|a| a.inc(qword_ptr(r11 + tl::DEPTH)))?;
+    emit_fast_call_and_return(e, probe, f, tail)?;
+    e.bind(restore_to_general);
+    emit_restore_scratch(e)?;
+    e.jmp_label(general);
+    e.bind(disabled);
+    emit_restore_scratch(e)?;
+    e.jmp_label(tail);
+    Ok(())
+}
+
+/// With `r11` = the thread pointer: `r11` = this thread's state, to `skipped` inside a
+/// handler; `rax rcx` saved at their entry slots, `rcx` = the counters, to `disabled`
+/// when the probe is.
+fn emit_guard_and_enabled(
+    e: &mut Emitter,
+    f: FastEntry,
+    skipped: Label,
+    disabled: Label,
+) -> Result<(), EmitError> {
     e.asm(|a| {
         a.lea(r11, qword_ptr(r11 + f.tls))?;
         a.cmp(qword_ptr(r11 + tl::BUSY), 0)
@@ -816,12 +844,20 @@ fn emit_fast_exit_entry(
         a.test(byte_ptr(rcx + C_FLAGS), flags::ENABLED)
     })?;
     e.jcc_label(CC_E, disabled);
+    Ok(())
+}
+
+/// With `r11` = the thread state: `rax` = the shadow entry this call will fill (at the
+/// depth), or to `general` when the shadow stack is not mapped yet, full, or its top
+/// entry says `on_entry` must decide.
+fn emit_shadow_slot(e: &mut Emitter, general: Label) -> Result<(), EmitError> {
+    let push = e.label();
     e.asm(|a| {
         a.mov(rax, qword_ptr(r11 + tl::DEPTH))?;
         a.cmp(rax, qword_ptr(r11 + tl::CAPACITY))
     })?;
     // Not mapped yet or full: `on_entry` maps it or counts the lost exit.
-    e.jcc_label(CC_AE, restore_to_general);
+    e.jcc_label(CC_AE, general);
     e.asm(|a| {
         a.shl(rax, tl::ENTRY_SHIFT)?;
         a.add(rax, qword_ptr(r11 + tl::SHADOW))?;
@@ -831,9 +867,14 @@ fn emit_fast_exit_entry(
     // A top entry at or below this frame's slot was abandoned (longjmp), or this is a
     // tail call from its function: `on_entry` decides.
     e.asm(|a| a.cmp(qword_ptr(rax - 32 + tl::E_ENTRY_RSP), rsp))?;
-    e.jcc_label(CC_BE, restore_to_general);
+    e.jcc_label(CC_BE, general);
     e.bind(push);
-    emit_count(e, rcx, C_HITS, SCRATCH_RDX, ENTRY_RDX)?;
+    Ok(())
+}
+
+/// Fill the shadow entry at `rax`: the return address, the entry `rsp`, the probe (left
+/// in `rcx`), no timestamp yet.
+fn emit_fill_shadow_entry(e: &mut Emitter, probe: *const Probe) -> Result<(), EmitError> {
     e.asm(|a| {
         a.mov(rcx, qword_ptr(rsp))?;
         a.mov(qword_ptr(rax + tl::E_RETURN_ADDRESS), rcx)?;
@@ -841,35 +882,27 @@ fn emit_fast_exit_entry(
         a.mov(rcx, probe as u64)?;
         a.mov(qword_ptr(rax + tl::E_PROBE), rcx)?;
         a.mov(qword_ptr(rax + tl::E_TSC), 0)
+    })
+}
+
+/// With `rax` = the shadow entry and `rcx` = the probe: its timestamp, only for a return
+/// handler that reads the time (the flag moves with hot swaps, so it is read at each
+/// hit). Keeps `rax rdx`.
+fn emit_entry_timestamp(e: &mut Emitter) -> Result<(), EmitError> {
+    let untimed = e.label();
+    e.asm(|a| a.cmp(byte_ptr(rcx + P_PACK_EXIT_TIMED), 0))?;
+    e.jcc_label(CC_E, untimed);
+    e.asm(|a| {
+        a.mov(qword_ptr(rsp + ENTRY_RDX), rdx)?;
+        a.mov(rcx, rax)?;
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.mov(qword_ptr(rcx + tl::E_TSC), rax)?;
+        a.mov(rax, rcx)?;
+        a.mov(rdx, qword_ptr(rsp + ENTRY_RDX))
     })?;
-    if f.pack.is_some() {
-        // The timestamp only for a return handler that reads the time (the flag moves
-        // with hot swaps, so it is read at each hit).
-        let untimed = e.label();
-        e.asm(|a| a.cmp(byte_ptr(rcx + P_PACK_EXIT_TIMED), 0))?;
-        e.jcc_label(CC_E, untimed);
-        e.asm(|a| {
-            a.mov(qword_ptr(rsp + ENTRY_RDX), rdx)?;
-            a.mov(rcx, rax)?;
-            a.rdtsc()?;
-            a.shl(rdx, 32)?;
-            a.or(rax, rdx)?;
-            a.mov(qword_ptr(rcx + tl::E_TSC), rax)?;
-            a.mov(rax, rcx)?;
-            a.mov(rdx, qword_ptr(rsp + ENTRY_RDX))
-        })?;
-        e.bind(untimed);
-    }
-    // The entry is complete before it counts: a signal handler hitting a probe in
-    // between pushes above it.
-    e.asm(|a| a.inc(qword_ptr(r11 + tl::DEPTH)))?;
-    emit_fast_call_and_return(e, probe, f, tail)?;
-    e.bind(restore_to_general);
-    emit_restore_scratch(e)?;
-    e.jmp_label(general);
-    e.bind(disabled);
-    emit_restore_scratch(e)?;
-    e.jmp_label(tail);
+    e.bind(untimed);
     Ok(())
 }
 
@@ -899,31 +932,9 @@ fn emit_fast_call_and_return(
     let general = e.label();
     emit_restore_scratch(e)?;
     if let Some(x) = f.pack {
-        // Whether there is an entry handler is read at each hit: a later session may
-        // reuse this probe with handlers of another pack.
-        let no_entry_handler = e.label();
-        e.asm(|a| {
-            a.mov(qword_ptr(rsp + ENTRY_R11), r11)?;
-            a.mov(r11, probe as u64)?;
-            a.cmp(qword_ptr(r11 + P_PACK_ENTRY_DIRECT), 0)?;
-            a.mov(r11, qword_ptr(rsp + ENTRY_R11))
-        })?;
-        e.jcc_label(CC_E, no_entry_handler);
-        let p = PackEntry {
-            tls: f.tls,
-            counters: f.counters,
-            hit: x.hit,
-        };
-        emit_pack_entry_call(e, probe, p)?;
-        e.bind(no_entry_handler);
+        emit_pack_entry_if_any(e, probe, f, x)?;
     }
-    e.asm(|a| a.lea(rsp, qword_ptr(rsp + 8)))?;
-    e.call_label(tail);
-    // The unwinder hook recognises redirected slots by what they hold.
-    // SAFETY: the probe is alive forever and not yet reachable from any trampoline.
-    unsafe { &*probe }
-        .return_point
-        .store(e.ip(), std::sync::atomic::Ordering::Relaxed);
+    emit_call_body(e, probe, tail)?;
     // The body returned: rsp is one above the return slot, every register may hold a
     // value the caller keeps or a result.
     emit_save_return_scratch(e)?;
@@ -933,25 +944,82 @@ fn emit_fast_call_and_return(
     emit_own_top_entry(e, f.tls, general)?;
     e.asm(|a| a.mov(rdi, f.counters as u64))?;
     if let Some(x) = f.pack {
-        let disabled = e.label();
-        e.asm(|a| a.test(byte_ptr(rdi + C_FLAGS), flags::ENABLED))?;
-        e.jcc_label(CC_E, disabled);
-        emit_count(e, rdi, C_EXITS, SCRATCH_RAX, RET_RAX)?;
-        emit_restore_return_scratch(e)?;
-        emit_pack_exit_call(e, probe, f, x)?;
-        e.bind(disabled);
+        emit_pack_exit_if_enabled(e, probe, f, x)?;
     }
     emit_count_exit_and_pop(e)?;
+    emit_return_to_caller(e)?;
+    e.bind(general);
+    emit_restore_return_scratch(e)?;
+    e.jmp_preserving(f.exit_trampoline)?;
+    Ok(())
+}
+
+/// Call the pack's entry handler when the probe has one. Whether it has is read at each
+/// hit: a later session may reuse this probe with handlers of another pack.
+fn emit_pack_entry_if_any(
+    e: &mut Emitter,
+    probe: *const Probe,
+    f: FastEntry,
+    x: PackExit,
+) -> Result<(), EmitError> {
+    let no_entry_handler = e.label();
+    e.asm(|a| {
+        a.mov(qword_ptr(rsp + ENTRY_R11), r11)?;
+        a.mov(r11, probe as u64)?;
+        a.cmp(qword_ptr(r11 + P_PACK_ENTRY_DIRECT), 0)?;
+        a.mov(r11, qword_ptr(rsp + ENTRY_R11))
+    })?;
+    e.jcc_label(CC_E, no_entry_handler);
+    let p = PackEntry {
+        tls: f.tls,
+        counters: f.counters,
+        hit: x.hit,
+    };
+    emit_pack_entry_call(e, probe, p)?;
+    e.bind(no_entry_handler);
+    Ok(())
+}
+
+/// Drop the return address and call the body at `tail`; the probe's `return_point` is
+/// where the body returns to.
+fn emit_call_body(e: &mut Emitter, probe: *const Probe, tail: Label) -> Result<(), EmitError> {
+    e.asm(|a| a.lea(rsp, qword_ptr(rsp + 8)))?;
+    e.call_label(tail);
+    // The unwinder hook recognises redirected slots by what they hold.
+    // SAFETY: the probe is alive forever and not yet reachable from any trampoline.
+    unsafe { &*probe }
+        .return_point
+        .store(e.ip(), std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// With `rdi` = the counters: count the exit and run the pack's return handler when the
+/// probe is enabled.
+fn emit_pack_exit_if_enabled(
+    e: &mut Emitter,
+    probe: *const Probe,
+    f: FastEntry,
+    x: PackExit,
+) -> Result<(), EmitError> {
+    let disabled = e.label();
+    e.asm(|a| a.test(byte_ptr(rdi + C_FLAGS), flags::ENABLED))?;
+    e.jcc_label(CC_E, disabled);
+    emit_count(e, rdi, C_EXITS, SCRATCH_RAX, RET_RAX)?;
+    emit_restore_return_scratch(e)?;
+    emit_pack_exit_call(e, probe, f, x)?;
+    e.bind(disabled);
+    Ok(())
+}
+
+/// With `rcx` = the real return address: put it back in the popped slot, restore the
+/// borrowed registers and return there.
+fn emit_return_to_caller(e: &mut Emitter) -> Result<(), EmitError> {
     e.asm(|a| a.mov(qword_ptr(rsp + RET_SLOT), rcx))?;
     emit_restore_return_scratch(e)?;
     e.asm(|a| {
         a.lea(rsp, qword_ptr(rsp + RET_SLOT))?;
         a.ret()
-    })?;
-    e.bind(general);
-    emit_restore_return_scratch(e)?;
-    e.jmp_preserving(f.exit_trampoline)?;
-    Ok(())
+    })
 }
 
 /// After a return, keep `rcx rdi r11` below `rsp` (the dead callee frame).
@@ -1111,60 +1179,81 @@ pub fn emit_offset(
     stolen: &Stolen,
     xs: XsaveInfo,
 ) -> Result<EntryTrampoline, JitError> {
-    let area = (xs.size as i32 + 63) & !63;
-    let (mask_lo, mask_hi) = (xs.mask as u32, (xs.mask >> 32) as u32);
     e.asm(|a| {
-        a.lea(rsp, qword_ptr(rsp - 128))?;
-        a.push(rax)?;
-        a.push(rax)?;
-        a.pushfq()?;
-        // The ABI wants the direction flag clear in the Rust code called; popfq restores
-        // the probed code's.
-        a.cld()?;
-        for r in PUSH_ORDER {
-            a.push(r)?;
-        }
-        a.mov(rbx, rsp)?;
-        a.lea(rax, qword_ptr(rbx + (ol::SIZE as i32 + 128)))?;
-        a.mov(qword_ptr(rbx + ol::RSP as i32), rax)?;
-        a.mov(rax, stolen.site)?;
-        a.mov(qword_ptr(rbx + ol::RIP as i32), rax)?;
-        a.lea(rsp, qword_ptr(rsp - area))?;
-        a.and(rsp, -64)?;
-        a.mov(qword_ptr(rbx + ol::XSAVE as i32), rsp)?;
-        // xrstor faults on non-zero reserved header bytes, and xsave only writes
-        // XSTATE_BV: clear the 64-byte header first.
-        for i in 0..8 {
-            a.mov(qword_ptr(rsp + (ol::XSAVE_XSTATE_BV as i32 + 8 * i)), 0)?;
-        }
-        a.mov(eax, mask_lo)?;
-        a.mov(edx, mask_hi)?;
-        a.xsave64(iced_x86::code_asm::ptr(rsp))?;
+        push_offset_context(a, stolen.site)?;
+        save_xstate(a, xs)?;
         a.mov(rdi, probe as u64)?;
         a.mov(rsi, rbx)
     })?;
     let on_offset = dispatch::on_offset as *const () as u64;
     let encoding = e.call(on_offset)?;
     e.asm(|a| {
-        a.mov(eax, mask_lo)?;
-        a.mov(edx, mask_hi)?;
-        a.xrstor64(iced_x86::code_asm::ptr(rsp))?;
-        a.mov(rsp, rbx)?;
-        for r in PUSH_ORDER.iter().rev() {
-            if *r == rsp {
-                a.lea(rsp, qword_ptr(rsp + 8))?;
-            } else {
-                a.pop(*r)?;
-            }
-        }
-        a.popfq()?;
-        a.lea(rsp, qword_ptr(rsp + (16 + 128)))
+        restore_xstate(a, xs)?;
+        pop_offset_context(a)
     })?;
     let relocated = emit_stolen(e, stolen)?;
     Ok(EntryTrampoline {
         encoding,
         relocated,
     })
+}
+
+/// Past the red zone, the [`OffsetContext`] of the probe at `site`, flags first; `rbx`
+/// points at it.
+fn push_offset_context(a: &mut CodeAssembler, site: u64) -> Result<(), iced_x86::IcedError> {
+    a.lea(rsp, qword_ptr(rsp - 128))?;
+    a.push(rax)?;
+    a.push(rax)?;
+    a.pushfq()?;
+    // The ABI wants the direction flag clear in the Rust code called; popfq restores
+    // the probed code's.
+    a.cld()?;
+    for r in PUSH_ORDER {
+        a.push(r)?;
+    }
+    a.mov(rbx, rsp)?;
+    a.lea(rax, qword_ptr(rbx + (ol::SIZE as i32 + 128)))?;
+    a.mov(qword_ptr(rbx + ol::RSP as i32), rax)?;
+    a.mov(rax, site)?;
+    a.mov(qword_ptr(rbx + ol::RIP as i32), rax)
+}
+
+/// Below the context (`rbx`), the vector state in an `xsave` area aligned to 64, its
+/// address in `ctx.xsave`.
+fn save_xstate(a: &mut CodeAssembler, xs: XsaveInfo) -> Result<(), iced_x86::IcedError> {
+    let area = (xs.size as i32 + 63) & !63;
+    a.lea(rsp, qword_ptr(rsp - area))?;
+    a.and(rsp, -64)?;
+    a.mov(qword_ptr(rbx + ol::XSAVE as i32), rsp)?;
+    // xrstor faults on non-zero reserved header bytes, and xsave only writes
+    // XSTATE_BV: clear the 64-byte header first.
+    for i in 0..8 {
+        a.mov(qword_ptr(rsp + (ol::XSAVE_XSTATE_BV as i32 + 8 * i)), 0)?;
+    }
+    a.mov(eax, xs.mask as u32)?;
+    a.mov(edx, (xs.mask >> 32) as u32)?;
+    a.xsave64(iced_x86::code_asm::ptr(rsp))
+}
+
+fn restore_xstate(a: &mut CodeAssembler, xs: XsaveInfo) -> Result<(), iced_x86::IcedError> {
+    a.mov(eax, xs.mask as u32)?;
+    a.mov(edx, (xs.mask >> 32) as u32)?;
+    a.xrstor64(iced_x86::code_asm::ptr(rsp))
+}
+
+/// Every register and the flags back from the context at `rbx` (as the handler left
+/// them), `rsp` back to the site's.
+fn pop_offset_context(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+    a.mov(rsp, rbx)?;
+    for r in PUSH_ORDER.iter().rev() {
+        if *r == rsp {
+            a.lea(rsp, qword_ptr(rsp + 8))?;
+        } else {
+            a.pop(*r)?;
+        }
+    }
+    a.popfq()?;
+    a.lea(rsp, qword_ptr(rsp + (16 + 128)))
 }
 
 /// Emit the stolen instructions, as the relocator rewrites them for this address, and

@@ -15,7 +15,7 @@
 use agent::relocator::{
     analyze, relocate, Function, Memory, ProbeKind, Refusal, SliceMemory, PATCH_LEN,
 };
-use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, Register};
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use proptest::prelude::*;
 
 /// Encoded instructions that real prologues start with, so that cases get past the
@@ -232,22 +232,41 @@ fn check_relocated(
     prop_assert_eq!(r.new_ip, new_ip);
     prop_assert_eq!(r.resume, stolen.resume());
     prop_assert_eq!(r.instruction_offsets.len(), stolen.instructions.len());
-    // A trailing call is rewritten as `push; mov; jmp`: checked on its own, the rest as
-    // the block before it.
-    let (n, end) = match r.call_jump {
-        Some(_) => {
+    // A trailing call, direct or indirect, is rewritten as `push; mov; jmp`: checked on
+    // its own, the rest as the block before it.
+    let last = stolen.instructions.last().unwrap();
+    let (n, end) = match (r.call_jump, last.code()) {
+        (Some(_), _) => {
             let off = *r.instruction_offsets.last().unwrap() as usize;
-            let call = stolen.instructions.last().unwrap();
-            prop_assert_eq!(call.mnemonic(), Mnemonic::Call);
+            prop_assert_eq!(last.mnemonic(), Mnemonic::Call);
             check_trailing_call(
                 &r.bytes[off..],
                 new_ip.wrapping_add(off as u64),
                 stolen.resume(),
-                call.near_branch_target(),
+                last.near_branch_target(),
             )?;
             (stolen.instructions.len() - 1, off)
         }
-        None => (stolen.instructions.len(), r.bytes.len()),
+        (None, Code::Call_rm64) => {
+            let off = *r.instruction_offsets.last().unwrap() as usize;
+            check_trailing_indirect_call(
+                &r.bytes[off..],
+                new_ip.wrapping_add(off as u64),
+                stolen.resume(),
+                last,
+            )?;
+            (stolen.instructions.len() - 1, off)
+        }
+        (None, _) => {
+            prop_assert!(
+                stolen
+                    .instructions
+                    .iter()
+                    .all(|i| i.mnemonic() != Mnemonic::Call),
+                "a stolen call was not rewritten"
+            );
+            (stolen.instructions.len(), r.bytes.len())
+        }
     };
     let (instructions, offsets) = (&stolen.instructions[..n], &r.instruction_offsets[..n]);
     let bytes = &r.bytes[..end];
@@ -302,6 +321,59 @@ fn check_relocated(
     Ok(())
 }
 
+/// `push imm32; mov dword [rsp+4], imm32` pushing `resume`, at the start of `out`.
+fn check_push_resume(out: &[Instruction], resume: u64) -> Result<(), TestCaseError> {
+    prop_assert!(out.len() >= 3, "{out:?}");
+    prop_assert_eq!(out[0].code(), Code::Pushq_imm32);
+    prop_assert_eq!(out[0].immediate32(), resume as u32);
+    prop_assert_eq!(out[1].code(), Code::Mov_rm32_imm32);
+    prop_assert_eq!(out[1].memory_base(), Register::RSP);
+    prop_assert_eq!(out[1].memory_displacement64(), 4);
+    prop_assert_eq!(out[1].immediate32(), (resume >> 32) as u32);
+    Ok(())
+}
+
+/// `push resume` then `jmp` through the operand of `call`, read after the push: the same
+/// register, the same absolute address relative to `rip`, 8 more relative to `rsp`, any
+/// other memory operand unchanged; nothing after it.
+fn check_trailing_indirect_call(
+    tail: &[u8],
+    ip: u64,
+    resume: u64,
+    call: &Instruction,
+) -> Result<(), TestCaseError> {
+    let out = decode(tail, ip);
+    check_push_resume(&out, resume)?;
+    prop_assert_eq!(out.len(), 3, "{:?}", out);
+    let jmp = &out[2];
+    prop_assert_eq!(jmp.code(), Code::Jmp_rm64);
+    prop_assert_eq!(jmp.next_ip(), ip + tail.len() as u64);
+    prop_assert_eq!(jmp.op0_kind(), call.op0_kind());
+    if call.op0_kind() == OpKind::Register {
+        prop_assert_eq!(jmp.op0_register(), call.op0_register());
+        return Ok(());
+    }
+    prop_assert_eq!(jmp.segment_prefix(), call.segment_prefix());
+    if call.is_ip_rel_memory_operand() {
+        prop_assert!(jmp.is_ip_rel_memory_operand());
+        prop_assert_eq!(jmp.ip_rel_memory_address(), call.ip_rel_memory_address());
+        return Ok(());
+    }
+    prop_assert_eq!(jmp.memory_base(), call.memory_base());
+    prop_assert_eq!(jmp.memory_index(), call.memory_index());
+    prop_assert_eq!(jmp.memory_index_scale(), call.memory_index_scale());
+    let shift = if call.memory_base() == Register::RSP {
+        8
+    } else {
+        0
+    };
+    prop_assert_eq!(
+        jmp.memory_displacement64(),
+        call.memory_displacement64().wrapping_add(shift)
+    );
+    Ok(())
+}
+
 /// `push imm32; mov dword [rsp+4], imm32; jmp` to `target`, rel32 or through the eight
 /// bytes after a `jmp [rip+0]`, pushing `resume`.
 fn check_trailing_call(
@@ -311,13 +383,7 @@ fn check_trailing_call(
     target: u64,
 ) -> Result<(), TestCaseError> {
     let out = decode(tail, ip);
-    prop_assert!(out.len() >= 3, "{out:?}");
-    prop_assert_eq!(out[0].code(), Code::Pushq_imm32);
-    prop_assert_eq!(out[0].immediate32(), resume as u32);
-    prop_assert_eq!(out[1].code(), Code::Mov_rm32_imm32);
-    prop_assert_eq!(out[1].memory_base(), Register::RSP);
-    prop_assert_eq!(out[1].memory_displacement64(), 4);
-    prop_assert_eq!(out[1].immediate32(), (resume >> 32) as u32);
+    check_push_resume(&out, resume)?;
     let jmp = &out[2];
     let jmp_end = (jmp.next_ip().wrapping_sub(ip)) as usize;
     match jmp.code() {

@@ -111,6 +111,17 @@ fn check(
     build: impl Fn(&mut CodeAssembler, u64, u64),
     inputs: &[[u64; 4]],
 ) -> usize {
+    check_with(far, data, build, |_, _| inputs.to_vec())
+}
+
+/// [`check`], the inputs made from the addresses of the function and of its data (the
+/// data page is executable too).
+fn check_with(
+    far: bool,
+    data: &[u8],
+    build: impl Fn(&mut CodeAssembler, u64, u64),
+    inputs: impl Fn(u64, u64) -> Vec<[u64; 4]>,
+) -> usize {
     let code_map = Mapping::anywhere(2 * PAGE);
     let func = code_map.addr;
     let data_addr = func + PAGE as u64;
@@ -120,6 +131,7 @@ fn check(
     assert!(code.len() < PAGE);
     code_map.write(func, &code);
     code_map.write(data_addr, data);
+    let inputs = &inputs(func, data_addr);
 
     let expected: Vec<u64> = inputs.iter().map(|&i| call(func, i)).collect();
 
@@ -237,6 +249,54 @@ fn trailing_call_returns_into_the_original_code() {
         },
         &INPUTS,
     );
+}
+
+/// Assembles a function whose code may refer to the helper at the given address.
+type Build<'a> = &'a dyn Fn(&mut CodeAssembler, u64);
+
+/// `mov rax, [rsp]; ret`: a callee that returns its own return address.
+const RETURN_ADDRESS: [u8; 5] = [0x48, 0x8b, 0x04, 0x24, 0xc3];
+
+/// A trailing indirect call, through a register, through `[rsp+8]` and through a slot
+/// relative to `rip`: its callee sees the return address of the original code (the
+/// results, that address, are compared with the unpatched function's).
+#[test]
+fn trailing_indirect_call_returns_into_the_original_code() {
+    let forms: [Build; 3] = [
+        &|a, _| {
+            a.sub(rsp, 8).unwrap();
+            a.call(rdi).unwrap();
+            a.add(rsp, 8).unwrap();
+            a.ret().unwrap();
+        },
+        &|a, _| {
+            // Read after the pushed return address, the operand would find the 0.
+            a.push(rdi).unwrap();
+            a.push(0).unwrap();
+            a.call(qword_ptr(rsp + 8)).unwrap();
+            a.add(rsp, 16).unwrap();
+            a.ret().unwrap();
+        },
+        &|a, helper| {
+            let mut slot = a.create_label();
+            a.sub(rsp, 8).unwrap();
+            a.call(qword_ptr(slot)).unwrap();
+            a.add(rsp, 8).unwrap();
+            a.ret().unwrap();
+            a.set_label(&mut slot).unwrap();
+            a.dq(&[helper]).unwrap();
+        },
+    ];
+    for form in forms {
+        for far in [false, true] {
+            check_with(
+                far,
+                &RETURN_ADDRESS,
+                |a, _, helper| form(a, helper),
+                |_, helper| vec![[helper, 0, 0, 0]],
+            );
+        }
+    }
 }
 
 #[test]

@@ -201,6 +201,68 @@ fn call_rel32_at_the_end_pushes_the_original_return_address() {
     assert!(!falls);
 }
 
+/// A trailing indirect call (`call reg`, `call [mem]`, as `gcc -fno-plt` emits for calls
+/// into other libraries) is rewritten like a direct one: `push` of the original return
+/// address, then a `jmp` through the same operand, so that the callee returns into the
+/// original code (its `__builtin_return_address`, backtraces and C++ unwinding see the
+/// probed function, not the trampoline).
+#[test]
+fn indirect_call_at_the_end_pushes_the_original_return_address() {
+    // A register operand is unchanged.
+    let falls = golden(
+        &[
+            "48 83 ec 08 ; sub rsp,8",
+            "ff d7 ; call rdi",
+            "48 83 c4 08 ; add rsp,8",
+            "c3 ; ret",
+        ],
+        NEAR,
+        &[
+            "48 83 ec 08 ; sub rsp,8",
+            "68 06 00 56 34 ; push 0x34560006",
+            "c7 44 24 04 12 7f 00 00 ; mov dword ptr [rsp+4],0x7f12",
+            "ff e7 ; jmp rdi",
+        ],
+    );
+    assert!(!falls);
+    // A memory operand relative to rsp reads 8 bytes higher after the push.
+    let falls = golden(
+        &[
+            "57 ; push rdi",
+            "6a 00 ; push 0",
+            "ff 54 24 08 ; call qword ptr [rsp+8]",
+            "48 83 c4 10 ; add rsp,0x10",
+            "c3 ; ret",
+        ],
+        NEAR,
+        &[
+            "57 ; push rdi",
+            "6a 00 ; push 0",
+            "68 07 00 56 34 ; push 0x34560007",
+            "c7 44 24 04 12 7f 00 00 ; mov dword ptr [rsp+4],0x7f12",
+            "ff 64 24 10 ; jmp qword ptr [rsp+0x10]",
+        ],
+    );
+    assert!(!falls);
+    // One relative to rip keeps its absolute address (the GOT slot).
+    let falls = golden(
+        &[
+            "48 83 ec 08 ; sub rsp,8",
+            "ff 15 f6 0f 00 00 ; call qword ptr [0x7f1234561000]",
+            "48 83 c4 08 ; add rsp,8",
+            "c3 ; ret",
+        ],
+        NEAR,
+        &[
+            "48 83 ec 08 ; sub rsp,8",
+            "68 0a 00 56 34 ; push 0x3456000a",
+            "c7 44 24 04 12 7f 00 00 ; mov dword ptr [rsp+4],0x7f12",
+            "ff 25 e9 0f 00 f0 ; jmp qword ptr [0x7f1234561000]",
+        ],
+    );
+    assert!(!falls);
+}
+
 #[test]
 fn endbr64_is_kept_in_place() {
     let code = assemble(
@@ -306,6 +368,22 @@ fn each_refusal_kind_with_its_message() {
                 "ec ff ff ff ; dd -20",
             ],
             "entry 0 of the jump table at 0x7f1234560016 used by the jump at 0x7f1234560013 goes to 0x7f1234560002, inside the bytes the patch would overwrite",
+        ),
+        (
+            &[
+                "ff d0 ; call rax",
+                "48 83 c4 08 ; add rsp,8",
+                "c3 ; ret",
+            ],
+            "the `call` at 0x7f1234560000 returns to 0x7f1234560002, inside the bytes the patch would overwrite",
+        ),
+        (
+            &[
+                "48 83 ec 08 ; sub rsp,8",
+                "ff 15 f6 0f 00 00 ; call qword ptr [0x7f1234561000]",
+                "c3 ; ret",
+            ],
+            "the instruction at 0x7f1234560004 refers to 0x7f1234561000, out of 32-bit reach from the trampoline at 0x7f1174560000; the trampoline must be within 2 GiB of the code",
         ),
         (
             &["48 8b 05 f9 07 00 00 ; mov rax,[0x7f1234560800]", "c3 ; ret"],

@@ -26,6 +26,11 @@ pub fn refusal_class(reason: &str) -> Class {
         ("has an indirect jump", "have indirect jumps")
     } else if has("out of 32-bit reach") {
         ("refers to code out of reach", "refer to code out of reach")
+    } else if has("returns to") && has("the patch would overwrite") {
+        (
+            "calls out before its first bytes end",
+            "call out before their first bytes end",
+        )
     } else if has("goes to") && has("the patch would overwrite") {
         (
             "branches into its first bytes",
@@ -165,6 +170,14 @@ mod tests {
                     stolen_end: 0x15,
                 },
                 "branches into its first bytes",
+            ),
+            (
+                Refusal::ReturnIntoStolen {
+                    address: 0x10,
+                    mnemonic: Mnemonic::Call,
+                    returns_to: 0x12,
+                },
+                "calls out before its first bytes end",
             ),
             (
                 Refusal::JumpTableIntoStolen {

@@ -5,7 +5,8 @@ use super::jump_table::check_indirect_jump;
 use super::memory::{read_back, read_window};
 use super::{Function, Memory, Refusal, NEIGHBOUR_WINDOW};
 use iced_x86::{
-    Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpKind,
+    Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic,
+    OpKind, Register,
 };
 use std::collections::HashSet;
 
@@ -31,6 +32,14 @@ pub(super) fn direct_target(ins: &Instruction) -> Option<u64> {
             )
         })
         .then(|| ins.near_branch_target())
+}
+
+/// Whether `ins` is a `call` of any form (not `syscall`, whose flow is also a call's).
+pub(super) fn is_call(ins: &Instruction) -> bool {
+    ins.is_call_near()
+        || ins.is_call_near_indirect()
+        || ins.is_call_far()
+        || ins.is_call_far_indirect()
 }
 
 pub(super) fn is_rip_relative(ins: &Instruction) -> bool {
@@ -102,9 +111,59 @@ pub(super) fn check_stolen(
                 return Err(branch_into(ins, target, range));
             }
         }
+        check_call(ins, range)?;
         check_rip_relative(ins, range)?;
     }
     Ok(())
+}
+
+/// A stolen `call` must be the last stolen instruction, since its callee returns to
+/// the next one, and an indirect one must have a form the rewrite (`push` of the
+/// original return address, `jmp` through the same operand) can express.
+pub(super) fn check_call(ins: &Instruction, range: Range) -> Result<(), Refusal> {
+    if !is_call(ins) {
+        return Ok(());
+    }
+    if range.strictly_inside(ins.next_ip()) {
+        return Err(Refusal::ReturnIntoStolen {
+            address: ins.ip(),
+            mnemonic: ins.mnemonic(),
+            returns_to: ins.next_ip(),
+        });
+    }
+    if !(ins.is_call_near_indirect() || ins.is_call_far_indirect()) {
+        return Ok(());
+    }
+    let unrelocatable = |reason| Refusal::Unrelocatable {
+        address: ins.ip(),
+        mnemonic: ins.mnemonic(),
+        reason,
+    };
+    if ins.code() != Code::Call_rm64 {
+        return Err(unrelocatable(
+            "only 64-bit near indirect calls are supported",
+        ));
+    }
+    match ins.op0_kind() {
+        OpKind::Register if ins.op0_register() == Register::RSP => {
+            Err(unrelocatable("it calls the stack pointer"))
+        }
+        OpKind::Memory if ins.memory_base() == Register::ESP => Err(unrelocatable(
+            "a 32-bit address relative to esp is not supported",
+        )),
+        OpKind::Memory
+            if ins.memory_base() == Register::RSP && rsp_displacement_after_push(ins).is_none() =>
+        {
+            Err(unrelocatable("its displacement from rsp is too large"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The displacement of `ins`'s memory operand, relative to `rsp`, once a return address
+/// has been pushed: 8 more, if that still fits in 32 bits.
+pub(super) fn rsp_displacement_after_push(ins: &Instruction) -> Option<i32> {
+    i32::try_from(ins.memory_displacement64() as i64 + 8).ok()
 }
 
 /// The refusal for a direct branch or call from `ins` to `target`, inside the stolen

@@ -62,44 +62,59 @@ pub(super) fn check_indirect_jump(
         }
         OpKind::Register => {
             let reg = jmp.op0_register().full_register();
-            let Some((def_idx, def)) = find_def(all, idx, reg, info) else {
-                return Ok(()); // case 4: defined far away, no table nearby.
-            };
-            match def {
-                Def::Write => {
-                    let d = &all[def_idx];
-                    if d.mnemonic() == Mnemonic::Lea && d.is_ip_rel_memory_operand() {
-                        // A direct target materialised in a register; case 1 already
-                        // refused it if it points strictly inside the stolen bytes.
-                        return Ok(());
-                    }
-                    if d.mnemonic() == Mnemonic::Mov
-                        && d.op0_kind() == OpKind::Register
-                        && d.op1_kind() == OpKind::Memory
-                        && d.memory_index() != Register::None
-                    {
-                        // Loaded from an indexed table of absolute pointers.
-                        let table = pointer_table(all, def_idx, info).ok_or_else(not_understood)?;
-                        return check_pointer_table(jmp.ip(), table, range, body, mem);
-                    }
-                    if d.mnemonic() == Mnemonic::Add {
-                        return check_pic_switch(all, idx, def_idx, range, body, mem, info)
-                            .ok_or_else(not_understood)?;
-                    }
-                    if (0..d.op_count()).any(|i| d.op_kind(i) == OpKind::Memory)
-                        && d.memory_index() != Register::None
-                    {
-                        // Some other indexed load feeds the jump: a table we do not
-                        // understand (case 3).
-                        return Err(not_understood());
-                    }
-                    Ok(())
+            match find_def(all, idx, reg, info) {
+                None => Ok(()), // case 4: defined far away, no table nearby.
+                Some((def_idx, Def::Write)) => {
+                    check_register_source(all, idx, def_idx, range, body, mem, info)
                 }
-                Def::Conditional => Err(not_understood()),
+                Some((_, Def::Conditional)) => Err(not_understood()),
             }
         }
         _ => Err(not_understood()),
     }
+}
+
+/// `jmp reg` at `idx`, `reg` last written by `all[def_idx]`: where that value comes from.
+fn check_register_source(
+    all: &[Instruction],
+    idx: usize,
+    def_idx: usize,
+    range: Range,
+    body: Range,
+    mem: &dyn Memory,
+    info: &mut InstructionInfoFactory,
+) -> Result<(), Refusal> {
+    let jmp = &all[idx];
+    let not_understood = || Refusal::IndirectJump {
+        address: jmp.ip(),
+        mnemonic: jmp.mnemonic(),
+    };
+    let d = &all[def_idx];
+    if d.mnemonic() == Mnemonic::Lea && d.is_ip_rel_memory_operand() {
+        // A direct target materialised in a register; case 1 already refused it if it
+        // points strictly inside the stolen bytes.
+        return Ok(());
+    }
+    if d.mnemonic() == Mnemonic::Mov
+        && d.op0_kind() == OpKind::Register
+        && d.op1_kind() == OpKind::Memory
+        && d.memory_index() != Register::None
+    {
+        // Loaded from an indexed table of absolute pointers.
+        let table = pointer_table(all, def_idx, info).ok_or_else(not_understood)?;
+        return check_pointer_table(jmp.ip(), table, range, body, mem);
+    }
+    if d.mnemonic() == Mnemonic::Add {
+        return check_pic_switch(all, idx, def_idx, range, body, mem, info)
+            .ok_or_else(not_understood)?;
+    }
+    if (0..d.op_count()).any(|i| d.op_kind(i) == OpKind::Memory)
+        && d.memory_index() != Register::None
+    {
+        // Some other indexed load feeds the jump: a table we do not understand (case 3).
+        return Err(not_understood());
+    }
+    Ok(())
 }
 
 enum Def {

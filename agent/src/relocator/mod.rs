@@ -107,9 +107,10 @@ pub struct Relocated {
     /// False when the last stolen instruction never falls through (`jmp`, `ret`, ...):
     /// the jump back is then unreachable, though harmless.
     pub falls_through: bool,
-    /// How a trailing `call`, rewritten as `push resume; jmp f`, jumps to `f`
+    /// How a trailing direct `call`, rewritten as `push resume; jmp f`, jumps to `f`
     /// ([`CallEncoding::Rel32`] or, beyond 2 GiB, [`CallEncoding::RipSlot`] with the
-    /// target inline); `None` without one.
+    /// target inline); `None` without one, and for an indirect one (its `jmp` goes
+    /// through the call's own operand).
     pub call_jump: Option<CallEncoding>,
 }
 

@@ -42,6 +42,13 @@ pub enum Refusal {
         stolen_start: u64,
         stolen_end: u64,
     },
+    /// A stolen `call` that is not the last stolen instruction: its callee would return
+    /// to `returns_to`, inside the bytes the patch overwrites (or into the trampoline).
+    ReturnIntoStolen {
+        address: u64,
+        mnemonic: Mnemonic,
+        returns_to: u64,
+    },
     /// A jump-table entry lands strictly inside the stolen bytes.
     JumpTableIntoStolen {
         jump: u64,
@@ -116,6 +123,11 @@ impl fmt::Display for Refusal {
             Refusal::BranchIntoStolen { from, mnemonic, target, stolen_start, stolen_end } => write!(
                 f,
                 "the `{}` at {from:#x} goes to {target:#x}, inside the bytes {stolen_start:#x}..{stolen_end:#x} the patch would overwrite",
+                mn(mnemonic)
+            ),
+            Refusal::ReturnIntoStolen { address, mnemonic, returns_to } => write!(
+                f,
+                "the `{}` at {address:#x} returns to {returns_to:#x}, inside the bytes the patch would overwrite",
                 mn(mnemonic)
             ),
             Refusal::JumpTableIntoStolen { jump, table, index, target } => write!(

@@ -716,3 +716,111 @@ fn self_memory_reads_and_reports_unmapped() {
     assert_eq!(b, v);
     assert!(!SelfMemory.read(8, &mut b));
 }
+
+/// `sub rsp, 8` then `tail`, then `add rsp, 8; ret`.
+fn after_sub_rsp(tail: &[u8]) -> Vec<u8> {
+    let mut code = vec![0x48, 0x83, 0xec, 0x08]; // sub rsp,8
+    code.extend_from_slice(tail);
+    code.extend_from_slice(&[0x48, 0x83, 0xc4, 0x08, 0xc3]); // add rsp,8 ; ret
+    code
+}
+
+#[test]
+fn trailing_call_through_rsp_reads_past_the_pushed_address() {
+    // ff 54 24 78 ; call qword ptr [rsp+0x78]
+    let s = sized(&after_sub_rsp(&[0xff, 0x54, 0x24, 0x78])).unwrap();
+    let new_ip = BASE + GIB;
+    let r = relocate(&s, new_ip).unwrap();
+    let out = decode_all(&r.bytes, new_ip);
+    let codes: Vec<Code> = out.iter().map(|i| i.code()).collect();
+    assert_eq!(
+        codes,
+        [
+            Code::Sub_rm64_imm8,
+            Code::Pushq_imm32,
+            Code::Mov_rm32_imm32,
+            Code::Jmp_rm64
+        ]
+    );
+    // ff a4 24 80 00 00 00 ; jmp qword ptr [rsp+0x80]: the displacement no longer fits
+    // in a byte.
+    assert_eq!(
+        r.bytes[r.bytes.len() - 7..],
+        [0xff, 0xa4, 0x24, 0x80, 0, 0, 0]
+    );
+    assert_eq!(out[3].memory_base(), Register::RSP);
+    assert_eq!(out[3].memory_displacement64(), 0x80);
+    assert_eq!(r.instruction_offsets, vec![0, 4]);
+    assert_eq!(
+        r.call_jump, None,
+        "the jump goes through the call's own operand"
+    );
+    assert!(!r.falls_through);
+}
+
+#[test]
+fn indirect_calls_the_rewrite_cannot_express_are_refused() {
+    let cases: [(&[u8], &str); 4] = [
+        // ff d4 ; call rsp
+        (&[0xff, 0xd4], "it calls the stack pointer"),
+        // 67 ff 54 24 08 ; call qword ptr [esp+8]
+        (
+            &[0x67, 0xff, 0x54, 0x24, 0x08],
+            "a 32-bit address relative to esp is not supported",
+        ),
+        // ff 94 24 fc ff ff 7f ; call qword ptr [rsp+0x7ffffffc]
+        (
+            &[0xff, 0x94, 0x24, 0xfc, 0xff, 0xff, 0x7f],
+            "its displacement from rsp is too large",
+        ),
+        // 48 ff 18 ; call far qword ptr [rax]
+        (
+            &[0x48, 0xff, 0x18],
+            "only 64-bit near indirect calls are supported",
+        ),
+    ];
+    for (tail, why) in cases {
+        match sized(&after_sub_rsp(tail)) {
+            Err(Refusal::Unrelocatable {
+                address, reason, ..
+            }) => assert_eq!((address, reason), (BASE + 4, why)),
+            other => panic!("{tail:02x?}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_call_before_the_last_stolen_instruction_is_refused() {
+    // ff d0 ; call rax      (returns to BASE+2, inside the patch)
+    // 48 83 c4 08 ; add rsp,8
+    // c3 ; ret
+    let code = [0xff, 0xd0, 0x48, 0x83, 0xc4, 0x08, 0xc3];
+    let expected = Refusal::ReturnIntoStolen {
+        address: BASE,
+        mnemonic: Mnemonic::Call,
+        returns_to: BASE + 2,
+    };
+    assert_eq!(sized(&code).unwrap_err(), expected);
+    // The same at an offset probe: 31 c0 ; xor eax,eax, then the call.
+    let mut code = vec![0x31, 0xc0];
+    code.extend_from_slice(&[0xff, 0xd0, 0x48, 0x83, 0xc4, 0x08, 0xc3]);
+    let mem = SliceMemory {
+        base: BASE,
+        bytes: &code,
+    };
+    let func = Function {
+        address: BASE,
+        size: Some(code.len() as u64),
+    };
+    match analyze(&func, BASE + 2, ProbeKind::Offset, &mem) {
+        Err(Refusal::ReturnIntoStolen { returns_to, .. }) => assert_eq!(returns_to, BASE + 4),
+        other => panic!("{other:?}"),
+    }
+    // A stolen set built by hand is refused by the rewrite too.
+    let mut s = sized(&after_sub_rsp(&[0xff, 0xd0])).unwrap();
+    s.instructions.swap(0, 1);
+    assert!(matches!(
+        relocate(&s, BASE + GIB),
+        Err(Refusal::ReturnIntoStolen { .. })
+    ));
+}
