@@ -407,46 +407,14 @@ fn choose_hijacked_thread(
         if !proc.all_stopped() {
             proc.stop_all()?;
         }
-        let mut best: Option<(Place, i32)> = None;
-        for tid in proc.threads() {
-            let p = classify(proc, tid, unsafe_ranges)?;
-            if best.is_none_or(|(b, _)| p < b) {
-                best = Some((p, tid));
-            }
-        }
-        match best {
-            Some((p, tid)) if p != Place::InsideLibc => return Ok(tid),
-            None => {
-                return Err(AttachError::Exited {
-                    pid: proc.pid(),
-                    status: proc.exit_status(),
-                }
-                .into())
-            }
-            _ => {}
+        if let Some(tid) = thread_outside_libc(proc, unsafe_ranges)? {
+            return Ok(tid);
         }
         // Everything runs inside libc. Let each thread alone run back to its caller
         // outside libc (a lock it waits for sends it to sleep: also fine); failing that,
         // walk it out one step at a time.
-        let exec: Vec<(u64, u64)> = maps::read_pid(proc.pid())
-            .map_err(|error| InjectError::Maps {
-                pid: proc.pid(),
-                error,
-            })?
-            .iter()
-            .filter(|m| m.perms.exec)
-            .map(|m| (m.start, m.end))
-            .collect();
-        for tid in proc.threads() {
-            if !proc.threads().contains(&tid) {
-                continue;
-            }
-            run_to_caller(proc, tid, unsafe_ranges, &exec, RUN_TO_CALLER_WAIT)?;
-            if proc.threads().contains(&tid)
-                && classify(proc, tid, unsafe_ranges)? != Place::InsideLibc
-            {
-                return Ok(tid);
-            }
+        if let Some(tid) = run_one_to_its_caller(proc, unsafe_ranges)? {
+            return Ok(tid);
         }
         for tid in proc.threads() {
             if let Some(tid) = step_out_of_libc(proc, tid, unsafe_ranges, deadline)? {
@@ -462,6 +430,57 @@ fn choose_hijacked_thread(
         resume_others(proc, None)?;
         proc.service(Duration::from_millis(1))?;
     }
+}
+
+/// The stopped thread best placed to run `pthread_create`, if one is outside libc.
+fn thread_outside_libc(
+    proc: &mut Process,
+    unsafe_ranges: &[(u64, u64)],
+) -> Result<Option<i32>, InjectError> {
+    let mut best: Option<(Place, i32)> = None;
+    for tid in proc.threads() {
+        let p = classify(proc, tid, unsafe_ranges)?;
+        if best.is_none_or(|(b, _)| p < b) {
+            best = Some((p, tid));
+        }
+    }
+    match best {
+        Some((p, tid)) if p != Place::InsideLibc => Ok(Some(tid)),
+        Some(_) => Ok(None),
+        None => Err(AttachError::Exited {
+            pid: proc.pid(),
+            status: proc.exit_status(),
+        }
+        .into()),
+    }
+}
+
+/// Lets each thread in turn run alone back to its caller; the first that comes out of
+/// libc.
+fn run_one_to_its_caller(
+    proc: &mut Process,
+    unsafe_ranges: &[(u64, u64)],
+) -> Result<Option<i32>, InjectError> {
+    let exec: Vec<(u64, u64)> = maps::read_pid(proc.pid())
+        .map_err(|error| InjectError::Maps {
+            pid: proc.pid(),
+            error,
+        })?
+        .iter()
+        .filter(|m| m.perms.exec)
+        .map(|m| (m.start, m.end))
+        .collect();
+    for tid in proc.threads() {
+        if !proc.threads().contains(&tid) {
+            continue;
+        }
+        run_to_caller(proc, tid, unsafe_ranges, &exec, RUN_TO_CALLER_WAIT)?;
+        if proc.threads().contains(&tid) && classify(proc, tid, unsafe_ranges)? != Place::InsideLibc
+        {
+            return Ok(Some(tid));
+        }
+    }
+    Ok(None)
 }
 
 /// Single-steps `tid` until it is outside libc or asleep in a system call; Some(tid) then.
@@ -702,73 +721,19 @@ fn spawn(
     deadline: Instant,
     timeout: Duration,
 ) -> Result<i32, InjectError> {
-    let next =
-        current_slot(proc, base).map_or(0, |s| (s - base - CTL - SLOTS) / SLOT_LEN + 1) % NSLOTS;
-    let slot = base + CTL + SLOTS + next * SLOT_LEN;
-    let mem = |addr| move |error| RemoteCallError::Memory { addr, error };
-    let mut init = [0u8; SLOT_LEN as usize];
-    let detach_fn = SLOT_DETACH_FN as usize;
-    init[detach_fn..detach_fn + 8].copy_from_slice(&fns.pthread_detach.to_le_bytes());
-    let detach_rc = SLOT_DETACH_RC as usize;
-    init[detach_rc..detach_rc + 4].copy_from_slice(&DETACH_NOT_RUN.to_le_bytes());
-    proc.write_memory(slot, &init).map_err(mem(slot))?;
-    proc.write_memory(base + CTL, &(next as u32).to_le_bytes())
-        .map_err(mem(base + CTL))?;
+    let slot = claim_slot(proc, fns, base)?;
     crate::timings::time("  scratch page made", || {
         remote_call::ensure_scratch(proc, hijack)
     })?;
     let remaining = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(500));
-    let opts = remote_call::CallOptions {
-        timeout: remaining,
-        block_signals: true,
-        release_others_after: Some(RELEASE_OTHERS_AFTER),
-    };
-    let rc = crate::timings::time("  pthread_create call", || {
-        remote_call::call_with(
-            proc,
-            hijack,
-            fns.pthread_create,
-            &[slot + SLOT_PTHREAD, 0, base, slot],
-            opts,
-        )
-    });
-    let created = match rc {
-        Ok(0) => Ok(()),
-        Ok(errno) => Err(InjectError::ThreadCreate {
-            errno: Errno::from_raw(errno as i32),
-        }),
-        Err(e) => Err(e.into()),
-    };
-    if let Err(e) = created {
+    if let Err(e) = create_thread(proc, fns, hijack, base, slot, remaining) {
         let _ = proc.stop_all();
         return Err(e);
     }
-    // The new thread runs to its park loop (it takes no lock on the way); its first stop is
-    // serviced like any new thread's.
-    // Parking is a store to memory, not a ptrace event: look often at first (it takes
-    // microseconds once the thread's first stop is serviced), less so later.
-    let mut nap = Duration::from_micros(10);
     let waited = Instant::now();
-    let parked_tid = loop {
-        let (state, tid) = read_slot(proc, slot)?;
-        if state == STATE_PARKED && proc.threads().contains(&tid) {
-            break Some(tid);
-        }
-        if Instant::now() >= deadline {
-            break None;
-        }
-        std::thread::sleep(nap);
-        nap = (nap * 2).min(Duration::from_millis(1));
-        if proc.service(Duration::ZERO)?.is_some() {
-            return Err(AttachError::Exited {
-                pid: proc.pid(),
-                status: proc.exit_status(),
-            }
-            .into());
-        }
-    };
+    let parked_tid = wait_parked(proc, slot, deadline)?;
     proc.stop_all()?;
     crate::timings::add("  parked and stopped", waited.elapsed());
     let tid = match parked_tid {
@@ -780,21 +745,118 @@ fn spawn(
             })
         }
     };
+    detach_thread(proc, fns, tid, slot, remaining)?;
+    Ok(tid)
+}
+
+fn slot_memory(addr: u64) -> impl FnOnce(std::io::Error) -> RemoteCallError {
+    move |error| RemoteCallError::Memory { addr, error }
+}
+
+/// Takes the park page's next slot for a new thread: `pthread_detach`'s address in it,
+/// its detach result marked not run, and the page's control word pointing at it.
+fn claim_slot(proc: &mut Process, fns: &LibcFunctions, base: u64) -> Result<u64, InjectError> {
+    let next =
+        current_slot(proc, base).map_or(0, |s| (s - base - CTL - SLOTS) / SLOT_LEN + 1) % NSLOTS;
+    let slot = base + CTL + SLOTS + next * SLOT_LEN;
+    let mut init = [0u8; SLOT_LEN as usize];
+    let detach_fn = SLOT_DETACH_FN as usize;
+    init[detach_fn..detach_fn + 8].copy_from_slice(&fns.pthread_detach.to_le_bytes());
+    let detach_rc = SLOT_DETACH_RC as usize;
+    init[detach_rc..detach_rc + 4].copy_from_slice(&DETACH_NOT_RUN.to_le_bytes());
+    proc.write_memory(slot, &init).map_err(slot_memory(slot))?;
+    proc.write_memory(base + CTL, &(next as u32).to_le_bytes())
+        .map_err(slot_memory(base + CTL))?;
+    Ok(slot)
+}
+
+/// Calls `pthread_create` on `hijack` for a thread that starts in the park loop with
+/// `slot` as its argument, the other threads released while it runs.
+fn create_thread(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    hijack: i32,
+    base: u64,
+    slot: u64,
+    timeout: Duration,
+) -> Result<(), InjectError> {
+    let opts = remote_call::CallOptions {
+        timeout,
+        block_signals: true,
+        release_others_after: Some(RELEASE_OTHERS_AFTER),
+    };
+    let rc = crate::timings::time("  pthread_create call", || {
+        remote_call::call_with(
+            proc,
+            hijack,
+            fns.pthread_create,
+            &[slot + SLOT_PTHREAD, 0, base, slot],
+            opts,
+        )
+    })?;
+    match rc {
+        0 => Ok(()),
+        errno => Err(InjectError::ThreadCreate {
+            errno: Errno::from_raw(errno as i32),
+        }),
+    }
+}
+
+/// The new thread's id once it has parked in `slot`, or None at the deadline.
+///
+/// The new thread runs to its park loop (it takes no lock on the way); its first stop is
+/// serviced like any new thread's. Parking is a store to memory, not a ptrace event: look
+/// often at first (it takes microseconds once the thread's first stop is serviced), less
+/// so later.
+fn wait_parked(
+    proc: &mut Process,
+    slot: u64,
+    deadline: Instant,
+) -> Result<Option<i32>, InjectError> {
+    let mut nap = Duration::from_micros(10);
+    loop {
+        let (state, tid) = read_slot(proc, slot)?;
+        if state == STATE_PARKED && proc.threads().contains(&tid) {
+            return Ok(Some(tid));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(1));
+        if proc.service(Duration::ZERO)?.is_some() {
+            return Err(AttachError::Exited {
+                pid: proc.pid(),
+                status: proc.exit_status(),
+            }
+            .into());
+        }
+    }
+}
+
+/// Detaches the parked thread `tid` unless it already did so itself (its slot says).
+fn detach_thread(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    tid: i32,
+    slot: u64,
+    timeout: Duration,
+) -> Result<(), InjectError> {
     let mut rc = [0u8; 4];
     proc.read_memory(slot + SLOT_DETACH_RC, &mut rc)
-        .map_err(mem(slot + SLOT_DETACH_RC))?;
+        .map_err(slot_memory(slot + SLOT_DETACH_RC))?;
     let rc = match u32::from_le_bytes(rc) {
         DETACH_NOT_RUN => {
             let mut pthread = [0u8; 8];
             proc.read_memory(slot + SLOT_PTHREAD, &mut pthread)
-                .map_err(mem(slot + SLOT_PTHREAD))?;
+                .map_err(slot_memory(slot + SLOT_PTHREAD))?;
             // pthread_detach takes no lock: the other threads may stay stopped.
             remote_call::call(
                 proc,
                 tid,
                 fns.pthread_detach,
                 &[u64::from_le_bytes(pthread)],
-                remaining,
+                timeout,
             )?
         }
         rc => u64::from(rc),
@@ -804,5 +866,5 @@ fn spawn(
             errno: Errno::from_raw(rc as i32),
         });
     }
-    Ok(tid)
+    Ok(())
 }

@@ -439,16 +439,7 @@ fn install(
         true => resolve_some(&args.probe, &modules),
         false => resolve(&args.probe, &modules),
     })?;
-    let sites = match pack {
-        Some(p) => {
-            let (sites, notes) = tracer::pack::load::resolve(p, &modules)?;
-            for n in notes {
-                eprintln!("tracer: note: {n}");
-            }
-            sites
-        }
-        None => Vec::new(),
-    };
+    let sites = pack_sites(pack, &modules)?;
     let pack_request = pack.map(|pack| PackRequest {
         pack,
         sites: &sites,
@@ -466,14 +457,7 @@ fn install(
         args.timed(),
         builtin,
     )?;
-    if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(proc.pid())) {
-        let n = session.installed().len().max(1) as u64;
-        timings::figure("target RSS added (KiB)", after.saturating_sub(before));
-        timings::figure(
-            "target RSS added per probe (bytes)",
-            after.saturating_sub(before) * 1024 / n,
-        );
-    }
+    record_rss_added(proc.pid(), rss_before, &session);
     let lines = timings::time("refusal summary", || {
         refusal_lines(&session, &probes, &modules, args.verbose)
     });
@@ -485,6 +469,33 @@ fn install(
         None => None,
     };
     Ok((session, running))
+}
+
+/// Where the pack's probes go in this process (none without a pack), its notes said.
+fn pack_sites(
+    pack: Option<&Pack>,
+    modules: &ProcessModules,
+) -> Result<Vec<tracer::pack::load::PackSite>, CliError> {
+    let Some(p) = pack else {
+        return Ok(Vec::new());
+    };
+    let (sites, notes) = tracer::pack::load::resolve(p, modules)?;
+    for n in notes {
+        eprintln!("tracer: note: {n}");
+    }
+    Ok(sites)
+}
+
+/// For `--timings`: what the session added to the target's resident memory.
+fn record_rss_added(pid: i32, rss_before: Option<u64>, session: &Session) {
+    if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(pid)) {
+        let n = session.installed().len().max(1) as u64;
+        timings::figure("target RSS added (KiB)", after.saturating_sub(before));
+        timings::figure(
+            "target RSS added per probe (bytes)",
+            after.saturating_sub(before) * 1024 / n,
+        );
+    }
 }
 
 /// `label: only entries are probed: why` notes, as (label, why).
@@ -504,8 +515,19 @@ fn refusal_lines(
     modules: &ProcessModules,
     verbose: bool,
 ) -> Vec<String> {
-    // The labels of the probes that come from a spec with no glob.
-    let exact: std::collections::HashSet<String> = probes
+    let exact = exact_labels(probes, modules);
+    let in_full = |label: &str| verbose || exact.contains(label);
+    let mut lines = note_lines(session, &in_full);
+    lines.extend(refused_lines(session, &in_full, probes.len()));
+    lines
+}
+
+/// The labels of the probes that come from a spec with no glob.
+fn exact_labels(
+    probes: &[ResolvedProbe],
+    modules: &ProcessModules,
+) -> std::collections::HashSet<String> {
+    probes
         .iter()
         .filter(|p| {
             ProbeSpec::parse(&p.spec_text).is_ok_and(|s| {
@@ -513,14 +535,21 @@ fn refusal_lines(
             })
         })
         .map(|p| tracer::session::label(p, modules))
-        .collect();
-    let named_exactly = |label: &str| exact.contains(label);
-    let shown = |t: &str| tracer::names::demangle_in_text(t).into_owned();
+        .collect()
+}
+
+fn shown(t: &str) -> String {
+    tracer::names::demangle_in_text(t).into_owned()
+}
+
+/// The session's notes: each in full, except entries-only notes of probes not to be
+/// said `in_full`, which are summed by reason (a single one said in full).
+fn note_lines(session: &Session, in_full: &dyn Fn(&str) -> bool) -> Vec<String> {
     let mut lines = Vec::new();
     let mut summed_notes = Vec::new();
     for n in session.notes() {
         match n.split_once(": only entries are probed: ") {
-            Some((l, why)) if !verbose && !named_exactly(l) => summed_notes.push(why),
+            Some((l, why)) if !in_full(l) => summed_notes.push(why),
             _ => lines.push(format!("note: {}", shown(n))),
         }
     }
@@ -528,7 +557,7 @@ fn refusal_lines(
         [] => {}
         [_] => lines.extend(
             entries_only_notes(session)
-                .filter(|(l, _)| !named_exactly(l))
+                .filter(|(l, _)| !in_full(l))
                 .map(|(l, why)| format!("note: {}: only entries are probed: {why}", shown(l))),
         ),
         whys => lines.push(format!(
@@ -536,6 +565,12 @@ fn refusal_lines(
             tracer::refusals::entries_only_line(whys)
         )),
     }
+    lines
+}
+
+/// The refused probes: each said `in_full` on its line, the others summed by reason (a
+/// single one said in full) out of `asked` probes.
+fn refused_lines(session: &Session, in_full: &dyn Fn(&str) -> bool, asked: usize) -> Vec<String> {
     let one = |r: &tracer::session::NotInstalled| {
         format!(
             "not probing {} at {:#x}: {}",
@@ -544,9 +579,10 @@ fn refusal_lines(
             shown(&r.reason)
         )
     };
+    let mut lines = Vec::new();
     let mut summed = Vec::new();
     for r in session.refused() {
-        if verbose || named_exactly(&r.label) {
+        if in_full(&r.label) {
             lines.push(one(r));
         } else {
             summed.push(r);
@@ -557,7 +593,7 @@ fn refusal_lines(
         [r] => lines.push(one(r)),
         many => {
             let reasons: Vec<&str> = many.iter().map(|r| r.reason.as_str()).collect();
-            lines.push(tracer::refusals::refusals_line(&reasons, probes.len()));
+            lines.push(tracer::refusals::refusals_line(&reasons, asked));
         }
     }
     lines
@@ -790,12 +826,7 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     let say_live =
         || eprintln!("tracer: {n} probe(s) live in {pid}; Ctrl-C (or SIGTERM) to remove them");
     let deadline = duration.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
-    let stop_now = deadline.is_some_and(|d| Instant::now() >= d)
-        || signals
-            .take()
-            .map_err(step("cannot read signals"))?
-            .is_some();
-    if stop_now {
+    if stop_at_once(deadline, &signals)? {
         // `--duration 0`, or a signal during set-up: remove the probes while still
         // attached rather than detach and come back.
         say_live();
@@ -826,6 +857,16 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
         sink.write(args, &maps, &session, Some((pid, &comm)))
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether the session ends before the target runs on: `--duration` already over, or a
+/// stopping signal came during set-up.
+fn stop_at_once(deadline: Option<Instant>, signals: &SignalFd) -> Result<bool, CliError> {
+    Ok(deadline.is_some_and(|d| Instant::now() >= d)
+        || signals
+            .take()
+            .map_err(step("cannot read signals"))?
+            .is_some())
 }
 
 /// The attached target's probes in place, its pack's events flowing and a pidfd to wait

@@ -415,12 +415,7 @@ fn run_until_pad(
         })?;
     }
     let deadline = Instant::now() + opts.timeout;
-    ptrace::cont(Pid::from_raw(tid), None).map_err(|errno| AttachError::Ptrace {
-        tid,
-        op: "PTRACE_CONT",
-        errno,
-    })?;
-    mark_running(proc, tid);
+    resume(proc, tid)?;
     let mut release_at = opts.release_others_after.map(|d| Instant::now() + d);
     loop {
         let until = release_at.map_or(deadline, |r| r.min(deadline));
@@ -430,72 +425,108 @@ fn run_until_pad(
                 crate::agent_thread::resume_others(proc, Some(tid))?;
                 continue;
             }
-            // Time-out: bring the thread back to a stop so that its state can be restored.
-            ptrace::interrupt(Pid::from_raw(tid)).map_err(|errno| AttachError::Ptrace {
-                tid,
-                op: "PTRACE_INTERRUPT",
-                errno,
-            })?;
-            if wait_stop(proc, tid, Some(Instant::now() + SYSCALL_TIMEOUT))?.is_none() {
-                return Err(RemoteCallError::Lost {
-                    tid,
-                    step: "no stop after PTRACE_INTERRUPT",
-                    error: None,
-                });
-            }
-            take_pending_if(proc, tid, |_| false);
-            return Err(RemoteCallError::Timeout {
-                tid,
-                function,
-                timeout: opts.timeout,
-            });
+            return Err(interrupt_timed_out(proc, tid, function, opts.timeout));
         };
-        let rip = proc.regs(tid)?.rip;
-        match st {
-            WaitStatus::Stopped(_, Signal::SIGTRAP) if rip == pad + 1 => {
-                take_pending_if(proc, tid, |s| s == Signal::SIGTRAP);
-                return Ok(proc.regs(tid)?.rax);
-            }
-            WaitStatus::Stopped(_, sig)
-                if matches!(
-                    sig,
-                    Signal::SIGSEGV
-                        | Signal::SIGBUS
-                        | Signal::SIGILL
-                        | Signal::SIGFPE
-                        | Signal::SIGTRAP
-                        // The called function gave up (abort, a failed assertion): it is
-                        // our call that failed, not the target, which must not die of it.
-                        | Signal::SIGABRT
-                ) =>
-            {
-                take_pending_if(proc, tid, |s| s == sig);
-                if sig == Signal::SIGTRAP {
-                    return Err(RemoteCallError::UnexpectedStop {
-                        tid,
-                        rip,
-                        expected: pad + 1,
-                    });
-                }
-                return Err(RemoteCallError::Crashed {
-                    tid,
-                    function,
-                    signal: sig,
-                    rip,
-                });
-            }
-            _ => {
-                // A signal (kept pending for later), a spurious job-control trap, a clone or
-                // a group-stop: carry on with the call.
-                ptrace::cont(Pid::from_raw(tid), None).map_err(|errno| AttachError::Ptrace {
-                    tid,
-                    op: "PTRACE_CONT",
-                    errno,
-                })?;
-                mark_running(proc, tid);
-            }
+        match call_stop(proc, tid, st, pad, function)? {
+            Some(value) => return Ok(value),
+            // A signal (kept pending for later), a spurious job-control trap, a clone or
+            // a group-stop: carry on with the call.
+            None => resume(proc, tid)?,
         }
     }
+}
+
+/// Continues the stopped thread `tid`.
+fn resume(proc: &mut Process, tid: i32) -> Result<(), RemoteCallError> {
+    ptrace::cont(Pid::from_raw(tid), None).map_err(|errno| AttachError::Ptrace {
+        tid,
+        op: "PTRACE_CONT",
+        errno,
+    })?;
+    mark_running(proc, tid);
+    Ok(())
+}
+
+/// Brings a call that ran out of time back to a stop, so that its state can be
+/// restored; the error to return.
+fn interrupt_timed_out(
+    proc: &mut Process,
+    tid: i32,
+    function: u64,
+    timeout: Duration,
+) -> RemoteCallError {
+    if let Err(errno) = ptrace::interrupt(Pid::from_raw(tid)) {
+        return AttachError::Ptrace {
+            tid,
+            op: "PTRACE_INTERRUPT",
+            errno,
+        }
+        .into();
+    }
+    match wait_stop(proc, tid, Some(Instant::now() + SYSCALL_TIMEOUT)) {
+        Err(e) => return e,
+        Ok(None) => {
+            return RemoteCallError::Lost {
+                tid,
+                step: "no stop after PTRACE_INTERRUPT",
+                error: None,
+            }
+        }
+        Ok(Some(_)) => {}
+    }
+    take_pending_if(proc, tid, |_| false);
+    RemoteCallError::Timeout {
+        tid,
+        function,
+        timeout,
+    }
+}
+
+/// What a stop of the called thread means: the call's result when it trapped at
+/// `pad + 1`, an error when it crashed or trapped elsewhere, None when the call goes on.
+fn call_stop(
+    proc: &mut Process,
+    tid: i32,
+    st: WaitStatus,
+    pad: u64,
+    function: u64,
+) -> Result<Option<u64>, RemoteCallError> {
+    let rip = proc.regs(tid)?.rip;
+    let sig = match st {
+        WaitStatus::Stopped(_, Signal::SIGTRAP) if rip == pad + 1 => {
+            take_pending_if(proc, tid, |s| s == Signal::SIGTRAP);
+            return Ok(Some(proc.regs(tid)?.rax));
+        }
+        WaitStatus::Stopped(_, sig) => sig,
+        _ => return Ok(None),
+    };
+    if !matches!(
+        sig,
+        Signal::SIGSEGV
+            | Signal::SIGBUS
+            | Signal::SIGILL
+            | Signal::SIGFPE
+            | Signal::SIGTRAP
+            // The called function gave up (abort, a failed assertion): it is
+            // our call that failed, not the target, which must not die of it.
+            | Signal::SIGABRT
+    ) {
+        return Ok(None);
+    }
+    take_pending_if(proc, tid, |s| s == sig);
+    if sig == Signal::SIGTRAP {
+        return Err(RemoteCallError::UnexpectedStop {
+            tid,
+            rip,
+            expected: pad + 1,
+        });
+    }
+    Err(RemoteCallError::Crashed {
+        tid,
+        function,
+        signal: sig,
+        rip,
+    })
 }
 
 /// Drops the thread's pending signal if `pred` says it was caused by us.
@@ -566,34 +597,9 @@ fn syscall_at(
     let mut saved = save_state(proc, tid)?;
     let (addr, original) = match at {
         Some(a) => (a, None),
-        None => {
-            if !proc.all_stopped() {
-                return Err(AttachError::Ptrace {
-                    tid,
-                    op: "remote syscall without scratch page while threads run",
-                    errno: Errno::EBUSY,
-                }
-                .into());
-            }
-            let a = saved.regs.rip;
-            let mut orig = [0u8; 3];
-            proc.read_memory(a, &mut orig).map_err(mem_err(a))?;
-            proc.write_memory(a, &[0x0f, 0x05, 0xcc])
-                .map_err(mem_err(a))?;
-            (a, Some(orig))
-        }
+        None => write_syscall_at_rip(proc, tid, saved.regs.rip)?,
     };
-    let mut r = saved.regs;
-    r.orig_rax = u64::MAX;
-    r.rip = addr;
-    r.rax = nr as u64;
-    r.eflags &= !0x100;
-    let slots = [
-        &mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.r10, &mut r.r8, &mut r.r9,
-    ];
-    for (slot, &a) in slots.into_iter().zip(args) {
-        *slot = a;
-    }
+    let r = syscall_regs(&saved.regs, addr, nr, args);
     // The int3 after `syscall` is at addr + 2; the trap reports rip = addr + 3.
     let opts = CallOptions {
         timeout: SYSCALL_TIMEOUT,
@@ -618,6 +624,45 @@ fn syscall_at(
         return Err(e);
     }
     Ok(value as i64)
+}
+
+/// Writes `syscall; int3` over the code at `rip` (only with every thread stopped, so no
+/// other runs it meanwhile); where, and the bytes to put back.
+fn write_syscall_at_rip(
+    proc: &mut Process,
+    tid: i32,
+    rip: u64,
+) -> Result<(u64, Option<[u8; 3]>), RemoteCallError> {
+    if !proc.all_stopped() {
+        return Err(AttachError::Ptrace {
+            tid,
+            op: "remote syscall without scratch page while threads run",
+            errno: Errno::EBUSY,
+        }
+        .into());
+    }
+    let mut orig = [0u8; 3];
+    proc.read_memory(rip, &mut orig).map_err(mem_err(rip))?;
+    proc.write_memory(rip, &[0x0f, 0x05, 0xcc])
+        .map_err(mem_err(rip))?;
+    Ok((rip, Some(orig)))
+}
+
+/// `regs` set for system call `nr` with `args` at `addr`, outside any system call to
+/// restart and with no trap flag.
+fn syscall_regs(regs: &Regs, addr: u64, nr: i64, args: &[u64]) -> Regs {
+    let mut r = *regs;
+    r.orig_rax = u64::MAX;
+    r.rip = addr;
+    r.rax = nr as u64;
+    r.eflags &= !0x100;
+    let slots = [
+        &mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.r10, &mut r.r8, &mut r.r9,
+    ];
+    for (slot, &a) in slots.into_iter().zip(args) {
+        *slot = a;
+    }
+    r
 }
 
 /// A stopped thread, `prefer` if it qualifies, whose `rip` lies in a private mapping: a

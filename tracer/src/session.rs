@@ -282,10 +282,6 @@ impl Session {
             SessionLock::take(proc.pid(), agent.info.shared_fd).map_err(SessionError::Lock)?;
         // Patches a killed tracer left in the code: this session takes them over.
         let mut adopted = agent.adoptable(proc)?;
-        let left = adopted
-            .iter()
-            .filter(|a| a.flags & result_flags::INTERNAL == 0)
-            .count();
         let (pack_region, shims) = match &pack {
             Some(pr) => {
                 let (res, shims) =
@@ -294,61 +290,19 @@ impl Session {
             }
             None => (None, Vec::new()),
         };
-        let actions = match builtin {
-            Some(b) => b.start(&mut |symbol, input, n, out_len| {
-                let f = agent.base + agent_calls::agent_symbol(symbol)?;
-                agent_calls::call_with_buffers(proc, &agent.fns, f, input, n, out_len)
-            })?,
-            None => (0, 0),
-        };
+        let actions = Self::start_builtin(proc, &agent, builtin)?;
         let (sites, pack_counts) = install::sites(pack.as_ref(), &shims, probes, modules, actions);
-        // IFUNC symbols name resolvers: ask the target's loader what they resolved to,
-        // all in one call.
-        let ifuncs = timings::time("IFUNC resolution", || {
-            agent_calls::resolve_ifuncs(
-                proc,
-                &agent.fns,
-                agent.resolve,
-                &install::ifunc_names(&sites),
-            )
-        })?;
-        let mut req = install::requests(&sites, ifuncs, modules, exit, pack_counts, latency_shim);
-        let rss_before = timings::enabled()
-            .then(|| timings::rss_kib(proc.pid()))
-            .flatten();
-        let results = timings::time("prepare (remote)", || {
-            agent_calls::prepare_remote(proc, &agent.fns, agent.prepare, &req.requests)
-        })?;
-        install::record_trampoline_spacing(&results);
-        install::record_probe_memory(proc.pid(), rss_before, &results);
+        let mut req = install::requests(
+            &sites,
+            Self::resolve_ifuncs(proc, &agent, &sites)?,
+            modules,
+            exit,
+            pack_counts,
+            latency_shim,
+        );
+        let results = Self::prepare(proc, &agent, &req)?;
         let counters = timings::time("counters mapped", || Counters::map(proc.pid(), &agent.info))?;
-        let mut installed = install::collect(&results, &mut req, &mut adopted)?;
-        if installed.is_empty() {
-            return Err(SessionError::NothingInstalled(req.refused));
-        }
-        // Exit probes need the agent's unwinder hooks patched too, so that C++
-        // exceptions thrown through probed frames find real return addresses.
-        if req.any_exit() {
-            let hooks = timings::time("exception hooks", || {
-                agent_calls::internal_probes(proc, &agent.fns, agent.internal)
-            })?;
-            install::add_hooks(hooks, &mut installed, &mut req.refused, &adopted)?;
-        }
-        if installed.iter().all(|p| p.hidden) {
-            return Err(SessionError::NothingInstalled(req.refused));
-        }
-        if left > 0 {
-            req.notes.push(format!(
-                "adopted {left} probe(s) left by an earlier tracer that did not detach; \
-                 they are removed when this session detaches"
-            ));
-        }
-        // Restored at detach like this session's own, not reported.
-        for a in &adopted {
-            let mut p = Installed::from_result(a, String::new(), String::new(), String::new())?;
-            p.hidden = true;
-            installed.push(p);
-        }
+        let installed = Self::probes_to_patch(proc, &agent, &results, &mut req, &mut adopted)?;
         let latency = match latency {
             true => Some(agent_calls::open_latency(
                 proc, &agent.fns, agent.base, &installed,
@@ -367,6 +321,103 @@ impl Session {
         };
         timings::time("patch", || s.write_patches(proc, true))?;
         Ok(s)
+    }
+
+    /// The built-in action's entry and exit shims (0, 0 without one), once it started.
+    fn start_builtin(
+        proc: &mut Process,
+        agent: &agent_calls::Agent,
+        builtin: Option<&mut dyn Builtin>,
+    ) -> Result<(u64, u64), SessionError> {
+        match builtin {
+            Some(b) => b.start(&mut |symbol, input, n, out_len| {
+                let f = agent.base + agent_calls::agent_symbol(symbol)?;
+                agent_calls::call_with_buffers(proc, &agent.fns, f, input, n, out_len)
+            }),
+            None => Ok((0, 0)),
+        }
+    }
+
+    /// Where the target's loader resolved each IFUNC site, in order: IFUNC symbols name
+    /// resolvers, so the loader is asked, all in one call.
+    fn resolve_ifuncs(
+        proc: &mut Process,
+        agent: &agent_calls::Agent,
+        sites: &[install::Site<'_>],
+    ) -> Result<Vec<u64>, SessionError> {
+        timings::time("IFUNC resolution", || {
+            agent_calls::resolve_ifuncs(
+                proc,
+                &agent.fns,
+                agent.resolve,
+                &install::ifunc_names(sites),
+            )
+        })
+    }
+
+    /// The agent prepares every request (trampolines built, nothing patched yet).
+    fn prepare(
+        proc: &mut Process,
+        agent: &agent_calls::Agent,
+        req: &install::Requests<'_>,
+    ) -> Result<Vec<PrepareResult>, SessionError> {
+        let rss_before = timings::enabled()
+            .then(|| timings::rss_kib(proc.pid()))
+            .flatten();
+        let results = timings::time("prepare (remote)", || {
+            agent_calls::prepare_remote(proc, &agent.fns, agent.prepare, &req.requests)
+        })?;
+        install::record_trampoline_spacing(&results);
+        install::record_probe_memory(proc.pid(), rss_before, &results);
+        Ok(results)
+    }
+
+    /// The probes to patch: the prepared ones that do not overlap, the agent's unwinder
+    /// hooks when returns are probed, and what an earlier tracer left (`adopted`,
+    /// hidden). `NothingInstalled` when no probe asked for is among them.
+    fn probes_to_patch(
+        proc: &mut Process,
+        agent: &agent_calls::Agent,
+        results: &[PrepareResult],
+        req: &mut install::Requests<'_>,
+        adopted: &mut Vec<PrepareResult>,
+    ) -> Result<Vec<Installed>, SessionError> {
+        let left = adopted
+            .iter()
+            .filter(|a| a.flags & result_flags::INTERNAL == 0)
+            .count();
+        let mut installed = install::collect(results, req, adopted)?;
+        if installed.is_empty() {
+            return Err(SessionError::NothingInstalled(std::mem::take(
+                &mut req.refused,
+            )));
+        }
+        // Exit probes need the agent's unwinder hooks patched too, so that C++
+        // exceptions thrown through probed frames find real return addresses.
+        if req.any_exit() {
+            let hooks = timings::time("exception hooks", || {
+                agent_calls::internal_probes(proc, &agent.fns, agent.internal)
+            })?;
+            install::add_hooks(hooks, &mut installed, &mut req.refused, adopted)?;
+        }
+        if installed.iter().all(|p| p.hidden) {
+            return Err(SessionError::NothingInstalled(std::mem::take(
+                &mut req.refused,
+            )));
+        }
+        if left > 0 {
+            req.notes.push(format!(
+                "adopted {left} probe(s) left by an earlier tracer that did not detach; \
+                 they are removed when this session detaches"
+            ));
+        }
+        // Restored at detach like this session's own, not reported.
+        for a in adopted.iter() {
+            let mut p = Installed::from_result(a, String::new(), String::new(), String::new())?;
+            p.hidden = true;
+            installed.push(p);
+        }
+        Ok(installed)
     }
 
     /// The loaded pack's shared region: `/proc/PID/fd/N` for its memfd `N`, and its length.

@@ -688,6 +688,9 @@ fn bias_candidates(segments: &[LoadSegment], m: &MapEntry) -> Vec<(u64, u32)> {
     out
 }
 
+/// Each instance of a file's mappings: its load bias, and its mappings.
+type Instances<'m> = Vec<(u64, Vec<&'m MapEntry>)>;
+
 /// The load biases (runtime address minus link-time address) of a file from its
 /// mappings, with the mappings of each: every mapping is matched with the PT_LOAD
 /// segments whose file range holds its offset, the biases are voted on, and each
@@ -1035,30 +1038,13 @@ impl SymbolCache {
                 Some(p) => (p.to_string(), true),
                 None => (key.path.clone(), false),
             };
-            let first = entries[0];
-            // map_files names exactly the mapped inode, even deleted or in another
-            // mount namespace; /proc/PID/root is the fallback when it is not readable.
-            let sources = [
-                PathBuf::from(format!("{dir}/map_files/{:x}-{:x}", first.start, first.end)),
-                PathBuf::from(format!("{dir}/root{path}")),
-            ];
-            let elf = match self.load(&key, &sources) {
-                Ok(e) => e,
+            let (elf, instances) = match self.load_mapped(&dir, &key, &path, &entries) {
+                Ok(loaded) => loaded,
                 Err(error) => {
                     skipped.push(SkippedModule { path, error });
                     continue;
                 }
             };
-            let instances = load_biases(&elf.segments, &entries);
-            if instances.is_empty() {
-                skipped.push(SkippedModule {
-                    error: SymbolError::NoLoadBias {
-                        path: PathBuf::from(&path),
-                    },
-                    path,
-                });
-                continue;
-            }
             let is_main = exe == Some((key.dev, key.inode));
             for (bias, mapped) in instances {
                 // A stray mapping that joined no executable instance is not a module.
@@ -1077,6 +1063,32 @@ impl SymbolCache {
             modules,
             skipped,
         }
+    }
+
+    /// The ELF file mapped as `entries` (at `path` in the process whose `/proc` directory
+    /// is `dir`), and the mappings of each instance of it by load bias.
+    fn load_mapped<'m>(
+        &self,
+        dir: &str,
+        key: &FileId,
+        path: &str,
+        entries: &[&'m MapEntry],
+    ) -> Result<(Arc<ElfSymbols>, Instances<'m>), SymbolError> {
+        let first = entries[0];
+        // map_files names exactly the mapped inode, even deleted or in another
+        // mount namespace; /proc/PID/root is the fallback when it is not readable.
+        let sources = [
+            PathBuf::from(format!("{dir}/map_files/{:x}-{:x}", first.start, first.end)),
+            PathBuf::from(format!("{dir}/root{path}")),
+        ];
+        let elf = self.load(key, &sources)?;
+        let instances = load_biases(&elf.segments, entries);
+        if instances.is_empty() {
+            return Err(SymbolError::NoLoadBias {
+                path: PathBuf::from(path),
+            });
+        }
+        Ok((elf, instances))
     }
 
     /// An ELF file on disk, as one module at bias 0 (link-time addresses), marked as

@@ -602,14 +602,7 @@ impl Process {
                 Ok(Handled::Gone)
             }
             WaitStatus::Stopped(_, sig) => {
-                let t = self.thread_mut(tid);
-                t.stop = Some(Stop::Other);
-                if let Some(prev) = t.pending.replace(sig) {
-                    // Only one signal can be pending per stop; the older one was already
-                    // dequeued by the kernel, so re-queue it rather than lose it.
-                    // SAFETY: tgkill with valid ids and a valid signal number.
-                    unsafe { libc::syscall(libc::SYS_tgkill, self.pid, tid, prev as i32) };
-                }
+                self.signal_stop(tid, sig);
                 Ok(Handled::Stopped)
             }
             WaitStatus::PtraceEvent(_, sig, ev) if ev == Event::PTRACE_EVENT_STOP as i32 => {
@@ -624,29 +617,11 @@ impl Process {
                 Ok(Handled::Stopped)
             }
             WaitStatus::PtraceEvent(_, _, ev) if ev == Event::PTRACE_EVENT_CLONE as i32 => {
-                self.thread_mut(tid).stop = Some(Stop::Other);
-                if let Ok(new) = ptrace::getevent(Pid::from_raw(tid)) {
-                    self.threads.entry(new as i32).or_insert(Thread {
-                        stop: None,
-                        pending: None,
-                        group_stopped: false,
-                        self_trap: true,
-                        fresh: true,
-                    });
-                }
+                self.cloned(tid);
                 Ok(Handled::Stopped)
             }
             WaitStatus::PtraceEvent(_, _, ev) if ev == Event::PTRACE_EVENT_EXEC as i32 => {
-                // After exec only the leader (which now has the exec'ing thread's body) is left.
-                let pid = self.pid;
-                self.threads.retain(|&t, _| t == pid);
-                self.scratch = None;
-                self.park_page.set(None);
-                let exe = fs::read_link(format!("/proc/{pid}/exe"))
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|_| "another program".into());
-                self.execs.push(exe);
-                self.thread_mut(pid).stop = Some(Stop::Other);
+                self.execed();
                 Ok(Handled::Stopped)
             }
             WaitStatus::PtraceEvent(..) | WaitStatus::PtraceSyscall(_) => {
@@ -655,6 +630,46 @@ impl Process {
             }
             WaitStatus::Continued(_) | WaitStatus::StillAlive => Ok(Handled::Stopped),
         }
+    }
+
+    /// `tid` stopped with `sig`, which stays pending for it.
+    fn signal_stop(&mut self, tid: i32, sig: Signal) {
+        let t = self.thread_mut(tid);
+        t.stop = Some(Stop::Other);
+        if let Some(prev) = t.pending.replace(sig) {
+            // Only one signal can be pending per stop; the older one was already
+            // dequeued by the kernel, so re-queue it rather than lose it.
+            // SAFETY: tgkill with valid ids and a valid signal number.
+            unsafe { libc::syscall(libc::SYS_tgkill, self.pid, tid, prev as i32) };
+        }
+    }
+
+    /// `tid` made a thread: registered as running, its first stop still to come.
+    fn cloned(&mut self, tid: i32) {
+        self.thread_mut(tid).stop = Some(Stop::Other);
+        if let Ok(new) = ptrace::getevent(Pid::from_raw(tid)) {
+            self.threads.entry(new as i32).or_insert(Thread {
+                stop: None,
+                pending: None,
+                group_stopped: false,
+                self_trap: true,
+                fresh: true,
+            });
+        }
+    }
+
+    /// The process ran another program: only the leader (which now has the exec'ing
+    /// thread's body) is left, and the pages made in the old image are gone.
+    fn execed(&mut self) {
+        let pid = self.pid;
+        self.threads.retain(|&t, _| t == pid);
+        self.scratch = None;
+        self.park_page.set(None);
+        let exe = fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "another program".into());
+        self.execs.push(exe);
+        self.thread_mut(pid).stop = Some(Stop::Other);
     }
 
     fn thread_mut(&mut self, tid: i32) -> &mut Thread {

@@ -20,6 +20,20 @@ fn percent(part: u64, total: u64) -> f64 {
     }
 }
 
+/// The line under the header and above the total, as wide as each column.
+fn rule() -> String {
+    format!(
+        "{} {} {} {} {} {}  {}\n",
+        "-".repeat(6),
+        "-".repeat(11),
+        "-".repeat(9),
+        "-".repeat(12),
+        "-".repeat(12),
+        "-".repeat(12),
+        "-".repeat(16)
+    )
+}
+
 /// The table, of the probes called (as `strace -c` shows the system calls made, the
 /// others summed up in a line after it); probes whose returns are not probed come last
 /// with their hits only.
@@ -31,16 +45,7 @@ pub fn text(rows: &[Row]) -> String {
         "{:>6} {:>11} {:>9} {:>12} {:>12} {:>12}  probe",
         "% time", "seconds", "calls", "usecs/call", "min usecs", "max usecs"
     );
-    let rule = format!(
-        "{} {} {} {} {} {}  {}\n",
-        "-".repeat(6),
-        "-".repeat(11),
-        "-".repeat(9),
-        "-".repeat(12),
-        "-".repeat(12),
-        "-".repeat(12),
-        "-".repeat(16)
-    );
+    let rule = rule();
     out.push_str(&rule);
     let mut calls = 0u64;
     let mut idle = 0;

@@ -332,66 +332,77 @@ fn add_descriptor(info: &mut PackInfo, d: &Descriptor) -> Result<(), DescError> 
     let name = field(&d.name)?;
     let text = field(&d.text)?;
     match d.kind {
-        desc_kind::PROBE => {
-            let kind = match d.sub {
-                probe_kind::ENTRY => ProbeKind::Entry,
-                probe_kind::EXIT => ProbeKind::Exit,
-                probe_kind::AT => ProbeKind::Offset,
-                k => return Err(DescError::Bad(format!("probe {name}: unknown kind {k}"))),
-            };
-            let spec = ProbeSpec::parse(&text).map_err(|source| DescError::Spec {
-                name: name.clone(),
-                source,
-            })?;
-            info.probes.push(ProbeDesc {
-                kind,
-                symbol: format!("{}{name}", abi::PROBE_SYMBOL_PREFIX),
-                handler: name,
-                spec,
-                flags: d.params[0],
-            });
-        }
-        desc_kind::MAP => {
-            abi::map_size(d.sub, &d.params).map_err(|source| DescError::Map {
-                name: name.clone(),
-                source,
-            })?;
-            info.maps.push(MapDesc {
-                symbol: format!("{}{name}", abi::MAP_SYMBOL_PREFIX),
-                name,
-                kind: d.sub,
-                params: d.params,
-            });
-        }
+        desc_kind::PROBE => info.probes.push(probe_desc(d, name, &text)?),
+        desc_kind::MAP => info.maps.push(map_desc(d, name)?),
         desc_kind::FORMAT => {
-            let id = d.params[0] as u32;
-            let pieces =
-                parse_format(&text).map_err(|e| DescError::Bad(format!("format {text:?}: {e}")))?;
-            let nargs = pieces.iter().filter(|p| matches!(p, Piece::Arg(_))).count();
-            if nargs != d.sub as usize {
-                return Err(DescError::Bad(format!(
-                    "format {text:?} has {nargs} placeholders, descriptor says {}",
-                    d.sub
-                )));
-            }
-            let f = FormatDesc {
-                id,
-                file: name,
-                line: d.params[1] as u32,
-                nargs,
-                text,
-                pieces,
-            };
-            if let Some(old) = info.formats.get(&id) {
+            let f = format_desc(d, name, text)?;
+            if let Some(old) = info.formats.get(&f.id) {
                 if *old != f {
-                    return Err(DescError::Bad(format!("two formats share id {id:#x}")));
+                    return Err(DescError::Bad(format!("two formats share id {:#x}", f.id)));
                 }
             }
-            info.formats.insert(id, f);
+            info.formats.insert(f.id, f);
         }
         k => return Err(DescError::Bad(format!("unknown descriptor kind {k}"))),
     }
     Ok(())
+}
+
+/// A probe descriptor: its kind, and the spec of where it goes (`text`).
+fn probe_desc(d: &Descriptor, name: String, text: &str) -> Result<ProbeDesc, DescError> {
+    let kind = match d.sub {
+        probe_kind::ENTRY => ProbeKind::Entry,
+        probe_kind::EXIT => ProbeKind::Exit,
+        probe_kind::AT => ProbeKind::Offset,
+        k => return Err(DescError::Bad(format!("probe {name}: unknown kind {k}"))),
+    };
+    let spec = ProbeSpec::parse(text).map_err(|source| DescError::Spec {
+        name: name.clone(),
+        source,
+    })?;
+    Ok(ProbeDesc {
+        kind,
+        symbol: format!("{}{name}", abi::PROBE_SYMBOL_PREFIX),
+        handler: name,
+        spec,
+        flags: d.params[0],
+    })
+}
+
+/// A map descriptor, once its kind and parameters give it a size.
+fn map_desc(d: &Descriptor, name: String) -> Result<MapDesc, DescError> {
+    abi::map_size(d.sub, &d.params).map_err(|source| DescError::Map {
+        name: name.clone(),
+        source,
+    })?;
+    Ok(MapDesc {
+        symbol: format!("{}{name}", abi::MAP_SYMBOL_PREFIX),
+        name,
+        kind: d.sub,
+        params: d.params,
+    })
+}
+
+/// An `emit!` format descriptor (`name` is its source file), its placeholders counted
+/// against what the descriptor says.
+fn format_desc(d: &Descriptor, name: String, text: String) -> Result<FormatDesc, DescError> {
+    let pieces =
+        parse_format(&text).map_err(|e| DescError::Bad(format!("format {text:?}: {e}")))?;
+    let nargs = pieces.iter().filter(|p| matches!(p, Piece::Arg(_))).count();
+    if nargs != d.sub as usize {
+        return Err(DescError::Bad(format!(
+            "format {text:?} has {nargs} placeholders, descriptor says {}",
+            d.sub
+        )));
+    }
+    Ok(FormatDesc {
+        id: d.params[0] as u32,
+        file: name,
+        line: d.params[1] as u32,
+        nargs,
+        text,
+        pieces,
+    })
 }
 
 /// The region layout the agent creates for this pack.

@@ -6,27 +6,20 @@ use super::builds::Builds;
 use super::descriptors::{plan_for, FormatDesc, PackInfo};
 use super::format::decode;
 use super::maps::read_maps;
+use super::pace::{drain_until, note, Drain};
 use super::region::SharedRegion;
 use super::report::{map_json, map_text};
-use super::ring::Consumer;
+use super::ring::{Consumer, Drained};
 use probes::pack::abi::{Plan, RING_BYTES};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long the drain sleeps when the ring was empty.
 const PERIOD: Duration = Duration::from_millis(5);
-/// How long it waits for a record a producer is still writing.
-const PENDING_WAIT: Duration = Duration::from_micros(50);
-/// How long a record may stay reserved and unfinished before it is taken as left by a
-/// thread that died inside a handler and skipped.
-const STUCK_AFTER: Duration = Duration::from_secs(1);
-/// The same at the end, when a thread stopped inside a handler while the probes were
-/// removed may still be finishing its record.
-const STUCK_AT_END: Duration = Duration::from_millis(200);
 
 /// What the drain thread saw.
 #[derive(Debug, Default)]
@@ -149,32 +142,58 @@ impl Live {
     }
 }
 
-/// Drain until told to stop, then once more: again at once while records come, after
-/// `PENDING_WAIT` when stopped at a record being written, after `PERIOD` when empty.
-fn drain_loop(s: &Shared, stop: &AtomicBool, json: bool, mut out: Box<dyn Write + Send>) -> Tally {
-    let mut consumer = Consumer::new(s.plan.ring_offset, s.plan.ring_bytes);
-    let mut tally = Tally::default();
-    let mut pending_since: Option<Instant> = None;
-    // Grows when a hot swap brings a build with other `emit!` sites (see `builds`).
-    let mut formats = s.info.formats.clone();
-    let mut builds = Builds::new(s.pid, &s.name);
-    loop {
-        let last = stop.load(Ordering::Acquire);
-        let view = s.region.view();
+/// The event thread's reader: each record decoded with the pack's formats and printed.
+struct Events<'a> {
+    s: &'a Shared,
+    consumer: Consumer,
+    json: bool,
+    out: Box<dyn Write + Send>,
+    tally: Tally,
+    /// Grows when a hot swap brings a build with other `emit!` sites (see `builds`).
+    formats: BTreeMap<u32, FormatDesc>,
+    builds: Builds,
+}
+
+/// Print events as they come until told to stop, then after a last drain.
+fn drain_loop(s: &Shared, stop: &AtomicBool, json: bool, out: Box<dyn Write + Send>) -> Tally {
+    let mut events = Events {
+        s,
+        consumer: Consumer::new(s.plan.ring_offset, s.plan.ring_bytes),
+        json,
+        out,
+        tally: Tally::default(),
+        formats: s.info.formats.clone(),
+        builds: Builds::new(s.pid, &s.name),
+    };
+    drain_until(stop, PERIOD, &mut events);
+    events.tally
+}
+
+impl Drain for Events<'_> {
+    fn pass(&mut self) -> Drained {
         let mut lines = String::new();
         // At most one look at the target's builds per pass, whatever the ring holds.
         let mut looked = false;
-        let d = consumer.drain(view, |payload| {
-            if !looked && !known_format(payload, &formats) {
+        let Events {
+            s,
+            consumer,
+            json,
+            tally,
+            formats,
+            builds,
+            ..
+        } = self;
+        let mut d = consumer.drain(s.region.view(), |payload| {
+            if !looked && !known_format(payload, formats) {
                 looked = true;
-                if let Err(e) = builds.refresh(&mut formats) {
+                if let Err(e) = builds.refresh(formats) {
                     note(&mut tally.problems, e);
                 }
             }
-            match decode(payload, &formats) {
+            match decode(payload, formats) {
                 Ok(ev) => {
                     tally.received += 1;
-                    if json {
+                    if *json {
                         lines.push_str(&ev.to_json().to_string());
                     } else {
                         lines.push_str(&ev.render());
@@ -187,50 +206,23 @@ fn drain_loop(s: &Shared, stop: &AtomicBool, json: bool, mut out: Box<dyn Write 
                 }
             }
         });
-        for p in d.problems {
-            note(&mut tally.problems, p);
+        for p in std::mem::take(&mut d.problems) {
+            note(&mut self.tally.problems, p);
         }
         if !lines.is_empty() {
-            let _ = out.write_all(lines.as_bytes());
-            let _ = out.flush();
+            let _ = self.out.write_all(lines.as_bytes());
+            let _ = self.out.flush();
         }
-        // A record reserved and never committed blocks those behind it: after a while
-        // it is taken as left by a thread that died in a handler, and skipped.
-        if d.pending {
-            if d.records > 0 {
-                // Caught up with a producer still writing: go on at once. Sleeping a
-                // period here stalled the drain at every catch-up, and the producers
-                // dropped what the ring could not hold meanwhile.
-                pending_since = None;
-                continue;
-            }
-            let since = *pending_since.get_or_insert_with(Instant::now);
-            let limit = if last { STUCK_AT_END } else { STUCK_AFTER };
-            if since.elapsed() > limit {
-                consumer.skip_stuck(view);
-                tally.bad += 1;
-                note(
-                    &mut tally.problems,
-                    "skipped an event a handler never finished".into(),
-                );
-                pending_since = None;
-                if !last {
-                    continue;
-                }
-            } else {
-                std::thread::sleep(PENDING_WAIT);
-                continue;
-            }
-        } else {
-            pending_since = None;
-        }
-        if last {
-            return tally;
-        }
-        // Records came: there may be more behind them, drain again at once.
-        if d.records == 0 {
-            std::thread::sleep(PERIOD);
-        }
+        d
+    }
+
+    fn skip_stuck(&mut self) {
+        self.consumer.skip_stuck(self.s.region.view());
+        self.tally.bad += 1;
+        note(
+            &mut self.tally.problems,
+            "skipped an event a handler never finished".into(),
+        );
     }
 }
 
@@ -240,11 +232,4 @@ fn known_format(payload: &[u8], formats: &BTreeMap<u32, FormatDesc>) -> bool {
     payload
         .get(..4)
         .is_none_or(|b| formats.contains_key(&u32::from_le_bytes(b.try_into().expect("4 bytes"))))
-}
-
-/// Keep the first few distinct problems, not one per record.
-fn note(problems: &mut Vec<String>, p: String) {
-    if problems.len() < 10 && !problems.contains(&p) {
-        problems.push(p);
-    }
 }

@@ -12,6 +12,7 @@ pub mod format;
 pub mod live;
 pub mod load;
 pub mod maps;
+pub mod pace;
 pub mod region;
 pub mod report;
 pub mod ring;

@@ -48,33 +48,17 @@ impl Consumer {
     /// freeing their space; stop at the first record not yet committed.
     pub fn drain(&mut self, view: View, mut f: impl FnMut(&[u8])) -> Drained {
         let mut out = Drained::default();
-        let (Some(mut tail), Some(reserve)) = (
-            view.u64(self.ring + ring_control::TAIL),
-            view.u64(self.ring + ring_control::RESERVE),
-        ) else {
-            out.problems
-                .push("event ring outside the shared region".into());
+        let Some((mut tail, reserve)) = self.positions(view, &mut out.problems) else {
             return out;
         };
-        if view.u64(self.ring + ring_control::CAPACITY) != Some(self.cap as u64) {
-            out.problems
-                .push("event ring header corrupted (capacity)".into());
-        }
         let data = self.ring + RING_CONTROL;
         let mut budget = self.cap;
         let mut unpublished = 0usize;
         while tail != reserve && budget > 0 {
-            let ahead = reserve.wrapping_sub(tail);
             let off = (tail as usize) & (self.cap - 1);
             let h = view.u64(data + off).unwrap_or(0);
             let len = (h & 0xffff_ffff) as usize;
-            if ahead > self.cap as u64
-                || (h != 0
-                    && (len < HEADER
-                        || !len.is_multiple_of(8)
-                        || off + len > self.cap
-                        || len as u64 > ahead))
-            {
+            if !self.header_fits(reserve.wrapping_sub(tail), off, h, len) {
                 out.problems.push(format!(
                     "event ring corrupted at {tail:#x}: records in it dropped"
                 ));
@@ -85,19 +69,7 @@ impl Consumer {
                 out.pending = true;
                 break;
             }
-            if h & flag::PAD != 0 {
-                // padding to the end of the data
-            } else if h & flag::COMMITTED != 0 {
-                if view.bytes_into(data + off + HEADER, len - HEADER, &mut self.buf) {
-                    f(&self.buf);
-                } else {
-                    out.problems
-                        .push("event record outside the shared region".into());
-                }
-                out.records += 1;
-            } else {
-                out.discarded += 1;
-            }
+            self.hand_over(view, data + off, h, len, &mut f, &mut out);
             view.zero(data + off, len);
             tail = tail.wrapping_add(len as u64);
             budget = budget.saturating_sub(len);
@@ -113,6 +85,60 @@ impl Consumer {
             view.store(self.ring + ring_control::TAIL, tail);
         }
         out
+    }
+
+    /// The ring's tail and reserve positions, None when its control words are outside
+    /// the region; a capacity other than the layout's is reported.
+    fn positions(&self, view: View, problems: &mut Vec<String>) -> Option<(u64, u64)> {
+        let (Some(tail), Some(reserve)) = (
+            view.u64(self.ring + ring_control::TAIL),
+            view.u64(self.ring + ring_control::RESERVE),
+        ) else {
+            problems.push("event ring outside the shared region".into());
+            return None;
+        };
+        if view.u64(self.ring + ring_control::CAPACITY) != Some(self.cap as u64) {
+            problems.push("event ring header corrupted (capacity)".into());
+        }
+        Some((tail, reserve))
+    }
+
+    /// Whether header `h` (record length `len`) at data offset `off`, with `ahead` bytes
+    /// reserved from there, can be a record: a zero header is a reservation not yet
+    /// written.
+    fn header_fits(&self, ahead: u64, off: usize, h: u64, len: usize) -> bool {
+        ahead <= self.cap as u64
+            && (h == 0
+                || (len >= HEADER
+                    && len.is_multiple_of(8)
+                    && off + len <= self.cap
+                    && len as u64 <= ahead))
+    }
+
+    /// Hand the finished record at `at` (header `h`, `len` bytes) to `f` if committed,
+    /// and count it.
+    fn hand_over(
+        &mut self,
+        view: View,
+        at: usize,
+        h: u64,
+        len: usize,
+        f: &mut impl FnMut(&[u8]),
+        out: &mut Drained,
+    ) {
+        if h & flag::PAD != 0 {
+            // padding to the end of the data
+        } else if h & flag::COMMITTED != 0 {
+            if view.bytes_into(at + HEADER, len - HEADER, &mut self.buf) {
+                f(&self.buf);
+            } else {
+                out.problems
+                    .push("event record outside the shared region".into());
+            }
+            out.records += 1;
+        } else {
+            out.discarded += 1;
+        }
     }
 
     /// Skip the record a producer reserved and never finished (its thread died in the

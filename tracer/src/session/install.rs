@@ -204,53 +204,15 @@ pub(super) fn collect(
     all: &mut Requests<'_>,
     adopted: &mut Vec<PrepareResult>,
 ) -> Result<Vec<Installed>, SessionError> {
-    let refused = &mut all.refused;
     let mut installed: Vec<Installed> = Vec::new();
     // Installed patches by start, for the overlap check (they never overlap each other).
     let mut by_site: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
     for ((r, (l, p)), req) in results.iter().zip(&all.labels).zip(&all.requests) {
-        if r.status != status::PREPARED {
-            refused.push(NotInstalled {
+        if let Some((address, reason)) = refusal(r, req, &by_site, &installed, adopted) {
+            all.refused.push(NotInstalled {
                 label: l.clone(),
-                address: req.function + req.offset,
-                reason: r.message(),
-            });
-            continue;
-        }
-        // Two probes whose patched ranges overlap would write one jump into the
-        // other (an IFUNC named both ways, an offset inside another probe's stolen
-        // bytes): the first one stays, the other is refused.
-        let end = r.site + r.stolen_len as u64;
-        if let Some(other) = overlapping(&by_site, &installed, r.site, end) {
-            refused.push(NotInstalled {
-                label: l.clone(),
-                address: r.site,
-                reason: if other.site == r.site {
-                    format!("the same code as {} is already probed", other.label)
-                } else {
-                    format!(
-                        "its patch would overlap that of {} at {:#x}",
-                        other.label, other.site
-                    )
-                },
-            });
-            continue;
-        }
-        // A site an earlier tracer left patched is simply taken over; a probe whose
-        // patch would overlap such a patch without being the same site is refused.
-        adopted.retain(|a| a.site != r.site);
-        if let Some(a) = adopted
-            .iter()
-            .find(|a| r.site < a.site + a.stolen_len as u64 && a.site < end)
-        {
-            refused.push(NotInstalled {
-                label: l.clone(),
-                address: r.site,
-                reason: format!(
-                    "its patch would overlap that of a probe an earlier tracer left at \
-                     {:#x}",
-                    a.site
-                ),
+                address,
+                reason,
             });
             continue;
         }
@@ -263,6 +225,49 @@ pub(super) fn collect(
         )?);
     }
     Ok(installed)
+}
+
+/// Why the prepared result `r` (of `req`) is not installed, and the address to report;
+/// None when it is. `by_site` indexes `installed` by site. A site an earlier tracer left
+/// patched is simply taken over (it leaves `adopted`).
+fn refusal(
+    r: &PrepareResult,
+    req: &PrepareRequest,
+    by_site: &std::collections::BTreeMap<u64, usize>,
+    installed: &[Installed],
+    adopted: &mut Vec<PrepareResult>,
+) -> Option<(u64, String)> {
+    if r.status != status::PREPARED {
+        return Some((req.function + req.offset, r.message()));
+    }
+    // Two probes whose patched ranges overlap would write one jump into the
+    // other (an IFUNC named both ways, an offset inside another probe's stolen
+    // bytes): the first one stays, the other is refused.
+    let end = r.site + r.stolen_len as u64;
+    if let Some(other) = overlapping(by_site, installed, r.site, end) {
+        let reason = if other.site == r.site {
+            format!("the same code as {} is already probed", other.label)
+        } else {
+            format!(
+                "its patch would overlap that of {} at {:#x}",
+                other.label, other.site
+            )
+        };
+        return Some((r.site, reason));
+    }
+    // A probe whose patch would overlap an earlier tracer's without being the same site
+    // is refused.
+    adopted.retain(|a| a.site != r.site);
+    let a = adopted
+        .iter()
+        .find(|a| r.site < a.site + a.stolen_len as u64 && a.site < end)?;
+    Some((
+        r.site,
+        format!(
+            "its patch would overlap that of a probe an earlier tracer left at {:#x}",
+            a.site
+        ),
+    ))
 }
 
 /// The installed patch that `[site, end)` would overlap, if any: the one at the same

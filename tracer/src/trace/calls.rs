@@ -110,63 +110,13 @@ impl Calls {
         let Some(info) = self.probes.get(&r.probe) else {
             return;
         };
-        let depth = r.depth as usize;
         let stack = self.threads.entry(r.tid).or_default();
         match r.kind {
             RecordKind::Entry => {
                 self.calls += 1;
-                lose_above(&self.probes, stack, depth, r.tid, ns, out);
-                let args = info.sig.format_args(&r.regs, &r.fregs, &r.strings);
-                out.call(&Call::Enter {
-                    tid: r.tid,
-                    ns,
-                    depth,
-                    name: &info.name,
-                    args: &args,
-                    returns: info.returns,
-                });
-                if info.returns {
-                    stack.push(Frame {
-                        probe: r.probe,
-                        depth,
-                        ns,
-                        args,
-                    });
-                }
+                Open::of(&self.probes, stack).enter(info, r, ns, out);
             }
-            RecordKind::Exit => {
-                let s = r
-                    .strings
-                    .iter()
-                    .find(|(a, _)| *a == STR_RETURN)
-                    .map(|(_, s)| s);
-                let ret = info.sig.format_ret(r.regs[0], r.fregs[0], s);
-                let found = stack
-                    .last()
-                    .is_some_and(|f| f.depth == depth && f.probe == r.probe)
-                    || stack.iter().any(|f| f.depth == depth && f.probe == r.probe);
-                lose_above(&self.probes, stack, depth + found as usize, r.tid, ns, out);
-                if !found {
-                    out.call(&Call::Unmatched {
-                        tid: r.tid,
-                        ns,
-                        depth,
-                        name: &info.name,
-                        ret: ret.as_deref(),
-                    });
-                    return;
-                }
-                let f = stack.pop().expect("found");
-                out.call(&Call::Return {
-                    tid: r.tid,
-                    start_ns: f.ns,
-                    end_ns: ns.max(f.ns),
-                    depth,
-                    name: &info.name,
-                    args: &f.args,
-                    ret: ret.as_deref(),
-                });
-            }
+            RecordKind::Exit => Open::of(&self.probes, stack).exit(info, r, ns, out),
         }
     }
 
@@ -190,6 +140,80 @@ impl Calls {
             }
         }
         out.finish(ns);
+    }
+}
+
+/// One thread's open calls, with the probes they refer to.
+struct Open<'a> {
+    probes: &'a HashMap<u32, ProbeInfo>,
+    stack: &'a mut Vec<Frame>,
+}
+
+impl<'a> Open<'a> {
+    fn of(probes: &'a HashMap<u32, ProbeInfo>, stack: &'a mut Vec<Frame>) -> Self {
+        Open { probes, stack }
+    }
+
+    /// An entry of `info`'s probe: deeper calls still open lost their returns; the call is
+    /// told, and stacked when its return is probed.
+    fn enter(&mut self, info: &ProbeInfo, r: &Record, ns: u64, out: &mut dyn Output) {
+        let depth = r.depth as usize;
+        lose_above(self.probes, self.stack, depth, r.tid, ns, out);
+        let args = info.sig.format_args(&r.regs, &r.fregs, &r.strings);
+        out.call(&Call::Enter {
+            tid: r.tid,
+            ns,
+            depth,
+            name: &info.name,
+            args: &args,
+            returns: info.returns,
+        });
+        if info.returns {
+            self.stack.push(Frame {
+                probe: r.probe,
+                depth,
+                ns,
+                args,
+            });
+        }
+    }
+
+    /// A return of `info`'s probe: matched with its entry at the same depth (calls open
+    /// deeper lost their returns), else told as a return whose entry was not seen.
+    fn exit(&mut self, info: &ProbeInfo, r: &Record, ns: u64, out: &mut dyn Output) {
+        let depth = r.depth as usize;
+        let s = r
+            .strings
+            .iter()
+            .find(|(a, _)| *a == STR_RETURN)
+            .map(|(_, s)| s);
+        let ret = info.sig.format_ret(r.regs[0], r.fregs[0], s);
+        let Open { probes, stack } = self;
+        let found = stack
+            .last()
+            .is_some_and(|f| f.depth == depth && f.probe == r.probe)
+            || stack.iter().any(|f| f.depth == depth && f.probe == r.probe);
+        lose_above(probes, stack, depth + found as usize, r.tid, ns, out);
+        if !found {
+            out.call(&Call::Unmatched {
+                tid: r.tid,
+                ns,
+                depth,
+                name: &info.name,
+                ret: ret.as_deref(),
+            });
+            return;
+        }
+        let f = stack.pop().expect("found");
+        out.call(&Call::Return {
+            tid: r.tid,
+            start_ns: f.ns,
+            end_ns: ns.max(f.ns),
+            depth,
+            name: &info.name,
+            args: &f.args,
+            ret: ret.as_deref(),
+        });
     }
 }
 

@@ -16,8 +16,9 @@ pub mod record;
 pub mod signature;
 pub mod text;
 
+use crate::pack::pace::{drain_until, note, Drain};
 use crate::pack::region::SharedRegion;
-use crate::pack::ring::Consumer;
+use crate::pack::ring::{Consumer, Drained};
 use crate::session::{AgentCall, Builtin, Session, SessionError};
 use crate::spec::ResolvedProbe;
 use crate::symbols::ProcessModules;
@@ -267,12 +268,17 @@ impl Tracer {
         // Named now, while they exist (a short-lived thread may be gone by the time its
         // first records are read); threads created later inherit their creator's name
         // unless they set one, so the process's is the fallback.
-        let names = thread_names(pid);
+        let known = thread_names(pid);
         let mut outs: Vec<Box<dyn Output>> = Vec::new();
         if self.opts.lines {
             outs.push(Box::new(text::Text::new(lines)));
         }
         outs.extend(file_outputs(self.chrome, self.perfetto, pid, &process));
+        let names = Names {
+            pid,
+            known,
+            process,
+        };
         let shared = Shared {
             region,
             ring_offset: layout.ring.ring_offset,
@@ -288,19 +294,8 @@ impl Tracer {
                 .name("trace".into())
                 .spawn(move || {
                     let clock = Clock::calibrated(clock0, zero);
-                    let names = Names {
-                        pid,
-                        known: names,
-                        process,
-                    };
-                    drain_loop(
-                        &shared,
-                        &stop,
-                        names,
-                        clock,
-                        Calls::new(infos),
-                        Fanout(outs),
-                    )
+                    let calls = Calls::new(infos);
+                    drain_loop(&shared, &stop, names, clock, calls, Fanout(outs))
                 })
                 .map_err(TraceError::Thread)?
         };
@@ -394,8 +389,6 @@ impl Running {
 
 /// How long the drain sleeps when the ring was empty.
 const IDLE: Duration = Duration::from_millis(2);
-/// How long it waits for a record a producer is writing.
-const PENDING_WAIT: Duration = Duration::from_micros(50);
 
 /// Thread names: those read at the start, else read at first sight, else the process's.
 struct Names {
@@ -414,85 +407,95 @@ impl Names {
     }
 }
 
+/// The trace thread's reader: each record matched into calls and written out.
+struct Records<'a> {
+    s: &'a Shared,
+    consumer: Consumer,
+    names: Names,
+    clock: Clock,
+    calls: Calls,
+    out: Fanout,
+    sum: Summary,
+}
+
 fn drain_loop(
     s: &Shared,
     stop: &AtomicBool,
     names: Names,
     clock: Clock,
-    mut calls: Calls,
-    mut out: Fanout,
+    calls: Calls,
+    out: Fanout,
 ) -> Summary {
-    let mut consumer = Consumer::new(s.ring_offset, s.ring_bytes);
-    let mut sum = Summary::default();
-    let mut pending_since: Option<Instant> = None;
-    loop {
-        let last = stop.load(Ordering::Acquire);
-        let view = s.region.view();
-        let d = consumer.drain(view, |payload| match record::decode(payload) {
-            Ok(r) => {
-                sum.records += 1;
-                if calls.is_new_thread(r.tid) {
-                    out.thread(r.tid, &names.of(r.tid));
-                }
-                calls.record(&r, clock.ns(r.tsc), &mut out);
-            }
-            Err(e) => note(&mut sum.problems, e),
-        });
-        for p in d.problems {
-            note(&mut sum.problems, p);
-        }
-        let dropped = consumer.dropped(view);
-        if dropped > sum.dropped {
-            out.note(&format!(
-                "tracer: {} events dropped (trace ring full: the tracer could not keep up)",
-                dropped - sum.dropped
-            ));
-            sum.dropped = dropped;
-        }
-        out.batch_done(Instant::now());
-        // A record reserved and never committed (its thread died in the action) blocks
-        // those behind it: skipped after a while, as for packs.
-        if d.pending {
-            if d.records > 0 {
-                // Caught up with a producer still writing: go on at once (sleeping
-                // here stalled the drain at every catch-up).
-                pending_since = None;
-                continue;
-            }
-            let since = *pending_since.get_or_insert_with(Instant::now);
-            let limit = if last {
-                Duration::from_millis(200)
-            } else {
-                Duration::from_secs(1)
-            };
-            if since.elapsed() > limit {
-                consumer.skip_stuck(view);
-                note(
-                    &mut sum.problems,
-                    "skipped an event an action never finished".into(),
-                );
-                pending_since = None;
-            } else {
-                std::thread::sleep(PENDING_WAIT);
-                continue;
-            }
-        } else {
-            pending_since = None;
-        }
-        if last {
-            break;
-        }
-        if d.records == 0 {
-            std::thread::sleep(IDLE);
-        }
-    }
+    let mut records = Records {
+        s,
+        consumer: Consumer::new(s.ring_offset, s.ring_bytes),
+        names,
+        clock,
+        calls,
+        out,
+        sum: Summary::default(),
+    };
+    drain_until(stop, IDLE, &mut records);
+    let Records {
+        mut calls,
+        mut out,
+        mut sum,
+        ..
+    } = records;
     sum.calls = calls.calls;
     calls.finish(&mut out);
     sum
 }
 
-fn note(problems: &mut Vec<String>, p: String) {
-    if problems.len() < 10 && !problems.contains(&p) {
-        problems.push(p);
+impl Drain for Records<'_> {
+    fn pass(&mut self) -> Drained {
+        let view = self.s.region.view();
+        let Records {
+            consumer,
+            names,
+            clock,
+            calls,
+            out,
+            sum,
+            ..
+        } = self;
+        let mut d = consumer.drain(view, |payload| match record::decode(payload) {
+            Ok(r) => {
+                sum.records += 1;
+                if calls.is_new_thread(r.tid) {
+                    out.thread(r.tid, &names.of(r.tid));
+                }
+                calls.record(&r, clock.ns(r.tsc), out);
+            }
+            Err(e) => note(&mut sum.problems, e),
+        });
+        for p in std::mem::take(&mut d.problems) {
+            note(&mut self.sum.problems, p);
+        }
+        self.note_dropped();
+        self.out.batch_done(Instant::now());
+        d
+    }
+
+    fn skip_stuck(&mut self) {
+        self.consumer.skip_stuck(self.s.region.view());
+        note(
+            &mut self.sum.problems,
+            "skipped an event an action never finished".into(),
+        );
+    }
+}
+
+impl Records<'_> {
+    /// Say how many events the agent dropped since the last pass.
+    fn note_dropped(&mut self) {
+        let dropped = self.consumer.dropped(self.s.region.view());
+        if dropped > self.sum.dropped {
+            self.out.note(&format!(
+                "tracer: {} events dropped (trace ring full: the tracer could not keep up)",
+                dropped - self.sum.dropped
+            ));
+            self.sum.dropped = dropped;
+        }
     }
 }

@@ -82,6 +82,42 @@ fn with_ret(ret: Option<&str>) -> String {
     ret.map_or(String::new(), |r| format!(" = {r}"))
 }
 
+impl Text {
+    /// An entry: held when its return is probed (to print the call on one line if the
+    /// return comes soon), else printed.
+    fn enter(&mut self, tid: u32, ns: u64, depth: usize, name: &str, args: &str, returns: bool) {
+        self.open(tid);
+        if returns {
+            self.pending.insert(
+                tid,
+                Pending {
+                    ns,
+                    depth,
+                    name: name.into(),
+                    args: args.into(),
+                    since: Instant::now(),
+                },
+            );
+        } else {
+            self.line(tid, ns, depth, &format!("{name}({args})"));
+        }
+    }
+
+    /// The thread's held entry if it is the one at `depth`; any other held entry is
+    /// printed as an open call.
+    fn held_at(&mut self, tid: u32, depth: usize) -> Option<Pending> {
+        match self.pending.remove(&tid) {
+            Some(p) if p.depth == depth => Some(p),
+            Some(p) => {
+                self.pending.insert(tid, p);
+                self.open(tid);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
 impl Output for Text {
     fn call(&mut self, c: &Call<'_>) {
         match *c {
@@ -92,23 +128,7 @@ impl Output for Text {
                 name,
                 args,
                 returns,
-            } => {
-                self.open(tid);
-                if returns {
-                    self.pending.insert(
-                        tid,
-                        Pending {
-                            ns,
-                            depth,
-                            name: name.into(),
-                            args: args.into(),
-                            since: Instant::now(),
-                        },
-                    );
-                } else {
-                    self.line(tid, ns, depth, &format!("{name}({args})"));
-                }
-            }
+            } => self.enter(tid, ns, depth, name, args, returns),
             Call::Return {
                 tid,
                 start_ns,
@@ -119,19 +139,12 @@ impl Output for Text {
                 ret,
             } => {
                 let d = duration(end_ns - start_ns);
-                match self.pending.remove(&tid) {
-                    Some(p) if p.depth == depth => {
-                        let body = format!("{name}({args}){} {d}", with_ret(ret));
-                        self.line(tid, start_ns, depth, &body);
-                    }
-                    p => {
-                        if let Some(p) = p {
-                            self.pending.insert(tid, p);
-                            self.open(tid);
-                        }
-                        let body = format!("}} {name}{} {d}", with_ret(ret));
-                        self.line(tid, end_ns, depth, &body);
-                    }
+                if self.held_at(tid, depth).is_some() {
+                    let body = format!("{name}({args}){} {d}", with_ret(ret));
+                    self.line(tid, start_ns, depth, &body);
+                } else {
+                    let body = format!("}} {name}{} {d}", with_ret(ret));
+                    self.line(tid, end_ns, depth, &body);
                 }
             }
             Call::Lost {
@@ -141,18 +154,12 @@ impl Output for Text {
                 name,
                 args,
                 ..
-            } => match self.pending.remove(&tid) {
-                Some(p) if p.depth == depth => {
+            } => match self.held_at(tid, depth) {
+                Some(p) => {
                     let body = format!("{name}({args}) ... (no return seen)");
                     self.line(tid, p.ns, depth, &body);
                 }
-                p => {
-                    if let Some(p) = p {
-                        self.pending.insert(tid, p);
-                        self.open(tid);
-                    }
-                    self.line(tid, ns, depth, &format!("}} {name} (no return seen)"));
-                }
+                None => self.line(tid, ns, depth, &format!("}} {name} (no return seen)")),
             },
             Call::Unmatched {
                 tid,
