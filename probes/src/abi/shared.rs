@@ -93,6 +93,11 @@ pub mod saves {
     /// The registers of a bit set as runs: `xmm0-3`, `xmm8` (`prefix`, then the numbers,
     /// then `suffix`).
     pub fn ranges(bits: u16, prefix: &str, suffix: &str) -> Vec<String> {
+        ranges_from(0, bits, prefix, suffix)
+    }
+
+    /// [`ranges`] of a bit set whose bit 0 is register `first` (`zmm16-31`).
+    pub fn ranges_from(first: usize, bits: u16, prefix: &str, suffix: &str) -> Vec<String> {
         let mut out = Vec::new();
         let mut i = 0;
         while i < 16 {
@@ -104,10 +109,11 @@ pub mod saves {
             while i + 1 < 16 && bits & (1 << (i + 1)) != 0 {
                 i += 1;
             }
+            let (a, b) = (first + start, first + i);
             out.push(if start == i {
-                format!("{prefix}{start}{suffix}")
+                format!("{prefix}{a}{suffix}")
             } else {
-                format!("{prefix}{start}-{i}{suffix}")
+                format!("{prefix}{a}-{b}{suffix}")
             });
             i += 1;
         }
