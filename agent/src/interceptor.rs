@@ -916,15 +916,21 @@ impl Interceptor {
         } else {
             trampoline::PACK_ENTRY_KEEPS
         };
+        let mut avx512 = 0u64;
+        let all = crate::clobbers::Saves::ALL.for_state(self.vectors());
         if let Some(s) = self.stubs.get(&(h.entry, entry_kind)) {
-            let bits = if direct { s.saves.low } else { 0xffff };
-            v |= saves::HAS_ENTRY | (bits as u64) << saves::ENTRY_SHIFT;
+            let bits = if direct { s.saves } else { all };
+            v |= saves::HAS_ENTRY | (bits.low as u64) << saves::ENTRY_SHIFT;
+            avx512 |= saves::avx512::pack(bits.zmm16, bits.masks, saves::avx512::ENTRY_SHIFT);
         }
         if let Some(s) = self.stubs.get(&(h.exit, trampoline::PACK_EXIT_KEEPS)) {
-            let bits = if direct { s.saves.low } else { 0xffff };
-            v |= saves::HAS_EXIT | (bits as u64) << saves::EXIT_SHIFT;
+            let bits = if direct { s.saves } else { all };
+            v |= saves::HAS_EXIT | (bits.low as u64) << saves::EXIT_SHIFT;
+            avx512 |= saves::avx512::pack(bits.zmm16, bits.masks, saves::avx512::EXIT_SHIFT);
         }
         probe.counters.line.saves.store(v, Ordering::Relaxed);
+        let c = &probe.counters.line.saves_avx512;
+        c.store(avx512, Ordering::Relaxed);
     }
 
     /// What a probe's slots hold for pack handlers `h`: their stubs (entry, entry for
