@@ -525,6 +525,15 @@ mod tests {
         let avx = crate::trampoline::Vectors::Avx;
         assert_eq!(vectors_to_save(&a.clobbers, 0, avx).zmm16, 0);
         assert_eq!(vectors_to_save(&Clobbers::FULL, 0xff, v), Saves::ALL);
+        // Gathers and scatters clear their mask as they go.
+        let a = analyse_bytes(&[
+            0x62, 0xf2, 0x7d, 0x49, 0x90, 0x04, 0x88, // vpgatherdd zmm0{k1}, [rax+zmm1*4]
+            0x62, 0xf2, 0x7d, 0x4b, 0xa0, 0x14, 0x88, // vpscatterdd [rax+zmm1*4]{k3}, zmm2
+            0xc3,
+        ]);
+        assert!(!a.clobbers.full, "{:?}", a.reason);
+        assert_eq!(a.clobbers.masks, 1 << 1 | 1 << 3, "k1 k3");
+        assert_eq!(a.clobbers.xmm, 1, "zmm0");
     }
 
     #[test]
