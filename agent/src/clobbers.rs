@@ -534,6 +534,9 @@ mod tests {
         assert!(!a.clobbers.full, "{:?}", a.reason);
         assert_eq!(a.clobbers.masks, 1 << 1 | 1 << 3, "k1 k3");
         assert_eq!(a.clobbers.xmm, 1, "zmm0");
+        // vp2intersectd writes a pair of masks: k2 and k3.
+        let a = analyse_bytes(&[0x62, 0xf2, 0x77, 0x48, 0x68, 0xd2, 0xc3]);
+        assert_eq!(a.clobbers.masks, 1 << 2 | 1 << 3, "{}", a.clobbers);
     }
 
     #[test]
