@@ -6,7 +6,7 @@
  * variants on CPUs with AVX-512) changes any of that state breaks the result.
  *
  * Build: -O2 -mavx512f -mavx512vl -fipa-ra -no-pie -fno-pie (run only where the CPU has
- * AVX-512F). Usage: avx512 N (tick and first are called N times each). */
+ * AVX-512F and AVX512VL). Usage: avx512 N (tick and first are called N times each). */
 #include <immintrin.h>
 #include <stdio.h>
 #include <stdlib.h>
