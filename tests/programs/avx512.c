@@ -6,12 +6,23 @@
  * variants on CPUs with AVX-512) changes any of that state breaks the result.
  *
  * Build: -O2 -mavx512f -mavx512vl -fipa-ra -no-pie -fno-pie (run only where the CPU has
- * AVX-512F and AVX512VL). Usage: avx512 N (tick and first are called N times each). */
+ * AVX-512F and AVX512VL). Usage: avx512 N [R] (R rounds, 1 by default, of N calls of tick
+ * and first each, each round starting from the last one's vectors), or avx512 - N (prints
+ * "running", then runs rounds until SIGUSR1: for attaching mid-loop; the result line says
+ * how many rounds ran, for an untraced run of as many to compare). */
 #include <immintrin.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static unsigned long ticks;
+static volatile sig_atomic_t stop;
+
+static void on_usr1(int sig) {
+    (void)sig;
+    stop = 1;
+}
 static const char *names[] = {"alpha", "beta", "gamma"};
 
 __attribute__((noinline)) static void tick(void) { ticks++; }
@@ -40,14 +51,25 @@ __attribute__((noinline)) static void sum512(int n, const int *in, int *out) {
 }
 
 int main(int argc, char **argv) {
-    int n = argc > 1 ? atoi(argv[1]) : 1000;
+    int forever = argc > 1 && argv[1][0] == '-';
+    int n = argc > 1 + forever ? atoi(argv[1 + forever]) : 1000;
+    long rounds = !forever && argc > 2 ? atol(argv[2]) : 1, r = 0;
     int in[384], out[384];
     for (int i = 0; i < 384; i++)
         in[i] = (int)(i * 2654435761u);
-    sum512(n, in, out);
+    if (forever) {
+        signal(SIGUSR1, on_usr1);
+        printf("running\n");
+        fflush(stdout);
+    }
+    do {
+        sum512(n, in, out);
+        memcpy(in, out, sizeof in);
+        r++;
+    } while (forever ? !stop : r < rounds);
     unsigned long h = 0;
     for (int i = 0; i < 384; i++)
         h = h * 1000003 ^ (unsigned)out[i];
-    printf("h=%lu ticks=%lu\n", h, ticks);
+    printf("h=%lu ticks=%lu rounds=%ld\n", h, ticks, r);
     return 0;
 }

@@ -228,22 +228,20 @@ fn traced_output_is_untraced(binary: &Path, dir: &Path, args: &[&str], n: u64) -
     std::fs::read_to_string(&report).expect("read -o file")
 }
 
-/// A caller built with `-mavx512f -fipa-ra` keeps values in zmm16-31, in the upper halves
-/// of zmm0-15 and in k registers across calls to leaves that touch no vector register;
-/// every action that calls code from the probes (the general paths of exit counting,
-/// `--trace`, `--hist`, a pack's handlers, which reach glibc's EVEX and AVX-512 string
-/// functions) must leave that state as it was.
-#[test]
-fn callers_keeping_avx512_state_across_calls_compute_the_same() {
-    if !(std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512vl"))
-    {
+/// Whether the CPU runs the AVX-512 program (built with -mavx512f -mavx512vl); says so
+/// when it does not.
+fn have_avx512() -> bool {
+    let have = std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl");
+    if !have {
         println!("no AVX-512F and AVX512VL on this CPU: AVX-512 callers not tested");
-        return;
     }
-    let dir = temp_dir("avx512");
+    have
+}
+
+fn build_avx512(dir: &Path) -> std::path::PathBuf {
     let binary = cc(
-        dir.path(),
+        dir,
         "avx512",
         AVX512_C,
         &[
@@ -257,6 +255,21 @@ fn callers_keeping_avx512_state_across_calls_compute_the_same() {
         ],
     );
     assert_keeps_avx512_state_across_calls(&binary);
+    binary
+}
+
+/// A caller built with `-mavx512f -fipa-ra` keeps values in zmm16-31, in the upper halves
+/// of zmm0-15 and in k registers across calls to leaves that touch no vector register;
+/// every action that calls code from the probes (the general paths of exit counting,
+/// `--trace`, `--hist`, a pack's handlers, which reach glibc's EVEX and AVX-512 string
+/// functions) must leave that state as it was.
+#[test]
+fn callers_keeping_avx512_state_across_calls_compute_the_same() {
+    if !have_avx512() {
+        return;
+    }
+    let dir = temp_dir("avx512");
+    let binary = build_avx512(dir.path());
     let n = 3000;
     let pack = build_pack(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/packs/testpack"),
@@ -280,4 +293,52 @@ fn callers_keeping_avx512_state_across_calls_compute_the_same() {
             assert!(report.contains(&format!("@TICKS: {n}")), "{report}");
         }
     }
+}
+
+/// `tracer attach` to the AVX-512 program while it runs its loop, AVX-512 state live: the
+/// thread tracer borrows to load the agent, the probes' general paths (`-x`), `--trace`,
+/// and the detach leave the result as an untraced run of as many rounds computes it.
+#[test]
+fn attaching_to_a_caller_keeping_avx512_state_changes_nothing() {
+    if !have_avx512() {
+        return;
+    }
+    let dir = temp_dir("avx512-attach");
+    let binary = build_avx512(dir.path());
+    let mut t = Target::spawn(&binary, &["-", "1000"]);
+    assert_eq!(t.line(), "running");
+    let pid = t.pid().to_string();
+    for args in [
+        &["-x", "-p", "main:tick", "-p", "main:first*"][..],
+        &["--trace", "-p", "main:first*"],
+        &["--hist", "-p", "main:tick"],
+    ] {
+        let report = dir.join("report.txt");
+        let mut all = vec!["attach", "--duration", "1", "-o", report.to_str().unwrap()];
+        all.extend(args);
+        all.push(&pid);
+        let out = tracer_output(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: stderr: {err}");
+        let report = std::fs::read_to_string(&report).expect("read -o file");
+        assert!(report.contains("main:"), "{args:?}: {report}");
+    }
+    // SAFETY: kill only sends a signal to our own child.
+    assert_eq!(unsafe { libc::kill(t.pid(), libc::SIGUSR1) }, 0);
+    let traced = t.line();
+    assert!(t.child.wait().expect("wait").success());
+    let rounds = traced
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("rounds="))
+        .unwrap_or_else(|| panic!("no rounds in {traced:?}"));
+    let plain = Command::new(&binary)
+        .args(["1000", rounds])
+        .output()
+        .expect("untraced run");
+    assert!(plain.status.success());
+    assert_eq!(
+        traced,
+        String::from_utf8_lossy(&plain.stdout).trim_end(),
+        "the attached run computed something else than an untraced one of as many rounds"
+    );
 }
