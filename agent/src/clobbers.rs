@@ -19,9 +19,12 @@
 //! reaches through calls this analysis meets first (they lead outside or through
 //! indirect calls), so any handler that can panic is analysed as [`Clobbers::full`].
 //!
-//! Vector registers: legacy-SSE instructions writing `xmmN` leave bits 128-255 of `ymmN`
-//! alone, VEX-encoded ones zero them, and `vzeroupper`/`vzeroall` clear every upper half.
-//! So the low halves and the upper halves are tracked apart.
+//! Vector registers: legacy-SSE instructions writing `xmmN` leave bits 128-511 of `zmmN`
+//! alone, VEX- and EVEX-encoded ones zero them (or write them), and `vzeroupper`/
+//! `vzeroall` clear every upper half of registers 0-15. So the low halves and the upper
+//! halves are tracked apart. EVEX code (glibc's `memcpy`, `strlen`... on a CPU with
+//! AVX-512) also writes `zmm16-31`, which nothing else can, and the mask registers
+//! `k0-7`: tracked too.
 
 use iced_x86::{
     Code, Decoder, DecoderOptions, EncodingKind, FlowControl, Instruction, InstructionInfoFactory,
@@ -43,8 +46,13 @@ pub struct Clobbers {
     pub gprs: u16,
     /// `xmm0-15` whose low 128 bits may change, bit per register.
     pub xmm: u16,
-    /// `ymm0-15` whose upper 128 bits may change.
+    /// Registers 0-15 whose bits above 127 (`ymm` upper halves, and `zmm` bits 256-511
+    /// with AVX-512) may change.
     pub ymm_upper: u16,
+    /// `zmm16-31` that may change, bit `n` for `zmm(16+n)` (EVEX code only).
+    pub zmm16: u16,
+    /// Mask registers `k0-7` that may change.
+    pub masks: u8,
     /// Set when the code could not be followed: every register may change.
     pub full: bool,
 }
@@ -65,21 +73,63 @@ impl Clobbers {
         gprs: 0xffff,
         xmm: 0xffff,
         ymm_upper: 0xffff,
+        zmm16: 0xffff,
+        masks: 0xff,
         full: true,
     };
 }
 
-/// Vector registers (bit per register) a stub must save in full around a handler
-/// with `c`, given that the caller already keeps the low halves of `caller_keeps` itself.
-pub fn vectors_to_save(c: &Clobbers, caller_keeps: u16) -> u16 {
-    if c.full {
-        return 0xffff;
-    }
-    (c.xmm & !caller_keeps) | c.ymm_upper
+/// The vector state a stub keeps around a handler, bit per register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Saves {
+    /// Registers 0-15, kept in full: `zmm` with AVX-512, `ymm` with AVX, else `xmm`.
+    pub low: u16,
+    /// `zmm16-31` (bit `n` for `zmm(16+n)`), with AVX-512 only.
+    pub zmm16: u16,
+    /// `k0-7`, with AVX-512 only.
+    pub masks: u8,
 }
 
-/// Registers as a short list: `rax rcx xmm0-1 ymm0h` (`h`: the upper half); "all" for
-/// arbitrary code, "none" for nothing.
+impl Saves {
+    pub const ALL: Saves = Saves {
+        low: 0xffff,
+        zmm16: 0xffff,
+        masks: 0xff,
+    };
+
+    pub fn is_empty(&self) -> bool {
+        *self == Saves::default()
+    }
+
+    /// What of this the state `v` has: no AVX-512 registers without AVX-512.
+    pub fn for_state(self, v: crate::trampoline::Vectors) -> Saves {
+        match v.avx512() {
+            true => self,
+            false => Saves {
+                low: self.low,
+                ..Saves::default()
+            },
+        }
+    }
+}
+
+/// The vector state a stub must keep around a handler with `c`, given that the caller
+/// already keeps the low halves of `caller_keeps` itself, on a machine with `v`.
+pub fn vectors_to_save(c: &Clobbers, caller_keeps: u16, v: crate::trampoline::Vectors) -> Saves {
+    let s = if c.full {
+        Saves::ALL
+    } else {
+        Saves {
+            low: (c.xmm & !caller_keeps) | c.ymm_upper,
+            zmm16: c.zmm16,
+            masks: c.masks,
+        }
+    };
+    s.for_state(v)
+}
+
+/// Registers as a short list: `rax rcx xmm0-1 ymm0h zmm16-17 k0` (`h`: the bits above
+/// 127); "all" for arbitrary code, "none" for nothing.
 impl fmt::Display for Clobbers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.full {
@@ -95,6 +145,8 @@ impl fmt::Display for Clobbers {
             .collect();
         parts.extend(saves::ranges(self.xmm, "xmm", ""));
         parts.extend(saves::ranges(self.ymm_upper, "ymm", "h"));
+        parts.extend(saves::ranges_from(16, self.zmm16, "zmm", ""));
+        parts.extend(saves::ranges(self.masks as u16, "k", ""));
         if parts.is_empty() {
             return f.write_str("none");
         }
@@ -293,10 +345,6 @@ impl Walker {
         if self.whole_state(i)? {
             return Ok(());
         }
-        if i.encoding() == EncodingKind::EVEX {
-            // AVX-512 registers and masks are not modelled.
-            return Err(format!("{at:#x}: EVEX-encoded instruction"));
-        }
         let vex = matches!(
             i.encoding(),
             EncodingKind::VEX | EncodingKind::EVEX | EncodingKind::XOP
@@ -353,19 +401,25 @@ impl Walker {
     }
 
     /// Record that register `r` is written by the instruction at `at` (`vex`: a VEX,
-    /// EVEX or XOP encoding, which zeroes the upper half of a vector register it writes).
+    /// EVEX or XOP encoding, which zeroes the upper part of a vector register it writes).
     fn register_written(&mut self, r: Register, vex: bool, at: u64) -> Result<(), String> {
+        let vector = r.is_xmm() || r.is_ymm() || r.is_zmm();
         if r.is_gpr() {
             self.gpr(r);
-        } else if r.is_xmm() && r.number() < 16 {
+        } else if vector && r.number() >= 16 {
+            // Only EVEX code reaches these; any write may change all 512 bits.
+            self.c.zmm16 |= 1 << (r.number() - 16);
+        } else if r.is_xmm() {
             self.c.xmm |= 1 << r.number();
             if vex {
                 self.c.ymm_upper |= 1 << r.number();
             }
-        } else if (r.is_ymm() || r.is_zmm()) && r.number() < 16 {
-            // iced reports a VEX write of xmmN as one of zmmN: it zeroes the rest.
+        } else if vector {
+            // iced reports a VEX or EVEX write of xmmN as one of zmmN: it zeroes the rest.
             self.c.xmm |= 1 << r.number();
             self.c.ymm_upper |= 1 << r.number();
+        } else if r.is_k() {
+            self.c.masks |= 1 << r.number();
         } else if r.is_segment_register() && matches!(r, Register::FS | Register::GS) {
             return Err(format!("{at:#x}: writes {r:?}"));
         } else if r.is_segment_register() || r == Register::None {
@@ -451,6 +505,55 @@ mod tests {
         assert_eq!(a.clobbers.xmm, 0);
     }
 
+    /// glibc's EVEX string functions (picked on CPUs with AVX-512) write zmm16-31 and
+    /// mask registers: each is tracked, and an EVEX write of a register below 16 changes
+    /// its upper bits as a VEX one does.
+    #[test]
+    fn evex_writes_to_zmm16_31_and_masks_are_tracked() {
+        let a = analyse_bytes(&[
+            0x62, 0xf1, 0x65, 0x08, 0xef, 0xdb, // vpxord xmm3, xmm3, xmm3
+            0x62, 0xa3, 0x5d, 0x20, 0x25, 0xe4, 0xff, // vpternlogd ymm20, ymm20, ymm20, 0xff
+            0x62, 0xe1, 0xfe, 0x48, 0x6f, 0x0f, // vmovdqu64 zmm17, [rdi]
+            0xc4, 0xe1, 0xec, 0x46, 0xd2, // kxnorq k2, k2, k2
+            0x62, 0xf1, 0x7d, 0x20, 0x74, 0x07, // vpcmpeqb k0, ymm16, [rdi]
+            0x62, 0xe1, 0x7f, 0x2a, 0x6f, 0x16, // vmovdqu8 ymm18{k2}, [rsi]
+            0xc3,
+        ]);
+        assert!(!a.clobbers.full, "{:?}", a.reason);
+        assert_eq!(a.clobbers.xmm, 1 << 3);
+        assert_eq!(a.clobbers.ymm_upper, 1 << 3);
+        assert_eq!(
+            a.clobbers.zmm16,
+            1 << 1 | 1 << 2 | 1 << 4,
+            "zmm17 zmm18 zmm20"
+        );
+        assert_eq!(a.clobbers.masks, 1 | 1 << 2, "k0 k2");
+        assert_eq!(a.clobbers.to_string(), "xmm3 ymm3h zmm17-18 zmm20 k0 k2");
+        let v = crate::trampoline::Vectors::Avx512 { bw: true };
+        let want = Saves {
+            low: 1 << 3,
+            zmm16: 0b10110,
+            masks: 0b101,
+        };
+        assert_eq!(vectors_to_save(&a.clobbers, 0, v), want);
+        // Without AVX-512 enabled that code cannot run: nothing of it to save.
+        let avx = crate::trampoline::Vectors::Avx;
+        assert_eq!(vectors_to_save(&a.clobbers, 0, avx).zmm16, 0);
+        assert_eq!(vectors_to_save(&Clobbers::FULL, 0xff, v), Saves::ALL);
+        // Gathers and scatters clear their mask as they go.
+        let a = analyse_bytes(&[
+            0x62, 0xf2, 0x7d, 0x49, 0x90, 0x04, 0x88, // vpgatherdd zmm0{k1}, [rax+zmm1*4]
+            0x62, 0xf2, 0x7d, 0x4b, 0xa0, 0x14, 0x88, // vpscatterdd [rax+zmm1*4]{k3}, zmm2
+            0xc3,
+        ]);
+        assert!(!a.clobbers.full, "{:?}", a.reason);
+        assert_eq!(a.clobbers.masks, 1 << 1 | 1 << 3, "k1 k3");
+        assert_eq!(a.clobbers.xmm, 1, "zmm0");
+        // vp2intersectd writes a pair of masks: k2 and k3.
+        let a = analyse_bytes(&[0x62, 0xf2, 0x77, 0x48, 0x68, 0xd2, 0xc3]);
+        assert_eq!(a.clobbers.masks, 1 << 2 | 1 << 3, "{}", a.clobbers);
+    }
+
     #[test]
     fn follows_branches_and_stops_at_indirect_calls() {
         // test edi, edi ; je +3 ; xor eax, eax ; ret ; mov ecx, 1 ; ret
@@ -474,7 +577,7 @@ mod tests {
             gprs: 0b111,
             xmm: 0b1111 | 1 << 8,
             ymm_upper: 1,
-            full: false,
+            ..Clobbers::default()
         };
         assert_eq!(c.to_string(), "rax rcx rdx xmm0-3 xmm8 ymm0h");
         assert_eq!(Clobbers::default().to_string(), "none");

@@ -186,8 +186,8 @@ pub struct Interceptor {
 pub struct PackStub {
     pub addr: u64,
     pub analysis: crate::clobbers::Analysis,
-    /// The vector registers the stub saves, bit per register.
-    pub saves: u16,
+    /// The vector state the stub saves.
+    pub saves: crate::clobbers::Saves,
     /// For a trampoline calling the handler directly: what the stub does.
     pub direct: Option<trampoline::DirectStub>,
 }
@@ -195,11 +195,15 @@ pub struct PackStub {
 /// What the direct stub of a handler with `c` and descriptor flags `flags` does: fill
 /// the float arguments when the handler uses them, keep the vector registers it writes
 /// beyond those.
-fn direct_stub(c: &crate::clobbers::Clobbers, flags: u64) -> trampoline::DirectStub {
+fn direct_stub(
+    c: &crate::clobbers::Clobbers,
+    flags: u64,
+    v: trampoline::Vectors,
+) -> trampoline::DirectStub {
     let floats = flags & probes::pack::abi::probe_flags::NO_FLOATS == 0;
     trampoline::DirectStub {
         floats,
-        vectors: crate::clobbers::vectors_to_save(c, if floats { 0x00ff } else { 0 }),
+        vectors: crate::clobbers::vectors_to_save(c, if floats { 0x00ff } else { 0 }, v),
     }
 }
 
@@ -419,7 +423,7 @@ impl Interceptor {
             _ => None,
         };
         let path = self.entry_path(req, id, counters, exit_trampoline);
-        let avx = self.avx();
+        let avx = self.vectors();
         let stub = match &path {
             trampoline::EntryPath::Fast(f) if f.pack.is_none() && f.exit_trampoline != 0 => {
                 self.general_stub()?
@@ -592,10 +596,9 @@ impl Interceptor {
         handlers && req.on_entry.is_none() && req.on_exit.is_none() && self.tls.is_some()
     }
 
-    /// Whether the OS enabled AVX: trampolines then keep the upper halves of the ymm
-    /// registers across handlers.
-    fn avx(&self) -> bool {
-        self.xsave.is_some_and(|x| x.avx())
+    /// The vector state the OS enabled, which trampolines keep across handlers.
+    fn vectors(&self) -> trampoline::Vectors {
+        self.xsave.map_or(trampoline::Vectors::Sse, |x| x.vectors())
     }
 
     /// The general entry path of handler-less exit probes, emitted on first use.
@@ -604,7 +607,7 @@ impl Interceptor {
             return Ok(a);
         }
         let on_entry = dispatch::on_entry as *const () as u64;
-        let avx = self.avx();
+        let avx = self.vectors();
         let placed = jit::place(&mut self.alloc, &[on_entry], self.policy, |e| {
             Ok(shared_general::emit_stub(e, avx)?)
         })
@@ -622,7 +625,7 @@ impl Interceptor {
             return Ok(a);
         }
         let on_exit = dispatch::on_exit as *const () as u64;
-        let avx = self.avx();
+        let avx = self.vectors();
         let placed = jit::place(&mut self.alloc, &[on_exit], self.policy, |e| {
             Ok(trampoline::emit_exit(e, self.tls, avx)?)
         })
@@ -726,7 +729,7 @@ fn emit_trampoline(
     stolen: &relocator::Stolen,
     xsave: Option<trampoline::XsaveInfo>,
     path: trampoline::EntryPath,
-    avx: bool,
+    avx: trampoline::Vectors,
     stub: u64,
 ) -> Result<trampoline::EntryTrampoline, JitError> {
     match (xsave, path) {
@@ -913,15 +916,21 @@ impl Interceptor {
         } else {
             trampoline::PACK_ENTRY_KEEPS
         };
+        let mut avx512 = 0u64;
+        let all = crate::clobbers::Saves::ALL.for_state(self.vectors());
         if let Some(s) = self.stubs.get(&(h.entry, entry_kind)) {
-            let bits = if direct { s.saves } else { 0xffff };
-            v |= saves::HAS_ENTRY | (bits as u64) << saves::ENTRY_SHIFT;
+            let bits = if direct { s.saves } else { all };
+            v |= saves::HAS_ENTRY | (bits.low as u64) << saves::ENTRY_SHIFT;
+            avx512 |= saves::avx512::pack(bits.zmm16, bits.masks, saves::avx512::ENTRY_SHIFT);
         }
         if let Some(s) = self.stubs.get(&(h.exit, trampoline::PACK_EXIT_KEEPS)) {
-            let bits = if direct { s.saves } else { 0xffff };
-            v |= saves::HAS_EXIT | (bits as u64) << saves::EXIT_SHIFT;
+            let bits = if direct { s.saves } else { all };
+            v |= saves::HAS_EXIT | (bits.low as u64) << saves::EXIT_SHIFT;
+            avx512 |= saves::avx512::pack(bits.zmm16, bits.masks, saves::avx512::EXIT_SHIFT);
         }
         probe.counters.line.saves.store(v, Ordering::Relaxed);
+        let c = &probe.counters.line.saves_avx512;
+        c.store(avx512, Ordering::Relaxed);
     }
 
     /// What a probe's slots hold for pack handlers `h`: their stubs (entry, entry for
@@ -952,15 +961,20 @@ impl Interceptor {
     pub fn pack_stub(&mut self, shim: u64, keeps: u16) -> Result<&PackStub, PrepareError> {
         if !self.stubs.contains_key(&(shim, keeps)) {
             let analysis = crate::clobbers::analyse_here(shim);
-            let avx = self.avx();
-            let direct = (keeps == trampoline::PACK_ENTRY_DIRECT)
-                .then(|| direct_stub(&analysis.clobbers, crate::pack_loader::shim_flags(shim)));
+            let avx = self.vectors();
+            let direct = (keeps == trampoline::PACK_ENTRY_DIRECT).then(|| {
+                direct_stub(
+                    &analysis.clobbers,
+                    crate::pack_loader::shim_flags(shim),
+                    avx,
+                )
+            });
             let saves = match direct {
                 Some(d) => d.vectors,
-                None => crate::clobbers::vectors_to_save(&analysis.clobbers, keeps),
+                None => crate::clobbers::vectors_to_save(&analysis.clobbers, keeps, avx),
             };
             let bare = direct.is_none_or(|d| d.bare());
-            let addr = if saves == 0 && bare {
+            let addr = if saves.is_empty() && bare {
                 shim
             } else {
                 let emit = |e: &mut crate::emitter::Emitter| -> Result<_, JitError> {

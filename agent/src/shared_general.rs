@@ -19,7 +19,7 @@
 //!
 //! ```text
 //! stub:  <open a frame aligned at run time, rbx = rsp (the site's rsp - 8)>
-//!        save rax rcx rdx rsi rdi r8-r11, ymm0-15 (xmm0-15 without AVX)
+//!        save rax rcx rdx rsi rdi r8-r11, the vector state (zmm0-31 k0-7, ymm0-15 or xmm0-15)
 //!        ctx.rsp = rbx + 8 ; rdi = probe (as above) ; rsi = ctx
 //!        call on_entry
 //!        restore them ; close the frame
@@ -31,21 +31,22 @@ use crate::emitter::{CallEncoding, EmitError, Emitter};
 use crate::jit::JitError;
 use crate::relocator::Stolen;
 use crate::trampoline::{
-    close_frame, emit_fast_entry, emit_stolen, open_frame, restore_vectors, save_vectors,
-    EntryTrampoline, FastEntry, ENTRY_CTX_XMM, GPRS,
+    close_frame, emit_fast_entry, emit_stolen, frame_size, open_frame, restore_vectors,
+    save_vectors, EntryTrampoline, FastEntry, Vectors, ENTRY_CTX_XMM, GPRS,
 };
 use iced_x86::code_asm::*;
 use probes::context::entry_layout as el;
 
-/// Emit the shared stub; returns how it reaches `on_entry`.
-pub fn emit_stub(e: &mut Emitter, avx: bool) -> Result<CallEncoding, EmitError> {
+/// Emit the shared stub, keeping the vector state `v` in full; returns how it reaches
+/// `on_entry`.
+pub fn emit_stub(e: &mut Emitter, v: Vectors) -> Result<CallEncoding, EmitError> {
     e.asm(|a| {
-        open_frame(a, el::FRAME)?;
+        open_frame(a, frame_size(el::FRAME, v))?;
         for (i, r) in GPRS.iter().enumerate() {
             a.mov(qword_ptr(rsp + el::GPRS + 8 * i), *r)?;
         }
         a.mov(qword_ptr(rsp + el::R11), r11)?;
-        save_vectors(a, avx, el::VECTORS, &ENTRY_CTX_XMM)?;
+        save_vectors(a, v, el::VECTORS, el::FRAME, &ENTRY_CTX_XMM)?;
         // The site's rsp is one above the return address the call pushed.
         a.lea(rax, qword_ptr(rbx + 8))?;
         a.mov(qword_ptr(rsp + el::RSP), rax)?;
@@ -57,7 +58,7 @@ pub fn emit_stub(e: &mut Emitter, avx: bool) -> Result<CallEncoding, EmitError> 
     let on_entry = dispatch::on_entry as *const () as u64;
     let encoding = e.call(on_entry)?;
     e.asm(|a| {
-        restore_vectors(a, avx, el::VECTORS, &ENTRY_CTX_XMM)?;
+        restore_vectors(a, v, el::VECTORS, el::FRAME, &ENTRY_CTX_XMM)?;
         for (i, r) in GPRS.iter().enumerate() {
             a.mov(*r, qword_ptr(rsp + el::GPRS + 8 * i))?;
         }

@@ -16,8 +16,8 @@
 //! ```text
 //! [inline counting fast path, probes without handlers]
 //! mov [rsp-16], rbx ; mov rbx, rsp ; the site's rsp, kept across the call
-//! lea rsp, [rsp-FRAME-16] ; and rsp, -32
-//! save rax rcx rdx rsi rdi r8-r11, ymm0-15 (xmm0-15 without AVX) ; ctx.rsp, ctx.xmm
+//! lea rsp, [rsp-FRAME-16] ; and rsp, -64
+//! save rax rcx rdx rsi rdi r8-r11, the vector state (see below) ; ctx.rsp, ctx.xmm
 //! movabs rdi, probe ; mov rsi, rsp
 //! call on_entry                 ; rel32 / [rip+slot] / abs32 / abs64, by reach
 //! restore them ; mov rsp, rbx ; mov rbx, [rsp-16]
@@ -28,12 +28,16 @@
 //! Vector registers: the Rust code called (the agent, and handlers, which may run
 //! anything: `f32::mul_add` calls libm's `fmaf`, VEX-encoded, which zeroes the upper half
 //! of `ymm0`; glibc's string functions end in `vzeroupper`) may change any of `xmm0-15`
-//! and, through VEX code, the upper halves of `ymm0-15`. So the general paths save all of
-//! `ymm0-15` (`vmovdqu`) when the OS enabled AVX, `xmm0-15` otherwise. Legacy-SSE
-//! instructions (`movaps`, and the agent's own code, compiled for baseline x86-64) leave
-//! the upper halves alone. Not kept across a handler: AVX-512 state (bits 256-511 of
-//! `zmm0-15`, `zmm16-31`, `k0-7`); a caller would have to keep it live across a call to a
-//! function it knows uses no vector register, and restoring `ymm` zeroes bits 256-511.
+//! and, through VEX code, the upper halves of `ymm0-15`. On a CPU with AVX-512, glibc
+//! picks EVEX and AVX-512 variants of `memcpy`, `memset`, `strlen`, `memcmp`..., which
+//! use `ymm16-31`/`zmm16-31` and the mask registers `k0-7`; and a caller built with
+//! `-mavx512f -fipa-ra` keeps values in all of `zmm0-31` and in `k` registers across a call
+//! to a function it knows touches none. So the general paths save what the OS enabled
+//! ([`Vectors`]): all of `zmm0-31` (`vmovdqa64`) and `k0-7` (`kmovq`) with AVX-512, all of
+//! `ymm0-15` (`vmovdqu`) with AVX, `xmm0-15` otherwise. A VEX `ymm` load would zero bits
+//! 256-511 of a `zmm`: with AVX-512 every restore, the context's registers included, is
+//! EVEX. Legacy-SSE instructions (`movaps`, and the agent's own code, compiled for
+//! baseline x86-64) leave the upper halves alone.
 //!
 //! The exit trampoline is shared by all exit probes. A probed function returns into it
 //! with `rsp` one above its return slot, aligned or not; it saves every call-clobbered
@@ -47,6 +51,7 @@
 //! handler's shim, or its stub (`emit_pack_stub`, `emit_pack_direct_stub`) saving the
 //! vector registers `crate::clobbers` found the handler's code can write.
 
+use crate::clobbers::Saves;
 use crate::dispatch::{self, Probe};
 use crate::emitter::{CallEncoding, EmitError, Emitter, Label};
 use crate::jit::JitError;
@@ -74,16 +79,16 @@ pub fn emit_entry(
     probe: *const Probe,
     stolen: &Stolen,
     path: EntryPath,
-    avx: bool,
+    v: Vectors,
 ) -> Result<EntryTrampoline, JitError> {
     let tail = e.label();
     let encoding = match path {
         EntryPath::Fast(f) => {
             emit_fast_entry(e, probe, f, tail)?;
-            emit_entry_general(e, probe, avx)?
+            emit_entry_general(e, probe, v)?
         }
         EntryPath::Pack(p) => emit_pack_entry(e, probe, p, tail)?,
-        EntryPath::General => emit_entry_general(e, probe, avx)?,
+        EntryPath::General => emit_entry_general(e, probe, v)?,
     };
     e.bind(tail);
     let relocated = emit_stolen(e, stolen)?;
@@ -103,19 +108,69 @@ const YMMS: [AsmRegisterYmm; 16] = [
     ymm15,
 ];
 
+const ZMMS: [AsmRegisterZmm; 32] = [
+    zmm0, zmm1, zmm2, zmm3, zmm4, zmm5, zmm6, zmm7, zmm8, zmm9, zmm10, zmm11, zmm12, zmm13, zmm14,
+    zmm15, zmm16, zmm17, zmm18, zmm19, zmm20, zmm21, zmm22, zmm23, zmm24, zmm25, zmm26, zmm27,
+    zmm28, zmm29, zmm30, zmm31,
+];
+
+const KS: [AsmRegisterK; 8] = [k0, k1, k2, k3, k4, k5, k6, k7];
+
+/// The vector state the OS enabled (XCR0), which decides what trampolines keep across
+/// the code they call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vectors {
+    /// `xmm0-15`.
+    Sse,
+    /// `ymm0-15`.
+    Avx,
+    /// `zmm0-31` and `k0-7`. `bw`: the CPU has AVX512BW, whose masks are 64 bits wide
+    /// (else 16: `kmovw`).
+    Avx512 { bw: bool },
+}
+
+impl Vectors {
+    pub fn avx512(self) -> bool {
+        matches!(self, Vectors::Avx512 { .. })
+    }
+
+    /// Bytes one register of 0-15 takes when kept in full.
+    fn width(self) -> i32 {
+        match self {
+            Vectors::Sse => 16,
+            Vectors::Avx => 32,
+            Vectors::Avx512 { .. } => 64,
+        }
+    }
+}
+
 /// Where the general paths keep `rbx` below the site's `rsp` (above the frame): at an
 /// entry `[rsp-8]` is free too, after a return it receives the real return address.
 const RBX_SLOT: i32 = -16;
 
+/// Bytes of the AVX-512 save area: `zmm0-31`, then `k0-7` (8 bytes each).
+const AVX512_AREA: usize = 32 * 64 + 8 * 8;
+
+/// The size of a general-path frame whose layout takes `base` bytes: with AVX-512 the
+/// `zmm` and `k` registers are kept above it, 64-byte aligned, instead of in its `ymm`
+/// area.
+pub(crate) fn frame_size(base: usize, v: Vectors) -> usize {
+    match v {
+        Vectors::Avx512 { .. } => base.next_multiple_of(64) + AVX512_AREA,
+        _ => base,
+    }
+}
+
 /// Open a general-path frame of `frame` bytes: `rbx` (callee-saved, so the Rust code
 /// keeps it) holds the site's `rsp` and its own value waits below that `rsp`, above the
-/// frame; `rsp` is aligned to 32 at run time, whatever it was. Restoring `rsp` from a
-/// register rather than from memory keeps loads off the chain of `rsp` values.
+/// frame; `rsp` is aligned to 64 at run time (the `zmm` saves), whatever it was.
+/// Restoring `rsp` from a register rather than from memory keeps loads off the chain of
+/// `rsp` values.
 pub(crate) fn open_frame(a: &mut CodeAssembler, frame: usize) -> Result<(), iced_x86::IcedError> {
     a.mov(qword_ptr(rsp + RBX_SLOT), rbx)?;
     a.mov(rbx, rsp)?;
     a.lea(rsp, qword_ptr(rsp - (frame as i32 - RBX_SLOT)))?;
-    a.and(rsp, -32)
+    a.and(rsp, -64)
 }
 
 pub(crate) fn close_frame(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
@@ -123,27 +178,49 @@ pub(crate) fn close_frame(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedErr
     a.mov(rbx, qword_ptr(rsp + RBX_SLOT))
 }
 
-/// Save every vector register the called Rust code may change: all of `ymm0-15` at
-/// `rsp + area` (32-byte aligned) when the OS enabled AVX, else `xmm0-15`; then copy the
-/// registers the handler's context shows, `(register, offset)`, into it.
+/// Save every vector register the called Rust code may change: with AVX-512 all of
+/// `zmm0-31` and `k0-7` above the frame's layout of `base` bytes (see [`frame_size`]),
+/// else all of `ymm0-15` at `rsp + area` (32-byte aligned) when the OS enabled AVX, else
+/// `xmm0-15`; then copy the registers the handler's context shows, `(register, offset)`,
+/// into it.
 pub(crate) fn save_vectors(
     a: &mut CodeAssembler,
-    avx: bool,
+    v: Vectors,
     area: usize,
+    base: usize,
     ctx: &[(usize, usize)],
 ) -> Result<(), iced_x86::IcedError> {
-    for i in 0..16 {
-        if avx {
-            a.vmovdqu(ymmword_ptr(rsp + area + 32 * i), YMMS[i])?;
-        } else {
-            a.movaps(xmmword_ptr(rsp + area + 16 * i), XMMS[i])?;
+    match v {
+        Vectors::Avx512 { bw } => {
+            let z = base.next_multiple_of(64);
+            for (i, r) in ZMMS.iter().enumerate() {
+                a.vmovdqa64(zmmword_ptr(rsp + z + 64 * i), *r)?;
+            }
+            for (i, k) in KS.iter().enumerate() {
+                let at = rsp + z + 32 * 64 + 8 * i;
+                if bw {
+                    a.kmovq(qword_ptr(at), *k)?;
+                } else {
+                    a.kmovw(word_ptr(at), *k)?;
+                }
+            }
+        }
+        Vectors::Avx => {
+            for (i, r) in YMMS.iter().enumerate() {
+                a.vmovdqu(ymmword_ptr(rsp + area + 32 * i), *r)?;
+            }
+        }
+        Vectors::Sse => {
+            for (i, r) in XMMS.iter().enumerate() {
+                a.movaps(xmmword_ptr(rsp + area + 16 * i), *r)?;
+            }
         }
     }
     for &(r, off) in ctx {
-        if avx {
-            a.vmovaps(xmmword_ptr(rsp + off), XMMS[r])?;
-        } else {
+        if v == Vectors::Sse {
             a.movaps(xmmword_ptr(rsp + off), XMMS[r])?;
+        } else {
+            a.vmovaps(xmmword_ptr(rsp + off), XMMS[r])?;
         }
     }
     Ok(())
@@ -153,23 +230,46 @@ pub(crate) fn save_vectors(
 /// have changed them) and the rest, upper halves included, from the save area.
 pub(crate) fn restore_vectors(
     a: &mut CodeAssembler,
-    avx: bool,
+    v: Vectors,
     area: usize,
+    base: usize,
     ctx: &[(usize, usize)],
 ) -> Result<(), iced_x86::IcedError> {
-    for i in 0..16 {
-        if avx {
-            a.vmovdqu(YMMS[i], ymmword_ptr(rsp + area + 32 * i))?;
-        } else {
-            a.movaps(XMMS[i], xmmword_ptr(rsp + area + 16 * i))?;
+    match v {
+        Vectors::Avx512 { bw } => {
+            let z = base.next_multiple_of(64);
+            for (i, r) in ZMMS.iter().enumerate() {
+                a.vmovdqa64(*r, zmmword_ptr(rsp + z + 64 * i))?;
+            }
+            for (i, k) in KS.iter().enumerate() {
+                let at = rsp + z + 32 * 64 + 8 * i;
+                if bw {
+                    a.kmovq(*k, qword_ptr(at))?;
+                } else {
+                    a.kmovw(*k, word_ptr(at))?;
+                }
+            }
+        }
+        Vectors::Avx => {
+            for (i, r) in YMMS.iter().enumerate() {
+                a.vmovdqu(*r, ymmword_ptr(rsp + area + 32 * i))?;
+            }
+        }
+        Vectors::Sse => {
+            for (i, r) in XMMS.iter().enumerate() {
+                a.movaps(*r, xmmword_ptr(rsp + area + 16 * i))?;
+            }
         }
     }
+    // The lower 128 bits only: the rest was just restored (an EVEX insert keeps bits
+    // 256-511, a VEX one would zero them).
     for &(r, off) in ctx {
-        if avx {
-            // The lower half only: the upper one was just restored.
-            a.vinsertf128(YMMS[r], YMMS[r], xmmword_ptr(rsp + off), 0)?;
-        } else {
-            a.movaps(XMMS[r], xmmword_ptr(rsp + off))?;
+        match v {
+            Vectors::Avx512 { .. } => {
+                a.vinserti32x4(ZMMS[r], ZMMS[r], xmmword_ptr(rsp + off), 0)?
+            }
+            Vectors::Avx => a.vinsertf128(YMMS[r], YMMS[r], xmmword_ptr(rsp + off), 0)?,
+            Vectors::Sse => a.movaps(XMMS[r], xmmword_ptr(rsp + off))?,
         }
     }
     Ok(())
@@ -189,28 +289,27 @@ pub(crate) const ENTRY_CTX_XMM: [(usize, usize); 8] = [
 
 /// The general entry path: every call-clobbered register saved in a frame aligned at run
 /// time (the context the handler sees, `r11`, the vector registers), then `on_entry`.
-/// Ends with every register and `rsp` as at the site. `avx`: the OS enabled AVX, whose
-/// upper halves are kept too.
+/// Ends with every register and `rsp` as at the site, the vector state `v` in full.
 fn emit_entry_general(
     e: &mut Emitter,
     probe: *const Probe,
-    avx: bool,
+    v: Vectors,
 ) -> Result<CallEncoding, EmitError> {
     e.asm(|a| {
-        open_frame(a, el::FRAME)?;
+        open_frame(a, frame_size(el::FRAME, v))?;
         a.mov(qword_ptr(rsp + el::RSP), rbx)?;
         for (i, r) in GPRS.iter().enumerate() {
             a.mov(qword_ptr(rsp + el::GPRS + 8 * i), *r)?;
         }
         a.mov(qword_ptr(rsp + el::R11), r11)?;
-        save_vectors(a, avx, el::VECTORS, &ENTRY_CTX_XMM)?;
+        save_vectors(a, v, el::VECTORS, el::FRAME, &ENTRY_CTX_XMM)?;
         a.mov(rdi, probe as u64)?;
         a.mov(rsi, rsp)
     })?;
     let on_entry = dispatch::on_entry as *const () as u64;
     let encoding = e.call(on_entry)?;
     e.asm(|a| {
-        restore_vectors(a, avx, el::VECTORS, &ENTRY_CTX_XMM)?;
+        restore_vectors(a, v, el::VECTORS, el::FRAME, &ENTRY_CTX_XMM)?;
         for (i, r) in GPRS.iter().enumerate() {
             a.mov(*r, qword_ptr(rsp + el::GPRS + 8 * i))?;
         }
@@ -227,9 +326,9 @@ const EXIT_GPRS: [AsmRegister64; 7] = [rcx, rsi, rdi, r8, r9, r10, r11];
 /// The vector registers in the exit context, with their offsets.
 const EXIT_CTX_XMM: [(usize, usize); 2] = [(0, xl::XMM0), (1, xl::XMM1)];
 
-/// Emit the shared exit trampoline; returns how it reaches `on_exit`. `avx`: the OS
-/// enabled AVX, whose upper halves are kept too.
-pub fn emit_exit(e: &mut Emitter, tls: Option<i32>, avx: bool) -> Result<CallEncoding, EmitError> {
+/// Emit the shared exit trampoline; returns how it reaches `on_exit`. It keeps the
+/// vector state `v` in full.
+pub fn emit_exit(e: &mut Emitter, tls: Option<i32>, v: Vectors) -> Result<CallEncoding, EmitError> {
     if let Some(tls) = tls {
         let general = e.label();
         emit_fast_exit(e, tls, general)?;
@@ -238,13 +337,13 @@ pub fn emit_exit(e: &mut Emitter, tls: Option<i32>, avx: bool) -> Result<CallEnc
     e.asm(|a| {
         // rsp is one above the popped return slot, [rsp-8], where the real return
         // address goes at the end (rbx's value waits right below it).
-        open_frame(a, xl::FRAME)?;
+        open_frame(a, frame_size(xl::FRAME, v))?;
         a.mov(qword_ptr(rsp + xl::RAX), rax)?;
         a.mov(qword_ptr(rsp + xl::RDX), rdx)?;
         for (i, r) in EXIT_GPRS.iter().enumerate() {
             a.mov(qword_ptr(rsp + xl::GPRS + 8 * i), *r)?;
         }
-        save_vectors(a, avx, xl::VECTORS, &EXIT_CTX_XMM)?;
+        save_vectors(a, v, xl::VECTORS, xl::FRAME, &EXIT_CTX_XMM)?;
         a.mov(rdi, rsp)?;
         a.lea(rsi, qword_ptr(rbx - 8))
     })?;
@@ -252,7 +351,7 @@ pub fn emit_exit(e: &mut Emitter, tls: Option<i32>, avx: bool) -> Result<CallEnc
     let encoding = e.call(on_exit)?;
     e.asm(|a| {
         a.mov(qword_ptr(rbx - 8), rax)?;
-        restore_vectors(a, avx, xl::VECTORS, &EXIT_CTX_XMM)?;
+        restore_vectors(a, v, xl::VECTORS, xl::FRAME, &EXIT_CTX_XMM)?;
         a.mov(rax, qword_ptr(rsp + xl::RAX))?;
         a.mov(rdx, qword_ptr(rsp + xl::RDX))?;
         for (i, r) in EXIT_GPRS.iter().enumerate() {
@@ -393,14 +492,14 @@ pub struct DirectStub {
     /// Fill `xmm0-7` into the context before and reload their low halves after (the
     /// handler reads or writes the float arguments).
     pub floats: bool,
-    /// Vector registers to keep in full (bit per register).
-    pub vectors: u16,
+    /// Vector state to keep.
+    pub vectors: Saves,
 }
 
 impl DirectStub {
     /// Nothing to do: the slot can hold the shim itself.
     pub fn bare(&self) -> bool {
-        !self.floats && self.vectors == 0
+        !self.floats && self.vectors.is_empty()
     }
 }
 
@@ -412,12 +511,10 @@ pub fn emit_pack_direct_stub(
     e: &mut Emitter,
     shim: u64,
     s: DirectStub,
-    avx: bool,
+    v: Vectors,
 ) -> Result<CallEncoding, EmitError> {
-    let vectors: Vec<usize> = (0..16).filter(|i| s.vectors & (1 << i) != 0).collect();
-    let width = if avx { 32 } else { 16 };
     // Entered 8 off a 16-byte boundary; `push rbx` aligns, the frame keeps it.
-    let frame = (width * vectors.len() as i32 + 15) & !15;
+    let frame = (vector_set_bytes(s.vectors, v) + 15) & !15;
     e.asm(|a| {
         a.push(rbx)?;
         a.mov(rbx, rdi)?;
@@ -429,16 +526,16 @@ pub fn emit_pack_direct_stub(
         if frame > 0 {
             a.sub(rsp, frame)?;
         }
-        store_vector_set(a, &vectors, avx)
+        store_vector_set(a, s.vectors, v)
     })?;
     let encoding = e.call(shim)?;
     e.asm(|a| {
-        load_vector_set(a, &vectors, avx)?;
+        load_vector_set(a, s.vectors, v)?;
         if frame > 0 {
             a.add(rsp, frame)?;
         }
-        // Legacy-SSE loads: the upper halves stay as they are (restored above when the
-        // handler changes them).
+        // Legacy-SSE loads: the upper halves (bits 128-511) stay as they are (restored
+        // above when the handler changes them).
         if s.floats {
             for &(r, off) in &ENTRY_CTX_XMM {
                 a.movaps(XMMS[r], xmmword_ptr(rbx + off))?;
@@ -569,61 +666,95 @@ fn emit_pack_exit_call(
     })
 }
 
-/// Store the vector registers `regs` at `rsp`, one after the other: whole `ymm` when
-/// `avx`, else `xmm` (the pack stubs' save area, sized by the caller).
-fn store_vector_set(
+/// Bytes [`store_vector_set`] stores.
+fn vector_set_bytes(s: Saves, v: Vectors) -> i32 {
+    let s = s.for_state(v);
+    v.width() * s.low.count_ones() as i32
+        + 64 * s.zmm16.count_ones() as i32
+        + 8 * s.masks.count_ones() as i32
+}
+
+/// One move of the pack stubs' save area at `rsp`: a register of `s`, in the order
+/// registers 0-15 in full (`zmm` with AVX-512, `ymm` with AVX, else `xmm`), `zmm16-31`,
+/// `k0-7`. `store`: into the area, else back from it.
+fn move_vector_set(
     a: &mut CodeAssembler,
-    regs: &[usize],
-    avx: bool,
+    s: Saves,
+    v: Vectors,
+    store: bool,
 ) -> Result<(), iced_x86::IcedError> {
-    for (k, &r) in regs.iter().enumerate() {
-        if avx {
-            a.vmovdqu(ymmword_ptr(rsp + 32 * k), YMMS[r])?;
-        } else {
-            a.movups(xmmword_ptr(rsp + 16 * k), XMMS[r])?;
+    let s = s.for_state(v);
+    let mut at = 0;
+    for r in (0..16).filter(|i| s.low & (1 << i) != 0) {
+        let m = rsp + at;
+        match (v, store) {
+            (Vectors::Avx512 { .. }, true) => a.vmovdqu64(zmmword_ptr(m), ZMMS[r])?,
+            (Vectors::Avx512 { .. }, false) => a.vmovdqu64(ZMMS[r], zmmword_ptr(m))?,
+            (Vectors::Avx, true) => a.vmovdqu(ymmword_ptr(m), YMMS[r])?,
+            (Vectors::Avx, false) => a.vmovdqu(YMMS[r], ymmword_ptr(m))?,
+            (Vectors::Sse, true) => a.movups(xmmword_ptr(m), XMMS[r])?,
+            (Vectors::Sse, false) => a.movups(XMMS[r], xmmword_ptr(m))?,
         }
+        at += v.width();
+    }
+    for r in (0..16).filter(|i| s.zmm16 & (1 << i) != 0) {
+        let (m, z) = (rsp + at, ZMMS[16 + r]);
+        if store {
+            a.vmovdqu64(zmmword_ptr(m), z)?;
+        } else {
+            a.vmovdqu64(z, zmmword_ptr(m))?;
+        }
+        at += 64;
+    }
+    let bw = matches!(v, Vectors::Avx512 { bw: true });
+    for r in (0..8).filter(|i| s.masks & (1 << i) != 0) {
+        let (m, k) = (rsp + at, KS[r]);
+        match (bw, store) {
+            (true, true) => a.kmovq(qword_ptr(m), k)?,
+            (true, false) => a.kmovq(k, qword_ptr(m))?,
+            (false, true) => a.kmovw(word_ptr(m), k)?,
+            (false, false) => a.kmovw(k, word_ptr(m))?,
+        }
+        at += 8;
     }
     Ok(())
+}
+
+/// Store the vector state `s` at `rsp` (the pack stubs' save area, of
+/// [`vector_set_bytes`], sized by the caller).
+fn store_vector_set(
+    a: &mut CodeAssembler,
+    s: Saves,
+    v: Vectors,
+) -> Result<(), iced_x86::IcedError> {
+    move_vector_set(a, s, v, true)
 }
 
 /// Load back what [`store_vector_set`] stored.
-fn load_vector_set(
-    a: &mut CodeAssembler,
-    regs: &[usize],
-    avx: bool,
-) -> Result<(), iced_x86::IcedError> {
-    for (k, &r) in regs.iter().enumerate() {
-        if avx {
-            a.vmovdqu(YMMS[r], ymmword_ptr(rsp + 32 * k))?;
-        } else {
-            a.movups(XMMS[r], xmmword_ptr(rsp + 16 * k))?;
-        }
-    }
-    Ok(())
+fn load_vector_set(a: &mut CodeAssembler, s: Saves, v: Vectors) -> Result<(), iced_x86::IcedError> {
+    move_vector_set(a, s, v, false)
 }
 
 /// A pack handler's stub, shared by every probe running the handler: saves the vector
-/// registers in `save` (bit per register: `ymm` in full with AVX, else `xmm`), calls the
-/// shim, restores them. An ordinary function with the shim's signature; the slots of
-/// probes hold it instead of the shim. `save` comes from `crate::clobbers`: what the
-/// handler's code can write that its caller does not keep itself.
+/// state in `save` (see [`Saves`]), calls the shim, restores it. An ordinary function
+/// with the shim's signature; the slots of probes hold it instead of the shim. `save`
+/// comes from `crate::clobbers`: what the handler's code can write that its caller does
+/// not keep itself.
 pub fn emit_pack_stub(
     e: &mut Emitter,
     shim: u64,
-    save: u16,
-    avx: bool,
+    save: Saves,
+    v: Vectors,
 ) -> Result<CallEncoding, EmitError> {
-    let regs: Vec<usize> = (0..16).filter(|i| save & (1 << i) != 0).collect();
-    let width = if avx { 32 } else { 16 };
     // Entered with rsp 8 off a 16-byte boundary: the call below gets it aligned.
-    let frame = 8 + width * regs.len() as i32;
+    let frame = 8 + ((vector_set_bytes(save, v) + 15) & !15);
     e.asm(|a| {
         a.sub(rsp, frame)?;
-        store_vector_set(a, &regs, avx)
+        store_vector_set(a, save, v)
     })?;
     let encoding = e.call(shim)?;
     e.asm(|a| {
-        load_vector_set(a, &regs, avx)?;
+        load_vector_set(a, save, v)?;
         a.add(rsp, frame)?;
         a.ret()
     })?;
@@ -1148,6 +1279,20 @@ impl XsaveInfo {
     /// Whether the OS enabled the AVX state (XCR0 bit 2).
     pub fn avx(&self) -> bool {
         self.mask & 4 != 0
+    }
+
+    /// The vector state the OS enabled: AVX-512 when XCR0 has the opmask, `ZMM_Hi256`
+    /// and `Hi16_ZMM` components (bits 5-7).
+    pub fn vectors(&self) -> Vectors {
+        if self.avx() && self.mask & 0xe0 == 0xe0 {
+            // CPUID.(7,0):EBX bit 30 is AVX512BW: 64-bit masks.
+            let bw = core::arch::x86_64::__cpuid_count(7, 0).ebx & (1 << 30) != 0;
+            Vectors::Avx512 { bw }
+        } else if self.avx() {
+            Vectors::Avx
+        } else {
+            Vectors::Sse
+        }
     }
 }
 

@@ -7,11 +7,14 @@
 //! may change nothing but the flags at a call boundary (and nothing at all at an offset).
 //!
 //! The caller (`reg_call`, assembly) loads every general-purpose register, xmm0-15, the
-//! upper halves of ymm0-15 (when the CPU has AVX) and two stack slots above its `rsp` with
-//! known values, calls the probed function with `rsp` aligned as the ABI says or 8 off,
-//! and records everything after the return. Each probed function (assembly) records what
-//! it sees on entry into its own static and returns without changing anything.
+//! upper halves of ymm0-15 (when the CPU has AVX), bits 256-511 of zmm0-15, zmm16-31 and
+//! k0-7 (when it has AVX-512: a caller built with `-mavx512f -fipa-ra` keeps values there
+//! across calls) and two stack slots above its `rsp` with known values, calls the probed
+//! function with `rsp` aligned as the ABI says or 8 off, and records everything after the
+//! return. Each probed function (assembly) records what it sees on entry into its own
+//! static and returns without changing anything.
 
+use agent::clobbers::Saves;
 use agent::interceptor::{Interceptor, PackHandlers, ProbeRequest};
 use agent::relocator::Function;
 use probes::abi::shared::ProbeKind;
@@ -58,6 +61,17 @@ global_asm!(
     ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
     "vextractf128 xmmword ptr [rip+\\s+416+16*\\i], ymm\\i, 1",
     ".endr",
+    "cmp byte ptr [rip+reg_have_avx512], 0",
+    "je 77f",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+    "vextracti64x4 ymmword ptr [rip+\\s+672+32*\\i], zmm\\i, 1",
+    ".endr",
+    ".irp i, 16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "vmovdqu64 zmmword ptr [rip+\\s+672+512+64*(\\i-16)], zmm\\i",
+    ".endr",
+    ".irp i, 0,1,2,3,4,5,6,7",
+    "kmovq qword ptr [rip+\\s+672+1536+8*\\i], k\\i",
+    ".endr",
     "77:",
     ".endm",
     // A probed function: a 5-byte nop for the probe to steal (nothing to relocate), then
@@ -74,7 +88,7 @@ global_asm!(
     ".p2align 4",
     ".globl \\name\\()_seen",
     "\\name\\()_seen:",
-    ".zero 672",
+    ".zero 2272",
     ".popsection",
     ".endm",
     "REG_BODY reg_entry",
@@ -96,6 +110,9 @@ global_asm!(
     "REG_BODY reg_pack_exit",
     "REG_BODY reg_pack_exit_only",
     "REG_BODY reg_pack_gprs",
+    "REG_BODY reg_pack_evex",
+    "REG_BODY reg_pack_libc",
+    "REG_BODY reg_pack_exit_evex",
     // The probe steals a `call`: what reg_callee sees must be what the caller set.
     ".globl reg_stolen_call",
     "reg_stolen_call:",
@@ -120,7 +137,7 @@ global_asm!(
     ".p2align 4",
     ".globl reg_offset_seen",
     "reg_offset_seen:",
-    ".zero 672",
+    ".zero 2272",
     ".popsection",
     // reg_call(frame): see `Frame`. At the call, [rsp] and [rsp+8] hold the two stack
     // values, [rsp+16] the frame, [rsp+24] the rsp to restore, [rsp+32] the target.
@@ -157,6 +174,18 @@ global_asm!(
     "movdqu xmm\\i, xmmword ptr [rdi+160+16*\\i]",
     ".endr",
     "3:",
+    "cmp qword ptr [rdi+1368], 0",
+    "je 6f",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+    "vinserti64x4 zmm\\i, zmm\\i, ymmword ptr [rdi+1376+32*\\i], 1",
+    ".endr",
+    ".irp i, 16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "vmovdqu64 zmm\\i, zmmword ptr [rdi+1376+512+64*(\\i-16)]",
+    ".endr",
+    ".irp i, 0,1,2,3,4,5,6,7",
+    "kmovq k\\i, qword ptr [rdi+1376+1536+8*\\i]",
+    ".endr",
+    "6:",
     "mov rax, qword ptr [rdi+0]",
     "mov rbx, qword ptr [rdi+8]",
     "mov rcx, qword ptr [rdi+16]",
@@ -204,6 +233,18 @@ global_asm!(
     ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
     "vextractf128 xmmword ptr [rax+672+416+16*\\i], ymm\\i, 1",
     ".endr",
+    "cmp qword ptr [rax+1368], 0",
+    "je 5f",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+    "vextracti64x4 ymmword ptr [rax+2976+32*\\i], zmm\\i, 1",
+    ".endr",
+    ".irp i, 16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "vmovdqu64 zmmword ptr [rax+2976+512+64*(\\i-16)], zmm\\i",
+    ".endr",
+    ".irp i, 0,1,2,3,4,5,6,7",
+    "kmovq qword ptr [rax+2976+1536+8*\\i], k\\i",
+    ".endr",
+    "5:",
     "vzeroupper",
     "4:",
     "mov rsp, qword ptr [rsp+24]",
@@ -217,6 +258,9 @@ global_asm!(
     ".data",
     ".globl reg_have_avx",
     "reg_have_avx:",
+    ".byte 0",
+    ".globl reg_have_avx512",
+    "reg_have_avx512:",
     ".byte 0",
     ".p2align 3",
     // CF PF AF ZF SF DF OF and the always-one bit 1.
@@ -246,6 +290,27 @@ struct Regs {
 
 const _: () = assert!(std::mem::size_of::<Regs>() == 672);
 
+/// The AVX-512 state beyond `Regs` (all zero when the CPU has no AVX-512).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Avx512Regs {
+    /// Bits 256..511 of zmm0-15.
+    zmm_hi: [[u64; 4]; 16],
+    zmm16: [[u64; 8]; 16],
+    k: [u64; 8],
+}
+
+const _: () = assert!(std::mem::size_of::<Avx512Regs>() == 1600);
+
+/// What a recording function saw: its `_seen` static.
+#[repr(C)]
+struct Seen {
+    regs: Regs,
+    avx512: Avx512Regs,
+}
+
+const _: () = assert!(std::mem::size_of::<Seen>() == 2272);
+
 #[repr(C)]
 struct Frame {
     input: Regs,
@@ -254,10 +319,16 @@ struct Frame {
     /// 0: the callee is entered with rsp = 8 mod 16 (as the ABI says); 8: 0 mod 16.
     misalign: u64,
     avx: u64,
+    avx512: u64,
+    input512: Avx512Regs,
+    after512: Avx512Regs,
 }
 
 const _: () = assert!(std::mem::offset_of!(Frame, target) == 1344);
 const _: () = assert!(std::mem::offset_of!(Frame, avx) == 1360);
+const _: () = assert!(std::mem::offset_of!(Frame, avx512) == 1368);
+const _: () = assert!(std::mem::offset_of!(Frame, input512) == 1376);
+const _: () = assert!(std::mem::offset_of!(Frame, after512) == 2976);
 
 const NAMES: [&str; 16] = [
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
@@ -268,6 +339,7 @@ const RSP: usize = 7;
 extern "C" {
     fn reg_call(frame: *mut Frame);
     static mut reg_have_avx: u8;
+    static mut reg_have_avx512: u8;
 }
 
 macro_rules! bodies {
@@ -276,7 +348,7 @@ macro_rules! bodies {
             $(
                 fn $name();
                 static $end: u8;
-                static $seen: Regs;
+                static $seen: Seen;
             )*
         }
     };
@@ -301,12 +373,15 @@ bodies! {
     reg_pack_exit, reg_pack_exit_end, reg_pack_exit_seen;
     reg_pack_exit_only, reg_pack_exit_only_end, reg_pack_exit_only_seen;
     reg_pack_gprs, reg_pack_gprs_end, reg_pack_gprs_seen;
+    reg_pack_evex, reg_pack_evex_end, reg_pack_evex_seen;
+    reg_pack_libc, reg_pack_libc_end, reg_pack_libc_seen;
+    reg_pack_exit_evex, reg_pack_exit_evex_end, reg_pack_exit_evex_seen;
 }
 
 extern "C" {
     fn reg_far();
-    static reg_far_seen: Regs;
-    static reg_callee_seen: Regs;
+    static reg_far_seen: Seen;
+    static reg_callee_seen: Seen;
     fn reg_stolen_call();
     static reg_stolen_call_end: u8;
     static reg_offset_site: u8;
@@ -314,6 +389,19 @@ extern "C" {
 
 fn have_avx() -> bool {
     std::arch::is_x86_feature_detected!("avx")
+}
+
+/// AVX-512 state to fill and check: `zmm0-31` and 64-bit `k` registers (`kmovq`, AVX512BW).
+fn have_avx512() -> bool {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let have = std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw");
+    if !have {
+        SAID.call_once(|| {
+            println!("no AVX-512F and AVX512BW on this CPU: zmm16-31 and k0-7 not checked")
+        });
+    }
+    have
 }
 
 /// Distinct values for every register, different for every `seed`.
@@ -335,6 +423,61 @@ fn input(seed: u64) -> Regs {
         }
     }
     r
+}
+
+/// Distinct values for the AVX-512 state, different for every `seed`; zero without it.
+fn input512(seed: u64) -> Avx512Regs {
+    let v = |k: u64| (seed << 48) ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x0202_0202;
+    let mut r = Avx512Regs {
+        zmm_hi: [[0; 4]; 16],
+        zmm16: [[0; 8]; 16],
+        k: [0; 8],
+    };
+    if !have_avx512() {
+        return r;
+    }
+    for i in 0..16 {
+        for j in 0..4 {
+            r.zmm_hi[i][j] = v(200 + 4 * i as u64 + j as u64);
+        }
+        for j in 0..8 {
+            r.zmm16[i][j] = v(300 + 8 * i as u64 + j as u64);
+        }
+    }
+    for i in 0..8 {
+        r.k[i] = v(500 + i as u64);
+    }
+    r
+}
+
+/// What differs in the AVX-512 state, one line each.
+fn diff512(what: &str, want: &Avx512Regs, got: &Avx512Regs) -> Vec<String> {
+    let mut out = Vec::new();
+    for i in 0..16 {
+        if got.zmm_hi[i] != want.zmm_hi[i] {
+            out.push(format!(
+                "{what}: zmm{i} bits 256-511 are {:x?}, want {:x?}",
+                got.zmm_hi[i], want.zmm_hi[i]
+            ));
+        }
+        if got.zmm16[i] != want.zmm16[i] {
+            out.push(format!(
+                "{what}: zmm{} is {:x?}, want {:x?}",
+                16 + i,
+                got.zmm16[i],
+                want.zmm16[i]
+            ));
+        }
+    }
+    for i in 0..8 {
+        if got.k[i] != want.k[i] {
+            out.push(format!(
+                "{what}: k{i} is {:#x}, want {:#x}",
+                got.k[i], want.k[i]
+            ));
+        }
+    }
+    out
 }
 
 /// What differs between what the caller set and what was seen, one line each.
@@ -379,12 +522,15 @@ fn diff(what: &str, want: &Regs, got: &Regs, rsp_delta: u64, stack: bool) -> Vec
 fn check_calls(
     what: &str,
     f: unsafe extern "C" fn(),
-    seen: *const Regs,
+    seen: *const Seen,
     rsp_delta: u64,
     seed: u64,
 ) -> Vec<String> {
-    // SAFETY: a single-byte flag read by the assembly.
-    unsafe { std::ptr::addr_of_mut!(reg_have_avx).write_volatile(have_avx() as u8) };
+    // SAFETY: single-byte flags read by the assembly.
+    unsafe {
+        std::ptr::addr_of_mut!(reg_have_avx).write_volatile(have_avx() as u8);
+        std::ptr::addr_of_mut!(reg_have_avx512).write_volatile(have_avx512() as u8);
+    }
     let mut out = Vec::new();
     for (k, misalign) in [0u64, 8, 0, 8].into_iter().enumerate() {
         let mut frame = Box::new(Frame {
@@ -393,6 +539,9 @@ fn check_calls(
             target: f as usize as u64,
             misalign,
             avx: have_avx() as u64,
+            avx512: have_avx512() as u64,
+            input512: input512(seed + k as u64),
+            after512: input512(0),
         });
         // SAFETY: reg_call takes a frame and calls `target`, a recording function that
         // takes no arguments and returns nothing.
@@ -400,20 +549,18 @@ fn check_calls(
         // SAFETY: written by the recording function during the call just made.
         let seen = unsafe { std::ptr::read_volatile(seen) };
         let tag = format!("{what} (call {k}, rsp 8 off: {})", misalign != 0);
+        let by_function = format!("{tag}, seen by the function");
         out.extend(diff(
-            &format!("{tag}, seen by the function"),
+            &by_function,
             &frame.input,
-            &seen,
+            &seen.regs,
             rsp_delta,
             rsp_delta == 8,
         ));
-        out.extend(diff(
-            &format!("{tag}, found by the caller after the return"),
-            &frame.input,
-            &frame.after,
-            0,
-            true,
-        ));
+        out.extend(diff512(&by_function, &frame.input512, &seen.avx512));
+        let by_caller = format!("{tag}, found by the caller after the return");
+        out.extend(diff(&by_caller, &frame.input, &frame.after, 0, true));
+        out.extend(diff512(&by_caller, &frame.input512, &frame.after512));
     }
     out
 }
@@ -474,6 +621,53 @@ fn float_work(x: u64) {
         .map(|a| (*a as f32).mul_add(0.5, 1.0))
         .sum();
     FLOAT_SINK.fetch_add((s + t as f64) as u64, SeqCst);
+    libc_strings(x);
+    if have_avx512() {
+        // SAFETY: the CPU has AVX-512F and BW.
+        unsafe { clobber_avx512() };
+    }
+}
+
+/// String functions the agent's and handlers' code reaches in libc: on a CPU with
+/// AVX-512 glibc picks EVEX and AVX-512 variants, which write ymm16-31, zmm16-31 and k
+/// registers.
+fn libc_strings(x: u64) {
+    let src = [x as u8; 300];
+    let mut dst = [0u8; 300];
+    let text = c"a string long enough for the vector loop of strlen, and more";
+    // SAFETY: buffers of 300 bytes and a NUL-terminated string.
+    let (n, c) = unsafe {
+        libc::memcpy(dst.as_mut_ptr().cast(), src.as_ptr().cast(), black_box(300));
+        let n = libc::strlen(black_box(text.as_ptr()));
+        (
+            n,
+            libc::memcmp(dst.as_ptr().cast(), src.as_ptr().cast(), 300),
+        )
+    };
+    FLOAT_SINK.fetch_add(n as u64 + c as u64 + dst[7] as u64, SeqCst);
+}
+
+/// Write AVX-512 state directly, whatever libc picks: bits 256-511 of zmm0 and zmm15,
+/// zmm16 and zmm31, k1 and k7 (k0 cannot be named in Rust's `asm!`; `strlen` writes it).
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn clobber_avx512() {
+    // SAFETY: only the declared registers change.
+    unsafe {
+        std::arch::asm!(
+            "vpternlogd zmm0, zmm0, zmm0, 0xff",
+            "vpternlogd zmm15, zmm15, zmm15, 0xff",
+            "vpternlogd zmm16, zmm16, zmm16, 0xff",
+            "vpternlogd zmm31, zmm31, zmm31, 0xff",
+            "kxnorq k1, k1, k1",
+            "kxnorq k7, k7, k7",
+            out("zmm0") _,
+            out("zmm15") _,
+            out("zmm16") _,
+            out("zmm31") _,
+            out("k1") _,
+            out("k7") _,
+        )
+    };
 }
 
 fn float_entry(ctx: &mut EntryContext) {
@@ -617,7 +811,7 @@ fn offset_handler_changes_no_register_nor_flag() {
         8,
         8,
     ));
-    let seen = unsafe { std::ptr::read_volatile(&reg_offset_seen) };
+    let seen = unsafe { std::ptr::read_volatile(&reg_offset_seen) }.regs;
     assert_eq!(
         seen.flags & FLAGS_CHECKED,
         FLAGS_CHECKED,
@@ -737,18 +931,53 @@ fn symbol(lib: *mut libc::c_void, name: &std::ffi::CStr) -> u64 {
     p
 }
 
-/// (what, body, end, seen, shim, the stub's saves with AVX (None: every register),
-/// whether it needs AVX)
+/// What the analysis of a pack handler must find, as the stub's saves.
+#[derive(Clone, Copy)]
+enum Expect {
+    /// Exactly these (with the CPU features the case needs).
+    Saves(Saves),
+    /// Code it cannot follow: every register.
+    Full,
+    /// Whatever it finds in code this test does not control (libc's).
+    Any,
+}
+
+/// Registers 0-15 only.
+fn low(bits: u16) -> Expect {
+    Expect::Saves(Saves {
+        low: bits,
+        ..Saves::default()
+    })
+}
+
+/// What a case needs of the CPU to run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    Nothing,
+    Avx,
+    Avx512,
+}
+
+impl Needs {
+    fn met(self) -> bool {
+        match self {
+            Needs::Nothing => true,
+            Needs::Avx => have_avx(),
+            Needs::Avx512 => have_avx512(),
+        }
+    }
+}
+
+/// (what, body, end, seen, shim, the stub's saves, what it needs of the CPU)
 type PackCase = (
     &'static str,
     unsafe extern "C" fn(),
     *const u8,
-    *const Regs,
+    *const Seen,
     &'static std::ffi::CStr,
-    Option<u16>,
-    bool,
+    Expect,
+    Needs,
 );
-
 /// Pack handlers run straight from the trampoline through stubs that fill only what the
 /// handler uses of its context (descriptor flags) and save only the registers the
 /// handler's code writes: the analysis must find each one (legacy SSE low halves, VEX
@@ -761,17 +990,16 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
     let hits = symbol(lib, c"regs_pack_hits");
     // SAFETY: the pack exports `regs_pack_hits` with this signature.
     let hits: extern "C" fn() -> u64 = unsafe { std::mem::transmute(hits) };
-    let avx = have_avx();
     // SAFETY (whole table): symbols from the assembly above.
-    let cases: [PackCase; 6] = [
+    let cases: [PackCase; 8] = [
         (
             "plain",
             reg_pack_plain,
             unsafe { &reg_pack_plain_end },
             unsafe { &reg_pack_plain_seen },
             c"__tracer_probe_plain",
-            Some(0),
-            false,
+            low(0),
+            Needs::Nothing,
         ),
         (
             "sse",
@@ -781,8 +1009,8 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
             c"__tracer_probe_sse",
             // xmm3 too: the handler uses no float argument, so the context does not
             // keep them.
-            Some(1 << 3 | 1 << 12),
-            false,
+            low(1 << 3 | 1 << 12),
+            Needs::Nothing,
         ),
         (
             "gprs",
@@ -790,8 +1018,8 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
             unsafe { &reg_pack_gprs_end },
             unsafe { &reg_pack_gprs_seen },
             c"__tracer_probe_gprs",
-            Some(0),
-            false,
+            low(0),
+            Needs::Nothing,
         ),
         (
             "vex",
@@ -799,8 +1027,8 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
             unsafe { &reg_pack_vex_end },
             unsafe { &reg_pack_vex_seen },
             c"__tracer_probe_vex",
-            Some(1 << 5 | 1 << 13),
-            true,
+            low(1 << 5 | 1 << 13),
+            Needs::Avx,
         ),
         (
             "vzeroupper",
@@ -808,8 +1036,8 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
             unsafe { &reg_pack_vzeroupper_end },
             unsafe { &reg_pack_vzeroupper_seen },
             c"__tracer_probe_vzu",
-            Some(0xffff),
-            true,
+            low(0xffff),
+            Needs::Avx,
         ),
         (
             "opaque",
@@ -817,12 +1045,35 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
             unsafe { &reg_pack_opaque_end },
             unsafe { &reg_pack_opaque_seen },
             c"__tracer_probe_opaque",
-            None,
-            false,
+            Expect::Full,
+            Needs::Nothing,
+        ),
+        (
+            "evex",
+            reg_pack_evex,
+            unsafe { &reg_pack_evex_end },
+            unsafe { &reg_pack_evex_seen },
+            c"__tracer_probe_evex",
+            // xmm3: the handler uses no float argument, so the context does not keep it.
+            Expect::Saves(Saves {
+                low: 1 << 3,
+                zmm16: 1 << (17 - 16) | 1 << (20 - 16),
+                masks: 1 << 2,
+            }),
+            Needs::Avx512,
+        ),
+        (
+            "libc",
+            reg_pack_libc,
+            unsafe { &reg_pack_libc_end },
+            unsafe { &reg_pack_libc_seen },
+            c"__tracer_probe_libc_strings",
+            Expect::Any,
+            Needs::Nothing,
         ),
     ];
-    for (seed, (what, body, end, seen, shim, saves, needs_avx)) in cases.into_iter().enumerate() {
-        if needs_avx && !avx {
+    for (seed, (what, body, end, seen, shim, expect, needs)) in cases.into_iter().enumerate() {
+        if !needs.met() {
             continue;
         }
         let shim = symbol(lib, shim);
@@ -839,25 +1090,29 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
                 .expect("stub")
                 .clone()
         });
-        match saves {
-            Some(s) => {
+        match expect {
+            Expect::Saves(s) => {
                 assert!(
                     !stub.analysis.clobbers.full,
                     "{what}: {:?}",
                     stub.analysis.reason
                 );
-                assert_eq!(stub.saves, s, "{what}: saves {:#x}", stub.saves);
+                assert_eq!(stub.saves, s, "{what}: {}", stub.analysis.clobbers);
                 let bare = stub.direct.is_some_and(|d| d.bare());
                 assert_eq!(
                     stub.addr == shim,
-                    s == 0 && bare,
+                    s.is_empty() && bare,
                     "{what}: a stub only when needed"
                 );
             }
-            None => assert!(
+            Expect::Full => assert!(
                 stub.analysis.clobbers.full,
                 "{what}: {}",
                 stub.analysis.clobbers
+            ),
+            Expect::Any => println!(
+                "{what}: the handler writes {} ({:?})",
+                stub.analysis.clobbers, stub.analysis.reason
             ),
         }
         let before = hits();
@@ -899,7 +1154,7 @@ fn pack_exit_handlers_change_no_register_with_reduced_saves() {
         let id = install(req);
         let stub = with(|i| i.pack_stub(exit_shim, exit_keeps).expect("stub").clone());
         assert_eq!(
-            stub.saves,
+            stub.saves.low,
             1 << 4 | 1 << 7 | 1 << 12,
             "{}",
             stub.analysis.clobbers
@@ -934,6 +1189,39 @@ fn pack_exit_handlers_change_no_register_with_reduced_saves() {
             "exit, pack handler",
             reg_pack_exit_only,
             unsafe { &reg_pack_exit_only_seen },
+            8,
+            seed,
+        ));
+    }
+    assert_eq!(hits() - before, 8);
+    assert_eq!(counts(id), (8, 8, 0));
+    if !have_avx512() {
+        return;
+    }
+    // A return handler writing EVEX state: its stub keeps zmm12 in full (beyond the
+    // exit context's xmm0-1), zmm25 and k6.
+    let exit_shim = symbol(lib, c"__tracer_probe_exit_evex");
+    let mut req = entry(reg_pack_exit_evex, unsafe { &reg_pack_exit_evex_end }).with_exit();
+    req.pack = Some(PackHandlers {
+        entry: 0,
+        exit: exit_shim,
+        exit_timed: false,
+        name: "test:pack_exit_evex",
+    });
+    let id = install(req);
+    let stub = with(|i| i.pack_stub(exit_shim, exit_keeps).expect("stub").clone());
+    let want = Saves {
+        low: 1 << 12,
+        zmm16: 1 << (25 - 16),
+        masks: 1 << 6,
+    };
+    assert_eq!(stub.saves, want, "{}", stub.analysis.clobbers);
+    let before = hits();
+    for seed in [240, 250] {
+        assert_exact(check_calls(
+            "exit, pack handler writing EVEX state",
+            reg_pack_exit_evex,
+            unsafe { &reg_pack_exit_evex_seen },
             8,
             seed,
         ));

@@ -99,7 +99,7 @@ fn probe_json(
     if r.panics > 0 {
         v["panics"] = r.panics.into();
     }
-    if let Some(s) = saves_json(r.saves) {
+    if let Some(s) = saves_json(r.saves, r.saves_avx512) {
         v["saves"] = s;
     }
     if let Some(why) = entries_only {
@@ -168,18 +168,29 @@ fn table(reports: &[ProbeReport], exit: bool) -> String {
 }
 
 /// What `--json` says a pack probe saves around its handlers: `{"entry": "ymm5 ymm13",
-/// "exit": "all"}` (vector registers; the general-purpose ones are always kept).
-fn saves_json(bits: u64) -> Option<serde_json::Value> {
+/// "exit": "all"}` (vector registers; the general-purpose ones are always kept). With
+/// AVX-512 the registers are named `zmm`, with the `zmm16-31` and `k` ones saved too.
+fn saves_json(bits: u64, avx512_bits: u64) -> Option<serde_json::Value> {
     use probes::abi::shared::saves;
     let avx = std::arch::is_x86_feature_detected!("avx");
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    let describe = |shift: u32, avx512_shift: u32| {
+        let b = (bits >> shift) as u16;
+        if avx512 {
+            let (zmm16, masks) = saves::avx512::unpack(avx512_bits, avx512_shift);
+            saves::describe_avx512(b, zmm16, masks)
+        } else {
+            saves::describe(b, avx)
+        }
+    };
     let mut v = serde_json::Map::new();
     if bits & saves::HAS_ENTRY != 0 {
-        let b = (bits >> saves::ENTRY_SHIFT) as u16;
-        v.insert("entry".into(), saves::describe(b, avx).into());
+        let d = describe(saves::ENTRY_SHIFT, saves::avx512::ENTRY_SHIFT);
+        v.insert("entry".into(), d.into());
     }
     if bits & saves::HAS_EXIT != 0 {
-        let b = (bits >> saves::EXIT_SHIFT) as u16;
-        v.insert("exit".into(), saves::describe(b, avx).into());
+        let d = describe(saves::EXIT_SHIFT, saves::avx512::EXIT_SHIFT);
+        v.insert("exit".into(), d.into());
     }
     (!v.is_empty()).then_some(serde_json::Value::Object(v))
 }

@@ -100,6 +100,8 @@ pub struct ProbeReport {
     /// Pack probes: the vector registers saved around their handlers
     /// (`probes::abi::shared::saves`), 0 for other probes.
     pub saves: u64,
+    /// The same for `zmm16-31` and `k0-7` (`probes::abi::shared::saves::avx512`).
+    pub saves_avx512: u64,
 }
 
 #[derive(Debug)]

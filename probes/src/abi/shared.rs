@@ -66,7 +66,11 @@ pub struct ProbeCounters {
     /// Pack probes: the vector registers saved around their handlers, as [`saves`] packs
     /// them; 0 for other probes.
     pub saves: AtomicU64,
+    /// The same for `zmm16-31` and `k0-7` (with AVX-512), as [`saves::avx512`] packs them.
+    pub saves_avx512: AtomicU64,
 }
+
+const _: () = assert!(std::mem::size_of::<ProbeCounters>() == 64);
 
 /// [`ProbeCounters::saves`]: what the stubs of a probe's pack handlers save (`ymm` in
 /// full with AVX, else `xmm`), found by analysing the handlers' code.
@@ -79,6 +83,37 @@ pub mod saves {
     pub const HAS_ENTRY: u64 = 1 << 32;
     /// The probe has a return handler of a pack.
     pub const HAS_EXIT: u64 = 1 << 33;
+
+    /// [`super::ProbeCounters::saves_avx512`]: per handler (entry at `ENTRY_SHIFT`,
+    /// return at `EXIT_SHIFT`), `zmm16-31` in 16 bits then `k0-7` in 8.
+    pub mod avx512 {
+        pub const ENTRY_SHIFT: u32 = 0;
+        pub const EXIT_SHIFT: u32 = 32;
+
+        pub fn pack(zmm16: u16, masks: u8, shift: u32) -> u64 {
+            (zmm16 as u64 | (masks as u64) << 16) << shift
+        }
+
+        /// (zmm16-31, k0-7) of the handler at `shift`.
+        pub fn unpack(bits: u64, shift: u32) -> (u16, u8) {
+            ((bits >> shift) as u16, (bits >> (shift + 16)) as u8)
+        }
+    }
+
+    /// With AVX-512: `zmm5 zmm12-13 zmm17 k2` (registers 0-15 are kept in full, as
+    /// `zmm`), "none" or "all".
+    pub fn describe_avx512(bits: u16, zmm16: u16, masks: u8) -> String {
+        if bits == 0xffff && zmm16 == 0xffff && masks == 0xff {
+            return "all".into();
+        }
+        let mut parts = ranges(bits, "zmm", "");
+        parts.extend(ranges_from(16, zmm16, "zmm", ""));
+        parts.extend(ranges(masks as u16, "k", ""));
+        if parts.is_empty() {
+            return "none".into();
+        }
+        parts.join(" ")
+    }
 
     /// `ymm5 ymm12-13`, "none" or "all" for one handler's 16 bits.
     pub fn describe(bits: u16, avx: bool) -> String {
@@ -93,6 +128,11 @@ pub mod saves {
     /// The registers of a bit set as runs: `xmm0-3`, `xmm8` (`prefix`, then the numbers,
     /// then `suffix`).
     pub fn ranges(bits: u16, prefix: &str, suffix: &str) -> Vec<String> {
+        ranges_from(0, bits, prefix, suffix)
+    }
+
+    /// [`ranges`] of a bit set whose bit 0 is register `first` (`zmm16-31`).
+    pub fn ranges_from(first: usize, bits: u16, prefix: &str, suffix: &str) -> Vec<String> {
         let mut out = Vec::new();
         let mut i = 0;
         while i < 16 {
@@ -104,10 +144,11 @@ pub mod saves {
             while i + 1 < 16 && bits & (1 << (i + 1)) != 0 {
                 i += 1;
             }
+            let (a, b) = (first + start, first + i);
             out.push(if start == i {
-                format!("{prefix}{start}{suffix}")
+                format!("{prefix}{a}{suffix}")
             } else {
-                format!("{prefix}{start}-{i}{suffix}")
+                format!("{prefix}{a}-{b}{suffix}")
             });
             i += 1;
         }
@@ -259,5 +300,20 @@ mod tests {
         }
         assert_eq!(ProbeKind::try_from(3), Err(3));
         assert_eq!(ProbeKind::try_from(u32::MAX), Err(u32::MAX));
+    }
+
+    #[test]
+    fn avx512_saves_round_trip_and_read_as_registers() {
+        use super::saves::{avx512, describe_avx512};
+        let bits = avx512::pack(0b1011, 0x84, avx512::ENTRY_SHIFT)
+            | avx512::pack(0x8000, 1, avx512::EXIT_SHIFT);
+        assert_eq!(avx512::unpack(bits, avx512::ENTRY_SHIFT), (0b1011, 0x84));
+        assert_eq!(avx512::unpack(bits, avx512::EXIT_SHIFT), (0x8000, 1));
+        assert_eq!(
+            describe_avx512(1 << 5, 0b1011, 0x84),
+            "zmm5 zmm16-17 zmm19 k2 k7"
+        );
+        assert_eq!(describe_avx512(0, 0, 0), "none");
+        assert_eq!(describe_avx512(0xffff, 0xffff, 0xff), "all");
     }
 }

@@ -101,6 +101,10 @@ impl Session {
                     lost_exits: c.lost_exits(),
                     encoding: p.encoding,
                     saves: c.line.saves.load(std::sync::atomic::Ordering::Relaxed),
+                    saves_avx512: c
+                        .line
+                        .saves_avx512
+                        .load(std::sync::atomic::Ordering::Relaxed),
                 }
             })
             .collect()

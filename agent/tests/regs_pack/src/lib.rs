@@ -136,3 +136,67 @@ fn gprs(_ctx: &mut EntryCtx) {
         )
     };
 }
+
+/// EVEX (run only on a CPU with AVX-512F and BW): xmm3 (an EVEX write zeroes bits
+/// 128-511), ymm20 and zmm17 in full, the mask k2.
+#[entry("main:reg_pack_evex")]
+fn evex(_ctx: &mut EntryCtx) {
+    HITS.fetch_add(1, Relaxed);
+    // SAFETY: the test runs this handler only where the CPU has AVX-512F and BW.
+    unsafe { evex_writes() };
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn evex_writes() {
+    // SAFETY: only clobbers the declared registers.
+    unsafe {
+        asm!(
+            "vpxord xmm3, xmm3, xmm3",
+            "vpternlogd ymm20, ymm20, ymm20, 0xff",
+            "vpternlogd zmm17, zmm17, zmm17, 0xff",
+            "kxnorq k2, k2, k2",
+            out("xmm3") _,
+            out("zmm20") _,
+            out("zmm17") _,
+            out("k2") _,
+        )
+    };
+}
+
+/// libc's string functions, reached through the GOT: on a CPU with AVX-512 glibc picks
+/// EVEX and AVX-512 variants (ymm16-31, zmm16-31, k registers).
+#[entry("main:reg_pack_libc")]
+fn libc_strings(ctx: &mut EntryCtx) {
+    HITS.fetch_add(1, Relaxed);
+    let src = [ctx.arg::<u64>(0) as u8; 300];
+    let mut dst = [0u8; 300];
+    let n = std::hint::black_box(300usize);
+    dst[..n].copy_from_slice(&src[..n]);
+    let text = c"a string long enough for the vector loop of strlen, and more";
+    let len = std::hint::black_box(text).to_bytes().len();
+    WORK.fetch_add(dst[7] as u64 + len as u64, Relaxed);
+}
+
+/// A return handler writing EVEX state (run only on a CPU with AVX-512F and BW): xmm12
+/// (bits 128-511 zeroed), zmm25, k6.
+#[exit("main:reg_pack_exit_evex")]
+fn exit_evex(_ctx: &mut ExitCtx) {
+    HITS.fetch_add(1, Relaxed);
+    // SAFETY: the test runs this handler only where the CPU has AVX-512F and BW.
+    unsafe { exit_evex_writes() };
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn exit_evex_writes() {
+    // SAFETY: only clobbers the declared registers.
+    unsafe {
+        asm!(
+            "vpxord xmm12, xmm12, xmm12",
+            "vpternlogd zmm25, zmm25, zmm25, 0xff",
+            "kxnorq k6, k6, k6",
+            out("xmm12") _,
+            out("zmm25") _,
+            out("k6") _,
+        )
+    };
+}
