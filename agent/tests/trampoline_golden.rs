@@ -15,7 +15,7 @@
 use agent::dispatch::{self, Probe};
 use agent::emitter::Emitter;
 use agent::relocator::{analyze, Function, ProbeKind, SliceMemory, Stolen};
-use agent::trampoline::{self, EntryPath, FastEntry, XsaveInfo};
+use agent::trampoline::{self, EntryPath, FastEntry, Vectors, XsaveInfo};
 use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 use probes::abi::shared::{Counts, ProbeCounters};
 use std::sync::atomic::AtomicU64;
@@ -125,7 +125,7 @@ fn fast_entry(exit_trampoline: u64) -> Vec<String> {
     } else {
         ProbeKind::Exit
     };
-    trampoline::emit_entry(&mut e, p, &stolen(kind), path, true).unwrap();
+    trampoline::emit_entry(&mut e, p, &stolen(kind), path, Vectors::Avx).unwrap();
     listing(e.finish().unwrap(), p)
 }
 
@@ -185,7 +185,7 @@ fn shared_exit_trampoline() {
         return;
     }
     let mut e = Emitter::new(TRAMPOLINE);
-    trampoline::emit_exit(&mut e, Some(TLS), true).unwrap();
+    trampoline::emit_exit(&mut e, Some(TLS), Vectors::Avx).unwrap();
     let p = probe();
     assert_listing(&listing(e.finish().unwrap(), p), SHARED_EXIT);
 }
@@ -223,7 +223,7 @@ const COUNTING_ENTRY: &[&str] = &[
     "48 89 5c 24 f0 ; mov [rsp-0x10],rbx",
     "48 89 e3 ; mov rbx,rsp",
     "48 8d a4 24 10 fd ff ff ; lea rsp,[rsp-0x2f0]",
-    "48 83 e4 e0 ; and rsp,0xffffffffffffffe0",
+    "48 83 e4 c0 ; and rsp,0xffffffffffffffc0",
     "48 89 9c 24 c0 00 00 00 ; mov [rsp+0xc0],rbx",
     "48 89 3c 24 ; mov [rsp],rdi",
     "48 89 74 24 08 ; mov [rsp+8],rsi",
@@ -381,7 +381,7 @@ const COUNTING_EXIT: &[&str] = &[
     "48 89 5c 24 f0 ; mov [rsp-0x10],rbx",
     "48 89 e3 ; mov rbx,rsp",
     "48 8d a4 24 10 fd ff ff ; lea rsp,[rsp-0x2f0]",
-    "48 83 e4 e0 ; and rsp,0xffffffffffffffe0",
+    "48 83 e4 c0 ; and rsp,0xffffffffffffffc0",
     "48 89 9c 24 c0 00 00 00 ; mov [rsp+0xc0],rbx",
     "48 89 3c 24 ; mov [rsp],rdi",
     "48 89 74 24 08 ; mov [rsp+8],rsi",
@@ -499,7 +499,7 @@ const SHARED_EXIT: &[&str] = &[
     "48 89 5c 24 f0 ; mov [rsp-0x10],rbx",
     "48 89 e3 ; mov rbx,rsp",
     "48 8d a4 24 50 fd ff ff ; lea rsp,[rsp-0x2b0]",
-    "48 83 e4 e0 ; and rsp,0xffffffffffffffe0",
+    "48 83 e4 c0 ; and rsp,0xffffffffffffffc0",
     "48 89 04 24 ; mov [rsp],rax",
     "48 89 54 24 08 ; mov [rsp+8],rdx",
     "48 89 4c 24 50 ; mov [rsp+0x50],rcx",
