@@ -277,6 +277,14 @@ pub(crate) fn remembered_functions(
     (libc_base != 0 && f.libc_base == libc_base && whole.iter().all(|&a| a != 0)).then_some(f)
 }
 
+/// Remembers the park page found in `entries` (the maps of `proc`, read just now), so that
+/// the agent thread's set-up reads the maps no more; a later attach then reads them once.
+pub(crate) fn note_page(proc: &Process, entries: &[maps::MapEntry]) {
+    if let Some(base) = page_in(entries) {
+        proc.park_page.set(Some(base));
+    }
+}
+
 /// [`find_page`], remembered by `proc` once found.
 fn page(proc: &Process) -> Option<u64> {
     if let Some(base) = proc.park_page.get() {

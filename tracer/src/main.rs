@@ -466,13 +466,10 @@ fn install(
         args.timed(),
         builtin,
     )?;
-    if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(proc.pid())) {
+    if let Some(added) = timings::rss_growth_kib(proc.pid(), rss_before) {
         let n = session.installed().len().max(1) as u64;
-        timings::figure("target RSS added (KiB)", after.saturating_sub(before));
-        timings::figure(
-            "target RSS added per probe (bytes)",
-            after.saturating_sub(before) * 1024 / n,
-        );
+        timings::figure("target RSS added (KiB)", added);
+        timings::figure("target RSS added per probe (bytes)", added * 1024 / n);
     }
     let lines = timings::time("refusal summary", || {
         refusal_lines(&session, &probes, &modules, args.verbose)

@@ -280,12 +280,6 @@ impl Session {
         // Before anything is adopted or reused: another live tracer's probes are its own.
         let lock =
             SessionLock::take(proc.pid(), agent.info.shared_fd).map_err(SessionError::Lock)?;
-        // Patches a killed tracer left in the code: this session takes them over.
-        let mut adopted = agent.adoptable(proc)?;
-        let left = adopted
-            .iter()
-            .filter(|a| a.flags & result_flags::INTERNAL == 0)
-            .count();
         let (pack_region, shims) = match &pack {
             Some(pr) => {
                 let (res, shims) =
@@ -316,9 +310,14 @@ impl Session {
         let rss_before = timings::enabled()
             .then(|| timings::rss_kib(proc.pid()))
             .flatten();
-        let results = timings::time("prepare (remote)", || {
-            agent_calls::prepare_remote(proc, &agent.fns, agent.prepare, &req.requests)
+        // With the patches a killed tracer left in the code: this session takes them over.
+        let (results, mut adopted) = timings::time("prepare (remote)", || {
+            agent.prepare_adopting(proc, &req.requests)
         })?;
+        let left = adopted
+            .iter()
+            .filter(|a| a.flags & result_flags::INTERNAL == 0)
+            .count();
         install::record_trampoline_spacing(&results);
         install::record_probe_memory(proc.pid(), rss_before, &results);
         let counters = timings::time("counters mapped", || Counters::map(proc.pid(), &agent.info))?;

@@ -4,7 +4,8 @@
 
 use object::{Object, ObjectSymbol};
 use probes::abi::remote::{
-    INIT_SYMBOL, INTERNAL_SYMBOL, LIVE_SYMBOL, LOAD_PACK_SYMBOL, PREPARE_SYMBOL, RESOLVE_SYMBOL,
+    INIT_SYMBOL, INTERNAL_SYMBOL, LIVE_SYMBOL, LOAD_PACK_SYMBOL, PREPARE_LIVE_SYMBOL,
+    PREPARE_SYMBOL, RESOLVE_SYMBOL,
 };
 
 /// The symbols the embedded agent defines in its dynamic symbol table (what `nm -D
@@ -26,6 +27,7 @@ fn the_agent_exports_its_api_and_no_pack_side_symbol() {
         RESOLVE_SYMBOL,
         INTERNAL_SYMBOL,
         LIVE_SYMBOL,
+        PREPARE_LIVE_SYMBOL,
         LOAD_PACK_SYMBOL,
     ] {
         assert!(

@@ -11,7 +11,7 @@ use crate::threads::Process;
 use crate::timings;
 use probes::abi::remote::{
     AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INIT_SYMBOL, INTERNAL_SYMBOL,
-    LIVE_SYMBOL, PREPARE_SYMBOL, RESOLVE_SYMBOL,
+    LIVE_CAP_WITH_PREPARE, LIVE_SYMBOL, PREPARE_LIVE_SYMBOL, PREPARE_SYMBOL, RESOLVE_SYMBOL,
 };
 use probes::pod::{self, Pod};
 use std::fs::File;
@@ -29,17 +29,26 @@ pub(super) struct Agent {
     pub resolve: u64,
     pub internal: u64,
     pub live: u64,
+    pub prepare_live: u64,
 }
 
 impl Agent {
     /// Inject the agent, or reuse the one an earlier session left, and initialise it with
     /// room for `probes` probes.
     pub fn load(proc: &mut Process, probes: usize) -> Result<Agent, SessionError> {
-        let fns = timings::time("libc functions", || inject::libc_functions(proc.pid()))?;
-        // An agent left by an earlier session stays loaded (its trampolines may still be
-        // in use): reuse it rather than load another copy, each of which would take more
-        // of the target's static TLS.
-        let earlier = loaded_agent(proc.pid());
+        // One read of the maps for libc, an earlier agent and the park page (75 us each).
+        let (fns, earlier) = timings::time("libc functions", || {
+            let pid = proc.pid();
+            let dir = crate::process_kind::proc_dir(pid);
+            let entries = agent::maps::read_path(&format!("{dir}/maps"))
+                .map_err(|error| inject::InjectError::Maps { pid, error })?;
+            crate::agent_thread::note_page(proc, &entries);
+            let fns = inject::libc_functions_in(pid, &dir, &entries)?;
+            // An agent left by an earlier session stays loaded (its trampolines may still
+            // be in use): reuse it rather than load another copy, each of which would take
+            // more of the target's static TLS.
+            Ok::<_, inject::InjectError>((fns, agent_in(&entries)))
+        })?;
         // Started on its own first, so that what follows is timed apart from it.
         timings::time("agent thread", || {
             crate::agent_thread::ensure(proc, &fns, inject::DLOPEN_TIMEOUT)
@@ -83,18 +92,41 @@ impl Agent {
             resolve: base + agent_symbol(RESOLVE_SYMBOL)?,
             internal: base + agent_symbol(INTERNAL_SYMBOL)?,
             live: base + agent_symbol(LIVE_SYMBOL)?,
+            prepare_live: base + agent_symbol(PREPARE_LIVE_SYMBOL)?,
         })
     }
 
-    /// The patches a killed tracer left in the code, which this session takes over. An
-    /// agent loaded just now has none: one remote call less.
-    pub fn adoptable(&self, proc: &mut Process) -> Result<Vec<PrepareResult>, SessionError> {
+    /// Prepares `requests` (see [`prepare_remote`]) and returns with the results the
+    /// patches a killed tracer left in the code, which this session takes over. An agent
+    /// loaded just now has none; a reused one lists them in the same remote call.
+    pub fn prepare_adopting(
+        &self,
+        proc: &mut Process,
+        requests: &[PrepareRequest],
+    ) -> Result<(Vec<PrepareResult>, Vec<PrepareResult>), SessionError> {
         if !self.reused {
-            return Ok(Vec::new());
+            return Ok((
+                prepare_remote(proc, &self.fns, self.prepare, requests)?,
+                Vec::new(),
+            ));
         }
-        timings::time("live probes (adoption)", || {
-            live_probes(proc, &self.fns, self.live)
-        })
+        let (live, mut results) = call_with_buffers(
+            proc,
+            &self.fns,
+            self.prepare_live,
+            pod::bytes_of_slice(requests),
+            requests.len() as u64,
+            (LIVE_CAP_WITH_PREPARE + requests.len()) * size_of::<PrepareResult>(),
+        )
+        .map(|(live, bytes)| (live as usize, pod::vec_from_bytes::<PrepareResult>(&bytes)))?;
+        let mut adopted: Vec<PrepareResult> = results.drain(..LIVE_CAP_WITH_PREPARE).collect();
+        if live > LIVE_CAP_WITH_PREPARE {
+            // Preparing patched nothing: the list is the same as before it.
+            adopted = live_probes(proc, &self.fns, self.live)?;
+        } else {
+            adopted.truncate(live);
+        }
+        Ok((results, adopted))
     }
 }
 
@@ -102,8 +134,13 @@ pub(super) const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Load address of an agent an earlier session left in the target, if any.
 pub(crate) fn loaded_agent(pid: i32) -> Option<u64> {
-    let maps = agent::maps::read_pid(pid).ok()?;
-    maps.iter()
+    agent_in(&agent::maps::read_pid(pid).ok()?)
+}
+
+/// Load address of an agent among the maps `entries`, if any.
+fn agent_in(entries: &[agent::maps::MapEntry]) -> Option<u64> {
+    entries
+        .iter()
         .filter(|m| library_file::is_agent(&m.path) && m.offset == 0)
         .map(|m| m.start)
         .min()
