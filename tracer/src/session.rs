@@ -271,7 +271,7 @@ impl Session {
         latency: bool,
         builtin: Option<&mut dyn Builtin>,
     ) -> Result<Session, SessionError> {
-        let agent = agent_calls::Agent::load(proc, probes.len())?;
+        let agent = agent_calls::Agent::load(proc, probes.len(), modules)?;
         // Timing is the agent's exit shim in each `-p` probe's return slot.
         let latency_shim = match latency {
             true => agent.base + agent_calls::agent_symbol(probes::latency::EXIT_SHIM_SYMBOL)?,

@@ -7,6 +7,7 @@ use crate::inject::{self, LibcFunctions};
 use crate::library_file;
 use crate::remote_call;
 use crate::session_lock;
+use crate::symbols::ProcessModules;
 use crate::threads::Process;
 use crate::timings;
 use probes::abi::remote::{
@@ -35,19 +36,32 @@ pub(super) struct Agent {
 impl Agent {
     /// Inject the agent, or reuse the one an earlier session left, and initialise it with
     /// room for `probes` probes.
-    pub fn load(proc: &mut Process, probes: usize) -> Result<Agent, SessionError> {
-        // One read of the maps for libc, an earlier agent and the park page (75 us each).
+    pub fn load(
+        proc: &mut Process,
+        probes: usize,
+        modules: &ProcessModules,
+    ) -> Result<Agent, SessionError> {
+        // The maps the modules were read from (the process has stayed stopped since), or
+        // one read for libc, an earlier agent and the park page (75 to 100 us a read).
         let (fns, earlier) = timings::time("libc functions", || {
             let pid = proc.pid();
-            let dir = crate::process_kind::proc_dir(pid);
-            let entries = agent::maps::read_path(&format!("{dir}/maps"))
-                .map_err(|error| inject::InjectError::Maps { pid, error })?;
-            crate::agent_thread::note_page(proc, &entries);
-            let fns = inject::libc_functions_in(pid, &dir, &entries)?;
+            let read;
+            let (dir, entries) = match modules.maps_of(pid) {
+                Some(m) => m,
+                None => {
+                    let dir = crate::process_kind::proc_dir(pid);
+                    let entries = agent::maps::read_path(&format!("{dir}/maps"))
+                        .map_err(|error| inject::InjectError::Maps { pid, error })?;
+                    read = (dir, entries);
+                    (read.0.as_str(), read.1.as_slice())
+                }
+            };
+            crate::agent_thread::note_page(proc, entries);
+            let fns = inject::libc_functions_in(pid, dir, entries)?;
             // An agent left by an earlier session stays loaded (its trampolines may still
             // be in use): reuse it rather than load another copy, each of which would take
             // more of the target's static TLS.
-            Ok::<_, inject::InjectError>((fns, agent_in(&entries)))
+            Ok::<_, inject::InjectError>((fns, agent_in(entries)))
         })?;
         // Started on its own first, so that what follows is timed apart from it.
         timings::time("agent thread", || {
