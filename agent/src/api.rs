@@ -14,6 +14,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
 pub(crate) static INTERCEPTOR: Mutex<Option<Interceptor>> = Mutex::new(None);
+/// What the last init returned, exported so that a later session reads it from memory
+/// (`probes::abi::remote::INFO_SYMBOL`) instead of making a remote call for it.
+#[export_name = "tracer_agent_info"]
 static mut INFO: AgentInfo = AgentInfo {
     magic: 0,
     shared_fd: -1,

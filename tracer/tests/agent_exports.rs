@@ -4,7 +4,7 @@
 
 use object::{Object, ObjectSymbol};
 use probes::abi::remote::{
-    INIT_SYMBOL, INTERNAL_SYMBOL, LIVE_SYMBOL, LOAD_PACK_SYMBOL, PREPARE_LIVE_SYMBOL,
+    INFO_SYMBOL, INIT_SYMBOL, INTERNAL_SYMBOL, LIVE_SYMBOL, LOAD_PACK_SYMBOL, PREPARE_LIVE_SYMBOL,
     PREPARE_SYMBOL, RESOLVE_SYMBOL,
 };
 
@@ -23,6 +23,7 @@ fn the_agent_exports_its_api_and_no_pack_side_symbol() {
     let names = exported();
     for called in [
         INIT_SYMBOL,
+        INFO_SYMBOL,
         PREPARE_SYMBOL,
         RESOLVE_SYMBOL,
         INTERNAL_SYMBOL,

@@ -6,6 +6,10 @@
 /// probes at first (the region grows when preparing needs more: map the memfd at its
 /// length after preparing); later calls describe the existing ones.
 pub const INIT_SYMBOL: &str = "tracer_agent_init";
+/// Exported by the agent: the [`AgentInfo`] its last [`INIT_SYMBOL`] call returned (its
+/// `magic` is 0 until the first call completed). A later session reads it instead of
+/// calling init again, which would only describe the same interceptor.
+pub const INFO_SYMBOL: &str = "tracer_agent_info";
 /// Exported by the agent: `extern "C" fn(*const PrepareRequest, n: u64, *mut
 /// PrepareResult) -> u64`, returning how many probes were prepared.
 pub const PREPARE_SYMBOL: &str = "tracer_agent_prepare";

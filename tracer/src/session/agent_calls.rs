@@ -11,8 +11,9 @@ use crate::symbols::ProcessModules;
 use crate::threads::Process;
 use crate::timings;
 use probes::abi::remote::{
-    AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INIT_SYMBOL, INTERNAL_SYMBOL,
-    LIVE_CAP_WITH_PREPARE, LIVE_SYMBOL, PREPARE_LIVE_SYMBOL, PREPARE_SYMBOL, RESOLVE_SYMBOL,
+    AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INFO_SYMBOL, INIT_SYMBOL,
+    INTERNAL_SYMBOL, LIVE_CAP_WITH_PREPARE, LIVE_SYMBOL, PREPARE_LIVE_SYMBOL, PREPARE_SYMBOL,
+    RESOLVE_SYMBOL,
 };
 use probes::pod::{self, Pod};
 use std::fs::File;
@@ -83,20 +84,10 @@ impl Agent {
                 .base
             }
         };
-        let init = base + agent_symbol(INIT_SYMBOL)?;
-        let capacity = (probes as u64 + 64).next_power_of_two().max(1024);
-        let info_addr = timings::time("agent init", || {
-            inject::call_safely(proc, &fns, init, &[capacity], TIMEOUT)
-        })?;
-        if info_addr == 0 {
-            return Err(SessionError::Agent("initialisation failed".into()));
-        }
-        let info: AgentInfo = read_pod(proc, info_addr)?;
-        if info.magic != AGENT_MAGIC {
-            return Err(SessionError::Agent(
-                "initialisation returned garbage".into(),
-            ));
-        }
+        let info = match earlier.map(|base| initialised_info(proc, base)) {
+            Some(Ok(Some(info))) => info,
+            _ => init_agent(proc, &fns, base, probes)?,
+        };
         Ok(Agent {
             fns,
             base,
@@ -142,6 +133,40 @@ impl Agent {
         }
         Ok((results, adopted))
     }
+}
+
+/// Calls the agent's init with room for `probes` probes; its description.
+fn init_agent(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    base: u64,
+    probes: usize,
+) -> Result<AgentInfo, SessionError> {
+    let init = base + agent_symbol(INIT_SYMBOL)?;
+    let capacity = (probes as u64 + 64).next_power_of_two().max(1024);
+    let info_addr = timings::time("agent init", || {
+        inject::call_safely(proc, fns, init, &[capacity], TIMEOUT)
+    })?;
+    if info_addr == 0 {
+        return Err(SessionError::Agent("initialisation failed".into()));
+    }
+    let info: AgentInfo = read_pod(proc, info_addr)?;
+    if info.magic != AGENT_MAGIC {
+        return Err(SessionError::Agent(
+            "initialisation returned garbage".into(),
+        ));
+    }
+    Ok(info)
+}
+
+/// The description an earlier session's init left in the agent at `base`, read from its
+/// memory: a later init would only return it again (the interceptor exists; capacity
+/// grows when preparing needs more), so a later attach makes no remote call for it.
+/// None when that init never completed.
+fn initialised_info(proc: &Process, base: u64) -> Result<Option<AgentInfo>, SessionError> {
+    let addr = base + agent_symbol(INFO_SYMBOL)?;
+    let info: AgentInfo = timings::time("agent info read", || read_pod(proc, addr))?;
+    Ok((info.magic == AGENT_MAGIC && info.shared_fd >= 0).then_some(info))
 }
 
 pub(super) const TIMEOUT: Duration = Duration::from_secs(20);
