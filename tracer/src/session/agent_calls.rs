@@ -187,12 +187,25 @@ fn agent_in(entries: &[agent::maps::MapEntry]) -> Option<u64> {
 
 /// Offset of an exported function in the embedded agent (linked at address 0).
 pub(crate) fn agent_symbol(name: &str) -> Result<u64, SessionError> {
-    use object::{Object, ObjectSymbol};
-    let file = object::File::parse(agent_so())
+    // Parsed once per tracer: an attach asks for six or more of them.
+    static EXPORTS: std::sync::OnceLock<Result<Vec<(String, u64)>, String>> =
+        std::sync::OnceLock::new();
+    let exports = EXPORTS.get_or_init(|| {
+        use object::{Object, ObjectSymbol};
+        let file = object::File::parse(agent_so()).map_err(|e| e.to_string())?;
+        Ok(file
+            .dynamic_symbols()
+            .filter(|s| s.is_definition())
+            .filter_map(|s| Some((s.name().ok()?.to_string(), s.address())))
+            .collect())
+    });
+    let exports = exports
+        .as_ref()
         .map_err(|e| SessionError::Agent(format!("embedded agent unreadable: {e}")))?;
-    file.dynamic_symbols()
-        .find(|s| s.name() == Ok(name))
-        .map(|s| s.address())
+    exports
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|&(_, a)| a)
         .ok_or_else(|| SessionError::Agent(format!("embedded agent lacks {name}")))
 }
 
