@@ -396,6 +396,10 @@ pub fn ensure(
     if !thread_made && page.1 {
         // Nothing runs in the page unless the thread was made: leave no trace.
         if proc.all_stopped() || proc.stop_all().is_ok() {
+            // Not through the page's own scratch area: its `int3` goes with the page.
+            if proc.scratch().is_some_and(|s| s.borrowed) {
+                proc.scratch = None;
+            }
             let _ = remote_call::syscall(proc, hijack, libc::SYS_munmap, &[page.0, PARK_LEN]);
             proc.park_page.set(None);
         }
@@ -655,6 +659,17 @@ fn run_to_caller(
 
 /// Maps the park page (raw system calls on `tid`) and writes the stub into it.
 fn create_page(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
+    if proc.scratch().is_none() {
+        // The park page brings its own scratch area: a scratch page made for making it
+        // would cost three remote system calls more (map, protect, unmap at detach).
+        match memfd_named_on_stack(proc, tid) {
+            Ok(fd) => return map_page(proc, tid, fd),
+            // Nothing ran: `tid`'s code (or stack) could not be written, as in a shared
+            // mapping. The scratch page's way below takes another thread if need be.
+            Err(RemoteCallError::Memory { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
     crate::timings::time("  scratch page made", || {
         remote_call::ensure_scratch(proc, tid)
     })?;
@@ -666,6 +681,39 @@ fn create_page(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
         libc::SYS_memfd_create,
         &[name, libc::MFD_CLOEXEC as u64],
     )?;
+    map_page(proc, tid, fd)
+}
+
+/// `memfd_create(PARK_NAME)` on the stopped `tid` without a scratch page: the name goes on
+/// its stack, below the red zone (memory the program's code does not use while it is
+/// stopped; put back as it was), and the system call is written over its `rip` for the
+/// call (every thread is stopped).
+fn memfd_named_on_stack(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
+    let rsp = proc.regs(tid)?.rsp;
+    let at = (rsp - 128 - 64) & !15;
+    let mut name = [0u8; 32];
+    name[..PARK_NAME.len()].copy_from_slice(PARK_NAME.as_bytes());
+    let mut saved = [0u8; 32];
+    let mem = |addr| move |error| RemoteCallError::Memory { addr, error };
+    proc.read_memory(at, &mut saved).map_err(mem(at))?;
+    proc.write_memory(at, &name).map_err(mem(at))?;
+    let fd = remote_call::syscall_ok(
+        proc,
+        tid,
+        libc::SYS_memfd_create,
+        &[at, libc::MFD_CLOEXEC as u64],
+    );
+    let put_back = proc.write_memory(at, &saved).map_err(mem(at));
+    let fd = fd?;
+    if let Err(e) = put_back {
+        let _ = remote_call::syscall(proc, tid, libc::SYS_close, &[fd]);
+        return Err(e);
+    }
+    Ok(fd)
+}
+
+/// Sizes and maps the park page from memfd `fd` (closed after) and writes its code.
+fn map_page(proc: &mut Process, tid: i32, fd: u64) -> Result<u64, RemoteCallError> {
     let mapped = (|| {
         remote_call::syscall_ok(proc, tid, libc::SYS_ftruncate, &[fd, PARK_LEN])?;
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
