@@ -7,12 +7,16 @@ use crate::interceptor::{Interceptor, PackHandlers, ProbeRequest};
 use crate::relocator::Function;
 use probes::abi::remote::{
     result_flags, status, AgentInfo, PackLoadResult, PrepareRequest, PrepareResult, AGENT_MAGIC,
+    LIVE_CAP_WITH_PREPARE,
 };
 use probes::ProbeKind;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
 pub(crate) static INTERCEPTOR: Mutex<Option<Interceptor>> = Mutex::new(None);
+/// What the last init returned, exported so that a later session reads it from memory
+/// (`probes::abi::remote::INFO_SYMBOL`) instead of making a remote call for it.
+#[export_name = "tracer_agent_info"]
 static mut INFO: AgentInfo = AgentInfo {
     magic: 0,
     shared_fd: -1,
@@ -77,31 +81,78 @@ pub unsafe extern "C" fn tracer_agent_prepare(
     let r = catch_unwind(AssertUnwindSafe(|| {
         let mut g = INTERCEPTOR.lock().unwrap_or_else(|p| p.into_inner());
         let Some(i) = g.as_mut() else {
-            for o in out.iter_mut() {
-                *o = PrepareResult::default();
-                o.set_message("agent not initialised");
-            }
+            not_initialised(out);
             return 0;
         };
         // Patches a killed tracer left must not be read as the code they replaced.
         i.refresh_live();
-        let functions: Vec<Function> = reqs
-            .iter()
-            .map(|r| Function {
-                address: r.function,
-                size: (r.size != 0).then_some(r.size),
-            })
-            .collect();
-        i.plan_batch(&functions);
-        let mut ok = 0;
-        for (req, o) in reqs.iter().zip(out.iter_mut()) {
-            *o = prepare_one(i, req);
-            if o.status == status::PREPARED {
-                ok += 1;
-            }
+        prepare_batch(i, reqs, out)
+    }));
+    r.unwrap_or(0)
+}
+
+/// Every result says the agent has no interceptor yet.
+fn not_initialised(out: &mut [PrepareResult]) {
+    for o in out.iter_mut() {
+        *o = PrepareResult::default();
+        o.set_message("agent not initialised");
+    }
+}
+
+/// Prepares `reqs` as one batch (live patches refreshed before); returns how many were
+/// prepared.
+fn prepare_batch(i: &mut Interceptor, reqs: &[PrepareRequest], out: &mut [PrepareResult]) -> u64 {
+    let functions: Vec<Function> = reqs
+        .iter()
+        .map(|r| Function {
+            address: r.function,
+            size: (r.size != 0).then_some(r.size),
+        })
+        .collect();
+    i.plan_batch(&functions);
+    let mut ok = 0;
+    for (req, o) in reqs.iter().zip(out.iter_mut()) {
+        *o = prepare_one(i, req);
+        if o.status == status::PREPARED {
+            ok += 1;
         }
-        i.end_batch();
-        ok
+    }
+    i.end_batch();
+    ok
+}
+
+/// [`tracer_agent_live`] then [`tracer_agent_prepare`] in one call, the patches in the
+/// code read once: `out` has [`LIVE_CAP_WITH_PREPARE`] records for the live probes, then
+/// `n` for the results. Returns how many probes were live (see
+/// `probes::abi::remote::PREPARE_LIVE_SYMBOL`).
+///
+/// # Safety
+/// `reqs` points at `n` records and `out` at `LIVE_CAP_WITH_PREPARE + n`, in this
+/// process's memory.
+#[no_mangle]
+pub unsafe extern "C" fn tracer_agent_prepare_live(
+    reqs: *const PrepareRequest,
+    n: u64,
+    out: *mut PrepareResult,
+) -> u64 {
+    // SAFETY: per the contract.
+    let (reqs, out) = unsafe {
+        (
+            std::slice::from_raw_parts(reqs, n as usize),
+            std::slice::from_raw_parts_mut(out, LIVE_CAP_WITH_PREPARE + n as usize),
+        )
+    };
+    let (live_out, out) = out.split_at_mut(LIVE_CAP_WITH_PREPARE);
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        let mut g = INTERCEPTOR.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = g.as_mut() else {
+            not_initialised(out);
+            return 0;
+        };
+        i.refresh_live();
+        let live = write_live(i, live_out);
+        prepare_batch(i, reqs, out);
+        live
     }));
     r.unwrap_or(0)
 }
@@ -286,20 +337,26 @@ pub unsafe extern "C" fn tracer_agent_live(
     cap: u64,
     out: *mut PrepareResult,
 ) -> u64 {
+    // SAFETY: per the contract.
+    let out = unsafe { std::slice::from_raw_parts_mut(out, cap as usize) };
     let r = catch_unwind(AssertUnwindSafe(|| {
         let mut g = INTERCEPTOR.lock().unwrap_or_else(|p| p.into_inner());
         let Some(i) = g.as_mut() else { return 0 };
         i.refresh_live();
-        let live = i.live();
-        for (k, p) in live.iter().take(cap as usize).enumerate() {
-            let mut o = prepared_result(p);
-            if i.is_internal(p.id) {
-                o.flags |= result_flags::INTERNAL;
-            }
-            // SAFETY: k < cap, per the contract.
-            unsafe { out.add(k).write(o) };
-        }
-        live.len() as u64
+        write_live(i, out)
     }));
     r.unwrap_or(0)
+}
+
+/// The live probes (as of the last refresh), as many as fit written to `out`; returns how
+/// many there are.
+fn write_live(i: &Interceptor, out: &mut [PrepareResult]) -> u64 {
+    let live = i.live();
+    for (o, p) in out.iter_mut().zip(&live) {
+        *o = prepared_result(p);
+        if i.is_internal(p.id) {
+            o.flags |= result_flags::INTERNAL;
+        }
+    }
+    live.len() as u64
 }

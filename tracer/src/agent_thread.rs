@@ -277,6 +277,14 @@ pub(crate) fn remembered_functions(
     (libc_base != 0 && f.libc_base == libc_base && whole.iter().all(|&a| a != 0)).then_some(f)
 }
 
+/// Remembers the park page found in `entries` (the maps of `proc`, read just now), so that
+/// the agent thread's set-up reads the maps no more; a later attach then reads them once.
+pub(crate) fn note_page(proc: &Process, entries: &[maps::MapEntry]) {
+    if let Some(base) = page_in(entries) {
+        proc.park_page.set(Some(base));
+    }
+}
+
 /// [`find_page`], remembered by `proc` once found.
 fn page(proc: &Process) -> Option<u64> {
     if let Some(base) = proc.park_page.get() {
@@ -388,6 +396,10 @@ pub fn ensure(
     if !thread_made && page.1 {
         // Nothing runs in the page unless the thread was made: leave no trace.
         if proc.all_stopped() || proc.stop_all().is_ok() {
+            // Not through the page's own scratch area: its `int3` goes with the page.
+            if proc.scratch().is_some_and(|s| s.borrowed) {
+                proc.scratch = None;
+            }
             let _ = remote_call::syscall(proc, hijack, libc::SYS_munmap, &[page.0, PARK_LEN]);
             proc.park_page.set(None);
         }
@@ -666,6 +678,17 @@ fn run_to_caller(
 
 /// Maps the park page (raw system calls on `tid`) and writes the stub into it.
 fn create_page(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
+    if proc.scratch().is_none() {
+        // The park page brings its own scratch area: a scratch page made for making it
+        // would cost three remote system calls more (map, protect, unmap at detach).
+        match memfd_named_on_stack(proc, tid) {
+            Ok(fd) => return map_page(proc, tid, fd),
+            // Nothing ran: `tid`'s code (or stack) could not be written, as in a shared
+            // mapping. The scratch page's way below takes another thread if need be.
+            Err(RemoteCallError::Memory { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
     crate::timings::time("  scratch page made", || {
         remote_call::ensure_scratch(proc, tid)
     })?;
@@ -677,6 +700,39 @@ fn create_page(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
         libc::SYS_memfd_create,
         &[name, libc::MFD_CLOEXEC as u64],
     )?;
+    map_page(proc, tid, fd)
+}
+
+/// `memfd_create(PARK_NAME)` on the stopped `tid` without a scratch page: the name goes on
+/// its stack, below the red zone (memory the program's code does not use while it is
+/// stopped; put back as it was), and the system call is written over its `rip` for the
+/// call (every thread is stopped).
+fn memfd_named_on_stack(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
+    let rsp = proc.regs(tid)?.rsp;
+    let at = (rsp - 128 - 64) & !15;
+    let mut name = [0u8; 32];
+    name[..PARK_NAME.len()].copy_from_slice(PARK_NAME.as_bytes());
+    let mut saved = [0u8; 32];
+    let mem = |addr| move |error| RemoteCallError::Memory { addr, error };
+    proc.read_memory(at, &mut saved).map_err(mem(at))?;
+    proc.write_memory(at, &name).map_err(mem(at))?;
+    let fd = remote_call::syscall_ok(
+        proc,
+        tid,
+        libc::SYS_memfd_create,
+        &[at, libc::MFD_CLOEXEC as u64],
+    );
+    let put_back = proc.write_memory(at, &saved).map_err(mem(at));
+    let fd = fd?;
+    if let Err(e) = put_back {
+        let _ = remote_call::syscall(proc, tid, libc::SYS_close, &[fd]);
+        return Err(e);
+    }
+    Ok(fd)
+}
+
+/// Sizes and maps the park page from memfd `fd` (closed after) and writes its code.
+fn map_page(proc: &mut Process, tid: i32, fd: u64) -> Result<u64, RemoteCallError> {
     let mapped = (|| {
         remote_call::syscall_ok(proc, tid, libc::SYS_ftruncate, &[fd, PARK_LEN])?;
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
@@ -710,6 +766,13 @@ fn create_page(proc: &mut Process, tid: i32) -> Result<u64, RemoteCallError> {
     Ok(base)
 }
 
+/// Makes this thread's short sleeps as short as asked: with the default timer slack
+/// (50 us) the 10 us naps of the park wait took 60 to 100 us each.
+fn fine_timer_slack() {
+    // SAFETY: PR_SET_TIMERSLACK takes a plain value and affects this thread only.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+}
+
 /// Calls `pthread_create` on `hijack` with the other threads running, waits for the new
 /// thread to park (the hijacked thread stays stopped), stops every thread again and
 /// detaches the new thread (so that it leaves nothing behind when it ends).
@@ -732,6 +795,7 @@ fn spawn(
         let _ = proc.stop_all();
         return Err(e);
     }
+    fine_timer_slack();
     let waited = Instant::now();
     let parked_tid = wait_parked(proc, slot, deadline)?;
     proc.stop_all()?;
@@ -815,6 +879,15 @@ fn wait_parked(
 ) -> Result<Option<i32>, InjectError> {
     let mut nap = Duration::from_micros(10);
     loop {
+        // First: the new thread's first stop is there already, and it runs only once
+        // serviced.
+        if proc.service(Duration::ZERO)?.is_some() {
+            return Err(AttachError::Exited {
+                pid: proc.pid(),
+                status: proc.exit_status(),
+            }
+            .into());
+        }
         let (state, tid) = read_slot(proc, slot)?;
         if state == STATE_PARKED && proc.threads().contains(&tid) {
             return Ok(Some(tid));
@@ -824,13 +897,6 @@ fn wait_parked(
         }
         std::thread::sleep(nap);
         nap = (nap * 2).min(Duration::from_millis(1));
-        if proc.service(Duration::ZERO)?.is_some() {
-            return Err(AttachError::Exited {
-                pid: proc.pid(),
-                status: proc.exit_status(),
-            }
-            .into());
-        }
     }
 }
 

@@ -273,12 +273,22 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
     let dir = crate::process_kind::proc_dir(pid);
     let entries = maps::read_path(&format!("{dir}/maps"))
         .map_err(|error| InjectError::Maps { pid, error })?;
+    libc_functions_in(pid, &dir, &entries)
+}
+
+/// [`libc_functions`] from maps `entries` already read through `dir` (`/proc/PID` or a
+/// live thread's directory), for a caller that needs the maps for more.
+pub fn libc_functions_in(
+    pid: i32,
+    dir: &str,
+    entries: &[MapEntry],
+) -> Result<LibcFunctions, InjectError> {
     let unsafe_ranges: Vec<(u64, u64)> = entries
         .iter()
         .filter(|e| e.perms.exec && (is_libc(&e.path) || is_ld_so(&e.path)))
         .map(|e| (e.start, e.end))
         .collect();
-    let libc_path = mapped_libc(pid, &entries)?;
+    let libc_path = mapped_libc(pid, entries)?;
     let libc_base = entries
         .iter()
         .filter(|e| e.path == libc_path)
@@ -286,7 +296,7 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
         .min()
         .unwrap_or(0);
     // An earlier session wrote them into its park page: no need to read libc's file.
-    if let Some(f) = agent_thread::remembered_functions(&dir, &entries, libc_base) {
+    if let Some(f) = agent_thread::remembered_functions(dir, entries, libc_base) {
         crate::timings::count("libc functions remembered in the target");
         return Ok(LibcFunctions { unsafe_ranges, ..f });
     }
@@ -299,7 +309,7 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
         "pthread_create",
         "pthread_detach",
     ];
-    let found = exported(&dir, &entries, &libc_path, &names)?;
+    let found = exported(dir, entries, &libc_path, &names)?;
     let (dlopen, dlsym, dlerror, mode_extra) = match (found[0], found[1]) {
         (Some(o), Some(s)) => (o, s, found[2], 0),
         _ => match (found[3], found[4]) {
@@ -314,7 +324,7 @@ pub fn libc_functions(pid: i32) -> Result<LibcFunctions, InjectError> {
     };
     let (pthread_create, pthread_detach) = match (found[5], found[6]) {
         (Some(c), Some(d)) => (c, d),
-        _ => libpthread_functions(pid, &dir, &entries, &libc_path)?,
+        _ => libpthread_functions(pid, dir, entries, &libc_path)?,
     };
     Ok(LibcFunctions {
         dlopen,

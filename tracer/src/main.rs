@@ -488,13 +488,12 @@ fn pack_sites(
 
 /// For `--timings`: what the session added to the target's resident memory.
 fn record_rss_added(pid: i32, rss_before: Option<u64>, session: &Session) {
-    if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(pid)) {
+    // Only with `--timings` (`rss_before` is None otherwise): each read walks the
+    // target's page tables.
+    if let Some(added) = timings::rss_growth_kib(pid, rss_before) {
         let n = session.installed().len().max(1) as u64;
-        timings::figure("target RSS added (KiB)", after.saturating_sub(before));
-        timings::figure(
-            "target RSS added per probe (bytes)",
-            after.saturating_sub(before) * 1024 / n,
-        );
+        timings::figure("target RSS added (KiB)", added);
+        timings::figure("target RSS added per probe (bytes)", added * 1024 / n);
     }
 }
 

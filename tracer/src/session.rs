@@ -273,7 +273,7 @@ impl Session {
         latency: bool,
         builtin: Option<&mut dyn Builtin>,
     ) -> Result<Session, SessionError> {
-        let agent = agent_calls::Agent::load(proc, probes.len())?;
+        let agent = agent_calls::Agent::load(proc, probes.len(), modules)?;
         // Timing is the agent's exit shim in each `-p` probe's return slot.
         let latency_shim = match latency {
             true => agent.base + agent_calls::agent_symbol(probes::latency::EXIT_SHIM_SYMBOL)?,
@@ -282,8 +282,6 @@ impl Session {
         // Before anything is adopted or reused: another live tracer's probes are its own.
         let lock =
             SessionLock::take(proc.pid(), agent.info.shared_fd).map_err(SessionError::Lock)?;
-        // Patches a killed tracer left in the code: this session takes them over.
-        let mut adopted = agent.adoptable(proc)?;
         let (pack_region, shims) = match &pack {
             Some(pr) => {
                 let (res, shims) =
@@ -302,7 +300,7 @@ impl Session {
             pack_counts,
             latency_shim,
         );
-        let results = Self::prepare(proc, &agent, &req)?;
+        let (results, mut adopted) = Self::prepare(proc, &agent, &req)?;
         let counters = timings::time("counters mapped", || Counters::map(proc.pid(), &agent.info))?;
         let installed = Self::probes_to_patch(proc, &agent, &results, &mut req, &mut adopted)?;
         let latency = match latency {
@@ -362,16 +360,17 @@ impl Session {
         proc: &mut Process,
         agent: &agent_calls::Agent,
         req: &install::Requests<'_>,
-    ) -> Result<Vec<PrepareResult>, SessionError> {
+    ) -> Result<(Vec<PrepareResult>, Vec<PrepareResult>), SessionError> {
         let rss_before = timings::enabled()
             .then(|| timings::rss_kib(proc.pid()))
             .flatten();
-        let results = timings::time("prepare (remote)", || {
-            agent_calls::prepare_remote(proc, &agent.fns, agent.prepare, &req.requests)
+        // With the patches a killed tracer left in the code: this session takes them over.
+        let (results, adopted) = timings::time("prepare (remote)", || {
+            agent.prepare_adopting(proc, &req.requests)
         })?;
         install::record_trampoline_spacing(&results);
         install::record_probe_memory(proc.pid(), rss_before, &results);
-        Ok(results)
+        Ok((results, adopted))
     }
 
     /// The probes to patch: the prepared ones that do not overlap, the agent's unwinder

@@ -830,9 +830,23 @@ pub struct ProcessModules {
     /// By ascending start address.
     pub modules: Vec<Module>,
     pub skipped: Vec<SkippedModule>,
+    /// The maps these modules were read from, and through which `/proc` directory (the
+    /// process's, or a live thread's when the main one exited): a session that starts
+    /// while the process is still stopped as it was then reads them no more (75 to 100
+    /// us a read). Empty when not read from a process here.
+    pub(crate) maps: Option<(String, Vec<MapEntry>)>,
 }
 
 impl ProcessModules {
+    /// The maps of process `pid` as these modules were read from them, with the `/proc`
+    /// directory they were read through.
+    pub(crate) fn maps_of(&self, pid: i32) -> Option<(&str, &[MapEntry])> {
+        match (&self.maps, self.pid) {
+            (Some((dir, maps)), Some(p)) if p == pid => Some((dir, maps)),
+            _ => None,
+        }
+    }
+
     /// The main executable.
     pub fn main(&self) -> Option<&Module> {
         self.modules.iter().find(|m| m.is_main)
@@ -863,7 +877,7 @@ fn group_by_file(maps: &[MapEntry]) -> Vec<(FileId, Vec<&MapEntry>)> {
         if e.inode == 0 || !e.path.starts_with('/') {
             continue;
         }
-        if crate::library_file::is_agent(&e.path) {
+        if crate::library_file::is_agent(&e.path) || is_tracer_code(&e.path) {
             continue;
         }
         let key = FileId {
@@ -1015,12 +1029,18 @@ impl SymbolCache {
         let dir = crate::process_kind::proc_dir(pid);
         let maps = agent::maps::read_path(&format!("{dir}/maps"))
             .map_err(|source| SymbolError::Maps { pid, source })?;
-        Ok(self.process_from_maps(pid, &maps))
+        let mut pm = self.process_from_maps_in(pid, &dir, &maps);
+        pm.maps = Some((dir, maps));
+        Ok(pm)
     }
 
     /// The modules of a process whose maps were already read.
     pub fn process_from_maps(&self, pid: i32, maps: &[MapEntry]) -> ProcessModules {
-        let dir = crate::process_kind::proc_dir(pid);
+        self.process_from_maps_in(pid, &crate::process_kind::proc_dir(pid), maps)
+    }
+
+    /// [`Self::process_from_maps`] with the process's `/proc` directory already found.
+    fn process_from_maps_in(&self, pid: i32, dir: &str, maps: &[MapEntry]) -> ProcessModules {
         let exe = std::fs::metadata(format!("{dir}/exe"))
             .ok()
             .map(|m| (m.dev(), m.ino()));
@@ -1062,6 +1082,7 @@ impl SymbolCache {
             pid: Some(pid),
             modules,
             skipped,
+            maps: None,
         }
     }
 
@@ -1128,8 +1149,16 @@ impl SymbolCache {
                 elf,
             }],
             skipped: Vec::new(),
+            maps: None,
         })
     }
+}
+
+/// The agent's trampoline pages and the agent thread's park page: code a tracer wrote,
+/// never an ELF file, whose reading as one only failed.
+fn is_tracer_code(path: &str) -> bool {
+    let name = path.strip_suffix(" (deleted)").unwrap_or(path);
+    name == "/memfd:tracer-code" || name == format!("/memfd:{}", crate::agent_thread::PARK_NAME)
 }
 
 /// The modules of a running process, through the global cache.

@@ -4,7 +4,8 @@
 
 use object::{Object, ObjectSymbol};
 use probes::abi::remote::{
-    INIT_SYMBOL, INTERNAL_SYMBOL, LIVE_SYMBOL, LOAD_PACK_SYMBOL, PREPARE_SYMBOL, RESOLVE_SYMBOL,
+    INFO_SYMBOL, INIT_SYMBOL, INTERNAL_SYMBOL, LIVE_SYMBOL, LOAD_PACK_SYMBOL, PREPARE_LIVE_SYMBOL,
+    PREPARE_SYMBOL, RESOLVE_SYMBOL,
 };
 
 /// The symbols the embedded agent defines in its dynamic symbol table (what `nm -D
@@ -22,10 +23,12 @@ fn the_agent_exports_its_api_and_no_pack_side_symbol() {
     let names = exported();
     for called in [
         INIT_SYMBOL,
+        INFO_SYMBOL,
         PREPARE_SYMBOL,
         RESOLVE_SYMBOL,
         INTERNAL_SYMBOL,
         LIVE_SYMBOL,
+        PREPARE_LIVE_SYMBOL,
         LOAD_PACK_SYMBOL,
     ] {
         assert!(

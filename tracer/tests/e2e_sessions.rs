@@ -340,6 +340,50 @@ fn three_sessions_of_10000_probes_on_a_generated_library() {
     assert!(ok, "{last}");
 }
 
+/// A few patches left by a killed tracer (no more than the agent lists in its prepare
+/// call, `LIVE_CAP_WITH_PREPARE`) are adopted in the same remote call that prepares the
+/// next session's probes: all of them, once, counted exactly, and restored at its detach.
+#[test]
+fn a_few_patches_of_a_killed_tracer_are_adopted_with_the_prepare_call() {
+    let dir = temp_dir("killed-few");
+    let exe = build_many(&dir, 12);
+    let lib = dir.join("libmany.so");
+    let mut t = Many::start(&exe);
+    let mut reference = Many::start(&exe);
+    let pid = t.0.pid();
+
+    let a = Attached::start(pid, &dir, "killed", &["-p", "libmany:m0*"]);
+    assert_eq!(t.go(3), reference.go(3));
+    a.kill();
+    assert!(
+        wait_until(Duration::from_secs(10), || tracer_pid(pid) == 0),
+        "target still traced after its tracer died"
+    );
+    assert!(
+        text_difference(pid, "/libmany.so").is_some(),
+        "the killed tracer's patches are not in the code"
+    );
+
+    let a = Attached::start(pid, &dir, "adopting", &["-p", "libmany:m0000?"]);
+    let notes: Vec<&str> = a.said.lines().filter(|l| l.contains("adopted")).collect();
+    assert_eq!(notes.len(), 1, "{}", a.said);
+    assert!(
+        notes[0].contains("adopted 12 probe(s) left by an earlier tracer"),
+        "{}",
+        a.said
+    );
+    assert_eq!(t.go(4), reference.go(4));
+    assert_hits(&a.detach(), 10, THREADS * 4, false, "taken-over probes");
+    assert_text_as_in_file(pid, &lib, "after the adopting session");
+
+    let a = Attached::start(pid, &dir, "after", &["-p", "libmany:m0*"]);
+    assert!(!a.said.contains("adopted"), "{}", a.said);
+    assert_eq!(t.go(5), reference.go(5));
+    assert_hits(&a.detach(), 12, THREADS * 5, false, "after adoption");
+    assert_text_as_in_file(pid, &lib, "at the end");
+    assert_eq!(t.0.finish(), reference.0.finish());
+}
+
 /// SIGKILL the tracer with 58 entry+exit probes live: the program keeps computing right
 /// with them; the next session adopts them (says so once), takes over the 10 it asks for,
 /// counts exactly, and at its detach every byte of the library is back.

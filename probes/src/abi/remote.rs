@@ -6,6 +6,10 @@
 /// probes at first (the region grows when preparing needs more: map the memfd at its
 /// length after preparing); later calls describe the existing ones.
 pub const INIT_SYMBOL: &str = "tracer_agent_init";
+/// Exported by the agent: the [`AgentInfo`] its last [`INIT_SYMBOL`] call returned (its
+/// `magic` is 0 until the first call completed). A later session reads it instead of
+/// calling init again, which would only describe the same interceptor.
+pub const INFO_SYMBOL: &str = "tracer_agent_info";
 /// Exported by the agent: `extern "C" fn(*const PrepareRequest, n: u64, *mut
 /// PrepareResult) -> u64`, returning how many probes were prepared.
 pub const PREPARE_SYMBOL: &str = "tracer_agent_prepare";
@@ -23,6 +27,15 @@ pub const INTERNAL_SYMBOL: &str = "tracer_agent_internal";
 /// PrepareResult) -> u64`: every prepared probe whose patch is in the code now (left by
 /// a tracer that was killed), at most `cap` written; returns how many there are.
 pub const LIVE_SYMBOL: &str = "tracer_agent_live";
+/// Exported by the agent: `extern "C" fn(*const PrepareRequest, n: u64, *mut
+/// PrepareResult) -> u64`: [`LIVE_SYMBOL`] then [`PREPARE_SYMBOL`] in one call (a later
+/// session's adoption and preparation, one remote call and one read of the maps fewer).
+/// `out` has room for [`LIVE_CAP_WITH_PREPARE`] live probes followed by the `n` results
+/// of the requests; returns how many probes were live (more than the cap: ask
+/// [`LIVE_SYMBOL`] for them all, preparing patches nothing).
+pub const PREPARE_LIVE_SYMBOL: &str = "tracer_agent_prepare_live";
+/// Room for live probes at the head of [`PREPARE_LIVE_SYMBOL`]'s output.
+pub const LIVE_CAP_WITH_PREPARE: usize = 16;
 
 /// Exported by the agent: `extern "C" fn(input: *const u8, n: u64, out: *mut u8) -> u64`:
 /// `input` is the rendezvous socket's abstract name, a NUL, and the agent file's path, a

@@ -7,11 +7,13 @@ use crate::inject::{self, LibcFunctions};
 use crate::library_file;
 use crate::remote_call;
 use crate::session_lock;
+use crate::symbols::ProcessModules;
 use crate::threads::Process;
 use crate::timings;
 use probes::abi::remote::{
-    AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INIT_SYMBOL, INTERNAL_SYMBOL,
-    LIVE_SYMBOL, PREPARE_SYMBOL, RESOLVE_SYMBOL,
+    AgentInfo, PrepareRequest, PrepareResult, AGENT_MAGIC, INFO_SYMBOL, INIT_SYMBOL,
+    INTERNAL_SYMBOL, LIVE_CAP_WITH_PREPARE, LIVE_SYMBOL, PREPARE_LIVE_SYMBOL, PREPARE_SYMBOL,
+    RESOLVE_SYMBOL,
 };
 use probes::pod::{self, Pod};
 use std::fs::File;
@@ -29,17 +31,39 @@ pub(super) struct Agent {
     pub resolve: u64,
     pub internal: u64,
     pub live: u64,
+    pub prepare_live: u64,
 }
 
 impl Agent {
     /// Inject the agent, or reuse the one an earlier session left, and initialise it with
     /// room for `probes` probes.
-    pub fn load(proc: &mut Process, probes: usize) -> Result<Agent, SessionError> {
-        let fns = timings::time("libc functions", || inject::libc_functions(proc.pid()))?;
-        // An agent left by an earlier session stays loaded (its trampolines may still be
-        // in use): reuse it rather than load another copy, each of which would take more
-        // of the target's static TLS.
-        let earlier = loaded_agent(proc.pid());
+    pub fn load(
+        proc: &mut Process,
+        probes: usize,
+        modules: &ProcessModules,
+    ) -> Result<Agent, SessionError> {
+        // The maps the modules were read from (the process has stayed stopped since), or
+        // one read for libc, an earlier agent and the park page (75 to 100 us a read).
+        let (fns, earlier) = timings::time("libc functions", || {
+            let pid = proc.pid();
+            let read;
+            let (dir, entries) = match modules.maps_of(pid) {
+                Some(m) => m,
+                None => {
+                    let dir = crate::process_kind::proc_dir(pid);
+                    let entries = agent::maps::read_path(&format!("{dir}/maps"))
+                        .map_err(|error| inject::InjectError::Maps { pid, error })?;
+                    read = (dir, entries);
+                    (read.0.as_str(), read.1.as_slice())
+                }
+            };
+            crate::agent_thread::note_page(proc, entries);
+            let fns = inject::libc_functions_in(pid, dir, entries)?;
+            // An agent left by an earlier session stays loaded (its trampolines may still
+            // be in use): reuse it rather than load another copy, each of which would take
+            // more of the target's static TLS.
+            Ok::<_, inject::InjectError>((fns, agent_in(entries)))
+        })?;
         // Started on its own first, so that what follows is timed apart from it.
         timings::time("agent thread", || {
             crate::agent_thread::ensure(proc, &fns, inject::DLOPEN_TIMEOUT)
@@ -60,20 +84,10 @@ impl Agent {
                 .base
             }
         };
-        let init = base + agent_symbol(INIT_SYMBOL)?;
-        let capacity = (probes as u64 + 64).next_power_of_two().max(1024);
-        let info_addr = timings::time("agent init", || {
-            inject::call_safely(proc, &fns, init, &[capacity], TIMEOUT)
-        })?;
-        if info_addr == 0 {
-            return Err(SessionError::Agent("initialisation failed".into()));
-        }
-        let info: AgentInfo = read_pod(proc, info_addr)?;
-        if info.magic != AGENT_MAGIC {
-            return Err(SessionError::Agent(
-                "initialisation returned garbage".into(),
-            ));
-        }
+        let info = match earlier.map(|base| initialised_info(proc, base)) {
+            Some(Ok(Some(info))) => info,
+            _ => init_agent(proc, &fns, base, probes)?,
+        };
         Ok(Agent {
             fns,
             base,
@@ -83,27 +97,89 @@ impl Agent {
             resolve: base + agent_symbol(RESOLVE_SYMBOL)?,
             internal: base + agent_symbol(INTERNAL_SYMBOL)?,
             live: base + agent_symbol(LIVE_SYMBOL)?,
+            prepare_live: base + agent_symbol(PREPARE_LIVE_SYMBOL)?,
         })
     }
 
-    /// The patches a killed tracer left in the code, which this session takes over. An
-    /// agent loaded just now has none: one remote call less.
-    pub fn adoptable(&self, proc: &mut Process) -> Result<Vec<PrepareResult>, SessionError> {
+    /// Prepares `requests` (see [`prepare_remote`]) and returns with the results the
+    /// patches a killed tracer left in the code, which this session takes over. An agent
+    /// loaded just now has none; a reused one lists them in the same remote call.
+    pub fn prepare_adopting(
+        &self,
+        proc: &mut Process,
+        requests: &[PrepareRequest],
+    ) -> Result<(Vec<PrepareResult>, Vec<PrepareResult>), SessionError> {
         if !self.reused {
-            return Ok(Vec::new());
+            return Ok((
+                prepare_remote(proc, &self.fns, self.prepare, requests)?,
+                Vec::new(),
+            ));
         }
-        timings::time("live probes (adoption)", || {
-            live_probes(proc, &self.fns, self.live)
-        })
+        let (live, mut results) = call_with_buffers(
+            proc,
+            &self.fns,
+            self.prepare_live,
+            pod::bytes_of_slice(requests),
+            requests.len() as u64,
+            (LIVE_CAP_WITH_PREPARE + requests.len()) * size_of::<PrepareResult>(),
+        )
+        .map(|(live, bytes)| (live as usize, pod::vec_from_bytes::<PrepareResult>(&bytes)))?;
+        let mut adopted: Vec<PrepareResult> = results.drain(..LIVE_CAP_WITH_PREPARE).collect();
+        if live > LIVE_CAP_WITH_PREPARE {
+            // Preparing patched nothing: the list is the same as before it.
+            adopted = live_probes(proc, &self.fns, self.live)?;
+        } else {
+            adopted.truncate(live);
+        }
+        Ok((results, adopted))
     }
+}
+
+/// Calls the agent's init with room for `probes` probes; its description.
+fn init_agent(
+    proc: &mut Process,
+    fns: &LibcFunctions,
+    base: u64,
+    probes: usize,
+) -> Result<AgentInfo, SessionError> {
+    let init = base + agent_symbol(INIT_SYMBOL)?;
+    let capacity = (probes as u64 + 64).next_power_of_two().max(1024);
+    let info_addr = timings::time("agent init", || {
+        inject::call_safely(proc, fns, init, &[capacity], TIMEOUT)
+    })?;
+    if info_addr == 0 {
+        return Err(SessionError::Agent("initialisation failed".into()));
+    }
+    let info: AgentInfo = read_pod(proc, info_addr)?;
+    if info.magic != AGENT_MAGIC {
+        return Err(SessionError::Agent(
+            "initialisation returned garbage".into(),
+        ));
+    }
+    Ok(info)
+}
+
+/// The description an earlier session's init left in the agent at `base`, read from its
+/// memory: a later init would only return it again (the interceptor exists; capacity
+/// grows when preparing needs more), so a later attach makes no remote call for it.
+/// None when that init never completed.
+fn initialised_info(proc: &Process, base: u64) -> Result<Option<AgentInfo>, SessionError> {
+    let addr = base + agent_symbol(INFO_SYMBOL)?;
+    let info: AgentInfo = timings::time("agent info read", || read_pod(proc, addr))?;
+    Ok((info.magic == AGENT_MAGIC && info.shared_fd >= 0).then_some(info))
 }
 
 pub(super) const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Load address of an agent an earlier session left in the target, if any.
 pub(crate) fn loaded_agent(pid: i32) -> Option<u64> {
-    let maps = agent::maps::read_pid(pid).ok()?;
-    maps.iter()
+    agent_in(&agent::maps::read_pid(pid).ok()?)
+}
+
+/// Load address of an agent among the maps `entries`, if any.
+fn agent_in(entries: &[agent::maps::MapEntry]) -> Option<u64> {
+    entries
+        .iter()
         .filter(|m| library_file::is_agent(&m.path) && m.offset == 0)
         .map(|m| m.start)
         .min()
@@ -111,12 +187,25 @@ pub(crate) fn loaded_agent(pid: i32) -> Option<u64> {
 
 /// Offset of an exported function in the embedded agent (linked at address 0).
 pub(crate) fn agent_symbol(name: &str) -> Result<u64, SessionError> {
-    use object::{Object, ObjectSymbol};
-    let file = object::File::parse(agent_so())
+    // Parsed once per tracer: an attach asks for six or more of them.
+    static EXPORTS: std::sync::OnceLock<Result<Vec<(String, u64)>, String>> =
+        std::sync::OnceLock::new();
+    let exports = EXPORTS.get_or_init(|| {
+        use object::{Object, ObjectSymbol};
+        let file = object::File::parse(agent_so()).map_err(|e| e.to_string())?;
+        Ok(file
+            .dynamic_symbols()
+            .filter(|s| s.is_definition())
+            .filter_map(|s| Some((s.name().ok()?.to_string(), s.address())))
+            .collect())
+    });
+    let exports = exports
+        .as_ref()
         .map_err(|e| SessionError::Agent(format!("embedded agent unreadable: {e}")))?;
-    file.dynamic_symbols()
-        .find(|s| s.name() == Ok(name))
-        .map(|s| s.address())
+    exports
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|&(_, a)| a)
         .ok_or_else(|| SessionError::Agent(format!("embedded agent lacks {name}")))
 }
 

@@ -368,11 +368,11 @@ pub(super) fn record_probe_memory(pid: i32, rss_before: Option<u64>, results: &[
         );
         timings::figure("relocated bytes per probe", relocated / n);
     }
-    if let (Some(before), Some(after)) = (rss_before, timings::rss_kib(pid)) {
+    if let Some(added) = timings::rss_growth_kib(pid, rss_before) {
         let n = results.len().max(1) as u64;
         timings::figure(
             "target RSS added by prepare per probe (bytes)",
-            after.saturating_sub(before) * 1024 / n,
+            added * 1024 / n,
         );
     }
 }
