@@ -1058,7 +1058,7 @@ impl SymbolCache {
                 Some(p) => (p.to_string(), true),
                 None => (key.path.clone(), false),
             };
-            let (elf, instances) = match self.load_mapped(&dir, &key, &path, &entries) {
+            let (elf, instances) = match self.load_mapped(dir, &key, &path, &entries) {
                 Ok(loaded) => loaded,
                 Err(error) => {
                     skipped.push(SkippedModule { path, error });
