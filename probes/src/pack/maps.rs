@@ -3,13 +3,38 @@
 //! `#[map] static X: Counter = Counter::new();` is a handle of a few words; the agent
 //! binds it to storage in the region it creates at load time (see [`super::abi::plan`]),
 //! which the tracer maps too, so maps can be read while the target runs and after it
-//! died. Updates are plain atomic adds: no lock, no allocation, no libc call. An unbound
-//! handle ignores updates.
+//! died. No lock, no allocation, no libc call. An unbound handle ignores updates.
+//!
+//! Counters and histograms have [`SHARDS`] copies: the first [`CPU_SHARDS`] belong to
+//! one CPU each and take plain adds under a restartable sequence ([`crate::percpu`]);
+//! the last takes `lock` adds from threads on other CPUs (or with rseq off). The reader
+//! sums all of them. Without rseq in the process every copy takes `lock` adds, picked by
+//! a hash of the thread ([`shard`]).
 
 use super::abi::{self, map_header, map_kind, value_type, Binding, MAP_HEADER, SHARDS};
 use crate::pod::{bytes_of, Pod};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering::*};
+
+/// Shards owned by one CPU each; the last one is shared.
+pub const CPU_SHARDS: u32 = SHARDS as u32 - 1;
+
+/// Add `n` to the word at `at` in the calling CPU's shard (`at` being the word's offset
+/// in shard 0, shards `stride` bytes apart from `h + MAP_HEADER`).
+#[inline(always)]
+fn add_sharded(h: *mut u8, at: usize, stride: usize, n: u64) {
+    // SAFETY: shards follow the header inside the map's storage, which stays mapped
+    // while the pack is loaded; only this function adds to the CPU shards.
+    let first = unsafe { h.add(MAP_HEADER + at) };
+    // SAFETY: as above; shard words are 8-aligned.
+    let fallback = match unsafe { crate::percpu::add(first, stride, CPU_SHARDS, n) } {
+        Ok(()) => return,
+        Err(crate::percpu::Fallback::Shared) => CPU_SHARDS as usize,
+        Err(crate::percpu::Fallback::NoRseq) => shard(),
+    };
+    // SAFETY: a shard index below SHARDS.
+    atomic(unsafe { first.add(fallback * stride) }).fetch_add(n, Relaxed);
+}
 
 /// The shard of the calling thread: a hash of its thread pointer (`fs:0`, the TCB's self
 /// pointer on x86-64 glibc and musl), one instruction and no libc. Threads sharing a shard
@@ -61,8 +86,7 @@ impl Counter {
     #[inline]
     pub fn add(&self, n: u64) {
         if let Some(h) = self.bind.get() {
-            // SAFETY: shard lines follow the header inside the map's storage.
-            atomic(unsafe { h.add(MAP_HEADER + 64 * shard()) }).fetch_add(n, Relaxed);
+            add_sharded(h, 0, 64, n);
         }
     }
 
@@ -140,9 +164,8 @@ impl Histogram {
     #[inline]
     pub fn record(&self, v: u64) {
         if let Some(h) = self.bind.get() {
-            let at = MAP_HEADER + shard() * self.shard_size + 8 * self.bucket(v);
-            // SAFETY: `bucket` is below the bucket count the shard was sized for.
-            atomic(unsafe { h.add(at) }).fetch_add(1, Relaxed);
+            // `bucket` is below the bucket count the shard was sized for.
+            add_sharded(h, 8 * self.bucket(v), self.shard_size, 1);
         }
     }
 

@@ -1,0 +1,125 @@
+//! Adds to per-CPU counters without a `lock` prefix, under a restartable sequence.
+//!
+//! A `lock add` is a full barrier: it waits until every store before it left the store
+//! buffer, which right after a trampoline saved a dozen registers costs several cycles
+//! a hit. A plain `add` to a word only the current CPU writes is enough, provided the
+//! thread is neither preempted nor moved to another CPU between reading its CPU number
+//! and the add. The kernel's restartable sequences (`rseq(2)`) give exactly that: glibc
+//! (>= 2.35) registers a `struct rseq` per thread at `fs:[__rseq_offset]`, whose
+//! `cpu_id` (+4) the kernel keeps current and whose `rseq_cs` (+8) names the critical
+//! section the thread is in. If the thread is preempted, migrated or gets a signal while
+//! its instruction pointer is inside that section, the kernel moves it to the section's
+//! abort address (which must follow the 4-byte signature glibc registered,
+//! [`RSEQ_SIG`]) before it runs again; the abort code starts over.
+//!
+//! The sequence (librseq's `rseq_addv`, with the CPU number read inside the section):
+//!
+//! ```text
+//! retry: lea t, [rip+cs] ; mov fs:[off+8], t   ; the section is armed
+//! start: mov cpu, fs:[off+4]
+//!        cmp cpu, cpus ; jae post               ; no shard of its own: not added
+//!        add [base + cpu*stride], n             ; the commit, one instruction
+//! post:  mov qword fs:[off+8], 0                ; disarmed
+//! ...    sig ; abort: jmp retry                 ; out of line
+//! ```
+//!
+//! The store arming the section is the last instruction before `start`, so no
+//! interruption can fall between the two. The section is disarmed right after the
+//! commit: the kernel reads `rseq_cs` at every preemption while it is set, and a
+//! descriptor that went away (a pack unloaded) would get the thread a `SIGSEGV`.
+//!
+//! Every writer of a per-CPU word must go through such a section: a `lock add` to a word
+//! another CPU adds to with a plain `add` can be lost. So a thread with no word of its
+//! own (a CPU number at or past `cpus`, or -1 when glibc did not register rseq for it)
+//! gets [`Fallback::Shared`] and adds with `lock` to a word no section writes; a process
+//! whose glibc has no rseq at all gets [`Fallback::NoRseq`] (no section runs anywhere
+//! in it, so any word may take a `lock add`).
+
+/// The signature glibc registers on x86-64, which the kernel checks before an abort
+/// address.
+pub const RSEQ_SIG: u32 = 0x5305_3053;
+
+/// What [`add`] returns when the process has no `__rseq_offset` (glibc < 2.35): no CPU
+/// number reads as this.
+const NO_RSEQ: u32 = 0xffff_fff0;
+
+/// Why [`add`] did not add: the caller adds with `lock` instead, where the variant says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// The thread's CPU has no word of its own (or rseq is off for the thread): add to a
+    /// word that no critical section writes.
+    Shared,
+    /// The process's glibc has no rseq: no critical section runs in it.
+    NoRseq,
+}
+
+/// Add `n` to the 8-byte word at `base + cpu * stride` for the CPU the calling thread
+/// runs on, when `cpu < cpus`, with a plain `add` inside a restartable sequence; else
+/// tell the caller where to add with `lock` instead.
+///
+/// # Safety
+/// `base + c * stride` for every `c < cpus` is an 8-aligned word, mapped and writable for
+/// as long as the process may run this, that only this function ever writes (besides
+/// resets while nothing counts).
+#[inline(always)]
+pub unsafe fn add(base: *mut u8, stride: usize, cpus: u32, n: u64) -> Result<(), Fallback> {
+    let cpu: u32;
+    // SAFETY: the caller vouches for the words; `fs:[off+4]` and `fs:[off+8]` are the
+    // calling thread's rseq `cpu_id` and `rseq_cs` when glibc exports `__rseq_offset`
+    // (with registration off `cpu_id` is -1 and nothing is added); the descriptor is
+    // static and the section is disarmed before the asm ends.
+    unsafe {
+        core::arch::asm!(
+            ".weak __rseq_offset",
+            "mov {cpu:e}, {none}",
+            "mov {off}, qword ptr [rip + __rseq_offset@GOTPCREL]",
+            "test {off}, {off}",
+            "jz 7f",
+            "mov {off}, qword ptr [{off}]",
+            // The descriptor: version, flags, start, length, abort.
+            ".pushsection __rseq_cs, \"aw\"",
+            ".balign 32",
+            "3:",
+            ".long 0, 0",
+            ".quad 4f, 5f - 4f, 6f",
+            ".popsection",
+            "2:",
+            "lea {t}, [rip + 3b]",
+            "mov qword ptr fs:[{off} + 8], {t}",
+            "4:",
+            "mov {cpu:e}, dword ptr fs:[{off} + 4]",
+            "cmp {cpu:e}, {cpus:e}",
+            "jae 5f",
+            "mov {t:e}, {cpu:e}",
+            "imul {t}, {stride}",
+            "add qword ptr [{base} + {t}], {n}",
+            "5:",
+            "mov qword ptr fs:[{off} + 8], 0",
+            "7:",
+            ".pushsection .text.unlikely.tracer_rseq_abort, \"ax\", @progbits",
+            // `ud1 edi, [rip + sig]`: the signature as a disassemblable instruction.
+            ".byte 0x0f, 0xb9, 0x3d",
+            ".long {sig}",
+            "6:",
+            "jmp 2b",
+            ".popsection",
+            none = const NO_RSEQ,
+            sig = const RSEQ_SIG,
+            off = out(reg) _,
+            t = out(reg) _,
+            cpu = out(reg) cpu,
+            base = in(reg) base,
+            stride = in(reg) stride,
+            cpus = in(reg) cpus,
+            n = in(reg) n,
+            options(nostack),
+        );
+    }
+    if cpu < cpus {
+        Ok(())
+    } else if cpu == NO_RSEQ {
+        Err(Fallback::NoRseq)
+    } else {
+        Err(Fallback::Shared)
+    }
+}
