@@ -63,16 +63,7 @@ impl Sharding {
     pub fn mask(&self) -> u32 {
         self.shards - 1
     }
-
-    /// Offset of the rseq area's `rseq_cs` from the thread pointer.
-    pub fn cs_offset(&self) -> i32 {
-        self.cpu_offset + 4
-    }
 }
-
-/// Times a trampoline's count was restarted by the kernel (the thread preempted,
-/// migrated or signalled inside its restartable sequence): diagnostics and tests.
-pub static RSEQ_ABORTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 std::arch::global_asm!(
     // Weak: a glibc older than 2.35 lacks them and the agent still loads, unsharded.

@@ -335,13 +335,10 @@ fn emit_pack_entry(
         a.test(byte_ptr(r11 + C_FLAGS), flags::ENABLED)
     })?;
     e.jcc_label(CC_E, off);
-    let cold = emit_count_inline(e, r11, C_HITS, SCRATCH_RAX, ENTRY_RAX)?;
+    emit_count(e, r11, C_HITS, SCRATCH_RAX, ENTRY_RAX)?;
     e.asm(|a| a.mov(r11, qword_ptr(rsp + ENTRY_R11)))?;
     emit_pack_entry_call(e, probe, p)?;
     e.jmp_label(tail);
-    if let Some(cold) = cold {
-        cold.emit(e)?;
-    }
     e.bind(skipped);
     e.asm(|a| {
         a.mov(r11, counters)?;
@@ -704,137 +701,10 @@ fn mov_r32_fs(num: u8, disp: i32) -> [u8; 8] {
     [0x64, 0x8b, (num & 7) << 3 | 4, 0x25, d[0], d[1], d[2], d[3]]
 }
 
-/// `mov qword ptr fs:[disp32], r64`.
-fn mov_fs_r64(num: u8, disp: i32) -> [u8; 9] {
-    let d = disp.to_le_bytes();
-    [0x64, 0x48, 0x89, (num & 7) << 3 | 4, 0x25, d[0], d[1], d[2], d[3]]
-}
-
-/// `mov qword ptr fs:[disp32], 0`.
-fn clear_fs(disp: i32) -> [u8; 13] {
-    let d = disp.to_le_bytes();
-    [0x64, 0x48, 0xc7, 0x04, 0x25, d[0], d[1], d[2], d[3], 0, 0, 0, 0]
-}
-
-/// `ud1 edi, [rip + RSEQ_SIG]`: the signature the kernel checks right before an rseq
-/// abort address, as an instruction (librseq's encoding).
-const RSEQ_SIG_BYTES: [u8; 7] = {
-    let s = probes::percpu::RSEQ_SIG.to_le_bytes();
-    [0x0f, 0xb9, 0x3d, s[0], s[1], s[2], s[3]]
-};
-
-/// One more in the counter at `field` of the calling CPU's shard of the slot whose first
-/// line `base` points at (see `crate::shared`): a plain `inc` inside a restartable
-/// sequence, as `probes::percpu` explains, since a `lock inc` waits for the store buffer
-/// to drain. A CPU without a shard of its own (or a thread rseq is off for) counts in
-/// the first line with `lock inc`, as does every hit when the process has no sharding.
-/// `scratch` is borrowed, kept at `[rsp + slot]`; only the flags change, and the rseq
-/// area's `rseq_cs` is 0 again afterwards, as it was.
-///
-/// ```text
-///         mov [rsp+slot], s
-/// retry:  lea s, [rip+cs] ; mov fs:[rseq_cs], s
-/// start:  mov s32, fs:[cpu_id] ; cmp s32, shards ; jae locked
-///         shl s32, 6 ; inc qword ptr [base+s+SHARDS+field]     ; the commit
-/// post:   mov qword ptr fs:[rseq_cs], 0
-///         mov s, [rsp+slot]
-/// done:
-/// ```
-///
-/// The abort handler, the locked path and the 32-byte descriptor (`cs`) are out of line
-/// ([`ColdCount`]): the caller places them where nothing falls into them. Trampolines are
-/// never unmapped, so descriptors outlive any thread that may still point at one.
-fn emit_count_inline(
-    e: &mut Emitter,
-    base: AsmRegister64,
-    field: i32,
-    scratch: Scratch,
-    slot: i32,
-) -> Result<Option<ColdCount>, EmitError> {
-    let Some(s) = crate::shared::sharding() else {
-        e.asm(|a| a.lock().inc(qword_ptr(base + field)))?;
-        return Ok(None);
-    };
-    let (retry, locked, done, desc) = (e.label(), e.label(), e.label(), e.label());
-    e.asm(|a| a.mov(qword_ptr(rsp + slot), scratch.r64))?;
-    e.bind(retry);
-    // lea s, [rip+cs]
-    e.bytes(&[0x48, 0x8d, (scratch.num & 7) << 3 | 5]);
-    e.disp32_label(desc);
-    e.bytes(&mov_fs_r64(scratch.num, s.cs_offset()));
-    let start = e.ip();
-    e.bytes(&mov_r32_fs(scratch.num, s.cpu_offset));
-    e.asm(|a| a.cmp(scratch.r32, s.shards as i32))?;
-    e.jcc_label(CC_AE, locked);
-    e.asm(|a| {
-        a.shl(scratch.r32, SHARD_SHIFT)?;
-        a.inc(qword_ptr(base + scratch.r64 + (SHARDS + field)))
-    })?;
-    let post = e.ip();
-    e.bytes(&clear_fs(s.cs_offset()));
-    e.asm(|a| a.mov(scratch.r64, qword_ptr(rsp + slot)))?;
-    e.bind(done);
-    Ok(Some(ColdCount {
-        retry,
-        locked,
-        done,
-        desc,
-        start,
-        post,
-        cs_offset: s.cs_offset(),
-        base,
-        field,
-        scratch,
-        slot,
-    }))
-}
-
-/// The out-of-line part of a count [`emit_count_inline`] emitted.
-struct ColdCount {
-    retry: Label,
-    locked: Label,
-    done: Label,
-    desc: Label,
-    start: u64,
-    post: u64,
-    cs_offset: i32,
-    base: AsmRegister64,
-    field: i32,
-    scratch: Scratch,
-    slot: i32,
-}
-
-impl ColdCount {
-    fn emit(self, e: &mut Emitter) -> Result<(), EmitError> {
-        e.bytes(&RSEQ_SIG_BYTES);
-        // The kernel came here instead of letting the thread run on inside the section
-        // (it was preempted, migrated or signalled there), with `rseq_cs` cleared.
-        let abort = e.ip();
-        let aborts = &crate::shared::RSEQ_ABORTS as *const _ as u64;
-        e.asm(|a| {
-            a.mov(self.scratch.r64, aborts)?;
-            a.lock().inc(qword_ptr(self.scratch.r64))
-        })?;
-        e.jmp_label(self.retry);
-        e.bind(self.locked);
-        e.bytes(&clear_fs(self.cs_offset));
-        e.asm(|a| {
-            a.lock().inc(qword_ptr(self.base + self.field))?;
-            a.mov(self.scratch.r64, qword_ptr(rsp + self.slot))
-        })?;
-        e.jmp_label(self.done);
-        // struct rseq_cs { u32 version, flags; u64 start_ip, post_commit_offset, abort_ip }
-        e.align(32, 0xcc);
-        e.bind(self.desc);
-        e.bytes(&[0; 8]);
-        e.bytes(&self.start.to_le_bytes());
-        e.bytes(&(self.post - self.start).to_le_bytes());
-        e.bytes(&abort.to_le_bytes());
-        Ok(())
-    }
-}
-
-/// [`emit_count_inline`] with its out-of-line part right after it, jumped over.
+/// `lock inc` of the counter at `field` in the calling CPU's shard of the slot whose
+/// first line `base` points at (see `crate::shared`), or of the first line's when the
+/// process has no sharding. `scratch` is borrowed, kept at `[rsp + slot]`; only the
+/// flags change.
 fn emit_count(
     e: &mut Emitter,
     base: AsmRegister64,
@@ -842,13 +712,20 @@ fn emit_count(
     scratch: Scratch,
     slot: i32,
 ) -> Result<(), EmitError> {
-    if let Some(cold) = emit_count_inline(e, base, field, scratch, slot)? {
-        let over = e.label();
-        e.jmp_label(over);
-        cold.emit(e)?;
-        e.bind(over);
-    }
-    Ok(())
+    let Some(s) = crate::shared::sharding() else {
+        return e.asm(|a| a.lock().inc(qword_ptr(base + field)));
+    };
+    e.asm(|a| a.mov(qword_ptr(rsp + slot), scratch.r64))?;
+    // The rseq cpu_id; a stale or negative value still picks a shard (masked), and the
+    // locked increment keeps the total exact whichever it is.
+    e.bytes(&mov_r32_fs(scratch.num, s.cpu_offset));
+    e.asm(|a| {
+        a.and(scratch.r32, s.mask() as i32)?;
+        a.shl(scratch.r32, SHARD_SHIFT)?;
+        a.lock()
+            .inc(qword_ptr(base + scratch.r64 + (SHARDS + field)))?;
+        a.mov(scratch.r64, qword_ptr(rsp + slot))
+    })
 }
 
 /// Where the fast paths keep the registers they borrow, below `rsp`. At a function entry
@@ -1303,4 +1180,3 @@ pub(crate) fn emit_stolen(e: &mut Emitter, stolen: &Stolen) -> Result<Relocated,
     }
     Ok(relocated)
 }
-

@@ -53,28 +53,24 @@ pub enum Fallback {
     NoRseq,
 }
 
-/// Add `n` to the 8-byte word at `base + cpu * stride` for the CPU the calling thread
-/// runs on, when `cpu < cpus`, with a plain `add` inside a restartable sequence; else
-/// tell the caller where to add with `lock` instead.
-///
-/// # Safety
-/// `base + c * stride` for every `c < cpus` is an 8-aligned word, mapped and writable for
-/// as long as the process may run this, that only this function ever writes (besides
-/// resets while nothing counts).
-#[inline(always)]
-pub unsafe fn add(base: *mut u8, stride: usize, cpus: u32, n: u64) -> Result<(), Fallback> {
-    let cpu: u32;
-    // SAFETY: the caller vouches for the words; `fs:[off+4]` and `fs:[off+8]` are the
-    // calling thread's rseq `cpu_id` and `rseq_cs` when glibc exports `__rseq_offset`
-    // (with registration off `cpu_id` is -1 and nothing is added); the descriptor is
-    // static and the section is disarmed before the asm ends.
-    unsafe {
+/// Times a critical section of [`add`] was restarted by the kernel (the thread was
+/// preempted, migrated or signalled inside it), in this copy of the crate: diagnostics
+/// and tests.
+pub fn aborts() -> u64 {
+    ABORTS.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+static ABORTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// The critical section, `$scale` turning the CPU number in `{t}` into a byte offset;
+/// leaves the CPU number (or [`NO_RSEQ`]) in `$cpu`.
+macro_rules! section {
+    ($cpu:ident, $base:expr, $n:expr, $scale:literal, $($operand:tt)*) => {
         core::arch::asm!(
             ".weak __rseq_offset",
-            "mov {cpu:e}, {none}",
             "mov {off}, qword ptr [rip + __rseq_offset@GOTPCREL]",
             "test {off}, {off}",
-            "jz 7f",
+            "jz 8f",
             "mov {off}, qword ptr [{off}]",
             // The descriptor: version, flags, start, length, abort.
             ".pushsection __rseq_cs, \"aw\"",
@@ -88,10 +84,10 @@ pub unsafe fn add(base: *mut u8, stride: usize, cpus: u32, n: u64) -> Result<(),
             "mov qword ptr fs:[{off} + 8], {t}",
             "4:",
             "mov {cpu:e}, dword ptr fs:[{off} + 4]",
-            "cmp {cpu:e}, {cpus:e}",
+            "cmp {cpu:e}, {cpus}",
             "jae 5f",
             "mov {t:e}, {cpu:e}",
-            "imul {t}, {stride}",
+            $scale,
             "add qword ptr [{base} + {t}], {n}",
             "5:",
             "mov qword ptr fs:[{off} + 8], 0",
@@ -101,20 +97,27 @@ pub unsafe fn add(base: *mut u8, stride: usize, cpus: u32, n: u64) -> Result<(),
             ".byte 0x0f, 0xb9, 0x3d",
             ".long {sig}",
             "6:",
+            "lock inc qword ptr [rip + {aborts}]",
             "jmp 2b",
+            "8:",
+            "mov {cpu:e}, {none}",
+            "jmp 7b",
             ".popsection",
             none = const NO_RSEQ,
             sig = const RSEQ_SIG,
+            aborts = sym ABORTS,
             off = out(reg) _,
             t = out(reg) _,
-            cpu = out(reg) cpu,
-            base = in(reg) base,
-            stride = in(reg) stride,
-            cpus = in(reg) cpus,
-            n = in(reg) n,
+            cpu = out(reg) $cpu,
+            base = in(reg) $base,
+            n = in(reg) $n,
+            $($operand)*
             options(nostack),
-        );
-    }
+        )
+    };
+}
+
+fn outcome(cpu: u32, cpus: u32) -> Result<(), Fallback> {
     if cpu < cpus {
         Ok(())
     } else if cpu == NO_RSEQ {
@@ -122,4 +125,43 @@ pub unsafe fn add(base: *mut u8, stride: usize, cpus: u32, n: u64) -> Result<(),
     } else {
         Err(Fallback::Shared)
     }
+}
+
+/// Add `n` to the 8-byte word at `base + (cpu << SHIFT)` for the CPU the calling thread
+/// runs on, when `cpu < CPUS`, with a plain `add` inside a restartable sequence; else
+/// tell the caller where to add with `lock` instead.
+///
+/// # Safety
+/// `base + (c << SHIFT)` for every `c < CPUS` is an 8-aligned word, mapped and writable
+/// for as long as the process may run this, that only this module ever writes (besides
+/// resets while nothing counts).
+#[inline(always)]
+pub unsafe fn add<const CPUS: u32, const SHIFT: u32>(base: *mut u8, n: u64) -> Result<(), Fallback> {
+    let cpu: u32;
+    // SAFETY: the caller vouches for the words; `fs:[off+4]` and `fs:[off+8]` are the
+    // calling thread's rseq `cpu_id` and `rseq_cs` when glibc exports `__rseq_offset`
+    // (with registration off `cpu_id` is -1 and nothing is added); the descriptor is
+    // static and the section is disarmed before the asm ends.
+    unsafe {
+        section!(cpu, base, n, "shl {t:e}, {shift}", cpus = const CPUS, shift = const SHIFT,)
+    };
+    outcome(cpu, CPUS)
+}
+
+/// [`add`] with words `stride` bytes apart.
+///
+/// # Safety
+/// As for [`add`], with `base + c * stride`.
+#[inline(always)]
+pub unsafe fn add_strided<const CPUS: u32>(
+    base: *mut u8,
+    stride: usize,
+    n: u64,
+) -> Result<(), Fallback> {
+    let cpu: u32;
+    // SAFETY: as in `add`.
+    unsafe {
+        section!(cpu, base, n, "imul {t}, {stride}", cpus = const CPUS, stride = in(reg) stride,)
+    };
+    outcome(cpu, CPUS)
 }

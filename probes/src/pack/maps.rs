@@ -12,6 +12,7 @@
 //! a hash of the thread ([`shard`]).
 
 use super::abi::{self, map_header, map_kind, value_type, Binding, MAP_HEADER, SHARDS};
+use crate::percpu::{self, Fallback};
 use crate::pod::{bytes_of, Pod};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering::*};
@@ -20,20 +21,26 @@ use std::sync::atomic::{AtomicU64, Ordering::*};
 pub const CPU_SHARDS: u32 = SHARDS as u32 - 1;
 
 /// Add `n` to the word at `at` in the calling CPU's shard (`at` being the word's offset
-/// in shard 0, shards `stride` bytes apart from `h + MAP_HEADER`).
+/// in shard 0, shards `stride` bytes apart from `h + MAP_HEADER`); `added` is what
+/// [`crate::percpu`] did with the CPU shards.
 #[inline(always)]
-fn add_sharded(h: *mut u8, at: usize, stride: usize, n: u64) {
+fn add_sharded(
+    h: *mut u8,
+    at: usize,
+    stride: usize,
+    n: u64,
+    added: impl FnOnce(*mut u8) -> Result<(), Fallback>,
+) {
     // SAFETY: shards follow the header inside the map's storage, which stays mapped
-    // while the pack is loaded; only this function adds to the CPU shards.
+    // while the pack is loaded; only `crate::percpu` adds to the CPU shards.
     let first = unsafe { h.add(MAP_HEADER + at) };
-    // SAFETY: as above; shard words are 8-aligned.
-    let fallback = match unsafe { crate::percpu::add(first, stride, CPU_SHARDS, n) } {
+    let shard = match added(first) {
         Ok(()) => return,
-        Err(crate::percpu::Fallback::Shared) => CPU_SHARDS as usize,
-        Err(crate::percpu::Fallback::NoRseq) => shard(),
+        Err(Fallback::Shared) => CPU_SHARDS as usize,
+        Err(Fallback::NoRseq) => shard(),
     };
     // SAFETY: a shard index below SHARDS.
-    atomic(unsafe { first.add(fallback * stride) }).fetch_add(n, Relaxed);
+    atomic(unsafe { first.add(shard * stride) }).fetch_add(n, Relaxed);
 }
 
 /// The shard of the calling thread: a hash of its thread pointer (`fs:0`, the TCB's self
@@ -86,7 +93,10 @@ impl Counter {
     #[inline]
     pub fn add(&self, n: u64) {
         if let Some(h) = self.bind.get() {
-            add_sharded(h, 0, 64, n);
+            // SAFETY: the shards' first words, 64 bytes apart.
+            add_sharded(h, 0, 64, n, |w| unsafe {
+                percpu::add::<CPU_SHARDS, 6>(w, n)
+            });
         }
     }
 
@@ -165,7 +175,11 @@ impl Histogram {
     pub fn record(&self, v: u64) {
         if let Some(h) = self.bind.get() {
             // `bucket` is below the bucket count the shard was sized for.
-            add_sharded(h, 8 * self.bucket(v), self.shard_size, 1);
+            let stride = self.shard_size;
+            // SAFETY: the bucket's word in each shard, `shard_size` bytes apart.
+            add_sharded(h, 8 * self.bucket(v), stride, 1, |w| unsafe {
+                percpu::add_strided::<CPU_SHARDS>(w, stride, 1)
+            });
         }
     }
 
