@@ -99,7 +99,10 @@ fn signal_storm() -> libc::timer_t {
             it_interval: every,
             it_value: every,
         };
-        assert_eq!(libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()), 0);
+        assert_eq!(
+            libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()),
+            0
+        );
         timer
     }
 }
@@ -111,10 +114,7 @@ fn install_handler() {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_signal as *const () as usize;
         sa.sa_flags = libc::SA_RESTART;
-        assert_eq!(
-            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()),
-            0
-        );
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
     }
 }
 
@@ -192,7 +192,11 @@ fn run(stop_on_abort: bool) -> u64 {
 fn check_totals(base: *mut u8, plan: &Plan, rounds: u64) {
     let want = rounds * THREADS as u64 * CALLS;
     let shards = counter_shards(base, plan);
-    assert_eq!(shards.iter().sum::<u64>(), want, "counter shards {shards:?}");
+    assert_eq!(
+        shards.iter().sum::<u64>(),
+        want,
+        "counter shards {shards:?}"
+    );
     let (buckets, _) = histogram(base, plan);
     assert_eq!(buckets.iter().sum::<u64>(), want, "histogram total");
     // Every value recorded lands in its bucket: the same per-bucket totals as counted
@@ -224,7 +228,10 @@ fn exact_under_a_signal_storm_with_sections_restarted() {
         "{rounds} round(s), {} signals, {aborts} critical sections restarted",
         SIGNALS.load(Relaxed)
     );
-    assert!(aborts > 0, "no critical section was restarted in {rounds} rounds");
+    assert!(
+        aborts > 0,
+        "no critical section was restarted in {rounds} rounds"
+    );
     // With a shard for every CPU, nothing took the shared, locked shard: the adds ran
     // inside sections.
     if max_cpu() < CPU_SHARDS as usize {
