@@ -12,7 +12,6 @@ pub mod fork;
 pub mod latency;
 pub mod mem;
 pub mod pack;
-pub mod percpu;
 pub mod pod;
 pub mod prelude;
 pub mod trace;

@@ -9,10 +9,7 @@
 
 /// Bumped on any change to the layouts in this module, to the context structs handed to
 /// handlers or to the record encoding. The tracer refuses a pack built against another.
-/// v2: counters and histograms add to their CPU's shard without `lock` (see
-/// `maps::CPU_SHARDS`), which a v1 build's `lock` adds to the same shards would break
-/// during a hot swap.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 1;
 /// First field of every descriptor: "TPK" and a zero.
 pub const DESC_MAGIC: u32 = u32::from_le_bytes(*b"TPK\0");
 /// The ELF section holding the descriptors.
@@ -311,9 +308,8 @@ pub mod ring_control {
 /// Default ring capacity (bytes of records).
 pub const RING_BYTES: usize = 1 << 20;
 
-/// Counters and histograms are sharded into this many cache-line-aligned copies, one per
-/// CPU but the last, shared (see `maps::CPU_SHARDS`), summed by the reader (see `cargo
-/// bench -p tracer --bench packs`, rows `contention`).
+/// Counters and histograms are sharded by thread into this many cache-line-aligned copies,
+/// summed by the reader (see `cargo bench -p tracer --bench packs`, rows `contention`).
 pub const SHARDS: usize = 8;
 pub const LOG2_BUCKETS: usize = 65;
 /// Longest linear histogram accepted (plus underflow and overflow).

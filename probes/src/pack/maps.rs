@@ -3,45 +3,13 @@
 //! `#[map] static X: Counter = Counter::new();` is a handle of a few words; the agent
 //! binds it to storage in the region it creates at load time (see [`super::abi::plan`]),
 //! which the tracer maps too, so maps can be read while the target runs and after it
-//! died. No lock, no allocation, no libc call. An unbound handle ignores updates.
-//!
-//! Counters and histograms have [`SHARDS`] copies: the first [`CPU_SHARDS`] belong to
-//! one CPU each and take plain adds under a restartable sequence ([`crate::percpu`]);
-//! the last takes `lock` adds from threads on other CPUs (or with rseq off). The reader
-//! sums all of them. Without rseq in the process every copy takes `lock` adds, picked by
-//! a hash of the thread ([`shard`]).
+//! died. Updates are plain atomic adds: no lock, no allocation, no libc call. An unbound
+//! handle ignores updates.
 
 use super::abi::{self, map_header, map_kind, value_type, Binding, MAP_HEADER, SHARDS};
-use crate::percpu::{self, Fallback};
 use crate::pod::{bytes_of, Pod};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering::*};
-
-/// Shards owned by one CPU each; the last one is shared.
-pub const CPU_SHARDS: u32 = SHARDS as u32 - 1;
-
-/// Add `n` to the word at `at` in the calling CPU's shard (`at` being the word's offset
-/// in shard 0, shards `stride` bytes apart from `h + MAP_HEADER`); `added` is what
-/// [`crate::percpu`] did with the CPU shards.
-#[inline(always)]
-fn add_sharded(
-    h: *mut u8,
-    at: usize,
-    stride: usize,
-    n: u64,
-    added: impl FnOnce(*mut u8) -> Result<(), Fallback>,
-) {
-    // SAFETY: shards follow the header inside the map's storage, which stays mapped
-    // while the pack is loaded; only `crate::percpu` adds to the CPU shards.
-    let first = unsafe { h.add(MAP_HEADER + at) };
-    let shard = match added(first) {
-        Ok(()) => return,
-        Err(Fallback::Shared) => CPU_SHARDS as usize,
-        Err(Fallback::NoRseq) => shard(),
-    };
-    // SAFETY: a shard index below SHARDS.
-    atomic(unsafe { first.add(shard * stride) }).fetch_add(n, Relaxed);
-}
 
 /// The shard of the calling thread: a hash of its thread pointer (`fs:0`, the TCB's self
 /// pointer on x86-64 glibc and musl), one instruction and no libc. Threads sharing a shard
@@ -93,10 +61,8 @@ impl Counter {
     #[inline]
     pub fn add(&self, n: u64) {
         if let Some(h) = self.bind.get() {
-            // SAFETY: the shards' first words, 64 bytes apart.
-            add_sharded(h, 0, 64, n, |w| unsafe {
-                percpu::add::<CPU_SHARDS, 6>(w, n)
-            });
+            // SAFETY: shard lines follow the header inside the map's storage.
+            atomic(unsafe { h.add(MAP_HEADER + 64 * shard()) }).fetch_add(n, Relaxed);
         }
     }
 
@@ -174,12 +140,9 @@ impl Histogram {
     #[inline]
     pub fn record(&self, v: u64) {
         if let Some(h) = self.bind.get() {
-            // `bucket` is below the bucket count the shard was sized for.
-            let stride = self.shard_size;
-            // SAFETY: the bucket's word in each shard, `shard_size` bytes apart.
-            add_sharded(h, 8 * self.bucket(v), stride, 1, |w| unsafe {
-                percpu::add_strided::<CPU_SHARDS>(w, stride, 1)
-            });
+            let at = MAP_HEADER + shard() * self.shard_size + 8 * self.bucket(v);
+            // SAFETY: `bucket` is below the bucket count the shard was sized for.
+            atomic(unsafe { h.add(at) }).fetch_add(1, Relaxed);
         }
     }
 
