@@ -425,10 +425,10 @@ fn emit_pack_entry(
     let off = e.label();
     let counters = p.counters as u64;
     let busy = p.tls + tl::BUSY;
-    e.asm(|a| a.mov(qword_ptr(rsp + ENTRY_R11), r11))?;
-    e.bytes(&MOV_R11_FS0);
-    e.asm(|a| a.cmp(qword_ptr(r11 + busy), 0))?;
+    // The guard is read straight through `fs`, before any register is borrowed.
+    e.bytes(&cmp_fs_zero(busy));
     e.jcc_label(CC_NE, skipped);
+    e.asm(|a| a.mov(qword_ptr(rsp + ENTRY_R11), r11))?;
     e.asm(|a| {
         a.mov(r11, counters)?;
         a.test(byte_ptr(r11 + C_FLAGS), flags::ENABLED)
@@ -439,6 +439,7 @@ fn emit_pack_entry(
     emit_pack_entry_call(e, probe, p)?;
     e.jmp_label(tail);
     e.bind(skipped);
+    e.asm(|a| a.mov(qword_ptr(rsp + ENTRY_R11), r11))?;
     e.asm(|a| {
         a.mov(r11, counters)?;
         a.lock().inc(qword_ptr(r11 + C_SKIPPED))
@@ -474,8 +475,7 @@ fn emit_pack_entry_call(
         }
         a.mov(qword_ptr(rsp + el::R11), r11)
     })?;
-    e.bytes(&MOV_R11_FS0);
-    e.asm(|a| a.mov(qword_ptr(r11 + busy), 1))?;
+    e.bytes(&mov_fs_imm(busy, 1));
     emit_shim_call(e, probe, p.hit, P_PACK_ENTRY_DIRECT, busy, p.counters)?;
     e.asm(|a| {
         for (i, r) in GPRS.iter().enumerate() {
@@ -564,8 +564,7 @@ fn emit_shim_call(
         a.mov(rax, probe as u64)?;
         a.call(qword_ptr(rax + slot))
     })?;
-    e.bytes(&MOV_R11_FS0);
-    e.asm(|a| a.mov(qword_ptr(r11 + busy), 0))?;
+    e.bytes(&mov_fs_imm(busy, 0));
     emit_panic_check(e, counters)
 }
 
@@ -783,6 +782,20 @@ pub struct PackExit {
     pub id: u32,
     /// `dispatch::tsc_scale()`: ns per timestamp tick, times 2^32.
     pub tsc_scale: u64,
+}
+
+/// `cmp qword ptr fs:[disp32], 0`.
+fn cmp_fs_zero(disp: i32) -> [u8; 10] {
+    let d = disp.to_le_bytes();
+    [0x64, 0x48, 0x83, 0x3c, 0x25, d[0], d[1], d[2], d[3], 0]
+}
+
+/// `mov qword ptr fs:[disp32], imm` (sign-extended imm32).
+fn mov_fs_imm(disp: i32, imm: i32) -> [u8; 13] {
+    let (d, i) = (disp.to_le_bytes(), imm.to_le_bytes());
+    [
+        0x64, 0x48, 0xc7, 0x04, 0x25, d[0], d[1], d[2], d[3], i[0], i[1], i[2], i[3],
+    ]
 }
 
 /// `mov r11, qword ptr fs:[0]`: the thread pointer.

@@ -1125,6 +1125,24 @@ fn pack_handlers_change_no_register_with_reduced_saves() {
         ));
         assert_eq!(hits() - before, 4, "{what}: the handler ran at every call");
         assert_eq!(counts(id).0, 4);
+        // Inside a handler of this thread (the guard read through `fs`): only the
+        // original code runs, counted as skipped, every register as it was.
+        agent::thread_state::current().busy = 1;
+        let diffs = check_calls(
+            &format!("entry, pack handler {what}, skipped"),
+            body,
+            seen,
+            8,
+            200 + seed as u64,
+        );
+        agent::thread_state::current().busy = 0;
+        assert_exact(diffs);
+        assert_eq!(
+            hits() - before,
+            4,
+            "{what}: the handler did not run when skipped"
+        );
+        assert_eq!(counts(id), (4, 0, 4));
     }
 }
 
