@@ -597,24 +597,42 @@ fn emit_pack_exit_call(
     f: FastEntry,
     x: PackExit,
 ) -> Result<(), EmitError> {
-    const X_DURATION: i32 = offset_of!(probes::ExitContext, duration_ns) as i32;
-    const X_ENTRY_RSP: i32 = offset_of!(probes::ExitContext, entry_rsp) as i32;
-    const X_PROBE: i32 = offset_of!(probes::ExitContext, probe) as i32;
     let untimed = e.label();
     let busy = f.tls + tl::BUSY;
-    e.asm(|a| {
-        open_frame(a, xl::FRAME)?;
-        a.mov(qword_ptr(rsp + xl::RAX), rax)?;
-        a.mov(qword_ptr(rsp + xl::RDX), rdx)?;
-        for (i, r) in EXIT_GPRS.iter().enumerate() {
-            a.mov(qword_ptr(rsp + xl::GPRS + 8 * i), *r)?;
-        }
-        a.movaps(xmmword_ptr(rsp + xl::XMM0), xmm0)?;
-        a.movaps(xmmword_ptr(rsp + xl::XMM1), xmm1)
-    })?;
+    e.asm(save_exit_context)?;
+    emit_exit_context_from_shadow(e, f.tls, x.id)?;
+    // The entry took no timestamp: the handler does not read the time.
+    e.jcc_label(CC_E, untimed);
+    e.asm(|a| store_duration(a, x.tsc_scale))?;
+    e.bind(untimed);
+    e.asm(|a| a.mov(qword_ptr(r11 + tl::BUSY), 1))?;
+    emit_shim_call(e, probe, x.hit, P_PACK_EXIT, busy, f.counters)?;
+    e.asm(restore_exit_context_and_return)
+}
+
+const X_DURATION: i32 = offset_of!(probes::ExitContext, duration_ns) as i32;
+const X_ENTRY_RSP: i32 = offset_of!(probes::ExitContext, entry_rsp) as i32;
+const X_PROBE: i32 = offset_of!(probes::ExitContext, probe) as i32;
+
+/// Open the exit context's frame and store what the body returned with into it.
+fn save_exit_context(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+    open_frame(a, xl::FRAME)?;
+    a.mov(qword_ptr(rsp + xl::RAX), rax)?;
+    a.mov(qword_ptr(rsp + xl::RDX), rdx)?;
+    for (i, r) in EXIT_GPRS.iter().enumerate() {
+        a.mov(qword_ptr(rsp + xl::GPRS + 8 * i), *r)?;
+    }
+    a.movaps(xmmword_ptr(rsp + xl::XMM0), xmm0)?;
+    a.movaps(xmmword_ptr(rsp + xl::XMM1), xmm1)
+}
+
+/// Pop this thread's top shadow entry into the exit context (return address, entry
+/// `rsp`, probe id, no duration yet), leaving `r11` = the thread's state, `rcx` = the
+/// entry's timestamp and the flags of `test rcx, rcx` (zero: none taken).
+fn emit_exit_context_from_shadow(e: &mut Emitter, tls: i32, id: u32) -> Result<(), EmitError> {
     e.bytes(&MOV_R11_FS0);
     e.asm(|a| {
-        a.lea(r11, qword_ptr(r11 + f.tls))?;
+        a.lea(r11, qword_ptr(r11 + tls))?;
         a.mov(rcx, qword_ptr(r11 + tl::DEPTH))?;
         a.dec(rcx)?;
         a.shl(rcx, tl::ENTRY_SHIFT)?;
@@ -623,46 +641,46 @@ fn emit_pack_exit_call(
         a.mov(qword_ptr(rsp + xl::RETURN_ADDRESS), rax)?;
         a.mov(rax, qword_ptr(rcx + tl::E_ENTRY_RSP))?;
         a.mov(qword_ptr(rsp + X_ENTRY_RSP), rax)?;
-        a.mov(dword_ptr(rsp + X_PROBE), x.id)?;
+        a.mov(dword_ptr(rsp + X_PROBE), id)?;
         a.mov(qword_ptr(rsp + X_DURATION), 0)?;
         a.mov(rcx, qword_ptr(rcx + tl::E_TSC))?;
         // Read before releasing the entry: a signal handler may push over it.
         a.dec(qword_ptr(r11 + tl::DEPTH))?;
         a.test(rcx, rcx)
-    })?;
-    // The entry took no timestamp: the handler does not read the time.
-    e.jcc_label(CC_E, untimed);
-    e.asm(|a| {
-        a.rdtsc()?;
-        a.shl(rdx, 32)?;
-        a.or(rax, rdx)?;
-        a.sub(rax, rcx)?;
-        // ns = ticks * scale >> 32, as `dispatch::ticks_to_ns`.
-        a.mov(rdx, x.tsc_scale)?;
-        a.mul(rdx)?;
-        a.shrd(rax, rdx, 32)?;
-        a.mov(qword_ptr(rsp + X_DURATION), rax)
-    })?;
-    e.bind(untimed);
-    e.asm(|a| a.mov(qword_ptr(r11 + tl::BUSY), 1))?;
-    emit_shim_call(e, probe, x.hit, P_PACK_EXIT, busy, f.counters)?;
-    e.asm(|a| {
-        // The return address the handler left (it may redirect the return), into the
-        // popped slot, for the `ret` below.
-        a.mov(rax, qword_ptr(rsp + xl::RETURN_ADDRESS))?;
-        a.mov(qword_ptr(rbx - 8), rax)?;
-        a.movaps(xmm0, xmmword_ptr(rsp + xl::XMM0))?;
-        a.movaps(xmm1, xmmword_ptr(rsp + xl::XMM1))?;
-        a.mov(rax, qword_ptr(rsp + xl::RAX))?;
-        a.mov(rdx, qword_ptr(rsp + xl::RDX))?;
-        for (i, r) in EXIT_GPRS.iter().enumerate() {
-            a.mov(*r, qword_ptr(rsp + xl::GPRS + 8 * i))?;
-        }
-        close_frame(a)?;
-        // Pops the caller's own return-stack entry: predicted.
-        a.lea(rsp, qword_ptr(rsp + RET_SLOT))?;
-        a.ret()
     })
+}
+
+/// The time since the entry's timestamp (`rcx`), in ns, into the exit context.
+/// Clobbers `rax`, `rdx` and the flags.
+fn store_duration(a: &mut CodeAssembler, tsc_scale: u64) -> Result<(), iced_x86::IcedError> {
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.sub(rax, rcx)?;
+    // ns = ticks * scale >> 32, as `dispatch::ticks_to_ns`.
+    a.mov(rdx, tsc_scale)?;
+    a.mul(rdx)?;
+    a.shrd(rax, rdx, 32)?;
+    a.mov(qword_ptr(rsp + X_DURATION), rax)
+}
+
+/// Back from the handler: every register as the context says, and return where it says
+/// (the handler may redirect the return).
+fn restore_exit_context_and_return(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+    // The return address the handler left, into the popped slot, for the `ret` below.
+    a.mov(rax, qword_ptr(rsp + xl::RETURN_ADDRESS))?;
+    a.mov(qword_ptr(rbx - 8), rax)?;
+    a.movaps(xmm0, xmmword_ptr(rsp + xl::XMM0))?;
+    a.movaps(xmm1, xmmword_ptr(rsp + xl::XMM1))?;
+    a.mov(rax, qword_ptr(rsp + xl::RAX))?;
+    a.mov(rdx, qword_ptr(rsp + xl::RDX))?;
+    for (i, r) in EXIT_GPRS.iter().enumerate() {
+        a.mov(*r, qword_ptr(rsp + xl::GPRS + 8 * i))?;
+    }
+    close_frame(a)?;
+    // Pops the caller's own return-stack entry: predicted.
+    a.lea(rsp, qword_ptr(rsp + RET_SLOT))?;
+    a.ret()
 }
 
 /// Bytes [`store_vector_set`] stores.

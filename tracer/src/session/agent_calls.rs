@@ -42,47 +42,15 @@ impl Agent {
         probes: usize,
         modules: &ProcessModules,
     ) -> Result<Agent, SessionError> {
-        // The maps the modules were read from (the process has stayed stopped since), or
-        // one read for libc, an earlier agent and the park page (75 to 100 us a read).
-        let (fns, earlier) = timings::time("libc functions", || {
-            let pid = proc.pid();
-            let read;
-            let (dir, entries) = match modules.maps_of(pid) {
-                Some(m) => m,
-                None => {
-                    let dir = crate::process_kind::proc_dir(pid);
-                    let entries = agent::maps::read_path(&format!("{dir}/maps"))
-                        .map_err(|error| inject::InjectError::Maps { pid, error })?;
-                    read = (dir, entries);
-                    (read.0.as_str(), read.1.as_slice())
-                }
-            };
-            crate::agent_thread::note_page(proc, entries);
-            let fns = inject::libc_functions_in(pid, dir, entries)?;
-            // An agent left by an earlier session stays loaded (its trampolines may still
-            // be in use): reuse it rather than load another copy, each of which would take
-            // more of the target's static TLS.
-            Ok::<_, inject::InjectError>((fns, agent_in(entries)))
-        })?;
+        let (fns, earlier) =
+            timings::time("libc functions", || libc_and_earlier_agent(proc, modules))?;
         // Started on its own first, so that what follows is timed apart from it.
         timings::time("agent thread", || {
             crate::agent_thread::ensure(proc, &fns, inject::DLOPEN_TIMEOUT)
         })?;
         let base = match earlier {
             Some(base) => base,
-            None => {
-                timings::time("agent load (dlopen)", || {
-                    inject::inject_with(
-                        proc,
-                        &fns,
-                        agent_so(),
-                        library_file::AGENT_NAME,
-                        Some(crate::agent_blob::agent_hash()),
-                        inject::DLOPEN_TIMEOUT,
-                    )
-                })?
-                .base
-            }
+            None => timings::time("agent load (dlopen)", || load_agent(proc, &fns))?,
         };
         let info = match earlier.map(|base| initialised_info(proc, base)) {
             Some(Ok(Some(info))) => info,
@@ -469,4 +437,44 @@ pub(super) fn open_latency(
     }
     let info: probes::latency::LatencyInfo = read_pod(proc, at)?;
     crate::builtin::latency::LatencyRegion::open(proc.pid(), &info).map_err(SessionError::Latency)
+}
+
+/// libc's functions in the target, and the base of an agent an earlier session left
+/// loaded, from the maps the modules were read from (the process has stayed stopped
+/// since), or from one read (75 to 100 us a read).
+fn libc_and_earlier_agent(
+    proc: &mut Process,
+    modules: &ProcessModules,
+) -> Result<(LibcFunctions, Option<u64>), inject::InjectError> {
+    let pid = proc.pid();
+    let read;
+    let (dir, entries) = match modules.maps_of(pid) {
+        Some(m) => m,
+        None => {
+            let dir = crate::process_kind::proc_dir(pid);
+            let entries = agent::maps::read_path(&format!("{dir}/maps"))
+                .map_err(|error| inject::InjectError::Maps { pid, error })?;
+            read = (dir, entries);
+            (read.0.as_str(), read.1.as_slice())
+        }
+    };
+    crate::agent_thread::note_page(proc, entries);
+    let fns = inject::libc_functions_in(pid, dir, entries)?;
+    // An agent left by an earlier session stays loaded (its trampolines may still be in
+    // use): reuse it rather than load another copy, each of which would take more of the
+    // target's static TLS.
+    Ok((fns, agent_in(entries)))
+}
+
+/// Place the embedded agent's file and `dlopen` it in the target: its base.
+fn load_agent(proc: &mut Process, fns: &LibcFunctions) -> Result<u64, inject::InjectError> {
+    Ok(inject::inject_with(
+        proc,
+        fns,
+        agent_so(),
+        library_file::AGENT_NAME,
+        Some(crate::agent_blob::agent_hash()),
+        inject::DLOPEN_TIMEOUT,
+    )?
+    .base)
 }
