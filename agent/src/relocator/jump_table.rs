@@ -45,10 +45,7 @@ pub(super) fn check_indirect_jump(
     info: &mut InstructionInfoFactory,
 ) -> Result<(), Refusal> {
     let jmp = &all[idx];
-    let not_understood = || Refusal::IndirectJump {
-        address: jmp.ip(),
-        mnemonic: jmp.mnemonic(),
-    };
+    let not_understood = || not_understood(jmp);
     match jmp.op0_kind() {
         OpKind::Memory => {
             if jmp.memory_index() == Register::None {
@@ -85,10 +82,7 @@ fn check_register_source(
     info: &mut InstructionInfoFactory,
 ) -> Result<(), Refusal> {
     let jmp = &all[idx];
-    let not_understood = || Refusal::IndirectJump {
-        address: jmp.ip(),
-        mnemonic: jmp.mnemonic(),
-    };
+    let not_understood = || not_understood(jmp);
     let d = &all[def_idx];
     if d.mnemonic() == Mnemonic::Lea && d.is_ip_rel_memory_operand() {
         // A direct target materialised in a register; case 1 already refused it if it
@@ -318,4 +312,12 @@ fn check_table<const N: usize>(
         }
     }
     Ok(())
+}
+
+/// The refusal for an indirect `jmp` whose targets cannot be told.
+fn not_understood(jmp: &Instruction) -> Refusal {
+    Refusal::IndirectJump {
+        address: jmp.ip(),
+        mnemonic: jmp.mnemonic(),
+    }
 }
