@@ -1027,7 +1027,11 @@ impl SymbolCache {
     /// The modules of a running process.
     pub fn process(&self, pid: i32) -> Result<ProcessModules, SymbolError> {
         let dir = crate::process_kind::proc_dir(pid);
-        let maps = agent::maps::read_path(&format!("{dir}/maps"))
+        let maps = crate::proc_text::read(format!("{dir}/maps"))
+            .and_then(|text| {
+                agent::maps::parse(&text)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
             .map_err(|source| SymbolError::Maps { pid, source })?;
         let mut pm = self.process_from_maps_in(pid, &dir, &maps);
         pm.maps = Some((dir, maps));
