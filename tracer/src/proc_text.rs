@@ -13,6 +13,12 @@ const FIRST_READ: usize = 8192;
 
 /// The whole text of the `/proc` file at `path`.
 pub fn read(path: impl AsRef<Path>) -> io::Result<String> {
+    String::from_utf8(read_bytes(path)?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// The whole content of the `/proc` file at `path` (`cmdline` need not be UTF-8).
+pub fn read_bytes(path: impl AsRef<Path>) -> io::Result<Vec<u8>> {
     let mut f = File::open(path)?;
     let mut buf = vec![0u8; FIRST_READ];
     let mut len = 0;
@@ -28,7 +34,7 @@ pub fn read(path: impl AsRef<Path>) -> io::Result<String> {
         }
     }
     buf.truncate(len);
-    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    Ok(buf)
 }
 
 /// The thread ids listed in `/proc/PID/task`, sorted: one directory listing, without
