@@ -13,8 +13,7 @@ const FIRST_READ: usize = 8192;
 
 /// The whole text of the `/proc` file at `path`.
 pub fn read(path: impl AsRef<Path>) -> io::Result<String> {
-    String::from_utf8(read_bytes(path)?)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    String::from_utf8(read_bytes(path)?).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// The whole content of the `/proc` file at `path` (`cmdline` need not be UTF-8).
@@ -65,7 +64,10 @@ mod tests {
     #[test]
     fn reads_the_same_text_as_read_to_string() {
         let stat = read("/proc/self/stat").unwrap();
-        assert!(stat.starts_with(&format!("{} (", std::process::id())), "{stat}");
+        assert!(
+            stat.starts_with(&format!("{} (", std::process::id())),
+            "{stat}"
+        );
         let status = read("/proc/self/status").unwrap();
         let pid = status_field(&status, "Pid").unwrap();
         assert_eq!(pid, std::process::id().to_string());

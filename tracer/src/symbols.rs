@@ -1193,7 +1193,6 @@ fn map_open_file(f: &std::fs::File, len: u64) -> std::io::Result<memmap2::Mmap> 
 }
 
 /// The modules of a running process, through the global cache.
-
 pub fn process_modules(pid: i32) -> Result<ProcessModules, SymbolError> {
     SymbolCache::global().process(pid)
 }
