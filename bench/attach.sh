@@ -23,7 +23,8 @@
 #      (installed with apt-get when missing; skipped with a line when that fails).
 #
 # SECTIONS=latency (or any comma-separated subset of states,probes,latency,scale) runs
-# only those tables.
+# only those tables. Issue #10's rows (`-p libc:malloc`) against a baseline build, the two
+# interleaved round by round: bench/attach_latency.sh; figures in bench/attach.md.
 set -uo pipefail
 # ONLY=scale, the older spelling, is SECTIONS=scale.
 [ "${ONLY:-}" = scale ] && SECTIONS=scale
