@@ -23,7 +23,8 @@
 #      (installed with apt-get when missing; skipped with a line when that fails).
 #
 # SECTIONS=latency (or any comma-separated subset of states,probes,latency,scale) runs
-# only those tables.
+# only those tables. Issue #10's rows (`-p libc:malloc`) against a baseline build, the two
+# interleaved round by round: bench/attach_latency.sh; figures in bench/attach.md.
 set -uo pipefail
 # ONLY=scale, the older spelling, is SECTIONS=scale.
 [ "${ONLY:-}" = scale ] && SECTIONS=scale
@@ -39,15 +40,21 @@ pids=()
 trap 'rm -rf "$work"; for p in "${pids[@]}"; do kill -9 $p 2>/dev/null; done' EXIT
 cc -O1 -pthread -o "$work/states" tests/programs/states.c
 
-ms_now() { date +%s%N; }
+# stamp VAR: nanoseconds now into VAR, without a process: `$(date +%s%N)` forked and ran
+# `date`, which added 1 to 2 ms to every figure here (measured on /bin/true: 3.0 ms median
+# with `date`, 1.2 ms with this, 40 runs alternating on a loaded 2-vCPU machine).
+stamp() {
+    local us=${EPOCHREALTIME//[.,]/}
+    printf -v "$1" '%s' "$((10#$us * 1000))"
+}
 
 # time_list PID: milliseconds of `tracer list PID main:work` (symbols only, no ptrace): how
 # much CPU the tracer itself gets next to that program on this machine now.
 time_list() {
     local t0 t1
-    t0=$(ms_now)
+    stamp t0
     "$tracer" list "$1" main:work >/dev/null 2>&1
-    t1=$(ms_now)
+    stamp t1
     awk -v d=$((t1 - t0)) 'BEGIN { printf "%.1f\n", d / 1e6 }'
 }
 
@@ -56,12 +63,12 @@ time_list() {
 time_attach() {
     local t=$1 pid=$2; shift 2
     local t0 t1
-    t0=$(ms_now)
+    stamp t0
     if ! timeout 5 "$t" attach "$pid" "$@" --duration 0 -o /dev/null 2>"$work/err"; then
         echo fail
         return
     fi
-    t1=$(ms_now)
+    stamp t1
     awk -v d=$((t1 - t0)) 'BEGIN { printf "%.1f\n", d / 1e6 }'
 }
 
@@ -141,14 +148,14 @@ fi
 # added by prepare per probe; "-" where the tracer does not report it), or "fail".
 timings_of() {
     local t0 t1
-    t0=$(ms_now)
+    stamp t0
     # The flags go right after the subcommand: after `run ... --` they would be the
     # program's.
     if ! timeout 20 "$1" "$2" --timings -o /dev/null "${@:3}" 2>"$work/err" >/dev/null; then
         echo fail
         return
     fi
-    t1=$(ms_now)
+    stamp t1
     awk -v d=$((t1 - t0)) '
         /prepare \(remote\)/ { p = $3 } /^ +patch / { q = $2 }
         /trampoline bytes per probe/ { b = $NF } /RSS added per probe/ { r = $NF }
@@ -207,7 +214,7 @@ echo "| what | wall ms | prepare ms | patch ms |"
 echo "|---|---|---|---|"
 latency_rows "$tracer" ""
 untraced=$(for i in $(seq 1 "$N"); do
-    t0=$(ms_now); /bin/true; t1=$(ms_now); echo "$(( (t1 - t0) / 1000 ))"
+    stamp t0; /bin/true; stamp t1; echo "$(( (t1 - t0) / 1000 ))"
 done | sort -n | awk '{ v[NR] = $1 } END { printf "%.1f", v[int((NR + 1) / 2)] / 1000 }')
 printf '| /bin/true untraced | %s | | |\n' "$untraced"
 if [ -n "$baseline" ]; then

@@ -11,6 +11,7 @@ pub mod library_file;
 pub mod names;
 pub mod pack;
 pub mod probeable;
+pub mod proc_text;
 pub mod process_kind;
 pub mod refusals;
 pub mod remote_call;

@@ -32,10 +32,15 @@ fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
+/// The state letter of a `stat` file's text (`R`, `S`, `t`, `T`, `Z`, ...).
+pub(crate) fn stat_state(text: &str) -> Option<char> {
+    parse_stat(text).map(|s| s.state)
+}
+
 /// Why `pid` cannot be probed although it exists, as one sentence; `None` for a process
 /// running a program (or a PID that does not exist: the caller says that).
 pub fn not_a_program(pid: i32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let text = crate::proc_text::read(format!("/proc/{pid}/stat")).ok()?;
     let stat = parse_stat(&text)?;
     // A main thread that called pthread_exit shows as a zombie while the other threads
     // of its process still run the program.
@@ -54,7 +59,7 @@ fn has_live_thread(pid: i32) -> bool {
 fn live_task(pid: i32) -> Option<std::path::PathBuf> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     tasks.filter_map(Result::ok).map(|t| t.path()).find(|t| {
-        std::fs::read_to_string(t.join("stat"))
+        crate::proc_text::read(t.join("stat"))
             .ok()
             .and_then(|s| parse_stat(&s))
             .is_some_and(|s| !matches!(s.state, 'Z' | 'X'))
@@ -66,7 +71,7 @@ fn live_task(pid: i32) -> Option<std::path::PathBuf> {
 /// empty and its `mem` and `exe` fail) that of a thread still running.
 pub fn proc_dir(pid: i32) -> String {
     let leader = format!("/proc/{pid}");
-    let exited = std::fs::read_to_string(format!("{leader}/stat"))
+    let exited = crate::proc_text::read(format!("{leader}/stat"))
         .ok()
         .and_then(|s| parse_stat(&s))
         .is_some_and(|s| matches!(s.state, 'Z' | 'X'));

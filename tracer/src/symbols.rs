@@ -983,7 +983,11 @@ impl SymbolCache {
     fn load(&self, id: &FileId, sources: &[PathBuf]) -> Result<Arc<ElfSymbols>, SymbolError> {
         let mut last = None;
         for src in sources {
-            let meta = match std::fs::metadata(src) {
+            // Opened first and identified through the descriptor: a path under
+            // `/proc/PID/map_files` costs a lookup (and an access check) each time it is
+            // named, and stat, open and the mapping's own fstat named it twice.
+            let opened = std::fs::File::open(src).and_then(|f| Ok((f.metadata()?, f)));
+            let (meta, file) = match opened {
                 Ok(m) => m,
                 Err(e) => {
                     last = Some((src.clone(), e));
@@ -1006,7 +1010,7 @@ impl SymbolCache {
             if let Some(e) = self.lock().get(&key) {
                 return Ok(e.clone());
             }
-            match map_file(src) {
+            match map_open_file(&file, meta.len()) {
                 Ok(data) => {
                     let parsed = Arc::new(ElfSymbols::parse_mapped(data, Path::new(&id.path))?);
                     self.lock().insert(key, parsed.clone());
@@ -1027,7 +1031,11 @@ impl SymbolCache {
     /// The modules of a running process.
     pub fn process(&self, pid: i32) -> Result<ProcessModules, SymbolError> {
         let dir = crate::process_kind::proc_dir(pid);
-        let maps = agent::maps::read_path(&format!("{dir}/maps"))
+        let maps = crate::proc_text::read(format!("{dir}/maps"))
+            .and_then(|text| {
+                agent::maps::parse(&text)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
             .map_err(|source| SymbolError::Maps { pid, source })?;
         let mut pm = self.process_from_maps_in(pid, &dir, &maps);
         pm.maps = Some((dir, maps));
@@ -1161,18 +1169,30 @@ fn is_tracer_code(path: &str) -> bool {
     name == "/memfd:tracer-code" || name == format!("/memfd:{}", crate::agent_thread::PARK_NAME)
 }
 
-/// The modules of a running process, through the global cache.
 /// The bytes of the file at `path`, mapped rather than read: parsing touches the headers
 /// and symbol tables only, and reading all of libc (2 MB) took about 1 ms per file.
 pub fn map_file(path: &Path) -> std::io::Result<memmap2::Mmap> {
     let f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    map_open_file(&f, len)
+}
+
+/// [`map_file`] of a file already open, whose length is known.
+fn map_open_file(f: &std::fs::File, len: u64) -> std::io::Result<memmap2::Mmap> {
+    let mut options = memmap2::MmapOptions::new();
+    // With the length given, memmap2 does not fstat the file again; an empty file keeps
+    // memmap2's own handling of a zero length.
+    if let Ok(len @ 1..) = usize::try_from(len) {
+        options.len(len);
+    }
     // SAFETY: a private read-only view. A file truncated in place while mapped would fault
     // (SIGBUS) when read, possibly mid-session now that a module's tables are read on
     // first use; it would equally break every process that maps it, the target first.
     // Libraries are replaced (a new inode) on upgrade, not rewritten in place.
-    unsafe { memmap2::Mmap::map(&f) }
+    unsafe { options.map(f) }
 }
 
+/// The modules of a running process, through the global cache.
 pub fn process_modules(pid: i32) -> Result<ProcessModules, SymbolError> {
     SymbolCache::global().process(pid)
 }
@@ -1187,7 +1207,7 @@ pub fn file_modules(path: &Path) -> Result<ProcessModules, SymbolError> {
 /// interpreter's (and the kernel puts the interpreter in `argv[0]`). A rewritten
 /// `argv[0]` with spaces (`postgres: checkpointer`) names nothing.
 fn names_run_as(pid: i32) -> Vec<String> {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+    let Ok(cmdline) = crate::proc_text::read_bytes(format!("/proc/{pid}/cmdline")) else {
         return Vec::new();
     };
     let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();

@@ -234,20 +234,16 @@ fn proc_task(pid: i32, tid: i32) -> io::Result<procfs::process::Task> {
         .map_err(proc_io)
 }
 
-/// Thread ids listed in `/proc/PID/task`.
+/// Thread ids listed in `/proc/PID/task`, sorted.
 pub fn list_tasks(pid: i32) -> io::Result<Vec<i32>> {
-    let tasks = procfs::process::Process::new(pid)
-        .and_then(|p| p.tasks())
-        .map_err(proc_io)?;
-    // A thread that exits while the listing is read is simply not listed.
-    let mut v: Vec<i32> = tasks.filter_map(|t| Some(t.ok()?.tid)).collect();
-    v.sort_unstable();
-    Ok(v)
+    crate::proc_text::tasks(pid)
 }
 
 /// The state letter of `/proc/PID/task/TID/stat` (`R`, `S`, `t`, `T`, ...).
 pub fn thread_state(pid: i32, tid: i32) -> io::Result<char> {
-    Ok(proc_task(pid, tid)?.stat().map_err(proc_io)?.state)
+    let text = crate::proc_text::read(format!("/proc/{pid}/task/{tid}/stat"))?;
+    crate::process_kind::stat_state(&text)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable stat"))
 }
 
 /// The state and wait channel of a thread, for messages: `S (sleeping) in do_nanosleep`.
@@ -270,10 +266,10 @@ pub fn describe_thread(pid: i32, tid: i32) -> String {
 
 /// `TracerPid` of `/proc/PID/status` (0 when untraced).
 pub fn tracer_pid(pid: i32) -> io::Result<i32> {
-    let status = procfs::process::Process::new(pid)
-        .and_then(|p| p.status())
-        .map_err(proc_io)?;
-    Ok(status.tracerpid)
+    let status = crate::proc_text::read(format!("/proc/{pid}/status"))?;
+    crate::proc_text::status_field(&status, "TracerPid")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no TracerPid in status"))
 }
 
 /// Explains an EPERM from `PTRACE_SEIZE`: Yama, another uid, or a missing capability.
