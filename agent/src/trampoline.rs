@@ -82,16 +82,26 @@ pub fn emit_entry(
     v: Vectors,
 ) -> Result<EntryTrampoline, JitError> {
     let tail = e.label();
+    let mut cold = None;
     let encoding = match path {
         EntryPath::Fast(f) => {
             emit_fast_entry(e, probe, f, tail)?;
             emit_entry_general(e, probe, v)?
         }
-        EntryPath::Pack(p) => emit_pack_entry(e, probe, p, tail)?,
+        EntryPath::Pack(p) => {
+            let (encoding, skipped) = emit_pack_entry(e, probe, p)?;
+            cold = Some((p, skipped));
+            encoding
+        }
         EntryPath::General => emit_entry_general(e, probe, v)?,
     };
     e.bind(tail);
     let relocated = emit_stolen(e, stolen)?;
+    // The pack path's rare cases go after the relocated code, so that its hit path
+    // falls through into it: one taken jump less per hit.
+    if let Some((p, skipped)) = cold {
+        emit_pack_entry_skipped(e, p, skipped, tail)?;
+    }
     Ok(EntryTrampoline {
         encoding,
         relocated,
@@ -414,40 +424,58 @@ pub const PACK_EXIT_KEEPS: u16 = 0x0003;
 /// registers the handler's code can write beyond `xmm0-7`; this path keeps every
 /// call-clobbered GPR and `xmm0-7` in the entry context, which the handler sees and may
 /// change, and reloads `xmm0-7` with legacy-SSE loads, which keep the upper halves.
-/// Returns how the stub is reached: through the slot, `[rax+disp]`.
+/// Returns how the stub is reached (through the slot, `[rax+disp]`) and where the hit
+/// path leaves for its rare cases, which the caller places after the relocated code (see
+/// [`emit_pack_entry_skipped`]); the hit path itself falls through to what follows.
 fn emit_pack_entry(
     e: &mut Emitter,
     probe: *const Probe,
     p: PackEntry,
-    tail: Label,
-) -> Result<CallEncoding, EmitError> {
+) -> Result<(CallEncoding, PackSkipped), EmitError> {
     let skipped = e.label();
     let off = e.label();
-    let counters = p.counters as u64;
     let busy = p.tls + tl::BUSY;
     // The guard is read straight through `fs`, before any register is borrowed.
     e.bytes(&cmp_fs_zero(busy));
     e.jcc_label(CC_NE, skipped);
     e.asm(|a| a.mov(qword_ptr(rsp + ENTRY_R11), r11))?;
     e.asm(|a| {
-        a.mov(r11, counters)?;
+        a.mov(r11, p.counters as u64)?;
         a.test(byte_ptr(r11 + C_FLAGS), flags::ENABLED)
     })?;
     e.jcc_label(CC_E, off);
     emit_count(e, r11, C_HITS, SCRATCH_RAX, ENTRY_RAX)?;
     e.asm(|a| a.mov(r11, qword_ptr(rsp + ENTRY_R11)))?;
     emit_pack_entry_call(e, probe, p)?;
-    e.jmp_label(tail);
-    e.bind(skipped);
+    Ok((CallEncoding::RipSlot, PackSkipped { skipped, off }))
+}
+
+/// Where [`emit_pack_entry`]'s hit path leaves for its rare cases: the thread is inside a
+/// handler (`skipped`: count it), the probe is disabled (`off`, `r11` kept below `rsp`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PackSkipped {
+    skipped: Label,
+    off: Label,
+}
+
+/// The rare cases of [`emit_pack_entry`], placed after the relocated code; both go back
+/// to `tail` with every register as at the site.
+fn emit_pack_entry_skipped(
+    e: &mut Emitter,
+    p: PackEntry,
+    s: PackSkipped,
+    tail: Label,
+) -> Result<(), EmitError> {
+    e.bind(s.skipped);
     e.asm(|a| a.mov(qword_ptr(rsp + ENTRY_R11), r11))?;
     e.asm(|a| {
-        a.mov(r11, counters)?;
+        a.mov(r11, p.counters as u64)?;
         a.lock().inc(qword_ptr(r11 + C_SKIPPED))
     })?;
-    e.bind(off);
+    e.bind(s.off);
     e.asm(|a| a.mov(r11, qword_ptr(rsp + ENTRY_R11)))?;
     e.jmp_label(tail);
-    Ok(CallEncoding::RipSlot)
+    Ok(())
 }
 
 const P_PACK_ENTRY_DIRECT: i32 = offset_of!(Probe, pack_entry_direct) as i32;
