@@ -35,9 +35,12 @@ pub struct ThreadState {
     pub shadow: *mut ShadowEntry,
     /// Entries in use.
     pub depth: u64,
-    /// Capacity in entries (0 before the first use; `u64::MAX` after a failed map).
+    /// Capacity in entries (0 before the first use, and after a failed map: every push
+    /// then fails, as a full stack's does).
     pub capacity: u64,
-    _reserved: [u64; 4],
+    /// Non-zero once mapping the shadow stack failed: not tried again at every hit.
+    map_failed: u64,
+    _reserved: [u64; 3],
 }
 
 const _: () = assert!(std::mem::size_of::<ThreadState>() == 64);
@@ -143,13 +146,15 @@ impl ThreadState {
 
     #[cold]
     fn grow(&mut self) -> bool {
-        if self.capacity != 0 {
+        if self.capacity != 0 || self.map_failed != 0 {
             return false;
         }
         let bytes = SHADOW_CAPACITY as usize * std::mem::size_of::<ShadowEntry>();
         let p = raw_mmap(bytes);
         if p.is_null() {
-            self.capacity = u64::MAX;
+            // Capacity stays 0, so pushes here and the trampolines' `depth < capacity`
+            // test both see a full stack: exits lost and counted, no write through null.
+            self.map_failed = 1;
             return false;
         }
         self.shadow = p as *mut ShadowEntry;
@@ -228,5 +233,53 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// A thread whose shadow stack cannot be mapped (address space limit reached) loses
+    /// its exits, every time, and never writes through the missing stack.
+    #[test]
+    fn a_failed_shadow_map_refuses_pushes() {
+        let e = ShadowEntry {
+            return_address: 1,
+            entry_rsp: 2,
+            probe: 0,
+            tsc: 0,
+        };
+        // SAFETY: the child only makes system calls and touches this thread's state
+        // before `_exit`; no lock of the parent's other threads is taken.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            let lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            // SAFETY: lowering this child's own address space limit; 0 makes every new
+            // mapping fail with ENOMEM while existing ones stay.
+            let code = unsafe {
+                if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                    libc::_exit(3);
+                }
+                let s = current();
+                s.capacity = 0;
+                s.shadow = std::ptr::null_mut();
+                s.depth = 0;
+                s.map_failed = 0;
+                let first = s.push(e);
+                let second = s.push(e);
+                let state = (s.capacity, s.shadow.is_null(), s.depth, s.map_failed);
+                match (first, second, state) {
+                    (false, false, (0, true, 0, 1)) => 0,
+                    _ => 1,
+                }
+            };
+            // SAFETY: leaves the child without running the test harness's exit path.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 0, "pushes after a failed map");
     }
 }
