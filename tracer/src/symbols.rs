@@ -18,10 +18,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// Lookups by name answered by a scan before a file's name index is built.
 const SCANS_BEFORE_INDEX: usize = 16;
 
+/// Exact names looked up through `.gnu.hash` before a file's tables are read: a spec or
+/// two name a function or two; more lookups read the tables.
+const QUICK_LOOKUPS: usize = 4;
+
 use agent::maps::MapEntry;
 use object::elf;
 use object::read::elf::{FileHeader, ProgramHeader, Rela, SectionHeader, Sym};
-use object::Endianness;
+use object::{Endian, Endianness};
 
 /// x86-64 mappings are made of 4 KiB pages; the kernel maps segments from page-aligned
 /// file offsets to page-aligned addresses.
@@ -199,6 +203,17 @@ pub struct ElfSymbols {
     scans: AtomicUsize,
     /// Demangled forms of the C++ and Rust names, made on first use (most files are C).
     demangled: OnceLock<HashMap<String, crate::names::Demangled>>,
+    /// Functions found by exact name through `.gnu.hash` while the tables are unread
+    /// (see [`dynsym_named`]): a later attach naming `libc:malloc` spent 1 ms reading all
+    /// of libc's 3,000 symbols for one.
+    quick: [OnceLock<QuickLookup>; QUICK_LOOKUPS],
+}
+
+/// One name's functions, each as the full tables would give it.
+#[derive(Debug)]
+struct QuickLookup {
+    name: String,
+    found: Vec<FileFunction>,
 }
 
 /// What [`ElfSymbols`] reads from the symbol tables and relocations.
@@ -342,6 +357,7 @@ impl ElfSymbols {
             by_name: OnceLock::new(),
             scans: AtomicUsize::new(0),
             demangled: OnceLock::new(),
+            quick: Default::default(),
         }
     }
 
@@ -441,6 +457,9 @@ impl ElfSymbols {
 
     /// Functions one of whose names is exactly `name`.
     pub fn functions_named<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a FileFunction> {
+        if let Some(quick) = self.quick_named(name) {
+            return quick.iter().collect::<Vec<_>>().into_iter();
+        }
         // A scan of every name costs 20 us for libc, the index 500 us to build: scan for
         // the first few lookups (a spec naming a function or two), index for more.
         let found: Vec<usize> = match self.by_name.get() {
@@ -453,7 +472,50 @@ impl ElfSymbols {
                 .collect(),
             _ => self.by_name().get(name).cloned().unwrap_or_default(),
         };
-        found.into_iter().map(move |i| &self.functions()[i])
+        let functions = self.functions();
+        found
+            .into_iter()
+            .map(|i| &functions[i])
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    /// The functions named `name` found through `.gnu.hash`, without reading the tables,
+    /// when that gives what the tables would: `.dynsym` is the only table, the tables are
+    /// not read yet, and `name` has no `@VERSION` (nor a replacement character, which a
+    /// lossy conversion of a name may have made). `None`: ask the tables.
+    fn quick_named(&self, name: &str) -> Option<&[FileFunction]> {
+        if self.has_symtab
+            || self.has_debugdata
+            || name.is_empty()
+            || name.contains(['@', char::REPLACEMENT_CHARACTER])
+            || self.tables.get().is_some()
+        {
+            return None;
+        }
+        let mut computed = None;
+        for slot in &self.quick {
+            if let Some(q) = slot.get() {
+                if q.name == name {
+                    return Some(&q.found);
+                }
+                continue;
+            }
+            let found = match computed.take() {
+                Some(found) => found,
+                None => {
+                    let image = self.image.lock().unwrap_or_else(|p| p.into_inner());
+                    dynsym_named(image.as_ref()?, &self.path, name)?
+                }
+            };
+            let name = name.to_string();
+            match slot.set(QuickLookup { name, found }) {
+                Ok(()) => return slot.get().map(|q| q.found.as_slice()),
+                // Another thread filled the slot meanwhile: try the next one.
+                Err(lost) => computed = Some(lost.found),
+            }
+        }
+        None
     }
 
     /// The demangled forms of `name`, one of this file's function names, if it is a
@@ -473,6 +535,15 @@ impl ElfSymbols {
     /// The function whose `[value, value + size)` covers the link-time address `value`
     /// (or that starts exactly there when its size is unknown).
     pub fn function_containing(&self, value: u64) -> Option<&FileFunction> {
+        // A function found by name starts there: it is the one the tables give, which
+        // spares reading them to check a probe found that way (one per address, and
+        // the search below takes the one starting at `value` first).
+        if self.tables.get().is_none() {
+            let quick = self.quick.iter().filter_map(OnceLock::get);
+            if let Some(f) = quick.flat_map(|q| &q.found).find(|f| f.value == value) {
+                return Some(f);
+            }
+        }
         let functions = self.functions();
         let end = functions.partition_point(|f| f.value <= value);
         // Functions rarely overlap, but a few preceding entries may be labels inside a
@@ -485,11 +556,14 @@ impl ElfSymbols {
     }
 }
 
+type SymbolTable<'a> = object::read::elf::SymbolTable<'a, elf::FileHeader64<Endianness>, &'a [u8]>;
+type VersionTable<'a> = object::read::elf::VersionTable<'a, elf::FileHeader64<Endianness>>;
+
 /// Append the function symbols of one table (`.dynsym` or `.symtab`).
 fn read_table<'a>(
     endian: Endianness,
     data: &'a [u8],
-    sections: &object::read::elf::SectionTable<'a, elf::FileHeader64<Endianness>, &'a [u8]>,
+    sections: &Sections<'a>,
     sh_type: elf::SectionType,
     source: SymbolSource,
     out: &mut Vec<RawFunction>,
@@ -503,44 +577,174 @@ fn read_table<'a>(
         None
     };
     for (index, sym) in table.enumerate() {
-        let st_type = sym.st_type();
-        // Only symbols typed as functions are probe sites. A `NOTYPE` label in code
-        // (hand-written assembly) may sit inside another function, be reached by `jmp`,
-        // or have bytes after it that its neighbour jumps into: nothing says it is an
-        // entry, so it is never probed at all (stricter than entries only).
-        if st_type != elf::STT_FUNC && st_type != elf::STT_GNU_IFUNC {
-            continue;
-        }
-        if sym.st_shndx(endian) == elf::SHN_UNDEF || sym.st_value(endian) == 0 {
-            continue;
-        }
-        let Ok(name) = table.symbol_name(endian, sym) else {
-            continue;
-        };
-        if name.is_empty() {
-            continue;
-        }
-        let mut name = String::from_utf8_lossy(name).into_owned();
-        if let Some(versions) = &versions {
-            let vi = versions.version_index(endian, index);
-            // A hidden (non-default) version is not what `dlsym` or a new link binds
-            // to: keep it reachable under its explicit `name@VERSION`.
-            if vi.is_hidden() {
-                if let Ok(Some(v)) = versions.version(vi.index()) {
-                    name = format!("{name}@{}", String::from_utf8_lossy(v.name()));
-                }
-            }
-        }
-        out.push(RawFunction {
-            name,
-            value: sym.st_value(endian),
-            size: sym.st_size(endian),
-            binding: Binding::from_st_bind(sym.st_bind()),
-            is_ifunc: st_type == elf::STT_GNU_IFUNC,
-            source,
-        });
+        let raw = raw_function(endian, &table, versions.as_ref(), index, sym, source);
+        out.extend(raw);
     }
     Ok(())
+}
+
+/// The symbol `index` of `table` as a function, if it is one.
+fn raw_function(
+    endian: Endianness,
+    table: &SymbolTable<'_>,
+    versions: Option<&VersionTable<'_>>,
+    index: object::SymbolIndex,
+    sym: &elf::Sym64<Endianness>,
+    source: SymbolSource,
+) -> Option<RawFunction> {
+    let st_type = sym.st_type();
+    // Only symbols typed as functions are probe sites. A `NOTYPE` label in code
+    // (hand-written assembly) may sit inside another function, be reached by `jmp`,
+    // or have bytes after it that its neighbour jumps into: nothing says it is an
+    // entry, so it is never probed at all (stricter than entries only).
+    if st_type != elf::STT_FUNC && st_type != elf::STT_GNU_IFUNC {
+        return None;
+    }
+    if sym.st_shndx(endian) == elf::SHN_UNDEF || sym.st_value(endian) == 0 {
+        return None;
+    }
+    let name = table.symbol_name(endian, sym).ok()?;
+    if name.is_empty() {
+        return None;
+    }
+    let mut name = String::from_utf8_lossy(name).into_owned();
+    if let Some(versions) = versions {
+        let vi = versions.version_index(endian, index);
+        // A hidden (non-default) version is not what `dlsym` or a new link binds
+        // to: keep it reachable under its explicit `name@VERSION`.
+        if vi.is_hidden() {
+            if let Ok(Some(v)) = versions.version(vi.index()) {
+                name = format!("{name}@{}", String::from_utf8_lossy(v.name()));
+            }
+        }
+    }
+    Some(RawFunction {
+        name,
+        value: sym.st_value(endian),
+        size: sym.st_size(endian),
+        binding: Binding::from_st_bind(sym.st_bind()),
+        is_ifunc: st_type == elf::STT_GNU_IFUNC,
+        source,
+    })
+}
+
+/// The functions of a file whose only table is `.dynsym` that have `name` (no
+/// `@VERSION`) among their names, exactly as [`Tables::read`] would make them, found
+/// as the dynamic loader finds a symbol: through `.gnu.hash`, whose chains hold every
+/// symbol from its `symoffset` on (the few before it are compared by name). A function
+/// also carries its aliases, the function symbols at the same address, found by a scan
+/// of the addresses alone. `None` when the file has no usable `.gnu.hash`.
+fn dynsym_named(data: &[u8], path: &Path, name: &str) -> Option<Vec<FileFunction>> {
+    let h = read_headers(data, path).ok()?;
+    let endian = h.endian;
+    let table = h.sections.symbols(endian, data, elf::SHT_DYNSYM).ok()?;
+    let versions = h.sections.versions(endian, data).ok()?;
+    let hash = GnuHash::find(endian, data, &h.sections)?;
+    let raw = |i: usize| {
+        let index = object::SymbolIndex(i);
+        let sym = table.symbol(index).ok()?;
+        raw_function(
+            endian,
+            &table,
+            versions.as_ref(),
+            index,
+            sym,
+            SymbolSource::Dynsym,
+        )
+    };
+    let named = hash.chain(name.as_bytes())?;
+    let candidates = (0..hash.symoffset.min(table.len())).chain(named);
+    let mut values: Vec<u64> = candidates
+        .filter(|&i| {
+            let bytes = table.symbols().get(i).map(|s| table.symbol_name(endian, s));
+            matches!(bytes, Some(Ok(b)) if b == name.as_bytes())
+        })
+        .filter_map(|i| raw(i).filter(|r| r.name == name).map(|r| r.value))
+        .collect();
+    values.sort_unstable();
+    values.dedup();
+    let mut aliases = Vec::new();
+    if !values.is_empty() {
+        for (i, sym) in table.symbols().iter().enumerate() {
+            if values.binary_search(&sym.st_value(endian)).is_ok() {
+                aliases.extend(raw(i));
+            }
+        }
+    }
+    Some(merge_aliases(aliases))
+}
+
+/// A `.gnu.hash` section, as the dynamic loader reads it.
+struct GnuHash<'a> {
+    endian: Endianness,
+    /// Index of the first symbol the chains hold.
+    symoffset: usize,
+    buckets: &'a [u8],
+    chains: &'a [u8],
+    /// Symbols in `.dynsym`.
+    symbols: usize,
+}
+
+impl<'a> GnuHash<'a> {
+    /// The `.gnu.hash` of the file's `.dynsym`, if it has one.
+    fn find(endian: Endianness, data: &'a [u8], sections: &Sections<'a>) -> Option<GnuHash<'a>> {
+        let dynsym = sections
+            .iter()
+            .position(|s| s.sh_type(endian) == elf::SHT_DYNSYM)?;
+        let section = sections.iter().find(|s| {
+            s.sh_type(endian) == elf::SHT_GNU_HASH && s.sh_link(endian) as usize == dynsym
+        })?;
+        let bytes = section.data(endian, data).ok()?;
+        let word = |i| u32_at(endian, bytes, i).map(|w| w as usize);
+        // Header: nbuckets, symoffset, bloom words (64-bit), bloom shift.
+        let (nbuckets, symoffset, bloom) = (word(0)?, word(1)?, word(2)?);
+        let buckets_at = bloom.checked_mul(8)?.checked_add(16)?;
+        let chains_at = nbuckets.checked_mul(4)?.checked_add(buckets_at)?;
+        Some(GnuHash {
+            endian,
+            symoffset,
+            buckets: bytes.get(buckets_at..chains_at)?,
+            chains: bytes.get(chains_at..)?,
+            symbols: sections.symbols(endian, data, elf::SHT_DYNSYM).ok()?.len(),
+        })
+    }
+
+    /// The indices of the symbols in `name`'s chain whose hash is `name`'s: every symbol
+    /// from `symoffset` on named `name` is among them. `None` for a malformed table.
+    fn chain(&self, name: &[u8]) -> Option<Vec<usize>> {
+        let h = name.iter().fold(5381u32, |h, &c| {
+            h.wrapping_mul(33).wrapping_add(u32::from(c))
+        });
+        let mut out = Vec::new();
+        let nbuckets = self.buckets.len() / 4;
+        if nbuckets == 0 {
+            return Some(out);
+        }
+        let mut i = u32_at(self.endian, self.buckets, h as usize % nbuckets)? as usize;
+        if i == 0 {
+            return Some(out);
+        }
+        loop {
+            if i >= self.symbols {
+                return None;
+            }
+            let v = u32_at(self.endian, self.chains, i.checked_sub(self.symoffset)?)?;
+            if v | 1 == h | 1 {
+                out.push(i);
+            }
+            if v & 1 != 0 {
+                return Some(out);
+            }
+            i += 1;
+        }
+    }
+}
+
+/// The `i`-th 32-bit word of `bytes`.
+fn u32_at(endian: Endianness, bytes: &[u8], i: usize) -> Option<u32> {
+    let at = i.checked_mul(4)?;
+    let word = bytes.get(at..at.checked_add(4)?)?;
+    Some(endian.read_u32(word.try_into().ok()?))
 }
 
 /// `(irelative, got_imports)` of [`ElfSymbols`].
@@ -623,10 +827,10 @@ fn name_rank(r: &RawFunction) -> (bool, SymbolSource, bool, usize, usize) {
 }
 
 /// Merge symbols of the same address into one function carrying every name.
-fn merge_aliases(mut raw: Vec<RawFunction>) -> Vec<FileFunction> {
-    // Stable sorts by address, then by preference within each address: aliases are few,
-    // so names are compared within small groups only.
-    raw.sort_by_key(|r| r.value);
+fn merge_aliases(raw: Vec<RawFunction>) -> Vec<FileFunction> {
+    // Sorted by address, then by preference within each address: aliases are few, so
+    // names are compared within small groups only.
+    let mut raw = sorted_by_value(raw);
     for group in raw.chunk_by_mut(|a, b| a.value == b.value) {
         if group.len() > 1 {
             group.sort_by(|a, b| {
@@ -657,6 +861,17 @@ fn merge_aliases(mut raw: Vec<RawFunction>) -> Vec<FileFunction> {
         }
     }
     out
+}
+
+/// `raw` in the order a stable sort by value gives. Sorting the 56-byte entries moved them
+/// through a scratch buffer of as many, fresh pages to fault in: that sort was 37 % of
+/// reading libc's tables. (value, index) keys are unique, so an unstable sort of them
+/// keeps the stable order.
+fn sorted_by_value(raw: Vec<RawFunction>) -> Vec<RawFunction> {
+    let mut keys: Vec<(u64, usize)> = raw.iter().map(|r| r.value).zip(0..).collect();
+    keys.sort_unstable();
+    let mut slots: Vec<Option<RawFunction>> = raw.into_iter().map(Some).collect();
+    keys.iter().filter_map(|&(_, i)| slots[i].take()).collect()
 }
 
 /// Candidate biases for one mapping, each with a weight saying how well the mapping's
@@ -1446,5 +1661,79 @@ mod tests {
                 &eager.segments
             )
         );
+    }
+
+    /// Every exported function name of every `.dynsym`-only module of this process (libc
+    /// and the loader here), found through `.gnu.hash`, gives what the full tables give:
+    /// the same addresses, sizes, names in order, binding, IFUNC flag.
+    #[test]
+    fn gnu_hash_lookups_equal_the_tables_for_every_name() {
+        let pm = SymbolCache::new()
+            .process(std::process::id() as i32)
+            .unwrap();
+        let mut compared = Vec::new();
+        for m in &pm.modules {
+            if m.elf.has_symtab || m.elf.has_debugdata {
+                continue;
+            }
+            let path = Path::new(&m.path);
+            let eager = ElfSymbols::read(path).unwrap();
+            let image = map_file(path).unwrap();
+            let mut names = 0;
+            for n in eager.functions().iter().flat_map(|f| &f.names) {
+                if n.contains('@') {
+                    continue;
+                }
+                let tables: Vec<FileFunction> = eager.functions_named(n).cloned().collect();
+                assert_eq!(dynsym_named(&image, path, n), Some(tables), "{n}");
+                names += 1;
+            }
+            assert_eq!(dynsym_named(&image, path, "no such name"), Some(Vec::new()));
+            compared.push((m.name.clone(), names));
+        }
+        assert!(
+            compared
+                .iter()
+                .any(|(m, n)| m.starts_with("libc.so") && *n > 1000),
+            "libc not compared: {compared:?}"
+        );
+    }
+
+    /// A spec's lookup and the check of the probe it finds (is a function there?) leave
+    /// libc's tables unread and answer what the tables answer.
+    #[test]
+    fn a_name_and_its_address_are_found_without_reading_the_tables() {
+        let pm = SymbolCache::new()
+            .process(std::process::id() as i32)
+            .unwrap();
+        let libc = pm
+            .modules
+            .iter()
+            .find(|m| m.name.starts_with("libc.so"))
+            .expect("libc mapped");
+        let eager = ElfSymbols::read(Path::new(&libc.path)).unwrap();
+        for name in ["malloc", "memcpy", "free", "no such name"] {
+            let quick: Vec<Function> = libc.functions_named(name).collect();
+            let again: Vec<Function> = libc.functions_named(name).collect();
+            assert_eq!(quick, again);
+            let tables: Vec<&FileFunction> = eager.functions_named(name).collect();
+            assert_eq!(quick.len(), tables.len(), "{name}");
+            for (q, t) in quick.iter().zip(&tables) {
+                assert_eq!(q.address, t.value.wrapping_add(libc.bias));
+                assert_eq!(
+                    (q.size, q.names, q.is_ifunc),
+                    (t.size, &t.names[..], t.is_ifunc)
+                );
+                assert_eq!(libc.symbol_containing(q.address), Some(*q));
+            }
+        }
+        if !libc.elf.has_symtab && !libc.elf.has_debugdata {
+            assert!(libc.elf.tables.get().is_none(), "libc's tables were read");
+        }
+        // With the tables read, the same answers.
+        let first = libc.functions_named("malloc").next().unwrap();
+        assert!(!libc.elf.functions().is_empty());
+        assert_eq!(libc.functions_named("malloc").next(), Some(first));
+        assert_eq!(libc.symbol_containing(first.address), Some(first));
     }
 }
