@@ -368,6 +368,7 @@ fn open_pack(args: &ProbeArgs) -> Result<Option<Pack>, CliError> {
 fn trace_options(args: &ProbeArgs) -> Result<Option<tracer::trace::Options>, OptionError> {
     let opts = tracer::trace::Options {
         lines: args.trace,
+        json: args.json,
         raw_args: args.args.map(usize::from),
         chrome: args.chrome_trace.clone(),
         perfetto: args.perfetto.clone(),

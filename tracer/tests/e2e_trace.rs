@@ -124,6 +124,78 @@ fn trace_shows_each_call_with_dwarf_arguments_nested() {
     );
 }
 
+/// `--trace --json`: every line of the output is a JSON object: the calls (one each,
+/// when it returned, with arguments, return value, depth and times), the thread's name,
+/// the trace summary and the probe records, whose hits equal the call records.
+#[test]
+fn trace_json_is_one_object_per_line() {
+    let dir = temp_dir("trace-json");
+    let calls = build_calls(&dir);
+    let plain = std::process::Command::new(&calls)
+        .arg("seq")
+        .output()
+        .expect("untraced run");
+    let specs = ["main:add", "main:outer", "main:scale", "main:greet"];
+    let mut args = vec!["--trace", "--json"];
+    for s in &specs {
+        args.extend_from_slice(&["-p", s]);
+    }
+    let (text, out) = traced(&dir, &calls, &args, &["seq"]);
+    assert_eq!(out.stdout, plain.stdout, "the program's output changed");
+    let objects: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let of = |t: &'static str| objects.iter().filter(move |o| o["type"] == t);
+    let seen: Vec<String> = of("call")
+        .map(|o| {
+            format!(
+                "{}{}({}) = {}",
+                "  ".repeat(o["depth"].as_u64().unwrap() as usize),
+                o["name"].as_str().unwrap(),
+                o["args"].as_str().unwrap(),
+                o["ret"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "add(a=2, b=3) = 5",
+            "  add(a=10, b=1) = 11",
+            "  add(a=10, b=2) = 12",
+            "outer(n=10) = 23",
+            "scale(v=-4, f=2.5) = -10",
+            "greet(who=\"world\", times=2) = 10",
+        ],
+        "{text}"
+    );
+    // The nested calls lie inside outer's span.
+    let call = |i: usize| of("call").nth(i).unwrap();
+    let span = |o: &serde_json::Value| {
+        let start = o["start_ns"].as_u64().unwrap();
+        (start, start + o["dur_ns"].as_u64().unwrap())
+    };
+    let (o0, o1) = span(call(3));
+    for i in [1, 2] {
+        let (s, e) = span(call(i));
+        assert!(o0 <= s && e <= o1, "{text}");
+    }
+    assert_eq!(of("thread").count(), 1, "{text}");
+    let summary = of("trace").next().expect("a trace summary");
+    assert_eq!(summary["trace"]["calls"], 6, "{text}");
+    assert_eq!(summary["trace"]["dropped"], 0, "{text}");
+    for s in &specs {
+        let name = s.trim_start_matches("main:");
+        let probe = of("probe")
+            .find(|o| o["name"] == name)
+            .unwrap_or_else(|| panic!("no probe record for {s}: {text}"));
+        let calls = of("call").filter(|o| o["name"] == name).count() as u64;
+        assert_eq!(probe["hits"].as_u64(), Some(calls), "{s}: {text}");
+    }
+}
+
 /// libc has no DWARF here: the shipped prototypes decode `open`'s path (copied by the
 /// agent) and flags, and a wild pointer handed to `access` is shown as the pointer, the
 /// program running on unharmed.

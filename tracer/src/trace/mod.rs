@@ -10,6 +10,7 @@
 pub mod calls;
 pub mod chrome;
 pub mod dwarf;
+pub mod json_lines;
 pub mod perfetto;
 pub mod prototypes;
 pub mod record;
@@ -41,6 +42,8 @@ pub const RING_BYTES: usize = 4 << 20;
 pub struct Options {
     /// Print one line per call.
     pub lines: bool,
+    /// Those lines, and the summary at the end, as JSON objects (`--json`).
+    pub json: bool,
     /// Show this many raw integer registers instead of decoding.
     pub raw_args: Option<usize>,
     pub chrome: Option<PathBuf>,
@@ -236,6 +239,7 @@ struct Shared {
 pub struct Running {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Summary>>,
+    json: bool,
 }
 
 #[derive(Debug, Default)]
@@ -270,8 +274,10 @@ impl Tracer {
         // unless they set one, so the process's is the fallback.
         let known = thread_names(pid);
         let mut outs: Vec<Box<dyn Output>> = Vec::new();
-        if self.opts.lines {
-            outs.push(Box::new(text::Text::new(lines)));
+        match (self.opts.lines, self.opts.json) {
+            (true, true) => outs.push(Box::new(json_lines::JsonLines::new(lines, pid))),
+            (true, false) => outs.push(Box::new(text::Text::new(lines))),
+            (false, _) => {}
         }
         outs.extend(file_outputs(self.chrome, self.perfetto, pid, &process));
         let names = Names {
@@ -302,6 +308,7 @@ impl Tracer {
         Ok(Running {
             stop,
             thread: Some(thread),
+            json: self.opts.json,
         })
     }
 }
@@ -371,6 +378,11 @@ impl Running {
             .take()
             .and_then(|t| t.join().ok())
             .unwrap_or_default();
+        if self.json {
+            let v = serde_json::json!({"type": "trace", "trace": {"calls": s.calls,
+                "received": s.records, "dropped": s.dropped, "problems": s.problems}});
+            return format!("{v}\n");
+        }
         let mut text = format!(
             "trace: {} calls, {} events received, {} dropped (ring full)\n",
             s.calls, s.records, s.dropped
