@@ -73,6 +73,7 @@ fn run_env(
 /// The checks every summary must pass, against what the program said.
 fn check_summary(objs: &[serde_json::Value], slow: u64, fast: u64, elapsed_ns: u64) {
     assert_eq!(objs.len(), 2, "{objs:?}");
+    assert!(objs.iter().all(|o| o["type"] == "latency"), "{objs:?}");
     // Sorted by total: the sleeping function first.
     assert_eq!(objs[0]["probe"], "main:slow_call", "{objs:?}");
     assert_eq!(objs[1]["probe"], "main:fast_call", "{objs:?}");
@@ -162,6 +163,7 @@ fn hist_buckets_add_up_to_the_calls() {
     let objs = json_lines(&text);
     for (probe, calls) in [("main:slow_call", slow), ("main:fast_call", fast)] {
         let o = report(&objs, probe);
+        assert_eq!(o["type"], "latency", "{o}");
         let b = buckets(o);
         assert_eq!(b.iter().map(|x| x.2).sum::<u64>(), calls, "{o}");
         assert_eq!(num(o, "calls"), calls, "{o}");

@@ -51,7 +51,8 @@ pub fn rows(session: &Session) -> Vec<Row> {
     rows
 }
 
-/// `--hist` and/or `--summary` as text, or one JSON object per probe (`extra` merged in:
+/// `--hist` and/or `--summary` as text, or one JSON object per probe, `"type": "latency"`
+/// (`extra` merged in:
 /// the interval's number and time for a running report).
 pub fn render(
     rows: &[Row],
@@ -64,7 +65,8 @@ pub fn render(
         let total: u64 = grand_total(rows);
         let mut out = String::new();
         for r in rows {
-            let mut v = serde_json::json!({ "probe": r.probe, "name": r.name, "hits": r.hits });
+            let mut v = serde_json::json!({ "type": "latency", "probe": r.probe, "name": r.name,
+                "hits": r.hits });
             if let Some(s) = &r.stats {
                 v["calls"] = s.count.into();
                 if summary {
