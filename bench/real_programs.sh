@@ -192,7 +192,9 @@ for c in "${cases[@]}"; do
     cmp -s "$d/plain.err" "$d/traced.err" || problems+=("stderr differs: $(diff "$d/plain.err" "$d/traced.err" | grep '^>' | head -1 | cut -c1-100)")
     [ -s "$d/probes.json" ] || problems+=("no report: $(grep -v 'not probing\|not probed\|note:' "$d/tracer.lines" | head -1 | cut -c1-120)")
     if [ ${#problems[@]} -eq 0 ]; then result=identical; else result="**BROKEN**: $(IFS=';'; echo "${problems[*]}")"; failed=1; fi
-    live=$(grep -vc '"refused"' "$d/probes.json" 2>/dev/null || echo 0)
+    # Probe records only (with --trace or --hist, other lines are calls and timings).
+    live=$(grep -c '"type":"\(probe\|latency\)"' "$d/probes.json" 2>/dev/null)
+    live=${live:-0}
     alone=""
     if [ ${#problems[@]} -gt 0 ] && [ -z "${SPECS:-}" ]; then
         # Which part breaks it: each module's probes alone, with and without returns.

@@ -79,6 +79,17 @@ pub fn current() -> &'static mut ThreadState {
     }
 }
 
+/// Runs `f` with this thread marked busy, as while a handler runs: the probes it hits
+/// count it as skipped, not as the program's own calls. For the agent's work that the
+/// tracer asks for while probes may be live (a remote call on a program thread).
+pub fn as_agent<T>(f: impl FnOnce() -> T) -> T {
+    let was = current().busy;
+    current().busy = 1;
+    let r = f();
+    current().busy = was;
+    r
+}
+
 /// Offsets of [`ThreadState`] fields, for code generated at run time.
 pub mod layout {
     pub const BUSY: i32 = 0;

@@ -46,6 +46,22 @@ fn of<'a>(v: &'a [Value], comm: &str, origin: &str, probe: &str) -> Vec<&'a Valu
         .collect()
 }
 
+/// The launched command itself counts only its own calls: what tracer's agent does in
+/// it to start following (setting `LD_PRELOAD` and `TRACER_FOLLOW`, which allocates) is
+/// not counted, as no agent work is.
+#[test]
+fn the_launched_program_counts_only_its_own_calls() {
+    let dir = temp_dir("follow_own");
+    mallocs(&dir);
+    let (out, v) = run_json(&dir, &["-p", "libc:malloc"], &["./follow_mallocs", "7"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "mallocs 7\n");
+    let progs = of(&v, "follow_mallocs", "launched", "libc:malloc");
+    assert_eq!(progs.len(), 1, "{v:?}");
+    assert_eq!(num(progs[0], "hits"), 7, "{v:?}");
+}
+
 /// `sh -c 'A | B'`: both programs of the pipeline are reported, each by its own pid,
 /// with exactly the mallocs it made; the shell is reported as the command.
 #[test]
