@@ -25,11 +25,18 @@ static mut INFO: AgentInfo = AgentInfo {
     capacity: 0,
 };
 
+/// Runs an entry point's body with panics caught and the thread marked busy: probes it
+/// hits (the agent's own `malloc`s, say, while an earlier session's probes are live)
+/// count it as skipped, not as the program's calls.
+fn agent_call<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    crate::thread_state::as_agent(|| catch_unwind(AssertUnwindSafe(f)))
+}
+
 /// Create the interceptor with room for `capacity` probes; returns its description, or
 /// null when memory could not be had.
 #[no_mangle]
 pub extern "C" fn tracer_agent_init(capacity: u64) -> *const AgentInfo {
-    let r = catch_unwind(|| {
+    let r = agent_call(|| {
         let mut g = INTERCEPTOR.lock().unwrap_or_else(|p| p.into_inner());
         if g.is_none() {
             // A panicking handler is counted and its probe disabled; the default hook
@@ -78,7 +85,7 @@ pub unsafe extern "C" fn tracer_agent_prepare(
             std::slice::from_raw_parts_mut(out, n as usize),
         )
     };
-    let r = catch_unwind(AssertUnwindSafe(|| {
+    let r = agent_call(AssertUnwindSafe(|| {
         let mut g = INTERCEPTOR.lock().unwrap_or_else(|p| p.into_inner());
         let Some(i) = g.as_mut() else {
             not_initialised(out);
@@ -143,7 +150,7 @@ pub unsafe extern "C" fn tracer_agent_prepare_live(
         )
     };
     let (live_out, out) = out.split_at_mut(LIVE_CAP_WITH_PREPARE);
-    let r = catch_unwind(AssertUnwindSafe(|| {
+    let r = agent_call(AssertUnwindSafe(|| {
         let mut g = INTERCEPTOR.lock().unwrap_or_else(|p| p.into_inner());
         let Some(i) = g.as_mut() else {
             not_initialised(out);
@@ -244,7 +251,7 @@ fn leak_label(req: &PrepareRequest) -> &'static str {
 /// `PackLoadResult` followed by one `u64` per shim.
 #[no_mangle]
 pub unsafe extern "C" fn tracer_agent_load_pack(input: *const u8, _n: u64, out: *mut u8) -> u64 {
-    let r = catch_unwind(AssertUnwindSafe(|| {
+    let r = agent_call(AssertUnwindSafe(|| {
         // SAFETY: per the contract.
         unsafe { crate::pack_loader::load(input, out, &INTERCEPTOR) }
     }));
@@ -271,7 +278,7 @@ pub unsafe extern "C" fn tracer_agent_resolve(
     out: *mut u64,
 ) -> u64 {
     // SAFETY: the caller's contract is `resolve`'s.
-    catch_unwind(|| unsafe { resolve(names, n, out) }).unwrap_or(0)
+    agent_call(|| unsafe { resolve(names, n, out) }).unwrap_or(0)
 }
 
 /// [`tracer_agent_resolve`] without the panic guard.
@@ -310,7 +317,7 @@ pub unsafe extern "C" fn tracer_agent_internal(
     cap: u64,
     out: *mut PrepareResult,
 ) -> u64 {
-    let r = catch_unwind(AssertUnwindSafe(|| {
+    let r = agent_call(AssertUnwindSafe(|| {
         let g = INTERCEPTOR.lock().unwrap_or_else(|p| p.into_inner());
         let Some(i) = g.as_ref() else { return 0 };
         let internal = i.internal();
@@ -339,7 +346,7 @@ pub unsafe extern "C" fn tracer_agent_live(
 ) -> u64 {
     // SAFETY: per the contract.
     let out = unsafe { std::slice::from_raw_parts_mut(out, cap as usize) };
-    let r = catch_unwind(AssertUnwindSafe(|| {
+    let r = agent_call(AssertUnwindSafe(|| {
         let mut g = INTERCEPTOR.lock().unwrap_or_else(|p| p.into_inner());
         let Some(i) = g.as_mut() else { return 0 };
         i.refresh_live();
