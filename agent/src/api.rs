@@ -28,7 +28,7 @@ static mut INFO: AgentInfo = AgentInfo {
 /// Runs an entry point's body with panics caught and the thread marked busy: probes it
 /// hits (the agent's own `malloc`s, say, while an earlier session's probes are live)
 /// count it as skipped, not as the program's calls.
-fn agent_call<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+pub(crate) fn agent_call<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
     crate::thread_state::as_agent(|| catch_unwind(AssertUnwindSafe(f)))
 }
 

@@ -466,30 +466,27 @@ pub unsafe extern "C" fn tracer_agent_follow(input: *const u8, n: u64, _out: *mu
     let input = unsafe { std::slice::from_raw_parts(input, n as usize) };
     // The probes are live by now: `set_var` allocates, and the program's counts must
     // not show it.
-    let r = crate::thread_state::as_agent(|| {
-        std::panic::catch_unwind(|| {
-            let mut parts = input.split(|&b| b == 0);
-            let (Some(name), Some(path)) = (parts.next(), parts.next()) else {
-                return 0;
-            };
-            let (Ok(name), Ok(path)) = (std::str::from_utf8(name), std::str::from_utf8(path))
-            else {
-                return 0;
-            };
-            if !set_name(name.as_bytes()) {
-                return 0;
-            }
-            let preload = match std::env::var("LD_PRELOAD") {
-                Ok(old) if old.split([':', ' ']).any(|p| p == path) => old,
-                Ok(old) if !old.is_empty() => format!("{path}:{old}"),
-                _ => path.to_string(),
-            };
-            // SAFETY (of set_var): every other thread of the process is stopped.
-            std::env::set_var("LD_PRELOAD", preload);
-            std::env::set_var(FOLLOW_ENV, name);
-            register_atfork();
-            1
-        })
+    let r = crate::api::agent_call(|| {
+        let mut parts = input.split(|&b| b == 0);
+        let (Some(name), Some(path)) = (parts.next(), parts.next()) else {
+            return 0;
+        };
+        let (Ok(name), Ok(path)) = (std::str::from_utf8(name), std::str::from_utf8(path)) else {
+            return 0;
+        };
+        if !set_name(name.as_bytes()) {
+            return 0;
+        }
+        let preload = match std::env::var("LD_PRELOAD") {
+            Ok(old) if old.split([':', ' ']).any(|p| p == path) => old,
+            Ok(old) if !old.is_empty() => format!("{path}:{old}"),
+            _ => path.to_string(),
+        };
+        // SAFETY (of set_var): every other thread of the process is stopped.
+        std::env::set_var("LD_PRELOAD", preload);
+        std::env::set_var(FOLLOW_ENV, name);
+        register_atfork();
+        1
     });
     r.unwrap_or(0)
 }
