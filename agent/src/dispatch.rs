@@ -137,14 +137,14 @@ pub unsafe extern "C" fn on_entry(probe: *const Probe, ctx: *mut EntryContext) {
         return;
     }
     if let Some(h) = probe.on_entry {
-        t.busy = 1;
+        t.busy = thread_state::BUSY_OFF_FRAME;
         // SAFETY: see the function's contract.
         run_entry_handler(probe, h, unsafe { &mut *ctx });
         t.busy = 0;
     }
     let shim = probe.pack_entry.load(Acquire);
     if shim != 0 {
-        t.busy = 1;
+        t.busy = thread_state::BUSY_OFF_FRAME;
         // SAFETY: the slot holds a pack shim taking an entry context (entry probe).
         unsafe { run_shim(probe, shim, ctx as *mut u8) };
         t.busy = 0;
@@ -188,7 +188,7 @@ pub unsafe extern "C" fn on_offset(probe: *const Probe, ctx: *mut OffsetContext)
         return;
     }
     if let Some(h) = probe.on_offset {
-        t.busy = 1;
+        t.busy = thread_state::BUSY_OFF_FRAME;
         // SAFETY: see the function's contract.
         let ctx = unsafe { &mut *ctx };
         if catch_unwind(AssertUnwindSafe(|| h(ctx))).is_err() {
@@ -198,7 +198,7 @@ pub unsafe extern "C" fn on_offset(probe: *const Probe, ctx: *mut OffsetContext)
     }
     let shim = probe.pack_entry.load(Acquire);
     if shim != 0 {
-        t.busy = 1;
+        t.busy = thread_state::BUSY_OFF_FRAME;
         // SAFETY: the slot holds a pack shim taking an offset context (offset probe).
         unsafe { run_shim(probe, shim, ctx as *mut u8) };
         t.busy = 0;
@@ -342,7 +342,7 @@ pub unsafe extern "C" fn on_exit(ctx: *mut ExitContext, slot: u64) -> u64 {
                     0 => 0,
                     t0 => ticks_to_ns(tsc().wrapping_sub(t0)),
                 };
-                t.busy = 1;
+                t.busy = thread_state::BUSY_OFF_FRAME;
                 // SAFETY: the slot holds a pack shim taking an exit context.
                 unsafe { run_shim(probe, shim, ctx as *mut ExitContext as *mut u8) };
                 t.busy = 0;
@@ -352,7 +352,7 @@ pub unsafe extern "C" fn on_exit(ctx: *mut ExitContext, slot: u64) -> u64 {
                 ctx.return_address = e.return_address;
                 ctx.entry_rsp = e.entry_rsp;
                 ctx.probe = probe.id;
-                t.busy = 1;
+                t.busy = thread_state::BUSY_OFF_FRAME;
                 run_exit_handler(probe, h, ctx, e.tsc);
                 t.busy = 0;
                 // A handler may redirect the return.

@@ -26,10 +26,19 @@ global_asm!(
     ".popsection",
 );
 
+/// [`ThreadState::busy`] while a handler runs, set by the trampolines' direct paths
+/// (which push an exit-probed call's shadow entry before its entry action and pop it after
+/// its return action) and by the agent's own entry points.
+pub const BUSY: u64 = 1;
+/// [`ThreadState::busy`] while `dispatch` runs a handler: the call's shadow entry is not
+/// on the stack then (pushed after the entry action, popped before the return action).
+pub const BUSY_OFF_FRAME: u64 = 2;
+
 /// What a thread keeps. Zero-initialised by the loader for every thread.
 #[repr(C)]
 pub struct ThreadState {
-    /// Non-zero while the thread runs agent code for a probe hit.
+    /// Non-zero while the thread runs agent code for a probe hit: [`BUSY`], or
+    /// [`BUSY_OFF_FRAME`] while `dispatch` runs a handler.
     pub busy: u64,
     /// Shadow stack storage, mapped on first use.
     pub shadow: *mut ShadowEntry,

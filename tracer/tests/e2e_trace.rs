@@ -640,3 +640,59 @@ fn a_forked_child_calls_under_its_own_id() {
     assert_eq!(by_body("add(a=2, b=2) = 4"), child, "{text}");
     assert_ne!(parent, child);
 }
+
+/// `outer` ends in a tail call (`jmp inner`, as GCC emits at -O2): `inner` runs on
+/// `outer`'s frame, its entry at the same stack slot, and returns for both. The trace
+/// still nests `inner` inside `outer`, each with its return value, nothing lost.
+#[test]
+fn a_tail_call_nests_inside_its_caller() {
+    const TAIL_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+int inner(int x) { return x * 3 + (x >> 2) * 5; }
+int outer(int x);
+/* outer(x) = inner(x + 1), by a jump that reuses outer's frame. */
+__asm__(".text\n.globl outer\n.type outer, @function\nouter:\n"
+        "  push %rbx\n  lea 1(%rdi), %ebx\n  mov %ebx, %edi\n  pop %rbx\n"
+        "  jmp inner\n.size outer, .-outer\n");
+int main(int argc, char **argv) {
+    long s = 0;
+    for (int i = 0; i < 2; i++) s += outer(i);
+    printf("s=%ld\n", s);
+    return 0;
+}
+"#;
+    let dir = temp_dir("trace-tail");
+    let tail = cc(&dir, "tail", TAIL_C, &["-O2", "-fno-inline"]);
+    let file = dir.join("trace.txt");
+    let out = tracer_output(&[
+        "run",
+        "--trace",
+        "-p",
+        "main:outer",
+        "-p",
+        "main:inner",
+        "-o",
+        file.to_str().unwrap(),
+        "--",
+        tail.to_str().unwrap(),
+    ]);
+    assert_success(&out);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "s=9\n");
+    let text = std::fs::read_to_string(&file).expect("trace output");
+    let bodies: Vec<String> = trace_lines(&text).into_iter().map(|l| l.body).collect();
+    assert_eq!(bodies.len(), 6, "{text}");
+    for (call, x) in bodies.chunks(3).zip([0, 1]) {
+        assert!(
+            call[0].starts_with("outer(") && call[0].ends_with(" {"),
+            "{text}"
+        );
+        assert_eq!(
+            call[1],
+            format!("  inner(x={}) = {}", x + 1, 3 * (x + 1)),
+            "{text}"
+        );
+        assert_eq!(call[2], format!("}} outer = {:#x}", 3 * (x + 1)), "{text}");
+    }
+    assert!(!text.contains("not seen"), "{text}");
+}

@@ -9,7 +9,9 @@
 //! with `process_vm_readv` through a raw system call (`probes::mem`), so a wild pointer
 //! argument is shown as such and never faults.
 
+use crate::dispatch::Probe;
 use crate::pack_region;
+use crate::thread_state::BUSY_OFF_FRAME;
 use probes::pack::abi::{self, HitInfo, SHIM_OK};
 use probes::pack::ring::Ring;
 use probes::trace::{
@@ -199,17 +201,22 @@ fn head_words(h: &RecordHead) -> [u64; RECORD_HEAD / 8] {
     w
 }
 
-/// The call depth of the frame whose entry `rsp` is `entry_rsp`, the same at its entry
-/// and its return whichever path runs the action: the general path runs an entry action
-/// before pushing the call's shadow entry and a return action after popping it, the
-/// inline path of a direct handler call (`trampoline::emit_fast_call_and_return`) after
-/// pushing and before popping.
-fn depth_of(entry_rsp: u64) -> u32 {
-    let frames = crate::thread_state::current().entries();
-    match frames.last() {
-        Some(top) if top.entry_rsp == entry_rsp => (frames.len() - 1) as u32,
-        _ => frames.len() as u32,
-    }
+/// The call depth of probe `probe`'s call whose entry `rsp` is `entry_rsp`, the same at
+/// its entry and its return whichever path runs the action: the general path
+/// (`dispatch`, the thread marked [`BUSY_OFF_FRAME`]) runs an entry action before pushing
+/// the call's shadow entry and a return action after popping it; the direct path of a
+/// pack handler call pushes before and pops after, so there the call's own entry is on
+/// top. A call entered by a tail call (`jmp`) from a probed function shares its entry
+/// `rsp` with the caller's entry, so the probe tells them apart.
+fn depth_of(entry_rsp: u64, probe: u32) -> u32 {
+    let t = crate::thread_state::current();
+    let off_frame = t.busy == BUSY_OFF_FRAME;
+    let frames = t.entries();
+    let own_on_top = frames.last().is_some_and(|top| {
+        // SAFETY: entries hold pointers to probes, which are never freed.
+        top.entry_rsp == entry_rsp && unsafe { (*(top.probe as *const Probe)).id } == probe
+    });
+    (frames.len() - (own_on_top && !off_frame) as usize) as u32
 }
 
 /// Entry action: registers and the `char *` arguments the probe's mask names.
@@ -223,7 +230,7 @@ pub unsafe extern "C" fn trace_entry(ctx: *mut u8, hit: *const HitInfo) -> u32 {
         kind: RecordKind::Entry as u8,
         probe: hit.probe,
         tid: tid(),
-        depth: depth_of(c.rsp),
+        depth: depth_of(c.rsp, hit.probe),
         tsc: tsc(),
         regs: [c.rdi, c.rsi, c.rdx, c.rcx, c.r8, c.r9],
         fregs: [c.xmm[0].0[0], c.xmm[1].0[0], c.xmm[2].0[0], c.xmm[3].0[0]],
@@ -251,7 +258,7 @@ pub unsafe extern "C" fn trace_exit(ctx: *mut u8, hit: *const HitInfo) -> u32 {
         kind: RecordKind::Exit as u8,
         probe: hit.probe,
         tid: tid(),
-        depth: depth_of(c.entry_rsp),
+        depth: depth_of(c.entry_rsp, hit.probe),
         tsc: tsc(),
         regs: [c.rax, c.rdx, 0, 0, 0, 0],
         fregs: [c.xmm0.0[0], 0, 0, 0],
