@@ -72,7 +72,8 @@ impl SessionLock {
             path: path.clone(),
             source,
         };
-        let file = File::open(&path).map_err(io)?;
+        // Checked to be the agent's file: the program may have closed or reused the number.
+        let file = crate::agent_fd::open(pid, shared_fd, "tracer-shared", false).map_err(io)?;
         // SAFETY: flock on a descriptor we own; no memory is involved.
         let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if r == 0 {
