@@ -136,8 +136,14 @@ mod tests {
 
     #[test]
     fn a_second_lock_on_the_same_inode_is_refused_and_released_on_drop() {
-        let fd = nix::sys::memfd::memfd_create(c"lock-test", nix::sys::memfd::MFdFlags::empty())
-            .expect("memfd");
+        // Named and mapped as the agent's is: a lock is taken only on that file.
+        let fd =
+            nix::sys::memfd::memfd_create(c"tracer-shared", nix::sys::memfd::MFdFlags::empty())
+                .expect("memfd");
+        let file = File::from(fd.try_clone().expect("dup"));
+        file.set_len(4096).expect("size");
+        // SAFETY: a shared mapping of our own memfd, only kept, never read.
+        let _map = unsafe { memmap2::MmapOptions::new().len(4096).map(&file) }.expect("map");
         let me = std::process::id() as i32;
         let first = SessionLock::take(me, fd.as_raw_fd()).expect("first");
         match SessionLock::take(me, fd.as_raw_fd()) {
