@@ -102,10 +102,22 @@ fn say(t: &mut Target, cmd: &str) -> String {
 /// `tracer attach PID -p SPEC --duration 0.3 --json -o FILE`: its output and the JSON
 /// lines it wrote.
 fn attach(pid: i32, dir: &Path, tag: &str, spec: &str) -> (std::process::Output, String) {
+    attach_with(pid, dir, tag, spec, &[])
+}
+
+/// [`attach`] with more options.
+fn attach_with(
+    pid: i32,
+    dir: &Path,
+    tag: &str,
+    spec: &str,
+    more: &[&str],
+) -> (std::process::Output, String) {
     let json = dir.join(format!("{tag}.json"));
-    let out = tracer_output(&[
+    let pid = pid.to_string();
+    let mut args = vec![
         "attach",
-        &pid.to_string(),
+        &pid,
         "-p",
         spec,
         "--duration",
@@ -113,7 +125,9 @@ fn attach(pid: i32, dir: &Path, tag: &str, spec: &str) -> (std::process::Output,
         "--json",
         "-o",
         json.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(more);
+    let out = tracer_output(&args);
     (out, std::fs::read_to_string(&json).unwrap_or_default())
 }
 
@@ -153,7 +167,7 @@ fn after_a_session_the_programs_next_open_gets_the_same_number() {
 
 /// After a first session, the program closes every descriptor from 3 up and opens two
 /// files of its own (which get the lowest numbers, where an agent memfd left at a low
-/// number was). A second session over more probes than the counter region holds (it
+/// number was). A `--hist` session still works, and a session over more probes than the counter region holds (it
 /// must grow) and than one code chunk holds: the program's files are unchanged byte for
 /// byte, the probes beyond the region's room are refused with the reason (or the attach
 /// fails with one clear line), and the program computes what an untraced copy computes.
@@ -167,7 +181,8 @@ fn a_program_that_closes_our_descriptors_keeps_its_files_intact() {
     assert_eq!(reference.line(), "ready");
     let pid = t.pid();
 
-    let (out, _) = attach(pid, &dir, "first", "main:m0000");
+    // With --hist, so that the agent also keeps a latency region and its descriptor.
+    let (out, _) = attach_with(pid, &dir, "first", "main:m0000", &["--hist"]);
     assert_success(&out);
 
     let (a, b) = (dir.join("a.dat"), dir.join("b.dat"));
@@ -180,6 +195,9 @@ fn a_program_that_closes_our_descriptors_keeps_its_files_intact() {
     assert_eq!(own, own_ref, "the program's files got other numbers");
     let before = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     assert_eq!(before.0.len(), FILE_LEN);
+
+    // The latency region's descriptor is gone: the agent makes a new one.
+    let (hist, _) = attach_with(pid, &dir, "hist", "main:m000?", &["--hist"]);
 
     let (out, json) = attach(pid, &dir, "second", "main:m*");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -209,6 +227,7 @@ fn a_program_that_closes_our_descriptors_keeps_its_files_intact() {
         assert_one_line_error(&out, &["closed or reused the tracer agent's descriptor"]);
     }
 
+    assert_success(&hist);
     assert_eq!(say(&mut t, "check"), "check ok");
     assert_eq!(say(&mut t, "work"), say(&mut reference, "work"));
     assert_eq!(say(&mut t, "open"), say(&mut reference, "open"));
