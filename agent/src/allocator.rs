@@ -20,12 +20,15 @@
 //! 6. No candidate in range: a typed [`AllocError::OutOfRange`] (counted), so callers can
 //!    place code elsewhere and reach the targets with far encodings.
 //!
-//! W^X: each chunk is one memfd range mapped twice, `r-x` near the targets and `rw-`
+//! W^X: each chunk is one memfd of its own mapped twice, `r-x` near the targets and `rw-`
 //! wherever the kernel likes. No page is ever writable and executable through the same
 //! mapping. The alternative, writing through `rw-` and flipping to `r-x` with
 //! `mprotect`, would fault any other thread executing an older trampoline on the same
 //! page at the moment a new one is written; with two views, new code is written while old
 //! code runs. x86 keeps instruction fetch coherent with stores to the same physical page.
+//! The memfd is closed once both views exist (the mappings keep the file): nothing is
+//! written or mapped through a descriptor later, so none stays in the program's fd table
+//! for it to close or reuse (see [`crate::memfd`]).
 //!
 //! Layout of a chunk: code grows up from its start in 16-byte aligned blocks; literal
 //! slots (8-byte addresses read by `call qword [rip+slot]`) are carved from the top down in
@@ -35,7 +38,6 @@ use crate::maps::{self, MapEntry};
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// Page size on x86-64 Linux.
 pub const PAGE: u64 = 4096;
@@ -306,8 +308,6 @@ impl Chunk {
 
 /// Hands out executable blocks near given addresses, and literal slots in the same chunks.
 pub struct NearAllocator {
-    memfd: OwnedFd,
-    file_len: u64,
     chunks: Vec<Chunk>,
     limits: Limits,
     stats: AllocStats,
@@ -325,15 +325,7 @@ impl NearAllocator {
 
     /// An allocator confined to `limits` (tests use this to force placements).
     pub fn with_limits(limits: Limits) -> Result<Self, AllocError> {
-        // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new fd.
-        let fd = unsafe { libc::memfd_create(c"tracer-code".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(os("memfd_create"));
-        }
         Ok(NearAllocator {
-            // SAFETY: fd was just created and is owned by nobody else.
-            memfd: unsafe { OwnedFd::from_raw_fd(fd) },
-            file_len: 0,
             chunks: Vec::new(),
             limits,
             stats: AllocStats::default(),
@@ -506,8 +498,33 @@ impl NearAllocator {
         true
     }
 
+    /// Map a new chunk of `size` bytes in `[lo, hi)`, backed by a memfd of its own that
+    /// is closed once mapped.
     fn map_chunk(
         &mut self,
+        near: &[u64],
+        size: u64,
+        lo: u64,
+        hi: u64,
+    ) -> Result<usize, AllocError> {
+        let (fd, id) = crate::memfd::create(c"tracer-code", 0).map_err(|error| AllocError::Os {
+            call: "memfd_create",
+            error,
+        })?;
+        // SAFETY: ftruncate on the memfd just created.
+        let r = if unsafe { libc::ftruncate(fd, size as libc::off_t) } != 0 {
+            Err(os("ftruncate"))
+        } else {
+            self.place_chunk(fd, near, size, lo, hi)
+        };
+        crate::memfd::close_if(fd, id);
+        r
+    }
+
+    /// [`Self::map_chunk`] with the chunk's memfd `fd`, `size` bytes long.
+    fn place_chunk(
+        &mut self,
+        fd: i32,
         near: &[u64],
         size: u64,
         lo: u64,
@@ -521,7 +538,7 @@ impl NearAllocator {
             .filter(|&a| a >= lo && a.checked_add(size).is_some_and(|e| e <= hi))
             .collect();
         for a in adjacent {
-            if let Some(i) = self.try_map(a, size)? {
+            if let Some(i) = self.try_map(fd, a, size)? {
                 self.stats.grown += 1;
                 return Ok(i);
             }
@@ -531,7 +548,7 @@ impl NearAllocator {
             error,
         })?;
         for a in candidates(&maps, near, size, &self.limits) {
-            if let Some(i) = self.try_map(a, size)? {
+            if let Some(i) = self.try_map(fd, a, size)? {
                 self.stats.searched += 1;
                 return Ok(i);
             }
@@ -543,17 +560,13 @@ impl NearAllocator {
         })
     }
 
-    /// Map `size` bytes at exactly `addr`. `Ok(None)`: the range is not available.
-    fn try_map(&mut self, addr: u64, size: u64) -> Result<Option<usize>, AllocError> {
-        let offset = self.file_len;
-        // SAFETY: ftruncate on our own memfd.
-        if unsafe { libc::ftruncate(self.memfd.as_raw_fd(), (offset + size) as libc::off_t) } != 0 {
-            return Err(os("ftruncate"));
-        }
-        let Some(rx) = self.map_exec_view(addr, size, offset)? else {
+    /// Map the `size` bytes of memfd `fd` at exactly `addr`. `Ok(None)`: the range is
+    /// not available.
+    fn try_map(&mut self, fd: i32, addr: u64, size: u64) -> Result<Option<usize>, AllocError> {
+        let Some(rx) = self.map_exec_view(fd, addr, size)? else {
             return Ok(None);
         };
-        let rw = match self.map_write_view(size, offset) {
+        let rw = match map_write_view(fd, size) {
             Ok(rw) => rw,
             Err(error) => {
                 // SAFETY: undo the executable view created above.
@@ -561,7 +574,6 @@ impl NearAllocator {
                 return Err(error);
             }
         };
-        self.file_len += size;
         self.chunks.push(Chunk {
             rx: addr,
             rw,
@@ -575,13 +587,13 @@ impl NearAllocator {
         Ok(Some(self.chunks.len() - 1))
     }
 
-    /// The executable view of the memfd's `size` bytes at `offset`, at exactly `addr`;
-    /// `Ok(None)` (a collision) when something is mapped there.
+    /// The executable view of memfd `fd`'s `size` bytes, at exactly `addr`; `Ok(None)` (a
+    /// collision) when something is mapped there.
     fn map_exec_view(
         &mut self,
+        fd: i32,
         addr: u64,
         size: u64,
-        offset: u64,
     ) -> Result<Option<*mut libc::c_void>, AllocError> {
         // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; the result is
         // checked below.
@@ -591,8 +603,8 @@ impl NearAllocator {
                 size as usize,
                 libc::PROT_READ | libc::PROT_EXEC,
                 libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
-                self.memfd.as_raw_fd(),
-                offset as libc::off_t,
+                fd,
+                0,
             )
         };
         if rx == libc::MAP_FAILED {
@@ -617,25 +629,25 @@ impl NearAllocator {
         }
         Ok(Some(rx))
     }
+}
 
-    /// The writable view of the memfd's `size` bytes at `offset`, anywhere.
-    fn map_write_view(&self, size: u64, offset: u64) -> Result<*mut u8, AllocError> {
-        // SAFETY: a fresh shared mapping of the same file range, anywhere.
-        let rw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                self.memfd.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if rw == libc::MAP_FAILED {
-            return Err(os("mmap"));
-        }
-        Ok(rw as *mut u8)
+/// The writable view of memfd `fd`'s `size` bytes, anywhere.
+fn map_write_view(fd: i32, size: u64) -> Result<*mut u8, AllocError> {
+    // SAFETY: a fresh shared mapping of the same file, anywhere.
+    let rw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if rw == libc::MAP_FAILED {
+        return Err(os("mmap"));
     }
+    Ok(rw as *mut u8)
 }
 
 fn os(call: &'static str) -> AllocError {

@@ -23,10 +23,11 @@
 //! probed (`-p 'libc:*'`): it makes raw system calls only and calls no libc function, so
 //! no hit lands in the parent's counters from here.
 
+use crate::memfd::Identity;
 use crate::shared::MAX_CAPACITY;
 use probes::abi::remote::{FOLLOW_ENV, FOLLOW_EXEC, FOLLOW_FORK, FOLLOW_GO, FOLLOW_WAIT_MS};
 use probes::abi::shared::{Counts, SharedHeader};
-use std::sync::atomic::{AtomicI32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Once;
 
 /// Room for an abstract socket name (`sun_path` is 108 bytes, the first is the NUL).
@@ -42,14 +43,30 @@ static NAME_LEN: AtomicUsize = AtomicUsize::new(0);
 static REGION_BASE: AtomicUsize = AtomicUsize::new(0);
 static REGION_FD: AtomicI32 = AtomicI32::new(-1);
 static REGION_SHARDS: AtomicUsize = AtomicUsize::new(0);
+/// The file `REGION_FD` names (`st_dev`, `st_ino`): the parent's at first, the child's own
+/// once [`own_region`] replaced it. A number that names another file was closed or reused
+/// by the program and is never touched.
+static REGION_DEV: AtomicU64 = AtomicU64::new(0);
+static REGION_INO: AtomicU64 = AtomicU64::new(0);
 
 static ATFORK: Once = Once::new();
 
 /// Called when the counter region is created: what a forked child needs to take a copy.
-pub fn note_region(base: *mut u8, fd: i32, shards: usize) {
+pub fn note_region(base: *mut u8, fd: i32, id: Identity, shards: usize) {
     REGION_FD.store(fd, Ordering::Relaxed);
+    REGION_DEV.store(id.dev, Ordering::Relaxed);
+    REGION_INO.store(id.ino, Ordering::Relaxed);
     REGION_SHARDS.store(shards, Ordering::Relaxed);
     REGION_BASE.store(base as usize, Ordering::Release);
+}
+
+/// The identity of the counter region's memfd now, when `base` is the region's (a forked
+/// child's is not the one it was created with).
+pub fn region_identity(base: *mut u8) -> Option<Identity> {
+    (REGION_BASE.load(Ordering::Acquire) == base as usize).then(|| Identity {
+        dev: REGION_DEV.load(Ordering::Relaxed),
+        ino: REGION_INO.load(Ordering::Relaxed),
+    })
 }
 
 /// A raw system call: never through libc, whose functions may be probed.
@@ -305,12 +322,19 @@ fn write_decimal(out: &mut [u8], mut v: u64) -> usize {
 
 /// Replaces the counter mapping at `base` by a zeroed copy in a new memfd, which takes
 /// the old descriptor's number. Returns that descriptor and the inode of the region it
-/// copied, or None with nothing changed.
+/// copied, or None with nothing changed: also when the program closed the descriptor or
+/// reused its number (then the child counts in its parent's counters, and the
+/// program's file under that number is left alone).
 fn own_region(base: usize) -> Option<(i32, u64)> {
     let old_fd = REGION_FD.load(Ordering::Relaxed);
     let shards = REGION_SHARDS.load(Ordering::Relaxed);
     let reserve = SharedHeader::region_size(MAX_CAPACITY, shards) as u64;
-    let (len, inode) = size_and_inode(old_fd)?;
+    let (len, old) = size_and_identity(old_fd)?;
+    let inode = old.ino;
+    if old.dev != REGION_DEV.load(Ordering::Relaxed) || inode != REGION_INO.load(Ordering::Relaxed)
+    {
+        return None;
+    }
     let fd = new_memfd(len)?;
     let fail = |fd| {
         close(fd);
@@ -343,11 +367,15 @@ fn own_region(base: usize) -> Option<(i32, u64)> {
         )
     };
     close(fd);
+    if let Some((_, new)) = size_and_identity(old_fd) {
+        REGION_DEV.store(new.dev, Ordering::Relaxed);
+        REGION_INO.store(new.ino, Ordering::Relaxed);
+    }
     Some((old_fd, inode))
 }
 
-/// The size and inode of the file `fd` names.
-fn size_and_inode(fd: i32) -> Option<(u64, u64)> {
+/// The size and identity of the file `fd` names.
+fn size_and_identity(fd: i32) -> Option<(u64, Identity)> {
     // SAFETY: stat is plain data.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat of our region's descriptor into a local.
@@ -360,7 +388,13 @@ fn size_and_inode(fd: i32) -> Option<(u64, u64)> {
     {
         return None;
     }
-    Some((st.st_size as u64, st.st_ino))
+    Some((
+        st.st_size as u64,
+        Identity {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        },
+    ))
 }
 
 /// A new memfd of `len` bytes (zero), close-on-exec.

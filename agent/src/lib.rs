@@ -11,6 +11,7 @@ pub mod follow;
 pub mod interceptor;
 pub mod jit;
 pub mod maps;
+pub mod memfd;
 pub mod pack_loader;
 pub mod pack_region;
 pub mod relocator;

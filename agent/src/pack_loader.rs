@@ -22,6 +22,8 @@ struct Known {
     /// Shim symbol and address of the build whose handlers the slots hold.
     shims: Vec<(Vec<u8>, u64)>,
     fd: i32,
+    /// The file `fd` named when the region was made (see [`crate::memfd`]).
+    id: crate::memfd::Identity,
     base: usize,
     plan: Plan,
 }
@@ -30,6 +32,7 @@ impl Known {
     fn region(&self) -> crate::pack_region::PackRegion {
         crate::pack_region::PackRegion {
             fd: self.fd,
+            id: self.id,
             base: self.base as *mut u8,
             plan: self.plan.clone(),
         }
@@ -189,8 +192,13 @@ fn fresh(
     shims: &[u64],
 ) -> Result<PackLoadResult, PackLoadError> {
     let ring_bytes = req.head.ring_bytes as usize;
+    // A region whose descriptor the program closed (or reused) cannot be handed to the
+    // tracer again: a new one is made and the old one stays mapped, unused.
     let at = known.iter().position(|k| {
-        k.handle == req.head.handle && k.kinds == req.kinds && k.plan.ring_bytes == ring_bytes
+        k.handle == req.head.handle
+            && k.kinds == req.kinds
+            && k.plan.ring_bytes == ring_bytes
+            && crate::memfd::is(k.fd, k.id)
     });
     let region = match at {
         Some(i) => {
@@ -219,6 +227,7 @@ fn fresh(
             .zip(shims.iter().copied())
             .collect(),
         fd: region.fd,
+        id: region.id,
         base: region.base as usize,
         plan: region.plan.clone(),
     };

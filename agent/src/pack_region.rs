@@ -10,7 +10,10 @@ use probes::pack::ring::Ring;
 
 /// A created region, mapped in this process.
 pub struct PackRegion {
+    /// The memfd, kept at a high number ([`crate::memfd`]) for the tracer to open.
     pub fd: i32,
+    /// The file `fd` names: a later session checks it still does before handing it out.
+    pub id: crate::memfd::Identity,
     pub base: *mut u8,
     pub plan: Plan,
 }
@@ -75,20 +78,17 @@ pub fn create_with_tail(
 ) -> Result<PackRegion, PackLoadError> {
     let mut plan = abi::plan(maps, ring_bytes).map_err(PackLoadError::Plan)?;
     plan.total += tail.next_multiple_of(4096);
-    // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new fd.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"tracer-pack".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    if fd < 0 {
-        return Err(os("memfd_create"));
-    }
+    let (fd, id) =
+        crate::memfd::create(c"tracer-pack", libc::MFD_ALLOW_SEALING).map_err(|source| {
+            PackLoadError::Os {
+                what: "memfd_create",
+                source,
+            }
+        })?;
     let fail = |what: &'static str| {
         let e = os(what);
-        // SAFETY: closing the fd created above, on the error path only.
-        unsafe { libc::close(fd) };
+        // The fd created above, on the error path only.
+        crate::memfd::close_if(fd, id);
         Err(e)
     };
     // SAFETY: plain syscalls on our own fd.
@@ -117,7 +117,7 @@ pub fn create_with_tail(
     let base = base as *mut u8;
     // SAFETY: the mapping is page-aligned, zeroed (a fresh memfd) and `plan.total` bytes.
     unsafe { abi::init_region(base, &plan, maps) };
-    Ok(PackRegion { fd, base, plan })
+    Ok(PackRegion { fd, id, base, plan })
 }
 
 impl PackRegion {

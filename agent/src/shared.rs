@@ -36,10 +36,14 @@
 //! reserves address space for [`MAX_CAPACITY`] slots up front (a shared mapping longer
 //! than the file, which costs nothing until touched) and grows by extending the memfd.
 //! The tracer maps the file at its current length.
+//!
+//! The memfd is kept at a high descriptor number ([`crate::memfd`]) and checked before it
+//! is extended: when the program closed it (or closed it and opened a file of its own
+//! there), the region keeps its current capacity and probes beyond it are refused with
+//! [`crate::memfd::SHARED_LOST`]; the program's descriptor is never touched.
 
 use probes::abi::shared::{Counts, SharedHeader, MAGIC};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::OnceLock;
 
@@ -136,7 +140,11 @@ pub fn current_cpu() -> usize {
 }
 
 pub struct SharedRegion {
-    fd: OwnedFd,
+    /// The memfd: never closed (the tracer opens it for as long as the process lives).
+    fd: i32,
+    /// The memfd's identity when created; a forked child's copy of the region is another
+    /// file under the same number ([`crate::follow::region_identity`]).
+    id: crate::memfd::Identity,
     base: *mut u8,
     len: usize,
     capacity: usize,
@@ -157,17 +165,16 @@ impl SharedRegion {
 
     fn create_with_shards(capacity: usize, shards: usize) -> io::Result<Self> {
         let capacity = capacity.clamp(1, MAX_CAPACITY);
-        // SAFETY: memfd_create with a NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"tracer-shared".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new fd owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let (fd, id) = crate::memfd::create(c"tracer-shared", 0)?;
+        let fail = || {
+            let e = io::Error::last_os_error();
+            crate::memfd::close_if(fd, id);
+            Err(e)
+        };
         let len = SharedHeader::region_size(capacity, shards);
-        // SAFETY: ftruncate on our own memfd.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
-            return Err(io::Error::last_os_error());
+        // SAFETY: ftruncate on our own new memfd.
+        if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 {
+            return fail();
         }
         // SAFETY: a new shared mapping of the file and of the room it may grow into; the
         // part past the end of the file is never touched before the file covers it.
@@ -177,15 +184,16 @@ impl SharedRegion {
                 SharedHeader::region_size(MAX_CAPACITY, shards),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                fd,
                 0,
             )
         };
         if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+            return fail();
         }
         let region = SharedRegion {
             fd,
+            id,
             base: base as *mut u8,
             len,
             capacity,
@@ -198,13 +206,23 @@ impl SharedRegion {
             (*h).capacity = capacity as u32;
             (*h).shards = shards as u32;
         }
-        crate::follow::note_region(region.base, region.fd(), shards);
+        crate::follow::note_region(region.base, region.fd(), id, shards);
         Ok(region)
     }
 
-    /// The memfd, for the tracer to find as `/proc/PID/fd/N`.
+    /// The memfd's number, for the tracer to find as `/proc/PID/fd/N` (which it checks
+    /// names this region's file: the program may have closed or reused it).
     pub fn fd(&self) -> i32 {
-        self.fd.as_raw_fd()
+        self.fd
+    }
+
+    /// Whether the memfd is still open under its number (not closed or reused by the
+    /// program).
+    pub fn fd_is_ours(&self) -> bool {
+        crate::memfd::identity(self.fd).is_some_and(|now| {
+            now == self.id
+                || crate::follow::region_identity(self.base).is_some_and(|child| now == child)
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -244,9 +262,14 @@ impl SharedRegion {
             return Err(io::Error::other("the counter region is at its maximum"));
         }
         let len = SharedHeader::region_size(capacity, self.shards);
-        // SAFETY: ftruncate on our own memfd, only ever extended, so no mapped page
-        // loses its backing.
-        if unsafe { libc::ftruncate(self.fd.as_raw_fd(), len as libc::off_t) } != 0 {
+        // The program may have closed the number, or closed it and opened a file of its
+        // own there: extending that would cut or grow the program's file.
+        if !self.fd_is_ours() {
+            return Err(io::Error::other(crate::memfd::SHARED_LOST));
+        }
+        // SAFETY: ftruncate on our own memfd (checked just above), only ever extended, so
+        // no mapped page loses its backing.
+        if unsafe { libc::ftruncate(self.fd, len as libc::off_t) } != 0 {
             return Err(io::Error::last_os_error());
         }
         self.len = len;

@@ -1,5 +1,6 @@
 //! tracer: everything done from outside the target.
 pub mod agent_blob;
+pub mod agent_fd;
 pub mod agent_thread;
 pub mod builtin;
 pub mod child_events;

@@ -72,7 +72,8 @@ impl SessionLock {
             path: path.clone(),
             source,
         };
-        let file = File::open(&path).map_err(io)?;
+        // Checked to be the agent's file: the program may have closed or reused the number.
+        let file = crate::agent_fd::open(pid, shared_fd, "tracer-shared", false).map_err(io)?;
         // SAFETY: flock on a descriptor we own; no memory is involved.
         let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if r == 0 {
@@ -135,8 +136,14 @@ mod tests {
 
     #[test]
     fn a_second_lock_on_the_same_inode_is_refused_and_released_on_drop() {
-        let fd = nix::sys::memfd::memfd_create(c"lock-test", nix::sys::memfd::MFdFlags::empty())
-            .expect("memfd");
+        // Named and mapped as the agent's is: a lock is taken only on that file.
+        let fd =
+            nix::sys::memfd::memfd_create(c"tracer-shared", nix::sys::memfd::MFdFlags::empty())
+                .expect("memfd");
+        let file = File::from(fd.try_clone().expect("dup"));
+        file.set_len(4096).expect("size");
+        // SAFETY: a shared mapping of our own memfd, only kept, never read.
+        let _map = unsafe { memmap2::MmapOptions::new().len(4096).map(&file) }.expect("map");
         let me = std::process::id() as i32;
         let first = SessionLock::take(me, fd.as_raw_fd()).expect("first");
         match SessionLock::take(me, fd.as_raw_fd()) {

@@ -238,21 +238,28 @@ fn text_difference(pid: i32, name: &str) -> Option<String> {
     None
 }
 
-/// Bytes of the agent's code memfd (trampolines) and of its shared counters memfd in
-/// `pid`, found through its fd table.
+/// Bytes of the agent's code (trampolines: its `tracer-code` memfds' mappings, both
+/// views, since the agent closes those descriptors once mapped) and of its shared
+/// counters memfd (found through its fd table) in `pid`.
 fn agent_memory(pid: i32) -> (u64, u64) {
-    let (mut code, mut shared) = (0, 0);
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("read maps");
+    let code = maps
+        .lines()
+        .filter(|l| l.contains("/memfd:tracer-code"))
+        .map(|l| {
+            let range = l.split(' ').next().expect("range");
+            let (a, b) = range.split_once('-').expect("start-end");
+            u64::from_str_radix(b, 16).unwrap() - u64::from_str_radix(a, 16).unwrap()
+        })
+        .sum();
+    let mut shared = 0;
     for e in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("read fd table") {
         let path = e.expect("fd entry").path();
         let Ok(target) = std::fs::read_link(&path) else {
             continue;
         };
-        let target = target.to_string_lossy().into_owned();
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        if target.starts_with("/memfd:tracer-code") {
-            code += len;
-        } else if target.starts_with("/memfd:tracer-shared") {
-            shared += len;
+        if target.to_string_lossy().starts_with("/memfd:tracer-shared") {
+            shared += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         }
     }
     (code, shared)

@@ -18,7 +18,8 @@ use std::sync::Mutex;
 static REGION: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
 /// The current region's memfd and length, under a lock: only the tracer's remote calls
 /// change them.
-static CURRENT: Mutex<Option<(i32, usize)>> = Mutex::new(None);
+/// The memfd's identity ([`crate::memfd`]) goes with it.
+static CURRENT: Mutex<Option<(i32, usize, crate::memfd::Identity)>> = Mutex::new(None);
 static mut INFO: LatencyInfo = LatencyInfo {
     magic: 0,
     fd: -1,
@@ -105,22 +106,16 @@ fn os(what: &str) -> String {
 
 /// A new sealed memfd of `slots` probes of `shards` shards, mapped here, empty (zeroed:
 /// its pages are only allocated where written).
-fn create(slots: usize, shards: usize) -> Result<(i32, *mut u8, usize), String> {
+type Created = (i32, crate::memfd::Identity, *mut u8, usize);
+
+fn create(slots: usize, shards: usize) -> Result<Created, String> {
     let len = latency::region_size(slots, shards).next_multiple_of(4096);
-    // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new fd.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"tracer-latency".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    if fd < 0 {
-        return Err(os("memfd_create"));
-    }
+    let (fd, id) = crate::memfd::create(c"tracer-latency", libc::MFD_ALLOW_SEALING)
+        .map_err(|e| format!("memfd_create: {e}"))?;
     let fail = |what: &str| {
         let e = os(what);
-        // SAFETY: closing the fd created above, on the error path only.
-        unsafe { libc::close(fd) };
+        // The fd created above, on the error path only.
+        crate::memfd::close_if(fd, id);
         Err(e)
     };
     // SAFETY: plain syscalls on our own fd.
@@ -155,7 +150,7 @@ fn create(slots: usize, shards: usize) -> Result<(i32, *mut u8, usize), String> 
         (base.add(H_SLOTS) as *mut u64).write(slots as u64);
         (base.add(H_SHARDS) as *mut u64).write(shards as u64);
     }
-    Ok((fd, base, len))
+    Ok((fd, id, base, len))
 }
 
 /// Empty every slot of a region `create` made.
@@ -176,21 +171,22 @@ fn ensure(slots: usize) -> Result<LatencyInfo, String> {
     // SAFETY: a published region is one `create` made.
     let have = (!base.is_null()).then(|| unsafe { header(base, H_SLOTS) });
     match (*cur, have) {
-        (Some((fd, len)), Some(have)) if have >= slots => {
+        // Reused only while its descriptor is still ours (the program may have closed it
+        // or reused the number): the tracer opens the region through it.
+        (Some((fd, len, id)), Some(have)) if have >= slots && crate::memfd::is(fd, id) => {
             reset(base);
             // SAFETY: as above.
             Ok(info(fd, len, have, unsafe { header(base, H_SHARDS) }))
         }
         (old, _) => {
             let shards = shard_count();
-            let (fd, base, len) = create(slots, shards)?;
+            let (fd, id, base, len) = create(slots, shards)?;
             REGION.store(base, Ordering::Release);
-            *cur = Some((fd, len));
-            if let Some((old_fd, _)) = old {
+            *cur = Some((fd, len, id));
+            if let Some((old_fd, _, old_id)) = old {
                 // Its mapping stays (a thread may be recording into it); the tracer
-                // maps the new one.
-                // SAFETY: closing our own fd.
-                unsafe { libc::close(old_fd) };
+                // maps the new one. The number is closed only while it is still ours.
+                crate::memfd::close_if(old_fd, old_id);
             }
             Ok(info(fd, len, slots, shards))
         }

@@ -34,6 +34,8 @@ static REGION: Mutex<Option<Region>> = Mutex::new(None);
 /// The trace region: its memfd, where it is mapped, its length and its ring's size.
 struct Region {
     fd: i32,
+    /// The file `fd` named when made ([`crate::memfd`]).
+    id: crate::memfd::Identity,
     base: usize,
     total: usize,
     ring_bytes: usize,
@@ -279,7 +281,9 @@ fn region(ring_bytes: usize) -> Result<StartResult, pack_region::PackLoadError> 
     let layout = probes::trace::layout(ring_bytes)?;
     let mut g = REGION.lock().unwrap_or_else(|p| p.into_inner());
     match g.as_ref() {
-        Some(r) if r.ring_bytes == ring_bytes => {
+        // Reused only while its descriptor is still ours: the program may have closed it
+        // (or reused the number), and the tracer opens the region through it.
+        Some(r) if r.ring_bytes == ring_bytes && crate::memfd::is(r.fd, r.id) => {
             // SAFETY: the region is mapped, `total` bytes; the last session's probes were
             // removed, so only a thread still finishing an action may write to it.
             unsafe {
@@ -292,6 +296,7 @@ fn region(ring_bytes: usize) -> Result<StartResult, pack_region::PackLoadError> 
                 pack_region::create_with_tail(&[], ring_bytes, layout.total - layout.ring.total)?;
             *g = Some(Region {
                 fd: r.fd,
+                id: r.id,
                 base: r.base as usize,
                 total: r.plan.total,
                 ring_bytes,

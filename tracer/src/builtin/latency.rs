@@ -5,7 +5,6 @@
 use crate::pack::region::{RegionError, SharedRegion};
 use crate::pack::view::View;
 use probes::latency::{offsets, region_size, slot_offset, LatencyInfo, BUCKETS, MAGIC, MAX_SHARDS};
-use std::path::Path;
 
 /// One probe's latency figures, in nanoseconds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,9 +56,9 @@ impl LatencyRegion {
         if !shards.is_power_of_two() || shards > MAX_SHARDS || slots > 1 << 20 {
             return Err(LatencyError::Shape { slots, shards });
         }
-        let path = format!("/proc/{pid}/fd/{}", info.fd);
-        let region = SharedRegion::open(Path::new(&path), region_size(slots, shards))
-            .map_err(LatencyError::Region)?;
+        let region =
+            SharedRegion::open_agent(pid, info.fd, "tracer-latency", region_size(slots, shards))
+                .map_err(LatencyError::Region)?;
         let r = LatencyRegion {
             region,
             slots,

@@ -75,7 +75,7 @@ impl Live {
     ) -> Result<Live, LiveError> {
         let plan = plan_for(&info, RING_BYTES)?;
         let path = format!("/proc/{pid}/fd/{fd}");
-        let region = SharedRegion::open(std::path::Path::new(&path), plan.total)
+        let region = SharedRegion::open_agent(pid, fd, "tracer-pack", plan.total)
             .map_err(|source| LiveError::Map { path, source })?;
         let shared = Arc::new(Shared {
             region,

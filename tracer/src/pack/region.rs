@@ -73,6 +73,14 @@ impl SharedRegion {
         Self::from_file(&file, needed)
     }
 
+    /// Map the agent's memfd named `name` that it keeps as descriptor `fd` in `pid`,
+    /// checked to be the agent's file ([`crate::agent_fd`]), which must hold `needed`
+    /// bytes.
+    pub fn open_agent(pid: i32, fd: i32, name: &str, needed: usize) -> Result<Self, RegionError> {
+        let file = crate::agent_fd::open(pid, fd, name, true).map_err(RegionError::Open)?;
+        Self::from_file(&file, needed)
+    }
+
     pub fn from_file(file: &File, needed: usize) -> Result<Self, RegionError> {
         if !sealed_against_shrinking(file) {
             return Err(RegionError::NotSealed);

@@ -20,7 +20,9 @@ impl Counters {
     /// needs more counter slots, so map after preparing.
     pub(super) fn map(pid: i32, info: &AgentInfo) -> Result<Counters, SessionError> {
         let path = format!("/proc/{pid}/fd/{}", info.shared_fd);
-        let f = File::open(&path).map_err(super::agent_io(format!("cannot open {path}")))?;
+        // Checked to be the agent's file: the program may have closed or reused the number.
+        let f = crate::agent_fd::open(pid, info.shared_fd, "tracer-shared", false)
+            .map_err(super::agent_io(format!("cannot open {path}")))?;
         Counters::map_file(&f, &path)
     }
 

@@ -264,7 +264,7 @@ impl Tracer {
         let started = self.started.ok_or(TraceError::NotStarted)?;
         let layout = probes::trace::layout(self.opts.ring_bytes)?;
         let path = format!("/proc/{pid}/fd/{}", started.fd);
-        let region = SharedRegion::open(std::path::Path::new(&path), layout.total)
+        let region = SharedRegion::open_agent(pid, started.fd, "tracer-pack", layout.total)
             .map_err(|source| TraceError::Map { path, source })?;
         let sigs = signatures(probes, modules, self.opts.raw_args);
         let infos = probe_infos(session, &sigs, &layout, &region);
