@@ -119,12 +119,15 @@ const STEP_WAIT: Duration = Duration::from_millis(20);
 ///     mov [rbx+32], eax             ; its result
 ///     mov eax, SYS_gettid ; syscall
 ///     mov [rbx+8], eax              ; tid
-///     mov dword [rbx], 1            ; PARKED (stores are seen in program order)
+///     xor eax, eax ; mov ecx, 1
+///     lock cmpxchg [rbx], ecx       ; PARKED, unless the tracer gave up on it first
+///     jne out                       ; (stores are seen in program order)
 /// park:
 ///     mov rdi, rbx ; mov esi, FUTEX_WAIT_PRIVATE ; mov edx, 1 ; xor r10d, r10d
 ///     mov eax, SYS_futex ; syscall  ; returns at once once the word is not PARKED
 ///     cmp dword [rbx], 1
 ///     je park
+/// out:
 ///     xor eax, eax ; pop rbx ; ret  ; dismissed: end the thread
 /// ```
 ///
@@ -138,7 +141,10 @@ const STUB: &[u8] = &[
     0xb8, 0xba, 0x00, 0x00, 0x00, // mov eax, 186 (gettid)
     0x0f, 0x05, // syscall
     0x89, 0x43, 0x08, // mov [rbx+8], eax
-    0xc7, 0x03, 0x01, 0x00, 0x00, 0x00, // mov dword [rbx], 1
+    0x31, 0xc0, // xor eax, eax
+    0xb9, 0x01, 0x00, 0x00, 0x00, // mov ecx, 1
+    0xf0, 0x0f, 0xb1, 0x0b, // lock cmpxchg [rbx], ecx
+    0x75, 0x1c, // jne out (the 28 bytes of the park loop)
     0x48, 0x89, 0xdf, // park: mov rdi, rbx
     0xbe, 0x80, 0x00, 0x00, 0x00, // mov esi, 128 (FUTEX_WAIT_PRIVATE)
     0xba, 0x01, 0x00, 0x00, 0x00, // mov edx, 1
@@ -803,10 +809,14 @@ fn spawn(
     let tid = match parked_tid {
         Some(tid) if parked_thread(proc) == Some(tid) => tid,
         _ => {
+            // A thread that starts later (the process was stopped, or overloaded) finds
+            // the word taken and ends at once instead of parking for good; one that
+            // parked meanwhile is stopped now and sees it when it is resumed.
+            let _ = proc.write_memory(slot, &STATE_DISMISSED.to_le_bytes());
             return Err(InjectError::ThreadNotParked {
                 pid: proc.pid(),
                 waited: timeout,
-            })
+            });
         }
     };
     detach_thread(proc, fns, tid, slot, remaining)?;

@@ -1045,6 +1045,13 @@ fn list(target: &str, pattern: Option<&str>) -> Result<ExitCode, CliError> {
     if let Some(what) = pid.and_then(tracer::process_kind::not_a_program) {
         return Err(what.into());
     }
+    if let Some(pid) = pid {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !std::path::Path::new(target).exists()
+        {
+            return Err(format!("no process with PID {pid}: check the PID (see `ps`)").into());
+        }
+    }
     let modules = match pid {
         Some(pid) => SymbolCache::global().process(pid),
         None => SymbolCache::global().file(std::path::Path::new(target)),

@@ -50,6 +50,21 @@ pub fn not_a_program(pid: i32) -> Option<String> {
     describe(pid, &stat)
 }
 
+/// Why `pid` cannot be attached to now although it runs a program: it is stopped by a
+/// job-control signal (SIGSTOP, SIGTSTP, ...). Its threads would have to run the remote
+/// calls that load the agent and start its thread, which a stopped process does not do
+/// until it is continued; so it is refused at once, untouched, instead of after a timeout.
+pub fn stopped(pid: i32) -> Option<String> {
+    let text = crate::proc_text::read(format!("/proc/{pid}/stat")).ok()?;
+    let stat = parse_stat(&text)?;
+    (stat.state == 'T').then(|| {
+        format!(
+            "PID {pid} ({}) is stopped (SIGSTOP, or Ctrl-Z in its shell), so it cannot run the calls that put the probes in: continue it with `kill -CONT {pid}`, then attach",
+            stat.comm
+        )
+    })
+}
+
 /// Whether a thread of `pid` has not exited.
 fn has_live_thread(pid: i32) -> bool {
     live_task(pid).is_some()
@@ -123,6 +138,28 @@ mod tests {
         let k = parse_stat("2 (kthreadd) S 0 0 0 0 -1 2129984 0 0").unwrap();
         assert!(describe(2, &k).unwrap().contains("kernel thread"));
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn a_stopped_process_is_told_to_be_continued() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id() as i32;
+        assert_eq!(stopped(pid), None);
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut said = None;
+        while said.is_none() && std::time::Instant::now() < deadline {
+            said = stopped(pid);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let said = said.expect("the stopped state seen");
+        assert!(said.contains(&format!("kill -CONT {pid}")), "{said}");
     }
 
     #[test]

@@ -248,3 +248,36 @@ fn overlapping_probes_are_refused() {
         "{stdout}"
     );
 }
+
+/// A process stopped by SIGSTOP cannot run the calls that load the agent: refused at
+/// once with what to do, nothing mapped or started in it; continued, it runs on as before.
+#[test]
+fn a_stopped_process_is_refused_untouched() {
+    let dir = temp_dir("stopped");
+    let (t, tiny, good) = start_tiny(&dir);
+    let pid = t.pid();
+    let before = vec![
+        (tiny, read_mem(pid, tiny, 3)),
+        (good, read_mem(pid, good, 8)),
+    ];
+    let maps = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let maps_before = maps(pid);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let stat = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !stat().contains(") T ") {
+        assert!(std::time::Instant::now() < deadline, "never stopped");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let out = tracer_output(&["attach", &pid.to_string(), "-p", "main:good"]);
+    assert_one_line_error(&out, &["stopped", &format!("kill -CONT {pid}")]);
+    assert_eq!(
+        maps(pid),
+        maps_before,
+        "the refused attach changed the mappings"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_untouched(t, &before);
+}
