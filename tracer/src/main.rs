@@ -466,7 +466,7 @@ fn install(
         eprintln!("tracer: {line}");
     }
     let running = match tracing {
-        Some(t) => Some(t.go(proc.pid(), &session, &probes, &modules, sink.events()?)?),
+        Some(t) => Some(t.go(proc.pid(), &session, &probes, &modules, sink.trace_lines()?)?),
         None => None,
     };
     Ok((session, running))

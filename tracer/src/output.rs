@@ -45,6 +45,16 @@ impl Sink {
         }
     }
 
+    /// Where `--trace` lines go as calls return: the output file (before the report),
+    /// else stderr, as ltrace's and strace's do: under `tracer run` stdout is the
+    /// program's, and `tracer run --trace -- CMD > out` must leave `out` as CMD wrote it.
+    pub(crate) fn trace_lines(&self) -> Result<Box<dyn Write + Send>, CliError> {
+        match self {
+            Sink::File(..) => self.events(),
+            Sink::Stderr => Ok(Box::new(std::io::stderr())),
+        }
+    }
+
     /// Write the pack's maps (already rendered), then the per-probe report (or the
     /// latency views asked for).
     pub(crate) fn write(

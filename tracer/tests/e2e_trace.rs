@@ -696,3 +696,31 @@ int main(int argc, char **argv) {
     }
     assert!(!text.contains("not seen"), "{text}");
 }
+
+/// Without `-o`, trace lines go to stderr (as ltrace's do): the program's stdout is its
+/// own, byte for byte, so `tracer run --trace -- CMD > out` leaves `out` as CMD wrote it.
+#[test]
+fn trace_lines_leave_the_programs_stdout_alone() {
+    let dir = temp_dir("trace-stderr");
+    let calls = build_calls(&dir);
+    let plain = std::process::Command::new(&calls)
+        .arg("seq")
+        .output()
+        .expect("untraced run");
+    let out = tracer_output(&[
+        "run",
+        "--trace",
+        "-p",
+        "main:add",
+        "--",
+        calls.to_str().unwrap(),
+        "seq",
+    ]);
+    assert_success(&out);
+    assert_eq!(
+        out.stdout, plain.stdout,
+        "trace lines in the program's stdout"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("add(a=2, b=3) = 5"), "{err}");
+}
