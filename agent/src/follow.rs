@@ -423,28 +423,24 @@ fn private_copy(base: usize, len: u64) -> bool {
         return false;
     }
     let tmp = tmp as u64;
-    let mut present = [0u8; 256];
+    // Not zeroed first: that could be a call of libc's `memset`.
+    let mut present = std::mem::MaybeUninit::<[u8; 256]>::uninit();
+    let vec = present.as_mut_ptr().cast::<u8>();
     let mut off = 0;
     while off < len {
-        let n = ((len - off) / PAGE).min(present.len() as u64);
+        let n = ((len - off) / PAGE).min(256);
         // SAFETY: mincore of our own mapped range into a local vector of `n` bytes.
         let r = unsafe {
             sys(
                 libc::SYS_mincore,
-                [
-                    base as u64 + off,
-                    n * PAGE,
-                    present.as_mut_ptr() as u64,
-                    0,
-                    0,
-                    0,
-                ],
+                [base as u64 + off, n * PAGE, vec as u64, 0, 0, 0],
             )
         };
-        for (i, p) in present[..n as usize].iter().enumerate() {
-            // Without mincore's answer, every page is copied.
-            if r < 0 || p & 1 != 0 {
-                let at = off + i as u64 * PAGE;
+        for i in 0..n {
+            // Without mincore's answer, every page is copied. SAFETY: when it succeeded,
+            // mincore wrote `n` bytes.
+            if r < 0 || unsafe { vec.add(i as usize).read() } & 1 != 0 {
+                let at = off + i * PAGE;
                 // SAFETY: both ranges are mapped, `len` bytes each, and do not overlap.
                 unsafe { copy_bytes(tmp + at, base as u64 + at, PAGE) };
             }
@@ -713,7 +709,47 @@ pub unsafe extern "C" fn tracer_agent_follow(input: *const u8, n: u64, _out: *mu
 
 #[cfg(test)]
 mod tests {
-    use super::write_decimal;
+    use super::{private_copy, write_decimal};
+
+    /// A shared memfd mapping replaced by its private copy: same bytes at the same
+    /// address, and from then on neither side sees the other's writes.
+    #[test]
+    fn private_copy_keeps_the_bytes_and_stops_sharing() {
+        const PAGE: usize = 4096;
+        let len = 5 * PAGE;
+        let (fd, _) = crate::memfd::create(c"private-copy-test", 0).unwrap();
+        // SAFETY: plain calls on our own memfd and mapping.
+        unsafe {
+            assert_eq!(libc::ftruncate(fd, len as libc::off_t), 0);
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            ) as *mut u8;
+            assert_ne!(base as *mut libc::c_void, libc::MAP_FAILED);
+            base.write(7);
+            base.add(3 * PAGE + 5).write(9);
+            assert!(private_copy(base as usize, len as u64));
+            let got: Vec<u8> = (0..len).map(|i| base.add(i).read()).collect();
+            let mut want = vec![0u8; len];
+            want[0] = 7;
+            want[3 * PAGE + 5] = 9;
+            assert!(got == want);
+            // The file changes: the copy does not.
+            assert_eq!(libc::pwrite(fd, [1u8].as_ptr().cast(), 1, 0), 1);
+            assert_eq!(base.read(), 7);
+            // The copy changes: the file does not.
+            base.add(PAGE).write(4);
+            let mut b = [0u8; 1];
+            assert_eq!(libc::pread(fd, b.as_mut_ptr().cast(), 1, PAGE as i64), 1);
+            assert_eq!(b[0], 0);
+            libc::munmap(base.cast(), len);
+            libc::close(fd);
+        }
+    }
 
     #[test]
     fn decimal_without_allocating() {
