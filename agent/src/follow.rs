@@ -18,6 +18,14 @@
 //!   `vfork` and `clone` without fork semantics (`posix_spawn`, `system`) run no handler:
 //!   such a child shares its parent's memory anyway, and counts in its parent's counters
 //!   until it execs.
+//! - **fork, not following** (`--no-follow`, `attach`, `--trace`, `--hist`, a pack): the
+//!   same handler, registered as soon as the counter region exists, still gives the child
+//!   counters of its own (not sent anywhere: nobody reads them), and moves every other
+//!   region the parent's tracer reads (the `--hist`/`--summary` latency region, the
+//!   `--trace` region, each pack's maps and ring: [`note_shared`]) off the shared file:
+//!   a private anonymous copy goes over the same addresses, so the inherited trampolines
+//!   and handlers keep working in the child and its calls stay out of the parent's
+//!   report. Their descriptors are closed in the child (see [`quiet_regions`]).
 //!
 //! The fork handler runs in a child of a possibly multithreaded process and may itself be
 //! probed (`-p 'libc:*'`): it makes raw system calls only and calls no libc function, so
@@ -52,12 +60,70 @@ static REGION_INO: AtomicU64 = AtomicU64::new(0);
 static ATFORK: Once = Once::new();
 
 /// Called when the counter region is created: what a forked child needs to take a copy.
+/// Registers the fork handler, following or not.
 pub fn note_region(base: *mut u8, fd: i32, id: Identity, shards: usize) {
     REGION_FD.store(fd, Ordering::Relaxed);
     REGION_DEV.store(id.dev, Ordering::Relaxed);
     REGION_INO.store(id.ino, Ordering::Relaxed);
     REGION_SHARDS.store(shards, Ordering::Relaxed);
     REGION_BASE.store(base as usize, Ordering::Release);
+    register_atfork();
+}
+
+/// Most regions besides the counters a forked child is kept from sharing ([`note_shared`]).
+/// When more are made (a long-lived process loading many pack builds), the oldest entry is
+/// forgotten: by then its region is one a later session replaced, which nothing writes.
+const QUIET_MAX: usize = 64;
+
+/// A shared region of the agent's, other than the counters, that a forked child must not
+/// write through: where it is mapped, its length, and the memfd (number and identity)
+/// behind it. `base` 0: a free entry. `base` is written last, so a child forked while an
+/// entry is being written sees it whole or not at all.
+struct Quiet {
+    base: AtomicUsize,
+    len: AtomicUsize,
+    fd: AtomicI32,
+    dev: AtomicU64,
+    ino: AtomicU64,
+}
+
+static QUIET: [Quiet; QUIET_MAX] = [const {
+    Quiet {
+        base: AtomicUsize::new(0),
+        len: AtomicUsize::new(0),
+        fd: AtomicI32::new(-1),
+        dev: AtomicU64::new(0),
+        ino: AtomicU64::new(0),
+    }
+}; QUIET_MAX];
+/// The entry taken next when none is free.
+static QUIET_NEXT: AtomicUsize = AtomicUsize::new(0);
+/// Serialises [`note_shared`] (the fork handler only reads, in a one-thread child).
+static QUIET_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Called when a region the tracer reads (latency, trace, a pack's) is mapped at `base`
+/// (`len` bytes of memfd `fd`, `id`), before any handler can write to it: a forked child
+/// gets a private copy of it instead (see [`quiet_regions`]). Registers the fork handler.
+pub fn note_shared(base: *mut u8, len: usize, fd: i32, id: Identity) {
+    register_atfork();
+    let _g = QUIET_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let base = base as usize;
+    let at = QUIET
+        .iter()
+        .position(|q| q.base.load(Ordering::Relaxed) == base)
+        .or_else(|| {
+            QUIET
+                .iter()
+                .position(|q| q.base.load(Ordering::Relaxed) == 0)
+        })
+        .unwrap_or_else(|| QUIET_NEXT.fetch_add(1, Ordering::Relaxed) % QUIET_MAX);
+    let q = &QUIET[at];
+    q.base.store(0, Ordering::Release);
+    q.len.store(len, Ordering::Relaxed);
+    q.fd.store(fd, Ordering::Relaxed);
+    q.dev.store(id.dev, Ordering::Relaxed);
+    q.ino.store(id.ino, Ordering::Relaxed);
+    q.base.store(base, Ordering::Release);
 }
 
 /// The identity of the counter region's memfd now, when `base` is the region's (a forked
@@ -282,24 +348,148 @@ extern "C" fn on_load() {
 #[link_section = ".init_array"]
 static ON_LOAD: extern "C" fn() = on_load;
 
-/// Gives the child of a fork counters of its own and hands them to the tracer.
+/// Gives the child of a fork counters of its own and, when following, hands them to the
+/// tracer; moves every other region the parent's tracer reads off the shared files.
 extern "C" fn in_child() {
     let base = REGION_BASE.load(Ordering::Acquire);
-    if base == 0 {
-        return;
+    if base != 0 {
+        // Some only while following (and the tracer is there).
+        let sock = connect();
+        match own_region(base) {
+            Some((fd, parent_inode)) => {
+                if let Some(sock) = sock {
+                    let mut msg = [0u8; 32];
+                    let n = FOLLOW_FORK.len();
+                    msg[..n].copy_from_slice(FOLLOW_FORK);
+                    msg[n] = b' ';
+                    let len = n + 1 + write_decimal(&mut msg[n + 1..], parent_inode);
+                    send(sock, &msg[..len], fd);
+                }
+            }
+            // The program closed (or reused) the region's descriptor: no memfd of its own
+            // for the child, but its counts still stay out of the parent's.
+            None => private_counters(base),
+        }
+        if let Some(sock) = sock {
+            close(sock);
+        }
     }
-    let Some(sock) = connect() else {
-        return;
+    quiet_regions();
+}
+
+/// In a forked child: puts a private copy of each region [`note_shared`] named over its
+/// mapping, and closes its descriptor when that still names the region's file. Closed,
+/// not left: the number would hand the parent's file to whatever uses it next in the
+/// child (a later `tracer attach` to the child, whose session reuses a region while its
+/// number names its file, would give the tracer the parent's file and write into it);
+/// with the number closed that session makes regions of its own. The entry is dropped:
+/// the copy is already private to any grandchild.
+fn quiet_regions() {
+    for q in &QUIET {
+        let base = q.base.load(Ordering::Acquire);
+        if base == 0 {
+            continue;
+        }
+        if !private_copy(base, q.len.load(Ordering::Relaxed) as u64) {
+            continue;
+        }
+        let fd = q.fd.load(Ordering::Relaxed);
+        let ours = Identity {
+            dev: q.dev.load(Ordering::Relaxed),
+            ino: q.ino.load(Ordering::Relaxed),
+        };
+        if size_and_identity(fd).is_some_and(|(_, id)| id == ours) {
+            close(fd as i64);
+        }
+        q.base.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Replaces the shared mapping of `len` bytes at `base` by a private anonymous one
+/// holding the same bytes, in one step (`mremap`); false, with nothing changed, when it
+/// cannot. Only the pages the file has are copied (`mincore`): reading a hole would
+/// allocate it in the parent's file, and the rest is zero in a new mapping anyway.
+fn private_copy(base: usize, len: u64) -> bool {
+    const PAGE: u64 = 4096;
+    let len = len.next_multiple_of(PAGE);
+    if len == 0 {
+        return false;
+    }
+    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    // SAFETY: a new anonymous mapping.
+    let tmp = unsafe { sys(libc::SYS_mmap, [0, len, prot, flags, u64::MAX, 0]) };
+    if tmp < 0 {
+        return false;
+    }
+    let tmp = tmp as u64;
+    // Not zeroed first: that could be a call of libc's `memset`.
+    let mut present = std::mem::MaybeUninit::<[u8; 256]>::uninit();
+    let vec = present.as_mut_ptr().cast::<u8>();
+    let mut off = 0;
+    while off < len {
+        let n = ((len - off) / PAGE).min(256);
+        // SAFETY: mincore of our own mapped range into a local vector of `n` bytes.
+        let r = unsafe {
+            sys(
+                libc::SYS_mincore,
+                [base as u64 + off, n * PAGE, vec as u64, 0, 0, 0],
+            )
+        };
+        for i in 0..n {
+            // Without mincore's answer, every page is copied. SAFETY: when it succeeded,
+            // mincore wrote `n` bytes.
+            if r < 0 || unsafe { vec.add(i as usize).read() } & 1 != 0 {
+                let at = off + i * PAGE;
+                // SAFETY: both ranges are mapped, `len` bytes each, and do not overlap.
+                unsafe { copy_bytes(tmp + at, base as u64 + at, PAGE) };
+            }
+        }
+        off += n * PAGE;
+    }
+    move_over(tmp, len, base)
+}
+
+/// `rep movsb`: a copy that calls nothing (libc's `memcpy` may be probed).
+///
+/// # Safety
+/// `n` bytes are mapped at `src` (readable) and `dst` (writable), not overlapping.
+unsafe fn copy_bytes(dst: u64, src: u64, n: u64) {
+    // SAFETY: per the contract; the direction flag is clear at calls (ABI).
+    unsafe {
+        std::arch::asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _,
+            inout("rsi") src => _, options(nostack, preserves_flags));
+    }
+}
+
+/// The counter region without its descriptor (the program closed it): a private copy of
+/// the file's part of the reservation goes over it, counts zeroed. The rest of the
+/// reservation, past the file's end, is never touched in the child: its region cannot
+/// grow without the descriptor.
+fn private_counters(base: usize) {
+    let shards = REGION_SHARDS.load(Ordering::Relaxed);
+    // SAFETY: the region starts with its header.
+    let (capacity, used) = unsafe {
+        let h = &*(base as *const SharedHeader);
+        (h.capacity as usize, h.used.load(Ordering::Relaxed) as usize)
     };
-    if let Some((fd, parent_inode)) = own_region(base) {
-        let mut msg = [0u8; 32];
-        let n = FOLLOW_FORK.len();
-        msg[..n].copy_from_slice(FOLLOW_FORK);
-        msg[n] = b' ';
-        let len = n + 1 + write_decimal(&mut msg[n + 1..], parent_inode);
-        send(sock, &msg[..len], fd);
+    let len = SharedHeader::region_size(capacity, shards) as u64;
+    if private_copy(base, len) {
+        zero_counts(base as u64, len, used, shards);
     }
-    close(sock);
+}
+
+/// Zero the counts of the `used` slots of the region copy mapped at `at` (`len` bytes).
+fn zero_counts(at: u64, len: u64, used: usize, shards: usize) {
+    // SAFETY: the copy holds the header and the `used` slots, within `len` bytes.
+    unsafe {
+        for id in 0..used {
+            let slot = SharedHeader::slot_offset(id, shards);
+            if (slot + SharedHeader::slot_size(shards)) as u64 <= len {
+                Counts::from_slot((at as *const u8).add(slot), shards).reset();
+            }
+        }
+    }
 }
 
 /// `v` in decimal at the start of `out`; returns the digits written.
@@ -457,15 +647,7 @@ fn map_zeroed_counts(fd: i64, reserve: u64, len: u64, used: usize, shards: usize
     if tmp < 0 {
         return None;
     }
-    // SAFETY: the copy holds the header and the `used` slots, within `len` bytes.
-    unsafe {
-        for id in 0..used {
-            let slot = SharedHeader::slot_offset(id, shards);
-            if (slot + SharedHeader::slot_size(shards)) as u64 <= len {
-                Counts::from_slot((tmp as *const u8).add(slot), shards).reset();
-            }
-        }
-    }
+    zero_counts(tmp as u64, len, used, shards);
     Some(tmp as u64)
 }
 
@@ -527,7 +709,47 @@ pub unsafe extern "C" fn tracer_agent_follow(input: *const u8, n: u64, _out: *mu
 
 #[cfg(test)]
 mod tests {
-    use super::write_decimal;
+    use super::{private_copy, write_decimal};
+
+    /// A shared memfd mapping replaced by its private copy: same bytes at the same
+    /// address, and from then on neither side sees the other's writes.
+    #[test]
+    fn private_copy_keeps_the_bytes_and_stops_sharing() {
+        const PAGE: usize = 4096;
+        let len = 5 * PAGE;
+        let (fd, _) = crate::memfd::create(c"private-copy-test", 0).unwrap();
+        // SAFETY: plain calls on our own memfd and mapping.
+        unsafe {
+            assert_eq!(libc::ftruncate(fd, len as libc::off_t), 0);
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            ) as *mut u8;
+            assert_ne!(base as *mut libc::c_void, libc::MAP_FAILED);
+            base.write(7);
+            base.add(3 * PAGE + 5).write(9);
+            assert!(private_copy(base as usize, len as u64));
+            let got: Vec<u8> = (0..len).map(|i| base.add(i).read()).collect();
+            let mut want = vec![0u8; len];
+            want[0] = 7;
+            want[3 * PAGE + 5] = 9;
+            assert!(got == want);
+            // The file changes: the copy does not.
+            assert_eq!(libc::pwrite(fd, [1u8].as_ptr().cast(), 1, 0), 1);
+            assert_eq!(base.read(), 7);
+            // The copy changes: the file does not.
+            base.add(PAGE).write(4);
+            let mut b = [0u8; 1];
+            assert_eq!(libc::pread(fd, b.as_mut_ptr().cast(), 1, PAGE as i64), 1);
+            assert_eq!(b[0], 0);
+            libc::munmap(base.cast(), len);
+            libc::close(fd);
+        }
+    }
 
     #[test]
     fn decimal_without_allocating() {

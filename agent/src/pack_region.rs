@@ -115,6 +115,8 @@ pub fn create_with_tail(
         return fail("mmap of the pack region");
     }
     let base = base as *mut u8;
+    // A forked child gets a private copy: what its handlers write is not the parent's.
+    crate::follow::note_shared(base, plan.total, fd, id);
     // SAFETY: the mapping is page-aligned, zeroed (a fresh memfd) and `plan.total` bytes.
     unsafe { abi::init_region(base, &plan, maps) };
     Ok(PackRegion { fd, id, base, plan })

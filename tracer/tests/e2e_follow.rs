@@ -337,3 +337,113 @@ fn processes_still_running_at_the_end_are_reported_and_let_go() {
         "the background shell did not go on"
     );
 }
+
+const QUIET_C: &str = include_str!("programs/fork_quiet.c");
+
+/// The report object of `probe` (a `run` or `attach` without following: one process).
+fn probe_obj<'a>(v: &'a [Value], probe: &str) -> &'a Value {
+    let found: Vec<&Value> = v.iter().filter(|o| o["probe"] == probe).collect();
+    assert_eq!(found.len(), 1, "{probe} in {v:?}");
+    found[0]
+}
+
+/// Without following, a forked child keeps its parent's trampolines but not its shared
+/// memory: the parent's report holds the parent's own calls only. The parent calls
+/// `work` 5 times; 3 children, forked inside `spawn` (so spawn's exit probe returns in
+/// both processes), call it 400 times each.
+#[test]
+fn without_follow_children_stay_out_of_the_parents_counts() {
+    let dir = temp_dir("quiet_run");
+    cc(&dir, "fork_quiet", QUIET_C, &[]);
+    let (out, v) = run_json(
+        &dir,
+        &["--no-follow", "-x", "-p", "main:work", "-p", "main:spawn"],
+        &["./fork_quiet", "5", "3", "400"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
+    let work = probe_obj(&v, "main:work");
+    assert_eq!((num(work, "hits"), num(work, "exits")), (5, 5), "{v:?}");
+    let spawn = probe_obj(&v, "main:spawn");
+    assert_eq!((num(spawn, "hits"), num(spawn, "exits")), (3, 3), "{v:?}");
+}
+
+/// The same with `--summary` (the latency region is the parent's own too).
+#[test]
+fn without_follow_children_stay_out_of_the_parents_summary() {
+    let dir = temp_dir("quiet_summary");
+    cc(&dir, "fork_quiet", QUIET_C, &[]);
+    let (out, v) = run_json(
+        &dir,
+        &["--summary", "-p", "main:work", "-p", "main:spawn"],
+        &["./fork_quiet", "5", "3", "400"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let work = probe_obj(&v, "main:work");
+    assert_eq!((num(work, "calls"), num(work, "hits")), (5, 5), "{v:?}");
+    let spawn = probe_obj(&v, "main:spawn");
+    assert_eq!((num(spawn, "calls"), num(spawn, "hits")), (3, 3), "{v:?}");
+}
+
+/// `tracer attach` (which never follows) to the program before it forks, with `extra`
+/// options; returns the report's objects.
+fn attach_before_fork(tag: &str, extra: &[&str]) -> Vec<Value> {
+    let dir = temp_dir(tag);
+    let exe = cc(&dir, "fork_quiet", QUIET_C, &[]);
+    let mut t = Target::spawn(&exe, &["5", "3", "400", "wait"]);
+    let first = t.line();
+    let mut parts = first.split_whitespace();
+    let pid: i32 = parts.next().unwrap().parse().expect("pid");
+    let work = hex(parts.next().expect("work address"));
+    let json = dir.join("out.json");
+    let mut child = tracer()
+        .args(["attach", &pid.to_string(), "--json"])
+        .args(extra)
+        .args(["-p", "main:work", "-p", "main:spawn", "-o"])
+        .arg(&json)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tracer attach");
+    let patched = wait_until(Duration::from_secs(20), || {
+        read_mem(pid, work, 1)[0] == 0xe9
+    });
+    if !patched {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("wait tracer");
+        panic!(
+            "work never patched: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    t.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(t.line(), "done");
+    // SAFETY: kill with a pid of our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().expect("wait tracer");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tracer attach failed: {err}");
+    let (_, ok) = t.finish();
+    assert!(ok, "the program failed after the session");
+    json_lines(&std::fs::read_to_string(&json).expect("read -o file"))
+}
+
+#[test]
+fn attach_counts_exclude_children_forked_while_attached() {
+    let v = attach_before_fork("quiet_attach", &["-x"]);
+    let work = probe_obj(&v, "main:work");
+    assert_eq!((num(work, "hits"), num(work, "exits")), (5, 5), "{v:?}");
+    let spawn = probe_obj(&v, "main:spawn");
+    assert_eq!((num(spawn, "hits"), num(spawn, "exits")), (3, 3), "{v:?}");
+}
+
+#[test]
+fn attach_hist_excludes_children_forked_while_attached() {
+    let v = attach_before_fork("quiet_attach_hist", &["--hist"]);
+    let work = probe_obj(&v, "main:work");
+    assert_eq!((num(work, "calls"), num(work, "hits")), (5, 5), "{v:?}");
+    let spawn = probe_obj(&v, "main:spawn");
+    assert_eq!((num(spawn, "calls"), num(spawn, "hits")), (3, 3), "{v:?}");
+}

@@ -749,3 +749,53 @@ fn a_new_build_is_swapped_in_under_load_without_losing_or_doubling_a_hit() {
         }
     }
 }
+
+/// A forked child keeps the pack's handlers (copied memory) but writes into a private
+/// copy of the pack's maps and ring: the parent's maps hold the parent's own mallocs
+/// only. The parent mallocs 12345 bytes 30 times after forking 3 children that each
+/// malloc them 200 times.
+#[test]
+fn a_forked_childs_mallocs_stay_out_of_the_parents_maps() {
+    const FORKS_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+void *volatile kept;
+static void mallocs(int n)
+{
+    for (int i = 0; i < n; i++) {
+        kept = malloc(12345);
+        free(kept);
+    }
+}
+int main(void)
+{
+    for (int c = 0; c < 3; c++)
+        if (fork() == 0) {
+            mallocs(200);
+            _exit(0);
+        }
+    mallocs(30);
+    while (wait(NULL) > 0) {
+    }
+    printf("done\n");
+    return 0;
+}
+"#;
+    let dir = temp_dir("pack-fork");
+    let program = cc(dir.path(), "pack_forks", FORKS_C, &[]);
+    let so = example_pack("mallocs");
+    let (lines, stdout) = run_json(
+        dir.path(),
+        &program,
+        &["--pack", so.to_str().unwrap(), "-p", "libc:malloc"],
+        &[],
+    );
+    assert_eq!(stdout, "done\n");
+    assert_eq!(hash_value(map(&lines, "BY_SIZE"), "12345"), 30, "{lines:?}");
+    let hits = num(report(&lines, "libc:malloc"), "hits");
+    assert_eq!(num(report(&lines, "libc:malloc"), "exits"), hits);
+    assert_eq!(hist_sum(map(&lines, "SIZES")), hits, "{lines:?}");
+    assert_eq!(hash_sum(map(&lines, "BY_SIZE")), hits, "{lines:?}");
+}

@@ -144,6 +144,8 @@ fn create(slots: usize, shards: usize) -> Result<Created, String> {
         return fail("mmap of the latency region");
     }
     let base = base as *mut u8;
+    // A forked child gets a private copy (its returns are not the parent's).
+    crate::follow::note_shared(base, len, fd, id);
     // SAFETY: the mapping is page-aligned, `len` bytes, zeroed; the header is inside.
     unsafe {
         (base as *mut u64).write(MAGIC);
