@@ -14,6 +14,7 @@
 //! itself be probed.
 
 use std::arch::{asm, global_asm};
+use std::sync::atomic::{compiler_fence, Ordering};
 
 global_asm!(
     ".pushsection .tbss,\"awT\",@nobits",
@@ -135,24 +136,54 @@ pub fn offset_from_thread_pointer() -> Option<i32> {
 impl ThreadState {
     /// Push a redirected return; false when the stack is full or cannot be mapped.
     #[inline]
+    ///
+    /// A signal handler may hit probes between any two instructions of this thread, and
+    /// push and pop entries of its own: so the entry is taken (`depth` raised) before it
+    /// is filled, and its `entry_rsp`, 0 while it is free, is written last. (Filled first
+    /// and taken after, a handler's push in between wrote over it, and the call returned
+    /// to the handler's caller.)
     pub fn push(&mut self, e: ShadowEntry) -> bool {
-        if self.depth >= self.capacity && !self.grow() {
+        let d = self.depth;
+        if d >= self.capacity && !self.grow() {
             return false;
         }
         // SAFETY: depth < capacity entries are mapped.
-        unsafe { self.shadow.add(self.depth as usize).write(e) };
-        self.depth += 1;
+        let slot = unsafe { self.shadow.add(d as usize) };
+        // SAFETY: `depth` is this thread's; volatile and the fences keep the order a
+        // signal handler on this thread sees.
+        unsafe { std::ptr::addr_of_mut!(self.depth).write_volatile(d + 1) };
+        compiler_fence(Ordering::SeqCst);
+        // SAFETY: `slot` is mapped and now ours alone (see above).
+        unsafe {
+            std::ptr::addr_of_mut!((*slot).return_address).write_volatile(e.return_address);
+            std::ptr::addr_of_mut!((*slot).probe).write_volatile(e.probe);
+            std::ptr::addr_of_mut!((*slot).tsc).write_volatile(e.tsc);
+            compiler_fence(Ordering::SeqCst);
+            std::ptr::addr_of_mut!((*slot).entry_rsp).write_volatile(e.entry_rsp);
+        }
         true
     }
 
+    /// The top entry, read and marked free (`entry_rsp` 0) before it is released, so that
+    /// a signal handler pushing from then on neither changes what was read nor finds a
+    /// stale frame there (see [`push`](Self::push)).
     #[inline]
     pub fn pop(&mut self) -> Option<ShadowEntry> {
-        if self.depth == 0 {
+        let d = self.depth;
+        if d == 0 {
             return None;
         }
-        self.depth -= 1;
-        // SAFETY: the entry was written by `push`.
-        Some(unsafe { self.shadow.add(self.depth as usize).read() })
+        // SAFETY: entries below `depth` were written by `push`.
+        let slot = unsafe { self.shadow.add(d as usize - 1) };
+        // SAFETY: as above; volatile and the fences keep the order (see `push`).
+        let e = unsafe { slot.read_volatile() };
+        compiler_fence(Ordering::SeqCst);
+        // SAFETY: as above.
+        unsafe { std::ptr::addr_of_mut!((*slot).entry_rsp).write_volatile(0) };
+        compiler_fence(Ordering::SeqCst);
+        // SAFETY: this thread's own state.
+        unsafe { std::ptr::addr_of_mut!(self.depth).write_volatile(d - 1) };
+        Some(e)
     }
 
     /// Entries from the bottom.

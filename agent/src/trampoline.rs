@@ -671,8 +671,10 @@ fn emit_exit_context_from_shadow(e: &mut Emitter, tls: i32, id: u32) -> Result<(
         a.mov(qword_ptr(rsp + X_ENTRY_RSP), rax)?;
         a.mov(dword_ptr(rsp + X_PROBE), id)?;
         a.mov(qword_ptr(rsp + X_DURATION), 0)?;
+        a.mov(qword_ptr(rcx + tl::E_ENTRY_RSP), 0)?;
         a.mov(rcx, qword_ptr(rcx + tl::E_TSC))?;
-        // Read before releasing the entry: a signal handler may push over it.
+        // Read, and marked free, before it is released: a signal handler may push over
+        // it from then on.
         a.dec(qword_ptr(r11 + tl::DEPTH))?;
         a.test(rcx, rcx)
     })
@@ -995,14 +997,17 @@ fn emit_fast_exit_entry(
     let restore_to_general = e.label();
     emit_guard_and_enabled(e, f, skipped, disabled)?;
     emit_shadow_slot(e, restore_to_general)?;
+    // Take the entry before filling it: a signal handler that hits a probe from here on
+    // pushes above it. (Filled first and taken after, a push in between wrote over it
+    // and the call later returned to the handler's caller.) A free entry's `entry_rsp`
+    // is 0 (see `thread_state::pop`) until the fill below sets it last, so a handler's
+    // probe never takes this one for a frame abandoned by `longjmp`.
+    e.asm(|a| a.inc(qword_ptr(r11 + tl::DEPTH)))?;
     emit_count(e, rcx, C_HITS, SCRATCH_RDX, ENTRY_RDX)?;
     emit_fill_shadow_entry(e, probe)?;
     if f.pack.is_some() {
         emit_entry_timestamp(e)?;
     }
-    // The entry is complete before it counts: a signal handler hitting a probe in
-    // between pushes above it.
-    e.asm(|a| a.inc(qword_ptr(r11 + tl::DEPTH)))?;
     emit_fast_call_and_return(e, probe, f, tail)?;
     e.bind(restore_to_general);
     emit_restore_scratch(e)?;
@@ -1062,16 +1067,16 @@ fn emit_shadow_slot(e: &mut Emitter, general: Label) -> Result<(), EmitError> {
     Ok(())
 }
 
-/// Fill the shadow entry at `rax`: the return address, the entry `rsp`, the probe (left
-/// in `rcx`), no timestamp yet.
+/// Fill the shadow entry at `rax`, already taken: the return address, the probe (left
+/// in `rcx`), no timestamp yet, and last the entry `rsp`, which makes it whole.
 fn emit_fill_shadow_entry(e: &mut Emitter, probe: *const Probe) -> Result<(), EmitError> {
     e.asm(|a| {
         a.mov(rcx, qword_ptr(rsp))?;
         a.mov(qword_ptr(rax + tl::E_RETURN_ADDRESS), rcx)?;
-        a.mov(qword_ptr(rax + tl::E_ENTRY_RSP), rsp)?;
         a.mov(rcx, probe as u64)?;
         a.mov(qword_ptr(rax + tl::E_PROBE), rcx)?;
-        a.mov(qword_ptr(rax + tl::E_TSC), 0)
+        a.mov(qword_ptr(rax + tl::E_TSC), 0)?;
+        a.mov(qword_ptr(rax + tl::E_ENTRY_RSP), rsp)
     })
 }
 
@@ -1239,7 +1244,9 @@ fn emit_count_exit_and_pop(e: &mut Emitter) -> Result<(), EmitError> {
     emit_count(e, rdi, C_EXITS, SCRATCH_RAX, RET_RAX)?;
     e.bind(uncounted);
     e.asm(|a| {
-        // Read the entry before releasing it: a signal handler may push over it.
+        // Read the entry and mark it free before releasing it: a signal handler may
+        // push over it from then on.
+        a.mov(qword_ptr(rcx + tl::E_ENTRY_RSP), 0)?;
         a.mov(rcx, qword_ptr(rcx + tl::E_RETURN_ADDRESS))?;
         a.dec(qword_ptr(r11 + tl::DEPTH))
     })

@@ -448,3 +448,89 @@ fn ctrl_c_on_the_terminal_reaches_the_program_once() {
     assert_eq!(reports.len(), 1, "{err}");
     report(&reports, "libc:malloc");
 }
+
+/// A signal handler that calls a probed function, arriving anywhere in the main code's
+/// calls of a short exit-probed function: the handler's probe pushes and pops shadow
+/// entries of its own between any two instructions of the interrupted trampoline. The
+/// program ends as untraced (status, checksum) and every count equals its own.
+#[test]
+fn signal_handlers_hitting_probes_inside_exit_probes() {
+    const NEST_C: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/time.h>
+static volatile long handled, works;
+__attribute__((noinline)) long inner(long x) { __asm__ volatile("" ::: "memory"); return x ^ 0x55; }
+__attribute__((noinline)) void handler_fn(int s) { handled++; __asm__ volatile("" ::: "memory"); }
+static void onsig(int s) { handler_fn(s); }
+__attribute__((noinline)) long work(long x) { long a = 0; for (int i = 0; i < 200; i++) a += inner(x + i); return a; }
+int main(void) {
+    struct sigaction sa; memset(&sa, 0, sizeof sa);
+    sa.sa_handler = onsig; sa.sa_flags = SA_RESTART; sigaction(SIGALRM, &sa, 0);
+    struct itimerval it = {{0, 500}, {0, 500}}; setitimer(ITIMER_REAL, &it, 0);
+    long acc = 0, want = 0;
+    while (handled < 400) { acc += work(works); works++; }
+    struct itimerval z = {{0, 0}, {0, 0}}; setitimer(ITIMER_REAL, &z, 0);
+    for (long l = 0; l < works; l++) for (int i = 0; i < 200; i++) want += (l + i) ^ 0x55;
+    printf("ok=%d works=%ld handled=%ld\n", acc == want, works, handled);
+    return 5;
+}
+"#;
+    let dir = temp_dir("signal-nest");
+    let exe = cc(&dir, "nest", NEST_C, &["-O2"]);
+    for mode in ["-x", "--hist"] {
+        let report = dir.join(format!("report{mode}.json"));
+        let out = tracer_output(&[
+            "run",
+            mode,
+            "--json",
+            "-o",
+            report.to_str().unwrap(),
+            "-p",
+            "main:inner",
+            "-p",
+            "main:handler_fn",
+            "--",
+            exe.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(5), "{mode}: {out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let field = |k: &str| -> u64 {
+            stdout
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_else(|| panic!("no {k} in {stdout:?}"))
+                .parse()
+                .unwrap()
+        };
+        assert!(stdout.starts_with("ok=1 "), "{mode}: {stdout}");
+        let (works, handled) = (field("works="), field("handled="));
+        let records = json_file(&report);
+        let calls = |name: &str| -> (u64, u64) {
+            let r = records
+                .iter()
+                .find(|r| r["probe"] == format!("main:{name}"))
+                .unwrap_or_else(|| panic!("{mode}: no {name} in {records:?}"));
+            match mode {
+                "-x" => (r["hits"].as_u64().unwrap(), r["exits"].as_u64().unwrap()),
+                _ => {
+                    let n = r["calls"].as_u64().unwrap();
+                    (n, n)
+                }
+            }
+        };
+        assert_eq!(calls("inner"), (200 * works, 200 * works), "{mode}");
+        let (hits, exits) = calls("handler_fn");
+        if mode == "-x" {
+            assert_eq!((hits, exits), (handled, handled), "{mode}");
+        } else {
+            // A signal landing while the timing handler runs finds the thread busy: its
+            // call is skipped (counted apart), not timed.
+            assert!(
+                hits == exits && hits <= handled && hits > 0,
+                "{mode}: {hits}"
+            );
+        }
+    }
+}
