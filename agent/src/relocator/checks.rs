@@ -200,13 +200,17 @@ pub(super) fn check_rip_relative(ins: &Instruction, range: Range) -> Result<(), 
 }
 
 /// Checks on the whole function (or scan window): nothing else may reach strictly
-/// inside the stolen bytes.
+/// inside the stolen bytes; and at an entry (`at_entry`), no jump of the function goes
+/// back to its first instruction (a loop whose head is the entry, or a `jmp` to itself):
+/// that would be safe, but every pass would run the probe as a new call, counting
+/// iterations as calls and, with `-x`, stacking a return per pass.
 pub(super) fn check_function(
     func: &Function,
     all: &[Instruction],
     range: Range,
     code_end: u64,
     mem: &dyn Memory,
+    at_entry: bool,
 ) -> Result<(), Refusal> {
     let body = Range {
         start: func.address,
@@ -220,7 +224,9 @@ pub(super) fn check_function(
             continue;
         }
         if let Some(target) = direct_target(ins) {
-            if range.strictly_inside(target) {
+            let loops_to_entry =
+                at_entry && !is_call(ins) && (func.address..=range.start).contains(&target);
+            if range.strictly_inside(target) || loops_to_entry {
                 return Err(branch_into(ins, target, range));
             }
         }

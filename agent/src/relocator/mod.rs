@@ -161,7 +161,7 @@ pub fn analyze_with(
     let stolen_ips: HashSet<u64> = stolen.iter().map(|i| i.ip()).collect();
 
     check_stolen(&stolen, range, &stolen_ips)?;
-    check_function(func, &all, range, code_end, mem)?;
+    check_function(func, &all, range, code_end, mem, kind.at_entry())?;
     match neighbours.and_then(|n| n.check(func.address, code_end, range)) {
         Some(verdict) => verdict?,
         None => check_neighbours(func.address, code_end, range, mem)?,

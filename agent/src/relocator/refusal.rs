@@ -34,7 +34,9 @@ pub enum Refusal {
         mnemonic: Mnemonic,
         covered: usize,
     },
-    /// A direct branch or call lands strictly inside the stolen bytes.
+    /// A direct branch or call lands strictly inside the stolen bytes; or, at an entry,
+    /// a jump of the function goes back to its first instruction (`target <=
+    /// stolen_start`: a loop headed there, which would count each pass as a call).
     BranchIntoStolen {
         from: u64,
         mnemonic: Mnemonic,
@@ -118,6 +120,11 @@ impl fmt::Display for Refusal {
             Refusal::EndsTooSoon { site, address, mnemonic, covered } => write!(
                 f,
                 "the code at {site:#x} ends with `{}` at {address:#x} after {covered} bytes, fewer than the {PATCH_LEN} the jump patch needs",
+                mn(mnemonic)
+            ),
+            Refusal::BranchIntoStolen { from, mnemonic, target, stolen_start, .. } if target <= stolen_start => write!(
+                f,
+                "the `{}` at {from:#x} jumps back to the function's entry {target:#x} (a loop there): each pass would count as a call",
                 mn(mnemonic)
             ),
             Refusal::BranchIntoStolen { from, mnemonic, target, stolen_start, stolen_end } => write!(

@@ -206,8 +206,11 @@ fn branch_between_stolen_instructions_stays_internal() {
     );
 }
 
+/// A loop whose head is the function's first instruction: an offset probe there counts
+/// each pass, as it should; an entry probe would count each pass as a call (and stack a
+/// return per pass with `-x`), so it is refused, naming the jump.
 #[test]
-fn jump_to_exactly_the_site_is_fine() {
+fn a_loop_back_to_the_site_is_fine_for_an_offset_probe_only() {
     let code = assemble(BASE, |a| {
         let mut top = a.create_label();
         a.set_label(&mut top).unwrap();
@@ -215,6 +218,39 @@ fn jump_to_exactly_the_site_is_fine() {
         a.add(eax, 3).unwrap();
         a.test(edi, edi).unwrap();
         a.jne(top).unwrap();
+        a.ret().unwrap();
+    });
+    let mem = SliceMemory {
+        base: BASE,
+        bytes: &code,
+    };
+    let func = Function {
+        address: BASE,
+        size: Some(code.len() as u64),
+    };
+    assert!(analyze(&func, BASE, ProbeKind::Offset, &mem).is_ok());
+    match sized(&code) {
+        Err(Refusal::BranchIntoStolen {
+            target,
+            mnemonic: Mnemonic::Jne,
+            ..
+        }) => assert_eq!(target, BASE),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A function calling itself at its entry is a real call: fine for an entry probe.
+#[test]
+fn a_call_back_to_the_entry_is_fine() {
+    let code = assemble(BASE, |a| {
+        let mut top = a.create_label();
+        let mut done = a.create_label();
+        a.set_label(&mut top).unwrap();
+        a.test(edi, edi).unwrap();
+        a.je(done).unwrap();
+        a.dec(edi).unwrap();
+        a.call(top).unwrap();
+        a.set_label(&mut done).unwrap();
         a.ret().unwrap();
     });
     assert!(sized(&code).is_ok(), "{:?}", sized(&code));
