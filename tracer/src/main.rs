@@ -398,7 +398,10 @@ fn trace_options(args: &ProbeArgs) -> Result<Option<tracer::trace::Options>, Opt
 
 /// Following children: a spec may name functions of a program the command starts
 /// (`-p 'libfoo:*' -- sh -c ./prog`), so one that matches nothing in the launched program
-/// is a note; an error only when none matches anything.
+/// is a note. When none matches anything there, that is an error if some spec's module
+/// is loaded but no function of it matches (a typo: `libfoo:wrk`, with suggestions), and
+/// a note again if only their modules are missing (the command is a shell or a
+/// wrapper): the session then only follows.
 fn resolve_some(
     specs: &[String],
     modules: &ProcessModules,
@@ -413,8 +416,13 @@ fn resolve_some(
             Err(e) => unmatched.push((s, e)),
         }
     }
-    if out.is_empty() && !unmatched.is_empty() {
-        return Err(unmatched.swap_remove(0).1.into());
+    if out.is_empty() {
+        if let Some(i) = unmatched
+            .iter()
+            .position(|(_, e)| !matches!(e, spec::ResolveError::NoModule { .. }))
+        {
+            return Err(unmatched.swap_remove(i).1.into());
+        }
     }
     for (s, e) in unmatched {
         eprintln!(

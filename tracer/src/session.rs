@@ -387,7 +387,14 @@ impl Session {
             .iter()
             .filter(|a| a.flags & result_flags::INTERNAL == 0)
             .count();
+        // Nothing asked (a followed command none of whose specs match in the launched
+        // program itself, e.g. `sh -c ./prog`): an empty session that loads the agent,
+        // so that the programs it starts are followed.
+        let asked = !req.requests.is_empty();
         let mut installed = install::collect(results, req, adopted)?;
+        if installed.is_empty() && !asked {
+            return Ok(installed);
+        }
         if installed.is_empty() {
             return Err(SessionError::NothingInstalled(std::mem::take(
                 &mut req.refused,

@@ -279,5 +279,7 @@ fn a_stopped_process_is_refused_untouched() {
     );
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
+    // Let its loop run (it says "ok 1" only once it called its functions).
+    std::thread::sleep(std::time::Duration::from_millis(50));
     assert_untouched(t, &before);
 }

@@ -447,3 +447,52 @@ fn attach_hist_excludes_children_forked_while_attached() {
     let spawn = probe_obj(&v, "main:spawn");
     assert_eq!((num(spawn, "calls"), num(spawn, "hits")), (3, 3), "{v:?}");
 }
+
+/// The README's `-p 'libtarget:*' -- sh -c ./prog`: the shell loads no such library, so
+/// the spec matches nothing in the launched program; that is a note, the shell is
+/// followed, and the program it starts gets the probe, its count its own.
+#[test]
+fn a_library_of_the_program_a_shell_starts() {
+    let dir = temp_dir("follow-sh-lib");
+    let lib = cc(
+        &dir,
+        "libshfollow.so",
+        "int shlibfn(int x) { return x * 7 + 1; }\n",
+        &["-shared", "-fPIC"],
+    );
+    let prog_src = "#include <stdio.h>\nint shlibfn(int);\nint main(void) { long s = 0; \
+                    for (int i = 0; i < 1000; i++) s += shlibfn(i); printf(\"s=%ld\\n\", s); \
+                    return 0; }\n";
+    let rpath = format!("-Wl,-rpath,{}", dir.display());
+    let libdir = format!("-L{}", dir.display());
+    let prog = cc(&dir, "shprog", prog_src, &[&libdir, "-lshfollow", &rpath]);
+    assert!(lib.exists());
+    let report = dir.join("report.json");
+    let out = tracer_output(&[
+        "run",
+        "--json",
+        "-o",
+        report.to_str().unwrap(),
+        "-p",
+        "libshfollow:shlibfn",
+        "--",
+        "sh",
+        "-c",
+        prog.to_str().unwrap(),
+    ]);
+    assert_success(&out);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "s=3497500\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("matches nothing in the launched program"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&report).unwrap();
+    let hits: Vec<u64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "probe" && v["probe"] == "libshfollow:shlibfn")
+        .map(|v| v["hits"].as_u64().unwrap())
+        .collect();
+    assert_eq!(hits, [1000], "{text}");
+}
