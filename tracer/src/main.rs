@@ -1042,9 +1042,10 @@ fn note_left_alone(pid: i32, left: &[String]) {
         names.push_str(&format!(" and {} more", left.len() - 5));
     }
     eprintln!(
-        "tracer: note: the patches of {names} were no longer there (did PID {pid} exec \
-         another program?): that code was left as it is; the counts cover the time \
-         before that"
+        "tracer: note: the patches of {names} were no longer there (their library was \
+         unloaded, by dlclose, or PID {pid} exec'd another program): calls after that, \
+         also through the library loaded again, were not counted; that code was left as \
+         it is"
     );
 }
 
