@@ -526,7 +526,11 @@ fn refusal_lines(
     let exact = exact_labels(probes, modules);
     let in_full = |label: &str| verbose || exact.contains(label);
     let mut lines = note_lines(session, &in_full);
-    lines.extend(refused_lines(session, &in_full, probes.len()));
+    // A pack's probes are resolved from its descriptors, not from `-p`.
+    let asked = probes
+        .len()
+        .max(session.installed().len() + session.refused().len());
+    lines.extend(refused_lines(session, &in_full, asked));
     lines
 }
 
