@@ -164,6 +164,14 @@ fn table(reports: &[ProbeReport], exit: bool) -> String {
             r.label, r.panics
         ));
     }
+    let lost: u64 = reports.iter().map(|r| r.lost_exits).sum();
+    if exit && lost > 0 {
+        text.push_str(&format!(
+            "note: {lost} return(s) not seen (counted as lost_exits in --json): calls left by \
+             longjmp or an exception, or nested deeper than {} probed calls in one thread\n",
+            agent::thread_state::SHADOW_CAPACITY
+        ));
+    }
     text
 }
 

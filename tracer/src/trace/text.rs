@@ -44,7 +44,14 @@ pub fn duration(ns: u64) -> String {
     }
 }
 
+/// Nesting deeper than this is written as a number: a recursion 10,000 calls deep would
+/// otherwise indent its lines by 20 KB.
+const MAX_INDENT: usize = 32;
+
 fn indent(depth: usize) -> String {
+    if depth > MAX_INDENT {
+        return format!("{}[depth {depth}] ", "  ".repeat(MAX_INDENT));
+    }
     "  ".repeat(depth)
 }
 
@@ -203,6 +210,15 @@ impl Output for Text {
 mod tests {
     use super::*;
     use crate::trace::test_sink::Shared;
+
+    #[test]
+    fn deep_nesting_is_numbered_past_the_indent_cap() {
+        assert_eq!(indent(2), "    ");
+        assert_eq!(indent(MAX_INDENT).len(), 2 * MAX_INDENT);
+        let deep = indent(10_000);
+        assert!(deep.ends_with("[depth 10000] "), "{deep}");
+        assert!(deep.len() < 2 * MAX_INDENT + 20);
+    }
 
     #[test]
     fn a_leaf_is_one_line_and_a_parent_opens_and_closes() {
