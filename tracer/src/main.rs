@@ -820,6 +820,11 @@ fn attach(pid: i32, args: &ProbeArgs, duration: Option<f64>) -> Result<ExitCode,
     let tracing = trace_options(args)?
         .map(tracer::trace::Tracer::new)
         .transpose()?;
+    // Here, not in `threads::attach`: taking probes out of a process the user stopped
+    // meanwhile must still work.
+    if let Some(what) = tracer::process_kind::stopped(pid) {
+        return Err(what.into());
+    }
     let mut sink = Sink::open(args)?;
     let pack = open_pack(args)?;
     if let Some(pack) = pack

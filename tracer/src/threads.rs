@@ -1056,9 +1056,6 @@ fn check_attachable(pid: i32) -> Result<(), AttachError> {
     if let Some(what) = crate::process_kind::not_a_program(pid) {
         return Err(AttachError::NotAProgram { what });
     }
-    if let Some(what) = crate::process_kind::stopped(pid) {
-        return Err(AttachError::NotAProgram { what });
-    }
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
     if pid == me {
