@@ -30,6 +30,15 @@
 //! written or mapped through a descriptor later, so none stays in the program's fd table
 //! for it to close or reuse (see [`crate::memfd`]).
 //!
+//! Forks: a forked child shares every chunk's pages with its parent (both views are
+//! `MAP_SHARED`) but has its own copy of this bookkeeping, so the two would each carve
+//! the same free offsets for code and literal lines, one overwriting the other's live
+//! trampolines. A chunk therefore remembers the process that mapped it (pid and fork
+//! generation, see [`Owner`]), and only that process writes into it: in any other, an
+//! inherited chunk is full. Its trampolines still run there (they are only executed),
+//! and new code goes into chunks the child maps itself, which the maps search places
+//! around the inherited ones. The check costs a `getpid` per reservation, never a hit.
+//!
 //! Layout of a chunk: code grows up from its start in 16-byte aligned blocks; literal
 //! slots (8-byte addresses read by `call qword [rip+slot]`) are carved from the top down in
 //! whole 64-byte lines, so a slot never shares a cache line with code.
@@ -248,6 +257,27 @@ pub struct AllocStats {
     pub code_bytes: u64,
 }
 
+/// The process a chunk was mapped in: only that process writes into it.
+///
+/// The pid tells a child made by any kind of fork (a raw `clone` or `_Fork` runs no
+/// atfork handler); the fork generation ([`probes::fork::generation`], bumped by an atfork
+/// handler) tells a child that got the pid of an ancestor that has exited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Owner {
+    pid: i32,
+    generation: Option<u32>,
+}
+
+impl Owner {
+    fn current() -> Self {
+        Owner {
+            // SAFETY: getpid has no preconditions (glibc does not cache it).
+            pid: unsafe { libc::getpid() },
+            generation: probes::fork::generation(),
+        }
+    }
+}
+
 /// A reserved block of code, to be filled with [`NearAllocator::commit`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Block {
@@ -270,6 +300,8 @@ impl Block {
 }
 
 struct Chunk {
+    /// The process that mapped it, the only one that writes into it.
+    owner: Owner,
     /// Executable view.
     rx: u64,
     /// Writable view of the same pages.
@@ -311,6 +343,9 @@ pub struct NearAllocator {
     chunks: Vec<Chunk>,
     limits: Limits,
     stats: AllocStats,
+    /// This process, as of the last reservation: blocks are handed out from chunks it
+    /// owns only.
+    owner: Owner,
 }
 
 // SAFETY: the raw pointers are views of mappings the allocator owns exclusively; moving the
@@ -325,10 +360,13 @@ impl NearAllocator {
 
     /// An allocator confined to `limits` (tests use this to force placements).
     pub fn with_limits(limits: Limits) -> Result<Self, AllocError> {
+        // Count forks from now on, so that a chunk knows the generation it was mapped in.
+        probes::fork::watch();
         Ok(NearAllocator {
             chunks: Vec::new(),
             limits,
             stats: AllocStats::default(),
+            owner: Owner::current(),
         })
     }
 
@@ -340,7 +378,8 @@ impl NearAllocator {
         self.limits
     }
 
-    /// Executable ranges owned, as `(start, end)`.
+    /// Executable ranges of the chunks, as `(start, end)`: those this process mapped and
+    /// those it inherited from the process that forked it.
     pub fn chunks(&self) -> Vec<(u64, u64)> {
         self.chunks.iter().map(|c| (c.rx, c.rx + c.size)).collect()
     }
@@ -368,7 +407,12 @@ impl NearAllocator {
                 }
             });
         };
-        let fits = |c: &Chunk| c.reserved.is_none() && c.within(lo, hi) && c.code_room() >= size;
+        // A forked child writes nothing into the chunks it shares with its parent.
+        self.owner = Owner::current();
+        let me = self.owner;
+        let fits = |c: &Chunk| {
+            c.owner == me && c.reserved.is_none() && c.within(lo, hi) && c.code_room() >= size
+        };
         let index = match self.chunks.iter().position(fits) {
             Some(i) => i,
             None => self.map_chunk(near, need, lo, hi)?,
@@ -413,6 +457,10 @@ impl NearAllocator {
             "code exceeds its reservation"
         );
         let c = &mut self.chunks[block.chunk];
+        assert_eq!(
+            c.owner, self.owner,
+            "commit into a chunk of another process"
+        );
         let off = block.addr - c.rx;
         assert_eq!(
             c.reserved,
@@ -433,32 +481,14 @@ impl NearAllocator {
         self.chunks[block.chunk].reserved = None;
     }
 
-    /// Rewrite bytes of committed code through the writable view (used for the few bytes
-    /// of a trampoline that change after commit, never for code being executed).
-    pub fn rewrite(&mut self, addr: u64, bytes: &[u8]) -> bool {
-        let Some(c) = self
-            .chunks
-            .iter()
-            .find(|c| c.rx <= addr && addr + bytes.len() as u64 <= c.rx + c.size)
-        else {
-            return false;
-        };
-        // SAFETY: the range lies inside this chunk's writable view.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                c.rw.add((addr - c.rx) as usize),
-                bytes.len(),
-            )
-        };
-        true
-    }
-
     /// An 8-byte literal slot holding `value`, in the chunk of `block`. Slots are shared
-    /// between blocks when `shared`; a dedicated slot can be rewritten later (hot swap)
-    /// with [`set_slot`](Self::set_slot). `None` when the chunk has no room left.
+    /// between blocks when `shared`. `None` when the chunk has no room left, or is not
+    /// this process's (a block reserved before a fork).
     pub fn slot(&mut self, block: &Block, value: u64, shared: bool) -> Option<u64> {
         let c = &mut self.chunks[block.chunk];
+        if c.owner != self.owner {
+            return None;
+        }
         if shared {
             if let Some(&a) = c.shared.get(&value) {
                 return Some(a);
@@ -481,21 +511,6 @@ impl NearAllocator {
             c.shared.insert(value, addr);
         }
         Some(addr)
-    }
-
-    /// Store a new value in a dedicated slot: callers through it jump to the new target
-    /// from their next call on.
-    pub fn set_slot(&mut self, slot: u64, value: u64) -> bool {
-        let Some(c) = self
-            .chunks
-            .iter()
-            .find(|c| c.rx <= slot && slot + 8 <= c.rx + c.size && slot.is_multiple_of(8))
-        else {
-            return false;
-        };
-        // SAFETY: an aligned slot inside the writable view; the store is atomic.
-        unsafe { (c.rw.add((slot - c.rx) as usize) as *mut u64).write_volatile(value) };
-        true
     }
 
     /// Map a new chunk of `size` bytes in `[lo, hi)`, backed by a memfd of its own that
@@ -575,6 +590,7 @@ impl NearAllocator {
             }
         };
         self.chunks.push(Chunk {
+            owner: self.owner,
             rx: addr,
             rw,
             size,
@@ -860,6 +876,73 @@ mod tests {
         for &(start, end) in &chunks {
             assert!(chunks.iter().any(|&(s2, e2)| s2 == end || e2 == start));
         }
+    }
+
+    /// A chunk mapped before a fork is shared with the child: the child carves no code
+    /// and no literal line from it (it maps a chunk of its own), and the parent's later
+    /// code, in the free space the child inherited, is untouched by the child's.
+    #[test]
+    fn a_forked_child_writes_nothing_into_inherited_chunks() {
+        let mut a = NearAllocator::new().unwrap();
+        let t = 0x2400_0000_0000;
+        let first = a.reserve(&[t], 64).unwrap();
+        a.commit(first, &[0xc3; 64]);
+        let (start, end) = a.chunks()[0];
+        let mut pipe = [0i32; 2];
+        // SAFETY: a pipe, a fork whose child only runs the allocator and exits.
+        let child = unsafe {
+            assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+            libc::fork()
+        };
+        assert!(child >= 0);
+        if child == 0 {
+            // The child: new code and a literal slot, reported to the parent; it never
+            // returns into the test harness, even on a panic.
+            let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let b = a.reserve(&[t], 64).unwrap();
+                let s = a.slot(&b, 0x1234_5678, false).unwrap_or(0);
+                a.commit(b, &[0xcc; 64]);
+                [b.addr, s]
+            }));
+            // SAFETY: writing 16 bytes to our pipe, then leaving without unwinding.
+            unsafe {
+                if let Ok(got) = got {
+                    libc::write(pipe[1], got.as_ptr().cast(), 16);
+                }
+                libc::_exit(got.is_err() as i32);
+            }
+        }
+        // SAFETY: the parent's copy of the write end: the read below ends if the child
+        // wrote nothing.
+        unsafe { libc::close(pipe[1]) };
+        // The parent carves its next block meanwhile, from its own chunk.
+        let mine = a.reserve(&[t], 64).unwrap();
+        let slot = a.slot(&mine, 0x8765_4321, false).unwrap();
+        a.commit(mine, &[0x90; 64]);
+        let mut got = [0u64; 2];
+        let mut status = 0;
+        // SAFETY: reading 16 bytes from our pipe; waiting for our child.
+        unsafe {
+            let n = libc::read(pipe[0], got.as_mut_ptr().cast(), 16);
+            assert_eq!(libc::waitpid(child, &mut status, 0), child);
+            libc::close(pipe[0]);
+            assert_eq!((n, status), (16, 0), "the child failed");
+        }
+        let [code, lit] = got;
+        assert!(lit != 0, "the child got no slot");
+        for x in [code, lit] {
+            assert!(!(start..end).contains(&x), "{x:#x} in the inherited chunk");
+        }
+        assert!((start..end).contains(&mine.addr) && (start..end).contains(&slot));
+        // SAFETY: reading the parent's committed code and slot through the r-x view.
+        let (bytes, value) = unsafe {
+            (
+                std::slice::from_raw_parts(mine.addr as *const u8, 64).to_vec(),
+                (slot as *const u64).read_volatile(),
+            )
+        };
+        assert_eq!(bytes, [0x90; 64]);
+        assert_eq!(value, 0x8765_4321);
     }
 
     #[test]

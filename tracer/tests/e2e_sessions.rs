@@ -489,3 +489,109 @@ fn a_live_session_is_not_taken_over_by_another_tracer() {
     let (last, ok) = t.finish();
     assert!(ok && last.starts_with("ok"), "target disturbed: {last:?}");
 }
+
+const FORK_CODE_C: &str = include_str!("programs/fork_code.c");
+
+/// A line to `fork_code` and its answer.
+fn ask(t: &mut Target, line: &str) -> String {
+    let stdin = t.stdin.as_mut().expect("stdin");
+    stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    t.line()
+}
+
+/// The hits (and exits) of `probe` in a report.
+fn hits_of(reports: &[serde_json::Value], probe: &str) -> (u64, u64) {
+    let r = report(reports, probe);
+    (num(r, "hits"), r["exits"].as_u64().unwrap_or(0))
+}
+
+/// A parent probed once (so its agent has trampoline chunks), then forked: the child
+/// shares those chunks' pages with it. Sessions in both processes afterwards, the
+/// parent probing `b` and the child `c`, in the order `parent_first` says, must each put
+/// their code in memory of their own: both processes' sums stay those of the untraced
+/// run, and each session counts exactly the calls of its own process.
+fn sessions_in_parent_and_forked_child(tag: &str, parent_first: bool, extra: &[&str]) {
+    const N: u64 = 1000;
+    let dir = temp_dir(tag);
+    let exe = cc(&dir, "fork_code", FORK_CODE_C, &[]);
+    let mut t = Target::spawn(&exe, &[]);
+    let parent: i32 = t.line().parse().expect("pid");
+    let run = format!("run {N}");
+    let untraced = ask(&mut t, &run);
+    let sum = untraced
+        .strip_prefix("sums ")
+        .and_then(|s| s.strip_suffix(" -"))
+        .unwrap_or_else(|| panic!("{untraced:?}"))
+        .to_string();
+    let both = format!("sums {sum} {sum}");
+
+    let out = tracer_output(&[
+        "attach",
+        &parent.to_string(),
+        "-p",
+        "main:a",
+        "--duration",
+        "0.2",
+    ]);
+    assert_success(&out);
+    assert_eq!(ask(&mut t, &run), untraced, "after the first session");
+    let child: i32 = ask(&mut t, "fork")
+        .strip_prefix("child ")
+        .expect("child pid")
+        .parse()
+        .expect("child pid");
+    assert_eq!(ask(&mut t, &run), both, "after the fork");
+
+    let mut args_b = vec!["-p", "main:b"];
+    let mut args_c = vec!["-p", "main:c"];
+    args_b.extend_from_slice(extra);
+    args_c.extend_from_slice(extra);
+    let (in_parent, in_child) = if parent_first {
+        let p = Attached::start(parent, &dir, "parent", &args_b);
+        let c = Attached::start(child, &dir, "child", &args_c);
+        (p, c)
+    } else {
+        let c = Attached::start(child, &dir, "child", &args_c);
+        let p = Attached::start(parent, &dir, "parent", &args_b);
+        (p, c)
+    };
+    let live = ask(&mut t, &run);
+    let exits = extra.contains(&"-x");
+    let want = (N, if exits { N } else { 0 });
+    let from_parent = in_parent.detach();
+    let from_child = in_child.detach();
+    assert_eq!(
+        live, both,
+        "sums (parent, child) while both sessions were live"
+    );
+    assert_eq!(hits_of(&from_parent, "main:b"), want, "{from_parent:?}");
+    assert_eq!(hits_of(&from_child, "main:c"), want, "{from_child:?}");
+    assert_eq!(ask(&mut t, &run), both, "after both sessions");
+
+    // Both processes again, after each other's sessions: the child reuses the
+    // trampoline it inherited for `a`, the parent its own.
+    for (pid, who) in [(parent, "parent"), (child, "child")] {
+        let mut args = vec!["-p", "main:a", "-p", "main:d"];
+        args.extend_from_slice(extra);
+        let s = Attached::start(pid, &dir, who, &args);
+        let live = ask(&mut t, &run);
+        let reports = s.detach();
+        assert_eq!(live, both, "sums during the {who}'s second session");
+        assert_eq!(hits_of(&reports, "main:a"), want, "{who}: {reports:?}");
+        assert_eq!(hits_of(&reports, "main:d"), want, "{who}: {reports:?}");
+    }
+    assert_eq!(ask(&mut t, "stop"), "bye 0");
+    let st = t.child.wait().expect("wait");
+    assert!(st.success(), "{st}");
+}
+
+#[test]
+fn parent_then_forked_child_sessions_write_code_apart() {
+    sessions_in_parent_and_forked_child("fork_code_pc", true, &[]);
+}
+
+#[test]
+fn forked_child_then_parent_sessions_write_code_apart_with_exits() {
+    sessions_in_parent_and_forked_child("fork_code_cp", false, &["-x"]);
+}
