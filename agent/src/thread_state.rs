@@ -135,13 +135,13 @@ pub fn offset_from_thread_pointer() -> Option<i32> {
 
 impl ThreadState {
     /// Push a redirected return; false when the stack is full or cannot be mapped.
-    #[inline]
     ///
     /// A signal handler may hit probes between any two instructions of this thread, and
     /// push and pop entries of its own: so the entry is taken (`depth` raised) before it
     /// is filled, and its `entry_rsp`, 0 while it is free, is written last. (Filled first
     /// and taken after, a handler's push in between wrote over it, and the call returned
     /// to the handler's caller.)
+    #[inline]
     pub fn push(&mut self, e: ShadowEntry) -> bool {
         let d = self.depth;
         if d >= self.capacity && !self.grow() {
