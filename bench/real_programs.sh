@@ -111,6 +111,7 @@ reason_class() {
         /jump table/ { print "jump table into patch"; next }
         /indirect .* could land anywhere/ { print "indirect jump"; next }
         /goes to .* inside the bytes/ { print "branch into patch"; next }
+        /jumps back to the function.s entry/ { print "loop back to entry"; next }
         /refers to .* inside the bytes/ { print "rip-relative into patch"; next }
         /already probed/ { print "alias of a probed address"; next }
         /overlap/ { print "overlapping patch"; next }

@@ -31,6 +31,8 @@ pub fn refusal_class(reason: &str) -> Class {
             "calls out before its first bytes end",
             "call out before their first bytes end",
         )
+    } else if has("jumps back to the function's entry") {
+        ("loops back to its entry", "loop back to their entries")
     } else if has("goes to") && has("the patch would overwrite") {
         (
             "branches into its first bytes",
@@ -170,6 +172,16 @@ mod tests {
                     stolen_end: 0x15,
                 },
                 "branches into its first bytes",
+            ),
+            (
+                Refusal::BranchIntoStolen {
+                    from: 0x20,
+                    mnemonic: Mnemonic::Jne,
+                    target: 0x10,
+                    stolen_start: 0x10,
+                    stolen_end: 0x15,
+                },
+                "loops back to its entry",
             ),
             (
                 Refusal::ReturnIntoStolen {
