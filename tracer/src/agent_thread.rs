@@ -522,42 +522,82 @@ fn step_out_of_libc(
     Ok(None)
 }
 
+/// How a thread that runs alone is set going: one instruction, or up to a breakpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Going {
+    Step,
+    Cont,
+}
+
+/// Sets the stopped `tid` going (`how`), nothing delivered.
+fn set_going(tid: i32, how: Going) -> Result<(), AttachError> {
+    let (r, op) = match how {
+        Going::Step => (ptrace::step(Pid::from_raw(tid), None), "PTRACE_SINGLESTEP"),
+        Going::Cont => (ptrace::cont(Pid::from_raw(tid), None), "PTRACE_CONT"),
+    };
+    r.map_err(|errno| AttachError::Ptrace { tid, op, errno })
+}
+
 /// One instruction of `tid`, bounded in time: a step into a sleeping system call is
 /// interrupted (the thread is then asleep there). A signal that arrives is kept pending.
 /// Ok(false) when the thread is gone.
 fn step_once(proc: &mut Process, tid: i32) -> Result<bool, InjectError> {
-    ptrace::step(Pid::from_raw(tid), None).map_err(|errno| AttachError::Ptrace {
-        tid,
-        op: "PTRACE_SINGLESTEP",
-        errno,
-    })?;
-    Ok(run_bounded(proc, tid, STEP_WAIT)?.is_some())
+    set_going(tid, Going::Step)?;
+    Ok(run_bounded(proc, tid, STEP_WAIT, Going::Step)?.is_some())
 }
 
-/// After `tid` was set running: waits for its next stop, for at most `limit`, then
+/// After `tid` was set going (`how`): waits for its next stop, for at most `limit`, then
 /// interrupts it (a thread asleep in a system call stays so: see [`classify`]). A SIGTRAP
 /// (our step or breakpoint) is not kept for delivery; any other signal is. Returns the
 /// stop, or None when the thread is gone.
+///
+/// A thread it creates meanwhile (the thread ran `clone`) is stopped too before this
+/// returns: every thread is stopped afterwards, as the callers' own callers need (a
+/// remote system call written over code must find no thread running). The `clone` itself
+/// is not where the thread is left: that stop is halfway through the system call (the
+/// kernel still writes the call's result into `rax` when it goes on), so the thread goes
+/// on (`how`) to finish the call.
 fn run_bounded(
     proc: &mut Process,
     tid: i32,
     limit: Duration,
+    how: Going,
+) -> Result<Option<WaitStatus>, InjectError> {
+    let stop = run_bounded_alone(proc, tid, limit, how)?;
+    if !proc.all_stopped() {
+        proc.stop_all()?;
+    }
+    Ok(stop)
+}
+
+/// [`run_bounded`] without stopping the threads born meanwhile.
+fn run_bounded_alone(
+    proc: &mut Process,
+    tid: i32,
+    limit: Duration,
+    how: Going,
 ) -> Result<Option<WaitStatus>, InjectError> {
     let pe = |op| move |errno| AttachError::Ptrace { tid, op, errno };
-    if let Some(t) = proc.threads.get_mut(&tid) {
-        t.stop = None;
-    }
+    let set_running = |proc: &mut Process| {
+        if let Some(t) = proc.threads.get_mut(&tid) {
+            t.stop = None;
+        }
+    };
+    set_running(proc);
     let mut interrupted = false;
+    let mut deadline = Instant::now() + limit;
     loop {
-        let limit = if interrupted {
-            crate::threads::STOP_TIMEOUT
-        } else {
-            limit
-        };
-        match wait_tid(tid, Some(Instant::now() + limit)) {
+        match wait_tid(tid, Some(deadline)) {
             Ok(Some(st)) => {
                 if proc.handle(tid, st)? == Handled::Gone {
                     return Ok(None);
+                }
+                let clone = ptrace::Event::PTRACE_EVENT_CLONE as i32;
+                if matches!(st, WaitStatus::PtraceEvent(_, _, ev) if ev == clone) {
+                    // The new thread is registered (its first stop comes by itself).
+                    set_going(tid, how)?;
+                    set_running(proc);
+                    continue;
                 }
                 // After an interrupt, whichever stop comes first will do: a late interrupt
                 // trap is taken as a spurious stop by whoever resumes the thread next.
@@ -571,6 +611,7 @@ fn run_bounded(
             Ok(None) if !interrupted => {
                 ptrace::interrupt(Pid::from_raw(tid)).map_err(pe("PTRACE_INTERRUPT"))?;
                 interrupted = true;
+                deadline = Instant::now() + crate::threads::STOP_TIMEOUT;
             }
             Ok(None) => {
                 return Err(AttachError::Timeout {
@@ -665,15 +706,9 @@ fn run_to_caller(
     set_debugreg(tid, 0, ret)?;
     // DR7: L0 (local enable of DR0); R/W0 = 00 and LEN0 = 00: instruction execution.
     let ran = set_debugreg(tid, 7, 1)
-        .and_then(|()| {
-            ptrace::cont(Pid::from_raw(tid), None).map_err(|errno| AttachError::Ptrace {
-                tid,
-                op: "PTRACE_CONT",
-                errno,
-            })
-        })
+        .and_then(|()| set_going(tid, Going::Cont))
         .map_err(InjectError::from)
-        .and_then(|()| run_bounded(proc, tid, limit));
+        .and_then(|()| run_bounded(proc, tid, limit, Going::Cont));
     if proc.threads().contains(&tid) {
         set_debugreg(tid, 7, 0)?;
         set_debugreg(tid, 0, 0)?;

@@ -597,7 +597,7 @@ fn syscall_at(
     let mut saved = save_state(proc, tid)?;
     let (addr, original) = match at {
         Some(a) => (a, None),
-        None => write_syscall_at_rip(proc, tid, saved.regs.rip)?,
+        None => write_syscall_at_rip(proc, saved.regs.rip)?,
     };
     let r = syscall_regs(&saved.regs, addr, nr, args);
     // The int3 after `syscall` is at addr + 2; the trap reports rip = addr + 3.
@@ -628,18 +628,19 @@ fn syscall_at(
 
 /// Writes `syscall; int3` over the code at `rip` (only with every thread stopped, so no
 /// other runs it meanwhile); where, and the bytes to put back.
+///
+/// A thread still running (one born since the caller stopped every thread, whose first
+/// stop nobody collected yet) is stopped first, and stays stopped: callers that make
+/// remote system calls without a scratch page want every thread stopped anyway.
+/// [`Process::stop_all`] goes round until no thread runs, however many are born
+/// meanwhile. The calls made here (mmap, mprotect, memfd_create, ftruncate, close,
+/// munmap) create no thread, so none is born while the code is overwritten.
 fn write_syscall_at_rip(
     proc: &mut Process,
-    tid: i32,
     rip: u64,
 ) -> Result<(u64, Option<[u8; 3]>), RemoteCallError> {
     if !proc.all_stopped() {
-        return Err(AttachError::Ptrace {
-            tid,
-            op: "remote syscall without scratch page while threads run",
-            errno: Errno::EBUSY,
-        }
-        .into());
+        proc.stop_all()?;
     }
     let mut orig = [0u8; 3];
     proc.read_memory(rip, &mut orig).map_err(mem_err(rip))?;

@@ -9,6 +9,9 @@
 //! `stress_attach_detach_cycles` runs 20 cycles (`STRESS_CYCLES=N` for more);
 //! `stress_attach_detach_100_cycles` is the full run, `#[ignore]`d to keep CI short:
 //! `bash bench/stress.sh` runs it.
+//!
+//! `first_attach_to_a_program_creating_threads_nonstop` attaches 15 times, to a fresh
+//! process each time, to a program that makes and joins batches of 50 threads nonstop.
 
 mod common;
 use common::*;
@@ -18,6 +21,13 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 const STRESS_C: &str = include_str!("../../tests/programs/stress.c");
+const CHURN_C: &str = include_str!("../../tests/programs/churn.c");
+/// Batches of 50 threads per run of the churn program (0.6 s untraced here): it is still
+/// making threads when tracer attaches, 50 ms after its first one.
+const CHURN_BATCHES: &str = "400";
+/// First attaches made to it; about one in five failed before threads born while a thread
+/// was run alone to choose the one to hijack were stopped too.
+const CHURN_ATTACHES: usize = 15;
 
 /// Generous bound on any one wait, so a hang fails the test instead of blocking CI; no
 /// result depends on it.
@@ -195,4 +205,77 @@ fn stress_attach_detach_cycles() {
 #[ignore = "the full 100 cycles; run by bench/stress.sh"]
 fn stress_attach_detach_100_cycles() {
     stress(100);
+}
+
+/// A first attach (the agent, its thread and the park page made afresh) to a program that
+/// creates threads nonstop succeeds every time: the threads born while tracer works (one
+/// of them run alone, or stepped, through `pthread_create` as it picks the thread to
+/// hijack) are stopped too before a system call is written over a thread's code. The
+/// probes stay live until the program ends: every call of `f` (which calls `g` once)
+/// entered while they were live is counted on both, and returns too; the program prints
+/// what it prints untraced.
+#[test]
+fn first_attach_to_a_program_creating_threads_nonstop() {
+    let dir = temp_dir("churn");
+    let prog = cc(&dir, "churn", CHURN_C, &["-O2", "-pthread"]);
+    let untraced = std::process::Command::new(&prog)
+        .arg(CHURN_BATCHES)
+        .output()
+        .expect("run churn untraced");
+    assert_success(&untraced);
+    let want = String::from_utf8_lossy(&untraced.stdout)
+        .trim_end()
+        .to_string();
+    for n in 0..CHURN_ATTACHES {
+        let mut t = Target::spawn(&prog, &[CHURN_BATCHES]);
+        let pid = t.pid();
+        let churning = wait_until(HANG, || {
+            std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| d.count() > 1)
+        });
+        assert!(churning, "attach {n}: the program made no thread");
+        std::thread::sleep(Duration::from_millis(50));
+        let json = dir.join(format!("churn-{n}.json"));
+        let out = tracer()
+            .args([
+                "attach",
+                &pid.to_string(),
+                "-x",
+                "-p",
+                "main:f",
+                "-p",
+                "main:g",
+            ])
+            .args(["--json", "-o"])
+            .arg(&json)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tracer");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "attach {n} failed: {err}");
+        let printed = t.line();
+        let st = t.child.wait().expect("wait churn");
+        assert!(st.success(), "attach {n}: the program failed ({st}); {err}");
+        assert_eq!(
+            printed, want,
+            "attach {n}: output differs from untraced; {err}"
+        );
+        let reports = json_lines(&std::fs::read_to_string(&json).expect("read -o file"));
+        let (f, g) = (report(&reports, "main:f"), report(&reports, "main:g"));
+        assert!(num(f, "hits") > 0, "attach {n}: no hit; {err}");
+        assert_eq!(
+            num(f, "hits"),
+            num(g, "hits"),
+            "attach {n}: hits of f and g"
+        );
+        assert_eq!(
+            num(f, "exits"),
+            num(g, "exits"),
+            "attach {n}: exits of f and g"
+        );
+        assert_eq!(
+            num(f, "hits"),
+            num(f, "exits"),
+            "attach {n}: every call returned"
+        );
+    }
 }
