@@ -27,6 +27,16 @@ fn sized(bytes: &[u8]) -> Result<Stolen, Refusal> {
     entry(bytes, Some(bytes.len() as u64))
 }
 
+/// An offset probe at the start of the function `bytes` (its size known).
+fn offset_at_start(bytes: &[u8]) -> Result<Stolen, Refusal> {
+    let mem = SliceMemory { base: BASE, bytes };
+    let func = Function {
+        address: BASE,
+        size: Some(bytes.len() as u64),
+    };
+    analyze(&func, BASE, ProbeKind::Offset, &mem)
+}
+
 /// `code` with a RIP-relative memory operand at the absolute address `target`
 /// (`CodeAssembler` takes a plain address as an absolute operand).
 fn rip_rel(a: &mut CodeAssembler, code: Code, reg: Option<Register>, target: u64) {
@@ -83,15 +93,7 @@ fn endbr64_stays_in_place() {
     assert_eq!(s.len, 6);
     assert_eq!(s.original, code[4..10]);
     // An offset probe at the function start does not skip it.
-    let mem = SliceMemory {
-        base: BASE,
-        bytes: &code,
-    };
-    let f = Function {
-        address: BASE,
-        size: Some(code.len() as u64),
-    };
-    let o = analyze(&f, BASE, ProbeKind::Offset, &mem).unwrap();
+    let o = offset_at_start(&code).unwrap();
     assert_eq!((o.site, o.len), (BASE, 5));
 }
 
@@ -220,15 +222,7 @@ fn a_loop_back_to_the_site_is_fine_for_an_offset_probe_only() {
         a.jne(top).unwrap();
         a.ret().unwrap();
     });
-    let mem = SliceMemory {
-        base: BASE,
-        bytes: &code,
-    };
-    let func = Function {
-        address: BASE,
-        size: Some(code.len() as u64),
-    };
-    assert!(analyze(&func, BASE, ProbeKind::Offset, &mem).is_ok());
+    assert!(offset_at_start(&code).is_ok());
     match sized(&code) {
         Err(Refusal::BranchIntoStolen {
             target,
