@@ -346,6 +346,8 @@ pub struct NearAllocator {
     /// This process, as of the last reservation: blocks are handed out from chunks it
     /// owns only.
     owner: Owner,
+    /// Ask the pid again at the next reservation (see [`Self::recheck_owner`]).
+    recheck: bool,
 }
 
 // SAFETY: the raw pointers are views of mappings the allocator owns exclusively; moving the
@@ -367,7 +369,16 @@ impl NearAllocator {
             limits,
             stats: AllocStats::default(),
             owner: Owner::current(),
+            recheck: false,
         })
+    }
+
+    /// The next reservation asks this process's pid again instead of trusting the fork
+    /// generation alone: a child made by a raw `clone` or `_Fork` runs no fork handler, so
+    /// only its pid tells it from its parent. Called at the start of each batch the
+    /// tracer asks for: a process can only have changed between calls into the agent.
+    pub fn recheck_owner(&mut self) {
+        self.recheck = true;
     }
 
     pub fn stats(&self) -> AllocStats {
@@ -408,7 +419,14 @@ impl NearAllocator {
             });
         };
         // A forked child writes nothing into the chunks it shares with its parent.
-        self.owner = Owner::current();
+        // `getpid` is a system call (about 0.5 us in this guest: a third of a probe's
+        // prepare), so it is asked again only when the fork generation moved, without a
+        // generation, or once per batch ([`recheck_owner`](Self::recheck_owner)).
+        let generation = probes::fork::generation();
+        if self.recheck || generation.is_none() || generation != self.owner.generation {
+            self.owner = Owner::current();
+            self.recheck = false;
+        }
         let me = self.owner;
         let fits = |c: &Chunk| {
             c.owner == me && c.reserved.is_none() && c.within(lo, hi) && c.code_room() >= size

@@ -348,6 +348,7 @@ impl Interceptor {
     /// them, instead of 8 KiB per probe (see `relocator::NeighbourIndex`); until
     /// [`end_batch`](Self::end_batch), probes of these functions use that scan.
     pub fn plan_batch(&mut self, functions: &[Function]) {
+        self.alloc.recheck_owner();
         let mem = UnpatchedMemory {
             patches: &self.committed,
         };
